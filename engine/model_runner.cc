@@ -1,0 +1,256 @@
+#include "engine/model_runner.h"
+
+#include <cmath>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "engine/cpu_backend.h"
+#include "engine/status_macros.h"
+#include "engine/weight_store.h"
+
+namespace sieve::engine {
+namespace {
+
+absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const ModelRunnerOptions& options) {
+  if (options.backend == "cpu") return std::unique_ptr<Backend>(new CpuBackend(options.num_threads));
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown backend '", options.backend, "' (this build has: cpu)"));
+}
+
+}  // namespace
+
+RopeParams RopeParamsFromConfig(const ModelConfig& c) {
+  RopeParams p;
+  p.theta = c.rope_theta;
+  p.rotary_dim = static_cast<int32_t>(c.head_dim);
+  const RopeScaling& s = c.rope_scaling;
+  p.factor = s.factor;
+  p.low_freq_factor = s.low_freq_factor;
+  p.high_freq_factor = s.high_freq_factor;
+  p.original_max_position = s.original_max_position_embeddings > 0
+                                ? s.original_max_position_embeddings
+                                : c.max_position_embeddings;
+  p.beta_fast = s.beta_fast;
+  p.beta_slow = s.beta_slow;
+  p.mscale = s.mscale.value_or(0.0f);
+  p.mscale_all_dim = s.mscale_all_dim.value_or(0.0f);
+  p.attention_factor = s.attention_factor.value_or(0.0f);
+  p.truncate = s.truncate;
+  switch (s.type) {
+    case RopeScaling::Type::kNone: p.type = RopeParams::Type::kDefault; break;
+    case RopeScaling::Type::kLinear: p.type = RopeParams::Type::kLinear; break;
+    case RopeScaling::Type::kLlama3: p.type = RopeParams::Type::kLlama3; break;
+    case RopeScaling::Type::kYarn: p.type = RopeParams::Type::kYarn; break;
+  }
+  return p;
+}
+
+ModelRunner::ModelRunner(ModelConfig config, ModelRunnerOptions options,
+                         std::unique_ptr<Backend> backend)
+    : config_(std::move(config)), options_(std::move(options)), backend_(std::move(backend)) {
+  shape_.num_q_heads = static_cast<int32_t>(config_.num_attention_heads);
+  shape_.num_kv_heads = static_cast<int32_t>(config_.num_key_value_heads);
+  shape_.head_dim = static_cast<int32_t>(config_.head_dim);
+}
+
+absl::StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string& model_dir,
+                                                               const ModelRunnerOptions& options) {
+  if (options.page_size <= 0 || options.num_pages <= 0 || options.max_step_tokens <= 0 ||
+      options.max_step_logits <= 0) {
+    return absl::InvalidArgumentError(
+        "model runner: page_size, num_pages, max_step_tokens and max_step_logits must be > 0");
+  }
+  SIEVE_ASSIGN_OR_RETURN(ModelConfig config, ModelConfig::FromFile(model_dir + "/config.json"));
+  SIEVE_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, MakeBackend(options));
+  std::unique_ptr<ModelRunner> runner(
+      new ModelRunner(std::move(config), options, std::move(backend)));
+  SIEVE_ASSIGN_OR_RETURN(runner->rope_, ComputeRopeTables(RopeParamsFromConfig(runner->config_)));
+  SIEVE_RETURN_IF_ERROR(runner->LoadWeights(model_dir));
+  SIEVE_RETURN_IF_ERROR(runner->AllocateBuffers());
+  return runner;
+}
+
+absl::Status ModelRunner::LoadWeights(const std::string& model_dir) {
+  SIEVE_ASSIGN_OR_RETURN(std::unique_ptr<WeightStore> store, WeightStore::Open(model_dir));
+  const int64_t h = config_.hidden_size, inter = config_.intermediate_size;
+  const int64_t d = config_.head_dim;
+  const int64_t q_out = config_.num_attention_heads * d, kv_out = config_.num_key_value_heads * d;
+  // Fetches a tensor with the expected shape.
+  auto get = [&](const std::string& name,
+                 std::vector<int64_t> shape) -> absl::StatusOr<TensorView> {
+    return store->GetWithShape(name, shape);
+  };
+  auto upload = [&](std::vector<TensorView> parts, int64_t cols) {
+    return backend_->UploadWeight(parts, cols);
+  };
+  SIEVE_ASSIGN_OR_RETURN(TensorView embed, get("model.embed_tokens.weight", {config_.vocab_size, h}));
+  SIEVE_ASSIGN_OR_RETURN(embed_, upload({embed}, h));
+  SIEVE_ASSIGN_OR_RETURN(TensorView norm, get("model.norm.weight", {h}));
+  SIEVE_ASSIGN_OR_RETURN(final_norm_, upload({norm}, h));
+  if (config_.tie_word_embeddings && !store->Has("lm_head.weight")) {
+    lm_head_ = embed_;
+  } else {
+    SIEVE_ASSIGN_OR_RETURN(TensorView head, get("lm_head.weight", {config_.vocab_size, h}));
+    SIEVE_ASSIGN_OR_RETURN(lm_head_, upload({head}, h));
+  }
+  layers_.resize(config_.num_hidden_layers);
+  for (int64_t i = 0; i < config_.num_hidden_layers; ++i) {
+    const std::string p = absl::StrCat("model.layers.", i, ".");
+    LayerWeights& w = layers_[i];
+    SIEVE_ASSIGN_OR_RETURN(TensorView in_norm, get(p + "input_layernorm.weight", {h}));
+    SIEVE_ASSIGN_OR_RETURN(w.input_norm, upload({in_norm}, h));
+    SIEVE_ASSIGN_OR_RETURN(TensorView post_norm, get(p + "post_attention_layernorm.weight", {h}));
+    SIEVE_ASSIGN_OR_RETURN(w.post_norm, upload({post_norm}, h));
+    SIEVE_ASSIGN_OR_RETURN(TensorView wq, get(p + "self_attn.q_proj.weight", {q_out, h}));
+    SIEVE_ASSIGN_OR_RETURN(TensorView wk, get(p + "self_attn.k_proj.weight", {kv_out, h}));
+    SIEVE_ASSIGN_OR_RETURN(TensorView wv, get(p + "self_attn.v_proj.weight", {kv_out, h}));
+    SIEVE_ASSIGN_OR_RETURN(w.qkv, upload({wq, wk, wv}, h));
+    if (config_.qkv_bias) {
+      SIEVE_ASSIGN_OR_RETURN(TensorView bq, get(p + "self_attn.q_proj.bias", {q_out}));
+      SIEVE_ASSIGN_OR_RETURN(TensorView bk, get(p + "self_attn.k_proj.bias", {kv_out}));
+      SIEVE_ASSIGN_OR_RETURN(TensorView bv, get(p + "self_attn.v_proj.bias", {kv_out}));
+      SIEVE_ASSIGN_OR_RETURN(w.qkv_bias, upload({bq, bk, bv}, q_out + 2 * kv_out));
+    }
+    SIEVE_ASSIGN_OR_RETURN(TensorView wo, get(p + "self_attn.o_proj.weight", {h, q_out}));
+    SIEVE_ASSIGN_OR_RETURN(w.o, upload({wo}, q_out));
+    if (config_.o_bias) {
+      SIEVE_ASSIGN_OR_RETURN(TensorView bo, get(p + "self_attn.o_proj.bias", {h}));
+      SIEVE_ASSIGN_OR_RETURN(w.o_bias, upload({bo}, h));
+    }
+    if (config_.mlp_bias) {
+      return absl::UnimplementedError("mlp_bias=true is not supported yet");
+    }
+    SIEVE_ASSIGN_OR_RETURN(TensorView wg, get(p + "mlp.gate_proj.weight", {inter, h}));
+    SIEVE_ASSIGN_OR_RETURN(TensorView wu, get(p + "mlp.up_proj.weight", {inter, h}));
+    SIEVE_ASSIGN_OR_RETURN(w.gate_up, upload({wg, wu}, h));
+    SIEVE_ASSIGN_OR_RETURN(TensorView wd, get(p + "mlp.down_proj.weight", {h, inter}));
+    SIEVE_ASSIGN_OR_RETURN(w.down, upload({wd}, inter));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ModelRunner::AllocateBuffers() {
+  const int64_t m = options_.max_step_tokens, h = config_.hidden_size;
+  const int64_t q_cols = int64_t{shape_.num_q_heads} * shape_.head_dim;
+  const int64_t qkv_cols = q_cols + 2 * int64_t{shape_.num_kv_heads} * shape_.head_dim;
+  const int64_t inter = config_.intermediate_size;
+  SIEVE_ASSIGN_OR_RETURN(hidden_, backend_->Allocate(m, h));
+  SIEVE_ASSIGN_OR_RETURN(normed_, backend_->Allocate(m, h));
+  SIEVE_ASSIGN_OR_RETURN(qkv_, backend_->Allocate(m, qkv_cols));
+  SIEVE_ASSIGN_OR_RETURN(q_, backend_->Allocate(m, q_cols));
+  SIEVE_ASSIGN_OR_RETURN(attn_, backend_->Allocate(m, q_cols));
+  SIEVE_ASSIGN_OR_RETURN(proj_, backend_->Allocate(m, h));
+  SIEVE_ASSIGN_OR_RETURN(gate_up_, backend_->Allocate(m, 2 * inter));
+  SIEVE_ASSIGN_OR_RETURN(act_, backend_->Allocate(m, inter));
+  SIEVE_ASSIGN_OR_RETURN(last_normed_, backend_->Allocate(options_.max_step_logits, h));
+  SIEVE_ASSIGN_OR_RETURN(logits_, backend_->Allocate(options_.max_step_logits, config_.vocab_size));
+  return backend_->AllocateKvCache(static_cast<int32_t>(config_.num_hidden_layers),
+                                   options_.num_pages, options_.page_size, shape_);
+}
+
+absl::StatusOr<std::vector<int32_t>> ModelRunner::BuildLayout(
+    absl::Span<const SequenceStep> batch, std::vector<int32_t>& tokens) {
+  BatchLayout& l = layout_;
+  l.positions.clear();
+  l.slots.clear();
+  l.kv_lens.clear();
+  l.page_table.clear();
+  l.query_start.assign(1, 0);
+  tokens.clear();
+  std::vector<int32_t> logit_rows;
+  size_t stride = 1;
+  for (const SequenceStep& s : batch) stride = std::max(stride, s.pages.size());
+  l.page_table_stride = static_cast<int32_t>(stride);
+  const int32_t ps = options_.page_size;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const SequenceStep& s = batch[i];
+    const int64_t total = int64_t{s.num_cached} + s.tokens.size();
+    if (s.tokens.empty() || s.num_cached < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("sequence ", i, " has no tokens to compute"));
+    }
+    if (total > int64_t{ps} * static_cast<int64_t>(s.pages.size())) {
+      return absl::InvalidArgumentError(absl::StrCat("sequence ", i, " needs ", total,
+                                                     " KV slots but has ", s.pages.size(),
+                                                     " pages of ", ps));
+    }
+    for (int32_t page : s.pages) {
+      if (page < 0 || page >= options_.num_pages) {
+        return absl::InvalidArgumentError(absl::StrCat("page id ", page, " out of range"));
+      }
+    }
+    for (size_t t = 0; t < s.tokens.size(); ++t) {
+      if (s.tokens[t] < 0 || s.tokens[t] >= config_.vocab_size) {
+        return absl::InvalidArgumentError(absl::StrCat("token id ", s.tokens[t],
+                                                       " outside the vocabulary of ",
+                                                       config_.vocab_size));
+      }
+      const int32_t pos = s.num_cached + static_cast<int32_t>(t);
+      tokens.push_back(s.tokens[t]);
+      l.positions.push_back(pos);
+      l.slots.push_back(int64_t{s.pages[pos / ps]} * ps + pos % ps);
+    }
+    l.query_start.push_back(static_cast<int32_t>(tokens.size()));
+    l.kv_lens.push_back(static_cast<int32_t>(total));
+    l.page_table.insert(l.page_table.end(), s.pages.begin(), s.pages.end());
+    l.page_table.resize(l.kv_lens.size() * stride, 0);
+    if (s.want_logits) logit_rows.push_back(static_cast<int32_t>(tokens.size()) - 1);
+  }
+  if (static_cast<int64_t>(tokens.size()) > options_.max_step_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat("step has ", tokens.size(),
+                                                   " tokens; the limit is ",
+                                                   options_.max_step_tokens));
+  }
+  if (static_cast<int64_t>(logit_rows.size()) > options_.max_step_logits) {
+    return absl::InvalidArgumentError(absl::StrCat("step asks logits of ", logit_rows.size(),
+                                                   " sequences; the limit is ",
+                                                   options_.max_step_logits));
+  }
+  return logit_rows;
+}
+
+absl::Status ModelRunner::Forward(absl::Span<const SequenceStep> batch,
+                                  std::vector<float>& logits) {
+  if (batch.empty()) return absl::OkStatus();
+  std::vector<int32_t> tokens;
+  SIEVE_ASSIGN_OR_RETURN(std::vector<int32_t> logit_rows, BuildLayout(batch, tokens));
+  Backend& b = *backend_;
+  SIEVE_RETURN_IF_ERROR(b.BeginStep(layout_));
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  const float eps = config_.rms_norm_eps;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(shape_.head_dim));
+  Tensor hidden = hidden_.FirstRows(n), normed = normed_.FirstRows(n), qkv = qkv_.FirstRows(n);
+  Tensor q = q_.FirstRows(n), attn = attn_.FirstRows(n), proj = proj_.FirstRows(n);
+  Tensor gate_up = gate_up_.FirstRows(n), act = act_.FirstRows(n);
+
+  SIEVE_RETURN_IF_ERROR(b.Embed(tokens, embed_, hidden));
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const LayerWeights& w = layers_[i];
+    const int32_t layer = static_cast<int32_t>(i);
+    // The residual stream `hidden` absorbs the previous sublayer's output `proj` in the fused
+    // add + norm; the first layer has nothing to add.
+    if (i == 0) {
+      SIEVE_RETURN_IF_ERROR(b.RmsNorm(hidden, w.input_norm, eps, normed));
+    } else {
+      SIEVE_RETURN_IF_ERROR(b.AddRmsNorm(proj, hidden, w.input_norm, eps, normed));
+    }
+    SIEVE_RETURN_IF_ERROR(b.Linear(normed, w.qkv, w.qkv_bias, qkv));
+    SIEVE_RETURN_IF_ERROR(b.RopeAndCacheKv(layer, qkv, shape_, rope_, q));
+    SIEVE_RETURN_IF_ERROR(b.Attention(layer, q, shape_, scale, attn));
+    SIEVE_RETURN_IF_ERROR(b.Linear(attn, w.o, w.o_bias, proj));
+    SIEVE_RETURN_IF_ERROR(b.AddRmsNorm(proj, hidden, w.post_norm, eps, normed));
+    SIEVE_RETURN_IF_ERROR(b.Linear(normed, w.gate_up, Tensor{}, gate_up));
+    SIEVE_RETURN_IF_ERROR(b.SiluMul(gate_up, act));
+    SIEVE_RETURN_IF_ERROR(b.Linear(act, w.down, Tensor{}, proj));
+  }
+  if (logit_rows.empty()) return absl::OkStatus();
+  const int64_t rows = static_cast<int64_t>(logit_rows.size());
+  SIEVE_RETURN_IF_ERROR(b.AddRmsNorm(proj, hidden, final_norm_, eps, normed));
+  Tensor last = last_normed_.FirstRows(rows), out = logits_.FirstRows(rows);
+  SIEVE_RETURN_IF_ERROR(b.GatherRows(normed, logit_rows, last));
+  SIEVE_RETURN_IF_ERROR(b.Linear(last, lm_head_, Tensor{}, out));
+  const size_t old = logits.size();
+  logits.resize(old + rows * config_.vocab_size);
+  return b.CopyToHost(out, absl::MakeSpan(logits).subspan(old));
+}
+
+}  // namespace sieve::engine

@@ -1,0 +1,83 @@
+// Batched paged decode attention on the GPU: one query token per sequence, bf16 in and out,
+// fp32 accumulation, grouped-query heads read together, split along the KV length.
+//
+// Layout and semantics are those of kernels/attention/paged_attention.h, restricted to decode:
+// sequence s has exactly one query token, row s of q and out (query_start[s] == s; the kernel
+// reads row s and ignores query_start), which attends to all kv_lens[s] keys of the sequence.
+//
+// How it runs. One thread block takes one (sequence, KV head, split): all num_q_heads /
+// num_kv_heads query heads of that KV head against one chunk of the KV length, so every K and V
+// byte is read from device memory once per step. K and V rows stream through shared memory in
+// 64-token stages (16-byte asynchronous copies, three or four stages in flight); Q.K^T and P.V
+// run on the tensor cores (mma.sync m16n8k16, the query heads padded to 16 rows); the softmax is
+// online in fp32. When a sequence is split, each split writes its unnormalized partial output
+// with its running max and sum of exponentials to the workspace, and a second kernel merges them.
+//
+// Plan / run: Plan() decides the split from shapes alone (never from data) and the workspace
+// size; PagedDecodeRun() never allocates and never synchronizes, so it can be captured in a CUDA
+// graph. One plan serves any call whose sequences number at most the planned count.
+#ifndef SIEVE_KERNELS_ATTENTION_PAGED_DECODE_H_
+#define SIEVE_KERNELS_ATTENTION_PAGED_DECODE_H_
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels/attention/paged_attention.h"
+
+namespace sieve::kernels {
+
+// The shapes a decode plan is made for.
+struct PagedDecodeShape {
+  int32_t num_seqs = 0;      // most sequences a run with this plan may pass
+  int32_t num_q_heads = 0;   // query heads; a multiple of num_kv_heads
+  int32_t num_kv_heads = 0;  // KV heads; group = num_q_heads / num_kv_heads must be 1..16
+  int32_t head_dim = 0;      // 64 or 128
+  int32_t max_kv_len = 0;    // longest KV length (tokens) expected; longer ones still run right,
+                             // with their tail in the last split (slower, never wrong)
+};
+
+// A decision of how to split the KV length, made by Plan().
+struct PagedDecodePlan {
+  PagedDecodeShape shape;     // the shape it was made for
+  int32_t num_splits = 0;     // KV chunks per sequence; 0 means the shape is not supported
+  int32_t chunk_tokens = 0;   // tokens per chunk, a multiple of 64; split i covers
+                              // [i * chunk_tokens, (i + 1) * chunk_tokens), the last one to the end
+  size_t workspace_bytes = 0; // fp32 partial results; 0 when num_splits == 1
+};
+
+// True when the kernels handle `shape`: head_dim 64 or 128, group size 1..16, positive counts.
+bool PagedDecodeSupports(const PagedDecodeShape& shape);
+
+// Chooses the split for `shape` on a device with `num_sms` multiprocessors: enough
+// (sequence, KV head, split) blocks to fill the device in as few waves as possible, each chunk at
+// least 64 tokens. Depends only on its arguments. Returns num_splits == 0 if unsupported.
+PagedDecodePlan Plan(const PagedDecodeShape& shape, int num_sms);
+
+// Runs decode attention for p.num_seqs sequences on `stream` with the split of `plan`.
+// Requirements (else cudaErrorInvalidValue, nothing launched): p's head counts and head_dim equal
+// the plan's, 0 <= p.num_seqs <= plan.shape.num_seqs, page_size >= 1, non-null pointers, and
+// `workspace` of plan.workspace_bytes (256-byte aligned) unless that is 0. A sequence with
+// kv_lens[s] == 0 gets a zero output. Device pointers must stay valid until the work completes.
+// Never allocates or synchronizes; returns the launch error, if any. The first run on each
+// device also raises the kernel's shared memory limit (a host-side setting): make one run
+// before capturing runs in a CUDA graph.
+cudaError_t PagedDecodeRun(const PagedAttentionParams<__nv_bfloat16>& p,
+                           const PagedDecodePlan& plan, void* workspace, cudaStream_t stream);
+
+// The blocks per multiprocessor that Plan() assumes for a head dim (from the shared memory each
+// block takes); tests compare it with what the CUDA occupancy calculator reports.
+int PagedDecodeBlocksPerSm(int head_dim);
+
+// The decode kernel's own function for a head dim and group size, for occupancy queries in
+// tests; nullptr when unsupported.
+const void* PagedDecodeKernelForTesting(int head_dim, int group);
+
+// Dynamic shared memory (bytes) the decode kernel takes per block for a head dim.
+int PagedDecodeSharedBytes(int head_dim);
+
+}  // namespace sieve::kernels
+
+#endif  // SIEVE_KERNELS_ATTENTION_PAGED_DECODE_H_

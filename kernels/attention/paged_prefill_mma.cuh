@@ -1,0 +1,257 @@
+// The FlashAttention-2 style paged prefill kernel (internal to paged_prefill.cu): mma.sync
+// m16n8k16 bf16 with fp32 accumulators, ldmatrix from XOR-swizzled shared memory, K/V tiles of
+// 64 keys double-buffered with cp.async, online softmax in registers.
+//
+// Block: 8 warps, 128 query rows of one (sequence, query head); warp w owns rows 16w..16w+15 and
+// keeps its Q fragments in registers. Per K/V tile, S = Q K^T (16 x 64 per warp), mask, online
+// softmax, O += P V with P taken straight from the S accumulators (the m16n8 accumulator layout
+// is the A-fragment layout of the next mma). A warp skips tiles wholly above its rows' diagonal.
+#ifndef SIEVE_KERNELS_ATTENTION_PAGED_PREFILL_MMA_CUH_
+#define SIEVE_KERNELS_ATTENTION_PAGED_PREFILL_MMA_CUH_
+
+#include "kernels/attention/paged_prefill_device.cuh"
+
+namespace sieve::kernels::prefill_detail {
+
+template <int D>
+struct MmaCfg {
+  static constexpr int kBlockM = 128;
+  static constexpr int kBlockN = 64;
+  static constexpr int kThreads = 256;
+  static constexpr int kChunks = D / 8;                       // 16-byte chunks per row
+  static constexpr int kRowsPerPass = kThreads / kChunks;     // rows one copy pass covers
+  static constexpr int kQBytes = kBlockM * D * 2;
+  static constexpr int kKvBytes = kBlockN * D * 2;
+  static constexpr int kSmemBytes = kQBytes + 4 * kKvBytes;   // Q, K x 2 stages, V x 2 stages
+};
+
+// Byte offset of 16-byte chunk c of row r in a tile with D / 8 chunks per row; the chunk index is
+// XORed with the row within each group of 8 chunks so that ldmatrix rows hit distinct banks.
+template <int D>
+__device__ __forceinline__ uint32_t SwizzledOffset(int r, int c) {
+  return static_cast<uint32_t>(r * (D * 2) + (((c & ~7) | ((c ^ r) & 7)) << 4));
+}
+
+// SwizzledOffset<D>(r, c + c_even) given base = SwizzledOffset<D>(r, c) with c in {0, 1} and
+// c_even an even compile-time constant: the XOR only flips bits 4-6, so the step is one LOP3 and
+// an add instead of a register per (row, chunk) pair.
+__device__ __forceinline__ uint32_t SwizzledStep(uint32_t base, int c_even) {
+  return (base ^ static_cast<uint32_t>((c_even & 7) << 4)) + static_cast<uint32_t>((c_even & ~7) << 4);
+}
+
+// Copies keys [n0, n0 + 64) of one KV head from the pages into a swizzled tile at `dst`; keys
+// at or past kv_len are zero-filled.
+template <int D>
+__device__ __forceinline__ void MmaLoadKvTile(const PrefillArgs& a, const bf16* cache,
+                                              const int32_t* pages, int kv_head, int kv_len,
+                                              int n0, uint32_t dst) {
+  using C = MmaCfg<D>;
+  const int c = threadIdx.x % C::kChunks;
+#pragma unroll
+  for (int i = 0; i < C::kBlockN / C::kRowsPerPass; ++i) {
+    const int r = threadIdx.x / C::kChunks + i * C::kRowsPerPass;
+    const int token = n0 + r;
+    const bool valid = token < kv_len;
+    const bf16* src = valid ? cache + KvRowOffset<D>(a, pages, token, kv_head) + c * 8 : cache;
+    CpAsync16(dst + SwizzledOffset<D>(r, c), src, valid);
+  }
+}
+
+// Online-softmax update of one warp's 16 x 64 score tile (already scaled to the exp2 domain and
+// masked): rescales o, l and m, and leaves the probabilities in s.
+template <int D>
+__device__ __forceinline__ void MmaSoftmaxUpdate(float (&s)[8][4], float (&o)[D / 8][4],
+                                                 float (&m)[2], float (&l)[2]) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int jb = 0; jb < 8; ++jb) mx = fmaxf(mx, fmaxf(s[jb][2 * half], s[jb][2 * half + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m[half], mx);
+    const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+    const float alpha = FastExp2(m[half] - m_use);
+    m[half] = m_new;
+    float sum = 0.0f;
+#pragma unroll
+    for (int jb = 0; jb < 8; ++jb) {
+      s[jb][2 * half] = FastExp2(s[jb][2 * half] - m_use);
+      s[jb][2 * half + 1] = FastExp2(s[jb][2 * half + 1] - m_use);
+      sum += s[jb][2 * half] + s[jb][2 * half + 1];
+    }
+    l[half] = l[half] * alpha + sum;
+#pragma unroll
+    for (int db = 0; db < D / 8; ++db) {
+      o[db][2 * half] *= alpha;
+      o[db][2 * half + 1] *= alpha;
+    }
+  }
+}
+
+// One 128-row query tile starting at row m0 of the sequence: the whole KV sweep and the output.
+template <int D>
+__device__ __forceinline__ void MmaQueryTile(const PrefillArgs& a, const SeqInfo& si,
+                                             const int32_t* pages, int h, int m0, uint8_t* smem) {
+  using C = MmaCfg<D>;
+  const uint32_t sq = SmemAddr(smem), sk = sq + C::kQBytes, sv = sk + 2 * C::kKvBytes;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int kv_head = h / a.group;
+  const int rows_valid = min(C::kBlockM, si.q_len - m0);
+  const int n_tiles = (si.q_off + m0 + rows_valid - 1) / C::kBlockN + 1;
+  const int64_t q_stride = static_cast<int64_t>(a.num_q_heads) * D;
+
+  // Q rows (zero past the sequence), then K and V of tile 0.
+  {
+    const bf16* q0 = a.q + (static_cast<int64_t>(si.q_begin + m0) * a.num_q_heads + h) * D;
+    const int c = tid % C::kChunks;
+#pragma unroll
+    for (int i = 0; i < C::kBlockM / C::kRowsPerPass; ++i) {
+      const int r = tid / C::kChunks + i * C::kRowsPerPass;
+      const bool valid = r < rows_valid;
+      CpAsync16(sq + SwizzledOffset<D>(r, c), valid ? q0 + r * q_stride + c * 8 : q0, valid);
+    }
+  }
+  MmaLoadKvTile<D>(a, a.k_cache, pages, kv_head, si.kv_len, 0, sk);
+  CpAsyncCommit();
+  MmaLoadKvTile<D>(a, a.v_cache, pages, kv_head, si.kv_len, 0, sv);
+  CpAsyncCommit();
+
+  // Positions of this thread's two rows and the span of this warp's valid rows.
+  const int warp_min_pos = si.q_off + m0 + 16 * warp;
+  const int warp_rows = min(16, rows_valid - 16 * warp);
+  const int warp_max_pos = warp_rows > 0 ? warp_min_pos + warp_rows - 1 : -1;
+  const int pos0 = warp_min_pos + lane / 4, pos1 = pos0 + 8;
+  // Per-lane ldmatrix row offsets at chunk 0 (Q: rows of the warp; K: 16-key slabs; V: 16-key
+  // slabs read transposed); SwizzledStep moves them to an even chunk.
+  const uint32_t lane_q = SwizzledOffset<D>(16 * warp + lane % 16, lane / 16);
+  const uint32_t lane_k = SwizzledOffset<D>((lane / 16) * 8 + lane % 8, (lane / 8) & 1);
+  const uint32_t lane_v = SwizzledOffset<D>(lane % 8 + ((lane / 8) & 1) * 8, lane / 16);
+
+  uint32_t qf[D / 16][4];
+  float o[D / 8][4];
+#pragma unroll
+  for (int db = 0; db < D / 8; ++db) o[db][0] = o[db][1] = o[db][2] = o[db][3] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  float s[8][4];
+
+  for (int j = 0; j < n_tiles; ++j) {
+    const int stage = j & 1;
+    const bool more = j + 1 < n_tiles;
+    CpAsyncWait<1>();  // K of tile j (and Q) landed; V of tile j may still be in flight
+    __syncthreads();
+    if (more) {
+      MmaLoadKvTile<D>(a, a.k_cache, pages, kv_head, si.kv_len, (j + 1) * C::kBlockN,
+                       sk + (stage ^ 1) * C::kKvBytes);
+      CpAsyncCommit();
+    }
+    if (j == 0) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) LdMatrixX4(qf[kk], sq + SwizzledStep(lane_q, 2 * kk));
+    }
+    const int n0 = j * C::kBlockN;
+    const bool active = n0 <= warp_max_pos;
+    if (active) {
+      const uint32_t kt = sk + stage * C::kKvBytes;
+#pragma unroll
+      for (int jb = 0; jb < 8; ++jb) s[jb][0] = s[jb][1] = s[jb][2] = s[jb][3] = 0.0f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+        for (int jn = 0; jn < 4; ++jn) {
+          uint32_t b[4];
+          LdMatrixX4(b, kt + jn * 16 * (2 * D) + SwizzledStep(lane_k, 2 * kk));
+          MmaBf16(s[2 * jn], qf[kk], b[0], b[1]);
+          MmaBf16(s[2 * jn + 1], qf[kk], b[2], b[3]);
+        }
+      }
+      const bool mask = n0 + C::kBlockN - 1 > warp_min_pos;
+#pragma unroll
+      for (int jb = 0; jb < 8; ++jb) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = n0 + jb * 8 + 2 * (lane % 4) + (e & 1);
+          const float x = s[jb][e] * a.scale_log2;
+          s[jb][e] = (mask && col > (e < 2 ? pos0 : pos1)) ? -INFINITY : x;
+        }
+      }
+      MmaSoftmaxUpdate<D>(s, o, m, l);
+    }
+    if (more) {
+      CpAsyncWait<1>();  // V of tile j landed; K of tile j + 1 may still be in flight
+    } else {
+      CpAsyncWait<0>();
+    }
+    __syncthreads();
+    if (more) {
+      MmaLoadKvTile<D>(a, a.v_cache, pages, kv_head, si.kv_len, (j + 1) * C::kBlockN,
+                       sv + (stage ^ 1) * C::kKvBytes);
+      CpAsyncCommit();
+    }
+    if (active) {
+      const uint32_t vt = sv + stage * C::kKvBytes;
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        const uint32_t pa[4] = {PackBf16(s[2 * kk][0], s[2 * kk][1]),
+                                PackBf16(s[2 * kk][2], s[2 * kk][3]),
+                                PackBf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                PackBf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+        for (int dc = 0; dc < D / 8; dc += 2) {
+          uint32_t b[4];
+          LdMatrixX4Trans(b, vt + kk * 16 * (2 * D) + SwizzledStep(lane_v, dc));
+          MmaBf16(o[dc], pa, b[0], b[1]);
+          MmaBf16(o[dc + 1], pa, b[2], b[3]);
+        }
+      }
+    }
+  }
+
+  // Normalize, stage this warp's rows in the (now unused) Q tile, and write 16-byte rows out.
+  float inv[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    float sum = l[half];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    inv[half] = sum > 0.0f ? 1.0f / sum : 0.0f;
+  }
+  const int r0 = 16 * warp + lane / 4;
+#pragma unroll
+  for (int db = 0; db < D / 8; ++db) {
+    *reinterpret_cast<uint32_t*>(smem + SwizzledOffset<D>(r0, db) + 4 * (lane % 4)) =
+        PackBf16(o[db][0] * inv[0], o[db][1] * inv[0]);
+    *reinterpret_cast<uint32_t*>(smem + SwizzledOffset<D>(r0 + 8, db) + 4 * (lane % 4)) =
+        PackBf16(o[db][2] * inv[1], o[db][3] * inv[1]);
+  }
+  __syncwarp();
+  bf16* out0 = a.out + (static_cast<int64_t>(si.q_begin + m0) * a.num_q_heads + h) * D;
+#pragma unroll
+  for (int i = 0; i < 16 * C::kChunks / 32; ++i) {
+    const int idx = lane + 32 * i;
+    const int r = 16 * warp + idx / C::kChunks, c = idx % C::kChunks;
+    if (r < rows_valid) {
+      *reinterpret_cast<uint4*>(out0 + r * q_stride + c * 8) =
+          *reinterpret_cast<const uint4*>(smem + SwizzledOffset<D>(r, c));
+    }
+  }
+}
+
+// Grid: (query-tile slots, query heads, sequences). Block x takes tiles x, x + gridDim.x, ...
+// of its sequence counted from the last (longest KV sweep) one.
+template <int D>
+__global__ void __launch_bounds__(256, 1) PrefillMmaKernel(const PrefillArgs a) {
+  using C = MmaCfg<D>;
+  extern __shared__ __align__(128) uint8_t smem[];
+  const int s = blockIdx.z, h = blockIdx.y;
+  const SeqInfo si = LoadSeqInfo(a, s, C::kBlockM);
+  const int32_t* pages = a.page_table + static_cast<int64_t>(s) * a.page_table_stride;
+  for (int t = blockIdx.x; t < si.m_tiles; t += gridDim.x) {
+    MmaQueryTile<D>(a, si, pages, h, (si.m_tiles - 1 - t) * C::kBlockM, smem);
+    __syncthreads();  // the next tile reuses every shared buffer
+  }
+}
+
+}  // namespace sieve::kernels::prefill_detail
+
+#endif  // SIEVE_KERNELS_ATTENTION_PAGED_PREFILL_MMA_CUH_

@@ -1,0 +1,444 @@
+#include "server/config.h"
+
+#include <cstdlib>
+#include <fstream>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "yaml-cpp/yaml.h"
+
+namespace sieve::server {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+using ::testing::Not;
+
+// The repository root: SIEVE_SOURCE_DIR when set, else the working directory.
+std::string RepoPath(const std::string& relative) {
+  const char* root = std::getenv("SIEVE_SOURCE_DIR");
+  return root != nullptr ? absl::StrCat(root, "/", relative) : relative;
+}
+
+// Loads `yaml` and returns the error message (empty when loading succeeded).
+std::string LoadError(const std::string& yaml, std::vector<std::string> overrides = {}) {
+  absl::StatusOr<ServerConfig> config = LoadConfigString(yaml, "x.yaml", overrides);
+  if (config.ok()) return "";
+  EXPECT_EQ(config.status().code(), absl::StatusCode::kInvalidArgument);
+  return std::string(config.status().message());
+}
+
+// Every key the daemon documents; a key dropped from or added to the table must show here.
+const std::vector<std::string> kExpectedKeys = {
+    "server.listen_address",          "server.max_message_bytes",
+    "server.keepalive_time_s",        "server.keepalive_timeout_s",
+    "server.drain_grace_period_s",    "metrics.enabled",
+    "metrics.listen_address",         "model.name",
+    "model.directory",                "model.backend",
+    "model.devices",                  "model.dtype",
+    "model.max_context_tokens",       "kv_cache.page_size_tokens",
+    "kv_cache.num_pages",             "kv_cache.memory_fraction",
+    "scheduler.max_batch_tokens",     "scheduler.max_running_requests",
+    "scheduler.max_queued_requests",  "scheduler.max_queued_tokens",
+    "scheduler.prefill_chunk_tokens", "scheduler.enable_prefix_caching",
+    "scheduler.preemption",           "pools.prefill_workers",
+    "pools.decode_workers",           "attention.prefill",
+    "attention.decode",               "limits.default_max_tokens",
+    "limits.max_stop_strings",        "logging.level",
+};
+
+TEST(ConfigTest, DefaultsAreValid) {
+  ServerConfig config;
+  EXPECT_TRUE(config.Validate().ok()) << config.Validate();
+  EXPECT_EQ(config.server.listen_address, "0.0.0.0:50051");
+  EXPECT_EQ(config.metrics.listen_address, "0.0.0.0:9090");
+  EXPECT_EQ(config.model.name, "sieve-embedded");
+  EXPECT_EQ(config.model.directory, "models/embedded");
+  EXPECT_EQ(config.model.backend, "cpu");
+  EXPECT_EQ(config.kv_cache.page_size_tokens, 16);
+  EXPECT_EQ(config.scheduler.preemption, "recompute");
+  EXPECT_EQ(config.attention.prefill, "dense");
+  EXPECT_EQ(config.logging.level, "info");
+}
+
+TEST(ConfigTest, RepositoryDefaultYamlLoadsAndHoldsEveryKey) {
+  const std::string path = RepoPath("configs/default.yaml");
+  absl::StatusOr<ServerConfig> config = LoadConfigFile(path);
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_TRUE(config->Validate().ok());
+  // default.yaml documents the built-in defaults, so the two must agree.
+  EXPECT_EQ(*config, ServerConfig()) << ConfigToYaml(*config);
+  EXPECT_EQ(config->model.directory, "models/embedded");
+  EXPECT_EQ(config->model.backend, "cpu");
+
+  // Every knob is present in the file (not merely defaulted).
+  std::set<std::string> present;
+  const YAML::Node root = YAML::LoadFile(path);
+  for (const auto& section : root) {
+    const std::string name = section.first.Scalar();
+    const YAML::Node keys = section.second;
+    ASSERT_TRUE(keys.IsMap()) << name;
+    for (const auto& key : keys) present.insert(name + "." + key.first.Scalar());
+  }
+  for (const ConfigKeyInfo& key : ListConfigKeys()) {
+    EXPECT_TRUE(present.count(key.path)) << key.path << " missing from default.yaml";
+  }
+}
+
+TEST(ConfigTest, EmptyDocumentsGiveDefaults) {
+  for (const char* yaml : {"", "\n", "# only a comment\n", "scheduler:\n", "---\n"}) {
+    absl::StatusOr<ServerConfig> config = LoadConfigString(yaml, "x.yaml");
+    ASSERT_TRUE(config.ok()) << yaml << ": " << config.status();
+    EXPECT_EQ(*config, ServerConfig());
+  }
+}
+
+TEST(ConfigTest, LoadsEveryType) {
+  absl::StatusOr<ServerConfig> config = LoadConfigString(
+      "server:\n"
+      "  listen_address: '[::1]:6000'\n"
+      "  keepalive_time_s: 2.5\n"
+      "metrics:\n"
+      "  enabled: false\n"
+      "model:\n"
+      "  backend: cuda\n"
+      "  devices: [1, 0]\n"
+      "  dtype: bfloat16\n"
+      "scheduler:\n"
+      "  max_batch_tokens: 8192\n",
+      "x.yaml");
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->server.listen_address, "[::1]:6000");
+  EXPECT_DOUBLE_EQ(config->server.keepalive_time_s, 2.5);
+  EXPECT_FALSE(config->metrics.enabled);
+  EXPECT_EQ(config->model.backend, "cuda");
+  EXPECT_THAT(config->model.devices, ElementsAre(1, 0));
+  EXPECT_EQ(config->model.dtype, "bfloat16");
+  EXPECT_EQ(config->scheduler.max_batch_tokens, 8192);
+  EXPECT_EQ(config->scheduler.max_running_requests, 64);  // Untouched keys keep defaults.
+}
+
+TEST(ConfigTest, UnknownKeyNamesPathAndLine) {
+  std::string error = LoadError(
+      "scheduler:\n"
+      "  max_batch_tokens: 4096\n"
+      "  max_batch_tokenz: 4096\n");
+  EXPECT_THAT(error, HasSubstr("x.yaml:3: unknown key 'scheduler.max_batch_tokenz'"));
+  EXPECT_THAT(error, HasSubstr("did you mean 'scheduler.max_batch_tokens'?"));
+
+  error = LoadError("server:\n  listen_address: 'a:1'\nschedular:\n  max_batch_tokens: 1\n");
+  EXPECT_THAT(error, HasSubstr("x.yaml:3: unknown key 'schedular'"));
+  EXPECT_THAT(error, HasSubstr("did you mean 'scheduler'?"));
+
+  error = LoadError("model:\n  totally_unrelated_thing: 1\n");
+  EXPECT_THAT(error, HasSubstr("x.yaml:2: unknown key 'model.totally_unrelated_thing'"));
+  EXPECT_THAT(error, Not(HasSubstr("did you mean")));
+}
+
+TEST(ConfigTest, BadValuesNameKeyLineAndValue) {
+  struct Case {
+    std::string yaml;
+    std::string expected;
+  };
+  const std::vector<Case> cases = {
+      {"kv_cache:\n  page_size_tokens: 17\n",
+       "x.yaml:2: kv_cache.page_size_tokens must be a power of two between 1 and 256, got 17"},
+      {"kv_cache:\n  page_size_tokens: 512\n", "between 1 and 256, got 512"},
+      {"kv_cache:\n  page_size_tokens: 0\n", "power of two between 1 and 256, got 0"},
+      {"\nscheduler:\n  max_batch_tokens: abc\n",
+       "x.yaml:3: scheduler.max_batch_tokens must be an integer between 1 and 1048576, got 'abc'"},
+      {"scheduler:\n  max_batch_tokens: 1.5\n", "got '1.5'"},
+      {"scheduler:\n  max_batch_tokens: 99999999999\n", "got '99999999999'"},
+      {"scheduler:\n  max_batch_tokens: -4\n", "max_batch_tokens must be an integer between 1 "
+                                                "and 1048576, got -4"},
+      {"kv_cache:\n  memory_fraction: 0\n",
+       "kv_cache.memory_fraction must be a number greater than 0 and at most 1, got 0"},
+      {"kv_cache:\n  memory_fraction: .nan\n", "kv_cache.memory_fraction must be a number"},
+      {"kv_cache:\n  memory_fraction: nan\n", "got 'nan'"},
+      {"server:\n  drain_grace_period_s: inf\n", "server.drain_grace_period_s must be a number"},
+      {"metrics:\n  enabled: maybe\n", "x.yaml:2: metrics.enabled must be true or false, got "
+                                       "'maybe'"},
+      {"model:\n  backend: tpu\n", "model.backend must be one of: cpu, cuda, got 'tpu'"},
+      {"attention:\n  prefill: quest\n", "attention.prefill must be one of: dense, got 'quest'"},
+      {"attention:\n  decode: double_sparsity\n", "attention.decode must be one of: dense"},
+      {"scheduler:\n  preemption: swap\n", "scheduler.preemption must be one of: recompute"},
+      {"logging:\n  level: verbose\n", "logging.level must be one of: debug, info, warning, error"},
+      {"model:\n  name: ''\n", "model.name must be a non-empty string, got ''"},
+      {"server:\n  listen_address: localhost\n",
+       "server.listen_address must be an address host:port with port 0-65535, or unix:/path, got "
+       "'localhost'"},
+      {"server:\n  listen_address: 'a:70000'\n", "got 'a:70000'"},
+      {"server:\n  listen_address: 'a:b:1'\n", "got 'a:b:1'"},
+      {"server:\n  listen_address: 'unix:'\n", "got 'unix:'"},
+      {"metrics:\n  listen_address: 'unix:/tmp/x'\n", "metrics.listen_address must be an address"},
+      {"model:\n  devices: [0, 0]\n",
+       "x.yaml:2: model.devices must be a list of distinct integers between 0 and 63, got [0, 0]"},
+      {"model:\n  devices: [64]\n", "got [64]"},
+      {"model:\n  devices:\n    - 0\n    - x\n", "x.yaml:4: model.devices must be a list"},
+      {"model:\n  devices: 0\n", "model.devices must be a list of distinct integers between 0 "
+                                 "and 63, got '0'"},
+      {"scheduler:\n  max_batch_tokens: [1, 2]\n", "max_batch_tokens must be an integer between 1 "
+                                                   "and 1048576, got a list"},
+      {"scheduler:\n  max_batch_tokens:\n    a: 1\n", "got a mapping"},
+      {"scheduler:\n  max_batch_tokens:\n", "x.yaml:2: scheduler.max_batch_tokens must be an "
+                                            "integer between 1 and 1048576, got an empty value"},
+      {"scheduler: 5\n", "x.yaml:1: 'scheduler' must be a mapping of keys, got '5'"},
+      {"scheduler: [1]\n", "'scheduler' must be a mapping of keys, got a list"},
+      {"- a\n- b\n", "x.yaml:1: the configuration must be a mapping of sections, got a list"},
+      {"hello\n", "the configuration must be a mapping of sections, got 'hello'"},
+      {"scheduler:\n  max_batch_tokens: 1\n  max_batch_tokens: 2\n",
+       "x.yaml:3: duplicate key 'scheduler.max_batch_tokens'"},
+      {"scheduler:\n  [a]: 1\n", "x.yaml:2: keys must be plain names, got a list under "
+                                 "'scheduler'"},
+      {"scheduler:\n  max_batch_tokens: [1\n", "x.yaml:"},
+      {"server:\n\tlisten_address: x\n", "YAML syntax error"},
+      {"a: 1\n---\nb: 2\n", "expected one YAML document"},
+      {"model:\n  name: *undefined_anchor\n", "YAML syntax error"},
+  };
+  for (const Case& c : cases) {
+    std::string error = LoadError(c.yaml);
+    EXPECT_THAT(error, HasSubstr(c.expected)) << "yaml:\n" << c.yaml;
+  }
+}
+
+TEST(ConfigTest, SyntaxErrorsCarryTheirLine) {
+  std::string error = LoadError("server:\n  listen_address: 'a:1'\nmodel: [1, 2\n");
+  EXPECT_THAT(error, HasSubstr("YAML syntax error"));
+  EXPECT_TRUE(absl::StartsWith(error, "x.yaml:")) << error;
+  EXPECT_FALSE(absl::StartsWith(error, "x.yaml:1:")) << error;
+}
+
+TEST(ConfigTest, EveryProblemIsReported) {
+  std::string error = LoadError(
+      "kv_cache:\n"
+      "  page_size_tokens: 17\n"
+      "  bogus: 1\n"
+      "logging:\n"
+      "  level: loud\n");
+  EXPECT_THAT(error, HasSubstr("x.yaml:2: kv_cache.page_size_tokens"));
+  EXPECT_THAT(error, HasSubstr("x.yaml:3: unknown key 'kv_cache.bogus'"));
+  EXPECT_THAT(error, HasSubstr("x.yaml:5: logging.level"));
+}
+
+TEST(ConfigTest, MalformedInputNeverThrows) {
+  const std::vector<std::string> inputs = {
+      "{", "[", "]]", "a: b: c", "? [a]\n: 1\n", std::string("\0\1\2\xff\xfe", 5), "&a [*a]",
+      "model: {name: [}", "'unterminated", std::string(10000, '['), "scheduler: !!binary xx",
+      "server: {listen_address: {a: {b: c}}}"};
+  for (const std::string& input : inputs) {
+    absl::StatusOr<ServerConfig> config = LoadConfigString(input, "fuzz.yaml");
+    EXPECT_FALSE(config.ok()) << input;
+  }
+}
+
+TEST(ConfigTest, CrossFieldChecks) {
+  struct Case {
+    std::string yaml;
+    std::string expected;
+  };
+  const std::vector<Case> cases = {
+      {"scheduler:\n  prefill_chunk_tokens: 4096\n",
+       "scheduler.prefill_chunk_tokens (4096) must not exceed scheduler.max_batch_tokens (2048)"},
+      {"scheduler:\n  max_running_requests: 4096\n",
+       "scheduler.max_running_requests (4096) must not exceed scheduler.max_batch_tokens"},
+      {"model:\n  max_context_tokens: 4096\nscheduler:\n  max_queued_tokens: 100\n",
+       "scheduler.max_queued_tokens (100) must be at least model.max_context_tokens (4096)"},
+      {"model:\n  max_context_tokens: 4096\nkv_cache:\n  num_pages: 10\n",
+       "kv_cache.num_pages * kv_cache.page_size_tokens (160 tokens) must hold one full context"},
+      {"model:\n  devices: [0]\n", "model.devices must be empty with model.backend cpu, got [0]"},
+      {"model:\n  dtype: bfloat16\n", "model.dtype bfloat16 needs model.backend cuda"},
+      {"server:\n  listen_address: '0.0.0.0:9090'\n",
+       "metrics.listen_address and server.listen_address use the same port 9090"},
+  };
+  for (const Case& c : cases) {
+    std::string error = LoadError(c.yaml);
+    EXPECT_THAT(error, HasSubstr("x.yaml: " + c.expected)) << "yaml:\n" << c.yaml;
+  }
+  // The same settings pass when the other side of each check allows them.
+  EXPECT_EQ(LoadError("model:\n  backend: cuda\n  devices: [0]\n  dtype: bfloat16\n"), "");
+  EXPECT_EQ(LoadError("metrics:\n  enabled: false\nserver:\n  listen_address: '0.0.0.0:9090'\n"),
+            "");
+  EXPECT_EQ(LoadError("server:\n  listen_address: '127.0.0.1:0'\nmetrics:\n  listen_address: "
+                      "'127.0.0.1:0'\n"),
+            "");
+  EXPECT_EQ(LoadError("model:\n  max_context_tokens: 4096\nkv_cache:\n  num_pages: 256\n"), "");
+}
+
+TEST(ConfigTest, ValidateCatchesValuesSetInCode) {
+  ServerConfig config;
+  config.kv_cache.page_size_tokens = 24;
+  config.logging.level = "trace";
+  absl::Status status = config.Validate();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("kv_cache.page_size_tokens must be a power of two "
+                                          "between 1 and 256, got 24"));
+  EXPECT_THAT(status.message(), HasSubstr("logging.level must be one of"));
+}
+
+TEST(ConfigTest, OverridesSetEveryType) {
+  ServerConfig config;
+  ASSERT_TRUE(ApplyOverride(config, "scheduler.max_batch_tokens", "4096").ok());
+  ASSERT_TRUE(ApplyOverride(config, "kv_cache.memory_fraction", "0.5").ok());
+  ASSERT_TRUE(ApplyOverride(config, "scheduler.enable_prefix_caching", "off").ok());
+  ASSERT_TRUE(ApplyOverride(config, "model.directory", "/models/llama").ok());
+  ASSERT_TRUE(ApplyOverride(config, "model.devices", "[2, 3]").ok());
+  EXPECT_EQ(config.scheduler.max_batch_tokens, 4096);
+  EXPECT_DOUBLE_EQ(config.kv_cache.memory_fraction, 0.5);
+  EXPECT_FALSE(config.scheduler.enable_prefix_caching);
+  EXPECT_EQ(config.model.directory, "/models/llama");
+  EXPECT_THAT(config.model.devices, ElementsAre(2, 3));
+  ASSERT_TRUE(ApplyOverride(config, "model.devices", "1,0").ok());
+  EXPECT_THAT(config.model.devices, ElementsAre(1, 0));
+  ASSERT_TRUE(ApplyOverride(config, "model.devices", "").ok());
+  EXPECT_TRUE(config.model.devices.empty());
+  ASSERT_TRUE(ApplyOverrideAssignment(config, "logging.level=debug").ok());
+  EXPECT_EQ(config.logging.level, "debug");
+  // The value may itself hold '='.
+  ASSERT_TRUE(ApplyOverrideAssignment(config, "model.directory=/a=b").ok());
+  EXPECT_EQ(config.model.directory, "/a=b");
+}
+
+TEST(ConfigTest, BadOverridesFailAndLeaveConfigUnchanged) {
+  ServerConfig config;
+  const ServerConfig before = config;
+  absl::Status status = ApplyOverride(config, "kv_cache.page_size_tokens", "17");
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(status.message(),
+            "kv_cache.page_size_tokens must be a power of two between 1 and 256, got 17");
+  status = ApplyOverride(config, "scheduler.max_batch_tokenz", "1");
+  EXPECT_EQ(status.message(),
+            "unknown key 'scheduler.max_batch_tokenz' (did you mean 'scheduler.max_batch_tokens'?)");
+  EXPECT_FALSE(ApplyOverride(config, "scheduler", "1").ok());  // A section, not a key.
+  EXPECT_FALSE(ApplyOverride(config, "", "1").ok());
+  EXPECT_FALSE(ApplyOverride(config, "model.devices", "[0, x]").ok());
+  EXPECT_FALSE(ApplyOverride(config, "model.devices", "[0, 1").ok());
+  EXPECT_FALSE(ApplyOverride(config, "metrics.enabled", "yesno").ok());
+  EXPECT_FALSE(ApplyOverride(config, "server.keepalive_time_s", "nan").ok());
+  EXPECT_FALSE(ApplyOverride(config, "server.keepalive_time_s", "1e999").ok());
+  status = ApplyOverrideAssignment(config, "scheduler.max_batch_tokens");
+  EXPECT_THAT(status.message(), HasSubstr("expected key.path=value"));
+  EXPECT_EQ(config, before);
+}
+
+TEST(ConfigTest, OverridesApplyAfterTheFileAndBeforeValidation) {
+  // The file alone fails a cross-field check; the override makes the result valid.
+  const std::string yaml = "scheduler:\n  prefill_chunk_tokens: 4096\n";
+  EXPECT_NE(LoadError(yaml), "");
+  absl::StatusOr<ServerConfig> config =
+      LoadConfigString(yaml, "x.yaml", {"scheduler.max_batch_tokens=8192"});
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->scheduler.max_batch_tokens, 8192);
+  EXPECT_EQ(config->scheduler.prefill_chunk_tokens, 4096);
+
+  // Later overrides win; errors name the override.
+  config = LoadConfigString("", "x.yaml", {"pools.decode_workers=2", "pools.decode_workers=3"});
+  ASSERT_TRUE(config.ok());
+  EXPECT_EQ(config->pools.decode_workers, 3);
+  EXPECT_THAT(LoadError("", {"pools.decode_workers=0"}),
+              HasSubstr("--set pools.decode_workers=0: pools.decode_workers must be an integer "
+                        "between 1 and 256, got 0"));
+  EXPECT_THAT(LoadError("", {"model.backend=cpu", "model.devices=1"}),
+              HasSubstr("model.devices must be empty with model.backend cpu"));
+}
+
+TEST(ConfigTest, KeyTableListsEveryKeyWithDefaultsAndDocs) {
+  std::vector<ConfigKeyInfo> keys = ListConfigKeys();
+  std::vector<std::string> paths;
+  for (const ConfigKeyInfo& key : keys) {
+    paths.push_back(key.path);
+    EXPECT_FALSE(key.doc.empty()) << key.path;
+    EXPECT_FALSE(key.accepted.empty()) << key.path;
+    EXPECT_FALSE(key.type.empty()) << key.path;
+  }
+  EXPECT_EQ(paths, kExpectedKeys);
+
+  // Each listed default is accepted by its override and reads back the same.
+  const ServerConfig defaults;
+  ServerConfig config;
+  for (const ConfigKeyInfo& key : keys) {
+    EXPECT_TRUE(ApplyOverride(config, key.path, key.default_value).ok()) << key.path;
+    absl::StatusOr<std::string> value = GetConfigValue(defaults, key.path);
+    ASSERT_TRUE(value.ok()) << key.path;
+    EXPECT_EQ(*value, key.default_value) << key.path;
+  }
+  EXPECT_EQ(config, defaults);
+  EXPECT_EQ(GetConfigValue(defaults, "nope.nope").status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST(ConfigTest, HelpMentionsEveryKeyAndDefault) {
+  std::string help = FormatConfigHelp();
+  for (const ConfigKeyInfo& key : ListConfigKeys()) {
+    EXPECT_THAT(help, HasSubstr("  " + key.path + " (" + key.type + ", default ")) << key.path;
+  }
+  EXPECT_THAT(help, HasSubstr("kv_cache.page_size_tokens (int, default 16)"));
+  EXPECT_THAT(help, HasSubstr("server.listen_address (string, default \"0.0.0.0:50051\")"));
+  EXPECT_THAT(help, HasSubstr("model.devices (list of int, default [])"));
+  EXPECT_THAT(help, HasSubstr("a power of two between 1 and 256"));
+  for (const absl::string_view line : absl::StrSplit(help, '\n')) {
+    EXPECT_LE(line.size(), 100u) << line;
+  }
+}
+
+TEST(ConfigTest, YamlRoundTripOfDefaults) {
+  const std::string yaml = ConfigToYaml(ServerConfig());
+  absl::StatusOr<ServerConfig> loaded = LoadConfigString(yaml, "dump.yaml");
+  ASSERT_TRUE(loaded.ok()) << loaded.status() << "\n" << yaml;
+  EXPECT_EQ(*loaded, ServerConfig());
+  for (const std::string& key : kExpectedKeys) {
+    std::string leaf = key.substr(key.find('.') + 1);
+    EXPECT_THAT(yaml, HasSubstr("  " + leaf + ": ")) << key;
+  }
+}
+
+TEST(ConfigTest, YamlRoundTripOfUnusualValues) {
+  ServerConfig config;
+  config.model.name = "we\"ird\\ name: #1\t";
+  config.model.directory = "/tmp/ünïcode/dir";
+  config.model.backend = "cuda";
+  config.model.devices = {3, 1};
+  config.kv_cache.memory_fraction = 0.1 + 0.2;  // Not exactly representable in short form.
+  config.server.keepalive_time_s = 10.0 / 3.0;
+  config.server.listen_address = "unix:/run/sieve.sock";
+  config.metrics.enabled = false;
+  ASSERT_TRUE(config.Validate().ok()) << config.Validate();
+  absl::StatusOr<ServerConfig> loaded = LoadConfigString(ConfigToYaml(config), "dump.yaml");
+  ASSERT_TRUE(loaded.ok()) << loaded.status() << "\n" << ConfigToYaml(config);
+  EXPECT_EQ(*loaded, config);
+}
+
+TEST(ConfigTest, LoadConfigFileReadsFilesAndReportsMissingOnes) {
+  const std::string path = testing::TempDir() + "/sieve_config_test.yaml";
+  {
+    std::ofstream out(path);
+    out << "scheduler:\n  max_queued_requests: 7\n";
+  }
+  absl::StatusOr<ServerConfig> config = LoadConfigFile(path, {"logging.level=error"});
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->scheduler.max_queued_requests, 7);
+  EXPECT_EQ(config->logging.level, "error");
+
+  {
+    std::ofstream out(path);
+    out << "\n\nscheduler:\n  max_queued_requests: 0\n";
+  }
+  config = LoadConfigFile(path);
+  ASSERT_FALSE(config.ok());
+  EXPECT_THAT(config.status().message(), HasSubstr(path + ":4: scheduler.max_queued_requests"));
+
+  config = LoadConfigFile(testing::TempDir());
+  EXPECT_EQ(config.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(config.status().message(), HasSubstr("is a directory"));
+
+  config = LoadConfigFile(testing::TempDir() + "/does/not/exist.yaml");
+  EXPECT_EQ(config.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(config.status().message(), HasSubstr("does/not/exist.yaml"));
+}
+
+}  // namespace
+}  // namespace sieve::server

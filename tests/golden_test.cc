@@ -1,0 +1,184 @@
+// The embedded model against the golden outputs that Hugging Face transformers produced for the
+// same checkpoint (models/embedded/golden.json, made by scripts/make_embedded_model.py):
+// tokenizer ids, fp32 logits within 1e-4 relative error, and greedy continuations, alone and
+// batched with other prompts of different lengths.
+#include <cmath>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "engine/generator.h"
+#include "engine/model_runner.h"
+#include "engine/safetensors.h"
+#include "engine/tokenizer.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+
+namespace sieve::engine {
+namespace {
+
+std::string ModelDir() {
+  const char* root = std::getenv("SIEVE_SOURCE_DIR");
+  return std::string(root != nullptr ? root : ".") + "/models/embedded";
+}
+
+nlohmann::json LoadGolden() {
+  std::ifstream in(ModelDir() + "/golden.json");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return nlohmann::json::parse(ss.str());
+}
+
+std::vector<int32_t> Ids(const nlohmann::json& j) { return j.get<std::vector<int32_t>>(); }
+
+double RelativeError(absl::Span<const float> got, absl::Span<const float> want) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    num += (double{got[i]} - want[i]) * (double{got[i]} - want[i]);
+    den += double{want[i]} * want[i];
+  }
+  return std::sqrt(num / den);
+}
+
+class GoldenTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    golden_ = new nlohmann::json(LoadGolden());
+    auto tok = Tokenizer::FromDirectory(ModelDir());
+    ASSERT_TRUE(tok.ok()) << tok.status();
+    tokenizer_ = tok->release();
+  }
+  static void TearDownTestSuite() {
+    delete golden_;
+    delete tokenizer_;
+  }
+
+  static std::unique_ptr<ModelRunner> Runner(int32_t page_size, int32_t max_step_tokens) {
+    ModelRunnerOptions o;
+    o.page_size = page_size;
+    o.num_pages = 4096 / page_size * 4;
+    o.max_step_tokens = max_step_tokens;
+    auto r = ModelRunner::Load(ModelDir(), o);
+    EXPECT_TRUE(r.ok()) << r.status();
+    return r.ok() ? std::move(*r) : nullptr;
+  }
+
+  static nlohmann::json* golden_;
+  static Tokenizer* tokenizer_;
+};
+
+nlohmann::json* GoldenTest::golden_ = nullptr;
+Tokenizer* GoldenTest::tokenizer_ = nullptr;
+
+TEST_F(GoldenTest, TokenizerIdsEqualTransformers) {
+  ASSERT_GE((*golden_)["tokenizer"].size(), 15u);
+  for (const auto& c : (*golden_)["tokenizer"]) {
+    const std::string text = c["text"];
+    auto with = tokenizer_->Encode(text, /*add_special_tokens=*/true);
+    ASSERT_TRUE(with.ok()) << with.status();
+    EXPECT_EQ(*with, Ids(c["ids"])) << "text: " << text;
+    auto without = tokenizer_->Encode(text, /*add_special_tokens=*/false);
+    ASSERT_TRUE(without.ok()) << without.status();
+    EXPECT_EQ(*without, Ids(c["ids_no_special"])) << "text: " << text;
+    auto decoded = tokenizer_->Decode(Ids(c["ids_no_special"]));
+    ASSERT_TRUE(decoded.ok()) << decoded.status();
+    EXPECT_EQ(*decoded, c["decoded"].get<std::string>()) << "text: " << text;
+  }
+}
+
+// Runs `ids` with the prefix [0, n - k) as one prefill (chunked by the runner's step limit) and
+// the last k tokens one decode step each, returning the logits of the last k positions.
+std::vector<float> LastLogits(ModelRunner& runner, const std::vector<int32_t>& ids, int k,
+                              int chunk) {
+  const int32_t ps = runner.options().page_size;
+  std::vector<int32_t> pages;
+  for (int32_t p = 0; p * ps < static_cast<int32_t>(ids.size()); ++p) pages.push_back(p);
+  std::vector<float> out;
+  const int n = static_cast<int>(ids.size());
+  int done = 0;
+  while (done < n) {
+    const bool in_tail = done >= n - k;
+    const int len = in_tail ? 1 : std::min(chunk, n - k - done);
+    SequenceStep s;
+    s.tokens = absl::MakeConstSpan(ids).subspan(done, len);
+    s.num_cached = done;
+    s.pages = pages;
+    s.want_logits = in_tail || done + len == n - k;
+    std::vector<float> logits;
+    EXPECT_TRUE(runner.Forward({s}, logits).ok());
+    // The prefill's last position (n - k - 1) is not one of the k we compare.
+    if (in_tail) out.insert(out.end(), logits.begin(), logits.end());
+    done += len;
+  }
+  return out;
+}
+
+TEST_F(GoldenTest, LogitsMatchTransformers) {
+  auto file = SafetensorsFile::Open(ModelDir() + "/golden_logits.safetensors");
+  ASSERT_TRUE(file.ok()) << file.status();
+  // Two layouts of the same computation: pages of 16 with the prefill in chunks of 64 tokens,
+  // and pages of 1 with the whole prefill in one step.
+  for (auto [page_size, chunk] : {std::pair{16, 64}, std::pair{1, 4096}}) {
+    auto runner = Runner(page_size, 4096);
+    ASSERT_NE(runner, nullptr);
+    const int64_t vocab = runner->config().vocab_size;
+    for (const auto& c : (*golden_)["logits"]) {
+      const std::vector<int32_t> ids = Ids(c["ids"]);
+      const int k = c["last_positions"];
+      auto view = (*file)->Get(c["name"].get<std::string>());
+      ASSERT_TRUE(view.ok()) << view.status();
+      std::vector<float> want(view->numel());
+      ASSERT_TRUE(CopyToFloat32(*view, absl::MakeSpan(want)).ok());
+      ASSERT_EQ(static_cast<int64_t>(want.size()), k * vocab);
+      // Positions before the last k: at least one token must be prefilled.
+      const int tail = std::min<int>(k, static_cast<int>(ids.size()) - 1);
+      std::vector<float> got = LastLogits(*runner, ids, tail, chunk);
+      ASSERT_EQ(static_cast<int64_t>(got.size()), tail * vocab);
+      for (int p = 0; p < tail; ++p) {
+        auto g = absl::MakeConstSpan(got).subspan(p * vocab, vocab);
+        auto w = absl::MakeConstSpan(want).subspan((k - tail + p) * vocab, vocab);
+        EXPECT_LT(RelativeError(g, w), 1e-4)
+            << c["name"] << " position " << ids.size() - tail + p << " page_size " << page_size;
+      }
+    }
+  }
+}
+
+TEST_F(GoldenTest, GreedyContinuationsAloneAndBatched) {
+  auto runner = Runner(16, 64);  // a small step budget forces chunked prefill
+  ASSERT_NE(runner, nullptr);
+  Generator gen(*runner, *tokenizer_);
+  std::vector<GenerationRequest> all;
+  std::vector<std::vector<int32_t>> want;
+  for (const auto& c : (*golden_)["greedy"]) {
+    GenerationRequest r;
+    r.prompt = Ids(c["prompt_ids"]);
+    r.sampling.temperature = 0.0f;
+    r.stop.max_tokens = 32;
+    all.push_back(r);
+    want.push_back(Ids(c["output_ids"]));
+  }
+  ASSERT_GE(all.size(), 3u);
+  for (size_t i = 0; i < all.size(); ++i) {
+    auto alone = gen.Generate({all[i]});
+    ASSERT_TRUE(alone.ok()) << alone.status();
+    EXPECT_EQ((*alone)[0].tokens, want[i]) << "prompt " << i << " alone";
+  }
+  // Batched with each other and with a long prompt of a different length.
+  GenerationRequest filler;
+  filler.prompt = Ids((*golden_)["logits"].back()["ids"]);
+  filler.sampling.temperature = 0.0f;
+  filler.stop.max_tokens = 8;
+  all.insert(all.begin() + 1, filler);
+  auto batched = gen.Generate(all);
+  ASSERT_TRUE(batched.ok()) << batched.status();
+  EXPECT_EQ((*batched)[0].tokens, want[0]);
+  EXPECT_EQ((*batched)[2].tokens, want[1]);
+  EXPECT_EQ((*batched)[3].tokens, want[2]);
+  EXPECT_EQ(gen.pages_in_use(), 0);
+}
+
+}  // namespace
+}  // namespace sieve::engine
