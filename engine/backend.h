@@ -2,11 +2,14 @@
 // cache, and the operators of a Llama-family layer. CpuBackend (fp32, always built) and
 // CudaBackend (bf16) implement it; ModelRunner drives it and owns no device code.
 //
-// Threading: a backend is used by one thread at a time (the pool worker that runs the step).
+// Threading: memory calls (UploadWeight, Allocate, AllocateKvCache, CreateStream) are made by one
+// thread at start-up. The operators run on a BackendStream; different streams may run at the same
+// time on different threads (one per pool worker) as long as their steps write disjoint KV pages.
 #ifndef SIEVE_ENGINE_BACKEND_H_
 #define SIEVE_ENGINE_BACKEND_H_
 
 #include <cstdint>
+#include <memory>
 #include <string_view>
 #include <vector>
 
@@ -52,6 +55,13 @@ struct AttentionShape {
   int32_t head_dim = 0;
 };
 
+// An ordered queue of operators with the state of its current step (the batch layout and, on a
+// GPU, the CUDA stream and device copies of the layout). One per worker thread.
+class BackendStream {
+ public:
+  virtual ~BackendStream() = default;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -77,43 +87,47 @@ class Backend {
   virtual int64_t KvPageBytes(int32_t num_layers, int32_t page_size,
                               const AttentionShape& shape) const = 0;
 
-  // Makes `layout` the batch of the operators that follow, until the next BeginStep.
-  virtual absl::Status BeginStep(const BatchLayout& layout) = 0;
+  // Creates a stream for one worker thread.
+  virtual absl::StatusOr<std::unique_ptr<BackendStream>> CreateStream() = 0;
+
+  // Makes `layout` the batch of the operators that follow on `stream`, until its next BeginStep.
+  // `layout` must stay alive and unchanged until then.
+  virtual absl::Status BeginStep(BackendStream& stream, const BatchLayout& layout) = 0;
 
   // out[t, :] = table[tokens[t], :] for the step's tokens.
-  virtual absl::Status Embed(absl::Span<const int32_t> tokens, const Tensor& table, Tensor out) = 0;
+  virtual absl::Status Embed(BackendStream& stream, absl::Span<const int32_t> tokens, const Tensor& table, Tensor out) = 0;
 
   // out = RmsNorm(x) * weight (weight: one row).
-  virtual absl::Status RmsNorm(const Tensor& x, const Tensor& weight, float eps, Tensor out) = 0;
+  virtual absl::Status RmsNorm(BackendStream& stream, const Tensor& x, const Tensor& weight, float eps, Tensor out) = 0;
 
   // residual += x; out = RmsNorm(residual) * weight.
-  virtual absl::Status AddRmsNorm(const Tensor& x, Tensor residual, const Tensor& weight,
+  virtual absl::Status AddRmsNorm(BackendStream& stream, const Tensor& x, Tensor residual, const Tensor& weight,
                                   float eps, Tensor out) = 0;
 
   // out = x * weight^T (+ bias): weight is [n_out, k_in] as PyTorch stores it; bias one row or
   // empty.
-  virtual absl::Status Linear(const Tensor& x, const Tensor& weight, const Tensor& bias,
+  virtual absl::Status Linear(BackendStream& stream, const Tensor& x, const Tensor& weight, const Tensor& bias,
                               Tensor out) = 0;
 
   // Takes the fused projection qkv [num_tokens, (Hq + 2 Hkv) * D], applies RoPE to its q and k
   // parts at the step's positions, writes k and v into layer `layer`'s KV pages at the step's
   // slots, and writes the rotated queries to q_out [num_tokens, Hq * D].
-  virtual absl::Status RopeAndCacheKv(int32_t layer, const Tensor& qkv, const AttentionShape& shape,
+  virtual absl::Status RopeAndCacheKv(BackendStream& stream, int32_t layer, const Tensor& qkv, const AttentionShape& shape,
                                       const RopeTables& rope, Tensor q_out) = 0;
 
   // Causal attention of the step's queries q [num_tokens, Hq * D] over layer `layer`'s KV
   // cache; out [num_tokens, Hq * D].
-  virtual absl::Status Attention(int32_t layer, const Tensor& q, const AttentionShape& shape,
+  virtual absl::Status Attention(BackendStream& stream, int32_t layer, const Tensor& q, const AttentionShape& shape,
                                  float scale, Tensor out) = 0;
 
   // out = silu(gate_up[:, :I]) * gate_up[:, I:], gate_up [num_tokens, 2I], out [num_tokens, I].
-  virtual absl::Status SiluMul(const Tensor& gate_up, Tensor out) = 0;
+  virtual absl::Status SiluMul(BackendStream& stream, const Tensor& gate_up, Tensor out) = 0;
 
   // out[i, :] = x[rows[i], :].
-  virtual absl::Status GatherRows(const Tensor& x, absl::Span<const int32_t> rows, Tensor out) = 0;
+  virtual absl::Status GatherRows(BackendStream& stream, const Tensor& x, absl::Span<const int32_t> rows, Tensor out) = 0;
 
   // Copies x to the host as fp32, waiting for the work before it to finish.
-  virtual absl::Status CopyToHost(const Tensor& x, absl::Span<float> out) = 0;
+  virtual absl::Status CopyToHost(BackendStream& stream, const Tensor& x, absl::Span<float> out) = 0;
 };
 
 }  // namespace sieve::engine

@@ -12,6 +12,17 @@ namespace {
 
 float* F(const Tensor& t) { return static_cast<float*>(t.data); }
 
+// The CPU's stream runs operators inline; it only remembers the step's batch.
+struct CpuStream final : BackendStream {
+  const BatchLayout* layout = nullptr;
+};
+
+absl::StatusOr<const BatchLayout*> LayoutOf(BackendStream& stream) {
+  const BatchLayout* l = static_cast<CpuStream&>(stream).layout;
+  if (l == nullptr) return absl::InternalError("cpu backend: operator before BeginStep");
+  return l;
+}
+
 absl::Status CheckShape(const Tensor& t, int64_t rows, int64_t cols, absl::string_view what) {
   if (t.data == nullptr || t.rows < rows || t.cols != cols) {
     return absl::InternalError(absl::StrCat("cpu backend: ", what, " is [", t.rows, ", ", t.cols,
@@ -82,7 +93,11 @@ absl::Status CpuBackend::AllocateKvCache(int32_t num_layers, int32_t num_pages, 
   return absl::OkStatus();
 }
 
-absl::Status CpuBackend::BeginStep(const BatchLayout& layout) {
+absl::StatusOr<std::unique_ptr<BackendStream>> CpuBackend::CreateStream() {
+  return std::unique_ptr<BackendStream>(new CpuStream());
+}
+
+absl::Status CpuBackend::BeginStep(BackendStream& stream, const BatchLayout& layout) {
   if (layout.query_start.size() != layout.kv_lens.size() + 1 ||
       layout.slots.size() != layout.positions.size() ||
       layout.query_start.back() != layout.num_tokens()) {
@@ -93,11 +108,11 @@ absl::Status CpuBackend::BeginStep(const BatchLayout& layout) {
       return absl::InternalError(absl::StrCat("cpu backend: KV slot ", slot, " out of range"));
     }
   }
-  layout_ = &layout;
+  static_cast<CpuStream&>(stream).layout = &layout;
   return absl::OkStatus();
 }
 
-absl::Status CpuBackend::Embed(absl::Span<const int32_t> tokens, const Tensor& table, Tensor out) {
+absl::Status CpuBackend::Embed(BackendStream& stream, absl::Span<const int32_t> tokens, const Tensor& table, Tensor out) {
   SIEVE_RETURN_IF_ERROR(CheckShape(out, tokens.size(), table.cols, "embedding output"));
   for (size_t t = 0; t < tokens.size(); ++t) {
     if (tokens[t] < 0 || tokens[t] >= table.rows) {
@@ -109,13 +124,13 @@ absl::Status CpuBackend::Embed(absl::Span<const int32_t> tokens, const Tensor& t
   return absl::OkStatus();
 }
 
-absl::Status CpuBackend::RmsNorm(const Tensor& x, const Tensor& weight, float eps, Tensor out) {
+absl::Status CpuBackend::RmsNorm(BackendStream& stream, const Tensor& x, const Tensor& weight, float eps, Tensor out) {
   SIEVE_RETURN_IF_ERROR(CheckShape(out, x.rows, x.cols, "norm output"));
   kernels::RmsNormRef(F(x), F(weight), x.rows, x.cols, eps, F(out));
   return absl::OkStatus();
 }
 
-absl::Status CpuBackend::AddRmsNorm(const Tensor& x, Tensor residual, const Tensor& weight,
+absl::Status CpuBackend::AddRmsNorm(BackendStream& stream, const Tensor& x, Tensor residual, const Tensor& weight,
                                     float eps, Tensor out) {
   SIEVE_RETURN_IF_ERROR(CheckShape(residual, x.rows, x.cols, "residual"));
   SIEVE_RETURN_IF_ERROR(CheckShape(out, x.rows, x.cols, "norm output"));
@@ -123,7 +138,7 @@ absl::Status CpuBackend::AddRmsNorm(const Tensor& x, Tensor residual, const Tens
   return absl::OkStatus();
 }
 
-absl::Status CpuBackend::Linear(const Tensor& x, const Tensor& weight, const Tensor& bias,
+absl::Status CpuBackend::Linear(BackendStream& stream, const Tensor& x, const Tensor& weight, const Tensor& bias,
                                 Tensor out) {
   if (x.cols != weight.cols) {
     return absl::InternalError(absl::StrCat("cpu backend: linear input has ", x.cols,
@@ -135,11 +150,12 @@ absl::Status CpuBackend::Linear(const Tensor& x, const Tensor& weight, const Ten
   return absl::OkStatus();
 }
 
-absl::Status CpuBackend::RopeAndCacheKv(int32_t layer, const Tensor& qkv,
+absl::Status CpuBackend::RopeAndCacheKv(BackendStream& stream, int32_t layer, const Tensor& qkv,
                                         const AttentionShape& s, const RopeTables& rope,
                                         Tensor q_out) {
+  SIEVE_ASSIGN_OR_RETURN(const BatchLayout* layout, LayoutOf(stream));
   const int64_t d = s.head_dim, q_cols = s.num_q_heads * d, kv_cols = s.num_kv_heads * d;
-  const int64_t n = layout_->num_tokens();
+  const int64_t n = layout->num_tokens();
   if (qkv.cols != q_cols + 2 * kv_cols || qkv.rows < n) {
     return absl::InternalError("cpu backend: qkv has the wrong shape");
   }
@@ -151,14 +167,14 @@ absl::Status CpuBackend::RopeAndCacheKv(int32_t layer, const Tensor& qkv,
     std::memcpy(k.data() + t * kv_cols, row + q_cols, sizeof(float) * kv_cols);
   }
   const int64_t half = static_cast<int64_t>(rope.inv_freq.size());
-  kernels::RopeRef(F(q_out), layout_->positions.data(), n, s.num_q_heads, d, rope.inv_freq.data(),
+  kernels::RopeRef(F(q_out), layout->positions.data(), n, s.num_q_heads, d, rope.inv_freq.data(),
                    half, rope.attention_scaling);
-  kernels::RopeRef(k.data(), layout_->positions.data(), n, s.num_kv_heads, d,
+  kernels::RopeRef(k.data(), layout->positions.data(), n, s.num_kv_heads, d,
                    rope.inv_freq.data(), half, rope.attention_scaling);
   float* kc = k_cache_[layer].data();
   float* vc = v_cache_[layer].data();
   for (int64_t t = 0; t < n; ++t) {
-    const int64_t slot = layout_->slots[t];
+    const int64_t slot = layout->slots[t];
     std::memcpy(kc + slot * kv_cols, k.data() + t * kv_cols, sizeof(float) * kv_cols);
     std::memcpy(vc + slot * kv_cols, F(qkv) + t * qkv.cols + q_cols + kv_cols,
                 sizeof(float) * kv_cols);
@@ -166,19 +182,20 @@ absl::Status CpuBackend::RopeAndCacheKv(int32_t layer, const Tensor& qkv,
   return absl::OkStatus();
 }
 
-absl::Status CpuBackend::Attention(int32_t layer, const Tensor& q, const AttentionShape& s,
+absl::Status CpuBackend::Attention(BackendStream& stream, int32_t layer, const Tensor& q, const AttentionShape& s,
                                    float scale, Tensor out) {
-  SIEVE_RETURN_IF_ERROR(CheckShape(out, layout_->num_tokens(), q.cols, "attention output"));
+  SIEVE_ASSIGN_OR_RETURN(const BatchLayout* layout, LayoutOf(stream));
+  SIEVE_RETURN_IF_ERROR(CheckShape(out, layout->num_tokens(), q.cols, "attention output"));
   kernels::PagedAttentionParams<float> p;
   p.q = F(q);
   p.k_cache = k_cache_[layer].data();
   p.v_cache = v_cache_[layer].data();
   p.out = F(out);
-  p.page_table = layout_->page_table.data();
-  p.page_table_stride = layout_->page_table_stride;
-  p.kv_lens = layout_->kv_lens.data();
-  p.query_start = layout_->query_start.data();
-  p.num_seqs = layout_->num_seqs();
+  p.page_table = layout->page_table.data();
+  p.page_table_stride = layout->page_table_stride;
+  p.kv_lens = layout->kv_lens.data();
+  p.query_start = layout->query_start.data();
+  p.num_seqs = layout->num_seqs();
   p.num_q_heads = s.num_q_heads;
   p.num_kv_heads = s.num_kv_heads;
   p.head_dim = s.head_dim;
@@ -188,13 +205,13 @@ absl::Status CpuBackend::Attention(int32_t layer, const Tensor& q, const Attenti
   return absl::OkStatus();
 }
 
-absl::Status CpuBackend::SiluMul(const Tensor& gate_up, Tensor out) {
+absl::Status CpuBackend::SiluMul(BackendStream& stream, const Tensor& gate_up, Tensor out) {
   SIEVE_RETURN_IF_ERROR(CheckShape(out, gate_up.rows, gate_up.cols / 2, "activation output"));
   kernels::SiluMulRef(F(gate_up), gate_up.rows, gate_up.cols / 2, F(out));
   return absl::OkStatus();
 }
 
-absl::Status CpuBackend::GatherRows(const Tensor& x, absl::Span<const int32_t> rows, Tensor out) {
+absl::Status CpuBackend::GatherRows(BackendStream& stream, const Tensor& x, absl::Span<const int32_t> rows, Tensor out) {
   SIEVE_RETURN_IF_ERROR(CheckShape(out, rows.size(), x.cols, "gather output"));
   for (size_t i = 0; i < rows.size(); ++i) {
     if (rows[i] < 0 || rows[i] >= x.rows) return absl::InternalError("gather row out of range");
@@ -203,7 +220,7 @@ absl::Status CpuBackend::GatherRows(const Tensor& x, absl::Span<const int32_t> r
   return absl::OkStatus();
 }
 
-absl::Status CpuBackend::CopyToHost(const Tensor& x, absl::Span<float> out) {
+absl::Status CpuBackend::CopyToHost(BackendStream& stream, const Tensor& x, absl::Span<float> out) {
   if (static_cast<int64_t>(out.size()) != x.rows * x.cols) {
     return absl::InternalError("cpu backend: host buffer size mismatch");
   }

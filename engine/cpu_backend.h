@@ -22,20 +22,21 @@ class CpuBackend final : public Backend {
                                const AttentionShape& shape) override;
   int64_t KvPageBytes(int32_t num_layers, int32_t page_size,
                       const AttentionShape& shape) const override;
-  absl::Status BeginStep(const BatchLayout& layout) override;
-  absl::Status Embed(absl::Span<const int32_t> tokens, const Tensor& table, Tensor out) override;
-  absl::Status RmsNorm(const Tensor& x, const Tensor& weight, float eps, Tensor out) override;
-  absl::Status AddRmsNorm(const Tensor& x, Tensor residual, const Tensor& weight, float eps,
+  absl::StatusOr<std::unique_ptr<BackendStream>> CreateStream() override;
+  absl::Status BeginStep(BackendStream& stream, const BatchLayout& layout) override;
+  absl::Status Embed(BackendStream& stream, absl::Span<const int32_t> tokens, const Tensor& table, Tensor out) override;
+  absl::Status RmsNorm(BackendStream& stream, const Tensor& x, const Tensor& weight, float eps, Tensor out) override;
+  absl::Status AddRmsNorm(BackendStream& stream, const Tensor& x, Tensor residual, const Tensor& weight, float eps,
                           Tensor out) override;
-  absl::Status Linear(const Tensor& x, const Tensor& weight, const Tensor& bias,
+  absl::Status Linear(BackendStream& stream, const Tensor& x, const Tensor& weight, const Tensor& bias,
                       Tensor out) override;
-  absl::Status RopeAndCacheKv(int32_t layer, const Tensor& qkv, const AttentionShape& shape,
+  absl::Status RopeAndCacheKv(BackendStream& stream, int32_t layer, const Tensor& qkv, const AttentionShape& shape,
                               const RopeTables& rope, Tensor q_out) override;
-  absl::Status Attention(int32_t layer, const Tensor& q, const AttentionShape& shape, float scale,
+  absl::Status Attention(BackendStream& stream, int32_t layer, const Tensor& q, const AttentionShape& shape, float scale,
                          Tensor out) override;
-  absl::Status SiluMul(const Tensor& gate_up, Tensor out) override;
-  absl::Status GatherRows(const Tensor& x, absl::Span<const int32_t> rows, Tensor out) override;
-  absl::Status CopyToHost(const Tensor& x, absl::Span<float> out) override;
+  absl::Status SiluMul(BackendStream& stream, const Tensor& gate_up, Tensor out) override;
+  absl::Status GatherRows(BackendStream& stream, const Tensor& x, absl::Span<const int32_t> rows, Tensor out) override;
+  absl::Status CopyToHost(BackendStream& stream, const Tensor& x, absl::Span<float> out) override;
 
  private:
   float* NewBuffer(int64_t elements);
@@ -46,7 +47,6 @@ class CpuBackend final : public Backend {
   std::vector<std::vector<float>> k_cache_, v_cache_;
   int32_t num_pages_ = 0;
   int32_t page_size_ = 0;
-  const BatchLayout* layout_ = nullptr;  // the current step's batch, owned by the caller
 };
 
 }  // namespace sieve::engine

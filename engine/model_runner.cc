@@ -66,8 +66,17 @@ absl::StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string
       new ModelRunner(std::move(config), options, std::move(backend)));
   SIEVE_ASSIGN_OR_RETURN(runner->rope_, ComputeRopeTables(RopeParamsFromConfig(runner->config_)));
   SIEVE_RETURN_IF_ERROR(runner->LoadWeights(model_dir));
-  SIEVE_RETURN_IF_ERROR(runner->AllocateBuffers());
+  SIEVE_RETURN_IF_ERROR(runner->backend_->AllocateKvCache(
+      static_cast<int32_t>(runner->config_.num_hidden_layers), options.num_pages, options.page_size,
+      runner->shape_));
+  SIEVE_ASSIGN_OR_RETURN(runner->default_worker_, runner->CreateWorker());
   return runner;
+}
+
+absl::StatusOr<std::unique_ptr<ModelWorker>> ModelRunner::CreateWorker() {
+  std::unique_ptr<ModelWorker> worker(new ModelWorker(*this));
+  SIEVE_RETURN_IF_ERROR(worker->Allocate());
+  return worker;
 }
 
 absl::Status ModelRunner::LoadWeights(const std::string& model_dir) {
@@ -129,7 +138,12 @@ absl::Status ModelRunner::LoadWeights(const std::string& model_dir) {
   return absl::OkStatus();
 }
 
-absl::Status ModelRunner::AllocateBuffers() {
+absl::Status ModelWorker::Allocate() {
+  const ModelRunnerOptions& options_ = runner_.options_;
+  const ModelConfig& config_ = runner_.config_;
+  const AttentionShape& shape_ = runner_.shape_;
+  Backend* backend_ = runner_.backend_.get();
+  SIEVE_ASSIGN_OR_RETURN(stream_, backend_->CreateStream());
   const int64_t m = options_.max_step_tokens, h = config_.hidden_size;
   const int64_t q_cols = int64_t{shape_.num_q_heads} * shape_.head_dim;
   const int64_t qkv_cols = q_cols + 2 * int64_t{shape_.num_kv_heads} * shape_.head_dim;
@@ -144,12 +158,13 @@ absl::Status ModelRunner::AllocateBuffers() {
   SIEVE_ASSIGN_OR_RETURN(act_, backend_->Allocate(m, inter));
   SIEVE_ASSIGN_OR_RETURN(last_normed_, backend_->Allocate(options_.max_step_logits, h));
   SIEVE_ASSIGN_OR_RETURN(logits_, backend_->Allocate(options_.max_step_logits, config_.vocab_size));
-  return backend_->AllocateKvCache(static_cast<int32_t>(config_.num_hidden_layers),
-                                   options_.num_pages, options_.page_size, shape_);
+  return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<int32_t>> ModelRunner::BuildLayout(
+absl::StatusOr<std::vector<int32_t>> ModelWorker::BuildLayout(
     absl::Span<const SequenceStep> batch, std::vector<int32_t>& tokens) {
+  const ModelRunnerOptions& options_ = runner_.options_;
+  const ModelConfig& config_ = runner_.config_;
   BatchLayout& l = layout_;
   l.positions.clear();
   l.slots.clear();
@@ -208,13 +223,17 @@ absl::StatusOr<std::vector<int32_t>> ModelRunner::BuildLayout(
   return logit_rows;
 }
 
-absl::Status ModelRunner::Forward(absl::Span<const SequenceStep> batch,
+absl::Status ModelWorker::Forward(absl::Span<const SequenceStep> batch,
                                   std::vector<float>& logits) {
   if (batch.empty()) return absl::OkStatus();
   std::vector<int32_t> tokens;
   SIEVE_ASSIGN_OR_RETURN(std::vector<int32_t> logit_rows, BuildLayout(batch, tokens));
-  Backend& b = *backend_;
-  SIEVE_RETURN_IF_ERROR(b.BeginStep(layout_));
+  const ModelRunner& r = runner_;
+  const ModelConfig& config_ = r.config_;
+  const AttentionShape& shape_ = r.shape_;
+  Backend& b = *r.backend_;
+  BackendStream& st = *stream_;
+  SIEVE_RETURN_IF_ERROR(b.BeginStep(st, layout_));
   const int64_t n = static_cast<int64_t>(tokens.size());
   const float eps = config_.rms_norm_eps;
   const float scale = 1.0f / std::sqrt(static_cast<float>(shape_.head_dim));
@@ -222,35 +241,35 @@ absl::Status ModelRunner::Forward(absl::Span<const SequenceStep> batch,
   Tensor q = q_.FirstRows(n), attn = attn_.FirstRows(n), proj = proj_.FirstRows(n);
   Tensor gate_up = gate_up_.FirstRows(n), act = act_.FirstRows(n);
 
-  SIEVE_RETURN_IF_ERROR(b.Embed(tokens, embed_, hidden));
-  for (size_t i = 0; i < layers_.size(); ++i) {
-    const LayerWeights& w = layers_[i];
+  SIEVE_RETURN_IF_ERROR(b.Embed(st, tokens, r.embed_, hidden));
+  for (size_t i = 0; i < r.layers_.size(); ++i) {
+    const ModelRunner::LayerWeights& w = r.layers_[i];
     const int32_t layer = static_cast<int32_t>(i);
     // The residual stream `hidden` absorbs the previous sublayer's output `proj` in the fused
     // add + norm; the first layer has nothing to add.
     if (i == 0) {
-      SIEVE_RETURN_IF_ERROR(b.RmsNorm(hidden, w.input_norm, eps, normed));
+      SIEVE_RETURN_IF_ERROR(b.RmsNorm(st, hidden, w.input_norm, eps, normed));
     } else {
-      SIEVE_RETURN_IF_ERROR(b.AddRmsNorm(proj, hidden, w.input_norm, eps, normed));
+      SIEVE_RETURN_IF_ERROR(b.AddRmsNorm(st, proj, hidden, w.input_norm, eps, normed));
     }
-    SIEVE_RETURN_IF_ERROR(b.Linear(normed, w.qkv, w.qkv_bias, qkv));
-    SIEVE_RETURN_IF_ERROR(b.RopeAndCacheKv(layer, qkv, shape_, rope_, q));
-    SIEVE_RETURN_IF_ERROR(b.Attention(layer, q, shape_, scale, attn));
-    SIEVE_RETURN_IF_ERROR(b.Linear(attn, w.o, w.o_bias, proj));
-    SIEVE_RETURN_IF_ERROR(b.AddRmsNorm(proj, hidden, w.post_norm, eps, normed));
-    SIEVE_RETURN_IF_ERROR(b.Linear(normed, w.gate_up, Tensor{}, gate_up));
-    SIEVE_RETURN_IF_ERROR(b.SiluMul(gate_up, act));
-    SIEVE_RETURN_IF_ERROR(b.Linear(act, w.down, Tensor{}, proj));
+    SIEVE_RETURN_IF_ERROR(b.Linear(st, normed, w.qkv, w.qkv_bias, qkv));
+    SIEVE_RETURN_IF_ERROR(b.RopeAndCacheKv(st, layer, qkv, shape_, r.rope_, q));
+    SIEVE_RETURN_IF_ERROR(b.Attention(st, layer, q, shape_, scale, attn));
+    SIEVE_RETURN_IF_ERROR(b.Linear(st, attn, w.o, w.o_bias, proj));
+    SIEVE_RETURN_IF_ERROR(b.AddRmsNorm(st, proj, hidden, w.post_norm, eps, normed));
+    SIEVE_RETURN_IF_ERROR(b.Linear(st, normed, w.gate_up, Tensor{}, gate_up));
+    SIEVE_RETURN_IF_ERROR(b.SiluMul(st, gate_up, act));
+    SIEVE_RETURN_IF_ERROR(b.Linear(st, act, w.down, Tensor{}, proj));
   }
   if (logit_rows.empty()) return absl::OkStatus();
   const int64_t rows = static_cast<int64_t>(logit_rows.size());
-  SIEVE_RETURN_IF_ERROR(b.AddRmsNorm(proj, hidden, final_norm_, eps, normed));
+  SIEVE_RETURN_IF_ERROR(b.AddRmsNorm(st, proj, hidden, r.final_norm_, eps, normed));
   Tensor last = last_normed_.FirstRows(rows), out = logits_.FirstRows(rows);
-  SIEVE_RETURN_IF_ERROR(b.GatherRows(normed, logit_rows, last));
-  SIEVE_RETURN_IF_ERROR(b.Linear(last, lm_head_, Tensor{}, out));
+  SIEVE_RETURN_IF_ERROR(b.GatherRows(st, normed, logit_rows, last));
+  SIEVE_RETURN_IF_ERROR(b.Linear(st, last, r.lm_head_, Tensor{}, out));
   const size_t old = logits.size();
   logits.resize(old + rows * config_.vocab_size);
-  return b.CopyToHost(out, absl::MakeSpan(logits).subspan(old));
+  return b.CopyToHost(st, out, absl::MakeSpan(logits).subspan(old));
 }
 
 }  // namespace sieve::engine

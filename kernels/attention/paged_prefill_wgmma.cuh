@@ -135,6 +135,20 @@ __device__ __forceinline__ void WgmmaWait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 
+// wgmma.wait_group 0 that cannot run before `after` is known. ptxas schedules the wait as an
+// ordinary instruction and hoisted it above the softmax that the overlapped schedule places
+// between the waits for S and for P V (seen in the SASS of the first version: the softmax then
+// ran after P V, not under it). A predicate computed from the softmax's last result (the row
+// sums; never the all-ones NaN pattern) makes the wait depend on it; the complementary
+// predicated wait keeps the group waited for even then.
+__device__ __forceinline__ void WgmmaWait0After(float after) {
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %0, -1;\n"
+      " @p wgmma.wait_group.sync.aligned 0;\n @!p wgmma.wait_group.sync.aligned 0;\n}\n" ::"r"(
+          __float_as_uint(after))
+      : "memory");
+}
+
 // Pins registers that an asynchronous wgmma reads or writes, so that the compiler neither reads
 // them early nor reuses them before the wgmma that uses them has been waited for.
 template <int N>
@@ -512,7 +526,7 @@ __device__ __forceinline__ void WgTileOverlap(const PrefillArgs& a, const WgRows
       const int n0 = j * C::kBlockN;
       WgSoftmax(s, a.scale_log2, n0 + C::kBlockN - 1 > g.min_pos, n0, g.pos0, g.pos1, m, l,
                 alpha);
-      WgmmaWait<0>();
+      WgmmaWait0After(l[0] + l[1]);
       FenceRegs(o);
       FenceRegs(p);
       MbarArrive(bars.VEmpty(prv % S));
