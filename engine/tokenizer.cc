@@ -111,8 +111,8 @@ absl::Status Tokenizer::Init(const Json& root, const Json* config) {
   for (const std::vector<int32_t>* ids : {&prefix_ids_, &suffix_ids_}) {
     for (int32_t id : *ids) {
       if (!Lookup(id).ok()) {
-        return FieldError("post_processor", absl::StrCat("adds token id ", id,
-                                                         " which is not in the vocabulary"));
+        return FieldError("post_processor",
+                          absl::StrCat("adds token id ", id, " which is not in the vocabulary"));
       }
     }
   }
@@ -160,6 +160,63 @@ absl::StatusOr<AddedToken> ParseAddedToken(const Json& entry, const std::string&
   SIEVE_ASSIGN_OR_RETURN(token.normalized,
                          tokenizer_json::OptionalBool(entry, "normalized", !token.special, path));
   return token;
+}
+
+// Reads the [cls] / [sep] ids of a RobertaProcessing or BertProcessing post-processor.
+absl::Status ParseClsSep(const Json& config, std::string_view path, std::vector<int32_t>* prefix,
+                         std::vector<int32_t>* suffix) {
+  for (const char* key : {"cls", "sep"}) {
+    SIEVE_ASSIGN_OR_RETURN(const Json* pair, tokenizer_json::RequiredField(config, key, path));
+    const std::string pair_path = FieldPath(path, key);
+    if (!pair->is_array() || pair->size() != 2 || !(*pair)[0].is_string()) {
+      return FieldError(pair_path, "expected [token, id]");
+    }
+    SIEVE_ASSIGN_OR_RETURN(int32_t id, tokenizer_json::AsTokenId((*pair)[1], pair_path));
+    (std::string_view(key) == "cls" ? prefix : suffix)->push_back(id);
+  }
+  return absl::OkStatus();
+}
+
+// Reads the ids a TemplateProcessing post-processor puts around a single sequence.
+absl::Status ParseTemplate(const Json& config, std::string_view path, std::vector<int32_t>* prefix,
+                           std::vector<int32_t>* suffix) {
+  SIEVE_ASSIGN_OR_RETURN(const Json* single, tokenizer_json::RequiredField(config, "single", path));
+  SIEVE_ASSIGN_OR_RETURN(const Json* specials,
+                         tokenizer_json::RequiredField(config, "special_tokens", path));
+  const std::string single_path = FieldPath(path, "single");
+  if (!single->is_array()) return FieldError(single_path, "expected an array of pieces");
+  bool seen_sequence = false;
+  for (size_t i = 0; i < single->size(); ++i) {
+    const Json& piece = (*single)[i];
+    const std::string piece_path = IndexPath(single_path, i);
+    if (const Json* seq = tokenizer_json::FindField(piece, "Sequence")) {
+      SIEVE_ASSIGN_OR_RETURN(std::string id,
+                             tokenizer_json::RequiredString(*seq, "id", piece_path));
+      if (id != "A" || seen_sequence) {
+        return FieldError(piece_path, "the single template must contain sequence A exactly once");
+      }
+      seen_sequence = true;
+      continue;
+    }
+    const Json* special = tokenizer_json::FindField(piece, "SpecialToken");
+    if (special == nullptr) return FieldError(piece_path, "expected Sequence or SpecialToken");
+    SIEVE_ASSIGN_OR_RETURN(std::string name,
+                           tokenizer_json::RequiredString(*special, "id", piece_path));
+    const Json* entry = tokenizer_json::FindField(*specials, name);
+    const std::string entry_path = FieldPath(FieldPath(path, "special_tokens"), name);
+    if (entry == nullptr) return FieldError(entry_path, "missing special token");
+    SIEVE_ASSIGN_OR_RETURN(const Json* ids,
+                           tokenizer_json::RequiredField(*entry, "ids", entry_path));
+    if (!ids->is_array()) return FieldError(FieldPath(entry_path, "ids"), "expected an array");
+    for (size_t k = 0; k < ids->size(); ++k) {
+      SIEVE_ASSIGN_OR_RETURN(
+          int32_t id,
+          tokenizer_json::AsTokenId((*ids)[k], IndexPath(FieldPath(entry_path, "ids"), k)));
+      (seen_sequence ? suffix : prefix)->push_back(id);
+    }
+  }
+  if (!seen_sequence) return FieldError(single_path, "the single template has no sequence A");
+  return absl::OkStatus();
 }
 
 bool SameToken(const AddedToken& a, const AddedToken& b) {
@@ -251,53 +308,9 @@ absl::Status Tokenizer::ParsePostProcessor(const Json& config, std::string_view 
     return absl::OkStatus();
   }
   if (type == "RobertaProcessing" || type == "BertProcessing") {
-    for (const char* key : {"cls", "sep"}) {
-      SIEVE_ASSIGN_OR_RETURN(const Json* pair, tokenizer_json::RequiredField(config, key, path));
-      const std::string pair_path = FieldPath(path, key);
-      if (!pair->is_array() || pair->size() != 2 || !(*pair)[0].is_string()) {
-        return FieldError(pair_path, "expected [token, id]");
-      }
-      SIEVE_ASSIGN_OR_RETURN(int32_t id, tokenizer_json::AsTokenId((*pair)[1], pair_path));
-      (std::string_view(key) == "cls" ? prefix : suffix).push_back(id);
-    }
+    SIEVE_RETURN_IF_ERROR(ParseClsSep(config, path, &prefix, &suffix));
   } else if (type == "TemplateProcessing") {
-    SIEVE_ASSIGN_OR_RETURN(const Json* single,
-                           tokenizer_json::RequiredField(config, "single", path));
-    SIEVE_ASSIGN_OR_RETURN(const Json* specials,
-                           tokenizer_json::RequiredField(config, "special_tokens", path));
-    const std::string single_path = FieldPath(path, "single");
-    if (!single->is_array()) return FieldError(single_path, "expected an array of pieces");
-    bool seen_sequence = false;
-    for (size_t i = 0; i < single->size(); ++i) {
-      const Json& piece = (*single)[i];
-      const std::string piece_path = IndexPath(single_path, i);
-      if (const Json* seq = tokenizer_json::FindField(piece, "Sequence")) {
-        SIEVE_ASSIGN_OR_RETURN(std::string id,
-                               tokenizer_json::RequiredString(*seq, "id", piece_path));
-        if (id != "A" || seen_sequence) {
-          return FieldError(piece_path, "the single template must contain sequence A exactly once");
-        }
-        seen_sequence = true;
-        continue;
-      }
-      const Json* special = tokenizer_json::FindField(piece, "SpecialToken");
-      if (special == nullptr) return FieldError(piece_path, "expected Sequence or SpecialToken");
-      SIEVE_ASSIGN_OR_RETURN(std::string name,
-                             tokenizer_json::RequiredString(*special, "id", piece_path));
-      const Json* entry = tokenizer_json::FindField(*specials, name);
-      const std::string entry_path = FieldPath(FieldPath(path, "special_tokens"), name);
-      if (entry == nullptr) return FieldError(entry_path, "missing special token");
-      SIEVE_ASSIGN_OR_RETURN(const Json* ids,
-                             tokenizer_json::RequiredField(*entry, "ids", entry_path));
-      if (!ids->is_array()) return FieldError(FieldPath(entry_path, "ids"), "expected an array");
-      for (size_t k = 0; k < ids->size(); ++k) {
-        SIEVE_ASSIGN_OR_RETURN(
-            int32_t id,
-            tokenizer_json::AsTokenId((*ids)[k], IndexPath(FieldPath(entry_path, "ids"), k)));
-        (seen_sequence ? suffix : prefix).push_back(id);
-      }
-    }
-    if (!seen_sequence) return FieldError(single_path, "the single template has no sequence A");
+    SIEVE_RETURN_IF_ERROR(ParseTemplate(config, path, &prefix, &suffix));
   } else {
     return absl::UnimplementedError(absl::StrCat("tokenizer: ", FieldPath(path, "type"),
                                                  ": unsupported post-processor type '", type, "'"));

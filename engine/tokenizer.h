@@ -21,13 +21,20 @@
 // tokenizer_config.json (optional): bos_token, eos_token (string or {"content": ...}),
 // add_bos_token / add_eos_token (added when true and the post-processor does not add them).
 //
-// Known differences from transformers (none affects encoding of the supported models):
+// Hugging Face behaviours reproduced on purpose:
+//   * Added token ids are assigned as Hugging Face assigns them on load (the stored "id" is
+//     ignored, as it is there): a content in the vocabulary keeps its vocabulary id, others get
+//     consecutive ids after the vocabulary. For well-formed files these are the stored ids.
+//   * NFC uses Unicode 9.0 normalization data, as Hugging Face's normalizer does, while the
+//     \p{L} / \p{N} / \s classes follow Unicode 16.0, as its regex engine (Oniguruma) does.
+//   * A ByteLevel-decoded token with a character outside the byte alphabet decodes to its raw
+//     UTF-8; a normalized added token decodes from its normalized content.
+// Known differences from transformers:
 //   * Decode does not apply transformers' clean_up_tokenization_spaces.
-//   * Added token ids are taken from tokenizer.json (Hugging Face re-derives them and warns on
-//     a mismatch; here a mismatch with the vocabulary is an error).
-//   * NFC uses the Unicode version of engine/unicode_tables.inc; characters assigned later
-//     are not recomposed. Letter/number classes follow Unicode 16 as Hugging Face's regex does.
+//   * Decode rejects unknown ids (Hugging Face skips them silently).
 //   * single_word's \w treats Alphabetic as letters, marks, Nl and circled letters.
+//   * tokenizer_config.json's add_bos_token / add_eos_token only add tokens; they never remove
+//     a token that the post-processor adds (transformers' LlamaTokenizerFast would).
 //
 // Thread-safety: a Tokenizer is immutable after construction (its word cache is internally
 // synchronized): Encode, Decode and the accessors may be called from any number of threads.

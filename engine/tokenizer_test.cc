@@ -577,9 +577,12 @@ TEST(TokenizerTest, RejectsMalformedTokenizerJson) {
              {"type", "RobertaProcessing"}, {"cls", {"<s>"}}, {"sep", {"</s>", 2}}};
        },
        absl::StatusCode::kInvalidArgument, "post_processor.cls"},
-      {"template id out of range", [](Json& j) {
-         j["post_processor"]["processors"][1]["special_tokens"]["<|begin_of_text|>"]["ids"] = {9999};
-       }, absl::StatusCode::kInvalidArgument, "9999"},
+      {"template id out of range",
+       [](Json& j) {
+         j["post_processor"]["processors"][1]["special_tokens"]["<|begin_of_text|>"]["ids"] = {
+             9999};
+       },
+       absl::StatusCode::kInvalidArgument, "9999"},
       {"added not array", [](Json& j) { j["added_tokens"] = Json::object(); },
        absl::StatusCode::kInvalidArgument, "added_tokens"},
       {"added content", [](Json& j) { j["added_tokens"][1]["content"] = 7; },

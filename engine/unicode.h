@@ -4,8 +4,8 @@
 //
 // The tables come from scripts/gen_unicode_tables.py (engine/unicode_tables.inc). Letters,
 // numbers and whitespace follow Oniguruma's classes as Hugging Face tokenizers uses them
-// (Unicode 16.0). NFC uses the generator's Python Unicode database (see UnicodeDataVersion());
-// characters whose decomposition was added after that version are left as they are.
+// (Unicode 16.0). NFC reproduces Hugging Face's normalizer, which has Unicode 9.0 data: marks
+// and decompositions added since then are starters that stay as they are.
 //
 // Everything here is stateless and thread-safe.
 #ifndef SIEVE_ENGINE_UNICODE_H_

@@ -26,6 +26,6 @@ if [[ ${SIEVE_FUZZ_SECONDS:-20} != 0 ]] && command -v clang++ >/dev/null; then
     -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ \
     -DSIEVE_FUZZ=ON -DSIEVE_BUILD_SERVER=OFF -DSIEVE_BUILD_TESTS=OFF -DSIEVE_CUDA=OFF \
     -DSIEVE_FUZZ_SECONDS="${SIEVE_FUZZ_SECONDS:-20}"
-  cmake --build build-fuzz -j "$jobs"
+  cmake --build build-fuzz -j "$jobs" --target tokenizer_fuzz safetensors_fuzz
   ctest --test-dir build-fuzz --output-on-failure
 fi

@@ -30,19 +30,33 @@ namespace sieve::kernels::prefill_detail {
 #define SIEVE_PREFILL_HAVE_WGMMA 0
 #endif
 
+// wgmma shared-memory descriptors (PTX ISA, "Matrix Descriptor Format") for 128-byte-swizzled
+// operands whose swizzle atoms start on 1024-byte boundaries. The high word is the same for
+// every operand here: stride byte offset 1024 (8 rows of 128 bytes; for the MN-major V, 8 keys)
+// and the 128-byte swizzle mode. The low word holds the start address and the leading byte offset
+// (K-major: unused, 16; MN-major V: bytes between 64-column atoms). Passing only the low word
+// keeps one register per descriptor instead of two.
+constexpr uint32_t kSw128DescHi = (1024u >> 4) | (1u << 30);
+__device__ __forceinline__ uint32_t Sw128DescLo(uint32_t addr, uint32_t lbo) {
+  return ((addr & 0x3FFFF) >> 4) | (((lbo & 0x3FFFF) >> 4) << 16);
+}
+
 // ---- wgmma wrappers (operand lists generated; see the comments for the shapes) ----------------
 
+// The wrappers take the low descriptor words of their shared-memory operands (Sw128DescLo).
+//
 // d (64 x 128, fp32) (+)= A (64 x 16, shared, K-major) * B (16 x 128, shared, K-major).
 // scale_d == 0 overwrites d instead of accumulating.
-__device__ __forceinline__ void WgmmaSS_N128(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
-                                            uint32_t scale_d) {
+__device__ __forceinline__ void WgmmaSS_N128(float (&d)[64], uint32_t desc_a_lo,
+                                            uint32_t desc_b_lo, uint32_t scale_d) {
   asm volatile(
-      "{\n .reg .pred p;\n setp.ne.b32 p, %66, 0;\n"
+      "{\n .reg .pred p;\n .reg .b64 da, db;\n setp.ne.b32 p, %66, 0;\n"
+      " mov.b64 da, {%64, %67};\n mov.b64 db, {%65, %67};\n"
       "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
       "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "
       "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, "
       "%34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, "
-      "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+      "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, da, db, p, 1, 1, 0, 0;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
         "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
         "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
@@ -54,20 +68,21 @@ __device__ __forceinline__ void WgmmaSS_N128(float (&d)[64], uint64_t desc_a, ui
         "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
         "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]),
         "+f"(d[62]), "+f"(d[63])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+      : "r"(desc_a_lo), "r"(desc_b_lo), "r"(scale_d), "r"(kSw128DescHi));
 }
 
 // d (64 x 128, fp32) = A (64 x 16, shared, K-major) * B (16 x 128, shared, K-major): the first
 // k-step of a product; d's previous contents are neither read nor needed.
-__device__ __forceinline__ void WgmmaSS_N128_Overwrite(float (&d)[64], uint64_t desc_a,
-                                                      uint64_t desc_b) {
+__device__ __forceinline__ void WgmmaSS_N128_Overwrite(float (&d)[64], uint32_t desc_a_lo,
+                                                      uint32_t desc_b_lo) {
   asm volatile(
-      "{\n .reg .pred p;\n setp.ne.b32 p, %66, 0;\n"
+      "{\n .reg .pred p;\n .reg .b64 da, db;\n setp.ne.b32 p, %66, 0;\n"
+      " mov.b64 da, {%64, %67};\n mov.b64 db, {%65, %67};\n"
       "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
       "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "
       "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, "
       "%34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, "
-      "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+      "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, da, db, p, 1, 1, 0, 0;\n}\n"
       : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]),
         "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]),
         "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]),
@@ -79,20 +94,21 @@ __device__ __forceinline__ void WgmmaSS_N128_Overwrite(float (&d)[64], uint64_t 
         "=f"(d[50]), "=f"(d[51]), "=f"(d[52]), "=f"(d[53]), "=f"(d[54]), "=f"(d[55]),
         "=f"(d[56]), "=f"(d[57]), "=f"(d[58]), "=f"(d[59]), "=f"(d[60]), "=f"(d[61]),
         "=f"(d[62]), "=f"(d[63])
-      : "l"(desc_a), "l"(desc_b), "r"(0));
+      : "r"(desc_a_lo), "r"(desc_b_lo), "r"(0), "r"(kSw128DescHi));
 }
 
 // d (64 x 128, fp32) += A (64 x 16, registers) * B (16 x 128, shared, MN-major: B's rows are
 // contiguous along N, as V is stored [key][d]).
 __device__ __forceinline__ void WgmmaRS_N128(float (&d)[64], const uint32_t (&a)[4],
-                                           uint64_t desc_b) {
+                                           uint32_t desc_b_lo) {
   asm volatile(
-      "{\n .reg .pred p;\n setp.ne.b32 p, %69, 0;\n"
+      "{\n .reg .pred p;\n .reg .b64 db;\n setp.ne.b32 p, %69, 0;\n"
+      " mov.b64 db, {%68, %70};\n"
       "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
       "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "
       "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, "
       "%34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, "
-      "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+      "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, db, p, 1, 1, 1;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
         "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
         "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
@@ -104,24 +120,25 @@ __device__ __forceinline__ void WgmmaRS_N128(float (&d)[64], const uint32_t (&a)
         "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
         "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]),
         "+f"(d[62]), "+f"(d[63])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(desc_b_lo), "r"(1), "r"(kSw128DescHi));
 }
 
 // d (64 x 64, fp32) += A (64 x 16, registers) * B (16 x 64, shared, MN-major: B's rows are
 // contiguous along N, as V is stored [key][d]).
 __device__ __forceinline__ void WgmmaRS_N64(float (&d)[32], const uint32_t (&a)[4],
-                                           uint64_t desc_b) {
+                                           uint32_t desc_b_lo) {
   asm volatile(
-      "{\n .reg .pred p;\n setp.ne.b32 p, %37, 0;\n"
+      "{\n .reg .pred p;\n .reg .b64 db;\n setp.ne.b32 p, %37, 0;\n"
+      " mov.b64 db, {%36, %38};\n"
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
       "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "
-      "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+      "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, db, p, 1, 1, 1;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
         "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
         "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
         "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),
         "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(desc_b_lo), "r"(1), "r"(kSw128DescHi));
 }
 
 __device__ __forceinline__ void WgmmaFence() {
@@ -133,20 +150,6 @@ __device__ __forceinline__ void WgmmaCommit() {
 template <int N>
 __device__ __forceinline__ void WgmmaWait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-
-// wgmma.wait_group 0 that cannot run before `after` is known. ptxas schedules the wait as an
-// ordinary instruction and hoisted it above the softmax that the overlapped schedule places
-// between the waits for S and for P V (seen in the SASS of the first version: the softmax then
-// ran after P V, not under it). A predicate computed from the softmax's last result (the row
-// sums; never the all-ones NaN pattern) makes the wait depend on it; the complementary
-// predicated wait keeps the group waited for even then.
-__device__ __forceinline__ void WgmmaWait0After(float after) {
-  asm volatile(
-      "{\n .reg .pred p;\n setp.ne.b32 p, %0, -1;\n"
-      " @p wgmma.wait_group.sync.aligned 0;\n @!p wgmma.wait_group.sync.aligned 0;\n}\n" ::"r"(
-          __float_as_uint(after))
-      : "memory");
 }
 
 // Pins registers that an asynchronous wgmma reads or writes, so that the compiler neither reads
@@ -162,16 +165,6 @@ __device__ __forceinline__ void FenceRegs(uint32_t (&r)[N][4]) {
   for (int i = 0; i < N; ++i) {
     asm volatile("" : "+r"(r[i][0]), "+r"(r[i][1]), "+r"(r[i][2]), "+r"(r[i][3])::"memory");
   }
-}
-
-// A wgmma shared-memory descriptor for a 128-byte-swizzled operand whose swizzle atoms start on
-// 1024-byte boundaries: start address, leading and stride byte offsets (see the PTX ISA, "Matrix
-// Descriptor Format"; K-major: lbo unused, sbo = 8 rows = 1024 bytes; MN-major: lbo = bytes
-// between 64-column atoms, sbo = 8 rows along K).
-__device__ __forceinline__ uint64_t Sw128Desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) |
-         (static_cast<uint64_t>((lbo & 0x3FFFF) >> 4) << 16) |
-         (static_cast<uint64_t>((sbo & 0x3FFFF) >> 4) << 32) | (uint64_t{1} << 62);
 }
 
 template <int D>
@@ -333,12 +326,14 @@ __device__ __forceinline__ void WgPackP(const float (&s)[64], uint32_t (&p)[8][4
 template <int D>
 __device__ __forceinline__ void WgIssueS(float (&s)[64], uint32_t sq, uint32_t kt) {
   WgmmaFence();
-  WgmmaSS_N128_Overwrite(s, Sw128Desc(sq, 16, 1024), Sw128Desc(kt, 16, 1024));
+  // Descriptor low words step by offset / 16 (shared addresses stay below 256 KiB: no carry).
+  const uint32_t q_lo = Sw128DescLo(sq, 16), k_lo = Sw128DescLo(kt, 16);
+  WgmmaSS_N128_Overwrite(s, q_lo, k_lo);
 #pragma unroll
   for (int kk = 1; kk < D / 16; ++kk) {
     const uint32_t koff = (kk / 4) * (WgCfg<D>::kBlockN * 128) + (kk % 4) * 32;
     const uint32_t qoff = (kk / 4) * (64 * 128) + (kk % 4) * 32;
-    WgmmaSS_N128(s, Sw128Desc(sq + qoff, 16, 1024), Sw128Desc(kt + koff, 16, 1024), 1u);
+    WgmmaSS_N128(s, q_lo + (qoff >> 4), k_lo + (koff >> 4), 1u);
   }
   WgmmaCommit();
 }
@@ -349,9 +344,10 @@ template <int D>
 __device__ __forceinline__ void WgIssuePv(float (&o)[D / 2], uint32_t (&p)[8][4], uint32_t vt) {
   FenceRegs(o);
   WgmmaFence();
+  const uint32_t v_lo = Sw128DescLo(vt, WgCfg<D>::kBlockN * 128);
 #pragma unroll
   for (int kk = 0; kk < 8; ++kk) {
-    const uint64_t desc = Sw128Desc(vt + kk * 16 * 128, WgCfg<D>::kBlockN * 128, 1024);
+    const uint32_t desc = v_lo + ((kk * 16 * 128) >> 4);
     if constexpr (D == 128) {
       WgmmaRS_N128(o, p[kk], desc);
     } else {
@@ -526,7 +522,7 @@ __device__ __forceinline__ void WgTileOverlap(const PrefillArgs& a, const WgRows
       const int n0 = j * C::kBlockN;
       WgSoftmax(s, a.scale_log2, n0 + C::kBlockN - 1 > g.min_pos, n0, g.pos0, g.pos1, m, l,
                 alpha);
-      WgmmaWait0After(l[0] + l[1]);
+      WgmmaWait<0>();  // ptxas schedules this wait early (see PREFILL_NOTES.md)
       FenceRegs(o);
       FenceRegs(p);
       MbarArrive(bars.VEmpty(prv % S));
@@ -620,12 +616,15 @@ __global__ void __launch_bounds__(384, 1) PrefillWgmmaKernel(const __grid_consta
   }
   __syncthreads();
   const int32_t* pages = a.page_table + static_cast<int64_t>(s) * a.page_table_stride;
-  if (threadIdx.x < 128) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+  // The warpgroup index through a shuffle from lane 0: ptxas then knows it is warp-uniform, so
+  // the addresses and wgmma descriptors derived from it live in uniform registers.
+  const int wg = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / 128), 0);
+  if (wg == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     WgProducer<D>(a, si, pages, h, sbase);
   } else {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
-    WgConsumer<D, kSchedule>(a, si, h, base, sbase, threadIdx.x / 128 - 1);
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    WgConsumer<D, kSchedule>(a, si, h, base, sbase, wg - 1);
   }
 #endif
 }

@@ -1,0 +1,96 @@
+// Engine: the serving core. It owns the model (ModelRunner), the KV page pool, the prefix cache,
+// one scheduler thread and the prefill and decode pool workers. The server submits tokenized
+// requests and receives output through each request's RequestSink. engine/README.md describes
+// the threading model and invariants.
+//
+// Thread-safety: every public method may be called from any thread.
+#ifndef SIEVE_ENGINE_ENGINE_H_
+#define SIEVE_ENGINE_ENGINE_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "engine/model_config.h"
+#include "engine/model_runner.h"
+#include "engine/observer.h"
+#include "engine/request.h"
+#include "engine/tokenizer.h"
+
+namespace sieve::engine {
+
+struct SchedulerConfig {
+  int32_t max_batch_tokens = 2048;     // token budget of one step, prefill chunks + decodes
+  int32_t prefill_chunk_tokens = 512;  // most prompt tokens of one request in one step
+  int32_t max_running_requests = 64;   // prefilling + decoding
+  int32_t max_queued_requests = 256;   // beyond: Submit returns ResourceExhausted
+  int64_t max_queued_tokens = 1 << 20; // prompt tokens waiting; beyond: ResourceExhausted
+  bool enable_prefix_caching = true;
+  int32_t prefill_workers = 1;         // threads of the prefill pool
+  int32_t decode_workers = 1;          // threads of the decode pool
+};
+
+struct EngineConfig {
+  std::string model_dir;               // Hugging Face checkpoint directory
+  std::string model_name;              // served name (ListModels)
+  ModelRunnerOptions runner;           // backend, KV pages and page size, step limits
+  SchedulerConfig scheduler;
+  int32_t max_context_tokens = 0;      // prompt + max_tokens limit; 0 = the model's
+};
+
+// Static facts about the served model, for GetModelInfo.
+struct ModelInfo {
+  std::string name;
+  std::string architecture;            // "llama", "mistral", "qwen2"
+  std::string backend;                 // "cpu", "cuda"
+  int32_t context_tokens = 0;
+  int32_t vocab_size = 0;
+  int32_t num_layers = 0, num_q_heads = 0, num_kv_heads = 0, head_dim = 0;
+  std::string attention_policy;        // e.g. "prefill=dense decode=dense"
+  int32_t kv_pages = 0, page_size = 0;
+};
+
+class Engine {
+ public:
+  // Loads the model and tokenizer, allocates the KV pool and starts the threads. `observer` may
+  // be null; it must outlive the engine.
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(const EngineConfig& config,
+                                                        EngineObserver* observer);
+  // Stops the threads; requests still running finish with kCancelled.
+  ~Engine();
+
+  // Queues a request. Errors (the sink is then never called):
+  //   InvalidArgument: empty prompt, token id outside the vocabulary, invalid sampling or stop
+  //     settings, no sink;
+  //   OutOfRange: prompt + max_tokens beyond the context limit or the whole KV pool;
+  //   ResourceExhausted: the queue is full (requests or tokens);
+  //   Unavailable: the engine is draining or stopped.
+  absl::StatusOr<RequestId> Submit(RequestSpec spec);
+
+  // Cancels a request: within one scheduler step its pages are freed and its sink receives
+  // OnFinish(kCancelled). Unknown or finished ids are ignored.
+  void Cancel(RequestId id);
+
+  // Stops accepting requests (Submit returns Unavailable); running and queued ones continue.
+  void StartDraining();
+  // Blocks until no request is queued or running, or `timeout` passes; true if idle.
+  bool WaitIdle(absl::Duration timeout);
+
+  const Tokenizer& tokenizer() const;
+  const ModelConfig& model_config() const;
+  ModelInfo model_info() const;
+  // The latest load snapshot (also reported to the observer).
+  EngineLoad load() const;
+
+ private:
+  class Impl;
+  explicit Engine(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace sieve::engine
+
+#endif  // SIEVE_ENGINE_ENGINE_H_
