@@ -126,9 +126,11 @@ if [[ -n ${SIEVE_NCU:-} ]] && command -v ncu >/dev/null; then
   timeout 180 ncu --clock-control none -k regex:PrefillWgmma --launch-skip 1 --launch-count 1 \
     --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
     --section WarpStateStats --section SchedulerStats --section Occupancy \
+    --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
     "$bin/prefill_attention_bench" --only wgmma-${SIEVE_NCU_KERNEL:-pingpong} --n 32768 --iters 1 >"$OUT/ncu.txt" 2>&1
   echo "ncu rc $?"
-  grep -E "Duration|Throughput|Pipe|Issued|Stall|Eligible|Active Warps|Achieved|Registers|L2 Hit|Hit Rate|Bank" "$OUT/ncu.txt" | head -60
+  grep -E "Duration|Throughput|Issued|Eligible|Active Warps|L2 Hit|stalled" "$OUT/ncu.txt" |
+    awk '!/stalled/ || $NF+0 >= 0.05' | head -60
 fi
 
 echo "== baseline (PyTorch SDPA)"

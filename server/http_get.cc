@@ -191,7 +191,7 @@ absl::StatusOr<std::string> ParseResponse(const std::string& raw) {
     const std::string name = absl::AsciiStrToLower(lines[i].substr(0, colon));
     const absl::string_view value = absl::StripAsciiWhitespace(lines[i].substr(colon + 1));
     if (name == "transfer-encoding") {
-      chunked = absl::StrContainsIgnoreCase(value, "chunked");
+      chunked = absl::StrContains(absl::AsciiStrToLower(value), "chunked");
     } else if (name == "content-length") {
       if (!absl::SimpleAtoi(value, &content_length) || content_length < 0) {
         return absl::DataLossError("HTTP GET: malformed Content-Length");

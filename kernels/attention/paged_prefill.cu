@@ -68,7 +68,7 @@ PagedPrefillPlan Plan(const PagedPrefillShape& shape, int num_sms, PagedPrefillK
     plan.block_m = WgCfg<128>::kBlockM;
     plan.block_n = WgCfg<128>::kBlockN;
     plan.threads = WgCfg<128>::kThreads;
-    plan.overlap = 2;
+    plan.overlap = 1;
   } else {
     plan.block_m = MmaCfg<128>::kBlockM;
     plan.block_n = MmaCfg<128>::kBlockN;

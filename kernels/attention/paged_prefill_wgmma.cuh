@@ -300,9 +300,12 @@ __device__ __forceinline__ void WgSoftmax(float (&s)[64], float scale_log2, bool
   }
 }
 
-// o *= alpha row by row (o value 4 nb + e belongs to row half e / 2).
+// o *= alpha row by row (o value 4 nb + e belongs to row half e / 2). Skipped when no row of the
+// warp saw its maximum grow (alpha == 1 exactly), as on most tiles once the running maxima have
+// settled: the result is bit-identical and 64 multiplies per thread are saved.
 template <int D>
 __device__ __forceinline__ void WgRescale(float (&o)[D / 2], const float (&alpha)[2]) {
+  if (__all_sync(0xffffffffu, alpha[0] == 1.0f && alpha[1] == 1.0f)) return;
 #pragma unroll
   for (int nb = 0; nb < D / 8; ++nb) {
     o[4 * nb] *= alpha[0];

@@ -1,0 +1,106 @@
+// The one place where wire types (sieve.v1 protos, gRPC statuses) and engine types meet.
+//
+// Request direction: ToRequestSpec() validates a GenerateRequest against the served model's
+// limits and turns it into an engine::RequestSpec (prompt tokenized, defaults filled in). Every
+// problem is an absl::Status whose message names the offending field, e.g.
+// "sampling.top_p = 1.5 is outside (0, 1]"; ToGrpcStatus() turns it into the gRPC status the
+// client sees (INVALID_ARGUMENT, OUT_OF_RANGE, ...).
+//
+// Response direction: AppendDelta() folds engine output into a pending stream message (several
+// deltas coalesce into one message while a write is in flight), ToCompletion() fills the last
+// message, ToProtoModelInfo() describes the model.
+//
+// Thread-safety: every function is pure apart from reading the (immutable) tokenizer; all may be
+// called from any thread.
+#ifndef SIEVE_SERVER_CONVERT_H_
+#define SIEVE_SERVER_CONVERT_H_
+
+#include <cstdint>
+#include <string_view>
+#include <vector>
+
+#include <grpcpp/support/status.h>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "engine/engine.h"
+#include "engine/model_config.h"
+#include "engine/request.h"
+#include "engine/sampling.h"
+#include "engine/tokenizer.h"
+#include "sieve/v1/sieve.pb.h"
+
+namespace sieve::server {
+
+// Longest client-chosen request id, in bytes.
+inline constexpr size_t kMaxRequestIdBytes = 128;
+
+// What a request is validated against: the served model and the configured limits.
+struct RequestLimits {
+  // Valid token ids are [0, vocab_size).
+  int32_t vocab_size = 0;
+  // Most prompt plus generated tokens of one request, in tokens.
+  int32_t context_tokens = 0;
+  // max_tokens of a request that does not set it (then capped to the context left), in tokens.
+  int32_t default_max_tokens = 256;
+  // Most stop strings one request may carry (at most engine::kMaxStopStrings).
+  int32_t max_stop_strings = engine::kMaxStopStrings;
+};
+
+// Maps an absl status code to the gRPC code with the same meaning. This is the only mapping
+// between the two code spaces.
+grpc::StatusCode ToGrpcCode(absl::StatusCode code);
+
+// Returns `status` as a gRPC status: code mapped by ToGrpcCode(), message kept.
+grpc::Status ToGrpcStatus(const absl::Status& status);
+
+// Returns the canonical upper-case name of `code`, e.g. "OK", "INVALID_ARGUMENT" (the form
+// used as the bounded `code` metric label).
+std::string_view GrpcCodeName(grpc::StatusCode code);
+
+// Validates `request` and converts it into an engine request, without sink and deadline (the
+// caller adds those). Text prompts are tokenized with `tokenizer`. Errors:
+//   InvalidArgument: no or empty prompt, token ids outside the vocabulary, NaN or out-of-range
+//     sampling values, too many or malformed stop strings, stop token ids outside the
+//     vocabulary, max_tokens = 0, top_logprobs > 20, request_id longer than 128 bytes, text
+//     that is not valid UTF-8;
+//   OutOfRange: prompt plus max_tokens beyond limits.context_tokens (or a prompt that fills
+//     the context by itself).
+// The model name is not checked here (the service resolves it first).
+absl::StatusOr<engine::RequestSpec> ToRequestSpec(const v1::GenerateRequest& request,
+                                                  const engine::Tokenizer& tokenizer,
+                                                  const RequestLimits& limits);
+
+// Converts the sampling fields of a request (absent fields take the documented defaults).
+// `logprobs` and `top_logprobs` are GenerateRequest's fields of those names. An absent seed is
+// drawn with engine::NondeterministicSeed(). InvalidArgument names the first bad field.
+absl::StatusOr<engine::SamplingParams> ToSamplingParams(const v1::SamplingParams& sampling,
+                                                        bool logprobs, uint32_t top_logprobs);
+
+// Checks that every id lies in [0, vocab_size); InvalidArgument names `field`, the index and
+// the value of the first that does not.
+absl::Status CheckTokenIds(absl::Span<const int32_t> ids, int32_t vocab_size,
+                           std::string_view field);
+
+// Appends `delta` (text, token ids and, when present, logprobs with each token's raw piece) to
+// `response`, so that several deltas coalesce into one stream message.
+void AppendDelta(const engine::TokenDelta& delta, const engine::Tokenizer& tokenizer,
+                 v1::GenerateResponse* response);
+
+// Returns the wire finish reason of `reason`; kNone and kError map to UNSPECIFIED (an errored
+// request ends its stream with an error status instead of a Completion).
+v1::FinishReason ToProtoFinishReason(engine::FinishReason reason);
+
+// Fills `completion` (finish reason, usage, timings, matched stop) from `outcome`.
+void ToCompletion(const engine::RequestOutcome& outcome, v1::Completion* completion);
+
+// Describes the served model. `context_tokens` is the effective per-request limit (see
+// RequestLimits), `model` and `tokenizer` supply what engine::ModelInfo does not carry.
+void ToProtoModelInfo(const engine::ModelInfo& info, const engine::ModelConfig& model,
+                      const engine::Tokenizer& tokenizer, int32_t context_tokens,
+                      v1::ModelInfo* out);
+
+}  // namespace sieve::server
+
+#endif  // SIEVE_SERVER_CONVERT_H_

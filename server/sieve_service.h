@@ -1,0 +1,128 @@
+// SieveService: the sieve.v1.Sieve gRPC service on gRPC's callback API.
+//
+// Generate is served by one small reactor per call (a ServerWriteReactor). The reactor
+// validates and converts the request (server/convert.h) on the gRPC thread that delivered it,
+// submits it to the engine and returns; nothing on a gRPC thread ever waits for the engine.
+// The engine's scheduler thread hands output to the request's sink, which only appends it to
+// the stream's pending message under a mutex and, when no write is in flight, starts one. While
+// a write is in flight further deltas coalesce into the next message. The last message carries
+// the Completion (finish reason, usage, timings, matched stop).
+//
+// Cancellation: the client cancelling its call, a passed deadline or a broken stream reach the
+// reactor as OnCancel / a failed write and become Engine::Cancel(id); the engine frees the
+// request's KV pages within one scheduler step. The request also carries the call's deadline,
+// so the engine stops it on time even between gRPC events.
+//
+// Lifecycle: calls fail with UNAVAILABLE until SetEngine() (the model is loading) and again
+// after StartDraining(). The engine must outlive every call, so the owner shuts the gRPC server
+// down before destroying the engine.
+//
+// Thread-safety: all public methods may be called from any thread.
+#ifndef SIEVE_SERVER_SIEVE_SERVICE_H_
+#define SIEVE_SERVER_SIEVE_SERVICE_H_
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "engine/engine.h"
+#include "server/convert.h"
+#include "sieve/v1/sieve.grpc.pb.h"
+
+namespace sieve::server {
+
+// How the service behaves; everything but the engine is known before the model loads.
+struct ServiceOptions {
+  // The served model's name; requests may also leave `model` empty.
+  std::string model_name;
+  // max_tokens of a request that does not set it, in tokens (config limits.default_max_tokens).
+  int32_t default_max_tokens = 256;
+  // Most stop strings per request (config limits.max_stop_strings).
+  int32_t max_stop_strings = engine::kMaxStopStrings;
+  // Called once per finished call with the method name ("Generate", "Tokenize", ...) and the
+  // status code the call ended with; may be empty. Called on gRPC threads; must be cheap.
+  std::function<void(std::string_view method, grpc::StatusCode code)> on_rpc_done;
+};
+
+class SieveService final : public v1::Sieve::CallbackService {
+ public:
+  explicit SieveService(ServiceOptions options);
+  ~SieveService() override;
+
+  SieveService(const SieveService&) = delete;
+  SieveService& operator=(const SieveService&) = delete;
+
+  // Starts serving `engine`, which must outlive every call (shut the gRPC server down before
+  // destroying it). Until this is called every call fails with UNAVAILABLE.
+  void SetEngine(engine::Engine* engine);
+
+  // From now on new calls fail with UNAVAILABLE ("draining"); calls in flight continue.
+  void StartDraining();
+
+  // Cancels the engine requests of every Generate call in flight; each stream then ends with a
+  // last message whose finish reason is FINISH_REASON_CANCELLED.
+  void CancelAll();
+
+  // Blocks until no Generate call is in flight or `timeout` passes; returns true if none is.
+  bool WaitForNoActiveStreams(absl::Duration timeout);
+
+  // Returns the number of Generate calls in flight.
+  int active_streams() const;
+
+  // The RPCs of sieve.v1.Sieve; see proto/sieve/v1/sieve.proto.
+  grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(
+      grpc::CallbackServerContext* context, const v1::GenerateRequest* request) override;
+  grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* context,
+                                     const v1::TokenizeRequest* request,
+                                     v1::TokenizeResponse* response) override;
+  grpc::ServerUnaryReactor* Detokenize(grpc::CallbackServerContext* context,
+                                       const v1::DetokenizeRequest* request,
+                                       v1::DetokenizeResponse* response) override;
+  grpc::ServerUnaryReactor* ListModels(grpc::CallbackServerContext* context,
+                                       const v1::ListModelsRequest* request,
+                                       v1::ListModelsResponse* response) override;
+  grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* context,
+                                         const v1::GetModelInfoRequest* request,
+                                         v1::ModelInfo* response) override;
+
+ private:
+  class GenerateReactor;
+  struct Stream;
+
+  // The engine if calls may be served now, else UNAVAILABLE (loading or draining).
+  absl::StatusOr<engine::Engine*> Available() const;
+  // OK if `name` is empty or the served model, else NOT_FOUND.
+  absl::Status CheckModel(const std::string& name) const;
+  // Finishes a unary call with `status` and reports it.
+  grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,
+                                        std::string_view method, const absl::Status& status);
+  // Fills `out` with the served model's description.
+  void FillModelInfo(engine::Engine& engine, v1::ModelInfo* out) const;
+  void ReportDone(std::string_view method, grpc::StatusCode code) const;
+  void Register(std::shared_ptr<Stream> stream);
+  void Unregister(Stream* stream);
+
+  const ServiceOptions options_;
+  std::atomic<engine::Engine*> engine_{nullptr};
+  std::atomic<bool> draining_{false};
+  // Set with the engine: what requests are validated against.
+  RequestLimits limits_;
+  std::atomic<uint64_t> next_request_number_{1};
+
+  mutable absl::Mutex mu_;
+  absl::flat_hash_set<std::shared_ptr<Stream>> streams_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace sieve::server
+
+#endif  // SIEVE_SERVER_SIEVE_SERVICE_H_
