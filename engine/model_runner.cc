@@ -5,6 +5,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/cpu_backend.h"
+#ifdef SIEVE_HAVE_CUDA
+#include "engine/cuda/cuda_backend.h"
+#endif
 #include "engine/status_macros.h"
 #include "engine/weight_store.h"
 
@@ -13,8 +16,17 @@ namespace {
 
 absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const ModelRunnerOptions& options) {
   if (options.backend == "cpu") return std::unique_ptr<Backend>(new CpuBackend(options.num_threads));
+#ifdef SIEVE_HAVE_CUDA
+  if (options.backend == "cuda") {
+    SIEVE_ASSIGN_OR_RETURN(std::unique_ptr<CudaBackend> cuda, CudaBackend::Create());
+    return std::unique_ptr<Backend>(std::move(cuda));
+  }
+  constexpr absl::string_view kBuilt = "cpu, cuda";
+#else
+  constexpr absl::string_view kBuilt = "cpu";
+#endif
   return absl::InvalidArgumentError(absl::StrCat(
-      "unknown backend '", options.backend, "' (this build has: cpu)"));
+      "unknown backend '", options.backend, "' (this build has: ", kBuilt, ")"));
 }
 
 }  // namespace

@@ -55,10 +55,6 @@ grpc::StatusCode ToGrpcCode(absl::StatusCode code);
 // Returns `status` as a gRPC status: code mapped by ToGrpcCode(), message kept.
 grpc::Status ToGrpcStatus(const absl::Status& status);
 
-// Returns the canonical upper-case name of `code`, e.g. "OK", "INVALID_ARGUMENT" (the form
-// used as the bounded `code` metric label).
-std::string_view GrpcCodeName(grpc::StatusCode code);
-
 // Validates `request` and converts it into an engine request, without sink and deadline (the
 // caller adds those). Text prompts are tokenized with `tokenizer`. Errors:
 //   InvalidArgument: no or empty prompt, token ids outside the vocabulary, NaN or out-of-range

@@ -240,7 +240,7 @@ prometheus::Counter& Metrics::GrpcCounter(std::string_view method, std::string_v
   }
   {
     absl::MutexLock lock(&mu_);
-    if (!grpc_methods_.contains(method_label)) {
+    if (method_label != "other" && !grpc_methods_.contains(method_label)) {
       if (grpc_methods_.size() >= kMaxGrpcMethods) {
         method_label = "other";
       } else {

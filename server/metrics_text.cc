@@ -37,7 +37,7 @@ bool ParseValue(absl::string_view text, double* value) {
     *value = -std::numeric_limits<double>::infinity();
     return true;
   }
-  if (text == "NaN") {
+  if (text == "NaN" || text == "Nan") {  // prometheus-cpp 1.0 writes "Nan"
     *value = std::numeric_limits<double>::quiet_NaN();
     return true;
   }

@@ -23,13 +23,14 @@ sieve_h_seconds_sum 1.25e0
 sieve_h_seconds_count 2
 sieve_g{path="a\"b\\c\nd", empty=""} -Inf
 sieve_nan NaN
+sieve_nan2 Nan
 )";
   absl::StatusOr<ParsedMetrics> p = ParseMetricsText(kText);
   ASSERT_TRUE(p.ok()) << p.status();
   EXPECT_EQ(p->types.at("sieve_x_total"), "counter");
   EXPECT_EQ(p->types.at("sieve_h_seconds"), "histogram");
   EXPECT_EQ(p->help.at("sieve_x_total"), "Things that happened.");
-  ASSERT_EQ(p->samples.size(), 8u);
+  ASSERT_EQ(p->samples.size(), 9u);
   EXPECT_EQ(p->Find("sieve_x_total", {{"outcome", "stop"}}), 3.0);
   EXPECT_EQ(p->Find("sieve_x_total", {{"outcome", "eos"}, {"model", "m"}}), 4.0);
   EXPECT_EQ(p->Find("sieve_x_total", {{"outcome", "length"}}), std::nullopt);
@@ -45,6 +46,7 @@ sieve_nan NaN
   EXPECT_EQ(g[0].labels.at("empty"), "");
   EXPECT_TRUE(std::isinf(g[0].value) && g[0].value < 0);
   EXPECT_TRUE(std::isnan(*p->Find("sieve_nan")));
+  EXPECT_TRUE(std::isnan(*p->Find("sieve_nan2")));
 }
 
 TEST(ParseMetricsTextTest, EmptyTextHasNoSamples) {

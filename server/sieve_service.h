@@ -31,7 +31,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "absl/base/thread_annotations.h"
-#include "absl/container/flat_hash_set.h"
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
@@ -97,6 +97,7 @@ class SieveService final : public v1::Sieve::CallbackService {
 
  private:
   class GenerateReactor;
+  class StreamSink;
   struct Stream;
 
   // The engine if calls may be served now, else UNAVAILABLE (loading or draining).
@@ -120,7 +121,8 @@ class SieveService final : public v1::Sieve::CallbackService {
   std::atomic<uint64_t> next_request_number_{1};
 
   mutable absl::Mutex mu_;
-  absl::flat_hash_set<std::shared_ptr<Stream>> streams_ ABSL_GUARDED_BY(mu_);
+  // Generate calls in flight, from registration (before Submit) to OnDone.
+  absl::flat_hash_map<Stream*, std::shared_ptr<Stream>> streams_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace sieve::server

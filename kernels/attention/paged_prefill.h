@@ -13,9 +13,10 @@
 // diagonal and masking the ones that cross it. Two kernels implement this:
 //   kWgmma   (Hopper, sm_90a): three warpgroups; one producer copies K and V tiles of 128 keys
 //            from the pages into 128-byte-swizzled shared memory with 16-byte cp.async
-//            (two stages at d 128, four at d 64, handed over through mbarriers); two consumers
-//            each own 64 query rows and run S = Q K^T (A and B from shared memory) and O += P V
-//            (P from registers) on wgmma, with the online softmax in registers.
+//            (three stages at d 128, four at d 64, handed over through mbarriers, K and V
+//            released separately); two consumers each own 64 query rows and run S = Q K^T (A and
+//            B from shared memory) and O += P V (P from registers) on wgmma, with the online
+//            softmax in registers. The consumers' schedule is PagedPrefillPlan::overlap.
 //   kMmaSync (any sm_80+ part of the fat binary): FlashAttention-2 style, eight warps of 16 rows,
 //            mma.sync m16n8k16 with ldmatrix, 64-key K/V tiles double-buffered by cp.async.
 // Keys past kv_lens[s] are zero-filled in shared memory, never read, so stale or NaN cache slots

@@ -1,0 +1,110 @@
+// The CUDA backend: the Llama-family layer operators in bf16 on one GPU, fp32 accumulation.
+//
+// Memory: weights, activations and the paged KV cache are device buffers of bf16 (UploadWeight
+// converts F32 / F16 / BF16 checkpoints on the host). The KV cache of layer l is two pools, K and
+// V, of [num_pages, page_size, num_kv_heads, head_dim] as kernels/attention/paged_attention.h
+// lays them out.
+//
+// Streams: each BackendStream owns a cudaStream_t, a cuBLASLt handle with its GEMM workspace,
+// pinned staging for the step's layout and the device copies of it, and the attention plan of
+// the current step. BeginStep copies the layout to the device asynchronously and plans the
+// attention kernels: the split-KV decode kernel when every sequence has one query token, the
+// paged prefill kernel otherwise, the simple kernel for shapes neither takes. The operators only
+// enqueue work: they never allocate and never synchronize, except CopyToHost, which waits for the
+// stream (that keeps a decode step capturable in a CUDA graph later).
+//
+// Errors: every CUDA and cuBLAS failure becomes an absl::Status (Internal) naming the failing
+// expression, file and line (and, for kernel launchers, the call inside them that failed).
+// Threading: as engine/backend.h says; one thread per stream.
+#ifndef SIEVE_ENGINE_CUDA_CUDA_BACKEND_H_
+#define SIEVE_ENGINE_CUDA_CUDA_BACKEND_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "engine/backend.h"
+
+namespace sieve::engine {
+
+// A CudaBackend's stream state (defined in cuda_backend.cc).
+struct CudaStream;
+
+struct CudaBackendOptions {
+  // Which attention kernels steps use.
+  enum class Attention {
+    kAuto,    // decode / prefill kernels where they apply, the simple kernel elsewhere
+    kSimple,  // always the simple kernel (a cross-check of the fast ones)
+  };
+  int device = 0;                               // CUDA device ordinal
+  Attention attention = Attention::kAuto;
+  size_t gemm_workspace_bytes = size_t{32} << 20;  // cuBLASLt scratch per stream (bytes)
+};
+
+class CudaBackend final : public Backend {
+ public:
+  // Selects the device and reads its properties. FailedPrecondition if no CUDA device is there
+  // (or the ordinal is out of range), with the runtime's message.
+  static absl::StatusOr<std::unique_ptr<CudaBackend>> Create(const CudaBackendOptions& options = {});
+  ~CudaBackend() override;
+  CudaBackend(const CudaBackend&) = delete;
+  CudaBackend& operator=(const CudaBackend&) = delete;
+
+  std::string_view name() const override { return "cuda"; }
+  absl::StatusOr<Tensor> UploadWeight(absl::Span<const TensorView> parts, int64_t cols) override;
+  absl::StatusOr<Tensor> Allocate(int64_t rows, int64_t cols) override;
+  absl::Status AllocateKvCache(int32_t num_layers, int32_t num_pages, int32_t page_size,
+                               const AttentionShape& shape) override;
+  int64_t KvPageBytes(int32_t num_layers, int32_t page_size,
+                      const AttentionShape& shape) const override;
+  absl::StatusOr<std::unique_ptr<BackendStream>> CreateStream() override;
+  absl::Status BeginStep(BackendStream& stream, const BatchLayout& layout) override;
+  absl::Status Embed(BackendStream& stream, absl::Span<const int32_t> tokens, const Tensor& table,
+                     Tensor out) override;
+  absl::Status RmsNorm(BackendStream& stream, const Tensor& x, const Tensor& weight, float eps,
+                       Tensor out) override;
+  absl::Status AddRmsNorm(BackendStream& stream, const Tensor& x, Tensor residual,
+                          const Tensor& weight, float eps, Tensor out) override;
+  absl::Status Linear(BackendStream& stream, const Tensor& x, const Tensor& weight,
+                      const Tensor& bias, Tensor out) override;
+  absl::Status RopeAndCacheKv(BackendStream& stream, int32_t layer, const Tensor& qkv,
+                              const AttentionShape& shape, const RopeTables& rope,
+                              Tensor q_out) override;
+  absl::Status Attention(BackendStream& stream, int32_t layer, const Tensor& q,
+                         const AttentionShape& shape, float scale, Tensor out) override;
+  absl::Status SiluMul(BackendStream& stream, const Tensor& gate_up, Tensor out) override;
+  absl::Status GatherRows(BackendStream& stream, const Tensor& x, absl::Span<const int32_t> rows,
+                          Tensor out) override;
+  absl::Status CopyToHost(BackendStream& stream, const Tensor& x, absl::Span<float> out) override;
+
+  // The attention kernel the last BeginStep on `stream` (a stream of a CudaBackend) planned:
+  // "decode", "prefill", "simple", or "none" before any step. For tests and logs.
+  static std::string_view PlannedAttention(const BackendStream& stream);
+
+  // Multiprocessors of the device (for planning).
+  int num_sms() const { return num_sms_; }
+
+ private:
+  explicit CudaBackend(const CudaBackendOptions& options) : options_(options) {}
+  absl::StatusOr<void*> DeviceAlloc(size_t bytes);
+  absl::Status PlanAttention(CudaStream& s, const BatchLayout& layout);
+
+  CudaBackendOptions options_;
+  int num_sms_ = 0;
+  std::vector<void*> buffers_;  // every weight and activation buffer (cudaMalloc)
+  // KV cache: layer l's K pool at kv_ + 2 * l * layer_elems_, its V pool right after (bf16).
+  void* kv_ = nullptr;
+  int64_t kv_layer_elems_ = 0;  // num_pages * page_size * num_kv_heads * head_dim
+  int32_t num_layers_ = 0;
+  int32_t num_pages_ = 0;
+  int32_t page_size_ = 0;
+  AttentionShape kv_shape_;
+};
+
+}  // namespace sieve::engine
+
+#endif  // SIEVE_ENGINE_CUDA_CUDA_BACKEND_H_

@@ -1,0 +1,93 @@
+// Daemon: everything `sieved` runs, wired together: the metrics endpoint, the gRPC server (the
+// Sieve service, the standard health service and server reflection) and the engine.
+//
+// Start-up order, so that a load balancer or orchestrator can watch it:
+//   1. Start(): the metrics listener and the gRPC listener come up; health reports NOT_SERVING
+//      and every Sieve call fails with UNAVAILABLE ("the model is still loading").
+//   2. LoadModel(): the engine loads the weights and tokenizer and allocates the KV pool; then
+//      health reports SERVING.
+// Shut-down (Drain): health NOT_SERVING, new calls UNAVAILABLE, in-flight requests run for up to
+// server.drain_grace_period_s, whatever still runs is cancelled (its stream ends with
+// FINISH_REASON_CANCELLED), then the gRPC server, the engine and the metrics stop, in that
+// order (the engine must outlive every call, the metrics observer the engine).
+//
+// Thread-safety: Start, LoadModel and Drain are called by one controlling thread, in that
+// order; the accessors may be called from any thread after Start.
+#ifndef SIEVE_SERVER_DAEMON_H_
+#define SIEVE_SERVER_DAEMON_H_
+
+#include <memory>
+#include <string>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/time.h"
+#include "engine/engine.h"
+#include "server/config.h"
+#include "server/metrics.h"
+#include "server/sieve_service.h"
+
+namespace sieve::server {
+
+// Maps the daemon's configuration onto the engine's: the one place where ServerConfig keys
+// become engine settings. With kv_cache.num_pages = 0 on the cpu backend, the page count is
+// derived from kv_cache.memory_fraction of the physical memory left after the weights, capped at
+// what max_running_requests full-length requests can use. Errors: FailedPrecondition when the
+// page count cannot be derived (cuda, or too little memory), Unimplemented for settings this
+// build cannot honour yet (several devices, float32 on cuda), and the errors of reading the
+// checkpoint's config.json (needed for the derivation).
+absl::StatusOr<engine::EngineConfig> ToEngineConfig(const ServerConfig& config);
+
+class Daemon {
+ public:
+  // Starts the metrics listener (when metrics.enabled) and the gRPC server on the configured
+  // addresses; health is NOT_SERVING until LoadModel(). Errors: Unavailable when a listener
+  // cannot bind its address, InvalidArgument for a malformed address.
+  static absl::StatusOr<std::unique_ptr<Daemon>> Start(const ServerConfig& config);
+
+  // Shuts down at once (as Drain with no grace) if Drain() was not called.
+  ~Daemon();
+
+  Daemon(const Daemon&) = delete;
+  Daemon& operator=(const Daemon&) = delete;
+
+  // Creates the engine (loads the model, allocates the KV pool, starts its threads) and turns
+  // health to SERVING. Errors are those of ToEngineConfig and engine::Engine::Create.
+  absl::Status LoadModel();
+
+  // Drains and stops, as described in the file comment; returns when everything is stopped.
+  // `cut_short`, when given and notified, ends the grace period early (a second signal).
+  void Drain(absl::Notification* cut_short = nullptr);
+
+  // The gRPC listen address with the bound port, e.g. "0.0.0.0:50051" (configured port 0 is
+  // replaced by the port the kernel picked).
+  const std::string& grpc_address() const { return grpc_address_; }
+
+  // The bound metrics port; 0 when metrics are disabled.
+  int metrics_port() const { return metrics_ ? metrics_->port() : 0; }
+
+  // The engine once LoadModel() succeeded, else null.
+  engine::Engine* engine() const { return engine_.get(); }
+
+ private:
+  explicit Daemon(const ServerConfig& config) : config_(config) {}
+  absl::Status StartGrpc();
+  void SetHealth(bool serving);
+
+  const ServerConfig config_;
+  // Destroyed bottom-up: the gRPC server, the service, the engine, then the metrics (the
+  // engine's observer).
+  std::unique_ptr<Metrics> metrics_;
+  std::unique_ptr<engine::Engine> engine_;
+  std::unique_ptr<SieveService> service_;
+  std::unique_ptr<grpc::Server> server_;
+  std::string grpc_address_;
+  bool stopped_ = false;
+};
+
+}  // namespace sieve::server
+
+#endif  // SIEVE_SERVER_DAEMON_H_

@@ -1,0 +1,423 @@
+#include "server/sieve_service.h"
+
+#include <algorithm>
+#include <chrono>
+#include <optional>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "engine/status_macros.h"
+#include "server/log.h"
+
+namespace sieve::server {
+
+// The state one Generate call shares between its reactor (gRPC threads) and its sink (the
+// engine's scheduler thread). It outlives the reactor: the engine may still hold the sink after
+// the call is done. `reactor` may be used only while `finished` is false, and only by the one
+// thread that took the right to start the next operation (see Pump).
+struct SieveService::Stream {
+  absl::Mutex mu;
+  GenerateReactor* reactor ABSL_GUARDED_BY(mu) = nullptr;
+  engine::Engine* engine = nullptr;            // set before the stream is shared
+  const engine::Tokenizer* tokenizer = nullptr;
+  std::string response_id;                     // request_id echoed on every message
+  std::optional<std::chrono::system_clock::time_point> deadline;
+
+  std::optional<engine::RequestId> engine_id ABSL_GUARDED_BY(mu);
+  // Output not yet handed to gRPC; deltas coalesce here while a write is in flight.
+  v1::GenerateResponse pending ABSL_GUARDED_BY(mu);
+  bool has_pending ABSL_GUARDED_BY(mu) = false;
+  std::optional<engine::RequestOutcome> outcome ABSL_GUARDED_BY(mu);
+  // The message gRPC is writing; untouched until the write completes (or the call is done).
+  v1::GenerateResponse in_flight;
+  bool write_in_flight ABSL_GUARDED_BY(mu) = false;
+  bool cancelled ABSL_GUARDED_BY(mu) = false;  // the client went away or the deadline passed
+  bool finished ABSL_GUARDED_BY(mu) = false;   // Finish or StartWriteAndFinish was issued
+  grpc::StatusCode final_code ABSL_GUARDED_BY(mu) = grpc::StatusCode::OK;
+
+  // Starts the next gRPC operation if one is due and none is in flight: a write of the pending
+  // output, the last message with the Completion, or Finish. Any thread may call it.
+  void Pump();
+};
+
+// One Generate call. Created on a gRPC thread; deletes itself in OnDone.
+class SieveService::GenerateReactor final
+    : public grpc::ServerWriteReactor<v1::GenerateResponse> {
+ public:
+  GenerateReactor(SieveService* service, grpc::CallbackServerContext* context)
+      : service_(service), stream_(std::make_shared<Stream>()) {
+    absl::MutexLock lock(&stream_->mu);
+    stream_->reactor = this;
+    const auto deadline = context->deadline();
+    if (deadline != std::chrono::system_clock::time_point::max()) stream_->deadline = deadline;
+  }
+
+  // Validates and submits `request`; on failure finishes the call with the error.
+  void Start(const v1::GenerateRequest& request);
+
+  void OnWriteDone(bool ok) override {
+    std::optional<engine::RequestId> cancel;
+    {
+      absl::MutexLock lock(&stream_->mu);
+      stream_->write_in_flight = false;
+      if (!ok && !stream_->cancelled) {
+        stream_->cancelled = true;  // the stream broke: nobody reads the rest
+        cancel = stream_->engine_id;
+      }
+    }
+    if (cancel.has_value()) stream_->engine->Cancel(*cancel);
+    stream_->Pump();
+  }
+
+  void OnCancel() override {
+    std::optional<engine::RequestId> cancel;
+    {
+      absl::MutexLock lock(&stream_->mu);
+      stream_->cancelled = true;
+      cancel = stream_->engine_id;
+    }
+    if (cancel.has_value()) stream_->engine->Cancel(*cancel);
+    stream_->Pump();
+  }
+
+  void OnDone() override {
+    grpc::StatusCode code;
+    {
+      absl::MutexLock lock(&stream_->mu);
+      stream_->reactor = nullptr;
+      code = stream_->final_code;
+    }
+    if (code == grpc::StatusCode::CANCELLED && stream_->deadline.has_value() &&
+        std::chrono::system_clock::now() >= *stream_->deadline) {
+      code = grpc::StatusCode::DEADLINE_EXCEEDED;
+    }
+    if (registered_) service_->Unregister(stream_.get());
+    service_->ReportDone("Generate", code);
+    delete this;
+  }
+
+ private:
+  // Ends a call that never reached the engine.
+  void Reject(const absl::Status& status) {
+    {
+      absl::MutexLock lock(&stream_->mu);
+      stream_->finished = true;
+      stream_->final_code = ToGrpcCode(status.code());
+    }
+    Log(LogLevel::kDebug, absl::StrCat("Generate rejected: ", status.ToString()));
+    Finish(ToGrpcStatus(status));
+  }
+
+  SieveService* const service_;
+  const std::shared_ptr<Stream> stream_;
+  bool registered_ = false;
+};
+
+// Receives a request's output on the engine thread and hands it to its stream.
+class SieveService::StreamSink final : public engine::RequestSink {
+ public:
+  explicit StreamSink(std::shared_ptr<Stream> stream) : stream_(std::move(stream)) {}
+
+  void OnTokens(const engine::TokenDelta& delta) override {
+    {
+      absl::MutexLock lock(&stream_->mu);
+      if (stream_->finished || stream_->cancelled) return;
+      AppendDelta(delta, *stream_->tokenizer, &stream_->pending);
+      stream_->has_pending = true;
+    }
+    stream_->Pump();
+  }
+
+  void OnFinish(const engine::RequestOutcome& outcome) override {
+    {
+      absl::MutexLock lock(&stream_->mu);
+      stream_->outcome = outcome;
+    }
+    if (LogEnabled(LogLevel::kDebug)) {
+      Log(LogLevel::kDebug,
+          absl::StrCat("request ", stream_->response_id, " finished: ",
+                       engine::FinishReasonToString(outcome.finish), ", prompt ",
+                       outcome.prompt_tokens, " (cached ", outcome.cached_tokens,
+                       "), generated ", outcome.generated_tokens, ", total ",
+                       outcome.timings.total_s, " s"));
+    }
+    stream_->Pump();
+  }
+
+ private:
+  const std::shared_ptr<Stream> stream_;
+};
+
+void SieveService::Stream::Pump() {
+  enum class Action { kNone, kWrite, kWriteAndFinish, kFinish } action = Action::kNone;
+  grpc::Status status;
+  GenerateReactor* target = nullptr;
+  {
+    absl::MutexLock lock(&mu);
+    if (finished || write_in_flight) return;
+    target = reactor;
+    if (cancelled) {
+      action = Action::kFinish;
+      status = grpc::Status(grpc::StatusCode::CANCELLED, "the call was cancelled");
+    } else if (has_pending || outcome.has_value()) {
+      const bool failed = outcome.has_value() && (outcome->finish == engine::FinishReason::kError ||
+                                                  outcome->finish == engine::FinishReason::kNone);
+      if (has_pending || !failed) {
+        in_flight.Clear();
+        in_flight.Swap(&pending);
+        has_pending = false;
+        in_flight.set_request_id(response_id);
+        action = Action::kWrite;
+        if (outcome.has_value() && !failed) {
+          ToCompletion(*outcome, in_flight.mutable_complete());
+          action = Action::kWriteAndFinish;
+        }
+      } else {
+        // A failed request ends with its error status once its output is out.
+        absl::Status error = outcome->status.ok()
+                                 ? absl::InternalError("the request ended without a reason")
+                                 : outcome->status;
+        status = ToGrpcStatus(error);
+        action = Action::kFinish;
+      }
+    }
+    switch (action) {
+      case Action::kNone:
+        return;
+      case Action::kWrite:
+        write_in_flight = true;
+        break;
+      case Action::kWriteAndFinish:
+        finished = true;
+        final_code = grpc::StatusCode::OK;
+        break;
+      case Action::kFinish:
+        finished = true;
+        final_code = status.error_code();
+        break;
+    }
+  }
+  // Outside the lock: only this thread may touch the reactor until the operation completes.
+  switch (action) {
+    case Action::kWrite:
+      target->StartWrite(&in_flight);
+      break;
+    case Action::kWriteAndFinish:
+      target->StartWriteAndFinish(&in_flight, grpc::WriteOptions(), grpc::Status::OK);
+      break;
+    case Action::kFinish:
+      target->Finish(status);
+      break;
+    case Action::kNone:
+      break;
+  }
+}
+
+void SieveService::GenerateReactor::Start(const v1::GenerateRequest& request) {
+  absl::StatusOr<engine::Engine*> engine = service_->Available();
+  if (!engine.ok()) return Reject(engine.status());
+  if (absl::Status s = service_->CheckModel(request.model()); !s.ok()) return Reject(s);
+  absl::StatusOr<engine::RequestSpec> spec =
+      ToRequestSpec(request, (*engine)->tokenizer(), service_->limits_);
+  if (!spec.ok()) return Reject(spec.status());
+
+  Stream& stream = *stream_;
+  stream.engine = *engine;
+  stream.tokenizer = &(*engine)->tokenizer();
+  stream.response_id =
+      request.has_request_id()
+          ? request.request_id()
+          : absl::StrCat("sieve-", service_->next_request_number_.fetch_add(1));
+  if (stream.deadline.has_value()) spec->deadline = absl::FromChrono(*stream.deadline);
+  spec->sink = std::make_shared<StreamSink>(stream_);
+  const size_t prompt_tokens = spec->prompt.size();
+
+  service_->Register(stream_);
+  registered_ = true;
+  absl::StatusOr<engine::RequestId> id = stream.engine->Submit(*std::move(spec));
+  if (!id.ok()) return Reject(id.status());
+  bool cancelled;
+  {
+    absl::MutexLock lock(&stream.mu);
+    stream.engine_id = *id;
+    cancelled = stream.cancelled;
+  }
+  // OnCancel may have run before the id was known.
+  if (cancelled) stream.engine->Cancel(*id);
+  if (LogEnabled(LogLevel::kDebug)) {
+    Log(LogLevel::kDebug, absl::StrCat("request ", stream.response_id, " accepted: ",
+                                       prompt_tokens, " prompt tokens, engine id ", *id));
+  }
+}
+
+SieveService::SieveService(ServiceOptions options) : options_(std::move(options)) {}
+
+SieveService::~SieveService() = default;
+
+void SieveService::SetEngine(engine::Engine* engine) {
+  const engine::ModelInfo info = engine->model_info();
+  RequestLimits limits;
+  limits.vocab_size = std::min<int32_t>(engine->tokenizer().vocab_size(),
+                                        static_cast<int32_t>(engine->model_config().vocab_size));
+  const int64_t kv_tokens = int64_t{info.kv_pages} * info.page_size;
+  limits.context_tokens = static_cast<int32_t>(
+      info.context_tokens > 0 ? std::min<int64_t>(info.context_tokens, kv_tokens) : kv_tokens);
+  limits.default_max_tokens = options_.default_max_tokens;
+  limits.max_stop_strings = std::min(options_.max_stop_strings, engine::kMaxStopStrings);
+  limits_ = limits;
+  engine_.store(engine, std::memory_order_release);
+}
+
+void SieveService::StartDraining() { draining_.store(true); }
+
+void SieveService::CancelAll() {
+  std::vector<std::shared_ptr<Stream>> streams;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [raw, stream] : streams_) streams.push_back(stream);
+  }
+  for (const std::shared_ptr<Stream>& stream : streams) {
+    std::optional<engine::RequestId> id;
+    {
+      absl::MutexLock lock(&stream->mu);
+      id = stream->engine_id;
+    }
+    if (id.has_value()) stream->engine->Cancel(*id);
+  }
+}
+
+bool SieveService::WaitForNoActiveStreams(absl::Duration timeout) {
+  absl::MutexLock lock(&mu_);
+  auto none = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return streams_.empty(); };
+  return mu_.AwaitWithTimeout(absl::Condition(&none), timeout);
+}
+
+int SieveService::active_streams() const {
+  absl::MutexLock lock(&mu_);
+  return static_cast<int>(streams_.size());
+}
+
+void SieveService::Register(std::shared_ptr<Stream> stream) {
+  absl::MutexLock lock(&mu_);
+  Stream* raw = stream.get();
+  streams_.emplace(raw, std::move(stream));
+}
+
+void SieveService::Unregister(Stream* stream) {
+  absl::MutexLock lock(&mu_);
+  streams_.erase(stream);
+}
+
+absl::StatusOr<engine::Engine*> SieveService::Available() const {
+  if (draining_.load()) {
+    return absl::UnavailableError("the server is draining (shutting down); retry elsewhere");
+  }
+  engine::Engine* engine = engine_.load(std::memory_order_acquire);
+  if (engine == nullptr) {
+    return absl::UnavailableError("the model is still loading; retry shortly");
+  }
+  return engine;
+}
+
+absl::Status SieveService::CheckModel(const std::string& name) const {
+  if (name.empty() || name == options_.model_name) return absl::OkStatus();
+  return absl::NotFoundError(absl::StrCat("unknown model '", name, "'; this server serves '",
+                                          options_.model_name, "'"));
+}
+
+void SieveService::ReportDone(std::string_view method, grpc::StatusCode code) const {
+  if (options_.on_rpc_done) options_.on_rpc_done(method, code);
+}
+
+grpc::ServerUnaryReactor* SieveService::FinishUnary(grpc::CallbackServerContext* context,
+                                                    std::string_view method,
+                                                    const absl::Status& status) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  const grpc::Status grpc_status = ToGrpcStatus(status);
+  ReportDone(method, grpc_status.error_code());
+  reactor->Finish(grpc_status);
+  return reactor;
+}
+
+void SieveService::FillModelInfo(engine::Engine& engine, v1::ModelInfo* out) const {
+  ToProtoModelInfo(engine.model_info(), engine.model_config(), engine.tokenizer(),
+                   limits_.context_tokens, out);
+  out->set_name(options_.model_name);
+}
+
+grpc::ServerWriteReactor<v1::GenerateResponse>* SieveService::Generate(
+    grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
+  auto* reactor = new GenerateReactor(this, context);
+  reactor->Start(*request);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* SieveService::Tokenize(grpc::CallbackServerContext* context,
+                                                 const v1::TokenizeRequest* request,
+                                                 v1::TokenizeResponse* response) {
+  absl::Status status = [&]() -> absl::Status {
+    SIEVE_ASSIGN_OR_RETURN(engine::Engine * engine, Available());
+    SIEVE_RETURN_IF_ERROR(CheckModel(request->model()));
+    const engine::Tokenizer& tokenizer = engine->tokenizer();
+    const bool add_special = !request->has_add_special_tokens() || request->add_special_tokens();
+    absl::StatusOr<std::vector<int32_t>> ids = tokenizer.Encode(request->text(), add_special);
+    if (!ids.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("text: ", ids.status().message()));
+    }
+    for (int32_t id : *ids) {
+      response->add_token_ids(id);
+      if (request->return_pieces()) {
+        absl::StatusOr<std::string> piece = tokenizer.TokenBytes(id);
+        response->add_pieces(piece.ok() ? *std::move(piece) : std::string());
+      }
+    }
+    return absl::OkStatus();
+  }();
+  return FinishUnary(context, "Tokenize", status);
+}
+
+grpc::ServerUnaryReactor* SieveService::Detokenize(grpc::CallbackServerContext* context,
+                                                   const v1::DetokenizeRequest* request,
+                                                   v1::DetokenizeResponse* response) {
+  absl::Status status = [&]() -> absl::Status {
+    SIEVE_ASSIGN_OR_RETURN(engine::Engine * engine, Available());
+    SIEVE_RETURN_IF_ERROR(CheckModel(request->model()));
+    const auto& ids = request->token_ids();
+    SIEVE_RETURN_IF_ERROR(CheckTokenIds(ids, limits_.vocab_size, "token_ids"));
+    const bool skip = !request->has_skip_special_tokens() || request->skip_special_tokens();
+    absl::StatusOr<std::string> text =
+        engine->tokenizer().Decode(absl::MakeConstSpan(ids.data(), ids.size()), skip);
+    if (!text.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("token_ids: ", text.status().message()));
+    }
+    response->set_text(*std::move(text));
+    return absl::OkStatus();
+  }();
+  return FinishUnary(context, "Detokenize", status);
+}
+
+grpc::ServerUnaryReactor* SieveService::ListModels(grpc::CallbackServerContext* context,
+                                                   const v1::ListModelsRequest* request,
+                                                   v1::ListModelsResponse* response) {
+  absl::Status status = [&]() -> absl::Status {
+    SIEVE_ASSIGN_OR_RETURN(engine::Engine * engine, Available());
+    FillModelInfo(*engine, response->add_models());
+    return absl::OkStatus();
+  }();
+  return FinishUnary(context, "ListModels", status);
+}
+
+grpc::ServerUnaryReactor* SieveService::GetModelInfo(grpc::CallbackServerContext* context,
+                                                     const v1::GetModelInfoRequest* request,
+                                                     v1::ModelInfo* response) {
+  absl::Status status = [&]() -> absl::Status {
+    SIEVE_ASSIGN_OR_RETURN(engine::Engine * engine, Available());
+    SIEVE_RETURN_IF_ERROR(CheckModel(request->model()));
+    FillModelInfo(*engine, response);
+    return absl::OkStatus();
+  }();
+  return FinishUnary(context, "GetModelInfo", status);
+}
+
+}  // namespace sieve::server

@@ -1,0 +1,216 @@
+// `sieved`: the Sieve serving daemon.
+//
+//   sieved --config configs/default.yaml [--set section.key=value ...] [--listen ADDR] ...
+//
+// Loads the configuration (file, then overrides in command-line order), starts the metrics and
+// gRPC listeners, loads the model, serves until SIGTERM or SIGINT, then drains (see
+// server/daemon.h) and exits 0. A second signal during the drain cuts the grace period short.
+// Exit codes: 0 after a clean drain, 1 when start-up fails, 2 for a bad command line or config.
+#include <pthread.h>
+#include <signal.h>
+
+#include <atomic>
+#include <cstdio>
+#include <ctime>
+#include <iostream>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/time.h"
+#include "server/config.h"
+#include "server/daemon.h"
+#include "server/log.h"
+
+namespace sieve::server {
+namespace {
+
+constexpr char kUsage[] = R"(usage: sieved [--config FILE] [options]
+
+Sieve's serving daemon: streams completions over gRPC (sieve.v1.Sieve, grpc.health.v1.Health,
+server reflection) and exports Prometheus metrics over HTTP. SIGTERM or SIGINT drains: health
+turns NOT_SERVING, new calls get UNAVAILABLE, in-flight requests finish (up to
+server.drain_grace_period_s), then it exits 0.
+
+options:
+  --config FILE          YAML configuration (e.g. configs/default.yaml); without it every key
+                         takes its default
+  --set KEY=VALUE        override one configuration key (repeatable), e.g.
+                         --set scheduler.max_batch_tokens=4096 --set model.devices=0,1
+  --listen ADDR          same as --set server.listen_address=ADDR
+  --metrics-listen ADDR  same as --set metrics.listen_address=ADDR
+  --model-dir DIR        same as --set model.directory=DIR
+  --backend NAME         same as --set model.backend=NAME (cpu or cuda)
+  --log-level LEVEL      same as --set logging.level=LEVEL
+  --print-config         print the effective configuration as YAML and exit
+  --help                 print this help, with every configuration key, and exit
+
+Overrides apply after the file, in command-line order.
+)";
+
+// Testing only: seconds to wait before loading the model, so that tests can watch health
+// report NOT_SERVING first. Not a configuration key.
+constexpr std::string_view kTestLoadDelayFlag = "--testing-load-delay-s";
+
+struct CommandLine {
+  std::string config_path;
+  std::vector<std::string> overrides;
+  bool print_config = false;
+  double test_load_delay_s = 0;
+};
+
+// Parses argv; returns an exit code to leave with (help printed, or a usage error), or -1.
+int ParseCommandLine(int argc, char** argv, CommandLine& out) {
+  for (int i = 1; i < argc; ++i) {
+    std::string_view arg = argv[i];
+    std::string_view name = arg;
+    std::string value;
+    bool has_value = false;
+    if (const size_t eq = arg.find('='); arg.starts_with("--") && eq != arg.npos) {
+      name = arg.substr(0, eq);
+      value = std::string(arg.substr(eq + 1));
+      has_value = true;
+    }
+    auto take = [&]() -> bool {
+      if (has_value) return true;
+      if (i + 1 >= argc) {
+        std::cerr << "sieved: " << name << " needs a value\n";
+        return false;
+      }
+      value = argv[++i];
+      return true;
+    };
+    auto key_override = [&](std::string_view key) {
+      out.overrides.push_back(absl::StrCat(std::string(key), "=", value));
+    };
+    if (name == "--help" || name == "-h") {
+      std::cout << kUsage << "\nconfiguration keys:\n\n" << FormatConfigHelp();
+      return 0;
+    } else if (name == "--print-config") {
+      out.print_config = true;
+    } else if (name == "--config") {
+      if (!take()) return 2;
+      out.config_path = value;
+    } else if (name == "--set") {
+      if (!take()) return 2;
+      out.overrides.push_back(value);
+    } else if (name == "--listen") {
+      if (!take()) return 2;
+      key_override("server.listen_address");
+    } else if (name == "--metrics-listen") {
+      if (!take()) return 2;
+      key_override("metrics.listen_address");
+    } else if (name == "--model-dir") {
+      if (!take()) return 2;
+      key_override("model.directory");
+    } else if (name == "--backend") {
+      if (!take()) return 2;
+      key_override("model.backend");
+    } else if (name == "--log-level") {
+      if (!take()) return 2;
+      key_override("logging.level");
+    } else if (name == kTestLoadDelayFlag) {
+      if (!take()) return 2;
+      if (!absl::SimpleAtod(value, &out.test_load_delay_s) || out.test_load_delay_s < 0) {
+        std::cerr << "sieved: " << name << ": not a duration in seconds: " << value << "\n";
+        return 2;
+      }
+    } else {
+      std::cerr << "sieved: unknown argument '" << arg << "' (see sieved --help)\n";
+      return 2;
+    }
+  }
+  return -1;
+}
+
+// Waits for SIGTERM / SIGINT (blocked in every thread) on its own thread: the first notifies
+// `drain`, the second `cut_short`. Handling signals synchronously keeps all work out of signal
+// handlers.
+class SignalWatcher {
+ public:
+  SignalWatcher() {
+    sigemptyset(&signals_);
+    sigaddset(&signals_, SIGTERM);
+    sigaddset(&signals_, SIGINT);
+    // Before any other thread exists, so that every thread inherits the mask.
+    pthread_sigmask(SIG_BLOCK, &signals_, nullptr);
+    thread_ = std::thread([this] { Run(); });
+  }
+  ~SignalWatcher() {
+    stop_.store(true);
+    thread_.join();
+  }
+
+  absl::Notification drain;
+  absl::Notification cut_short;
+
+ private:
+  void Run() {
+    const timespec poll = {0, 200 * 1000 * 1000};
+    int received = 0;
+    while (!stop_.load() && received < 2) {
+      siginfo_t info;
+      const int sig = sigtimedwait(&signals_, &info, &poll);
+      if (sig < 0) continue;  // timeout or EINTR
+      ++received;
+      Log(LogLevel::kInfo, absl::StrCat("received ", sig == SIGTERM ? "SIGTERM" : "SIGINT",
+                                        received == 1 ? "; draining" : "; cutting the drain short"));
+      (received == 1 ? drain : cut_short).Notify();
+    }
+  }
+
+  sigset_t signals_;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+};
+
+int Run(int argc, char** argv) {
+  CommandLine cmd;
+  if (int code = ParseCommandLine(argc, argv, cmd); code >= 0) return code;
+  absl::StatusOr<ServerConfig> config =
+      cmd.config_path.empty() ? LoadConfigString("", "<defaults>", cmd.overrides)
+                              : LoadConfigFile(cmd.config_path, cmd.overrides);
+  if (!config.ok()) {
+    std::cerr << "sieved: invalid configuration:\n" << config.status().message() << "\n";
+    return 2;
+  }
+  if (cmd.print_config) {
+    std::cout << ConfigToYaml(*config);
+    return 0;
+  }
+  if (absl::StatusOr<LogLevel> level = ParseLogLevel(config->logging.level); level.ok()) {
+    SetLogLevel(*level);
+  }
+
+  SignalWatcher signals;
+  Log(LogLevel::kInfo, absl::StrCat("starting: config ",
+                                    cmd.config_path.empty() ? "<defaults>" : cmd.config_path,
+                                    ", model ", config->model.directory, ", backend ",
+                                    config->model.backend));
+  absl::StatusOr<std::unique_ptr<Daemon>> daemon = Daemon::Start(*config);
+  if (!daemon.ok()) {
+    Log(LogLevel::kError, absl::StrCat("cannot start: ", daemon.status().ToString()));
+    return 1;
+  }
+  if (cmd.test_load_delay_s > 0) {
+    signals.drain.WaitForNotificationWithTimeout(absl::Seconds(cmd.test_load_delay_s));
+  }
+  if (absl::Status loaded = (*daemon)->LoadModel(); !loaded.ok()) {
+    Log(LogLevel::kError, absl::StrCat("cannot load the model: ", loaded.ToString()));
+    (*daemon)->Drain();
+    return 1;
+  }
+  signals.drain.WaitForNotification();
+  (*daemon)->Drain(&signals.cut_short);
+  return 0;
+}
+
+}  // namespace
+}  // namespace sieve::server
+
+int main(int argc, char** argv) { return sieve::server::Run(argc, argv); }
