@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/cpu_backend.h"
+#include "engine/random_weights.h"
 #ifdef SIEVE_HAVE_CUDA
 #include "engine/cuda/cuda_backend.h"
 #endif
@@ -92,23 +93,37 @@ absl::StatusOr<std::unique_ptr<ModelWorker>> ModelRunner::CreateWorker() {
 }
 
 absl::Status ModelRunner::LoadWeights(const std::string& model_dir) {
-  SIEVE_ASSIGN_OR_RETURN(std::unique_ptr<WeightStore> store, WeightStore::Open(model_dir));
+  // Either the checkpoint's tensors or seeded random ones of the same names and shapes.
+  std::unique_ptr<WeightStore> store;
+  std::unique_ptr<RandomWeightSource> random;
+  if (options_.weights == "random") {
+    random = std::make_unique<RandomWeightSource>(options_.random_seed);
+  } else if (options_.weights == "checkpoint") {
+    SIEVE_ASSIGN_OR_RETURN(store, WeightStore::Open(model_dir));
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "weights must be 'checkpoint' or 'random', got '", options_.weights, "'"));
+  }
   const int64_t h = config_.hidden_size, inter = config_.intermediate_size;
   const int64_t d = config_.head_dim;
   const int64_t q_out = config_.num_attention_heads * d, kv_out = config_.num_key_value_heads * d;
   // Fetches a tensor with the expected shape.
   auto get = [&](const std::string& name,
                  std::vector<int64_t> shape) -> absl::StatusOr<TensorView> {
+    if (random) return random->GetWithShape(name, shape);
     return store->GetWithShape(name, shape);
   };
+  // Uploads, then frees the host copies of random tensors.
   auto upload = [&](std::vector<TensorView> parts, int64_t cols) {
-    return backend_->UploadWeight(parts, cols);
+    auto t = backend_->UploadWeight(parts, cols);
+    if (random) random->Clear();
+    return t;
   };
   SIEVE_ASSIGN_OR_RETURN(TensorView embed, get("model.embed_tokens.weight", {config_.vocab_size, h}));
   SIEVE_ASSIGN_OR_RETURN(embed_, upload({embed}, h));
   SIEVE_ASSIGN_OR_RETURN(TensorView norm, get("model.norm.weight", {h}));
   SIEVE_ASSIGN_OR_RETURN(final_norm_, upload({norm}, h));
-  if (config_.tie_word_embeddings && !store->Has("lm_head.weight")) {
+  if (config_.tie_word_embeddings && (random || !store->Has("lm_head.weight"))) {
     lm_head_ = embed_;
   } else {
     SIEVE_ASSIGN_OR_RETURN(TensorView head, get("lm_head.weight", {config_.vocab_size, h}));

@@ -29,6 +29,10 @@ struct ModelRunnerOptions {
   int32_t max_step_tokens = 2048;    // most tokens one step may carry (activation buffers)
   int32_t max_step_logits = 256;     // most sequences one step may ask logits for
   int num_threads = 0;               // CPU threads for the CPU backend (0 = all)
+  // "checkpoint": load *.safetensors from the model directory; "random": seeded random weights
+  // with the shapes config.json implies (for benchmarking real shapes without a checkpoint).
+  std::string weights = "checkpoint";
+  uint64_t random_seed = 0;
 };
 
 // One sequence's share of a step.
