@@ -1,6 +1,14 @@
 #include "server/metrics.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
 #include <exception>
+#include <thread>
 #include <utility>
 
 #include "absl/strings/ascii.h"
@@ -87,6 +95,18 @@ absl::StatusOr<std::string> CivetListenAddress(const std::string& address) {
   return absl::StrCat(host, ":", port);
 }
 
+// Opens and closes a TCP connection to ip:port (an IPv4 literal), ignoring failure.
+void Poke(const std::string& ip, int port) {
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  if (inet_pton(AF_INET, ip.c_str(), &addr.sin_addr) != 1) return;
+  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return;
+  connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof(addr));
+  close(fd);
+}
+
 }  // namespace
 
 std::string_view GrpcStatusCodeName(int code) {
@@ -108,20 +128,24 @@ const std::vector<double>& LatencyBucketsSeconds() {
 
 Metrics::Metrics(const std::string& model)
     : registry_(std::make_shared<prometheus::Registry>()) {
-  using prometheus::BuildCounter;
-  using prometheus::BuildGauge;
-  using prometheus::BuildHistogram;
   const prometheus::Labels model_label = {{"model", model}};
+  RegisterRequestMetrics(model_label);
+  RegisterEngineMetrics(model_label);
+}
+
+void Metrics::RegisterRequestMetrics(const prometheus::Labels& model_label) {
+  using prometheus::BuildCounter;
   const auto& buckets = LatencyBucketsSeconds();
   auto histogram = [&](const char* name, const char* help) {
-    return &BuildHistogram().Name(name).Help(help).Labels(model_label).Register(*registry_).Add(
-        {}, buckets);
+    return &prometheus::BuildHistogram()
+                .Name(name)
+                .Help(help)
+                .Labels(model_label)
+                .Register(*registry_)
+                .Add({}, buckets);
   };
   auto counter = [&](const char* name, const char* help) {
     return &BuildCounter().Name(name).Help(help).Labels(model_label).Register(*registry_).Add({});
-  };
-  auto gauge = [&](const char* name, const char* help) {
-    return &BuildGauge().Name(name).Help(help).Labels(model_label).Register(*registry_).Add({});
   };
 
   queue_s_ = histogram("sieve_request_queue_seconds",
@@ -165,13 +189,23 @@ Metrics::Metrics(const std::string& model)
                         .Help("Finished gRPC calls by method and status code.")
                         .Labels(model_label)
                         .Register(*registry_);
+}
 
+void Metrics::RegisterEngineMetrics(const prometheus::Labels& model_label) {
+  using prometheus::BuildCounter;
+  using prometheus::BuildGauge;
+  auto counter = [&](const char* name, const char* help) {
+    return &BuildCounter().Name(name).Help(help).Labels(model_label).Register(*registry_).Add({});
+  };
+  auto gauge = [&](const char* name, const char* help) {
+    return &BuildGauge().Name(name).Help(help).Labels(model_label).Register(*registry_).Add({});
+  };
   auto& running = BuildGauge()
                       .Name("sieve_running_requests")
                       .Help("Requests in the prefill or decode pool.")
                       .Labels(model_label)
                       .Register(*registry_);
-  auto& step_s = BuildHistogram()
+  auto& step_s = prometheus::BuildHistogram()
                      .Name("sieve_step_seconds")
                      .Help("Seconds of one worker step of a pool.")
                      .Labels(model_label)
@@ -185,12 +219,13 @@ Metrics::Metrics(const std::string& model)
     const prometheus::Labels pool_label = {{"pool", std::string(engine::PoolName(pool))}};
     const int i = static_cast<int>(pool);
     running_[i] = &running.Add(pool_label);
-    step_s_[i] = &step_s.Add(pool_label, buckets);
+    step_s_[i] = &step_s.Add(pool_label, LatencyBucketsSeconds());
     step_tokens_[i] = &step_tokens.Add(pool_label);
   }
   waiting_ = gauge("sieve_waiting_requests", "Requests queued for admission.");
   waiting_tokens_ = gauge("sieve_waiting_tokens", "Prompt tokens of the queued requests.");
-  kv_used_ = gauge("sieve_kv_pages_used", "KV-cache pages in use.");
+  kv_used_ = gauge("sieve_kv_pages_used",
+                   "KV-cache pages in use, including those only the prefix cache holds.");
   kv_free_ = gauge("sieve_kv_pages_free", "KV-cache pages free.");
   kv_cached_ = gauge("sieve_kv_pages_cached",
                      "KV-cache pages held only by the prefix cache (evictable).");
@@ -203,8 +238,19 @@ Metrics::Metrics(const std::string& model)
 }
 
 Metrics::~Metrics() {
-  // Stop serving before the registry goes away.
+  // Stop serving before the registry goes away. civetweb's listener thread notices the stop
+  // only when its poll() wakes, which without traffic takes up to 2 s; poking the port with
+  // connections while it stops makes shutdown take milliseconds.
+  std::atomic<bool> stopped{false};
+  std::thread poke([this, &stopped] {
+    while (!stopped.load()) {
+      Poke(poke_ip_, port_);
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  });
   exposer_.reset();
+  stopped = true;
+  poke.join();
 }
 
 absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& listen_address,
@@ -224,6 +270,8 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& list
         absl::StrCat("metrics listener on ", listen_address, " reports no bound port"));
   }
   metrics->port_ = ports.front();
+  metrics->poke_ip_ = civet_address->substr(0, civet_address->rfind(':'));
+  if (metrics->poke_ip_ == "0.0.0.0") metrics->poke_ip_ = "127.0.0.1";
   metrics->exposer_->RegisterCollectable(metrics->registry_);
   return metrics;
 }

@@ -28,7 +28,7 @@
 // | sieve_running_requests                      | gauge     | model, pool          | Requests in the prefill or decode pool. |
 // | sieve_waiting_requests                      | gauge     | model                | Requests queued for admission (including preempted ones). |
 // | sieve_waiting_tokens                        | gauge     | model                | Prompt tokens of the queued requests. |
-// | sieve_kv_pages_used                         | gauge     | model                | KV-cache pages in use, as reported by the engine. |
+// | sieve_kv_pages_used                         | gauge     | model                | KV-cache pages in use, including the cached ones (used + free = all pages). |
 // | sieve_kv_pages_free                         | gauge     | model                | KV-cache pages free. |
 // | sieve_kv_pages_cached                       | gauge     | model                | KV-cache pages held only by the prefix cache (evictable). |
 // | sieve_prefix_cache_hit_ratio                | gauge     | model                | Cumulative prefix-cache hit tokens / query tokens; 0 before any lookup. |
@@ -47,6 +47,7 @@
 
 #include <array>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -116,6 +117,9 @@ class Metrics : public engine::EngineObserver {
 
  private:
   explicit Metrics(const std::string& model);
+  // Create the request (latency, outcome, token, gRPC) and the engine (load, step) families.
+  void RegisterRequestMetrics(const std::map<std::string, std::string>& model_label);
+  void RegisterEngineMetrics(const std::map<std::string, std::string>& model_label);
 
   // Returns the counter of `method`/`code`, creating it on first use.
   prometheus::Counter& GrpcCounter(std::string_view method, std::string_view code);
@@ -123,6 +127,7 @@ class Metrics : public engine::EngineObserver {
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<prometheus::Exposer> exposer_;
   int port_ = 0;
+  std::string poke_ip_;  // an address of the listener, to wake it on shutdown
 
   // Families owned by registry_.
   prometheus::Family<prometheus::Counter>* grpc_requests_ = nullptr;

@@ -306,6 +306,19 @@ TEST(MetricsTest, RenderMatchesTheEndpoint) {
   EXPECT_EQ(rendered->Find("sieve_preemptions_total"), 1.0);
 }
 
+TEST(MetricsTest, ShutsDownPromptly) {
+  for (const char* address : {"127.0.0.1:0", "0.0.0.0:0"}) {
+    absl::StatusOr<std::unique_ptr<Metrics>> m = Metrics::Create(address, "m");
+    ASSERT_TRUE(m.ok()) << m.status();
+    const int port = (*m)->port();
+    const absl::Time start = absl::Now();
+    m->reset();
+    // civetweb alone needs up to 2 s to notice the stop.
+    EXPECT_LT(absl::Now() - start, absl::Milliseconds(1500)) << address;
+    EXPECT_FALSE(HttpGet("127.0.0.1", port, "/metrics", absl::Seconds(2)).ok()) << address;
+  }
+}
+
 TEST(MetricsTest, BindFailureIsAClearError) {
   std::unique_ptr<Metrics> first = MakeMetrics();
   ASSERT_NE(first, nullptr);

@@ -34,6 +34,9 @@ absl::Status CudaErrorStatus(cudaError_t e, const char* expr, const char* file, 
     absl::StrAppend(&msg, "; raised by `", site.expr, "` at ", site.file, ":", site.line);
   }
   site = kernels::CudaErrorSite{};
+  // Clear the runtime's last-error state, so that a failure that does not poison the context
+  // (an allocation too large, say) is not reported again by the next launch check.
+  cudaGetLastError();
   return absl::InternalError(msg);
 }
 
