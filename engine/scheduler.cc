@@ -73,7 +73,10 @@ struct Scheduler::Packer {
 };
 
 Scheduler::Scheduler(const SchedulerOptions& options)
-    : options_(options), alloc_(options.num_pages), cache_(options.page_size, alloc_) {
+    : options_(options),
+      alloc_(options.num_pages),
+      cache_(options.page_size, alloc_),
+      table_refs_(std::max(options.num_pages, 0), 0) {
   const absl::Status valid = options.Validate();
   if (!valid.ok()) internal::KvInvariantFailure(valid.message());
 }
@@ -160,7 +163,7 @@ void Scheduler::ScheduleDecodes(StepPlan& plan, Packer& packer) {
 bool Scheduler::ReserveDecodeSlot(Sequence& s, StepPlan& plan) {
   bool cleared = false;
   while (true) {
-    if (AppendWithEviction(s.pages, 1, alloc_, cache_).ok()) return true;
+    if (AppendTokens(s, 1).ok()) return true;
     Sequence* victim = LeastImportantIdle();  // `s` is idle, so there is one
     if (victim != &s) {
       Preempt(*victim, plan);
@@ -214,8 +217,8 @@ void Scheduler::ScheduleRunningPrefills(StepPlan& plan, Packer& packer, int32_t&
     if (s->phase != SequencePhase::kPrefill || s->in_flight() || s->pending() == 0) continue;
     const int32_t w = packer.BestWorker();
     if (w < 0) break;
-    const int32_t want = std::min({s->pending(), options_.prefill_chunk_tokens, budget,
-                                   packer.Room(w)});
+    const int32_t want =
+        std::min({s->pending(), options_.prefill_chunk_tokens, budget, packer.Room(w)});
     int32_t n = TokensThatFit(*s, want);
     bool cleared = false;
     while (n == 0) {
@@ -231,7 +234,7 @@ void Scheduler::ScheduleRunningPrefills(StepPlan& plan, Packer& packer, int32_t&
       n = TokensThatFit(*s, want);
     }
     if (n == 0) continue;
-    if (!AppendWithEviction(s->pages, n, alloc_, cache_).ok()) {
+    if (!AppendTokens(*s, n).ok()) {
       internal::KvInvariantFailure("scheduler: pages that fit could not be appended");
     }
     packer.Add(w, WorkItem{id, s->num_computed, n, /*want_logits=*/n == s->pending()});
@@ -265,10 +268,10 @@ void Scheduler::AdmitWaiting(StepPlan& plan, Packer& packer, int32_t& budget) {
     }
     waiting_.erase(WaitKeyOf(*s));
     waiting_tokens_ -= static_cast<int64_t>(s->tokens.size());
-    s->pages.AdoptSharedPrefix(match.pages, match.num_tokens);
+    AdoptPrefix(*s, match);
     s->num_computed = match.num_tokens;
     s->cached_pages = static_cast<int32_t>(match.pages.size());
-    if (!s->pages.Append(n, alloc_).ok()) {
+    if (!AppendTokens(*s, n).ok()) {
       internal::KvInvariantFailure("scheduler: admitted pages could not be appended");
     }
     if (!s->admitted_once) {
@@ -288,9 +291,39 @@ void Scheduler::AdmitWaiting(StepPlan& plan, Packer& packer, int32_t& budget) {
   }
 }
 
+absl::Status Scheduler::AppendTokens(Sequence& s, int32_t n) {
+  const size_t before = s.pages.pages().size();
+  absl::Status st = AppendWithEviction(s.pages, n, alloc_, cache_).status();
+  if (st.ok()) Track(s.pages.pages().subspan(before), +1);
+  return st;
+}
+
+void Scheduler::AdoptPrefix(Sequence& s, const PrefixMatch& match) {
+  s.pages.AdoptSharedPrefix(match.pages, match.num_tokens);
+  Track(match.pages, +1);
+}
+
+void Scheduler::ReleasePages(Sequence& s) {
+  Track(s.pages.pages(), -1);
+  s.pages.Release(alloc_);
+}
+
+void Scheduler::TruncatePages(Sequence& s, int32_t num_tokens) {
+  const std::vector<int32_t> before(s.pages.pages().begin(), s.pages.pages().end());
+  s.pages.Truncate(num_tokens, alloc_);
+  Track(absl::MakeConstSpan(before).subspan(s.pages.pages().size()), -1);
+}
+
+void Scheduler::Track(absl::Span<const int32_t> pages, int32_t delta) {
+  for (int32_t p : pages) {
+    if (delta > 0 && table_refs_[p]++ == 0) ++held_pages_;
+    if (delta < 0 && --table_refs_[p] == 0) --held_pages_;
+  }
+}
+
 void Scheduler::Preempt(Sequence& s, StepPlan& plan) {
   running_.erase(RunKeyOf(s));
-  s.pages.Release(alloc_);
+  ReleasePages(s);
   s.num_computed = 0;
   s.cached_pages = 0;
   s.phase = SequencePhase::kWaiting;
@@ -325,7 +358,8 @@ std::vector<RequestId> Scheduler::Complete(const WorkerBatch& batch, bool ok) {
       s->num_computed += item.num_tokens;
       OfferToCache(*s);
     } else {
-      s->num_computed = s->pages.Truncate(s->num_computed, alloc_);
+      TruncatePages(*s, s->num_computed);
+      s->num_computed = s->pages.num_tokens();
     }
     if (s->remove_pending) {
       removed.push_back(item.id);
@@ -369,7 +403,7 @@ void Scheduler::ReleaseAndErase(Sequence& s) {
   } else {
     running_.erase(RunKeyOf(s));
   }
-  s.pages.Release(alloc_);
+  ReleasePages(s);
   seqs_.erase(s.id);
 }
 
@@ -383,8 +417,8 @@ absl::Status Scheduler::CheckInvariants() const {
     for (int32_t p : s.pages.pages()) ++refs[p];
     if (s.pages.num_tokens() != s.num_computed + s.in_flight_tokens) {
       return absl::InternalError(absl::StrCat(who, "page table holds ", s.pages.num_tokens(),
-                                              " tokens, computed ", s.num_computed,
-                                              " + in flight ", s.in_flight_tokens));
+                                              " tokens, computed ", s.num_computed, " + in flight ",
+                                              s.in_flight_tokens));
     }
     if (s.num_computed + s.in_flight_tokens > static_cast<int32_t>(s.tokens.size()) ||
         static_cast<int32_t>(s.tokens.size()) > s.max_total_tokens) {
@@ -413,12 +447,21 @@ absl::Status Scheduler::CheckInvariants() const {
   if (running > options_.max_running_requests) {
     return absl::InternalError(absl::StrCat(running, " running requests exceed the limit"));
   }
+  int32_t held = 0;
   for (int32_t p = 0; p < options_.num_pages; ++p) {
+    if (table_refs_[p] != refs[p]) {
+      return absl::InternalError(absl::StrCat("page ", p, " is tracked in ", table_refs_[p],
+                                              " tables but listed by ", refs[p]));
+    }
+    held += refs[p] > 0 ? 1 : 0;
     const int32_t want = refs[p] + (cache_.IsCached(p) ? 1 : 0);
     if (alloc_.ref_count(p) != want) {
       return absl::InternalError(absl::StrCat("page ", p, " has ", alloc_.ref_count(p),
                                               " references; tables and cache hold ", want));
     }
+  }
+  if (held != held_pages_) {
+    return absl::InternalError(absl::StrCat("held pages ", held_pages_, " != ", held));
   }
   return cache_.CheckInvariants();
 }

@@ -53,15 +53,15 @@ namespace sieve::engine {
 
 // Capacity and budgets of the scheduler.
 struct SchedulerOptions {
-  int32_t page_size = 16;               // tokens per KV page
-  int32_t num_pages = 1024;             // KV pages in the pool
-  int32_t max_batch_tokens = 2048;      // tokens in flight over both pools, prefill + decode
-  int32_t prefill_chunk_tokens = 512;   // most prompt tokens of one request in one step
-  int32_t max_running_requests = 64;    // admitted (prefilling + decoding) requests
-  int32_t prefill_workers = 1;          // batches per prefill step
-  int32_t decode_workers = 1;           // batches per decode step
-  int32_t max_worker_tokens = 2048;     // most tokens in one worker batch (runner max_step_tokens)
-  int32_t max_worker_sequences = 256;   // most sequences in one worker batch (max_step_logits)
+  int32_t page_size = 16;              // tokens per KV page
+  int32_t num_pages = 1024;            // KV pages in the pool
+  int32_t max_batch_tokens = 2048;     // tokens in flight over both pools, prefill + decode
+  int32_t prefill_chunk_tokens = 512;  // most prompt tokens of one request in one step
+  int32_t max_running_requests = 64;   // admitted (prefilling + decoding) requests
+  int32_t prefill_workers = 1;         // batches per prefill step
+  int32_t decode_workers = 1;          // batches per decode step
+  int32_t max_worker_tokens = 2048;    // most tokens in one worker batch (runner max_step_tokens)
+  int32_t max_worker_sequences = 256;  // most sequences in one worker batch (max_step_logits)
   bool enable_prefix_caching = true;
 
   // Returns InvalidArgument naming the first field that is not positive.
@@ -81,20 +81,20 @@ struct Sequence {
 
   RequestId id = 0;
   int32_t priority = 0;
-  uint64_t arrival = 0;            // order of Add calls
-  std::vector<int32_t> tokens;     // prompt followed by the generated ids
-  int32_t prompt_len = 0;          // tokens
-  int32_t max_total_tokens = 0;    // prompt_len + the most tokens it may generate
-  int32_t num_computed = 0;        // leading tokens whose KV is written
-  int32_t in_flight_tokens = 0;    // tokens a worker computes now; 0 when not in flight
-  int32_t cached_pages = 0;        // leading full pages already offered to the prefix cache
+  uint64_t arrival = 0;          // order of Add calls
+  std::vector<int32_t> tokens;   // prompt followed by the generated ids
+  int32_t prompt_len = 0;        // tokens
+  int32_t max_total_tokens = 0;  // prompt_len + the most tokens it may generate
+  int32_t num_computed = 0;      // leading tokens whose KV is written
+  int32_t in_flight_tokens = 0;  // tokens a worker computes now; 0 when not in flight
+  int32_t cached_pages = 0;      // leading full pages already offered to the prefix cache
   SequencePhase phase = SequencePhase::kWaiting;
-  bool preempted = false;          // waiting after a preemption (queued ahead of new arrivals)
-  bool remove_pending = false;     // Remove() called while in flight
+  bool preempted = false;       // waiting after a preemption (queued ahead of new arrivals)
+  bool remove_pending = false;  // Remove() called while in flight
   bool admitted_once = false;
   int32_t preemptions = 0;
-  int32_t cached_tokens = 0;       // prompt tokens served by the prefix cache at first admission
-  PageTable pages;                 // slots of tokens [0, num_computed + in_flight_tokens)
+  int32_t cached_tokens = 0;  // prompt tokens served by the prefix cache at first admission
+  PageTable pages;            // slots of tokens [0, num_computed + in_flight_tokens)
 
   bool in_flight() const { return in_flight_tokens > 0; }
   // Tokens not computed yet (0 after a chunk that produced logits, until AppendToken).
@@ -112,9 +112,9 @@ struct WorkItem {
 // The work of one worker of one pool for one step.
 struct WorkerBatch {
   Pool pool = Pool::kPrefill;
-  int32_t worker = 0;        // index within the pool
+  int32_t worker = 0;  // index within the pool
   std::vector<WorkItem> items;
-  int32_t num_tokens = 0;    // sum of the items' num_tokens
+  int32_t num_tokens = 0;  // sum of the items' num_tokens
 };
 
 // The decisions of one step.
@@ -132,7 +132,7 @@ struct SchedulerStats {
   int64_t prefix_query_tokens = 0;  // prompt tokens looked up at first admission
   int64_t prefix_hit_tokens = 0;    // of those, served by the prefix cache
   int64_t preemptions = 0;
-  int64_t admissions = 0;           // first admissions
+  int64_t admissions = 0;  // first admissions
 };
 
 class Scheduler {
@@ -182,8 +182,10 @@ class Scheduler {
   const SchedulerOptions& options() const { return options_; }
   const PageAllocator& allocator() const { return alloc_; }
   const PrefixCache& prefix_cache() const { return cache_; }
-  // Pages held only by the prefix cache (evictable now).
-  int32_t cached_only_pages() const { return cache_.stats().evictable_pages; }
+  // Pages listed by at least one live page table (requests' pages, shared ones counted once).
+  int32_t held_pages() const { return held_pages_; }
+  // Pages in use only because the prefix cache holds them.
+  int32_t cached_only_pages() const { return alloc_.num_used() - held_pages_; }
 
   // Recomputes every invariant (page references, phases, queues, budgets of in-flight work,
   // the prefix cache's own) and returns Internal naming the first violation. For tests;
@@ -192,13 +194,13 @@ class Scheduler {
 
  private:
   // Orders sequences: most important first.
-  using RunKey = std::tuple<int32_t, uint64_t, RequestId>;        // (-priority, arrival, id)
-  using WaitKey = std::tuple<int32_t, bool, uint64_t, RequestId>;  // (-priority, !preempted, ...)
+  using RunKey = std::tuple<int64_t, uint64_t, RequestId>;         // (-priority, arrival, id)
+  using WaitKey = std::tuple<int64_t, bool, uint64_t, RequestId>;  // (-priority, !preempted, ...)
   struct Packer;
 
-  static RunKey RunKeyOf(const Sequence& s) { return {-s.priority, s.arrival, s.id}; }
+  static RunKey RunKeyOf(const Sequence& s) { return {-int64_t{s.priority}, s.arrival, s.id}; }
   static WaitKey WaitKeyOf(const Sequence& s) {
-    return {-s.priority, !s.preempted, s.arrival, s.id};
+    return {-int64_t{s.priority}, !s.preempted, s.arrival, s.id};
   }
   Sequence* Get(RequestId id) const;
 
@@ -214,6 +216,12 @@ class Scheduler {
   Sequence* LeastImportantIdle();
   // Whether a running sequence less important than `s` is in flight.
   bool LessImportantInFlight(const Sequence& s) const;
+  // Page-table changes that keep table_refs_ current.
+  absl::Status AppendTokens(Sequence& s, int32_t n);
+  void AdoptPrefix(Sequence& s, const PrefixMatch& match);
+  void ReleasePages(Sequence& s);
+  void TruncatePages(Sequence& s, int32_t num_tokens);
+  void Track(absl::Span<const int32_t> pages, int32_t delta);
   void Preempt(Sequence& s, StepPlan& plan);
   void ReleaseAndErase(Sequence& s);
   void OfferToCache(Sequence& s);
@@ -224,6 +232,8 @@ class Scheduler {
   absl::flat_hash_map<RequestId, std::unique_ptr<Sequence>> seqs_;
   std::set<WaitKey> waiting_;
   std::set<RunKey> running_;
+  std::vector<int32_t> table_refs_;  // [num_pages] live page tables listing each page
+  int32_t held_pages_ = 0;           // pages with table_refs_ > 0
   int64_t waiting_tokens_ = 0;
   uint64_t next_arrival_ = 0;
   SchedulerStats stats_;

@@ -4,6 +4,8 @@
 #include "engine/scheduler.h"
 
 #include <algorithm>
+#include <iostream>
+#include <limits>
 #include <map>
 #include <numeric>
 #include <random>
@@ -40,9 +42,7 @@ std::vector<int32_t> Prompt(int32_t n, int32_t seed = 0) {
 int32_t FakeToken(RequestId id, size_t pos) { return static_cast<int32_t>((id * 31 + pos) % 997); }
 
 // Pages not free and not held only by the prefix cache: the pages live requests hold.
-int32_t PagesHeld(const Scheduler& s) {
-  return s.allocator().num_used() - s.cached_only_pages();
-}
+int32_t PagesHeld(const Scheduler& s) { return s.allocator().num_used() - s.cached_only_pages(); }
 
 // Checks what every plan must satisfy, given the scheduler's state right after Schedule().
 void CheckPlan(const Scheduler& s, const StepPlan& plan) {
@@ -169,9 +169,15 @@ TEST(SchedulerOptionsTest, ValidateNamesTheField) {
   EXPECT_TRUE(SchedulerOptions().Validate().ok());
   for (int field = 0; field < 9; ++field) {
     SchedulerOptions o;
-    int32_t* f[] = {&o.page_size,        &o.num_pages,       &o.max_batch_tokens,
-                    &o.prefill_chunk_tokens, &o.max_running_requests, &o.prefill_workers,
-                    &o.decode_workers,   &o.max_worker_tokens, &o.max_worker_sequences};
+    int32_t* f[] = {&o.page_size,
+                    &o.num_pages,
+                    &o.max_batch_tokens,
+                    &o.prefill_chunk_tokens,
+                    &o.max_running_requests,
+                    &o.prefill_workers,
+                    &o.decode_workers,
+                    &o.max_worker_tokens,
+                    &o.max_worker_sequences};
     *f[field] = field % 2 == 0 ? 0 : -3;
     const absl::Status st = o.Validate();
     EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << field;
@@ -250,13 +256,16 @@ TEST(SchedulerTest, DecodesComeFirstAndALongPromptNeverStallsThem) {
   sim.Step();  // three prefills of 5 tokens
   sim.Add(9, 200, 2);
   int prefill_steps = 0;
+  int32_t left = 200;
   while (sim.sched.Find(9) != nullptr && sim.sched.Find(9)->phase != SequencePhase::kDecode) {
     StepPlan p = sim.Step();
     // Every decoding request gets its token in every step while the long prompt prefills.
     EXPECT_EQ(Items(p, Pool::kDecode).size(), 3u);
-    EXPECT_EQ(p.num_tokens(Pool::kPrefill), 17);  // 20 - one token for each decode
+    EXPECT_EQ(p.num_tokens(Pool::kPrefill), std::min(left, 17));  // 20 - a token per decode
+    left -= p.num_tokens(Pool::kPrefill);
     ++prefill_steps;
   }
+  EXPECT_EQ(left, 0);
   EXPECT_EQ(prefill_steps, (200 + 16) / 17);
   sim.RunToEnd();
   for (RequestId id = 1; id <= 3; ++id) EXPECT_EQ(sim.finished[id], sim.Expected(id, 5));
@@ -296,6 +305,21 @@ TEST(SchedulerTest, AdmitsByPriorityThenArrival) {
     order.insert(order.end(), p.admitted.begin(), p.admitted.end());
   }
   EXPECT_THAT(order, ElementsAre(2, 4, 3, 1));
+}
+
+TEST(SchedulerTest, ExtremePrioritiesOrderCorrectly) {
+  SchedulerOptions o = Options(4, 64);
+  o.max_running_requests = 1;
+  Sim sim(o);
+  sim.Add(1, 4, 1, std::numeric_limits<int32_t>::min());
+  sim.Add(2, 4, 1, 0);
+  sim.Add(3, 4, 1, std::numeric_limits<int32_t>::max());
+  std::vector<RequestId> order;
+  while (sim.sched.num_sequences() > 0) {
+    StepPlan p = sim.Step();
+    order.insert(order.end(), p.admitted.begin(), p.admitted.end());
+  }
+  EXPECT_THAT(order, ElementsAre(3, 2, 1));
 }
 
 TEST(SchedulerTest, AdmissionWaitsUntilTheFirstChunkFits) {
@@ -407,27 +431,26 @@ TEST(SchedulerTest, TheLeastImportantRequestPreemptsItself) {
   EXPECT_EQ(sim.finished[2], sim.Expected(2, 2));
 }
 
-TEST(SchedulerTest, InFlightSequencesAreNeverPreempted) {
+TEST(SchedulerTest, AMoreImportantDecodePreemptsAnIdleLessImportantOne) {
   SchedulerOptions o = Options(2, 4);
   o.enable_prefix_caching = false;
   Sim sim(o);
   sim.Add(1, 2, 4, /*priority=*/1);
   sim.Add(2, 2, 4, /*priority=*/0);
   sim.Step();
-  sim.Step();  // both decode at position 2: 2 pages each, pool full
-  // Request 2's decode is in flight in the decode pool; request 1 runs in the other "slot".
+  sim.Step();  // both computed position 2: two pages each, the pool is full
+  // Position 3 fits in the second pages; only the decode pool is asked for work.
   StepPlan p = sim.Schedule(/*prefill_idle=*/false, /*decode_idle=*/true);
   ASSERT_EQ(p.batches.size(), 1u);
-  ASSERT_EQ(Items(p, Pool::kDecode).size(), 2u);
-  WorkerBatch both = p.batches[0];
-  sim.Complete(both);
-  // Position 4 needs a third page each. Plan request 2 alone by making it the only idle one:
-  // complete nothing for request 1 yet.
-  p = sim.Schedule(true, true);
-  // Request 1 (more important) gets a page by preempting request 2, which is idle.
+  EXPECT_EQ(Items(p, Pool::kDecode).size(), 2u);
+  sim.Complete(p.batches[0]);
+  // Position 4 needs a third page each: request 1 takes request 2's pages.
+  p = sim.Schedule();
   EXPECT_THAT(p.preempted, ElementsAre(2));
+  EXPECT_THAT(Items(p, Pool::kDecode), ElementsAre(std::make_tuple(1, 4, 1)));
   sim.Complete(p.batches[0]);
   sim.RunToEnd();
+  EXPECT_EQ(sim.finished[1], sim.Expected(1, 2));
   EXPECT_EQ(sim.finished[2], sim.Expected(2, 2));
 }
 
@@ -561,6 +584,10 @@ TEST(SchedulerTest, AppendTokenChecksTheProtocol) {
   EXPECT_TRUE(sim.sched.Complete(p.batches[0], true).empty());
   ASSERT_TRUE(sim.sched.AppendToken(1, 1).ok());  // the one allowed token
   EXPECT_EQ(sim.sched.AppendToken(1, 1).code(), absl::StatusCode::kFailedPrecondition);  // pending
+  p = sim.Schedule();
+  EXPECT_TRUE(sim.sched.Complete(p.batches[0], true).empty());
+  // A second generated token would exceed max_new_tokens = 1.
+  EXPECT_EQ(sim.sched.AppendToken(1, 1).code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_TRUE(sim.sched.Remove(1));
 }
 
@@ -573,8 +600,7 @@ TEST(SchedulerTest, PacksBatchesPerWorkerWithinTheirLimits) {
   Sim sim(o);
   for (RequestId id = 1; id <= 5; ++id) sim.Add(id, 20, 10);
   StepPlan p = sim.Schedule();
-  // Three prefill workers of 16 tokens: each takes one request's first 16 tokens... and a
-  // second request where room remains; 2 requests wait.
+  // Three prefill workers of 16 tokens: each takes a first chunk of 16 tokens; two wait.
   int32_t prefill_batches = 0;
   for (const WorkerBatch& b : p.batches) prefill_batches += b.pool == Pool::kPrefill;
   EXPECT_EQ(prefill_batches, 3);
@@ -595,9 +621,12 @@ TEST(SchedulerTest, PacksBatchesPerWorkerWithinTheirLimits) {
 // batches out of step; every invariant is checked after every call, and at the end every page
 // is free or cached and every request that was not cancelled produced its exact tokens.
 TEST(SchedulerStressTest, RandomWorkloadsKeepEveryInvariant) {
-  for (uint32_t seed = 1; seed <= 12; ++seed) {
+  int64_t total_preemptions = 0, total_hits = 0, deferred_removals = 0, async_steps = 0;
+  for (uint32_t seed = 1; seed <= 40; ++seed) {
     std::mt19937 rng(seed);
-    auto uniform = [&rng](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
+    auto uniform = [&rng](int lo, int hi) {
+      return std::uniform_int_distribution<int>(lo, hi)(rng);
+    };
     SchedulerOptions o;
     o.page_size = uniform(1, 8);
     o.num_pages = uniform(24, 80);
@@ -609,15 +638,15 @@ TEST(SchedulerStressTest, RandomWorkloadsKeepEveryInvariant) {
     o.max_worker_tokens = uniform(4, 64);
     o.max_worker_sequences = uniform(1, 8);
     o.enable_prefix_caching = seed % 3 != 0;
-    SCOPED_TRACE(testing::Message() << "seed " << seed << " page_size " << o.page_size
-                                    << " pages " << o.num_pages);
+    SCOPED_TRACE(testing::Message()
+                 << "seed " << seed << " page_size " << o.page_size << " pages " << o.num_pages);
     Sim sim(o);
     const int32_t capacity = o.num_pages * o.page_size;
     std::map<RequestId, int32_t> prompt_len;
     std::set<RequestId> cancelled;
     std::vector<WorkerBatch> in_flight[2];
     RequestId next_id = 1;
-    for (int step = 0; step < 3000; ++step) {
+    for (int step = 0; step < 20000; ++step) {
       if (next_id <= 60 && uniform(0, 2) == 0) {
         const int32_t len = uniform(1, std::min(60, capacity / 2));
         const int32_t max_new = uniform(1, std::min(30, capacity - len));
@@ -635,6 +664,7 @@ TEST(SchedulerStressTest, RandomWorkloadsKeepEveryInvariant) {
         }
       }
       const bool prefill_idle = in_flight[0].empty(), decode_idle = in_flight[1].empty();
+      async_steps += prefill_idle != decode_idle;
       StepPlan p = sim.Schedule(prefill_idle, decode_idle);
       for (WorkerBatch& b : p.batches) in_flight[b.pool == Pool::kDecode].push_back(b);
       // Each pool finishes its step with some probability: pools run out of step.
@@ -646,6 +676,9 @@ TEST(SchedulerStressTest, RandomWorkloadsKeepEveryInvariant) {
       }
       if (next_id > 60 && sim.sched.num_sequences() == 0) break;
     }
+    total_preemptions += sim.preemptions;
+    total_hits += sim.sched.stats().prefix_hit_tokens;
+    deferred_removals += static_cast<int64_t>(sim.removed.size());
     EXPECT_EQ(sim.sched.num_sequences(), 0) << "requests left: stalled";
     EXPECT_EQ(PagesHeld(sim.sched), 0);
     EXPECT_TRUE(sim.sched.CheckInvariants().ok());
@@ -654,6 +687,13 @@ TEST(SchedulerStressTest, RandomWorkloadsKeepEveryInvariant) {
       EXPECT_EQ(sim.finished[id], sim.Expected(id, len)) << "request " << id;
     }
   }
+  // The workloads exercised what they are meant to.
+  EXPECT_GT(total_preemptions, 50);
+  EXPECT_GT(total_hits, 100);
+  EXPECT_GT(deferred_removals, 5);
+  EXPECT_GT(async_steps, 1000);
+  std::cout << "preemptions " << total_preemptions << ", prefix hit tokens " << total_hits
+            << ", deferred removals " << deferred_removals << "\n";
 }
 
 }  // namespace

@@ -1,0 +1,124 @@
+// WorkerPool with fake step functions: jobs run on the worker they name, results and errors come
+// back through the callback, and the destructor waits for a running job.
+#include "engine/worker_pool.h"
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+
+#include "gtest/gtest.h"
+
+namespace sieve::engine {
+namespace {
+
+// Collects finished jobs for the test thread.
+class Inbox {
+ public:
+  void Put(std::unique_ptr<WorkerJob> job) {
+    std::lock_guard<std::mutex> lock(mu_);
+    jobs_.push_back(std::move(job));
+    cv_.notify_all();
+  }
+  std::unique_ptr<WorkerJob> Take() {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [this] { return !jobs_.empty(); });
+    auto job = std::move(jobs_.front());
+    jobs_.erase(jobs_.begin());
+    return job;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<std::unique_ptr<WorkerJob>> jobs_;
+};
+
+std::unique_ptr<WorkerJob> JobFor(int32_t worker, int32_t tokens) {
+  auto job = std::make_unique<WorkerJob>();
+  job->batch.pool = Pool::kDecode;
+  job->batch.worker = worker;
+  job->batch.num_tokens = tokens;
+  job->steps.resize(tokens);
+  return job;
+}
+
+TEST(WorkerPoolTest, RunsJobsOnTheirWorkersAndReturnsResults) {
+  Inbox inbox;
+  std::atomic<int> calls[2] = {0, 0};
+  std::vector<StepFunction> steps;
+  for (int w = 0; w < 2; ++w) {
+    steps.push_back([&calls, w](absl::Span<const SequenceStep> batch, std::vector<float>& out) {
+      ++calls[w];
+      if (batch.size() == 3) return absl::InvalidArgumentError("three is not allowed");
+      out.assign(batch.size(), static_cast<float>(w));
+      return absl::OkStatus();
+    });
+  }
+  WorkerPool pool(Pool::kDecode, std::move(steps),
+                  [&inbox](std::unique_ptr<WorkerJob> job) { inbox.Put(std::move(job)); });
+  EXPECT_EQ(pool.size(), 2);
+  pool.Run(JobFor(0, 2));
+  pool.Run(JobFor(1, 5));
+  int seen = 0;
+  for (int i = 0; i < 2; ++i) {
+    std::unique_ptr<WorkerJob> job = inbox.Take();
+    ASSERT_TRUE(job->status.ok()) << job->status;
+    EXPECT_EQ(job->logits.size(), static_cast<size_t>(job->batch.num_tokens));
+    EXPECT_EQ(job->logits[0], static_cast<float>(job->batch.worker));
+    EXPECT_GE(job->seconds, 0);
+    seen |= 1 << job->batch.worker;
+    // The worker is idle again once its job is back: the next one can go at once.
+    if (job->batch.worker == 0) pool.Run(JobFor(0, 3));
+  }
+  EXPECT_EQ(seen, 3);
+  std::unique_ptr<WorkerJob> failed = inbox.Take();
+  EXPECT_EQ(failed->status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(calls[0], 2);
+  EXPECT_EQ(calls[1], 1);
+}
+
+TEST(WorkerPoolTest, DestructorWaitsForTheRunningJob) {
+  std::atomic<bool> started{false}, finished{false};
+  std::atomic<int> callbacks{0};
+  {
+    std::vector<StepFunction> steps;
+    steps.push_back([&](absl::Span<const SequenceStep>, std::vector<float>&) {
+      started = true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      finished = true;
+      return absl::OkStatus();
+    });
+    WorkerPool pool(Pool::kPrefill, std::move(steps),
+                    [&callbacks](std::unique_ptr<WorkerJob>) { ++callbacks; });
+    pool.Run(JobFor(0, 1));
+    while (!started) std::this_thread::yield();
+  }
+  EXPECT_TRUE(finished);
+  EXPECT_EQ(callbacks, 1);
+}
+
+TEST(WorkerPoolDeathTest, HandingABusyWorkerASecondJobAborts) {
+  EXPECT_DEATH(
+      {
+        std::vector<StepFunction> steps;
+        steps.push_back([](absl::Span<const SequenceStep>, std::vector<float>&) {
+          std::this_thread::sleep_for(std::chrono::seconds(5));
+          return absl::OkStatus();
+        });
+        WorkerPool pool(Pool::kDecode, std::move(steps), [](std::unique_ptr<WorkerJob>) {});
+        pool.Run(JobFor(0, 1));
+        pool.Run(JobFor(0, 1));
+      },
+      "is busy");
+  EXPECT_DEATH(
+      {
+        WorkerPool pool(Pool::kDecode, {}, [](std::unique_ptr<WorkerJob>) {});
+        pool.Run(JobFor(0, 1));
+      },
+      "no worker 0");
+}
+
+}  // namespace
+}  // namespace sieve::engine
