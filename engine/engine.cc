@@ -66,7 +66,9 @@ absl::Status Engine::Impl::Init(const EngineConfig& config, EngineObserver* obse
   SIEVE_RETURN_IF_ERROR(ValidateConfig(config));
   scheduler_options_ = MakeSchedulerOptions(config);
   SIEVE_RETURN_IF_ERROR(scheduler_options_.Validate());
-  SIEVE_ASSIGN_OR_RETURN(tokenizer_, Tokenizer::FromDirectory(config.model_dir));
+  SIEVE_ASSIGN_OR_RETURN(tokenizer_, Tokenizer::FromDirectory(
+                                         config.tokenizer_dir.empty() ? config.model_dir
+                                                                      : config.tokenizer_dir));
   SIEVE_ASSIGN_OR_RETURN(runner_, ModelRunner::Load(config.model_dir, config.runner));
   const ModelConfig& mc = runner_->config();
   vocab_size_ = static_cast<int32_t>(mc.vocab_size);

@@ -35,6 +35,7 @@ struct SchedulerConfig {
 
 struct EngineConfig {
   std::string model_dir;               // Hugging Face checkpoint directory
+  std::string tokenizer_dir;           // where tokenizer.json is; empty = model_dir
   std::string model_name;              // served name (ListModels)
   ModelRunnerOptions runner;           // backend, KV pages and page size, step limits
   SchedulerConfig scheduler;

@@ -25,6 +25,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
 #include "absl/strings/strip.h"
+#include "engine/sampling.h"
 #include "yaml-cpp/yaml.h"
 
 namespace sieve::server {
@@ -132,6 +133,13 @@ const std::vector<KeySpec>& Keys() {
       SIEVE_CONFIG_KEY(model.max_context_tokens, IntRange(0, 1 << 24),
                        "Context limit per request (prompt + generated), in tokens; 0 uses the "
                        "model's own."),
+      SIEVE_CONFIG_KEY(model.weights, OneOf({"checkpoint", "random"}),
+                       "checkpoint: the directory's *.safetensors; random: seeded random weights "
+                       "of config.json's shapes (benchmarks of real shapes without weights)."),
+      SIEVE_CONFIG_KEY(model.random_seed, IntRange(0, 1 << 30),
+                       "Seed of model.weights: random."),
+      SIEVE_CONFIG_KEY(model.tokenizer_directory, Any(),
+                       "Folder of tokenizer.json; empty uses model.directory."),
 
       SIEVE_CONFIG_KEY(kv_cache.page_size_tokens, PowerOfTwo(1, 256), "Tokens per KV page."),
       SIEVE_CONFIG_KEY(kv_cache.num_pages, IntRange(0, 1 << 24),
@@ -173,7 +181,7 @@ const std::vector<KeySpec>& Keys() {
       SIEVE_CONFIG_KEY(limits.default_max_tokens, IntRange(1, 1 << 24),
                        "max_tokens of a request that does not set it (capped to the context "
                        "left after the prompt)."),
-      SIEVE_CONFIG_KEY(limits.max_stop_strings, IntRange(0, 1024),
+      SIEVE_CONFIG_KEY(limits.max_stop_strings, IntRange(0, engine::kMaxStopStrings),
                        "Most stop strings one request may carry."),
 
       SIEVE_CONFIG_KEY(logging.level, OneOf({"debug", "info", "warning", "error"}),

@@ -71,6 +71,15 @@ struct ModelConfig {
   std::string dtype = "auto";
   // Context length limit per request (prompt + generated), in tokens; 0 uses the model's.
   int max_context_tokens = 0;
+  // Where the weights come from: "checkpoint" (the directory's *.safetensors) or "random"
+  // (seeded random weights of the shapes config.json implies; for benchmarking real shapes
+  // such as configs/models/llama-3.1-8b without a checkpoint).
+  std::string weights = "checkpoint";
+  // Seed of the random weights.
+  int random_seed = 0;
+  // Folder of tokenizer.json (and tokenizer_config.json); empty means `directory`. Lets a
+  // shape-only model directory (configs/models/*) borrow a tokenizer.
+  std::string tokenizer_directory;
 
   bool operator==(const ModelConfig&) const = default;
 };
@@ -80,8 +89,9 @@ struct KvCacheConfig {
   // Tokens per KV page; a power of two in [1, 256].
   int page_size_tokens = 16;
   // Pages to allocate (shared by all layers' page tables); 0 derives the count from
-  // memory_fraction of the memory left after the weights.
-  int num_pages = 0;
+  // memory_fraction of the memory left after the weights (cpu only so far). The default, 4096
+  // pages of 16 tokens, holds 65536 tokens: 256 MiB for the embedded model on cpu.
+  int num_pages = 4096;
   // With num_pages = 0: fraction of the device memory (cuda) or physical memory (cpu) left
   // after loading the weights that the KV cache may use, in (0, 1].
   double memory_fraction = 0.9;

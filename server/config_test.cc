@@ -42,7 +42,7 @@ const std::vector<std::string> kExpectedKeys = {
     "metrics.listen_address",         "model.name",
     "model.directory",                "model.backend",
     "model.devices",                  "model.dtype",
-    "model.max_context_tokens",       "kv_cache.page_size_tokens",
+    "model.max_context_tokens", "model.weights", "model.random_seed", "model.tokenizer_directory",       "kv_cache.page_size_tokens",
     "kv_cache.num_pages",             "kv_cache.memory_fraction",
     "scheduler.max_batch_tokens",     "scheduler.max_running_requests",
     "scheduler.max_queued_requests",  "scheduler.max_queued_tokens",

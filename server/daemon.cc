@@ -80,6 +80,7 @@ std::string WithPort(const std::string& address, int port) {
 absl::StatusOr<engine::EngineConfig> ToEngineConfig(const ServerConfig& config) {
   engine::EngineConfig out;
   out.model_dir = config.model.directory;
+  out.tokenizer_dir = config.model.tokenizer_directory;
   out.model_name = config.model.name;
   out.max_context_tokens = config.model.max_context_tokens;
 
@@ -95,6 +96,8 @@ absl::StatusOr<engine::EngineConfig> ToEngineConfig(const ServerConfig& config) 
   }
   engine::ModelRunnerOptions& runner = out.runner;
   runner.backend = config.model.backend;
+  runner.weights = config.model.weights;
+  runner.random_seed = static_cast<uint64_t>(config.model.random_seed);
   runner.page_size = config.kv_cache.page_size_tokens;
   runner.max_step_tokens = config.scheduler.max_batch_tokens;
   // One logits row per running request and step at most (decodes and finishing prefills).
@@ -164,6 +167,11 @@ absl::Status Daemon::StartGrpc() {
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS,
                              static_cast<int>(config_.server.keepalive_timeout_s * 1000));
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  // Accept clients' own keepalive pings down to every 10 s (gRPC's default answers pings more
+  // frequent than every 5 minutes with GOAWAY "too_many_pings").
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 10000);
+  // A second daemon on the same port must fail to start, not share the port (SO_REUSEPORT).
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   server_ = builder.BuildAndStart();
   if (server_ == nullptr || port == 0) {
     server_.reset();
@@ -192,6 +200,8 @@ absl::Status Daemon::LoadModel() {
   const absl::Time start = absl::Now();
   SIEVE_ASSIGN_OR_RETURN(engine::EngineConfig engine_config, ToEngineConfig(config_));
   SIEVE_ASSIGN_OR_RETURN(engine_, engine::Engine::Create(engine_config, metrics_.get()));
+  // The engine reports its load after each step; publish the idle pool (all pages free) now.
+  if (metrics_) metrics_->OnLoad(engine_->load());
   service_->SetEngine(engine_.get());
   SetHealth(true);
   const engine::ModelInfo info = engine_->model_info();
@@ -237,7 +247,11 @@ void Daemon::Drain(absl::Notification* cut_short) {
   if (service_ && !service_->WaitForNoActiveStreams(absl::Seconds(5))) {
     Log(LogLevel::kWarning, "drain: streams still open after 5 s; closing them");
   }
-  if (server_) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  Log(LogLevel::kInfo, "drain: no request in flight; stopping the gRPC server");
+  // Calls still open now are streams that never end by themselves (health Watch, reflection);
+  // they are cancelled after one second.
+  if (server_) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+  Log(LogLevel::kInfo, "drain: gRPC server stopped");
   server_.reset();
   engine_.reset();
   service_.reset();

@@ -370,7 +370,7 @@ TEST(MetricsTest, ConcurrentEventsAndScrapesAreConsistent) {
 // docs/metrics.md and the table in metrics.h name every family the endpoint serves.
 TEST(MetricsTest, EveryFamilyIsDocumented) {
   const char* root = std::getenv("SIEVE_SOURCE_DIR");
-  if (root == nullptr) GTEST_SKIP() << "SIEVE_SOURCE_DIR not set";
+  if (root == nullptr) root = ".";  // tests run from the repository root
   std::unique_ptr<Metrics> m = MakeMetrics();
   ASSERT_NE(m, nullptr);
   m->OnGrpcRequest("Generate", "OK");  // so that sieve_grpc_requests_total is served

@@ -39,6 +39,13 @@ struct SieveService::Stream {
   // Starts the next gRPC operation if one is due and none is in flight: a write of the pending
   // output, the last message with the Completion, or Finish. Any thread may call it.
   void Pump();
+
+  // True if the call has a deadline and it has passed (within the engine's clock conversion
+  // error of a few milliseconds).
+  bool DeadlinePassed() const {
+    return deadline.has_value() &&
+           std::chrono::system_clock::now() + std::chrono::milliseconds(10) >= *deadline;
+  }
 };
 
 // One Generate call. Created on a gRPC thread; deletes itself in OnDone.
@@ -88,8 +95,7 @@ class SieveService::GenerateReactor final
       stream_->reactor = nullptr;
       code = stream_->final_code;
     }
-    if (code == grpc::StatusCode::CANCELLED && stream_->deadline.has_value() &&
-        std::chrono::system_clock::now() >= *stream_->deadline) {
+    if (code == grpc::StatusCode::CANCELLED && stream_->DeadlinePassed()) {
       code = grpc::StatusCode::DEADLINE_EXCEEDED;
     }
     if (registered_) service_->Unregister(stream_.get());
@@ -160,6 +166,12 @@ void SieveService::Stream::Pump() {
     if (cancelled) {
       action = Action::kFinish;
       status = grpc::Status(grpc::StatusCode::CANCELLED, "the call was cancelled");
+    } else if (outcome.has_value() && outcome->finish == engine::FinishReason::kCancelled &&
+               DeadlinePassed()) {
+      // The engine's copy of the deadline fired before gRPC's: the client sees
+      // DEADLINE_EXCEEDED either way, so say so.
+      action = Action::kFinish;
+      status = grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "the deadline passed");
     } else if (has_pending || outcome.has_value()) {
       const bool failed = outcome.has_value() && (outcome->finish == engine::FinishReason::kError ||
                                                   outcome->finish == engine::FinishReason::kNone);
