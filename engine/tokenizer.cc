@@ -483,6 +483,7 @@ IncrementalDecoder::IncrementalDecoder(const Tokenizer& tokenizer, bool skip_spe
     : tokenizer_(tokenizer), skip_special_tokens_(skip_special_tokens) {}
 
 absl::StatusOr<std::string> IncrementalDecoder::Push(int32_t id) {
+  if (id >= tokenizer_.vocab_size()) return std::string();
   SIEVE_ASSIGN_OR_RETURN(const Tokenizer::TokenInfo* info, tokenizer_.Lookup(id));
   if (skip_special_tokens_ && info->special) return std::string();
   if (!tokenizer_.byte_level_decoder_ && emitted_any_) pending_.push_back(' ');

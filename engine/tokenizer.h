@@ -151,7 +151,9 @@ class Tokenizer {
 // Streams the text of tokens as they arrive without ever splitting a UTF-8 character: Push
 // returns the text that became complete (possibly empty) and Flush what is left, incomplete
 // bytes becoming U+FFFD. The concatenated outputs equal Tokenizer::Decode of all the ids.
-// Not thread-safe; `tokenizer` must outlive it.
+// Ids at or past the tokenizer's vocabulary (a model's padded embedding rows, e.g. Qwen2.5's
+// 152064 rows for about 151.7K tokens) decode to nothing, as Hugging Face does; negative ids are
+// an error. Not thread-safe; `tokenizer` must outlive it.
 class IncrementalDecoder {
  public:
   IncrementalDecoder(const Tokenizer& tokenizer, bool skip_special_tokens);

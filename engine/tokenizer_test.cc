@@ -394,6 +394,9 @@ TEST(IncrementalDecoderTest, EmitsCharactersOnlyWhenComplete) {
   EXPECT_EQ(*decoder.Push(152), "");
   EXPECT_EQ(*decoder.Push(128), "\xF0\x9F\x98\x80");
   EXPECT_EQ(*decoder.Push(kEot), "<|eot_id|>");
+  // Ids past the vocabulary (padded embedding rows) decode to nothing; negative ids are errors.
+  EXPECT_EQ(*decoder.Push(tok->vocab_size() + 7), "");
+  EXPECT_FALSE(decoder.Push(-1).ok());
   EXPECT_EQ(decoder.Flush(), "");
   // An incomplete tail becomes U+FFFD on Flush.
   EXPECT_EQ(*decoder.Push(240), "");
@@ -404,9 +407,11 @@ TEST(IncrementalDecoderTest, EmitsCharactersOnlyWhenComplete) {
   EXPECT_EQ(*decoder.Push(97),
             "\xEF\xBF\xBD"
             "a");
-  // A bad id is an error and changes nothing.
+  // A bad id is an error, an id past the vocabulary decodes to nothing; neither changes the
+  // pending bytes.
   EXPECT_EQ(*decoder.Push(0xE6), "");
-  EXPECT_FALSE(decoder.Push(5000).ok());
+  EXPECT_FALSE(decoder.Push(-5).ok());
+  EXPECT_EQ(*decoder.Push(5000), "");
   EXPECT_EQ(*decoder.Push(0x97), "");
   EXPECT_EQ(*decoder.Push(0xA5), "\u65e5");
 }
