@@ -2,13 +2,16 @@
 // backend, with seeded random weights (configs/models/*). Run on the GPU machine next to
 // bench/model_baseline.py (transformers with SDPA, same shapes, same run).
 //
-//   model_bench --model configs/models/llama-3.1-8b --backend cuda \
-//       --prefill 8192,32768 --decode 1:32768,1:131072,32:4096
+//   model_bench --model configs/models/llama-3.1-8b --backend cuda
+//       --prefill 8192,32768 --decode 1:32768,1:131072,32:4096 --copy-bandwidth 1
 //
 // Prefill: one sequence of N tokens in chunks of --chunk tokens (the last chunk asks for logits,
 // which waits for the device); reports seconds and tokens/s. Decode: B sequences whose KV holds
 // C tokens (filled by a prefill first), then timed single-token steps over the batch; reports
-// the median step time of --steps steps.
+// the median step time of --steps steps, with CUDA graphs off and on (--graphs both|on|off, or a
+// list such as off,on,off,on).
+// On a CUDA build, --copy-bandwidth 1 first measures a device-to-device copy (bytes read plus
+// written per second), the bandwidth floor of a decode step.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -18,6 +21,9 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "engine/model_runner.h"
+#ifdef SIEVE_HAVE_CUDA
+#include <cuda_runtime.h>
+#endif
 
 namespace sieve {
 namespace {
@@ -36,7 +42,49 @@ struct Args {
   int64_t chunk = 16384;
   int steps = 20;
   int page_size = 64;
+  std::string graphs = "both";  // decode with CUDA graphs: "on", "off", "both" or a list
+  int copy_bandwidth = 0;       // 1: measure device-to-device copy bandwidth first (CUDA)
 };
+
+// Device-to-device copy bandwidth in bytes (read + written) per second: the median of 20 copies
+// of 4 GiB between two random-filled buffers; 0 where unavailable.
+double CopyBandwidth() {
+#ifdef SIEVE_HAVE_CUDA
+  const size_t bytes = size_t{4} << 30;
+  void *a = nullptr, *b = nullptr;
+  if (cudaMalloc(&a, bytes) != cudaSuccess || cudaMalloc(&b, bytes) != cudaSuccess) {
+    cudaFree(a);
+    return 0;
+  }
+  std::vector<uint32_t> host(size_t{1} << 24);
+  for (size_t i = 0; i < host.size(); ++i) host[i] = static_cast<uint32_t>(i * 2654435761u);
+  for (size_t off = 0; off < bytes; off += host.size() * 4) {
+    cudaMemcpy(static_cast<char*>(a) + off, host.data(), host.size() * 4, cudaMemcpyHostToDevice);
+  }
+  cudaEvent_t e0, e1;
+  cudaEventCreate(&e0);
+  cudaEventCreate(&e1);
+  std::vector<double> t;
+  for (int i = 0; i < 23; ++i) {
+    cudaEventRecord(e0);
+    cudaMemcpyAsync(i % 2 ? a : b, i % 2 ? b : a, bytes, cudaMemcpyDeviceToDevice);
+    cudaEventRecord(e1);
+    cudaEventSynchronize(e1);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, e0, e1);
+    if (i >= 3) t.push_back(ms * 1e-3);
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  cudaFree(a);
+  cudaFree(b);
+  if (cudaGetLastError() != cudaSuccess) return 0;
+  std::sort(t.begin(), t.end());
+  return 2.0 * bytes / t[t.size() / 2];
+#else
+  return 0;
+#endif
+}
 
 // Fills `batch` sequences with `context` tokens each (chunked prefill), pages laid out
 // contiguously per sequence; returns false on error.
@@ -71,7 +119,37 @@ bool Prefill(engine::ModelRunner& m, int64_t batch, int64_t context, int64_t chu
   return true;
 }
 
+// Times `steps` single-token steps (after 3 warm-ups) of `batch` sequences of `context` cached
+// tokens; every step rewrites position `context`, so the KV read per step stays context + 1.
+bool DecodeSteps(engine::ModelRunner& m, int64_t batch, int64_t context, int steps,
+                 const std::vector<std::vector<int32_t>>& pages, double* median) {
+  std::vector<int32_t> next(batch, 42);
+  std::vector<engine::SequenceStep> step(batch);
+  std::vector<double> times;
+  std::vector<float> logits;
+  for (int i = 0; i < steps + 3; ++i) {
+    for (int64_t b = 0; b < batch; ++b) {
+      step[b] = engine::SequenceStep{absl::MakeConstSpan(next).subspan(b, 1),
+                                     static_cast<int32_t>(context), pages[b], true};
+    }
+    logits.clear();
+    const auto t = Clock::now();
+    absl::Status status = m.Forward(step, logits);
+    if (!status.ok()) {
+      std::fprintf(stderr, "decode failed: %s\n", status.ToString().c_str());
+      return false;
+    }
+    if (i >= 3) times.push_back(Seconds(t, Clock::now()));
+  }
+  std::sort(times.begin(), times.end());
+  *median = times[times.size() / 2];
+  return true;
+}
+
 int Run(const Args& a) {
+  if (a.copy_bandwidth) {
+    std::printf("device-to-device copy: %.3f TB/s (bytes read + written)\n", CopyBandwidth() * 1e-12);
+  }
   int64_t max_kv = 0;
   for (int64_t n : a.prefill) max_kv = std::max(max_kv, n + 1);
   for (auto [b, c] : a.decode) max_kv = std::max(max_kv, b * (c + a.page_size + 1));
@@ -96,42 +174,41 @@ int Run(const Args& a) {
   std::vector<std::vector<int32_t>> pages;
   double s = 0;
   Prefill(m, 1, 512, a.chunk, pages, &s);  // warm-up
-  std::printf("\n| phase | tokens | batch | time | rate |\n|---|---|---|---|---|\n");
+  std::printf("\n| phase | tokens | batch | time | rate | CUDA graphs |\n|---|---|---|---|---|---|\n");
   for (int64_t n : a.prefill) {
     double best = 1e30;
     for (int rep = 0; rep < 2; ++rep) {
       if (!Prefill(m, 1, n, a.chunk, pages, &s)) return 1;
       best = std::min(best, s);
     }
-    std::printf("| prefill | %ld | 1 | %.3f s | %.0f tok/s |\n", n, best, n / best);
+    std::printf("| prefill | %ld | 1 | %.3f s | %.0f tok/s | |\n", n, best, n / best);
     std::fflush(stdout);
+  }
+  // --graphs both = off,on; a list (off,on,off,on) repeats modes to show the spread.
+  std::vector<bool> modes;
+  for (absl::string_view g : absl::StrSplit(a.graphs == "both" ? "off,on" : a.graphs, ',')) {
+    if (g != "on" && g != "off") {
+      std::fprintf(stderr, "--graphs takes on, off, both or a list of on/off\n");
+      return 2;
+    }
+    modes.push_back(g == "on");
   }
   for (auto [batch, context] : a.decode) {
     if (!Prefill(m, batch, context, a.chunk, pages, &s)) return 1;
-    std::vector<int32_t> next(batch, 42);
-    std::vector<engine::SequenceStep> step(batch);
-    std::vector<double> times;
-    std::vector<float> logits;
-    for (int i = 0; i < a.steps + 3; ++i) {
-      for (int64_t b = 0; b < batch; ++b) {
-        // Every step rewrites position `context`: the KV read per step stays `context` + 1.
-        step[b] = engine::SequenceStep{absl::MakeConstSpan(next).subspan(b, 1),
-                                       static_cast<int32_t>(context), pages[b], true};
-      }
-      logits.clear();
-      const auto t = Clock::now();
-      absl::Status status = m.Forward(step, logits);
-      if (!status.ok()) {
-        std::fprintf(stderr, "decode failed: %s\n", status.ToString().c_str());
-        return 1;
-      }
-      if (i >= 3) times.push_back(Seconds(t, Clock::now()));
+    for (bool graphs : modes) {
+      m.default_worker().SetStepGraphs(graphs);
+      const engine::StepGraphStats before = m.graph_stats();
+      double med = 0;
+      if (!DecodeSteps(m, batch, context, a.steps, pages, &med)) return 1;
+      const engine::StepGraphStats after = m.graph_stats();
+      std::printf("| decode step | context %ld | %ld | %.2f ms | %.0f tok/s | graphs %s: %ld "
+                  "recorded (%.1f ms), %ld replayed |\n",
+                  context, batch, med * 1e3, batch / med, graphs ? "on" : "off",
+                  after.recorded_steps - before.recorded_steps,
+                  (after.record_seconds - before.record_seconds) * 1e3,
+                  after.replayed_steps - before.replayed_steps);
+      std::fflush(stdout);
     }
-    std::sort(times.begin(), times.end());
-    const double med = times[times.size() / 2];
-    std::printf("| decode step | context %ld | %ld | %.2f ms | %.0f tok/s |\n", context, batch,
-                med * 1e3, batch / med);
-    std::fflush(stdout);
   }
   return 0;
 }
@@ -148,6 +225,8 @@ int main(int argc, char** argv) {
     else if (k == "--chunk") (void)absl::SimpleAtoi(v, &a.chunk);
     else if (k == "--steps") (void)absl::SimpleAtoi(v, &a.steps);
     else if (k == "--page-size") (void)absl::SimpleAtoi(v, &a.page_size);
+    else if (k == "--graphs") a.graphs = v;
+    else if (k == "--copy-bandwidth") (void)absl::SimpleAtoi(v, &a.copy_bandwidth);
     else if (k == "--prefill") {
       a.prefill.clear();
       for (absl::string_view p : absl::StrSplit(v, ',', absl::SkipEmpty())) {

@@ -2,6 +2,10 @@
 // cache, and the operators of a Llama-family layer. CpuBackend (fp32, always built) and
 // CudaBackend (bf16) implement it; ModelRunner drives it and owns no device code.
 //
+// Step graphs (optional, CUDA graphs on the GPU): a backend that SupportsStepGraphs() can record
+// the operators of a decode step once per shape and replay the recording for later steps of that
+// shape; see BeginGraphStep.
+//
 // Threading: memory calls (UploadWeight, Allocate, AllocateKvCache, CreateStream) are made by one
 // thread at start-up. The operators run on a BackendStream; different streams may run at the same
 // time on different threads (one per pool worker) as long as their steps write disjoint KV pages.
@@ -53,6 +57,22 @@ struct AttentionShape {
   int32_t num_q_heads = 0;
   int32_t num_kv_heads = 0;
   int32_t head_dim = 0;
+};
+
+// How a graph step runs (see Backend::BeginGraphStep).
+enum class StepGraphMode {
+  kEager,   // the caller enqueues the operators; they run as they are enqueued
+  kRecord,  // the caller enqueues the operators; they are recorded, then run from the recording
+  kReplay,  // the caller enqueues nothing: the recording of an earlier step runs again
+};
+
+// Counters of one stream's graph steps, for tests, logs and benchmarks.
+struct StepGraphStats {
+  int64_t eager_steps = 0;       // graph steps run eagerly (the first of each shape)
+  int64_t recorded_steps = 0;    // graph steps recorded (the second of each shape)
+  int64_t replayed_steps = 0;    // graph steps replayed from a recording
+  double record_seconds = 0;     // host time spent recording and instantiating (seconds)
+  int64_t live_recordings = 0;   // recordings held now
 };
 
 // An ordered queue of operators with the state of its current step (the batch layout and, on a
@@ -128,7 +148,68 @@ class Backend {
 
   // Copies x to the host as fp32, waiting for the work before it to finish.
   virtual absl::Status CopyToHost(BackendStream& stream, const Tensor& x, absl::Span<float> out) = 0;
+
+  // The final projection with fp32 output: host_out[r, v] = x[r, :] . lm_head[v, :] for
+  // r < x.rows and v < lm_head.rows, accumulated and returned in fp32 (not rounded to the
+  // activation type), written to host memory; waits for the work before it to finish.
+  // host_out: x.rows * lm_head.rows floats.
+  virtual absl::Status Logits(BackendStream& stream, const Tensor& x, const Tensor& lm_head,
+                              absl::Span<float> host_out) = 0;
+
+  // --- Step graphs (optional) --------------------------------------------------------------------
+  //
+  // A graph step is a decode step (one token per sequence) run as:
+  //   mode = BeginGraphStep(stream, layout, tokens);
+  //   if (mode != kReplay) { Embed(stream, tokens, ...); ...operators...; GraphLogits(...); }
+  //   EndGraphStep(stream, host_logits);
+  // Its shape is the number of sequences, the page-table stride and whatever the backend derives
+  // from them (its attention plan). The first step of a shape runs eagerly, the second is
+  // recorded, later ones replay the recording with the new layout and tokens. A recording
+  // replays the same operators on the same buffers: callers must enqueue the same operators on
+  // the same tensors (weights, activations, rows) for every step of one shape, and a stream keeps
+  // the recordings of the shapes it has seen (the most recent per number of sequences).
+  // Within a graph step, GatherRows, CopyToHost and Logits are not available.
+
+  // True when this backend implements the graph-step calls below.
+  virtual bool SupportsStepGraphs() const { return false; }
+
+  // Begins a graph step over `layout` (every sequence has one query token; `tokens` holds them,
+  // one per sequence): validates the layout, uploads it with the tokens into buffers fixed for
+  // the step's shape, and says whether the caller enqueues the operators (kEager, kRecord) or not
+  // (kReplay). Embed must then be given these same `tokens`. After a successful call the caller
+  // must call EndGraphStep, or AbortGraphStep if enqueuing failed.
+  virtual absl::StatusOr<StepGraphMode> BeginGraphStep(BackendStream& stream,
+                                                       const BatchLayout& layout,
+                                                       absl::Span<const int32_t> tokens);
+
+  // In a graph step that enqueues operators: the fp32 logits of every row of x (x.rows = the
+  // step's sequences) into the step's logits buffer, from which EndGraphStep copies them.
+  virtual absl::Status GraphLogits(BackendStream& stream, const Tensor& x, const Tensor& lm_head);
+
+  // Ends a graph step: finishes a recording, runs the step (unless it ran eagerly) and copies the
+  // logits of the first host_logits.size() / vocab sequences to `host_logits` (fp32), waiting
+  // for the step to finish.
+  virtual absl::Status EndGraphStep(BackendStream& stream, absl::Span<float> host_logits);
+
+  // Ends a graph step whose operators could not all be enqueued: drops a recording in progress.
+  virtual void AbortGraphStep(BackendStream& stream) {}
+
+  // The graph-step counters of `stream`.
+  virtual StepGraphStats GraphStats(const BackendStream& stream) const { return {}; }
 };
+
+inline absl::StatusOr<StepGraphMode> Backend::BeginGraphStep(BackendStream&, const BatchLayout&,
+                                                             absl::Span<const int32_t>) {
+  return absl::UnimplementedError("this backend has no step graphs");
+}
+
+inline absl::Status Backend::GraphLogits(BackendStream&, const Tensor&, const Tensor&) {
+  return absl::UnimplementedError("this backend has no step graphs");
+}
+
+inline absl::Status Backend::EndGraphStep(BackendStream&, absl::Span<float>) {
+  return absl::UnimplementedError("this backend has no step graphs");
+}
 
 }  // namespace sieve::engine
 

@@ -228,4 +228,18 @@ absl::Status CpuBackend::CopyToHost(BackendStream& stream, const Tensor& x, absl
   return absl::OkStatus();
 }
 
+absl::Status CpuBackend::Logits(BackendStream& stream, const Tensor& x, const Tensor& lm_head,
+                                absl::Span<float> host_out) {
+  if (x.data == nullptr || lm_head.data == nullptr || x.cols != lm_head.cols) {
+    return absl::InternalError(absl::StrCat("cpu backend: logits input has ", x.cols,
+                                            " columns, lm_head expects ", lm_head.cols));
+  }
+  if (static_cast<int64_t>(host_out.size()) != x.rows * lm_head.rows) {
+    return absl::InternalError("cpu backend: logits buffer size mismatch");
+  }
+  kernels::LinearRef(F(x), F(lm_head), nullptr, x.rows, x.cols, lm_head.rows, host_out.data(),
+                     num_threads_);
+  return absl::OkStatus();
+}
+
 }  // namespace sieve::engine

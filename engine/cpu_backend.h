@@ -37,6 +37,8 @@ class CpuBackend final : public Backend {
   absl::Status SiluMul(BackendStream& stream, const Tensor& gate_up, Tensor out) override;
   absl::Status GatherRows(BackendStream& stream, const Tensor& x, absl::Span<const int32_t> rows, Tensor out) override;
   absl::Status CopyToHost(BackendStream& stream, const Tensor& x, absl::Span<float> out) override;
+  absl::Status Logits(BackendStream& stream, const Tensor& x, const Tensor& lm_head,
+                      absl::Span<float> host_out) override;
 
  private:
   float* NewBuffer(int64_t elements);

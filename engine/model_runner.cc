@@ -1,5 +1,7 @@
 #include "engine/model_runner.h"
 
+#include <algorithm>
+#include <climits>
 #include <cmath>
 #include <utility>
 
@@ -79,9 +81,15 @@ absl::StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string
       new ModelRunner(std::move(config), options, std::move(backend)));
   SIEVE_ASSIGN_OR_RETURN(runner->rope_, ComputeRopeTables(RopeParamsFromConfig(runner->config_)));
   SIEVE_RETURN_IF_ERROR(runner->LoadWeights(model_dir));
+  // Step graphs pad batches with rows that write their KV into one page no caller can name.
+  const bool graphs = options.cuda_graphs && runner->backend_->SupportsStepGraphs();
+  if (graphs && options.num_pages == INT32_MAX) {
+    return absl::InvalidArgumentError("model runner: num_pages leaves no room for a scratch page");
+  }
+  if (graphs) runner->scratch_page_ = options.num_pages;
   SIEVE_RETURN_IF_ERROR(runner->backend_->AllocateKvCache(
-      static_cast<int32_t>(runner->config_.num_hidden_layers), options.num_pages, options.page_size,
-      runner->shape_));
+      static_cast<int32_t>(runner->config_.num_hidden_layers), options.num_pages + (graphs ? 1 : 0),
+      options.page_size, runner->shape_));
   SIEVE_ASSIGN_OR_RETURN(runner->default_worker_, runner->CreateWorker());
   return runner;
 }
@@ -184,7 +192,6 @@ absl::Status ModelWorker::Allocate() {
   SIEVE_ASSIGN_OR_RETURN(gate_up_, backend_->Allocate(m, 2 * inter));
   SIEVE_ASSIGN_OR_RETURN(act_, backend_->Allocate(m, inter));
   SIEVE_ASSIGN_OR_RETURN(last_normed_, backend_->Allocate(options_.max_step_logits, h));
-  SIEVE_ASSIGN_OR_RETURN(logits_, backend_->Allocate(options_.max_step_logits, config_.vocab_size));
   return absl::OkStatus();
 }
 
@@ -250,24 +257,61 @@ absl::StatusOr<std::vector<int32_t>> ModelWorker::BuildLayout(
   return logit_rows;
 }
 
-absl::Status ModelWorker::Forward(absl::Span<const SequenceStep> batch,
-                                  std::vector<float>& logits) {
-  if (batch.empty()) return absl::OkStatus();
-  std::vector<int32_t> tokens;
-  SIEVE_ASSIGN_OR_RETURN(std::vector<int32_t> logit_rows, BuildLayout(batch, tokens));
+namespace {
+
+// The smallest power of two >= n (n >= 1).
+int32_t PowerOfTwoAtLeast(int64_t n) {
+  int64_t p = 1;
+  while (p < n) p *= 2;
+  return static_cast<int32_t>(std::min<int64_t>(p, INT32_MAX));
+}
+
+}  // namespace
+
+bool ModelWorker::IsGraphStep(absl::Span<const SequenceStep> batch) const {
+  if (runner_.scratch_page_ < 0 || !step_graphs_) return false;
+  for (const SequenceStep& s : batch) {
+    if (s.tokens.size() != 1 || !s.want_logits) return false;
+  }
+  return true;
+}
+
+void ModelWorker::PadForGraph(absl::Span<const SequenceStep> batch, std::vector<int32_t>& tokens) {
+  const ModelRunnerOptions& o = runner_.options_;
+  const int32_t n = static_cast<int32_t>(batch.size());
+  // Buckets 1, 2, 4, ... capped by the step limits (which n is within).
+  const int32_t bucket = std::min({PowerOfTwoAtLeast(n), o.max_step_logits, o.max_step_tokens});
+  size_t max_pages = 1;
+  for (const SequenceStep& s : batch) max_pages = std::max(max_pages, s.pages.size());
+  int32_t& stride = graph_stride_[bucket];
+  stride = std::max(stride, PowerOfTwoAtLeast(static_cast<int64_t>(max_pages)));
+  const int32_t scratch = runner_.scratch_page_;
+  BatchLayout& l = layout_;
+  l.page_table_stride = stride;
+  l.page_table.assign(static_cast<size_t>(bucket) * stride, scratch);
+  for (int32_t i = 0; i < n; ++i) {
+    std::copy(batch[i].pages.begin(), batch[i].pages.end(),
+              l.page_table.begin() + static_cast<size_t>(i) * stride);
+  }
+  // Padding rows: token 0 at position 0 of the scratch page, attending to that one slot.
+  for (int32_t i = n; i < bucket; ++i) {
+    tokens.push_back(0);
+    l.positions.push_back(0);
+    l.slots.push_back(int64_t{scratch} * o.page_size);
+    l.kv_lens.push_back(1);
+    l.query_start.push_back(i + 1);
+  }
+}
+
+absl::Status ModelWorker::EnqueueLayers(int64_t n, absl::Span<const int32_t> tokens) {
   const ModelRunner& r = runner_;
-  const ModelConfig& config_ = r.config_;
-  const AttentionShape& shape_ = r.shape_;
+  const float eps = r.config_.rms_norm_eps;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(r.shape_.head_dim));
   Backend& b = *r.backend_;
   BackendStream& st = *stream_;
-  SIEVE_RETURN_IF_ERROR(b.BeginStep(st, layout_));
-  const int64_t n = static_cast<int64_t>(tokens.size());
-  const float eps = config_.rms_norm_eps;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(shape_.head_dim));
   Tensor hidden = hidden_.FirstRows(n), normed = normed_.FirstRows(n), qkv = qkv_.FirstRows(n);
   Tensor q = q_.FirstRows(n), attn = attn_.FirstRows(n), proj = proj_.FirstRows(n);
   Tensor gate_up = gate_up_.FirstRows(n), act = act_.FirstRows(n);
-
   SIEVE_RETURN_IF_ERROR(b.Embed(st, tokens, r.embed_, hidden));
   for (size_t i = 0; i < r.layers_.size(); ++i) {
     const ModelRunner::LayerWeights& w = r.layers_[i];
@@ -280,23 +324,61 @@ absl::Status ModelWorker::Forward(absl::Span<const SequenceStep> batch,
       SIEVE_RETURN_IF_ERROR(b.AddRmsNorm(st, proj, hidden, w.input_norm, eps, normed));
     }
     SIEVE_RETURN_IF_ERROR(b.Linear(st, normed, w.qkv, w.qkv_bias, qkv));
-    SIEVE_RETURN_IF_ERROR(b.RopeAndCacheKv(st, layer, qkv, shape_, r.rope_, q));
-    SIEVE_RETURN_IF_ERROR(b.Attention(st, layer, q, shape_, scale, attn));
+    SIEVE_RETURN_IF_ERROR(b.RopeAndCacheKv(st, layer, qkv, r.shape_, r.rope_, q));
+    SIEVE_RETURN_IF_ERROR(b.Attention(st, layer, q, r.shape_, scale, attn));
     SIEVE_RETURN_IF_ERROR(b.Linear(st, attn, w.o, w.o_bias, proj));
     SIEVE_RETURN_IF_ERROR(b.AddRmsNorm(st, proj, hidden, w.post_norm, eps, normed));
     SIEVE_RETURN_IF_ERROR(b.Linear(st, normed, w.gate_up, Tensor{}, gate_up));
     SIEVE_RETURN_IF_ERROR(b.SiluMul(st, gate_up, act));
     SIEVE_RETURN_IF_ERROR(b.Linear(st, act, w.down, Tensor{}, proj));
   }
+  return b.AddRmsNorm(st, proj, hidden, r.final_norm_, eps, normed);
+}
+
+absl::Status ModelWorker::ForwardGraph(absl::Span<const SequenceStep> batch,
+                                       std::vector<int32_t>& tokens, std::vector<float>& logits) {
+  PadForGraph(batch, tokens);
+  const ModelRunner& r = runner_;
+  Backend& b = *r.backend_;
+  BackendStream& st = *stream_;
+  const int64_t bucket = static_cast<int64_t>(tokens.size());
+  SIEVE_ASSIGN_OR_RETURN(const StepGraphMode mode, b.BeginGraphStep(st, layout_, tokens));
+  if (mode != StepGraphMode::kReplay) {
+    absl::Status enqueued = EnqueueLayers(bucket, tokens);
+    if (enqueued.ok()) enqueued = b.GraphLogits(st, normed_.FirstRows(bucket), r.lm_head_);
+    if (!enqueued.ok()) {
+      b.AbortGraphStep(st);
+      return enqueued;
+    }
+  }
+  // Sequence i is row i: the logits of the real rows are the first rows of the step's.
+  const size_t old = logits.size();
+  logits.resize(old + batch.size() * r.config_.vocab_size);
+  return b.EndGraphStep(st, absl::MakeSpan(logits).subspan(old));
+}
+
+absl::Status ModelWorker::Forward(absl::Span<const SequenceStep> batch,
+                                  std::vector<float>& logits) {
+  if (batch.empty()) return absl::OkStatus();
+  std::vector<int32_t> tokens;
+  SIEVE_ASSIGN_OR_RETURN(std::vector<int32_t> logit_rows, BuildLayout(batch, tokens));
+  if (IsGraphStep(batch)) return ForwardGraph(batch, tokens, logits);
+  const ModelRunner& r = runner_;
+  Backend& b = *r.backend_;
+  BackendStream& st = *stream_;
+  SIEVE_RETURN_IF_ERROR(b.BeginStep(st, layout_));
+  SIEVE_RETURN_IF_ERROR(EnqueueLayers(static_cast<int64_t>(tokens.size()), tokens));
   if (logit_rows.empty()) return absl::OkStatus();
   const int64_t rows = static_cast<int64_t>(logit_rows.size());
-  SIEVE_RETURN_IF_ERROR(b.AddRmsNorm(st, proj, hidden, r.final_norm_, eps, normed));
-  Tensor last = last_normed_.FirstRows(rows), out = logits_.FirstRows(rows);
-  SIEVE_RETURN_IF_ERROR(b.GatherRows(st, normed, logit_rows, last));
-  SIEVE_RETURN_IF_ERROR(b.Linear(st, last, r.lm_head_, Tensor{}, out));
+  Tensor last = last_normed_.FirstRows(rows);
+  SIEVE_RETURN_IF_ERROR(b.GatherRows(st, normed_.FirstRows(tokens.size()), logit_rows, last));
   const size_t old = logits.size();
-  logits.resize(old + rows * config_.vocab_size);
-  return b.CopyToHost(st, out, absl::MakeSpan(logits).subspan(old));
+  logits.resize(old + rows * r.config_.vocab_size);
+  return b.Logits(st, last, r.lm_head_, absl::MakeSpan(logits).subspan(old));
+}
+
+StepGraphStats ModelWorker::graph_stats() const {
+  return runner_.backend_->GraphStats(*stream_);
 }
 
 }  // namespace sieve::engine

@@ -9,6 +9,7 @@
 #define SIEVE_ENGINE_MODEL_RUNNER_H_
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -33,6 +34,11 @@ struct ModelRunnerOptions {
   // with the shapes config.json implies (for benchmarking real shapes without a checkpoint).
   std::string weights = "checkpoint";
   uint64_t random_seed = 0;
+  // Backends with step graphs (cuda): run decode-only steps whose sequences all want logits
+  // from CUDA graphs, one per batch-size bucket (1, 2, 4, ... up to max_step_logits), padding the
+  // batch to its bucket. One extra KV page beyond num_pages is reserved for the padding rows.
+  // Off: every step runs its operators eagerly. Ignored by the cpu backend.
+  bool cuda_graphs = true;
 };
 
 // One sequence's share of a step.
@@ -59,19 +65,40 @@ class ModelWorker {
   // (too many tokens, pages too few for the positions, token ids outside the vocabulary).
   absl::Status Forward(absl::Span<const SequenceStep> batch, std::vector<float>& logits);
 
+  // Counters of this worker's graph steps (all zero when the runner uses no step graphs).
+  StepGraphStats graph_stats() const;
+
+  // Turns graph steps of this worker off or back on (they are on by default when the runner
+  // uses step graphs; turning them on does nothing otherwise). For benchmarks and tests that
+  // compare the two paths on the same weights and KV cache.
+  void SetStepGraphs(bool enabled) { step_graphs_ = enabled; }
+
  private:
   friend class ModelRunner;
   explicit ModelWorker(const ModelRunner& runner) : runner_(runner) {}
   absl::Status Allocate();
   absl::StatusOr<std::vector<int32_t>> BuildLayout(absl::Span<const SequenceStep> batch,
                                                    std::vector<int32_t>& tokens);
+  // Whether `batch` runs as a graph step: step graphs on, one token and logits per sequence.
+  bool IsGraphStep(absl::Span<const SequenceStep> batch) const;
+  // Pads layout_ and `tokens` (built for `batch`) to the batch's bucket for a graph step.
+  void PadForGraph(absl::Span<const SequenceStep> batch, std::vector<int32_t>& tokens);
+  // Enqueues the embedding of the step's `n` tokens, every layer and the final norm (into
+  // normed_).
+  absl::Status EnqueueLayers(int64_t n, absl::Span<const int32_t> tokens);
+  absl::Status ForwardGraph(absl::Span<const SequenceStep> batch, std::vector<int32_t>& tokens,
+                            std::vector<float>& logits);
 
   const ModelRunner& runner_;
   std::unique_ptr<BackendStream> stream_;
   // Activation buffers, [max_step_tokens, width] unless noted.
   Tensor hidden_, normed_, qkv_, q_, attn_, proj_, gate_up_, act_;
-  Tensor last_normed_, logits_;  // [max_step_logits, hidden] and [max_step_logits, vocab]
+  Tensor last_normed_;  // [max_step_logits, hidden]
   BatchLayout layout_;
+  // Page-table stride of each graph bucket: a power of two that only grows, so that a bucket's
+  // recording survives until a sequence needs more pages than the stride holds.
+  std::map<int32_t, int32_t> graph_stride_;
+  bool step_graphs_ = true;
 };
 
 // The model: configuration, weights and KV cache on one backend, shared by its workers.
@@ -90,6 +117,16 @@ class ModelRunner {
   absl::Status Forward(absl::Span<const SequenceStep> batch, std::vector<float>& logits) {
     return default_worker_->Forward(batch, logits);
   }
+
+  // The worker that Forward runs on.
+  ModelWorker& default_worker() { return *default_worker_; }
+
+  // Graph-step counters of the default worker; see ModelWorker::graph_stats.
+  StepGraphStats graph_stats() const { return default_worker_->graph_stats(); }
+
+  // True when decode steps run from step graphs (options().cuda_graphs on a backend that
+  // supports them).
+  bool uses_step_graphs() const { return scratch_page_ >= 0; }
 
   const ModelConfig& config() const { return config_; }
   const ModelRunnerOptions& options() const { return options_; }
@@ -111,6 +148,9 @@ class ModelRunner {
   RopeTables rope_;
   Tensor embed_, final_norm_, lm_head_;
   std::vector<LayerWeights> layers_;
+  // The KV page (id num_pages, beyond the callers' pool) that graph steps' padding rows write;
+  // -1 without step graphs.
+  int32_t scratch_page_ = -1;
   std::unique_ptr<ModelWorker> default_worker_;
 };
 

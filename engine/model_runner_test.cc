@@ -199,7 +199,9 @@ TEST(ModelRunnerTest, RandomWeightsFollowTheSeed) {
     std::vector<float> logits;
     std::vector<int32_t> tokens = {5, 17, 300, 9};
     std::vector<int32_t> pages = {0};
-    if (r.ok()) EXPECT_TRUE((*r)->Forward({SequenceStep{tokens, 0, pages, true}}, logits).ok());
+    if (r.ok()) {
+      EXPECT_TRUE((*r)->Forward({SequenceStep{tokens, 0, pages, true}}, logits).ok());
+    }
     return logits;
   };
   std::vector<float> a = logits_for(1), b = logits_for(1), c = logits_for(2);
@@ -211,6 +213,42 @@ TEST(ModelRunnerTest, RandomWeightsFollowTheSeed) {
   ModelRunnerOptions bad = SmallOptions();
   bad.weights = "zeros";
   EXPECT_EQ(ModelRunner::Load(dir, bad).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace sieve::engine
+
+namespace sieve::engine {
+namespace {
+
+// Step graphs are a CUDA feature: on the CPU backend the option changes nothing, decode steps
+// run eagerly and no graph step is counted.
+TEST(ModelRunnerTest, CudaGraphsOptionIsIgnoredOnCpu) {
+  ModelRunnerOptions on = SmallOptions(), off = SmallOptions();
+  on.cuda_graphs = true;
+  off.cuda_graphs = false;
+  auto a = ModelRunner::Load(EmbeddedDir(), on);
+  auto b = ModelRunner::Load(EmbeddedDir(), off);
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_FALSE((*a)->uses_step_graphs());
+  (*a)->default_worker().SetStepGraphs(true);
+  const std::vector<int32_t> prompt = {5, 17, 300}, next = {9}, pages = {63};
+  std::vector<float> la, lb;
+  for (ModelRunner* r : {a->get(), b->get()}) {
+    std::vector<float>& out = r == a->get() ? la : lb;
+    ASSERT_TRUE(r->Forward({SequenceStep{prompt, 0, pages, false}}, out).ok());
+    ASSERT_TRUE(r->Forward({SequenceStep{next, 3, pages, true}}, out).ok());
+  }
+  ASSERT_EQ(la.size(), 4096u);
+  EXPECT_EQ(la, lb);
+  const StepGraphStats s = (*a)->graph_stats();
+  EXPECT_EQ(s.eager_steps + s.recorded_steps + s.replayed_steps + s.live_recordings, 0);
+  // The last page of the pool is the callers'; the one past it is not.
+  const std::vector<int32_t> past = {64};
+  std::vector<float> unused;
+  EXPECT_EQ((*a)->Forward({SequenceStep{next, 0, past, true}}, unused).code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

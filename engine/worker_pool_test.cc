@@ -61,9 +61,18 @@ TEST(WorkerPoolTest, RunsJobsOnTheirWorkersAndReturnsResults) {
   EXPECT_EQ(pool.size(), 2);
   pool.Run(JobFor(0, 2));
   pool.Run(JobFor(1, 5));
+  // Three jobs come back: worker 0's second job may overtake worker 1's first, so the order is
+  // not fixed. The 3-token job fails; the others carry one logit per token from their worker.
   int seen = 0;
-  for (int i = 0; i < 2; ++i) {
+  int failures = 0;
+  for (int i = 0; i < 3; ++i) {
     std::unique_ptr<WorkerJob> job = inbox.Take();
+    if (job->batch.num_tokens == 3) {
+      EXPECT_EQ(job->status.code(), absl::StatusCode::kInvalidArgument) << job->status;
+      EXPECT_EQ(job->batch.worker, 0);
+      ++failures;
+      continue;
+    }
     ASSERT_TRUE(job->status.ok()) << job->status;
     EXPECT_EQ(job->logits.size(), static_cast<size_t>(job->batch.num_tokens));
     EXPECT_EQ(job->logits[0], static_cast<float>(job->batch.worker));
@@ -73,8 +82,7 @@ TEST(WorkerPoolTest, RunsJobsOnTheirWorkersAndReturnsResults) {
     if (job->batch.worker == 0) pool.Run(JobFor(0, 3));
   }
   EXPECT_EQ(seen, 3);
-  std::unique_ptr<WorkerJob> failed = inbox.Take();
-  EXPECT_EQ(failed->status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(failures, 1);
   EXPECT_EQ(calls[0], 2);
   EXPECT_EQ(calls[1], 1);
 }

@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "engine/cuda/cuda_stream.h"
 #include "engine/status_macros.h"
 #include "kernels/attention/paged_attention.h"
 #include "kernels/attention/paged_attention_simple.h"
@@ -20,12 +21,14 @@
 #include "kernels/cuda_check.h"
 
 namespace sieve::engine {
-namespace {
 
 using bf16 = __nv_bfloat16;
+using cuda_internal::Align256;
+using cuda_internal::CheckShape;
+using cuda_internal::Cuda;
 
-// The Status of a failed CUDA runtime call: its error, the expression, file and line, and where
-// inside a kernel launcher it failed when the launcher recorded that.
+namespace cuda_internal {
+
 absl::Status CudaErrorStatus(cudaError_t e, const char* expr, const char* file, int line) {
   std::string msg = absl::StrCat("CUDA error ", cudaGetErrorName(e), " (", cudaGetErrorString(e),
                                  ") from `", expr, "` at ", file, ":", line);
@@ -45,69 +48,39 @@ absl::Status CudaErrorStatus(cublasStatus_t e, const char* expr, const char* fil
                                           expr, "` at ", file, ":", line));
 }
 
-bool Failed(cudaError_t e) { return e != cudaSuccess; }
-bool Failed(cublasStatus_t e) { return e != CUBLAS_STATUS_SUCCESS; }
+absl::Status CheckShape(const Tensor& t, int64_t rows, int64_t cols, absl::string_view what) {
+  if (t.data == nullptr || t.rows < rows || t.cols != cols) {
+    return absl::InternalError(absl::StrCat("cuda backend: ", what, " is [", t.rows, ", ", t.cols,
+                                            "], need [", rows, ", ", cols, "]"));
+  }
+  return absl::OkStatus();
+}
 
-}  // namespace
+absl::Status EnsureHostFloats(CudaStream& s, int64_t elems) {
+  if (elems <= s.f32_host_elems) return absl::OkStatus();
+  const int64_t size = std::max<int64_t>(elems, 2 * s.f32_host_elems);
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaFreeHost(s.f32_host));
+  s.f32_host = nullptr;
+  s.f32_host_elems = 0;
+  SIEVE_RETURN_IF_CUDA_ERROR(
+      cudaMallocHost(reinterpret_cast<void**>(&s.f32_host), size * sizeof(float)));
+  s.f32_host_elems = size;
+  return absl::OkStatus();
+}
 
-// Evaluates `expr` (a cudaError_t or cublasStatus_t); on failure returns an Internal status that
-// names the expression, file and line from the enclosing function.
-#define SIEVE_RETURN_IF_CUDA_ERROR(expr)                                       \
-  do {                                                                         \
-    const auto sieve_cuda_result_ = (expr);                                    \
-    if (Failed(sieve_cuda_result_)) {                                          \
-      return CudaErrorStatus(sieve_cuda_result_, #expr, __FILE__, __LINE__);  \
-    }                                                                          \
-  } while (0)
-
-// Which attention kernel a step runs.
-enum class CudaAttentionPath { kNone, kDecode, kPrefill, kSimple };
-
-// A stream's state: its CUDA stream, GEMM handle and workspace, the step's layout on the device
-// and its attention plan. Owned by one worker thread.
-struct CudaStream final : BackendStream {
-  ~CudaStream() override;
-
-  int device = 0;
-  cudaStream_t stream = nullptr;
-  kernels::BlasLtGemm gemm;
-  void* gemm_workspace = nullptr;
-  size_t gemm_workspace_bytes = 0;
-  // Staging: pinned host bytes and a device mirror of the same size. BeginStep puts the layout at
-  // the front; Embed and GatherRows append their index arrays after it (`staging_used`).
-  char* host_staging = nullptr;
-  char* dev_staging = nullptr;
-  size_t staging_bytes = 0;
-  size_t staging_used = 0;
-  cudaEvent_t staging_copied = nullptr;  // recorded after the last copy out of host_staging
-  // Device copies of the current layout (pointers into dev_staging).
-  const int32_t* positions = nullptr;
-  const int64_t* slots = nullptr;
-  const int32_t* query_start = nullptr;
-  const int32_t* kv_lens = nullptr;
-  const int32_t* page_table = nullptr;
-  const BatchLayout* layout = nullptr;
-  int32_t max_q_len = 0;
-  int32_t max_kv_len = 0;
-  // Attention plan of the step.
-  CudaAttentionPath path = CudaAttentionPath::kNone;
-  kernels::PagedDecodePlan decode_plan;
-  kernels::PagedPrefillPlan prefill_plan;
-  void* attn_workspace = nullptr;
-  size_t attn_workspace_bytes = 0;
-  // fp32 device buffer for CopyToHost.
-  float* host_copy = nullptr;
-  int64_t host_copy_elems = 0;
-};
+}  // namespace cuda_internal
 
 CudaStream::~CudaStream() {
   cudaSetDevice(device);
   if (stream != nullptr) cudaStreamSynchronize(stream);
+  graph_slots.clear();  // recordings and their buffers
   cudaFree(gemm_workspace);
   cudaFree(dev_staging);
   cudaFreeHost(host_staging);
   cudaFree(attn_workspace);
-  cudaFree(host_copy);
+  cudaFree(f32_dev);
+  cudaFreeHost(f32_host);
+  for (cudaEvent_t e : copy_events) cudaEventDestroy(e);
   if (staging_copied != nullptr) cudaEventDestroy(staging_copied);
   gemm = kernels::BlasLtGemm();  // destroy the cuBLASLt handle before the stream
   if (stream != nullptr) cudaStreamDestroy(stream);
@@ -117,22 +90,17 @@ namespace {
 
 bf16* B(const Tensor& t) { return static_cast<bf16*>(t.data); }
 
-CudaStream& Cuda(BackendStream& s) { return static_cast<CudaStream&>(s); }
-
 absl::StatusOr<const BatchLayout*> LayoutOf(const CudaStream& s) {
   if (s.layout == nullptr) return absl::InternalError("cuda backend: operator before BeginStep");
   return s.layout;
 }
 
-absl::Status CheckShape(const Tensor& t, int64_t rows, int64_t cols, absl::string_view what) {
-  if (t.data == nullptr || t.rows < rows || t.cols != cols) {
-    return absl::InternalError(absl::StrCat("cuda backend: ", what, " is [", t.rows, ", ", t.cols,
-                                            "], need [", rows, ", ", cols, "]"));
-  }
-  return absl::OkStatus();
+// FailedPrecondition for the operators a graph step cannot record.
+absl::Status NotInGraphStep(const CudaStream& s, absl::string_view op) {
+  if (s.graph == nullptr) return absl::OkStatus();
+  return absl::FailedPreconditionError(
+      absl::StrCat("cuda backend: ", op, " is not available inside a graph step"));
 }
-
-size_t Align256(size_t n) { return (n + 255) / 256 * 256; }
 
 // Copies `bytes` from `src` through the stream's staging area to the device, after what is
 // already staged this step, and returns the device address. The staging area must be large
@@ -172,9 +140,57 @@ absl::Status EnsureStaging(CudaStream& s, size_t bytes) {
   return absl::OkStatus();
 }
 
-// Host-side checks of a layout against the KV pool: the device kernels trust these.
-absl::Status ValidateLayout(const BatchLayout& l, int32_t num_pages, int32_t page_size,
-                            int32_t& max_q_len, int32_t& max_kv_len) {
+// Makes the stream's fp32 device buffer hold at least `elems` floats (waiting for the stream
+// before freeing the old one).
+absl::Status EnsureDeviceFloats(CudaStream& s, int64_t elems) {
+  if (elems <= s.f32_dev_elems) return absl::OkStatus();
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(s.stream));
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaFree(s.f32_dev));
+  s.f32_dev = nullptr;
+  s.f32_dev_elems = 0;
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaMalloc(reinterpret_cast<void**>(&s.f32_dev), elems * sizeof(float)));
+  s.f32_dev_elems = elems;
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status cuda_internal::CopyFloatsToHost(CudaStream& s, const float* src,
+                                             absl::Span<float> out) {
+  if (out.empty()) return absl::OkStatus();
+  // The stream has no copy into the pinned buffer in flight: every use waits for its copy.
+  SIEVE_RETURN_IF_ERROR(cuda_internal::EnsureHostFloats(s, static_cast<int64_t>(out.size())));
+  constexpr size_t kChunk = size_t{1} << 19;  // floats (2 MiB) per chunk of the pipeline
+  const size_t chunks = (out.size() + kChunk - 1) / kChunk;
+  if (chunks == 1) {
+    SIEVE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(s.f32_host, src, out.size() * sizeof(float),
+                                               cudaMemcpyDeviceToHost, s.stream));
+    SIEVE_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(s.stream));
+    std::memcpy(out.data(), s.f32_host, out.size() * sizeof(float));
+    return absl::OkStatus();
+  }
+  while (s.copy_events.size() < chunks) {
+    cudaEvent_t e = nullptr;
+    SIEVE_RETURN_IF_CUDA_ERROR(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    s.copy_events.push_back(e);
+  }
+  for (size_t c = 0; c < chunks; ++c) {
+    const size_t begin = c * kChunk, n = std::min(kChunk, out.size() - begin);
+    SIEVE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(s.f32_host + begin, src + begin, n * sizeof(float),
+                                               cudaMemcpyDeviceToHost, s.stream));
+    SIEVE_RETURN_IF_CUDA_ERROR(cudaEventRecord(s.copy_events[c], s.stream));
+  }
+  for (size_t c = 0; c < chunks; ++c) {
+    const size_t begin = c * kChunk, n = std::min(kChunk, out.size() - begin);
+    SIEVE_RETURN_IF_CUDA_ERROR(cudaEventSynchronize(s.copy_events[c]));
+    std::memcpy(out.data() + begin, s.f32_host + begin, n * sizeof(float));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status cuda_internal::ValidateLayout(const BatchLayout& l, int32_t num_pages,
+                                          int32_t page_size, int32_t& max_q_len,
+                                          int32_t& max_kv_len) {
   const int32_t n = l.num_tokens(), seqs = l.num_seqs();
   if (seqs < 1 || l.query_start.size() != static_cast<size_t>(seqs) + 1 ||
       l.slots.size() != l.positions.size() || l.query_start.front() != 0 ||
@@ -206,6 +222,8 @@ absl::Status ValidateLayout(const BatchLayout& l, int32_t num_pages, int32_t pag
   }
   return absl::OkStatus();
 }
+
+namespace {
 
 bool IsPowerOfTwo(int32_t x) { return x > 0 && (x & (x - 1)) == 0; }
 
@@ -328,9 +346,13 @@ absl::StatusOr<std::unique_ptr<BackendStream>> CudaBackend::CreateStream() {
 absl::Status CudaBackend::BeginStep(BackendStream& stream, const BatchLayout& l) {
   CudaStream& s = Cuda(stream);
   if (kv_ == nullptr) return absl::FailedPreconditionError("cuda backend: no KV cache allocated");
+  if (s.graph != nullptr) {
+    return absl::FailedPreconditionError("cuda backend: BeginStep inside a graph step");
+  }
   s.layout = nullptr;
   s.path = CudaAttentionPath::kNone;
-  SIEVE_RETURN_IF_ERROR(ValidateLayout(l, num_pages_, page_size_, s.max_q_len, s.max_kv_len));
+  SIEVE_RETURN_IF_ERROR(
+      cuda_internal::ValidateLayout(l, num_pages_, page_size_, s.max_q_len, s.max_kv_len));
   SIEVE_RETURN_IF_CUDA_ERROR(cudaSetDevice(options_.device));
   const size_t n = l.positions.size(), seqs = l.kv_lens.size();
   const size_t sizes[5] = {n * sizeof(int64_t), n * sizeof(int32_t), (seqs + 1) * sizeof(int32_t),
@@ -360,52 +382,53 @@ absl::Status CudaBackend::BeginStep(BackendStream& stream, const BatchLayout& l)
   s.query_start = reinterpret_cast<const int32_t*>(dev[2]);
   s.kv_lens = reinterpret_cast<const int32_t*>(dev[3]);
   s.page_table = reinterpret_cast<const int32_t*>(dev[4]);
-  SIEVE_RETURN_IF_ERROR(PlanAttention(s, l));
+  PlanAttention(s, l.num_seqs(), s.max_kv_len);
+  if (s.path == CudaAttentionPath::kDecode &&
+      s.decode_plan.workspace_bytes > s.attn_workspace_bytes) {
+    // The only allocation a step can make, before any operator runs.
+    const size_t bytes = std::max(s.decode_plan.workspace_bytes, 2 * s.attn_workspace_bytes);
+    SIEVE_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(s.stream));
+    SIEVE_RETURN_IF_CUDA_ERROR(cudaFree(s.attn_workspace));
+    s.attn_workspace = nullptr;
+    s.attn_workspace_bytes = 0;
+    SIEVE_RETURN_IF_CUDA_ERROR(cudaMalloc(&s.attn_workspace, bytes));
+    s.attn_workspace_bytes = bytes;
+  }
+  s.step_workspace = s.attn_workspace;
   s.layout = &l;
   return absl::OkStatus();
 }
 
 // Picks the step's attention kernel from its shape: the decode kernel when every sequence has
-// one query, the prefill kernel otherwise, the simple kernel where neither applies. Grows the
-// decode workspace if the plan needs more (the only allocation a step can make, before any
-// operator runs).
-absl::Status CudaBackend::PlanAttention(CudaStream& s, const BatchLayout& l) {
+// one query (planned for KV lengths up to `plan_kv_len`), the prefill kernel otherwise, the
+// simple kernel where neither applies. Sets s.path and the plan; allocates nothing.
+void CudaBackend::PlanAttention(CudaStream& s, int32_t num_seqs, int32_t plan_kv_len) {
   const AttentionShape& a = kv_shape_;
   s.path = CudaAttentionPath::kSimple;
-  if (options_.attention == CudaBackendOptions::Attention::kSimple) return absl::OkStatus();
+  if (options_.attention == CudaBackendOptions::Attention::kSimple) return;
   if (s.max_q_len == 1) {
     kernels::PagedDecodeShape shape;
-    shape.num_seqs = l.num_seqs();
+    shape.num_seqs = num_seqs;
     shape.num_q_heads = a.num_q_heads;
     shape.num_kv_heads = a.num_kv_heads;
     shape.head_dim = a.head_dim;
-    shape.max_kv_len = s.max_kv_len;
-    if (!kernels::PagedDecodeSupports(shape)) return absl::OkStatus();
+    shape.max_kv_len = plan_kv_len;
+    if (!kernels::PagedDecodeSupports(shape)) return;
     s.decode_plan = kernels::Plan(shape, num_sms_);
-    if (s.decode_plan.num_splits <= 0) return absl::OkStatus();
-    if (s.decode_plan.workspace_bytes > s.attn_workspace_bytes) {
-      const size_t bytes = std::max(s.decode_plan.workspace_bytes, 2 * s.attn_workspace_bytes);
-      SIEVE_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(s.stream));
-      SIEVE_RETURN_IF_CUDA_ERROR(cudaFree(s.attn_workspace));
-      s.attn_workspace = nullptr;
-      s.attn_workspace_bytes = 0;
-      SIEVE_RETURN_IF_CUDA_ERROR(cudaMalloc(&s.attn_workspace, bytes));
-      s.attn_workspace_bytes = bytes;
-    }
+    if (s.decode_plan.num_splits <= 0) return;
     s.path = CudaAttentionPath::kDecode;
-    return absl::OkStatus();
+    return;
   }
   kernels::PagedPrefillShape shape;
-  shape.num_seqs = l.num_seqs();
+  shape.num_seqs = num_seqs;
   shape.num_q_heads = a.num_q_heads;
   shape.num_kv_heads = a.num_kv_heads;
   shape.head_dim = a.head_dim;
   shape.max_q_len = s.max_q_len;
-  if (!IsPowerOfTwo(page_size_) || !kernels::PagedPrefillSupports(shape)) return absl::OkStatus();
+  if (!IsPowerOfTwo(page_size_) || !kernels::PagedPrefillSupports(shape)) return;
   s.prefill_plan = kernels::Plan(shape, num_sms_);
-  if (s.prefill_plan.kernel == kernels::PagedPrefillKernel::kNone) return absl::OkStatus();
+  if (s.prefill_plan.kernel == kernels::PagedPrefillKernel::kNone) return;
   s.path = CudaAttentionPath::kPrefill;
-  return absl::OkStatus();
 }
 
 std::string_view CudaBackend::PlannedAttention(const BackendStream& stream) {
@@ -430,9 +453,20 @@ absl::Status CudaBackend::Embed(BackendStream& stream, absl::Span<const int32_t>
       return absl::InvalidArgumentError(absl::StrCat("token id ", t, " out of range"));
     }
   }
-  SIEVE_ASSIGN_OR_RETURN(void* ids, Stage(s, tokens.data(), tokens.size() * sizeof(int32_t)));
-  SIEVE_RETURN_IF_CUDA_ERROR(kernels::GatherRowsBf16(B(table), table.rows, table.cols,
-                                                     static_cast<const int32_t*>(ids),
+  const int32_t* ids = nullptr;
+  if (s.graph != nullptr) {
+    // A graph step's tokens are already in the slot's fixed input buffer.
+    if (tokens.data() != s.graph_tokens ||
+        static_cast<int64_t>(tokens.size()) != s.graph->num_seqs) {
+      return absl::InternalError("cuda backend: a graph step embeds the tokens it was begun with");
+    }
+    s.graph->embed_rows = table.rows;
+    ids = reinterpret_cast<const int32_t*>(s.graph->dev_in + s.graph->off_tokens);
+  } else {
+    SIEVE_ASSIGN_OR_RETURN(void* staged, Stage(s, tokens.data(), tokens.size() * sizeof(int32_t)));
+    ids = static_cast<const int32_t*>(staged);
+  }
+  SIEVE_RETURN_IF_CUDA_ERROR(kernels::GatherRowsBf16(B(table), table.rows, table.cols, ids,
                                                      tokens.size(), B(out), s.stream));
   return absl::OkStatus();
 }
@@ -548,7 +582,7 @@ absl::Status CudaBackend::Attention(BackendStream& stream, int32_t layer, const 
   switch (s.path) {
     case CudaAttentionPath::kDecode:
       SIEVE_RETURN_IF_CUDA_ERROR(
-          kernels::PagedDecodeRun(p, s.decode_plan, s.attn_workspace, s.stream));
+          kernels::PagedDecodeRun(p, s.decode_plan, s.step_workspace, s.stream));
       return absl::OkStatus();
     case CudaAttentionPath::kPrefill:
       SIEVE_RETURN_IF_CUDA_ERROR(kernels::PagedPrefillRun(p, s.prefill_plan, nullptr, s.stream));
@@ -580,6 +614,7 @@ absl::Status CudaBackend::GatherRows(BackendStream& stream, const Tensor& x,
                                      absl::Span<const int32_t> rows, Tensor out) {
   CudaStream& s = Cuda(stream);
   SIEVE_RETURN_IF_ERROR(LayoutOf(s).status());
+  SIEVE_RETURN_IF_ERROR(NotInGraphStep(s, "GatherRows"));
   SIEVE_RETURN_IF_ERROR(CheckShape(out, rows.size(), x.cols, "gather output"));
   for (int32_t r : rows) {
     if (r < 0 || r >= x.rows) return absl::InternalError("gather row out of range");
@@ -594,25 +629,42 @@ absl::Status CudaBackend::GatherRows(BackendStream& stream, const Tensor& x,
 absl::Status CudaBackend::CopyToHost(BackendStream& stream, const Tensor& x,
                                      absl::Span<float> out) {
   CudaStream& s = Cuda(stream);
+  SIEVE_RETURN_IF_ERROR(NotInGraphStep(s, "CopyToHost"));
   const int64_t n = x.rows * x.cols;
   if (static_cast<int64_t>(out.size()) != n) {
     return absl::InternalError("cuda backend: host buffer size mismatch");
   }
   if (n == 0) return absl::OkStatus();
   SIEVE_RETURN_IF_CUDA_ERROR(cudaSetDevice(options_.device));
-  if (n > s.host_copy_elems) {
-    SIEVE_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(s.stream));
-    SIEVE_RETURN_IF_CUDA_ERROR(cudaFree(s.host_copy));
-    s.host_copy = nullptr;
-    s.host_copy_elems = 0;
-    SIEVE_RETURN_IF_CUDA_ERROR(cudaMalloc(reinterpret_cast<void**>(&s.host_copy), n * sizeof(float)));
-    s.host_copy_elems = n;
+  SIEVE_RETURN_IF_ERROR(EnsureDeviceFloats(s, n));
+  SIEVE_RETURN_IF_CUDA_ERROR(kernels::Bf16ToFloat(B(x), n, s.f32_dev, s.stream));
+  return cuda_internal::CopyFloatsToHost(s, s.f32_dev, out);
+}
+
+absl::Status CudaBackend::Logits(BackendStream& stream, const Tensor& x, const Tensor& lm_head,
+                                 absl::Span<float> host_out) {
+  CudaStream& s = Cuda(stream);
+  SIEVE_RETURN_IF_ERROR(NotInGraphStep(s, "Logits"));
+  if (x.data == nullptr || x.cols != lm_head.cols || lm_head.data == nullptr) {
+    return absl::InternalError(absl::StrCat("cuda backend: logits input has ", x.cols,
+                                            " columns, lm_head expects ", lm_head.cols));
   }
-  SIEVE_RETURN_IF_CUDA_ERROR(kernels::Bf16ToFloat(B(x), n, s.host_copy, s.stream));
-  SIEVE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(out.data(), s.host_copy, n * sizeof(float),
-                                             cudaMemcpyDeviceToHost, s.stream));
-  SIEVE_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(s.stream));
-  return absl::OkStatus();
+  const int64_t n = x.rows * lm_head.rows;
+  if (static_cast<int64_t>(host_out.size()) != n) {
+    return absl::InternalError("cuda backend: logits buffer size mismatch");
+  }
+  if (n == 0) return absl::OkStatus();
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaSetDevice(options_.device));
+  SIEVE_RETURN_IF_ERROR(EnsureDeviceFloats(s, n));
+  kernels::GemmArgs g;
+  g.x = B(x);
+  g.w = B(lm_head);
+  g.y_f32 = s.f32_dev;
+  g.m = x.rows;
+  g.n = lm_head.rows;
+  g.k = x.cols;
+  SIEVE_RETURN_IF_CUDA_ERROR(s.gemm.Run(g, s.gemm_workspace, s.gemm_workspace_bytes, s.stream));
+  return cuda_internal::CopyFloatsToHost(s, s.f32_dev, host_out);
 }
 
 }  // namespace sieve::engine

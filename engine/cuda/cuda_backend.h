@@ -10,8 +10,15 @@
 // the current step. BeginStep copies the layout to the device asynchronously and plans the
 // attention kernels: the split-KV decode kernel when every sequence has one query token, the
 // paged prefill kernel otherwise, the simple kernel for shapes neither takes. The operators only
-// enqueue work: they never allocate and never synchronize, except CopyToHost, which waits for the
-// stream (that keeps a decode step capturable in a CUDA graph later).
+// enqueue work: they never allocate and never synchronize, except CopyToHost and Logits, which
+// wait for the stream (Logits: fp32 output of cuBLASLt, one copy to pinned memory).
+//
+// Graph steps (engine/backend.h): each stream keeps, per sequence count, one CUDA graph of a
+// decode step and the buffers it reads (inputs in fixed device memory, the decode workspace,
+// fp32 logits). BeginGraphStep uploads the step's inputs with one copy, plans decode attention
+// (graph_kv_quantum_shift) and launches the recording when there is one for the step's key
+// (sequences, page-table stride, attention plan); EndGraphStep copies the logits out.
+// Implemented in cuda_graph_step.cc.
 //
 // Errors: every CUDA and cuBLAS failure becomes an absl::Status (Internal) naming the failing
 // expression, file and line (and, for kernel launchers, the call inside them that failed).
@@ -43,6 +50,14 @@ struct CudaBackendOptions {
   int device = 0;                               // CUDA device ordinal
   Attention attention = Attention::kAuto;
   size_t gemm_workspace_bytes = size_t{32} << 20;  // cuBLASLt scratch per stream (bytes)
+  // How graph steps plan decode attention for the step's longest KV length L. Negative: for L
+  // itself (rounded to the kernel's 64-token tile, which does not change the plan), so a growing
+  // context is recorded anew whenever the plan changes (every 64 tokens while the sequence has
+  // fewer tiles than splits, then every `splits` tiles). s >= 0: for L rounded up to a multiple
+  // of max(64, 2^(floor(log2 L) - s)) tokens, at most 2^-s more than L (longer chunks, idle
+  // splits), recorded anew each time the rounded length grows. Measured on an H100 (bench/
+  // results/2026-11-23-model-llama8b-graphs.md): a recording costs 3 to 6 ms of host time.
+  int graph_kv_quantum_shift = -1;
 };
 
 class CudaBackend final : public Backend {
@@ -80,6 +95,20 @@ class CudaBackend final : public Backend {
   absl::Status GatherRows(BackendStream& stream, const Tensor& x, absl::Span<const int32_t> rows,
                           Tensor out) override;
   absl::Status CopyToHost(BackendStream& stream, const Tensor& x, absl::Span<float> out) override;
+  absl::Status Logits(BackendStream& stream, const Tensor& x, const Tensor& lm_head,
+                      absl::Span<float> host_out) override;
+
+  bool SupportsStepGraphs() const override { return true; }
+  absl::StatusOr<StepGraphMode> BeginGraphStep(BackendStream& stream, const BatchLayout& layout,
+                                               absl::Span<const int32_t> tokens) override;
+  absl::Status GraphLogits(BackendStream& stream, const Tensor& x, const Tensor& lm_head) override;
+  absl::Status EndGraphStep(BackendStream& stream, absl::Span<float> host_logits) override;
+  void AbortGraphStep(BackendStream& stream) override;
+  StepGraphStats GraphStats(const BackendStream& stream) const override;
+
+  // The KV length a graph step of longest KV length `max_kv_len` plans decode attention for
+  // (see CudaBackendOptions::graph_kv_quantum_shift).
+  int32_t GraphPlanKvLen(int32_t max_kv_len) const;
 
   // The attention kernel the last BeginStep on `stream` (a stream of a CudaBackend) planned:
   // "decode", "prefill", "simple", or "none" before any step. For tests and logs.
@@ -91,7 +120,7 @@ class CudaBackend final : public Backend {
  private:
   explicit CudaBackend(const CudaBackendOptions& options) : options_(options) {}
   absl::StatusOr<void*> DeviceAlloc(size_t bytes);
-  absl::Status PlanAttention(CudaStream& s, const BatchLayout& layout);
+  void PlanAttention(CudaStream& s, int32_t num_seqs, int32_t plan_kv_len);
 
   CudaBackendOptions options_;
   int num_sms_ = 0;

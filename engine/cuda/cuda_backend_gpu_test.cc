@@ -140,6 +140,7 @@ TEST_F(CudaModelTest, LogitsMatchCpuBackendAndGoldens) {
     EXPECT_EQ(cuda->backend_name(), "cuda");
     const int64_t vocab = cuda->config().vocab_size;
     double worst_cpu = 0, worst_golden = 0;
+    int exact_ties = 0;  // positions whose two best logits are equal (fp32 logits: none)
     for (const auto& c : (*golden_)["logits"]) {
       const std::vector<int32_t> ids = Ids(c["ids"]);
       const int k = c["last_positions"];
@@ -159,22 +160,28 @@ TEST_F(CudaModelTest, LogitsMatchCpuBackendAndGoldens) {
         const double e_cpu = RelativeError(g, r), e_golden = RelativeError(g, w);
         worst_cpu = std::max(worst_cpu, e_cpu);
         worst_golden = std::max(worst_golden, e_golden);
+        exact_ties += ArgmaxAndMargin(g).second == 0.0f;
         EXPECT_LT(e_cpu, kMaxRelError) << c["name"] << " position " << ids.size() - tail + p;
         EXPECT_LT(e_golden, kMaxRelError) << c["name"] << " position " << ids.size() - tail + p;
       }
     }
-    std::printf("[measure] page_size %d chunk %d: max rel L2 vs cpu backend %.3e, vs fp32 golden %.3e\n",
-                page_size, chunk, worst_cpu, worst_golden);
+    EXPECT_EQ(exact_ties, 0);
+    std::printf("[measure] page_size %d chunk %d: max rel L2 vs cpu backend %.3e, vs fp32 golden "
+                "%.3e; exact top-2 ties %d\n", page_size, chunk, worst_cpu, worst_golden,
+                exact_ties);
   }
 }
 
 // transformers in bf16 rounds at more points than this backend (the normalized hidden state
 // before the norm weight, cos and sin, q * cos and rotate_half(q) * sin, silu(gate) before the
-// product), so it sits farther from fp32 (up to 2.5e-2 on the long prompt, measured 2026-11-23
-// on an H100) than this backend does (1.8e-2), and the two bf16 pipelines differ from each other
-// by about their errors added in quadrature. So the checks are: this backend is no farther from
-// the fp32 goldens than transformers bf16 is (plus 2e-3), and within 4e-2 of transformers bf16 at
-// every position; the 2e-2 target is reported by the [measure] line.
+// product, and the logits themselves, which this backend returns in fp32), so it sits farther
+// from fp32 than this backend does, and the two bf16 pipelines differ from each other by about
+// their errors added in quadrature. Measured 2026-11-23 on an H100 with fp32 logits: this backend
+// 1.79e-2 from the fp32 goldens at worst, transformers bf16 2.52e-2, the two 2.74e-2 apart (the
+// long prompt; bf16 logits gave 2.75e-2, so their rounding was not what kept the two apart). So
+// the checks are: this backend is at most 0.8x as far from the fp32 goldens as transformers bf16
+// is, and within 3e-2 of transformers bf16 at every position; the 2e-2 target is
+// reported by the [measure] line.
 TEST_F(CudaModelTest, LogitsMatchTransformersBf16) {
   const char* path = std::getenv("SIEVE_HF_BF16_LOGITS");
   if (path == nullptr || *path == '\0') {
@@ -191,7 +198,9 @@ TEST_F(CudaModelTest, LogitsMatchTransformersBf16) {
     auto view = f.Get(name);
     EXPECT_TRUE(view.ok()) << view.status();
     std::vector<float> v(view.ok() ? view->numel() : 0);
-    if (view.ok()) EXPECT_TRUE(CopyToFloat32(*view, absl::MakeSpan(v)).ok());
+    if (view.ok()) {
+      EXPECT_TRUE(CopyToFloat32(*view, absl::MakeSpan(v)).ok());
+    }
     return v;
   };
   double worst_hf = 0, worst_ours_fp32 = 0, worst_hf_fp32 = 0;
@@ -214,7 +223,7 @@ TEST_F(CudaModelTest, LogitsMatchTransformersBf16) {
       prompt_hf = std::max(prompt_hf, e);
       prompt_ours = std::max(prompt_ours, RelativeError(g, r));
       prompt_hf_fp32 = std::max(prompt_hf_fp32, RelativeError(w, r));
-      EXPECT_LT(e, 2 * kMaxRelError) << name << " position " << ids.size() - tail + p;
+      EXPECT_LT(e, 3e-2) << name << " position " << ids.size() - tail + p;
     }
     std::printf("[measure] %s: max rel L2 cuda vs transformers bf16 %.3e; vs fp32: cuda %.3e, "
                 "transformers bf16 %.3e\n", name.c_str(), prompt_hf, prompt_ours, prompt_hf_fp32);
@@ -222,7 +231,7 @@ TEST_F(CudaModelTest, LogitsMatchTransformersBf16) {
     worst_ours_fp32 = std::max(worst_ours_fp32, prompt_ours);
     worst_hf_fp32 = std::max(worst_hf_fp32, prompt_hf_fp32);
   }
-  EXPECT_LE(worst_ours_fp32, worst_hf_fp32 + 2e-3);
+  EXPECT_LE(worst_ours_fp32, 0.8 * worst_hf_fp32);
   std::printf("[measure] max rel L2 vs transformers bf16: %.3e (target 2e-2); vs fp32 goldens: "
               "cuda %.3e, transformers bf16 %.3e\n", worst_hf, worst_ours_fp32, worst_hf_fp32);
 }
@@ -336,8 +345,9 @@ TEST_F(CudaModelTest, GeneratorGreedyAloneAndBatched) {
 }
 
 // Each sequence's logits are the same alone or batched with others of different lengths and
-// phases, within bf16 noise (rel L2 < 1e-2: the GEMMs of different row counts may take different
-// cuBLASLt algorithms, and the decode split depends on the batch) and with the same argmax.
+// phases, within bf16 noise (rel L2 < 7.5e-3, 5.3e-3 measured: the GEMMs of different row counts
+// may take different cuBLASLt algorithms, and the decode split depends on the batch; decode steps
+// run as CUDA-graph steps of buckets 1 and 4) and with the same argmax.
 TEST_F(CudaModelTest, BatchedEqualsAlone) {
   auto r = Runner("cuda", 16, 256);
   ASSERT_NE(r, nullptr);
@@ -358,7 +368,7 @@ TEST_F(CudaModelTest, BatchedEqualsAlone) {
                      const std::string& what) {
     const double e = RelativeError(got, want);
     worst = std::max(worst, e);
-    EXPECT_LT(e, 1e-2) << what;
+    EXPECT_LT(e, 7.5e-3) << what;
     EXPECT_EQ(ArgmaxAndMargin(got).first, ArgmaxAndMargin(want).first) << what;
   };
   std::vector<std::vector<float>> alone(3);

@@ -1,4 +1,4 @@
-// cuBLASLt bf16 GEMM with a per-shape algorithm cache (see gemm.h). Host code only; it is a .cu
+// cuBLASLt GEMM (bf16 operands, bf16 or fp32 output) with a per-shape algorithm cache (see gemm.h). Host code only; it is a .cu
 // file so that it joins the kernels library only when the CUDA backend is built.
 #include "kernels/cuda/gemm.h"
 
@@ -37,9 +37,11 @@ struct GemmPlanEntry {
   }
 };
 
-// Key: m, n, k, has bias, alignments of x, w, y and bias, workspace bytes.
+// Key: m, n, k, has bias, alignments of x, w, y and bias, workspace bytes, fp32 output.
+using GemmKey = std::array<int64_t, 10>;
+
 struct BlasLtGemm::Cache {
-  std::map<std::array<int64_t, 9>, GemmPlanEntry> entries;
+  std::map<GemmKey, GemmPlanEntry> entries;
   ~Cache() {
     for (auto& [key, e] : entries) e.Destroy();
   }
@@ -57,11 +59,11 @@ struct BlasLtGemm::Cache {
 namespace {
 
 // Builds the descriptors for one key and asks the heuristic for the best algorithm.
-cublasStatus_t MakeEntry(cublasLtHandle_t handle, const std::array<int64_t, 9>& key,
-                         GemmPlanEntry& entry) {
+cublasStatus_t MakeEntry(cublasLtHandle_t handle, const GemmKey& key, GemmPlanEntry& entry) {
   const int64_t m = key[0], n = key[1], k = key[2];
   const bool has_bias = key[3] != 0;
   const size_t workspace_bytes = static_cast<size_t>(key[8]);
+  const cudaDataType_t out_type = key[9] != 0 ? CUDA_R_32F : CUDA_R_16BF;
   SIEVE_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescCreate(&entry.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
   const cublasOperation_t trans_a = CUBLAS_OP_T, trans_b = CUBLAS_OP_N;
   SIEVE_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(
@@ -79,7 +81,7 @@ cublasStatus_t MakeEntry(cublasLtHandle_t handle, const std::array<int64_t, 9>& 
   // Column-major views: w is k x n (ld k) used transposed, x^T is k x m (ld k), y^T is n x m.
   SIEVE_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&entry.a, CUDA_R_16BF, k, n, k));
   SIEVE_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&entry.b, CUDA_R_16BF, k, m, k));
-  SIEVE_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&entry.c, CUDA_R_16BF, n, m, n));
+  SIEVE_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&entry.c, out_type, n, m, n));
 
   cublasLtMatmulPreference_t pref = nullptr;
   SIEVE_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceCreate(&pref));
@@ -145,15 +147,18 @@ size_t BlasLtGemm::cached_shapes() const { return cache_ == nullptr ? 0 : cache_
 cublasStatus_t BlasLtGemm::Run(const GemmArgs& g, void* workspace, size_t workspace_bytes,
                                cudaStream_t stream) {
   if (handle_ == nullptr || cache_ == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
-  if (g.m < 0 || g.n <= 0 || g.k <= 0 || g.x == nullptr || g.w == nullptr || g.y == nullptr ||
+  const bool f32_out = g.y_f32 != nullptr;
+  if (g.m < 0 || g.n <= 0 || g.k <= 0 || g.x == nullptr || g.w == nullptr ||
+      (g.y == nullptr) == (g.y_f32 == nullptr) || (f32_out && g.bias != nullptr) ||
       (workspace == nullptr && workspace_bytes != 0)) {
     return CUBLAS_STATUS_INVALID_VALUE;
   }
   if (g.m == 0) return CUBLAS_STATUS_SUCCESS;
-  const std::array<int64_t, 9> key = {
-      g.m, g.n, g.k, g.bias != nullptr ? 1 : 0, AlignmentOf(g.x), AlignmentOf(g.w),
-      AlignmentOf(g.y), g.bias != nullptr ? AlignmentOf(g.bias) : 0,
-      static_cast<int64_t>(workspace_bytes)};
+  void* y = f32_out ? static_cast<void*>(g.y_f32) : static_cast<void*>(g.y);
+  const GemmKey key = {g.m, g.n, g.k, g.bias != nullptr ? 1 : 0, AlignmentOf(g.x),
+                       AlignmentOf(g.w), AlignmentOf(y),
+                       g.bias != nullptr ? AlignmentOf(g.bias) : 0,
+                       static_cast<int64_t>(workspace_bytes), f32_out ? 1 : 0};
   auto it = cache_->entries.find(key);
   if (it == cache_->entries.end()) {
     GemmPlanEntry entry;
@@ -169,7 +174,7 @@ cublasStatus_t BlasLtGemm::Run(const GemmArgs& g, void* workspace, size_t worksp
     if (st != CUBLAS_STATUS_SUCCESS) return st;
   }
   const float alpha = 1.0f, beta = 0.0f;
-  return cublasLtMatmul(handle_, e.desc, &alpha, g.w, e.a, g.x, e.b, &beta, g.y, e.c, g.y, e.c,
+  return cublasLtMatmul(handle_, e.desc, &alpha, g.w, e.a, g.x, e.b, &beta, y, e.c, y, e.c,
                         &e.algo, workspace, workspace_bytes, stream);
 }
 

@@ -295,27 +295,43 @@ TEST(CudaOpsTest, RopeAndKvWriteMatchReference) {
   CheckRope(3, 2, 1, 256, 128, 1.0f, rng);
 }
 
-// One GEMM case against LinearRef on the bf16 images.
+// One GEMM case against LinearRef on the bf16 images, with a bf16 output or (f32) an fp32 one.
 void CheckGemm(BlasLtGemm& gemm, void* ws, size_t ws_bytes, int64_t m, int64_t n, int64_t k,
-               bool bias, std::mt19937& rng) {
+               bool bias, std::mt19937& rng, bool f32 = false) {
   SCOPED_TRACE("m " + std::to_string(m) + " n " + std::to_string(n) + " k " + std::to_string(k) +
-               (bias ? " bias" : ""));
+               (bias ? " bias" : "") + (f32 ? " fp32 out" : ""));
   HostBf16 x = Random(m * k, rng), w = Random(n * k, rng, 0.0f, 0.05f), b = Random(n, rng);
   std::unique_ptr<Dev<bf16>> dx(MakeBf16(x.bits)), dw(MakeBf16(w.bits)), db(MakeBf16(b.bits));
-  Dev<bf16> y(m * n);
+  Dev<bf16> y(f32 ? 0 : m * n);
+  Dev<float> yf(f32 ? m * n : 0);
   Poison(y);
+  std::vector<float> nan(yf.n, NAN);
+  Upload(yf, nan);
   GemmArgs g;
   g.x = dx->p;
   g.w = dw->p;
   g.bias = bias ? db->p : nullptr;
-  g.y = y.p;
+  if (f32) {
+    g.y_f32 = yf.p;
+  } else {
+    g.y = y.p;
+  }
   g.m = m;
   g.n = n;
   g.k = k;
   ASSERT_EQ(gemm.Run(g, ws, ws_bytes, nullptr), CUBLAS_STATUS_SUCCESS);
   std::vector<float> want(m * n);
   LinearRef(x.f.data(), w.f.data(), bias ? b.f.data() : nullptr, m, k, n, want.data());
-  EXPECT_LE(RelL2(Download(y), want), 5e-3);
+  if (!f32) {
+    EXPECT_LE(RelL2(Download(y), want), 5e-3);
+    return;
+  }
+  std::vector<float> got(m * n);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(got.data(), yf.p, got.size() * sizeof(float), cudaMemcpyDeviceToHost),
+            cudaSuccess);
+  // fp32 sums of exact bf16 products: only the order of additions differs from the reference.
+  EXPECT_LE(RelL2(got, want), 1e-5);
 }
 
 TEST(CudaGemmTest, MatchesLinearReference) {
@@ -331,8 +347,20 @@ TEST(CudaGemmTest, MatchesLinearReference) {
   CheckGemm(gemm, ws.p, ws_bytes, 5, 64, 250, false, rng);  // rows 4-byte aligned only
   CheckGemm(gemm, ws.p, ws_bytes, 1, 4096, 256, false, rng);  // cached shape
   EXPECT_EQ(gemm.cached_shapes(), 5u);
+  // fp32 outputs (the logits): a shape already cached for bf16 gets its own entry.
+  CheckGemm(gemm, ws.p, ws_bytes, 1, 4096, 256, false, rng, /*f32=*/true);
+  CheckGemm(gemm, ws.p, ws_bytes, 7, 1001, 320, false, rng, /*f32=*/true);
+  CheckGemm(gemm, ws.p, ws_bytes, 64, 4096, 512, false, rng, /*f32=*/true);
+  EXPECT_EQ(gemm.cached_shapes(), 8u);
   GemmArgs bad;
   EXPECT_EQ(gemm.Run(bad, ws.p, ws_bytes, nullptr), CUBLAS_STATUS_INVALID_VALUE);
+  // Both outputs, or a bias with the fp32 output, are refused.
+  Dev<bf16> x(64), w(64), y(64);
+  Dev<float> yf(64);
+  GemmArgs both{x.p, w.p, nullptr, y.p, yf.p, 8, 8, 8};
+  EXPECT_EQ(gemm.Run(both, ws.p, ws_bytes, nullptr), CUBLAS_STATUS_INVALID_VALUE);
+  GemmArgs f32_bias{x.p, w.p, w.p, nullptr, yf.p, 8, 8, 8};
+  EXPECT_EQ(gemm.Run(f32_bias, ws.p, ws_bytes, nullptr), CUBLAS_STATUS_INVALID_VALUE);
   BlasLtGemm uninit;
   EXPECT_EQ(uninit.Run(bad, nullptr, 0, nullptr), CUBLAS_STATUS_NOT_INITIALIZED);
 }
