@@ -383,17 +383,17 @@ absl::Status ApplyPenalties(absl::Span<float> logits, const SamplingParams& para
   return absl::OkStatus();
 }
 
-absl::StatusOr<SampledToken> SampleToken(absl::Span<float> logits, const SamplingParams& params,
-                                         const TokenHistory& history, SamplerRng& rng) {
+absl::StatusOr<SampledToken> SampleTokenWithUniform(absl::Span<float> logits,
+                                                    const SamplingParams& params,
+                                                    const TokenHistory& history, double uniform) {
   if (logits.empty()) return absl::InvalidArgumentError("logits row is empty");
   SIEVE_RETURN_IF_ERROR(params.Validate());
   SIEVE_RETURN_IF_ERROR(ApplyPenalties(logits, params, history));
   SIEVE_ASSIGN_OR_RETURN(const RowStats stats, ScanLogits(logits));
-  const double u = rng.NextUniform();
 
   SampledToken out;
   out.id = params.temperature == 0.0f ? stats.argmax
-                                      : SampleFiltered(logits, params, stats, u);
+                                      : SampleFiltered(logits, params, stats, uniform);
   if (params.return_logprob || params.top_logprobs > 0) {
     const double log_z = LogSumExp(logits, stats.max_logit);
     out.logprob = static_cast<float>(logits[out.id] - log_z);
@@ -407,6 +407,11 @@ absl::StatusOr<SampledToken> SampleToken(absl::Span<float> logits, const Samplin
     }
   }
   return out;
+}
+
+absl::StatusOr<SampledToken> SampleToken(absl::Span<float> logits, const SamplingParams& params,
+                                         const TokenHistory& history, SamplerRng& rng) {
+  return SampleTokenWithUniform(logits, params, history, rng.NextUniform());
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 // Token sampling: per-request sampling parameters, a reproducible random stream, the token
-// history that repetition penalties read, stop criteria, and SampleToken(), which turns one row of
-// logits into one token.
+// history that repetition penalties read, stop criteria, and SampleToken() /
+// SampleTokenWithUniform(), which turn one row of logits into one token.
 //
 // Thread safety: SamplingParams, StopCriteria and SampledToken are plain values. A SamplerRng and a
-// TokenHistory belong to one request and must not be used from two threads at once. SampleToken()
-// is thread-safe across distinct arguments (its scratch buffers are thread-local).
+// TokenHistory belong to one request: a SamplerRng must not be used from two threads at once, and
+// a TokenHistory may be read by several threads only while none writes it. SampleToken() and
+// SampleTokenWithUniform() are thread-safe across distinct arguments (their scratch buffers are
+// thread-local).
 #ifndef SIEVE_ENGINE_SAMPLING_H_
 #define SIEVE_ENGINE_SAMPLING_H_
 
@@ -139,21 +141,29 @@ absl::Status ApplyPenalties(absl::Span<float> logits, const SamplingParams& para
                             const TokenHistory& history);
 
 // Samples one token from `logits`, one row of vocab_size floats that is used as scratch: on
-// return it holds the penalized logits. The steps, in order:
+// return it holds the penalized logits. `uniform`, in [0, 1), is the one random draw the sample
+// uses (the request's SamplerRng gives it; see SampleToken). The steps, in order:
 //   1. penalties (ApplyPenalties);
 //   2. log probabilities, when asked for, from log_softmax of the penalized logits;
-//   3. greedy (argmax, ties to the lowest id) when temperature == 0; otherwise
+//   3. greedy (argmax, ties to the lowest id) when temperature == 0 (`uniform` is unused);
+//      otherwise
 //   4. temperature, 5. top-k, 6. top-p, 7. min-p, each on the probabilities softmax(logits / T);
-//   8. inverse-CDF sampling over the kept tokens in ascending id order, renormalized, with one
-//      uniform draw.
+//   8. inverse-CDF sampling over the kept tokens in ascending id order, renormalized: the first
+//      kept token whose cumulative probability exceeds uniform * (kept mass).
 // Cost for a 150K vocabulary: a few passes over the row (one exp per token for the softmax);
 // top-k selects with a bounded heap (k <= 256) or nth_element, top-p with a quickselect on
 // probability mass over the tokens that can still matter; the vocabulary is never fully sorted.
-// Exactly one rng.NextUniform() draw is consumed per successful call, greedy included, so the
-// stream position equals the number of tokens sampled. The top-p sum allows 1e-6 of rounding, so
-// that probabilities 0.5 and 0.3 meet top_p = 0.8.
+// The top-p sum allows 1e-6 of rounding, so that probabilities 0.5 and 0.3 meet top_p = 0.8.
+// This is the reference every backend's device sampler (Backend::Sample) is checked against.
 // Errors: InvalidArgument for invalid params, an empty row or a history id outside the row;
 // Internal when the penalized logits contain NaN or +inf or are all -inf.
+absl::StatusOr<SampledToken> SampleTokenWithUniform(absl::Span<float> logits,
+                                                    const SamplingParams& params,
+                                                    const TokenHistory& history, double uniform);
+
+// SampleTokenWithUniform with the next draw of `rng`. Exactly one rng.NextUniform() draw is
+// consumed per call, greedy and failed calls included, so the stream position equals the number
+// of tokens asked for (the engine draws the same way when it builds a step).
 absl::StatusOr<SampledToken> SampleToken(absl::Span<float> logits, const SamplingParams& params,
                                          const TokenHistory& history, SamplerRng& rng);
 

@@ -614,5 +614,70 @@ TEST(SampleTokenTest, FullVocabularyTopK) {
   }
 }
 
+// SampleToken is SampleTokenWithUniform with the stream's next draw: the same ids and logprobs for
+// every kind of parameters, and one draw per call whether it succeeds, is greedy or fails.
+TEST(SampleTokenWithUniformTest, SampleTokenIsTheNextDrawOfTheStream) {
+  SamplerRng data(21);
+  std::vector<float> logits(3000);
+  for (float& x : logits) x = static_cast<float>(data.NextUniform() * 8.0 - 4.0);
+  TokenHistory history;
+  history.AddPrompt({5, 6, 7, 5});
+  history.AddGenerated(9);
+  history.AddGenerated(5);
+  std::vector<SamplingParams> kinds(5);
+  kinds[1].temperature = 0.0f;
+  kinds[2].top_k = 40;
+  kinds[2].top_p = 0.9f;
+  kinds[2].min_p = 0.02f;
+  kinds[3].repetition_penalty = 1.3f;
+  kinds[3].presence_penalty = 0.5f;
+  kinds[3].frequency_penalty = -0.25f;
+  kinds[4].top_logprobs = 5;
+  kinds[4].return_logprob = true;
+  kinds[4].temperature = 0.7f;
+  SamplerRng rng(8), mirror(8);
+  for (int round = 0; round < 20; ++round) {
+    for (const SamplingParams& p : kinds) {
+      std::vector<float> a = logits, b = logits;
+      absl::StatusOr<SampledToken> x = SampleToken(absl::MakeSpan(a), p, history, rng);
+      absl::StatusOr<SampledToken> y =
+          SampleTokenWithUniform(absl::MakeSpan(b), p, history, mirror.NextUniform());
+      ASSERT_TRUE(x.ok() && y.ok()) << x.status() << y.status();
+      EXPECT_EQ(x->id, y->id);
+      EXPECT_EQ(x->logprob, y->logprob);
+      EXPECT_EQ(x->top, y->top);
+      EXPECT_EQ(a, b);  // The same penalized row is left behind.
+    }
+  }
+  // A failed call consumes its draw too.
+  std::vector<float> nan_row = {1.0f, kNaN};
+  EXPECT_FALSE(SampleToken(absl::MakeSpan(nan_row), SamplingParams(), history, rng).ok());
+  mirror.NextUniform();
+  EXPECT_EQ(rng.NextU64(), mirror.NextU64());
+}
+
+// The uniform picks the token by inverse CDF over the kept tokens in ascending id order:
+// probabilities 0.1, 0.2, 0.3, 0.4 split [0, 1) at 0.1, 0.3 and 0.6.
+TEST(SampleTokenWithUniformTest, UniformIsTheInverseCdfPosition) {
+  const std::vector<float> logits = LogitsOf({0.1, 0.2, 0.3, 0.4});
+  const TokenHistory none;
+  const std::pair<double, int32_t> cases[] = {{0.0, 0},   {0.0999, 0}, {0.1001, 1}, {0.2999, 1},
+                                              {0.3001, 2}, {0.5999, 2}, {0.6001, 3}, {0.99999, 3}};
+  for (const auto& [u, want] : cases) {
+    std::vector<float> row = logits;
+    absl::StatusOr<SampledToken> t =
+        SampleTokenWithUniform(absl::MakeSpan(row), SamplingParams(), none, u);
+    ASSERT_TRUE(t.ok()) << t.status();
+    EXPECT_EQ(t->id, want) << "u = " << u;
+  }
+  // Greedy ignores the uniform.
+  SamplingParams greedy;
+  greedy.temperature = 0.0f;
+  for (double u : {0.0, 0.5, 0.999}) {
+    std::vector<float> row = logits;
+    EXPECT_EQ(SampleTokenWithUniform(absl::MakeSpan(row), greedy, none, u)->id, 3);
+  }
+}
+
 }  // namespace
 }  // namespace sieve::engine
