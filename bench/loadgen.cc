@@ -438,6 +438,7 @@ class Runner {
 void Call::OnDone(const grpc::Status& status) {
   record_.e2e_s = SecondsBetween(start_, Clock::now());
   record_.code = CodeName(status.error_code());
+  if (!status.ok()) record_.message = status.error_message();
   if (status.ok() && !complete_) record_.code = "INCOMPLETE";
   request_.Clear();  // prompts can be large; the call no longer needs its request
   runner_->Finished(this);

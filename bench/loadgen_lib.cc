@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 
@@ -237,6 +238,7 @@ LoadgenReport BuildReport(const std::vector<RequestRecord>& records, double wall
   for (const RequestRecord& rec : records) {
     ++r.sent;
     ++r.codes[rec.code];
+    if (rec.code != "OK" && !rec.message.empty()) r.first_messages.emplace(rec.code, rec.message);
     delay.push_back(rec.send_delay_s);
     if (rec.send_delay_s > 0) ++r.delayed;
     if (rec.code != "OK") continue;
@@ -331,12 +333,16 @@ std::string FormatMarkdown(const LoadgenOptions& o, const std::string& model_nam
     absl::StrAppend(&out, "| requests whose server-side prompt length differed | ",
                     r.length_mismatches, " |\n");
   }
-  absl::StrAppend(&out, "\n| outcome | requests |\n|---|---|\n");
+  absl::StrAppend(&out, "\n| outcome | requests | first message |\n|---|---|---|\n");
   for (const auto& [reason, n] : r.finish_reasons) {
-    absl::StrAppend(&out, "| OK, finish ", reason, " | ", n, " |\n");
+    absl::StrAppend(&out, "| OK, finish ", reason, " | ", n, " | |\n");
   }
   for (const auto& [code, n] : r.codes) {
-    if (code != "OK") absl::StrAppend(&out, "| ", code, " | ", n, " |\n");
+    if (code == "OK") continue;
+    auto it = r.first_messages.find(code);
+    std::string message = it == r.first_messages.end() ? "" : it->second;
+    absl::StrReplaceAll({{"|", "\\|"}, {"\n", " "}}, &message);
+    absl::StrAppend(&out, "| ", code, " | ", n, " | ", message, " |\n");
   }
   return out;
 }
@@ -389,6 +395,7 @@ nlohmann::json ReportToJson(const LoadgenOptions& o, const std::string& model_na
       {"requests_delayed_by_concurrency_cap", r.delayed},
       {"prompt_length_mismatches", r.length_mismatches},
       {"codes", r.codes},
+      {"first_messages", r.first_messages},
       {"finish_reasons", r.finish_reasons},
   };
 }

@@ -91,6 +91,7 @@ struct RequestRecord {
   int32_t prompt_tokens = 0;          // as sent
   double send_delay_s = 0;            // time waited for a concurrency slot (0: none needed)
   std::string code = "OK";  // gRPC status code name; "INCOMPLETE": OK without a final message
+  std::string message;                // the status message when the call failed
   std::string finish_reason;          // "length", "stop", "eos", "cancelled" when complete
   int32_t output_tokens = 0;          // token ids received
   double ttft_s = -1;                 // sent -> first token received; < 0 when none arrived
@@ -111,6 +112,7 @@ struct LoadgenReport {
   LatencySummary server_queue, server_prefill, send_delay;
   std::map<int32_t, LatencySummary> ttft_by_prompt_length;  // OK requests, per drawn length
   std::map<std::string, int64_t> codes;       // gRPC code name -> requests
+  std::map<std::string, std::string> first_messages;  // failing code name -> its first message
   std::map<std::string, int64_t> finish_reasons;  // finish reason -> OK requests
   int64_t prompt_tokens = 0, cached_prompt_tokens = 0, output_tokens = 0;  // OK requests
   int64_t delayed = 0;                        // requests that waited for a concurrency slot

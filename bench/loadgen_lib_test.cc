@@ -181,7 +181,10 @@ TEST(BuildReportTest, AggregatesOkRequestsAndCountsErrors) {
   RequestRecord rejected;
   rejected.prompt_tokens = 256;
   rejected.code = "RESOURCE_EXHAUSTED";
+  rejected.message = "queue full | 512 requests";
   rejected.send_delay_s = 0.5;
+  records.push_back(rejected);
+  rejected.message = "a later message";
   records.push_back(rejected);
   records[1].server_prompt_tokens = 1023;  // the server saw a different length
   records[0].server_prompt_tokens = 32;
@@ -190,10 +193,12 @@ TEST(BuildReportTest, AggregatesOkRequestsAndCountsErrors) {
   records.push_back(incomplete);
 
   LoadgenReport r = BuildReport(records, 2.0);
-  EXPECT_EQ(r.sent, 4);
+  EXPECT_EQ(r.sent, 5);
   EXPECT_EQ(r.ok, 2);
   EXPECT_EQ(r.codes.at("OK"), 2);
-  EXPECT_EQ(r.codes.at("RESOURCE_EXHAUSTED"), 1);
+  EXPECT_EQ(r.codes.at("RESOURCE_EXHAUSTED"), 2);
+  EXPECT_EQ(r.first_messages.at("RESOURCE_EXHAUSTED"), "queue full | 512 requests");
+  EXPECT_EQ(r.first_messages.count("INCOMPLETE"), 0u);
   EXPECT_EQ(r.codes.at("INCOMPLETE"), 1);
   EXPECT_EQ(r.finish_reasons.at("length"), 2);
   EXPECT_EQ(r.ttft.count, 2);
@@ -206,7 +211,7 @@ TEST(BuildReportTest, AggregatesOkRequestsAndCountsErrors) {
   EXPECT_EQ(r.prompt_tokens, 1056);
   EXPECT_DOUBLE_EQ(r.request_throughput, 1.0);
   EXPECT_DOUBLE_EQ(r.output_token_throughput, 3.5);
-  EXPECT_EQ(r.delayed, 1);
+  EXPECT_EQ(r.delayed, 2);
   EXPECT_EQ(r.length_mismatches, 1);
   ASSERT_EQ(r.ttft_by_prompt_length.size(), 2u);
   EXPECT_DOUBLE_EQ(r.ttft_by_prompt_length.at(1024).p50, 0.9);
@@ -214,14 +219,15 @@ TEST(BuildReportTest, AggregatesOkRequestsAndCountsErrors) {
   LoadgenOptions o;
   const std::string md = FormatMarkdown(o, "m", r);
   EXPECT_THAT(md, HasSubstr("| time to first token | 2 |"));
-  EXPECT_THAT(md, HasSubstr("| RESOURCE_EXHAUSTED | 1 |"));
-  EXPECT_THAT(md, HasSubstr("| OK, finish length | 2 |"));
-  EXPECT_THAT(md, HasSubstr("| requests sent / ok | 4 / 2 |"));
+  EXPECT_THAT(md, HasSubstr("| RESOURCE_EXHAUSTED | 2 | queue full \\| 512 requests |"));
+  EXPECT_THAT(md, HasSubstr("| OK, finish length | 2 | |"));
+  EXPECT_THAT(md, HasSubstr("| requests sent / ok | 5 / 2 |"));
   EXPECT_THAT(md, HasSubstr("time to first token, prompt 1024"));
   EXPECT_THAT(md, HasSubstr("server-side prompt length differed | 1 |"));
   const nlohmann::json j = ReportToJson(o, "m", r);
   EXPECT_EQ(j["ok"], 2);
-  EXPECT_EQ(j["codes"]["RESOURCE_EXHAUSTED"], 1);
+  EXPECT_EQ(j["codes"]["RESOURCE_EXHAUSTED"], 2);
+  EXPECT_EQ(j["first_messages"]["RESOURCE_EXHAUSTED"], "queue full | 512 requests");
   EXPECT_DOUBLE_EQ(j["latency_s"]["time_to_first_token"]["max"].get<double>(), 0.9);
   EXPECT_DOUBLE_EQ(j["throughput"]["output_tokens_per_s"].get<double>(), 3.5);
   EXPECT_EQ(j["settings"]["target"], "127.0.0.1:50051");

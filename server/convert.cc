@@ -31,7 +31,8 @@ absl::Status CheckRange(absl::string_view field, float value, float lo, float hi
 
 // The prompt's token ids: the given ids, or the tokenized text.
 absl::StatusOr<std::vector<int32_t>> PromptTokens(const v1::GenerateRequest& request,
-                                                  const engine::Tokenizer& tokenizer) {
+                                                  const engine::Tokenizer& tokenizer,
+                                                  int32_t vocab_size) {
   switch (request.prompt_case()) {
     case v1::GenerateRequest::kText: {
       if (request.text().empty()) {
@@ -46,7 +47,7 @@ absl::StatusOr<std::vector<int32_t>> PromptTokens(const v1::GenerateRequest& req
     case v1::GenerateRequest::kTokenIds: {
       const auto& ids = request.token_ids().ids();
       if (ids.empty()) return absl::InvalidArgumentError("prompt: token_ids is empty");
-      SIEVE_RETURN_IF_ERROR(CheckTokenIds(ids, tokenizer.vocab_size(), "prompt: token_ids"));
+      SIEVE_RETURN_IF_ERROR(CheckTokenIds(ids, vocab_size, "prompt: token_ids"));
       return std::vector<int32_t>(ids.begin(), ids.end());
     }
     case v1::GenerateRequest::PROMPT_NOT_SET:
@@ -217,7 +218,7 @@ absl::StatusOr<engine::RequestSpec> ToRequestSpec(const v1::GenerateRequest& req
   engine::RequestSpec spec;
   SIEVE_ASSIGN_OR_RETURN(spec.sampling, ToSamplingParams(request.sampling(), request.logprobs(),
                                                          request.top_logprobs()));
-  SIEVE_ASSIGN_OR_RETURN(spec.prompt, PromptTokens(request, tokenizer));
+  SIEVE_ASSIGN_OR_RETURN(spec.prompt, PromptTokens(request, tokenizer, limits.vocab_size));
   SIEVE_ASSIGN_OR_RETURN(spec.stop,
                          ToStopCriteria(request.stop(), static_cast<int64_t>(spec.prompt.size()),
                                         limits));

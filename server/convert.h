@@ -38,7 +38,9 @@ inline constexpr size_t kMaxRequestIdBytes = 128;
 
 // What a request is validated against: the served model and the configured limits.
 struct RequestLimits {
-  // Valid token ids are [0, vocab_size).
+  // Valid token ids are [0, vocab_size): the model's vocabulary (rows of its embedding), which
+  // ModelInfo reports. Ids the tokenizer does not know (padding rows, or a shape directory that
+  // borrows a smaller tokenizer) are valid and decode to no text.
   int32_t vocab_size = 0;
   // Most prompt plus generated tokens of one request, in tokens.
   int32_t context_tokens = 0;

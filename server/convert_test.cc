@@ -156,6 +156,20 @@ TEST(ToRequestSpec, PromptPlusMaxTokensMayFillTheContextExactly) {
   EXPECT_TRUE(ToRequestSpec(request, EmbeddedTokenizer(), Limits()).ok());
 }
 
+// Valid prompt ids are the model's vocabulary, which may be larger than the tokenizer's (padding
+// rows; a shape directory that borrows a smaller tokenizer, as configs/llama-3.1-8b-h100.yaml does).
+TEST(ToRequestSpec, PromptIdsAreCheckedAgainstTheModelVocabulary) {
+  RequestLimits limits = Limits();
+  limits.vocab_size = 128256;
+  absl::StatusOr<engine::RequestSpec> spec =
+      ToRequestSpec(TokenRequest({1, 4096, 128255}), EmbeddedTokenizer(), limits);
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->prompt, (std::vector<int32_t>{1, 4096, 128255}));
+  spec = ToRequestSpec(TokenRequest({128256}), EmbeddedTokenizer(), limits);
+  EXPECT_EQ(spec.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(spec.status().message(), HasSubstr("outside the vocabulary [0, 128256)"));
+}
+
 TEST(ToRequestSpec, RejectsPromptProblems) {
   ExpectRejected(v1::GenerateRequest(), absl::StatusCode::kInvalidArgument,
                  "set either text or token_ids");

@@ -270,8 +270,7 @@ SieveService::~SieveService() = default;
 void SieveService::SetEngine(engine::Engine* engine) {
   const engine::ModelInfo info = engine->model_info();
   RequestLimits limits;
-  limits.vocab_size = std::min<int32_t>(engine->tokenizer().vocab_size(),
-                                        static_cast<int32_t>(engine->model_config().vocab_size));
+  limits.vocab_size = static_cast<int32_t>(engine->model_config().vocab_size);
   const int64_t kv_tokens = int64_t{info.kv_pages} * info.page_size;
   limits.context_tokens = static_cast<int32_t>(
       info.context_tokens > 0 ? std::min<int64_t>(info.context_tokens, kv_tokens) : kv_tokens);
