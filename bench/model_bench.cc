@@ -10,6 +10,11 @@
 // C tokens (filled by a prefill first), then timed single-token steps over the batch; reports
 // the median step time of --steps steps, with CUDA graphs off and on (--graphs both|on|off, or a
 // list such as off,on,off,on).
+// --sample none|host|device|both (or a list) adds sampling to each timed decode step, with
+// temperature 0.8, top-p 0.95 and the chosen token's logprob: "host" copies the fp32 logits to the
+// host and runs SampleToken per row (the engine's path before device sampling), "device" runs
+// ModelWorker::ForwardSample (Backend::Sample; only ids and logprobs come back); "none" times the
+// forward pass with the logits copied to the host and not sampled.
 // On a CUDA build, --copy-bandwidth 1 first measures a device-to-device copy (bytes read plus
 // written per second), the bandwidth floor of a decode step.
 #include <algorithm>
@@ -21,6 +26,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "engine/model_runner.h"
+#include "engine/sampling.h"
 #ifdef SIEVE_HAVE_CUDA
 #include <cuda_runtime.h>
 #endif
@@ -44,6 +50,7 @@ struct Args {
   int page_size = 64;
   std::string graphs = "both";  // decode with CUDA graphs: "on", "off", "both" or a list
   int copy_bandwidth = 0;       // 1: measure device-to-device copy bandwidth first (CUDA)
+  std::string sample = "none";  // sampling in decode steps: none, host, device, both or a list
 };
 
 // Device-to-device copy bandwidth in bytes (read + written) per second: the median of 20 copies
@@ -121,20 +128,46 @@ bool Prefill(engine::ModelRunner& m, int64_t batch, int64_t context, int64_t chu
 
 // Times `steps` single-token steps (after 3 warm-ups) of `batch` sequences of `context` cached
 // tokens; every step rewrites position `context`, so the KV read per step stays context + 1.
+// `sample`: "none", "host" or "device" (see the top of the file).
 bool DecodeSteps(engine::ModelRunner& m, int64_t batch, int64_t context, int steps,
-                 const std::vector<std::vector<int32_t>>& pages, double* median) {
+                 const std::vector<std::vector<int32_t>>& pages, const std::string& sample,
+                 double* median) {
   std::vector<int32_t> next(batch, 42);
   std::vector<engine::SequenceStep> step(batch);
   std::vector<double> times;
   std::vector<float> logits;
+  std::vector<absl::StatusOr<engine::SampledToken>> sampled;
+  engine::SamplingParams params;
+  params.temperature = 0.8f;
+  params.top_p = 0.95f;
+  params.return_logprob = true;
+  const engine::TokenHistory history;
+  engine::SamplerRng rng(7);
+  const int64_t vocab = m.config().vocab_size;
   for (int i = 0; i < steps + 3; ++i) {
     for (int64_t b = 0; b < batch; ++b) {
       step[b] = engine::SequenceStep{absl::MakeConstSpan(next).subspan(b, 1),
                                      static_cast<int32_t>(context), pages[b], true};
+      step[b].sampling = &params;
+      step[b].history = &history;
+      step[b].uniform = rng.NextUniform();
     }
     logits.clear();
+    sampled.clear();
     const auto t = Clock::now();
-    absl::Status status = m.Forward(step, logits);
+    absl::Status status;
+    if (sample == "device") {
+      status = m.default_worker().ForwardSample(step, sampled);
+    } else {
+      status = m.Forward(step, logits);
+      for (int64_t b = 0; status.ok() && sample == "host" && b < batch; ++b) {
+        sampled.push_back(engine::SampleTokenWithUniform(
+            absl::MakeSpan(logits).subspan(b * vocab, vocab), params, history, step[b].uniform));
+      }
+    }
+    for (const auto& token : sampled) {
+      if (status.ok() && !token.ok()) status = token.status();
+    }
     if (!status.ok()) {
       std::fprintf(stderr, "decode failed: %s\n", status.ToString().c_str());
       return false;
@@ -193,21 +226,31 @@ int Run(const Args& a) {
     }
     modes.push_back(g == "on");
   }
+  std::vector<std::string> samples;
+  for (absl::string_view x : absl::StrSplit(a.sample == "both" ? "host,device" : a.sample, ',')) {
+    if (x != "none" && x != "host" && x != "device") {
+      std::fprintf(stderr, "--sample takes none, host, device, both or a list of them\n");
+      return 2;
+    }
+    samples.emplace_back(x);
+  }
   for (auto [batch, context] : a.decode) {
     if (!Prefill(m, batch, context, a.chunk, pages, &s)) return 1;
     for (bool graphs : modes) {
       m.default_worker().SetStepGraphs(graphs);
-      const engine::StepGraphStats before = m.graph_stats();
-      double med = 0;
-      if (!DecodeSteps(m, batch, context, a.steps, pages, &med)) return 1;
-      const engine::StepGraphStats after = m.graph_stats();
-      std::printf("| decode step | context %ld | %ld | %.2f ms | %.0f tok/s | graphs %s: %ld "
-                  "recorded (%.1f ms), %ld replayed |\n",
-                  context, batch, med * 1e3, batch / med, graphs ? "on" : "off",
-                  after.recorded_steps - before.recorded_steps,
-                  (after.record_seconds - before.record_seconds) * 1e3,
-                  after.replayed_steps - before.replayed_steps);
-      std::fflush(stdout);
+      for (const std::string& sample : samples) {
+        const engine::StepGraphStats before = m.graph_stats();
+        double med = 0;
+        if (!DecodeSteps(m, batch, context, a.steps, pages, sample, &med)) return 1;
+        const engine::StepGraphStats after = m.graph_stats();
+        std::printf("| decode step | context %ld | %ld | %.2f ms | %.0f tok/s | graphs %s: %ld "
+                    "recorded (%.1f ms), %ld replayed; sampling %s |\n",
+                    context, batch, med * 1e3, batch / med, graphs ? "on" : "off",
+                    after.recorded_steps - before.recorded_steps,
+                    (after.record_seconds - before.record_seconds) * 1e3,
+                    after.replayed_steps - before.replayed_steps, sample.c_str());
+        std::fflush(stdout);
+      }
     }
   }
   return 0;
@@ -226,6 +269,7 @@ int main(int argc, char** argv) {
     else if (k == "--steps") (void)absl::SimpleAtoi(v, &a.steps);
     else if (k == "--page-size") (void)absl::SimpleAtoi(v, &a.page_size);
     else if (k == "--graphs") a.graphs = v;
+    else if (k == "--sample") a.sample = v;
     else if (k == "--copy-bandwidth") (void)absl::SimpleAtoi(v, &a.copy_bandwidth);
     else if (k == "--prefill") {
       a.prefill.clear();

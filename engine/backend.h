@@ -22,6 +22,7 @@
 #include "absl/types/span.h"
 #include "engine/rope.h"
 #include "engine/safetensors.h"
+#include "engine/sampling.h"
 
 namespace sieve::engine {
 
@@ -50,6 +51,26 @@ struct BatchLayout {
 
   int32_t num_tokens() const { return static_cast<int32_t>(positions.size()); }
   int32_t num_seqs() const { return static_cast<int32_t>(kv_lens.size()); }
+};
+
+// fp32 logits left in backend memory by LogitsOnDevice or EndGraphStepOnDevice: `rows` rows of
+// `vocab` floats, `vocab` apart. The stream that produced them owns the memory; they stay valid
+// until that stream's next step, and Sample may overwrite them (with the penalized logits).
+struct DeviceLogits {
+  float* data = nullptr;
+  int64_t rows = 0;
+  int64_t vocab = 0;
+
+  bool empty() const { return data == nullptr || rows == 0; }
+};
+
+// What Backend::Sample needs to sample one row: SampleTokenWithUniform's arguments besides the
+// logits. The pointers are borrowed for the call (the engine's request state, which the scheduler
+// thread leaves unchanged while the request's step is in flight).
+struct SampleRow {
+  const SamplingParams* params = nullptr;
+  const TokenHistory* history = nullptr;
+  double uniform = 0.0;  // the request's draw for this token, in [0, 1)
 };
 
 // Shape of the attention part of a layer: what the KV cache and RoPE need.
@@ -156,19 +177,39 @@ class Backend {
   virtual absl::Status Logits(BackendStream& stream, const Tensor& x, const Tensor& lm_head,
                               absl::Span<float> host_out) = 0;
 
+  // The final projection with fp32 output left on the backend: logits[r, v] = x[r, :] .
+  // lm_head[v, :] for r < x.rows, v < lm_head.rows, accumulated in fp32. Does not wait.
+  virtual absl::StatusOr<DeviceLogits> LogitsOnDevice(BackendStream& stream, const Tensor& x,
+                                                      const Tensor& lm_head) = 0;
+
+  // Copies the first host_out.size() / logits.vocab rows of `logits` to the host and waits.
+  virtual absl::Status CopyLogitsToHost(BackendStream& stream, const DeviceLogits& logits,
+                                        absl::Span<float> host_out) = 0;
+
+  // Samples row i of `logits` for rows[i] (i < rows.size() <= logits.rows) exactly as
+  // SampleTokenWithUniform(row i, *rows[i].params, *rows[i].history, rows[i].uniform) does, and
+  // writes the token (id, and the logprobs asked for) or that row's error to out[i]; only these
+  // come back to the host. A row's error (invalid params, a history id outside the vocabulary,
+  // NaN / +inf / all -inf logits) fails only that row, with the reference's status code. Waits
+  // for the result. The returned Status is for failures of the backend itself.
+  virtual absl::Status Sample(BackendStream& stream, const DeviceLogits& logits,
+                              absl::Span<const SampleRow> rows,
+                              absl::Span<absl::StatusOr<SampledToken>> out) = 0;
+
   // --- Step graphs (optional) --------------------------------------------------------------------
   //
   // A graph step is a decode step (one token per sequence) run as:
   //   mode = BeginGraphStep(stream, layout, tokens);
   //   if (mode != kReplay) { Embed(stream, tokens, ...); ...operators...; GraphLogits(...); }
-  //   EndGraphStep(stream, host_logits);
+  //   EndGraphStep(stream, host_logits);   (or EndGraphStepOnDevice(stream), then Sample)
   // Its shape is the number of sequences, the page-table stride and whatever the backend derives
   // from them (its attention plan). The first step of a shape runs eagerly, the second is
   // recorded, later ones replay the recording with the new layout and tokens. A recording
   // replays the same operators on the same buffers: callers must enqueue the same operators on
   // the same tensors (weights, activations, rows) for every step of one shape, and a stream keeps
   // the recordings of the shapes it has seen (the most recent per number of sequences).
-  // Within a graph step, GatherRows, CopyToHost and Logits are not available.
+  // Within a graph step, GatherRows, CopyToHost, Logits and LogitsOnDevice are not available;
+  // Sample runs after EndGraphStepOnDevice, outside the recording.
 
   // True when this backend implements the graph-step calls below.
   virtual bool SupportsStepGraphs() const { return false; }
@@ -191,6 +232,11 @@ class Backend {
   // for the step to finish.
   virtual absl::Status EndGraphStep(BackendStream& stream, absl::Span<float> host_logits);
 
+  // Ends a graph step like EndGraphStep but leaves the logits on the device: returns the step's
+  // logits buffer (every row of the step, padding included; sequence i is row i) without
+  // waiting; empty if the step enqueued no GraphLogits.
+  virtual absl::StatusOr<DeviceLogits> EndGraphStepOnDevice(BackendStream& stream);
+
   // Ends a graph step whose operators could not all be enqueued: drops a recording in progress.
   virtual void AbortGraphStep(BackendStream& stream) {}
 
@@ -208,6 +254,10 @@ inline absl::Status Backend::GraphLogits(BackendStream&, const Tensor&, const Te
 }
 
 inline absl::Status Backend::EndGraphStep(BackendStream&, absl::Span<float>) {
+  return absl::UnimplementedError("this backend has no step graphs");
+}
+
+inline absl::StatusOr<DeviceLogits> Backend::EndGraphStepOnDevice(BackendStream&) {
   return absl::UnimplementedError("this backend has no step graphs");
 }
 

@@ -1,6 +1,8 @@
 #include "engine/cpu_backend.h"
 
+#include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "engine/status_macros.h"
@@ -15,6 +17,7 @@ float* F(const Tensor& t) { return static_cast<float*>(t.data); }
 // The CPU's stream runs operators inline; it only remembers the step's batch.
 struct CpuStream final : BackendStream {
   const BatchLayout* layout = nullptr;
+  std::vector<float> logits;  // LogitsOnDevice's output, [rows, vocab]
 };
 
 absl::StatusOr<const BatchLayout*> LayoutOf(BackendStream& stream) {
@@ -239,6 +242,47 @@ absl::Status CpuBackend::Logits(BackendStream& stream, const Tensor& x, const Te
   }
   kernels::LinearRef(F(x), F(lm_head), nullptr, x.rows, x.cols, lm_head.rows, host_out.data(),
                      num_threads_);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<DeviceLogits> CpuBackend::LogitsOnDevice(BackendStream& stream, const Tensor& x,
+                                                        const Tensor& lm_head) {
+  std::vector<float>& buffer = static_cast<CpuStream&>(stream).logits;
+  buffer.resize(static_cast<size_t>(x.rows * lm_head.rows));
+  SIEVE_RETURN_IF_ERROR(Logits(stream, x, lm_head, absl::MakeSpan(buffer)));
+  return DeviceLogits{buffer.data(), x.rows, lm_head.rows};
+}
+
+absl::Status CpuBackend::CopyLogitsToHost(BackendStream&, const DeviceLogits& logits,
+                                          absl::Span<float> host_out) {
+  if (logits.vocab <= 0 || host_out.size() % logits.vocab != 0 ||
+      static_cast<int64_t>(host_out.size()) > logits.rows * logits.vocab) {
+    return absl::InternalError(absl::StrCat("cpu backend: ", host_out.size(),
+                                            " logits asked of ", logits.rows, " rows of ",
+                                            logits.vocab));
+  }
+  std::copy_n(logits.data, host_out.size(), host_out.data());
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::Sample(BackendStream&, const DeviceLogits& logits,
+                                absl::Span<const SampleRow> rows,
+                                absl::Span<absl::StatusOr<SampledToken>> out) {
+  if (rows.size() != out.size() || static_cast<int64_t>(rows.size()) > logits.rows ||
+      (!rows.empty() && logits.data == nullptr)) {
+    return absl::InternalError(absl::StrCat("cpu backend: ", rows.size(), " rows to sample into ",
+                                            out.size(), " results from ", logits.rows,
+                                            " rows of logits"));
+  }
+  for (size_t i = 0; i < rows.size(); ++i) {
+    if (rows[i].params == nullptr || rows[i].history == nullptr) {
+      out[i] = absl::InternalError("cpu backend: a row to sample has no parameters or history");
+      continue;
+    }
+    absl::Span<float> row(logits.data + static_cast<int64_t>(i) * logits.vocab,
+                          static_cast<size_t>(logits.vocab));
+    out[i] = SampleTokenWithUniform(row, *rows[i].params, *rows[i].history, rows[i].uniform);
+  }
   return absl::OkStatus();
 }
 

@@ -39,6 +39,15 @@ class CpuBackend final : public Backend {
   absl::Status CopyToHost(BackendStream& stream, const Tensor& x, absl::Span<float> out) override;
   absl::Status Logits(BackendStream& stream, const Tensor& x, const Tensor& lm_head,
                       absl::Span<float> host_out) override;
+  // The logits live in the stream's host buffer; Sample runs SampleTokenWithUniform on each row
+  // in the calling thread (the reference implementation of Backend::Sample).
+  absl::StatusOr<DeviceLogits> LogitsOnDevice(BackendStream& stream, const Tensor& x,
+                                              const Tensor& lm_head) override;
+  absl::Status CopyLogitsToHost(BackendStream& stream, const DeviceLogits& logits,
+                                absl::Span<float> host_out) override;
+  absl::Status Sample(BackendStream& stream, const DeviceLogits& logits,
+                      absl::Span<const SampleRow> rows,
+                      absl::Span<absl::StatusOr<SampledToken>> out) override;
 
  private:
   float* NewBuffer(int64_t elements);

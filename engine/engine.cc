@@ -95,8 +95,9 @@ absl::Status Engine::Impl::Init(const EngineConfig& config, EngineObserver* obse
       ModelWorker* raw = worker.get();
       model_workers_.push_back(std::move(worker));
       steps[pool].push_back(
-          [raw](absl::Span<const SequenceStep> batch, std::vector<float>& logits) {
-            return raw->Forward(batch, logits);
+          [raw](absl::Span<const SequenceStep> batch,
+                std::vector<absl::StatusOr<SampledToken>>& sampled) {
+            return raw->ForwardSample(batch, sampled);
           });
     }
   }

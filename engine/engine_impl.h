@@ -5,7 +5,8 @@
 //   - fields under "Guarded by mu_" are the mailbox between callers, workers and the scheduler
 //     thread;
 //   - fields under "Scheduler thread only" are touched by no other thread (workers read the
-//     token and page spans of the sequences they run, which stay unchanged while in flight).
+//     token and page spans of the sequences they run, and the sampling parameters and token
+//     history of their requests, which stay unchanged while in flight).
 #ifndef SIEVE_ENGINE_ENGINE_IMPL_H_
 #define SIEVE_ENGINE_ENGINE_IMPL_H_
 
@@ -96,7 +97,7 @@ class Engine::Impl {
   RequestTimings Timings(const ActiveRequest& r, EngineClock::time_point end) const;
   void RecordStop(ActiveRequest& r, int32_t token) const;
   void HandleDone(std::unique_ptr<WorkerJob> job);
-  void HandleToken(ActiveRequest& r, absl::Span<float> logits);
+  void HandleToken(ActiveRequest& r, absl::StatusOr<SampledToken>& sampled);
   void AddIncoming(std::unique_ptr<ActiveRequest> r);
   // Ends `r` (removing it from the scheduler); OnFinish now, or when its batch comes back.
   void Finish(ActiveRequest& r, FinishReason reason, absl::Status status);
@@ -128,7 +129,7 @@ class Engine::Impl {
   bool stopping_ = false;                                 // stop_ as last seen
   std::optional<EngineClock::time_point> next_deadline_;  // earliest deadline of a live request
   int32_t busy_[2] = {0, 0};                              // jobs out per pool (index: Pool)
-  std::vector<std::unique_ptr<WorkerJob>> spare_jobs_;    // reused logits buffers
+  std::vector<std::unique_ptr<WorkerJob>> spare_jobs_;    // reused job buffers
   std::vector<std::unique_ptr<ActiveRequest>> taken_;     // incoming_ moved out
   std::vector<RequestId> taken_cancels_;
   std::vector<std::unique_ptr<WorkerJob>> taken_done_;

@@ -1,5 +1,5 @@
 // The engine's scheduler thread: it takes submissions, cancellations and finished worker jobs
-// from the mailbox, samples and streams tokens, asks the Scheduler for the next step and hands
+// from the mailbox, streams the tokens the workers sampled, asks the Scheduler for the next step and hands
 // its batches to the pools. Every function here runs on that thread (engine/README.md).
 #include <algorithm>
 #include <utility>
@@ -115,6 +115,15 @@ void Engine::Impl::Dispatch(StepPlan& plan) {
       step.num_cached = item.start;
       step.pages = seq.pages.pages();
       step.want_logits = item.want_logits;
+      if (item.want_logits) {
+        // The worker samples this row. The request's parameters and history stay unchanged
+        // until the job comes back (HandleToken is the only writer of the history); the draw is
+        // taken here, one per token, as SampleToken would take it.
+        ActiveRequest& r = *active_.at(item.id);
+        step.sampling = &r.spec.sampling;
+        step.history = &r.history;
+        step.uniform = r.rng.NextUniform();
+      }
       job->steps.push_back(step);
     }
     const int pool = PoolIndex(job->batch.pool);
@@ -129,10 +138,10 @@ void Engine::Impl::HandleDone(std::unique_ptr<WorkerJob> job) {
   if (observer_ != nullptr) observer_->OnStep(pool, job->seconds, job->batch.num_tokens);
   size_t rows = 0;
   for (const WorkItem& item : job->batch.items) rows += item.want_logits ? 1 : 0;
-  if (job->status.ok() && job->logits.size() != rows * vocab_size_) {
+  if (job->status.ok() && job->sampled.size() != rows) {
     job->status = absl::InternalError(absl::StrCat("a ", std::string(PoolName(pool)),
-                                                   " step returned ", job->logits.size(),
-                                                   " logits for ", rows, " rows of ", vocab_size_));
+                                                   " step returned ", job->sampled.size(),
+                                                   " tokens for ", rows, " rows"));
   }
   const bool ok = job->status.ok();
   // Requests that ended while in flight are gone from the scheduler now.
@@ -149,16 +158,14 @@ void Engine::Impl::HandleDone(std::unique_ptr<WorkerJob> job) {
     if (!ok) {
       Finish(*it->second, FinishReason::kError, job->status);
     } else if (item.want_logits) {
-      HandleToken(*it->second,
-                  absl::MakeSpan(job->logits).subspan(my_row * vocab_size_, vocab_size_));
+      HandleToken(*it->second, job->sampled[my_row]);
     }
   }
   job->steps.clear();
   spare_jobs_.push_back(std::move(job));
 }
 
-void Engine::Impl::HandleToken(ActiveRequest& r, absl::Span<float> logits) {
-  absl::StatusOr<SampledToken> sampled = SampleToken(logits, r.spec.sampling, r.history, r.rng);
+void Engine::Impl::HandleToken(ActiveRequest& r, absl::StatusOr<SampledToken>& sampled) {
   if (!sampled.ok()) {
     Finish(r, FinishReason::kError, sampled.status());
     return;

@@ -649,6 +649,66 @@ TEST_F(EngineTest, SeededSamplingIsReproducibleAndReportsLogprobs) {
   }
 }
 
+// The decode workers sample with the draw the scheduler thread took from the request's stream
+// when it built the step, reading the request's token history: with a seed, the engine's tokens
+// and logprobs equal those of the offline Generator, which samples on its own thread with
+// SampleToken, for penalties and filters alike (one draw per token on both paths).
+TEST_F(EngineTest, WorkerSamplingEqualsTheOfflineGenerator) {
+  std::vector<GenerationRequest> requests(3);
+  for (size_t i = 0; i < requests.size(); ++i) {
+    GenerationRequest& g = requests[i];
+    g.prompt = (*golden_)[i].prompt;
+    g.sampling.seed = 77 + i;
+    g.sampling.return_logprob = true;
+    g.stop.max_tokens = 20;
+    g.stop.ignore_eos = true;
+  }
+  requests[0].sampling.temperature = 0.8f;
+  requests[0].sampling.top_k = 20;
+  requests[0].sampling.repetition_penalty = 1.3f;
+  requests[1].sampling.top_p = 0.9f;
+  requests[1].sampling.presence_penalty = 0.7f;
+  requests[1].sampling.frequency_penalty = 0.4f;
+  requests[2].sampling.min_p = 0.05f;
+  requests[2].sampling.temperature = 1.2f;
+  ModelRunnerOptions o;
+  o.num_pages = 64;
+  o.max_step_tokens = 512;
+  auto runner = ModelRunner::Load(ModelDir(), o);
+  ASSERT_TRUE(runner.ok()) << runner.status();
+  auto tok = Tokenizer::FromDirectory(ModelDir());
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  Generator gen(**runner, **tok);
+  auto offline = gen.Generate(requests);
+  ASSERT_TRUE(offline.ok()) << offline.status();
+
+  auto e = Make(Config());
+  ASSERT_NE(e, nullptr);
+  // One request at a time: batches that depend on timing would change the fp32 logits in their
+  // last bits, and a draw near a CDF boundary could then go either way.
+  std::vector<std::shared_ptr<RecordingSink>> sinks;
+  for (const GenerationRequest& g : requests) {
+    auto sink = std::make_shared<RecordingSink>();
+    RequestSpec s;
+    s.prompt = g.prompt;
+    s.sampling = g.sampling;
+    s.stop = g.stop;
+    s.sink = sink;
+    ASSERT_TRUE(e->Submit(std::move(s)).ok());
+    ASSERT_TRUE(sink->WaitFinished());
+    sinks.push_back(sink);
+  }
+  for (size_t i = 0; i < sinks.size(); ++i) {
+    EXPECT_EQ(sinks[i]->tokens(), (*offline)[i].tokens) << "request " << i;
+    const std::vector<TokenLogprob> lp = sinks[i]->logprobs();
+    ASSERT_EQ(lp.size(), (*offline)[i].logprobs.size());
+    for (size_t t = 0; t < lp.size(); ++t) {
+      EXPECT_NEAR(lp[t].logprob, (*offline)[i].logprobs[t], 1e-4) << "request " << i;
+    }
+  }
+  ExpectBaseline(*e);
+}
+
 TEST_F(EngineTest, DestructorWithRequestsInFlightFinishesEachOnce) {
   std::vector<std::shared_ptr<RecordingSink>> sinks;
   {

@@ -335,8 +335,8 @@ absl::Status ModelWorker::EnqueueLayers(int64_t n, absl::Span<const int32_t> tok
   return b.AddRmsNorm(st, proj, hidden, r.final_norm_, eps, normed);
 }
 
-absl::Status ModelWorker::ForwardGraph(absl::Span<const SequenceStep> batch,
-                                       std::vector<int32_t>& tokens, std::vector<float>& logits) {
+absl::StatusOr<DeviceLogits> ModelWorker::RunGraph(absl::Span<const SequenceStep> batch,
+                                                   std::vector<int32_t>& tokens) {
   PadForGraph(batch, tokens);
   const ModelRunner& r = runner_;
   Backend& b = *r.backend_;
@@ -352,29 +352,64 @@ absl::Status ModelWorker::ForwardGraph(absl::Span<const SequenceStep> batch,
     }
   }
   // Sequence i is row i: the logits of the real rows are the first rows of the step's.
-  const size_t old = logits.size();
-  logits.resize(old + batch.size() * r.config_.vocab_size);
-  return b.EndGraphStep(st, absl::MakeSpan(logits).subspan(old));
+  SIEVE_ASSIGN_OR_RETURN(DeviceLogits logits, b.EndGraphStepOnDevice(st));
+  if (logits.rows < static_cast<int64_t>(batch.size()) || logits.vocab != r.config_.vocab_size) {
+    return absl::InternalError(absl::StrCat("graph step returned ", logits.rows, " rows of ",
+                                            logits.vocab, " logits for ", batch.size(),
+                                            " sequences"));
+  }
+  logits.rows = static_cast<int64_t>(batch.size());
+  return logits;
 }
 
-absl::Status ModelWorker::Forward(absl::Span<const SequenceStep> batch,
-                                  std::vector<float>& logits) {
-  if (batch.empty()) return absl::OkStatus();
+absl::StatusOr<DeviceLogits> ModelWorker::Run(absl::Span<const SequenceStep> batch) {
+  if (batch.empty()) return DeviceLogits{};
   std::vector<int32_t> tokens;
   SIEVE_ASSIGN_OR_RETURN(std::vector<int32_t> logit_rows, BuildLayout(batch, tokens));
-  if (IsGraphStep(batch)) return ForwardGraph(batch, tokens, logits);
+  if (IsGraphStep(batch)) return RunGraph(batch, tokens);
   const ModelRunner& r = runner_;
   Backend& b = *r.backend_;
   BackendStream& st = *stream_;
   SIEVE_RETURN_IF_ERROR(b.BeginStep(st, layout_));
   SIEVE_RETURN_IF_ERROR(EnqueueLayers(static_cast<int64_t>(tokens.size()), tokens));
-  if (logit_rows.empty()) return absl::OkStatus();
+  if (logit_rows.empty()) return DeviceLogits{};
   const int64_t rows = static_cast<int64_t>(logit_rows.size());
   Tensor last = last_normed_.FirstRows(rows);
   SIEVE_RETURN_IF_ERROR(b.GatherRows(st, normed_.FirstRows(tokens.size()), logit_rows, last));
+  return b.LogitsOnDevice(st, last, r.lm_head_);
+}
+
+absl::Status ModelWorker::Forward(absl::Span<const SequenceStep> batch,
+                                  std::vector<float>& logits) {
+  SIEVE_ASSIGN_OR_RETURN(const DeviceLogits device, Run(batch));
+  if (device.empty()) return absl::OkStatus();
   const size_t old = logits.size();
-  logits.resize(old + rows * r.config_.vocab_size);
-  return b.Logits(st, last, r.lm_head_, absl::MakeSpan(logits).subspan(old));
+  logits.resize(old + device.rows * device.vocab);
+  return runner_.backend_->CopyLogitsToHost(*stream_, device,
+                                            absl::MakeSpan(logits).subspan(old));
+}
+
+absl::Status ModelWorker::ForwardSample(absl::Span<const SequenceStep> batch,
+                                        std::vector<absl::StatusOr<SampledToken>>& out) {
+  std::vector<SampleRow> rows;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const SequenceStep& s = batch[i];
+    if (!s.want_logits) continue;
+    if (s.sampling == nullptr || s.history == nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("sequence ", i, " wants a token but has no sampling parameters or history"));
+    }
+    rows.push_back(SampleRow{s.sampling, s.history, s.uniform});
+  }
+  SIEVE_ASSIGN_OR_RETURN(const DeviceLogits device, Run(batch));
+  if (rows.empty()) return absl::OkStatus();
+  if (device.rows != static_cast<int64_t>(rows.size())) {
+    return absl::InternalError(absl::StrCat("step returned ", device.rows, " rows of logits for ",
+                                            rows.size(), " sequences"));
+  }
+  const size_t old = out.size();
+  out.resize(old + rows.size(), absl::UnknownError("not sampled"));
+  return runner_.backend_->Sample(*stream_, device, rows, absl::MakeSpan(out).subspan(old));
 }
 
 StepGraphStats ModelWorker::graph_stats() const {

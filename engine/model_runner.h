@@ -20,6 +20,7 @@
 #include "engine/backend.h"
 #include "engine/model_config.h"
 #include "engine/rope.h"
+#include "engine/sampling.h"
 
 namespace sieve::engine {
 
@@ -47,6 +48,12 @@ struct SequenceStep {
   int32_t num_cached = 0;            // tokens already in the KV cache = position of tokens[0]
   absl::Span<const int32_t> pages;   // page ids holding positions [0, num_cached + tokens.size())
   bool want_logits = false;          // return the logits after the last new token
+  // For ForwardSample, with want_logits: how to sample this row (borrowed; see SampleRow). The
+  // engine sets them from the request's state and draws `uniform` from its SamplerRng when it
+  // builds the step. Forward ignores them.
+  const SamplingParams* sampling = nullptr;
+  const TokenHistory* history = nullptr;
+  double uniform = 0.0;
 };
 
 // RoPE settings of `config`, in the form ComputeRopeTables takes.
@@ -64,6 +71,14 @@ class ModelWorker {
   // for each sequence with want_logits, in batch order. InvalidArgument for a malformed batch
   // (too many tokens, pages too few for the positions, token ids outside the vocabulary).
   absl::Status Forward(absl::Span<const SequenceStep> batch, std::vector<float>& logits);
+
+  // Runs the step like Forward, then samples on the backend (Backend::Sample) and appends to
+  // `out` one entry per sequence with want_logits, in batch order: the sampled token, or that
+  // row's error (as SampleTokenWithUniform would fail it). Only the token ids and the logprobs
+  // asked for reach the host. The returned Status fails the whole step (malformed batch, a
+  // want_logits sequence without sampling or history, backend errors).
+  absl::Status ForwardSample(absl::Span<const SequenceStep> batch,
+                             std::vector<absl::StatusOr<SampledToken>>& out);
 
   // Counters of this worker's graph steps (all zero when the runner uses no step graphs).
   StepGraphStats graph_stats() const;
@@ -86,8 +101,11 @@ class ModelWorker {
   // Enqueues the embedding of the step's `n` tokens, every layer and the final norm (into
   // normed_).
   absl::Status EnqueueLayers(int64_t n, absl::Span<const int32_t> tokens);
-  absl::Status ForwardGraph(absl::Span<const SequenceStep> batch, std::vector<int32_t>& tokens,
-                            std::vector<float>& logits);
+  // Runs the step's operators and leaves the logits of the want_logits sequences on the backend,
+  // row i for the i-th of them (empty when none wants logits).
+  absl::StatusOr<DeviceLogits> Run(absl::Span<const SequenceStep> batch);
+  absl::StatusOr<DeviceLogits> RunGraph(absl::Span<const SequenceStep> batch,
+                                        std::vector<int32_t>& tokens);
 
   const ModelRunner& runner_;
   std::unique_ptr<BackendStream> stream_;

@@ -180,6 +180,73 @@ TEST(ModelRunnerTest, BatchedEqualsAlone) {
   for (int64_t v = 0; v < vocab; ++v) ASSERT_NEAR(mixed[v], decode_alone[v], 1e-5);
 }
 
+// ForwardSample samples each want_logits row as SampleTokenWithUniform does on Forward's logits
+// (with the row's parameters, history and draw), returns one entry per such row in batch order,
+// and fails only the row whose sampling fails.
+TEST(ModelRunnerTest, ForwardSampleMatchesForwardThenSampleTokenWithUniform) {
+  auto r = ModelRunner::Load(EmbeddedDir(), SmallOptions());
+  ASSERT_TRUE(r.ok()) << r.status();
+  ModelRunner& m = **r;
+  const int64_t vocab = m.config().vocab_size;
+  const std::vector<std::vector<int32_t>> prompts = {{5, 77, 900, 31}, {12, 12, 400},
+                                                     {8, 1000, 2000, 3000, 17}};
+  const std::vector<std::vector<int32_t>> pages = {{0}, {1}, {2}};
+  std::vector<SamplingParams> params(3);
+  params[0].temperature = 0.0f;
+  params[0].top_logprobs = 5;
+  params[1].temperature = 0.8f;
+  params[1].top_k = 40;
+  params[1].top_p = 0.9f;
+  params[1].return_logprob = true;
+  params[2].repetition_penalty = 1.5f;
+  params[2].frequency_penalty = 0.5f;
+  params[2].min_p = 0.01f;
+  std::vector<TokenHistory> history(3);
+  for (int i = 0; i < 3; ++i) history[i].AddPrompt(prompts[i]);
+  history[2].AddGenerated(17);
+  const double uniforms[3] = {0.3, 0.71, 0.05};
+  std::vector<SequenceStep> batch;
+  for (int i = 0; i < 3; ++i) {
+    SequenceStep s{prompts[i], 0, pages[i], true};
+    s.sampling = &params[i];
+    s.history = &history[i];
+    s.uniform = uniforms[i];
+    batch.push_back(s);
+  }
+  batch[0].want_logits = false;  // a prefill chunk that ends mid-prompt: no token
+  std::vector<float> logits;
+  ASSERT_TRUE(m.Forward(batch, logits).ok());
+  ASSERT_EQ(logits.size(), 2 * vocab);
+  std::vector<absl::StatusOr<SampledToken>> sampled;
+  ASSERT_TRUE(m.default_worker().ForwardSample(batch, sampled).ok());
+  ASSERT_EQ(sampled.size(), 2u);
+  for (int row = 0; row < 2; ++row) {
+    const int i = row + 1;
+    std::vector<float> copy(logits.begin() + row * vocab, logits.begin() + (row + 1) * vocab);
+    absl::StatusOr<SampledToken> want =
+        SampleTokenWithUniform(absl::MakeSpan(copy), params[i], history[i], uniforms[i]);
+    ASSERT_TRUE(want.ok() && sampled[row].ok()) << want.status() << sampled[row].status();
+    EXPECT_EQ(sampled[row]->id, want->id) << "row " << row;
+    EXPECT_EQ(sampled[row]->logprob, want->logprob);
+    EXPECT_EQ(sampled[row]->top, want->top);
+  }
+  // Rows fail alone: a history id outside the vocabulary fails its row (InvalidArgument, as the
+  // reference), the other row still gets its token.
+  TokenHistory bad;
+  bad.AddGenerated(static_cast<int32_t>(vocab) + 3);
+  batch[1].history = &bad;
+  batch[1].sampling = &params[2];  // penalties read the history
+  sampled.clear();
+  ASSERT_TRUE(m.default_worker().ForwardSample(batch, sampled).ok());
+  ASSERT_EQ(sampled.size(), 2u);
+  EXPECT_EQ(sampled[0].status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(sampled[1].ok()) << sampled[1].status();
+  // A want_logits row without parameters fails the step.
+  batch[2].sampling = nullptr;
+  EXPECT_EQ(m.default_worker().ForwardSample(batch, sampled).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace sieve::engine
 

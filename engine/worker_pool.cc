@@ -57,8 +57,8 @@ void WorkerPool::Loop(Worker& w) {
       job = std::move(w.job);
     }
     const auto start = std::chrono::steady_clock::now();
-    job->logits.clear();
-    job->status = w.step(job->steps, job->logits);
+    job->sampled.clear();
+    job->status = w.step(job->steps, job->sampled);
     job->seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     {
       // Idle again before the owner can see the job, so it may hand over the next one at once.

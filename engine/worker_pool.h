@@ -1,5 +1,5 @@
 // WorkerPool: the threads of one pool (prefill or decode). Each worker thread owns one step
-// function (in the engine, a ModelWorker's Forward) and runs the jobs the scheduler thread hands
+// function (in the engine, a ModelWorker's ForwardSample) and runs the jobs the scheduler thread hands
 // it, one at a time; when a job is done, the pool passes it back through a callback.
 //
 // Threading: Run() and the destructor are called by the owning (scheduler) thread; the done
@@ -18,9 +18,11 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "engine/model_runner.h"
 #include "engine/observer.h"
+#include "engine/sampling.h"
 #include "engine/scheduler.h"
 
 namespace sieve::engine {
@@ -29,14 +31,16 @@ namespace sieve::engine {
 struct WorkerJob {
   WorkerBatch batch;                // what the scheduler planned (pool, worker, items)
   std::vector<SequenceStep> steps;  // the model's view of batch.items, in the same order
-  std::vector<float> logits;        // out: [items with want_logits, vocab_size] fp32
+  // out: one entry per item with want_logits, in order: its sampled token or that row's error
+  std::vector<absl::StatusOr<SampledToken>> sampled;
   absl::Status status;              // out: the step's result
   double seconds = 0;               // out: wall time of the step (monotonic clock)
 };
 
-// Runs one step: SequenceSteps in, logits appended to the vector (ModelWorker::Forward).
-using StepFunction =
-    std::function<absl::Status(absl::Span<const SequenceStep> batch, std::vector<float>& logits)>;
+// Runs one step: SequenceSteps in, one sampled token (or row error) per want_logits step appended
+// to the vector (ModelWorker::ForwardSample).
+using StepFunction = std::function<absl::Status(absl::Span<const SequenceStep> batch,
+                                                std::vector<absl::StatusOr<SampledToken>>& sampled)>;
 
 class WorkerPool {
  public:

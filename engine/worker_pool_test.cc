@@ -41,6 +41,7 @@ std::unique_ptr<WorkerJob> JobFor(int32_t worker, int32_t tokens) {
   job->batch.worker = worker;
   job->batch.num_tokens = tokens;
   job->steps.resize(tokens);
+  for (int32_t i = 0; i < tokens; ++i) job->steps[i].uniform = i / 8.0;
   return job;
 }
 
@@ -49,10 +50,21 @@ TEST(WorkerPoolTest, RunsJobsOnTheirWorkersAndReturnsResults) {
   std::atomic<int> calls[2] = {0, 0};
   std::vector<StepFunction> steps;
   for (int w = 0; w < 2; ++w) {
-    steps.push_back([&calls, w](absl::Span<const SequenceStep> batch, std::vector<float>& out) {
+    // One token per step, whose id tells the worker and the step's draw apart; the third
+    // step of a batch is a row error (as a NaN row would be), which fails only that row.
+    steps.push_back([&calls, w](absl::Span<const SequenceStep> batch,
+                                std::vector<absl::StatusOr<SampledToken>>& out) {
       ++calls[w];
       if (batch.size() == 3) return absl::InvalidArgumentError("three is not allowed");
-      out.assign(batch.size(), static_cast<float>(w));
+      for (size_t i = 0; i < batch.size(); ++i) {
+        if (i == 2) {
+          out.push_back(absl::InternalError("row 2"));
+          continue;
+        }
+        SampledToken t;
+        t.id = w * 1000 + static_cast<int32_t>(batch[i].uniform * 8.0);
+        out.push_back(t);
+      }
       return absl::OkStatus();
     });
   }
@@ -62,7 +74,7 @@ TEST(WorkerPoolTest, RunsJobsOnTheirWorkersAndReturnsResults) {
   pool.Run(JobFor(0, 2));
   pool.Run(JobFor(1, 5));
   // Three jobs come back: worker 0's second job may overtake worker 1's first, so the order is
-  // not fixed. The 3-token job fails; the others carry one logit per token from their worker.
+  // not fixed. The 3-token job fails; the others carry one token per step from their worker.
   int seen = 0;
   int failures = 0;
   for (int i = 0; i < 3; ++i) {
@@ -74,8 +86,15 @@ TEST(WorkerPoolTest, RunsJobsOnTheirWorkersAndReturnsResults) {
       continue;
     }
     ASSERT_TRUE(job->status.ok()) << job->status;
-    EXPECT_EQ(job->logits.size(), static_cast<size_t>(job->batch.num_tokens));
-    EXPECT_EQ(job->logits[0], static_cast<float>(job->batch.worker));
+    ASSERT_EQ(job->sampled.size(), static_cast<size_t>(job->batch.num_tokens));
+    for (int32_t i = 0; i < job->batch.num_tokens; ++i) {
+      if (i == 2) {
+        EXPECT_EQ(job->sampled[i].status().code(), absl::StatusCode::kInternal);
+        continue;
+      }
+      ASSERT_TRUE(job->sampled[i].ok()) << job->sampled[i].status();
+      EXPECT_EQ(job->sampled[i]->id, job->batch.worker * 1000 + i);
+    }
     EXPECT_GE(job->seconds, 0);
     seen |= 1 << job->batch.worker;
     // The worker is idle again once its job is back: the next one can go at once.
@@ -92,7 +111,7 @@ TEST(WorkerPoolTest, DestructorWaitsForTheRunningJob) {
   std::atomic<int> callbacks{0};
   {
     std::vector<StepFunction> steps;
-    steps.push_back([&](absl::Span<const SequenceStep>, std::vector<float>&) {
+    steps.push_back([&](absl::Span<const SequenceStep>, std::vector<absl::StatusOr<SampledToken>>&) {
       started = true;
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
       finished = true;
@@ -111,7 +130,7 @@ TEST(WorkerPoolDeathTest, HandingABusyWorkerASecondJobAborts) {
   EXPECT_DEATH(
       {
         std::vector<StepFunction> steps;
-        steps.push_back([](absl::Span<const SequenceStep>, std::vector<float>&) {
+        steps.push_back([](absl::Span<const SequenceStep>, std::vector<absl::StatusOr<SampledToken>>&) {
           std::this_thread::sleep_for(std::chrono::seconds(5));
           return absl::OkStatus();
         });

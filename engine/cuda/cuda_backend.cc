@@ -80,6 +80,8 @@ CudaStream::~CudaStream() {
   cudaFree(attn_workspace);
   cudaFree(f32_dev);
   cudaFreeHost(f32_host);
+  cudaFree(sample_dev);
+  cudaFreeHost(sample_host);
   for (cudaEvent_t e : copy_events) cudaEventDestroy(e);
   if (staging_copied != nullptr) cudaEventDestroy(staging_copied);
   gemm = kernels::BlasLtGemm();  // destroy the cuBLASLt handle before the stream
@@ -641,19 +643,16 @@ absl::Status CudaBackend::CopyToHost(BackendStream& stream, const Tensor& x,
   return cuda_internal::CopyFloatsToHost(s, s.f32_dev, out);
 }
 
-absl::Status CudaBackend::Logits(BackendStream& stream, const Tensor& x, const Tensor& lm_head,
-                                 absl::Span<float> host_out) {
+absl::StatusOr<DeviceLogits> CudaBackend::LogitsOnDevice(BackendStream& stream, const Tensor& x,
+                                                         const Tensor& lm_head) {
   CudaStream& s = Cuda(stream);
-  SIEVE_RETURN_IF_ERROR(NotInGraphStep(s, "Logits"));
+  SIEVE_RETURN_IF_ERROR(NotInGraphStep(s, "LogitsOnDevice"));
   if (x.data == nullptr || x.cols != lm_head.cols || lm_head.data == nullptr) {
     return absl::InternalError(absl::StrCat("cuda backend: logits input has ", x.cols,
                                             " columns, lm_head expects ", lm_head.cols));
   }
   const int64_t n = x.rows * lm_head.rows;
-  if (static_cast<int64_t>(host_out.size()) != n) {
-    return absl::InternalError("cuda backend: logits buffer size mismatch");
-  }
-  if (n == 0) return absl::OkStatus();
+  if (n == 0) return DeviceLogits{};
   SIEVE_RETURN_IF_CUDA_ERROR(cudaSetDevice(options_.device));
   SIEVE_RETURN_IF_ERROR(EnsureDeviceFloats(s, n));
   kernels::GemmArgs g;
@@ -664,7 +663,29 @@ absl::Status CudaBackend::Logits(BackendStream& stream, const Tensor& x, const T
   g.n = lm_head.rows;
   g.k = x.cols;
   SIEVE_RETURN_IF_CUDA_ERROR(s.gemm.Run(g, s.gemm_workspace, s.gemm_workspace_bytes, s.stream));
-  return cuda_internal::CopyFloatsToHost(s, s.f32_dev, host_out);
+  return DeviceLogits{s.f32_dev, x.rows, lm_head.rows};
+}
+
+absl::Status CudaBackend::CopyLogitsToHost(BackendStream& stream, const DeviceLogits& logits,
+                                           absl::Span<float> host_out) {
+  CudaStream& s = Cuda(stream);
+  const int64_t size = static_cast<int64_t>(host_out.size());
+  if (logits.vocab <= 0 || size % logits.vocab != 0 || size > logits.rows * logits.vocab) {
+    return absl::InternalError(absl::StrCat("cuda backend: ", size, " logits asked of ",
+                                            logits.rows, " rows of ", logits.vocab));
+  }
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaSetDevice(options_.device));
+  return cuda_internal::CopyFloatsToHost(s, logits.data, host_out);
+}
+
+absl::Status CudaBackend::Logits(BackendStream& stream, const Tensor& x, const Tensor& lm_head,
+                                 absl::Span<float> host_out) {
+  if (static_cast<int64_t>(host_out.size()) != x.rows * lm_head.rows) {
+    return absl::InternalError("cuda backend: logits buffer size mismatch");
+  }
+  SIEVE_ASSIGN_OR_RETURN(const DeviceLogits logits, LogitsOnDevice(stream, x, lm_head));
+  if (logits.empty()) return absl::OkStatus();
+  return CopyLogitsToHost(stream, logits, host_out);
 }
 
 }  // namespace sieve::engine

@@ -17,8 +17,13 @@
 // decode step and the buffers it reads (inputs in fixed device memory, the decode workspace,
 // fp32 logits). BeginGraphStep uploads the step's inputs with one copy, plans decode attention
 // (graph_kv_quantum_shift) and launches the recording when there is one for the step's key
-// (sequences, page-table stride, attention plan); EndGraphStep copies the logits out.
-// Implemented in cuda_graph_step.cc.
+// (sequences, page-table stride, attention plan); EndGraphStep copies the logits out, and
+// EndGraphStepOnDevice leaves them in the slot's buffer for Sample, which runs after the graph on
+// the same stream (its inputs change every step). Implemented in cuda_graph_step.cc.
+//
+// Sampling (Sample, cuda_sampling.cc): one thread block per row samples from the fp32 logits on
+// the device; per step the host uploads the rows' parameters and penalty lists (rows without
+// penalties upload none) and reads back ids and logprobs, never the logits.
 //
 // Errors: every CUDA and cuBLAS failure becomes an absl::Status (Internal) naming the failing
 // expression, file and line (and, for kernel launchers, the call inside them that failed).
@@ -97,12 +102,23 @@ class CudaBackend final : public Backend {
   absl::Status CopyToHost(BackendStream& stream, const Tensor& x, absl::Span<float> out) override;
   absl::Status Logits(BackendStream& stream, const Tensor& x, const Tensor& lm_head,
                       absl::Span<float> host_out) override;
+  absl::StatusOr<DeviceLogits> LogitsOnDevice(BackendStream& stream, const Tensor& x,
+                                              const Tensor& lm_head) override;
+  absl::Status CopyLogitsToHost(BackendStream& stream, const DeviceLogits& logits,
+                                absl::Span<float> host_out) override;
+  // Validates each row's parameters and lists its penalized tokens on the host, uploads them
+  // with one copy, runs kernels/cuda/sampling.h on the stream after the step's work, and copies
+  // back only the per-row results (id, logprobs, error). Implemented in cuda_sampling.cc.
+  absl::Status Sample(BackendStream& stream, const DeviceLogits& logits,
+                      absl::Span<const SampleRow> rows,
+                      absl::Span<absl::StatusOr<SampledToken>> out) override;
 
   bool SupportsStepGraphs() const override { return true; }
   absl::StatusOr<StepGraphMode> BeginGraphStep(BackendStream& stream, const BatchLayout& layout,
                                                absl::Span<const int32_t> tokens) override;
   absl::Status GraphLogits(BackendStream& stream, const Tensor& x, const Tensor& lm_head) override;
   absl::Status EndGraphStep(BackendStream& stream, absl::Span<float> host_logits) override;
+  absl::StatusOr<DeviceLogits> EndGraphStepOnDevice(BackendStream& stream) override;
   void AbortGraphStep(BackendStream& stream) override;
   StepGraphStats GraphStats(const BackendStream& stream) const override;
 

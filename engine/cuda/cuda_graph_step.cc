@@ -258,7 +258,7 @@ absl::Status CudaBackend::GraphLogits(BackendStream& stream, const Tensor& x,
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::EndGraphStep(BackendStream& stream, absl::Span<float> host_logits) {
+absl::StatusOr<DeviceLogits> CudaBackend::EndGraphStepOnDevice(BackendStream& stream) {
   CudaStream& s = Cuda(stream);
   if (s.graph == nullptr) return absl::FailedPreconditionError("cuda backend: no graph step");
   GraphSlot& g = *s.graph;
@@ -283,13 +283,20 @@ absl::Status CudaBackend::EndGraphStep(BackendStream& stream, absl::Span<float> 
   }
   if (mode == StepGraphMode::kEager) ++s.graph_stats.eager_steps;
   if (mode == StepGraphMode::kRecord) SIEVE_RETURN_IF_CUDA_ERROR(cudaGraphLaunch(g.exec, s.stream));
+  if (g.vocab <= 0) return DeviceLogits{};  // no GraphLogits yet
+  return DeviceLogits{g.logits, g.num_seqs, g.vocab};
+}
+
+absl::Status CudaBackend::EndGraphStep(BackendStream& stream, absl::Span<float> host_logits) {
+  CudaStream& s = Cuda(stream);
+  SIEVE_ASSIGN_OR_RETURN(const DeviceLogits logits, EndGraphStepOnDevice(stream));
   if (host_logits.empty()) return absl::OkStatus();
   const int64_t size = static_cast<int64_t>(host_logits.size());
-  if (g.vocab <= 0 || size % g.vocab != 0 || size / g.vocab > g.num_seqs) {
+  if (logits.empty() || size % logits.vocab != 0 || size / logits.vocab > logits.rows) {
     return absl::InternalError(absl::StrCat("cuda backend: ", size, " logits asked of a graph ",
-                                            "step of ", g.num_seqs, " rows of ", g.vocab));
+                                            "step of ", logits.rows, " rows of ", logits.vocab));
   }
-  return cuda_internal::CopyFloatsToHost(s, g.logits, host_logits);
+  return cuda_internal::CopyFloatsToHost(s, logits.data, host_logits);
 }
 
 void CudaBackend::AbortGraphStep(BackendStream& stream) {

@@ -138,6 +138,11 @@ struct CudaStream final : BackendStream {
   float* f32_host = nullptr;
   int64_t f32_host_elems = 0;
   std::vector<cudaEvent_t> copy_events;  // one per chunk of a pipelined copy to the host
+  // Sample: pinned host bytes and a device mirror of the same size holding the rows' parameters,
+  // their penalty entries and the results (kernels/cuda/sampling.h); grown as needed.
+  char* sample_host = nullptr;
+  char* sample_dev = nullptr;
+  size_t sample_bytes = 0;
   // Graph steps: one slot per sequence count; `graph` is the slot of the step in progress.
   std::map<int32_t, std::unique_ptr<GraphSlot>> graph_slots;
   GraphSlot* graph = nullptr;
