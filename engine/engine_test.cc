@@ -706,6 +706,7 @@ TEST_F(EngineTest, WorkerSamplingEqualsTheOfflineGenerator) {
       EXPECT_NEAR(lp[t].logprob, (*offline)[i].logprobs[t], 1e-4) << "request " << i;
     }
   }
+  ASSERT_TRUE(e->WaitIdle(kWait));
   ExpectBaseline(*e);
 }
 
