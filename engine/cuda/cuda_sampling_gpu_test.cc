@@ -3,12 +3,15 @@
 //     of 1, 7 and 64 rows, several seeds, every kind of parameters (greedy, temperature only,
 //     top-k, top-p, min-p, all combined, each penalty, top_logprobs 0 / 5 / 20, return_logprob);
 //     rows of one batch mix kinds.
-//     Tolerance: ids equal, except for draws whose uniform lies within 1e-5 of the kept mass of a
-//     CDF boundary, or whose top-p or min-p threshold lies within 1e-5 (relative) of a token's
-//     cumulative mass or probability (the device's exp and summation order differ from the
-//     host's in the last bits, so such draws may go either way). Those draws are detected from a
-//     float64 recomputation, skipped and counted; the test asserts they are rare. Logprobs within
-//     1e-4 absolute; top alternatives: the same ids in the same order.
+//     Tolerance: ids equal, except for draws whose uniform lies within 1e-6 of the kept mass of a
+//     CDF boundary, or whose top-p or min-p threshold lies within 1e-6 (relative) of a token's
+//     cumulative mass or probability: the device's expf differs from the host's by up to 2 ulp
+//     (2.4e-7 relative) and its sums run in another order, so such draws may go either way.
+//     Those draws are detected from a float64 recomputation, skipped and counted; the test
+//     asserts they are rare. (A first run with 1e-5 skipped 110 of 669 draws, none of which
+//     differed: with 128K kept tokens the mean gap between CDF boundaries is about 8e-6 of the
+//     kept mass, so 1e-5 flags most temperature-only draws of the large vocabularies.) Logprobs
+//     within 1e-4 absolute; top alternatives: the same ids in the same order.
 //   - a NaN, a +inf and an all -inf row, invalid parameters and a history id outside the
 //     vocabulary fail their row only, with the reference's status code;
 //   - end to end: the engine on the CUDA backend (device sampling) produces the same greedy
@@ -41,7 +44,7 @@ namespace {
 
 using ::testing::HasSubstr;
 
-constexpr double kBoundaryTolerance = 1e-5;
+constexpr double kBoundaryTolerance = 1e-6;
 constexpr float kLogprobTolerance = 1e-4f;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
@@ -249,7 +252,7 @@ TEST_F(CudaSampleTest, MatchesTheCpuReferenceOnRandomLogits) {
               static_cast<long>(draws), static_cast<long>(skipped), kBoundaryTolerance,
               static_cast<long>(mismatched_ambiguous));
   EXPECT_GT(draws, 600);
-  EXPECT_LE(skipped, draws / 50 + 2);  // rare: at most 2% of the draws
+  EXPECT_LE(skipped, draws / 20);  // rare: at most 5% of the draws
 }
 
 TEST_F(CudaSampleTest, BadRowsFailAlone) {
