@@ -14,7 +14,7 @@
 #   bench/run_daemon_gpu.sh [PACK_DIR]
 # Settings (environment): CONFIG, LENGTHS ("8192:1.0 32768:0.25" = length:rate pairs),
 # DURATION (seconds of Poisson arrivals per length), MAX_TOKENS, UNLOADED (requests run one at
-# a time per length).
+# a time per length), SIEVED_ARGS (more sieved flags, e.g. "--set pools.decode_priority=normal").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 pack=${1:-.device-pack}
@@ -30,8 +30,9 @@ target=127.0.0.1:50051
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
 start=$(date +%s.%N)
+# shellcheck disable=SC2086  # SIEVED_ARGS is a list of flags
 "$pack/bin/sieved" --config "$config" --listen "$target" --metrics-listen 127.0.0.1:9090 \
-  >"$out/sieved.log" 2>&1 &
+  ${SIEVED_ARGS:-} >"$out/sieved.log" 2>&1 &
 pid=$!
 ready=0
 for _ in $(seq 1 600); do

@@ -96,6 +96,16 @@ struct StepGraphStats {
   int64_t live_recordings = 0;   // recordings held now
 };
 
+// How urgently a stream's work should run when streams compete for the device. On CUDA, kHigh is
+// the device's greatest stream priority: the block scheduler starts a high-priority stream's
+// waiting blocks before a normal stream's, so a short decode step is not queued behind the blocks
+// of a long prefill chunk running at the same time. The CPU backend runs every stream alike.
+enum class StreamPriority { kNormal, kHigh };
+
+struct StreamOptions {
+  StreamPriority priority = StreamPriority::kNormal;
+};
+
 // An ordered queue of operators with the state of its current step (the batch layout and, on a
 // GPU, the CUDA stream and device copies of the layout). One per worker thread.
 class BackendStream {
@@ -129,7 +139,8 @@ class Backend {
                               const AttentionShape& shape) const = 0;
 
   // Creates a stream for one worker thread.
-  virtual absl::StatusOr<std::unique_ptr<BackendStream>> CreateStream() = 0;
+  virtual absl::StatusOr<std::unique_ptr<BackendStream>> CreateStream(
+      const StreamOptions& options) = 0;
 
   // Makes `layout` the batch of the operators that follow on `stream`, until its next BeginStep.
   // `layout` must stay alive and unchanged until then.

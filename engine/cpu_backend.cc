@@ -96,7 +96,7 @@ absl::Status CpuBackend::AllocateKvCache(int32_t num_layers, int32_t num_pages, 
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::unique_ptr<BackendStream>> CpuBackend::CreateStream() {
+absl::StatusOr<std::unique_ptr<BackendStream>> CpuBackend::CreateStream(const StreamOptions&) {
   return std::unique_ptr<BackendStream>(new CpuStream());
 }
 

@@ -29,7 +29,7 @@ TEST(CpuBackendTest, LogitsEqualLinearThenCopy) {
   ASSERT_TRUE(tx.ok() && tw.ok());
   auto out = b.Allocate(3, 37);
   ASSERT_TRUE(out.ok());
-  auto stream = b.CreateStream();
+  auto stream = b.CreateStream({});
   ASSERT_TRUE(stream.ok());
   ASSERT_TRUE(b.Linear(**stream, *tx, *tw, Tensor{}, *out).ok());
   std::vector<float> want(3 * 37), got(3 * 37, NAN);

@@ -89,9 +89,12 @@ absl::Status Engine::Impl::Init(const EngineConfig& config, EngineObserver* obse
   // One ModelWorker per pool thread, created before any thread runs.
   std::vector<StepFunction> steps[2];
   const int32_t counts[2] = {config.scheduler.prefill_workers, config.scheduler.decode_workers};
+  const StreamOptions stream_options[2] = {
+      {.priority = StreamPriority::kNormal}, {.priority = config.decode_stream_priority}};
   for (int pool = 0; pool < 2; ++pool) {
     for (int32_t i = 0; i < counts[pool]; ++i) {
-      SIEVE_ASSIGN_OR_RETURN(std::unique_ptr<ModelWorker> worker, runner_->CreateWorker());
+      SIEVE_ASSIGN_OR_RETURN(std::unique_ptr<ModelWorker> worker,
+                             runner_->CreateWorker(stream_options[pool]));
       ModelWorker* raw = worker.get();
       model_workers_.push_back(std::move(worker));
       steps[pool].push_back(

@@ -40,6 +40,10 @@ struct EngineConfig {
   ModelRunnerOptions runner;           // backend, KV pages and page size, step limits
   SchedulerConfig scheduler;
   int32_t max_context_tokens = 0;      // prompt + max_tokens limit; 0 = the model's
+  // Priority of the decode pool's backend streams (the prefill pool's are kNormal). kHigh lets a
+  // decode step's kernels start ahead of a concurrent prefill chunk's waiting blocks on a GPU,
+  // which bounds the inter-token latency of running requests while long prompts prefill.
+  StreamPriority decode_stream_priority = StreamPriority::kHigh;
 };
 
 // Static facts about the served model, for GetModelInfo.

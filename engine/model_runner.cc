@@ -94,9 +94,9 @@ absl::StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string
   return runner;
 }
 
-absl::StatusOr<std::unique_ptr<ModelWorker>> ModelRunner::CreateWorker() {
+absl::StatusOr<std::unique_ptr<ModelWorker>> ModelRunner::CreateWorker(const StreamOptions& stream) {
   std::unique_ptr<ModelWorker> worker(new ModelWorker(*this));
-  SIEVE_RETURN_IF_ERROR(worker->Allocate());
+  SIEVE_RETURN_IF_ERROR(worker->Allocate(stream));
   return worker;
 }
 
@@ -173,12 +173,12 @@ absl::Status ModelRunner::LoadWeights(const std::string& model_dir) {
   return absl::OkStatus();
 }
 
-absl::Status ModelWorker::Allocate() {
+absl::Status ModelWorker::Allocate(const StreamOptions& stream_options) {
   const ModelRunnerOptions& options_ = runner_.options_;
   const ModelConfig& config_ = runner_.config_;
   const AttentionShape& shape_ = runner_.shape_;
   Backend* backend_ = runner_.backend_.get();
-  SIEVE_ASSIGN_OR_RETURN(stream_, backend_->CreateStream());
+  SIEVE_ASSIGN_OR_RETURN(stream_, backend_->CreateStream(stream_options));
   const int64_t m = options_.max_step_tokens, h = config_.hidden_size;
   const int64_t q_cols = int64_t{shape_.num_q_heads} * shape_.head_dim;
   const int64_t qkv_cols = q_cols + 2 * int64_t{shape_.num_kv_heads} * shape_.head_dim;

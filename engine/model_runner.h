@@ -91,7 +91,7 @@ class ModelWorker {
  private:
   friend class ModelRunner;
   explicit ModelWorker(const ModelRunner& runner) : runner_(runner) {}
-  absl::Status Allocate();
+  absl::Status Allocate(const StreamOptions& stream_options);
   absl::StatusOr<std::vector<int32_t>> BuildLayout(absl::Span<const SequenceStep> batch,
                                                    std::vector<int32_t>& tokens);
   // Whether `batch` runs as a graph step: step graphs on, one token and logits per sequence.
@@ -127,9 +127,9 @@ class ModelRunner {
   static absl::StatusOr<std::unique_ptr<ModelRunner>> Load(const std::string& model_dir,
                                                            const ModelRunnerOptions& options);
 
-  // Creates another worker (activation buffers and a backend stream). Not thread-safe: create
-  // workers before running them.
-  absl::StatusOr<std::unique_ptr<ModelWorker>> CreateWorker();
+  // Creates another worker (activation buffers and a backend stream made with `stream`). Not
+  // thread-safe: create workers before running them.
+  absl::StatusOr<std::unique_ptr<ModelWorker>> CreateWorker(const StreamOptions& stream = {});
 
   // Forward on the default worker; see ModelWorker::Forward. For single-threaded callers.
   absl::Status Forward(absl::Span<const SequenceStep> batch, std::vector<float>& logits) {

@@ -172,6 +172,10 @@ const std::vector<KeySpec>& Keys() {
                        "Worker threads running prefill batches."),
       SIEVE_CONFIG_KEY(pools.decode_workers, IntRange(1, 256),
                        "Worker threads running decode batches."),
+      SIEVE_CONFIG_KEY(pools.decode_priority, OneOf({"high", "normal"}),
+                       "Device stream priority of the decode workers (cuda): high starts decode "
+                       "kernels ahead of a concurrent prefill chunk's waiting blocks; normal "
+                       "treats both pools alike."),
 
       SIEVE_CONFIG_KEY(attention.prefill, OneOf({"dense"}),
                        "Prefill attention policy (only dense is implemented so far)."),

@@ -127,6 +127,9 @@ struct PoolsConfig {
   int prefill_workers = 1;
   // Worker threads running decode batches.
   int decode_workers = 1;
+  // Priority of the decode workers' device streams: "high" (decode kernels start ahead of a
+  // concurrent prefill chunk's waiting blocks) or "normal" (both pools alike). CUDA only.
+  std::string decode_priority = "high";
 
   bool operator==(const PoolsConfig&) const = default;
 };

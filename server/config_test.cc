@@ -48,7 +48,7 @@ const std::vector<std::string> kExpectedKeys = {
     "scheduler.max_queued_requests",  "scheduler.max_queued_tokens",
     "scheduler.prefill_chunk_tokens", "scheduler.enable_prefix_caching",
     "scheduler.preemption",           "pools.prefill_workers",
-    "pools.decode_workers",           "attention.prefill",
+    "pools.decode_workers",           "pools.decode_priority",          "attention.prefill",
     "attention.decode",               "limits.default_max_tokens",
     "limits.max_stop_strings",        "logging.level",
 };
@@ -168,6 +168,8 @@ TEST(ConfigTest, BadValuesNameKeyLineAndValue) {
       {"attention:\n  prefill: quest\n", "attention.prefill must be one of: dense, got 'quest'"},
       {"attention:\n  decode: double_sparsity\n", "attention.decode must be one of: dense"},
       {"scheduler:\n  preemption: swap\n", "scheduler.preemption must be one of: recompute"},
+      {"pools:\n  decode_priority: urgent\n",
+       "pools.decode_priority must be one of: high, normal, got 'urgent'"},
       {"logging:\n  level: verbose\n", "logging.level must be one of: debug, info, warning, error"},
       {"model:\n  name: ''\n", "model.name must be a non-empty string, got ''"},
       {"server:\n  listen_address: localhost\n",

@@ -125,6 +125,9 @@ absl::StatusOr<engine::EngineConfig> ToEngineConfig(const ServerConfig& config) 
   s.enable_prefix_caching = config.scheduler.enable_prefix_caching;
   s.prefill_workers = config.pools.prefill_workers;
   s.decode_workers = config.pools.decode_workers;
+  out.decode_stream_priority = config.pools.decode_priority == "normal"
+                                   ? engine::StreamPriority::kNormal
+                                   : engine::StreamPriority::kHigh;
   // scheduler.preemption and attention.* have one accepted value each ("recompute", "dense"),
   // which is what the engine does; they map to engine settings when alternatives land.
   return out;

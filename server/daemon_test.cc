@@ -52,6 +52,12 @@ TEST(ToEngineConfig, MapsEverySetting) {
   EXPECT_FALSE(e->scheduler.enable_prefix_caching);
   EXPECT_EQ(e->scheduler.prefill_workers, 2);
   EXPECT_EQ(e->scheduler.decode_workers, 3);
+  EXPECT_EQ(e->decode_stream_priority, engine::StreamPriority::kHigh);
+
+  c.pools.decode_priority = "normal";
+  e = ToEngineConfig(c);
+  ASSERT_TRUE(e.ok()) << e.status();
+  EXPECT_EQ(e->decode_stream_priority, engine::StreamPriority::kNormal);
 }
 
 TEST(ToEngineConfig, RejectsWhatThisBuildCannotHonour) {

@@ -380,7 +380,13 @@ TEST_F(SharedDaemonTest, MetricsHaveTheDocumentedNamesAndSaneValues) {
   StreamResult r = Generate(*stub, GreedyText("Metrics after a request", 8));
   ASSERT_TRUE(r.status.ok());
   IdleLoad();
-  server::ParsedMetrics m = daemon_->Metrics();
+  // The call is counted in sieve_grpc_requests_total when gRPC runs the reactor's OnDone, which
+  // can come after the client has read the final status: wait for it.
+  server::ParsedMetrics m;
+  EXPECT_TRUE(PollUntil([&] {
+    m = daemon_->Metrics();
+    return m.Sum("sieve_grpc_requests_total", {{"method", "Generate"}}) >= 1;
+  }));
   const auto documented = DocumentedMetrics();
   ASSERT_GE(documented.size(), 20u) << "cannot read the table in server/metrics.h";
   for (const auto& [name, type] : documented) {

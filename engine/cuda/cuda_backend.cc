@@ -328,11 +328,17 @@ absl::Status CudaBackend::AllocateKvCache(int32_t num_layers, int32_t num_pages,
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::unique_ptr<BackendStream>> CudaBackend::CreateStream() {
+absl::StatusOr<std::unique_ptr<BackendStream>> CudaBackend::CreateStream(
+    const StreamOptions& stream_options) {
   SIEVE_RETURN_IF_CUDA_ERROR(cudaSetDevice(options_.device));
   auto s = std::make_unique<CudaStream>();
   s->device = options_.device;
-  SIEVE_RETURN_IF_CUDA_ERROR(cudaStreamCreateWithFlags(&s->stream, cudaStreamNonBlocking));
+  // Lower numbers are more urgent: `greatest` is the most urgent priority, `least` the default.
+  int least = 0, greatest = 0;
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+  const int priority = stream_options.priority == StreamPriority::kHigh ? greatest : least;
+  SIEVE_RETURN_IF_CUDA_ERROR(
+      cudaStreamCreateWithPriority(&s->stream, cudaStreamNonBlocking, priority));
   SIEVE_RETURN_IF_CUDA_ERROR(cudaEventCreateWithFlags(&s->staging_copied, cudaEventDisableTiming));
   SIEVE_RETURN_IF_CUDA_ERROR(s->gemm.Init());
   if (options_.gemm_workspace_bytes > 0) {

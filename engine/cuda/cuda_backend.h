@@ -81,7 +81,8 @@ class CudaBackend final : public Backend {
                                const AttentionShape& shape) override;
   int64_t KvPageBytes(int32_t num_layers, int32_t page_size,
                       const AttentionShape& shape) const override;
-  absl::StatusOr<std::unique_ptr<BackendStream>> CreateStream() override;
+  absl::StatusOr<std::unique_ptr<BackendStream>> CreateStream(
+      const StreamOptions& options) override;
   absl::Status BeginStep(BackendStream& stream, const BatchLayout& layout) override;
   absl::Status Embed(BackendStream& stream, absl::Span<const int32_t> tokens, const Tensor& table,
                      Tensor out) override;

@@ -488,7 +488,7 @@ struct LayerOnBackend {
       SIEVE_ASSIGN_OR_RETURN(w[i], b->UploadWeight({v}, cols[i]));
     }
     SIEVE_RETURN_IF_ERROR(b->AllocateKvCache(1, 16, 16, c.shape));
-    SIEVE_ASSIGN_OR_RETURN(stream, b->CreateStream());
+    SIEVE_ASSIGN_OR_RETURN(stream, b->CreateStream({}));
     const int64_t m = c.kMaxTokens;
     SIEVE_ASSIGN_OR_RETURN(hidden, b->Allocate(m, c.kHidden));
     SIEVE_ASSIGN_OR_RETURN(normed, b->Allocate(m, c.kHidden));
@@ -606,7 +606,7 @@ TEST(CudaBackendTest, MalformedCallsAndCudaFailuresAreStatuses) {
   auto table = cuda.UploadWeight({v}, 5);
   ASSERT_TRUE(table.ok()) << table.status();
 
-  auto stream = cuda.CreateStream();
+  auto stream = cuda.CreateStream({});
   ASSERT_TRUE(stream.ok()) << stream.status();
   const BatchLayout l = MakeLayout({{2, 0, {0}}}, 16);
   EXPECT_EQ(cuda.BeginStep(**stream, l).code(), absl::StatusCode::kFailedPrecondition);  // no KV

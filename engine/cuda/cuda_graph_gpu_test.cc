@@ -150,7 +150,7 @@ struct TinyGraph {
     SIEVE_ASSIGN_OR_RETURN(table, b->UploadWeight({v}, kCols));
     SIEVE_ASSIGN_OR_RETURN(x, b->Allocate(8, kCols));
     SIEVE_RETURN_IF_ERROR(b->AllocateKvCache(1, 8, 16, AttentionShape{2, 1, 64}));
-    SIEVE_ASSIGN_OR_RETURN(stream, b->CreateStream());
+    SIEVE_ASSIGN_OR_RETURN(stream, b->CreateStream({}));
     return absl::OkStatus();
   }
 
@@ -347,7 +347,7 @@ TEST(CudaGraphStepTest, LargeHostCopiesArriveWhole) {
   auto b = CudaBackend::Create();
   ASSERT_TRUE(b.ok()) << b.status();
   ASSERT_TRUE((*b)->AllocateKvCache(1, 4, 16, AttentionShape{2, 1, 64}).ok());
-  auto stream = (*b)->CreateStream();
+  auto stream = (*b)->CreateStream({});
   ASSERT_TRUE(stream.ok()) << stream.status();
   std::mt19937 rng(12);
   std::normal_distribution<float> d(0.0f, 1.0f);

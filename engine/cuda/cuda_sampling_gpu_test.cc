@@ -155,7 +155,7 @@ class CudaSampleTest : public ::testing::Test {
     auto b = CudaBackend::Create();
     ASSERT_TRUE(b.ok()) << b.status();
     backend_ = std::move(*b);
-    auto s = backend_->CreateStream();
+    auto s = backend_->CreateStream({});
     ASSERT_TRUE(s.ok()) << s.status();
     stream_ = std::move(*s);
   }
