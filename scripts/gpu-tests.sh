@@ -59,7 +59,8 @@ if [[ -z ${SIEVE_HF_BF16_LOGITS:-} ]] && python3 -c 'import torch, transformers'
 fi
 for t in "$pack"/bin/*_gpu_test; do
   echo "=== $(basename "$t")"
-  if ! "$t" --gtest_brief=1; then
+  # A kernel that hangs fails its test instead of wedging the run.
+  if ! timeout "${SIEVE_GPU_TEST_TIMEOUT:-600}" "$t" --gtest_brief=1; then
     echo "FAILED: $(basename "$t")"
     failed=1
   fi

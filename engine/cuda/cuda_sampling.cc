@@ -1,7 +1,8 @@
 // CudaBackend::Sample (contract in engine/backend.h): the host validates each row as the CPU
 // reference does, lists the tokens its penalties touch, uploads the rows with one copy, runs the
 // sampling kernel (kernels/cuda/sampling.h) on the stream after the step's work, and reads back
-// only the per-row results.
+// only the per-row results. Small batches split each row over several blocks (the kernel's plan
+// for the device); their workspace sits in front of the stream's device sampling buffer.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -39,9 +40,12 @@ absl::Status AppendPenalties(const SamplingParams& p, const TokenHistory& histor
   return absl::OkStatus();
 }
 
-// Makes the stream's sampling buffers (pinned host and device) hold `bytes`. Sample waits for
-// its copies before returning, so nothing is in flight here.
-absl::Status EnsureSampleBuffers(CudaStream& s, size_t bytes) {
+// Makes the stream's sampling buffers hold `bytes`: pinned host bytes for the rows, penalty
+// entries and results, and on the device the kernel's workspace (`workspace_bytes`, zero-filled
+// when allocated, as SampleRun requires) followed by a mirror of the host bytes. The workspace
+// size comes from the plan of the stream's device and so is the same on every call. Sample waits
+// for its copies before returning, so nothing is in flight here.
+absl::Status EnsureSampleBuffers(CudaStream& s, size_t bytes, size_t workspace_bytes) {
   if (bytes <= s.sample_bytes) return absl::OkStatus();
   const size_t size = std::max<size_t>(Align256(bytes), std::max<size_t>(2 * s.sample_bytes, 1 << 16));
   SIEVE_RETURN_IF_CUDA_ERROR(cudaFreeHost(s.sample_host));
@@ -50,7 +54,11 @@ absl::Status EnsureSampleBuffers(CudaStream& s, size_t bytes) {
   s.sample_dev = nullptr;
   s.sample_bytes = 0;
   SIEVE_RETURN_IF_CUDA_ERROR(cudaMallocHost(reinterpret_cast<void**>(&s.sample_host), size));
-  SIEVE_RETURN_IF_CUDA_ERROR(cudaMalloc(reinterpret_cast<void**>(&s.sample_dev), size));
+  SIEVE_RETURN_IF_CUDA_ERROR(
+      cudaMalloc(reinterpret_cast<void**>(&s.sample_dev), Align256(workspace_bytes) + size));
+  if (workspace_bytes > 0) {
+    SIEVE_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(s.sample_dev, 0, workspace_bytes, s.stream));
+  }
   s.sample_bytes = size;
   return absl::OkStatus();
 }
@@ -147,31 +155,35 @@ absl::Status CudaBackend::Sample(BackendStream& stream, const DeviceLogits& logi
   }
   const size_t n = params.size();
   if (n == 0) return absl::OkStatus();
-  // One block: rows, penalty entries, then the results the kernel writes.
+  // One block: rows, penalty entries, then the results the kernel writes; on the device after
+  // the kernel's workspace.
   const size_t off_penalties = Align256(n * sizeof(kernels::SampleRowParams));
   const size_t off_results =
       off_penalties + Align256(penalties.size() * sizeof(kernels::PenaltyEntry));
   const size_t result_bytes = n * sizeof(kernels::SampleRowResult);
   SIEVE_RETURN_IF_CUDA_ERROR(cudaSetDevice(options_.device));
-  SIEVE_RETURN_IF_ERROR(EnsureSampleBuffers(s, off_results + result_bytes));
+  kernels::SamplePlan plan;
+  SIEVE_RETURN_IF_CUDA_ERROR(kernels::SamplePlanForCurrentDevice({}, &plan));
+  SIEVE_RETURN_IF_ERROR(EnsureSampleBuffers(s, off_results + result_bytes, plan.workspace_bytes));
+  void* workspace = plan.workspace_bytes > 0 ? s.sample_dev : nullptr;
+  char* dev = s.sample_dev + Align256(plan.workspace_bytes);
   std::memcpy(s.sample_host, params.data(), n * sizeof(kernels::SampleRowParams));
   if (!penalties.empty()) {
     std::memcpy(s.sample_host + off_penalties, penalties.data(),
                 penalties.size() * sizeof(kernels::PenaltyEntry));
   }
-  SIEVE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(s.sample_dev, s.sample_host, off_results,
-                                             cudaMemcpyHostToDevice, s.stream));
+  SIEVE_RETURN_IF_CUDA_ERROR(
+      cudaMemcpyAsync(dev, s.sample_host, off_results, cudaMemcpyHostToDevice, s.stream));
   kernels::SampleParams k;
   k.logits = logits.data;
   k.vocab = logits.vocab;
-  k.rows = reinterpret_cast<const kernels::SampleRowParams*>(s.sample_dev);
-  k.penalties = reinterpret_cast<const kernels::PenaltyEntry*>(s.sample_dev + off_penalties);
-  k.results = reinterpret_cast<kernels::SampleRowResult*>(s.sample_dev + off_results);
+  k.rows = reinterpret_cast<const kernels::SampleRowParams*>(dev);
+  k.penalties = reinterpret_cast<const kernels::PenaltyEntry*>(dev + off_penalties);
+  k.results = reinterpret_cast<kernels::SampleRowResult*>(dev + off_results);
   k.num_rows = static_cast<int32_t>(n);
-  SIEVE_RETURN_IF_CUDA_ERROR(kernels::SampleRun(k, s.stream));
-  SIEVE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(s.sample_host + off_results,
-                                             s.sample_dev + off_results, result_bytes,
-                                             cudaMemcpyDeviceToHost, s.stream));
+  SIEVE_RETURN_IF_CUDA_ERROR(kernels::SampleRun(k, plan, workspace, s.stream));
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(s.sample_host + off_results, dev + off_results,
+                                             result_bytes, cudaMemcpyDeviceToHost, s.stream));
   SIEVE_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(s.stream));
   const auto* results = reinterpret_cast<const kernels::SampleRowResult*>(s.sample_host + off_results);
   for (size_t r = 0; r < n; ++r) {
