@@ -21,8 +21,10 @@
 // EndGraphStepOnDevice leaves them in the slot's buffer for Sample, which runs after the graph on
 // the same stream (its inputs change every step). Implemented in cuda_graph_step.cc.
 //
-// Sampling (Sample, cuda_sampling.cc): one thread block per row samples from the fp32 logits on
-// the device; per step the host uploads the rows' parameters and penalty lists (rows without
+// Sampling (Sample, cuda_sampling.cc): the sampling kernel (kernels/cuda/sampling.h) samples from
+// the fp32 logits on the device, each row split over several thread blocks when the batch is
+// small (a cooperative launch, by a plan each stream makes once for its device), one block per
+// row otherwise; per step the host uploads the rows' parameters and penalty lists (rows without
 // penalties upload none) and reads back ids and logprobs, never the logits.
 //
 // Errors: every CUDA and cuBLAS failure becomes an absl::Status (Internal) naming the failing

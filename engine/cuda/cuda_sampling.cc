@@ -2,7 +2,8 @@
 // reference does, lists the tokens its penalties touch, uploads the rows with one copy, runs the
 // sampling kernel (kernels/cuda/sampling.h) on the stream after the step's work, and reads back
 // only the per-row results. Small batches split each row over several blocks (the kernel's plan
-// for the device); their workspace sits in front of the stream's device sampling buffer.
+// for the device, made on the stream's first Sample and kept); their workspace sits in front of
+// the stream's device sampling buffer.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -43,8 +44,8 @@ absl::Status AppendPenalties(const SamplingParams& p, const TokenHistory& histor
 // Makes the stream's sampling buffers hold `bytes`: pinned host bytes for the rows, penalty
 // entries and results, and on the device the kernel's workspace (`workspace_bytes`, zero-filled
 // when allocated, as SampleRun requires) followed by a mirror of the host bytes. The workspace
-// size comes from the plan of the stream's device and so is the same on every call. Sample waits
-// for its copies before returning, so nothing is in flight here.
+// size comes from the stream's plan (made once for its device) and so is the same on every call.
+// Sample waits for its copies before returning, so nothing is in flight here.
 absl::Status EnsureSampleBuffers(CudaStream& s, size_t bytes, size_t workspace_bytes) {
   if (bytes <= s.sample_bytes) return absl::OkStatus();
   const size_t size = std::max<size_t>(Align256(bytes), std::max<size_t>(2 * s.sample_bytes, 1 << 16));
@@ -162,8 +163,11 @@ absl::Status CudaBackend::Sample(BackendStream& stream, const DeviceLogits& logi
       off_penalties + Align256(penalties.size() * sizeof(kernels::PenaltyEntry));
   const size_t result_bytes = n * sizeof(kernels::SampleRowResult);
   SIEVE_RETURN_IF_CUDA_ERROR(cudaSetDevice(options_.device));
-  kernels::SamplePlan plan;
-  SIEVE_RETURN_IF_CUDA_ERROR(kernels::SamplePlanForCurrentDevice({}, &plan));
+  if (!s.sample_plan_ready) {  // the device's counts, queried once per stream
+    SIEVE_RETURN_IF_CUDA_ERROR(kernels::SamplePlanForCurrentDevice({}, &s.sample_plan));
+    s.sample_plan_ready = true;
+  }
+  const kernels::SamplePlan& plan = s.sample_plan;
   SIEVE_RETURN_IF_ERROR(EnsureSampleBuffers(s, off_results + result_bytes, plan.workspace_bytes));
   void* workspace = plan.workspace_bytes > 0 ? s.sample_dev : nullptr;
   char* dev = s.sample_dev + Align256(plan.workspace_bytes);

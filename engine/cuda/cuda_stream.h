@@ -22,6 +22,7 @@
 #include "kernels/attention/paged_decode.h"
 #include "kernels/attention/paged_prefill.h"
 #include "kernels/cuda/gemm.h"
+#include "kernels/cuda/sampling.h"
 
 namespace sieve::engine {
 namespace cuda_internal {
@@ -138,11 +139,17 @@ struct CudaStream final : BackendStream {
   float* f32_host = nullptr;
   int64_t f32_host_elems = 0;
   std::vector<cudaEvent_t> copy_events;  // one per chunk of a pipelined copy to the host
-  // Sample: pinned host bytes and a device mirror of the same size holding the rows' parameters,
-  // their penalty entries and the results (kernels/cuda/sampling.h); grown as needed.
+  // Sample: pinned host bytes (`sample_bytes`) holding the rows' parameters, their penalty
+  // entries and the results (kernels/cuda/sampling.h), grown as needed. The device buffer holds
+  // the sampling kernel's workspace first (sample_plan.workspace_bytes rounded up to 256 bytes,
+  // zero-filled when allocated), then a mirror of the host bytes.
   char* sample_host = nullptr;
   char* sample_dev = nullptr;
   size_t sample_bytes = 0;
+  // The sampling kernel's plan for the stream's device, made on the first Sample
+  // (sample_plan_ready) so that a step makes no device queries.
+  kernels::SamplePlan sample_plan;
+  bool sample_plan_ready = false;
   // Graph steps: one slot per sequence count; `graph` is the slot of the step in progress.
   std::map<int32_t, std::unique_ptr<GraphSlot>> graph_slots;
   GraphSlot* graph = nullptr;
