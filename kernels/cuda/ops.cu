@@ -157,55 +157,45 @@ cudaError_t LaunchRmsNorm(const bf16* x, bf16* residual, const bf16* weight, int
 
 // --- RoPE + KV write ---------------------------------------------------------------------------
 
-// Element d of one head after rotation; cs / sn hold cos and sin (scaled) of each pair.
-__device__ __forceinline__ float Rotated(const bf16* head, int d, int half, const float* cs,
-                                         const float* sn) {
-  if (d < half) {
-    const float a = __bfloat162float(head[d]), b = __bfloat162float(head[d + half]);
-    return a * cs[d] - b * sn[d];
-  }
-  if (d < 2 * half) {
-    const int i = d - half;
-    const float a = __bfloat162float(head[i]), b = __bfloat162float(head[d]);
-    return b * cs[i] + a * sn[i];
-  }
-  return __bfloat162float(head[d]);
-}
-
-// One block per token: the token's cos / sin table in shared memory, then every q, k and v
-// element of the token.
+// One block per (token, head). Blocks y < num_q_heads rotate a query head into q_out; the others
+// rotate a key head into the cache and copy its value head beside it. Each thread owns rotary
+// pairs i = threadIdx.x, threadIdx.x + blockDim.x, ... and computes their cos and sin itself, so
+// a decode step of a few tokens spreads over (Hq + Hkv) blocks per token instead of one block
+// per token (which on the H200 made this kernel 12.7 us of a 5.9 ms 8B decode step, x32 layers).
 __global__ void RopeQkvKernel(const RopeQkvParams p) {
-  __shared__ float cs[kMaxRopePairs], sn[kMaxRopePairs];
-  const int t = blockIdx.x;
+  const int t = blockIdx.x, h = blockIdx.y;
+  const int d_len = p.head_dim, half = p.half_rot;
+  const bf16* row = p.qkv + static_cast<int64_t>(t) * p.qkv_stride;
+  const int q_elems = p.num_q_heads * d_len, kv_elems = p.num_kv_heads * d_len;
+  const bf16* src;
+  bf16* dst;
+  if (h < p.num_q_heads) {
+    src = row + h * d_len;
+    dst = p.q_out + static_cast<int64_t>(t) * q_elems + h * d_len;
+  } else {
+    const int64_t slot = p.slots[t];
+    if (slot < 0 || slot >= p.num_slots) return;
+    const int kh = h - p.num_q_heads;
+    src = row + q_elems + kh * d_len;
+    dst = p.k_cache + slot * kv_elems + kh * d_len;
+    const bf16* v_src = row + q_elems + kv_elems + kh * d_len;
+    bf16* v_dst = p.v_cache + slot * kv_elems + kh * d_len;
+    for (int d = threadIdx.x; d < d_len; d += blockDim.x) v_dst[d] = v_src[d];
+  }
   const float pos = static_cast<float>(p.positions[t]);
-  for (int i = threadIdx.x; i < p.half_rot; i += blockDim.x) {
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
     // One fp32 product, as Hugging Face computes the angle, then full-range sin and cos.
     const float angle = __fmul_rn(pos, p.inv_freq[i]);
     float s, c;
     sincosf(angle, &s, &c);
-    cs[i] = c * p.attention_scaling;
-    sn[i] = s * p.attention_scaling;
+    c *= p.attention_scaling;
+    s *= p.attention_scaling;
+    const float a = __bfloat162float(src[i]), b = __bfloat162float(src[i + half]);
+    dst[i] = __float2bfloat16_rn(a * c - b * s);
+    dst[i + half] = __float2bfloat16_rn(b * c + a * s);
   }
-  __syncthreads();
-  const int d_len = p.head_dim;
-  const bf16* row = p.qkv + static_cast<int64_t>(t) * p.qkv_stride;
-  const int q_elems = p.num_q_heads * d_len, kv_elems = p.num_kv_heads * d_len;
-  bf16* q_out = p.q_out + static_cast<int64_t>(t) * q_elems;
-  for (int e = threadIdx.x; e < q_elems; e += blockDim.x) {
-    const int h = e / d_len, d = e - h * d_len;
-    q_out[e] = __float2bfloat16_rn(Rotated(row + h * d_len, d, p.half_rot, cs, sn));
-  }
-  const int64_t slot = p.slots[t];
-  if (slot < 0 || slot >= p.num_slots) return;
-  bf16* k_dst = p.k_cache + slot * kv_elems;
-  bf16* v_dst = p.v_cache + slot * kv_elems;
-  const bf16* k_src = row + q_elems;
-  const bf16* v_src = k_src + kv_elems;
-  for (int e = threadIdx.x; e < kv_elems; e += blockDim.x) {
-    const int h = e / d_len, d = e - h * d_len;
-    k_dst[e] = __float2bfloat16_rn(Rotated(k_src + h * d_len, d, p.half_rot, cs, sn));
-    v_dst[e] = v_src[e];
-  }
+  // Dimensions past the rotary ones (partial rotary) pass through.
+  for (int d = 2 * half + threadIdx.x; d < d_len; d += blockDim.x) dst[d] = src[d];
 }
 
 // --- Elementwise -------------------------------------------------------------------------------
@@ -281,9 +271,12 @@ cudaError_t RopeQkvAndCacheKvBf16(const RopeQkvParams& p, cudaStream_t stream) {
       p.positions == nullptr || p.slots == nullptr) {
     return cudaErrorInvalidValue;
   }
-  const int64_t per_token = static_cast<int64_t>(p.num_q_heads) * p.head_dim;
-  const int threads = per_token >= 1024 ? 256 : 128;
-  RopeQkvKernel<<<static_cast<unsigned>(p.num_tokens), threads, 0, stream>>>(p);
+  const int heads = p.num_q_heads + p.num_kv_heads;
+  if (heads > 65535) return cudaErrorInvalidValue;
+  // A thread per rotary pair (whole warps, at most 128; more pairs loop).
+  const int threads = std::clamp((std::max(p.half_rot, p.head_dim / 2) + 31) / 32 * 32, 32, 128);
+  RopeQkvKernel<<<dim3(static_cast<unsigned>(p.num_tokens), static_cast<unsigned>(heads)),
+                  threads, 0, stream>>>(p);
   SIEVE_CUDA_RETURN_IF_LAUNCH_ERROR();
   return cudaSuccess;
 }

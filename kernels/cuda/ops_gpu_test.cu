@@ -291,6 +291,7 @@ TEST(CudaOpsTest, RopeAndKvWriteMatchReference) {
   std::mt19937 rng(Seed(6));
   CheckRope(1, 4, 2, 64, 32, 1.0f, rng);
   CheckRope(37, 32, 8, 128, 64, 1.0f, rng);
+  CheckRope(2, 32, 8, 128, 64, 1.0f, rng);  // a decode step of the 8B shape, one block per head
   CheckRope(5, 6, 3, 96, 24, 1.25f, rng);  // partial rotary, YaRN-style scaling
   CheckRope(3, 2, 1, 256, 128, 1.0f, rng);
 }
