@@ -17,6 +17,7 @@
 #include "kernels/attention/paged_decode.h"
 #include "kernels/attention/paged_prefill.h"
 #include "kernels/cuda/gemm.h"
+#include "kernels/cuda/gemv.h"
 #include "kernels/cuda/ops.h"
 #include "kernels/cuda_check.h"
 
@@ -517,6 +518,14 @@ absl::Status CudaBackend::Linear(BackendStream& stream, const Tensor& x, const T
   g.m = x.rows;
   g.n = weight.rows;
   g.k = x.cols;
+  // One row (a batch-1 decode step): our GEMV streams the narrow layers' weights faster than
+  // cuBLASLt's small-m kernels and needs no split-K reduction (kernels/cuda/gemv.h). From two
+  // rows on cuBLASLt is as fast or faster (bench/gemv_bench.cu; H200 2026-12-04: at 4 rows the
+  // GEMV took 2x as long), so it keeps those.
+  if (g.m == 1 && kernels::GemvSupported(g)) {
+    SIEVE_RETURN_IF_CUDA_ERROR(kernels::GemvBf16(g, s.stream));
+    return absl::OkStatus();
+  }
   SIEVE_RETURN_IF_CUDA_ERROR(s.gemm.Run(g, s.gemm_workspace, s.gemm_workspace_bytes, s.stream));
   return absl::OkStatus();
 }

@@ -178,8 +178,10 @@ TEST_F(CudaModelTest, LogitsMatchCpuBackendAndGoldens) {
 // from fp32 than this backend does, and the two bf16 pipelines differ from each other by about
 // their errors added in quadrature. Measured 2026-11-23 on an H100 with fp32 logits: this backend
 // 1.79e-2 from the fp32 goldens at worst, transformers bf16 2.52e-2, the two 2.74e-2 apart (the
-// long prompt; bf16 logits gave 2.75e-2, so their rounding was not what kept the two apart). So
-// the checks are: this backend is at most 0.8x as far from the fp32 goldens as transformers bf16
+// long prompt; bf16 logits gave 2.75e-2, so their rounding was not what kept the two apart).
+// 2026-12-04 on an H200, with the one-row GEMV (kernels/cuda/gemv.h) summing in another order:
+// 1.85e-2, 2.52e-2 and 2.98e-2 (the same long prompt). An exact fp32 pipeline would itself be
+// 2.52e-2 from transformers bf16 there, above the 2e-2. So the checks are: this backend is at most 0.8x as far from the fp32 goldens as transformers bf16
 // is, and within 3e-2 of transformers bf16 at every position; the 2e-2 target is
 // reported by the [measure] line.
 TEST_F(CudaModelTest, LogitsMatchTransformersBf16) {

@@ -27,6 +27,7 @@
 #include "kernels/cpu/half.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cuda/gemm.h"
+#include "kernels/cuda/gemv.h"
 #include "kernels/cuda/ops.h"
 
 namespace sieve::kernels {
@@ -364,6 +365,73 @@ TEST(CudaGemmTest, MatchesLinearReference) {
   EXPECT_EQ(gemm.Run(f32_bias, ws.p, ws_bytes, nullptr), CUBLAS_STATUS_INVALID_VALUE);
   BlasLtGemm uninit;
   EXPECT_EQ(uninit.Run(bad, nullptr, 0, nullptr), CUBLAS_STATUS_NOT_INITIALIZED);
+}
+
+// GemvBf16 against LinearRef on the bf16 images and against cuBLASLt on the same inputs.
+void CheckGemv(BlasLtGemm& gemm, void* ws, size_t ws_bytes, int64_t m, int64_t n, int64_t k,
+               bool bias, std::mt19937& rng) {
+  SCOPED_TRACE("gemv m " + std::to_string(m) + " n " + std::to_string(n) + " k " +
+               std::to_string(k) + (bias ? " bias" : ""));
+  HostBf16 x = Random(m * k, rng), w = Random(n * k, rng, 0.0f, 0.05f), b = Random(n, rng);
+  std::unique_ptr<Dev<bf16>> dx(MakeBf16(x.bits)), dw(MakeBf16(w.bits)), db(MakeBf16(b.bits));
+  Dev<bf16> y(m * n), y_blas(m * n);
+  Poison(y);
+  GemmArgs g;
+  g.x = dx->p;
+  g.w = dw->p;
+  g.bias = bias ? db->p : nullptr;
+  g.y = y.p;
+  g.m = m;
+  g.n = n;
+  g.k = k;
+  ASSERT_TRUE(GemvSupported(g));
+  ASSERT_EQ(GemvBf16(g, nullptr), cudaSuccess);
+  g.y = y_blas.p;
+  ASSERT_EQ(gemm.Run(g, ws, ws_bytes, nullptr), CUBLAS_STATUS_SUCCESS);
+  std::vector<float> want(m * n);
+  LinearRef(x.f.data(), w.f.data(), bias ? b.f.data() : nullptr, m, k, n, want.data());
+  const std::vector<float> got = Download(y);
+  // fp32 sums rounded once to bf16: within bf16 rounding of the reference, like cuBLASLt.
+  EXPECT_LE(RelL2(got, want), 5e-3);
+  EXPECT_LE(RelL2(got, Download(y_blas)), 5e-3);
+  for (float v : got) ASSERT_TRUE(std::isfinite(v));  // every output written (poison is NaN)
+}
+
+TEST(CudaGemvTest, MatchesLinearReferenceAndCublas) {
+  BlasLtGemm gemm;
+  ASSERT_EQ(gemm.Init(), CUBLAS_STATUS_SUCCESS);
+  const size_t ws_bytes = size_t{32} << 20;
+  Dev<char> ws(ws_bytes);
+  std::mt19937 rng(Seed(8));
+  CheckGemv(gemm, ws.p, ws_bytes, 1, 4096, 256, false, rng);
+  CheckGemv(gemm, ws.p, ws_bytes, 1, 7, 8, true, rng);        // fewer columns than a block's warps
+  CheckGemv(gemm, ws.p, ws_bytes, 2, 37, 72, true, rng);      // k not a multiple of a warp's step
+  CheckGemv(gemm, ws.p, ws_bytes, 3, 1000, 768, false, rng);
+  CheckGemv(gemm, ws.p, ws_bytes, 4, 6144, 4096, true, rng);  // the 8B qkv shape
+  CheckGemv(gemm, ws.p, ws_bytes, 1, 4096, 14336, false, rng);  // the 8B down_proj shape
+  CheckGemv(gemm, ws.p, ws_bytes, 2, 520, 2056, false, rng);  // k = 8 past whole unrolled steps
+}
+
+TEST(CudaGemvTest, RefusesWhatItCannotRun) {
+  Dev<bf16> x(64), w(64 * 64), y(64);
+  Dev<float> yf(64);
+  GemmArgs ok{x.p, w.p, nullptr, y.p, nullptr, 1, 8, 8};
+  EXPECT_TRUE(GemvSupported(ok));
+  GemmArgs rows = ok;
+  rows.m = kGemvMaxRows + 1;
+  GemmArgs odd_k = ok;
+  odd_k.k = 12;
+  GemmArgs misaligned = ok;
+  misaligned.x = x.p + 1;
+  GemmArgs f32 = ok;
+  f32.y = nullptr;
+  f32.y_f32 = yf.p;
+  GemmArgs empty = ok;
+  empty.m = 0;
+  for (const GemmArgs& g : {rows, odd_k, misaligned, f32, empty}) {
+    EXPECT_FALSE(GemvSupported(g));
+    EXPECT_EQ(GemvBf16(g, nullptr), cudaErrorInvalidValue);
+  }
 }
 
 // The simple attention kernel against PagedAttentionRef: sequences mixing prefill chunks (with
