@@ -24,36 +24,15 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_cuda.cuh"
 #include "kernels/attention/paged_decode.h"
 
 namespace {
 
+using sieve::bench::FillRandom;
 using sieve::kernels::PagedAttentionParams;
 using sieve::kernels::PagedDecodePlan;
 using sieve::kernels::PagedDecodeShape;
-
-#define CHECK_CUDA(expr)                                                                   \
-  do {                                                                                     \
-    cudaError_t e_ = (expr);                                                               \
-    if (e_ != cudaSuccess) {                                                               \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr,                   \
-                   cudaGetErrorString(e_));                                                \
-      std::exit(1);                                                                        \
-    }                                                                                      \
-  } while (0)
-
-// Fills n bf16 values with a seeded hash of their index: uniform, unit variance.
-__global__ void FillRandom(__nv_bfloat16* x, size_t n, uint64_t seed) {
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    uint64_t h = seed * 0x100000001b3ull + i + 0x9e3779b97f4a7c15ull;
-    h = (h ^ (h >> 30)) * 0xbf58476d1ce4e5b9ull;
-    h = (h ^ (h >> 27)) * 0x94d049bb133111ebull;
-    h ^= h >> 31;
-    const float u = static_cast<float>(h >> 40) * (1.0f / 16777216.0f);
-    x[i] = __float2bfloat16((2.0f * u - 1.0f) * 1.7320508f);
-  }
-}
 
 __global__ void CountNonFinite(const __nv_bfloat16* x, size_t n, unsigned long long* count) {
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;

@@ -21,36 +21,15 @@
 #include <cstring>
 #include <vector>
 
+#include "bench/bench_cuda.cuh"
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/gemv.h"
 
 namespace {
 
+using sieve::bench::FillRandom;
 using sieve::kernels::BlasLtGemm;
 using sieve::kernels::GemmArgs;
-
-#define CHECK_CUDA(expr)                                                                   \
-  do {                                                                                     \
-    cudaError_t e_ = (expr);                                                               \
-    if (e_ != cudaSuccess) {                                                               \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr,                   \
-                   cudaGetErrorString(e_));                                                \
-      std::exit(1);                                                                        \
-    }                                                                                      \
-  } while (0)
-
-// Seeded uniform bf16 in [-scale, scale] from a hash of the index.
-__global__ void FillRandom(__nv_bfloat16* x, size_t n, uint64_t seed, float scale) {
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    uint64_t h = seed * 0x100000001b3ull + i + 0x9e3779b97f4a7c15ull;
-    h = (h ^ (h >> 30)) * 0xbf58476d1ce4e5b9ull;
-    h = (h ^ (h >> 27)) * 0x94d049bb133111ebull;
-    h ^= h >> 31;
-    const float u = static_cast<float>(h >> 40) * (1.0f / 16777216.0f);
-    x[i] = __float2bfloat16((2.0f * u - 1.0f) * scale);
-  }
-}
 
 // Median of `samples` graph launches, each a burst of `burst` enqueues of `body(i)`; seconds per
 // enqueue.

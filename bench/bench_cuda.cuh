@@ -1,0 +1,42 @@
+// What the CUDA benchmark programs share: a fatal check of CUDA calls and a seeded random fill.
+// Header-only; each benchmark is one translation unit.
+#ifndef SIEVE_BENCH_BENCH_CUDA_CUH_
+#define SIEVE_BENCH_BENCH_CUDA_CUH_
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+
+// Exits with the failing call and CUDA's message.
+#define CHECK_CUDA(expr)                                                                   \
+  do {                                                                                     \
+    cudaError_t e_ = (expr);                                                               \
+    if (e_ != cudaSuccess) {                                                               \
+      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr,                   \
+                   cudaGetErrorString(e_));                                                \
+      std::exit(1);                                                                        \
+    }                                                                                      \
+  } while (0)
+
+namespace sieve::bench {
+
+// Fills n bf16 values with a seeded hash of their index: uniform in [-scale, scale] (the default
+// scale, sqrt(3), gives unit variance).
+__global__ void FillRandom(__nv_bfloat16* x, size_t n, uint64_t seed, float scale = 1.7320508f) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    uint64_t h = seed * 0x100000001b3ull + i + 0x9e3779b97f4a7c15ull;
+    h = (h ^ (h >> 30)) * 0xbf58476d1ce4e5b9ull;
+    h = (h ^ (h >> 27)) * 0x94d049bb133111ebull;
+    h ^= h >> 31;
+    const float u = static_cast<float>(h >> 40) * (1.0f / 16777216.0f);
+    x[i] = __float2bfloat16((2.0f * u - 1.0f) * scale);
+  }
+}
+
+}  // namespace sieve::bench
+
+#endif  // SIEVE_BENCH_BENCH_CUDA_CUH_
