@@ -553,7 +553,18 @@ TEST(LifecycleTest, GracePeriodEndCancelsWhatStillRuns) {
 TEST(CommandLineTest, HelpListsEveryConfigKey) {
   auto d = Sieved::Spawn({"--help"}, /*with_config=*/false);
   ASSERT_EQ(d->WaitExit(absl::Seconds(20)), 0);
-  PollUntil([&] { return absl::StrContains(d->logs(), "logging.level"); }, absl::Seconds(5));
+  // The output reaches the harness through a pipe reader that may lag the exit; wait for all of
+  // it (waiting for one key was not enough: the usage text names logging.level before the list).
+  const auto keys = server::ListConfigKeys();
+  PollUntil(
+      [&] {
+        const std::string text = d->logs();
+        for (const server::ConfigKeyInfo& key : keys) {
+          if (!absl::StrContains(text, key.path)) return false;
+        }
+        return true;
+      },
+      absl::Seconds(5));
   const std::string help = d->logs();
   for (const server::ConfigKeyInfo& key : server::ListConfigKeys()) {
     EXPECT_THAT(help, HasSubstr(key.path));
