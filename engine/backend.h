@@ -9,16 +9,30 @@
 // Threading: memory calls (UploadWeight, Allocate, AllocateKvCache, CreateStream) are made by one
 // thread at start-up. The operators run on a BackendStream; different streams may run at the same
 // time on different threads (one per pool worker) as long as their steps write disjoint KV pages.
+//
+// Asynchrony: an operator may return before it has run (CUDA enqueues kernels on the stream).
+// Only the calls documented as waiting (CopyToHost, Logits, CopyLogitsToHost, Sample,
+// EndGraphStep, Synchronize) guarantee that everything enqueued before them on the stream has
+// finished; a caller must reach one of them before anything that depends on the step's KV
+// writes happens (freeing or reusing its pages, sharing them, the next chunk on another stream).
+// ModelWorker does: a step returns only after its stream is synchronized.
+//
+// Errors: an error a backend reports as unrecoverable (IsDeviceLost) means the device can run
+// nothing more (a sticky CUDA error such as an illegal address); the engine then fails its
+// requests, reports the failure and stops serving. Any other error fails only the step.
 #ifndef SIEVE_ENGINE_BACKEND_H_
 #define SIEVE_ENGINE_BACKEND_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <string>
 #include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "engine/rope.h"
 #include "engine/safetensors.h"
@@ -112,6 +126,13 @@ class BackendStream {
  public:
   virtual ~BackendStream() = default;
 };
+
+// Returns an Unavailable status that IsDeviceLost recognises: the device failed for good and
+// nothing more can run on it. `message` says what failed.
+absl::Status DeviceLostError(absl::string_view message);
+
+// True when `status` reports an unrecoverable device failure (made by DeviceLostError).
+bool IsDeviceLost(const absl::Status& status);
 
 class Backend {
  public:
@@ -207,6 +228,11 @@ class Backend {
                               absl::Span<const SampleRow> rows,
                               absl::Span<absl::StatusOr<SampledToken>> out) = 0;
 
+  // Waits until everything enqueued on `stream` has finished and returns the first error of that
+  // work that was not reported yet (an unrecoverable one as IsDeviceLost). After it returns, the
+  // step's KV writes are complete. Synchronous backends return OkStatus at once.
+  virtual absl::Status Synchronize(BackendStream& stream) { return absl::OkStatus(); }
+
   // --- Step graphs (optional) --------------------------------------------------------------------
   //
   // A graph step is a decode step (one token per sequence) run as:
@@ -271,6 +297,19 @@ inline absl::Status Backend::EndGraphStep(BackendStream&, absl::Span<float>) {
 inline absl::StatusOr<DeviceLogits> Backend::EndGraphStepOnDevice(BackendStream&) {
   return absl::UnimplementedError("this backend has no step graphs");
 }
+
+// Makes a backend for ModelRunner::Load (see RegisterBackend). `num_threads` is
+// ModelRunnerOptions::num_threads.
+using BackendFactory = std::function<absl::StatusOr<std::unique_ptr<Backend>>(int num_threads)>;
+
+// Registers `factory` under `name`, so that ModelRunnerOptions::backend = `name` makes its
+// backend (after the built-in "cpu" and "cuda", which cannot be replaced). For test backends
+// (engine/testing/async_backend.h) and plug-ins; a later registration of a name replaces the
+// earlier one. Thread-safe.
+void RegisterBackend(std::string name, BackendFactory factory);
+
+// The factory registered under `name`, or null. Thread-safe.
+BackendFactory FindRegisteredBackend(std::string_view name);
 
 }  // namespace sieve::engine
 

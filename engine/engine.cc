@@ -151,13 +151,19 @@ absl::Status Engine::Impl::Validate(const RequestSpec& spec) const {
 }
 
 absl::StatusOr<RequestId> Engine::Impl::Submit(RequestSpec spec) {
-  const auto unavailable = [this] {
+  absl::Status lost;  // copied under mu_
+  const auto unavailable = [this, &lost] {
     Reject(RejectReason::kDraining);
+    if (!lost.ok()) {
+      return absl::UnavailableError(
+          absl::StrCat("the engine stopped serving: ", lost.message()));
+    }
     return absl::UnavailableError("the engine is draining or stopped");
   };
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (stop_ || draining_) return unavailable();
+    lost = device_lost_;
+    if (stop_ || draining_ || !lost.ok()) return unavailable();
   }
   if (absl::Status st = Validate(spec); !st.ok()) {
     Reject(RejectReason::kInvalid);
@@ -184,7 +190,8 @@ absl::StatusOr<RequestId> Engine::Impl::Submit(RequestSpec spec) {
   std::string full;  // why the queue is full, if it is
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (stop_ || draining_) {
+    lost = device_lost_;
+    if (stop_ || draining_ || !lost.ok()) {
       closed = true;
     } else if (queued_requests_ >= limits.max_queued_requests) {
       full =
@@ -227,6 +234,11 @@ void Engine::Impl::StartDraining() {
 bool Engine::Impl::WaitIdle(absl::Duration timeout) {
   std::unique_lock<std::mutex> lock(mu_);
   return idle_.wait_for(lock, absl::ToChronoNanoseconds(timeout), [this] { return live_ == 0; });
+}
+
+absl::Status Engine::Impl::health() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return device_lost_;
 }
 
 EngineLoad Engine::Impl::load() const {
@@ -274,5 +286,6 @@ const Tokenizer& Engine::tokenizer() const { return *impl_->tokenizer_; }
 const ModelConfig& Engine::model_config() const { return impl_->runner_->config(); }
 ModelInfo Engine::model_info() const { return impl_->model_info(); }
 EngineLoad Engine::load() const { return impl_->load(); }
+absl::Status Engine::health() const { return impl_->health(); }
 
 }  // namespace sieve::engine

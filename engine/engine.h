@@ -72,7 +72,7 @@ class Engine {
   //     settings, no sink;
   //   OutOfRange: prompt + max_tokens beyond the context limit or the whole KV pool;
   //   ResourceExhausted: the queue is full (requests or tokens);
-  //   Unavailable: the engine is draining or stopped.
+  //   Unavailable: the engine is draining or stopped, or its device was lost (see health()).
   absl::StatusOr<RequestId> Submit(RequestSpec spec);
 
   // Cancels a request: within one scheduler step its pages are freed and its sink receives
@@ -83,6 +83,11 @@ class Engine {
   void StartDraining();
   // Blocks until no request is queued or running, or `timeout` passes; true if idle.
   bool WaitIdle(absl::Duration timeout);
+
+  // OK while the engine can serve; after the backend reported an unrecoverable failure
+  // (IsDeviceLost), that status: every request then ended with it, Submit refuses new ones, and
+  // the process should drain and restart (EngineObserver::OnDeviceLost was called once).
+  absl::Status health() const;
 
   const Tokenizer& tokenizer() const;
   const ModelConfig& model_config() const;

@@ -73,6 +73,7 @@ class Engine::Impl {
   bool WaitIdle(absl::Duration timeout);
   EngineLoad load() const;
   ModelInfo model_info() const;
+  absl::Status health() const;
 
   // Immutable after Create.
   EngineConfig config_;
@@ -107,6 +108,9 @@ class Engine::Impl {
   std::optional<EngineClock::time_point> ExpireDeadlines(EngineClock::time_point now);
   void Dispatch(StepPlan& plan);
   void Publish();
+  // After a job failed with a lost device: records it, tells the observer once and ends every
+  // live request with `status`.
+  void HandleDeviceLost(const absl::Status& status);
 
   // Guarded by mu_.
   mutable std::mutex mu_;
@@ -117,6 +121,7 @@ class Engine::Impl {
   std::vector<std::unique_ptr<WorkerJob>> done_;
   bool stop_ = false;
   bool draining_ = false;
+  absl::Status device_lost_;  // OK until a job fails with IsDeviceLost
   RequestId next_id_ = 1;
   int32_t live_ = 0;             // accepted requests whose OnFinish is not delivered yet
   int32_t queued_requests_ = 0;  // incoming_ + the scheduler's waiting queue
@@ -127,6 +132,7 @@ class Engine::Impl {
   std::unique_ptr<Scheduler> scheduler_;
   absl::flat_hash_map<RequestId, std::unique_ptr<ActiveRequest>> active_;
   bool stopping_ = false;                                 // stop_ as last seen
+  bool failed_ = false;                                   // device_lost_ is set
   std::optional<EngineClock::time_point> next_deadline_;  // earliest deadline of a live request
   int32_t busy_[2] = {0, 0};                              // jobs out per pool (index: Pool)
   std::vector<std::unique_ptr<WorkerJob>> spare_jobs_;    // reused job buffers

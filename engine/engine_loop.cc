@@ -64,7 +64,7 @@ bool Engine::Impl::Step() {
   taken_cancels_.clear();
   // Deadlines before planning, so that an expired request gets no more work.
   next_deadline_ = ExpireDeadlines(EngineClock::now());
-  if (!stopping_) {
+  if (!stopping_ && !failed_) {
     StepPlan plan = scheduler_->Schedule(busy_[0] == 0, busy_[1] == 0);
     if (!plan.empty()) {
       Dispatch(plan);
@@ -81,7 +81,14 @@ void Engine::Impl::AddIncoming(std::unique_ptr<ActiveRequest> r) {
   ActiveRequest& ref = *r;
   active_.emplace(id, std::move(r));
   // Submit validated the request, so this is a broken assumption; fail only this request.
-  if (!added.ok()) Finish(ref, FinishReason::kError, added);
+  if (!added.ok()) {
+    Finish(ref, FinishReason::kError, added);
+  } else if (failed_) {
+    // Accepted just before the device was lost.
+    std::lock_guard<std::mutex> lock(mu_);
+    const absl::Status lost = device_lost_;
+    Finish(ref, FinishReason::kError, lost);
+  }
 }
 
 void Engine::Impl::Dispatch(StepPlan& plan) {
@@ -144,6 +151,7 @@ void Engine::Impl::HandleDone(std::unique_ptr<WorkerJob> job) {
                                                    " tokens for ", rows, " rows"));
   }
   const bool ok = job->status.ok();
+  if (IsDeviceLost(job->status)) HandleDeviceLost(job->status);
   // Requests that ended while in flight are gone from the scheduler now.
   for (RequestId id : scheduler_->Complete(job->batch, ok)) {
     const ActiveRequest& r = *active_.at(id);
@@ -163,6 +171,20 @@ void Engine::Impl::HandleDone(std::unique_ptr<WorkerJob> job) {
   }
   job->steps.clear();
   spare_jobs_.push_back(std::move(job));
+}
+
+void Engine::Impl::HandleDeviceLost(const absl::Status& status) {
+  if (failed_) return;
+  failed_ = true;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    device_lost_ = status;
+  }
+  if (observer_ != nullptr) observer_->OnDeviceLost(status);
+  // Nothing can run any more: every request ends now (those in flight when their job is back).
+  std::vector<ActiveRequest*> live;
+  for (auto& [id, r] : active_) live.push_back(r.get());
+  for (ActiveRequest* r : live) Finish(*r, FinishReason::kError, status);
 }
 
 void Engine::Impl::HandleToken(ActiveRequest& r, absl::StatusOr<SampledToken>& sampled) {

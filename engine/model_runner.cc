@@ -19,6 +19,11 @@ namespace {
 
 absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const ModelRunnerOptions& options) {
   if (options.backend == "cpu") return std::unique_ptr<Backend>(new CpuBackend(options.num_threads));
+  if (options.backend != "cuda") {
+    if (BackendFactory factory = FindRegisteredBackend(options.backend)) {
+      return factory(options.num_threads);
+    }
+  }
 #ifdef SIEVE_HAVE_CUDA
   if (options.backend == "cuda") {
     SIEVE_ASSIGN_OR_RETURN(std::unique_ptr<CudaBackend> cuda, CudaBackend::Create());
@@ -379,14 +384,22 @@ absl::StatusOr<DeviceLogits> ModelWorker::Run(absl::Span<const SequenceStep> bat
   return b.LogitsOnDevice(st, last, r.lm_head_);
 }
 
+absl::Status ModelWorker::EndStep(absl::Status status) {
+  // Whatever happened, nothing the step enqueued may still run when it returns: its caller frees,
+  // shares or reuses the step's pages next.
+  absl::Status synced = runner_.backend_->Synchronize(*stream_);
+  if (status.ok() || IsDeviceLost(synced)) return synced;
+  return status;
+}
+
 absl::Status ModelWorker::Forward(absl::Span<const SequenceStep> batch,
                                   std::vector<float>& logits) {
-  SIEVE_ASSIGN_OR_RETURN(const DeviceLogits device, Run(batch));
-  if (device.empty()) return absl::OkStatus();
+  absl::StatusOr<DeviceLogits> device = Run(batch);
+  if (!device.ok() || device->empty()) return EndStep(device.status());
   const size_t old = logits.size();
-  logits.resize(old + device.rows * device.vocab);
-  return runner_.backend_->CopyLogitsToHost(*stream_, device,
-                                            absl::MakeSpan(logits).subspan(old));
+  logits.resize(old + device->rows * device->vocab);
+  return EndStep(runner_.backend_->CopyLogitsToHost(*stream_, *device,
+                                                    absl::MakeSpan(logits).subspan(old)));
 }
 
 absl::Status ModelWorker::ForwardSample(absl::Span<const SequenceStep> batch,
@@ -401,15 +414,16 @@ absl::Status ModelWorker::ForwardSample(absl::Span<const SequenceStep> batch,
     }
     rows.push_back(SampleRow{s.sampling, s.history, s.uniform});
   }
-  SIEVE_ASSIGN_OR_RETURN(const DeviceLogits device, Run(batch));
-  if (rows.empty()) return absl::OkStatus();
-  if (device.rows != static_cast<int64_t>(rows.size())) {
-    return absl::InternalError(absl::StrCat("step returned ", device.rows, " rows of logits for ",
-                                            rows.size(), " sequences"));
+  absl::StatusOr<DeviceLogits> device = Run(batch);
+  if (!device.ok() || rows.empty()) return EndStep(device.status());
+  if (device->rows != static_cast<int64_t>(rows.size())) {
+    return EndStep(absl::InternalError(absl::StrCat(
+        "step returned ", device->rows, " rows of logits for ", rows.size(), " sequences")));
   }
   const size_t old = out.size();
   out.resize(old + rows.size(), absl::UnknownError("not sampled"));
-  return runner_.backend_->Sample(*stream_, device, rows, absl::MakeSpan(out).subspan(old));
+  return EndStep(
+      runner_.backend_->Sample(*stream_, *device, rows, absl::MakeSpan(out).subspan(old)));
 }
 
 StepGraphStats ModelWorker::graph_stats() const {

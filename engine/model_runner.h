@@ -67,7 +67,8 @@ class ModelRunner;
 class ModelWorker {
  public:
   // Runs one step over `batch`: computes the new tokens of every sequence, writes their keys and
-  // values into the sequences' pages, and appends to `logits` one row of vocab_size fp32 values
+  // values into the sequences' pages (finished when it returns, also when it fails: the backend
+  // stream is synchronized before any return), and appends to `logits` one row of vocab_size fp32 values
   // for each sequence with want_logits, in batch order. InvalidArgument for a malformed batch
   // (too many tokens, pages too few for the positions, token ids outside the vocabulary).
   absl::Status Forward(absl::Span<const SequenceStep> batch, std::vector<float>& logits);
@@ -106,6 +107,9 @@ class ModelWorker {
   absl::StatusOr<DeviceLogits> Run(absl::Span<const SequenceStep> batch);
   absl::StatusOr<DeviceLogits> RunGraph(absl::Span<const SequenceStep> batch,
                                         std::vector<int32_t>& tokens);
+  // Waits for the stream (Backend::Synchronize) and returns `status`, or the wait's error when
+  // `status` is OK or the wait reports a lost device.
+  absl::Status EndStep(absl::Status status);
 
   const ModelRunner& runner_;
   std::unique_ptr<BackendStream> stream_;

@@ -5,6 +5,8 @@
 #define SIEVE_ENGINE_OBSERVER_H_
 
 #include <cstdint>
+
+#include "absl/status/status.h"
 #include <string_view>
 
 #include "engine/request.h"
@@ -43,6 +45,9 @@ class EngineObserver {
   virtual void OnPreempted() {}
   virtual void OnStep(Pool pool, double seconds, int32_t tokens) {}  // one worker step
   virtual void OnLoad(const EngineLoad& load) {}
+  // The backend reported an unrecoverable failure (IsDeviceLost): the engine fails every request
+  // and accepts no more (Engine::health() returns `status` from now on). Called once.
+  virtual void OnDeviceLost(const absl::Status& status) {}
 };
 
 }  // namespace sieve::engine

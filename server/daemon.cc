@@ -202,7 +202,7 @@ void Daemon::SetHealth(bool serving) {
 absl::Status Daemon::LoadModel() {
   const absl::Time start = absl::Now();
   SIEVE_ASSIGN_OR_RETURN(engine::EngineConfig engine_config, ToEngineConfig(config_));
-  SIEVE_ASSIGN_OR_RETURN(engine_, engine::Engine::Create(engine_config, metrics_.get()));
+  SIEVE_ASSIGN_OR_RETURN(engine_, engine::Engine::Create(engine_config, &events_));
   // The engine reports its load after each step; publish the idle pool (all pages free) now.
   if (metrics_) metrics_->OnLoad(engine_->load());
   service_->SetEngine(engine_.get());
@@ -218,6 +218,38 @@ absl::Status Daemon::LoadModel() {
                    "; loaded in ", absl::FormatDuration(absl::Now() - start),
                    "; health SERVING on ", grpc_address_));
   return absl::OkStatus();
+}
+
+void Daemon::EngineEvents::OnRejected(engine::RejectReason reason) {
+  if (daemon_.metrics_) daemon_.metrics_->OnRejected(reason);
+}
+void Daemon::EngineEvents::OnFirstToken(const engine::RequestTimings& t) {
+  if (daemon_.metrics_) daemon_.metrics_->OnFirstToken(t);
+}
+void Daemon::EngineEvents::OnInterTokenLatency(double seconds) {
+  if (daemon_.metrics_) daemon_.metrics_->OnInterTokenLatency(seconds);
+}
+void Daemon::EngineEvents::OnFinished(const engine::RequestOutcome& outcome) {
+  if (daemon_.metrics_) daemon_.metrics_->OnFinished(outcome);
+}
+void Daemon::EngineEvents::OnPreempted() {
+  if (daemon_.metrics_) daemon_.metrics_->OnPreempted();
+}
+void Daemon::EngineEvents::OnStep(engine::Pool pool, double seconds, int32_t tokens) {
+  if (daemon_.metrics_) daemon_.metrics_->OnStep(pool, seconds, tokens);
+}
+void Daemon::EngineEvents::OnLoad(const engine::EngineLoad& load) {
+  if (daemon_.metrics_) daemon_.metrics_->OnLoad(load);
+}
+
+void Daemon::EngineEvents::OnDeviceLost(const absl::Status& status) {
+  // On the engine's scheduler thread, once. The health service is thread-safe and quick.
+  if (daemon_.metrics_) daemon_.metrics_->OnDeviceLost(status);
+  if (daemon_.server_) daemon_.SetHealth(false);
+  Log(LogLevel::kError, absl::StrCat("the backend failed for good (", status.ToString(),
+                                     "): health NOT_SERVING, every request fails; draining and "
+                                     "exiting so that the supervisor restarts the daemon"));
+  lost_.Notify();
 }
 
 void Daemon::Drain(absl::Notification* cut_short) {

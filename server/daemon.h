@@ -72,12 +72,46 @@ class Daemon {
   // The engine once LoadModel() succeeded, else null.
   engine::Engine* engine() const { return engine_.get(); }
 
+  // True once the engine reported an unrecoverable backend failure: health is NOT_SERVING, every
+  // request failed with UNAVAILABLE, and the process should Drain() and exit non-zero (sieved
+  // exits with status 3) so that its supervisor restarts it. Thread-safe.
+  bool device_lost() const { return events_.device_lost(); }
+
+  // Waits up to `timeout` for device_lost(); returns it.
+  bool WaitForDeviceLost(absl::Duration timeout) const {
+    return events_.WaitForDeviceLost(timeout);
+  }
+
  private:
-  explicit Daemon(const ServerConfig& config) : config_(config) {}
+  // The engine's observer: forwards every event to the metrics (when enabled) and turns a lost
+  // device into NOT_SERVING health, one log line and device_lost().
+  class EngineEvents final : public engine::EngineObserver {
+   public:
+    explicit EngineEvents(Daemon& daemon) : daemon_(daemon) {}
+    void OnRejected(engine::RejectReason reason) override;
+    void OnFirstToken(const engine::RequestTimings& t) override;
+    void OnInterTokenLatency(double seconds) override;
+    void OnFinished(const engine::RequestOutcome& outcome) override;
+    void OnPreempted() override;
+    void OnStep(engine::Pool pool, double seconds, int32_t tokens) override;
+    void OnLoad(const engine::EngineLoad& load) override;
+    void OnDeviceLost(const absl::Status& status) override;
+    bool device_lost() const { return lost_.HasBeenNotified(); }
+    bool WaitForDeviceLost(absl::Duration timeout) const {
+      return lost_.WaitForNotificationWithTimeout(timeout);
+    }
+
+   private:
+    Daemon& daemon_;
+    absl::Notification lost_;
+  };
+
+  explicit Daemon(const ServerConfig& config) : config_(config), events_(*this) {}
   absl::Status StartGrpc();
   void SetHealth(bool serving);
 
   const ServerConfig config_;
+  EngineEvents events_;
   // Destroyed bottom-up: the gRPC server, the service, the engine, then the metrics (the
   // engine's observer).
   std::unique_ptr<Metrics> metrics_;

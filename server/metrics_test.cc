@@ -36,6 +36,7 @@ const std::vector<std::pair<std::string, std::string>>& DocumentedFamilies() {
       {"sieve_cached_prompt_tokens_total", "counter"},
       {"sieve_generated_tokens_total", "counter"},
       {"sieve_preemptions_total", "counter"},
+      {"sieve_device_lost_total", "counter"},
       {"sieve_rejections_total", "counter"},
       {"sieve_grpc_requests_total", "counter"},
       {"sieve_running_requests", "gauge"},
@@ -172,6 +173,7 @@ TEST(MetricsTest, RequestEventsUpdateHistogramsAndCounters) {
   m->OnFinished(weird);
   m->OnPreempted();
   m->OnPreempted();
+  m->OnDeviceLost(absl::UnavailableError("lost"));
   m->OnRejected(engine::RejectReason::kQueueFull);
   m->OnRejected(engine::RejectReason::kQueueFull);
   m->OnRejected(engine::RejectReason::kDraining);
@@ -203,6 +205,7 @@ TEST(MetricsTest, RequestEventsUpdateHistogramsAndCounters) {
   EXPECT_EQ(p.Find("sieve_cached_prompt_tokens_total"), 32.0);
   EXPECT_EQ(p.Find("sieve_generated_tokens_total"), 10.0);
   EXPECT_EQ(p.Find("sieve_preemptions_total"), 2.0);
+  EXPECT_EQ(p.Find("sieve_device_lost_total"), 1.0);
   EXPECT_EQ(p.Find("sieve_rejections_total", {{"reason", "queue_full"}}), 2.0);
   EXPECT_EQ(p.Find("sieve_rejections_total", {{"reason", "draining"}}), 1.0);
   EXPECT_EQ(p.Find("sieve_rejections_total", {{"reason", "invalid"}}), 0.0);

@@ -5,7 +5,8 @@
 // Loads the configuration (file, then overrides in command-line order), starts the metrics and
 // gRPC listeners, loads the model, serves until SIGTERM or SIGINT, then drains (see
 // server/daemon.h) and exits 0. A second signal during the drain cuts the grace period short.
-// Exit codes: 0 after a clean drain, 1 when start-up fails, 2 for a bad command line or config.
+// Exit codes: 0 after a clean drain, 1 when start-up fails, 2 for a bad command line or config,
+// 3 after the backend failed for good (health turned NOT_SERVING, then a drain).
 #include <pthread.h>
 #include <signal.h>
 
@@ -23,6 +24,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
+#include "engine/testing/async_backend.h"
 #include "server/config.h"
 #include "server/daemon.h"
 #include "server/log.h"
@@ -35,7 +37,8 @@ constexpr char kUsage[] = R"(usage: sieved [--config FILE] [options]
 Sieve's serving daemon: streams completions over gRPC (sieve.v1.Sieve, grpc.health.v1.Health,
 server reflection) and exports Prometheus metrics over HTTP. SIGTERM or SIGINT drains: health
 turns NOT_SERVING, new calls get UNAVAILABLE, in-flight requests finish (up to
-server.drain_grace_period_s), then it exits 0.
+server.drain_grace_period_s), then it exits 0. When the backend fails for good (a sticky CUDA
+error), health turns NOT_SERVING, every request fails with UNAVAILABLE, and it drains and exits 3.
 
 options:
   --config FILE          YAML configuration (e.g. configs/default.yaml); without it every key
@@ -57,11 +60,17 @@ Overrides apply after the file, in command-line order.
 // report NOT_SERVING first. Not a configuration key.
 constexpr std::string_view kTestLoadDelayFlag = "--testing-load-delay-s";
 
+// Testing only: serve on the asynchronous test backend (engine/testing/async_backend.h) and lose
+// the device at its N-th operator, so that tests can watch health, the failed requests and the
+// exit status. Not a configuration key; ignores model.backend.
+constexpr std::string_view kTestDeviceLostFlag = "--testing-device-lost-after-ops";
+
 struct CommandLine {
   std::string config_path;
   std::vector<std::string> overrides;
   bool print_config = false;
   double test_load_delay_s = 0;
+  int64_t test_device_lost_after_ops = 0;  // 0: off
 };
 
 // Parses argv; returns an exit code to leave with (help printed, or a usage error), or -1.
@@ -118,6 +127,13 @@ int ParseCommandLine(int argc, char** argv, CommandLine& out) {
       if (!take()) return 2;
       if (!absl::SimpleAtod(value, &out.test_load_delay_s) || out.test_load_delay_s < 0) {
         std::cerr << "sieved: " << name << ": not a duration in seconds: " << value << "\n";
+        return 2;
+      }
+    } else if (name == kTestDeviceLostFlag) {
+      if (!take()) return 2;
+      if (!absl::SimpleAtoi(value, &out.test_device_lost_after_ops) ||
+          out.test_device_lost_after_ops < 1) {
+        std::cerr << "sieved: " << name << ": not a positive count: " << value << "\n";
         return 2;
       }
     } else {
@@ -187,6 +203,13 @@ int Run(int argc, char** argv) {
     SetLogLevel(*level);
   }
 
+  if (cmd.test_device_lost_after_ops > 0) {
+    std::shared_ptr<engine::testing::AsyncBackendControl> control =
+        engine::testing::RegisterAsyncBackend("testing-async", {});
+    control->InjectFault(cmd.test_device_lost_after_ops, engine::testing::FaultKind::kFatal);
+    config->model.backend = "testing-async";
+  }
+
   SignalWatcher signals;
   Log(LogLevel::kInfo, absl::StrCat("starting: config ",
                                     cmd.config_path.empty() ? "<defaults>" : cmd.config_path,
@@ -205,9 +228,12 @@ int Run(int argc, char** argv) {
     (*daemon)->Drain();
     return 1;
   }
-  signals.drain.WaitForNotification();
+  // Serve until a signal, or until the backend fails for good.
+  while (!signals.drain.WaitForNotificationWithTimeout(absl::Milliseconds(100))) {
+    if ((*daemon)->device_lost()) break;
+  }
   (*daemon)->Drain(&signals.cut_short);
-  return 0;
+  return (*daemon)->device_lost() ? 3 : 0;
 }
 
 }  // namespace

@@ -527,6 +527,32 @@ TEST(LifecycleTest, HealthTransitionsAndSigtermDrainsInFlightStreams) {
   EXPECT_THAT(d->logs(), HasSubstr("draining"));
 }
 
+// The backend fails for good (a fatal fault injected into the asynchronous test backend at its
+// 400th operator, a few steps into the stream): the stream fails with UNAVAILABLE, health turns
+// NOT_SERVING, and the daemon drains and exits 3 so that its supervisor restarts it.
+TEST(LifecycleTest, LostDeviceTurnsHealthNotServingAndExitsNonZero) {
+  auto d = Sieved::Spawn({"--testing-device-lost-after-ops", "400"});
+  ASSERT_TRUE(d->WaitListening()) << d->logs();
+  auto watch_owner = std::make_unique<HealthWatch>(d->channel());
+  HealthWatch& watch = *watch_owner;
+  ASSERT_TRUE(PollUntil([&] {
+    return !watch.seen().empty() && watch.seen().back() == HealthCheckResponse::SERVING;
+  })) << d->logs();
+  auto stub = d->stub();
+  StreamResult r = Generate(*stub, GreedyText("The device fails while this stream runs", 300));
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::UNAVAILABLE) << r.status.error_message();
+  EXPECT_THAT(r.status.error_message(), HasSubstr("device was lost"));
+  EXPECT_GT(r.ids.size(), 0u) << "the fault should come a few steps into the stream";
+  EXPECT_LT(r.ids.size(), 300u);
+  EXPECT_TRUE(PollUntil([&] {
+    return watch.seen().back() == HealthCheckResponse::NOT_SERVING;
+  })) << d->logs();
+  watch_owner.reset();
+  EXPECT_EQ(d->WaitExit(absl::Seconds(30)), 3) << d->logs();
+  EXPECT_THAT(d->logs(), HasSubstr("failed for good"));
+  EXPECT_THAT(d->logs(), HasSubstr("drain: gRPC server stopped"));
+}
+
 TEST(LifecycleTest, GracePeriodEndCancelsWhatStillRuns) {
   auto d = Sieved::StartServing({"--set", "server.drain_grace_period_s=0.3"});
   auto stub = d->stub();

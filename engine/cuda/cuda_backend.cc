@@ -41,7 +41,33 @@ absl::Status CudaErrorStatus(cudaError_t e, const char* expr, const char* file, 
   // Clear the runtime's last-error state, so that a failure that does not poison the context
   // (an allocation too large, say) is not reported again by the next launch check.
   cudaGetLastError();
+  if (IsStickyError(e)) return DeviceLostError(msg);
   return absl::InternalError(msg);
+}
+
+bool IsStickyError(cudaError_t e) {
+  // The errors after which the CUDA context is unusable and every later call fails: the process
+  // must restart to use the device again (CUDA runtime API, "sticky" errors).
+  switch (e) {
+    case cudaErrorIllegalAddress:
+    case cudaErrorLaunchFailure:
+    case cudaErrorHardwareStackError:
+    case cudaErrorIllegalInstruction:
+    case cudaErrorMisalignedAddress:
+    case cudaErrorInvalidAddressSpace:
+    case cudaErrorInvalidPc:
+    case cudaErrorLaunchTimeout:
+    case cudaErrorAssert:
+    case cudaErrorECCUncorrectable:
+    case cudaErrorNvlinkUncorrectable:
+    case cudaErrorContextIsDestroyed:
+    case cudaErrorDevicesUnavailable:
+    case cudaErrorNoDevice:
+    case cudaErrorUnknown:
+      return true;
+    default:
+      return false;
+  }
 }
 
 absl::Status CudaErrorStatus(cublasStatus_t e, const char* expr, const char* file, int line) {
@@ -656,6 +682,19 @@ absl::Status CudaBackend::CopyToHost(BackendStream& stream, const Tensor& x,
   SIEVE_RETURN_IF_ERROR(EnsureDeviceFloats(s, n));
   SIEVE_RETURN_IF_CUDA_ERROR(kernels::Bf16ToFloat(B(x), n, s.f32_dev, s.stream));
   return cuda_internal::CopyFloatsToHost(s, s.f32_dev, out);
+}
+
+absl::Status CudaBackend::Synchronize(BackendStream& stream) {
+  CudaStream& s = Cuda(stream);
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaSetDevice(options_.device));
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaStreamIsCapturing(s.stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) {
+    // Synchronizing would invalidate the recording; a graph step ends with EndGraphStep*.
+    return absl::FailedPreconditionError("cuda backend: Synchronize inside a graph recording");
+  }
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(s.stream));
+  return absl::OkStatus();
 }
 
 absl::StatusOr<DeviceLogits> CudaBackend::LogitsOnDevice(BackendStream& stream, const Tensor& x,

@@ -116,6 +116,8 @@ class CudaBackend final : public Backend {
                       absl::Span<const SampleRow> rows,
                       absl::Span<absl::StatusOr<SampledToken>> out) override;
 
+  // cudaStreamSynchronize of the stream; sticky errors come back as DeviceLostError.
+  absl::Status Synchronize(BackendStream& stream) override;
   bool SupportsStepGraphs() const override { return true; }
   absl::StatusOr<StepGraphMode> BeginGraphStep(BackendStream& stream, const BatchLayout& layout,
                                                absl::Span<const int32_t> tokens) override;

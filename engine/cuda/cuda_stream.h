@@ -30,7 +30,12 @@ namespace cuda_internal {
 // The Status of a failed CUDA runtime call: its error, the expression, file and line, and where
 // inside a kernel launcher it failed when the launcher recorded that. Clears the runtime's
 // last-error state.
+// A Status naming the failed expression, file and line. Sticky errors (IsStickyError) come back
+// as DeviceLostError: the context is unusable and the engine must stop serving.
 absl::Status CudaErrorStatus(cudaError_t e, const char* expr, const char* file, int line);
+
+// True for the CUDA errors that poison the context (illegal address, launch failure, ECC, ...).
+bool IsStickyError(cudaError_t e);
 
 // The Status of a failed cuBLAS call.
 absl::Status CudaErrorStatus(cublasStatus_t e, const char* expr, const char* file, int line);
