@@ -93,14 +93,23 @@ void PrefixCache::OnRefCountChanged(int32_t page, int32_t new_count) {
 PrefixMatch PrefixCache::Match(absl::Span<const int32_t> prompt) {
   ++stats_.lookups;
   stats_.query_tokens += static_cast<int64_t>(prompt.size());
-  PrefixMatch match;
-  if (prompt.empty()) return match;
+  if (prompt.empty()) return PrefixMatch{};
   // Leave at least one prompt token to compute.
-  const size_t max_pages = (prompt.size() - 1) / page_size_;
+  PrefixMatch match = MatchPages(prompt, (prompt.size() - 1) / page_size_);
+  stats_.hit_tokens += match.num_tokens;
+  return match;
+}
+
+PrefixMatch PrefixCache::MatchFullPages(absl::Span<const int32_t> tokens) {
+  return MatchPages(tokens, tokens.size() / page_size_);
+}
+
+PrefixMatch PrefixCache::MatchPages(absl::Span<const int32_t> tokens, size_t max_pages) {
+  PrefixMatch match;
   uint64_t parent_hash = kRootPageHash;
   int32_t parent = kNoParent;
   for (size_t i = 0; i < max_pages; ++i) {
-    const absl::Span<const int32_t> page_tokens = prompt.subspan(i * page_size_, page_size_);
+    const absl::Span<const int32_t> page_tokens = tokens.subspan(i * page_size_, page_size_);
     const uint64_t hash = hash_fn_(parent_hash, page_tokens);
     const int32_t page = Lookup(hash, parent, page_tokens);
     if (page == kNoParent) break;
@@ -114,7 +123,6 @@ PrefixMatch PrefixCache::Match(absl::Span<const int32_t> prompt) {
     Touch(page, tick);
   }
   match.num_tokens = static_cast<int32_t>(match.pages.size()) * page_size_;
-  stats_.hit_tokens += match.num_tokens;
   return match;
 }
 

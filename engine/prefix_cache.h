@@ -91,6 +91,12 @@ class PrefixCache : private PageRefObserver {
   // gets at most k - 1). Always succeeds; an empty prompt matches nothing.
   PrefixMatch Match(absl::Span<const int32_t> prompt);
 
+  // Like Match, for KV that arrives from elsewhere rather than for a prompt to compute: the
+  // match may cover every full page of `tokens` (a trailing partial page is ignored), and the
+  // lookup counters (lookups, query_tokens, hit_tokens) are left alone, so imports do not skew
+  // the hit ratio. Takes one reference per returned page for the caller, as Match does.
+  PrefixMatch MatchFullPages(absl::Span<const int32_t> tokens);
+
   // Registers the full pages of a sequence after its KV was written: `tokens` are the sequence's
   // tokens and `pages` its page table, covering at least tokens.size() / page_size pages (only
   // those full pages are considered; a trailing partial page is ignored). Pages whose prefix is
@@ -145,6 +151,8 @@ class PrefixCache : private PageRefObserver {
 
   void OnRefCountChanged(int32_t page, int32_t new_count) override;
 
+  // Finds up to `max_pages` leading cached pages of `tokens`, references and touches them.
+  PrefixMatch MatchPages(absl::Span<const int32_t> tokens, size_t max_pages);
   // Returns the cached page holding `tokens` (one page) after `parent` with chain hash `hash`,
   // or kNoParent when absent (including when a different prefix owns the hash).
   int32_t Lookup(uint64_t hash, int32_t parent, absl::Span<const int32_t> tokens) const;

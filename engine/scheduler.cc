@@ -72,19 +72,25 @@ struct Scheduler::Packer {
   std::vector<WorkerBatch> batches;
 };
 
-Scheduler::Scheduler(const SchedulerOptions& options)
-    : options_(options),
-      alloc_(options.num_pages),
-      cache_(options.page_size, alloc_),
-      table_refs_(std::max(options.num_pages, 0), 0) {
+namespace {
+
+// Returns the KV cache options of `options` after checking them all; a broken one aborts.
+KvCacheOptions KvOptionsOf(const SchedulerOptions& options) {
   const absl::Status valid = options.Validate();
   if (!valid.ok()) internal::KvInvariantFailure(valid.message());
+  KvCacheOptions kv;
+  kv.page_size = options.page_size;
+  kv.num_pages = options.num_pages;
+  kv.enable_prefix_caching = options.enable_prefix_caching;
+  return kv;
 }
 
-Scheduler::~Scheduler() {
-  for (auto& [id, s] : seqs_) s->pages.Release(alloc_);
-  cache_.Clear();
-}
+}  // namespace
+
+Scheduler::Scheduler(const SchedulerOptions& options)
+    : options_(options), kv_(KvOptionsOf(options)) {}
+
+Scheduler::~Scheduler() = default;
 
 Sequence* Scheduler::Get(RequestId id) const {
   auto it = seqs_.find(id);
@@ -112,7 +118,7 @@ absl::Status Scheduler::Add(RequestId id, int32_t priority, std::vector<int32_t>
     return absl::InvalidArgumentError(absl::StrCat("prompt + max_new_tokens = ", total,
                                                    " tokens exceed the KV pool of ", capacity));
   }
-  auto s = std::make_unique<Sequence>(options_.page_size);
+  auto s = std::make_unique<Sequence>(kv_.AddSequence(id));
   s->id = id;
   s->priority = priority;
   s->arrival = next_arrival_++;
@@ -153,44 +159,38 @@ void Scheduler::ScheduleDecodes(StepPlan& plan, Packer& packer) {
     if (s->phase != SequencePhase::kDecode || s->in_flight() || s->pending() != 1) continue;
     const int32_t w = packer.BestWorker();
     if (w < 0) break;
-    if (!ReserveDecodeSlot(*s, plan)) continue;
+    if (ReserveOrPreempt(*s, 1, /*may_preempt_self=*/true, plan) == 0) continue;
     packer.Add(w, WorkItem{id, s->num_computed, 1, /*want_logits=*/true});
     s->in_flight_tokens = 1;
     --budget;
   }
 }
 
-bool Scheduler::ReserveDecodeSlot(Sequence& s, StepPlan& plan) {
+int32_t Scheduler::ReserveOrPreempt(Sequence& s, int32_t want, bool may_preempt_self,
+                                    StepPlan& plan) {
   bool cleared = false;
-  while (true) {
-    if (AppendTokens(s, 1).ok()) return true;
+  int32_t n = kv_.TokensThatFit(s.id, want);
+  while (n == 0) {
     Sequence* victim = LeastImportantIdle();  // `s` is idle, so there is one
     if (victim != &s) {
-      Preempt(*victim, plan);
-      continue;
-    }
-    if (LessImportantInFlight(s)) return false;  // preempt that one once it is back
-    if (running_.size() == 1 && !cleared) {
+      Preempt(*victim, plan);  // less important than `s`
+    } else if (LessImportantInFlight(s)) {
+      return 0;  // preempt that one once it is back
+    } else if (running_.size() == 1 && !cleared) {
       // Alone and still short: the prefix cache holds pages it cannot evict leaf-first (parents
       // of pages this sequence computed itself). Drop the cache rather than stall.
-      cache_.Clear();
+      kv_.ClearPrefixCache();
       cleared = true;
-      continue;
+    } else {
+      if (may_preempt_self) Preempt(s, plan);
+      return 0;  // wait for more important sequences to finish or free pages
     }
-    Preempt(s, plan);
-    return false;
+    n = kv_.TokensThatFit(s.id, want);
   }
-}
-
-int32_t Scheduler::TokensThatFit(Sequence& s, int32_t want) {
-  const PageTable& t = s.pages;
-  const int32_t room_in_last =
-      static_cast<int32_t>(t.pages().size()) * t.page_size() - t.num_tokens();
-  if (want <= room_in_last) return want;
-  const int32_t need = t.PagesNeededFor(want);
-  if (alloc_.num_free() < need) cache_.EvictUntilFree(need);
-  const int64_t fit = room_in_last + int64_t{alloc_.num_free()} * t.page_size();
-  return static_cast<int32_t>(std::min<int64_t>(want, fit));
+  if (!kv_.Reserve(s.id, n).ok()) {
+    internal::KvInvariantFailure("scheduler: pages that fit could not be reserved");
+  }
+  return n;
 }
 
 Sequence* Scheduler::LeastImportantIdle() {
@@ -219,24 +219,8 @@ void Scheduler::ScheduleRunningPrefills(StepPlan& plan, Packer& packer, int32_t&
     if (w < 0) break;
     const int32_t want =
         std::min({s->pending(), options_.prefill_chunk_tokens, budget, packer.Room(w)});
-    int32_t n = TokensThatFit(*s, want);
-    bool cleared = false;
-    while (n == 0) {
-      Sequence* victim = LeastImportantIdle();
-      if (victim != s) {  // less important than `s`, which is idle
-        Preempt(*victim, plan);
-      } else if (running_.size() == 1 && !cleared) {
-        cache_.Clear();  // see ReserveDecodeSlot
-        cleared = true;
-      } else {
-        break;  // wait for more important sequences to finish or free pages
-      }
-      n = TokensThatFit(*s, want);
-    }
+    const int32_t n = ReserveOrPreempt(*s, want, /*may_preempt_self=*/false, plan);
     if (n == 0) continue;
-    if (!AppendTokens(*s, n).ok()) {
-      internal::KvInvariantFailure("scheduler: pages that fit could not be appended");
-    }
     packer.Add(w, WorkItem{id, s->num_computed, n, /*want_logits=*/n == s->pending()});
     s->in_flight_tokens = n;
     budget -= n;
@@ -246,7 +230,6 @@ void Scheduler::ScheduleRunningPrefills(StepPlan& plan, Packer& packer, int32_t&
 void Scheduler::AdmitWaiting(StepPlan& plan, Packer& packer, int32_t& budget) {
   std::vector<RequestId> order;
   for (const WaitKey& k : waiting_) order.push_back(std::get<3>(k));
-  const int32_t ps = options_.page_size;
   for (RequestId id : order) {
     if (budget <= 0 || num_running() >= options_.max_running_requests) break;
     const int32_t w = packer.BestWorker();
@@ -255,31 +238,25 @@ void Scheduler::AdmitWaiting(StepPlan& plan, Packer& packer, int32_t& budget) {
     if (std::find(plan.preempted.begin(), plan.preempted.end(), id) != plan.preempted.end()) {
       break;  // preempted this step: it would only take its pages back; nothing overtakes it
     }
-    PrefixMatch match;
-    if (options_.enable_prefix_caching) match = cache_.Match(s->tokens);
-    const int32_t pending = static_cast<int32_t>(s->tokens.size()) - match.num_tokens;
+    const int32_t matched = kv_.MatchPrefix(id, s->tokens);  // 0 with prefix caching off
+    const int32_t pending = static_cast<int32_t>(s->tokens.size()) - matched;
     const int32_t n = std::min({pending, options_.prefill_chunk_tokens, budget, packer.Room(w)});
-    const int32_t need =
-        (match.num_tokens + n + ps - 1) / ps - static_cast<int32_t>(match.pages.size());
-    if (alloc_.num_free() < need) cache_.EvictUntilFree(need);
-    if (alloc_.num_free() < need) {
-      for (int32_t page : match.pages) alloc_.DecRef(page);
-      break;  // strict order: nothing behind it overtakes
+    if (kv_.TokensThatFit(id, n) < n) {
+      kv_.Release(id);  // gives the matched pages back to the cache
+      break;            // strict order: nothing behind it overtakes
     }
     waiting_.erase(WaitKeyOf(*s));
     waiting_tokens_ -= static_cast<int64_t>(s->tokens.size());
-    AdoptPrefix(*s, match);
-    s->num_computed = match.num_tokens;
-    s->cached_pages = static_cast<int32_t>(match.pages.size());
-    if (!AppendTokens(*s, n).ok()) {
-      internal::KvInvariantFailure("scheduler: admitted pages could not be appended");
+    s->num_computed = matched;
+    if (!kv_.Reserve(id, n).ok()) {
+      internal::KvInvariantFailure("scheduler: admitted pages could not be reserved");
     }
     if (!s->admitted_once) {
       s->admitted_once = true;
-      s->cached_tokens = match.num_tokens;
+      s->cached_tokens = matched;
       ++stats_.admissions;
       stats_.prefix_query_tokens += options_.enable_prefix_caching ? s->prompt_len : 0;
-      stats_.prefix_hit_tokens += match.num_tokens;
+      stats_.prefix_hit_tokens += matched;
     }
     s->phase = SequencePhase::kPrefill;
     s->preempted = false;
@@ -291,41 +268,10 @@ void Scheduler::AdmitWaiting(StepPlan& plan, Packer& packer, int32_t& budget) {
   }
 }
 
-absl::Status Scheduler::AppendTokens(Sequence& s, int32_t n) {
-  const size_t before = s.pages.pages().size();
-  absl::Status st = AppendWithEviction(s.pages, n, alloc_, cache_).status();
-  if (st.ok()) Track(s.pages.pages().subspan(before), +1);
-  return st;
-}
-
-void Scheduler::AdoptPrefix(Sequence& s, const PrefixMatch& match) {
-  s.pages.AdoptSharedPrefix(match.pages, match.num_tokens);
-  Track(match.pages, +1);
-}
-
-void Scheduler::ReleasePages(Sequence& s) {
-  Track(s.pages.pages(), -1);
-  s.pages.Release(alloc_);
-}
-
-void Scheduler::TruncatePages(Sequence& s, int32_t num_tokens) {
-  const std::vector<int32_t> before(s.pages.pages().begin(), s.pages.pages().end());
-  s.pages.Truncate(num_tokens, alloc_);
-  Track(absl::MakeConstSpan(before).subspan(s.pages.pages().size()), -1);
-}
-
-void Scheduler::Track(absl::Span<const int32_t> pages, int32_t delta) {
-  for (int32_t p : pages) {
-    if (delta > 0 && table_refs_[p]++ == 0) ++held_pages_;
-    if (delta < 0 && --table_refs_[p] == 0) --held_pages_;
-  }
-}
-
 void Scheduler::Preempt(Sequence& s, StepPlan& plan) {
   running_.erase(RunKeyOf(s));
-  ReleasePages(s);
+  kv_.Release(s.id, Computed(s));  // full computed pages stay in the prefix cache
   s.num_computed = 0;
-  s.cached_pages = 0;
   s.phase = SequencePhase::kWaiting;
   s.preempted = true;
   ++s.preemptions;
@@ -333,16 +279,6 @@ void Scheduler::Preempt(Sequence& s, StepPlan& plan) {
   waiting_.insert(WaitKeyOf(s));
   waiting_tokens_ += static_cast<int64_t>(s.tokens.size());
   plan.preempted.push_back(s.id);
-}
-
-void Scheduler::OfferToCache(Sequence& s) {
-  if (!options_.enable_prefix_caching) return;
-  const int32_t full = s.num_computed / options_.page_size;
-  if (full <= s.cached_pages) return;
-  // Insert fails only for pages that are not this sequence's own, which would be a bug
-  // elsewhere; the cache then simply does not learn these pages.
-  (void)cache_.Insert(absl::MakeConstSpan(s.tokens).first(s.num_computed), s.pages.pages());
-  s.cached_pages = full;
 }
 
 std::vector<RequestId> Scheduler::Complete(const WorkerBatch& batch, bool ok) {
@@ -356,10 +292,9 @@ std::vector<RequestId> Scheduler::Complete(const WorkerBatch& batch, bool ok) {
     s->in_flight_tokens = 0;
     if (ok) {
       s->num_computed += item.num_tokens;
-      OfferToCache(*s);
+      kv_.Offer(s->id, Computed(*s));
     } else {
-      TruncatePages(*s, s->num_computed);
-      s->num_computed = s->pages.num_tokens();
+      s->num_computed = kv_.Truncate(s->id, s->num_computed);
     }
     if (s->remove_pending) {
       removed.push_back(item.id);
@@ -403,18 +338,19 @@ void Scheduler::ReleaseAndErase(Sequence& s) {
   } else {
     running_.erase(RunKeyOf(s));
   }
-  ReleasePages(s);
-  seqs_.erase(s.id);
+  const RequestId id = s.id;
+  kv_.Release(id, Computed(s));
+  seqs_.erase(id);  // destroys `s`, which refers to the table: forget the table after it
+  kv_.RemoveSequence(id);
 }
 
 absl::Status Scheduler::CheckInvariants() const {
-  std::vector<int32_t> refs(options_.num_pages, 0);
   int64_t waiting_tokens = 0;
   int32_t waiting = 0, running = 0;
   for (const auto& [id, sp] : seqs_) {
     const Sequence& s = *sp;
     const std::string who = absl::StrCat("request ", id, ": ");
-    for (int32_t p : s.pages.pages()) ++refs[p];
+    if (kv_.Find(id) != &s.pages) return absl::InternalError(who + "not bound to its page table");
     if (s.pages.num_tokens() != s.num_computed + s.in_flight_tokens) {
       return absl::InternalError(absl::StrCat(who, "page table holds ", s.pages.num_tokens(),
                                               " tokens, computed ", s.num_computed, " + in flight ",
@@ -447,23 +383,12 @@ absl::Status Scheduler::CheckInvariants() const {
   if (running > options_.max_running_requests) {
     return absl::InternalError(absl::StrCat(running, " running requests exceed the limit"));
   }
-  int32_t held = 0;
-  for (int32_t p = 0; p < options_.num_pages; ++p) {
-    if (table_refs_[p] != refs[p]) {
-      return absl::InternalError(absl::StrCat("page ", p, " is tracked in ", table_refs_[p],
-                                              " tables but listed by ", refs[p]));
-    }
-    held += refs[p] > 0 ? 1 : 0;
-    const int32_t want = refs[p] + (cache_.IsCached(p) ? 1 : 0);
-    if (alloc_.ref_count(p) != want) {
-      return absl::InternalError(absl::StrCat("page ", p, " has ", alloc_.ref_count(p),
-                                              " references; tables and cache hold ", want));
-    }
+  if (kv_.num_sequences() != static_cast<int32_t>(seqs_.size()) || kv_.num_imports() != 0) {
+    return absl::InternalError(absl::StrCat("the KV cache has ", kv_.num_sequences(),
+                                            " sequences and ", kv_.num_imports(),
+                                            " imports; the scheduler has ", seqs_.size()));
   }
-  if (held != held_pages_) {
-    return absl::InternalError(absl::StrCat("held pages ", held_pages_, " != ", held));
-  }
-  return cache_.CheckInvariants();
+  return kv_.CheckInvariants();
 }
 
 }  // namespace sieve::engine

@@ -1,7 +1,9 @@
 // Scheduler: the continuous-batching policy of the engine, as a plain object with no threads and
-// no device. It owns every sequence's scheduling state and the KV bookkeeping (the page
-// allocator, the page tables and the prefix cache); the Engine's scheduler thread feeds it
-// requests and results and dispatches the batches it plans. engine/README.md has the big picture.
+// no device. It owns every sequence's scheduling state (queues, phases, budgets, the choice of
+// preemption victims, packing) and a KvCacheManager (kv_cache_manager.h) that does the page
+// mechanics: page allocator, page tables, prefix cache, eviction. The Engine's scheduler thread
+// feeds it requests and results and dispatches the batches it plans. engine/README.md has the
+// big picture.
 //
 // One step, Schedule(prefill_idle, decode_idle), plans work for whichever pool is idle:
 //   1. Decodes first (decode pool idle): every running sequence in the decode phase whose last
@@ -28,8 +30,9 @@
 // read-only; every page a batch writes belongs to exactly one sequence, so concurrent batches
 // write disjoint pages.
 //
-// Page invariant (CheckInvariants): every page is free, or its reference count equals the number
-// of live page tables listing it plus one if the prefix cache holds it.
+// Page invariant (CheckInvariants, through KvCacheManager::CheckInvariants): every page is free,
+// or its reference count equals the number of live page tables listing it plus one if the prefix
+// cache holds it.
 //
 // Thread safety: none. One thread (the engine's scheduler thread, or a test) owns the object.
 #ifndef SIEVE_ENGINE_SCHEDULER_H_
@@ -45,6 +48,7 @@
 #include "absl/status/status.h"
 #include "absl/types/span.h"
 #include "engine/kv_cache.h"
+#include "engine/kv_cache_manager.h"
 #include "engine/observer.h"
 #include "engine/prefix_cache.h"
 #include "engine/request.h"
@@ -77,7 +81,8 @@ enum class SequencePhase {
 
 // The scheduler's state of one request. Read-only outside the Scheduler.
 struct Sequence {
-  explicit Sequence(int32_t page_size) : pages(page_size) {}
+  // Binds the sequence to its page table, owned by the scheduler's KvCacheManager.
+  explicit Sequence(const PageTable& table) : pages(table) {}
 
   RequestId id = 0;
   int32_t priority = 0;
@@ -87,14 +92,13 @@ struct Sequence {
   int32_t max_total_tokens = 0;  // prompt_len + the most tokens it may generate
   int32_t num_computed = 0;      // leading tokens whose KV is written
   int32_t in_flight_tokens = 0;  // tokens a worker computes now; 0 when not in flight
-  int32_t cached_pages = 0;      // leading full pages already offered to the prefix cache
   SequencePhase phase = SequencePhase::kWaiting;
   bool preempted = false;       // waiting after a preemption (queued ahead of new arrivals)
   bool remove_pending = false;  // Remove() called while in flight
   bool admitted_once = false;
   int32_t preemptions = 0;
   int32_t cached_tokens = 0;  // prompt tokens served by the prefix cache at first admission
-  PageTable pages;            // slots of tokens [0, num_computed + in_flight_tokens)
+  const PageTable& pages;     // slots of tokens [0, num_computed + in_flight_tokens)
 
   bool in_flight() const { return in_flight_tokens > 0; }
   // Tokens not computed yet (0 after a chunk that produced logits, until AppendToken).
@@ -139,7 +143,7 @@ class Scheduler {
  public:
   // `options` must pass Validate() (a broken one aborts: it is a programming error).
   explicit Scheduler(const SchedulerOptions& options);
-  // Releases every sequence's pages and the prefix cache.
+  // Releases every sequence's pages and the prefix cache (the KvCacheManager does).
   ~Scheduler();
 
   Scheduler(const Scheduler&) = delete;
@@ -180,12 +184,16 @@ class Scheduler {
   int32_t num_sequences() const { return static_cast<int32_t>(seqs_.size()); }
   const SchedulerStats& stats() const { return stats_; }
   const SchedulerOptions& options() const { return options_; }
-  const PageAllocator& allocator() const { return alloc_; }
-  const PrefixCache& prefix_cache() const { return cache_; }
+  // Returns the owner of the KV pages, page tables and prefix cache of every sequence.
+  const KvCacheManager& kv_cache() const { return kv_; }
+  // Returns the page allocator (page counts), as kv_cache().allocator().
+  const PageAllocator& allocator() const { return kv_.allocator(); }
+  // Returns the prefix cache (its counters), as kv_cache().prefix_cache().
+  const PrefixCache& prefix_cache() const { return kv_.prefix_cache(); }
   // Pages listed by at least one live page table (requests' pages, shared ones counted once).
-  int32_t held_pages() const { return held_pages_; }
+  int32_t held_pages() const { return kv_.held_pages(); }
   // Pages in use only because the prefix cache holds them.
-  int32_t cached_only_pages() const { return alloc_.num_used() - held_pages_; }
+  int32_t cached_only_pages() const { return kv_.cached_only_pages(); }
 
   // Recomputes every invariant (page references, phases, queues, budgets of in-flight work,
   // the prefix cache's own) and returns Internal naming the first violation. For tests;
@@ -207,33 +215,31 @@ class Scheduler {
   void ScheduleDecodes(StepPlan& plan, Packer& packer);
   void ScheduleRunningPrefills(StepPlan& plan, Packer& packer, int32_t& budget);
   void AdmitWaiting(StepPlan& plan, Packer& packer, int32_t& budget);
-  // Reserves the slot of `s`'s next decode token, preempting as needed. False: not this step.
-  bool ReserveDecodeSlot(Sequence& s, StepPlan& plan);
-  // Returns how many more tokens `s` could reserve now (room in its last page, free and
-  // evictable pages), capped at `want`.
-  int32_t TokensThatFit(Sequence& s, int32_t want);
+  // The one preempt/evict path of running sequences: reserves up to `want` more tokens for the
+  // idle running sequence `s`, preempting the least important idle sequence while nothing fits.
+  // When `s` is itself the least important, it waits if a less important one is in flight, drops
+  // the prefix cache once if it runs alone, else preempts itself when `may_preempt_self` (a
+  // decode) or waits (a prefill). Returns the tokens reserved; 0: not this step.
+  int32_t ReserveOrPreempt(Sequence& s, int32_t want, bool may_preempt_self, StepPlan& plan);
   // The least important running sequence not in flight, or null.
   Sequence* LeastImportantIdle();
   // Whether a running sequence less important than `s` is in flight.
   bool LessImportantInFlight(const Sequence& s) const;
-  // Page-table changes that keep table_refs_ current.
-  absl::Status AppendTokens(Sequence& s, int32_t n);
-  void AdoptPrefix(Sequence& s, const PrefixMatch& match);
-  void ReleasePages(Sequence& s);
-  void TruncatePages(Sequence& s, int32_t num_tokens);
-  void Track(absl::Span<const int32_t> pages, int32_t delta);
+  // Returns the leading tokens of `s` whose KV is written.
+  static absl::Span<const int32_t> Computed(const Sequence& s) {
+    return absl::MakeConstSpan(s.tokens).first(s.num_computed);
+  }
+  // Preempts `s`, the victim the policy chose: KvCacheManager::Release drops its pages (the
+  // computed full ones stay cached) and it is queued ahead of new arrivals of its priority.
   void Preempt(Sequence& s, StepPlan& plan);
+  // Forgets `s`: releases its pages, then drops it and its page table.
   void ReleaseAndErase(Sequence& s);
-  void OfferToCache(Sequence& s);
 
   SchedulerOptions options_;
-  PageAllocator alloc_;
-  PrefixCache cache_;
+  KvCacheManager kv_;  // before seqs_: each Sequence refers to its table in kv_
   absl::flat_hash_map<RequestId, std::unique_ptr<Sequence>> seqs_;
   std::set<WaitKey> waiting_;
   std::set<RunKey> running_;
-  std::vector<int32_t> table_refs_;  // [num_pages] live page tables listing each page
-  int32_t held_pages_ = 0;           // pages with table_refs_ > 0
   int64_t waiting_tokens_ = 0;
   uint64_t next_arrival_ = 0;
   SchedulerStats stats_;
