@@ -34,6 +34,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
+#include "engine/attention_plan.h"
 #include "engine/rope.h"
 #include "engine/safetensors.h"
 #include "engine/sampling.h"
@@ -189,9 +190,13 @@ class Backend {
                                       const RopeTables& rope, Tensor q_out) = 0;
 
   // Causal attention of the step's queries q [num_tokens, Hq * D] over layer `layer`'s KV
-  // cache; out [num_tokens, Hq * D].
-  virtual absl::Status Attention(BackendStream& stream, int32_t layer, const Tensor& q, const AttentionShape& shape,
-                                 float scale, Tensor out) = 0;
+  // cache, reading the keys `plan` lists (every causal key when plan.dense); out
+  // [num_tokens, Hq * D]. The plan is the caller's, valid until the call returns (a backend that
+  // runs the operator later copies what it needs). Unimplemented for a sparse plan on a backend
+  // without a sparse kernel; InvalidArgument / Internal for a plan that does not fit the step.
+  virtual absl::Status Attention(BackendStream& stream, int32_t layer, const Tensor& q,
+                                 const AttentionShape& shape, float scale,
+                                 const AttentionPlan& plan, Tensor out) = 0;
 
   // out = silu(gate_up[:, :I]) * gate_up[:, I:], gate_up [num_tokens, 2I], out [num_tokens, I].
   virtual absl::Status SiluMul(BackendStream& stream, const Tensor& gate_up, Tensor out) = 0;

@@ -185,9 +185,12 @@ absl::Status CpuBackend::RopeAndCacheKv(BackendStream& stream, int32_t layer, co
   return absl::OkStatus();
 }
 
-absl::Status CpuBackend::Attention(BackendStream& stream, int32_t layer, const Tensor& q, const AttentionShape& s,
-                                   float scale, Tensor out) {
+absl::Status CpuBackend::Attention(BackendStream& stream, int32_t layer, const Tensor& q,
+                                   const AttentionShape& s, float scale,
+                                   const AttentionPlan& plan, Tensor out) {
   SIEVE_ASSIGN_OR_RETURN(const BatchLayout* layout, LayoutOf(stream));
+  SIEVE_RETURN_IF_ERROR(plan.Validate(*layout, s.num_q_heads));
+  const kernels::SparseAttentionIndex index = plan.View();
   SIEVE_RETURN_IF_ERROR(CheckShape(out, layout->num_tokens(), q.cols, "attention output"));
   kernels::PagedAttentionParams<float> p;
   p.q = F(q);
@@ -204,6 +207,7 @@ absl::Status CpuBackend::Attention(BackendStream& stream, int32_t layer, const T
   p.head_dim = s.head_dim;
   p.page_size = page_size_;
   p.scale = scale;
+  p.sparse = plan.dense ? nullptr : &index;
   kernels::PagedAttentionRef(p, num_threads_);
   return absl::OkStatus();
 }

@@ -33,7 +33,9 @@ class CpuBackend final : public Backend {
                       Tensor out) override;
   absl::Status RopeAndCacheKv(BackendStream& stream, int32_t layer, const Tensor& qkv, const AttentionShape& shape,
                               const RopeTables& rope, Tensor q_out) override;
-  absl::Status Attention(BackendStream& stream, int32_t layer, const Tensor& q, const AttentionShape& shape, float scale,
+  // Dense and sparse plans alike, with the fp64 reference (kernels::PagedAttentionRef).
+  absl::Status Attention(BackendStream& stream, int32_t layer, const Tensor& q,
+                         const AttentionShape& shape, float scale, const AttentionPlan& plan,
                          Tensor out) override;
   absl::Status SiluMul(BackendStream& stream, const Tensor& gate_up, Tensor out) override;
   absl::Status GatherRows(BackendStream& stream, const Tensor& x, absl::Span<const int32_t> rows, Tensor out) override;

@@ -99,8 +99,11 @@ absl::StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string
   return runner;
 }
 
-absl::StatusOr<std::unique_ptr<ModelWorker>> ModelRunner::CreateWorker(const StreamOptions& stream) {
+absl::StatusOr<std::unique_ptr<ModelWorker>> ModelRunner::CreateWorker(
+    const StreamOptions& stream, std::unique_ptr<AttentionPolicy> policy) {
   std::unique_ptr<ModelWorker> worker(new ModelWorker(*this));
+  worker->policy_ = policy != nullptr ? std::move(policy)
+                                      : std::make_unique<DenseAttentionPolicy>();
   SIEVE_RETURN_IF_ERROR(worker->Allocate(stream));
   return worker;
 }
@@ -330,7 +333,10 @@ absl::Status ModelWorker::EnqueueLayers(int64_t n, absl::Span<const int32_t> tok
     }
     SIEVE_RETURN_IF_ERROR(b.Linear(st, normed, w.qkv, w.qkv_bias, qkv));
     SIEVE_RETURN_IF_ERROR(b.RopeAndCacheKv(st, layer, qkv, r.shape_, r.rope_, q));
-    SIEVE_RETURN_IF_ERROR(b.Attention(st, layer, q, r.shape_, scale, attn));
+    AttentionStep step{.layer = layer, .layout = &layout_, .shape = r.shape_, .backend = &b,
+                       .stream = &st, .q = q};
+    SIEVE_RETURN_IF_ERROR(policy_->Plan(step, plan_));
+    SIEVE_RETURN_IF_ERROR(b.Attention(st, layer, q, r.shape_, scale, plan_, attn));
     SIEVE_RETURN_IF_ERROR(b.Linear(st, attn, w.o, w.o_bias, proj));
     SIEVE_RETURN_IF_ERROR(b.AddRmsNorm(st, proj, hidden, w.post_norm, eps, normed));
     SIEVE_RETURN_IF_ERROR(b.Linear(st, normed, w.gate_up, Tensor{}, gate_up));

@@ -17,6 +17,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "engine/attention_policy.h"
 #include "engine/backend.h"
 #include "engine/model_config.h"
 #include "engine/rope.h"
@@ -113,6 +114,8 @@ class ModelWorker {
 
   const ModelRunner& runner_;
   std::unique_ptr<BackendStream> stream_;
+  std::unique_ptr<AttentionPolicy> policy_;  // plans each layer's attention
+  AttentionPlan plan_;                       // the current layer's plan, reused
   // Activation buffers, [max_step_tokens, width] unless noted.
   Tensor hidden_, normed_, qkv_, q_, attn_, proj_, gate_up_, act_;
   Tensor last_normed_;  // [max_step_logits, hidden]
@@ -131,9 +134,11 @@ class ModelRunner {
   static absl::StatusOr<std::unique_ptr<ModelRunner>> Load(const std::string& model_dir,
                                                            const ModelRunnerOptions& options);
 
-  // Creates another worker (activation buffers and a backend stream made with `stream`). Not
-  // thread-safe: create workers before running them.
-  absl::StatusOr<std::unique_ptr<ModelWorker>> CreateWorker(const StreamOptions& stream = {});
+  // Creates another worker (activation buffers and a backend stream made with `stream`) whose
+  // steps attend as `policy` plans (null: dense). Not thread-safe: create workers before
+  // running them.
+  absl::StatusOr<std::unique_ptr<ModelWorker>> CreateWorker(
+      const StreamOptions& stream = {}, std::unique_ptr<AttentionPolicy> policy = nullptr);
 
   // Forward on the default worker; see ModelWorker::Forward. For single-threaded callers.
   absl::Status Forward(absl::Span<const SequenceStep> batch, std::vector<float>& logits) {

@@ -597,8 +597,13 @@ absl::Status CudaBackend::RopeAndCacheKv(BackendStream& stream, int32_t layer, c
 }
 
 absl::Status CudaBackend::Attention(BackendStream& stream, int32_t layer, const Tensor& q,
-                                    const AttentionShape& a, float scale, Tensor out) {
+                                    const AttentionShape& a, float scale,
+                                    const AttentionPlan& plan, Tensor out) {
   CudaStream& s = Cuda(stream);
+  if (!plan.dense) {
+    return absl::UnimplementedError(
+        "cuda backend: sparse attention plans are not implemented yet (dense only)");
+  }
   SIEVE_ASSIGN_OR_RETURN(const BatchLayout* l, LayoutOf(s));
   if (layer < 0 || layer >= num_layers_ || a.num_kv_heads != kv_shape_.num_kv_heads ||
       a.head_dim != kv_shape_.head_dim || a.num_q_heads != kv_shape_.num_q_heads) {

@@ -517,7 +517,8 @@ struct LayerOnBackend {
     SIEVE_RETURN_IF_ERROR(b->RmsNorm(st, h, w[1], 1e-5f, nm));
     SIEVE_RETURN_IF_ERROR(b->Linear(st, nm, w[2], w[3], qkv.FirstRows(n)));
     SIEVE_RETURN_IF_ERROR(b->RopeAndCacheKv(st, 0, qkv.FirstRows(n), c.shape, rope, q.FirstRows(n)));
-    SIEVE_RETURN_IF_ERROR(b->Attention(st, 0, q.FirstRows(n), c.shape, 0.0883883f, attn.FirstRows(n)));
+    SIEVE_RETURN_IF_ERROR(b->Attention(st, 0, q.FirstRows(n), c.shape, 0.0883883f, AttentionPlan{},
+                                        attn.FirstRows(n)));
     SIEVE_RETURN_IF_ERROR(b->Linear(st, attn.FirstRows(n), w[4], Tensor{}, pr));
     SIEVE_RETURN_IF_ERROR(b->AddRmsNorm(st, pr, h, w[5], 1e-5f, nm));
     SIEVE_RETURN_IF_ERROR(b->Linear(st, nm, w[6], Tensor{}, gate_up.FirstRows(n)));

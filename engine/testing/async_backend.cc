@@ -319,10 +319,13 @@ absl::Status AsyncBackend::RopeAndCacheKv(BackendStream& stream, int32_t layer, 
 }
 
 absl::Status AsyncBackend::Attention(BackendStream& stream, int32_t layer, const Tensor& q,
-                                     const AttentionShape& shape, float scale, Tensor out) {
+                                     const AttentionShape& shape, float scale,
+                                     const AttentionPlan& plan, Tensor out) {
   Stream& s = AsStream(stream);
-  return s.Enqueue([this, &s, layer, q, shape, scale, out] {
-    return cpu_.Attention(s.inner(), layer, q, shape, scale, out);
+  // The caller reuses its plan for the next layer: the operator keeps a copy.
+  auto copy = std::make_shared<const AttentionPlan>(plan);
+  return s.Enqueue([this, &s, layer, q, shape, scale, copy, out] {
+    return cpu_.Attention(s.inner(), layer, q, shape, scale, *copy, out);
   });
 }
 

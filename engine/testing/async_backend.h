@@ -118,7 +118,8 @@ class AsyncBackend final : public Backend {
                               const AttentionShape& shape, const RopeTables& rope,
                               Tensor q_out) override;
   absl::Status Attention(BackendStream& stream, int32_t layer, const Tensor& q,
-                         const AttentionShape& shape, float scale, Tensor out) override;
+                         const AttentionShape& shape, float scale, const AttentionPlan& plan,
+                         Tensor out) override;
   absl::Status SiluMul(BackendStream& stream, const Tensor& gate_up, Tensor out) override;
   absl::Status GatherRows(BackendStream& stream, const Tensor& x, absl::Span<const int32_t> rows,
                           Tensor out) override;

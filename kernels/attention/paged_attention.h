@@ -10,12 +10,41 @@
 // The queries of sequence s are its last q_len = query_start[s+1] - query_start[s] positions:
 // query j sits at position kv_lens[s] - q_len + j and attends causally to keys [0, position].
 // Grouped-query attention: query head h reads KV head h / (num_q_heads / num_kv_heads).
+//
+// Sparse attention (optional, `sparse` non-null) restricts which keys each query reads, in a
+// block-sparse-row (BSR) form beside the page table, as FlashInfer's BSR API does:
+//   - query blocks: sequence s's q_len queries split into ceil(q_len / query_block) blocks of
+//     query_block queries (the last may be short); query_block_start [num_seqs + 1] holds the
+//     prefix sums of the blocks per sequence, so block b of sequence s is global block
+//     query_block_start[s] + b;
+//   - rows: one per (global query block, query head): row = block * num_q_heads + head;
+//   - key blocks: row r reads key blocks key_blocks[row_start[r] .. row_start[r + 1]) (block j
+//     covers sequence positions [j * key_block, (j + 1) * key_block)), increasing; with
+//     key_block == page_size a key block is a page (decode: query_block 1, one row per head);
+//   - columns: row r also reads the single key positions columns[column_start[r] ..
+//     column_start[r + 1]), increasing, none inside a listed key block (MInference's vertical
+//     lines, DoubleSparsity's top-k tokens). column_start may be null: no columns.
+// Causality still applies: a query at position p reads only listed keys at positions <= p. A
+// query whose row lists no key it may read gets a zero output. With every block listed, sparse
+// attention equals dense attention.
 #ifndef SIEVE_KERNELS_ATTENTION_PAGED_ATTENTION_H_
 #define SIEVE_KERNELS_ATTENTION_PAGED_ATTENTION_H_
 
 #include <cstdint>
 
 namespace sieve::kernels {
+
+// The sparse index of one attention call (see the file comment); arrays in the memory of the
+// backend that runs the call.
+struct SparseAttentionIndex {
+  int32_t query_block = 0;                 // queries per query block (>= 1)
+  int32_t key_block = 0;                   // key positions per key block (>= 1)
+  const int32_t* query_block_start = nullptr;  // [num_seqs + 1]
+  const int32_t* row_start = nullptr;      // [num_rows + 1], num_rows = blocks * num_q_heads
+  const int32_t* key_blocks = nullptr;     // [row_start[num_rows]]
+  const int32_t* column_start = nullptr;   // [num_rows + 1] or null
+  const int32_t* columns = nullptr;        // [column_start[num_rows]]
+};
 
 // Parameters of one paged attention call. Element type T is float for the CPU reference;
 // device kernels use the same struct with their own element type.
@@ -35,10 +64,11 @@ struct PagedAttentionParams {
   int32_t head_dim = 0;
   int32_t page_size = 0;           // tokens per page
   float scale = 0.0f;              // softmax scale, usually 1/sqrt(head_dim)
+  const SparseAttentionIndex* sparse = nullptr;  // null: dense (every causal key)
 };
 
-// Exact causal paged attention in fp32 with a max-subtracted softmax accumulated in double,
-// one (token, head) at a time. It is the reference every attention kernel is checked against;
+// Exact causal paged attention (dense, or restricted by p.sparse) in fp32 with a max-subtracted
+// softmax accumulated in double, one (token, head) at a time. It is the reference every attention kernel is checked against;
 // clarity first, speed second (parallel over rows with `num_threads` host threads, 0 = all).
 void PagedAttentionRef(const PagedAttentionParams<float>& p, int num_threads = 1);
 
