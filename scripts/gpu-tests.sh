@@ -25,7 +25,7 @@ if [[ $mode == pack ]]; then
   # exactly those `gpu`). Read from the build graph, which exists before anything is built
   # (CTest's list does not: gtest_discover_tests fills it in only once the binaries exist).
   mapfile -t targets < <(ninja -C "$build" -t targets all 2>/dev/null |
-    grep -oE '^[A-Za-z0-9_]+_gpu_test:' | tr -d ':' | sort -u)
+    grep -oE '^[A-Za-z0-9_]+_gpu_test:' | grep -v '^cmake_' | tr -d ':' | sort -u)
   [[ ${#targets[@]} -gt 0 ]] || { echo "no gpu tests found in $build"; exit 1; }
   ninja -C "$build" -j "$(nproc)" "${targets[@]}" || exit 1
   rm -rf "$pack"

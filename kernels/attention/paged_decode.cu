@@ -9,6 +9,7 @@
 #include <type_traits>
 #include <cstdint>
 
+#include "kernels/cuda/ptx.cuh"
 #include "kernels/cuda_check.h"
 
 namespace sieve::kernels {
@@ -42,55 +43,14 @@ constexpr int SharedBytes() { return Stages<kD>() * StageBytes<kD>(); }
 template <int kD>
 constexpr int BlocksPerSm() { return (228 * 1024) / (SharedBytes<kD>() + 1024); }
 
-// --- Inline PTX helpers -------------------------------------------------------------------------
-
-__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte global -> shared copy that bypasses L1; `valid == false` writes 16 zero bytes and
-// reads nothing.
-__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool valid) {
-  const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(src_bytes));
-}
-__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void CpAsyncWait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-
-__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void LdMatrixX4Trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
+// The PTX wrappers (cp.async, ldmatrix, mma.sync, ex2) are in kernels/cuda/ptx.cuh.
+using namespace ::sieve::kernels::ptx;
 
 // d += a (16x16 bf16, row-major) * b (16x8 bf16, column-major), fp32 accumulate.
 __device__ __forceinline__ void Mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
                                          uint32_t a3, uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ float Exp2(float x) {  // ex2.approx: exp2(-inf) = +0
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
-__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
+  const uint32_t a[4] = {a0, a1, a2, a3};
+  MmaBf16(d, a, b0, b1);
 }
 
 // Byte offset of 16-byte chunk `chunk` of K/V row `row` inside a stage buffer. Rows are kD bf16
@@ -163,12 +123,12 @@ __device__ __forceinline__ float OnlineSoftmax(RowState& st, float& x0, float& x
   mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
   const float new_max = fmaxf(st.max, mx);
   const float base = new_max == -INFINITY ? 0.0f : new_max;  // all masked so far: no NaN
-  const float alpha = Exp2(st.max - base);
+  const float alpha = FastExp2(st.max - base);
   st.max = new_max;
-  x0 = Exp2(x0 - base);
-  x1 = Exp2(x1 - base);
-  x2 = Exp2(x2 - base);
-  x3 = Exp2(x3 - base);
+  x0 = FastExp2(x0 - base);
+  x1 = FastExp2(x1 - base);
+  x2 = FastExp2(x2 - base);
+  x3 = FastExp2(x3 - base);
   st.sum = st.sum * alpha + ((x0 + x1) + (x2 + x3));
   return alpha;
 }
@@ -303,7 +263,7 @@ __device__ void CombineWarps(char* smem, const float (&o)[kD / 8][4], RowState r
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
     for (int k = 0; k < kWarps; ++k) {
-      const float f = Exp2(sm_m[k * 16 + row] - base);
+      const float f = FastExp2(sm_m[k * 16 + row] - base);
       l += f * sm_l[k * 16 + row];
       const float4 v = *reinterpret_cast<const float4*>(sm_o + (k * 16 + row) * kD + d);
       acc.x += f * v.x;
@@ -348,7 +308,7 @@ __global__ void __launch_bounds__(kThreads, BlocksPerSm<kD>()) PagedDecodeSplitK
   w.end = w.split == num_splits - 1 ? kv_len : min(kv_len, w.start + chunk_tokens);
   // Let the merge kernel (a programmatic dependent) be scheduled once every block has started;
   // it still waits for this whole grid to finish before it reads anything.
-  asm volatile("griddepcontrol.launch_dependents;\n" ::);
+  GridDependentsLaunch();
   // Q, the first tiles' page ids and kv_len are independent loads, all in flight at once: the
   // prologue is issued before the empty-block check (tiles past the end are zero-fills).
   const int32_t* pages = p.page_table + static_cast<int64_t>(w.seq) * p.page_table_stride;
@@ -412,7 +372,7 @@ __global__ void __launch_bounds__(kThreads) PagedDecodeMergeKernel(
   using Vec = std::conditional_t<kPerLane == 4, float4, float2>;
   __shared__ float sm_acc[kWarps][kD];
   __shared__ float sm_l[kWarps];
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  GridDependencyWait();
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int64_t q_row = blockIdx.x;
@@ -435,7 +395,7 @@ __global__ void __launch_bounds__(kThreads) PagedDecodeMergeKernel(
   float l = 0.0f;
   for (int c0 = first; c0 < last; c0 += 32) {
     const int mine = c0 + lane;
-    const float w = mine < last ? Exp2(ms[mine] - base) : 0.0f;
+    const float w = mine < last ? FastExp2(ms[mine] - base) : 0.0f;
     l += mine < last ? w * ls[mine] : 0.0f;
     const int n = min(32, last - c0);
     for (int j0 = 0; j0 < n; j0 += kBatch) {
