@@ -35,7 +35,7 @@ int RunLocalGenerate(const GenerateOptions& o) {
   auto ids = (*tokenizer)->Encode(o.prompt, o.add_special_tokens);
   if (!ids.ok()) return Fail(ids.status());
   req.prompt = *ids;
-  engine::ModelRunnerOptions options;
+  engine::ModelRunnerOptions options = engine::RunnerOptionsFor(engine::EngineConfig());
   options.num_threads = o.threads;
   options.page_size = o.page_size;
   // Enough KV for this request, in whole pages.

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -167,7 +168,7 @@ class EngineTest : public ::testing::Test {
     ASSERT_GE(long_prompt_->size(), 300u);
     // Mixed-length fillers, their greedy continuations computed alone by the offline Generator.
     fillers_ = new std::vector<Case>();
-    ModelRunnerOptions o;
+    ModelRunnerOptions o = RunnerOptionsFor(EngineConfig());
     o.num_pages = 64;
     o.max_step_tokens = 512;
     auto runner = ModelRunner::Load(ModelDir(), o);
@@ -193,13 +194,11 @@ class EngineTest : public ::testing::Test {
 
   static EngineConfig Config(int32_t page_size = 16, int32_t num_pages = 256) {
     EngineConfig c;
-    c.model_dir = ModelDir();
-    c.model_name = "embedded";
-    c.runner.page_size = page_size;
-    c.runner.num_pages = num_pages;
-    c.runner.max_step_tokens = 256;
-    c.runner.max_step_logits = 64;
-    c.runner.num_threads = 1;
+    c.model.directory = ModelDir();
+    c.model.name = "embedded";
+    c.model.cpu_threads = 1;
+    c.kv_cache.page_size_tokens = page_size;
+    c.kv_cache.num_pages = num_pages;
     c.scheduler.max_batch_tokens = 256;
     c.scheduler.prefill_chunk_tokens = 64;
     return c;
@@ -297,17 +296,35 @@ TEST_F(EngineTest, GreedyAloneEqualsGolden) {
   EXPECT_EQ(info.context_tokens, 256 * 16);
   EXPECT_EQ(info.vocab_size, 4096);
   EXPECT_EQ(info.page_size, 16);
+  EXPECT_EQ(info.dtype, "float32");
+  EXPECT_EQ(info.attention_policy, "prefill=dense decode=dense");
+  EXPECT_EQ(info.eos_token_ids, e->tokenizer().eos_ids());  // config.json's are the tokenizer's
+}
+
+// kv_cache.num_pages 0: the pool is sized from the free memory by the backend's page size, and
+// capped at what max_running_requests full contexts can use.
+TEST_F(EngineTest, DerivesTheKvPoolSizeFromFreeMemory) {
+  EngineConfig c = Config();
+  c.kv_cache.num_pages = 0;
+  c.model.max_context_tokens = 1000;
+  c.scheduler.max_running_requests = 4;
+  auto e = Make(c);
+  ASSERT_NE(e, nullptr);
+  // 4 x ceil(1000 / 16) pages (64 KiB each for the embedded model: the memory allows more).
+  EXPECT_EQ(e->model_info().kv_pages, 4 * 63);
+  auto sink = Run(*e, (*golden_)[0]);
+  ASSERT_TRUE(sink->WaitFinished());
+  EXPECT_EQ(sink->tokens(), (*golden_)[0].want);
 }
 
 // 20 requests of mixed lengths from four threads, on two workers per pool, with pages of 4 so
 // that identical prompts share cached pages while they run.
 TEST_F(EngineTest, ConcurrentRequestsFromSeveralThreadsEqualTheirAloneOutputs) {
   EngineConfig c = Config(/*page_size=*/4, /*num_pages=*/1024);
-  c.scheduler.prefill_workers = 2;
-  c.scheduler.decode_workers = 2;
+  c.pools.prefill_workers = 2;
+  c.pools.decode_workers = 2;
   c.scheduler.max_batch_tokens = 96;
   c.scheduler.prefill_chunk_tokens = 40;
-  c.runner.max_step_tokens = 96;
   auto e = Make(c);
   ASSERT_NE(e, nullptr);
   std::vector<const Case*> cases;
@@ -519,8 +536,8 @@ TEST_F(EngineTest, SubmitValidatesEveryField) {
   ASSERT_TRUE(e->WaitIdle(kWait));
   EXPECT_EQ(sink->finishes(), 2);  // only the two accepted requests
 
-  c.max_context_tokens = 50;
-  c.runner.num_pages = 64;
+  c.model.max_context_tokens = 50;
+  c.kv_cache.num_pages = 64;
   auto limited = Make(c);
   ASSERT_NE(limited, nullptr);
   msg = limited->Submit(Greedy({1, 2, 3}, 48, sink)).status();
@@ -539,13 +556,42 @@ TEST_F(EngineTest, CreateRejectsBadConfigs) {
   c.scheduler.max_queued_requests = 0;
   EXPECT_EQ(Engine::Create(c, nullptr).status().code(), absl::StatusCode::kInvalidArgument);
   c = Config();
-  c.max_context_tokens = 1 << 30;  // beyond max_position_embeddings
+  c.pools.decode_priority = "urgent";
+  EXPECT_THAT(std::string(Engine::Create(c, nullptr).status().message()),
+              HasSubstr("pools.decode_priority must be one of: high, normal, got 'urgent'"));
+  c = Config();
+  c.attention.decode.method = "quest";
+  EXPECT_THAT(std::string(Engine::Create(c, nullptr).status().message()),
+              HasSubstr("attention.decode.method must be one of: dense, got 'quest'"));
+  c = Config();
+  c.model.dtype = "bfloat16";
+  EXPECT_THAT(std::string(Engine::Create(c, nullptr).status().message()),
+              HasSubstr("model.dtype bfloat16 is not what the cpu backend computes in"));
+  c = Config();
+  c.model.devices = {0};
+  EXPECT_THAT(std::string(Engine::Create(c, nullptr).status().message()),
+              HasSubstr("model.devices must be empty with model.backend cpu"));
+  c = Config();
+  c.model.directory = ::testing::TempDir() + "/no_such_model";
+  EXPECT_FALSE(Engine::Create(c, nullptr).ok());
+
+  // A context limit beyond the model's: the embedded model with max_position_embeddings 64.
+  const std::string dir = ::testing::TempDir() + "/short_context_model";
+  std::filesystem::create_directories(dir);
+  for (const char* f : {"model.safetensors", "tokenizer.json", "tokenizer_config.json"}) {
+    std::filesystem::copy_file(ModelDir() + "/" + f, dir + "/" + f,
+                               std::filesystem::copy_options::overwrite_existing);
+  }
+  std::ifstream in(ModelDir() + "/config.json");
+  nlohmann::json model = nlohmann::json::parse(in);
+  model["max_position_embeddings"] = 64;
+  std::ofstream(dir + "/config.json") << model.dump();
+  c = Config();
+  c.model.directory = dir;
+  c.model.max_context_tokens = 100;
   auto st = Engine::Create(c, nullptr).status();
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(std::string(st.message()), HasSubstr("max_position_embeddings"));
-  c = Config();
-  c.model_dir = ::testing::TempDir() + "/no_such_model";
-  EXPECT_FALSE(Engine::Create(c, nullptr).ok());
+  EXPECT_THAT(std::string(st.message()), HasSubstr("max_position_embeddings (64)"));
 }
 
 TEST_F(EngineTest, DrainingRefusesNewRequestsAndFinishesOldOnes) {
@@ -671,7 +717,7 @@ TEST_F(EngineTest, WorkerSamplingEqualsTheOfflineGenerator) {
   requests[1].sampling.frequency_penalty = 0.4f;
   requests[2].sampling.min_p = 0.05f;
   requests[2].sampling.temperature = 1.2f;
-  ModelRunnerOptions o;
+  ModelRunnerOptions o = RunnerOptionsFor(Config());
   o.num_pages = 64;
   o.max_step_tokens = 512;
   auto runner = ModelRunner::Load(ModelDir(), o);

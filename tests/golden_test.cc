@@ -56,7 +56,7 @@ class GoldenTest : public ::testing::Test {
   }
 
   static std::unique_ptr<ModelRunner> Runner(int32_t page_size, int32_t max_step_tokens) {
-    ModelRunnerOptions o;
+    ModelRunnerOptions o = RunnerOptionsFor(EngineConfig());
     o.page_size = page_size;
     o.num_pages = 4096 / page_size * 4;
     o.max_step_tokens = max_step_tokens;

@@ -66,7 +66,7 @@ double RelativeError(absl::Span<const float> got, absl::Span<const float> want) 
 
 std::unique_ptr<ModelRunner> Runner(const std::string& backend, int32_t page_size,
                                     int32_t max_step_tokens) {
-  ModelRunnerOptions o;
+  ModelRunnerOptions o = RunnerOptionsFor(EngineConfig());
   o.backend = backend;
   o.page_size = page_size;
   o.num_pages = 4096 / page_size * 4;

@@ -665,7 +665,7 @@ TEST(CudaSampleEngineTest, DeviceSamplingEqualsHostSamplingEndToEnd) {
       tok->get()->Encode("Once upon a time, in a land far away,").value(),
       tok->get()->Encode("1, 2, 3, 4,").value()};
   // Host sampling: the Generator's Forward + SampleToken on the CUDA runner, one request at a time.
-  ModelRunnerOptions o;
+  ModelRunnerOptions o = RunnerOptionsFor(EngineConfig());
   o.backend = "cuda";
   o.num_pages = 64;
   o.max_step_tokens = 256;
@@ -686,9 +686,9 @@ TEST(CudaSampleEngineTest, DeviceSamplingEqualsHostSamplingEndToEnd) {
   }
   // Device sampling: the engine, one request at a time, whole prompt in one prefill step.
   EngineConfig c;
-  c.model_dir = ModelDir();
-  c.runner = o;
-  c.runner.max_step_logits = 64;
+  c.model.directory = ModelDir();
+  c.model.backend = "cuda";
+  c.kv_cache.num_pages = 64;
   c.scheduler.max_batch_tokens = 256;
   c.scheduler.prefill_chunk_tokens = 256;
   auto engine = Engine::Create(c, nullptr);
