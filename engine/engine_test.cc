@@ -14,7 +14,7 @@
 #include <sstream>
 #include <thread>
 
-#include "engine/generator.h"
+#include "engine/model_runner.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -166,24 +166,23 @@ class EngineTest : public ::testing::Test {
     long_prompt_ =
         new std::vector<int32_t>(golden["logits"].back()["ids"].get<std::vector<int32_t>>());
     ASSERT_GE(long_prompt_->size(), 300u);
-    // Mixed-length fillers, their greedy continuations computed alone by the offline Generator.
+    // Mixed-length fillers, their greedy continuations computed alone, each prompt prefilled in
+    // one step.
     fillers_ = new std::vector<Case>();
-    ModelRunnerOptions o = RunnerOptionsFor(EngineConfig());
-    o.num_pages = 64;
-    o.max_step_tokens = 512;
-    auto runner = ModelRunner::Load(ModelDir(), o);
-    ASSERT_TRUE(runner.ok()) << runner.status();
-    auto tok = Tokenizer::FromDirectory(ModelDir());
-    ASSERT_TRUE(tok.ok()) << tok.status();
-    Generator gen(**runner, **tok);
+    EngineConfig c = Config();
+    c.scheduler.max_batch_tokens = 512;
+    c.scheduler.prefill_chunk_tokens = 512;
+    auto engine = Engine::Create(c, nullptr);
+    ASSERT_TRUE(engine.ok()) << engine.status();
     for (int len : {21, 47, 90, 160, 301}) {
-      GenerationRequest r;
-      r.prompt.assign(long_prompt_->begin(), long_prompt_->begin() + len);
-      r.sampling.temperature = 0;
-      r.stop.max_tokens = 12 + len % 9;
-      auto out = gen.Generate({r});
-      ASSERT_TRUE(out.ok()) << out.status();
-      fillers_->push_back({r.prompt, (*out)[0].tokens, r.stop.max_tokens});
+      Case f;
+      f.prompt.assign(long_prompt_->begin(), long_prompt_->begin() + len);
+      f.max_tokens = 12 + len % 9;
+      auto sink = std::make_shared<RecordingSink>();
+      ASSERT_TRUE((*engine)->Submit(Greedy(f.prompt, f.max_tokens, sink)).ok());
+      ASSERT_TRUE(sink->WaitFinished());
+      f.want = sink->tokens();
+      fillers_->push_back(std::move(f));
     }
   }
   static void TearDownTestSuite() {
@@ -695,14 +694,46 @@ TEST_F(EngineTest, SeededSamplingIsReproducibleAndReportsLogprobs) {
   }
 }
 
+// The reference of seeded sampling: one sequence on `runner` (the prompt in one step, then one
+// token per step), each token drawn by SampleToken on this thread from SamplerRng(seed), which
+// takes one draw per token.
+std::vector<SampledToken> HostSampled(ModelRunner& runner, const std::vector<int32_t>& prompt,
+                                      const SamplingParams& params, int32_t n) {
+  std::vector<int32_t> tokens = prompt;
+  std::vector<int32_t> pages;
+  const int32_t ps = runner.options().page_size;
+  for (int32_t p = 0; p * ps < static_cast<int32_t>(prompt.size()) + n; ++p) pages.push_back(p);
+  TokenHistory history;
+  history.AddPrompt(prompt);
+  SamplerRng rng(*params.seed);
+  std::vector<SampledToken> out;
+  for (int32_t cached = 0; static_cast<int32_t>(out.size()) < n;) {
+    SequenceStep step;
+    step.tokens = absl::MakeConstSpan(tokens).subspan(cached);
+    step.num_cached = cached;
+    step.pages = pages;
+    step.want_logits = true;
+    std::vector<float> logits;
+    EXPECT_TRUE(runner.Forward({step}, logits).ok());
+    cached = static_cast<int32_t>(tokens.size());
+    absl::StatusOr<SampledToken> token = SampleToken(absl::MakeSpan(logits), params, history, rng);
+    EXPECT_TRUE(token.ok()) << token.status();
+    if (!token.ok()) break;
+    tokens.push_back(token->id);
+    history.AddGenerated(token->id);
+    out.push_back(*token);
+  }
+  return out;
+}
+
 // The decode workers sample with the draw the scheduler thread took from the request's stream
 // when it built the step, reading the request's token history: with a seed, the engine's tokens
-// and logprobs equal those of the offline Generator, which samples on its own thread with
-// SampleToken, for penalties and filters alike (one draw per token on both paths).
-TEST_F(EngineTest, WorkerSamplingEqualsTheOfflineGenerator) {
-  std::vector<GenerationRequest> requests(3);
+// and logprobs equal those of SampleToken on the host, for penalties and filters alike (one
+// draw per token on both paths).
+TEST_F(EngineTest, WorkerSamplingEqualsHostSampling) {
+  std::vector<RequestSpec> requests(3);
   for (size_t i = 0; i < requests.size(); ++i) {
-    GenerationRequest& g = requests[i];
+    RequestSpec& g = requests[i];
     g.prompt = (*golden_)[i].prompt;
     g.sampling.seed = 77 + i;
     g.sampling.return_logprob = true;
@@ -722,34 +753,25 @@ TEST_F(EngineTest, WorkerSamplingEqualsTheOfflineGenerator) {
   o.max_step_tokens = 512;
   auto runner = ModelRunner::Load(ModelDir(), o);
   ASSERT_TRUE(runner.ok()) << runner.status();
-  auto tok = Tokenizer::FromDirectory(ModelDir());
-  ASSERT_TRUE(tok.ok()) << tok.status();
-  Generator gen(**runner, **tok);
-  auto offline = gen.Generate(requests);
-  ASSERT_TRUE(offline.ok()) << offline.status();
 
   auto e = Make(Config());
   ASSERT_NE(e, nullptr);
   // One request at a time: batches that depend on timing would change the fp32 logits in their
   // last bits, and a draw near a CDF boundary could then go either way.
-  std::vector<std::shared_ptr<RecordingSink>> sinks;
-  for (const GenerationRequest& g : requests) {
+  for (size_t i = 0; i < requests.size(); ++i) {
+    const std::vector<SampledToken> host =
+        HostSampled(**runner, requests[i].prompt, requests[i].sampling, 20);
     auto sink = std::make_shared<RecordingSink>();
-    RequestSpec s;
-    s.prompt = g.prompt;
-    s.sampling = g.sampling;
-    s.stop = g.stop;
+    RequestSpec s = requests[i];
     s.sink = sink;
     ASSERT_TRUE(e->Submit(std::move(s)).ok());
     ASSERT_TRUE(sink->WaitFinished());
-    sinks.push_back(sink);
-  }
-  for (size_t i = 0; i < sinks.size(); ++i) {
-    EXPECT_EQ(sinks[i]->tokens(), (*offline)[i].tokens) << "request " << i;
-    const std::vector<TokenLogprob> lp = sinks[i]->logprobs();
-    ASSERT_EQ(lp.size(), (*offline)[i].logprobs.size());
-    for (size_t t = 0; t < lp.size(); ++t) {
-      EXPECT_NEAR(lp[t].logprob, (*offline)[i].logprobs[t], 1e-4) << "request " << i;
+    const std::vector<TokenLogprob> lp = sink->logprobs();
+    ASSERT_EQ(sink->tokens().size(), host.size()) << "request " << i;
+    ASSERT_EQ(lp.size(), host.size());
+    for (size_t t = 0; t < host.size(); ++t) {
+      EXPECT_EQ(sink->tokens()[t], host[t].id) << "request " << i << " token " << t;
+      EXPECT_NEAR(lp[t].logprob, host[t].logprob, 1e-4) << "request " << i;
     }
   }
   ASSERT_TRUE(e->WaitIdle(kWait));
