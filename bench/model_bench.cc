@@ -186,7 +186,7 @@ int Run(const Args& a) {
   int64_t max_kv = 0;
   for (int64_t n : a.prefill) max_kv = std::max(max_kv, n + 1);
   for (auto [b, c] : a.decode) max_kv = std::max(max_kv, b * (c + a.page_size + 1));
-  engine::ModelRunnerOptions o;
+  engine::ModelRunnerOptions o = engine::RunnerOptionsFor(engine::EngineConfig());
   o.backend = a.backend;
   o.weights = "random";
   o.random_seed = 1;

@@ -1,5 +1,6 @@
-// `sieve generate --model DIR`: generation in-process from a checkpoint directory, without a
-// daemon (CPU backend, one request, the engine's offline Generator).
+// `sieve generate --model DIR`: generation in-process, without a daemon: the real Engine (the
+// same scheduler, workers, sampling, EOS ids and limits as sieved), configured by the daemon's
+// configuration loader (an optional --config file, then the --set overrides).
 #ifndef SIEVE_CLI_LOCAL_H_
 #define SIEVE_CLI_LOCAL_H_
 
@@ -8,8 +9,10 @@
 namespace sieve::cli {
 
 // Streams the continuation of options.prompt to stdout and a summary (finish reason, token
-// counts, timings) to stderr. Returns the process exit code: 0 on success, 1 on failure (the
-// error is printed).
+// counts, timings) to stderr. Without --config and without an override of kv_cache.num_pages,
+// the KV pool holds just this request (prompt + max_tokens) instead of the daemon's default
+// pool. Returns the process exit code: 0 on success, 1 on failure (the error is printed), 2 for
+// an invalid configuration.
 int RunLocalGenerate(const GenerateOptions& options);
 
 }  // namespace sieve::cli

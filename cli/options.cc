@@ -77,6 +77,7 @@ absl::StatusOr<GenerateOptions> ParseGenerateOptions(int argc, char** argv) {
       SIEVE_CLI_SET(o.target, args.Value(name));
     } else if (name == "--model") {
       SIEVE_CLI_SET(o.model_dir, args.Value(name));
+      o.overrides.push_back(absl::StrCat("model.directory=", o.model_dir));
     } else if (name == "--model-name") {
       SIEVE_CLI_SET(o.model_name, args.Value(name));
     } else if (name == "--max-tokens") {
@@ -110,7 +111,15 @@ absl::StatusOr<GenerateOptions> ParseGenerateOptions(int argc, char** argv) {
     } else if (name == "--threads") {
       SIEVE_CLI_SET(o.threads, args.Number<int32_t>(name));
     } else if (name == "--page-size") {
-      SIEVE_CLI_SET(o.page_size, args.Number<int32_t>(name));
+      int32_t page_size = 0;
+      SIEVE_CLI_SET(page_size, args.Number<int32_t>(name));
+      o.overrides.push_back(absl::StrCat("kv_cache.page_size_tokens=", page_size));
+    } else if (name == "--config") {
+      SIEVE_CLI_SET(o.config_path, args.Value(name));
+    } else if (name == "--set") {
+      std::string assignment;
+      SIEVE_CLI_SET(assignment, args.Value(name));
+      o.overrides.push_back(std::move(assignment));
     } else if (name.starts_with("--")) {
       return absl::InvalidArgumentError(absl::StrCat("unknown option ", name));
     } else if (!have_prompt) {

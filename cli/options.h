@@ -45,7 +45,8 @@ class Args {
 // Everything `sieve generate` accepts. Unset optionals keep the defaults of the mode that runs.
 struct GenerateOptions {
   std::string target = kDefaultTarget;  // gRPC server address (client mode)
-  std::string model_dir;                // --model DIR: generate in-process instead
+  std::string model_dir;                // --model DIR: generate in-process instead (also an
+                                        // override of model.directory)
   std::string model_name;               // --model-name: served model to ask for (client mode)
   std::string prompt;
   int32_t max_tokens = 64;
@@ -62,7 +63,11 @@ struct GenerateOptions {
   std::optional<double> timeout_s;      // client mode: the call's deadline
   std::string request_id;               // client mode
   int threads = 0;                      // in-process mode: CPU threads (0 = all)
-  int32_t page_size = 16;               // in-process mode: KV page size in tokens
+  // In-process mode: the daemon's configuration file (--config), and its key overrides in
+  // command-line order (--set KEY=VALUE; --model DIR and --page-size N add
+  // model.directory=DIR and kv_cache.page_size_tokens=N).
+  std::string config_path;
+  std::vector<std::string> overrides;
   bool help = false;
 };
 

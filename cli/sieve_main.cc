@@ -2,6 +2,7 @@
 //
 //   sieve generate [--target ADDR] [options] PROMPT   stream a completion from a running sieved
 //   sieve generate --model DIR [options] PROMPT       generate in-process from a checkpoint
+//   sieve generate --config FILE [options] PROMPT     ... configured as sieved (--set KEY=VALUE)
 //   sieve health | tokenize | models                  ask a running sieved
 //
 // Text streams to stdout as it is generated; per-phase timings go to stderr at the end. In a
@@ -23,7 +24,8 @@ constexpr char kUsage[] = R"(usage: sieve COMMAND [options]
 
 commands:
   generate PROMPT         stream a completion from the server at --target (default
-                          localhost:50051); with --model DIR, generate in-process instead
+                          localhost:50051); with --model DIR or --config FILE, generate
+                          in-process instead
   health                  print the server's health: SERVING or NOT_SERVING
   tokenize TEXT           print the token ids of TEXT
   models                  list the served models
@@ -39,7 +41,8 @@ timings (queue, prefill, time to first token, decode) to stderr.
 where:
   --target ADDR          server address (default localhost:50051)
   --model DIR            generate in-process from the checkpoint in DIR (config.json,
-                         *.safetensors, tokenizer.json) on the CPU, without a server
+                         *.safetensors, tokenizer.json) with the engine sieved runs, without
+                         a server (also --set model.directory=DIR)
   --model-name NAME      served model to use (default: the server's default model)
 options:
   --max-tokens N         tokens to generate (default 64)
@@ -57,8 +60,14 @@ server only:
   --timeout SECONDS      the call's deadline; the server cancels the request when it passes
   --request-id ID        id echoed by the server and written to its logs
 in-process only:
-  --threads N            CPU threads (default: all)
-  --page-size N          KV page size in tokens (default 16)
+  --config FILE          generate in-process, configured by this sieved YAML file (backend,
+                         KV cache, scheduler, ...); without it every key takes its default,
+                         except that the KV pool holds just this request (`sieved --help`
+                         lists the keys)
+  --set KEY=VALUE        override one configuration key (repeatable), e.g.
+                         --set model.backend=cuda
+  --threads N            CPU threads of the cpu backend (default: all)
+  --page-size N          same as --set kv_cache.page_size_tokens=N
 )";
 
 int Generate(int argc, char** argv) {
@@ -71,7 +80,14 @@ int Generate(int argc, char** argv) {
     std::cout << kGenerateUsage;
     return 0;
   }
-  if (!options->model_dir.empty()) return RunLocalGenerate(*options);
+  if (!options->model_dir.empty() || !options->config_path.empty()) {
+    return RunLocalGenerate(*options);
+  }
+  if (!options->overrides.empty()) {
+    std::cerr << "sieve: --set and --page-size configure the in-process mode; add --model DIR "
+                 "or --config FILE\n";
+    return 2;
+  }
 #ifdef SIEVE_CLI_WITH_GRPC
   return RunRemoteGenerate(*options);
 #else

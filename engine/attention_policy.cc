@@ -2,6 +2,8 @@
 
 #include <vector>
 
+#include "absl/types/span.h"
+
 #include "absl/strings/str_cat.h"
 
 namespace sieve::engine {
@@ -11,17 +13,14 @@ absl::Status DenseAttentionPolicy::Plan(const AttentionStep&, AttentionPlan& pla
   return absl::OkStatus();
 }
 
-const std::vector<std::string_view>& AttentionMethods(AttentionPhase phase) {
-  static const auto* const kPrefill = new std::vector<std::string_view>{"dense"};
-  static const auto* const kDecode = new std::vector<std::string_view>{"dense"};
-  return phase == AttentionPhase::kPrefill ? *kPrefill : *kDecode;
-}
-
 absl::StatusOr<std::unique_ptr<AttentionPolicy>> MakeAttentionPolicy(std::string_view method,
                                                                       AttentionPhase phase) {
   if (method == "dense") return std::unique_ptr<AttentionPolicy>(new DenseAttentionPolicy());
   std::string known;
-  for (std::string_view m : AttentionMethods(phase)) {
+  const auto& methods = phase == AttentionPhase::kPrefill
+                            ? absl::MakeConstSpan(kPrefillAttentionMethods)
+                            : absl::MakeConstSpan(kDecodeAttentionMethods);
+  for (std::string_view m : methods) {
     absl::StrAppend(&known, known.empty() ? "" : ", ", std::string(m));
   }
   return absl::InvalidArgumentError(absl::StrCat(

@@ -21,6 +21,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "engine/attention_methods.h"
 #include "engine/attention_plan.h"
 #include "engine/backend.h"
 
@@ -60,11 +61,8 @@ class DenseAttentionPolicy final : public AttentionPolicy {
   absl::Status Plan(const AttentionStep& step, AttentionPlan& plan) override;
 };
 
-// The attention methods a phase accepts, for validation and help text.
-const std::vector<std::string_view>& AttentionMethods(AttentionPhase phase);
-
-// Makes the policy named `method` for `phase`. InvalidArgument naming the methods there are for
-// an unknown name.
+// Makes the policy named `method` (one of kPrefillAttentionMethods / kDecodeAttentionMethods,
+// attention_methods.h) for `phase`. InvalidArgument naming the methods there are otherwise.
 absl::StatusOr<std::unique_ptr<AttentionPolicy>> MakeAttentionPolicy(std::string_view method,
                                                                       AttentionPhase phase);
 

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/engine_config.h"
 #include "engine/model_runner.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -188,7 +189,8 @@ std::vector<float> PromptLogits(ModelWorker& worker, absl::Status* status = null
 }
 
 TEST(AttentionPolicyTest, WorkersExecuteTheirPoliciesPlans) {
-  ModelRunnerOptions o;
+  ModelRunnerOptions o = RunnerOptionsFor(EngineConfig());
+  o.num_threads = 1;
   o.page_size = 16;
   o.num_pages = 16;
   o.max_step_tokens = 64;

@@ -160,6 +160,11 @@ class Backend {
   virtual int64_t KvPageBytes(int32_t num_layers, int32_t page_size,
                               const AttentionShape& shape) const = 0;
 
+  // Bytes this backend could still allocate for the KV pool now (for sizing the pool from a
+  // memory budget once the weights are in): the device's free memory on a GPU, the host's
+  // available memory on the CPU. Unimplemented for a backend that cannot tell.
+  virtual absl::StatusOr<int64_t> AvailableMemoryBytes() const;
+
   // Creates a stream for one worker thread.
   virtual absl::StatusOr<std::unique_ptr<BackendStream>> CreateStream(
       const StreamOptions& options) = 0;
@@ -285,6 +290,10 @@ class Backend {
   // The graph-step counters of `stream`.
   virtual StepGraphStats GraphStats(const BackendStream& stream) const { return {}; }
 };
+
+inline absl::StatusOr<int64_t> Backend::AvailableMemoryBytes() const {
+  return absl::UnimplementedError("this backend cannot report its free memory");
+}
 
 inline absl::StatusOr<StepGraphMode> Backend::BeginGraphStep(BackendStream&, const BatchLayout&,
                                                              absl::Span<const int32_t>) {

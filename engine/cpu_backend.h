@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "engine/backend.h"
+#include "engine/kv_budget.h"
 
 namespace sieve::engine {
 
@@ -22,6 +23,10 @@ class CpuBackend final : public Backend {
                                const AttentionShape& shape) override;
   int64_t KvPageBytes(int32_t num_layers, int32_t page_size,
                       const AttentionShape& shape) const override;
+  // The host's available memory (HostAvailableMemoryBytes).
+  absl::StatusOr<int64_t> AvailableMemoryBytes() const override {
+    return HostAvailableMemoryBytes();
+  }
   absl::StatusOr<std::unique_ptr<BackendStream>> CreateStream(
       const StreamOptions& options) override;
   absl::Status BeginStep(BackendStream& stream, const BatchLayout& layout) override;

@@ -13,36 +13,14 @@
 namespace sieve::engine {
 namespace {
 
-absl::Status ValidateConfig(const EngineConfig& c) {
-  const SchedulerConfig& s = c.scheduler;
-  if (s.max_queued_requests <= 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("scheduler.max_queued_requests must be > 0, got ", s.max_queued_requests));
+// config.json's EOS ids, then the tokenizer's, without repeats: what every request stops on.
+std::vector<int32_t> EosIds(const ModelConfig& model, const Tokenizer& tokenizer) {
+  std::vector<int32_t> ids;
+  for (int64_t id : model.eos_token_ids) ids.push_back(static_cast<int32_t>(id));
+  for (int32_t id : tokenizer.eos_ids()) {
+    if (std::find(ids.begin(), ids.end(), id) == ids.end()) ids.push_back(id);
   }
-  if (s.max_queued_tokens <= 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("scheduler.max_queued_tokens must be > 0, got ", s.max_queued_tokens));
-  }
-  if (c.max_context_tokens < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("max_context_tokens must be >= 0, got ", c.max_context_tokens));
-  }
-  return absl::OkStatus();
-}
-
-SchedulerOptions MakeSchedulerOptions(const EngineConfig& c) {
-  SchedulerOptions o;
-  o.page_size = c.runner.page_size;
-  o.num_pages = c.runner.num_pages;
-  o.max_batch_tokens = c.scheduler.max_batch_tokens;
-  o.prefill_chunk_tokens = c.scheduler.prefill_chunk_tokens;
-  o.max_running_requests = c.scheduler.max_running_requests;
-  o.prefill_workers = c.scheduler.prefill_workers;
-  o.decode_workers = c.scheduler.decode_workers;
-  o.max_worker_tokens = c.runner.max_step_tokens;
-  o.max_worker_sequences = c.runner.max_step_logits;
-  o.enable_prefix_caching = c.scheduler.enable_prefix_caching;
-  return o;
+  return ids;
 }
 
 }  // namespace
@@ -63,38 +41,44 @@ Engine::Impl::~Impl() {
 absl::Status Engine::Impl::Init(const EngineConfig& config, EngineObserver* observer) {
   config_ = config;
   observer_ = observer;
-  SIEVE_RETURN_IF_ERROR(ValidateConfig(config));
-  scheduler_options_ = MakeSchedulerOptions(config);
+  SIEVE_RETURN_IF_ERROR(config.Validate());
+  const ServedModelConfig& model = config.model;
+  SIEVE_ASSIGN_OR_RETURN(tokenizer_, Tokenizer::FromDirectory(model.tokenizer_directory.empty()
+                                                                  ? model.directory
+                                                                  : model.tokenizer_directory));
+  SIEVE_ASSIGN_OR_RETURN(runner_, ModelRunner::Load(model.directory, RunnerOptionsFor(config)));
+  scheduler_options_ = SchedulerOptionsFor(config, runner_->options().num_pages);
   SIEVE_RETURN_IF_ERROR(scheduler_options_.Validate());
-  SIEVE_ASSIGN_OR_RETURN(tokenizer_, Tokenizer::FromDirectory(
-                                         config.tokenizer_dir.empty() ? config.model_dir
-                                                                      : config.tokenizer_dir));
-  SIEVE_ASSIGN_OR_RETURN(runner_, ModelRunner::Load(config.model_dir, config.runner));
   const ModelConfig& mc = runner_->config();
   vocab_size_ = static_cast<int32_t>(mc.vocab_size);
-  if (config.max_context_tokens > 0 && mc.max_position_embeddings > 0 &&
-      config.max_context_tokens > mc.max_position_embeddings) {
+  if (model.max_context_tokens > 0 && mc.max_position_embeddings > 0 &&
+      model.max_context_tokens > mc.max_position_embeddings) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "max_context_tokens (", config.max_context_tokens,
+        "model.max_context_tokens (", model.max_context_tokens,
         ") exceeds the model's max_position_embeddings (", mc.max_position_embeddings, ")"));
   }
-  context_limit_ = config.max_context_tokens > 0    ? config.max_context_tokens
+  context_limit_ = model.max_context_tokens > 0     ? model.max_context_tokens
                    : mc.max_position_embeddings > 0 ? mc.max_position_embeddings
                                                     : std::numeric_limits<int64_t>::max();
-  for (int64_t id : mc.eos_token_ids) eos_ids_.push_back(static_cast<int32_t>(id));
-  for (int32_t id : tokenizer_->eos_ids()) {
-    if (std::find(eos_ids_.begin(), eos_ids_.end(), id) == eos_ids_.end()) eos_ids_.push_back(id);
-  }
+  eos_ids_ = EosIds(mc, *tokenizer_);
 
   // One ModelWorker per pool thread, created before any thread runs.
   std::vector<StepFunction> steps[2];
-  const int32_t counts[2] = {config.scheduler.prefill_workers, config.scheduler.decode_workers};
-  const StreamOptions stream_options[2] = {
-      {.priority = StreamPriority::kNormal}, {.priority = config.decode_stream_priority}};
+  const int32_t counts[2] = {config.pools.prefill_workers, config.pools.decode_workers};
+  const StreamPriority decode_priority =
+      config.pools.decode_priority == "normal" ? StreamPriority::kNormal : StreamPriority::kHigh;
+  const StreamOptions stream_options[2] = {{.priority = StreamPriority::kNormal},
+                                           {.priority = decode_priority}};
+  // Each worker plans its attention with its own policy of its pool's method.
+  const std::string* methods[2] = {&config.attention.prefill.method,
+                                   &config.attention.decode.method};
+  const AttentionPhase phases[2] = {AttentionPhase::kPrefill, AttentionPhase::kDecode};
   for (int pool = 0; pool < 2; ++pool) {
     for (int32_t i = 0; i < counts[pool]; ++i) {
+      SIEVE_ASSIGN_OR_RETURN(std::unique_ptr<AttentionPolicy> policy,
+                             MakeAttentionPolicy(*methods[pool], phases[pool]));
       SIEVE_ASSIGN_OR_RETURN(std::unique_ptr<ModelWorker> worker,
-                             runner_->CreateWorker(stream_options[pool]));
+                             runner_->CreateWorker(stream_options[pool], std::move(policy)));
       ModelWorker* raw = worker.get();
       model_workers_.push_back(std::move(worker));
       steps[pool].push_back(
@@ -249,9 +233,10 @@ EngineLoad Engine::Impl::load() const {
 ModelInfo Engine::Impl::model_info() const {
   const ModelConfig& mc = runner_->config();
   ModelInfo info;
-  info.name = config_.model_name;
+  info.name = config_.model.name;
   info.architecture = std::string(ArchitectureName(mc.architecture));
   info.backend = std::string(runner_->backend_name());
+  info.dtype = std::string(BackendDtype(info.backend));
   const int64_t pool = int64_t{scheduler_options_.num_pages} * scheduler_options_.page_size;
   info.context_tokens = static_cast<int32_t>(
       std::min<int64_t>({context_limit_, pool, std::numeric_limits<int32_t>::max()}));
@@ -260,7 +245,8 @@ ModelInfo Engine::Impl::model_info() const {
   info.num_q_heads = static_cast<int32_t>(mc.num_attention_heads);
   info.num_kv_heads = static_cast<int32_t>(mc.num_key_value_heads);
   info.head_dim = static_cast<int32_t>(mc.head_dim);
-  info.attention_policy = "prefill=dense decode=dense";
+  info.attention_policy = config_.attention.Describe();
+  info.eos_token_ids = eos_ids_;
   info.kv_pages = scheduler_options_.num_pages;
   info.page_size = scheduler_options_.page_size;
   return info;

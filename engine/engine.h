@@ -10,10 +10,12 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "engine/engine_config.h"
 #include "engine/model_config.h"
 #include "engine/model_runner.h"
 #include "engine/observer.h"
@@ -22,46 +24,27 @@
 
 namespace sieve::engine {
 
-struct SchedulerConfig {
-  int32_t max_batch_tokens = 2048;     // token budget of one step, prefill chunks + decodes
-  int32_t prefill_chunk_tokens = 512;  // most prompt tokens of one request in one step
-  int32_t max_running_requests = 64;   // prefilling + decoding
-  int32_t max_queued_requests = 256;   // beyond: Submit returns ResourceExhausted
-  int64_t max_queued_tokens = 1 << 20; // prompt tokens waiting; beyond: ResourceExhausted
-  bool enable_prefix_caching = true;
-  int32_t prefill_workers = 1;         // threads of the prefill pool
-  int32_t decode_workers = 1;          // threads of the decode pool
-};
-
-struct EngineConfig {
-  std::string model_dir;               // Hugging Face checkpoint directory
-  std::string tokenizer_dir;           // where tokenizer.json is; empty = model_dir
-  std::string model_name;              // served name (ListModels)
-  ModelRunnerOptions runner;           // backend, KV pages and page size, step limits
-  SchedulerConfig scheduler;
-  int32_t max_context_tokens = 0;      // prompt + max_tokens limit; 0 = the model's
-  // Priority of the decode pool's backend streams (the prefill pool's are kNormal). kHigh lets a
-  // decode step's kernels start ahead of a concurrent prefill chunk's waiting blocks on a GPU,
-  // which bounds the inter-token latency of running requests while long prompts prefill.
-  StreamPriority decode_stream_priority = StreamPriority::kHigh;
-};
-
 // Static facts about the served model, for GetModelInfo.
 struct ModelInfo {
   std::string name;
   std::string architecture;            // "llama", "mistral", "qwen2"
   std::string backend;                 // "cpu", "cuda"
+  std::string dtype;                   // what the backend computes in: "float32", "bfloat16"
   int32_t context_tokens = 0;
   int32_t vocab_size = 0;
   int32_t num_layers = 0, num_q_heads = 0, num_kv_heads = 0, head_dim = 0;
-  std::string attention_policy;        // e.g. "prefill=dense decode=dense"
+  std::string attention_policy;        // AttentionConfig::Describe(): "prefill=dense decode=dense"
+  // The token ids that end a request by EOS (unless it sets ignore_eos): config.json's
+  // eos_token_id followed by the tokenizer's end-of-sequence tokens, without repeats.
+  std::vector<int32_t> eos_token_ids;
   int32_t kv_pages = 0, page_size = 0;
 };
 
 class Engine {
  public:
-  // Loads the model and tokenizer, allocates the KV pool and starts the threads. `observer` may
-  // be null; it must outlive the engine.
+  // Validates `config` (EngineConfig::Validate), loads the model and tokenizer, allocates the KV
+  // pool (sized from the free memory when kv_cache.num_pages is 0) and starts the threads.
+  // `observer` may be null; it must outlive the engine.
   static absl::StatusOr<std::unique_ptr<Engine>> Create(const EngineConfig& config,
                                                         EngineObserver* observer);
   // Stops the threads; requests still running finish with kCancelled.

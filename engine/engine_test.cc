@@ -6,6 +6,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -13,7 +14,7 @@
 #include <sstream>
 #include <thread>
 
-#include "engine/generator.h"
+#include "engine/model_runner.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -165,24 +166,23 @@ class EngineTest : public ::testing::Test {
     long_prompt_ =
         new std::vector<int32_t>(golden["logits"].back()["ids"].get<std::vector<int32_t>>());
     ASSERT_GE(long_prompt_->size(), 300u);
-    // Mixed-length fillers, their greedy continuations computed alone by the offline Generator.
+    // Mixed-length fillers, their greedy continuations computed alone, each prompt prefilled in
+    // one step.
     fillers_ = new std::vector<Case>();
-    ModelRunnerOptions o;
-    o.num_pages = 64;
-    o.max_step_tokens = 512;
-    auto runner = ModelRunner::Load(ModelDir(), o);
-    ASSERT_TRUE(runner.ok()) << runner.status();
-    auto tok = Tokenizer::FromDirectory(ModelDir());
-    ASSERT_TRUE(tok.ok()) << tok.status();
-    Generator gen(**runner, **tok);
+    EngineConfig c = Config();
+    c.scheduler.max_batch_tokens = 512;
+    c.scheduler.prefill_chunk_tokens = 512;
+    auto engine = Engine::Create(c, nullptr);
+    ASSERT_TRUE(engine.ok()) << engine.status();
     for (int len : {21, 47, 90, 160, 301}) {
-      GenerationRequest r;
-      r.prompt.assign(long_prompt_->begin(), long_prompt_->begin() + len);
-      r.sampling.temperature = 0;
-      r.stop.max_tokens = 12 + len % 9;
-      auto out = gen.Generate({r});
-      ASSERT_TRUE(out.ok()) << out.status();
-      fillers_->push_back({r.prompt, (*out)[0].tokens, r.stop.max_tokens});
+      Case f;
+      f.prompt.assign(long_prompt_->begin(), long_prompt_->begin() + len);
+      f.max_tokens = 12 + len % 9;
+      auto sink = std::make_shared<RecordingSink>();
+      ASSERT_TRUE((*engine)->Submit(Greedy(f.prompt, f.max_tokens, sink)).ok());
+      ASSERT_TRUE(sink->WaitFinished());
+      f.want = sink->tokens();
+      fillers_->push_back(std::move(f));
     }
   }
   static void TearDownTestSuite() {
@@ -193,13 +193,11 @@ class EngineTest : public ::testing::Test {
 
   static EngineConfig Config(int32_t page_size = 16, int32_t num_pages = 256) {
     EngineConfig c;
-    c.model_dir = ModelDir();
-    c.model_name = "embedded";
-    c.runner.page_size = page_size;
-    c.runner.num_pages = num_pages;
-    c.runner.max_step_tokens = 256;
-    c.runner.max_step_logits = 64;
-    c.runner.num_threads = 1;
+    c.model.directory = ModelDir();
+    c.model.name = "embedded";
+    c.model.cpu_threads = 1;
+    c.kv_cache.page_size_tokens = page_size;
+    c.kv_cache.num_pages = num_pages;
     c.scheduler.max_batch_tokens = 256;
     c.scheduler.prefill_chunk_tokens = 64;
     return c;
@@ -297,17 +295,35 @@ TEST_F(EngineTest, GreedyAloneEqualsGolden) {
   EXPECT_EQ(info.context_tokens, 256 * 16);
   EXPECT_EQ(info.vocab_size, 4096);
   EXPECT_EQ(info.page_size, 16);
+  EXPECT_EQ(info.dtype, "float32");
+  EXPECT_EQ(info.attention_policy, "prefill=dense decode=dense");
+  EXPECT_EQ(info.eos_token_ids, e->tokenizer().eos_ids());  // config.json's are the tokenizer's
+}
+
+// kv_cache.num_pages 0: the pool is sized from the free memory by the backend's page size, and
+// capped at what max_running_requests full contexts can use.
+TEST_F(EngineTest, DerivesTheKvPoolSizeFromFreeMemory) {
+  EngineConfig c = Config();
+  c.kv_cache.num_pages = 0;
+  c.model.max_context_tokens = 1000;
+  c.scheduler.max_running_requests = 4;
+  auto e = Make(c);
+  ASSERT_NE(e, nullptr);
+  // 4 x ceil(1000 / 16) pages (64 KiB each for the embedded model: the memory allows more).
+  EXPECT_EQ(e->model_info().kv_pages, 4 * 63);
+  auto sink = Run(*e, (*golden_)[0]);
+  ASSERT_TRUE(sink->WaitFinished());
+  EXPECT_EQ(sink->tokens(), (*golden_)[0].want);
 }
 
 // 20 requests of mixed lengths from four threads, on two workers per pool, with pages of 4 so
 // that identical prompts share cached pages while they run.
 TEST_F(EngineTest, ConcurrentRequestsFromSeveralThreadsEqualTheirAloneOutputs) {
   EngineConfig c = Config(/*page_size=*/4, /*num_pages=*/1024);
-  c.scheduler.prefill_workers = 2;
-  c.scheduler.decode_workers = 2;
+  c.pools.prefill_workers = 2;
+  c.pools.decode_workers = 2;
   c.scheduler.max_batch_tokens = 96;
   c.scheduler.prefill_chunk_tokens = 40;
-  c.runner.max_step_tokens = 96;
   auto e = Make(c);
   ASSERT_NE(e, nullptr);
   std::vector<const Case*> cases;
@@ -519,8 +535,8 @@ TEST_F(EngineTest, SubmitValidatesEveryField) {
   ASSERT_TRUE(e->WaitIdle(kWait));
   EXPECT_EQ(sink->finishes(), 2);  // only the two accepted requests
 
-  c.max_context_tokens = 50;
-  c.runner.num_pages = 64;
+  c.model.max_context_tokens = 50;
+  c.kv_cache.num_pages = 64;
   auto limited = Make(c);
   ASSERT_NE(limited, nullptr);
   msg = limited->Submit(Greedy({1, 2, 3}, 48, sink)).status();
@@ -539,13 +555,42 @@ TEST_F(EngineTest, CreateRejectsBadConfigs) {
   c.scheduler.max_queued_requests = 0;
   EXPECT_EQ(Engine::Create(c, nullptr).status().code(), absl::StatusCode::kInvalidArgument);
   c = Config();
-  c.max_context_tokens = 1 << 30;  // beyond max_position_embeddings
+  c.pools.decode_priority = "urgent";
+  EXPECT_THAT(std::string(Engine::Create(c, nullptr).status().message()),
+              HasSubstr("pools.decode_priority must be one of: high, normal, got 'urgent'"));
+  c = Config();
+  c.attention.decode.method = "quest";
+  EXPECT_THAT(std::string(Engine::Create(c, nullptr).status().message()),
+              HasSubstr("attention.decode.method must be one of: dense, got 'quest'"));
+  c = Config();
+  c.model.dtype = "bfloat16";
+  EXPECT_THAT(std::string(Engine::Create(c, nullptr).status().message()),
+              HasSubstr("model.dtype bfloat16 is not what the cpu backend computes in"));
+  c = Config();
+  c.model.devices = {0};
+  EXPECT_THAT(std::string(Engine::Create(c, nullptr).status().message()),
+              HasSubstr("model.devices must be empty with model.backend cpu"));
+  c = Config();
+  c.model.directory = ::testing::TempDir() + "/no_such_model";
+  EXPECT_FALSE(Engine::Create(c, nullptr).ok());
+
+  // A context limit beyond the model's: the embedded model with max_position_embeddings 64.
+  const std::string dir = ::testing::TempDir() + "/short_context_model";
+  std::filesystem::create_directories(dir);
+  for (const char* f : {"model.safetensors", "tokenizer.json", "tokenizer_config.json"}) {
+    std::filesystem::copy_file(ModelDir() + "/" + f, dir + "/" + f,
+                               std::filesystem::copy_options::overwrite_existing);
+  }
+  std::ifstream in(ModelDir() + "/config.json");
+  nlohmann::json model = nlohmann::json::parse(in);
+  model["max_position_embeddings"] = 64;
+  std::ofstream(dir + "/config.json") << model.dump();
+  c = Config();
+  c.model.directory = dir;
+  c.model.max_context_tokens = 100;
   auto st = Engine::Create(c, nullptr).status();
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(std::string(st.message()), HasSubstr("max_position_embeddings"));
-  c = Config();
-  c.model_dir = ::testing::TempDir() + "/no_such_model";
-  EXPECT_FALSE(Engine::Create(c, nullptr).ok());
+  EXPECT_THAT(std::string(st.message()), HasSubstr("max_position_embeddings (64)"));
 }
 
 TEST_F(EngineTest, DrainingRefusesNewRequestsAndFinishesOldOnes) {
@@ -649,14 +694,46 @@ TEST_F(EngineTest, SeededSamplingIsReproducibleAndReportsLogprobs) {
   }
 }
 
+// The reference of seeded sampling: one sequence on `runner` (the prompt in one step, then one
+// token per step), each token drawn by SampleToken on this thread from SamplerRng(seed), which
+// takes one draw per token.
+std::vector<SampledToken> HostSampled(ModelRunner& runner, const std::vector<int32_t>& prompt,
+                                      const SamplingParams& params, int32_t n) {
+  std::vector<int32_t> tokens = prompt;
+  std::vector<int32_t> pages;
+  const int32_t ps = runner.options().page_size;
+  for (int32_t p = 0; p * ps < static_cast<int32_t>(prompt.size()) + n; ++p) pages.push_back(p);
+  TokenHistory history;
+  history.AddPrompt(prompt);
+  SamplerRng rng(*params.seed);
+  std::vector<SampledToken> out;
+  for (int32_t cached = 0; static_cast<int32_t>(out.size()) < n;) {
+    SequenceStep step;
+    step.tokens = absl::MakeConstSpan(tokens).subspan(cached);
+    step.num_cached = cached;
+    step.pages = pages;
+    step.want_logits = true;
+    std::vector<float> logits;
+    EXPECT_TRUE(runner.Forward({step}, logits).ok());
+    cached = static_cast<int32_t>(tokens.size());
+    absl::StatusOr<SampledToken> token = SampleToken(absl::MakeSpan(logits), params, history, rng);
+    EXPECT_TRUE(token.ok()) << token.status();
+    if (!token.ok()) break;
+    tokens.push_back(token->id);
+    history.AddGenerated(token->id);
+    out.push_back(*token);
+  }
+  return out;
+}
+
 // The decode workers sample with the draw the scheduler thread took from the request's stream
 // when it built the step, reading the request's token history: with a seed, the engine's tokens
-// and logprobs equal those of the offline Generator, which samples on its own thread with
-// SampleToken, for penalties and filters alike (one draw per token on both paths).
-TEST_F(EngineTest, WorkerSamplingEqualsTheOfflineGenerator) {
-  std::vector<GenerationRequest> requests(3);
+// and logprobs equal those of SampleToken on the host, for penalties and filters alike (one
+// draw per token on both paths).
+TEST_F(EngineTest, WorkerSamplingEqualsHostSampling) {
+  std::vector<RequestSpec> requests(3);
   for (size_t i = 0; i < requests.size(); ++i) {
-    GenerationRequest& g = requests[i];
+    RequestSpec& g = requests[i];
     g.prompt = (*golden_)[i].prompt;
     g.sampling.seed = 77 + i;
     g.sampling.return_logprob = true;
@@ -671,39 +748,30 @@ TEST_F(EngineTest, WorkerSamplingEqualsTheOfflineGenerator) {
   requests[1].sampling.frequency_penalty = 0.4f;
   requests[2].sampling.min_p = 0.05f;
   requests[2].sampling.temperature = 1.2f;
-  ModelRunnerOptions o;
+  ModelRunnerOptions o = RunnerOptionsFor(Config());
   o.num_pages = 64;
   o.max_step_tokens = 512;
   auto runner = ModelRunner::Load(ModelDir(), o);
   ASSERT_TRUE(runner.ok()) << runner.status();
-  auto tok = Tokenizer::FromDirectory(ModelDir());
-  ASSERT_TRUE(tok.ok()) << tok.status();
-  Generator gen(**runner, **tok);
-  auto offline = gen.Generate(requests);
-  ASSERT_TRUE(offline.ok()) << offline.status();
 
   auto e = Make(Config());
   ASSERT_NE(e, nullptr);
   // One request at a time: batches that depend on timing would change the fp32 logits in their
   // last bits, and a draw near a CDF boundary could then go either way.
-  std::vector<std::shared_ptr<RecordingSink>> sinks;
-  for (const GenerationRequest& g : requests) {
+  for (size_t i = 0; i < requests.size(); ++i) {
+    const std::vector<SampledToken> host =
+        HostSampled(**runner, requests[i].prompt, requests[i].sampling, 20);
     auto sink = std::make_shared<RecordingSink>();
-    RequestSpec s;
-    s.prompt = g.prompt;
-    s.sampling = g.sampling;
-    s.stop = g.stop;
+    RequestSpec s = requests[i];
     s.sink = sink;
     ASSERT_TRUE(e->Submit(std::move(s)).ok());
     ASSERT_TRUE(sink->WaitFinished());
-    sinks.push_back(sink);
-  }
-  for (size_t i = 0; i < sinks.size(); ++i) {
-    EXPECT_EQ(sinks[i]->tokens(), (*offline)[i].tokens) << "request " << i;
-    const std::vector<TokenLogprob> lp = sinks[i]->logprobs();
-    ASSERT_EQ(lp.size(), (*offline)[i].logprobs.size());
-    for (size_t t = 0; t < lp.size(); ++t) {
-      EXPECT_NEAR(lp[t].logprob, (*offline)[i].logprobs[t], 1e-4) << "request " << i;
+    const std::vector<TokenLogprob> lp = sink->logprobs();
+    ASSERT_EQ(sink->tokens().size(), host.size()) << "request " << i;
+    ASSERT_EQ(lp.size(), host.size());
+    for (size_t t = 0; t < host.size(); ++t) {
+      EXPECT_EQ(sink->tokens()[t], host[t].id) << "request " << i << " token " << t;
+      EXPECT_NEAR(lp[t].logprob, host[t].logprob, 1e-4) << "request " << i;
     }
   }
   ASSERT_TRUE(e->WaitIdle(kWait));

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/cpu_backend.h"
+#include "engine/kv_budget.h"
 #include "engine/random_weights.h"
 #ifdef SIEVE_HAVE_CUDA
 #include "engine/cuda/cuda_backend.h"
@@ -26,7 +27,12 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const ModelRunnerOptions& o
   }
 #ifdef SIEVE_HAVE_CUDA
   if (options.backend == "cuda") {
-    SIEVE_ASSIGN_OR_RETURN(std::unique_ptr<CudaBackend> cuda, CudaBackend::Create());
+    CudaBackendOptions cuda_options;
+    cuda_options.device = options.device;
+    if (options.attention_kernel == "simple") {
+      cuda_options.attention = CudaBackendOptions::Attention::kSimple;
+    }
+    SIEVE_ASSIGN_OR_RETURN(std::unique_ptr<CudaBackend> cuda, CudaBackend::Create(cuda_options));
     return std::unique_ptr<Backend>(std::move(cuda));
   }
   constexpr absl::string_view kBuilt = "cpu, cuda";
@@ -75,10 +81,10 @@ ModelRunner::ModelRunner(ModelConfig config, ModelRunnerOptions options,
 
 absl::StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string& model_dir,
                                                                const ModelRunnerOptions& options) {
-  if (options.page_size <= 0 || options.num_pages <= 0 || options.max_step_tokens <= 0 ||
+  if (options.page_size <= 0 || options.num_pages < 0 || options.max_step_tokens <= 0 ||
       options.max_step_logits <= 0) {
     return absl::InvalidArgumentError(
-        "model runner: page_size, num_pages, max_step_tokens and max_step_logits must be > 0");
+        "model runner: page_size, max_step_tokens and max_step_logits must be > 0, num_pages >= 0");
   }
   SIEVE_ASSIGN_OR_RETURN(ModelConfig config, ModelConfig::FromFile(model_dir + "/config.json"));
   SIEVE_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, MakeBackend(options));
@@ -86,17 +92,32 @@ absl::StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string
       new ModelRunner(std::move(config), options, std::move(backend)));
   SIEVE_ASSIGN_OR_RETURN(runner->rope_, ComputeRopeTables(RopeParamsFromConfig(runner->config_)));
   SIEVE_RETURN_IF_ERROR(runner->LoadWeights(model_dir));
+  if (options.num_pages == 0) {
+    SIEVE_ASSIGN_OR_RETURN(runner->options_.num_pages, runner->KvPagesForFreeMemory());
+  }
+  const int32_t num_pages = runner->options_.num_pages;
   // Step graphs pad batches with rows that write their KV into one page no caller can name.
   const bool graphs = options.cuda_graphs && runner->backend_->SupportsStepGraphs();
-  if (graphs && options.num_pages == INT32_MAX) {
+  if (graphs && num_pages == INT32_MAX) {
     return absl::InvalidArgumentError("model runner: num_pages leaves no room for a scratch page");
   }
-  if (graphs) runner->scratch_page_ = options.num_pages;
+  if (graphs) runner->scratch_page_ = num_pages;
   SIEVE_RETURN_IF_ERROR(runner->backend_->AllocateKvCache(
-      static_cast<int32_t>(runner->config_.num_hidden_layers), options.num_pages + (graphs ? 1 : 0),
+      static_cast<int32_t>(runner->config_.num_hidden_layers), num_pages + (graphs ? 1 : 0),
       options.page_size, runner->shape_));
   SIEVE_ASSIGN_OR_RETURN(runner->default_worker_, runner->CreateWorker());
   return runner;
+}
+
+absl::StatusOr<int32_t> ModelRunner::KvPagesForFreeMemory() const {
+  const int64_t context = options_.kv_max_context_tokens > 0 ? options_.kv_max_context_tokens
+                                                             : config_.max_position_embeddings;
+  const int64_t max_pages =
+      int64_t{options_.kv_max_sequences} * ((context + options_.page_size - 1) / options_.page_size);
+  SIEVE_ASSIGN_OR_RETURN(int64_t available, backend_->AvailableMemoryBytes());
+  const int64_t page_bytes = backend_->KvPageBytes(static_cast<int32_t>(config_.num_hidden_layers),
+                                                   options_.page_size, shape_);
+  return KvPagesForMemory(available, options_.kv_memory_fraction, page_bytes, max_pages);
 }
 
 absl::StatusOr<std::unique_ptr<ModelWorker>> ModelRunner::CreateWorker(

@@ -2,7 +2,7 @@
 // Backend and a paged KV cache. It loads a Hugging Face checkpoint directory (config.json and
 // *.safetensors) and runs steps that mix prefill chunks and decode tokens of many sequences.
 //
-// It owns no scheduling state: callers (the scheduler, or the offline Generator) decide which
+// It owns no scheduling state: callers (the engine's scheduler, or a test) decide which
 // pages each sequence uses and pass them with every step. Weights and the KV cache are shared;
 // each worker thread runs steps on its own ModelWorker.
 #ifndef SIEVE_ENGINE_MODEL_RUNNER_H_
@@ -19,28 +19,43 @@
 #include "absl/types/span.h"
 #include "engine/attention_policy.h"
 #include "engine/backend.h"
+#include "engine/engine_config.h"
 #include "engine/model_config.h"
 #include "engine/rope.h"
 #include "engine/sampling.h"
 
 namespace sieve::engine {
 
+// The runner's options. The engine derives them from its EngineConfig in one function,
+// RunnerOptionsFor (engine/engine_config.h); tests and benchmarks that drive a runner directly
+// start from RunnerOptionsFor(EngineConfig()). The zero values here are not usable defaults: Load
+// rejects an empty backend or weights source and non-positive sizes.
 struct ModelRunnerOptions {
-  std::string backend = "cpu";       // "cpu" (fp32); "cuda" where built
-  int32_t page_size = 16;            // tokens per KV page
-  int32_t num_pages = 1024;          // KV pages (all layers); capacity = num_pages * page_size tokens
-  int32_t max_step_tokens = 2048;    // most tokens one step may carry (activation buffers)
-  int32_t max_step_logits = 256;     // most sequences one step may ask logits for
+  std::string backend;               // "cpu" (fp32); "cuda" where built
+  int device = 0;                    // CUDA device ordinal (cuda only)
+  std::string attention_kernel;      // "auto" or "simple" (cuda only; EngineConfig attention.kernel)
+  int32_t page_size = 0;             // tokens per KV page
+  // KV pages (all layers); capacity = num_pages * page_size tokens. 0: Load sizes the pool from
+  // the backend's free memory once the weights are in (Backend::AvailableMemoryBytes and
+  // KvPageBytes): kv_memory_fraction of it, at most enough pages for kv_max_sequences sequences
+  // (0: no such cap) of kv_max_context_tokens tokens each (0: the model's
+  // max_position_embeddings).
+  int32_t num_pages = 0;
+  double kv_memory_fraction = 0;
+  int32_t kv_max_sequences = 0;
+  int32_t kv_max_context_tokens = 0;
+  int32_t max_step_tokens = 0;       // most tokens one step may carry (activation buffers)
+  int32_t max_step_logits = 0;       // most sequences one step may ask logits for
   int num_threads = 0;               // CPU threads for the CPU backend (0 = all)
   // "checkpoint": load *.safetensors from the model directory; "random": seeded random weights
   // with the shapes config.json implies (for benchmarking real shapes without a checkpoint).
-  std::string weights = "checkpoint";
+  std::string weights;
   uint64_t random_seed = 0;
   // Backends with step graphs (cuda): run decode-only steps whose sequences all want logits
   // from CUDA graphs, one per batch-size bucket (1, 2, 4, ... up to max_step_logits), padding the
   // batch to its bucket. One extra KV page beyond num_pages is reserved for the padding rows.
   // Off: every step runs its operators eagerly. Ignored by the cpu backend.
-  bool cuda_graphs = true;
+  bool cuda_graphs = false;
 };
 
 // One sequence's share of a step.
@@ -130,7 +145,8 @@ class ModelWorker {
 class ModelRunner {
  public:
   // Loads config.json and the weights from `model_dir` onto the backend named in `options`, and
-  // allocates the KV cache and one default worker. Errors name the file, tensor or setting.
+  // allocates the KV cache (sizing it from the free memory when options.num_pages is 0; options()
+  // then holds the count) and one default worker. Errors name the file, tensor or setting.
   static absl::StatusOr<std::unique_ptr<ModelRunner>> Load(const std::string& model_dir,
                                                            const ModelRunnerOptions& options);
 
@@ -167,6 +183,8 @@ class ModelRunner {
 
   ModelRunner(ModelConfig config, ModelRunnerOptions options, std::unique_ptr<Backend> backend);
   absl::Status LoadWeights(const std::string& model_dir);
+  // The KV page count for options_.num_pages 0 (see ModelRunnerOptions), once the weights are in.
+  absl::StatusOr<int32_t> KvPagesForFreeMemory() const;
 
   ModelConfig config_;
   ModelRunnerOptions options_;

@@ -46,7 +46,7 @@ fs::path CopyOfEmbedded(const std::string& name) {
 }
 
 ModelRunnerOptions SmallOptions() {
-  ModelRunnerOptions o;
+  ModelRunnerOptions o = RunnerOptionsFor(EngineConfig());
   o.page_size = 16;
   o.num_pages = 64;
   o.max_step_tokens = 256;

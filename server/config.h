@@ -1,18 +1,22 @@
 // The daemon's configuration: plain structs with defaults, loaded from one YAML file and
 // overridable key by key from the command line (`--set scheduler.max_batch_tokens=4096`).
 //
-// Every setting is described once, in a key table inside config.cc ({path, doc, field, rule}).
-// That table drives YAML loading, unknown-key detection, per-key validation, `--set`
-// overrides, `--help` output and ConfigToYaml(), so adding a setting is one struct member plus
-// one table entry.
+// Every setting is described once, in the key table (server/config_keys.cc: {path, rule, doc,
+// field}); its default is the struct member's. The table drives YAML loading, unknown-key
+// detection, per-key validation, `--set` overrides, `--help`, `--print-config`, and the
+// generated docs (server/config_docs.h: configs/default.yaml and the key reference in
+// docs/config.md), so adding a setting is one struct member plus one table entry.
 //
-// Key paths mirror the struct members: `kv_cache.page_size_tokens` is
-// `ServerConfig::kv_cache.page_size_tokens` and the YAML
+// Key paths mirror the struct members: `server.listen_address` is
+// ServerConfig::server.listen_address; the engine's keys are members of ServerConfig::engine
+// (engine/engine_config.h), so `kv_cache.page_size_tokens` is
+// ServerConfig::engine.kv_cache.page_size_tokens and the YAML
 //
 //   kv_cache:
 //     page_size_tokens: 16
 //
-// Relative paths (model.directory) are resolved against the daemon's working directory.
+// Relative paths (model.directory) are resolved against the daemon's working directory. The
+// `sieve generate --model` CLI loads its configuration with the same functions.
 //
 // Thread safety: the functions here are pure apart from LoadConfigFile's file read; a
 // ServerConfig is a value, safe to read from many threads once built.
@@ -26,6 +30,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "engine/engine_config.h"
 
 namespace sieve::server {
 
@@ -57,94 +62,6 @@ struct MetricsConfig {
   bool operator==(const MetricsConfig&) const = default;
 };
 
-// The served model and where it runs (`model.*`).
-struct ModelConfig {
-  // Name clients pass in requests' `model` field, and the `model` metric label.
-  std::string name = "sieve-embedded";
-  // Hugging Face checkpoint folder: config.json, *.safetensors, tokenizer.json.
-  std::string directory = "models/embedded";
-  // Compute backend: "cpu" (fp32 reference) or "cuda".
-  std::string backend = "cpu";
-  // CUDA device ordinals to use (cuda only; empty means device 0). Must be empty for cpu.
-  std::vector<int> devices;
-  // Compute dtype: "auto" (float32 on cpu, bfloat16 on cuda), "float32" or "bfloat16".
-  std::string dtype = "auto";
-  // Context length limit per request (prompt + generated), in tokens; 0 uses the model's.
-  int max_context_tokens = 0;
-  // Where the weights come from: "checkpoint" (the directory's *.safetensors) or "random"
-  // (seeded random weights of the shapes config.json implies; for benchmarking real shapes
-  // such as configs/models/llama-3.1-8b without a checkpoint).
-  std::string weights = "checkpoint";
-  // Seed of the random weights.
-  int random_seed = 0;
-  // Folder of tokenizer.json (and tokenizer_config.json); empty means `directory`. Lets a
-  // shape-only model directory (configs/models/*) borrow a tokenizer.
-  std::string tokenizer_directory;
-
-  bool operator==(const ModelConfig&) const = default;
-};
-
-// The paged KV cache (`kv_cache.*`).
-struct KvCacheConfig {
-  // Tokens per KV page; a power of two in [1, 256].
-  int page_size_tokens = 16;
-  // Pages to allocate (shared by all layers' page tables); 0 derives the count from
-  // memory_fraction of the memory left after the weights (cpu only so far). The default, 4096
-  // pages of 16 tokens, holds 65536 tokens: 256 MiB for the embedded model on cpu.
-  int num_pages = 4096;
-  // With num_pages = 0: fraction of the device memory (cuda) or physical memory (cpu) left
-  // after loading the weights that the KV cache may use, in (0, 1].
-  double memory_fraction = 0.9;
-
-  bool operator==(const KvCacheConfig&) const = default;
-};
-
-// The continuous-batching scheduler (`scheduler.*`).
-struct SchedulerConfig {
-  // Token budget of one scheduler step: decode tokens plus prefill chunk tokens, in tokens.
-  int max_batch_tokens = 2048;
-  // Requests admitted to run (prefilling or decoding) at once.
-  int max_running_requests = 64;
-  // Requests waiting for admission; beyond it new requests get RESOURCE_EXHAUSTED.
-  int max_queued_requests = 256;
-  // Prompt tokens waiting for admission, summed over the queue, in tokens; beyond it new
-  // requests get RESOURCE_EXHAUSTED.
-  int max_queued_tokens = 1 << 20;
-  // Largest prefill chunk of one request in one step, in tokens.
-  int prefill_chunk_tokens = 512;
-  // Reuse the KV pages of identical full-page prompt prefixes across requests.
-  bool enable_prefix_caching = true;
-  // What to do when KV pages run out: "recompute" frees the lowest-priority request's pages
-  // and prefills it again later.
-  std::string preemption = "recompute";
-
-  bool operator==(const SchedulerConfig&) const = default;
-};
-
-// The worker pools (`pools.*`).
-struct PoolsConfig {
-  // Worker threads running prefill batches.
-  int prefill_workers = 1;
-  // Worker threads running decode batches.
-  int decode_workers = 1;
-  // Priority of the decode workers' device streams: "high" (decode kernels start ahead of a
-  // concurrent prefill chunk's waiting blocks) or "normal" (both pools alike). CUDA only.
-  std::string decode_priority = "high";
-
-  bool operator==(const PoolsConfig&) const = default;
-};
-
-// The attention policy (`attention.*`). Only "dense" exists so far; the sparse policies add
-// their names and settings here when they land.
-struct AttentionConfig {
-  // Prefill attention policy.
-  std::string prefill = "dense";
-  // Decode attention policy.
-  std::string decode = "dense";
-
-  bool operator==(const AttentionConfig&) const = default;
-};
-
 // Per-request limits and defaults (`limits.*`).
 struct LimitsConfig {
   // max_tokens of a request that does not set it, in tokens (capped to the context left).
@@ -163,22 +80,22 @@ struct LoggingConfig {
   bool operator==(const LoggingConfig&) const = default;
 };
 
-// Everything the daemon reads at start-up. A default-constructed ServerConfig serves the
-// embedded model on CPU and passes Validate().
+// Everything the daemon reads at start-up: the server-only sections and the engine's settings,
+// whose keys (`model.*`, `kv_cache.*`, `scheduler.*`, `pools.*`, `attention.*`) bind straight to
+// engine::EngineConfig's fields and take its defaults. A default-constructed ServerConfig serves
+// the embedded model on CPU and passes Validate().
 struct ServerConfig {
   GrpcServerConfig server;
   MetricsConfig metrics;
-  ModelConfig model;
-  KvCacheConfig kv_cache;
-  SchedulerConfig scheduler;
-  PoolsConfig pools;
-  AttentionConfig attention;
+  engine::EngineConfig engine;
   LimitsConfig limits;
   LoggingConfig logging;
 
-  // Checks every setting against its rule (range, choices, format) and the settings against
-  // each other (e.g. prefill_chunk_tokens <= max_batch_tokens). Returns INVALID_ARGUMENT
-  // naming the key(s) at fault; several problems are reported one per line.
+  // Checks every setting against its key's rule (range, choices, format), then, when those pass,
+  // the settings against each other: engine::EngineConfig::Validate() (e.g.
+  // scheduler.prefill_chunk_tokens <= scheduler.max_batch_tokens, model.dtype against
+  // model.backend) and the server's own (the metrics and gRPC ports differ). Returns
+  // INVALID_ARGUMENT naming the key(s) at fault; several problems are reported one per line.
   absl::Status Validate() const;
 
   bool operator==(const ServerConfig&) const = default;
@@ -226,16 +143,18 @@ struct ConfigKeyInfo {
 // Every configuration key in table order (grouped by section), with defaults and docs.
 std::vector<ConfigKeyInfo> ListConfigKeys();
 
-// ListConfigKeys() formatted for a terminal: one block per key with type, default and doc.
-std::string FormatConfigHelp();
+// Keys that no longer exist, each with what replaced it (or why it went), e.g.
+// {"scheduler.preemption", "removed: preemption is always by recompute"}. Loading one is an
+// error that says so.
+struct RetiredConfigKey {
+  std::string path;
+  std::string note;
+};
+std::vector<RetiredConfigKey> ListRetiredConfigKeys();
 
 // Reads the key at `key_path` in its text form (as ApplyOverride() accepts it); NOT_FOUND for
 // an unknown key.
 absl::StatusOr<std::string> GetConfigValue(const ServerConfig& config, std::string_view key_path);
-
-// Writes `config` as a YAML document holding every key, each preceded by its doc as a comment.
-// LoadConfigString() of the result gives back `config`.
-std::string ConfigToYaml(const ServerConfig& config);
 
 }  // namespace sieve::server
 

@@ -2,7 +2,7 @@
 
 #include <cstdlib>
 #include <fstream>
-#include <set>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -11,7 +11,7 @@
 #include "absl/strings/str_split.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "yaml-cpp/yaml.h"
+#include "server/config_docs.h"
 
 namespace sieve::server {
 namespace {
@@ -42,15 +42,17 @@ const std::vector<std::string> kExpectedKeys = {
     "metrics.listen_address",         "model.name",
     "model.directory",                "model.backend",
     "model.devices",                  "model.dtype",
-    "model.max_context_tokens", "model.weights", "model.random_seed", "model.tokenizer_directory",       "kv_cache.page_size_tokens",
-    "kv_cache.num_pages",             "kv_cache.memory_fraction",
-    "scheduler.max_batch_tokens",     "scheduler.max_running_requests",
-    "scheduler.max_queued_requests",  "scheduler.max_queued_tokens",
-    "scheduler.prefill_chunk_tokens", "scheduler.enable_prefix_caching",
-    "scheduler.preemption",           "pools.prefill_workers",
-    "pools.decode_workers",           "pools.decode_priority",          "attention.prefill",
-    "attention.decode",               "limits.default_max_tokens",
-    "limits.max_stop_strings",        "logging.level",
+    "model.max_context_tokens",       "model.weights",
+    "model.random_seed",              "model.tokenizer_directory",
+    "kv_cache.page_size_tokens",      "kv_cache.num_pages",
+    "kv_cache.memory_fraction",       "scheduler.max_batch_tokens",
+    "scheduler.max_running_requests", "scheduler.max_queued_requests",
+    "scheduler.max_queued_tokens",    "scheduler.prefill_chunk_tokens",
+    "scheduler.enable_prefix_caching", "pools.prefill_workers",
+    "pools.decode_workers",           "pools.decode_priority",
+    "attention.prefill.method",       "attention.decode.method",
+    "attention.kernel",               "limits.default_max_tokens",      "limits.max_stop_strings",
+    "logging.level",
 };
 
 TEST(ConfigTest, DefaultsAreValid) {
@@ -58,37 +60,67 @@ TEST(ConfigTest, DefaultsAreValid) {
   EXPECT_TRUE(config.Validate().ok()) << config.Validate();
   EXPECT_EQ(config.server.listen_address, "0.0.0.0:50051");
   EXPECT_EQ(config.metrics.listen_address, "0.0.0.0:9090");
-  EXPECT_EQ(config.model.name, "sieve-embedded");
-  EXPECT_EQ(config.model.directory, "models/embedded");
-  EXPECT_EQ(config.model.backend, "cpu");
-  EXPECT_EQ(config.kv_cache.page_size_tokens, 16);
-  EXPECT_EQ(config.scheduler.preemption, "recompute");
-  EXPECT_EQ(config.attention.prefill, "dense");
+  EXPECT_EQ(config.engine.model.name, "sieve-embedded");
+  EXPECT_EQ(config.engine.model.directory, "models/embedded");
+  EXPECT_EQ(config.engine.model.backend, "cpu");
+  EXPECT_EQ(config.engine.kv_cache.page_size_tokens, 16);
+  EXPECT_EQ(config.engine.attention.prefill.method, "dense");
   EXPECT_EQ(config.logging.level, "info");
 }
 
-TEST(ConfigTest, RepositoryDefaultYamlLoadsAndHoldsEveryKey) {
-  const std::string path = RepoPath("configs/default.yaml");
-  absl::StatusOr<ServerConfig> config = LoadConfigFile(path);
-  ASSERT_TRUE(config.ok()) << config.status();
-  EXPECT_TRUE(config->Validate().ok());
-  // default.yaml documents the built-in defaults, so the two must agree.
-  EXPECT_EQ(*config, ServerConfig()) << ConfigToYaml(*config);
-  EXPECT_EQ(config->model.directory, "models/embedded");
-  EXPECT_EQ(config->model.backend, "cpu");
+// The engine's keys are the engine's fields, with the engine's defaults.
+TEST(ConfigTest, EngineKeysBindToTheEngineConfig) {
+  EXPECT_EQ(ServerConfig().engine, engine::EngineConfig());
+  ServerConfig config;
+  ASSERT_TRUE(ApplyOverride(config, "scheduler.max_batch_tokens", "4096").ok());
+  ASSERT_TRUE(ApplyOverride(config, "attention.decode.method", "dense").ok());
+  ASSERT_TRUE(ApplyOverride(config, "model.devices", "2").ok());
+  EXPECT_EQ(config.engine.scheduler.max_batch_tokens, 4096);
+  EXPECT_THAT(config.engine.model.devices, ElementsAre(2));
+  // Every engine key reads back what the engine struct holds.
+  const engine::EngineConfig defaults;
+  EXPECT_EQ(*GetConfigValue(ServerConfig(), "kv_cache.num_pages"),
+            std::to_string(defaults.kv_cache.num_pages));
+  EXPECT_EQ(*GetConfigValue(ServerConfig(), "pools.decode_priority"),
+            defaults.pools.decode_priority);
+}
 
-  // Every knob is present in the file (not merely defaulted).
-  std::set<std::string> present;
-  const YAML::Node root = YAML::LoadFile(path);
-  for (const auto& section : root) {
-    const std::string name = section.first.Scalar();
-    const YAML::Node keys = section.second;
-    ASSERT_TRUE(keys.IsMap()) << name;
-    for (const auto& key : keys) present.insert(name + "." + key.first.Scalar());
-  }
+// configs/default.yaml is the generated dump of the defaults (`sieved --print-config`), and the
+// key reference in docs/config.md is the generated one: every key with its default, no stale
+// key. After changing a key, scripts/gen-config-docs.sh rewrites both.
+TEST(ConfigTest, CommittedDocsAreGeneratedFromTheKeyTable) {
+  const std::string yaml_path = RepoPath("configs/default.yaml");
+  std::ifstream yaml_file(yaml_path);
+  std::stringstream yaml;
+  yaml << yaml_file.rdbuf();
+  EXPECT_EQ(yaml.str(), ConfigToYaml(ServerConfig()))
+      << yaml_path << " is stale: run scripts/gen-config-docs.sh";
+  absl::StatusOr<ServerConfig> config = LoadConfigFile(yaml_path);
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(*config, ServerConfig());
+
+  std::ifstream doc_file(RepoPath("docs/config.md"));
+  std::stringstream doc;
+  doc << doc_file.rdbuf();
+  absl::StatusOr<std::string> regenerated =
+      ReplaceGeneratedSection(doc.str(), FormatConfigMarkdown());
+  ASSERT_TRUE(regenerated.ok()) << regenerated.status();
+  EXPECT_EQ(*regenerated, doc.str()) << "docs/config.md is stale: run scripts/gen-config-docs.sh";
   for (const ConfigKeyInfo& key : ListConfigKeys()) {
-    EXPECT_TRUE(present.count(key.path)) << key.path << " missing from default.yaml";
+    EXPECT_THAT(doc.str(), HasSubstr("| `" + key.path + "` | " + key.type)) << key.path;
   }
+}
+
+TEST(ConfigTest, ReplaceGeneratedSectionNeedsBothMarkers) {
+  const std::string doc = absl::StrCat("intro\n", kGeneratedBegin, "\nold\n", kGeneratedEnd,
+                                       "\noutro\n");
+  absl::StatusOr<std::string> out = ReplaceGeneratedSection(doc, "new\n");
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_EQ(*out, absl::StrCat("intro\n", kGeneratedBegin, "\n\nnew\n\n", kGeneratedEnd,
+                               "\noutro\n"));
+  EXPECT_FALSE(ReplaceGeneratedSection("no markers", "x").ok());
+  EXPECT_FALSE(
+      ReplaceGeneratedSection(absl::StrCat(kGeneratedEnd, "\n", kGeneratedBegin), "x").ok());
 }
 
 TEST(ConfigTest, EmptyDocumentsGiveDefaults) {
@@ -108,7 +140,7 @@ TEST(ConfigTest, LoadsEveryType) {
       "  enabled: false\n"
       "model:\n"
       "  backend: cuda\n"
-      "  devices: [1, 0]\n"
+      "  devices: [1]\n"
       "  dtype: bfloat16\n"
       "scheduler:\n"
       "  max_batch_tokens: 8192\n",
@@ -117,11 +149,11 @@ TEST(ConfigTest, LoadsEveryType) {
   EXPECT_EQ(config->server.listen_address, "[::1]:6000");
   EXPECT_DOUBLE_EQ(config->server.keepalive_time_s, 2.5);
   EXPECT_FALSE(config->metrics.enabled);
-  EXPECT_EQ(config->model.backend, "cuda");
-  EXPECT_THAT(config->model.devices, ElementsAre(1, 0));
-  EXPECT_EQ(config->model.dtype, "bfloat16");
-  EXPECT_EQ(config->scheduler.max_batch_tokens, 8192);
-  EXPECT_EQ(config->scheduler.max_running_requests, 64);  // Untouched keys keep defaults.
+  EXPECT_EQ(config->engine.model.backend, "cuda");
+  EXPECT_THAT(config->engine.model.devices, ElementsAre(1));
+  EXPECT_EQ(config->engine.model.dtype, "bfloat16");
+  EXPECT_EQ(config->engine.scheduler.max_batch_tokens, 8192);
+  EXPECT_EQ(config->engine.scheduler.max_running_requests, 64);  // Untouched keys keep defaults.
 }
 
 TEST(ConfigTest, UnknownKeyNamesPathAndLine) {
@@ -165,9 +197,17 @@ TEST(ConfigTest, BadValuesNameKeyLineAndValue) {
       {"metrics:\n  enabled: maybe\n", "x.yaml:2: metrics.enabled must be true or false, got "
                                        "'maybe'"},
       {"model:\n  backend: tpu\n", "model.backend must be one of: cpu, cuda, got 'tpu'"},
-      {"attention:\n  prefill: quest\n", "attention.prefill must be one of: dense, got 'quest'"},
-      {"attention:\n  decode: double_sparsity\n", "attention.decode must be one of: dense"},
-      {"scheduler:\n  preemption: swap\n", "scheduler.preemption must be one of: recompute"},
+      {"attention:\n  prefill:\n    method: quest\n",
+       "x.yaml:3: attention.prefill.method must be one of: dense, got 'quest'"},
+      {"attention:\n  decode:\n    method: double_sparsity\n",
+       "attention.decode.method must be one of: dense"},
+      {"attention:\n  kernel: fastest\n", "attention.kernel must be one of: auto, simple"},
+      {"attention:\n  prefill: dense\n",
+       "x.yaml:2: 'attention.prefill' must be a mapping of keys, got 'dense' (it is a section now: "
+       "set attention.prefill.method)"},
+      {"scheduler:\n  preemption: recompute\n",
+       "x.yaml:2: unknown key 'scheduler.preemption': it was removed: preemption is always by "
+       "recompute"},
       {"pools:\n  decode_priority: urgent\n",
        "pools.decode_priority must be one of: high, normal, got 'urgent'"},
       {"logging:\n  level: verbose\n", "logging.level must be one of: debug, info, warning, error"},
@@ -254,7 +294,12 @@ TEST(ConfigTest, CrossFieldChecks) {
       {"model:\n  max_context_tokens: 4096\nkv_cache:\n  num_pages: 10\n",
        "kv_cache.num_pages * kv_cache.page_size_tokens (160 tokens) must hold one full context"},
       {"model:\n  devices: [0]\n", "model.devices must be empty with model.backend cpu, got [0]"},
-      {"model:\n  dtype: bfloat16\n", "model.dtype bfloat16 needs model.backend cuda"},
+      {"model:\n  backend: cuda\n  devices: [0, 1]\n",
+       "model.devices lists 2 devices [0, 1]; the cuda backend serves on one device"},
+      {"model:\n  dtype: bfloat16\n",
+       "model.dtype bfloat16 is not what the cpu backend computes in (float32)"},
+      {"model:\n  backend: cuda\n  dtype: float32\n",
+       "model.dtype float32 is not what the cuda backend computes in (bfloat16)"},
       {"server:\n  listen_address: '0.0.0.0:9090'\n",
        "metrics.listen_address and server.listen_address use the same port 9090"},
   };
@@ -274,7 +319,7 @@ TEST(ConfigTest, CrossFieldChecks) {
 
 TEST(ConfigTest, ValidateCatchesValuesSetInCode) {
   ServerConfig config;
-  config.kv_cache.page_size_tokens = 24;
+  config.engine.kv_cache.page_size_tokens = 24;
   config.logging.level = "trace";
   absl::Status status = config.Validate();
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
@@ -290,20 +335,20 @@ TEST(ConfigTest, OverridesSetEveryType) {
   ASSERT_TRUE(ApplyOverride(config, "scheduler.enable_prefix_caching", "off").ok());
   ASSERT_TRUE(ApplyOverride(config, "model.directory", "/models/llama").ok());
   ASSERT_TRUE(ApplyOverride(config, "model.devices", "[2, 3]").ok());
-  EXPECT_EQ(config.scheduler.max_batch_tokens, 4096);
-  EXPECT_DOUBLE_EQ(config.kv_cache.memory_fraction, 0.5);
-  EXPECT_FALSE(config.scheduler.enable_prefix_caching);
-  EXPECT_EQ(config.model.directory, "/models/llama");
-  EXPECT_THAT(config.model.devices, ElementsAre(2, 3));
+  EXPECT_EQ(config.engine.scheduler.max_batch_tokens, 4096);
+  EXPECT_DOUBLE_EQ(config.engine.kv_cache.memory_fraction, 0.5);
+  EXPECT_FALSE(config.engine.scheduler.enable_prefix_caching);
+  EXPECT_EQ(config.engine.model.directory, "/models/llama");
+  EXPECT_THAT(config.engine.model.devices, ElementsAre(2, 3));  // Validate() rejects it later
   ASSERT_TRUE(ApplyOverride(config, "model.devices", "1,0").ok());
-  EXPECT_THAT(config.model.devices, ElementsAre(1, 0));
+  EXPECT_THAT(config.engine.model.devices, ElementsAre(1, 0));
   ASSERT_TRUE(ApplyOverride(config, "model.devices", "").ok());
-  EXPECT_TRUE(config.model.devices.empty());
+  EXPECT_TRUE(config.engine.model.devices.empty());
   ASSERT_TRUE(ApplyOverrideAssignment(config, "logging.level=debug").ok());
   EXPECT_EQ(config.logging.level, "debug");
   // The value may itself hold '='.
   ASSERT_TRUE(ApplyOverrideAssignment(config, "model.directory=/a=b").ok());
-  EXPECT_EQ(config.model.directory, "/a=b");
+  EXPECT_EQ(config.engine.model.directory, "/a=b");
 }
 
 TEST(ConfigTest, BadOverridesFailAndLeaveConfigUnchanged) {
@@ -335,13 +380,13 @@ TEST(ConfigTest, OverridesApplyAfterTheFileAndBeforeValidation) {
   absl::StatusOr<ServerConfig> config =
       LoadConfigString(yaml, "x.yaml", {"scheduler.max_batch_tokens=8192"});
   ASSERT_TRUE(config.ok()) << config.status();
-  EXPECT_EQ(config->scheduler.max_batch_tokens, 8192);
-  EXPECT_EQ(config->scheduler.prefill_chunk_tokens, 4096);
+  EXPECT_EQ(config->engine.scheduler.max_batch_tokens, 8192);
+  EXPECT_EQ(config->engine.scheduler.prefill_chunk_tokens, 4096);
 
   // Later overrides win; errors name the override.
   config = LoadConfigString("", "x.yaml", {"pools.decode_workers=2", "pools.decode_workers=3"});
   ASSERT_TRUE(config.ok());
-  EXPECT_EQ(config->pools.decode_workers, 3);
+  EXPECT_EQ(config->engine.pools.decode_workers, 3);
   EXPECT_THAT(LoadError("", {"pools.decode_workers=0"}),
               HasSubstr("--set pools.decode_workers=0: pools.decode_workers must be an integer "
                         "between 1 and 256, got 0"));
@@ -393,18 +438,18 @@ TEST(ConfigTest, YamlRoundTripOfDefaults) {
   ASSERT_TRUE(loaded.ok()) << loaded.status() << "\n" << yaml;
   EXPECT_EQ(*loaded, ServerConfig());
   for (const std::string& key : kExpectedKeys) {
-    std::string leaf = key.substr(key.find('.') + 1);
+    std::string leaf = key.substr(key.rfind('.') + 1);
     EXPECT_THAT(yaml, HasSubstr("  " + leaf + ": ")) << key;
   }
 }
 
 TEST(ConfigTest, YamlRoundTripOfUnusualValues) {
   ServerConfig config;
-  config.model.name = "we\"ird\\ name: #1\t";
-  config.model.directory = "/tmp/ünïcode/dir";
-  config.model.backend = "cuda";
-  config.model.devices = {3, 1};
-  config.kv_cache.memory_fraction = 0.1 + 0.2;  // Not exactly representable in short form.
+  config.engine.model.name = "we\"ird\\ name: #1\t";
+  config.engine.model.directory = "/tmp/ünïcode/dir";
+  config.engine.model.backend = "cuda";
+  config.engine.model.devices = {3};
+  config.engine.kv_cache.memory_fraction = 0.1 + 0.2;  // Not exactly representable in short form.
   config.server.keepalive_time_s = 10.0 / 3.0;
   config.server.listen_address = "unix:/run/sieve.sock";
   config.metrics.enabled = false;
@@ -422,7 +467,7 @@ TEST(ConfigTest, LoadConfigFileReadsFilesAndReportsMissingOnes) {
   }
   absl::StatusOr<ServerConfig> config = LoadConfigFile(path, {"logging.level=error"});
   ASSERT_TRUE(config.ok()) << config.status();
-  EXPECT_EQ(config->scheduler.max_queued_requests, 7);
+  EXPECT_EQ(config->engine.scheduler.max_queued_requests, 7);
   EXPECT_EQ(config->logging.level, "error");
 
   {

@@ -295,18 +295,14 @@ void ToProtoModelInfo(const engine::ModelInfo& info, const engine::ModelConfig& 
   out->set_num_kv_heads(static_cast<uint32_t>(std::max(0, info.num_kv_heads)));
   out->set_head_dim(static_cast<uint32_t>(std::max(0, info.head_dim)));
   out->set_hidden_size(static_cast<uint32_t>(std::max<int64_t>(0, model.hidden_size)));
-  std::vector<int32_t> eos = tokenizer.eos_ids();
-  if (eos.empty()) {
-    for (int64_t id : model.eos_token_ids) eos.push_back(static_cast<int32_t>(id));
-  }
-  for (int32_t id : eos) out->add_eos_token_ids(id);
+  for (int32_t id : info.eos_token_ids) out->add_eos_token_ids(id);
   if (tokenizer.bos_id().has_value()) {
     out->set_bos_token_id(*tokenizer.bos_id());
   } else if (model.bos_token_id.has_value()) {
     out->set_bos_token_id(static_cast<int32_t>(*model.bos_token_id));
   }
   out->set_backend(info.backend);
-  out->set_dtype(info.backend == "cuda" ? "bfloat16" : "float32");
+  out->set_dtype(info.dtype);
   // The engine describes its policy as "prefill=<name> decode=<name> ..."; anything it does
   // not name is dense.
   v1::AttentionPolicy* attention = out->mutable_attention();

@@ -93,8 +93,9 @@ v1::FinishReason ToProtoFinishReason(engine::FinishReason reason);
 // Fills `completion` (finish reason, usage, timings, matched stop) from `outcome`.
 void ToCompletion(const engine::RequestOutcome& outcome, v1::Completion* completion);
 
-// Describes the served model. `context_tokens` is the effective per-request limit (see
-// RequestLimits), `model` and `tokenizer` supply what engine::ModelInfo does not carry.
+// Describes the served model: EOS ids, dtype and attention as the engine reports them (`info`),
+// `context_tokens` the effective per-request limit (see RequestLimits); `model` and `tokenizer`
+// supply what engine::ModelInfo does not carry (hidden size, BOS id).
 void ToProtoModelInfo(const engine::ModelInfo& info, const engine::ModelConfig& model,
                       const engine::Tokenizer& tokenizer, int32_t context_tokens,
                       v1::ModelInfo* out);

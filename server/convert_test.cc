@@ -350,6 +350,8 @@ TEST(ToProtoModelInfo, DescribesTheModel) {
   info.name = "m";
   info.architecture = "llama";
   info.backend = "cpu";
+  info.dtype = "float32";
+  info.eos_token_ids = {2, 7};
   info.context_tokens = 131072;
   info.vocab_size = 4096;
   info.num_layers = 4;
@@ -380,7 +382,7 @@ TEST(ToProtoModelInfo, DescribesTheModel) {
   EXPECT_EQ(out.attention().description(), "prefill=dense decode=quest budget=2048");
   EXPECT_EQ(out.kv_page_size_tokens(), 16u);
   EXPECT_EQ(out.kv_num_pages(), 100u);
-  EXPECT_FALSE(out.eos_token_ids().empty());
+  EXPECT_THAT(out.eos_token_ids(), ::testing::ElementsAre(2, 7));  // what the engine stops on
 }
 
 }  // namespace

@@ -32,15 +32,6 @@
 
 namespace sieve::server {
 
-// Maps the daemon's configuration onto the engine's: the one place where ServerConfig keys
-// become engine settings. With kv_cache.num_pages = 0 on the cpu backend, the page count is
-// derived from kv_cache.memory_fraction of the physical memory left after the weights, capped at
-// what max_running_requests full-length requests can use. Errors: FailedPrecondition when the
-// page count cannot be derived (cuda, or too little memory), Unimplemented for settings this
-// build cannot honour yet (several devices, float32 on cuda), and the errors of reading the
-// checkpoint's config.json (needed for the derivation).
-absl::StatusOr<engine::EngineConfig> ToEngineConfig(const ServerConfig& config);
-
 class Daemon {
  public:
   // Starts the metrics listener (when metrics.enabled) and the gRPC server on the configured
@@ -54,8 +45,9 @@ class Daemon {
   Daemon(const Daemon&) = delete;
   Daemon& operator=(const Daemon&) = delete;
 
-  // Creates the engine (loads the model, allocates the KV pool, starts its threads) and turns
-  // health to SERVING. Errors are those of ToEngineConfig and engine::Engine::Create.
+  // Creates the engine from the configuration's engine settings (loads the model, allocates
+  // the KV pool, starts its threads) and turns health to SERVING. Errors are those of
+  // engine::Engine::Create.
   absl::Status LoadModel();
 
   // Drains and stops, as described in the file comment; returns when everything is stopped.

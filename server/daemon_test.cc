@@ -19,95 +19,14 @@ std::string EmbeddedModelDir() {
   return std::string(root ? root : ".") + "/models/embedded";
 }
 
-TEST(ToEngineConfig, MapsEverySetting) {
-  ServerConfig c;
-  c.model.name = "m";
-  c.model.directory = "/models/x";
-  c.model.max_context_tokens = 4096;
-  c.kv_cache.page_size_tokens = 32;
-  c.kv_cache.num_pages = 777;
-  c.scheduler.max_batch_tokens = 3000;
-  c.scheduler.prefill_chunk_tokens = 300;
-  c.scheduler.max_running_requests = 48;
-  c.scheduler.max_queued_requests = 99;
-  c.scheduler.max_queued_tokens = 123456;
-  c.scheduler.enable_prefix_caching = false;
-  c.pools.prefill_workers = 2;
-  c.pools.decode_workers = 3;
-  absl::StatusOr<engine::EngineConfig> e = ToEngineConfig(c);
-  ASSERT_TRUE(e.ok()) << e.status();
-  EXPECT_EQ(e->model_dir, "/models/x");
-  EXPECT_EQ(e->model_name, "m");
-  EXPECT_EQ(e->max_context_tokens, 4096);
-  EXPECT_EQ(e->runner.backend, "cpu");
-  EXPECT_EQ(e->runner.page_size, 32);
-  EXPECT_EQ(e->runner.num_pages, 777);
-  EXPECT_EQ(e->runner.max_step_tokens, 3000);
-  EXPECT_EQ(e->runner.max_step_logits, 48);
-  EXPECT_EQ(e->scheduler.max_batch_tokens, 3000);
-  EXPECT_EQ(e->scheduler.prefill_chunk_tokens, 300);
-  EXPECT_EQ(e->scheduler.max_running_requests, 48);
-  EXPECT_EQ(e->scheduler.max_queued_requests, 99);
-  EXPECT_EQ(e->scheduler.max_queued_tokens, 123456);
-  EXPECT_FALSE(e->scheduler.enable_prefix_caching);
-  EXPECT_EQ(e->scheduler.prefill_workers, 2);
-  EXPECT_EQ(e->scheduler.decode_workers, 3);
-  EXPECT_EQ(e->decode_stream_priority, engine::StreamPriority::kHigh);
-
-  c.pools.decode_priority = "normal";
-  e = ToEngineConfig(c);
-  ASSERT_TRUE(e.ok()) << e.status();
-  EXPECT_EQ(e->decode_stream_priority, engine::StreamPriority::kNormal);
-}
-
-TEST(ToEngineConfig, RejectsWhatThisBuildCannotHonour) {
-  ServerConfig several;
-  several.model.backend = "cuda";
-  several.model.devices = {0, 1};
-  EXPECT_EQ(ToEngineConfig(several).status().code(), absl::StatusCode::kUnimplemented);
-  ServerConfig other_device;
-  other_device.model.backend = "cuda";
-  other_device.model.devices = {1};
-  EXPECT_EQ(ToEngineConfig(other_device).status().code(), absl::StatusCode::kUnimplemented);
-  ServerConfig fp32_cuda;
-  fp32_cuda.model.backend = "cuda";
-  fp32_cuda.model.dtype = "float32";
-  EXPECT_THAT(std::string(ToEngineConfig(fp32_cuda).status().message()),
-              HasSubstr("model.dtype"));
-  ServerConfig derive_cuda;
-  derive_cuda.model.backend = "cuda";
-  derive_cuda.kv_cache.num_pages = 0;
-  absl::Status s = ToEngineConfig(derive_cuda).status();
-  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_THAT(std::string(s.message()), HasSubstr("kv_cache.num_pages"));
-}
-
-TEST(ToEngineConfig, DerivesThePageCountOnCpu) {
-  ServerConfig c;
-  c.model.directory = EmbeddedModelDir();
-  c.model.max_context_tokens = 1000;
-  c.scheduler.max_running_requests = 4;
-  c.kv_cache.num_pages = 0;
-  c.kv_cache.page_size_tokens = 16;
-  absl::StatusOr<engine::EngineConfig> e = ToEngineConfig(c);
-  ASSERT_TRUE(e.ok()) << e.status();
-  // Capped at what 4 full contexts use: 4 x ceil(1000 / 16) pages (the memory allows more).
-  EXPECT_EQ(e->runner.num_pages, 4 * 63);
-
-  c.model.directory = "/nonexistent/model";
-  absl::Status missing = ToEngineConfig(c).status();
-  EXPECT_FALSE(missing.ok());
-  EXPECT_THAT(std::string(missing.message()), HasSubstr("config.json"));
-}
-
 // A daemon on a kernel-picked loopback port, metrics off.
 ServerConfig LoopbackConfig() {
   ServerConfig c;
   c.server.listen_address = "127.0.0.1:0";
   c.server.drain_grace_period_s = 1;
   c.metrics.enabled = false;
-  c.model.directory = EmbeddedModelDir();
-  c.kv_cache.num_pages = 64;
+  c.engine.model.directory = EmbeddedModelDir();
+  c.engine.kv_cache.num_pages = 64;
   return c;
 }
 

@@ -26,6 +26,7 @@
 #include "absl/time/time.h"
 #include "engine/testing/async_backend.h"
 #include "server/config.h"
+#include "server/config_docs.h"
 #include "server/daemon.h"
 #include "server/log.h"
 
@@ -44,13 +45,14 @@ options:
   --config FILE          YAML configuration (e.g. configs/default.yaml); without it every key
                          takes its default
   --set KEY=VALUE        override one configuration key (repeatable), e.g.
-                         --set scheduler.max_batch_tokens=4096 --set model.devices=0,1
+                         --set scheduler.max_batch_tokens=4096 --set model.devices=1
   --listen ADDR          same as --set server.listen_address=ADDR
   --metrics-listen ADDR  same as --set metrics.listen_address=ADDR
   --model-dir DIR        same as --set model.directory=DIR
   --backend NAME         same as --set model.backend=NAME (cpu or cuda)
   --log-level LEVEL      same as --set logging.level=LEVEL
-  --print-config         print the effective configuration as YAML and exit
+  --print-config         print the effective configuration as YAML, every key with its doc,
+                         and exit (with no --config or --set: configs/default.yaml)
   --help                 print this help, with every configuration key, and exit
 
 Overrides apply after the file, in command-line order.
@@ -207,14 +209,14 @@ int Run(int argc, char** argv) {
     std::shared_ptr<engine::testing::AsyncBackendControl> control =
         engine::testing::RegisterAsyncBackend("testing-async", {});
     control->InjectFault(cmd.test_device_lost_after_ops, engine::testing::FaultKind::kFatal);
-    config->model.backend = "testing-async";
+    config->engine.model.backend = "testing-async";
   }
 
   SignalWatcher signals;
   Log(LogLevel::kInfo, absl::StrCat("starting: config ",
                                     cmd.config_path.empty() ? "<defaults>" : cmd.config_path,
-                                    ", model ", config->model.directory, ", backend ",
-                                    config->model.backend));
+                                    ", model ", config->engine.model.directory, ", backend ",
+                                    config->engine.model.backend));
   absl::StatusOr<std::unique_ptr<Daemon>> daemon = Daemon::Start(*config);
   if (!daemon.ok()) {
     Log(LogLevel::kError, absl::StrCat("cannot start: ", daemon.status().ToString()));

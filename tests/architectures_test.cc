@@ -33,7 +33,7 @@ TEST_P(ArchitectureTest, LogitsMatchTransformers) {
   const std::vector<int32_t> ids = golden["ids"].get<std::vector<int32_t>>();
   const int k = golden["last_positions"];
 
-  ModelRunnerOptions o;
+  ModelRunnerOptions o = RunnerOptionsFor(EngineConfig());
   o.page_size = 8;
   o.num_pages = 16;
   o.max_step_tokens = 64;

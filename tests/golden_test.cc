@@ -1,15 +1,17 @@
 // The embedded model against the golden outputs that Hugging Face transformers produced for the
 // same checkpoint (models/embedded/golden.json, made by scripts/make_embedded_model.py):
-// tokenizer ids, fp32 logits within 1e-4 relative error, and greedy continuations, alone and
-// batched with other prompts of different lengths.
+// tokenizer ids, fp32 logits within 1e-4 relative error (ModelRunner), and greedy continuations
+// through the Engine, alone and batched with other prompts of different lengths.
 #include <cmath>
+#include <condition_variable>
 #include <cstdlib>
 #include <fstream>
+#include <mutex>
 #include <sstream>
 #include <string>
 #include <vector>
 
-#include "engine/generator.h"
+#include "engine/engine.h"
 #include "engine/model_runner.h"
 #include "engine/safetensors.h"
 #include "engine/tokenizer.h"
@@ -56,7 +58,7 @@ class GoldenTest : public ::testing::Test {
   }
 
   static std::unique_ptr<ModelRunner> Runner(int32_t page_size, int32_t max_step_tokens) {
-    ModelRunnerOptions o;
+    ModelRunnerOptions o = RunnerOptionsFor(EngineConfig());
     o.page_size = page_size;
     o.num_pages = 4096 / page_size * 4;
     o.max_step_tokens = max_step_tokens;
@@ -146,38 +148,83 @@ TEST_F(GoldenTest, LogitsMatchTransformers) {
   }
 }
 
+// Collects one request's tokens; Wait() blocks until it finished.
+class CollectingSink : public RequestSink {
+ public:
+  void OnTokens(const TokenDelta& delta) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    tokens_.insert(tokens_.end(), delta.token_ids.begin(), delta.token_ids.end());
+  }
+  void OnFinish(const RequestOutcome& outcome) override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      finished_ = true;
+    }
+    cv_.notify_all();
+  }
+  std::vector<int32_t> Wait() {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [this] { return finished_; });
+    return tokens_;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<int32_t> tokens_;
+  bool finished_ = false;
+};
+
+// Submits greedy requests for `prompts` (max_tokens each) at once; returns their tokens in order.
+std::vector<std::vector<int32_t>> Greedy(Engine& engine,
+                                         const std::vector<std::vector<int32_t>>& prompts,
+                                         const std::vector<int32_t>& max_tokens) {
+  std::vector<std::shared_ptr<CollectingSink>> sinks;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    RequestSpec spec;
+    spec.prompt = prompts[i];
+    spec.sampling.temperature = 0.0f;
+    spec.stop.max_tokens = max_tokens[i];
+    sinks.push_back(std::make_shared<CollectingSink>());
+    spec.sink = sinks.back();
+    absl::StatusOr<RequestId> id = engine.Submit(std::move(spec));
+    EXPECT_TRUE(id.ok()) << id.status();
+    if (!id.ok()) return std::vector<std::vector<int32_t>>(prompts.size());
+  }
+  std::vector<std::vector<int32_t>> out;
+  for (auto& sink : sinks) out.push_back(sink->Wait());
+  return out;
+}
+
 TEST_F(GoldenTest, GreedyContinuationsAloneAndBatched) {
-  auto runner = Runner(16, 64);  // a small step budget forces chunked prefill
-  ASSERT_NE(runner, nullptr);
-  Generator gen(*runner, *tokenizer_);
-  std::vector<GenerationRequest> all;
-  std::vector<std::vector<int32_t>> want;
+  EngineConfig config;
+  config.model.directory = ModelDir();
+  config.kv_cache.num_pages = 4096 / 16 * 4;
+  config.scheduler.max_batch_tokens = 64;  // a small step budget forces chunked prefill
+  config.scheduler.prefill_chunk_tokens = 64;
+  auto engine = Engine::Create(config, nullptr);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  std::vector<std::vector<int32_t>> prompts, want;
   for (const auto& c : (*golden_)["greedy"]) {
-    GenerationRequest r;
-    r.prompt = Ids(c["prompt_ids"]);
-    r.sampling.temperature = 0.0f;
-    r.stop.max_tokens = 32;
-    all.push_back(r);
+    prompts.push_back(Ids(c["prompt_ids"]));
     want.push_back(Ids(c["output_ids"]));
   }
-  ASSERT_GE(all.size(), 3u);
-  for (size_t i = 0; i < all.size(); ++i) {
-    auto alone = gen.Generate({all[i]});
-    ASSERT_TRUE(alone.ok()) << alone.status();
-    EXPECT_EQ((*alone)[0].tokens, want[i]) << "prompt " << i << " alone";
+  ASSERT_GE(prompts.size(), 3u);
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    EXPECT_EQ(Greedy(**engine, {prompts[i]}, {32})[0], want[i]) << "prompt " << i << " alone";
   }
   // Batched with each other and with a long prompt of a different length.
-  GenerationRequest filler;
-  filler.prompt = Ids((*golden_)["logits"].back()["ids"]);
-  filler.sampling.temperature = 0.0f;
-  filler.stop.max_tokens = 8;
-  all.insert(all.begin() + 1, filler);
-  auto batched = gen.Generate(all);
-  ASSERT_TRUE(batched.ok()) << batched.status();
-  EXPECT_EQ((*batched)[0].tokens, want[0]);
-  EXPECT_EQ((*batched)[2].tokens, want[1]);
-  EXPECT_EQ((*batched)[3].tokens, want[2]);
-  EXPECT_EQ(gen.pages_in_use(), 0);
+  std::vector<int32_t> max_tokens(prompts.size(), 32);
+  prompts.insert(prompts.begin() + 1, Ids((*golden_)["logits"].back()["ids"]));
+  max_tokens.insert(max_tokens.begin() + 1, 8);
+  const std::vector<std::vector<int32_t>> batched = Greedy(**engine, prompts, max_tokens);
+  ASSERT_EQ(batched.size(), 4u);
+  EXPECT_EQ(batched[0], want[0]);
+  EXPECT_EQ(batched[2], want[1]);
+  EXPECT_EQ(batched[3], want[2]);
+  ASSERT_TRUE((*engine)->WaitIdle(absl::Seconds(60)));
+  const EngineLoad load = (*engine)->load();
+  EXPECT_EQ(load.kv_pages_used, load.kv_pages_cached);  // only the prefix cache holds pages
 }
 
 }  // namespace

@@ -452,6 +452,44 @@ TEST_F(SharedDaemonTest, CommandLineClientTalksToTheDaemon) {
   EXPECT_THAT(bad, HasSubstr("INVALID_ARGUMENT"));
 }
 
+// `sieve generate --model DIR` runs the daemon's engine in-process, configured by the daemon's
+// loader: with the daemon's config file and the same seed it streams the same text.
+TEST_F(SharedDaemonTest, InProcessCliGeneratesWhatTheDaemonDoes) {
+  const std::vector<std::string> request = {"--temperature", "0.9", "--seed",    "11",
+                                            "--max-tokens",  "12",  "--ignore-eos",
+                                            "The scheduler admits"};
+  auto text_of = [](const std::string& output) {  // stdout: the prompt and the continuation
+    return output.substr(0, output.find("[sieve]"));
+  };
+  std::vector<std::string> remote = {"generate", "--target", daemon_->target()};
+  remote.insert(remote.end(), request.begin(), request.end());
+  auto [remote_code, remote_out] = RunTool(SIEVE_CLI_PATH, remote);
+  ASSERT_EQ(remote_code, 0) << remote_out;
+
+  std::vector<std::string> local = {"generate", "--model",
+                                    std::string(SIEVE_SOURCE_DIR) + "/models/embedded",
+                                    "--config", BaseConfigPath(), "--threads", "1"};
+  local.insert(local.end(), request.begin(), request.end());
+  auto [local_code, local_out] = RunTool(SIEVE_CLI_PATH, local);
+  ASSERT_EQ(local_code, 0) << local_out;
+  EXPECT_THAT(local_out, HasSubstr("[sieve] finish: length"));
+  EXPECT_THAT(local_out, HasSubstr("generated 12"));
+  EXPECT_EQ(text_of(local_out), text_of(remote_out));
+
+  // Without --config: the defaults, the KV pool sized to the request; the same text.
+  local = {"generate", "--model", std::string(SIEVE_SOURCE_DIR) + "/models/embedded"};
+  local.insert(local.end(), request.begin(), request.end());
+  auto [plain_code, plain_out] = RunTool(SIEVE_CLI_PATH, local);
+  ASSERT_EQ(plain_code, 0) << plain_out;
+  EXPECT_EQ(text_of(plain_out), text_of(remote_out));
+
+  // Its configuration errors are the daemon's.
+  auto [bad_code, bad] = RunTool(SIEVE_CLI_PATH, {"generate", "--model", "models/embedded",
+                                                  "--set", "scheduler.preemption=recompute", "x"});
+  EXPECT_EQ(bad_code, 2) << bad;
+  EXPECT_THAT(bad, HasSubstr("unknown key 'scheduler.preemption': it was removed"));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tests with their own daemon.
 // ---------------------------------------------------------------------------------------------

@@ -333,6 +333,13 @@ int64_t CudaBackend::KvPageBytes(int32_t num_layers, int32_t page_size,
          static_cast<int64_t>(sizeof(bf16));
 }
 
+absl::StatusOr<int64_t> CudaBackend::AvailableMemoryBytes() const {
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaSetDevice(options_.device));
+  size_t free_bytes = 0, total_bytes = 0;
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaMemGetInfo(&free_bytes, &total_bytes));
+  return static_cast<int64_t>(free_bytes);
+}
+
 absl::Status CudaBackend::AllocateKvCache(int32_t num_layers, int32_t num_pages, int32_t page_size,
                                           const AttentionShape& shape) {
   if (num_layers <= 0 || num_pages <= 0 || page_size <= 0 || shape.num_kv_heads <= 0 ||

@@ -83,6 +83,8 @@ class CudaBackend final : public Backend {
                                const AttentionShape& shape) override;
   int64_t KvPageBytes(int32_t num_layers, int32_t page_size,
                       const AttentionShape& shape) const override;
+  // The device's free memory (cudaMemGetInfo).
+  absl::StatusOr<int64_t> AvailableMemoryBytes() const override;
   absl::StatusOr<std::unique_ptr<BackendStream>> CreateStream(
       const StreamOptions& options) override;
   absl::Status BeginStep(BackendStream& stream, const BatchLayout& layout) override;

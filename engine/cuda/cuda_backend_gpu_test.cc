@@ -6,16 +6,18 @@
 //     scripts/transformers_bf16_logits.py wrote) against transformers in bf16 (see that test);
 //   - greedy continuations against the goldens for 32 tokens, teacher-forced so that a
 //     divergence is measured (margins) rather than cascading, and only near-ties may diverge;
-//     then through the Generator, alone and batched, up to the first near-tie;
+//     then through the Engine, alone and batched, up to the first near-tie;
 //   - batched steps against single-request steps;
 //   - malformed calls and CUDA failures as Status values.
 // Run from the repository root (SIEVE_SOURCE_DIR set by CTest). Numbers are printed as
 // "[measure] ..." lines for the record.
 #include <algorithm>
 #include <cmath>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <mutex>
 #include <random>
 #include <sstream>
 #include <string>
@@ -23,7 +25,7 @@
 
 #include "engine/cpu_backend.h"
 #include "engine/cuda/cuda_backend.h"
-#include "engine/generator.h"
+#include "engine/engine.h"
 #include "engine/status_macros.h"
 #include "kernels/cpu/half.h"
 #include "engine/model_runner.h"
@@ -66,7 +68,7 @@ double RelativeError(absl::Span<const float> got, absl::Span<const float> want) 
 
 std::unique_ptr<ModelRunner> Runner(const std::string& backend, int32_t page_size,
                                     int32_t max_step_tokens) {
-  ModelRunnerOptions o;
+  ModelRunnerOptions o = RunnerOptionsFor(EngineConfig());
   o.backend = backend;
   o.page_size = page_size;
   o.num_pages = 4096 / page_size * 4;
@@ -297,53 +299,98 @@ TEST_F(CudaModelTest, GreedyTeacherForcedAgreesWithGoldens) {
   std::printf("[measure] greedy: smallest cuda top-2 margin %.4f\n", smallest_margin);
 }
 
-// Free-running greedy decoding through the Generator, alone and batched with a long prompt: each
-// continuation equals the golden one up to its first near-tie (where the teacher-forced run
+// Collects one request's tokens; Wait() blocks until it finished.
+class CollectingSink : public RequestSink {
+ public:
+  void OnTokens(const TokenDelta& delta) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    tokens_.insert(tokens_.end(), delta.token_ids.begin(), delta.token_ids.end());
+  }
+  void OnFinish(const RequestOutcome&) override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      finished_ = true;
+    }
+    cv_.notify_all();
+  }
+  std::vector<int32_t> Wait() {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [this] { return finished_; });
+    return tokens_;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<int32_t> tokens_;
+  bool finished_ = false;
+};
+
+// Submits greedy requests for `prompts` at once; returns their tokens in order.
+std::vector<std::vector<int32_t>> Greedy(Engine& engine,
+                                         const std::vector<std::vector<int32_t>>& prompts,
+                                         const std::vector<int32_t>& max_tokens) {
+  std::vector<std::shared_ptr<CollectingSink>> sinks;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    RequestSpec spec;
+    spec.prompt = prompts[i];
+    spec.sampling.temperature = 0.0f;
+    spec.stop.max_tokens = max_tokens[i];
+    sinks.push_back(std::make_shared<CollectingSink>());
+    spec.sink = sinks.back();
+    absl::StatusOr<RequestId> id = engine.Submit(std::move(spec));
+    EXPECT_TRUE(id.ok()) << id.status();
+    if (!id.ok()) return std::vector<std::vector<int32_t>>(prompts.size());
+  }
+  std::vector<std::vector<int32_t>> out;
+  for (auto& sink : sinks) out.push_back(sink->Wait());
+  return out;
+}
+
+// Free-running greedy decoding through the Engine on cuda, alone and batched with a long prompt:
+// each continuation equals the golden one up to its first near-tie (where the teacher-forced run
 // above diverges; all 32 tokens when there is none).
-TEST_F(CudaModelTest, GeneratorGreedyAloneAndBatched) {
-  auto tok = Tokenizer::FromDirectory(ModelDir());
-  ASSERT_TRUE(tok.ok()) << tok.status();
-  auto cuda = Runner("cuda", 16, 64);  // a small step budget forces chunked prefill
+TEST_F(CudaModelTest, EngineGreedyAloneAndBatched) {
+  auto cuda = Runner("cuda", 16, 64);
   auto cpu = Runner("cpu", 16, 64);
   ASSERT_NE(cuda, nullptr);
   ASSERT_NE(cpu, nullptr);
-  std::vector<GenerationRequest> all;
-  std::vector<std::vector<int32_t>> want;
+  std::vector<std::vector<int32_t>> prompts, want;
   std::vector<int> agree;  // tokens that must equal the golden ones
   float unused = INFINITY;
   for (const auto& c : (*golden_)["greedy"]) {
-    GenerationRequest r;
-    r.prompt = Ids(c["prompt_ids"]);
-    r.sampling.temperature = 0.0f;
-    r.stop.max_tokens = 32;
-    all.push_back(r);
+    prompts.push_back(Ids(c["prompt_ids"]));
     want.push_back(Ids(c["output_ids"]));
-    const Divergence d = TeacherForced(*cuda, *cpu, r.prompt, want.back(), unused);
+    const Divergence d = TeacherForced(*cuda, *cpu, prompts.back(), want.back(), unused);
     agree.push_back(IsNearTie(d) ? d.step : 32);
   }
   auto prefix = [](const std::vector<int32_t>& v, int n) {
     return std::vector<int32_t>(v.begin(), v.begin() + std::min<size_t>(n, v.size()));
   };
-  Generator gen(*cuda, **tok);
-  for (size_t i = 0; i < all.size(); ++i) {
-    auto alone = gen.Generate({all[i]});
-    ASSERT_TRUE(alone.ok()) << alone.status();
-    EXPECT_EQ(prefix((*alone)[0].tokens, agree[i]), prefix(want[i], agree[i]))
-        << "prompt " << i << " alone";
+  EngineConfig config;
+  config.model.directory = ModelDir();
+  config.model.backend = "cuda";
+  config.kv_cache.num_pages = 4096 / 16 * 4;
+  config.scheduler.max_batch_tokens = 64;  // a small step budget forces chunked prefill
+  config.scheduler.prefill_chunk_tokens = 64;
+  auto engine = Engine::Create(config, nullptr);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const std::vector<int32_t> alone = Greedy(**engine, {prompts[i]}, {32})[0];
+    EXPECT_EQ(prefix(alone, agree[i]), prefix(want[i], agree[i])) << "prompt " << i << " alone";
   }
-  GenerationRequest filler;
-  filler.prompt = Ids((*golden_)["logits"].back()["ids"]);
-  filler.sampling.temperature = 0.0f;
-  filler.stop.max_tokens = 8;
-  all.insert(all.begin() + 1, filler);
-  auto batched = gen.Generate(all);
-  ASSERT_TRUE(batched.ok()) << batched.status();
+  std::vector<int32_t> max_tokens(prompts.size(), 32);
+  prompts.insert(prompts.begin() + 1, Ids((*golden_)["logits"].back()["ids"]));
+  max_tokens.insert(max_tokens.begin() + 1, 8);
+  const std::vector<std::vector<int32_t>> batched = Greedy(**engine, prompts, max_tokens);
   const size_t at[3] = {0, 2, 3};
   for (size_t i = 0; i < 3; ++i) {
-    EXPECT_EQ(prefix((*batched)[at[i]].tokens, agree[i]), prefix(want[i], agree[i]))
+    EXPECT_EQ(prefix(batched[at[i]], agree[i]), prefix(want[i], agree[i]))
         << "prompt " << i << " batched";
   }
-  EXPECT_EQ(gen.pages_in_use(), 0);
+  ASSERT_TRUE((*engine)->WaitIdle(absl::Seconds(60)));
+  const EngineLoad load = (*engine)->load();
+  EXPECT_EQ(load.kv_pages_used, load.kv_pages_cached);  // only the prefix cache holds pages
 }
 
 // Each sequence's logits are the same alone or batched with others of different lengths and

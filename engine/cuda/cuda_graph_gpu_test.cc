@@ -60,7 +60,7 @@ std::pair<int32_t, float> ArgmaxAndMargin(absl::Span<const float> logits) {
 }
 
 std::unique_ptr<ModelRunner> Runner(bool graphs, int32_t num_pages = 256) {
-  ModelRunnerOptions o;
+  ModelRunnerOptions o = RunnerOptionsFor(EngineConfig());
   o.backend = "cuda";
   o.page_size = 16;
   o.num_pages = num_pages;
@@ -574,7 +574,7 @@ TEST(CudaGraphModelTest, RecordingsAreMadeOnTheSecondStepAndReplacedOnNewShapes)
 }
 
 TEST(CudaGraphModelTest, CpuRunnerHasNoStepGraphs) {
-  ModelRunnerOptions o;
+  ModelRunnerOptions o = RunnerOptionsFor(EngineConfig());
   o.backend = "cpu";
   o.num_pages = 16;
   o.max_step_tokens = 64;

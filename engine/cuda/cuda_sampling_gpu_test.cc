@@ -15,8 +15,8 @@
 //   - a NaN, a +inf and an all -inf row, invalid parameters and a history id outside the
 //     vocabulary fail their row only, with the reference's status code;
 //   - end to end: the engine on the CUDA backend (device sampling) produces the same greedy
-//     tokens and logprobs on the embedded model as the Generator, which samples on the host with
-//     SampleToken from the same backend's logits;
+//     tokens and logprobs on the embedded model as SampleToken on the host from the same
+//     backend's logits (ModelRunner::Forward, one sequence);
 //   - the kernel called directly (kernels/cuda/sampling.h) with plans that force one block per
 //     row and several (as many as fit, and 3) on the same inputs: vocabularies 4096 / 128256 /
 //     152064, batches 1 / 2 / 3 / 8, every kind of parameters, rows with many tied logits, NaN,
@@ -41,7 +41,6 @@
 
 #include "engine/cuda/cuda_backend.h"
 #include "engine/engine.h"
-#include "engine/generator.h"
 #include "engine/model_runner.h"
 #include "engine/sampling.h"
 #include "engine/tokenizer.h"
@@ -657,6 +656,40 @@ class Sink : public RequestSink {
   std::atomic<bool> done{false};
 };
 
+// Greedy tokens of one sequence on `runner`, sampled on the host with SampleToken from the
+// logits ModelRunner::Forward copies back: the prompt in one step, then one token per step.
+std::vector<SampledToken> HostGreedy(ModelRunner& runner, const std::vector<int32_t>& prompt,
+                                     int32_t n) {
+  SamplingParams params;
+  params.temperature = 0.0f;
+  params.return_logprob = true;
+  std::vector<int32_t> tokens = prompt;
+  std::vector<int32_t> pages;
+  const int32_t ps = runner.options().page_size;
+  for (int32_t p = 0; p * ps < static_cast<int32_t>(prompt.size()) + n; ++p) pages.push_back(p);
+  TokenHistory history;
+  history.AddPrompt(prompt);
+  SamplerRng rng(0);
+  std::vector<SampledToken> out;
+  for (int32_t cached = 0; static_cast<int32_t>(out.size()) < n;) {
+    SequenceStep step;
+    step.tokens = absl::MakeConstSpan(tokens).subspan(cached);
+    step.num_cached = cached;
+    step.pages = pages;
+    step.want_logits = true;
+    std::vector<float> logits;
+    EXPECT_TRUE(runner.Forward({step}, logits).ok());
+    cached = static_cast<int32_t>(tokens.size());
+    absl::StatusOr<SampledToken> token = SampleToken(absl::MakeSpan(logits), params, history, rng);
+    EXPECT_TRUE(token.ok()) << token.status();
+    if (!token.ok()) break;
+    tokens.push_back(token->id);
+    history.AddGenerated(token->id);
+    out.push_back(*token);
+  }
+  return out;
+}
+
 TEST(CudaSampleEngineTest, DeviceSamplingEqualsHostSamplingEndToEnd) {
   auto tok = Tokenizer::FromDirectory(ModelDir());
   ASSERT_TRUE(tok.ok()) << tok.status();
@@ -664,33 +697,20 @@ TEST(CudaSampleEngineTest, DeviceSamplingEqualsHostSamplingEndToEnd) {
       tok->get()->Encode("The quick brown fox").value(),
       tok->get()->Encode("Once upon a time, in a land far away,").value(),
       tok->get()->Encode("1, 2, 3, 4,").value()};
-  // Host sampling: the Generator's Forward + SampleToken on the CUDA runner, one request at a time.
-  ModelRunnerOptions o;
-  o.backend = "cuda";
-  o.num_pages = 64;
-  o.max_step_tokens = 256;
-  auto runner = ModelRunner::Load(ModelDir(), o);
-  ASSERT_TRUE(runner.ok()) << runner.status();
-  Generator gen(**runner, **tok);
-  std::vector<GenerationResult> host;
-  for (const auto& p : prompts) {
-    GenerationRequest r;
-    r.prompt = p;
-    r.sampling.temperature = 0.0f;
-    r.sampling.return_logprob = true;
-    r.stop.max_tokens = 24;
-    r.stop.ignore_eos = true;
-    auto out = gen.Generate({r});
-    ASSERT_TRUE(out.ok()) << out.status();
-    host.push_back((*out)[0]);
-  }
-  // Device sampling: the engine, one request at a time, whole prompt in one prefill step.
+  // The engine's settings: cuda, 64 pages, whole prompts in one prefill step.
   EngineConfig c;
-  c.model_dir = ModelDir();
-  c.runner = o;
-  c.runner.max_step_logits = 64;
+  c.model.directory = ModelDir();
+  c.model.backend = "cuda";
+  c.kv_cache.num_pages = 64;
   c.scheduler.max_batch_tokens = 256;
   c.scheduler.prefill_chunk_tokens = 256;
+  // Host sampling: Forward + SampleToken on a CUDA runner of the same settings, one request at a
+  // time.
+  auto runner = ModelRunner::Load(ModelDir(), RunnerOptionsFor(c));
+  ASSERT_TRUE(runner.ok()) << runner.status();
+  std::vector<std::vector<SampledToken>> host;
+  for (const auto& p : prompts) host.push_back(HostGreedy(**runner, p, 24));
+  // Device sampling: the engine, one request at a time, whole prompt in one prefill step.
   auto engine = Engine::Create(c, nullptr);
   ASSERT_TRUE(engine.ok()) << engine.status();
   for (size_t i = 0; i < prompts.size(); ++i) {
@@ -706,10 +726,11 @@ TEST(CudaSampleEngineTest, DeviceSamplingEqualsHostSamplingEndToEnd) {
     ASSERT_TRUE((*engine)->Submit(std::move(s)).ok());
     ASSERT_TRUE((*engine)->WaitIdle(absl::Seconds(60)));
     ASSERT_TRUE(sink->done);
-    EXPECT_EQ(sink->tokens, host[i].tokens) << "prompt " << i;
-    ASSERT_EQ(sink->logprobs.size(), host[i].logprobs.size());
+    ASSERT_EQ(sink->tokens.size(), host[i].size()) << "prompt " << i;
+    ASSERT_EQ(sink->logprobs.size(), host[i].size());
     for (size_t t = 0; t < sink->logprobs.size(); ++t) {
-      EXPECT_NEAR(sink->logprobs[t].logprob, host[i].logprobs[t], kLogprobTolerance);
+      EXPECT_EQ(sink->tokens[t], host[i][t].id) << "prompt " << i << " token " << t;
+      EXPECT_NEAR(sink->logprobs[t].logprob, host[i][t].logprob, kLogprobTolerance);
       ASSERT_EQ(sink->logprobs[t].top.size(), 5u);
       EXPECT_EQ(sink->logprobs[t].top[0].first, sink->tokens[t]);  // greedy: the best is chosen
     }

@@ -39,16 +39,15 @@ struct Case {
 
 EngineConfig BaseConfig(const std::string& backend, int32_t page_size, int32_t num_pages) {
   EngineConfig c;
-  c.model_dir = ModelDir();
-  c.model_name = "embedded";
-  c.runner.backend = backend;
-  c.runner.page_size = page_size;
-  c.runner.num_pages = num_pages;
-  // Worker batches of at most 48 tokens under a step budget of 192: a step's chunks spread over
-  // every prefill worker, and a sequence's next chunk often lands on another worker.
-  c.runner.max_step_tokens = 48;
-  c.runner.max_step_logits = 32;
-  c.runner.num_threads = 1;
+  c.model.directory = ModelDir();
+  c.model.name = "embedded";
+  c.model.backend = backend;
+  c.model.cpu_threads = 1;
+  c.kv_cache.page_size_tokens = page_size;
+  c.kv_cache.num_pages = num_pages;
+  // Chunks of 24 under a step budget of 192: a step's chunks spread over every prefill worker
+  // (each batch goes to the worker with the most room), and a sequence's next chunk often lands
+  // on another worker.
   c.scheduler.max_batch_tokens = 192;
   c.scheduler.prefill_chunk_tokens = 24;
   return c;
@@ -130,9 +129,9 @@ class AsyncEngineTest : public ::testing::TestWithParam<int> {
     o.max_latency_us = 6000;
     o.seed = static_cast<uint64_t>(next_backend_) * 7919 + GetParam();
     control_ = RegisterAsyncBackend(name, o);
-    c.runner.backend = name;
-    c.scheduler.prefill_workers = GetParam();
-    c.scheduler.decode_workers = 2;
+    c.model.backend = name;
+    c.pools.prefill_workers = GetParam();
+    c.pools.decode_workers = 2;
     auto e = Engine::Create(c, observer);
     EXPECT_TRUE(e.ok()) << e.status();
     return e.ok() ? std::move(*e) : nullptr;
