@@ -25,8 +25,9 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
-#include "engine/model_runner.h"
-#include "engine/sampling.h"
+#include "engine/runner/model_runner.h"
+#include "engine/serving/engine_config.h"
+#include "engine/sampling/sampling.h"
 #ifdef SIEVE_HAVE_CUDA
 #include <cuda_runtime.h>
 #endif

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Logits of the embedded model's golden prompts from Hugging Face transformers in bf16 on the GPU.
 
-The CUDA backend's GPU test (engine/cuda/cuda_backend_gpu_test.cc, LogitsMatchTransformersBf16)
+The CUDA backend's GPU test (engine/backends/cuda/cuda_backend_gpu_test.cc, LogitsMatchTransformersBf16)
 compares its logits with these when SIEVE_HF_BF16_LOGITS names the output file. The file holds,
 for each entry of golden.json's "logits", a float32 tensor [last_positions, vocab] named like the
 entry (prompt0, prompt1, ...), exactly as golden_logits.safetensors (made in fp32 on the CPU) does.

@@ -9,7 +9,7 @@
 //
 // Key paths mirror the struct members: `server.listen_address` is
 // ServerConfig::server.listen_address; the engine's keys are members of ServerConfig::engine
-// (engine/engine_config.h), so `kv_cache.page_size_tokens` is
+// (engine/serving/engine_config.h), so `kv_cache.page_size_tokens` is
 // ServerConfig::engine.kv_cache.page_size_tokens and the YAML
 //
 //   kv_cache:
@@ -30,7 +30,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
-#include "engine/engine_config.h"
+#include "engine/serving/engine_config.h"
 
 namespace sieve::server {
 

@@ -16,9 +16,9 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
-#include "engine/engine_config.h"
-#include "engine/kv_budget.h"
-#include "engine/sampling.h"
+#include "engine/serving/engine_config.h"
+#include "engine/model/kv_budget.h"
+#include "engine/sampling/sampling.h"
 
 namespace sieve::server::config_keys {
 namespace {
@@ -39,7 +39,7 @@ Rule OneOf(std::initializer_list<std::string_view> choices) {
   return MakeRule(RuleKind::kChoice, 0, 0, false, {choices.begin(), choices.end()});
 }
 
-// One of the values an engine setting accepts (engine/engine_config.h lists them).
+// One of the values an engine setting accepts (engine/serving/engine_config.h lists them).
 Rule OneOf(std::span<const std::string_view> choices) {
   return MakeRule(RuleKind::kChoice, 0, 0, false, {choices.begin(), choices.end()});
 }
@@ -53,7 +53,7 @@ Rule DeviceList(int lo, int hi) { return MakeRule(RuleKind::kDeviceList, lo, hi)
 #define SIEVE_SERVER_KEY(member, rule, doc) \
   KeySpec { #member, rule, doc, [](ServerConfig& c) -> FieldRef { return &c.member; } }
 
-// An engine key: `model.name` is ServerConfig::engine.model.name (engine/engine_config.h).
+// An engine key: `model.name` is ServerConfig::engine.model.name (engine/serving/engine_config.h).
 #define SIEVE_ENGINE_KEY(member, rule, doc) \
   KeySpec { #member, rule, doc, [](ServerConfig& c) -> FieldRef { return &c.engine.member; } }
 

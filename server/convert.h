@@ -24,11 +24,11 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
-#include "engine/engine.h"
-#include "engine/model_config.h"
-#include "engine/request.h"
-#include "engine/sampling.h"
-#include "engine/tokenizer.h"
+#include "engine/serving/engine.h"
+#include "engine/model/model_config.h"
+#include "engine/serving/request.h"
+#include "engine/sampling/sampling.h"
+#include "engine/tokenizer/tokenizer.h"
 #include "sieve/v1/sieve.pb.h"
 
 namespace sieve::server {

@@ -25,7 +25,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
-#include "engine/engine.h"
+#include "engine/serving/engine.h"
 #include "server/config.h"
 #include "server/metrics.h"
 #include "server/sieve_service.h"

@@ -57,8 +57,8 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
-#include "engine/observer.h"
-#include "engine/request.h"
+#include "engine/serving/observer.h"
+#include "engine/serving/request.h"
 
 namespace prometheus {
 class Counter;

@@ -13,12 +13,16 @@
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "server/http_get.h"
-#include "server/metrics_text.h"
+#include "tests/support/http_get.h"
+#include "tests/support/metrics_text.h"
 
 namespace sieve::server {
 namespace {
 
+using ::sieve::test_support::HttpGet;
+using ::sieve::test_support::MetricSample;
+using ::sieve::test_support::ParsedMetrics;
+using ::sieve::test_support::ParseMetricsText;
 using ::testing::HasSubstr;
 using Labels = std::map<std::string, std::string>;
 

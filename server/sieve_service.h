@@ -35,7 +35,7 @@
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
-#include "engine/engine.h"
+#include "engine/serving/engine.h"
 #include "server/convert.h"
 #include "sieve/v1/sieve.grpc.pb.h"
 

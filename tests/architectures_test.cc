@@ -9,8 +9,9 @@
 #include <string>
 #include <vector>
 
-#include "engine/model_runner.h"
-#include "engine/safetensors.h"
+#include "engine/model/safetensors.h"
+#include "engine/runner/model_runner.h"
+#include "engine/serving/engine_config.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 

@@ -11,10 +11,10 @@
 #include <string>
 #include <vector>
 
-#include "engine/engine.h"
-#include "engine/model_runner.h"
-#include "engine/safetensors.h"
-#include "engine/tokenizer.h"
+#include "engine/serving/engine.h"
+#include "engine/runner/model_runner.h"
+#include "engine/model/safetensors.h"
+#include "engine/tokenizer/tokenizer.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 

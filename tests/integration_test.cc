@@ -382,7 +382,7 @@ TEST_F(SharedDaemonTest, MetricsHaveTheDocumentedNamesAndSaneValues) {
   IdleLoad();
   // The call is counted in sieve_grpc_requests_total when gRPC runs the reactor's OnDone, which
   // can come after the client has read the final status: wait for it.
-  server::ParsedMetrics m;
+  test_support::ParsedMetrics m;
   EXPECT_TRUE(PollUntil([&] {
     m = daemon_->Metrics();
     return m.Sum("sieve_grpc_requests_total", {{"method", "Generate"}}) >= 1;
@@ -396,7 +396,7 @@ TEST_F(SharedDaemonTest, MetricsHaveTheDocumentedNamesAndSaneValues) {
     const std::string series = type == "histogram" ? name + "_count" : name;
     EXPECT_FALSE(m.All(series).empty()) << series;
   }
-  for (const server::MetricSample& s : m.samples) {
+  for (const test_support::MetricSample& s : m.samples) {
     // prometheus-cpp's exposer adds its own exposer_* series; everything else is ours.
     if (absl::StartsWith(s.name, "exposer_")) continue;
     EXPECT_TRUE(absl::StartsWith(s.name, "sieve_")) << s.name;

@@ -21,7 +21,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
-#include "server/http_get.h"
+#include "tests/support/http_get.h"
 
 extern char** environ;
 
@@ -124,7 +124,7 @@ v1::GenerateRequest GreedyText(const std::string& text, int max_tokens) {
 }
 
 Load ReadLoad(Sieved& d) {
-  server::ParsedMetrics m = d.Metrics();
+  test_support::ParsedMetrics m = d.Metrics();
   Load l;
   l.running = m.Sum("sieve_running_requests");
   l.waiting = m.Sum("sieve_waiting_requests");
@@ -253,14 +253,14 @@ HealthCheckResponse::ServingStatus Sieved::HealthStatus(const std::string& servi
   return s.ok() ? response.status() : HealthCheckResponse::UNKNOWN;
 }
 
-server::ParsedMetrics Sieved::Metrics() {
+test_support::ParsedMetrics Sieved::Metrics() {
   absl::StatusOr<std::string> body =
-      server::HttpGet("127.0.0.1", metrics_port_, "/metrics", absl::Seconds(5));
+      test_support::HttpGet("127.0.0.1", metrics_port_, "/metrics", absl::Seconds(5));
   EXPECT_TRUE(body.ok()) << body.status();
   if (!body.ok()) return {};
-  absl::StatusOr<server::ParsedMetrics> parsed = server::ParseMetricsText(*body);
+  absl::StatusOr<test_support::ParsedMetrics> parsed = test_support::ParseMetricsText(*body);
   EXPECT_TRUE(parsed.ok()) << parsed.status();
-  return parsed.ok() ? *std::move(parsed) : server::ParsedMetrics();
+  return parsed.ok() ? *std::move(parsed) : test_support::ParsedMetrics();
 }
 
 std::optional<int> Sieved::WaitExit(absl::Duration timeout) {

@@ -22,7 +22,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "grpc/health/v1/health.grpc.pb.h"
-#include "server/metrics_text.h"
+#include "tests/support/metrics_text.h"
 #include "sieve/v1/sieve.grpc.pb.h"
 
 namespace sieve::test {
@@ -73,7 +73,7 @@ class Sieved {
                                                   grpc::Status* status = nullptr);
 
   // Reads and parses /metrics (failures are test expectations).
-  server::ParsedMetrics Metrics();
+  test_support::ParsedMetrics Metrics();
 
   void Signal(int sig) { kill(pid_, sig); }
 

@@ -28,8 +28,8 @@
 #include <mutex>
 #include <string>
 
-#include "engine/backend.h"
-#include "engine/cpu_backend.h"
+#include "engine/backends/backend.h"
+#include "engine/backends/cpu_backend.h"
 
 namespace sieve::engine::testing {
 

@@ -15,7 +15,7 @@
 #include <thread>
 #include <vector>
 
-#include "engine/engine.h"
+#include "engine/serving/engine.h"
 #include "engine/testing/async_backend.h"
 #include "engine/testing/recording_sink.h"
 #include "gtest/gtest.h"

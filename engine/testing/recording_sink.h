@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "absl/time/time.h"
-#include "engine/request.h"
+#include "engine/serving/request.h"
 
 namespace sieve::engine::testing {
 
@@ -27,6 +27,7 @@ class RecordingSink : public RequestSink {
       if (finishes_ > 0) ++calls_after_finish_;
       if (delta.token_ids.empty()) ++empty_deltas_;
       tokens_.insert(tokens_.end(), delta.token_ids.begin(), delta.token_ids.end());
+      logprobs_.insert(logprobs_.end(), delta.logprobs.begin(), delta.logprobs.end());
       text_ += delta.text;
       n = tokens_.size();
       hook = on_tokens_;
@@ -48,6 +49,12 @@ class RecordingSink : public RequestSink {
     std::unique_lock<std::mutex> lock(mu_);
     return cv_.wait_for(lock, absl::ToChronoNanoseconds(timeout), [this] { return finishes_ > 0; });
   }
+  // Waits until `n` tokens arrived or the request finished; false after `timeout`.
+  bool WaitTokens(size_t n, absl::Duration timeout) {
+    std::unique_lock<std::mutex> lock(mu_);
+    return cv_.wait_for(lock, absl::ToChronoNanoseconds(timeout),
+                        [&] { return tokens_.size() >= n || finishes_ > 0; });
+  }
   // Called with the number of tokens so far after each OnTokens, on the engine's thread.
   void set_on_tokens(std::function<void(size_t)> f) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -62,6 +69,10 @@ class RecordingSink : public RequestSink {
     std::lock_guard<std::mutex> l(mu_);
     return text_;
   }
+  std::vector<TokenLogprob> logprobs() const {
+    std::lock_guard<std::mutex> l(mu_);
+    return logprobs_;
+  }
   RequestOutcome outcome() const {
     std::lock_guard<std::mutex> l(mu_);
     return outcome_;
@@ -75,11 +86,20 @@ class RecordingSink : public RequestSink {
     std::lock_guard<std::mutex> l(mu_);
     return calls_after_finish_ + empty_deltas_;
   }
+  int calls_after_finish() const {
+    std::lock_guard<std::mutex> l(mu_);
+    return calls_after_finish_;
+  }
+  int empty_deltas() const {
+    std::lock_guard<std::mutex> l(mu_);
+    return empty_deltas_;
+  }
 
  private:
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::vector<int32_t> tokens_;
+  std::vector<TokenLogprob> logprobs_;
   std::string text_;
   RequestOutcome outcome_;
   int finishes_ = 0;

@@ -1,0 +1,31 @@
+#include "engine/attention/attention_policy.h"
+
+#include <vector>
+
+#include "absl/types/span.h"
+
+#include "absl/strings/str_cat.h"
+
+namespace sieve::engine {
+
+absl::Status DenseAttentionPolicy::Plan(const AttentionStep&, AttentionPlan& plan) {
+  plan.SetDense();
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<AttentionPolicy>> MakeAttentionPolicy(std::string_view method,
+                                                                      AttentionPhase phase) {
+  if (method == "dense") return std::unique_ptr<AttentionPolicy>(new DenseAttentionPolicy());
+  std::string known;
+  const auto& methods = phase == AttentionPhase::kPrefill
+                            ? absl::MakeConstSpan(kPrefillAttentionMethods)
+                            : absl::MakeConstSpan(kDecodeAttentionMethods);
+  for (std::string_view m : methods) {
+    absl::StrAppend(&known, known.empty() ? "" : ", ", std::string(m));
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown ", phase == AttentionPhase::kPrefill ? "prefill" : "decode",
+      " attention method '", std::string(method), "' (known: ", known, ")"));
+}
+
+}  // namespace sieve::engine

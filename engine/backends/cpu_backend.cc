@@ -1,0 +1,293 @@
+#include "engine/backends/cpu_backend.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "engine/status_macros.h"
+#include "kernels/attention/paged_attention.h"
+#include "kernels/cpu/ops.h"
+
+namespace sieve::engine {
+namespace {
+
+float* F(const Tensor& t) { return static_cast<float*>(t.data); }
+
+// The CPU's stream runs operators inline; it only remembers the step's batch.
+struct CpuStream final : BackendStream {
+  const BatchLayout* layout = nullptr;
+  std::vector<float> logits;  // LogitsOnDevice's output, [rows, vocab]
+};
+
+absl::StatusOr<const BatchLayout*> LayoutOf(BackendStream& stream) {
+  const BatchLayout* l = static_cast<CpuStream&>(stream).layout;
+  if (l == nullptr) return absl::InternalError("cpu backend: operator before BeginStep");
+  return l;
+}
+
+absl::Status CheckShape(const Tensor& t, int64_t rows, int64_t cols, absl::string_view what) {
+  if (t.data == nullptr || t.rows < rows || t.cols != cols) {
+    return absl::InternalError(absl::StrCat("cpu backend: ", what, " is [", t.rows, ", ", t.cols,
+                                            "], need [", rows, ", ", cols, "]"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+CpuBackend::CpuBackend(int num_threads) : num_threads_(num_threads) {}
+
+float* CpuBackend::NewBuffer(int64_t elements) {
+  buffers_.push_back(std::make_unique<float[]>(static_cast<size_t>(elements)));
+  return buffers_.back().get();
+}
+
+absl::StatusOr<Tensor> CpuBackend::UploadWeight(absl::Span<const TensorView> parts, int64_t cols) {
+  int64_t total = 0;
+  for (const TensorView& p : parts) {
+    const int64_t n = p.numel();
+    const bool matrix_ok = p.shape.size() == 2 && p.shape[1] == cols;
+    if (n < 0 || !(p.shape.size() <= 1 || matrix_ok)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "tensor '", p.name, "' cannot be used as rows of ", cols, " columns"));
+    }
+    total += n;
+  }
+  if (cols <= 0 || total % cols != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("weights of ", total,
+                                                   " elements do not form rows of ", cols));
+  }
+  const int64_t rows = total / cols;
+  float* data = NewBuffer(rows * cols);
+  int64_t offset = 0;
+  for (const TensorView& p : parts) {
+    const int64_t n = p.numel();
+    SIEVE_RETURN_IF_ERROR(CopyToFloat32(p, absl::MakeSpan(data + offset, n)));
+    offset += n;
+  }
+  return Tensor{data, rows, cols};
+}
+
+absl::StatusOr<Tensor> CpuBackend::Allocate(int64_t rows, int64_t cols) {
+  if (rows <= 0 || cols <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("cpu backend: bad buffer [", rows, ", ", cols, "]"));
+  }
+  return Tensor{NewBuffer(rows * cols), rows, cols};
+}
+
+int64_t CpuBackend::KvPageBytes(int32_t num_layers, int32_t page_size,
+                                const AttentionShape& shape) const {
+  return int64_t{2} * num_layers * page_size * shape.num_kv_heads * shape.head_dim *
+         static_cast<int64_t>(sizeof(float));
+}
+
+absl::Status CpuBackend::AllocateKvCache(int32_t num_layers, int32_t num_pages, int32_t page_size,
+                                         const AttentionShape& shape) {
+  if (num_layers <= 0 || num_pages <= 0 || page_size <= 0) {
+    return absl::InvalidArgumentError("cpu backend: KV cache needs layers, pages and page size > 0");
+  }
+  const size_t per_layer =
+      static_cast<size_t>(num_pages) * page_size * shape.num_kv_heads * shape.head_dim;
+  k_cache_.assign(num_layers, std::vector<float>(per_layer));
+  v_cache_.assign(num_layers, std::vector<float>(per_layer));
+  num_pages_ = num_pages;
+  page_size_ = page_size;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<BackendStream>> CpuBackend::CreateStream(const StreamOptions&) {
+  return std::unique_ptr<BackendStream>(new CpuStream());
+}
+
+absl::Status CpuBackend::BeginStep(BackendStream& stream, const BatchLayout& layout) {
+  if (layout.query_start.size() != layout.kv_lens.size() + 1 ||
+      layout.slots.size() != layout.positions.size() ||
+      layout.query_start.back() != layout.num_tokens()) {
+    return absl::InternalError("cpu backend: inconsistent batch layout");
+  }
+  for (int64_t slot : layout.slots) {
+    if (slot < 0 || slot >= int64_t{num_pages_} * page_size_) {
+      return absl::InternalError(absl::StrCat("cpu backend: KV slot ", slot, " out of range"));
+    }
+  }
+  static_cast<CpuStream&>(stream).layout = &layout;
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::Embed(BackendStream& stream, absl::Span<const int32_t> tokens, const Tensor& table, Tensor out) {
+  SIEVE_RETURN_IF_ERROR(CheckShape(out, tokens.size(), table.cols, "embedding output"));
+  for (size_t t = 0; t < tokens.size(); ++t) {
+    if (tokens[t] < 0 || tokens[t] >= table.rows) {
+      return absl::InvalidArgumentError(absl::StrCat("token id ", tokens[t], " out of range"));
+    }
+    std::memcpy(F(out) + t * table.cols, F(table) + tokens[t] * table.cols,
+                sizeof(float) * table.cols);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::RmsNorm(BackendStream& stream, const Tensor& x, const Tensor& weight, float eps, Tensor out) {
+  SIEVE_RETURN_IF_ERROR(CheckShape(out, x.rows, x.cols, "norm output"));
+  kernels::RmsNormRef(F(x), F(weight), x.rows, x.cols, eps, F(out));
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::AddRmsNorm(BackendStream& stream, const Tensor& x, Tensor residual, const Tensor& weight,
+                                    float eps, Tensor out) {
+  SIEVE_RETURN_IF_ERROR(CheckShape(residual, x.rows, x.cols, "residual"));
+  SIEVE_RETURN_IF_ERROR(CheckShape(out, x.rows, x.cols, "norm output"));
+  kernels::AddRmsNormRef(F(x), F(residual), F(weight), x.rows, x.cols, eps, F(out));
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::Linear(BackendStream& stream, const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                Tensor out) {
+  if (x.cols != weight.cols) {
+    return absl::InternalError(absl::StrCat("cpu backend: linear input has ", x.cols,
+                                            " columns, weight expects ", weight.cols));
+  }
+  SIEVE_RETURN_IF_ERROR(CheckShape(out, x.rows, weight.rows, "linear output"));
+  kernels::LinearRef(F(x), F(weight), bias.empty() ? nullptr : F(bias), x.rows, x.cols,
+                     weight.rows, F(out), num_threads_);
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::RopeAndCacheKv(BackendStream& stream, int32_t layer, const Tensor& qkv,
+                                        const AttentionShape& s, const RopeTables& rope,
+                                        Tensor q_out) {
+  SIEVE_ASSIGN_OR_RETURN(const BatchLayout* layout, LayoutOf(stream));
+  const int64_t d = s.head_dim, q_cols = s.num_q_heads * d, kv_cols = s.num_kv_heads * d;
+  const int64_t n = layout->num_tokens();
+  if (qkv.cols != q_cols + 2 * kv_cols || qkv.rows < n) {
+    return absl::InternalError("cpu backend: qkv has the wrong shape");
+  }
+  SIEVE_RETURN_IF_ERROR(CheckShape(q_out, n, q_cols, "query output"));
+  std::vector<float> k(n * kv_cols);
+  for (int64_t t = 0; t < n; ++t) {
+    const float* row = F(qkv) + t * qkv.cols;
+    std::memcpy(F(q_out) + t * q_cols, row, sizeof(float) * q_cols);
+    std::memcpy(k.data() + t * kv_cols, row + q_cols, sizeof(float) * kv_cols);
+  }
+  const int64_t half = static_cast<int64_t>(rope.inv_freq.size());
+  kernels::RopeRef(F(q_out), layout->positions.data(), n, s.num_q_heads, d, rope.inv_freq.data(),
+                   half, rope.attention_scaling);
+  kernels::RopeRef(k.data(), layout->positions.data(), n, s.num_kv_heads, d,
+                   rope.inv_freq.data(), half, rope.attention_scaling);
+  float* kc = k_cache_[layer].data();
+  float* vc = v_cache_[layer].data();
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t slot = layout->slots[t];
+    std::memcpy(kc + slot * kv_cols, k.data() + t * kv_cols, sizeof(float) * kv_cols);
+    std::memcpy(vc + slot * kv_cols, F(qkv) + t * qkv.cols + q_cols + kv_cols,
+                sizeof(float) * kv_cols);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::Attention(BackendStream& stream, int32_t layer, const Tensor& q,
+                                   const AttentionShape& s, float scale,
+                                   const AttentionPlan& plan, Tensor out) {
+  SIEVE_ASSIGN_OR_RETURN(const BatchLayout* layout, LayoutOf(stream));
+  SIEVE_RETURN_IF_ERROR(plan.Validate(*layout, s.num_q_heads));
+  const kernels::SparseAttentionIndex index = plan.View();
+  SIEVE_RETURN_IF_ERROR(CheckShape(out, layout->num_tokens(), q.cols, "attention output"));
+  kernels::PagedAttentionParams<float> p;
+  p.q = F(q);
+  p.k_cache = k_cache_[layer].data();
+  p.v_cache = v_cache_[layer].data();
+  p.out = F(out);
+  p.page_table = layout->page_table.data();
+  p.page_table_stride = layout->page_table_stride;
+  p.kv_lens = layout->kv_lens.data();
+  p.query_start = layout->query_start.data();
+  p.num_seqs = layout->num_seqs();
+  p.num_q_heads = s.num_q_heads;
+  p.num_kv_heads = s.num_kv_heads;
+  p.head_dim = s.head_dim;
+  p.page_size = page_size_;
+  p.scale = scale;
+  p.sparse = plan.dense ? nullptr : &index;
+  kernels::PagedAttentionRef(p, num_threads_);
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::SiluMul(BackendStream& stream, const Tensor& gate_up, Tensor out) {
+  SIEVE_RETURN_IF_ERROR(CheckShape(out, gate_up.rows, gate_up.cols / 2, "activation output"));
+  kernels::SiluMulRef(F(gate_up), gate_up.rows, gate_up.cols / 2, F(out));
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::GatherRows(BackendStream& stream, const Tensor& x, absl::Span<const int32_t> rows, Tensor out) {
+  SIEVE_RETURN_IF_ERROR(CheckShape(out, rows.size(), x.cols, "gather output"));
+  for (size_t i = 0; i < rows.size(); ++i) {
+    if (rows[i] < 0 || rows[i] >= x.rows) return absl::InternalError("gather row out of range");
+    std::memcpy(F(out) + i * x.cols, F(x) + rows[i] * x.cols, sizeof(float) * x.cols);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::CopyToHost(BackendStream& stream, const Tensor& x, absl::Span<float> out) {
+  if (static_cast<int64_t>(out.size()) != x.rows * x.cols) {
+    return absl::InternalError("cpu backend: host buffer size mismatch");
+  }
+  std::memcpy(out.data(), x.data, sizeof(float) * out.size());
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::Logits(BackendStream& stream, const Tensor& x, const Tensor& lm_head,
+                                absl::Span<float> host_out) {
+  if (x.data == nullptr || lm_head.data == nullptr || x.cols != lm_head.cols) {
+    return absl::InternalError(absl::StrCat("cpu backend: logits input has ", x.cols,
+                                            " columns, lm_head expects ", lm_head.cols));
+  }
+  if (static_cast<int64_t>(host_out.size()) != x.rows * lm_head.rows) {
+    return absl::InternalError("cpu backend: logits buffer size mismatch");
+  }
+  kernels::LinearRef(F(x), F(lm_head), nullptr, x.rows, x.cols, lm_head.rows, host_out.data(),
+                     num_threads_);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<DeviceLogits> CpuBackend::LogitsOnDevice(BackendStream& stream, const Tensor& x,
+                                                        const Tensor& lm_head) {
+  std::vector<float>& buffer = static_cast<CpuStream&>(stream).logits;
+  buffer.resize(static_cast<size_t>(x.rows * lm_head.rows));
+  SIEVE_RETURN_IF_ERROR(Logits(stream, x, lm_head, absl::MakeSpan(buffer)));
+  return DeviceLogits{buffer.data(), x.rows, lm_head.rows};
+}
+
+absl::Status CpuBackend::CopyLogitsToHost(BackendStream&, const DeviceLogits& logits,
+                                          absl::Span<float> host_out) {
+  if (logits.vocab <= 0 || host_out.size() % logits.vocab != 0 ||
+      static_cast<int64_t>(host_out.size()) > logits.rows * logits.vocab) {
+    return absl::InternalError(absl::StrCat("cpu backend: ", host_out.size(),
+                                            " logits asked of ", logits.rows, " rows of ",
+                                            logits.vocab));
+  }
+  std::copy_n(logits.data, host_out.size(), host_out.data());
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::Sample(BackendStream&, const DeviceLogits& logits,
+                                absl::Span<const SampleRow> rows,
+                                absl::Span<absl::StatusOr<SampledToken>> out) {
+  if (rows.size() != out.size() || static_cast<int64_t>(rows.size()) > logits.rows ||
+      (!rows.empty() && logits.data == nullptr)) {
+    return absl::InternalError(absl::StrCat("cpu backend: ", rows.size(), " rows to sample into ",
+                                            out.size(), " results from ", logits.rows,
+                                            " rows of logits"));
+  }
+  for (size_t i = 0; i < rows.size(); ++i) {
+    if (rows[i].params == nullptr || rows[i].history == nullptr) {
+      out[i] = absl::InternalError("cpu backend: a row to sample has no parameters or history");
+      continue;
+    }
+    absl::Span<float> row(logits.data + static_cast<int64_t>(i) * logits.vocab,
+                          static_cast<size_t>(logits.vocab));
+    out[i] = SampleTokenWithUniform(row, *rows[i].params, *rows[i].history, rows[i].uniform);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace sieve::engine

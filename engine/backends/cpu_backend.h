@@ -1,0 +1,73 @@
+// The fp32 reference backend: plain host memory and the operators of kernels/cpu. Always built;
+// it serves the embedded default model and is what every other backend is checked against.
+#ifndef SIEVE_ENGINE_BACKENDS_CPU_BACKEND_H_
+#define SIEVE_ENGINE_BACKENDS_CPU_BACKEND_H_
+
+#include <memory>
+#include <vector>
+
+#include "engine/backends/backend.h"
+#include "engine/model/kv_budget.h"
+
+namespace sieve::engine {
+
+class CpuBackend final : public Backend {
+ public:
+  // `num_threads` host threads for the heavy operators (0 = all hardware threads).
+  explicit CpuBackend(int num_threads = 0);
+
+  std::string_view name() const override { return "cpu"; }
+  absl::StatusOr<Tensor> UploadWeight(absl::Span<const TensorView> parts, int64_t cols) override;
+  absl::StatusOr<Tensor> Allocate(int64_t rows, int64_t cols) override;
+  absl::Status AllocateKvCache(int32_t num_layers, int32_t num_pages, int32_t page_size,
+                               const AttentionShape& shape) override;
+  int64_t KvPageBytes(int32_t num_layers, int32_t page_size,
+                      const AttentionShape& shape) const override;
+  // The host's available memory (HostAvailableMemoryBytes).
+  absl::StatusOr<int64_t> AvailableMemoryBytes() const override {
+    return HostAvailableMemoryBytes();
+  }
+  absl::StatusOr<std::unique_ptr<BackendStream>> CreateStream(
+      const StreamOptions& options) override;
+  absl::Status BeginStep(BackendStream& stream, const BatchLayout& layout) override;
+  absl::Status Embed(BackendStream& stream, absl::Span<const int32_t> tokens, const Tensor& table, Tensor out) override;
+  absl::Status RmsNorm(BackendStream& stream, const Tensor& x, const Tensor& weight, float eps, Tensor out) override;
+  absl::Status AddRmsNorm(BackendStream& stream, const Tensor& x, Tensor residual, const Tensor& weight, float eps,
+                          Tensor out) override;
+  absl::Status Linear(BackendStream& stream, const Tensor& x, const Tensor& weight, const Tensor& bias,
+                      Tensor out) override;
+  absl::Status RopeAndCacheKv(BackendStream& stream, int32_t layer, const Tensor& qkv, const AttentionShape& shape,
+                              const RopeTables& rope, Tensor q_out) override;
+  // Dense and sparse plans alike, with the fp64 reference (kernels::PagedAttentionRef).
+  absl::Status Attention(BackendStream& stream, int32_t layer, const Tensor& q,
+                         const AttentionShape& shape, float scale, const AttentionPlan& plan,
+                         Tensor out) override;
+  absl::Status SiluMul(BackendStream& stream, const Tensor& gate_up, Tensor out) override;
+  absl::Status GatherRows(BackendStream& stream, const Tensor& x, absl::Span<const int32_t> rows, Tensor out) override;
+  absl::Status CopyToHost(BackendStream& stream, const Tensor& x, absl::Span<float> out) override;
+  absl::Status Logits(BackendStream& stream, const Tensor& x, const Tensor& lm_head,
+                      absl::Span<float> host_out) override;
+  // The logits live in the stream's host buffer; Sample runs SampleTokenWithUniform on each row
+  // in the calling thread (the reference implementation of Backend::Sample).
+  absl::StatusOr<DeviceLogits> LogitsOnDevice(BackendStream& stream, const Tensor& x,
+                                              const Tensor& lm_head) override;
+  absl::Status CopyLogitsToHost(BackendStream& stream, const DeviceLogits& logits,
+                                absl::Span<float> host_out) override;
+  absl::Status Sample(BackendStream& stream, const DeviceLogits& logits,
+                      absl::Span<const SampleRow> rows,
+                      absl::Span<absl::StatusOr<SampledToken>> out) override;
+
+ private:
+  float* NewBuffer(int64_t elements);
+
+  int num_threads_;
+  std::vector<std::unique_ptr<float[]>> buffers_;  // every weight and activation buffer
+  // KV pools per layer: [num_pages, page_size, num_kv_heads, head_dim] fp32.
+  std::vector<std::vector<float>> k_cache_, v_cache_;
+  int32_t num_pages_ = 0;
+  int32_t page_size_ = 0;
+};
+
+}  // namespace sieve::engine
+
+#endif  // SIEVE_ENGINE_BACKENDS_CPU_BACKEND_H_

@@ -1,0 +1,164 @@
+// The CUDA backend: the Llama-family layer operators in bf16 on one GPU, fp32 accumulation.
+//
+// Memory: weights, activations and the paged KV cache are device buffers of bf16 (UploadWeight
+// converts F32 / F16 / BF16 checkpoints on the host). The KV cache of layer l is two pools, K and
+// V, of [num_pages, page_size, num_kv_heads, head_dim] as kernels/attention/paged_attention.h
+// lays them out.
+//
+// Streams: each BackendStream owns a cudaStream_t, a cuBLASLt handle with its GEMM workspace,
+// pinned staging for the step's layout and the device copies of it, and the attention plan of
+// the current step. BeginStep copies the layout to the device asynchronously and plans the
+// attention kernels: the split-KV decode kernel when every sequence has one query token, the
+// paged prefill kernel otherwise, the simple kernel for shapes neither takes. The operators only
+// enqueue work: they never allocate and never synchronize, except CopyToHost and Logits, which
+// wait for the stream (Logits: fp32 output of cuBLASLt, one copy to pinned memory).
+//
+// Graph steps (engine/backend.h): each stream keeps, per sequence count, one CUDA graph of a
+// decode step and the buffers it reads (inputs in fixed device memory, the decode workspace,
+// fp32 logits). BeginGraphStep uploads the step's inputs with one copy, plans decode attention
+// (graph_kv_quantum_shift) and launches the recording when there is one for the step's key
+// (sequences, page-table stride, attention plan); EndGraphStep copies the logits out, and
+// EndGraphStepOnDevice leaves them in the slot's buffer for Sample, which runs after the graph on
+// the same stream (its inputs change every step). Implemented in cuda_graph_step.cc.
+//
+// Sampling (Sample, cuda_sampling.cc): the sampling kernel (kernels/cuda/sampling.h) samples from
+// the fp32 logits on the device, each row split over several thread blocks when the batch is
+// small (a cooperative launch, by a plan each stream makes once for its device), one block per
+// row otherwise; per step the host uploads the rows' parameters and penalty lists (rows without
+// penalties upload none) and reads back ids and logprobs, never the logits.
+//
+// Errors: every CUDA and cuBLAS failure becomes an absl::Status (Internal) naming the failing
+// expression, file and line (and, for kernel launchers, the call inside them that failed).
+// Threading: as engine/backend.h says; one thread per stream.
+#ifndef SIEVE_ENGINE_BACKENDS_CUDA_CUDA_BACKEND_H_
+#define SIEVE_ENGINE_BACKENDS_CUDA_CUDA_BACKEND_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "engine/backends/backend.h"
+
+namespace sieve::engine {
+
+// A CudaBackend's stream state (defined in cuda_backend.cc).
+struct CudaStream;
+
+struct CudaBackendOptions {
+  // Which attention kernels steps use.
+  enum class Attention {
+    kAuto,    // decode / prefill kernels where they apply, the simple kernel elsewhere
+    kSimple,  // always the simple kernel (a cross-check of the fast ones)
+  };
+  int device = 0;                               // CUDA device ordinal
+  Attention attention = Attention::kAuto;
+  size_t gemm_workspace_bytes = size_t{32} << 20;  // cuBLASLt scratch per stream (bytes)
+  // How graph steps plan decode attention for the step's longest KV length L. Negative: for L
+  // itself (rounded to the kernel's 64-token tile, which does not change the plan), so a growing
+  // context is recorded anew whenever the plan changes (every 64 tokens while the sequence has
+  // fewer tiles than splits, then every `splits` tiles). s >= 0: for L rounded up to a multiple
+  // of max(64, 2^(floor(log2 L) - s)) tokens, at most 2^-s more than L (longer chunks, idle
+  // splits), recorded anew each time the rounded length grows. Measured on an H100 (bench/
+  // results/2026-11-23-model-llama8b-graphs.md): a recording costs 3 to 6 ms of host time.
+  int graph_kv_quantum_shift = -1;
+};
+
+class CudaBackend final : public Backend {
+ public:
+  // Selects the device and reads its properties. FailedPrecondition if no CUDA device is there
+  // (or the ordinal is out of range), with the runtime's message.
+  static absl::StatusOr<std::unique_ptr<CudaBackend>> Create(const CudaBackendOptions& options = {});
+  ~CudaBackend() override;
+  CudaBackend(const CudaBackend&) = delete;
+  CudaBackend& operator=(const CudaBackend&) = delete;
+
+  std::string_view name() const override { return "cuda"; }
+  absl::StatusOr<Tensor> UploadWeight(absl::Span<const TensorView> parts, int64_t cols) override;
+  absl::StatusOr<Tensor> Allocate(int64_t rows, int64_t cols) override;
+  absl::Status AllocateKvCache(int32_t num_layers, int32_t num_pages, int32_t page_size,
+                               const AttentionShape& shape) override;
+  int64_t KvPageBytes(int32_t num_layers, int32_t page_size,
+                      const AttentionShape& shape) const override;
+  // The device's free memory (cudaMemGetInfo).
+  absl::StatusOr<int64_t> AvailableMemoryBytes() const override;
+  absl::StatusOr<std::unique_ptr<BackendStream>> CreateStream(
+      const StreamOptions& options) override;
+  absl::Status BeginStep(BackendStream& stream, const BatchLayout& layout) override;
+  absl::Status Embed(BackendStream& stream, absl::Span<const int32_t> tokens, const Tensor& table,
+                     Tensor out) override;
+  absl::Status RmsNorm(BackendStream& stream, const Tensor& x, const Tensor& weight, float eps,
+                       Tensor out) override;
+  absl::Status AddRmsNorm(BackendStream& stream, const Tensor& x, Tensor residual,
+                          const Tensor& weight, float eps, Tensor out) override;
+  absl::Status Linear(BackendStream& stream, const Tensor& x, const Tensor& weight,
+                      const Tensor& bias, Tensor out) override;
+  absl::Status RopeAndCacheKv(BackendStream& stream, int32_t layer, const Tensor& qkv,
+                              const AttentionShape& shape, const RopeTables& rope,
+                              Tensor q_out) override;
+  // Dense plans only so far (the sparse kernels come with the sparse prefill and decode work).
+  absl::Status Attention(BackendStream& stream, int32_t layer, const Tensor& q,
+                         const AttentionShape& shape, float scale, const AttentionPlan& plan,
+                         Tensor out) override;
+  absl::Status SiluMul(BackendStream& stream, const Tensor& gate_up, Tensor out) override;
+  absl::Status GatherRows(BackendStream& stream, const Tensor& x, absl::Span<const int32_t> rows,
+                          Tensor out) override;
+  absl::Status CopyToHost(BackendStream& stream, const Tensor& x, absl::Span<float> out) override;
+  absl::Status Logits(BackendStream& stream, const Tensor& x, const Tensor& lm_head,
+                      absl::Span<float> host_out) override;
+  absl::StatusOr<DeviceLogits> LogitsOnDevice(BackendStream& stream, const Tensor& x,
+                                              const Tensor& lm_head) override;
+  absl::Status CopyLogitsToHost(BackendStream& stream, const DeviceLogits& logits,
+                                absl::Span<float> host_out) override;
+  // Validates each row's parameters and lists its penalized tokens on the host, uploads them
+  // with one copy, runs kernels/cuda/sampling.h on the stream after the step's work, and copies
+  // back only the per-row results (id, logprobs, error). Implemented in cuda_sampling.cc.
+  absl::Status Sample(BackendStream& stream, const DeviceLogits& logits,
+                      absl::Span<const SampleRow> rows,
+                      absl::Span<absl::StatusOr<SampledToken>> out) override;
+
+  // cudaStreamSynchronize of the stream; sticky errors come back as DeviceLostError.
+  absl::Status Synchronize(BackendStream& stream) override;
+  bool SupportsStepGraphs() const override { return true; }
+  absl::StatusOr<StepGraphMode> BeginGraphStep(BackendStream& stream, const BatchLayout& layout,
+                                               absl::Span<const int32_t> tokens) override;
+  absl::Status GraphLogits(BackendStream& stream, const Tensor& x, const Tensor& lm_head) override;
+  absl::Status EndGraphStep(BackendStream& stream, absl::Span<float> host_logits) override;
+  absl::StatusOr<DeviceLogits> EndGraphStepOnDevice(BackendStream& stream) override;
+  void AbortGraphStep(BackendStream& stream) override;
+  StepGraphStats GraphStats(const BackendStream& stream) const override;
+
+  // The KV length a graph step of longest KV length `max_kv_len` plans decode attention for
+  // (see CudaBackendOptions::graph_kv_quantum_shift).
+  int32_t GraphPlanKvLen(int32_t max_kv_len) const;
+
+  // The attention kernel the last BeginStep on `stream` (a stream of a CudaBackend) planned:
+  // "decode", "prefill", "simple", or "none" before any step. For tests and logs.
+  static std::string_view PlannedAttention(const BackendStream& stream);
+
+  // Multiprocessors of the device (for planning).
+  int num_sms() const { return num_sms_; }
+
+ private:
+  explicit CudaBackend(const CudaBackendOptions& options) : options_(options) {}
+  absl::StatusOr<void*> DeviceAlloc(size_t bytes);
+  void PlanAttention(CudaStream& s, int32_t num_seqs, int32_t plan_kv_len);
+
+  CudaBackendOptions options_;
+  int num_sms_ = 0;
+  std::vector<void*> buffers_;  // every weight and activation buffer (cudaMalloc)
+  // KV cache: layer l's K pool at kv_ + 2 * l * layer_elems_, its V pool right after (bf16).
+  void* kv_ = nullptr;
+  int64_t kv_layer_elems_ = 0;  // num_pages * page_size * num_kv_heads * head_dim
+  int32_t num_layers_ = 0;
+  int32_t num_pages_ = 0;
+  int32_t page_size_ = 0;
+  AttentionShape kv_shape_;
+};
+
+}  // namespace sieve::engine
+
+#endif  // SIEVE_ENGINE_BACKENDS_CUDA_CUDA_BACKEND_H_

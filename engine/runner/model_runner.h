@@ -1,0 +1,203 @@
+// ModelRunner: the forward pass of a Llama-family decoder (Llama, Mistral, Qwen2) over a
+// Backend and a paged KV cache. It loads a Hugging Face checkpoint directory (config.json and
+// *.safetensors) and runs steps that mix prefill chunks and decode tokens of many sequences.
+//
+// It owns no scheduling state: callers (the engine's scheduler, or a test) decide which
+// pages each sequence uses and pass them with every step. Weights and the KV cache are shared;
+// each worker thread runs steps on its own ModelWorker.
+#ifndef SIEVE_ENGINE_RUNNER_MODEL_RUNNER_H_
+#define SIEVE_ENGINE_RUNNER_MODEL_RUNNER_H_
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "engine/attention/attention_policy.h"
+#include "engine/backends/backend.h"
+#include "engine/model/model_config.h"
+#include "engine/model/rope.h"
+#include "engine/sampling/sampling.h"
+
+namespace sieve::engine {
+
+// The runner's options. The engine derives them from its EngineConfig in one function,
+// RunnerOptionsFor (engine/serving/engine_config.h); tests and benchmarks that drive a runner directly
+// start from RunnerOptionsFor(EngineConfig()). The zero values here are not usable defaults: Load
+// rejects an empty backend or weights source and non-positive sizes.
+struct ModelRunnerOptions {
+  std::string backend;               // "cpu" (fp32); "cuda" where built
+  int device = 0;                    // CUDA device ordinal (cuda only)
+  std::string attention_kernel;      // "auto" or "simple" (cuda only; EngineConfig attention.kernel)
+  int32_t page_size = 0;             // tokens per KV page
+  // KV pages (all layers); capacity = num_pages * page_size tokens. 0: Load sizes the pool from
+  // the backend's free memory once the weights are in (Backend::AvailableMemoryBytes and
+  // KvPageBytes): kv_memory_fraction of it, at most enough pages for kv_max_sequences sequences
+  // (0: no such cap) of kv_max_context_tokens tokens each (0: the model's
+  // max_position_embeddings).
+  int32_t num_pages = 0;
+  double kv_memory_fraction = 0;
+  int32_t kv_max_sequences = 0;
+  int32_t kv_max_context_tokens = 0;
+  int32_t max_step_tokens = 0;       // most tokens one step may carry (activation buffers)
+  int32_t max_step_logits = 0;       // most sequences one step may ask logits for
+  int num_threads = 0;               // CPU threads for the CPU backend (0 = all)
+  // "checkpoint": load *.safetensors from the model directory; "random": seeded random weights
+  // with the shapes config.json implies (for benchmarking real shapes without a checkpoint).
+  std::string weights;
+  uint64_t random_seed = 0;
+  // Backends with step graphs (cuda): run decode-only steps whose sequences all want logits
+  // from CUDA graphs, one per batch-size bucket (1, 2, 4, ... up to max_step_logits), padding the
+  // batch to its bucket. One extra KV page beyond num_pages is reserved for the padding rows.
+  // Off: every step runs its operators eagerly. Ignored by the cpu backend.
+  bool cuda_graphs = false;
+};
+
+// One sequence's share of a step.
+struct SequenceStep {
+  absl::Span<const int32_t> tokens;  // the new tokens computed this step (>= 1)
+  int32_t num_cached = 0;            // tokens already in the KV cache = position of tokens[0]
+  absl::Span<const int32_t> pages;   // page ids holding positions [0, num_cached + tokens.size())
+  bool want_logits = false;          // return the logits after the last new token
+  // For ForwardSample, with want_logits: how to sample this row (borrowed; see SampleRow). The
+  // engine sets them from the request's state and draws `uniform` from its SamplerRng when it
+  // builds the step. Forward ignores them.
+  const SamplingParams* sampling = nullptr;
+  const TokenHistory* history = nullptr;
+  double uniform = 0.0;
+};
+
+// RoPE settings of `config`, in the form ComputeRopeTables takes.
+RopeParams RopeParamsFromConfig(const ModelConfig& config);
+
+class ModelRunner;
+
+// One worker's execution state over a ModelRunner's shared weights and KV cache: its backend
+// stream, activation buffers and batch layout. Each pool worker thread owns one ModelWorker;
+// workers of one runner may run Forward at the same time on sequences with disjoint pages.
+class ModelWorker {
+ public:
+  // Runs one step over `batch`: computes the new tokens of every sequence, writes their keys and
+  // values into the sequences' pages (finished when it returns, also when it fails: the backend
+  // stream is synchronized before any return), and appends to `logits` one row of vocab_size fp32 values
+  // for each sequence with want_logits, in batch order. InvalidArgument for a malformed batch
+  // (too many tokens, pages too few for the positions, token ids outside the vocabulary).
+  absl::Status Forward(absl::Span<const SequenceStep> batch, std::vector<float>& logits);
+
+  // Runs the step like Forward, then samples on the backend (Backend::Sample) and appends to
+  // `out` one entry per sequence with want_logits, in batch order: the sampled token, or that
+  // row's error (as SampleTokenWithUniform would fail it). Only the token ids and the logprobs
+  // asked for reach the host. The returned Status fails the whole step (malformed batch, a
+  // want_logits sequence without sampling or history, backend errors).
+  absl::Status ForwardSample(absl::Span<const SequenceStep> batch,
+                             std::vector<absl::StatusOr<SampledToken>>& out);
+
+  // Counters of this worker's graph steps (all zero when the runner uses no step graphs).
+  StepGraphStats graph_stats() const;
+
+  // Turns graph steps of this worker off or back on (they are on by default when the runner
+  // uses step graphs; turning them on does nothing otherwise). For benchmarks and tests that
+  // compare the two paths on the same weights and KV cache.
+  void SetStepGraphs(bool enabled) { step_graphs_ = enabled; }
+
+ private:
+  friend class ModelRunner;
+  explicit ModelWorker(const ModelRunner& runner) : runner_(runner) {}
+  absl::Status Allocate(const StreamOptions& stream_options);
+  absl::StatusOr<std::vector<int32_t>> BuildLayout(absl::Span<const SequenceStep> batch,
+                                                   std::vector<int32_t>& tokens);
+  // Whether `batch` runs as a graph step: step graphs on, one token and logits per sequence.
+  bool IsGraphStep(absl::Span<const SequenceStep> batch) const;
+  // Pads layout_ and `tokens` (built for `batch`) to the batch's bucket for a graph step.
+  void PadForGraph(absl::Span<const SequenceStep> batch, std::vector<int32_t>& tokens);
+  // Enqueues the embedding of the step's `n` tokens, every layer and the final norm (into
+  // normed_).
+  absl::Status EnqueueLayers(int64_t n, absl::Span<const int32_t> tokens);
+  // Runs the step's operators and leaves the logits of the want_logits sequences on the backend,
+  // row i for the i-th of them (empty when none wants logits).
+  absl::StatusOr<DeviceLogits> Run(absl::Span<const SequenceStep> batch);
+  absl::StatusOr<DeviceLogits> RunGraph(absl::Span<const SequenceStep> batch,
+                                        std::vector<int32_t>& tokens);
+  // Waits for the stream (Backend::Synchronize) and returns `status`, or the wait's error when
+  // `status` is OK or the wait reports a lost device.
+  absl::Status EndStep(absl::Status status);
+
+  const ModelRunner& runner_;
+  std::unique_ptr<BackendStream> stream_;
+  std::unique_ptr<AttentionPolicy> policy_;  // plans each layer's attention
+  AttentionPlan plan_;                       // the current layer's plan, reused
+  // Activation buffers, [max_step_tokens, width] unless noted.
+  Tensor hidden_, normed_, qkv_, q_, attn_, proj_, gate_up_, act_;
+  Tensor last_normed_;  // [max_step_logits, hidden]
+  BatchLayout layout_;
+  // Page-table stride of each graph bucket: a power of two that only grows, so that a bucket's
+  // recording survives until a sequence needs more pages than the stride holds.
+  std::map<int32_t, int32_t> graph_stride_;
+  bool step_graphs_ = true;
+};
+
+// The model: configuration, weights and KV cache on one backend, shared by its workers.
+class ModelRunner {
+ public:
+  // Loads config.json and the weights from `model_dir` onto the backend named in `options`, and
+  // allocates the KV cache (sizing it from the free memory when options.num_pages is 0; options()
+  // then holds the count) and one default worker. Errors name the file, tensor or setting.
+  static absl::StatusOr<std::unique_ptr<ModelRunner>> Load(const std::string& model_dir,
+                                                           const ModelRunnerOptions& options);
+
+  // Creates another worker (activation buffers and a backend stream made with `stream`) whose
+  // steps attend as `policy` plans (null: dense). Not thread-safe: create workers before
+  // running them.
+  absl::StatusOr<std::unique_ptr<ModelWorker>> CreateWorker(
+      const StreamOptions& stream = {}, std::unique_ptr<AttentionPolicy> policy = nullptr);
+
+  // Forward on the default worker; see ModelWorker::Forward. For single-threaded callers.
+  absl::Status Forward(absl::Span<const SequenceStep> batch, std::vector<float>& logits) {
+    return default_worker_->Forward(batch, logits);
+  }
+
+  // The worker that Forward runs on.
+  ModelWorker& default_worker() { return *default_worker_; }
+
+  // Graph-step counters of the default worker; see ModelWorker::graph_stats.
+  StepGraphStats graph_stats() const { return default_worker_->graph_stats(); }
+
+  // True when decode steps run from step graphs (options().cuda_graphs on a backend that
+  // supports them).
+  bool uses_step_graphs() const { return scratch_page_ >= 0; }
+
+  const ModelConfig& config() const { return config_; }
+  const ModelRunnerOptions& options() const { return options_; }
+  std::string_view backend_name() const { return backend_->name(); }
+
+ private:
+  friend class ModelWorker;
+  struct LayerWeights {
+    Tensor input_norm, qkv, qkv_bias, o, o_bias, post_norm, gate_up, down;
+  };
+
+  ModelRunner(ModelConfig config, ModelRunnerOptions options, std::unique_ptr<Backend> backend);
+  absl::Status LoadWeights(const std::string& model_dir);
+  // The KV page count for options_.num_pages 0 (see ModelRunnerOptions), once the weights are in.
+  absl::StatusOr<int32_t> KvPagesForFreeMemory() const;
+
+  ModelConfig config_;
+  ModelRunnerOptions options_;
+  std::unique_ptr<Backend> backend_;
+  AttentionShape shape_;
+  RopeTables rope_;
+  Tensor embed_, final_norm_, lm_head_;
+  std::vector<LayerWeights> layers_;
+  // The KV page (id num_pages, beyond the callers' pool) that graph steps' padding rows write;
+  // -1 without step graphs.
+  int32_t scratch_page_ = -1;
+  std::unique_ptr<ModelWorker> default_worker_;
+};
+
+}  // namespace sieve::engine
+
+#endif  // SIEVE_ENGINE_RUNNER_MODEL_RUNNER_H_

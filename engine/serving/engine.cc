@@ -1,0 +1,277 @@
+// Engine: creation and the public methods, which any thread may call. The scheduler thread's
+// side is in engine_loop.cc; engine/README.md describes the threading model.
+#include "engine/serving/engine.h"
+
+#include <algorithm>
+#include <limits>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "engine/serving/engine_impl.h"
+#include "engine/status_macros.h"
+
+namespace sieve::engine {
+namespace {
+
+// config.json's EOS ids, then the tokenizer's, without repeats: what every request stops on.
+std::vector<int32_t> EosIds(const ModelConfig& model, const Tokenizer& tokenizer) {
+  std::vector<int32_t> ids;
+  for (int64_t id : model.eos_token_ids) ids.push_back(static_cast<int32_t>(id));
+  for (int32_t id : tokenizer.eos_ids()) {
+    if (std::find(ids.begin(), ids.end(), id) == ids.end()) ids.push_back(id);
+  }
+  return ids;
+}
+
+}  // namespace
+
+Engine::Impl::~Impl() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  wake_.notify_all();
+  if (thread_.joinable()) thread_.join();
+  // Workers next (their step functions use the model workers), then the rest.
+  pools_[0].reset();
+  pools_[1].reset();
+  model_workers_.clear();
+}
+
+absl::Status Engine::Impl::Init(const EngineConfig& config, EngineObserver* observer) {
+  config_ = config;
+  observer_ = observer;
+  SIEVE_RETURN_IF_ERROR(config.Validate());
+  const ServedModelConfig& model = config.model;
+  SIEVE_ASSIGN_OR_RETURN(tokenizer_, Tokenizer::FromDirectory(model.tokenizer_directory.empty()
+                                                                  ? model.directory
+                                                                  : model.tokenizer_directory));
+  SIEVE_ASSIGN_OR_RETURN(runner_, ModelRunner::Load(model.directory, RunnerOptionsFor(config)));
+  scheduler_options_ = SchedulerOptionsFor(config, runner_->options().num_pages);
+  SIEVE_RETURN_IF_ERROR(scheduler_options_.Validate());
+  const ModelConfig& mc = runner_->config();
+  vocab_size_ = static_cast<int32_t>(mc.vocab_size);
+  if (model.max_context_tokens > 0 && mc.max_position_embeddings > 0 &&
+      model.max_context_tokens > mc.max_position_embeddings) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "model.max_context_tokens (", model.max_context_tokens,
+        ") exceeds the model's max_position_embeddings (", mc.max_position_embeddings, ")"));
+  }
+  context_limit_ = model.max_context_tokens > 0     ? model.max_context_tokens
+                   : mc.max_position_embeddings > 0 ? mc.max_position_embeddings
+                                                    : std::numeric_limits<int64_t>::max();
+  eos_ids_ = EosIds(mc, *tokenizer_);
+
+  // One ModelWorker per pool thread, created before any thread runs.
+  std::vector<StepFunction> steps[2];
+  const int32_t counts[2] = {config.pools.prefill_workers, config.pools.decode_workers};
+  const StreamPriority decode_priority =
+      config.pools.decode_priority == "normal" ? StreamPriority::kNormal : StreamPriority::kHigh;
+  const StreamOptions stream_options[2] = {{.priority = StreamPriority::kNormal},
+                                           {.priority = decode_priority}};
+  // Each worker plans its attention with its own policy of its pool's method.
+  const std::string* methods[2] = {&config.attention.prefill.method,
+                                   &config.attention.decode.method};
+  const AttentionPhase phases[2] = {AttentionPhase::kPrefill, AttentionPhase::kDecode};
+  for (int pool = 0; pool < 2; ++pool) {
+    for (int32_t i = 0; i < counts[pool]; ++i) {
+      SIEVE_ASSIGN_OR_RETURN(std::unique_ptr<AttentionPolicy> policy,
+                             MakeAttentionPolicy(*methods[pool], phases[pool]));
+      SIEVE_ASSIGN_OR_RETURN(std::unique_ptr<ModelWorker> worker,
+                             runner_->CreateWorker(stream_options[pool], std::move(policy)));
+      ModelWorker* raw = worker.get();
+      model_workers_.push_back(std::move(worker));
+      steps[pool].push_back(
+          [raw](absl::Span<const SequenceStep> batch,
+                std::vector<absl::StatusOr<SampledToken>>& sampled) {
+            return raw->ForwardSample(batch, sampled);
+          });
+    }
+  }
+  scheduler_ = std::make_unique<Scheduler>(scheduler_options_);
+  load_.kv_pages_free = scheduler_options_.num_pages;
+  auto done = [this](std::unique_ptr<WorkerJob> job) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      done_.push_back(std::move(job));
+    }
+    wake_.notify_one();
+  };
+  pools_[0] = std::make_unique<WorkerPool>(Pool::kPrefill, std::move(steps[0]), done);
+  pools_[1] = std::make_unique<WorkerPool>(Pool::kDecode, std::move(steps[1]), done);
+  thread_ = std::thread([this] { Loop(); });
+  return absl::OkStatus();
+}
+
+void Engine::Impl::Reject(RejectReason reason) const {
+  if (observer_ != nullptr) observer_->OnRejected(reason);
+}
+
+absl::Status Engine::Impl::Validate(const RequestSpec& spec) const {
+  if (spec.sink == nullptr) return absl::InvalidArgumentError("request has no sink");
+  if (spec.prompt.empty()) return absl::InvalidArgumentError("empty prompt");
+  for (size_t i = 0; i < spec.prompt.size(); ++i) {
+    if (spec.prompt[i] < 0 || spec.prompt[i] >= vocab_size_) {
+      return absl::InvalidArgumentError(absl::StrCat("prompt token ", i, " has id ", spec.prompt[i],
+                                                     " outside the vocabulary [0, ", vocab_size_,
+                                                     ")"));
+    }
+  }
+  SIEVE_RETURN_IF_ERROR(spec.sampling.Validate());
+  SIEVE_RETURN_IF_ERROR(spec.stop.Validate(vocab_size_));
+  const int64_t total = static_cast<int64_t>(spec.prompt.size()) + spec.stop.max_tokens;
+  if (total > context_limit_) {
+    return absl::OutOfRangeError(absl::StrCat(
+        "prompt (", spec.prompt.size(), " tokens) + max_tokens (", spec.stop.max_tokens,
+        ") = ", total, " exceeds the context limit of ", context_limit_, " tokens"));
+  }
+  const int64_t pool = int64_t{scheduler_options_.num_pages} * scheduler_options_.page_size;
+  if (total > pool) {
+    return absl::OutOfRangeError(absl::StrCat(
+        "prompt (", spec.prompt.size(), " tokens) + max_tokens (", spec.stop.max_tokens,
+        ") = ", total, " exceeds the KV cache of ", pool, " tokens"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<RequestId> Engine::Impl::Submit(RequestSpec spec) {
+  absl::Status lost;  // copied under mu_
+  const auto unavailable = [this, &lost] {
+    Reject(RejectReason::kDraining);
+    if (!lost.ok()) {
+      return absl::UnavailableError(
+          absl::StrCat("the engine stopped serving: ", lost.message()));
+    }
+    return absl::UnavailableError("the engine is draining or stopped");
+  };
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    lost = device_lost_;
+    if (stop_ || draining_ || !lost.ok()) return unavailable();
+  }
+  if (absl::Status st = Validate(spec); !st.ok()) {
+    Reject(RejectReason::kInvalid);
+    return st;
+  }
+  const uint64_t seed =
+      spec.sampling.seed.has_value() ? *spec.sampling.seed : NondeterministicSeed();
+  const std::optional<absl::Time> deadline = spec.deadline;
+  auto r = std::make_unique<ActiveRequest>(std::move(spec), eos_ids_, *tokenizer_, seed);
+  r->prompt_tokens = static_cast<int32_t>(r->spec.prompt.size());
+  r->history.AddPrompt(r->spec.prompt);
+  r->arrival = EngineClock::now();
+  if (deadline.has_value()) {
+    // A monotonic deadline; one beyond a year counts as none.
+    const absl::Duration left = std::max(*deadline - absl::Now(), absl::ZeroDuration());
+    if (left < absl::Hours(24 * 365)) {
+      r->deadline = r->arrival + std::chrono::duration_cast<EngineClock::duration>(
+                                     absl::ToChronoNanoseconds(left));
+    }
+  }
+  const SchedulerConfig& limits = config_.scheduler;
+  RequestId id = 0;
+  bool closed = false;
+  std::string full;  // why the queue is full, if it is
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    lost = device_lost_;
+    if (stop_ || draining_ || !lost.ok()) {
+      closed = true;
+    } else if (queued_requests_ >= limits.max_queued_requests) {
+      full =
+          absl::StrCat(queued_requests_, " requests wait (limit ", limits.max_queued_requests, ")");
+    } else if (queued_tokens_ + r->prompt_tokens > limits.max_queued_tokens) {
+      full = absl::StrCat(queued_tokens_, " prompt tokens wait and this one has ", r->prompt_tokens,
+                          " (limit ", limits.max_queued_tokens, ")");
+    } else {
+      id = next_id_++;
+      r->id = id;
+      ++queued_requests_;
+      queued_tokens_ += r->prompt_tokens;
+      ++live_;
+      incoming_.push_back(std::move(r));
+    }
+  }
+  if (closed) return unavailable();
+  if (!full.empty()) {
+    Reject(RejectReason::kQueueFull);
+    return absl::ResourceExhaustedError(absl::StrCat("the queue is full: ", full));
+  }
+  wake_.notify_one();
+  return id;
+}
+
+void Engine::Impl::Cancel(RequestId id) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_) return;
+    cancels_.push_back(id);
+  }
+  wake_.notify_one();
+}
+
+void Engine::Impl::StartDraining() {
+  std::lock_guard<std::mutex> lock(mu_);
+  draining_ = true;
+}
+
+bool Engine::Impl::WaitIdle(absl::Duration timeout) {
+  std::unique_lock<std::mutex> lock(mu_);
+  return idle_.wait_for(lock, absl::ToChronoNanoseconds(timeout), [this] { return live_ == 0; });
+}
+
+absl::Status Engine::Impl::health() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return device_lost_;
+}
+
+EngineLoad Engine::Impl::load() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return load_;
+}
+
+ModelInfo Engine::Impl::model_info() const {
+  const ModelConfig& mc = runner_->config();
+  ModelInfo info;
+  info.name = config_.model.name;
+  info.architecture = std::string(ArchitectureName(mc.architecture));
+  info.backend = std::string(runner_->backend_name());
+  info.dtype = std::string(BackendDtype(info.backend));
+  const int64_t pool = int64_t{scheduler_options_.num_pages} * scheduler_options_.page_size;
+  info.context_tokens = static_cast<int32_t>(
+      std::min<int64_t>({context_limit_, pool, std::numeric_limits<int32_t>::max()}));
+  info.vocab_size = vocab_size_;
+  info.num_layers = static_cast<int32_t>(mc.num_hidden_layers);
+  info.num_q_heads = static_cast<int32_t>(mc.num_attention_heads);
+  info.num_kv_heads = static_cast<int32_t>(mc.num_key_value_heads);
+  info.head_dim = static_cast<int32_t>(mc.head_dim);
+  info.attention_policy = config_.attention.Describe();
+  info.eos_token_ids = eos_ids_;
+  info.kv_pages = scheduler_options_.num_pages;
+  info.page_size = scheduler_options_.page_size;
+  return info;
+}
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineConfig& config,
+                                                       EngineObserver* observer) {
+  auto impl = std::make_unique<Impl>();
+  SIEVE_RETURN_IF_ERROR(impl->Init(config, observer));
+  return std::unique_ptr<Engine>(new Engine(std::move(impl)));
+}
+
+Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Engine::~Engine() = default;
+
+absl::StatusOr<RequestId> Engine::Submit(RequestSpec spec) {
+  return impl_->Submit(std::move(spec));
+}
+void Engine::Cancel(RequestId id) { impl_->Cancel(id); }
+void Engine::StartDraining() { impl_->StartDraining(); }
+bool Engine::WaitIdle(absl::Duration timeout) { return impl_->WaitIdle(timeout); }
+const Tokenizer& Engine::tokenizer() const { return *impl_->tokenizer_; }
+const ModelConfig& Engine::model_config() const { return impl_->runner_->config(); }
+ModelInfo Engine::model_info() const { return impl_->model_info(); }
+EngineLoad Engine::load() const { return impl_->load(); }
+absl::Status Engine::health() const { return impl_->health(); }
+
+}  // namespace sieve::engine

@@ -1,0 +1,153 @@
+#include "engine/serving/engine_config.h"
+
+#include <string>
+
+#include "engine/runner/model_runner.h"
+#include "engine/serving/scheduler.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace sieve::engine {
+namespace {
+
+using ::testing::HasSubstr;
+
+std::string Problems(const EngineConfig& c) {
+  absl::Status s = c.Validate();
+  if (s.ok()) return "";
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  return std::string(s.message());
+}
+
+TEST(EngineConfigTest, DefaultsAreValid) {
+  EXPECT_EQ(Problems(EngineConfig()), "");
+  EXPECT_EQ(EngineConfig().attention.Describe(), "prefill=dense decode=dense");
+}
+
+TEST(EngineConfigTest, DtypeMustBeWhatTheBackendComputesIn) {
+  EngineConfig c;
+  c.model.dtype = "bfloat16";
+  EXPECT_THAT(Problems(c), HasSubstr("model.dtype bfloat16 is not what the cpu backend computes "
+                                     "in (float32)"));
+  c.model.dtype = "float32";
+  EXPECT_EQ(Problems(c), "");
+  c.model.backend = "cuda";
+  EXPECT_THAT(Problems(c), HasSubstr("model.dtype float32 is not what the cuda backend computes "
+                                     "in (bfloat16)"));
+  c.model.dtype = "bfloat16";
+  EXPECT_EQ(Problems(c), "");
+  c.model.dtype = "auto";
+  EXPECT_EQ(Problems(c), "");
+  c.model.dtype = "float16";
+  EXPECT_THAT(Problems(c), HasSubstr("model.dtype must be one of: auto, float32, bfloat16"));
+}
+
+TEST(EngineConfigTest, OneCudaDeviceAndNoneOnCpu) {
+  EngineConfig c;
+  c.model.devices = {0};
+  EXPECT_THAT(Problems(c), HasSubstr("model.devices must be empty with model.backend cpu, got "
+                                     "[0]"));
+  c.model.backend = "cuda";
+  EXPECT_EQ(Problems(c), "");
+  c.model.devices = {3};
+  EXPECT_EQ(Problems(c), "");
+  EXPECT_EQ(RunnerOptionsFor(c).device, 3);
+  c.model.devices = {0, 1};
+  EXPECT_THAT(Problems(c), HasSubstr("model.devices lists 2 devices [0, 1]; the cuda backend "
+                                     "serves on one device"));
+  c.model.devices = {};
+  EXPECT_EQ(RunnerOptionsFor(c).device, 0);
+}
+
+TEST(EngineConfigTest, AttentionKernelReachesTheRunnerAndIsAutoOnlyOnCpu) {
+  EngineConfig c;
+  EXPECT_EQ(RunnerOptionsFor(c).attention_kernel, "auto");
+  c.attention.kernel = "simple";
+  EXPECT_THAT(Problems(c), HasSubstr("attention.kernel simple is not available on cpu"));
+  c.model.backend = "cuda";
+  EXPECT_EQ(Problems(c), "");
+  EXPECT_EQ(RunnerOptionsFor(c).attention_kernel, "simple");
+  c.attention.kernel = "fastest";
+  EXPECT_THAT(Problems(c), HasSubstr("attention.kernel"));
+}
+
+TEST(EngineConfigTest, ChecksChoicesRangesAndCrossFieldRules) {
+  EngineConfig c;
+  c.attention.prefill.method = "xattention";
+  c.attention.decode.method = "quest";
+  c.pools.decode_priority = "urgent";
+  c.pools.decode_workers = 0;
+  c.scheduler.prefill_chunk_tokens = 4096;
+  c.kv_cache.page_size_tokens = 24;
+  const std::string p = Problems(c);
+  EXPECT_THAT(p, HasSubstr("attention.prefill.method must be one of: dense, got 'xattention'"));
+  EXPECT_THAT(p, HasSubstr("attention.decode.method must be one of: dense, got 'quest'"));
+  EXPECT_THAT(p, HasSubstr("pools.decode_priority must be one of: high, normal, got 'urgent'"));
+  EXPECT_THAT(p, HasSubstr("pools.decode_workers must be at least 1, got 0"));
+  EXPECT_THAT(p, HasSubstr("scheduler.prefill_chunk_tokens (4096) must not exceed "
+                           "scheduler.max_batch_tokens (2048)"));
+  EXPECT_THAT(p, HasSubstr("kv_cache.page_size_tokens must be a power of two, got 24"));
+
+  c = EngineConfig();
+  c.model.max_context_tokens = 4096;
+  c.kv_cache.num_pages = 10;
+  c.scheduler.max_queued_tokens = 100;
+  EXPECT_THAT(Problems(c), HasSubstr("kv_cache.num_pages * kv_cache.page_size_tokens (160 tokens) "
+                                     "must hold one full context"));
+  EXPECT_THAT(Problems(c), HasSubstr("scheduler.max_queued_tokens (100) must be at least "
+                                     "model.max_context_tokens (4096)"));
+  c.kv_cache.num_pages = 0;  // derived: no check before the model is loaded
+  c.scheduler.max_queued_tokens = 4096;
+  EXPECT_EQ(Problems(c), "");
+}
+
+// Every field of the runner's and the scheduler's options comes from the tree.
+TEST(EngineConfigTest, DerivesTheOptionsOfThePartsFromTheTree) {
+  EngineConfig c;
+  c.model.backend = "cuda";
+  c.model.devices = {2};
+  c.model.weights = "random";
+  c.model.random_seed = 9;
+  c.model.cpu_threads = 3;
+  c.model.cuda_graphs = false;
+  c.model.max_context_tokens = 5000;
+  c.kv_cache.page_size_tokens = 32;
+  c.kv_cache.num_pages = 777;
+  c.kv_cache.memory_fraction = 0.5;
+  c.scheduler.max_batch_tokens = 3000;
+  c.scheduler.prefill_chunk_tokens = 300;
+  c.scheduler.max_running_requests = 48;
+  c.scheduler.enable_prefix_caching = false;
+  c.pools.prefill_workers = 2;
+  c.pools.decode_workers = 3;
+  const ModelRunnerOptions r = RunnerOptionsFor(c);
+  EXPECT_EQ(r.backend, "cuda");
+  EXPECT_EQ(r.device, 2);
+  EXPECT_EQ(r.weights, "random");
+  EXPECT_EQ(r.random_seed, 9u);
+  EXPECT_EQ(r.num_threads, 3);
+  EXPECT_FALSE(r.cuda_graphs);
+  EXPECT_EQ(r.page_size, 32);
+  EXPECT_EQ(r.num_pages, 777);
+  EXPECT_DOUBLE_EQ(r.kv_memory_fraction, 0.5);
+  EXPECT_EQ(r.kv_max_sequences, 48);
+  EXPECT_EQ(r.kv_max_context_tokens, 5000);
+  EXPECT_EQ(r.max_step_tokens, 3000);
+  EXPECT_EQ(r.max_step_logits, 48);
+
+  const SchedulerOptions s = SchedulerOptionsFor(c, 555);
+  EXPECT_EQ(s.page_size, 32);
+  EXPECT_EQ(s.num_pages, 555);
+  EXPECT_EQ(s.max_batch_tokens, 3000);
+  EXPECT_EQ(s.prefill_chunk_tokens, 300);
+  EXPECT_EQ(s.max_running_requests, 48);
+  EXPECT_EQ(s.prefill_workers, 2);
+  EXPECT_EQ(s.decode_workers, 3);
+  EXPECT_EQ(s.max_worker_tokens, 3000);
+  EXPECT_EQ(s.max_worker_sequences, 48);
+  EXPECT_FALSE(s.enable_prefix_caching);
+  EXPECT_TRUE(s.Validate().ok());
+}
+
+}  // namespace
+}  // namespace sieve::engine

@@ -1,0 +1,152 @@
+// Engine::Impl: the state behind engine.h, shared by engine.cc (creation, the public methods
+// called from any thread) and engine_loop.cc (the scheduler thread). engine/README.md describes
+// who owns what; in short:
+//   - fields under "Immutable after Create" are read by every thread;
+//   - fields under "Guarded by mu_" are the mailbox between callers, workers and the scheduler
+//     thread;
+//   - fields under "Scheduler thread only" are touched by no other thread (workers read the
+//     token and page spans of the sequences they run, and the sampling parameters and token
+//     history of their requests, which stay unchanged while in flight).
+#ifndef SIEVE_ENGINE_SERVING_ENGINE_IMPL_H_
+#define SIEVE_ENGINE_SERVING_ENGINE_IMPL_H_
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "engine/serving/engine.h"
+#include "engine/serving/scheduler.h"
+#include "engine/serving/stop_checker.h"
+#include "engine/serving/worker_pool.h"
+
+namespace sieve::engine {
+
+using EngineClock = std::chrono::steady_clock;
+
+// Everything the engine keeps about one accepted request besides the scheduler's Sequence.
+struct ActiveRequest {
+  ActiveRequest(RequestSpec s, absl::Span<const int32_t> eos_ids, const Tokenizer& tokenizer,
+                uint64_t seed)
+      : spec(std::move(s)),
+        stop(spec.stop, eos_ids),
+        decoder(tokenizer, /*skip_special_tokens=*/true),
+        rng(seed) {}
+
+  RequestId id = 0;
+  RequestSpec spec;  // prompt moved out to the scheduler at Add
+  int32_t prompt_tokens = 0;
+  StopChecker stop;
+  IncrementalDecoder decoder;
+  SamplerRng rng;
+  TokenHistory history;
+  std::string text;  // decoded text, kept only when there are stop strings
+  std::string matched_stop;
+  std::optional<int32_t> matched_stop_token;
+  std::optional<EngineClock::time_point> deadline;
+  EngineClock::time_point arrival;
+  EngineClock::time_point first_scheduled, first_token, last_token;
+  bool scheduled = false;  // a first prefill chunk was dispatched
+  int32_t generated = 0;
+  int32_t preemptions = 0;
+  int32_t cached_tokens = 0;
+  // Set when the request ended while in flight: OnFinish waits for its batch to come back.
+  FinishReason finishing = FinishReason::kNone;
+  absl::Status finishing_status;
+};
+
+class Engine::Impl {
+ public:
+  Impl() = default;
+  ~Impl();
+
+  absl::Status Init(const EngineConfig& config, EngineObserver* observer);
+  absl::StatusOr<RequestId> Submit(RequestSpec spec);
+  void Cancel(RequestId id);
+  void StartDraining();
+  bool WaitIdle(absl::Duration timeout);
+  EngineLoad load() const;
+  ModelInfo model_info() const;
+  absl::Status health() const;
+
+  // Immutable after Create.
+  EngineConfig config_;
+  EngineObserver* observer_ = nullptr;
+  std::unique_ptr<Tokenizer> tokenizer_;
+  std::unique_ptr<ModelRunner> runner_;
+  std::vector<int32_t> eos_ids_;
+  int32_t vocab_size_ = 0;     // the model's, for validating token ids
+  int64_t context_limit_ = 0;  // prompt + max_tokens, tokens
+  SchedulerOptions scheduler_options_;
+
+ private:
+  absl::Status Validate(const RequestSpec& spec) const;
+  void Reject(RejectReason reason) const;
+
+  // The scheduler thread (engine_loop.cc).
+  void Loop();
+  // Waits for an event (or until `wake_at`) unless `progressed`, then takes the mailbox.
+  void TakeEvents(bool progressed, std::optional<EngineClock::time_point> wake_at);
+  // Runs one iteration on the events taken; returns whether anything happened.
+  bool Step();
+  RequestTimings Timings(const ActiveRequest& r, EngineClock::time_point end) const;
+  void RecordStop(ActiveRequest& r, int32_t token) const;
+  void HandleDone(std::unique_ptr<WorkerJob> job);
+  void HandleToken(ActiveRequest& r, absl::StatusOr<SampledToken>& sampled);
+  void AddIncoming(std::unique_ptr<ActiveRequest> r);
+  // Ends `r` (removing it from the scheduler); OnFinish now, or when its batch comes back.
+  void Finish(ActiveRequest& r, FinishReason reason, absl::Status status);
+  // Delivers OnFinish and forgets `r`; its scheduler state must be gone.
+  void Deliver(RequestId id, FinishReason reason, absl::Status status);
+  // Cancels requests whose deadline passed; returns the next deadline.
+  std::optional<EngineClock::time_point> ExpireDeadlines(EngineClock::time_point now);
+  void Dispatch(StepPlan& plan);
+  void Publish();
+  // After a job failed with a lost device: records it, tells the observer once and ends every
+  // live request with `status`.
+  void HandleDeviceLost(const absl::Status& status);
+
+  // Guarded by mu_.
+  mutable std::mutex mu_;
+  std::condition_variable wake_;  // the scheduler thread waits here
+  std::condition_variable idle_;  // WaitIdle waits here
+  std::vector<std::unique_ptr<ActiveRequest>> incoming_;
+  std::vector<RequestId> cancels_;
+  std::vector<std::unique_ptr<WorkerJob>> done_;
+  bool stop_ = false;
+  bool draining_ = false;
+  absl::Status device_lost_;  // OK until a job fails with IsDeviceLost
+  RequestId next_id_ = 1;
+  int32_t live_ = 0;             // accepted requests whose OnFinish is not delivered yet
+  int32_t queued_requests_ = 0;  // incoming_ + the scheduler's waiting queue
+  int64_t queued_tokens_ = 0;
+  EngineLoad load_;
+
+  // Scheduler thread only.
+  std::unique_ptr<Scheduler> scheduler_;
+  absl::flat_hash_map<RequestId, std::unique_ptr<ActiveRequest>> active_;
+  bool stopping_ = false;                                 // stop_ as last seen
+  bool failed_ = false;                                   // device_lost_ is set
+  std::optional<EngineClock::time_point> next_deadline_;  // earliest deadline of a live request
+  int32_t busy_[2] = {0, 0};                              // jobs out per pool (index: Pool)
+  std::vector<std::unique_ptr<WorkerJob>> spare_jobs_;    // reused job buffers
+  std::vector<std::unique_ptr<ActiveRequest>> taken_;     // incoming_ moved out
+  std::vector<RequestId> taken_cancels_;
+  std::vector<std::unique_ptr<WorkerJob>> taken_done_;
+  int32_t delivered_ = 0;  // OnFinish calls since the last Publish
+
+  // Workers; created in Init, stopped after the scheduler thread.
+  std::unique_ptr<WorkerPool> pools_[2];
+  std::vector<std::unique_ptr<ModelWorker>> model_workers_;
+  std::thread thread_;
+};
+
+}  // namespace sieve::engine
+
+#endif  // SIEVE_ENGINE_SERVING_ENGINE_IMPL_H_

@@ -1,0 +1,329 @@
+// The engine's scheduler thread: it takes submissions, cancellations and finished worker jobs
+// from the mailbox, streams the tokens the workers sampled, asks the Scheduler for the next step and hands
+// its batches to the pools. Every function here runs on that thread (engine/README.md).
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "engine/serving/engine_impl.h"
+
+namespace sieve::engine {
+namespace {
+
+double Seconds(EngineClock::duration d) { return std::chrono::duration<double>(d).count(); }
+
+int PoolIndex(Pool p) { return p == Pool::kPrefill ? 0 : 1; }
+
+}  // namespace
+
+void Engine::Impl::Loop() {
+  bool progressed = true;  // publish the initial load once
+  while (true) {
+    TakeEvents(progressed, next_deadline_);
+    progressed = Step();
+    if (progressed || delivered_ > 0) Publish();
+    if (stopping_ && busy_[0] + busy_[1] == 0) break;
+  }
+  // Stopped with nothing in flight: whatever is left ends as cancelled.
+  std::vector<ActiveRequest*> left;
+  for (auto& [id, r] : active_) left.push_back(r.get());
+  for (ActiveRequest* r : left) Finish(*r, FinishReason::kCancelled, absl::OkStatus());
+  Publish();
+}
+
+void Engine::Impl::TakeEvents(bool progressed, std::optional<EngineClock::time_point> wake_at) {
+  std::unique_lock<std::mutex> lock(mu_);
+  auto ready = [this] {
+    if (!done_.empty() || !incoming_.empty() || !cancels_.empty()) return true;
+    // Once stopping, only the last jobs coming back matter.
+    return stop_ && (!stopping_ || busy_[0] + busy_[1] == 0);
+  };
+  if (!progressed) {
+    if (wake_at.has_value()) {
+      wake_.wait_until(lock, *wake_at, ready);
+    } else {
+      wake_.wait(lock, ready);
+    }
+  }
+  taken_.swap(incoming_);
+  taken_cancels_.swap(cancels_);
+  taken_done_.swap(done_);
+  stopping_ = stop_;
+}
+
+bool Engine::Impl::Step() {
+  bool progressed = !taken_done_.empty() || !taken_.empty() || !taken_cancels_.empty();
+  for (std::unique_ptr<WorkerJob>& job : taken_done_) HandleDone(std::move(job));
+  taken_done_.clear();
+  for (std::unique_ptr<ActiveRequest>& r : taken_) AddIncoming(std::move(r));
+  taken_.clear();
+  for (RequestId id : taken_cancels_) {
+    auto it = active_.find(id);
+    if (it != active_.end()) Finish(*it->second, FinishReason::kCancelled, absl::OkStatus());
+  }
+  taken_cancels_.clear();
+  // Deadlines before planning, so that an expired request gets no more work.
+  next_deadline_ = ExpireDeadlines(EngineClock::now());
+  if (!stopping_ && !failed_) {
+    StepPlan plan = scheduler_->Schedule(busy_[0] == 0, busy_[1] == 0);
+    if (!plan.empty()) {
+      Dispatch(plan);
+      progressed = true;
+    }
+  }
+  return progressed;
+}
+
+void Engine::Impl::AddIncoming(std::unique_ptr<ActiveRequest> r) {
+  const RequestId id = r->id;
+  const absl::Status added =
+      scheduler_->Add(id, r->spec.priority, std::move(r->spec.prompt), r->spec.stop.max_tokens);
+  ActiveRequest& ref = *r;
+  active_.emplace(id, std::move(r));
+  // Submit validated the request, so this is a broken assumption; fail only this request.
+  if (!added.ok()) {
+    Finish(ref, FinishReason::kError, added);
+  } else if (failed_) {
+    // Accepted just before the device was lost.
+    std::lock_guard<std::mutex> lock(mu_);
+    const absl::Status lost = device_lost_;
+    Finish(ref, FinishReason::kError, lost);
+  }
+}
+
+void Engine::Impl::Dispatch(StepPlan& plan) {
+  const EngineClock::time_point now = EngineClock::now();
+  for (RequestId id : plan.admitted) {
+    ActiveRequest& r = *active_.at(id);
+    if (r.scheduled) continue;
+    r.scheduled = true;
+    r.first_scheduled = now;
+    r.cached_tokens = scheduler_->Find(id)->cached_tokens;
+  }
+  for (RequestId id : plan.preempted) {
+    ++active_.at(id)->preemptions;
+    if (observer_ != nullptr) observer_->OnPreempted();
+  }
+  for (WorkerBatch& batch : plan.batches) {
+    std::unique_ptr<WorkerJob> job;
+    if (spare_jobs_.empty()) {
+      job = std::make_unique<WorkerJob>();
+    } else {
+      job = std::move(spare_jobs_.back());
+      spare_jobs_.pop_back();
+    }
+    job->batch = std::move(batch);
+    job->steps.clear();
+    job->status = absl::OkStatus();
+    for (const WorkItem& item : job->batch.items) {
+      const Sequence& seq = *scheduler_->Find(item.id);
+      SequenceStep step;
+      step.tokens = absl::MakeConstSpan(seq.tokens).subspan(item.start, item.num_tokens);
+      step.num_cached = item.start;
+      step.pages = seq.pages.pages();
+      step.want_logits = item.want_logits;
+      if (item.want_logits) {
+        // The worker samples this row. The request's parameters and history stay unchanged
+        // until the job comes back (HandleToken is the only writer of the history); the draw is
+        // taken here, one per token, as SampleToken would take it.
+        ActiveRequest& r = *active_.at(item.id);
+        step.sampling = &r.spec.sampling;
+        step.history = &r.history;
+        step.uniform = r.rng.NextUniform();
+      }
+      job->steps.push_back(step);
+    }
+    const int pool = PoolIndex(job->batch.pool);
+    ++busy_[pool];
+    pools_[pool]->Run(std::move(job));
+  }
+}
+
+void Engine::Impl::HandleDone(std::unique_ptr<WorkerJob> job) {
+  const Pool pool = job->batch.pool;
+  --busy_[PoolIndex(pool)];
+  if (observer_ != nullptr) observer_->OnStep(pool, job->seconds, job->batch.num_tokens);
+  size_t rows = 0;
+  for (const WorkItem& item : job->batch.items) rows += item.want_logits ? 1 : 0;
+  if (job->status.ok() && job->sampled.size() != rows) {
+    job->status = absl::InternalError(absl::StrCat("a ", std::string(PoolName(pool)),
+                                                   " step returned ", job->sampled.size(),
+                                                   " tokens for ", rows, " rows"));
+  }
+  const bool ok = job->status.ok();
+  if (IsDeviceLost(job->status)) HandleDeviceLost(job->status);
+  // Requests that ended while in flight are gone from the scheduler now.
+  for (RequestId id : scheduler_->Complete(job->batch, ok)) {
+    const ActiveRequest& r = *active_.at(id);
+    Deliver(id, r.finishing, r.finishing_status);
+  }
+  size_t row = 0;
+  for (const WorkItem& item : job->batch.items) {
+    const size_t my_row = row;
+    row += item.want_logits ? 1 : 0;
+    auto it = active_.find(item.id);
+    if (it == active_.end()) continue;
+    if (!ok) {
+      Finish(*it->second, FinishReason::kError, job->status);
+    } else if (item.want_logits) {
+      HandleToken(*it->second, job->sampled[my_row]);
+    }
+  }
+  job->steps.clear();
+  spare_jobs_.push_back(std::move(job));
+}
+
+void Engine::Impl::HandleDeviceLost(const absl::Status& status) {
+  if (failed_) return;
+  failed_ = true;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    device_lost_ = status;
+  }
+  if (observer_ != nullptr) observer_->OnDeviceLost(status);
+  // Nothing can run any more: every request ends now (those in flight when their job is back).
+  std::vector<ActiveRequest*> live;
+  for (auto& [id, r] : active_) live.push_back(r.get());
+  for (ActiveRequest* r : live) Finish(*r, FinishReason::kError, status);
+}
+
+void Engine::Impl::HandleToken(ActiveRequest& r, absl::StatusOr<SampledToken>& sampled) {
+  if (!sampled.ok()) {
+    Finish(r, FinishReason::kError, sampled.status());
+    return;
+  }
+  const int32_t token = sampled->id;
+  const EngineClock::time_point now = EngineClock::now();
+  r.history.AddGenerated(token);
+  if (++r.generated == 1) {
+    r.first_token = now;
+    if (observer_ != nullptr) observer_->OnFirstToken(Timings(r, now));
+  } else if (observer_ != nullptr) {
+    observer_->OnInterTokenLatency(Seconds(now - r.last_token));
+  }
+  r.last_token = now;
+  // An id the tokenizer does not know (padding rows of the vocabulary) adds no text.
+  absl::StatusOr<std::string> piece = r.decoder.Push(token);
+  const std::string text = piece.ok() ? *std::move(piece) : std::string();
+  if (!r.spec.stop.stop_strings.empty()) r.text += text;
+  StopChecker::Step step = r.stop.Push(token, text);
+  TokenDelta delta;
+  delta.token_ids.push_back(token);
+  if (step.finish != FinishReason::kNone) {
+    // The decoder may hold the first bytes of a character the stream ended inside.
+    step.emit += r.stop.Flush();
+    if (step.finish == FinishReason::kLength) step.emit += r.decoder.Flush();
+  }
+  delta.text = std::move(step.emit);
+  if (r.spec.sampling.return_logprob || r.spec.sampling.top_logprobs > 0) {
+    delta.logprobs.push_back(TokenLogprob{token, sampled->logprob, std::move(sampled->top)});
+  }
+  r.spec.sink->OnTokens(delta);
+  if (step.finish != FinishReason::kNone) {
+    if (step.finish == FinishReason::kStop) RecordStop(r, token);
+    Finish(r, step.finish, absl::OkStatus());
+    return;
+  }
+  if (absl::Status st = scheduler_->AppendToken(r.id, token); !st.ok()) {
+    Finish(r, FinishReason::kError, st);
+  }
+}
+
+void Engine::Impl::RecordStop(ActiveRequest& r, int32_t token) const {
+  const std::vector<int32_t>& ids = r.spec.stop.stop_token_ids;
+  if (std::find(ids.begin(), ids.end(), token) != ids.end()) {
+    r.matched_stop_token = token;
+    return;
+  }
+  // The stop string completed first (ties: the one starting earliest), as StopChecker decides.
+  size_t best_end = std::string::npos, best_pos = std::string::npos;
+  for (const std::string& s : r.spec.stop.stop_strings) {
+    if (s.empty()) continue;
+    const size_t pos = r.text.find(s);
+    if (pos == std::string::npos) continue;
+    const size_t end = pos + s.size();
+    if (best_end == std::string::npos || end < best_end || (end == best_end && pos < best_pos)) {
+      best_end = end;
+      best_pos = pos;
+      r.matched_stop = s;
+    }
+  }
+}
+
+void Engine::Impl::Finish(ActiveRequest& r, FinishReason reason, absl::Status status) {
+  if (r.finishing != FinishReason::kNone) return;  // already ending
+  r.finishing = reason;
+  r.finishing_status = std::move(status);
+  if (scheduler_->Remove(r.id)) Deliver(r.id, reason, r.finishing_status);
+}
+
+RequestTimings Engine::Impl::Timings(const ActiveRequest& r, EngineClock::time_point end) const {
+  RequestTimings t;
+  t.total_s = Seconds(end - r.arrival);
+  t.queue_s = r.scheduled ? Seconds(r.first_scheduled - r.arrival) : t.total_s;
+  if (r.generated > 0) {
+    t.prefill_s = Seconds(r.first_token - r.first_scheduled);
+    t.time_to_first_token_s = Seconds(r.first_token - r.arrival);
+    t.decode_s = Seconds(r.last_token - r.first_token);
+  }
+  return t;
+}
+
+void Engine::Impl::Deliver(RequestId id, FinishReason reason, absl::Status status) {
+  auto node = active_.extract(id);
+  const ActiveRequest& r = *node.mapped();
+  RequestOutcome outcome;
+  outcome.finish = reason;
+  outcome.status = std::move(status);
+  outcome.prompt_tokens = r.prompt_tokens;
+  outcome.cached_tokens = r.cached_tokens;
+  outcome.generated_tokens = r.generated;
+  outcome.preemptions = r.preemptions;
+  outcome.matched_stop = r.matched_stop;
+  outcome.matched_stop_token = r.matched_stop_token;
+  outcome.timings = Timings(r, EngineClock::now());
+  r.spec.sink->OnFinish(outcome);
+  if (observer_ != nullptr) observer_->OnFinished(outcome);
+  ++delivered_;
+}
+
+std::optional<EngineClock::time_point> Engine::Impl::ExpireDeadlines(EngineClock::time_point now) {
+  std::optional<EngineClock::time_point> next;
+  std::vector<ActiveRequest*> expired;
+  for (auto& [id, r] : active_) {
+    if (!r->deadline.has_value() || r->finishing != FinishReason::kNone) continue;
+    if (*r->deadline <= now) {
+      expired.push_back(r.get());
+    } else if (!next.has_value() || *r->deadline < *next) {
+      next = r->deadline;
+    }
+  }
+  for (ActiveRequest* r : expired) Finish(*r, FinishReason::kCancelled, absl::OkStatus());
+  return next;
+}
+
+void Engine::Impl::Publish() {
+  EngineLoad l;
+  l.running_prefill = scheduler_->num_in_phase(SequencePhase::kPrefill);
+  l.running_decode = scheduler_->num_in_phase(SequencePhase::kDecode);
+  l.waiting = scheduler_->num_waiting();
+  l.waiting_tokens = scheduler_->waiting_tokens();
+  l.kv_pages_used = scheduler_->allocator().num_used();
+  l.kv_pages_free = scheduler_->allocator().num_free();
+  l.kv_pages_cached = scheduler_->cached_only_pages();
+  l.prefix_cache_query_tokens = scheduler_->stats().prefix_query_tokens;
+  l.prefix_cache_hit_tokens = scheduler_->stats().prefix_hit_tokens;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    load_ = l;
+    queued_requests_ = static_cast<int32_t>(incoming_.size()) + l.waiting;
+    queued_tokens_ = l.waiting_tokens;
+    for (const auto& r : incoming_) queued_tokens_ += r->prompt_tokens;
+    live_ -= delivered_;
+    delivered_ = 0;
+    if (live_ == 0) idle_.notify_all();
+  }
+  if (observer_ != nullptr) observer_->OnLoad(l);
+}
+
+}  // namespace sieve::engine

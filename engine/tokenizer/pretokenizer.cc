@@ -1,0 +1,332 @@
+#include "engine/tokenizer/pretokenizer.h"
+
+#include <array>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "engine/status_macros.h"
+#include "engine/tokenizer/tokenizer_json.h"
+#include "engine/tokenizer/unicode.h"
+
+namespace sieve::engine {
+namespace {
+
+using tokenizer_json::FieldError;
+using tokenizer_json::FieldPath;
+using tokenizer_json::Json;
+
+constexpr int kMaxSequenceDepth = 8;
+constexpr char32_t kNone = 0xFFFFFFFF;  // Past the end of the text.
+
+// The code points of a text with their classes and byte offsets, and the regex building
+// blocks the scanners are made of. Index i is the i-th code point; n() is one past the end.
+class CodePointScanner {
+ public:
+  explicit CodePointScanner(std::string_view text) : text_(text) {
+    cps_.reserve(text.size());
+    offsets_.reserve(text.size() + 1);
+    size_t pos = 0;
+    while (pos < text.size()) {
+      offsets_.push_back(static_cast<uint32_t>(pos));
+      const char32_t cp = unicode::DecodeNext(text, &pos);
+      cps_.push_back(cp);
+      classes_.push_back(unicode::ClassesOf(cp));
+    }
+    offsets_.push_back(static_cast<uint32_t>(text.size()));
+  }
+
+  size_t n() const { return cps_.size(); }
+  char32_t At(size_t i) const { return i < cps_.size() ? cps_[i] : kNone; }
+  bool IsLetter(size_t i) const { return Has(i, unicode::kLetter); }
+  bool IsNumber(size_t i) const { return Has(i, unicode::kNumber); }
+  bool IsSpace(size_t i) const { return Has(i, unicode::kWhitespace); }
+  // [^\s\p{L}\p{N}]
+  bool IsOther(size_t i) const {
+    return i < cps_.size() &&
+           (classes_[i] & (unicode::kLetter | unicode::kNumber | unicode::kWhitespace)) == 0;
+  }
+  bool IsNewline(size_t i) const { return At(i) == '\r' || At(i) == '\n'; }
+
+  // Returns the end of the maximal run starting at `i` of code points satisfying `pred`.
+  template <typename Pred>
+  size_t RunEnd(size_t i, Pred pred) const {
+    while (i < cps_.size() && pred(i)) ++i;
+    return i;
+  }
+  size_t LetterRunEnd(size_t i) const {
+    return RunEnd(i, [this](size_t k) { return IsLetter(k); });
+  }
+  size_t NumberRunEnd(size_t i) const {
+    return RunEnd(i, [this](size_t k) { return IsNumber(k); });
+  }
+  size_t SpaceRunEnd(size_t i) const {
+    return RunEnd(i, [this](size_t k) { return IsSpace(k); });
+  }
+  size_t OtherRunEnd(size_t i) const {
+    return RunEnd(i, [this](size_t k) { return IsOther(k); });
+  }
+  size_t NewlineRunEnd(size_t i) const {
+    return RunEnd(i, [this](size_t k) { return IsNewline(k); });
+  }
+
+  // The end of `\s+(?!\S)|\s+` matched at whitespace `i`: the whole run when it ends the text
+  // or is one character long, else the run without its last character.
+  size_t TrailingSpaceEnd(size_t i) const {
+    const size_t end = SpaceRunEnd(i);
+    if (end == n() || end - i < 2) return end;
+    return end - 1;
+  }
+
+  // The end of a contraction 's|'t|'re|'ve|'m|'ll|'d at `i`, or 0 if there is none there.
+  // `fold` maps a code point to the lowercase letter it matches.
+  template <typename Fold>
+  size_t ContractionEnd(size_t i, Fold fold) const {
+    if (At(i) != '\'') return 0;
+    const char32_t a = fold(At(i + 1));
+    if (a == 's' || a == 't' || a == 'm' || a == 'd') return i + 2;
+    const char32_t b = fold(At(i + 2));
+    if ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l')) return i + 3;
+    return 0;
+  }
+
+  std::string_view Slice(size_t begin, size_t end) const {
+    return text_.substr(offsets_[begin], offsets_[end] - offsets_[begin]);
+  }
+
+ private:
+  bool Has(size_t i, uint8_t bits) const { return i < cps_.size() && (classes_[i] & bits); }
+
+  std::string_view text_;
+  std::vector<char32_t> cps_;
+  std::vector<uint8_t> classes_;
+  std::vector<uint32_t> offsets_;  // Byte offset of each code point, plus the text size.
+};
+
+char32_t CaseSensitive(char32_t c) { return c; }
+
+// Case-insensitive matching of the contraction letters as Oniguruma folds them: ASCII case
+// and U+017F LATIN SMALL LETTER LONG S, which folds to 's'.
+char32_t FoldContractionLetter(char32_t c) {
+  if (c >= 'A' && c <= 'Z') return c + ('a' - 'A');
+  if (c == 0x17F) return 's';
+  return c;
+}
+
+// One match of the GPT-2 regex at `i`; returns its end.
+size_t MatchGpt2(const CodePointScanner& s, size_t i) {
+  if (size_t end = s.ContractionEnd(i, CaseSensitive)) return end;
+  // ` ?\p{L}+`, ` ?\p{N}+`, ` ?[^\s\p{L}\p{N}]+`: the optional space first.
+  const size_t j = s.At(i) == ' ' ? i + 1 : i;
+  for (size_t k : {j, i}) {
+    if (s.IsLetter(k)) return s.LetterRunEnd(k);
+    if (s.IsNumber(k)) return s.NumberRunEnd(k);
+    if (s.IsOther(k)) return s.OtherRunEnd(k);
+  }
+  return s.TrailingSpaceEnd(i);  // `\s+(?!\S)|\s+`
+}
+
+// One match of the Llama-3 family regex at `i` (`max_digits` per number piece); returns its end.
+size_t MatchLlama3(const CodePointScanner& s, size_t i, size_t max_digits) {
+  if (size_t end = s.ContractionEnd(i, FoldContractionLetter)) return end;
+  // `[^\r\n\p{L}\p{N}]?\p{L}+`
+  if (!s.IsNewline(i) && !s.IsLetter(i) && !s.IsNumber(i) && s.IsLetter(i + 1)) {
+    return s.LetterRunEnd(i + 1);
+  }
+  if (s.IsLetter(i)) return s.LetterRunEnd(i);
+  // `\p{N}{1,3}` or `\p{N}`
+  if (s.IsNumber(i)) return std::min(s.NumberRunEnd(i), i + max_digits);
+  // ` ?[^\s\p{L}\p{N}]+[\r\n]*`
+  const size_t j = (s.At(i) == ' ' && s.IsOther(i + 1)) ? i + 1 : i;
+  if (s.IsOther(j)) return s.NewlineRunEnd(s.OtherRunEnd(j));
+  // `\s*[\r\n]+`: the whitespace run up to and including its last \r or \n.
+  const size_t run_end = s.SpaceRunEnd(i);
+  for (size_t k = run_end; k > i; --k) {
+    if (s.IsNewline(k - 1)) return k;
+  }
+  return s.TrailingSpaceEnd(i);  // `\s+(?!\S)|\s+`
+}
+
+// GPT-2's bytes_to_unicode table and its inverse.
+struct ByteLevelTables {
+  std::array<std::array<char, 2>, 256> utf8;  // UTF-8 of each byte's character.
+  std::array<uint8_t, 256> utf8_len;
+  std::array<int16_t, 0x144> byte_of;  // Code point -> byte, or -1.
+};
+
+const ByteLevelTables& GetByteLevelTables() {
+  static const ByteLevelTables* tables = [] {
+    auto* t = new ByteLevelTables();
+    t->byte_of.fill(-1);
+    int next = 0x100;
+    for (int b = 0; b < 256; ++b) {
+      const bool printable = (b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || b >= 0xAE;
+      const char32_t cp = printable ? b : next++;
+      std::string enc;
+      unicode::AppendUtf8(cp, &enc);
+      t->utf8[b] = {enc[0], enc.size() > 1 ? enc[1] : '\0'};
+      t->utf8_len[b] = static_cast<uint8_t>(enc.size());
+      t->byte_of[cp] = static_cast<int16_t>(b);
+    }
+    return t;
+  }();
+  return *tables;
+}
+
+}  // namespace
+
+absl::StatusOr<PretokenizerRegex> RecognizePretokenizerRegex(std::string_view pattern) {
+  if (pattern == kGpt2Regex) return PretokenizerRegex::kGpt2;
+  if (pattern == kLlama3Regex) return PretokenizerRegex::kLlama3;
+  if (pattern == kQwen2Regex) return PretokenizerRegex::kQwen2;
+  return absl::UnimplementedError(absl::StrCat(
+      "tokenizer: unsupported pre-tokenizer regex (only the GPT-2, Llama-3 and Qwen2 patterns "
+      "are implemented): ",
+      tokenizer_json::AbslView(pattern)));
+}
+
+void SplitByRegex(PretokenizerRegex regex, std::string_view text,
+                  std::vector<std::string_view>* pieces) {
+  const CodePointScanner scanner(text);
+  size_t i = 0;
+  while (i < scanner.n()) {
+    size_t end;
+    switch (regex) {
+      case PretokenizerRegex::kGpt2:
+        end = MatchGpt2(scanner, i);
+        break;
+      case PretokenizerRegex::kLlama3:
+        end = MatchLlama3(scanner, i, 3);
+        break;
+      case PretokenizerRegex::kQwen2:
+      default:
+        end = MatchLlama3(scanner, i, 1);
+        break;
+    }
+    pieces->push_back(scanner.Slice(i, end));
+    i = end;
+  }
+}
+
+std::string_view ByteLevelChar(uint8_t b) {
+  const ByteLevelTables& t = GetByteLevelTables();
+  return std::string_view(t.utf8[b].data(), t.utf8_len[b]);
+}
+
+int ByteLevelByte(char32_t cp) {
+  const ByteLevelTables& t = GetByteLevelTables();
+  return cp < t.byte_of.size() ? t.byte_of[cp] : -1;
+}
+
+void AppendByteLevel(std::string_view bytes, std::string* out) {
+  const ByteLevelTables& t = GetByteLevelTables();
+  for (char c : bytes) {
+    const auto b = static_cast<uint8_t>(c);
+    out->append(t.utf8[b].data(), t.utf8_len[b]);
+  }
+}
+
+absl::Status PreTokenizer::AppendSteps(const Json& config, std::string_view path, int depth,
+                                       std::vector<Step>* steps) {
+  if (depth > kMaxSequenceDepth) return FieldError(path, "Sequence nested too deeply");
+  SIEVE_RETURN_IF_ERROR(tokenizer_json::ExpectObject(config, path));
+  SIEVE_ASSIGN_OR_RETURN(std::string type, tokenizer_json::RequiredString(config, "type", path));
+  if (type == "Sequence") {
+    SIEVE_ASSIGN_OR_RETURN(const Json* list,
+                           tokenizer_json::RequiredField(config, "pretokenizers", path));
+    const std::string list_path = FieldPath(path, "pretokenizers");
+    if (!list->is_array()) return FieldError(list_path, "expected an array");
+    for (size_t i = 0; i < list->size(); ++i) {
+      SIEVE_RETURN_IF_ERROR(
+          AppendSteps((*list)[i], tokenizer_json::IndexPath(list_path, i), depth + 1, steps));
+    }
+    return absl::OkStatus();
+  }
+  Step step;
+  if (type == "ByteLevel") {
+    step.kind = Step::Kind::kByteLevel;
+    SIEVE_ASSIGN_OR_RETURN(step.add_prefix_space,
+                           tokenizer_json::OptionalBool(config, "add_prefix_space", true, path));
+    SIEVE_ASSIGN_OR_RETURN(step.use_regex,
+                           tokenizer_json::OptionalBool(config, "use_regex", true, path));
+    step.regex = PretokenizerRegex::kGpt2;
+  } else if (type == "Split") {
+    step.kind = Step::Kind::kSplit;
+    SIEVE_ASSIGN_OR_RETURN(const Json* pattern,
+                           tokenizer_json::RequiredField(config, "pattern", path));
+    const std::string pattern_path = FieldPath(path, "pattern");
+    SIEVE_ASSIGN_OR_RETURN(std::optional<std::string> regex,
+                           tokenizer_json::OptionalString(*pattern, "Regex", pattern_path));
+    if (!regex.has_value()) {
+      return absl::UnimplementedError(absl::StrCat(
+          "tokenizer: ", pattern_path, ": only {\"Regex\": ...} Split patterns are supported"));
+    }
+    SIEVE_ASSIGN_OR_RETURN(step.regex, RecognizePretokenizerRegex(*regex));
+    SIEVE_ASSIGN_OR_RETURN(std::string behavior,
+                           tokenizer_json::RequiredString(config, "behavior", path));
+    if (behavior != "Isolated") {
+      return absl::UnimplementedError(absl::StrCat("tokenizer: ", FieldPath(path, "behavior"),
+                                                   ": unsupported Split behavior '", behavior,
+                                                   "' (only Isolated)"));
+    }
+    SIEVE_ASSIGN_OR_RETURN(bool invert,
+                           tokenizer_json::OptionalBool(config, "invert", false, path));
+    if (invert) {
+      return absl::UnimplementedError(
+          absl::StrCat("tokenizer: ", FieldPath(path, "invert"), ": invert=true is unsupported"));
+    }
+  } else {
+    return absl::UnimplementedError(absl::StrCat("tokenizer: ", FieldPath(path, "type"),
+                                                 ": unsupported pre-tokenizer type '", type, "'"));
+  }
+  steps->push_back(step);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<PreTokenizer> PreTokenizer::FromJson(const Json& config, std::string_view path) {
+  PreTokenizer pre;
+  if (config.is_null()) return pre;
+  SIEVE_RETURN_IF_ERROR(AppendSteps(config, path, 0, &pre.steps_));
+  for (const Step& step : pre.steps_) {
+    if (step.kind == Step::Kind::kByteLevel) pre.byte_level_ = true;
+  }
+  return pre;
+}
+
+void PreTokenizer::Split(std::string_view text, std::vector<std::string>* pieces) const {
+  pieces->clear();
+  if (text.empty()) return;
+  pieces->emplace_back(text);
+  std::vector<std::string> next;
+  std::vector<std::string_view> views;
+  std::string prefixed;
+  for (const Step& step : steps_) {
+    next.clear();
+    for (const std::string& piece : *pieces) {
+      views.clear();
+      std::string_view source = piece;
+      if (step.kind == Step::Kind::kByteLevel && step.add_prefix_space && piece[0] != ' ') {
+        prefixed = absl::StrCat(" ", piece);
+        source = prefixed;
+      }
+      if (step.kind == Step::Kind::kSplit || step.use_regex) {
+        SplitByRegex(step.regex, source, &views);
+      } else {
+        views.push_back(source);
+      }
+      for (std::string_view v : views) {
+        if (v.empty()) continue;
+        if (step.kind == Step::Kind::kByteLevel) {
+          std::string mapped;
+          mapped.reserve(v.size() * 2);
+          AppendByteLevel(v, &mapped);
+          next.push_back(std::move(mapped));
+        } else {
+          next.emplace_back(v);
+        }
+      }
+    }
+    pieces->swap(next);
+  }
+}
+
+}  // namespace sieve::engine

@@ -1,0 +1,99 @@
+// The pre-tokenizer of a Hugging Face tokenizer.json: it cuts text into the pieces ("words")
+// that the BPE model then tokenizes one by one, and maps bytes to GPT-2's byte-level alphabet.
+//
+// Supported pre_tokenizer configurations:
+//   {"type": "ByteLevel", "add_prefix_space": b, "use_regex": b}    (GPT-2 regex when use_regex)
+//   {"type": "Split", "pattern": {"Regex": R}, "behavior": "Isolated", "invert": false}
+//   {"type": "Sequence", "pretokenizers": [...]}                      of the above
+// There is no general regex engine here: the regex R must be one of the known patterns (GPT-2,
+// Llama-3, Qwen2; see PretokenizerRegex), each implemented by a hand-written scanner over code
+// points that follows the regex's leftmost-alternative, greedy, backtracking semantics exactly.
+// Anything else is an Unimplemented error that quotes the pattern or names the type.
+#ifndef SIEVE_ENGINE_TOKENIZER_PRETOKENIZER_H_
+#define SIEVE_ENGINE_TOKENIZER_PRETOKENIZER_H_
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "nlohmann/json_fwd.hpp"
+
+namespace sieve::engine {
+
+// A pre-tokenizer regex that has a hand-written scanner.
+enum class PretokenizerRegex {
+  // 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+  kGpt2,
+  // (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|
+  // \s*[\r\n]+|\s+(?!\S)|\s+
+  kLlama3,
+  // As kLlama3 with \p{N} (one digit per piece) instead of \p{N}{1,3}.
+  kQwen2,
+};
+
+// The GPT-2 regex as ByteLevel uses it when use_regex is true.
+inline constexpr std::string_view kGpt2Regex =
+    R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
+// The Llama-3 Split regex.
+inline constexpr std::string_view kLlama3Regex =
+    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|)"
+    R"( ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
+// The Qwen2 Split regex.
+inline constexpr std::string_view kQwen2Regex =
+    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|)"
+    R"( ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
+
+// Returns the scanner for regex source `pattern`, or an Unimplemented error quoting it.
+absl::StatusOr<PretokenizerRegex> RecognizePretokenizerRegex(std::string_view pattern);
+
+// Appends to `pieces` the successive matches of `regex` in valid UTF-8 `text`, as a regex
+// engine's find-all would return them. With these patterns the matches cover all of `text`.
+void SplitByRegex(PretokenizerRegex regex, std::string_view text,
+                  std::vector<std::string_view>* pieces);
+
+// Returns the UTF-8 of the character that byte `b` maps to in GPT-2's byte-level alphabet
+// (printable bytes map to themselves, the others to U+0100 upwards).
+std::string_view ByteLevelChar(uint8_t b);
+
+// Returns the byte that code point `cp` stands for in the byte-level alphabet, or -1 if `cp`
+// is not in the alphabet.
+int ByteLevelByte(char32_t cp);
+
+// Appends the byte-level form of `bytes` (each byte as its alphabet character) to `out`.
+void AppendByteLevel(std::string_view bytes, std::string* out);
+
+// A configured pre-tokenizer (immutable, thread-safe).
+class PreTokenizer {
+ public:
+  // Builds the pre-tokenizer from the tokenizer.json "pre_tokenizer" value (null: none).
+  // `path` names the value in error messages.
+  static absl::StatusOr<PreTokenizer> FromJson(const nlohmann::json& config, std::string_view path);
+
+  // Replaces `pieces` with the pre-tokens of `text` (valid UTF-8; byte-level mapped when a
+  // ByteLevel step is configured). Empty pieces are dropped.
+  void Split(std::string_view text, std::vector<std::string>* pieces) const;
+
+  // Returns true if a ByteLevel step maps pieces to the byte-level alphabet.
+  bool byte_level() const { return byte_level_; }
+
+ private:
+  // One step of a Sequence.
+  struct Step {
+    enum class Kind { kSplit, kByteLevel } kind = Kind::kSplit;
+    PretokenizerRegex regex = PretokenizerRegex::kGpt2;  // kSplit, or kByteLevel with use_regex.
+    bool use_regex = false;                              // kByteLevel only.
+    bool add_prefix_space = false;                       // kByteLevel only.
+  };
+
+  static absl::Status AppendSteps(const nlohmann::json& config, std::string_view path, int depth,
+                                  std::vector<Step>* steps);
+
+  std::vector<Step> steps_;
+  bool byte_level_ = false;
+};
+
+}  // namespace sieve::engine
+
+#endif  // SIEVE_ENGINE_TOKENIZER_PRETOKENIZER_H_
