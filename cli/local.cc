@@ -12,8 +12,8 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "engine/engine.h"
-#include "engine/tokenizer.h"
+#include "engine/serving/engine.h"
+#include "engine/tokenizer/tokenizer.h"
 #include "server/config.h"
 
 namespace sieve::cli {

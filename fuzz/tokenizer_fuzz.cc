@@ -15,9 +15,9 @@
 #include <string_view>
 #include <vector>
 
-#include "engine/pretokenizer.h"
-#include "engine/tokenizer.h"
-#include "engine/unicode.h"
+#include "engine/tokenizer/pretokenizer.h"
+#include "engine/tokenizer/tokenizer.h"
+#include "engine/tokenizer/unicode.h"
 #include "nlohmann/json.hpp"
 
 namespace {
