@@ -153,6 +153,11 @@ const std::vector<KeySpec>& Keys() {
                        "inter-token latency while long prompts prefill) or normal (both pools "
                        "alike). Only the cuda backend has stream priorities."),
 
+      SIEVE_ENGINE_KEY(pools.step_timeout_s, NumberRange(0, 86400),
+                       "Watchdog: a worker step not finished after this many seconds means a "
+                       "hung device or worker; health turns NOT_SERVING and the daemon drains "
+                       "and exits for its supervisor to restart it. 0 turns it off."),
+
       SIEVE_ENGINE_KEY(attention.prefill.method, OneOf(engine::kPrefillAttentionMethods),
                        "Prefill attention method (only dense so far; the sparse methods add "
                        "their names and settings under attention.prefill)."),

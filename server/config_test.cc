@@ -50,6 +50,7 @@ const std::vector<std::string> kExpectedKeys = {
     "scheduler.max_queued_tokens",    "scheduler.prefill_chunk_tokens",
     "scheduler.enable_prefix_caching", "pools.prefill_workers",
     "pools.decode_workers",           "pools.decode_priority",
+    "pools.step_timeout_s",
     "attention.prefill.method",       "attention.decode.method",
     "attention.kernel",               "limits.default_max_tokens",      "limits.max_stop_strings",
     "logging.level",

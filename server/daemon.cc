@@ -149,7 +149,11 @@ void Daemon::EngineEvents::OnDeviceLost(const absl::Status& status) {
 void Daemon::Drain(absl::Notification* cut_short) {
   if (stopped_) return;
   stopped_ = true;
-  const absl::Duration grace = absl::Seconds(config_.server.drain_grace_period_s);
+  // After a lost device every request not in a step has failed already, and those in a step end
+  // when it returns: a short grace is enough, and a hung step must not hold the restart.
+  const bool lost = events_.device_lost();
+  absl::Duration grace = absl::Seconds(config_.server.drain_grace_period_s);
+  if (lost) grace = std::min(grace, absl::Seconds(5));
   Log(LogLevel::kInfo, absl::StrCat("draining: health NOT_SERVING, new calls UNAVAILABLE, ",
                                     service_ ? service_->active_streams() : 0,
                                     " streams in flight, grace period ",
@@ -169,8 +173,11 @@ void Daemon::Drain(absl::Notification* cut_short) {
       Log(LogLevel::kWarning, absl::StrCat("drain: cancelling ", service_->active_streams(),
                                            " streams still running"));
       service_->CancelAll();
-      engine_->WaitIdle(absl::Seconds(5));
+      idle = engine_->WaitIdle(absl::Seconds(5));
     }
+    // A step that never returns (a hung device) keeps its requests and the engine's threads
+    // alive: stopping them would wait forever.
+    abandoned_ = lost && !idle;
   }
   // Let the last messages and statuses go out before the server stops.
   if (service_ && !service_->WaitForNoActiveStreams(absl::Seconds(5))) {
@@ -182,6 +189,14 @@ void Daemon::Drain(absl::Notification* cut_short) {
   if (server_) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
   Log(LogLevel::kInfo, "drain: gRPC server stopped");
   server_.reset();
+  if (abandoned_) {
+    Log(LogLevel::kError, "drain: a worker step never finished (the device hangs); leaving the "
+                          "engine's threads behind for the process to exit");
+    (void)engine_.release();
+    (void)service_.release();
+    (void)metrics_.release();
+    return;
+  }
   engine_.reset();
   service_.reset();
   metrics_.reset();

@@ -69,6 +69,11 @@ class Daemon {
   // exits with status 3) so that its supervisor restarts it. Thread-safe.
   bool device_lost() const { return events_.device_lost(); }
 
+  // True after a Drain that had to leave a hung engine running (a worker step never returned
+  // after the device was lost): the engine, service and metrics are leaked on purpose and the
+  // process must end with std::_Exit, without destroying this Daemon.
+  bool abandoned() const { return abandoned_; }
+
   // Waits up to `timeout` for device_lost(); returns it.
   bool WaitForDeviceLost(absl::Duration timeout) const {
     return events_.WaitForDeviceLost(timeout);
@@ -112,6 +117,7 @@ class Daemon {
   std::unique_ptr<grpc::Server> server_;
   std::string grpc_address_;
   bool stopped_ = false;
+  bool abandoned_ = false;  // see abandoned()
 };
 
 }  // namespace sieve::server

@@ -12,6 +12,7 @@
 
 #include <atomic>
 #include <cstdio>
+#include <cstdlib>
 #include <ctime>
 #include <iostream>
 #include <string>
@@ -66,6 +67,8 @@ constexpr std::string_view kTestLoadDelayFlag = "--testing-load-delay-s";
 // the device at its N-th operator, so that tests can watch health, the failed requests and the
 // exit status. Not a configuration key; ignores model.backend.
 constexpr std::string_view kTestDeviceLostFlag = "--testing-device-lost-after-ops";
+// Testing only: as above, but the N-th operator hangs forever (the step watchdog's case).
+constexpr std::string_view kTestHangFlag = "--testing-hang-after-ops";
 
 struct CommandLine {
   std::string config_path;
@@ -73,6 +76,7 @@ struct CommandLine {
   bool print_config = false;
   double test_load_delay_s = 0;
   int64_t test_device_lost_after_ops = 0;  // 0: off
+  int64_t test_hang_after_ops = 0;         // 0: off
 };
 
 // Parses argv; returns an exit code to leave with (help printed, or a usage error), or -1.
@@ -131,10 +135,10 @@ int ParseCommandLine(int argc, char** argv, CommandLine& out) {
         std::cerr << "sieved: " << name << ": not a duration in seconds: " << value << "\n";
         return 2;
       }
-    } else if (name == kTestDeviceLostFlag) {
+    } else if (name == kTestDeviceLostFlag || name == kTestHangFlag) {
       if (!take()) return 2;
-      if (!absl::SimpleAtoi(value, &out.test_device_lost_after_ops) ||
-          out.test_device_lost_after_ops < 1) {
+      int64_t& n = name == kTestHangFlag ? out.test_hang_after_ops : out.test_device_lost_after_ops;
+      if (!absl::SimpleAtoi(value, &n) || n < 1) {
         std::cerr << "sieved: " << name << ": not a positive count: " << value << "\n";
         return 2;
       }
@@ -205,10 +209,14 @@ int Run(int argc, char** argv) {
     SetLogLevel(*level);
   }
 
-  if (cmd.test_device_lost_after_ops > 0) {
+  if (cmd.test_device_lost_after_ops > 0 || cmd.test_hang_after_ops > 0) {
     std::shared_ptr<engine::testing::AsyncBackendControl> control =
         engine::testing::RegisterAsyncBackend("testing-async", {});
-    control->InjectFault(cmd.test_device_lost_after_ops, engine::testing::FaultKind::kFatal);
+    if (cmd.test_hang_after_ops > 0) {
+      control->InjectFault(cmd.test_hang_after_ops, engine::testing::FaultKind::kHang);
+    } else {
+      control->InjectFault(cmd.test_device_lost_after_ops, engine::testing::FaultKind::kFatal);
+    }
     config->engine.model.backend = "testing-async";
   }
 
@@ -235,6 +243,7 @@ int Run(int argc, char** argv) {
     if ((*daemon)->device_lost()) break;
   }
   (*daemon)->Drain(&signals.cut_short);
+  if ((*daemon)->abandoned()) std::_Exit(3);  // threads of a hung engine are still running
   return (*daemon)->device_lost() ? 3 : 0;
 }
 

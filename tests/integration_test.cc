@@ -591,6 +591,31 @@ TEST(LifecycleTest, LostDeviceTurnsHealthNotServingAndExitsNonZero) {
   EXPECT_THAT(d->logs(), HasSubstr("drain: gRPC server stopped"));
 }
 
+// A worker step that never finishes (an operator of the asynchronous test backend hangs at its
+// 400th call): after pools.step_timeout_s the watchdog turns health NOT_SERVING, the stream
+// ends with an error, and the daemon drains what it can, leaves the hung engine behind and
+// exits 3.
+TEST(LifecycleTest, HungStepTripsTheWatchdogAndExitsNonZero) {
+  auto d = Sieved::Spawn({"--testing-hang-after-ops", "400", "--set", "pools.step_timeout_s=1"});
+  ASSERT_TRUE(d->WaitListening()) << d->logs();
+  auto watch_owner = std::make_unique<HealthWatch>(d->channel());
+  HealthWatch& watch = *watch_owner;
+  ASSERT_TRUE(PollUntil([&] {
+    return !watch.seen().empty() && watch.seen().back() == HealthCheckResponse::SERVING;
+  })) << d->logs();
+  auto stub = d->stub();
+  StreamResult r = Generate(*stub, GreedyText("This stream's step hangs on the device", 300));
+  EXPECT_FALSE(r.status.ok());
+  EXPECT_LT(r.ids.size(), 300u);
+  EXPECT_TRUE(PollUntil([&] {
+    return watch.seen().back() == HealthCheckResponse::NOT_SERVING;
+  })) << d->logs();
+  watch_owner.reset();
+  EXPECT_EQ(d->WaitExit(absl::Seconds(40)), 3) << d->logs();
+  EXPECT_THAT(d->logs(), HasSubstr("stalled"));
+  EXPECT_THAT(d->logs(), HasSubstr("never finished"));
+}
+
 TEST(LifecycleTest, GracePeriodEndCancelsWhatStillRuns) {
   auto d = Sieved::StartServing({"--set", "server.drain_grace_period_s=0.3"});
   auto stub = d->stub();

@@ -16,6 +16,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -111,6 +112,9 @@ class Engine::Impl {
   // After a job failed with a lost device: records it, tells the observer once and ends every
   // live request with `status`.
   void HandleDeviceLost(const absl::Status& status);
+  // The step watchdog: when a job in flight was dispatched more than step_timeout ago, treats
+  // the device as lost (HandleDeviceLost). Returns when to check again, if a job is in flight.
+  std::optional<EngineClock::time_point> CheckStalledSteps(EngineClock::time_point now);
 
   // Guarded by mu_.
   mutable std::mutex mu_;
@@ -134,6 +138,9 @@ class Engine::Impl {
   bool stopping_ = false;                                 // stop_ as last seen
   bool failed_ = false;                                   // device_lost_ is set
   std::optional<EngineClock::time_point> next_deadline_;  // earliest deadline of a live request
+  std::optional<EngineClock::time_point> next_watchdog_;  // when the oldest job in flight stalls
+  // Dispatch time of every job in flight (several jobs may share one).
+  std::multiset<EngineClock::time_point> in_flight_since_;
   int32_t busy_[2] = {0, 0};                              // jobs out per pool (index: Pool)
   std::vector<std::unique_ptr<WorkerJob>> spare_jobs_;    // reused job buffers
   std::vector<std::unique_ptr<ActiveRequest>> taken_;     // incoming_ moved out

@@ -19,7 +19,11 @@ int PoolIndex(Pool p) { return p == Pool::kPrefill ? 0 : 1; }
 void Engine::Impl::Loop() {
   bool progressed = true;  // publish the initial load once
   while (true) {
-    TakeEvents(progressed, next_deadline_);
+    std::optional<EngineClock::time_point> wake_at = next_deadline_;
+    if (next_watchdog_.has_value() && (!wake_at.has_value() || *next_watchdog_ < *wake_at)) {
+      wake_at = next_watchdog_;
+    }
+    TakeEvents(progressed, wake_at);
     progressed = Step();
     if (progressed || delivered_ > 0) Publish();
     if (stopping_ && busy_[0] + busy_[1] == 0) break;
@@ -71,6 +75,8 @@ bool Engine::Impl::Step() {
       progressed = true;
     }
   }
+  // The watchdog, after dispatching so that the new jobs count.
+  next_watchdog_ = CheckStalledSteps(EngineClock::now());
   return progressed;
 }
 
@@ -135,6 +141,8 @@ void Engine::Impl::Dispatch(StepPlan& plan) {
     }
     const int pool = PoolIndex(job->batch.pool);
     ++busy_[pool];
+    job->dispatched = now;
+    in_flight_since_.insert(now);
     pools_[pool]->Run(std::move(job));
   }
 }
@@ -142,6 +150,9 @@ void Engine::Impl::Dispatch(StepPlan& plan) {
 void Engine::Impl::HandleDone(std::unique_ptr<WorkerJob> job) {
   const Pool pool = job->batch.pool;
   --busy_[PoolIndex(pool)];
+  if (auto it = in_flight_since_.find(job->dispatched); it != in_flight_since_.end()) {
+    in_flight_since_.erase(it);
+  }
   if (observer_ != nullptr) observer_->OnStep(pool, job->seconds, job->batch.num_tokens);
   size_t rows = 0;
   for (const WorkItem& item : job->batch.items) rows += item.want_logits ? 1 : 0;
@@ -185,6 +196,20 @@ void Engine::Impl::HandleDeviceLost(const absl::Status& status) {
   std::vector<ActiveRequest*> live;
   for (auto& [id, r] : active_) live.push_back(r.get());
   for (ActiveRequest* r : live) Finish(*r, FinishReason::kError, status);
+}
+
+std::optional<EngineClock::time_point> Engine::Impl::CheckStalledSteps(
+    EngineClock::time_point now) {
+  const double timeout_s = config_.pools.step_timeout_s;
+  if (timeout_s <= 0 || failed_ || in_flight_since_.empty()) return std::nullopt;
+  const auto timeout = std::chrono::duration_cast<EngineClock::duration>(
+      std::chrono::duration<double>(timeout_s));
+  const EngineClock::time_point stalls_at = *in_flight_since_.begin() + timeout;
+  if (now < stalls_at) return stalls_at;
+  HandleDeviceLost(DeviceLostError(absl::StrCat(
+      "the engine stalled: a worker step has not finished for ", timeout_s,
+      " s (pools.step_timeout_s); the device or a worker hangs")));
+  return std::nullopt;
 }
 
 void Engine::Impl::HandleToken(ActiveRequest& r, absl::StatusOr<SampledToken>& sampled) {

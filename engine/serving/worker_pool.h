@@ -9,6 +9,7 @@
 #ifndef SIEVE_ENGINE_SERVING_WORKER_POOL_H_
 #define SIEVE_ENGINE_SERVING_WORKER_POOL_H_
 
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -35,6 +36,8 @@ struct WorkerJob {
   std::vector<absl::StatusOr<SampledToken>> sampled;
   absl::Status status;              // out: the step's result
   double seconds = 0;               // out: wall time of the step (monotonic clock)
+  // When the scheduler thread handed the job over (for the step watchdog).
+  std::chrono::steady_clock::time_point dispatched;
 };
 
 // Runs one step: SequenceSteps in, one sampled token (or row error) per want_logits step appended

@@ -20,6 +20,14 @@ void AsyncBackendControl::InjectFault(int64_t n, FaultKind kind) {
   fault_kind_ = kind;
 }
 
+void AsyncBackendControl::ReleaseHangs() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    hangs_released_ = true;
+  }
+  hang_cv_.notify_all();
+}
+
 std::string AsyncBackendControl::first_violation() const {
   std::lock_guard<std::mutex> lock(const_cast<std::mutex&>(mu_));
   return first_violation_;
@@ -133,6 +141,12 @@ class AsyncBackend::Stream final : public BackendStream {
           if (kind == FaultKind::kFatal) {
             control.device_lost_ = true;
             status = backend_.LostStatus();
+          } else if (kind == FaultKind::kHang) {
+            ++control.hanging_;
+            std::unique_lock<std::mutex> lock(control.mu_);
+            control.hang_cv_.wait(lock, [&control] { return control.hangs_released_; });
+            --control.hanging_;
+            status = absl::InternalError("async backend: released from an injected hang");
           } else {
             status = absl::InternalError("async backend: injected recoverable fault");
           }

@@ -23,6 +23,7 @@
 #define SIEVE_ENGINE_TESTING_ASYNC_BACKEND_H_
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -37,6 +38,7 @@ namespace sieve::engine::testing {
 enum class FaultKind {
   kRecoverable,  // the operator fails with Internal; the stream and the device stay usable
   kFatal,        // the device is lost: DeviceLostError now and from every later call
+  kHang,         // the operator never finishes (until ReleaseHangs; then it fails, recoverably)
 };
 
 struct AsyncBackendOptions {
@@ -67,6 +69,12 @@ class AsyncBackendControl {
   // shows that callers really did get ahead of the executor.
   int64_t ops_waited_for() const { return ops_waited_for_.load(); }
 
+  // Lets every operator stuck in a kHang fault return (with an Internal error), now and later.
+  void ReleaseHangs();
+
+  // True while an operator is stuck in a kHang fault.
+  bool hanging() const { return hanging_.load() > 0; }
+
   // True once a fatal fault fired.
   bool device_lost() const { return device_lost_.load(); }
 
@@ -88,6 +96,9 @@ class AsyncBackendControl {
   std::atomic<int64_t> ops_waited_for_{0};
   std::atomic<bool> device_lost_{false};
   std::atomic<int64_t> violations_{0};
+  std::atomic<int> hanging_{0};
+  std::condition_variable hang_cv_;  // with mu_
+  bool hangs_released_ = false;      // guarded by mu_
   std::string first_violation_;  // guarded by mu_
 };
 

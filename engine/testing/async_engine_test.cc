@@ -383,6 +383,46 @@ TEST_P(AsyncEngineTest, FatalFaultEndsEveryRequestAndStopsServing) {
   ExpectBaseline(*e);
 }
 
+// A step that never finishes (a hung device): after pools.step_timeout_s (2 s) the watchdog fails the
+// engine as for a lost device (health, OnDeviceLost once, requests outside the hung step end, new
+// ones are refused); once the step is let go, its requests end too and nothing is left behind.
+TEST_P(AsyncEngineTest, WatchdogFailsTheEngineWhenAStepHangs) {
+  TestObserver obs;
+  EngineConfig c = BaseConfig("", 16, 512);
+  c.pools.step_timeout_s = 2.0;  // a normal step here takes milliseconds
+  auto e = Make(c, &obs);
+  ASSERT_NE(e, nullptr);
+  control_->InjectFault(60, FaultKind::kHang);
+  std::vector<std::shared_ptr<RecordingSink>> sinks;
+  for (const Case& k : *cases_) {
+    sinks.push_back(std::make_shared<RecordingSink>());
+    ASSERT_TRUE(e->Submit(Greedy(k, sinks.back())).ok());
+  }
+  const absl::Time give_up = absl::Now() + absl::Seconds(30);
+  while (obs.device_lost == 0 && absl::Now() < give_up) absl::SleepFor(absl::Milliseconds(10));
+  ASSERT_EQ(obs.device_lost, 1);
+  EXPECT_TRUE(control_->hanging());
+  const absl::Status health = e->health();
+  EXPECT_TRUE(IsDeviceLost(health)) << health;
+  EXPECT_NE(health.message().find("stalled"), std::string::npos) << health;
+  auto late = e->Submit(Greedy((*cases_)[0], std::make_shared<RecordingSink>()));
+  EXPECT_EQ(late.status().code(), absl::StatusCode::kUnavailable);
+  control_->ReleaseHangs();
+  // Requests that finished before the stall did so normally; every other one failed.
+  int failed = 0;
+  for (size_t i = 0; i < sinks.size(); ++i) {
+    ASSERT_TRUE(sinks[i]->WaitFinished(kWait));
+    EXPECT_EQ(sinks[i]->finishes(), 1);
+    if (sinks[i]->outcome().finish == FinishReason::kError) {
+      ++failed;
+    } else {
+      ExpectReference(*sinks[i], (*cases_)[i], "finished before the stall");
+    }
+  }
+  EXPECT_GT(failed, 0);
+  ExpectBaseline(*e);
+}
+
 INSTANTIATE_TEST_SUITE_P(PrefillWorkers, AsyncEngineTest, ::testing::Values(2, 4),
                          [](const ::testing::TestParamInfo<int>& info) {
                            return std::to_string(info.param) + "Workers";
