@@ -22,6 +22,9 @@ namespace cpu_attention {
 constexpr int kKeyTile = 64;
 // Query rows (query x head) per dense work item: rows share every K/V tile they load.
 constexpr int kRowsPerItem = 64;
+// From this many rows on, a tile's keys are transposed once so that scores need no horizontal
+// sums (decode's few rows use per-key dot products instead).
+constexpr int kTransposeRows = 8;
 
 // One unit of work: the queries [q_begin, q_end) of sequence `seq` (indices within the
 // sequence) with all heads of KV head `kv_head` (dense), or with query head `head` over sparse
@@ -99,7 +102,9 @@ struct Scratch {
   std::vector<int> last;         // [rows] last key position each row may read
   std::vector<float> o;          // [rows, head_dim] unnormalised outputs
   std::vector<float> m, l;       // [rows] running max score and sum of exponentials
-  std::vector<float> s;          // [kKeyTile + lanes] scores, then probabilities, of one row
+  std::vector<float> s;          // [rows, kKeyTile + lanes] scores, then probabilities
+  std::vector<float> kt;         // [head_dim, kKeyTile] the tile's keys transposed
+  std::vector<int> active;       // rows that read at least one key of the tile
   std::vector<int> keys;         // the item's key positions
   std::vector<const float*> k, v;  // [kKeyTile] the tile's K and V rows
 };
@@ -193,15 +198,69 @@ void AccumulatePV(const float* p, const float* const* v, int n, int d, float* o)
   }
 }
 
-// One query row against one key tile: scores, the online-softmax update of (m, l, o), and the
-// PV accumulation. s has room for n rounded up to whole vectors.
-void RowTile(const float* q, int last, const int* pos, const float* const* k,
-             const float* const* v, int n, int tile_max, int d, float scale, float& m, float& l,
-             float* o, float* s) {
+// Scores of two query rows against a transposed tile: s0[j] = scale * dot(q0, k_j) for j <
+// n_pad (a multiple of 2 lanes; kt holds zeros past the tile's keys). q1/s1 may repeat q0/s0.
+void ScoresT(const float* q0, const float* q1, const float* kt, int n_pad, int d, float scale,
+             float* s0, float* s1) {
+  const DF df;
+  const int L = static_cast<int>(hn::Lanes(df));
+  const auto vs = hn::Set(df, scale);
+  for (int jc = 0; jc < n_pad; jc += 2 * L) {
+    auto a00 = hn::Zero(df), a01 = hn::Zero(df), a10 = hn::Zero(df), a11 = hn::Zero(df);
+    for (int i = 0; i < d; ++i) {
+      const float* ki = kt + static_cast<size_t>(i) * kKeyTile + jc;
+      const auto k0 = hn::LoadU(df, ki), k1 = hn::LoadU(df, ki + L);
+      const auto b0 = hn::Set(df, q0[i]), b1 = hn::Set(df, q1[i]);
+      a00 = hn::MulAdd(b0, k0, a00);
+      a01 = hn::MulAdd(b0, k1, a01);
+      a10 = hn::MulAdd(b1, k0, a10);
+      a11 = hn::MulAdd(b1, k1, a11);
+    }
+    hn::StoreU(hn::Mul(a00, vs), df, s0 + jc);
+    hn::StoreU(hn::Mul(a01, vs), df, s0 + jc + L);
+    hn::StoreU(hn::Mul(a10, vs), df, s1 + jc);
+    hn::StoreU(hn::Mul(a11, vs), df, s1 + jc + L);
+  }
+}
+
+// Two rows' o += sum_j p[j] * v[j] (AccumulatePV for a pair: each V vector loaded once).
+void AccumulatePV2(const float* p0, const float* p1, const float* const* v, int n, int d,
+                   float* o0, float* o1) {
+  const DF df;
+  const int L = static_cast<int>(hn::Lanes(df));
+  int i = 0;
+  for (; i + 2 * L <= d; i += 2 * L) {
+    auto a0 = hn::LoadU(df, o0 + i), a1 = hn::LoadU(df, o0 + i + L);
+    auto b0 = hn::LoadU(df, o1 + i), b1 = hn::LoadU(df, o1 + i + L);
+    for (int j = 0; j < n; ++j) {
+      const auto x = hn::Set(df, p0[j]), y = hn::Set(df, p1[j]);
+      const auto v0 = hn::LoadU(df, v[j] + i), v1 = hn::LoadU(df, v[j] + i + L);
+      a0 = hn::MulAdd(x, v0, a0);
+      a1 = hn::MulAdd(x, v1, a1);
+      b0 = hn::MulAdd(y, v0, b0);
+      b1 = hn::MulAdd(y, v1, b1);
+    }
+    hn::StoreU(a0, df, o0 + i);
+    hn::StoreU(a1, df, o0 + i + L);
+    hn::StoreU(b0, df, o1 + i);
+    hn::StoreU(b1, df, o1 + i + L);
+  }
+  if (i < d) {  // the rest of the head dimension, one row at a time
+    std::vector<const float*> tail(v, v + n);
+    for (const float*& t : tail) t += i;
+    AccumulatePV(p0, tail.data(), n, d - i, o0 + i);
+    AccumulatePV(p1, tail.data(), n, d - i, o1 + i);
+  }
+}
+
+// The online-softmax update of one row for one tile whose scores are in s[0, n): causal mask,
+// new running max m and sum l, o rescaled; s becomes the probabilities (zeros past n, up to a
+// whole vector). Returns false (and changes nothing) when the row reads no key of the tile.
+bool SoftmaxUpdate(int last, const int* pos, int n, int tile_max, int d, float& m, float& l,
+                   float* o, float* s) {
   const DF df;
   const int L = static_cast<int>(hn::Lanes(df));
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  Scores(q, k, n, d, scale, s);
   if (last < tile_max) {  // causal mask inside the tile
     for (int j = 0; j < n; ++j) {
       if (pos[j] > last) s[j] = kNegInf;
@@ -212,7 +271,7 @@ void RowTile(const float* q, int last, const int* pos, const float* const* k,
   auto vmax = hn::Set(df, kNegInf);
   for (int j = 0; j < padded; j += L) vmax = hn::Max(vmax, hn::LoadU(df, s + j));
   const float tile_max_score = hn::GetLane(hn::MaxOfLanes(df, vmax));
-  if (tile_max_score == kNegInf) return;  // nothing readable in this tile
+  if (tile_max_score == kNegInf) return false;  // nothing readable in this tile
   const float m_new = std::max(m, tile_max_score);
   const float correction = m == kNegInf ? 0.0f : std::exp(m - m_new);
   const auto vm = hn::Set(df, m_new);
@@ -228,7 +287,33 @@ void RowTile(const float* q, int last, const int* pos, const float* const* k,
   if (correction != 1.0f) {
     for (int i = 0; i < d; ++i) o[i] *= correction;
   }
-  AccumulatePV(s, v, n, d, o);
+  return true;
+}
+
+// The tile's scores for the rows in sc.active, into sc.s (row stride `ss`).
+void TileScores(const PagedAttentionParams<float>& p, int n, Scratch& sc, size_t ss) {
+  const DF df;
+  const int L = static_cast<int>(hn::Lanes(df));
+  const int d = p.head_dim;
+  const int rows = static_cast<int>(sc.active.size());
+  if (rows < kTransposeRows) {
+    for (int r : sc.active) Scores(sc.q[r], sc.k.data(), n, d, p.scale, sc.s.data() + r * ss);
+    return;
+  }
+  const int n_pad = (n + 2 * L - 1) / (2 * L) * (2 * L);
+  for (int j = 0; j < n; ++j) {
+    const float* kj = sc.k[j];
+    for (int i = 0; i < d; ++i) sc.kt[static_cast<size_t>(i) * kKeyTile + j] = kj[i];
+  }
+  for (int i = 0; i < d; ++i) {
+    std::fill(sc.kt.begin() + static_cast<size_t>(i) * kKeyTile + n,
+              sc.kt.begin() + static_cast<size_t>(i) * kKeyTile + n_pad, 0.0f);
+  }
+  for (int a = 0; a < rows; a += 2) {
+    const int r0 = sc.active[a], r1 = sc.active[std::min(a + 1, rows - 1)];
+    ScoresT(sc.q[r0], sc.q[r1], sc.kt.data(), n_pad, d, p.scale, sc.s.data() + r0 * ss,
+            sc.s.data() + r1 * ss);
+  }
 }
 
 // Attention of the scratch's rows (sc.q, sc.out, sc.last) over the key positions sc.keys of
@@ -237,10 +322,12 @@ void AttendRows(const PagedAttentionParams<float>& p, int seq, int kv_head, Scra
   const int d = p.head_dim;
   const int rows = static_cast<int>(sc.q.size());
   const int32_t* pages = p.page_table + static_cast<int64_t>(seq) * p.page_table_stride;
+  const size_t ss = kKeyTile + 2 * hn::Lanes(DF());  // row stride of sc.s
   sc.o.assign(static_cast<size_t>(rows) * d, 0.0f);
   sc.m.assign(rows, -std::numeric_limits<float>::infinity());
   sc.l.assign(rows, 0.0f);
-  sc.s.resize(kKeyTile + hn::Lanes(DF()));
+  sc.s.resize(ss * rows);
+  sc.kt.resize(static_cast<size_t>(d) * kKeyTile);
   sc.k.resize(kKeyTile);
   sc.v.resize(kKeyTile);
   const int n_keys = static_cast<int>(sc.keys.size());
@@ -257,10 +344,28 @@ void AttendRows(const PagedAttentionParams<float>& p, int seq, int kv_head, Scra
       sc.k[j] = p.k_cache + off;
       sc.v[j] = p.v_cache + off;
     }
+    sc.active.clear();
     for (int r = 0; r < rows; ++r) {
-      if (sc.last[r] < tile_min) continue;  // every key of the tile is in this row's future
-      RowTile(sc.q[r], sc.last[r], pos, sc.k.data(), sc.v.data(), n, tile_max, d, p.scale,
-              sc.m[r], sc.l[r], sc.o.data() + static_cast<size_t>(r) * d, sc.s.data());
+      if (sc.last[r] >= tile_min) sc.active.push_back(r);  // else the tile is in its future
+    }
+    TileScores(p, n, sc, ss);
+    int kept = 0;
+    for (int r : sc.active) {
+      if (SoftmaxUpdate(sc.last[r], pos, n, tile_max, d, sc.m[r], sc.l[r],
+                        sc.o.data() + static_cast<size_t>(r) * d, sc.s.data() + r * ss)) {
+        sc.active[kept++] = r;
+      }
+    }
+    for (int a = 0; a < kept; a += 2) {
+      const int r0 = sc.active[a];
+      float* o0 = sc.o.data() + static_cast<size_t>(r0) * d;
+      if (a + 1 == kept) {
+        AccumulatePV(sc.s.data() + r0 * ss, sc.v.data(), n, d, o0);
+        break;
+      }
+      const int r1 = sc.active[a + 1];
+      AccumulatePV2(sc.s.data() + r0 * ss, sc.s.data() + r1 * ss, sc.v.data(), n, d, o0,
+                    sc.o.data() + static_cast<size_t>(r1) * d);
     }
   }
   for (int r = 0; r < rows; ++r) {
