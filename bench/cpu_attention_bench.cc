@@ -118,6 +118,7 @@ int main(int argc, char** argv) {
   int n = static_cast<int>(args.size());
   benchmark::Initialize(&n, args.data());
   benchmark::AddCustomContext("threads", std::to_string(g_threads));
+  benchmark::AddCustomContext("highway_target", PagedAttentionCpuTarget());
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
   return 0;

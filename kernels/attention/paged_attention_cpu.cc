@@ -443,5 +443,11 @@ void PagedAttentionCpu(const PagedAttentionParams<float>& p, int num_threads) {
   HWY_DYNAMIC_DISPATCH(cpu_attention::PagedAttentionCpuImpl)(p, num_threads);
 }
 
+const char* PagedAttentionCpuTarget() {
+  // The best (lowest-bit) target both compiled in and supported by the host.
+  const int64_t targets = hwy::SupportedTargets() & HWY_TARGETS;
+  return hwy::TargetName(targets & -targets);
+}
+
 }  // namespace sieve::kernels
 #endif  // HWY_ONCE

@@ -22,6 +22,10 @@ namespace sieve::kernels {
 // Allocates per-thread scratch; reads only the listed pages; thread-safe for disjoint `out`.
 void PagedAttentionCpu(const PagedAttentionParams<float>& p, int num_threads = 0);
 
+// The instruction set PagedAttentionCpu runs with on this host (Highway's name: "AVX3", "AVX2",
+// ...), for benchmark and log lines.
+const char* PagedAttentionCpuTarget();
+
 }  // namespace sieve::kernels
 
 #endif  // SIEVE_KERNELS_ATTENTION_PAGED_ATTENTION_CPU_H_
