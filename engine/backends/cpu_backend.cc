@@ -7,6 +7,8 @@
 #include "absl/strings/str_cat.h"
 #include "engine/status_macros.h"
 #include "kernels/attention/paged_attention.h"
+#include "kernels/attention/paged_attention_cpu.h"
+#include "kernels/cpu/blas_linear.h"
 #include "kernels/cpu/ops.h"
 
 namespace sieve::engine {
@@ -148,8 +150,8 @@ absl::Status CpuBackend::Linear(BackendStream& stream, const Tensor& x, const Te
                                             " columns, weight expects ", weight.cols));
   }
   SIEVE_RETURN_IF_ERROR(CheckShape(out, x.rows, weight.rows, "linear output"));
-  kernels::LinearRef(F(x), F(weight), bias.empty() ? nullptr : F(bias), x.rows, x.cols,
-                     weight.rows, F(out), num_threads_);
+  kernels::LinearBlas(F(x), F(weight), bias.empty() ? nullptr : F(bias), x.rows, x.cols,
+                      weight.rows, F(out), num_threads_);
   return absl::OkStatus();
 }
 
@@ -208,7 +210,7 @@ absl::Status CpuBackend::Attention(BackendStream& stream, int32_t layer, const T
   p.page_size = page_size_;
   p.scale = scale;
   p.sparse = plan.dense ? nullptr : &index;
-  kernels::PagedAttentionRef(p, num_threads_);
+  kernels::PagedAttentionCpu(p, num_threads_);
   return absl::OkStatus();
 }
 
@@ -244,8 +246,8 @@ absl::Status CpuBackend::Logits(BackendStream& stream, const Tensor& x, const Te
   if (static_cast<int64_t>(host_out.size()) != x.rows * lm_head.rows) {
     return absl::InternalError("cpu backend: logits buffer size mismatch");
   }
-  kernels::LinearRef(F(x), F(lm_head), nullptr, x.rows, x.cols, lm_head.rows, host_out.data(),
-                     num_threads_);
+  kernels::LinearBlas(F(x), F(lm_head), nullptr, x.rows, x.cols, lm_head.rows, host_out.data(),
+                      num_threads_);
   return absl::OkStatus();
 }
 

@@ -1,4 +1,6 @@
-// The fp32 reference backend: plain host memory and the operators of kernels/cpu. Always built;
+// The fp32 CPU backend: plain host memory, OpenBLAS GEMMs for linear layers and logits
+// (kernels/cpu/blas_linear.h), the Highway flash-style attention kernel
+// (kernels/attention/paged_attention_cpu.h) and the plain operators of kernels/cpu. Always built;
 // it serves the embedded default model and is what every other backend is checked against.
 #ifndef SIEVE_ENGINE_BACKENDS_CPU_BACKEND_H_
 #define SIEVE_ENGINE_BACKENDS_CPU_BACKEND_H_
@@ -13,7 +15,9 @@ namespace sieve::engine {
 
 class CpuBackend final : public Backend {
  public:
-  // `num_threads` host threads for the heavy operators (0 = all hardware threads).
+  // `num_threads` host threads for the heavy operators (0 = all hardware threads). Linear layers
+  // set OpenBLAS's (process-wide) thread count to `num_threads` when it is > 0; with 0 OpenBLAS
+  // keeps its own default (OPENBLAS_NUM_THREADS, else all cores).
   explicit CpuBackend(int num_threads = 0);
 
   std::string_view name() const override { return "cpu"; }
@@ -38,7 +42,8 @@ class CpuBackend final : public Backend {
                       Tensor out) override;
   absl::Status RopeAndCacheKv(BackendStream& stream, int32_t layer, const Tensor& qkv, const AttentionShape& shape,
                               const RopeTables& rope, Tensor q_out) override;
-  // Dense and sparse plans alike, with the fp64 reference (kernels::PagedAttentionRef).
+  // Dense and sparse plans alike, with kernels::PagedAttentionCpu (fp32, online softmax); the
+  // fp64 kernels::PagedAttentionRef stays the reference it is tested against.
   absl::Status Attention(BackendStream& stream, int32_t layer, const Tensor& q,
                          const AttentionShape& shape, float scale, const AttentionPlan& plan,
                          Tensor out) override;

@@ -1,0 +1,453 @@
+// The fast CPU attention kernel (paged_attention_cpu.h). Highway's dynamic dispatch: this file
+// includes itself once per x86 target (hwy/foreach_target.h) and PagedAttentionCpu calls the
+// best one the host supports. Code outside HWY_NAMESPACE is compiled once (guarded below).
+#ifndef SIEVE_KERNELS_ATTENTION_PAGED_ATTENTION_CPU_ONCE_
+#define SIEVE_KERNELS_ATTENTION_PAGED_ATTENTION_CPU_ONCE_
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "kernels/attention/paged_attention_cpu.h"
+#include "kernels/cpu/parallel_for.h"
+
+namespace sieve::kernels {
+namespace cpu_attention {
+
+// Key positions per tile: a tile's K and V rows (64 x head_dim fp32 each) stay in L1/L2 while
+// every query row of the work item reads them.
+constexpr int kKeyTile = 64;
+// Query rows (query x head) per dense work item: rows share every K/V tile they load.
+constexpr int kRowsPerItem = 64;
+// From this many rows on, a tile's keys are transposed once so that scores need no horizontal
+// sums (decode's few rows use per-key dot products instead).
+constexpr int kTransposeRows = 8;
+
+// One unit of work: the queries [q_begin, q_end) of sequence `seq` (indices within the
+// sequence) with all heads of KV head `kv_head` (dense), or with query head `head` over sparse
+// row `sparse_row`.
+struct WorkItem {
+  int32_t seq = 0;
+  int32_t kv_head = 0;
+  int32_t head = -1;           // sparse: the query head; dense: -1 (all heads of the group)
+  int32_t q_begin = 0, q_end = 0;
+  int64_t sparse_row = -1;
+  int64_t cost = 0;            // query rows x keys, for ordering largest first
+};
+
+inline int QueryLen(const PagedAttentionParams<float>& p, int s) {
+  return p.query_start[s + 1] - p.query_start[s];
+}
+
+// The last key position query j of sequence s may read.
+inline int LastPos(const PagedAttentionParams<float>& p, int s, int j) {
+  return p.kv_lens[s] - QueryLen(p, s) + j;
+}
+
+// Number of listed keys of sparse row r at positions <= last_pos.
+inline int64_t SparseKeyCount(const SparseAttentionIndex& x, int64_t r, int last_pos) {
+  int64_t n = 0;
+  for (int32_t i = x.row_start[r]; i < x.row_start[r + 1]; ++i) {
+    const int64_t first = int64_t{x.key_blocks[i]} * x.key_block;
+    n += std::max<int64_t>(0, std::min<int64_t>(first + x.key_block, int64_t{last_pos} + 1) - first);
+  }
+  if (x.column_start != nullptr) {
+    for (int32_t i = x.column_start[r]; i < x.column_start[r + 1]; ++i) n += x.columns[i] <= last_pos;
+  }
+  return n;
+}
+
+// Every work item of the call, largest first.
+inline std::vector<WorkItem> BuildWorkItems(const PagedAttentionParams<float>& p) {
+  std::vector<WorkItem> items;
+  const int group = p.num_q_heads / p.num_kv_heads;
+  for (int s = 0; s < p.num_seqs; ++s) {
+    const int q_len = QueryLen(p, s);
+    if (q_len <= 0) continue;
+    if (p.sparse == nullptr) {
+      const int block = std::max(1, kRowsPerItem / group);
+      for (int b = 0; b < q_len; b += block) {
+        const int e = std::min(q_len, b + block);
+        for (int kvh = 0; kvh < p.num_kv_heads; ++kvh) {
+          const int64_t keys = std::max(0, LastPos(p, s, e - 1) + 1);
+          items.push_back({s, kvh, -1, b, e, -1, int64_t{e - b} * group * keys});
+        }
+      }
+      continue;
+    }
+    const SparseAttentionIndex& x = *p.sparse;
+    const int blocks = x.query_block_start[s + 1] - x.query_block_start[s];
+    for (int b = 0; b < blocks; ++b) {
+      const int qb = b * x.query_block, qe = std::min(q_len, qb + x.query_block);
+      if (qb >= qe) continue;
+      for (int h = 0; h < p.num_q_heads; ++h) {
+        const int64_t row = (int64_t{x.query_block_start[s]} + b) * p.num_q_heads + h;
+        const int64_t keys = SparseKeyCount(x, row, LastPos(p, s, qe - 1));
+        items.push_back({s, h / group, h, qb, qe, row, int64_t{qe - qb} * std::max<int64_t>(1, keys)});
+      }
+    }
+  }
+  std::stable_sort(items.begin(), items.end(),
+                   [](const WorkItem& a, const WorkItem& b) { return a.cost > b.cost; });
+  return items;
+}
+
+// Per-thread buffers, reused across the thread's work items.
+struct Scratch {
+  std::vector<const float*> q;   // [rows] query vectors
+  std::vector<float*> out;       // [rows] output vectors
+  std::vector<int> last;         // [rows] last key position each row may read
+  std::vector<float> o;          // [rows, head_dim] unnormalised outputs
+  std::vector<float> m, l;       // [rows] running max score and sum of exponentials
+  std::vector<float> s;          // [rows, kKeyTile + lanes] scores, then probabilities
+  std::vector<float> kt;         // [head_dim, kKeyTile] the tile's keys transposed
+  std::vector<int> active;       // rows that read at least one key of the tile
+  std::vector<int> keys;         // the item's key positions
+  std::vector<const float*> k, v;  // [kKeyTile] the tile's K and V rows
+};
+
+}  // namespace cpu_attention
+}  // namespace sieve::kernels
+
+#endif  // SIEVE_KERNELS_ATTENTION_PAGED_ATTENTION_CPU_ONCE_
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "kernels/attention/paged_attention_cpu.cc"
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+#include "hwy/highway.h"
+#include "hwy/contrib/math/math-inl.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace sieve::kernels {
+namespace cpu_attention {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+using DF = hn::ScalableTag<float>;
+
+// s[j] = scale * dot(q, k[j]) for j < n, four keys at a time.
+void Scores(const float* q, const float* const* k, int n, int d, float scale, float* s) {
+  const DF df;
+  const int L = static_cast<int>(hn::Lanes(df));
+  const int dv = d - d % L;
+  int j = 0;
+  for (; j + 4 <= n; j += 4) {
+    auto a0 = hn::Zero(df), a1 = hn::Zero(df), a2 = hn::Zero(df), a3 = hn::Zero(df);
+    const float *k0 = k[j], *k1 = k[j + 1], *k2 = k[j + 2], *k3 = k[j + 3];
+    for (int i = 0; i < dv; i += L) {
+      const auto qv = hn::LoadU(df, q + i);
+      a0 = hn::MulAdd(qv, hn::LoadU(df, k0 + i), a0);
+      a1 = hn::MulAdd(qv, hn::LoadU(df, k1 + i), a1);
+      a2 = hn::MulAdd(qv, hn::LoadU(df, k2 + i), a2);
+      a3 = hn::MulAdd(qv, hn::LoadU(df, k3 + i), a3);
+    }
+    float t0 = hn::GetLane(hn::SumOfLanes(df, a0)), t1 = hn::GetLane(hn::SumOfLanes(df, a1));
+    float t2 = hn::GetLane(hn::SumOfLanes(df, a2)), t3 = hn::GetLane(hn::SumOfLanes(df, a3));
+    for (int i = dv; i < d; ++i) {
+      t0 += q[i] * k0[i];
+      t1 += q[i] * k1[i];
+      t2 += q[i] * k2[i];
+      t3 += q[i] * k3[i];
+    }
+    s[j] = t0 * scale;
+    s[j + 1] = t1 * scale;
+    s[j + 2] = t2 * scale;
+    s[j + 3] = t3 * scale;
+  }
+  for (; j < n; ++j) {
+    auto a = hn::Zero(df);
+    for (int i = 0; i < dv; i += L) a = hn::MulAdd(hn::LoadU(df, q + i), hn::LoadU(df, k[j] + i), a);
+    float t = hn::GetLane(hn::SumOfLanes(df, a));
+    for (int i = dv; i < d; ++i) t += q[i] * k[j][i];
+    s[j] = t * scale;
+  }
+}
+
+// o += sum_j p[j] * v[j] over j < n, up to four vectors of o held in registers at a time.
+void AccumulatePV(const float* p, const float* const* v, int n, int d, float* o) {
+  const DF df;
+  const int L = static_cast<int>(hn::Lanes(df));
+  int i = 0;
+  for (; i + 4 * L <= d; i += 4 * L) {
+    auto a0 = hn::LoadU(df, o + i), a1 = hn::LoadU(df, o + i + L);
+    auto a2 = hn::LoadU(df, o + i + 2 * L), a3 = hn::LoadU(df, o + i + 3 * L);
+    for (int j = 0; j < n; ++j) {
+      const auto pj = hn::Set(df, p[j]);
+      const float* vj = v[j] + i;
+      a0 = hn::MulAdd(pj, hn::LoadU(df, vj), a0);
+      a1 = hn::MulAdd(pj, hn::LoadU(df, vj + L), a1);
+      a2 = hn::MulAdd(pj, hn::LoadU(df, vj + 2 * L), a2);
+      a3 = hn::MulAdd(pj, hn::LoadU(df, vj + 3 * L), a3);
+    }
+    hn::StoreU(a0, df, o + i);
+    hn::StoreU(a1, df, o + i + L);
+    hn::StoreU(a2, df, o + i + 2 * L);
+    hn::StoreU(a3, df, o + i + 3 * L);
+  }
+  for (; i + L <= d; i += L) {
+    auto a = hn::LoadU(df, o + i);
+    for (int j = 0; j < n; ++j) a = hn::MulAdd(hn::Set(df, p[j]), hn::LoadU(df, v[j] + i), a);
+    hn::StoreU(a, df, o + i);
+  }
+  for (; i < d; ++i) {
+    float a = o[i];
+    for (int j = 0; j < n; ++j) a += p[j] * v[j][i];
+    o[i] = a;
+  }
+}
+
+// Scores of two query rows against a transposed tile: s0[j] = scale * dot(q0, k_j) for j <
+// n_pad (a multiple of 2 lanes; kt holds zeros past the tile's keys). q1/s1 may repeat q0/s0.
+void ScoresT(const float* q0, const float* q1, const float* kt, int n_pad, int d, float scale,
+             float* s0, float* s1) {
+  const DF df;
+  const int L = static_cast<int>(hn::Lanes(df));
+  const auto vs = hn::Set(df, scale);
+  for (int jc = 0; jc < n_pad; jc += 2 * L) {
+    auto a00 = hn::Zero(df), a01 = hn::Zero(df), a10 = hn::Zero(df), a11 = hn::Zero(df);
+    for (int i = 0; i < d; ++i) {
+      const float* ki = kt + static_cast<size_t>(i) * kKeyTile + jc;
+      const auto k0 = hn::LoadU(df, ki), k1 = hn::LoadU(df, ki + L);
+      const auto b0 = hn::Set(df, q0[i]), b1 = hn::Set(df, q1[i]);
+      a00 = hn::MulAdd(b0, k0, a00);
+      a01 = hn::MulAdd(b0, k1, a01);
+      a10 = hn::MulAdd(b1, k0, a10);
+      a11 = hn::MulAdd(b1, k1, a11);
+    }
+    hn::StoreU(hn::Mul(a00, vs), df, s0 + jc);
+    hn::StoreU(hn::Mul(a01, vs), df, s0 + jc + L);
+    hn::StoreU(hn::Mul(a10, vs), df, s1 + jc);
+    hn::StoreU(hn::Mul(a11, vs), df, s1 + jc + L);
+  }
+}
+
+// Two rows' o += sum_j p[j] * v[j] (AccumulatePV for a pair: each V vector loaded once).
+void AccumulatePV2(const float* p0, const float* p1, const float* const* v, int n, int d,
+                   float* o0, float* o1) {
+  const DF df;
+  const int L = static_cast<int>(hn::Lanes(df));
+  int i = 0;
+  for (; i + 2 * L <= d; i += 2 * L) {
+    auto a0 = hn::LoadU(df, o0 + i), a1 = hn::LoadU(df, o0 + i + L);
+    auto b0 = hn::LoadU(df, o1 + i), b1 = hn::LoadU(df, o1 + i + L);
+    for (int j = 0; j < n; ++j) {
+      const auto x = hn::Set(df, p0[j]), y = hn::Set(df, p1[j]);
+      const auto v0 = hn::LoadU(df, v[j] + i), v1 = hn::LoadU(df, v[j] + i + L);
+      a0 = hn::MulAdd(x, v0, a0);
+      a1 = hn::MulAdd(x, v1, a1);
+      b0 = hn::MulAdd(y, v0, b0);
+      b1 = hn::MulAdd(y, v1, b1);
+    }
+    hn::StoreU(a0, df, o0 + i);
+    hn::StoreU(a1, df, o0 + i + L);
+    hn::StoreU(b0, df, o1 + i);
+    hn::StoreU(b1, df, o1 + i + L);
+  }
+  if (i < d) {  // the rest of the head dimension, one row at a time
+    std::vector<const float*> tail(v, v + n);
+    for (const float*& t : tail) t += i;
+    AccumulatePV(p0, tail.data(), n, d - i, o0 + i);
+    AccumulatePV(p1, tail.data(), n, d - i, o1 + i);
+  }
+}
+
+// The online-softmax update of one row for one tile whose scores are in s[0, n): causal mask,
+// new running max m and sum l, o rescaled; s becomes the probabilities (zeros past n, up to a
+// whole vector). Returns false (and changes nothing) when the row reads no key of the tile.
+bool SoftmaxUpdate(int last, const int* pos, int n, int tile_max, int d, float& m, float& l,
+                   float* o, float* s) {
+  const DF df;
+  const int L = static_cast<int>(hn::Lanes(df));
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  if (last < tile_max) {  // causal mask inside the tile
+    for (int j = 0; j < n; ++j) {
+      if (pos[j] > last) s[j] = kNegInf;
+    }
+  }
+  const int padded = (n + L - 1) / L * L;
+  for (int j = n; j < padded; ++j) s[j] = kNegInf;
+  auto vmax = hn::Set(df, kNegInf);
+  for (int j = 0; j < padded; j += L) vmax = hn::Max(vmax, hn::LoadU(df, s + j));
+  const float tile_max_score = hn::GetLane(hn::MaxOfLanes(df, vmax));
+  if (tile_max_score == kNegInf) return false;  // nothing readable in this tile
+  const float m_new = std::max(m, tile_max_score);
+  const float correction = m == kNegInf ? 0.0f : std::exp(m - m_new);
+  const auto vm = hn::Set(df, m_new);
+  auto vsum = hn::Zero(df);
+  for (int j = 0; j < padded; j += L) {
+    // exp(-inf) is 0: masked keys and padding drop out.
+    const auto e = hn::Exp(df, hn::Sub(hn::LoadU(df, s + j), vm));
+    hn::StoreU(e, df, s + j);
+    vsum = hn::Add(vsum, e);
+  }
+  l = l * correction + hn::GetLane(hn::SumOfLanes(df, vsum));
+  m = m_new;
+  if (correction != 1.0f) {
+    for (int i = 0; i < d; ++i) o[i] *= correction;
+  }
+  return true;
+}
+
+// The tile's scores for the rows in sc.active, into sc.s (row stride `ss`).
+void TileScores(const PagedAttentionParams<float>& p, int n, Scratch& sc, size_t ss) {
+  const DF df;
+  const int L = static_cast<int>(hn::Lanes(df));
+  const int d = p.head_dim;
+  const int rows = static_cast<int>(sc.active.size());
+  if (rows < kTransposeRows) {
+    for (int r : sc.active) Scores(sc.q[r], sc.k.data(), n, d, p.scale, sc.s.data() + r * ss);
+    return;
+  }
+  const int n_pad = (n + 2 * L - 1) / (2 * L) * (2 * L);
+  for (int j = 0; j < n; ++j) {
+    const float* kj = sc.k[j];
+    for (int i = 0; i < d; ++i) sc.kt[static_cast<size_t>(i) * kKeyTile + j] = kj[i];
+  }
+  for (int i = 0; i < d; ++i) {
+    std::fill(sc.kt.begin() + static_cast<size_t>(i) * kKeyTile + n,
+              sc.kt.begin() + static_cast<size_t>(i) * kKeyTile + n_pad, 0.0f);
+  }
+  for (int a = 0; a < rows; a += 2) {
+    const int r0 = sc.active[a], r1 = sc.active[std::min(a + 1, rows - 1)];
+    ScoresT(sc.q[r0], sc.q[r1], sc.kt.data(), n_pad, d, p.scale, sc.s.data() + r0 * ss,
+            sc.s.data() + r1 * ss);
+  }
+}
+
+// Attention of the scratch's rows (sc.q, sc.out, sc.last) over the key positions sc.keys of
+// sequence `seq`, KV head `kv_head`.
+void AttendRows(const PagedAttentionParams<float>& p, int seq, int kv_head, Scratch& sc) {
+  const int d = p.head_dim;
+  const int rows = static_cast<int>(sc.q.size());
+  const int32_t* pages = p.page_table + static_cast<int64_t>(seq) * p.page_table_stride;
+  const size_t ss = kKeyTile + 2 * hn::Lanes(DF());  // row stride of sc.s
+  sc.o.assign(static_cast<size_t>(rows) * d, 0.0f);
+  sc.m.assign(rows, -std::numeric_limits<float>::infinity());
+  sc.l.assign(rows, 0.0f);
+  sc.s.resize(ss * rows);
+  sc.kt.resize(static_cast<size_t>(d) * kKeyTile);
+  sc.k.resize(kKeyTile);
+  sc.v.resize(kKeyTile);
+  const int n_keys = static_cast<int>(sc.keys.size());
+  for (int t0 = 0; t0 < n_keys; t0 += kKeyTile) {
+    const int n = std::min(kKeyTile, n_keys - t0);
+    const int* pos = sc.keys.data() + t0;
+    int tile_min = pos[0], tile_max = pos[0];
+    for (int j = 0; j < n; ++j) {
+      const int t = pos[j];
+      tile_min = std::min(tile_min, t);
+      tile_max = std::max(tile_max, t);
+      const int64_t page = pages[t / p.page_size];
+      const int64_t off = ((page * p.page_size + t % p.page_size) * p.num_kv_heads + kv_head) * d;
+      sc.k[j] = p.k_cache + off;
+      sc.v[j] = p.v_cache + off;
+    }
+    sc.active.clear();
+    for (int r = 0; r < rows; ++r) {
+      if (sc.last[r] >= tile_min) sc.active.push_back(r);  // else the tile is in its future
+    }
+    TileScores(p, n, sc, ss);
+    int kept = 0;
+    for (int r : sc.active) {
+      if (SoftmaxUpdate(sc.last[r], pos, n, tile_max, d, sc.m[r], sc.l[r],
+                        sc.o.data() + static_cast<size_t>(r) * d, sc.s.data() + r * ss)) {
+        sc.active[kept++] = r;
+      }
+    }
+    for (int a = 0; a < kept; a += 2) {
+      const int r0 = sc.active[a];
+      float* o0 = sc.o.data() + static_cast<size_t>(r0) * d;
+      if (a + 1 == kept) {
+        AccumulatePV(sc.s.data() + r0 * ss, sc.v.data(), n, d, o0);
+        break;
+      }
+      const int r1 = sc.active[a + 1];
+      AccumulatePV2(sc.s.data() + r0 * ss, sc.s.data() + r1 * ss, sc.v.data(), n, d, o0,
+                    sc.o.data() + static_cast<size_t>(r1) * d);
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    const float* o = sc.o.data() + static_cast<size_t>(r) * d;
+    const float inv = sc.l[r] > 0.0f ? 1.0f / sc.l[r] : 0.0f;  // no readable key: zeros
+    for (int i = 0; i < d; ++i) sc.out[r][i] = o[i] * inv;
+  }
+}
+
+// Lays out the rows and keys of one work item in the scratch, then attends.
+void RunItem(const PagedAttentionParams<float>& p, const WorkItem& w, Scratch& sc) {
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const int h_begin = w.head >= 0 ? w.head : w.kv_head * group;
+  const int h_end = w.head >= 0 ? w.head + 1 : h_begin + group;
+  sc.q.clear();
+  sc.out.clear();
+  sc.last.clear();
+  for (int j = w.q_begin; j < w.q_end; ++j) {
+    const int64_t token = p.query_start[w.seq] + j;
+    for (int h = h_begin; h < h_end; ++h) {
+      const int64_t off = (token * p.num_q_heads + h) * p.head_dim;
+      sc.q.push_back(p.q + off);
+      sc.out.push_back(p.out + off);
+      sc.last.push_back(LastPos(p, w.seq, j));
+    }
+  }
+  const int last = LastPos(p, w.seq, w.q_end - 1);
+  sc.keys.clear();
+  if (w.sparse_row < 0) {
+    for (int t = 0; t <= last; ++t) sc.keys.push_back(t);
+  } else {
+    const SparseAttentionIndex& x = *p.sparse;
+    const int64_t r = w.sparse_row;
+    for (int32_t i = x.row_start[r]; i < x.row_start[r + 1]; ++i) {
+      const int64_t first = int64_t{x.key_blocks[i]} * x.key_block;
+      const int64_t end = std::min<int64_t>(first + x.key_block, int64_t{last} + 1);
+      for (int64_t t = first; t < end; ++t) sc.keys.push_back(static_cast<int>(t));
+    }
+    if (x.column_start != nullptr) {
+      for (int32_t i = x.column_start[r]; i < x.column_start[r + 1]; ++i) {
+        if (x.columns[i] <= last) sc.keys.push_back(x.columns[i]);
+      }
+    }
+  }
+  AttendRows(p, w.seq, w.kv_head, sc);
+}
+
+void PagedAttentionCpuImpl(const PagedAttentionParams<float>& p, int num_threads) {
+  const std::vector<WorkItem> items = BuildWorkItems(p);
+  if (items.empty()) return;
+  if (num_threads <= 0) num_threads = DefaultCpuThreads();
+  const int workers = static_cast<int>(std::min<int64_t>(num_threads, items.size()));
+  std::atomic<int64_t> next{0};
+  ParallelFor(workers, workers, 1, [&](int64_t, int64_t) {
+    Scratch sc;
+    for (int64_t i = next.fetch_add(1); i < static_cast<int64_t>(items.size());
+         i = next.fetch_add(1)) {
+      RunItem(p, items[i], sc);
+    }
+  });
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace cpu_attention
+}  // namespace sieve::kernels
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace sieve::kernels {
+namespace cpu_attention {
+HWY_EXPORT(PagedAttentionCpuImpl);
+}  // namespace cpu_attention
+
+void PagedAttentionCpu(const PagedAttentionParams<float>& p, int num_threads) {
+  HWY_DYNAMIC_DISPATCH(cpu_attention::PagedAttentionCpuImpl)(p, num_threads);
+}
+
+const char* PagedAttentionCpuTarget() {
+  // The best (lowest-bit) target both compiled in and supported by the host.
+  const int64_t targets = hwy::SupportedTargets() & HWY_TARGETS;
+  return hwy::TargetName(targets & -targets);
+}
+
+}  // namespace sieve::kernels
+#endif  // HWY_ONCE

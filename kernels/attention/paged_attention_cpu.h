@@ -1,0 +1,31 @@
+// The fast CPU attention kernel: tiled, online-softmax (flash-style) fp32 attention over the
+// paged KV cache, the kernel CpuBackend::Attention serves with. Same parameter block, layout and
+// semantics as PagedAttentionRef (paged_attention.h): causal, grouped-query, any number of
+// queries per sequence, dense or block-sparse (key blocks + single columns; a query with no
+// readable key gets zeros). paged_attention_cpu_test.cc checks it against the reference.
+#ifndef SIEVE_KERNELS_ATTENTION_PAGED_ATTENTION_CPU_H_
+#define SIEVE_KERNELS_ATTENTION_PAGED_ATTENTION_CPU_H_
+
+#include "kernels/attention/paged_attention.h"
+
+namespace sieve::kernels {
+
+// Causal paged attention (dense, or restricted by p.sparse) in fp32 on `num_threads` host
+// threads (0 = all). Work items are (sequence, KV head, query block); threads take them from a
+// shared counter, largest causal ranges first.
+//   dense : one item holds a block of queries and all query heads of its KV head, so each K/V
+//           row it reads is loaded once for the whole group;
+//   sparse: one item is one sparse row (a query block of one query head) over its listed keys.
+// Keys are processed in tiles of up to 64 positions with a running max and sum per query row;
+// QK dot products, softmax exponentials and the PV accumulation are vectorised with Google
+// Highway, dispatched at run time to the best instruction set of the host (AVX-512, AVX2, ...).
+// Allocates per-thread scratch; reads only the listed pages; thread-safe for disjoint `out`.
+void PagedAttentionCpu(const PagedAttentionParams<float>& p, int num_threads = 0);
+
+// The instruction set PagedAttentionCpu runs with on this host (Highway's name: "AVX3", "AVX2",
+// ...), for benchmark and log lines.
+const char* PagedAttentionCpuTarget();
+
+}  // namespace sieve::kernels
+
+#endif  // SIEVE_KERNELS_ATTENTION_PAGED_ATTENTION_CPU_H_

@@ -1,0 +1,243 @@
+// PagedAttentionCpu against the fp64-accumulating reference PagedAttentionRef on fresh random
+// inputs: page size x head dim x GQA group, each on a batch of sequences with different
+// (kv_len, q_len) (one key, page boundaries, odd lengths, query blocks longer than a tile,
+// whole prompts, ~3000 keys), dense and sparse (random key blocks and columns, empty rows, every
+// block listed); and a batched call gives each sequence what a call of its own gives.
+//
+// Tolerance, per query row, relative L2 error ||out - ref|| / ||ref|| <= 2e-5. Derivation: the
+// kernel accumulates in fp32 (unit roundoff u = 2^-24 ~ 6e-8) where the reference uses fp64.
+// A score (a d-term dot product times 1/sqrt(d)) is off by about sqrt(d) u |q||k| / sqrt(d),
+// a few u in absolute terms, which is a relative error of a few u on each softmax weight; the
+// vectorised exp adds ~2 u. The output sums n weighted values whose partial sums grow like
+// sqrt(n) times the result's scale (random V, near-uniform weights), so rounding the running
+// sum adds ~ sqrt(n) u relative to the result; each rescale by the online-softmax correction
+// adds u more, at most once per 64-key tile. With n <= 3001 keys: sqrt(n) u ~ 3.3e-6, plus
+// n / 64 u ~ 2.8e-6 in the worst case for rescales, plus a few u: ~ 7e-6, so 2e-5 leaves a
+// factor ~3 for the constants. Rows with no readable key must be exactly zero.
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kernels/attention/paged_attention.h"
+#include "kernels/attention/paged_attention_cpu.h"
+
+namespace sieve::kernels {
+namespace {
+
+constexpr double kRelTol = 2e-5;
+constexpr int kKvHeads = 2;
+
+struct Seq {
+  int kv_len, q_len;
+};
+
+struct Shape {
+  int page_size, head_dim, group;
+};
+
+std::string Name(const ::testing::TestParamInfo<Shape>& i) {
+  return "page" + std::to_string(i.param.page_size) + "_d" + std::to_string(i.param.head_dim) +
+         "_group" + std::to_string(i.param.group);
+}
+
+// A batch of sequences in a shuffled paged cache with random q, K and V in [-1, 1].
+struct Batch {
+  int page_size = 0, head_dim = 0, q_heads = 0, stride = 0;
+  std::vector<int32_t> kv_lens, query_start, page_table;
+  std::vector<float> q, k, v;
+
+  Batch(const std::vector<Seq>& seqs, const Shape& sh, uint32_t seed)
+      : page_size(sh.page_size), head_dim(sh.head_dim), q_heads(kKvHeads * sh.group) {
+    std::mt19937 rng(seed);
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    query_start.push_back(0);
+    for (const Seq& s : seqs) {
+      kv_lens.push_back(s.kv_len);
+      query_start.push_back(query_start.back() + s.q_len);
+      stride = std::max(stride, (s.kv_len + page_size - 1) / page_size);
+    }
+    const int pages = stride * static_cast<int>(seqs.size()) + 1;
+    std::vector<int32_t> ids(pages);
+    for (int i = 0; i < pages; ++i) ids[i] = i;
+    std::shuffle(ids.begin(), ids.end(), rng);
+    page_table.assign(ids.begin(), ids.begin() + stride * seqs.size());
+    k.resize(static_cast<size_t>(pages) * page_size * kKvHeads * head_dim);
+    v.resize(k.size());
+    q.resize(static_cast<size_t>(query_start.back()) * q_heads * head_dim);
+    for (auto* vec : {&q, &k, &v}) {
+      for (float& x : *vec) x = u(rng);
+    }
+  }
+
+  PagedAttentionParams<float> Params(std::vector<float>& out,
+                                     const SparseAttentionIndex* sparse = nullptr) const {
+    out.assign(q.size(), -7.0f);  // poison: every row must be written
+    PagedAttentionParams<float> p;
+    p.q = q.data();
+    p.k_cache = k.data();
+    p.v_cache = v.data();
+    p.out = out.data();
+    p.page_table = page_table.data();
+    p.kv_lens = kv_lens.data();
+    p.query_start = query_start.data();
+    p.page_table_stride = stride;
+    p.num_seqs = static_cast<int32_t>(kv_lens.size());
+    p.num_q_heads = q_heads;
+    p.num_kv_heads = kKvHeads;
+    p.head_dim = head_dim;
+    p.page_size = page_size;
+    p.scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+    p.sparse = sparse;
+    return p;
+  }
+};
+
+// Per-row relative L2 error within kRelTol; rows the reference zeroes must be exactly zero.
+void ExpectClose(const std::vector<float>& out, const std::vector<float>& ref, int d,
+                 const std::string& what) {
+  int bad = 0;
+  for (size_t r = 0; r < ref.size() / d; ++r) {
+    double err = 0, norm = 0;
+    for (int i = 0; i < d; ++i) {
+      const double a = out[r * d + i], b = ref[r * d + i];
+      err += (a - b) * (a - b);
+      norm += b * b;
+    }
+    const bool ok = norm == 0 ? err == 0 : std::sqrt(err / norm) <= kRelTol;
+    if (!ok && ++bad <= 5) {
+      ADD_FAILURE() << what << " row " << r << ": relative error "
+                    << (norm == 0 ? err : std::sqrt(err / norm)) << " (|ref|^2 = " << norm << ")";
+    }
+  }
+  EXPECT_EQ(bad, 0) << what;
+}
+
+// Sequences of every kind in one batch: (kv_len, q_len).
+std::vector<Seq> MixedSeqs(int ps) {
+  return {{1, 1},           {ps, 1},        {5 * ps + 1, 3}, {2999, 1},
+          {3001, 9},        {200, 200},     {517, 131},      {2 * ps, 2 * ps}};
+}
+
+class PagedAttentionCpuTest : public ::testing::TestWithParam<Shape> {};
+
+TEST_P(PagedAttentionCpuTest, DenseMatchesReference) {
+  const Shape sh = GetParam();
+  const Batch b(MixedSeqs(sh.page_size), sh, 17 + sh.page_size * 7 + sh.head_dim + sh.group);
+  std::vector<float> out, ref;
+  PagedAttentionRef(b.Params(ref), 0);
+  PagedAttentionCpu(b.Params(out), 2);
+  ExpectClose(out, ref, sh.head_dim, "dense");
+}
+
+// Builds a random sparse index over batch b: each row lists each key block with probability
+// `p_block` and each other position as a column with probability `p_column`; with p_block 1 it
+// lists every block.
+struct RandomIndex {
+  std::vector<int32_t> query_block_start, row_start, key_blocks, column_start, columns;
+  SparseAttentionIndex index;
+
+  RandomIndex(const Batch& b, int query_block, int key_block, double p_block, double p_column,
+              uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::bernoulli_distribution block(p_block), column(p_column);
+    query_block_start.push_back(0);
+    row_start.push_back(0);
+    column_start.push_back(0);
+    for (size_t s = 0; s < b.kv_lens.size(); ++s) {
+      const int q_len = b.query_start[s + 1] - b.query_start[s];
+      const int blocks = (q_len + query_block - 1) / query_block;
+      query_block_start.push_back(query_block_start.back() + blocks);
+      const int key_blocks_n = (b.kv_lens[s] + key_block - 1) / key_block;
+      for (int r = 0; r < blocks * b.q_heads; ++r) {
+        std::vector<bool> listed(key_blocks_n);
+        for (int j = 0; j < key_blocks_n; ++j) {
+          listed[j] = block(rng);
+          if (listed[j]) key_blocks.push_back(j);
+        }
+        for (int t = 0; t < b.kv_lens[s]; ++t) {
+          if (!listed[t / key_block] && column(rng)) columns.push_back(t);
+        }
+        row_start.push_back(static_cast<int32_t>(key_blocks.size()));
+        column_start.push_back(static_cast<int32_t>(columns.size()));
+      }
+    }
+    index.query_block = query_block;
+    index.key_block = key_block;
+    index.query_block_start = query_block_start.data();
+    index.row_start = row_start.data();
+    index.key_blocks = key_blocks.data();
+    index.column_start = column_start.data();
+    index.columns = columns.data();
+  }
+};
+
+TEST_P(PagedAttentionCpuTest, SparseMatchesReference) {
+  const Shape sh = GetParam();
+  const Batch b(MixedSeqs(sh.page_size), sh, 91 + sh.page_size * 5 + sh.head_dim + sh.group);
+  // (query_block, key_block, p_block, p_column): decode-like pages, prefill-like blocks with
+  // vertical columns, and sparse enough that some rows read nothing.
+  const struct {
+    int qb, kb;
+    double pb, pc;
+  } cases[] = {{1, sh.page_size, 0.5, 0.0}, {16, 16, 0.3, 0.02}, {64, 32, 0.05, 0.0}};
+  uint32_t seed = 5;
+  for (const auto& c : cases) {
+    const RandomIndex x(b, c.qb, c.kb, c.pb, c.pc, seed++);
+    std::vector<float> out, ref;
+    PagedAttentionRef(b.Params(ref, &x.index), 0);
+    PagedAttentionCpu(b.Params(out, &x.index), 2);
+    ExpectClose(out, ref, sh.head_dim,
+                "sparse qb " + std::to_string(c.qb) + " kb " + std::to_string(c.kb));
+  }
+}
+
+TEST_P(PagedAttentionCpuTest, EveryBlockListedEqualsDense) {
+  const Shape sh = GetParam();
+  const Batch b(MixedSeqs(sh.page_size), sh, 33 + sh.page_size + sh.head_dim * 3 + sh.group);
+  std::vector<float> dense_ref, dense, all;
+  PagedAttentionRef(b.Params(dense_ref), 0);
+  PagedAttentionCpu(b.Params(dense), 2);
+  const RandomIndex x(b, 8, sh.page_size, 1.0, 0.0, 7);
+  PagedAttentionCpu(b.Params(all, &x.index), 2);
+  ExpectClose(all, dense_ref, sh.head_dim, "every block listed vs dense reference");
+  ExpectClose(all, dense, sh.head_dim, "every block listed vs dense kernel");
+}
+
+TEST_P(PagedAttentionCpuTest, BatchedEqualsSingle) {
+  const Shape sh = GetParam();
+  const std::vector<Seq> seqs = {{5 * sh.page_size + 1, 3}, {200, 200}, {517, 131}};
+  const Batch b(seqs, sh, 3 + sh.page_size + sh.head_dim + sh.group);
+  std::vector<float> batched;
+  PagedAttentionCpu(b.Params(batched), 2);
+  const size_t row = static_cast<size_t>(b.q_heads) * sh.head_dim;
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    Batch one = b;  // the same cache; only sequence s in the call
+    one.kv_lens = {b.kv_lens[s]};
+    one.query_start = {0, b.query_start[s + 1] - b.query_start[s]};
+    one.page_table.assign(b.page_table.begin() + s * b.stride,
+                          b.page_table.begin() + (s + 1) * b.stride);
+    one.q.assign(b.q.begin() + b.query_start[s] * row, b.q.begin() + b.query_start[s + 1] * row);
+    std::vector<float> single;
+    PagedAttentionCpu(one.Params(single), 1);
+    EXPECT_TRUE(std::equal(single.begin(), single.end(), batched.begin() + b.query_start[s] * row))
+        << "sequence " << s;
+  }
+}
+
+std::vector<Shape> Shapes() {
+  std::vector<Shape> shapes;
+  for (int page_size : {1, 4, 16, 64}) {
+    for (int head_dim : {64, 128}) {
+      for (int group : {1, 2, 4, 8}) shapes.push_back({page_size, head_dim, group});
+    }
+  }
+  return shapes;
+}
+
+INSTANTIATE_TEST_SUITE_P(Sweep, PagedAttentionCpuTest, ::testing::ValuesIn(Shapes()), Name);
+
+}  // namespace
+}  // namespace sieve::kernels
