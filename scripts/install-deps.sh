@@ -9,7 +9,7 @@ packages=(
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
   prometheus-cpp-dev libyaml-cpp-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev libbenchmark-dev
-  libhwy-dev libopenblas-dev  # SIMD and GEMMs of the CPU backend
+  libhwy-dev                 # SIMD of the CPU backend (Google Highway)
   clang libclang-rt-14-dev   # libFuzzer for the fuzz targets
   curl                       # the metrics checks in the integration tests
 )

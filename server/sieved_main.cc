@@ -7,10 +7,13 @@
 // server/daemon.h) and exits 0. A second signal during the drain cuts the grace period short.
 // Exit codes: 0 after a clean drain, 1 when start-up fails, 2 for a bad command line or config,
 // 3 after the backend failed for good (health turned NOT_SERVING, then a drain).
-#include <pthread.h>
+#include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
@@ -150,17 +153,36 @@ int ParseCommandLine(int argc, char** argv, CommandLine& out) {
   return -1;
 }
 
-// Waits for SIGTERM / SIGINT (blocked in every thread) on its own thread: the first notifies
-// `drain`, the second `cut_short`. Handling signals synchronously keeps all work out of signal
-// handlers.
+// The write end of the signal pipe (see SignalWatcher); -1 before it exists.
+std::atomic<int> g_signal_pipe{-1};
+
+// Async-signal-safe: records the signal number in the pipe and returns.
+extern "C" void OnTerminationSignal(int sig) {
+  const int fd = g_signal_pipe.load();
+  if (fd < 0) return;
+  const unsigned char byte = static_cast<unsigned char>(sig);
+  const int saved = errno;
+  (void)!write(fd, &byte, 1);
+  errno = saved;
+}
+
+// Turns SIGTERM / SIGINT into notifications on its own thread: the first notifies `drain`, the
+// second `cut_short`. The handler only writes the signal number into a pipe (self-pipe), so all
+// work stays out of signal handlers; and since a handler runs on whichever thread the kernel
+// picks, it also works when libraries start threads before main (OpenBLAS does, in its library
+// constructor, so blocking the signals in main could not cover its threads).
 class SignalWatcher {
  public:
   SignalWatcher() {
-    sigemptyset(&signals_);
-    sigaddset(&signals_, SIGTERM);
-    sigaddset(&signals_, SIGINT);
-    // Before any other thread exists, so that every thread inherits the mask.
-    pthread_sigmask(SIG_BLOCK, &signals_, nullptr);
+    if (pipe2(fds_, O_CLOEXEC | O_NONBLOCK) == 0) {
+      g_signal_pipe.store(fds_[1]);
+      struct sigaction action = {};
+      action.sa_handler = OnTerminationSignal;
+      sigemptyset(&action.sa_mask);
+      action.sa_flags = SA_RESTART;
+      sigaction(SIGTERM, &action, nullptr);
+      sigaction(SIGINT, &action, nullptr);
+    }
     thread_ = std::thread([this] { Run(); });
   }
   ~SignalWatcher() {
@@ -173,20 +195,20 @@ class SignalWatcher {
 
  private:
   void Run() {
-    const timespec poll = {0, 200 * 1000 * 1000};
     int received = 0;
     while (!stop_.load() && received < 2) {
-      siginfo_t info;
-      const int sig = sigtimedwait(&signals_, &info, &poll);
-      if (sig < 0) continue;  // timeout or EINTR
+      pollfd pfd = {fds_[0], POLLIN, 0};
+      if (poll(&pfd, 1, 200) <= 0) continue;  // timeout or EINTR
+      unsigned char byte = 0;
+      if (read(fds_[0], &byte, 1) != 1) continue;
       ++received;
-      Log(LogLevel::kInfo, absl::StrCat("received ", sig == SIGTERM ? "SIGTERM" : "SIGINT",
+      Log(LogLevel::kInfo, absl::StrCat("received ", byte == SIGTERM ? "SIGTERM" : "SIGINT",
                                         received == 1 ? "; draining" : "; cutting the drain short"));
       (received == 1 ? drain : cut_short).Notify();
     }
   }
 
-  sigset_t signals_;
+  int fds_[2] = {-1, -1};
   std::atomic<bool> stop_{false};
   std::thread thread_;
 };

@@ -8,7 +8,6 @@
 #include "engine/status_macros.h"
 #include "kernels/attention/paged_attention.h"
 #include "kernels/attention/paged_attention_cpu.h"
-#include "kernels/cpu/blas_linear.h"
 #include "kernels/cpu/ops.h"
 
 namespace sieve::engine {
@@ -150,8 +149,8 @@ absl::Status CpuBackend::Linear(BackendStream& stream, const Tensor& x, const Te
                                             " columns, weight expects ", weight.cols));
   }
   SIEVE_RETURN_IF_ERROR(CheckShape(out, x.rows, weight.rows, "linear output"));
-  kernels::LinearBlas(F(x), F(weight), bias.empty() ? nullptr : F(bias), x.rows, x.cols,
-                      weight.rows, F(out), num_threads_);
+  kernels::LinearRef(F(x), F(weight), bias.empty() ? nullptr : F(bias), x.rows, x.cols,
+                     weight.rows, F(out), num_threads_);
   return absl::OkStatus();
 }
 
@@ -246,8 +245,8 @@ absl::Status CpuBackend::Logits(BackendStream& stream, const Tensor& x, const Te
   if (static_cast<int64_t>(host_out.size()) != x.rows * lm_head.rows) {
     return absl::InternalError("cpu backend: logits buffer size mismatch");
   }
-  kernels::LinearBlas(F(x), F(lm_head), nullptr, x.rows, x.cols, lm_head.rows, host_out.data(),
-                      num_threads_);
+  kernels::LinearRef(F(x), F(lm_head), nullptr, x.rows, x.cols, lm_head.rows, host_out.data(),
+                     num_threads_);
   return absl::OkStatus();
 }
 

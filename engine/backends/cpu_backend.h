@@ -1,6 +1,5 @@
-// The fp32 CPU backend: plain host memory, OpenBLAS GEMMs for linear layers and logits
-// (kernels/cpu/blas_linear.h), the Highway flash-style attention kernel
-// (kernels/attention/paged_attention_cpu.h) and the plain operators of kernels/cpu. Always built;
+// The fp32 CPU backend: plain host memory, the Highway flash-style attention kernel
+// (kernels/attention/paged_attention_cpu.h) and the operators of kernels/cpu. Always built;
 // it serves the embedded default model and is what every other backend is checked against.
 #ifndef SIEVE_ENGINE_BACKENDS_CPU_BACKEND_H_
 #define SIEVE_ENGINE_BACKENDS_CPU_BACKEND_H_
@@ -15,9 +14,7 @@ namespace sieve::engine {
 
 class CpuBackend final : public Backend {
  public:
-  // `num_threads` host threads for the heavy operators (0 = all hardware threads). Linear layers
-  // set OpenBLAS's (process-wide) thread count to `num_threads` when it is > 0; with 0 OpenBLAS
-  // keeps its own default (OPENBLAS_NUM_THREADS, else all cores).
+  // `num_threads` host threads for the heavy operators (0 = all hardware threads).
   explicit CpuBackend(int num_threads = 0);
 
   std::string_view name() const override { return "cpu"; }
