@@ -74,11 +74,6 @@ class Daemon {
   // process must end with std::_Exit, without destroying this Daemon.
   bool abandoned() const { return abandoned_; }
 
-  // Waits up to `timeout` for device_lost(); returns it.
-  bool WaitForDeviceLost(absl::Duration timeout) const {
-    return events_.WaitForDeviceLost(timeout);
-  }
-
  private:
   // The engine's observer: forwards every event to the metrics (when enabled) and turns a lost
   // device into NOT_SERVING health, one log line and device_lost().
@@ -94,9 +89,6 @@ class Daemon {
     void OnLoad(const engine::EngineLoad& load) override;
     void OnDeviceLost(const absl::Status& status) override;
     bool device_lost() const { return lost_.HasBeenNotified(); }
-    bool WaitForDeviceLost(absl::Duration timeout) const {
-      return lost_.WaitForNotificationWithTimeout(timeout);
-    }
 
    private:
     Daemon& daemon_;

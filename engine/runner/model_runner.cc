@@ -411,9 +411,11 @@ absl::StatusOr<DeviceLogits> ModelWorker::Run(absl::Span<const SequenceStep> bat
   return b.LogitsOnDevice(st, last, r.lm_head_);
 }
 
-absl::Status ModelWorker::EndStep(absl::Status status) {
+absl::Status ModelWorker::EndStep(absl::Status status, bool waited) {
   // Whatever happened, nothing the step enqueued may still run when it returns: its caller frees,
-  // shares or reuses the step's pages next.
+  // shares or reuses the step's pages next. A waiting call that succeeded (CopyLogitsToHost,
+  // Sample) has waited for everything before it on the stream already.
+  if (waited && status.ok()) return status;
   absl::Status synced = runner_.backend_->Synchronize(*stream_);
   if (status.ok() || IsDeviceLost(synced)) return synced;
   return status;
@@ -426,7 +428,8 @@ absl::Status ModelWorker::Forward(absl::Span<const SequenceStep> batch,
   const size_t old = logits.size();
   logits.resize(old + device->rows * device->vocab);
   return EndStep(runner_.backend_->CopyLogitsToHost(*stream_, *device,
-                                                    absl::MakeSpan(logits).subspan(old)));
+                                                    absl::MakeSpan(logits).subspan(old)),
+                 /*waited=*/true);
 }
 
 absl::Status ModelWorker::ForwardSample(absl::Span<const SequenceStep> batch,
@@ -450,7 +453,8 @@ absl::Status ModelWorker::ForwardSample(absl::Span<const SequenceStep> batch,
   const size_t old = out.size();
   out.resize(old + rows.size(), absl::UnknownError("not sampled"));
   return EndStep(
-      runner_.backend_->Sample(*stream_, *device, rows, absl::MakeSpan(out).subspan(old)));
+      runner_.backend_->Sample(*stream_, *device, rows, absl::MakeSpan(out).subspan(old)),
+      /*waited=*/true);
 }
 
 StepGraphStats ModelWorker::graph_stats() const {

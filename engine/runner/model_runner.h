@@ -122,9 +122,10 @@ class ModelWorker {
   absl::StatusOr<DeviceLogits> Run(absl::Span<const SequenceStep> batch);
   absl::StatusOr<DeviceLogits> RunGraph(absl::Span<const SequenceStep> batch,
                                         std::vector<int32_t>& tokens);
-  // Waits for the stream (Backend::Synchronize) and returns `status`, or the wait's error when
+  // Ends a step: waits for the stream (Backend::Synchronize), unless the step's last call was a
+  // waiting one (`waited`) that succeeded, and returns `status`, or the wait's error when
   // `status` is OK or the wait reports a lost device.
-  absl::Status EndStep(absl::Status status);
+  absl::Status EndStep(absl::Status status, bool waited = false);
 
   const ModelRunner& runner_;
   std::unique_ptr<BackendStream> stream_;

@@ -136,7 +136,7 @@ class Engine::Impl {
   std::unique_ptr<Scheduler> scheduler_;
   absl::flat_hash_map<RequestId, std::unique_ptr<ActiveRequest>> active_;
   bool stopping_ = false;                                 // stop_ as last seen
-  bool failed_ = false;                                   // device_lost_ is set
+  absl::Status failure_;  // the lost device's status (device_lost_'s copy); OK while serving
   std::optional<EngineClock::time_point> next_deadline_;  // earliest deadline of a live request
   std::optional<EngineClock::time_point> next_watchdog_;  // when the oldest job in flight stalls
   // Dispatch time of every job in flight (several jobs may share one).

@@ -68,7 +68,7 @@ bool Engine::Impl::Step() {
   taken_cancels_.clear();
   // Deadlines before planning, so that an expired request gets no more work.
   next_deadline_ = ExpireDeadlines(EngineClock::now());
-  if (!stopping_ && !failed_) {
+  if (!stopping_ && failure_.ok()) {
     StepPlan plan = scheduler_->Schedule(busy_[0] == 0, busy_[1] == 0);
     if (!plan.empty()) {
       Dispatch(plan);
@@ -89,11 +89,8 @@ void Engine::Impl::AddIncoming(std::unique_ptr<ActiveRequest> r) {
   // Submit validated the request, so this is a broken assumption; fail only this request.
   if (!added.ok()) {
     Finish(ref, FinishReason::kError, added);
-  } else if (failed_) {
-    // Accepted just before the device was lost.
-    std::lock_guard<std::mutex> lock(mu_);
-    const absl::Status lost = device_lost_;
-    Finish(ref, FinishReason::kError, lost);
+  } else if (!failure_.ok()) {
+    Finish(ref, FinishReason::kError, failure_);  // accepted just before the device was lost
   }
 }
 
@@ -185,8 +182,8 @@ void Engine::Impl::HandleDone(std::unique_ptr<WorkerJob> job) {
 }
 
 void Engine::Impl::HandleDeviceLost(const absl::Status& status) {
-  if (failed_) return;
-  failed_ = true;
+  if (!failure_.ok()) return;
+  failure_ = status;
   {
     std::lock_guard<std::mutex> lock(mu_);
     device_lost_ = status;
@@ -201,7 +198,7 @@ void Engine::Impl::HandleDeviceLost(const absl::Status& status) {
 std::optional<EngineClock::time_point> Engine::Impl::CheckStalledSteps(
     EngineClock::time_point now) {
   const double timeout_s = config_.pools.step_timeout_s;
-  if (timeout_s <= 0 || failed_ || in_flight_since_.empty()) return std::nullopt;
+  if (timeout_s <= 0 || !failure_.ok() || in_flight_since_.empty()) return std::nullopt;
   const auto timeout = std::chrono::duration_cast<EngineClock::duration>(
       std::chrono::duration<double>(timeout_s));
   const EngineClock::time_point stalls_at = *in_flight_since_.begin() + timeout;
