@@ -91,6 +91,9 @@ def parse_args():
     ap.add_argument("--ckpt-seconds", type=float, default=60.0)
     ap.add_argument("--save-dtype", choices=["bfloat16", "float32"], default="bfloat16")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", default=None,
+                    help="start from this saved checkpoint (a --out of an earlier run) instead "
+                         "of random weights; its shape overrides the size flags")
     ap.add_argument("--log-every", type=int, default=25)
     args = ap.parse_args()
     ints = lambda s: [int(x) for x in s.split(",")]
@@ -200,7 +203,15 @@ def main():
                        num_key_value_heads=args.kv_heads, head_dim=args.head_dim,
                        tie_word_embeddings=args.tie_embeddings,
                        bos_token_id=bpe.bos_id, eos_token_id=bpe.eos_id)
-    model = LlamaForCausalLM(shape, checkpoint_layers=args.grad_checkpoint).to(device)
+    if args.init:
+        init_model, _ = hf_io.load_checkpoint(args.init)
+        shape = init_model.shape
+        model = LlamaForCausalLM(shape, checkpoint_layers=args.grad_checkpoint)
+        model.load_state_dict(init_model.state_dict())
+        model = model.to(device)
+        log(event="init", directory=args.init)
+    else:
+        model = LlamaForCausalLM(shape, checkpoint_layers=args.grad_checkpoint).to(device)
     opt = make_optimizer(model, args)
     hf_io.copy_tokenizer_files(args.embedded, args.out)
     log(event="start", params=parameter_count(model), device=str(device),
