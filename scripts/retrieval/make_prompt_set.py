@@ -32,16 +32,25 @@ def main():
     ap.add_argument("--tokenizer", default=os.path.join(REPO, "models", "embedded",
                                                         "tokenizer.json"))
     ap.add_argument("--seed", type=int, default=100)
+    ap.add_argument("--model", default=None,
+                    help="a trained model's folder: its retrieval_task.json sets the task flags")
     ap.add_argument("--value-tokens", type=int, default=2,
                     help="must match the model's training (train_retrieval_model.py)")
+    ap.add_argument("--max-key-tokens", type=int, default=3)
+    ap.add_argument("--key-source", choices=["lists", "vocab"], default="lists")
     args = ap.parse_args()
+    if args.model:
+        with open(os.path.join(args.model, "retrieval_task.json")) as f:
+            for k, v in json.load(f).items():
+                setattr(args, k, v)
     lengths = [int(x) for x in args.lengths.split(",")]
     counts = [int(x) for x in args.count.split(",")]
     if len(counts) == 1:
         counts *= len(lengths)
     if len(counts) != len(lengths) or min(lengths) < 64 or min(counts) < 1:
         ap.error("--count must be one number or one per length; lengths >= 64")
-    task = RetrievalTask(ByteBPE(args.tokenizer), value_tokens=args.value_tokens)
+    task = RetrievalTask(ByteBPE(args.tokenizer), value_tokens=args.value_tokens,
+                         max_key_tokens=args.max_key_tokens, key_source=args.key_source)
     with open(args.out, "w") as f:
         for li, (length, count) in enumerate(zip(lengths, counts)):
             for i in range(count):

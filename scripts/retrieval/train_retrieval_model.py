@@ -214,6 +214,10 @@ def main():
         model = LlamaForCausalLM(shape, checkpoint_layers=args.grad_checkpoint).to(device)
     opt = make_optimizer(model, args)
     hf_io.copy_tokenizer_files(args.embedded, args.out)
+    # The task's settings, so that prompt writers (make_prompt_set.py --model) match training.
+    hf_io.write_json(os.path.join(args.out, "retrieval_task.json"), {
+        "value_tokens": args.value_tokens, "max_key_tokens": args.max_key_tokens,
+        "key_source": args.key_source})
     log(event="start", params=parameter_count(model), device=str(device),
         torch=torch.__version__, keys=len(task.keys), values=len(task.values),
         answer_tokens=task.answer_len, lengths=args.lengths, shares=args.shares,
