@@ -6,6 +6,7 @@
 #   deploy/local/observe.sh                # start, load for 20 s, keep serving until Ctrl-C
 #   deploy/local/observe.sh --check        # ... then check every query answers, and stop
 #   deploy/local/observe.sh --duration 60 --rate 8
+#   deploy/local/observe.sh --duration 90 --png latency.png   # draw the latency dashboard, stop
 #
 # Ports (loopback): gRPC 50051, daemon metrics 9090, Prometheus 9091 (its UI: /graph, /alerts).
 # Grafana is not packaged in Debian: point any Grafana at http://127.0.0.1:9091 and load
@@ -22,8 +23,8 @@ while (($#)); do
     --check) check=1 ;;
     --duration) duration=$2; shift ;;
     --rate) rate=$2; shift ;;
-    --png) png=$2; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    --png) png=$(realpath -m "$2"); shift ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "observe.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -81,7 +82,7 @@ echo "observe.sh: load for ${duration} s at ${rate} requests/s"
 "$build/bench/sieve_loadgen" --target 127.0.0.1:50051 --rate "$rate" --duration "$duration" \
   --prompt-lengths 32,128,512 --shared-prefix 32 --max-tokens 16 --drain-timeout 30 --seed 1 \
   >"$work/loadgen.md"
-grep -E "^\| (requests|ttft|itl|e2e)" "$work/loadgen.md" || tail -n 15 "$work/loadgen.md"
+grep -E "^\| (latency|requests sent|output tokens|time to first token \||end-to-end)" "$work/loadgen.md" || tail -n 15 "$work/loadgen.md"
 # A few bad calls, so that the error panels have something to show: requests for a model the
 # daemon does not serve (refused), and requests whose client deadline ends mid-generation
 # (cancelled by the daemon).
@@ -93,7 +94,8 @@ sleep 3   # the last scrapes and rule evaluations
 
 if [[ -n $png ]]; then
   /usr/bin/python3 deploy/grafana/render_png.py --prometheus http://127.0.0.1:9091 \
-    --minutes 2 --out "$png" deploy/grafana/dashboards/sieve-latency.json
+    --seconds "$((duration + 20))" --out "$png" deploy/grafana/dashboards/sieve-latency.json
+  ((check)) || exit 0
 fi
 if ((check)); then
   status=0
