@@ -217,11 +217,14 @@ def check_libraries(stages, binaries):
             elif pkg not in closure and pkg not in required:
                 problem(f"{b.name}: {m.group(1)} is in {pkg}, which the cpu stage does not install")
     policy = subprocess.run(["apt-cache", "policy"] + pkgs, capture_output=True, text=True).stdout
-    candidates = dict(re.findall(r"^(\S+):\n\s+Installed: .*\n\s+Candidate: (\S+)", policy, re.M))
+    # A package exists in Debian if the archive offers it or this machine has it installed
+    # (apt's lists may be absent where nothing needed installing).
+    versions = {name: {inst, cand} - {"(none)"} for name, inst, cand in re.findall(
+        r"^(\S+):\n\s+Installed: (\S+)\n\s+Candidate: (\S+)", policy, re.M)}
     for p in pkgs:
         if p not in provided_by_listed:
             problem(f"cpu: installs {p}, which provides none of the binaries' libraries")
-        if candidates.get(p, "(none)") == "(none)":
+        if not versions.get(p):
             problem(f"cpu: package {p} is not in the archive (apt-cache policy: no candidate)")
     script = (REPO / "scripts" / "install-deps.sh").read_text()
     for stage in ("build-cpu", "build-cuda"):

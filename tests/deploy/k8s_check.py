@@ -9,7 +9,6 @@ sieved), selectors against pod labels, autoscalers against their targets and rol
 import functools
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -63,72 +62,10 @@ def check_overlay(name, objs, problems):
     deployments = {o["metadata"]["name"]: o for o in by_kind.get("Deployment", [])}
     configmaps = {o["metadata"]["name"]: o for o in by_kind.get("ConfigMap", [])}
     pvcs = {o["metadata"]["name"] for o in by_kind.get("PersistentVolumeClaim", [])}
-    gpu = name != "cpu"
     expected_roles = {"prefill", "decode"} if name.startswith("disaggregated") else {"unified"}
     roles = {}
     for dname, dep in deployments.items():
-        where = f"{name}: Deployment {dname}"
-        pod = dep["spec"]["template"]
-        labels = pod["metadata"]["labels"]
-        role = labels.get("sieve.dev/role")
-        roles[role] = dname
-        if not matches(dep["spec"]["selector"]["matchLabels"], labels):
-            problems.append(f"{where}: selector does not match the pod labels")
-        spec = pod["spec"]
-        (c,) = [c for c in spec["containers"] if c["name"] == "sieved"]
-        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            p = c.get(probe)
-            if not p or "grpc" not in p:
-                problems.append(f"{where}: {probe} is not a gRPC probe")
-            elif p["grpc"]["port"] != ports.get("grpc"):
-                problems.append(f"{where}: {probe} port {p['grpc']['port']} is not the grpc port")
-        image = c["image"]
-        if gpu != image.endswith(":cuda") or (not gpu and not image.endswith(":cpu")):
-            problems.append(f"{where}: image {image} is not the {'cuda' if gpu else 'cpu'} target")
-        limits = c["resources"].get("limits", {})
-        if gpu and str(limits.get("nvidia.com/gpu")) != "1":
-            problems.append(f"{where}: no nvidia.com/gpu limit")
-        if not gpu and "nvidia.com/gpu" in limits:
-            problems.append(f"{where}: a GPU limit in the cpu overlay")
-        sc = spec["securityContext"]
-        if not sc.get("runAsNonRoot") or sc.get("runAsUser") != 65532:
-            problems.append(f"{where}: not run as the image's non-root user 65532")
-        for tsc in spec.get("topologySpreadConstraints", []):
-            if not matches(tsc["labelSelector"]["matchLabels"], labels):
-                problems.append(f"{where}: topology spread selector does not select its own pods")
-        for v in spec["volumes"]:
-            if "persistentVolumeClaim" in v and v["persistentVolumeClaim"]["claimName"] not in pvcs:
-                problems.append(f"{where}: volume claim {v['persistentVolumeClaim']['claimName']} not rendered")
-        (cm_vol,) = [v for v in spec["volumes"] if v["name"] == "config"]
-        cm = configmaps.get(cm_vol["configMap"]["name"])
-        if cm is None:
-            problems.append(f"{where}: ConfigMap {cm_vol['configMap']['name']} not rendered")
-            continue
-        (mount,) = [m for m in c["volumeMounts"] if m["name"] == "config"]
-        args = c["args"]
-        cfg_path = args[args.index("--config") + 1]
-        if os.path.dirname(cfg_path) != mount["mountPath"] or os.path.basename(cfg_path) not in cm["data"]:
-            problems.append(f"{where}: --config {cfg_path} is not the mounted ConfigMap's file")
-            continue
-        text = cm["data"][os.path.basename(cfg_path)]
-        cfg = load_config(text, f"{where} config", problems)
-        if cfg is None:
-            continue
-        raw = yaml.safe_load(text)
-        if role in ("prefill", "decode") and raw["server"].get("role") != role:
-            problems.append(f"{where}: pods labelled role {role} but server.role is {raw['server'].get('role')}")
-        for key, port_name in (("server", "grpc"), ("metrics", "metrics")):
-            port = int(cfg[key]["listen_address"].rsplit(":", 1)[1])
-            if port != ports.get(port_name):
-                problems.append(f"{where}: {key}.listen_address port {port} != containerPort {port_name}")
-        pre = c["lifecycle"]["preStop"]["exec"]["command"]
-        sleep_s = int(pre[-1]) if pre[0].endswith("sleep") else 0
-        grace = cfg["server"]["drain_grace_period_s"]
-        tgp = spec["terminationGracePeriodSeconds"]
-        if tgp < sleep_s + grace + EXIT_MARGIN_S:
-            problems.append(f"{where}: terminationGracePeriodSeconds {tgp} < preStop {sleep_s} s + "
-                            f"drain grace {grace} s + {EXIT_MARGIN_S} s: the kubelet would kill requests")
+        roles[check_deployment(name, dname, dep, configmaps, pvcs, problems)] = dname
     if set(roles) != expected_roles:
         problems.append(f"{name}: Deployment roles {sorted(roles)} != {sorted(expected_roles)}")
     for kind in ("Service", "PodDisruptionBudget"):
@@ -145,6 +82,78 @@ def check_overlay(name, objs, problems):
                         problems.append(f"{name}: Service {o['metadata']['name']} targets unknown port {p['targetPort']}")
     if len([s for s in by_kind.get("Service", []) if s["spec"].get("clusterIP") == "None"]) != len(deployments):
         problems.append(f"{name}: not one headless Service per Deployment")
+    check_autoscalers(name, by_kind, deployments, problems)
+
+
+def check_deployment(name, dname, dep, configmaps, pvcs, problems):
+    """Checks one Deployment against its ConfigMap's config; returns its role."""
+    gpu = name != "cpu"
+    where = f"{name}: Deployment {dname}"
+    pod = dep["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    role = labels.get("sieve.dev/role")
+    if not matches(dep["spec"]["selector"]["matchLabels"], labels):
+        problems.append(f"{where}: selector does not match the pod labels")
+    spec = pod["spec"]
+    (c,) = [c for c in spec["containers"] if c["name"] == "sieved"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        p = c.get(probe)
+        if not p or "grpc" not in p:
+            problems.append(f"{where}: {probe} is not a gRPC probe")
+        elif p["grpc"]["port"] != ports.get("grpc"):
+            problems.append(f"{where}: {probe} port {p['grpc']['port']} is not the grpc port")
+    image = c["image"]
+    if gpu != image.endswith(":cuda") or (not gpu and not image.endswith(":cpu")):
+        problems.append(f"{where}: image {image} is not the {'cuda' if gpu else 'cpu'} target")
+    limits = c["resources"].get("limits", {})
+    if gpu and str(limits.get("nvidia.com/gpu")) != "1":
+        problems.append(f"{where}: no nvidia.com/gpu limit")
+    if not gpu and "nvidia.com/gpu" in limits:
+        problems.append(f"{where}: a GPU limit in the cpu overlay")
+    sc = spec["securityContext"]
+    if not sc.get("runAsNonRoot") or sc.get("runAsUser") != 65532:
+        problems.append(f"{where}: not run as the image's non-root user 65532")
+    for tsc in spec.get("topologySpreadConstraints", []):
+        if not matches(tsc["labelSelector"]["matchLabels"], labels):
+            problems.append(f"{where}: topology spread selector does not select its own pods")
+    for v in spec["volumes"]:
+        if "persistentVolumeClaim" in v and v["persistentVolumeClaim"]["claimName"] not in pvcs:
+            problems.append(f"{where}: volume claim {v['persistentVolumeClaim']['claimName']} not rendered")
+    (cm_vol,) = [v for v in spec["volumes"] if v["name"] == "config"]
+    cm = configmaps.get(cm_vol["configMap"]["name"])
+    if cm is None:
+        problems.append(f"{where}: ConfigMap {cm_vol['configMap']['name']} not rendered")
+        return role
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == "config"]
+    args = c["args"]
+    cfg_path = args[args.index("--config") + 1]
+    if os.path.dirname(cfg_path) != mount["mountPath"] or os.path.basename(cfg_path) not in cm["data"]:
+        problems.append(f"{where}: --config {cfg_path} is not the mounted ConfigMap's file")
+        return role
+    text = cm["data"][os.path.basename(cfg_path)]
+    cfg = load_config(text, f"{where} config", problems)
+    if cfg is None:
+        return role
+    raw = yaml.safe_load(text)
+    if role in ("prefill", "decode") and raw["server"].get("role") != role:
+        problems.append(f"{where}: pods labelled role {role} but server.role is {raw['server'].get('role')}")
+    for key, port_name in (("server", "grpc"), ("metrics", "metrics")):
+        port = int(cfg[key]["listen_address"].rsplit(":", 1)[1])
+        if port != ports.get(port_name):
+            problems.append(f"{where}: {key}.listen_address port {port} != containerPort {port_name}")
+    pre = c["lifecycle"]["preStop"]["exec"]["command"]
+    sleep_s = int(pre[-1]) if pre[0].endswith("sleep") else 0
+    grace = cfg["server"]["drain_grace_period_s"]
+    tgp = spec["terminationGracePeriodSeconds"]
+    if tgp < sleep_s + grace + EXIT_MARGIN_S:
+        problems.append(f"{where}: terminationGracePeriodSeconds {tgp} < preStop {sleep_s} s + "
+                        f"drain grace {grace} s + {EXIT_MARGIN_S} s: the kubelet would kill requests")
+    return role
+
+
+def check_autoscalers(name, by_kind, deployments, problems):
+    """One autoscaler per Deployment, on its role, with a slow scale-down."""
     autoscalers = by_kind.get("ScaledObject", []) + by_kind.get("HorizontalPodAutoscaler", [])
     if name.endswith("-hpa") != bool(by_kind.get("HorizontalPodAutoscaler")) or len(autoscalers) != len(deployments):
         problems.append(f"{name}: expected one {'HPA' if name.endswith('-hpa') else 'ScaledObject'} per Deployment")
