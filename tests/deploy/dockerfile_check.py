@@ -10,13 +10,15 @@
    `required` base, provide every shared library that ldd lists for sieved and sieve, each
    listed package provides at least one, and each exists in the archive. The build stage's
    packages are all in scripts/install-deps.sh (the list CI builds with).
-4. Run: the CPU runtime stage's file layout, ENV, WORKDIR, USER, ENTRYPOINT, CMD,
-   HEALTHCHECK and STOPSIGNAL, executed in a private mount and network namespace: COPY
-   instructions fill a tmpfs at /opt, the entrypoint runs as the image's uid, the healthcheck
-   command must report SERVING, a generation through the image's CLI must stream text, the
-   metrics port must answer, and STOPSIGNAL must drain the daemon to exit status 0.
-Not covered (no container engine, no Ubuntu archive here): the RUN steps themselves and the
-CUDA target; deploy/README.md says so.
+4. Run: the CPU runtime stage executed in a root file system made only of the files of its
+   packages (those of 3, from this machine's installed copies, read-only) plus what a container
+   runtime adds (/etc/hosts, /proc, /dev), chrooted in a private mount and network namespace:
+   COPY instructions fill a tmpfs /opt, ENV, WORKDIR and USER apply, ENTRYPOINT + CMD start
+   the daemon, the HEALTHCHECK command must report SERVING, a generation through the image's
+   CLI must stream text, the metrics port must answer, and STOPSIGNAL must drain the daemon to
+   exit status 0.
+Not covered (no container engine, no Ubuntu archive here): the RUN steps themselves (apt in a
+fresh image, the CMake build in it) and the CUDA target; deploy/README.md says so.
 
     dockerfile_check.py SIEVED SIEVE_CLI
 """
@@ -30,6 +32,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -190,17 +193,19 @@ def check_libraries(stages, binaries):
     pkgs = apt_packages(stages["cpu"])
     if not pkgs:
         problem("cpu: no apt-get install of runtime libraries")
-        return
-    deps = subprocess.run(["apt-cache", "depends", "--recurse", "--no-recommends", "--no-suggests",
-                           "--no-conflicts", "--no-breaks", "--no-replaces", "--no-enhances"] + pkgs,
-                          capture_output=True, text=True)
-    if deps.returncode != 0:
-        problem(f"apt-cache depends failed (run apt-get update): {deps.stderr}")
-        return
-    closure = {l.strip() for l in deps.stdout.splitlines() if l and not l.startswith(" ") and not l.startswith("<")}
+        return set()
+    # Debian's `required` packages are what debian:bookworm-slim is made of (with their
+    # dependencies); those installed here stand for them.
     required = set(subprocess.run(["dpkg-query", "-W", "-f", "${Package} ${Priority}\n"],
                                   capture_output=True, text=True).stdout.split("\n"))
     required = {l.split()[0] for l in required if l.endswith(" required")}
+    deps = subprocess.run(["apt-cache", "depends", "--recurse", "--no-recommends", "--no-suggests",
+                           "--no-conflicts", "--no-breaks", "--no-replaces", "--no-enhances"]
+                          + pkgs + sorted(required), capture_output=True, text=True)
+    if deps.returncode != 0:
+        problem(f"apt-cache depends failed (run apt-get update): {deps.stderr}")
+        return set()
+    closure = {l.strip() for l in deps.stdout.splitlines() if l and not l.startswith(" ") and not l.startswith("<")}
     provided_by_listed = set()
     libs = 0
     for b in binaries.values():
@@ -232,51 +237,115 @@ def check_libraries(stages, binaries):
             if not re.search(rf"(^|\s){re.escape(p)}(\s|$)", script, re.M):
                 problem(f"{stage}: build package {p} is not in scripts/install-deps.sh")
     print(f"libraries: {libs} resolved for {len(binaries)} binaries, covered by {len(pkgs)} packages")
+    return set(pkgs) | closure | required
 
 
-def run_in_namespace(stages, binaries):
-    """Re-runs this script inside a private mount and network namespace (needs root)."""
+def build_root(root, packages):
+    """A root file system made of the installed files of PACKAGES only (hard links to this
+    machine's copies, or copies across file systems): the CPU runtime image's packages, their
+    dependencies and Debian's required base, and nothing else of this machine."""
+    os.chmod(root, 0o755)
+    for top in ("bin", "sbin", "lib", "lib64"):         # Debian 12 merges /usr
+        if os.path.islink(f"/{top}"):
+            target = os.readlink(f"/{top}")
+            (root / top).parent.joinpath(target).mkdir(parents=True, exist_ok=True)
+            os.symlink(target, root / top)
+    files, skipped = 0, []
+    for pkg in sorted(packages):
+        lists = list(pathlib.Path("/var/lib/dpkg/info").glob(f"{pkg}.list")) + \
+            list(pathlib.Path("/var/lib/dpkg/info").glob(f"{pkg}:*.list"))
+        if not lists:
+            # An alternative of some dependency (a | b) that this machine satisfied with another.
+            skipped.append(pkg)
+            continue
+        for path in lists[0].read_text().splitlines():
+            if path in ("", "/.") or path.rstrip("/") in ("/bin", "/sbin", "/lib", "/lib64"):
+                continue
+            dest = root / path.lstrip("/")
+            if os.path.islink(path):
+                if not os.path.lexists(dest):
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    os.symlink(os.readlink(path), dest)
+            elif os.path.isdir(path):
+                dest.mkdir(parents=True, exist_ok=True)
+            elif os.path.isfile(path) and not os.path.lexists(dest):
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(path, dest)
+                except OSError:
+                    shutil.copy2(path, dest)
+                files += 1
+    for d in ("opt", "tmp", "proc", "dev", "etc"):
+        (root / d).mkdir(mode=0o1777 if d == "tmp" else 0o755, exist_ok=True)
+    # What a container runtime writes into every container (no package ships /etc/hosts).
+    (root / "etc" / "hosts").write_text("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n")
+    (root / "etc" / "hostname").write_text("sieve\n")
+    print(f"image root: {files} files of {len(packages) - len(skipped)} packages "
+          f"({len(skipped)} alternatives not installed here left out)")
+
+
+def run_in_namespace(stages, binaries, packages):
+    """Runs the image's steps in a root of its packages' files, inside a private mount and
+    network namespace (needs root)."""
     if os.geteuid() != 0:
-        problem("the run check needs root (unshare --mount --net): run CTest as root, as CI does")
+        problem("the run check needs root (unshare --mount --net, chroot): run CTest as root, as CI does")
         return
-    r = subprocess.run(["unshare", "--mount", "--net", "--propagation", "private", "--",
-                        sys.executable, __file__, "--inside"] + [str(binaries[k]) for k in sorted(binaries)],
-                       text=True, capture_output=True, timeout=120)
+    root = pathlib.Path(tempfile.mkdtemp(prefix="sieve-image-root."))
+    try:
+        build_root(root, packages)
+        r = subprocess.run(["unshare", "--mount", "--net", "--propagation", "private", "--",
+                            sys.executable, __file__, "--inside", str(root)] +
+                           [str(binaries[k]) for k in sorted(binaries)],
+                           text=True, capture_output=True, timeout=120)
+    finally:
+        shutil.rmtree(root)
     print(r.stdout, end="")
     if r.returncode != 0:
         problem(f"run check failed:\n{r.stdout}{r.stderr}")
 
 
-def inside(stages, binaries):
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", "/opt"], check=True)
+def inside(root, stages, binaries):
+    def sh(*cmd):
+        subprocess.run(list(cmd), check=True)
+    sh("ip", "link", "set", "lo", "up")
+    # The package files are hard links to this machine's: read-only, so nothing run can change
+    # them. /opt (the COPY destinations) and /tmp are fresh tmpfs; /proc and /dev as a runtime gives.
+    sh("mount", "--bind", root, root)
+    sh("mount", "-o", "remount,bind,ro", root)
+    sh("mount", "-t", "tmpfs", "tmpfs", f"{root}/opt")
+    sh("mount", "-t", "tmpfs", "tmpfs", f"{root}/tmp")
+    sh("mount", "-t", "proc", "proc", f"{root}/proc")
+    sh("mount", "--rbind", "/dev", f"{root}/dev")
     st = stages["cpu"]
     for frm, sources, dest in copies(st):
         for src in sources:
             local = binaries[src[len("/src/build/"):]] if frm else REPO / src
+            target = pathlib.Path(root + dest)
             if local.is_dir():
-                shutil.copytree(local, pathlib.Path(dest), dirs_exist_ok=True)
+                shutil.copytree(local, target, dirs_exist_ok=True)
             else:
-                pathlib.Path(dest).mkdir(parents=True, exist_ok=True)
-                shutil.copy2(local, pathlib.Path(dest) / local.name)
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(local, target / local.name)
     env = {"HOME": "/opt/sieve"}
     for rest in instr(st, "ENV"):
         for kv in shlex.split(rest):
             k, _, v = kv.partition("=")
             env[k] = v
     uid, _, gid = instr(st, "USER")[-1].partition(":")
-    asuser = ["setpriv", f"--reuid={uid}", f"--regid={gid or uid}", "--clear-groups", "--"]
     workdir = instr(st, "WORKDIR")[-1]
+    # chroot into the image root, drop to USER, enter WORKDIR: all with the root's own tools.
+    asuser = ["chroot", root, "setpriv", f"--reuid={uid}", f"--regid={gid or uid}", "--clear-groups",
+              "--", "env", "-C", workdir]
     cmd = exec_form(instr(st, "ENTRYPOINT")[-1]) + exec_form(instr(st, "CMD")[-1])
-    print("run:", " ".join(cmd), f"(uid {uid}, workdir {workdir})")
-    daemon = subprocess.Popen(asuser + cmd, cwd=workdir, env=env, stdout=subprocess.PIPE,
+    print("run:", " ".join(cmd), f"(uid {uid}, workdir {workdir}, in the image root)")
+    daemon = subprocess.Popen(asuser + cmd, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     hc = instr(st, "HEALTHCHECK")[-1]
     hc_cmd = exec_form(hc[hc.index("CMD") + 3:].strip())
     start = float(re.search(r"--start-period=(\d+)s", hc).group(1))
     deadline, healthy = time.time() + min(start, 60), False
     while time.time() < deadline and daemon.poll() is None:
-        r = subprocess.run(asuser + hc_cmd, cwd=workdir, env=env, capture_output=True, text=True)
+        r = subprocess.run(asuser + hc_cmd, env=env, capture_output=True, text=True)
         if r.returncode == 0 and "SERVING" in r.stdout:
             healthy = True
             break
@@ -286,8 +355,10 @@ def inside(stages, binaries):
     if healthy:
         gen = subprocess.run(asuser + ["/opt/sieve/bin/sieve", "generate", "--temperature", "0",
                                        "--max-tokens", "8", "The scheduler admits"],
-                             cwd=workdir, env=env, capture_output=True, text=True, timeout=60)
+                             env=env, capture_output=True, text=True, timeout=60)
         print("generate:", repr(gen.stdout[:60]), "exit", gen.returncode)
+        if gen.returncode != 0:
+            print(gen.stderr[-2000:])
         ok &= gen.returncode == 0 and len(gen.stdout.strip()) > 0
         metrics = urllib.request.urlopen("http://127.0.0.1:9090/metrics", timeout=5).read().decode()
         ok &= "sieve_requests_total" in metrics
@@ -308,7 +379,7 @@ def inside(stages, binaries):
 def main():
     args, stages = parse()
     if sys.argv[1] == "--inside":
-        paths = [pathlib.Path(p) for p in sys.argv[2:]]
+        paths = [pathlib.Path(p) for p in sys.argv[3:]]
     else:
         paths = [pathlib.Path(p) for p in sys.argv[1:3]]
     binaries = {}
@@ -316,11 +387,12 @@ def main():
         rel = {"sieved": "server/sieved", "sieve": "cli/sieve"}[p.name]
         binaries[rel] = p
     if sys.argv[1] == "--inside":
-        inside(stages, binaries)
+        inside(sys.argv[2], stages, binaries)
         return
     check_structure(args, stages, binaries)
-    check_libraries(stages, binaries)
-    run_in_namespace(stages, binaries)
+    packages = check_libraries(stages, binaries)
+    if packages:
+        run_in_namespace(stages, binaries, packages)
     if problems:
         for p in problems:
             print("FAIL:", p)
