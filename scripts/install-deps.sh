@@ -12,6 +12,8 @@ packages=(
   libhwy-dev                 # SIMD of the CPU backend (Google Highway)
   clang libclang-rt-14-dev   # libFuzzer for the fuzz targets
   curl                       # the metrics checks in the integration tests
+  prometheus python3-yaml    # deployment checks (tests/deploy): promtool, a real Prometheus, PyYAML
+  yq jq iproute2 util-linux  # deployment checks: YAML/JSON rewriting, a private loopback (unshare)
 )
 
 missing=()
@@ -24,4 +26,28 @@ if ((${#missing[@]})); then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+
+# Debian starts the prometheus package's own service where systemd runs; it would hold port
+# 9090, the daemon's metrics port. The deployment checks run their own Prometheus.
+if [[ " ${missing[*]-} " == *" prometheus "* ]] && [[ -d /run/systemd/system ]]; then
+  ${sudo-} systemctl disable --now prometheus.service || true
+fi
+
+# Node.js and the pinned npm packages of the Kubernetes schema checks (tests/deploy/package-lock.json).
+if ! command -v npm >/dev/null; then
+  sudo_npm=""
+  [[ $(id -u) -ne 0 ]] && sudo_npm="sudo"
+  $sudo_npm apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_npm apt-get install -y -qq --no-install-recommends nodejs npm
+fi
+deploy_tests="$(cd "$(dirname "$0")/.." && pwd)/tests/deploy"
+if [[ ! -f $deploy_tests/node_modules/.package-lock.json ]] ||
+   ! cmp -s <(jq -S '.packages | del(.[""])' "$deploy_tests/package-lock.json") \
+             <(jq -S '.packages | del(.[""])' "$deploy_tests/node_modules/.package-lock.json"); then
+  npm ci --prefix "$deploy_tests" --no-audit --no-fund --loglevel=error
+fi
+# kubectl (with its kustomize) renders the Kubernetes overlays; Debian 12 has none recent enough
+# (kubernetes-client 1.20 lacks kustomize components): the machine image provides it.
+command -v kubectl >/dev/null ||
+  echo "sieve: kubectl is missing: the deploy_k8s test will fail until kubectl >= 1.27 is installed" >&2
 echo "sieve: dependencies installed"

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# The local observability stack: the daemon on the embedded model (CPU), a real Prometheus
+# (Debian's package) scraping it every second with Sieve's recording rules and alerts, and a
+# short load from sieve_loadgen, so that the dashboards' queries have data to answer.
+#
+#   deploy/local/observe.sh                # start, load for 20 s, keep serving until Ctrl-C
+#   deploy/local/observe.sh --check        # ... then check every query answers, and stop
+#   deploy/local/observe.sh --duration 60 --rate 8
+#   deploy/local/observe.sh --duration 90 --png latency.png   # draw the latency dashboard, stop
+#
+# Ports (loopback): gRPC 50051, daemon metrics 9090, Prometheus 9091 (its UI: /graph, /alerts).
+# Grafana is not packaged in Debian: point any Grafana at http://127.0.0.1:9091 and load
+# deploy/grafana/dashboards (deploy/README.md); deploy/grafana/render_png.py draws a dashboard's
+# panels from this Prometheus without Grafana.
+# Needs: build/server/sieved, build/cli/sieve, build/bench/sieve_loadgen (SIEVE_BUILD=DIR for
+# another build folder), prometheus and promtool (scripts/install-deps.sh).
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+build=${SIEVE_BUILD:-$repo/build}
+check=0 duration=20 rate=4 png=""
+while (($#)); do
+  case $1 in
+    --check) check=1 ;;
+    --duration) duration=$2; shift ;;
+    --rate) rate=$2; shift ;;
+    --png) png=$(realpath -m "$2"); shift ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    *) echo "observe.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+for tool in "$build/server/sieved" "$build/cli/sieve" "$build/bench/sieve_loadgen"; do
+  [[ -x $tool ]] || { echo "observe.sh: $tool not built (ninja -C build sieved sieve sieve_loadgen)" >&2; exit 1; }
+done
+command -v prometheus >/dev/null || { echo "observe.sh: prometheus not installed: run scripts/install-deps.sh" >&2; exit 1; }
+
+work=$(mktemp -d /tmp/sieve-observe.XXXXXX)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+cd "$repo"
+"$build/server/sieved" --config configs/default.yaml \
+  --set server.listen_address=127.0.0.1:50051 --set metrics.listen_address=127.0.0.1:9090 \
+  >"$work/sieved.log" 2>&1 &
+sieved_pid=$!
+pids+=("$sieved_pid")
+for _ in $(seq 150); do
+  "$build/cli/sieve" health --target 127.0.0.1:50051 >/dev/null 2>&1 && break
+  kill -0 "$sieved_pid" 2>/dev/null || { cat "$work/sieved.log" >&2; exit 1; }
+  sleep 0.2
+done
+"$build/cli/sieve" health --target 127.0.0.1:50051 >/dev/null || { echo "observe.sh: sieved not serving" >&2; exit 1; }
+
+config=deploy/prometheus/local/prometheus.yml
+if ((check)); then
+  # The check also runs the disaggregated overlay's queries (role prefill and decode): it
+  # scrapes the same daemon twice more under those role labels.
+  config=$work/prometheus.yml
+  yq -y --arg rules "$repo/deploy/prometheus/rules" '
+    .rule_files |= map($rules + "/" + (split("/") | last)) |
+    .scrape_configs += [(.scrape_configs[0] | .job_name = "sieve-prefill" | .static_configs[0].labels.role = "prefill"),
+                        (.scrape_configs[0] | .job_name = "sieve-decode" | .static_configs[0].labels.role = "decode")]
+  ' deploy/prometheus/local/prometheus.yml >"$config"
+fi
+prometheus --config.file="$config" --storage.tsdb.path="$work/tsdb" \
+  --web.listen-address=127.0.0.1:9091 --log.level=warn >"$work/prometheus.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do
+  curl -fsS http://127.0.0.1:9091/-/ready >/dev/null 2>&1 && break
+  sleep 0.2
+done
+curl -fsS http://127.0.0.1:9091/-/ready >/dev/null || { cat "$work/prometheus.log" >&2; exit 1; }
+echo "observe.sh: sieved on 127.0.0.1:50051 (metrics :9090), Prometheus on http://127.0.0.1:9091"
+
+echo "observe.sh: load for ${duration} s at ${rate} requests/s"
+"$build/bench/sieve_loadgen" --target 127.0.0.1:50051 --rate "$rate" --duration "$duration" \
+  --prompt-lengths 32,128,512 --shared-prefix 32 --max-tokens 16 --drain-timeout 30 --seed 1 \
+  >"$work/loadgen.md"
+grep -E "^\| (latency|requests sent|output tokens|time to first token \||end-to-end)" "$work/loadgen.md" || tail -n 15 "$work/loadgen.md"
+# A few bad calls, so that the error panels have something to show: requests for a model the
+# daemon does not serve (refused), and requests whose client deadline ends mid-generation
+# (cancelled by the daemon).
+"$build/bench/sieve_loadgen" --target 127.0.0.1:50051 --model no-such-model --rate 20 --requests 3 \
+  --duration 5 --seed 2 >"$work/loadgen-bad.md" 2>&1 || true
+"$build/bench/sieve_loadgen" --target 127.0.0.1:50051 --rate 20 --requests 3 --duration 5 \
+  --prompt-lengths 512 --max-tokens 4096 --request-timeout 0.3 --seed 3 >>"$work/loadgen-bad.md" 2>&1 || true
+sleep 3   # the last scrapes and rule evaluations
+
+if [[ -n $png ]]; then
+  /usr/bin/python3 deploy/grafana/render_png.py --prometheus http://127.0.0.1:9091 \
+    --seconds "$((duration + 20))" --out "$png" deploy/grafana/dashboards/sieve-latency.json
+  ((check)) || exit 0
+fi
+if ((check)); then
+  status=0
+  /usr/bin/python3 tests/deploy/query_check.py --prometheus http://127.0.0.1:9091 \
+    --metrics http://127.0.0.1:9090/metrics || status=$?
+  kill -TERM "$sieved_pid"
+  wait "$sieved_pid" || { echo "observe.sh: sieved exited with $? after SIGTERM" >&2; status=1; }
+  exit $status
+fi
+echo "observe.sh: Prometheus keeps scraping; Ctrl-C stops the daemon and Prometheus"
+wait "$sieved_pid"
