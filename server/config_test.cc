@@ -303,6 +303,14 @@ TEST(ConfigTest, CrossFieldChecks) {
        "model.dtype float32 is not what the cuda backend computes in (bfloat16)"},
       {"server:\n  listen_address: '0.0.0.0:9090'\n",
        "metrics.listen_address and server.listen_address use the same port 9090"},
+      {"server:\n  role: decode\n",
+       "disaggregation.prefill_target must name the prefill daemons when server.role is decode"},
+      {"server:\n  role: prefill\nscheduler:\n  enable_prefix_caching: false\n",
+       "server.role prefill needs scheduler.enable_prefix_caching"},
+      {"disaggregation:\n  chunk_bytes: 33554432\n",
+       "disaggregation.chunk_bytes (33554432) exceeds server.max_message_bytes (16777216)"},
+      {"server:\n  role: decode\ndisaggregation:\n  prefill_target: 'dns:///a b'\n",
+       "disaggregation.prefill_target must not contain spaces, got 'dns:///a b'"},
   };
   for (const Case& c : cases) {
     std::string error = LoadError(c.yaml);
