@@ -92,7 +92,8 @@ struct DisaggregationConfig {
   int max_attempts = 3;
   // Longest a remote prefill with its transfer may take, in seconds.
   double transfer_timeout_s = 120.0;
-  // A transfer that receives nothing for this long is abandoned (and retried), in seconds.
+  // A transfer that receives nothing for this long after its first message is abandoned (and
+  // retried), in seconds; also the keepalive timeout of the channel to the prefill daemons.
   double stall_timeout_s = 10.0;
   // Bytes of KV per streamed chunk (rounded down to whole pages, at least one page).
   int chunk_bytes = 1 << 20;

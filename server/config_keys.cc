@@ -197,8 +197,9 @@ const std::vector<KeySpec>& Keys() {
       SIEVE_SERVER_KEY(disaggregation.transfer_timeout_s, NumberRange(0.1, 86400),
                        "Seconds a remote prefill and its KV transfer may take in all."),
       SIEVE_SERVER_KEY(disaggregation.stall_timeout_s, NumberRange(0.1, 3600),
-                       "Seconds without a message after which a transfer is abandoned and "
-                       "retried."),
+                       "Seconds without a message, once the first one (sent when the prefill has "
+                       "run) arrived, after which a transfer is abandoned and retried; also how "
+                       "long a keepalive ping to a prefill daemon may go unanswered."),
       SIEVE_SERVER_KEY(disaggregation.chunk_bytes, IntRange(4096, 1 << 30),
                        "KV bytes per streamed chunk (whole pages, at least one); at most "
                        "server.max_message_bytes."),

@@ -38,7 +38,8 @@ std::string LoadError(const std::string& yaml, std::vector<std::string> override
 const std::vector<std::string> kExpectedKeys = {
     "server.listen_address",          "server.max_message_bytes",
     "server.keepalive_time_s",        "server.keepalive_timeout_s",
-    "server.drain_grace_period_s",    "metrics.enabled",
+    "server.drain_grace_period_s",    "server.role",
+    "metrics.enabled",
     "metrics.listen_address",         "model.name",
     "model.directory",                "model.backend",
     "model.devices",                  "model.dtype",
@@ -53,6 +54,10 @@ const std::vector<std::string> kExpectedKeys = {
     "pools.step_timeout_s",
     "attention.prefill.method",       "attention.decode.method",
     "attention.kernel",               "limits.default_max_tokens",      "limits.max_stop_strings",
+    "disaggregation.prefill_target",  "disaggregation.local_prefill_below_tokens",
+    "disaggregation.fallback",        "disaggregation.max_attempts",
+    "disaggregation.transfer_timeout_s", "disaggregation.stall_timeout_s",
+    "disaggregation.chunk_bytes",     "disaggregation.transfer_threads",
     "logging.level",
 };
 

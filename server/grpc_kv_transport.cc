@@ -94,6 +94,12 @@ class GrpcKvTransport final : public KvTransport {
     // Reconnect to a restarted prefill daemon quickly (defaults back off up to 2 minutes).
     args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 200);
     args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
+    // Find a prefill daemon that froze (or whose host went away) while a prefill runs there:
+    // pings every 10 s (the least interval sieved accepts), unanswered for the stall timeout.
+    args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 10000);
+    args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS,
+                static_cast<int>(absl::ToInt64Milliseconds(stall_timeout)));
+    args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 0);
     channel_ = grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
     stub_ = kv::v1::KvTransfer::NewStub(channel_);
   }
@@ -114,12 +120,14 @@ class GrpcKvTransport final : public KvTransport {
   std::unique_ptr<kv::v1::KvTransfer::Stub> stub_;
 };
 
-// Cancels `context` when nothing arrived for `timeout`; Progress() marks an arrival.
+// Cancels `context` when nothing arrived for `timeout` since the previous message. It is armed
+// by the first message (the header, sent when the prefill has run): the prefill itself may wait
+// in the prefill daemon's queue for longer, and a dead or frozen daemon is found before that by
+// the channel's keepalive pings (and the call's deadline). Progress() marks an arrival.
 class StallWatch {
  public:
   StallWatch(grpc::ClientContext& context, absl::Duration timeout)
       : context_(context), timeout_(absl::ToChronoNanoseconds(timeout)) {
-    last_ = std::chrono::steady_clock::now();
     thread_ = std::thread([this] { Run(); });
   }
   ~StallWatch() {
@@ -131,14 +139,19 @@ class StallWatch {
     thread_.join();
   }
   void Progress() {
-    std::lock_guard<std::mutex> lock(mu_);
-    last_ = std::chrono::steady_clock::now();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      last_ = std::chrono::steady_clock::now();
+      armed_ = true;
+    }
+    cv_.notify_all();
   }
   bool stalled() const { return stalled_.load(); }
 
  private:
   void Run() {
     std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [this] { return done_ || armed_; });
     while (!done_) {
       const auto due = last_ + timeout_;
       if (std::chrono::steady_clock::now() >= due) {
@@ -156,6 +169,7 @@ class StallWatch {
   std::condition_variable cv_;
   std::chrono::steady_clock::time_point last_;
   bool done_ = false;
+  bool armed_ = false;
   std::atomic<bool> stalled_{false};
   std::thread thread_;
 };
