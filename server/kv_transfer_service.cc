@@ -293,7 +293,7 @@ void KvTransferService::PrefillReactor::OnDone() {
   if (hold.has_value()) (void)state_->engine->EndKvExport(hold->id);
   if (started_) {
     const KvTransferServiceOptions& o = service_->options_;
-    if (o.on_transfer) o.on_transfer(bytes, SecondsSince(start_), ok);
+    if (o.on_transfer) o.on_transfer(ok ? bytes : 0, SecondsSince(start_), ok);
     if (o.on_in_flight) o.on_in_flight(-1);
   }
   service_->CallDone("Prefill", final_code_.value_or(grpc::StatusCode::OK));

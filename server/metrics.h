@@ -38,7 +38,7 @@
 // | sieve_prefix_cache_hit_tokens_total         | counter   | model                | Prompt tokens served from the prefix cache. |
 // | sieve_step_seconds                          | histogram | model, pool          | Duration of one worker step (one batch) of the prefill or decode pool. |
 // | sieve_step_tokens_total                     | counter   | model, pool          | Tokens processed by the pool's steps (prompt tokens for prefill, one per sequence for decode). |
-// | sieve_kv_transfer_bytes_total               | counter   | model, direction     | KV page bytes of finished transfers: sent (prefill side) or received (decode side). |
+// | sieve_kv_transfer_bytes_total               | counter   | model, direction     | KV page bytes of completed transfers: sent (prefill side) or received (decode side). |
 // | sieve_kv_transfer_seconds                   | histogram | model, direction     | Duration of one transfer attempt: on the decode side the remote prefill and the page stream, on the prefill side the whole Prefill call. |
 // | sieve_kv_transfers_in_flight                | gauge     | model, direction     | KV transfers in progress. |
 // | sieve_kv_transfers_total                    | counter   | model, direction, outcome | Finished transfer attempts by outcome: ok or failed. |

@@ -197,6 +197,51 @@ TEST_F(DisaggregationTest, KillingAPrefillDaemonMidTransferLosesNoRequestAndLeak
   EXPECT_EQ(p1->WaitExit(absl::Seconds(10)), 128 + SIGKILL);
 }
 
+TEST_F(DisaggregationTest, CancellationAndDeadlinesReachThePrefillDaemon) {
+  // One page per chunk, 100 ms apart: a 99-page transfer would stream for about 10 s.
+  Sieved* p = Keep(Sieved::StartServing({"--set", "server.role=prefill", "--set",
+                                         "disaggregation.chunk_bytes=65536",
+                                         "--testing-kv-chunk-delay-ms", "100"}));
+  Sieved* decode = Keep(Sieved::StartServing(
+      {"--set", "server.role=decode", "--set",
+       absl::StrCat("disaggregation.prefill_target=", Target({p})), "--set",
+       "disaggregation.fallback=fail"}));
+  ASSERT_FALSE(HasFailure());
+  auto d = decode->stub();
+  auto sent_in_flight = [&] {
+    return p->Metrics().Sum("sieve_kv_transfers_in_flight", {{"direction", "sent"}});
+  };
+  auto sent_bytes = [&] {
+    return p->Metrics().Sum("sieve_kv_transfer_bytes_total", {{"direction", "sent"}});
+  };
+  {
+    OpenStream stream(*d, Greedy(RandomPrompt(1600, 31), 8));
+    ASSERT_TRUE(PollUntil([&] { return sent_in_flight() >= 1; }));
+    const absl::Time cancelled = absl::Now();
+    stream.context.TryCancel();
+    EXPECT_EQ(stream.reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+    // The prefill daemon's call ends long before its transfer would have.
+    EXPECT_TRUE(PollUntil([&] { return sent_in_flight() == 0; }, absl::Seconds(8)));
+    EXPECT_LT(absl::Now() - cancelled, absl::Seconds(8));
+  }
+  EXPECT_EQ(sent_bytes(), 0);  // the transfer never completed
+  EXPECT_GE(p->Metrics().Sum("sieve_kv_transfers_total", {{"direction", "sent"},
+                                                          {"outcome", "failed"}}),
+            1);
+  EXPECT_TRUE(NoPagesHeld(*p));
+  EXPECT_TRUE(NoPagesHeld(*decode));
+
+  // A client deadline shorter than the transfer: the call ends DEADLINE_EXCEEDED and the
+  // prefill daemon's call ends with it (the deadline travels with the remote call).
+  const StreamResult late =
+      Generate(*d, Greedy(RandomPrompt(1600, 32), 8), absl::Milliseconds(2500));
+  EXPECT_EQ(late.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_TRUE(PollUntil([&] { return sent_in_flight() == 0; }, absl::Seconds(8)));
+  EXPECT_EQ(sent_bytes(), 0);
+  EXPECT_TRUE(NoPagesHeld(*p));
+  EXPECT_TRUE(NoPagesHeld(*decode));
+}
+
 TEST_F(DisaggregationTest, APrefillDaemonOfAnotherModelIsRefused) {
   Sieved* other = Keep(Sieved::StartServing(
       {"--set", "server.role=prefill", "--set", "model.name=another-model"}));
