@@ -201,9 +201,14 @@ void Daemon::Drain(absl::Notification* cut_short) {
   if (server_) SetHealth(false);
   if (service_) service_->StartDraining();
   if (kv_service_) kv_service_->StartDraining();
+  const absl::Time deadline = absl::Now() + grace;
+  // Requests whose KV is on its way from a prefill daemon are submitted when it lands: let them
+  // in before the engine stops taking requests.
+  if (remote_prefill_ && engine_ && !remote_prefill_->WaitIdle(deadline - absl::Now())) {
+    remote_prefill_->CancelAll();
+  }
   if (engine_) {
     engine_->StartDraining();
-    const absl::Time deadline = absl::Now() + grace;
     bool idle = false;
     while (!idle) {
       const absl::Duration left = deadline - absl::Now();

@@ -98,6 +98,7 @@ std::shared_ptr<TransferCancellation> RemotePrefill::Start(
   {
     std::lock_guard<std::mutex> lock(mu_);
     queue_.push_back(Job{std::move(prompt), deadline, std::move(done), cancel});
+    ++pending_;
   }
   cv_.notify_one();
   return cancel;
@@ -132,7 +133,18 @@ void RemotePrefill::Work() {
     double transfer_s = 0;
     const absl::Status status = Run(job, transfer_s);
     job.done(status, transfer_s);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      --pending_;
+    }
+    idle_cv_.notify_all();
   }
+}
+
+bool RemotePrefill::WaitIdle(absl::Duration timeout) {
+  std::unique_lock<std::mutex> lock(mu_);
+  return idle_cv_.wait_for(lock, absl::ToChronoNanoseconds(timeout),
+                           [this] { return pending_ == 0; });
 }
 
 void RemotePrefill::Monitor() {

@@ -93,6 +93,11 @@ class RemotePrefill {
   // Cancels every transfer in progress or queued (at drain).
   void CancelAll();
 
+  // Blocks until no request is queued or transferring (each got its `done`), or `timeout`
+  // passes; true if none is. A draining daemon waits for this before it stops its engine taking
+  // requests, so that a request whose KV is on its way is still submitted.
+  bool WaitIdle(absl::Duration timeout);
+
   // Whether a prefill daemon was reachable at the last check (every second).
   bool reachable() const { return reachable_.load(); }
 
@@ -122,6 +127,8 @@ class RemotePrefill {
   std::deque<Job> queue_;                                     // guarded by mu_
   std::vector<std::weak_ptr<TransferCancellation>> running_;  // guarded by mu_
   bool stop_ = false;                                         // guarded by mu_
+  int pending_ = 0;  // jobs queued or running, until their `done` returned; guarded by mu_
+  std::condition_variable idle_cv_;  // WaitIdle waits here
   std::vector<std::thread> threads_;
   std::thread monitor_;
 };

@@ -242,6 +242,28 @@ TEST_F(DisaggregationTest, CancellationAndDeadlinesReachThePrefillDaemon) {
   EXPECT_TRUE(NoPagesHeld(*decode));
 }
 
+TEST_F(DisaggregationTest, DrainingDecodeDaemonFinishesARequestWhoseKvIsOnItsWay) {
+  Sieved* p = Keep(Sieved::StartServing({"--set", "server.role=prefill", "--set",
+                                         "disaggregation.chunk_bytes=65536",
+                                         "--testing-kv-chunk-delay-ms", "40"}));
+  Sieved* decode = Keep(Sieved::StartServing(
+      {"--set", "server.role=decode", "--set",
+       absl::StrCat("disaggregation.prefill_target=", Target({p})), "--set",
+       "disaggregation.fallback=fail"}));
+  ASSERT_FALSE(HasFailure());
+  auto d = decode->stub();
+  OpenStream stream(*d, Greedy(RandomPrompt(960, 41), 6));
+  ASSERT_TRUE(PollUntil([&] {
+    return decode->Metrics().Sum("sieve_kv_transfers_in_flight", {{"direction", "received"}}) >= 1;
+  }));
+  decode->Signal(SIGTERM);
+  const StreamResult r = Drain(*stream.reader);
+  EXPECT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_EQ(r.ids.size(), 6u);
+  EXPECT_EQ(decode->WaitExit(absl::Seconds(30)), 0);
+  EXPECT_TRUE(NoPagesHeld(*p));
+}
+
 TEST_F(DisaggregationTest, APrefillDaemonOfAnotherModelIsRefused) {
   Sieved* other = Keep(Sieved::StartServing(
       {"--set", "server.role=prefill", "--set", "model.name=another-model"}));
