@@ -167,6 +167,27 @@ void ParseInto(absl::string_view yaml, absl::string_view source, ServerConfig& c
 
 // The server's own cross-field checks (the engine's are engine::EngineConfig::Validate()).
 void CheckCrossField(const ServerConfig& c, std::vector<std::string>& errors) {
+  if (c.server.role == "decode" && c.disaggregation.prefill_target.empty()) {
+    errors.push_back("disaggregation.prefill_target must name the prefill daemons when "
+                     "server.role is decode");
+  }
+  if (c.server.role != "both" && !c.engine.scheduler.enable_prefix_caching) {
+    errors.push_back(absl::StrCat("server.role ", c.server.role,
+                                  " needs scheduler.enable_prefix_caching: KV transfers go "
+                                  "through the prefix cache"));
+  }
+  if (c.disaggregation.chunk_bytes > c.server.max_message_bytes) {
+    errors.push_back(absl::StrCat("disaggregation.chunk_bytes (", c.disaggregation.chunk_bytes,
+                                  ") exceeds server.max_message_bytes (",
+                                  c.server.max_message_bytes, ")"));
+  }
+  for (const char c_ : c.disaggregation.prefill_target) {
+    if (c_ == ' ' || c_ == '\t' || c_ == '\n') {
+      errors.push_back(absl::StrCat("disaggregation.prefill_target must not contain spaces, got '",
+                                    c.disaggregation.prefill_target, "'"));
+      break;
+    }
+  }
   if (c.metrics.enabled) {
     std::optional<int> grpc_port = PortOf(c.server.listen_address);
     std::optional<int> metrics_port = PortOf(c.metrics.listen_address);

@@ -48,6 +48,11 @@ struct GrpcServerConfig {
   // On SIGTERM: how long in-flight requests may keep running before they are cancelled, in
   // seconds. 0 cancels them at once.
   double drain_grace_period_s = 30.0;
+  // This daemon's part in disaggregated serving (docs/disaggregation.md): "both" (prefill and
+  // decode here), "prefill" (serves sieve.kv.v1.KvTransfer for decode daemons) or "decode"
+  // (the front door: prompts of disaggregation.local_prefill_below_tokens tokens or more are
+  // prefilled on disaggregation.prefill_target).
+  std::string role = "both";
 
   bool operator==(const GrpcServerConfig&) const = default;
 };
@@ -72,6 +77,32 @@ struct LimitsConfig {
   bool operator==(const LimitsConfig&) const = default;
 };
 
+// Disaggregated serving (`disaggregation.*`): how a decode daemon uses prefill daemons.
+struct DisaggregationConfig {
+  // gRPC target of the prefill daemons, balanced round-robin over the addresses it resolves to,
+  // e.g. "dns:///sieve-prefill:50051" or "ipv4:127.0.0.1:50061,127.0.0.1:50062". Required when
+  // server.role is decode.
+  std::string prefill_target;
+  // Prompts shorter than this (tokens) are prefilled locally on a decode daemon.
+  int local_prefill_below_tokens = 256;
+  // When every attempt at a remote prefill failed: "local" prefills here, "fail" fails the
+  // request with the transfer's status.
+  std::string fallback = "local";
+  // Attempts at a remote prefill per request (each may go to another prefill daemon).
+  int max_attempts = 3;
+  // Longest a remote prefill with its transfer may take, in seconds.
+  double transfer_timeout_s = 120.0;
+  // A transfer that receives nothing for this long after its first message is abandoned (and
+  // retried), in seconds; also the keepalive timeout of the channel to the prefill daemons.
+  double stall_timeout_s = 10.0;
+  // Bytes of KV per streamed chunk (rounded down to whole pages, at least one page).
+  int chunk_bytes = 1 << 20;
+  // Threads that run remote prefills on a decode daemon (transfers in flight at once).
+  int transfer_threads = 8;
+
+  bool operator==(const DisaggregationConfig&) const = default;
+};
+
 // Logging (`logging.*`).
 struct LoggingConfig {
   // Least severe level logged: "debug", "info", "warning" or "error".
@@ -90,6 +121,7 @@ struct ServerConfig {
   engine::EngineConfig engine;
   LimitsConfig limits;
   LoggingConfig logging;
+  DisaggregationConfig disaggregation;
 
   // Checks every setting against its key's rule (range, choices, format), then, when those pass,
   // the settings against each other: engine::EngineConfig::Validate() (e.g.

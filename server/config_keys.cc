@@ -77,6 +77,11 @@ const std::vector<KeySpec>& Keys() {
                        "On SIGTERM: health turns NOT_SERVING, new calls get UNAVAILABLE, and "
                        "in-flight requests may run this many seconds before they are cancelled "
                        "(0 cancels them at once)."),
+      SIEVE_SERVER_KEY(server.role, OneOf({"both", "prefill", "decode"}),
+                       "Part in disaggregated serving (docs/disaggregation.md): both (prefill and "
+                       "decode here), prefill (runs prompts for decode daemons and streams their "
+                       "KV back over sieve.kv.v1.KvTransfer) or decode (the front door: long "
+                       "prompts are prefilled on disaggregation.prefill_target)."),
 
       SIEVE_SERVER_KEY(metrics.enabled, Any(),
                        "Serve Prometheus metrics (names prefixed sieve_) over HTTP at /metrics."),
@@ -174,6 +179,32 @@ const std::vector<KeySpec>& Keys() {
                        "left after the prompt)."),
       SIEVE_SERVER_KEY(limits.max_stop_strings, IntRange(0, engine::kMaxStopStrings),
                        "Most stop strings one request may carry."),
+
+      SIEVE_SERVER_KEY(disaggregation.prefill_target, Any(),
+                       "gRPC target of the prefill daemons, balanced round-robin over the "
+                       "addresses it resolves to: e.g. dns:///sieve-prefill:50051 or "
+                       "ipv4:127.0.0.1:50061,127.0.0.1:50062. Required when server.role is "
+                       "decode."),
+      SIEVE_SERVER_KEY(disaggregation.local_prefill_below_tokens, IntRange(0, 1 << 24),
+                       "On a decode daemon, prompts shorter than this many tokens are prefilled "
+                       "locally (a transfer costs more than it saves)."),
+      SIEVE_SERVER_KEY(disaggregation.fallback, OneOf({"local", "fail"}),
+                       "When every attempt at a remote prefill failed: local (prefill here) or "
+                       "fail (the request fails with the transfer's status)."),
+      SIEVE_SERVER_KEY(disaggregation.max_attempts, IntRange(1, 16),
+                       "Attempts at a remote prefill per request; each retry may reach another "
+                       "prefill daemon."),
+      SIEVE_SERVER_KEY(disaggregation.transfer_timeout_s, NumberRange(0.1, 86400),
+                       "Seconds a remote prefill and its KV transfer may take in all."),
+      SIEVE_SERVER_KEY(disaggregation.stall_timeout_s, NumberRange(0.1, 3600),
+                       "Seconds without a message, once the first one (sent when the prefill has "
+                       "run) arrived, after which a transfer is abandoned and retried; also how "
+                       "long a keepalive ping to a prefill daemon may go unanswered."),
+      SIEVE_SERVER_KEY(disaggregation.chunk_bytes, IntRange(4096, 1 << 30),
+                       "KV bytes per streamed chunk (whole pages, at least one); at most "
+                       "server.max_message_bytes."),
+      SIEVE_SERVER_KEY(disaggregation.transfer_threads, IntRange(1, 256),
+                       "Threads of a decode daemon that run remote prefills (transfers at once)."),
 
       SIEVE_SERVER_KEY(logging.level, OneOf({"debug", "info", "warning", "error"}),
                        "Least severe log level written."),

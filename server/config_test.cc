@@ -38,7 +38,8 @@ std::string LoadError(const std::string& yaml, std::vector<std::string> override
 const std::vector<std::string> kExpectedKeys = {
     "server.listen_address",          "server.max_message_bytes",
     "server.keepalive_time_s",        "server.keepalive_timeout_s",
-    "server.drain_grace_period_s",    "metrics.enabled",
+    "server.drain_grace_period_s",    "server.role",
+    "metrics.enabled",
     "metrics.listen_address",         "model.name",
     "model.directory",                "model.backend",
     "model.devices",                  "model.dtype",
@@ -53,6 +54,10 @@ const std::vector<std::string> kExpectedKeys = {
     "pools.step_timeout_s",
     "attention.prefill.method",       "attention.decode.method",
     "attention.kernel",               "limits.default_max_tokens",      "limits.max_stop_strings",
+    "disaggregation.prefill_target",  "disaggregation.local_prefill_below_tokens",
+    "disaggregation.fallback",        "disaggregation.max_attempts",
+    "disaggregation.transfer_timeout_s", "disaggregation.stall_timeout_s",
+    "disaggregation.chunk_bytes",     "disaggregation.transfer_threads",
     "logging.level",
 };
 
@@ -303,6 +308,14 @@ TEST(ConfigTest, CrossFieldChecks) {
        "model.dtype float32 is not what the cuda backend computes in (bfloat16)"},
       {"server:\n  listen_address: '0.0.0.0:9090'\n",
        "metrics.listen_address and server.listen_address use the same port 9090"},
+      {"server:\n  role: decode\n",
+       "disaggregation.prefill_target must name the prefill daemons when server.role is decode"},
+      {"server:\n  role: prefill\nscheduler:\n  enable_prefix_caching: false\n",
+       "server.role prefill needs scheduler.enable_prefix_caching"},
+      {"disaggregation:\n  chunk_bytes: 33554432\n",
+       "disaggregation.chunk_bytes (33554432) exceeds server.max_message_bytes (16777216)"},
+      {"server:\n  role: decode\ndisaggregation:\n  prefill_target: 'dns:///a b'\n",
+       "disaggregation.prefill_target must not contain spaces, got 'dns:///a b'"},
   };
   for (const Case& c : cases) {
     std::string error = LoadError(c.yaml);

@@ -32,7 +32,8 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const ServerConfig& config
   std::unique_ptr<Daemon> daemon(new Daemon(config));
   if (config.metrics.enabled) {
     SIEVE_ASSIGN_OR_RETURN(daemon->metrics_, Metrics::Create(config.metrics.listen_address,
-                                                             config.engine.model.name));
+                                                             config.engine.model.name,
+                                                             config.server.role));
   }
   SIEVE_RETURN_IF_ERROR(daemon->StartGrpc());
   return daemon;
@@ -49,7 +50,39 @@ absl::Status Daemon::StartGrpc() {
       m->OnGrpcRequest(method, GrpcStatusCodeName(static_cast<int>(code)));
     };
   }
+  Metrics* m = metrics_.get();
+  if (config_.server.role == "decode") {
+    RemotePrefillEvents events;
+    if (m != nullptr) {
+      events.on_placed = [m](bool remote) { m->OnPrefillPlaced(remote); };
+      events.on_transfer = [m](int64_t bytes, double s, bool ok) {
+        m->OnKvTransfer(/*sent=*/false, bytes, s, ok);
+      };
+      events.on_in_flight = [m](int d) { m->AddKvTransfersInFlight(/*sent=*/false, d); };
+      events.on_retry = [m] { m->OnKvTransferRetry(); };
+      events.on_reachable = [m](bool up) { m->SetPrefillDaemonsReachable(up); };
+    }
+    const DisaggregationConfig& d = config_.disaggregation;
+    remote_prefill_ = std::make_unique<RemotePrefill>(
+        d, config_.engine.model.name,
+        MakeGrpcKvTransport(d.prefill_target, absl::Seconds(d.stall_timeout_s)),
+        std::move(events));
+    options.remote_prefill = remote_prefill_.get();
+  }
   service_ = std::make_unique<SieveService>(std::move(options));
+  KvTransferServiceOptions kv_options;
+  kv_options.model_name = config_.engine.model.name;
+  kv_options.chunk_bytes = config_.disaggregation.chunk_bytes;
+  if (m != nullptr) {
+    kv_options.on_transfer = [m](int64_t bytes, double s, bool ok) {
+      m->OnKvTransfer(/*sent=*/true, bytes, s, ok);
+    };
+    kv_options.on_in_flight = [m](int d) { m->AddKvTransfersInFlight(/*sent=*/true, d); };
+    kv_options.on_rpc_done = [m](std::string_view method, grpc::StatusCode code) {
+      m->OnGrpcRequest(method, GrpcStatusCodeName(static_cast<int>(code)));
+    };
+  }
+  kv_service_ = std::make_unique<KvTransferService>(std::move(kv_options));
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -58,6 +91,7 @@ absl::Status Daemon::StartGrpc() {
   builder.AddListeningPort(config_.server.listen_address, grpc::InsecureServerCredentials(),
                            &port);
   builder.RegisterService(service_.get());
+  builder.RegisterService(kv_service_.get());
   builder.SetMaxReceiveMessageSize(config_.server.max_message_bytes);
   builder.SetMaxSendMessageSize(config_.server.max_message_bytes);
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS,
@@ -100,6 +134,8 @@ absl::Status Daemon::LoadModel() {
   // The engine reports its load after each step; publish the idle pool (all pages free) now.
   if (metrics_) metrics_->OnLoad(engine_->load());
   service_->SetEngine(engine_.get());
+  kv_service_->SetEngine(engine_.get());
+  if (remote_prefill_) remote_prefill_->SetEngine(engine_.get());
   SetHealth(true);
   const engine::ModelInfo info = engine_->model_info();
   Log(LogLevel::kInfo,
@@ -109,6 +145,10 @@ absl::Status Daemon::LoadModel() {
                    info.kv_pages, " pages x ", info.page_size, " tokens = ",
                    int64_t{info.kv_pages} * info.page_size, " tokens; context ",
                    info.context_tokens, " tokens; attention ", info.attention_policy,
+                   "; role ", config_.server.role,
+                   config_.server.role == "decode"
+                       ? absl::StrCat(" (prefill on ", config_.disaggregation.prefill_target, ")")
+                       : std::string(),
                    "; loaded in ", absl::FormatDuration(absl::Now() - start),
                    "; health SERVING on ", grpc_address_));
   return absl::OkStatus();
@@ -160,9 +200,15 @@ void Daemon::Drain(absl::Notification* cut_short) {
                                     absl::FormatDuration(grace)));
   if (server_) SetHealth(false);
   if (service_) service_->StartDraining();
+  if (kv_service_) kv_service_->StartDraining();
+  const absl::Time deadline = absl::Now() + grace;
+  // Requests whose KV is on its way from a prefill daemon are submitted when it lands: let them
+  // in before the engine stops taking requests.
+  if (remote_prefill_ && engine_ && !remote_prefill_->WaitIdle(deadline - absl::Now())) {
+    remote_prefill_->CancelAll();
+  }
   if (engine_) {
     engine_->StartDraining();
-    const absl::Time deadline = absl::Now() + grace;
     bool idle = false;
     while (!idle) {
       const absl::Duration left = deadline - absl::Now();
@@ -173,6 +219,7 @@ void Daemon::Drain(absl::Notification* cut_short) {
       Log(LogLevel::kWarning, absl::StrCat("drain: cancelling ", service_->active_streams(),
                                            " streams still running"));
       service_->CancelAll();
+      if (remote_prefill_) remote_prefill_->CancelAll();
       idle = engine_->WaitIdle(absl::Seconds(5));
     }
     // A step that never returns (a hung device) keeps its requests and the engine's threads
@@ -182,6 +229,9 @@ void Daemon::Drain(absl::Notification* cut_short) {
   // Let the last messages and statuses go out before the server stops.
   if (service_ && !service_->WaitForNoActiveStreams(absl::Seconds(5))) {
     Log(LogLevel::kWarning, "drain: streams still open after 5 s; closing them");
+  }
+  if (kv_service_ && !kv_service_->WaitForNoCalls(absl::Seconds(5))) {
+    Log(LogLevel::kWarning, "drain: KV transfers still open after 5 s; closing them");
   }
   Log(LogLevel::kInfo, "drain: no request in flight; stopping the gRPC server");
   // Calls still open now are streams that never end by themselves (health Watch, reflection);
@@ -194,11 +244,15 @@ void Daemon::Drain(absl::Notification* cut_short) {
                           "engine's threads behind for the process to exit");
     (void)engine_.release();
     (void)service_.release();
+    (void)kv_service_.release();
+    (void)remote_prefill_.release();
     (void)metrics_.release();
     return;
   }
+  remote_prefill_.reset();
   engine_.reset();
   service_.reset();
+  kv_service_.reset();
   metrics_.reset();
   Log(LogLevel::kInfo, "stopped");
 }
@@ -209,6 +263,7 @@ Daemon::~Daemon() {
     if (service_) service_->StartDraining();
     if (server_) server_->Shutdown(std::chrono::system_clock::now());
     server_.reset();
+    remote_prefill_.reset();
     engine_.reset();
   }
 }

@@ -27,7 +27,9 @@
 #include "absl/time/time.h"
 #include "engine/serving/engine.h"
 #include "server/config.h"
+#include "server/kv_transfer_service.h"
 #include "server/metrics.h"
+#include "server/remote_prefill.h"
 #include "server/sieve_service.h"
 
 namespace sieve::server {
@@ -101,10 +103,12 @@ class Daemon {
 
   const ServerConfig config_;
   EngineEvents events_;
-  // Destroyed bottom-up: the gRPC server, the service, the engine, then the metrics (the
-  // engine's observer).
+  // Destroyed bottom-up: the gRPC server, the services, the remote prefills (their threads use
+  // the engine), the engine, then the metrics (the engine's observer).
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<engine::Engine> engine_;
+  std::unique_ptr<RemotePrefill> remote_prefill_;  // server.role decode only
+  std::unique_ptr<KvTransferService> kv_service_;
   std::unique_ptr<SieveService> service_;
   std::unique_ptr<grpc::Server> server_;
   std::string grpc_address_;

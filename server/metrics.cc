@@ -126,11 +126,86 @@ const std::vector<double>& LatencyBucketsSeconds() {
   return *kBuckets;
 }
 
-Metrics::Metrics(const std::string& model)
+Metrics::Metrics(const std::string& model, const std::string& role)
     : registry_(std::make_shared<prometheus::Registry>()) {
-  const prometheus::Labels model_label = {{"model", model}};
+  const prometheus::Labels model_label = {{"model", model}, {"role", role}};
   RegisterRequestMetrics(model_label);
   RegisterEngineMetrics(model_label);
+  RegisterDisaggregationMetrics(model_label);
+}
+
+void Metrics::RegisterDisaggregationMetrics(const prometheus::Labels& model_label) {
+  using prometheus::BuildCounter;
+  using prometheus::BuildGauge;
+  auto& bytes = BuildCounter()
+                    .Name("sieve_kv_transfer_bytes_total")
+                    .Help("KV page bytes of finished transfers, sent or received.")
+                    .Labels(model_label)
+                    .Register(*registry_);
+  auto& seconds = prometheus::BuildHistogram()
+                      .Name("sieve_kv_transfer_seconds")
+                      .Help("Seconds of one KV transfer attempt (remote prefill and pages).")
+                      .Labels(model_label)
+                      .Register(*registry_);
+  auto& in_flight = BuildGauge()
+                        .Name("sieve_kv_transfers_in_flight")
+                        .Help("KV transfers in progress.")
+                        .Labels(model_label)
+                        .Register(*registry_);
+  auto& transfers = BuildCounter()
+                        .Name("sieve_kv_transfers_total")
+                        .Help("Finished KV transfer attempts by outcome.")
+                        .Labels(model_label)
+                        .Register(*registry_);
+  for (int sent = 0; sent < 2; ++sent) {
+    const std::string direction = sent ? "sent" : "received";
+    kv_bytes_[sent] = &bytes.Add({{"direction", direction}});
+    kv_seconds_[sent] = &seconds.Add({{"direction", direction}}, LatencyBucketsSeconds());
+    kv_in_flight_[sent] = &in_flight.Add({{"direction", direction}});
+    for (int ok = 0; ok < 2; ++ok) {
+      kv_transfers_[sent * 2 + ok] =
+          &transfers.Add({{"direction", direction}, {"outcome", ok ? "ok" : "failed"}});
+    }
+  }
+  kv_retries_ = &BuildCounter()
+                     .Name("sieve_kv_transfer_retries_total")
+                     .Help("Remote prefill attempts retried after a failure.")
+                     .Labels(model_label)
+                     .Register(*registry_)
+                     .Add({});
+  auto& prefills = BuildCounter()
+                       .Name("sieve_prefills_total")
+                       .Help("Generate requests on a decode daemon by where their prompt was "
+                             "prefilled.")
+                       .Labels(model_label)
+                       .Register(*registry_);
+  prefills_[0] = &prefills.Add({{"location", "local"}});
+  prefills_[1] = &prefills.Add({{"location", "remote"}});
+  prefill_reachable_ = &BuildGauge()
+                            .Name("sieve_prefill_daemons_reachable")
+                            .Help("1 while a decode daemon can reach a prefill daemon, else 0.")
+                            .Labels(model_label)
+                            .Register(*registry_)
+                            .Add({});
+}
+
+void Metrics::OnKvTransfer(bool sent, int64_t bytes, double seconds, bool ok) {
+  const int d = sent ? 1 : 0;
+  if (bytes > 0) kv_bytes_[d]->Increment(static_cast<double>(bytes));
+  kv_seconds_[d]->Observe(seconds);
+  kv_transfers_[d * 2 + (ok ? 1 : 0)]->Increment();
+}
+
+void Metrics::AddKvTransfersInFlight(bool sent, int delta) {
+  kv_in_flight_[sent ? 1 : 0]->Increment(delta);
+}
+
+void Metrics::OnKvTransferRetry() { kv_retries_->Increment(); }
+
+void Metrics::OnPrefillPlaced(bool remote) { prefills_[remote ? 1 : 0]->Increment(); }
+
+void Metrics::SetPrefillDaemonsReachable(bool reachable) {
+  prefill_reachable_->Set(reachable ? 1 : 0);
 }
 
 void Metrics::RegisterRequestMetrics(const prometheus::Labels& model_label) {
@@ -256,10 +331,11 @@ Metrics::~Metrics() {
 }
 
 absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& listen_address,
-                                                         const std::string& model) {
+                                                         const std::string& model,
+                                                         const std::string& role) {
   absl::StatusOr<std::string> civet_address = CivetListenAddress(listen_address);
   if (!civet_address.ok()) return civet_address.status();
-  std::unique_ptr<Metrics> metrics(new Metrics(model));
+  std::unique_ptr<Metrics> metrics(new Metrics(model, role));
   try {
     metrics->exposer_ = std::make_unique<prometheus::Exposer>(*civet_address, /*num_threads=*/2);
   } catch (const std::exception& e) {

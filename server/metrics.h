@@ -2,7 +2,8 @@
 // served as the Prometheus text format over HTTP (GET /metrics) on their own port.
 //
 // Every metric name starts with `sieve_`, uses base units (seconds, tokens, pages) and carries
-// the constant label `model` (the configured model name). Labels are bounded: the values of
+// the constant labels `model` (the configured model name) and `role` (server.role: both,
+// prefill or decode; every metric keeps its name in all roles). Labels are bounded: the values of
 // `pool`, `outcome`, `reason` and `code` come from fixed lists below, `method` is the gRPC
 // method name chosen by the server (at most kMaxGrpcMethods distinct values; later ones and
 // malformed ones are counted as "other"). No label ever holds a request id or a client string.
@@ -37,6 +38,13 @@
 // | sieve_prefix_cache_hit_tokens_total         | counter   | model                | Prompt tokens served from the prefix cache. |
 // | sieve_step_seconds                          | histogram | model, pool          | Duration of one worker step (one batch) of the prefill or decode pool. |
 // | sieve_step_tokens_total                     | counter   | model, pool          | Tokens processed by the pool's steps (prompt tokens for prefill, one per sequence for decode). |
+// | sieve_kv_transfer_bytes_total               | counter   | model, direction     | KV page bytes of completed transfers: sent (prefill side) or received (decode side). |
+// | sieve_kv_transfer_seconds                   | histogram | model, direction     | Duration of one transfer attempt: on the decode side the remote prefill and the page stream, on the prefill side the whole Prefill call. |
+// | sieve_kv_transfers_in_flight                | gauge     | model, direction     | KV transfers in progress. |
+// | sieve_kv_transfers_total                    | counter   | model, direction, outcome | Finished transfer attempts by outcome: ok or failed. |
+// | sieve_kv_transfer_retries_total             | counter   | model                | Remote prefill attempts retried after a failure (decode side). |
+// | sieve_prefills_total                        | counter   | model, location      | Generate requests on a decode daemon by where their prompt was prefilled: remote or local (short prompts, every page cached here, or the fallback). |
+// | sieve_prefill_daemons_reachable             | gauge     | model                | 1 while a decode daemon can reach a prefill daemon, else 0 (0 in the other roles). |
 //
 // Histograms expose the usual `_bucket{le=...}`, `_sum` and `_count` series. Every series whose
 // labels are known in advance (all but sieve_grpc_requests_total) is present from the start
@@ -90,8 +98,10 @@ class Metrics : public engine::EngineObserver {
   // (e.g. "0.0.0.0", "127.0.0.1") or "localhost"; port 0 picks a free port (see port()).
   // `model` is the value of the constant `model` label. Returns InvalidArgument for a
   // malformed address and Unavailable when the port cannot be bound.
+  // `role` is the value of the constant `role` label (server.role).
   static absl::StatusOr<std::unique_ptr<Metrics>> Create(const std::string& listen_address,
-                                                         const std::string& model);
+                                                         const std::string& model,
+                                                         const std::string& role = "both");
 
   ~Metrics() override;
   Metrics(const Metrics&) = delete;
@@ -117,8 +127,16 @@ class Metrics : public engine::EngineObserver {
   void OnStep(engine::Pool pool, double seconds, int32_t tokens) override;
   void OnLoad(const engine::EngineLoad& load) override;
 
+  // Disaggregated serving (see the table). `sent`: the prefill side's direction.
+  void OnKvTransfer(bool sent, int64_t bytes, double seconds, bool ok);
+  void AddKvTransfersInFlight(bool sent, int delta);
+  void OnKvTransferRetry();
+  void OnPrefillPlaced(bool remote);
+  void SetPrefillDaemonsReachable(bool reachable);
+
  private:
-  explicit Metrics(const std::string& model);
+  Metrics(const std::string& model, const std::string& role);
+  void RegisterDisaggregationMetrics(const std::map<std::string, std::string>& model_label);
   // Create the request (latency, outcome, token, gRPC) and the engine (load, step) families.
   void RegisterRequestMetrics(const std::map<std::string, std::string>& model_label);
   void RegisterEngineMetrics(const std::map<std::string, std::string>& model_label);
@@ -166,6 +184,16 @@ class Metrics : public engine::EngineObserver {
   // Worker steps.
   std::array<prometheus::Histogram*, 2> step_s_{};
   std::array<prometheus::Counter*, 2> step_tokens_{};
+
+  // Disaggregated serving; arrays indexed by direction (0 received, 1 sent) or location (0
+  // local, 1 remote).
+  std::array<prometheus::Counter*, 2> kv_bytes_{};
+  std::array<prometheus::Histogram*, 2> kv_seconds_{};
+  std::array<prometheus::Gauge*, 2> kv_in_flight_{};
+  std::array<prometheus::Counter*, 4> kv_transfers_{};  // [direction * 2 + ok]
+  prometheus::Counter* kv_retries_ = nullptr;
+  std::array<prometheus::Counter*, 2> prefills_{};
+  prometheus::Gauge* prefill_reachable_ = nullptr;
 
   mutable absl::Mutex mu_;
   // Cumulative prefix-cache totals last seen in OnLoad, to turn them into counter increments.

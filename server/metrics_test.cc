@@ -53,6 +53,13 @@ const std::vector<std::pair<std::string, std::string>>& DocumentedFamilies() {
       {"sieve_prefix_cache_query_tokens_total", "counter"},
       {"sieve_prefix_cache_hit_tokens_total", "counter"},
       {"sieve_step_seconds", "histogram"},
+      {"sieve_kv_transfer_bytes_total", "counter"},
+      {"sieve_kv_transfer_seconds", "histogram"},
+      {"sieve_kv_transfers_in_flight", "gauge"},
+      {"sieve_kv_transfers_total", "counter"},
+      {"sieve_kv_transfer_retries_total", "counter"},
+      {"sieve_prefills_total", "counter"},
+      {"sieve_prefill_daemons_reachable", "gauge"},
       {"sieve_step_tokens_total", "counter"},
   };
   return *kFamilies;

@@ -33,6 +33,9 @@ struct SieveService::Stream {
   v1::GenerateResponse in_flight;
   bool write_in_flight ABSL_GUARDED_BY(mu) = false;
   bool cancelled ABSL_GUARDED_BY(mu) = false;  // the client went away or the deadline passed
+  // A remote prefill in progress (decode daemons), cancelled with the call.
+  std::shared_ptr<TransferCancellation> transfer ABSL_GUARDED_BY(mu);
+  double kv_transfer_s ABSL_GUARDED_BY(mu) = 0;  // seconds the remote prefill took
   bool finished ABSL_GUARDED_BY(mu) = false;   // Finish or StartWriteAndFinish was issued
   grpc::StatusCode final_code ABSL_GUARDED_BY(mu) = grpc::StatusCode::OK;
 
@@ -65,25 +68,31 @@ class SieveService::GenerateReactor final
 
   void OnWriteDone(bool ok) override {
     std::optional<engine::RequestId> cancel;
+    std::shared_ptr<TransferCancellation> transfer;
     {
       absl::MutexLock lock(&stream_->mu);
       stream_->write_in_flight = false;
       if (!ok && !stream_->cancelled) {
         stream_->cancelled = true;  // the stream broke: nobody reads the rest
         cancel = stream_->engine_id;
+        transfer = stream_->transfer;
       }
     }
+    if (transfer) transfer->Cancel();
     if (cancel.has_value()) stream_->engine->Cancel(*cancel);
     stream_->Pump();
   }
 
   void OnCancel() override {
     std::optional<engine::RequestId> cancel;
+    std::shared_ptr<TransferCancellation> transfer;
     {
       absl::MutexLock lock(&stream_->mu);
       stream_->cancelled = true;
       cancel = stream_->engine_id;
+      transfer = stream_->transfer;
     }
+    if (transfer) transfer->Cancel();
     if (cancel.has_value()) stream_->engine->Cancel(*cancel);
     stream_->Pump();
   }
@@ -183,6 +192,13 @@ void SieveService::Stream::Pump() {
         action = Action::kWrite;
         if (outcome.has_value() && !failed) {
           ToCompletion(*outcome, in_flight.mutable_complete());
+          if (kv_transfer_s > 0) {
+            // The engine's clock started when the transfer ended: add it where it belongs.
+            v1::Timings* t = in_flight.mutable_complete()->mutable_timings();
+            t->set_kv_transfer_seconds(kv_transfer_s);
+            t->set_time_to_first_token_seconds(t->time_to_first_token_seconds() + kv_transfer_s);
+            t->set_total_seconds(t->total_seconds() + kv_transfer_s);
+          }
           action = Action::kWriteAndFinish;
         }
       } else {
@@ -243,23 +259,69 @@ void SieveService::GenerateReactor::Start(const v1::GenerateRequest& request) {
           : absl::StrCat("sieve-", service_->next_request_number_.fetch_add(1));
   if (stream.deadline.has_value()) spec->deadline = absl::FromChrono(*stream.deadline);
   spec->sink = std::make_shared<StreamSink>(stream_);
-  const size_t prompt_tokens = spec->prompt.size();
 
   service_->Register(stream_);
   registered_ = true;
-  absl::StatusOr<engine::RequestId> id = stream.engine->Submit(*std::move(spec));
-  if (!id.ok()) return Reject(id.status());
+  RemotePrefill* remote = service_->options_.remote_prefill;
+  if (remote != nullptr && remote->Wants(spec->prompt.size())) {
+    // Prefill elsewhere first; the request is submitted when the KV is here (or must not be).
+    const absl::Time deadline =
+        stream.deadline.has_value() ? absl::FromChrono(*stream.deadline) : absl::InfiniteFuture();
+    auto prepared = std::make_shared<engine::RequestSpec>(*std::move(spec));
+    SieveService* service = service_;
+    std::shared_ptr<Stream> shared = stream_;
+    std::shared_ptr<TransferCancellation> transfer = remote->Start(
+        prepared->prompt, deadline,
+        [service, shared, prepared](absl::Status placed, double transfer_s) {
+          service->SubmitPrepared(shared, std::move(*prepared), placed, transfer_s);
+        });
+    bool cancelled;
+    {
+      absl::MutexLock lock(&stream.mu);
+      stream.transfer = transfer;
+      cancelled = stream.cancelled;
+    }
+    if (cancelled) transfer->Cancel();
+    return;
+  }
+  if (remote != nullptr) remote->CountLocal();
+  service_->SubmitPrepared(stream_, *std::move(spec), absl::OkStatus(), 0);
+}
+
+void SieveService::SubmitPrepared(const std::shared_ptr<Stream>& shared, engine::RequestSpec spec,
+                                  const absl::Status& placed, double transfer_s) {
+  Stream& stream = *shared;
+  const size_t prompt_tokens = spec.prompt.size();
+  absl::StatusOr<engine::RequestId> id =
+      placed.ok() ? stream.engine->Submit(std::move(spec)) : placed;
+  if (!id.ok()) {
+    // Ends the call with the error, through the stream (a write or OnCancel may be racing).
+    {
+      absl::MutexLock lock(&stream.mu);
+      engine::RequestOutcome failed;
+      failed.finish = engine::FinishReason::kError;
+      failed.status = id.status();
+      stream.outcome = failed;
+    }
+    Log(LogLevel::kDebug, absl::StrCat("Generate rejected: ", id.status().ToString()));
+    stream.Pump();
+    return;
+  }
   bool cancelled;
   {
     absl::MutexLock lock(&stream.mu);
     stream.engine_id = *id;
+    stream.kv_transfer_s = transfer_s;
     cancelled = stream.cancelled;
   }
   // OnCancel may have run before the id was known.
   if (cancelled) stream.engine->Cancel(*id);
   if (LogEnabled(LogLevel::kDebug)) {
     Log(LogLevel::kDebug, absl::StrCat("request ", stream.response_id, " accepted: ",
-                                       prompt_tokens, " prompt tokens, engine id ", *id));
+                                       prompt_tokens, " prompt tokens, engine id ", *id,
+                                       transfer_s > 0 ? absl::StrCat(", KV transferred in ",
+                                                                     transfer_s, " s")
+                                                      : std::string()));
   }
 }
 
@@ -290,10 +352,13 @@ void SieveService::CancelAll() {
   }
   for (const std::shared_ptr<Stream>& stream : streams) {
     std::optional<engine::RequestId> id;
+    std::shared_ptr<TransferCancellation> transfer;
     {
       absl::MutexLock lock(&stream->mu);
       id = stream->engine_id;
+      transfer = stream->transfer;
     }
+    if (transfer) transfer->Cancel();
     if (id.has_value()) stream->engine->Cancel(*id);
   }
 }

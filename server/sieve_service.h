@@ -37,6 +37,7 @@
 #include "absl/time/time.h"
 #include "engine/serving/engine.h"
 #include "server/convert.h"
+#include "server/remote_prefill.h"
 #include "sieve/v1/sieve.grpc.pb.h"
 
 namespace sieve::server {
@@ -52,6 +53,9 @@ struct ServiceOptions {
   // Called once per finished call with the method name ("Generate", "Tokenize", ...) and the
   // status code the call ended with; may be empty. Called on gRPC threads; must be cheap.
   std::function<void(std::string_view method, grpc::StatusCode code)> on_rpc_done;
+  // On a decode daemon (server.role decode): where long prompts are prefilled before they are
+  // submitted (remote_prefill.h); null elsewhere. Must outlive the service's calls.
+  RemotePrefill* remote_prefill = nullptr;
 };
 
 class SieveService final : public v1::Sieve::CallbackService {
@@ -107,6 +111,11 @@ class SieveService final : public v1::Sieve::CallbackService {
   // Finishes a unary call with `status` and reports it.
   grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,
                                         std::string_view method, const absl::Status& status);
+  // Submits a converted request of `stream` to the engine once its prefill placement is known:
+  // `placed` OK (submit; `transfer_s` seconds went to a remote prefill) or the error that fails
+  // the call. Any thread.
+  void SubmitPrepared(const std::shared_ptr<Stream>& stream, engine::RequestSpec spec,
+                      const absl::Status& placed, double transfer_s);
   // Fills `out` with the served model's description.
   void FillModelInfo(engine::Engine& engine, v1::ModelInfo* out) const;
   void ReportDone(std::string_view method, grpc::StatusCode code) const;

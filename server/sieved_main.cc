@@ -72,6 +72,9 @@ constexpr std::string_view kTestLoadDelayFlag = "--testing-load-delay-s";
 constexpr std::string_view kTestDeviceLostFlag = "--testing-device-lost-after-ops";
 // Testing only: as above, but the N-th operator hangs forever (the step watchdog's case).
 constexpr std::string_view kTestHangFlag = "--testing-hang-after-ops";
+// Testing only: a prefill daemon waits this many milliseconds before each KV page chunk it
+// streams (server/kv_transfer_service.h), so that tests can act while transfers are in flight.
+constexpr std::string_view kTestKvChunkDelayFlag = "--testing-kv-chunk-delay-ms";
 
 struct CommandLine {
   std::string config_path;
@@ -80,6 +83,7 @@ struct CommandLine {
   double test_load_delay_s = 0;
   int64_t test_device_lost_after_ops = 0;  // 0: off
   int64_t test_hang_after_ops = 0;         // 0: off
+  int64_t test_kv_chunk_delay_ms = 0;      // 0: off
 };
 
 // Parses argv; returns an exit code to leave with (help printed, or a usage error), or -1.
@@ -136,6 +140,12 @@ int ParseCommandLine(int argc, char** argv, CommandLine& out) {
       if (!take()) return 2;
       if (!absl::SimpleAtod(value, &out.test_load_delay_s) || out.test_load_delay_s < 0) {
         std::cerr << "sieved: " << name << ": not a duration in seconds: " << value << "\n";
+        return 2;
+      }
+    } else if (name == kTestKvChunkDelayFlag) {
+      if (!take()) return 2;
+      if (!absl::SimpleAtoi(value, &out.test_kv_chunk_delay_ms) || out.test_kv_chunk_delay_ms < 0) {
+        std::cerr << "sieved: " << name << ": not a count of milliseconds: " << value << "\n";
         return 2;
       }
     } else if (name == kTestDeviceLostFlag || name == kTestHangFlag) {
@@ -240,6 +250,10 @@ int Run(int argc, char** argv) {
       control->InjectFault(cmd.test_device_lost_after_ops, engine::testing::FaultKind::kFatal);
     }
     config->engine.model.backend = "testing-async";
+  }
+
+  if (cmd.test_kv_chunk_delay_ms > 0) {
+    SetKvChunkDelayForTesting(absl::Milliseconds(cmd.test_kv_chunk_delay_ms));
   }
 
   SignalWatcher signals;

@@ -160,6 +160,26 @@ class Backend {
   virtual int64_t KvPageBytes(int32_t num_layers, int32_t page_size,
                               const AttentionShape& shape) const = 0;
 
+  // --- KV page transfer (disaggregated serving) ---------------------------------------------
+  //
+  // One page's KV over all layers, as ReadKvPages / WriteKvPages lay it out: for layer 0, 1, ...
+  // its K block then its V block, each [page_size, num_kv_heads, head_dim] elements of the
+  // backend's KV element type (KvPageBytes() bytes per page in all). The caller guarantees that no
+  // step writes these pages meanwhile (an export holds cached, full pages; an import's pages are
+  // listed by no sequence) and that a read follows the end of the step that wrote them (a step
+  // ends when the device ends). Thread-safe between callers using disjoint pages.
+
+  // Copies pages `pages` (in order) into `out` (pages.size() * KvPageBytes bytes); waits for the
+  // copy. InvalidArgument for a page outside the pool or a wrong size; Unimplemented for a
+  // backend that cannot.
+  virtual absl::Status ReadKvPages(absl::Span<const int32_t> pages, absl::Span<uint8_t> out);
+
+  // Copies `data` (pages.size() * KvPageBytes bytes, laid out as ReadKvPages writes it) into
+  // pages `pages`; when it returns, a later step on any stream sees the data. Errors as
+  // ReadKvPages.
+  virtual absl::Status WriteKvPages(absl::Span<const int32_t> pages,
+                                    absl::Span<const uint8_t> data);
+
   // Bytes this backend could still allocate for the KV pool now (for sizing the pool from a
   // memory budget once the weights are in): the device's free memory on a GPU, the host's
   // available memory on the CPU. Unimplemented for a backend that cannot tell.
@@ -293,6 +313,14 @@ class Backend {
 
 inline absl::StatusOr<int64_t> Backend::AvailableMemoryBytes() const {
   return absl::UnimplementedError("this backend cannot report its free memory");
+}
+
+inline absl::Status Backend::ReadKvPages(absl::Span<const int32_t>, absl::Span<uint8_t>) {
+  return absl::UnimplementedError("this backend cannot read KV pages for a transfer");
+}
+
+inline absl::Status Backend::WriteKvPages(absl::Span<const int32_t>, absl::Span<const uint8_t>) {
+  return absl::UnimplementedError("this backend cannot write KV pages from a transfer");
 }
 
 inline absl::StatusOr<StepGraphMode> Backend::BeginGraphStep(BackendStream&, const BatchLayout&,

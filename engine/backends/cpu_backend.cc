@@ -94,6 +94,53 @@ absl::Status CpuBackend::AllocateKvCache(int32_t num_layers, int32_t num_pages, 
   v_cache_.assign(num_layers, std::vector<float>(per_layer));
   num_pages_ = num_pages;
   page_size_ = page_size;
+  kv_page_layer_elems_ = int64_t{page_size} * shape.num_kv_heads * shape.head_dim;
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::CheckKvTransfer(absl::Span<const int32_t> pages, size_t bytes) const {
+  const size_t page_bytes = 2 * k_cache_.size() * kv_page_layer_elems_ * sizeof(float);
+  if (page_bytes == 0) return absl::FailedPreconditionError("cpu backend: no KV cache");
+  if (bytes != pages.size() * page_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat("cpu backend: a transfer of ", pages.size(),
+                                                   " KV pages needs ", pages.size() * page_bytes,
+                                                   " bytes, got ", bytes));
+  }
+  for (const int32_t p : pages) {
+    if (p < 0 || p >= num_pages_) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("cpu backend: KV page ", p, " outside the pool of ", num_pages_));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::ReadKvPages(absl::Span<const int32_t> pages, absl::Span<uint8_t> out) {
+  if (absl::Status st = CheckKvTransfer(pages, out.size()); !st.ok()) return st;
+  const size_t block = kv_page_layer_elems_ * sizeof(float);
+  uint8_t* dst = out.data();
+  for (const int32_t p : pages) {
+    for (size_t l = 0; l < k_cache_.size(); ++l) {
+      std::memcpy(dst, k_cache_[l].data() + p * kv_page_layer_elems_, block);
+      std::memcpy(dst + block, v_cache_[l].data() + p * kv_page_layer_elems_, block);
+      dst += 2 * block;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::WriteKvPages(absl::Span<const int32_t> pages,
+                                      absl::Span<const uint8_t> data) {
+  if (absl::Status st = CheckKvTransfer(pages, data.size()); !st.ok()) return st;
+  const size_t block = kv_page_layer_elems_ * sizeof(float);
+  const uint8_t* src = data.data();
+  for (const int32_t p : pages) {
+    for (size_t l = 0; l < k_cache_.size(); ++l) {
+      std::memcpy(k_cache_[l].data() + p * kv_page_layer_elems_, src, block);
+      std::memcpy(v_cache_[l].data() + p * kv_page_layer_elems_, src + block, block);
+      src += 2 * block;
+    }
+  }
   return absl::OkStatus();
 }
 

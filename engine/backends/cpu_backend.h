@@ -30,6 +30,10 @@ class CpuBackend final : public Backend {
   }
   absl::StatusOr<std::unique_ptr<BackendStream>> CreateStream(
       const StreamOptions& options) override;
+  // memcpy of each layer's K and V rows of the page (fp32).
+  absl::Status ReadKvPages(absl::Span<const int32_t> pages, absl::Span<uint8_t> out) override;
+  absl::Status WriteKvPages(absl::Span<const int32_t> pages,
+                            absl::Span<const uint8_t> data) override;
   absl::Status BeginStep(BackendStream& stream, const BatchLayout& layout) override;
   absl::Status Embed(BackendStream& stream, absl::Span<const int32_t> tokens, const Tensor& table, Tensor out) override;
   absl::Status RmsNorm(BackendStream& stream, const Tensor& x, const Tensor& weight, float eps, Tensor out) override;
@@ -68,6 +72,9 @@ class CpuBackend final : public Backend {
   std::vector<std::vector<float>> k_cache_, v_cache_;
   int32_t num_pages_ = 0;
   int32_t page_size_ = 0;
+  int64_t kv_page_layer_elems_ = 0;  // page_size * num_kv_heads * head_dim
+  // Checks a transfer of `pages` over `bytes` bytes; returns the error or OK.
+  absl::Status CheckKvTransfer(absl::Span<const int32_t> pages, size_t bytes) const;
 };
 
 }  // namespace sieve::engine

@@ -171,6 +171,21 @@ class ModelRunner {
   // supports them).
   bool uses_step_graphs() const { return scratch_page_ >= 0; }
 
+  // KV page transfers over the runner's backend (Backend::ReadKvPages / WriteKvPages: one page's
+  // K and V of every layer, kv_page_bytes() bytes per page). The caller keeps steps away from
+  // the pages meanwhile.
+  absl::Status ReadKvPages(absl::Span<const int32_t> pages, absl::Span<uint8_t> out) const {
+    return backend_->ReadKvPages(pages, out);
+  }
+  absl::Status WriteKvPages(absl::Span<const int32_t> pages,
+                            absl::Span<const uint8_t> data) const {
+    return backend_->WriteKvPages(pages, data);
+  }
+  // Bytes of one KV page over all layers, K and V.
+  int64_t kv_page_bytes() const {
+    return backend_->KvPageBytes(static_cast<int32_t>(layers_.size()), options_.page_size, shape_);
+  }
+
   const ModelConfig& config() const { return config_; }
   const ModelRunnerOptions& options() const { return options_; }
   std::string_view backend_name() const { return backend_->name(); }

@@ -3,6 +3,7 @@
 #include "engine/serving/engine.h"
 
 #include <algorithm>
+#include <future>
 #include <limits>
 #include <utility>
 
@@ -159,6 +160,7 @@ absl::StatusOr<RequestId> Engine::Impl::Submit(RequestSpec spec) {
   auto r = std::make_unique<ActiveRequest>(std::move(spec), eos_ids_, *tokenizer_, seed);
   r->prompt_tokens = static_cast<int32_t>(r->spec.prompt.size());
   r->history.AddPrompt(r->spec.prompt);
+  if (r->spec.export_prompt_kv) r->export_tokens = r->spec.prompt;
   r->arrival = EngineClock::now();
   if (deadline.has_value()) {
     // A monotonic deadline; one beyond a year counts as none.
@@ -249,7 +251,18 @@ ModelInfo Engine::Impl::model_info() const {
   info.eos_token_ids = eos_ids_;
   info.kv_pages = scheduler_options_.num_pages;
   info.page_size = scheduler_options_.page_size;
+  info.kv_page_bytes = runner_->kv_page_bytes();
   return info;
+}
+
+absl::Status Engine::Impl::RunOnSchedulerThread(KvOp op) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_) return absl::UnavailableError("the engine is stopped");
+    kv_ops_.push_back(std::move(op));
+  }
+  wake_.notify_one();
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineConfig& config,
@@ -268,6 +281,39 @@ absl::StatusOr<RequestId> Engine::Submit(RequestSpec spec) {
 void Engine::Cancel(RequestId id) { impl_->Cancel(id); }
 void Engine::StartDraining() { impl_->StartDraining(); }
 bool Engine::WaitIdle(absl::Duration timeout) { return impl_->WaitIdle(timeout); }
+absl::StatusOr<KvImport> Engine::BeginKvImport(std::vector<int32_t> tokens) {
+  std::promise<absl::StatusOr<KvImport>> result;
+  std::future<absl::StatusOr<KvImport>> done = result.get_future();
+  // The op always runs once queued (RunOnSchedulerThread), so the references stay valid.
+  SIEVE_RETURN_IF_ERROR(impl_->RunOnSchedulerThread(
+      [&tokens, &result](KvCacheManager& kv) { result.set_value(kv.BeginImport(tokens)); }));
+  return done.get();
+}
+
+absl::Status Engine::CommitKvImport(int64_t id) {
+  return impl_->RunOnSchedulerThread(
+      [id](KvCacheManager& kv) { (void)kv.CommitImport(id); });
+}
+
+absl::Status Engine::AbortKvImport(int64_t id) {
+  return impl_->RunOnSchedulerThread(
+      [id](KvCacheManager& kv) { (void)kv.AbortImport(id); });
+}
+
+absl::Status Engine::EndKvExport(int64_t id) {
+  return impl_->RunOnSchedulerThread(
+      [id](KvCacheManager& kv) { (void)kv.EndExport(id); });
+}
+
+absl::Status Engine::ReadKvPages(absl::Span<const int32_t> pages, absl::Span<uint8_t> out) const {
+  return impl_->runner_->ReadKvPages(pages, out);
+}
+
+absl::Status Engine::WriteKvPages(absl::Span<const int32_t> pages,
+                                  absl::Span<const uint8_t> data) {
+  return impl_->runner_->WriteKvPages(pages, data);
+}
+
 const Tokenizer& Engine::tokenizer() const { return *impl_->tokenizer_; }
 const ModelConfig& Engine::model_config() const { return impl_->runner_->config(); }
 ModelInfo Engine::model_info() const { return impl_->model_info(); }

@@ -16,6 +16,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "engine/serving/engine_config.h"
+#include "engine/serving/kv_cache_manager.h"
 #include "engine/model/model_config.h"
 #include "engine/runner/model_runner.h"
 #include "engine/serving/observer.h"
@@ -38,6 +39,7 @@ struct ModelInfo {
   // eos_token_id followed by the tokenizer's end-of-sequence tokens, without repeats.
   std::vector<int32_t> eos_token_ids;
   int32_t kv_pages = 0, page_size = 0;
+  int64_t kv_page_bytes = 0;  // one KV page over all layers, K and V, as transfers carry it
 };
 
 class Engine {
@@ -71,6 +73,33 @@ class Engine {
   // (IsDeviceLost), that status: every request then ended with it, Submit refuses new ones, and
   // the process should drain and restart (EngineObserver::OnDeviceLost was called once).
   absl::Status health() const;
+
+  // ---- KV transfers between daemons (disaggregated serving) --------------------------------
+  //
+  // A decode daemon imports the KV a prefill daemon computed: BeginKvImport, WriteKvPages into
+  // its pages_to_fill, CommitKvImport (or AbortKvImport), then Submit the request, which meets
+  // the imported pages in the prefix cache. A prefill daemon exports: a request with
+  // RequestSpec::export_prompt_kv ends with RequestOutcome::kv_export; ReadKvPages of its pages,
+  // then EndKvExport. The page bookkeeping runs on the scheduler thread (KvCacheManager's
+  // imports and exports); the page contents are copied by the caller's thread.
+
+  // Starts an import of `tokens` (whole pages; see KvCacheManager::BeginImport). Waits for the
+  // scheduler thread (one iteration; never for a model step). Unavailable once the engine
+  // stops; else BeginImport's errors.
+  absl::StatusOr<KvImport> BeginKvImport(std::vector<int32_t> tokens);
+  // Ends import `id`: its pages go to the prefix cache (Commit) or back to the free list (Abort).
+  // Queued for the scheduler thread, ahead of any Submit that follows; never waits, so a sink may
+  // call them. Unavailable once the engine stops (it then drops every import itself).
+  absl::Status CommitKvImport(int64_t id);
+  absl::Status AbortKvImport(int64_t id);
+  // Ends export `id` (RequestOutcome::kv_export): the pages stay cached, unheld. Queued; never
+  // waits; Unavailable once the engine stops.
+  absl::Status EndKvExport(int64_t id);
+  // Copies the KV of `pages` (an export's pages) to `out`, or `data` into `pages` (an import's
+  // pages_to_fill), model_info().kv_page_bytes bytes per page (Backend::ReadKvPages). The caller
+  // must hold the pages through an import or export in progress. Thread-safe for disjoint pages.
+  absl::Status ReadKvPages(absl::Span<const int32_t> pages, absl::Span<uint8_t> out) const;
+  absl::Status WriteKvPages(absl::Span<const int32_t> pages, absl::Span<const uint8_t> data);
 
   const Tokenizer& tokenizer() const;
   const ModelConfig& model_config() const;

@@ -12,6 +12,7 @@
 
 #include <chrono>
 #include <condition_variable>
+#include <functional>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -57,6 +58,8 @@ struct ActiveRequest {
   int32_t generated = 0;
   int32_t preemptions = 0;
   int32_t cached_tokens = 0;
+  // With spec.export_prompt_kv: the prompt, to export its pages when the request ends.
+  std::vector<int32_t> export_tokens;
   // Set when the request ended while in flight: OnFinish waits for its batch to come back.
   FinishReason finishing = FinishReason::kNone;
   absl::Status finishing_status;
@@ -75,6 +78,11 @@ class Engine::Impl {
   EngineLoad load() const;
   ModelInfo model_info() const;
   absl::Status health() const;
+  // Queues `op` to run on the scheduler thread, on the scheduler's KvCacheManager, in its next
+  // iteration (before new submissions); Unavailable once the engine stops (an op queued before
+  // that always runs).
+  using KvOp = std::function<void(KvCacheManager&)>;
+  absl::Status RunOnSchedulerThread(KvOp op);
 
   // Immutable after Create.
   EngineConfig config_;
@@ -122,6 +130,7 @@ class Engine::Impl {
   std::condition_variable idle_;  // WaitIdle waits here
   std::vector<std::unique_ptr<ActiveRequest>> incoming_;
   std::vector<RequestId> cancels_;
+  std::vector<KvOp> kv_ops_;  // KV import/export bookkeeping to run
   std::vector<std::unique_ptr<WorkerJob>> done_;
   bool stop_ = false;
   bool draining_ = false;
@@ -145,6 +154,7 @@ class Engine::Impl {
   std::vector<std::unique_ptr<WorkerJob>> spare_jobs_;    // reused job buffers
   std::vector<std::unique_ptr<ActiveRequest>> taken_;     // incoming_ moved out
   std::vector<RequestId> taken_cancels_;
+  std::vector<KvOp> taken_kv_ops_;
   std::vector<std::unique_ptr<WorkerJob>> taken_done_;
   int32_t delivered_ = 0;  // OnFinish calls since the last Publish
 

@@ -38,7 +38,9 @@ void Engine::Impl::Loop() {
 void Engine::Impl::TakeEvents(bool progressed, std::optional<EngineClock::time_point> wake_at) {
   std::unique_lock<std::mutex> lock(mu_);
   auto ready = [this] {
-    if (!done_.empty() || !incoming_.empty() || !cancels_.empty()) return true;
+    if (!done_.empty() || !incoming_.empty() || !cancels_.empty() || !kv_ops_.empty()) {
+      return true;
+    }
     // Once stopping, only the last jobs coming back matter.
     return stop_ && (!stopping_ || busy_[0] + busy_[1] == 0);
   };
@@ -51,14 +53,20 @@ void Engine::Impl::TakeEvents(bool progressed, std::optional<EngineClock::time_p
   }
   taken_.swap(incoming_);
   taken_cancels_.swap(cancels_);
+  taken_kv_ops_.swap(kv_ops_);
   taken_done_.swap(done_);
   stopping_ = stop_;
 }
 
 bool Engine::Impl::Step() {
-  bool progressed = !taken_done_.empty() || !taken_.empty() || !taken_cancels_.empty();
+  bool progressed = !taken_done_.empty() || !taken_.empty() || !taken_cancels_.empty() ||
+                    !taken_kv_ops_.empty();
   for (std::unique_ptr<WorkerJob>& job : taken_done_) HandleDone(std::move(job));
   taken_done_.clear();
+  // KV imports and exports before new requests, so that an import committed before a Submit is
+  // in the prefix cache when that request is admitted.
+  for (KvOp& op : taken_kv_ops_) op(scheduler_->mutable_kv_cache());
+  taken_kv_ops_.clear();
   for (std::unique_ptr<ActiveRequest>& r : taken_) AddIncoming(std::move(r));
   taken_.clear();
   for (RequestId id : taken_cancels_) {
@@ -304,6 +312,14 @@ void Engine::Impl::Deliver(RequestId id, FinishReason reason, absl::Status statu
   outcome.matched_stop = r.matched_stop;
   outcome.matched_stop_token = r.matched_stop_token;
   outcome.timings = Timings(r, EngineClock::now());
+  if (r.spec.export_prompt_kv && (reason == FinishReason::kLength ||
+                                  reason == FinishReason::kStop || reason == FinishReason::kEos)) {
+    // The request's pages were released to the prefix cache just now, on this thread: hold them
+    // before anything can evict them.
+    absl::StatusOr<KvExport> hold =
+        scheduler_->mutable_kv_cache().BeginExport(r.export_tokens);
+    if (hold.ok()) outcome.kv_export = *std::move(hold);
+  }
   r.spec.sink->OnFinish(outcome);
   if (observer_ != nullptr) observer_->OnFinished(outcome);
   ++delivered_;

@@ -40,6 +40,7 @@ KvCacheManager::KvCacheManager(const KvCacheOptions& options)
 KvCacheManager::~KvCacheManager() {
   for (auto& [id, s] : sequences_) s->table.Release(alloc_);
   for (auto& [id, imp] : imports_) imp->table.Release(alloc_);
+  for (auto& [id, exp] : exports_) exp->table.Release(alloc_);
   cache_.Clear();
 }
 
@@ -197,6 +198,37 @@ absl::Status KvCacheManager::AbortImport(int64_t id) {
   return absl::OkStatus();
 }
 
+absl::StatusOr<KvExport> KvCacheManager::BeginExport(absl::Span<const int32_t> tokens) {
+  if (!options_.enable_prefix_caching) {
+    return absl::FailedPreconditionError("kv export needs prefix caching, which is off");
+  }
+  const int32_t ps = options_.page_size;
+  const PrefixMatch match =
+      cache_.MatchFullPages(tokens.first(tokens.size() - tokens.size() % ps));
+  if (match.pages.empty()) {
+    return absl::NotFoundError(absl::StrCat("kv export: no page of the ", tokens.size(),
+                                            "-token prompt is cached"));
+  }
+  auto exp = std::make_unique<ImportKv>(ps);
+  exp->tokens.assign(tokens.begin(), tokens.begin() + match.num_tokens);
+  exp->table.AdoptSharedPrefix(match.pages, match.num_tokens);
+  Track(match.pages, +1);
+  KvExport out;
+  out.id = next_import_id_++;
+  out.num_tokens = match.num_tokens;
+  out.pages.assign(match.pages.begin(), match.pages.end());
+  exports_.emplace(out.id, std::move(exp));
+  return out;
+}
+
+absl::Status KvCacheManager::EndExport(int64_t id) {
+  auto it = exports_.find(id);
+  if (it == exports_.end()) return absl::NotFoundError(absl::StrCat("no kv export ", id));
+  ReleaseTracked(it->second->table);
+  exports_.erase(it);
+  return absl::OkStatus();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Side pools
 
@@ -264,6 +296,9 @@ absl::Status KvCacheManager::CheckInvariants() const {
       return absl::InternalError(absl::StrCat("sequence ", id, ": ", s->offered_pages,
                                               " pages offered, more than its full pages"));
     }
+  }
+  for (const auto& [id, exp] : exports_) {
+    for (const int32_t p : exp->table.pages()) ++refs[p];
   }
   for (const auto& [id, imp] : imports_) {
     for (const int32_t p : imp->table.pages()) ++refs[p];

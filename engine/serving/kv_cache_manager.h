@@ -24,6 +24,10 @@
 // AbortImport gives them back if the transfer fails. Pages are cached only at commit, once their
 // KV is there: registering them earlier would let a Match hand out pages with no KV yet.
 //
+// Exports: the other side of a transfer. BeginExport holds the cached full pages of a prompt's
+// longest cached prefix (so eviction cannot recycle them while their KV is read) and EndExport
+// drops that hold; the pages stay cached.
+//
 // Thread safety: none. One thread (the engine's scheduler thread, or a test) owns the object.
 #ifndef SIEVE_ENGINE_SERVING_KV_CACHE_MANAGER_H_
 #define SIEVE_ENGINE_SERVING_KV_CACHE_MANAGER_H_
@@ -164,6 +168,17 @@ class KvCacheManager {
   // for an unknown id.
   absl::Status AbortImport(int64_t id);
 
+  // Holds the cached full pages of the longest cached prefix of `tokens` (at most
+  // tokens.size() / page_size pages) until EndExport. NotFound when no page of it is cached;
+  // FailedPrecondition when prefix caching is off.
+  absl::StatusOr<KvExport> BeginExport(absl::Span<const int32_t> tokens);
+
+  // Drops export `id`'s hold; its pages stay in the prefix cache. NotFound for an unknown id.
+  absl::Status EndExport(int64_t id);
+
+  // Returns the number of exports in progress.
+  int32_t num_exports() const { return static_cast<int32_t>(exports_.size()); }
+
   // ---- Side pools -------------------------------------------------------------------------
 
   // Registers a side pool and, when not null, its listener (which must outlive the manager).
@@ -235,6 +250,7 @@ class KvCacheManager {
   PrefixCache cache_;  // after alloc_: it detaches from the allocator when destroyed
   absl::flat_hash_map<RequestId, std::unique_ptr<SequenceKv>> sequences_;
   absl::flat_hash_map<int64_t, std::unique_ptr<ImportKv>> imports_;
+  absl::flat_hash_map<int64_t, std::unique_ptr<ImportKv>> exports_;  // ids from next_import_id_
   int64_t next_import_id_ = 1;
   std::vector<int32_t> table_refs_;  // [num_pages] live tables listing each page
   int32_t held_pages_ = 0;           // pages with table_refs_ > 0

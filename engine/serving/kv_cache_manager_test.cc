@@ -259,6 +259,36 @@ TEST(KvCacheManagerTest, ClearPrefixCacheFreesOnlyCachedOnlyPages) {
   EXPECT_TRUE(kv.CheckInvariants().ok()) << kv.CheckInvariants();
 }
 
+TEST(KvCacheManagerExportTest, ExportsHoldCachedPagesAgainstEviction) {
+  KvCacheManager kv(Options(4, 4));
+  const std::vector<int32_t> prompt = Iota(10, 300);
+  EXPECT_EQ(kv.BeginExport(prompt).status().code(), absl::StatusCode::kNotFound);
+  kv.AddSequence(1);
+  ASSERT_TRUE(kv.Reserve(1, 10).ok());
+  kv.Release(1, prompt);  // pages 0 and 1 (8 tokens) stay cached; the partial one is freed
+  kv.RemoveSequence(1);
+  EXPECT_EQ(kv.cached_only_pages(), 2);
+  absl::StatusOr<KvExport> exp = kv.BeginExport(prompt);
+  ASSERT_TRUE(exp.ok()) << exp.status();
+  EXPECT_EQ(exp->num_tokens, 8);
+  EXPECT_EQ(exp->pages.size(), 2u);
+  EXPECT_EQ(kv.num_exports(), 1);
+  EXPECT_EQ(kv.held_pages(), 2);
+  EXPECT_TRUE(kv.CheckInvariants().ok()) << kv.CheckInvariants();
+  // A sequence that wants the whole pool cannot evict the exported pages.
+  kv.AddSequence(2);
+  EXPECT_EQ(kv.Reserve(2, 16).code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(kv.Reserve(2, 8).ok());
+  kv.RemoveSequence(2);
+  ASSERT_TRUE(kv.EndExport(exp->id).ok());
+  EXPECT_EQ(kv.EndExport(exp->id).code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(kv.held_pages(), 0);
+  EXPECT_EQ(kv.cached_only_pages(), 2);  // still cached, now evictable
+  kv.AddSequence(3);
+  EXPECT_TRUE(kv.Reserve(3, 16).ok());
+  EXPECT_TRUE(kv.CheckInvariants().ok()) << kv.CheckInvariants();
+}
+
 TEST(KvCacheManagerImportTest, ImportedPagesServeALaterMatch) {
   KvCacheManager kv(Options(4, 16));
   const std::vector<int32_t> prompt = Iota(13, 500);

@@ -49,6 +49,15 @@ struct RequestTimings {
   double total_s = 0;                // arrival -> finish
 };
 
+// A hold on cached KV pages whose contents are being read for another process (disaggregated
+// serving: a prefill daemon exports a prompt's KV to a decode daemon). The holder ends it with
+// Engine::EndKvExport; until then the pages are neither evicted nor reused.
+struct KvExport {
+  int64_t id = 0;              // names the export in EndKvExport
+  int32_t num_tokens = 0;      // leading prompt tokens covered, a whole number of pages
+  std::vector<int32_t> pages;  // the held pages, in token order
+};
+
 // How a request ended; delivered exactly once, after its last TokenDelta.
 struct RequestOutcome {
   FinishReason finish = FinishReason::kNone;
@@ -60,6 +69,10 @@ struct RequestOutcome {
   std::string matched_stop;          // the stop string that ended it, if one did
   std::optional<int32_t> matched_stop_token;  // the stop token id that ended it, if one did
   RequestTimings timings;
+  // For a request with export_prompt_kv that ended with a token (length, stop, eos): the hold on
+  // its prompt's cached full pages, which the sink must end with Engine::EndKvExport. Empty when
+  // no page of the prompt was cached (a prompt shorter than a page, or prefix caching off).
+  std::optional<KvExport> kv_export;
 };
 
 // Receives a request's output. Called on the engine's scheduler thread: implementations must
@@ -80,6 +93,10 @@ struct RequestSpec {
   int32_t priority = 0;                  // higher runs first; ties by arrival
   std::optional<absl::Time> deadline;    // cancelled with kCancelled when it passes
   std::string client_request_id;         // for logs only; never a metric label
+  // Disaggregated serving (a prefill daemon): when the request ends with a token, hold the KV of
+  // its prompt's full pages for export (RequestOutcome::kv_export) instead of leaving them only
+  // to the prefix cache, where eviction could take them before they are read.
+  bool export_prompt_kv = false;
   std::shared_ptr<RequestSink> sink;     // required
 };
 

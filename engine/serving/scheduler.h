@@ -186,6 +186,9 @@ class Scheduler {
   const SchedulerOptions& options() const { return options_; }
   // Returns the owner of the KV pages, page tables and prefix cache of every sequence.
   const KvCacheManager& kv_cache() const { return kv_; }
+  // The same, for the KV imports and exports of disaggregated serving (KvCacheManager's
+  // BeginImport ... EndExport), which hold pages apart from any sequence.
+  KvCacheManager& mutable_kv_cache() { return kv_; }
   // Returns the page allocator (page counts), as kv_cache().allocator().
   const PageAllocator& allocator() const { return kv_.allocator(); }
   // Returns the prefix cache (its counters), as kv_cache().prefix_cache().

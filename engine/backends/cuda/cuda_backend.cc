@@ -280,6 +280,63 @@ CudaBackend::~CudaBackend() {
   cudaDeviceSynchronize();
   for (void* p : buffers_) cudaFree(p);
   cudaFree(kv_);
+  if (transfer_stream_ != nullptr) cudaStreamDestroy(static_cast<cudaStream_t>(transfer_stream_));
+}
+
+absl::Status CudaBackend::CopyKvPages(absl::Span<const int32_t> pages, uint8_t* host,
+                                      size_t bytes, bool to_host) {
+  if (kv_ == nullptr) return absl::FailedPreconditionError("cuda backend: no KV cache");
+  const int64_t block_elems = int64_t{page_size_} * kv_shape_.num_kv_heads * kv_shape_.head_dim;
+  const size_t block = static_cast<size_t>(block_elems) * sizeof(bf16);
+  const size_t page_bytes = 2 * static_cast<size_t>(num_layers_) * block;
+  if (bytes != pages.size() * page_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat("cuda backend: a transfer of ", pages.size(),
+                                                   " KV pages needs ", pages.size() * page_bytes,
+                                                   " bytes, got ", bytes));
+  }
+  for (const int32_t p : pages) {
+    if (p < 0 || p >= num_pages_) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("cuda backend: KV page ", p, " outside the pool of ", num_pages_));
+    }
+  }
+  std::lock_guard<std::mutex> lock(transfer_mu_);
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaSetDevice(options_.device));
+  if (transfer_stream_ == nullptr) {
+    cudaStream_t stream = nullptr;
+    SIEVE_RETURN_IF_CUDA_ERROR(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    transfer_stream_ = stream;
+  }
+  cudaStream_t stream = static_cast<cudaStream_t>(transfer_stream_);
+  bf16* pool = static_cast<bf16*>(kv_);
+  uint8_t* cursor = host;
+  for (const int32_t p : pages) {
+    for (int32_t l = 0; l < num_layers_; ++l) {
+      for (int kv = 0; kv < 2; ++kv) {
+        bf16* device = pool + (2 * int64_t{l} + kv) * kv_layer_elems_ + int64_t{p} * block_elems;
+        if (to_host) {
+          SIEVE_RETURN_IF_CUDA_ERROR(
+              cudaMemcpyAsync(cursor, device, block, cudaMemcpyDeviceToHost, stream));
+        } else {
+          SIEVE_RETURN_IF_CUDA_ERROR(
+              cudaMemcpyAsync(device, cursor, block, cudaMemcpyHostToDevice, stream));
+        }
+        cursor += block;
+      }
+    }
+  }
+  // Pageable host memory: the copies are complete (and visible to every stream) only after this.
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::ReadKvPages(absl::Span<const int32_t> pages, absl::Span<uint8_t> out) {
+  return CopyKvPages(pages, out.data(), out.size(), /*to_host=*/true);
+}
+
+absl::Status CudaBackend::WriteKvPages(absl::Span<const int32_t> pages,
+                                       absl::Span<const uint8_t> data) {
+  return CopyKvPages(pages, const_cast<uint8_t*>(data.data()), data.size(), /*to_host=*/false);
 }
 
 absl::StatusOr<void*> CudaBackend::DeviceAlloc(size_t bytes) {

@@ -36,6 +36,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string_view>
 #include <vector>
 
@@ -81,6 +82,12 @@ class CudaBackend final : public Backend {
   absl::StatusOr<Tensor> Allocate(int64_t rows, int64_t cols) override;
   absl::Status AllocateKvCache(int32_t num_layers, int32_t num_pages, int32_t page_size,
                                const AttentionShape& shape) override;
+  // Stage through host memory: one copy per layer's K and V rows of each page on a private
+  // non-blocking transfer stream, then a wait for that stream (bf16 pages, as the pools hold
+  // them). Several callers take turns on the one transfer stream.
+  absl::Status ReadKvPages(absl::Span<const int32_t> pages, absl::Span<uint8_t> out) override;
+  absl::Status WriteKvPages(absl::Span<const int32_t> pages,
+                            absl::Span<const uint8_t> data) override;
   int64_t KvPageBytes(int32_t num_layers, int32_t page_size,
                       const AttentionShape& shape) const override;
   // The device's free memory (cudaMemGetInfo).
@@ -157,6 +164,13 @@ class CudaBackend final : public Backend {
   int32_t num_pages_ = 0;
   int32_t page_size_ = 0;
   AttentionShape kv_shape_;
+  // KV page transfers (ReadKvPages, WriteKvPages): their stream (cudaStream_t, created on first
+  // use) and the lock that serializes them.
+  std::mutex transfer_mu_;
+  void* transfer_stream_ = nullptr;
+  // Copies pages between the pool and host memory: to the host when `to_host`.
+  absl::Status CopyKvPages(absl::Span<const int32_t> pages, uint8_t* host, size_t bytes,
+                           bool to_host);
 };
 
 }  // namespace sieve::engine

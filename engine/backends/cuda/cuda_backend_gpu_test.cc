@@ -681,5 +681,38 @@ TEST(CudaBackendTest, MalformedCallsAndCudaFailuresAreStatuses) {
   EXPECT_FALSE(cuda.CopyToHost(**stream, out->FirstRows(2), absl::MakeSpan(host).subspan(1)).ok());
 }
 
+TEST(CudaBackendTest, KvPagesRoundTripThroughHostMemory) {
+  // Transfers between daemons (docs/disaggregation.md) copy whole pages, every layer's K then V.
+  auto b = CudaBackend::Create();
+  ASSERT_TRUE(b.ok()) << b.status();
+  CudaBackend& cuda = **b;
+  const AttentionShape shape{4, 2, 64};
+  constexpr int32_t kLayers = 3, kPages = 8, kPageSize = 16;
+  ASSERT_TRUE(cuda.AllocateKvCache(kLayers, kPages, kPageSize, shape).ok());
+  const int64_t page_bytes = cuda.KvPageBytes(kLayers, kPageSize, shape);
+  EXPECT_EQ(page_bytes, int64_t{2} * kLayers * kPageSize * 2 * 64 * 2);  // bf16
+  const std::vector<int32_t> pages = {5, 1, 6};
+  std::vector<uint8_t> in(pages.size() * page_bytes);
+  std::mt19937 rng(3);
+  for (uint8_t& x : in) x = static_cast<uint8_t>(rng());
+  ASSERT_TRUE(cuda.WriteKvPages(pages, in).ok());
+  std::vector<uint8_t> out(in.size());
+  ASSERT_TRUE(cuda.ReadKvPages(pages, absl::MakeSpan(out)).ok());
+  EXPECT_EQ(out, in);
+  // One page at a time, in another order, reads the same bytes.
+  std::vector<uint8_t> one(page_bytes);
+  for (size_t i = 0; i < pages.size(); ++i) {
+    ASSERT_TRUE(cuda.ReadKvPages({pages[i]}, absl::MakeSpan(one)).ok());
+    EXPECT_TRUE(std::equal(one.begin(), one.end(), in.begin() + i * page_bytes)) << pages[i];
+  }
+  // Other pages are untouched (the pool starts zeroed).
+  ASSERT_TRUE(cuda.ReadKvPages({2}, absl::MakeSpan(one)).ok());
+  EXPECT_EQ(one, std::vector<uint8_t>(page_bytes, 0));
+  EXPECT_EQ(cuda.ReadKvPages({kPages}, absl::MakeSpan(one)).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(cuda.WriteKvPages({0}, absl::MakeConstSpan(in).first(10)).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace sieve::engine

@@ -1,0 +1,390 @@
+#include "server/kv_transfer_service.h"
+
+#include <chrono>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "server/convert.h"
+#include "server/crc32c.h"
+#include "server/log.h"
+
+namespace sieve::server {
+namespace {
+
+std::atomic<int64_t> chunk_delay_us{0};
+
+double SecondsSince(std::chrono::steady_clock::time_point t) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+}
+
+}  // namespace
+
+void SetKvChunkDelayForTesting(absl::Duration delay) {
+  chunk_delay_us.store(absl::ToInt64Microseconds(delay));
+}
+
+void KvLayoutToProto(const KvLayoutInfo& l, kv::v1::KvLayout* out) {
+  out->set_model(l.model);
+  out->set_architecture(l.architecture);
+  out->set_vocab_size(l.vocab_size);
+  out->set_num_layers(l.num_layers);
+  out->set_num_kv_heads(l.num_kv_heads);
+  out->set_head_dim(l.head_dim);
+  out->set_page_size(l.page_size);
+  out->set_dtype(l.dtype);
+  out->set_page_bytes(l.page_bytes);
+}
+
+KvLayoutInfo KvLayoutFromProto(const kv::v1::KvLayout& p) {
+  KvLayoutInfo l;
+  l.model = p.model();
+  l.architecture = p.architecture();
+  l.vocab_size = p.vocab_size();
+  l.num_layers = p.num_layers();
+  l.num_kv_heads = p.num_kv_heads();
+  l.head_dim = p.head_dim();
+  l.page_size = p.page_size();
+  l.dtype = p.dtype();
+  l.page_bytes = p.page_bytes();
+  return l;
+}
+
+// One Prefill call. Its state is shared with the engine request's sink, which may outlive the
+// reactor (the engine can deliver the outcome after the call is done). The reactor deletes
+// itself in OnDone. Every gRPC operation is started by the one thread that set write_in_flight
+// or finished under mu.
+class KvTransferService::PrefillReactor final
+    : public grpc::ServerWriteReactor<kv::v1::PrefillChunk> {
+ public:
+  PrefillReactor(KvTransferService* service, grpc::CallbackServerContext* context);
+
+  void Start(const kv::v1::PrefillRequest& request);
+  void OnWriteDone(bool ok) override;
+  void OnCancel() override;
+  void OnDone() override;
+
+ private:
+  struct State;
+  class Sink;
+
+  // Ends a call that never started streaming.
+  void Reject(const absl::Status& status);
+
+  KvTransferService* const service_;
+  const std::shared_ptr<State> state_;
+  std::optional<std::chrono::system_clock::time_point> deadline_;
+  std::optional<grpc::StatusCode> final_code_;
+  bool started_ = false;
+  std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
+};
+
+struct KvTransferService::PrefillReactor::State {
+  std::mutex mu;
+  PrefillReactor* reactor = nullptr;  // null once the call is done
+  engine::Engine* engine = nullptr;
+  KvLayoutInfo layout;  // this daemon's, for the header
+  int64_t page_bytes = 0;
+  int64_t chunk_pages = 1;
+  int32_t first_page = 0;  // prompt page index of the first page to send
+  std::optional<engine::RequestId> id;
+  bool outcome_arrived = false;
+  bool cancelled = false;
+  bool finished = false;  // Finish or StartWriteAndFinish was issued
+  bool write_in_flight = false;
+  bool trailer_sent = false;
+  std::optional<engine::KvExport> hold;
+  int32_t next_page = 0;  // index into hold->pages of the next page to send
+  int32_t first_token = -1;
+  int64_t bytes_sent = 0;
+  kv::v1::PrefillChunk message;  // the message being written
+
+  // Finishes the call with `status` unless it is finished or a write is in flight (then
+  // WriteDone finishes it).
+  void FinishIfIdle(const grpc::Status& status) {
+    PrefillReactor* target = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (finished || write_in_flight || reactor == nullptr) return;
+      finished = true;
+      target = reactor;
+      target->final_code_ = status.error_code();
+    }
+    target->Finish(status);
+  }
+
+  // After a write: the next chunk, the trailer, or the end.
+  void WriteDone(bool ok) {
+    enum { kNone, kWrite, kLast, kFinish } action = kNone;
+    PrefillReactor* target = nullptr;
+    grpc::Status status;
+    const int64_t delay_us = chunk_delay_us.load();
+    if (ok && delay_us > 0) std::this_thread::sleep_for(std::chrono::microseconds(delay_us));
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      write_in_flight = false;
+      target = reactor;
+      if (finished || target == nullptr) return;
+      if (!ok || cancelled) {
+        status = grpc::Status(grpc::StatusCode::CANCELLED, "the transfer was cancelled");
+        action = kFinish;
+      } else if (next_page < static_cast<int32_t>(hold->pages.size())) {
+        const int32_t n = static_cast<int32_t>(
+            std::min<int64_t>(chunk_pages, static_cast<int64_t>(hold->pages.size()) - next_page));
+        message.Clear();
+        kv::v1::PrefillChunk::Pages* pages = message.mutable_pages();
+        pages->set_first_page(first_page + next_page);
+        pages->set_num_pages(n);
+        std::string* data = pages->mutable_data();
+        data->resize(static_cast<size_t>(n * page_bytes));
+        const absl::Span<uint8_t> bytes(reinterpret_cast<uint8_t*>(data->data()), data->size());
+        const absl::Status read = engine->ReadKvPages(
+            absl::MakeConstSpan(hold->pages).subspan(next_page, n), bytes);
+        if (!read.ok()) {
+          status = ToGrpcStatus(read);
+          action = kFinish;
+        } else {
+          pages->set_crc32c(Crc32c(bytes));
+          next_page += n;
+          bytes_sent += static_cast<int64_t>(data->size());
+          action = kWrite;
+        }
+      } else {
+        message.Clear();
+        message.mutable_trailer()->set_first_token(first_token);
+        trailer_sent = true;
+        action = kLast;
+      }
+      if (action == kWrite) write_in_flight = true;
+      if (action != kWrite) {
+        finished = true;
+        target->final_code_ = action == kLast ? grpc::StatusCode::OK : status.error_code();
+      }
+    }
+    if (action == kWrite) target->StartWrite(&message);
+    if (action == kLast) target->StartWriteAndFinish(&message, grpc::WriteOptions(), grpc::Status::OK);
+    if (action == kFinish) target->Finish(status);
+  }
+};
+
+// Receives the engine request's outcome on the scheduler thread: starts the header write, or
+// ends the call (and the export's hold) when there is nothing to send.
+class KvTransferService::PrefillReactor::Sink final : public engine::RequestSink {
+ public:
+  explicit Sink(std::shared_ptr<State> state) : state_(std::move(state)) {}
+
+  void OnTokens(const engine::TokenDelta& delta) override {
+    std::lock_guard<std::mutex> lock(state_->mu);
+    if (!delta.token_ids.empty()) state_->first_token = delta.token_ids.front();
+  }
+
+  void OnFinish(const engine::RequestOutcome& outcome) override {
+    std::optional<int64_t> release;
+    PrefillReactor* target = nullptr;
+    grpc::Status status;
+    bool write = false;
+    {
+      std::lock_guard<std::mutex> lock(state_->mu);
+      State& s = *state_;
+      s.outcome_arrived = true;
+      const bool gone = s.reactor == nullptr || s.cancelled || s.finished;
+      if (outcome.kv_export.has_value()) {
+        if (gone) {
+          release = outcome.kv_export->id;
+        } else {
+          s.hold = outcome.kv_export;
+        }
+      }
+      if (s.reactor == nullptr || s.finished) {
+        // Nothing to do for the call.
+      } else if (s.cancelled) {
+        status = grpc::Status(grpc::StatusCode::CANCELLED, "the transfer was cancelled");
+      } else if (outcome.finish == engine::FinishReason::kCancelled) {
+        status = grpc::Status(grpc::StatusCode::CANCELLED, "the prefill was cancelled");
+      } else if (outcome.finish == engine::FinishReason::kError ||
+                 outcome.finish == engine::FinishReason::kNone) {
+        status = ToGrpcStatus(outcome.status.ok() ? absl::InternalError("the prefill failed")
+                                                  : outcome.status);
+      } else if (!s.hold.has_value() ||
+                 static_cast<int32_t>(s.hold->pages.size()) < s.first_page + 1) {
+        status = grpc::Status(grpc::StatusCode::INTERNAL,
+                              "the prompt's KV pages are not in the prefix cache after its "
+                              "prefill");
+      } else {
+        s.next_page = s.first_page;
+        s.first_page = 0;  // pages are named by their prompt index: next_page is one already
+        const engine::EngineLoad load = s.engine->load();
+        s.message.Clear();
+        kv::v1::PrefillChunk::Header* h = s.message.mutable_header();
+        KvLayoutToProto(s.layout, h->mutable_layout());
+        h->set_first_page(s.next_page);
+        h->set_num_pages(static_cast<int32_t>(s.hold->pages.size()) - s.next_page);
+        h->set_waiting_requests(load.waiting);
+        h->set_waiting_tokens(load.waiting_tokens);
+        s.write_in_flight = true;
+        write = true;
+      }
+      target = s.reactor;
+      if (target != nullptr && !s.finished && !write) {
+        s.finished = true;
+        target->final_code_ = status.error_code();
+      } else if (!write) {
+        target = nullptr;
+      }
+    }
+    if (release.has_value()) (void)state_->engine->EndKvExport(*release);
+    if (target == nullptr) return;
+    if (write) {
+      target->StartWrite(&state_->message);
+    } else {
+      target->Finish(status);
+    }
+  }
+
+ private:
+  const std::shared_ptr<State> state_;
+};
+
+KvTransferService::PrefillReactor::PrefillReactor(KvTransferService* service,
+                                                  grpc::CallbackServerContext* context)
+    : service_(service), state_(std::make_shared<State>()) {
+  state_->reactor = this;
+  const auto deadline = context->deadline();
+  if (deadline != std::chrono::system_clock::time_point::max()) deadline_ = deadline;
+}
+
+void KvTransferService::PrefillReactor::Reject(const absl::Status& status) {
+  final_code_ = ToGrpcCode(status.code());
+  Log(LogLevel::kDebug, absl::StrCat("KvTransfer.Prefill rejected: ", status.ToString()));
+  {
+    std::lock_guard<std::mutex> lock(state_->mu);
+    state_->finished = true;
+  }
+  Finish(ToGrpcStatus(status));
+}
+
+void KvTransferService::PrefillReactor::OnWriteDone(bool ok) { state_->WriteDone(ok); }
+
+void KvTransferService::PrefillReactor::OnCancel() {
+  std::optional<engine::RequestId> cancel;
+  {
+    std::lock_guard<std::mutex> lock(state_->mu);
+    state_->cancelled = true;
+    if (!state_->outcome_arrived) cancel = state_->id;
+  }
+  if (cancel.has_value()) state_->engine->Cancel(*cancel);
+  state_->FinishIfIdle(grpc::Status(grpc::StatusCode::CANCELLED, "the transfer was cancelled"));
+}
+
+void KvTransferService::PrefillReactor::OnDone() {
+  std::optional<engine::KvExport> hold;
+  bool ok;
+  int64_t bytes;
+  {
+    std::lock_guard<std::mutex> lock(state_->mu);
+    state_->reactor = nullptr;
+    hold.swap(state_->hold);
+    ok = state_->trailer_sent && !state_->cancelled;
+    bytes = state_->bytes_sent;
+  }
+  if (hold.has_value()) (void)state_->engine->EndKvExport(hold->id);
+  if (started_) {
+    const KvTransferServiceOptions& o = service_->options_;
+    if (o.on_transfer) o.on_transfer(ok ? bytes : 0, SecondsSince(start_), ok);
+    if (o.on_in_flight) o.on_in_flight(-1);
+  }
+  service_->CallDone("Prefill", final_code_.value_or(grpc::StatusCode::OK));
+  delete this;
+}
+
+void KvTransferService::PrefillReactor::Start(const kv::v1::PrefillRequest& request) {
+  if (service_->draining_.load()) {
+    return Reject(absl::UnavailableError("the prefill daemon is draining; retry elsewhere"));
+  }
+  engine::Engine* engine = service_->engine_.load(std::memory_order_acquire);
+  if (engine == nullptr) return Reject(absl::UnavailableError("the model is still loading"));
+  const KvLayoutInfo& mine = service_->layout_;
+  if (absl::Status st = CheckKvLayout(mine, KvLayoutFromProto(request.layout()), "decode daemon");
+      !st.ok()) {
+    return Reject(st);
+  }
+  const int32_t ps = mine.page_size;
+  const int32_t pages = request.tokens_size() / ps;
+  if (request.tokens_size() == 0 || request.tokens_size() % ps != 0) {
+    return Reject(absl::InvalidArgumentError(absl::StrCat(
+        "tokens: ", request.tokens_size(), " tokens are not a whole number (>= 1) of ", ps,
+        "-token pages")));
+  }
+  if (request.first_page() < 0 || request.first_page() >= pages) {
+    return Reject(absl::InvalidArgumentError(absl::StrCat(
+        "first_page ", request.first_page(), " is outside the prompt's ", pages, " pages")));
+  }
+  State& s = *state_;
+  s.engine = engine;
+  s.layout = mine;
+  s.page_bytes = mine.page_bytes;
+  s.chunk_pages = std::max<int64_t>(1, service_->options_.chunk_bytes / mine.page_bytes);
+  s.first_page = request.first_page();
+
+  engine::RequestSpec spec;
+  spec.prompt.assign(request.tokens().begin(), request.tokens().end());
+  spec.sampling.temperature = 0;
+  spec.stop.max_tokens = 1;
+  spec.stop.ignore_eos = true;
+  spec.export_prompt_kv = true;
+  if (deadline_.has_value()) spec.deadline = absl::FromChrono(*deadline_);
+  spec.sink = std::make_shared<Sink>(state_);
+  started_ = true;
+  if (service_->options_.on_in_flight) service_->options_.on_in_flight(+1);
+  absl::StatusOr<engine::RequestId> id = engine->Submit(std::move(spec));
+  if (!id.ok()) return Reject(id.status());
+  std::lock_guard<std::mutex> lock(s.mu);
+  s.id = *id;
+}
+
+KvTransferService::KvTransferService(KvTransferServiceOptions options)
+    : options_(std::move(options)) {}
+
+KvTransferService::~KvTransferService() = default;
+
+void KvTransferService::SetEngine(engine::Engine* engine) {
+  layout_ = LocalKvLayout(*engine, options_.model_name);
+  engine_.store(engine, std::memory_order_release);
+}
+
+void KvTransferService::StartDraining() { draining_.store(true); }
+
+bool KvTransferService::WaitForNoCalls(absl::Duration timeout) {
+  absl::MutexLock lock(&mu_);
+  auto none = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return calls_ == 0; };
+  return mu_.AwaitWithTimeout(absl::Condition(&none), timeout);
+}
+
+int KvTransferService::active_calls() const {
+  absl::MutexLock lock(&mu_);
+  return calls_;
+}
+
+void KvTransferService::CallDone(std::string_view method, grpc::StatusCode code) {
+  {
+    absl::MutexLock lock(&mu_);
+    --calls_;
+  }
+  if (options_.on_rpc_done) options_.on_rpc_done(method, code);
+}
+
+grpc::ServerWriteReactor<kv::v1::PrefillChunk>* KvTransferService::Prefill(
+    grpc::CallbackServerContext* context, const kv::v1::PrefillRequest* request) {
+  {
+    absl::MutexLock lock(&mu_);
+    ++calls_;
+  }
+  auto* reactor = new PrefillReactor(this, context);
+  reactor->Start(*request);
+  return reactor;
+}
+
+}  // namespace sieve::server

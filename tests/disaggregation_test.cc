@@ -1,0 +1,297 @@
+// Disaggregated serving on loopback: real `sieved` processes in the roles prefill, decode and
+// both (docs/disaggregation.md). One decode daemon in front of two prefill daemons must stream
+// token-for-token what one `both` daemon streams, greedy and seeded, with and without prefix-cache
+// hits; killing a prefill daemon while transfers run must lose no request (they are retried on
+// the other) and leave no page held on any daemon; a prefill daemon of another model is refused.
+#include <signal.h>
+
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/sieved_harness.h"
+
+namespace sieve::test {
+namespace {
+
+using ::testing::HasSubstr;
+
+// A prompt of `n` token ids drawn from the embedded model's vocabulary (4096 ids; 0 and 1 are
+// BOS and EOS), reproducible from `seed`.
+std::vector<int32_t> RandomPrompt(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int32_t> id(2, 4095);
+  std::vector<int32_t> ids(n);
+  for (int32_t& t : ids) t = id(rng);
+  return ids;
+}
+
+std::vector<int32_t> Concat(std::vector<int32_t> a, const std::vector<int32_t>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+v1::GenerateRequest Seeded(const std::vector<int32_t>& ids, int max_tokens, uint64_t seed) {
+  v1::GenerateRequest r = Greedy(ids, max_tokens);
+  r.mutable_sampling()->set_temperature(0.9f);
+  r.mutable_sampling()->set_seed(seed);
+  return r;
+}
+
+std::string Target(const std::vector<Sieved*>& prefill) {
+  std::string out = "ipv4:";
+  for (size_t i = 0; i < prefill.size(); ++i) {
+    absl::StrAppend(&out, i ? "," : "", prefill[i]->target());
+  }
+  return out;
+}
+
+// Held pages (used minus cached) on `d` are back to zero with nothing running.
+bool NoPagesHeld(Sieved& d) {
+  return PollUntil([&] { return AtBaseline(d, Load{}); }, absl::Seconds(30));
+}
+
+class DisaggregationTest : public testing::Test {
+ protected:
+  void TearDown() override {
+    if (!HasFailure()) return;
+    for (Sieved* d : all_) std::cerr << "--- sieved " << d->target() << " ---\n" << d->logs();
+  }
+  Sieved* Keep(std::unique_ptr<Sieved> d) {
+    all_.push_back(d.get());
+    owned_.push_back(std::move(d));
+    return all_.back();
+  }
+
+  std::vector<Sieved*> all_;
+  std::vector<std::unique_ptr<Sieved>> owned_;
+};
+
+TEST_F(DisaggregationTest, OneDecodeAndTwoPrefillDaemonsMatchABothDaemon) {
+  Sieved* p1 = Keep(Sieved::StartServing({"--set", "server.role=prefill"}));
+  Sieved* p2 = Keep(Sieved::StartServing({"--set", "server.role=prefill"}));
+  Sieved* both = Keep(Sieved::StartServing());
+  Sieved* decode = Keep(Sieved::StartServing(
+      {"--set", "server.role=decode", "--set",
+       absl::StrCat("disaggregation.prefill_target=", Target({p1, p2})), "--set",
+       "disaggregation.local_prefill_below_tokens=64", "--set", "disaggregation.fallback=fail"}));
+  ASSERT_FALSE(HasFailure());
+  auto d = decode->stub();
+  auto b = both->stub();
+
+  // Distinct prompts (no cache hit), a prompt extending an earlier one (a partial hit: only the
+  // new pages travel), the same prompt again (every page cached on the decode side: nothing
+  // travels), and a short one (below the threshold: local).
+  const std::vector<int32_t> base = RandomPrompt(700, 1);
+  const std::vector<std::vector<int32_t>> prompts = {
+      RandomPrompt(300, 2), RandomPrompt(1601, 3), base, Concat(base, RandomPrompt(333, 4)),
+      base, RandomPrompt(32, 5), RandomPrompt(129, 6)};
+  int remote_expected = 0;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    for (const bool seeded : {false, true}) {
+      const v1::GenerateRequest request =
+          seeded ? Seeded(prompts[i], 16, 100 + i) : Greedy(prompts[i], 16);
+      const StreamResult want = Generate(*b, request);
+      const StreamResult got = Generate(*d, request);
+      ASSERT_TRUE(want.status.ok()) << want.status.error_message();
+      ASSERT_TRUE(got.status.ok()) << "prompt " << i << ": " << got.status.error_message();
+      EXPECT_EQ(got.ids, want.ids) << "prompt " << i << (seeded ? " seeded" : " greedy");
+      EXPECT_EQ(got.ids.size(), 16u);
+      ASSERT_TRUE(got.completion.has_value());
+      const bool remote = got.completion->timings().kv_transfer_seconds() > 0;
+      // The first run of each long prompt goes remote; a repeat finds every page cached.
+      const bool want_remote = !seeded && i != 4 && i != 5;
+      EXPECT_EQ(remote, want_remote) << "prompt " << i << (seeded ? " seeded" : " greedy");
+      remote_expected += want_remote ? 1 : 0;
+      if (remote) {
+        EXPECT_GE(got.completion->timings().time_to_first_token_seconds(),
+                  got.completion->timings().kv_transfer_seconds());
+        EXPECT_GE(got.completion->usage().cached_prompt_tokens(),
+                  (prompts[i].size() - 1) / 16 * 16);
+      }
+    }
+  }
+
+  // Concurrent requests on the decode daemon, each transferred, still equal the reference.
+  std::vector<std::vector<int32_t>> fresh;
+  for (uint32_t i = 0; i < 6; ++i) fresh.push_back(RandomPrompt(200 + 97 * i, 50 + i));
+  std::vector<StreamResult> got(fresh.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < fresh.size(); ++i) {
+    threads.emplace_back([&, i] { got[i] = Generate(*decode->stub(), Greedy(fresh[i], 12)); });
+  }
+  for (std::thread& t : threads) t.join();
+  for (size_t i = 0; i < fresh.size(); ++i) {
+    ASSERT_TRUE(got[i].status.ok()) << got[i].status.error_message();
+    EXPECT_EQ(got[i].ids, Generate(*b, Greedy(fresh[i], 12)).ids) << "concurrent " << i;
+  }
+  remote_expected += static_cast<int>(fresh.size());
+
+  // Both prefill daemons served (round-robin), the decode daemon counted its placements, and no
+  // daemon holds a page.
+  const test_support::ParsedMetrics dm = decode->Metrics();
+  EXPECT_EQ(dm.Sum("sieve_prefills_total", {{"location", "remote"}}), remote_expected);
+  EXPECT_GE(dm.Sum("sieve_prefills_total", {{"location", "local"}}), 4);
+  EXPECT_GT(dm.Sum("sieve_kv_transfer_bytes_total", {{"direction", "received"}}), 0);
+  EXPECT_EQ(dm.Sum("sieve_kv_transfers_total", {{"outcome", "failed"}}), 0);
+  EXPECT_EQ(dm.Sum("sieve_prefill_daemons_reachable"), 1);
+  EXPECT_EQ(dm.Sum("sieve_kv_pages_used", {{"role", "decode"}}),
+            dm.Sum("sieve_kv_pages_used"));  // every series carries the role
+  double sent = 0;
+  for (Sieved* p : {p1, p2}) {
+    const test_support::ParsedMetrics pm = p->Metrics();
+    const double bytes = pm.Sum("sieve_kv_transfer_bytes_total", {{"direction", "sent"}});
+    EXPECT_GT(bytes, 0) << p->target() << " served no transfer";
+    sent += bytes;
+  }
+  EXPECT_EQ(sent, dm.Sum("sieve_kv_transfer_bytes_total", {{"direction", "received"}}));
+  for (Sieved* x : all_) EXPECT_TRUE(NoPagesHeld(*x)) << x->target();
+}
+
+TEST_F(DisaggregationTest, KillingAPrefillDaemonMidTransferLosesNoRequestAndLeaksNoPage) {
+  // One page per chunk and a pause before each: a 40-page prompt streams for about a second.
+  const std::vector<std::string> slow = {"--set", "server.role=prefill", "--set",
+                                         "disaggregation.chunk_bytes=65536",
+                                         "--testing-kv-chunk-delay-ms", "25"};
+  Sieved* p1 = Keep(Sieved::StartServing(slow));
+  Sieved* p2 = Keep(Sieved::StartServing(slow));
+  Sieved* both = Keep(Sieved::StartServing());
+  Sieved* decode = Keep(Sieved::StartServing(
+      {"--set", "server.role=decode", "--set",
+       absl::StrCat("disaggregation.prefill_target=", Target({p1, p2})), "--set",
+       "disaggregation.fallback=fail", "--set", "disaggregation.max_attempts=4", "--set",
+       "disaggregation.stall_timeout_s=5"}));
+  ASSERT_FALSE(HasFailure());
+
+  constexpr int kRequests = 8;
+  std::vector<std::vector<int32_t>> prompts;
+  for (int i = 0; i < kRequests; ++i) prompts.push_back(RandomPrompt(640 + 16 * i, 200 + i));
+  std::vector<StreamResult> got(kRequests);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kRequests; ++i) {
+    threads.emplace_back([&, i] { got[i] = Generate(*decode->stub(), Greedy(prompts[i], 8)); });
+  }
+  // Kill the first prefill daemon once most transfers are under way.
+  EXPECT_TRUE(PollUntil([&] {
+    return decode->Metrics().Sum("sieve_kv_transfers_in_flight", {{"direction", "received"}}) >=
+           kRequests / 2 + 1;
+  }));
+  p1->Signal(SIGKILL);
+  for (std::thread& t : threads) t.join();
+
+  auto b = both->stub();
+  for (int i = 0; i < kRequests; ++i) {
+    ASSERT_TRUE(got[i].status.ok()) << "request " << i << ": " << got[i].status.error_message();
+    EXPECT_EQ(got[i].ids, Generate(*b, Greedy(prompts[i], 8)).ids) << "request " << i;
+  }
+  const test_support::ParsedMetrics dm = decode->Metrics();
+  EXPECT_GE(dm.Sum("sieve_kv_transfer_retries_total"), 1);
+  EXPECT_GE(dm.Sum("sieve_kv_transfers_total", {{"outcome", "failed"}}), 1);
+  EXPECT_EQ(dm.Sum("sieve_prefills_total", {{"location", "remote"}}), kRequests);
+  EXPECT_TRUE(NoPagesHeld(*decode));
+  EXPECT_TRUE(NoPagesHeld(*p2));
+  EXPECT_EQ(p1->WaitExit(absl::Seconds(10)), 128 + SIGKILL);
+}
+
+TEST_F(DisaggregationTest, CancellationAndDeadlinesReachThePrefillDaemon) {
+  // One page per chunk, 100 ms apart: a 99-page transfer would stream for about 10 s.
+  Sieved* p = Keep(Sieved::StartServing({"--set", "server.role=prefill", "--set",
+                                         "disaggregation.chunk_bytes=65536",
+                                         "--testing-kv-chunk-delay-ms", "100"}));
+  Sieved* decode = Keep(Sieved::StartServing(
+      {"--set", "server.role=decode", "--set",
+       absl::StrCat("disaggregation.prefill_target=", Target({p})), "--set",
+       "disaggregation.fallback=fail"}));
+  ASSERT_FALSE(HasFailure());
+  auto d = decode->stub();
+  auto sent_in_flight = [&] {
+    return p->Metrics().Sum("sieve_kv_transfers_in_flight", {{"direction", "sent"}});
+  };
+  auto sent_bytes = [&] {
+    return p->Metrics().Sum("sieve_kv_transfer_bytes_total", {{"direction", "sent"}});
+  };
+  {
+    OpenStream stream(*d, Greedy(RandomPrompt(1600, 31), 8));
+    ASSERT_TRUE(PollUntil([&] { return sent_in_flight() >= 1; }));
+    const absl::Time cancelled = absl::Now();
+    stream.context.TryCancel();
+    EXPECT_EQ(stream.reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+    // The prefill daemon's call ends long before its transfer would have.
+    EXPECT_TRUE(PollUntil([&] { return sent_in_flight() == 0; }, absl::Seconds(8)));
+    EXPECT_LT(absl::Now() - cancelled, absl::Seconds(8));
+  }
+  EXPECT_EQ(sent_bytes(), 0);  // the transfer never completed
+  EXPECT_GE(p->Metrics().Sum("sieve_kv_transfers_total", {{"direction", "sent"},
+                                                          {"outcome", "failed"}}),
+            1);
+  EXPECT_TRUE(NoPagesHeld(*p));
+  EXPECT_TRUE(NoPagesHeld(*decode));
+
+  // A client deadline shorter than the transfer: the call ends DEADLINE_EXCEEDED and the
+  // prefill daemon's call ends with it (the deadline travels with the remote call).
+  const StreamResult late =
+      Generate(*d, Greedy(RandomPrompt(1600, 32), 8), absl::Milliseconds(2500));
+  EXPECT_EQ(late.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_TRUE(PollUntil([&] { return sent_in_flight() == 0; }, absl::Seconds(8)));
+  EXPECT_EQ(sent_bytes(), 0);
+  EXPECT_TRUE(NoPagesHeld(*p));
+  EXPECT_TRUE(NoPagesHeld(*decode));
+}
+
+TEST_F(DisaggregationTest, DrainingDecodeDaemonFinishesARequestWhoseKvIsOnItsWay) {
+  Sieved* p = Keep(Sieved::StartServing({"--set", "server.role=prefill", "--set",
+                                         "disaggregation.chunk_bytes=65536",
+                                         "--testing-kv-chunk-delay-ms", "40"}));
+  Sieved* decode = Keep(Sieved::StartServing(
+      {"--set", "server.role=decode", "--set",
+       absl::StrCat("disaggregation.prefill_target=", Target({p})), "--set",
+       "disaggregation.fallback=fail"}));
+  ASSERT_FALSE(HasFailure());
+  auto d = decode->stub();
+  OpenStream stream(*d, Greedy(RandomPrompt(960, 41), 6));
+  ASSERT_TRUE(PollUntil([&] {
+    return decode->Metrics().Sum("sieve_kv_transfers_in_flight", {{"direction", "received"}}) >= 1;
+  }));
+  decode->Signal(SIGTERM);
+  const StreamResult r = Drain(*stream.reader);
+  EXPECT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_EQ(r.ids.size(), 6u);
+  EXPECT_EQ(decode->WaitExit(absl::Seconds(30)), 0);
+  EXPECT_TRUE(NoPagesHeld(*p));
+}
+
+TEST_F(DisaggregationTest, APrefillDaemonOfAnotherModelIsRefused) {
+  Sieved* other = Keep(Sieved::StartServing(
+      {"--set", "server.role=prefill", "--set", "model.name=another-model"}));
+  Sieved* decode = Keep(Sieved::StartServing(
+      {"--set", "server.role=decode", "--set",
+       absl::StrCat("disaggregation.prefill_target=", Target({other})), "--set",
+       "disaggregation.local_prefill_below_tokens=100"}));
+  ASSERT_FALSE(HasFailure());
+  auto d = decode->stub();
+  // Refused even with fallback local: a mismatch is a deployment error to surface, not a fault.
+  const StreamResult refused = Generate(*d, Greedy(RandomPrompt(400, 9), 4));
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(refused.status.error_message(), HasSubstr("KV layout mismatch"));
+  EXPECT_THAT(refused.status.error_message(), HasSubstr("another-model"));
+  // Short prompts are prefilled locally and still served.
+  const StreamResult local = Generate(*d, Greedy(RandomPrompt(40, 10), 4));
+  EXPECT_TRUE(local.status.ok()) << local.status.error_message();
+  EXPECT_EQ(local.ids.size(), 4u);
+  EXPECT_EQ(decode->Metrics().Sum("sieve_kv_transfers_total", {{"outcome", "failed"}}), 1);
+  for (Sieved* x : all_) EXPECT_TRUE(NoPagesHeld(*x)) << x->target();
+}
+
+TEST(DisaggregationConfigTest, ADecodeDaemonWithoutPrefillTargetDoesNotStart) {
+  auto [code, out] = RunTool(SIEVED_PATH, {"--config", BaseConfigPath(), "--set",
+                                           "server.role=decode"});
+  EXPECT_EQ(code, 2) << out;
+  EXPECT_THAT(out, HasSubstr("disaggregation.prefill_target"));
+}
+
+}  // namespace
+}  // namespace sieve::test
