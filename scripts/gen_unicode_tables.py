@@ -184,6 +184,15 @@ def main():
         f"constexpr ClassRange kCodePointClassRanges[{len(classes)}] = {{",
     ]
     lines += _pack([f"{{0x{a:X}, 0x{b:X}, {v}}}," for a, b, v in classes])
+    for name, extra in (("kLettersAfterUnicode14", _LETTERS_SINCE_14),
+                        ("kNumbersAfterUnicode14", _NUMBERS_SINCE_14)):
+        added = [(a, b) for a, b in _parse_ranges(extra)
+                 if unicodedata.category(chr(a)) == "Cn"]
+        lines += ["};", "",
+                  "// {first, last}: letters / numbers assigned in Unicode 15.0 - 16.0 (the regex",
+                  "// engine adds them to a Unicode 14 \\p{L} / \\p{N}; empty when this database has them).",
+                  f"constexpr CodePointRange {name}[{max(len(added), 1)}] = {{"]
+        lines += _pack([f"{{0x{a:X}, 0x{b:X}}}," for a, b in added] or ["{0x0, 0x0},"])
     lines += ["};", "", "// {first, last, canonical combining class}.",
               f"constexpr ClassRange kCombiningClassRanges[{len(ccc)}] = {{"]
     lines += _pack([f"{{0x{a:X}, 0x{b:X}, {v}}}," for a, b, v in ccc])

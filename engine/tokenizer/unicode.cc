@@ -163,6 +163,22 @@ void ComposeAll(std::vector<char32_t>* chars) {
 
 }  // namespace
 
+std::vector<CodePointRange> LettersAfterUnicode14() {
+  std::vector<CodePointRange> out;
+  for (const CodePointRange& r : kLettersAfterUnicode14) {
+    if (r.last != 0) out.push_back(r);
+  }
+  return out;
+}
+
+std::vector<CodePointRange> NumbersAfterUnicode14() {
+  std::vector<CodePointRange> out;
+  for (const CodePointRange& r : kNumbersAfterUnicode14) {
+    if (r.last != 0) out.push_back(r);
+  }
+  return out;
+}
+
 uint8_t ClassesOf(char32_t cp) {
   if (cp <= 0xFFFF) return BmpClasses()[cp];
   if (cp > kMaxCodePoint) return 0;

@@ -31,6 +31,17 @@ enum CodePointClass : uint8_t {
   kWord = 8,        // Rust regex \w: Alphabetic, marks, Nd, Pc, Join_Control.
 };
 
+// A closed range [first, last] of code points.
+struct CodePointRange {
+  char32_t first;
+  char32_t last;
+};
+
+// Returns the letters (\p{L}) / numbers (\p{N}) assigned in Unicode 15.0 - 16.0 that the
+// classes above include: a regex engine with Unicode 14 data adds them to its \p{L} / \p{N}.
+std::vector<CodePointRange> LettersAfterUnicode14();
+std::vector<CodePointRange> NumbersAfterUnicode14();
+
 // Returns the CodePointClass bits of `cp` (0 for anything else, including invalid values).
 uint8_t ClassesOf(char32_t cp);
 
