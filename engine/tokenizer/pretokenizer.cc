@@ -417,11 +417,16 @@ absl::StatusOr<PreTokenizer> PreTokenizer::FromJson(const Json& config, std::str
   return pre;
 }
 
-absl::Status PreTokenizer::ApplyStep(const Step& step, const Piece& piece,
+absl::Status PreTokenizer::ApplyStep(const Step& step, const Piece& piece, Scratch* scratch,
                                      std::vector<Piece>* out) {
-  std::vector<std::string_view> views;
-  std::vector<Regex::Span> matches, spans;
-  std::string source_storage;
+  std::vector<std::string_view>& views = scratch->views;
+  std::vector<Regex::Span>& matches = scratch->matches;
+  std::vector<Regex::Span>& spans = scratch->spans;
+  std::string& source_storage = scratch->storage;
+  views.clear();
+  matches.clear();
+  spans.clear();
+  source_storage.clear();
   std::string_view source = piece.text;
   switch (step.kind) {
     case Step::Kind::kByteLevel: {
@@ -429,11 +434,15 @@ absl::Status PreTokenizer::ApplyStep(const Step& step, const Piece& piece,
         source_storage = absl::StrCat(" ", piece.text);
         source = source_storage;
       }
-      if (step.use_regex) {
-        SplitByRegex(step.scanner, source, &views);
-      } else {
-        views.push_back(source);
+      if (!step.use_regex) {
+        Piece mapped;
+        mapped.text.reserve(source.size() * 2);
+        AppendByteLevel(source, &mapped.text);
+        mapped.at_start = piece.at_start;
+        out->push_back(std::move(mapped));
+        return absl::OkStatus();
       }
+      SplitByRegex(step.scanner, source, &views);
       bool first = true;
       for (std::string_view v : views) {
         if (v.empty()) continue;
@@ -484,7 +493,7 @@ absl::Status PreTokenizer::ApplyStep(const Step& step, const Piece& piece,
       }
       source = source_storage;
       if (!step.split) {
-        out->push_back(Piece{std::move(source_storage), piece.at_start});
+        out->push_back(Piece{source_storage, piece.at_start});
         return absl::OkStatus();
       }
       for (size_t hit = 0; (hit = source.find(step.replacement, hit)) != std::string_view::npos;
@@ -512,10 +521,13 @@ absl::Status PreTokenizer::Split(std::string_view text, bool at_start,
   pieces->clear();
   if (text.empty()) return absl::OkStatus();
   std::vector<Piece> current, next;
+  Scratch scratch;
   current.push_back(Piece{std::string(text), at_start});
   for (const Step& step : steps_) {
     next.clear();
-    for (const Piece& piece : current) SIEVE_RETURN_IF_ERROR(ApplyStep(step, piece, &next));
+    for (const Piece& piece : current) {
+      SIEVE_RETURN_IF_ERROR(ApplyStep(step, piece, &scratch, &next));
+    }
     current.swap(next);
   }
   pieces->reserve(current.size());

@@ -125,8 +125,15 @@ class PreTokenizer {
   static absl::Status ParseSplit(const nlohmann::json& config, std::string_view path, Step* step);
   static absl::Status ParseMetaspace(const nlohmann::json& config, std::string_view path,
                                      Step* step);
+  // Buffers reused across the pieces of one Split.
+  struct Scratch {
+    std::vector<std::string_view> views;
+    std::vector<Regex::Span> matches, spans;
+    std::string storage;
+  };
   // Appends the pieces of `piece` after `step` to `out`.
-  static absl::Status ApplyStep(const Step& step, const Piece& piece, std::vector<Piece>* out);
+  static absl::Status ApplyStep(const Step& step, const Piece& piece, Scratch* scratch,
+                                std::vector<Piece>* out);
 
   std::vector<Step> steps_;
   bool byte_level_ = false;
