@@ -29,11 +29,30 @@ std::string ClassItems(const Ranges& ranges) {
   return out;
 }
 
-// The items that stand for \p{L} / \p{N} / \s inside a character class.
+// The items that stand for \p{X} (X a general category that gained code points in Unicode
+// 15.0 - 16.0) and \s inside a character class.
 struct ClassTexts {
-  std::string letter = absl::StrCat("\\p{L}", ClassItems(unicode::LettersAfterUnicode14()));
-  std::string number = absl::StrCat("\\p{N}", ClassItems(unicode::NumbersAfterUnicode14()));
+  std::string categories[5];  // L, N, P, S, M.
   std::string space = ClassItems(kWhiteSpace);
+  ClassTexts() {
+    for (int i = 0; i < 5; ++i) {
+      const char c = "LNPSM"[i];
+      categories[i] = absl::StrCat("\\p{", std::string(1, c), "}",
+                                   ClassItems(unicode::AssignedAfterUnicode14(c)));
+    }
+  }
+  // Returns the items of category `name` (short or long name), or nullptr.
+  const std::string* Find(std::string_view name) const {
+    static constexpr std::string_view kNames[5][2] = {{"L", "Letter"},
+                                                       {"N", "Number"},
+                                                       {"P", "Punctuation"},
+                                                       {"S", "Symbol"},
+                                                       {"M", "Mark"}};
+    for (int i = 0; i < 5; ++i) {
+      if (name == kNames[i][0] || name == kNames[i][1]) return &categories[i];
+    }
+    return nullptr;
+  }
 };
 
 const ClassTexts& GetClassTexts() {
@@ -76,9 +95,7 @@ absl::StatusOr<std::string> Translate(std::string_view p) {
           name = p.substr(i + 2, 1);
           end = i + 3;
         }
-        const std::string* items = nullptr;
-        if (name == "L" || name == "Letter") items = &texts.letter;
-        if (name == "N" || name == "Number") items = &texts.number;
+        const std::string* items = texts.Find(name);
         if (items != nullptr && e == 'p') {
           absl::StrAppend(&out, in_class ? "" : "[", *items, in_class ? "" : "]");
         } else if (items != nullptr && !in_class) {

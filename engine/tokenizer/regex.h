@@ -3,10 +3,11 @@
 // Oniguruma as Hugging Face tokenizers uses it:
 //   * Ruby syntax: `^` / `$` match at line starts / ends (PCRE2_MULTILINE), `.` no newline;
 //     `\uHHHH` is a code point.
-//   * \p{L}, \p{N} (also inside classes) and \s, \S outside classes follow the tokenizer's own
-//     Unicode 16.0 tables (engine/tokenizer/unicode.h): \s is the White_Space property (PCRE2's
-//     also has U+180E) and the letters and numbers assigned after Unicode 14 are added to
-//     PCRE2's classes. Other properties (\p{P}, \p{M}, ...) are PCRE2's (Unicode 14 in 10.42).
+//   * \p{L}, \p{N}, \p{P}, \p{S}, \p{M} (also inside classes) and \s, \S outside classes follow
+//     Oniguruma's Unicode 16.0 (engine/tokenizer/unicode.h): \s is the White_Space property
+//     (PCRE2's also has U+180E) and the code points of those categories assigned after Unicode
+//     14 are added to PCRE2's classes. Other properties (\p{Lu}, \p{Han}, ...) and \P{..} inside
+//     a class are PCRE2's (Unicode 14 in 10.42).
 //   * Find-all as Rust's onig::Regex::find_iter: matches left to right, each search starting
 //     where the last match ended; an empty match right where the previous match ended is
 //     skipped by advancing one character.

@@ -24,7 +24,9 @@ Spans FindAll(std::string_view pattern, std::string_view text) {
   auto regex = Regex::Compile(pattern);
   EXPECT_TRUE(regex.ok()) << regex.status();
   Spans spans;
-  if (regex.ok()) EXPECT_TRUE((*regex)->FindAll(text, &spans).ok());
+  if (regex.ok()) {
+    EXPECT_TRUE((*regex)->FindAll(text, &spans).ok());
+  }
   return spans;
 }
 
@@ -104,6 +106,11 @@ TEST(RegexTest, OnigurumaSyntax) {
   EXPECT_THAT(Pieces("xA1g", FindAll("\\h+", "xA1g")), ElementsAre("A1"));
   // Case-insensitive contractions include U+017F, which folds to 's'.
   EXPECT_THAT(Pieces("'\u017f'S", FindAll("(?i:'s)", "'\u017f'S")), ElementsAre("'\u017f", "'S"));
+  // Categories that gained code points in Unicode 15 - 16 include them, as in Oniguruma 6.9.10.
+  EXPECT_EQ(FindAll("\\p{S}", "\U0001CE1A").size(), 1u);
+  EXPECT_EQ(FindAll("[\\p{P}\\p{S}]", "\u1B4E").size(), 1u);
+  EXPECT_EQ(FindAll("\\p{Mark}", "\u0897").size(), 1u);
+  EXPECT_EQ(FindAll("\\P{S}", "\U0001CE1A").size(), 0u);
   // DeepSeek-V3's pieces.
   const std::string cjk = "\u4e2d\u6587abc\u3072\u30ab";
   EXPECT_THAT(Pieces(cjk, FindAll("[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+", cjk)),

@@ -163,18 +163,31 @@ void ComposeAll(std::vector<char32_t>* chars) {
 
 }  // namespace
 
-std::vector<CodePointRange> LettersAfterUnicode14() {
+std::vector<CodePointRange> AssignedAfterUnicode14(char category) {
   std::vector<CodePointRange> out;
-  for (const CodePointRange& r : kLettersAfterUnicode14) {
-    if (r.last != 0) out.push_back(r);
-  }
-  return out;
-}
-
-std::vector<CodePointRange> NumbersAfterUnicode14() {
-  std::vector<CodePointRange> out;
-  for (const CodePointRange& r : kNumbersAfterUnicode14) {
-    if (r.last != 0) out.push_back(r);
+  auto add = [&out](const auto& ranges) {
+    for (const CodePointRange& r : ranges) {
+      if (r.last != 0) out.push_back(r);
+    }
+  };
+  switch (category) {
+    case 'L':
+      add(kLettersAfterUnicode14);
+      break;
+    case 'N':
+      add(kNumbersAfterUnicode14);
+      break;
+    case 'P':
+      add(kPunctuationAfterUnicode14);
+      break;
+    case 'S':
+      add(kSymbolsAfterUnicode14);
+      break;
+    case 'M':
+      add(kMarksAfterUnicode14);
+      break;
+    default:
+      break;
   }
   return out;
 }
