@@ -417,8 +417,9 @@ absl::StatusOr<PreTokenizer> PreTokenizer::FromJson(const Json& config, std::str
   return pre;
 }
 
-absl::Status PreTokenizer::ApplyStep(const Step& step, const Piece& piece, Scratch* scratch,
-                                     std::vector<Piece>* out) {
+absl::Status PreTokenizer::ApplyStep(const Step& step, std::string_view piece, bool at_start,
+                                     Scratch* scratch, std::vector<std::string>* out,
+                                     bool* first_at_start) {
   std::vector<std::string_view>& views = scratch->views;
   std::vector<Regex::Span>& matches = scratch->matches;
   std::vector<Regex::Span>& spans = scratch->spans;
@@ -427,31 +428,27 @@ absl::Status PreTokenizer::ApplyStep(const Step& step, const Piece& piece, Scrat
   matches.clear();
   spans.clear();
   source_storage.clear();
-  std::string_view source = piece.text;
+  std::string_view source = piece;
+  *first_at_start = at_start;  // Unless a leading part is removed (below).
   switch (step.kind) {
     case Step::Kind::kByteLevel: {
-      if (step.add_prefix_space && piece.text[0] != ' ') {
-        source_storage = absl::StrCat(" ", piece.text);
+      if (step.add_prefix_space && piece[0] != ' ') {
+        source_storage.assign(" ");
+        source_storage.append(piece);
         source = source_storage;
       }
       if (!step.use_regex) {
-        Piece mapped;
-        mapped.text.reserve(source.size() * 2);
-        AppendByteLevel(source, &mapped.text);
-        mapped.at_start = piece.at_start;
-        out->push_back(std::move(mapped));
+        std::string& mapped = out->emplace_back();
+        mapped.reserve(source.size() * 2);
+        AppendByteLevel(source, &mapped);
         return absl::OkStatus();
       }
-      SplitByRegex(step.scanner, source, &views);
-      bool first = true;
+      SplitByRegex(step.scanner, source, &views);  // The matches cover the text.
       for (std::string_view v : views) {
         if (v.empty()) continue;
-        Piece mapped;
-        mapped.text.reserve(v.size() * 2);
-        AppendByteLevel(v, &mapped.text);
-        mapped.at_start = piece.at_start && first;
-        first = false;
-        out->push_back(std::move(mapped));
+        std::string& mapped = out->emplace_back();
+        mapped.reserve(v.size() * 2);
+        AppendByteLevel(v, &mapped);
       }
       return absl::OkStatus();
     }
@@ -467,9 +464,7 @@ absl::Status PreTokenizer::ApplyStep(const Step& step, const Piece& piece, Scrat
         SplitByRegex(step.scanner, source, &views);
         if (step.behavior == SplitBehavior::kIsolated && !step.invert) {
           // The scanners' matches cover the text: they are the pieces.
-          for (std::string_view v : views) {
-            out->push_back(Piece{std::string(v), piece.at_start && v.data() == source.data()});
-          }
+          for (std::string_view v : views) out->emplace_back(v);
           return absl::OkStatus();
         }
         for (std::string_view v : views) {
@@ -477,6 +472,7 @@ absl::Status PreTokenizer::ApplyStep(const Step& step, const Piece& piece, Scrat
           matches.emplace_back(begin, begin + static_cast<uint32_t>(v.size()));
         }
       }
+      SplitAtMatches(source.size(), matches, step.invert, step.behavior, &spans);
       break;
     case Step::Kind::kMetaspace: {
       for (size_t pos = 0;;) {
@@ -487,13 +483,13 @@ absl::Status PreTokenizer::ApplyStep(const Step& step, const Piece& piece, Scrat
         pos = hit + 1;
       }
       const bool prepend = step.prepend == Step::Prepend::kAlways ||
-                           (step.prepend == Step::Prepend::kFirst && piece.at_start);
+                           (step.prepend == Step::Prepend::kFirst && at_start);
       if (prepend && source_storage.compare(0, step.replacement.size(), step.replacement) != 0) {
         source_storage.insert(0, step.replacement);
       }
       source = source_storage;
       if (!step.split) {
-        out->push_back(Piece{source_storage, piece.at_start});
+        out->emplace_back(source);
         return absl::OkStatus();
       }
       for (size_t hit = 0; (hit = source.find(step.replacement, hit)) != std::string_view::npos;
@@ -501,18 +497,11 @@ absl::Status PreTokenizer::ApplyStep(const Step& step, const Piece& piece, Scrat
         matches.emplace_back(hit, hit + step.replacement.size());
       }
       SplitAtMatches(source.size(), matches, false, SplitBehavior::kMergedWithNext, &spans);
-      for (const auto& [begin, end] : spans) {
-        out->push_back(Piece{std::string(source.substr(begin, end - begin)),
-                             piece.at_start && begin == 0});
-      }
-      return absl::OkStatus();
+      break;
     }
   }
-  SplitAtMatches(source.size(), matches, step.invert, step.behavior, &spans);
-  for (const auto& [begin, end] : spans) {
-    out->push_back(
-        Piece{std::string(source.substr(begin, end - begin)), piece.at_start && begin == 0});
-  }
+  *first_at_start = at_start && !spans.empty() && spans.front().first == 0;
+  for (const auto& [begin, end] : spans) out->emplace_back(source.substr(begin, end - begin));
   return absl::OkStatus();
 }
 
@@ -520,20 +509,28 @@ absl::Status PreTokenizer::Split(std::string_view text, bool at_start,
                                  std::vector<std::string>* pieces) const {
   pieces->clear();
   if (text.empty()) return absl::OkStatus();
-  std::vector<Piece> current, next;
+  // Only the first piece can start the original input: `first_at_start` says whether it does.
+  std::vector<std::string> next;
   Scratch scratch;
-  current.push_back(Piece{std::string(text), at_start});
+  pieces->emplace_back(text);
+  bool first_at_start = at_start;
   for (const Step& step : steps_) {
     next.clear();
-    for (const Piece& piece : current) {
-      SIEVE_RETURN_IF_ERROR(ApplyStep(step, piece, &scratch, &next));
+    bool next_first_at_start = false;
+    for (size_t k = 0; k < pieces->size(); ++k) {
+      const size_t before = next.size();
+      bool starts = false;
+      SIEVE_RETURN_IF_ERROR(
+          ApplyStep(step, (*pieces)[k], k == 0 && first_at_start, &scratch, &next, &starts));
+      if (before == 0 && next.size() > 0) next_first_at_start = k == 0 && starts;
     }
-    current.swap(next);
+    pieces->swap(next);
+    first_at_start = next_first_at_start;
   }
-  pieces->reserve(current.size());
-  for (Piece& piece : current) {
-    if (!piece.text.empty()) pieces->push_back(std::move(piece.text));
-  }
+  // Steps never produce empty pieces except a ByteLevel step on an empty regex match.
+  pieces->erase(std::remove_if(pieces->begin(), pieces->end(),
+                               [](const std::string& p) { return p.empty(); }),
+                pieces->end());
   return absl::OkStatus();
 }
 

@@ -114,11 +114,6 @@ class PreTokenizer {
     enum class Prepend { kAlways, kFirst, kNever } prepend = Prepend::kAlways;  // kMetaspace.
     bool split = true;                                                        // kMetaspace.
   };
-  // A piece between steps; `at_start`: it begins the original input.
-  struct Piece {
-    std::string text;
-    bool at_start = false;
-  };
 
   static absl::Status AppendSteps(const nlohmann::json& config, std::string_view path, int depth,
                                   std::vector<Step>* steps);
@@ -131,9 +126,11 @@ class PreTokenizer {
     std::vector<Regex::Span> matches, spans;
     std::string storage;
   };
-  // Appends the pieces of `piece` after `step` to `out`.
-  static absl::Status ApplyStep(const Step& step, const Piece& piece, Scratch* scratch,
-                                std::vector<Piece>* out);
+  // Appends the pieces of non-empty `piece` after `step` to `out`. `at_start`: `piece` begins
+  // the original input; `*first_at_start` is set to whether the first piece appended does.
+  static absl::Status ApplyStep(const Step& step, std::string_view piece, bool at_start,
+                                Scratch* scratch, std::vector<std::string>* out,
+                                bool* first_at_start);
 
   std::vector<Step> steps_;
   bool byte_level_ = false;
