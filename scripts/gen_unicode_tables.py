@@ -38,6 +38,27 @@ _NUMBERS_SINCE_14 = """
 1D2C0-1D2D3 1E4F0-1E4F9 1E5F1-1E5FA
 """
 
+# Punctuation (P*), symbols (S*) and marks (M*) assigned in Unicode 15.0 - 16.0: the regex engine
+# adds them to a Unicode 14 \\p{P} / \\p{S} / \\p{M}. Found by asking Hugging Face tokenizers
+# (Oniguruma 6.9.10, npm `tokenizers` 0.23.2) which code points unassigned in Unicode 14 match
+# each class (a Split pre-tokenizer with behavior Removed); its answers for \\p{L} and \\p{N}
+# are exactly the two lists above.
+_PUNCTUATION_SINCE_14 = """
+1B4E-1B4F 1B7F-1B7F 10D6E-10D6E 113D4-113D5 113D7-113D8 11B00-11B09 11BE1-11BE1 11F43-11F4F
+16D6D-16D6F 1E5FF-1E5FF
+"""
+_SYMBOLS_SINCE_14 = """
+2427-2429 2FFC-2FFF 31E4-31E5 31EF-31EF 10D8E-10D8F 1CC00-1CCEF 1CD00-1CEB3 1F6DC-1F6DC
+1F774-1F776 1F77B-1F77F 1F7D9-1F7D9 1F8B2-1F8BB 1F8C0-1F8C1 1FA75-1FA77 1FA87-1FA89 1FA8F-1FA8F
+1FAAD-1FAAF 1FABB-1FABF 1FAC6-1FAC6 1FACE-1FACF 1FADA-1FADC 1FADF-1FADF 1FAE8-1FAE9 1FAF7-1FAF8
+1FBCB-1FBEF
+"""
+_MARKS_SINCE_14 = """
+897-897 CF3-CF3 ECE-ECE 10D69-10D6D 10EFC-10EFF 11241-11241 113B8-113C0 113C2-113C2 113C5-113C5
+113C7-113CA 113CC-113D0 113D2-113D2 113E1-113E2 11F00-11F01 11F03-11F03 11F34-11F3A 11F3E-11F42
+11F5A-11F5A 13440-13440 13447-13455 1611E-1612F 1E08F-1E08F 1E4EC-1E4EF 1E5EE-1E5EF
+"""
+
 # Combining marks (ccc != 0) assigned after Unicode 9.0, up to the local database's version:
 # Hugging Face's NFC gives them combining class 0.
 _CCC_UNKNOWN_TO_HF = """
@@ -184,6 +205,18 @@ def main():
         f"constexpr ClassRange kCodePointClassRanges[{len(classes)}] = {{",
     ]
     lines += _pack([f"{{0x{a:X}, 0x{b:X}, {v}}}," for a, b, v in classes])
+    for name, extra in (("kLettersAfterUnicode14", _LETTERS_SINCE_14),
+                        ("kNumbersAfterUnicode14", _NUMBERS_SINCE_14),
+                        ("kPunctuationAfterUnicode14", _PUNCTUATION_SINCE_14),
+                        ("kSymbolsAfterUnicode14", _SYMBOLS_SINCE_14),
+                        ("kMarksAfterUnicode14", _MARKS_SINCE_14)):
+        added = [(a, b) for a, b in _parse_ranges(extra)
+                 if unicodedata.category(chr(a)) == "Cn"]
+        lines += ["};", "",
+                  f"// {{first, last}}: {name[1:name.index('After')].lower()} assigned in Unicode 15.0 - 16.0 (the",
+                  "// regex engine adds them to its Unicode 14 class; empty when this database has them).",
+                  f"constexpr CodePointRange {name}[{max(len(added), 1)}] = {{"]
+        lines += _pack([f"{{0x{a:X}, 0x{b:X}}}," for a, b in added] or ["{0x0, 0x0},"])
     lines += ["};", "", "// {first, last, canonical combining class}.",
               f"constexpr ClassRange kCombiningClassRanges[{len(ccc)}] = {{"]
     lines += _pack([f"{{0x{a:X}, 0x{b:X}, {v}}}," for a, b, v in ccc])

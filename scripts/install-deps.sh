@@ -10,6 +10,7 @@ packages=(
   prometheus-cpp-dev libyaml-cpp-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libhwy-dev                 # SIMD of the CPU backend (Google Highway)
+  libpcre2-dev libicu-dev    # tokenizer regexes (PCRE2) and Unicode normal forms (ICU)
   clang libclang-rt-14-dev   # libFuzzer for the fuzz targets
   curl                       # the metrics checks in the integration tests
   prometheus python3-yaml    # deployment checks (tests/deploy): promtool, a real Prometheus, PyYAML

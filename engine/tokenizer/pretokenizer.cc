@@ -1,5 +1,6 @@
 #include "engine/tokenizer/pretokenizer.h"
 
+#include <algorithm>
 #include <array>
 #include <utility>
 
@@ -225,6 +226,151 @@ void AppendByteLevel(std::string_view bytes, std::string* out) {
   }
 }
 
+void SplitAtMatches(size_t size, const std::vector<Regex::Span>& matches, bool invert,
+                    SplitBehavior behavior, std::vector<Regex::Span>* pieces) {
+  if (size == 0) return;
+  // The text as alternating gaps and matches, covering all of it.
+  struct Part {
+    uint32_t begin, end;
+    bool delimiter;
+  };
+  std::vector<Part> parts;
+  parts.reserve(matches.size() * 2 + 1);
+  uint32_t pos = 0;
+  for (const auto& [begin, end] : matches) {
+    if (begin > pos) parts.push_back({pos, begin, invert});
+    parts.push_back({begin, end, !invert});
+    pos = end;
+  }
+  if (pos < size) parts.push_back({pos, static_cast<uint32_t>(size), invert});
+  std::vector<Regex::Span> out;
+  out.reserve(parts.size());
+  bool previous_delimiter = false;
+  switch (behavior) {
+    case SplitBehavior::kRemoved:
+      for (const Part& p : parts) {
+        if (!p.delimiter) out.emplace_back(p.begin, p.end);
+      }
+      break;
+    case SplitBehavior::kIsolated:
+      for (const Part& p : parts) out.emplace_back(p.begin, p.end);
+      break;
+    case SplitBehavior::kMergedWithPrevious:
+      for (const Part& p : parts) {
+        if (p.delimiter && !previous_delimiter && !out.empty()) {
+          out.back().second = p.end;
+        } else {
+          out.emplace_back(p.begin, p.end);
+        }
+        previous_delimiter = p.delimiter;
+      }
+      break;
+    case SplitBehavior::kMergedWithNext:
+      // Built backwards: a delimiter joins the piece after it unless that is a delimiter too.
+      for (auto it = parts.rbegin(); it != parts.rend(); ++it) {
+        if (it->delimiter && !previous_delimiter && !out.empty()) {
+          out.back().first = it->begin;
+        } else {
+          out.emplace_back(it->begin, it->end);
+        }
+        previous_delimiter = it->delimiter;
+      }
+      std::reverse(out.begin(), out.end());
+      break;
+    case SplitBehavior::kContiguous:
+      for (size_t i = 0; i < parts.size(); ++i) {
+        if (i > 0 && parts[i].delimiter == previous_delimiter) {
+          out.back().second = parts[i].end;
+        } else {
+          out.emplace_back(parts[i].begin, parts[i].end);
+        }
+        previous_delimiter = parts[i].delimiter;
+      }
+      break;
+  }
+  for (const Regex::Span& span : out) {
+    if (span.second > span.first) pieces->push_back(span);
+  }
+}
+
+absl::Status PreTokenizer::ParseSplit(const Json& config, std::string_view path, Step* step) {
+  step->kind = Step::Kind::kSplit;
+  SIEVE_ASSIGN_OR_RETURN(const Json* pattern,
+                         tokenizer_json::RequiredField(config, "pattern", path));
+  const std::string pattern_path = FieldPath(path, "pattern");
+  SIEVE_ASSIGN_OR_RETURN(std::optional<std::string> regex,
+                         tokenizer_json::OptionalString(*pattern, "Regex", pattern_path));
+  SIEVE_ASSIGN_OR_RETURN(std::optional<std::string> literal,
+                         tokenizer_json::OptionalString(*pattern, "String", pattern_path));
+  if (regex.has_value()) {
+    if (absl::StatusOr<PretokenizerRegex> scanner = RecognizePretokenizerRegex(*regex);
+        scanner.ok()) {
+      step->scanner = *scanner;
+    } else {
+      SIEVE_ASSIGN_OR_RETURN(std::unique_ptr<Regex> compiled, Regex::Compile(*regex));
+      step->regex = std::move(compiled);
+    }
+  } else if (literal.has_value() && !literal->empty()) {
+    step->literal = *literal;
+  } else {
+    return FieldError(pattern_path, "expected {\"Regex\": ...} or {\"String\": non-empty}");
+  }
+  SIEVE_ASSIGN_OR_RETURN(std::string behavior,
+                         tokenizer_json::RequiredString(config, "behavior", path));
+  static constexpr std::pair<std::string_view, SplitBehavior> kBehaviors[] = {
+      {"Removed", SplitBehavior::kRemoved},
+      {"Isolated", SplitBehavior::kIsolated},
+      {"MergedWithPrevious", SplitBehavior::kMergedWithPrevious},
+      {"MergedWithNext", SplitBehavior::kMergedWithNext},
+      {"Contiguous", SplitBehavior::kContiguous}};
+  bool known = false;
+  for (const auto& [name, value] : kBehaviors) {
+    if (behavior == name) {
+      step->behavior = value;
+      known = true;
+    }
+  }
+  if (!known) {
+    return FieldError(FieldPath(path, "behavior"),
+                      absl::StrCat("unknown Split behavior '", behavior, "'"));
+  }
+  SIEVE_ASSIGN_OR_RETURN(step->invert, tokenizer_json::OptionalBool(config, "invert", false, path));
+  return absl::OkStatus();
+}
+
+absl::Status PreTokenizer::ParseMetaspace(const Json& config, std::string_view path, Step* step) {
+  step->kind = Step::Kind::kMetaspace;
+  SIEVE_ASSIGN_OR_RETURN(std::optional<std::string> replacement,
+                         tokenizer_json::OptionalString(config, "replacement", path));
+  step->replacement = replacement.value_or("\xE2\x96\x81");  // U+2581
+  if (step->replacement.empty() || unicode::FindInvalidUtf8(step->replacement).has_value()) {
+    return FieldError(FieldPath(path, "replacement"), "expected one character");
+  }
+  size_t pos = 0;
+  unicode::DecodeNext(step->replacement, &pos);
+  if (pos != step->replacement.size()) {
+    return FieldError(FieldPath(path, "replacement"), "expected one character");
+  }
+  SIEVE_ASSIGN_OR_RETURN(std::optional<std::string> scheme,
+                         tokenizer_json::OptionalString(config, "prepend_scheme", path));
+  SIEVE_ASSIGN_OR_RETURN(bool add_prefix_space,
+                         tokenizer_json::OptionalBool(config, "add_prefix_space", true, path));
+  if (!scheme.has_value()) {
+    step->prepend = add_prefix_space ? Step::Prepend::kAlways : Step::Prepend::kNever;
+  } else if (*scheme == "always") {
+    step->prepend = Step::Prepend::kAlways;
+  } else if (*scheme == "first") {
+    step->prepend = Step::Prepend::kFirst;
+  } else if (*scheme == "never") {
+    step->prepend = Step::Prepend::kNever;
+  } else {
+    return FieldError(FieldPath(path, "prepend_scheme"),
+                      absl::StrCat("expected always, first or never, not '", *scheme, "'"));
+  }
+  SIEVE_ASSIGN_OR_RETURN(step->split, tokenizer_json::OptionalBool(config, "split", true, path));
+  return absl::OkStatus();
+}
+
 absl::Status PreTokenizer::AppendSteps(const Json& config, std::string_view path, int depth,
                                        std::vector<Step>* steps) {
   if (depth > kMaxSequenceDepth) return FieldError(path, "Sequence nested too deeply");
@@ -248,37 +394,16 @@ absl::Status PreTokenizer::AppendSteps(const Json& config, std::string_view path
                            tokenizer_json::OptionalBool(config, "add_prefix_space", true, path));
     SIEVE_ASSIGN_OR_RETURN(step.use_regex,
                            tokenizer_json::OptionalBool(config, "use_regex", true, path));
-    step.regex = PretokenizerRegex::kGpt2;
+    step.scanner = PretokenizerRegex::kGpt2;
   } else if (type == "Split") {
-    step.kind = Step::Kind::kSplit;
-    SIEVE_ASSIGN_OR_RETURN(const Json* pattern,
-                           tokenizer_json::RequiredField(config, "pattern", path));
-    const std::string pattern_path = FieldPath(path, "pattern");
-    SIEVE_ASSIGN_OR_RETURN(std::optional<std::string> regex,
-                           tokenizer_json::OptionalString(*pattern, "Regex", pattern_path));
-    if (!regex.has_value()) {
-      return absl::UnimplementedError(absl::StrCat(
-          "tokenizer: ", pattern_path, ": only {\"Regex\": ...} Split patterns are supported"));
-    }
-    SIEVE_ASSIGN_OR_RETURN(step.regex, RecognizePretokenizerRegex(*regex));
-    SIEVE_ASSIGN_OR_RETURN(std::string behavior,
-                           tokenizer_json::RequiredString(config, "behavior", path));
-    if (behavior != "Isolated") {
-      return absl::UnimplementedError(absl::StrCat("tokenizer: ", FieldPath(path, "behavior"),
-                                                   ": unsupported Split behavior '", behavior,
-                                                   "' (only Isolated)"));
-    }
-    SIEVE_ASSIGN_OR_RETURN(bool invert,
-                           tokenizer_json::OptionalBool(config, "invert", false, path));
-    if (invert) {
-      return absl::UnimplementedError(
-          absl::StrCat("tokenizer: ", FieldPath(path, "invert"), ": invert=true is unsupported"));
-    }
+    SIEVE_RETURN_IF_ERROR(ParseSplit(config, path, &step));
+  } else if (type == "Metaspace") {
+    SIEVE_RETURN_IF_ERROR(ParseMetaspace(config, path, &step));
   } else {
     return absl::UnimplementedError(absl::StrCat("tokenizer: ", FieldPath(path, "type"),
                                                  ": unsupported pre-tokenizer type '", type, "'"));
   }
-  steps->push_back(step);
+  steps->push_back(std::move(step));
   return absl::OkStatus();
 }
 
@@ -292,41 +417,121 @@ absl::StatusOr<PreTokenizer> PreTokenizer::FromJson(const Json& config, std::str
   return pre;
 }
 
-void PreTokenizer::Split(std::string_view text, std::vector<std::string>* pieces) const {
-  pieces->clear();
-  if (text.empty()) return;
-  pieces->emplace_back(text);
-  std::vector<std::string> next;
-  std::vector<std::string_view> views;
-  std::string prefixed;
-  for (const Step& step : steps_) {
-    next.clear();
-    for (const std::string& piece : *pieces) {
-      views.clear();
-      std::string_view source = piece;
-      if (step.kind == Step::Kind::kByteLevel && step.add_prefix_space && piece[0] != ' ') {
-        prefixed = absl::StrCat(" ", piece);
-        source = prefixed;
+absl::Status PreTokenizer::ApplyStep(const Step& step, std::string_view piece, bool at_start,
+                                     Scratch* scratch, std::vector<std::string>* out,
+                                     bool* first_at_start) {
+  std::vector<std::string_view>& views = scratch->views;
+  std::vector<Regex::Span>& matches = scratch->matches;
+  std::vector<Regex::Span>& spans = scratch->spans;
+  std::string& source_storage = scratch->storage;
+  views.clear();
+  matches.clear();
+  spans.clear();
+  source_storage.clear();
+  std::string_view source = piece;
+  *first_at_start = at_start;  // Unless a leading part is removed (below).
+  switch (step.kind) {
+    case Step::Kind::kByteLevel: {
+      if (step.add_prefix_space && piece[0] != ' ') {
+        source_storage.assign(" ");
+        source_storage.append(piece);
+        source = source_storage;
       }
-      if (step.kind == Step::Kind::kSplit || step.use_regex) {
-        SplitByRegex(step.regex, source, &views);
-      } else {
-        views.push_back(source);
+      if (!step.use_regex) {
+        std::string& mapped = out->emplace_back();
+        mapped.reserve(source.size() * 2);
+        AppendByteLevel(source, &mapped);
+        return absl::OkStatus();
       }
+      SplitByRegex(step.scanner, source, &views);  // The matches cover the text.
       for (std::string_view v : views) {
         if (v.empty()) continue;
-        if (step.kind == Step::Kind::kByteLevel) {
-          std::string mapped;
-          mapped.reserve(v.size() * 2);
-          AppendByteLevel(v, &mapped);
-          next.push_back(std::move(mapped));
-        } else {
-          next.emplace_back(v);
+        std::string& mapped = out->emplace_back();
+        mapped.reserve(v.size() * 2);
+        AppendByteLevel(v, &mapped);
+      }
+      return absl::OkStatus();
+    }
+    case Step::Kind::kSplit:
+      if (step.regex != nullptr) {
+        SIEVE_RETURN_IF_ERROR(step.regex->FindAll(source, &matches));
+      } else if (!step.literal.empty()) {
+        for (size_t hit = 0; (hit = source.find(step.literal, hit)) != std::string_view::npos;
+             hit += step.literal.size()) {
+          matches.emplace_back(hit, hit + step.literal.size());
+        }
+      } else {
+        SplitByRegex(step.scanner, source, &views);
+        if (step.behavior == SplitBehavior::kIsolated && !step.invert) {
+          // The scanners' matches cover the text: they are the pieces.
+          for (std::string_view v : views) out->emplace_back(v);
+          return absl::OkStatus();
+        }
+        for (std::string_view v : views) {
+          const auto begin = static_cast<uint32_t>(v.data() - source.data());
+          matches.emplace_back(begin, begin + static_cast<uint32_t>(v.size()));
         }
       }
+      SplitAtMatches(source.size(), matches, step.invert, step.behavior, &spans);
+      break;
+    case Step::Kind::kMetaspace: {
+      for (size_t pos = 0;;) {
+        const size_t hit = source.find(' ', pos);
+        source_storage.append(source.substr(pos, hit - pos));
+        if (hit == std::string_view::npos) break;
+        source_storage.append(step.replacement);
+        pos = hit + 1;
+      }
+      const bool prepend = step.prepend == Step::Prepend::kAlways ||
+                           (step.prepend == Step::Prepend::kFirst && at_start);
+      if (prepend && source_storage.compare(0, step.replacement.size(), step.replacement) != 0) {
+        source_storage.insert(0, step.replacement);
+      }
+      source = source_storage;
+      if (!step.split) {
+        out->emplace_back(source);
+        return absl::OkStatus();
+      }
+      for (size_t hit = 0; (hit = source.find(step.replacement, hit)) != std::string_view::npos;
+           hit += step.replacement.size()) {
+        matches.emplace_back(hit, hit + step.replacement.size());
+      }
+      SplitAtMatches(source.size(), matches, false, SplitBehavior::kMergedWithNext, &spans);
+      break;
+    }
+  }
+  *first_at_start = at_start && !spans.empty() && spans.front().first == 0;
+  for (const auto& [begin, end] : spans) out->emplace_back(source.substr(begin, end - begin));
+  return absl::OkStatus();
+}
+
+absl::Status PreTokenizer::Split(std::string_view text, bool at_start,
+                                 std::vector<std::string>* pieces) const {
+  pieces->clear();
+  if (text.empty()) return absl::OkStatus();
+  // Only the first piece can start the original input: `first_at_start` says whether it does.
+  std::vector<std::string> next;
+  Scratch scratch;
+  pieces->emplace_back(text);
+  bool first_at_start = at_start;
+  for (const Step& step : steps_) {
+    next.clear();
+    bool next_first_at_start = false;
+    for (size_t k = 0; k < pieces->size(); ++k) {
+      const size_t before = next.size();
+      bool starts = false;
+      SIEVE_RETURN_IF_ERROR(
+          ApplyStep(step, (*pieces)[k], k == 0 && first_at_start, &scratch, &next, &starts));
+      if (before == 0 && next.size() > 0) next_first_at_start = k == 0 && starts;
     }
     pieces->swap(next);
+    first_at_start = next_first_at_start;
   }
+  // Steps never produce empty pieces except a ByteLevel step on an empty regex match.
+  pieces->erase(std::remove_if(pieces->begin(), pieces->end(),
+                               [](const std::string& p) { return p.empty(); }),
+                pieces->end());
+  return absl::OkStatus();
 }
 
 }  // namespace sieve::engine

@@ -147,7 +147,7 @@ nlohmann::json SplitStep(std::string_view regex, const std::string& behavior = "
 
 std::vector<std::string> PreTokenize(const PreTokenizer& pre, std::string_view text) {
   std::vector<std::string> pieces;
-  pre.Split(text, &pieces);
+  EXPECT_TRUE(pre.Split(text, /*at_start=*/true, &pieces).ok());
   return pieces;
 }
 
@@ -190,12 +190,20 @@ TEST(PreTokenizerTest, RejectsUnsupportedConfigs) {
   };
   const Bad cases[] = {
       {R"({"type": "Whitespace"})", absl::StatusCode::kUnimplemented, "Whitespace"},
-      {R"({"type": "Split", "pattern": {"Regex": "\\w+"}, "behavior": "Isolated"})",
-       absl::StatusCode::kUnimplemented, "\\w+"},
-      {R"({"type": "Split", "pattern": {"String": " "}, "behavior": "Isolated"})",
-       absl::StatusCode::kUnimplemented, "pre_tokenizer.pattern"},
-      {SplitStep(kGpt2Regex, "Removed").dump(), absl::StatusCode::kUnimplemented, "Removed"},
-      {SplitStep(kGpt2Regex, "Isolated", true).dump(), absl::StatusCode::kUnimplemented, "invert"},
+      {R"({"type": "Split", "pattern": {"Regex": "(\\w+"}, "behavior": "Isolated"})",
+       absl::StatusCode::kInvalidArgument, "(\\w+"},
+      {R"({"type": "Split", "pattern": {"Regex": "[a-z[b]]"}, "behavior": "Isolated"})",
+       absl::StatusCode::kUnimplemented, "nested character classes"},
+      {R"({"type": "Split", "pattern": {"String": ""}, "behavior": "Isolated"})",
+       absl::StatusCode::kInvalidArgument, "pre_tokenizer.pattern"},
+      {R"({"type": "Split", "pattern": {"Glob": "*"}, "behavior": "Isolated"})",
+       absl::StatusCode::kInvalidArgument, "pre_tokenizer.pattern"},
+      {SplitStep(kGpt2Regex, "Shuffled").dump(), absl::StatusCode::kInvalidArgument,
+       "pre_tokenizer.behavior"},
+      {R"({"type": "Metaspace", "prepend_scheme": "sometimes"})",
+       absl::StatusCode::kInvalidArgument, "pre_tokenizer.prepend_scheme"},
+      {R"({"type": "Metaspace", "replacement": "ab"})", absl::StatusCode::kInvalidArgument,
+       "pre_tokenizer.replacement"},
       {R"({"pretokenizers": []})", absl::StatusCode::kInvalidArgument, "pre_tokenizer.type"},
       {R"({"type": 3})", absl::StatusCode::kInvalidArgument, "pre_tokenizer.type"},
       {R"([1, 2])", absl::StatusCode::kInvalidArgument, "expected an object"},

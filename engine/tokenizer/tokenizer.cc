@@ -41,20 +41,6 @@ absl::StatusOr<std::optional<std::string>> ConfigTokenContent(const Json& config
   return FieldError(path, "expected a string, an object with \"content\", or null");
 }
 
-// Byte-level decoding of one token as Hugging Face's ByteLevel decoder does it: each character
-// becomes its byte; if any character is outside the alphabet, the token's UTF-8 is kept.
-std::string ByteLevelDecodeToken(std::string_view token) {
-  std::string bytes;
-  bytes.reserve(token.size());
-  size_t pos = 0;
-  while (pos < token.size()) {
-    const int b = ByteLevelByte(unicode::DecodeNext(token, &pos));
-    if (b < 0) return std::string(token);
-    bytes.push_back(static_cast<char>(b));
-  }
-  return bytes;
-}
-
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromDirectory(const std::string& dir) {
@@ -97,14 +83,17 @@ absl::Status Tokenizer::Init(const Json& root, const Json* config) {
   SIEVE_ASSIGN_OR_RETURN(model_, BpeModel::FromJson(*model, "model"));
   const Json null_value;
   const Json* normalizer = tokenizer_json::FindField(root, "normalizer");
-  SIEVE_RETURN_IF_ERROR(ParseNormalizer(normalizer ? *normalizer : null_value, "normalizer", 0));
+  SIEVE_ASSIGN_OR_RETURN(normalizer_,
+                         Normalizer::FromJson(normalizer ? *normalizer : null_value, "normalizer"));
   const Json* pre = tokenizer_json::FindField(root, "pre_tokenizer");
   SIEVE_ASSIGN_OR_RETURN(pre_tokenizer_,
                          PreTokenizer::FromJson(pre ? *pre : null_value, "pre_tokenizer"));
   SIEVE_RETURN_IF_ERROR(ParseAddedTokens(root));
   const Json* post = tokenizer_json::FindField(root, "post_processor");
   SIEVE_RETURN_IF_ERROR(ParsePostProcessor(post ? *post : null_value, "post_processor", 0));
-  SIEVE_RETURN_IF_ERROR(ParseDecoder(root));
+  const Json* decoder = tokenizer_json::FindField(root, "decoder");
+  SIEVE_ASSIGN_OR_RETURN(decoder_,
+                         TokenDecoder::FromJson(decoder ? *decoder : null_value, "decoder"));
   BuildTokenTable();
   if (!prefix_ids_.empty()) bos_id_ = prefix_ids_.front();
   if (config != nullptr) SIEVE_RETURN_IF_ERROR(ApplyConfig(*config));
@@ -117,29 +106,6 @@ absl::Status Tokenizer::Init(const Json& root, const Json* config) {
     }
   }
   return absl::OkStatus();
-}
-
-absl::Status Tokenizer::ParseNormalizer(const Json& config, std::string_view path, int depth) {
-  if (config.is_null()) return absl::OkStatus();
-  if (depth > kMaxSequenceDepth) return FieldError(path, "Sequence nested too deeply");
-  SIEVE_RETURN_IF_ERROR(tokenizer_json::ExpectObject(config, path));
-  SIEVE_ASSIGN_OR_RETURN(std::string type, tokenizer_json::RequiredString(config, "type", path));
-  if (type == "NFC") {
-    nfc_ = true;
-    return absl::OkStatus();
-  }
-  if (type == "Sequence") {
-    SIEVE_ASSIGN_OR_RETURN(const Json* list,
-                           tokenizer_json::RequiredField(config, "normalizers", path));
-    const std::string list_path = FieldPath(path, "normalizers");
-    if (!list->is_array()) return FieldError(list_path, "expected an array");
-    for (size_t i = 0; i < list->size(); ++i) {
-      SIEVE_RETURN_IF_ERROR(ParseNormalizer((*list)[i], IndexPath(list_path, i), depth + 1));
-    }
-    return absl::OkStatus();
-  }
-  return absl::UnimplementedError(absl::StrCat("tokenizer: ", FieldPath(path, "type"),
-                                               ": unsupported normalizer type '", type, "'"));
 }
 
 namespace {
@@ -280,8 +246,9 @@ absl::Status Tokenizer::ParseAddedTokens(const Json& root) {
       if (!token.normalized) {
         raw.emplace_back(token.content, &token);
       } else {
-        normalized.emplace_back(nfc_ ? unicode::NfcNormalize(token.content) : token.content,
-                                &token);
+        SIEVE_ASSIGN_OR_RETURN(std::string pattern, normalizer_.Normalize(token.content));
+        if (pattern.empty()) continue;  // Normalized away: it can never match.
+        normalized.emplace_back(std::move(pattern), &token);
       }
     }
   }
@@ -322,38 +289,32 @@ absl::Status Tokenizer::ParsePostProcessor(const Json& config, std::string_view 
   return absl::OkStatus();
 }
 
-absl::Status Tokenizer::ParseDecoder(const Json& root) {
-  const Json* decoder = tokenizer_json::FindField(root, "decoder");
-  if (decoder == nullptr) return absl::OkStatus();
-  SIEVE_RETURN_IF_ERROR(tokenizer_json::ExpectObject(*decoder, "decoder"));
-  SIEVE_ASSIGN_OR_RETURN(std::string type,
-                         tokenizer_json::RequiredString(*decoder, "type", "decoder"));
-  if (type != "ByteLevel") {
-    return absl::UnimplementedError(
-        absl::StrCat("tokenizer: decoder.type: unsupported decoder type '", type, "'"));
-  }
-  byte_level_decoder_ = true;
-  return absl::OkStatus();
-}
-
 void Tokenizer::BuildTokenTable() {
   vocab_size_ = model_->id_limit();
   for (const AddedToken& token : added_tokens_) vocab_size_ = std::max(vocab_size_, token.id + 1);
   tokens_.assign(vocab_size_, TokenInfo());
-  auto decode = [this](std::string_view token) {
-    return byte_level_decoder_ ? ByteLevelDecodeToken(token) : std::string(token);
+  auto set = [this](int32_t id, std::string_view token) {
+    TokenInfo& info = tokens_[id];
+    info.bytes = decoder_.Piece(token, /*first=*/false);
+    info.fallback = static_cast<int16_t>(decoder_.FallbackByte(info.bytes));
+    info.has_first = false;
+    info.first_bytes.clear();
+    if (decoder_.first_differs()) {
+      std::string first = decoder_.Piece(token, /*first=*/true);
+      if (first != info.bytes) {
+        info.has_first = true;
+        info.first_bytes = std::move(first);
+      }
+    }
+    info.exists = true;
   };
   for (int32_t id = 0; id < model_->id_limit(); ++id) {
-    if (const std::string* token = model_->IdToToken(id)) {
-      tokens_[id].bytes = decode(*token);
-      tokens_[id].exists = true;
-    }
+    if (const std::string* token = model_->IdToToken(id)) set(id, *token);
   }
   for (const AddedToken& token : added_tokens_) {
-    // Like Hugging Face, a normalized token decodes from its normalized content.
-    tokens_[token.id].bytes =
-        decode(token.normalized && nfc_ ? unicode::NfcNormalize(token.content) : token.content);
-    tokens_[token.id].exists = true;
+    // Like Hugging Face, a normalized token decodes from its NFC content.
+    set(token.id, token.normalized && normalizer_.has_nfc() ? unicode::NfcNormalize(token.content)
+                                                            : token.content);
     tokens_[token.id].special = token.special;
   }
 }
@@ -411,14 +372,16 @@ absl::StatusOr<const Tokenizer::TokenInfo*> Tokenizer::Lookup(int32_t id) const 
 
 absl::StatusOr<std::string> Tokenizer::TokenBytes(int32_t id) const {
   SIEVE_ASSIGN_OR_RETURN(const TokenInfo* info, Lookup(id));
+  if (info->fallback >= 0) return std::string(1, static_cast<char>(info->fallback));
   return info->bytes;
 }
 
-absl::Status Tokenizer::EncodeSegment(std::string_view segment, std::vector<int32_t>* ids) const {
+absl::Status Tokenizer::EncodeSegment(std::string_view segment, bool at_start,
+                                      std::vector<int32_t>* ids) const {
   std::string normalized_storage;
   std::string_view normalized = segment;
-  if (nfc_) {
-    normalized_storage = unicode::NfcNormalize(segment);
+  if (!normalizer_.empty()) {
+    SIEVE_ASSIGN_OR_RETURN(normalized_storage, normalizer_.Normalize(segment));
     normalized = normalized_storage;
   }
   std::vector<AddedTokenSplit> splits;
@@ -433,7 +396,8 @@ absl::Status Tokenizer::EncodeSegment(std::string_view segment, std::vector<int3
       ids->push_back(split.id);
       continue;
     }
-    pre_tokenizer_->Split(split.text, &words);
+    SIEVE_RETURN_IF_ERROR(
+        pre_tokenizer_->Split(split.text, at_start && split.text.data() == normalized.data(), &words));
     for (const std::string& word : words) SIEVE_RETURN_IF_ERROR(model_->Tokenize(word, ids));
   }
   return absl::OkStatus();
@@ -449,7 +413,7 @@ absl::StatusOr<std::vector<int32_t>> Tokenizer::Encode(std::string_view text,
   ids.reserve(text.size() / 3 + prefix_ids_.size() + suffix_ids_.size() + 1);
   if (add_special_tokens) ids.insert(ids.end(), prefix_ids_.begin(), prefix_ids_.end());
   if (raw_matcher_.empty()) {
-    SIEVE_RETURN_IF_ERROR(EncodeSegment(text, &ids));
+    SIEVE_RETURN_IF_ERROR(EncodeSegment(text, /*at_start=*/true, &ids));
   } else {
     std::vector<AddedTokenSplit> splits;
     raw_matcher_.Split(text, &splits);
@@ -457,7 +421,7 @@ absl::StatusOr<std::vector<int32_t>> Tokenizer::Encode(std::string_view text,
       if (split.id >= 0) {
         ids.push_back(split.id);
       } else {
-        SIEVE_RETURN_IF_ERROR(EncodeSegment(split.text, &ids));
+        SIEVE_RETURN_IF_ERROR(EncodeSegment(split.text, split.text.data() == text.data(), &ids));
       }
     }
   }
@@ -465,41 +429,44 @@ absl::StatusOr<std::vector<int32_t>> Tokenizer::Encode(std::string_view text,
   return ids;
 }
 
+void Tokenizer::PushToken(const TokenInfo& info, DecodeStream* stream, std::string* out) {
+  if (info.has_first && stream->at_first()) {
+    stream->Push(info.first_bytes, -1, out);
+  } else {
+    stream->Push(info.bytes, info.fallback, out);
+  }
+}
+
 absl::StatusOr<std::string> Tokenizer::Decode(absl::Span<const int32_t> ids,
                                               bool skip_special_tokens) const {
-  std::string bytes;
-  bool first = true;
+  DecodeStream stream(decoder_, /*eager=*/false);
+  std::string out;
   for (int32_t id : ids) {
     SIEVE_ASSIGN_OR_RETURN(const TokenInfo* info, Lookup(id));
     if (skip_special_tokens && info->special) continue;
-    if (!byte_level_decoder_ && !first) bytes.push_back(' ');
-    bytes += info->bytes;
-    first = false;
+    PushToken(*info, &stream, &out);
   }
-  return unicode::Utf8Lossy(bytes);
+  stream.Finish(&out);
+  return out;
 }
 
 IncrementalDecoder::IncrementalDecoder(const Tokenizer& tokenizer, bool skip_special_tokens)
-    : tokenizer_(tokenizer), skip_special_tokens_(skip_special_tokens) {}
+    : tokenizer_(tokenizer),
+      skip_special_tokens_(skip_special_tokens),
+      stream_(tokenizer.decoder_, /*eager=*/true) {}
 
 absl::StatusOr<std::string> IncrementalDecoder::Push(int32_t id) {
   if (id >= tokenizer_.vocab_size()) return std::string();
   SIEVE_ASSIGN_OR_RETURN(const Tokenizer::TokenInfo* info, tokenizer_.Lookup(id));
   if (skip_special_tokens_ && info->special) return std::string();
-  if (!tokenizer_.byte_level_decoder_ && emitted_any_) pending_.push_back(' ');
-  emitted_any_ = true;
-  pending_ += info->bytes;
-  const size_t hold = unicode::IncompleteUtf8Suffix(pending_);
-  std::string out =
-      unicode::Utf8Lossy(std::string_view(pending_).substr(0, pending_.size() - hold));
-  pending_.erase(0, pending_.size() - hold);
+  std::string out;
+  Tokenizer::PushToken(*info, &stream_, &out);
   return out;
 }
 
 std::string IncrementalDecoder::Flush() {
-  std::string out = unicode::Utf8Lossy(pending_);
-  pending_.clear();
-  emitted_any_ = false;
+  std::string out;
+  stream_.Finish(&out);
   return out;
 }
 

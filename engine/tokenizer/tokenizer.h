@@ -1,25 +1,30 @@
-// A Hugging Face `tokenizer.json` byte-level BPE tokenizer (GPT-2, Llama-3, Qwen2 and kin)
-// whose token ids are identical to those of Hugging Face `tokenizers` / `transformers`.
+// A Hugging Face `tokenizer.json` BPE tokenizer: byte-level (GPT-2, Llama-3, Qwen2, DeepSeek-V3
+// and kin) or SentencePiece-style (Llama 2, Mistral, Mixtral, Gemma: the ▁ convention and
+// <0xNN> byte fallback), whose token ids are identical to those of Hugging Face `tokenizers` /
+// `transformers`.
 //
 // Encoding follows the Hugging Face pipeline:
 //   1. added tokens whose "normalized" is false are split out of the raw text (leftmost-longest,
 //      honouring single_word / lstrip / rstrip; see engine/added_vocabulary.h);
-//   2. each remaining piece is normalized (null or NFC) and added tokens with "normalized":
-//      true are split out of the normalized text;
-//   3. the pre-tokenizer cuts the rest into words (engine/pretokenizer.h) and maps them to the
-//      byte-level alphabet;
-//   4. the BPE model merges each word (engine/bpe_model.h);
+//   2. each remaining piece is normalized (engine/tokenizer/normalizer.h) and added tokens with
+//      "normalized": true are split out of the normalized text;
+//   3. the pre-tokenizer cuts the rest into words (engine/pretokenizer.h), mapping them to the
+//      byte-level alphabet or to the ▁ convention (Metaspace);
+//   4. the BPE model merges each word (engine/bpe_model.h), with byte fallback where set;
 //   5. with add_special_tokens, the post-processor's prefix/suffix ids are added (e.g. BOS).
-// Decoding maps tokens back through the ByteLevel decoder and decodes the bytes as UTF-8,
-// replacing invalid sequences with U+FFFD as Rust's from_utf8_lossy does.
+// Decoding runs the tokenizer.json decoder (engine/tokenizer/decoder.h): ByteLevel, or the
+// SentencePiece chain Replace / Metaspace / ByteFallback / Fuse / Strip; invalid UTF-8 becomes
+// U+FFFD as Hugging Face does.
 //
 // Supported tokenizer.json parts (anything else is an Unimplemented error naming it):
-//   model: BPE (see engine/bpe_model.h);  normalizer: null, NFC, Sequence of NFC;
-//   pre_tokenizer: see engine/pretokenizer.h;  decoder: null or ByteLevel;
+//   model: BPE (see engine/bpe_model.h);  normalizer: see engine/tokenizer/normalizer.h;
+//   pre_tokenizer: see engine/pretokenizer.h;  decoder: see engine/tokenizer/decoder.h;
 //   post_processor: null, ByteLevel, TemplateProcessing, RobertaProcessing, BertProcessing,
 //   Sequence of those (only the single-sequence template is used).
 // tokenizer_config.json (optional): bos_token, eos_token (string or {"content": ...}),
 // add_bos_token / add_eos_token (added when true and the post-processor does not add them).
+// Its "legacy" flag needs nothing here: tokenizer.json already encodes it (legacy files use the
+// Prepend + Replace normalizers, non-legacy ones a Metaspace pre-tokenizer with "first").
 //
 // Hugging Face behaviours reproduced on purpose:
 //   * Added token ids are assigned as Hugging Face assigns them on load (the stored "id" is
@@ -28,7 +33,9 @@
 //   * NFC uses Unicode 9.0 normalization data, as Hugging Face's normalizer does, while the
 //     \p{L} / \p{N} / \s classes follow Unicode 16.0, as its regex engine (Oniguruma) does.
 //   * A ByteLevel-decoded token with a character outside the byte alphabet decodes to its raw
-//     UTF-8; a normalized added token decodes from its normalized content.
+//     UTF-8; a normalized added token decodes from its NFC content.
+//   * Metaspace's "first" prepend scheme prepends ▁ only to text that starts the input: not
+//     after an added token (legacy files prepend after every added token instead).
 // Known differences from transformers:
 //   * Decode does not apply transformers' clean_up_tokenization_spaces.
 //   * Decode rejects unknown ids (Hugging Face skips them silently).
@@ -53,6 +60,8 @@
 #include "absl/types/span.h"
 #include "engine/tokenizer/added_vocabulary.h"
 #include "engine/tokenizer/bpe_model.h"
+#include "engine/tokenizer/decoder.h"
+#include "engine/tokenizer/normalizer.h"
 #include "engine/tokenizer/pretokenizer.h"
 #include "nlohmann/json_fwd.hpp"
 
@@ -100,8 +109,9 @@ class Tokenizer {
   // Returns true if `id` is an added token marked special.
   bool IsSpecial(int32_t id) const;
 
-  // Returns the raw bytes token `id` decodes to (byte-level decoded; added tokens: their
-  // content). The bytes may be an incomplete or invalid UTF-8 sequence.
+  // Returns the raw bytes token `id` decodes to (byte-level decoded; SentencePiece: ▁ as a
+  // space, <0xNN> as its byte; added tokens: their content). The bytes may be an incomplete or
+  // invalid UTF-8 sequence.
   absl::StatusOr<std::string> TokenBytes(int32_t id) const;
 
   // Returns the ids the post-processor puts before / after the text (add_special_tokens).
@@ -113,29 +123,33 @@ class Tokenizer {
 
   // What a token id decodes to.
   struct TokenInfo {
-    std::string bytes;     // Decoded bytes (see TokenBytes).
-    bool exists = false;   // False for gaps in the id space.
-    bool special = false;  // An added token marked special.
+    std::string bytes;         // Decoded piece (TokenDecoder::Piece; see TokenBytes).
+    std::string first_bytes;   // The piece as the first token, when has_first.
+    int16_t fallback = -1;     // The byte of a <0xNN> byte-fallback token, else -1.
+    bool has_first = false;    // The first token decodes differently (Metaspace).
+    bool exists = false;       // False for gaps in the id space.
+    bool special = false;      // An added token marked special.
   };
 
   Tokenizer() = default;
 
   absl::Status Init(const nlohmann::json& tokenizer, const nlohmann::json* config);
   absl::Status ParseAddedTokens(const nlohmann::json& root);
-  absl::Status ParseNormalizer(const nlohmann::json& config, std::string_view path, int depth);
   absl::Status ParsePostProcessor(const nlohmann::json& config, std::string_view path, int depth);
-  absl::Status ParseDecoder(const nlohmann::json& root);
   absl::Status ApplyConfig(const nlohmann::json& config);
   void BuildTokenTable();
-  // Encodes text that contains no raw-matched added tokens.
-  absl::Status EncodeSegment(std::string_view segment, std::vector<int32_t>* ids) const;
+  // Encodes text that contains no raw-matched added tokens; `at_start`: it begins the input.
+  absl::Status EncodeSegment(std::string_view segment, bool at_start,
+                             std::vector<int32_t>* ids) const;
+  // Pushes token `info` into `stream` (its first-token form when the stream is at its start).
+  static void PushToken(const TokenInfo& info, DecodeStream* stream, std::string* out);
   // Returns the token for `id`, or an InvalidArgument error.
   absl::StatusOr<const TokenInfo*> Lookup(int32_t id) const;
 
   std::unique_ptr<BpeModel> model_;
   std::optional<PreTokenizer> pre_tokenizer_;
-  bool nfc_ = false;
-  bool byte_level_decoder_ = false;  // Else tokens are joined with spaces, as HF does.
+  Normalizer normalizer_;
+  TokenDecoder decoder_;
   std::vector<AddedToken> added_tokens_;
   absl::flat_hash_map<std::string, int32_t> added_ids_;  // Content -> id.
   AddedTokenMatcher raw_matcher_;         // normalized == false tokens, on the raw text.
@@ -150,7 +164,10 @@ class Tokenizer {
 
 // Streams the text of tokens as they arrive without ever splitting a UTF-8 character: Push
 // returns the text that became complete (possibly empty) and Flush what is left, incomplete
-// bytes becoming U+FFFD. The concatenated outputs equal Tokenizer::Decode of all the ids.
+// bytes becoming U+FFFD. The concatenated outputs equal Tokenizer::Decode of all the ids,
+// except where a run of <0xNN> byte-fallback tokens is invalid UTF-8 after a complete
+// character: the characters already streamed stay (Decode, as Hugging Face, turns every byte
+// of such a run into U+FFFD; see engine/tokenizer/decoder.h).
 // Ids at or past the tokenizer's vocabulary (a model's padded embedding rows, e.g. Qwen2.5's
 // 152064 rows for about 151.7K tokens) decode to nothing, as Hugging Face does; negative ids are
 // an error. Not thread-safe; `tokenizer` must outlive it.
@@ -168,8 +185,7 @@ class IncrementalDecoder {
  private:
   const Tokenizer& tokenizer_;
   bool skip_special_tokens_;
-  bool emitted_any_ = false;  // For the space between tokens when there is no decoder.
-  std::string pending_;       // Bytes of an incomplete trailing character (at most 3).
+  DecodeStream stream_;
 };
 
 }  // namespace sieve::engine

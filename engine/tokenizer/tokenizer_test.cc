@@ -530,20 +530,32 @@ TEST(TokenizerTest, RejectsMalformedTokenizerJson) {
        absl::StatusCode::kUnimplemented, "Lowercase"},
       {"normalizer seq",
        [](Json& j) {
-         j["normalizer"] = {{"type", "Sequence"}, {"normalizers", {{{"type", "NFKC"}}}}};
+         j["normalizer"] = {{"type", "Sequence"}, {"normalizers", {{{"type", "BertNormalizer"}}}}};
        },
        absl::StatusCode::kUnimplemented, "normalizer.normalizers[0].type"},
+      {"replace pattern",
+       [](Json& j) {
+         j["normalizer"] = {{"type", "Replace"}, {"pattern", {{"Regex", "(a"}}}, {"content", ""}};
+       },
+       absl::StatusCode::kInvalidArgument, "(a"},
       {"pre_tokenizer",
        [](Json& j) {
-         j["pre_tokenizer"] = {{"type", "Metaspace"}};
+         j["pre_tokenizer"] = {{"type", "Whitespace"}};
        },
-       absl::StatusCode::kUnimplemented, "Metaspace"},
+       absl::StatusCode::kUnimplemented, "Whitespace"},
       {"regex",
        [](Json& j) {
          j["pre_tokenizer"] = {
-             {"type", "Split"}, {"pattern", {{"Regex", "\\d+"}}}, {"behavior", "Isolated"}};
+             {"type", "Split"}, {"pattern", {{"Regex", "\\d+("}}}, {"behavior", "Isolated"}};
        },
-       absl::StatusCode::kUnimplemented, "\\d+"},
+       absl::StatusCode::kInvalidArgument, "\\d+("},
+      {"decoder order",
+       [](Json& j) {
+         j["decoder"] = {{"type", "Sequence"},
+                         {"decoders", {{{"type", "Fuse"}}, {{"type", "Replace"},
+                                       {"pattern", {{"String", "x"}}}, {"content", "y"}}}}};
+       },
+       absl::StatusCode::kUnimplemented, "decoder.decoders[1].type"},
       {"decoder",
        [](Json& j) {
          j["decoder"] = {{"type", "WordPiece"}};

@@ -163,6 +163,35 @@ void ComposeAll(std::vector<char32_t>* chars) {
 
 }  // namespace
 
+std::vector<CodePointRange> AssignedAfterUnicode14(char category) {
+  std::vector<CodePointRange> out;
+  auto add = [&out](const auto& ranges) {
+    for (const CodePointRange& r : ranges) {
+      if (r.last != 0) out.push_back(r);
+    }
+  };
+  switch (category) {
+    case 'L':
+      add(kLettersAfterUnicode14);
+      break;
+    case 'N':
+      add(kNumbersAfterUnicode14);
+      break;
+    case 'P':
+      add(kPunctuationAfterUnicode14);
+      break;
+    case 'S':
+      add(kSymbolsAfterUnicode14);
+      break;
+    case 'M':
+      add(kMarksAfterUnicode14);
+      break;
+    default:
+      break;
+  }
+  return out;
+}
+
 uint8_t ClassesOf(char32_t cp) {
   if (cp <= 0xFFFF) return BmpClasses()[cp];
   if (cp > kMaxCodePoint) return 0;

@@ -31,6 +31,17 @@ enum CodePointClass : uint8_t {
   kWord = 8,        // Rust regex \w: Alphabetic, marks, Nd, Pc, Join_Control.
 };
 
+// A closed range [first, last] of code points.
+struct CodePointRange {
+  char32_t first;
+  char32_t last;
+};
+
+// Returns the code points of general category `category` ('L', 'N', 'P', 'S' or 'M'; else none)
+// assigned in Unicode 15.0 - 16.0, as Oniguruma 6.9.10 classifies them: a regex engine with
+// Unicode 14 data adds them to its \p{L} / \p{N} / \p{P} / \p{S} / \p{M}.
+std::vector<CodePointRange> AssignedAfterUnicode14(char category);
+
 // Returns the CodePointClass bits of `cp` (0 for anything else, including invalid values).
 uint8_t ClassesOf(char32_t cp);
 
