@@ -10,8 +10,9 @@
 //     sink_key * sink_query / sqrt(d) above the noise;
 //   - locality: a per-head vector w, nonzero on the dimension pairs f in [0, rope_freq_end),
 //     rotated by RoPE at the token's position (frequency theta^(-2f/d)) and scaled by
-//     local_scale on both sides: q_i . k_j peaks at i = j (about local_scale^2 * |w|^2 / sqrt(d))
-//     and decays with |i - j| over about theta^(2 rope_freq_end / d) tokens (the local window);
+//     local_scale on both sides (|w| = 1): q_i . k_j peaks at i = j (local_scale^2 / sqrt(d)) and
+//     falls with |i - j|; with every pair carrying w (log-spaced frequencies) it falls about
+//     linearly in log |i - j| (a power-law decay of attention with distance, the local window);
 //   - vertical lines: `verticals` random key positions per KV head carry vertical_key * u_vert;
 //     every query carries vertical_query * u_vert;
 //   - slash lines: for `slashes` random offsets delta per KV head (in [slash_min, slash_max]),
@@ -40,24 +41,24 @@ struct StructuredAttentionParams {
   int32_t num_kv_heads = 8;
   int32_t head_dim = 128;
   uint32_t seed = 1;
-  // Score scales at d = 128 (sqrt(d) = 11.3): sinks 12.7, verticals 8.4, needles 12.7, local
-  // and slash peaks about 7, background noise std about 1 around 0. At 32K tokens the sinks then
-  // hold about 85% of a row's mass, the verticals about a tenth, the rest (noise, local window,
-  // slashes) a few percent; at 8K the sinks hold more.
+  // Score scales at d = 128 (sqrt(d) = 11.3): locality 25.6 at distance 0, falling about
+  // logarithmically with distance (every RoPE frequency carries w: about 16 at 100 tokens, 12 at
+  // 1000, 8 at 10000); sinks 17, verticals 11.3, needles 16, slash bands 16 at their offset;
+  // noise std about 1. Attention then decays with distance as a power law, plus the lines.
   float noise = 0.5f;          // sigma of the N(0, sigma) noise on q and k
   int32_t sink_tokens = 4;
-  float sink_key = 18.0f, sink_query = 8.0f;
-  float local_scale = 8.9f;
+  float sink_key = 16.0f, sink_query = 12.0f;
+  float local_scale = 17.0f;
   float rope_theta = 500000.0f;
-  int32_t rope_freq_end = 24;  // dimension pairs [0, 24) carry w: a window of ~140 tokens
+  int32_t rope_freq_end = 64;  // dimension pairs [0, 64) carry w (all of them at d = 128)
   int32_t verticals = 32;
-  float vertical_key = 10.0f, vertical_query = 9.5f;
+  float vertical_key = 10.0f, vertical_query = 12.8f;
   int32_t slashes = 2;
   int32_t slash_min = 200, slash_max = 4000;
-  float slash_copy = 8.9f;
+  float slash_copy = 10.5f;
   int32_t needles = 4;
   int32_t needle_block = 128;
-  float needle_key = 12.0f, needle_query = 12.0f;
+  float needle_key = 13.5f, needle_query = 13.5f;
 
   std::string Describe() const {
     return "seed=" + std::to_string(seed) + " noise=" + std::to_string(noise) +
