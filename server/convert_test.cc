@@ -87,6 +87,19 @@ TEST(ToRequestSpec, TokenizesTextWithDefaults) {
   EXPECT_FALSE(spec->deadline.has_value());
 }
 
+TEST(ToRequestSpec, PrefillAttentionModeBecomesTheDenseOverride) {
+  v1::GenerateRequest request = TokenRequest({5, 6, 7});
+  absl::StatusOr<engine::RequestSpec> spec = ToRequestSpec(request, EmbeddedTokenizer(), Limits());
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_FALSE(spec->dense_prefill);  // unspecified: the server's policy
+  request.set_prefill_attention(v1::ATTENTION_MODE_DENSE);
+  spec = ToRequestSpec(request, EmbeddedTokenizer(), Limits());
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_TRUE(spec->dense_prefill);
+  request.set_prefill_attention(static_cast<v1::AttentionMode>(7));
+  ExpectRejected(request, absl::StatusCode::kInvalidArgument, "prefill_attention: unknown mode 7");
+}
+
 TEST(ToRequestSpec, AddSpecialTokensFalseLeavesTheTextAlone) {
   v1::GenerateRequest request;
   request.set_text("hello world");
@@ -383,6 +396,16 @@ TEST(ToProtoModelInfo, DescribesTheModel) {
   EXPECT_EQ(out.kv_page_size_tokens(), 16u);
   EXPECT_EQ(out.kv_num_pages(), 100u);
   EXPECT_THAT(out.eos_token_ids(), ::testing::ElementsAre(2, 7));  // what the engine stops on
+
+  // A sparse prefill method's settings stay in the description, not in the method's name.
+  info.attention_policy =
+      "prefill=xattention(stride=16,threshold=0.9,block=128,min_tokens=8192,dense_layers=0) "
+      "decode=dense";
+  v1::ModelInfo sparse;
+  ToProtoModelInfo(info, model, EmbeddedTokenizer(), 1600, &sparse);
+  EXPECT_EQ(sparse.attention().prefill(), "xattention");
+  EXPECT_EQ(sparse.attention().decode(), "dense");
+  EXPECT_EQ(sparse.attention().description(), info.attention_policy);
 }
 
 }  // namespace

@@ -45,6 +45,8 @@
 // | sieve_kv_transfer_retries_total             | counter   | model                | Remote prefill attempts retried after a failure (decode side). |
 // | sieve_prefills_total                        | counter   | model, location      | Generate requests on a decode daemon by where their prompt was prefilled: remote or local (short prompts, every page cached here, or the fallback). |
 // | sieve_prefill_daemons_reachable             | gauge     | model                | 1 while a decode daemon can reach a prefill daemon, else 0 (0 in the other roles). |
+// | sieve_prefill_attention_density             | histogram | model                | Per prefill step under a sparse prefill method: fraction of the causal (query, key) pairs, i.e. of the causal tiles' work, its attention computed over all layers and heads (1: all dense). Buckets 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 0.9, 1. |
+// | sieve_prefill_sparse_index_seconds          | histogram | model                | Per prefill step under a sparse prefill method: seconds spent building the sparse indices (estimators and plans, all layers). |
 //
 // Histograms expose the usual `_bucket{le=...}`, `_sum` and `_count` series. Every series whose
 // labels are known in advance (all but sieve_grpc_requests_total) is present from the start
@@ -125,6 +127,7 @@ class Metrics : public engine::EngineObserver {
   void OnPreempted() override;
   void OnDeviceLost(const absl::Status& status) override;
   void OnStep(engine::Pool pool, double seconds, int32_t tokens) override;
+  void OnPrefillAttention(double density, double index_seconds) override;
   void OnLoad(const engine::EngineLoad& load) override;
 
   // Disaggregated serving (see the table). `sent`: the prefill side's direction.
@@ -184,6 +187,9 @@ class Metrics : public engine::EngineObserver {
   // Worker steps.
   std::array<prometheus::Histogram*, 2> step_s_{};
   std::array<prometheus::Counter*, 2> step_tokens_{};
+  // Sparse prefill.
+  prometheus::Histogram* prefill_density_ = nullptr;
+  prometheus::Histogram* prefill_index_s_ = nullptr;
 
   // Disaggregated serving; arrays indexed by direction (0 received, 1 sent) or location (0
   // local, 1 remote).

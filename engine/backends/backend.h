@@ -32,6 +32,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "engine/backends/attention_plan.h"
@@ -93,6 +94,13 @@ struct AttentionShape {
   int32_t num_q_heads = 0;
   int32_t num_kv_heads = 0;
   int32_t head_dim = 0;
+};
+
+// What Backend::XAttentionBlockMass scores: one sequence of the step.
+struct XAttentionEstimate {
+  int32_t seq = 0;           // sequence index in the step's BatchLayout
+  int32_t stride = 16;       // antidiagonal stride S (tokens)
+  int32_t block_size = 128;  // query and key block B (tokens, a multiple of S)
 };
 
 // How a graph step runs (see Backend::BeginGraphStep).
@@ -223,6 +231,22 @@ class Backend {
                                  const AttentionShape& shape, float scale,
                                  const AttentionPlan& plan, Tensor out) = 0;
 
+  // --- Prefill estimators (sparse prefill policies, engine/attention) -----------------------------
+  //
+  // Each scores the step's queries against layer `layer`'s cached keys (written by
+  // RopeAndCacheKv before) and returns a compact result to the host, waiting for the stream. A
+  // backend without the operator returns Unimplemented (the cuda backend, for now).
+
+  // XAttention's antidiagonal block masses (kernels/sparse/xattention.h) of sequence
+  // estimate.seq of the step, from its queries q (the step's rotated queries [num_tokens,
+  // Hq * D]) against its keys [0, kv_len): mass[(h * q_blocks + m - m0) * k_blocks + n] for query
+  // head h, absolute query block m in [m0, m0 + q_blocks) (the blocks its queries' positions
+  // fall in) and key block n < k_blocks = ceil(kv_len / block_size). Resizes `mass`.
+  virtual absl::Status XAttentionBlockMass(BackendStream& stream, int32_t layer, const Tensor& q,
+                                           const AttentionShape& shape,
+                                           const XAttentionEstimate& estimate,
+                                           std::vector<float>& mass);
+
   // out = silu(gate_up[:, :I]) * gate_up[:, I:], gate_up [num_tokens, 2I], out [num_tokens, I].
   virtual absl::Status SiluMul(BackendStream& stream, const Tensor& gate_up, Tensor out) = 0;
 
@@ -321,6 +345,13 @@ inline absl::Status Backend::ReadKvPages(absl::Span<const int32_t>, absl::Span<u
 
 inline absl::Status Backend::WriteKvPages(absl::Span<const int32_t>, absl::Span<const uint8_t>) {
   return absl::UnimplementedError("this backend cannot write KV pages from a transfer");
+}
+
+inline absl::Status Backend::XAttentionBlockMass(BackendStream&, int32_t, const Tensor&,
+                                                 const AttentionShape&,
+                                                 const XAttentionEstimate&, std::vector<float>&) {
+  return absl::UnimplementedError(
+      absl::StrCat("the ", std::string(name()), " backend has no XAttention estimator"));
 }
 
 inline absl::StatusOr<StepGraphMode> Backend::BeginGraphStep(BackendStream&, const BatchLayout&,

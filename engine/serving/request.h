@@ -97,6 +97,9 @@ struct RequestSpec {
   // its prompt's full pages for export (RequestOutcome::kv_export) instead of leaving them only
   // to the prefix cache, where eviction could take them before they are read.
   bool export_prompt_kv = false;
+  // Prefill attention of this request: false follows attention.prefill (sparse where the
+  // method and length say so); true attends every causal key (a client asking for dense).
+  bool dense_prefill = false;
   std::shared_ptr<RequestSink> sink;     // required
 };
 
