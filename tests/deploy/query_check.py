@@ -56,7 +56,7 @@ def main():
 
     rules = json.loads(get(f"{args.prometheus}/api/v1/rules"))["data"]["groups"]
     names = {g["name"] for g in rules}
-    if names != {"sieve-latency", "sieve-load", "sieve-alerts"}:
+    if names != {"sieve-latency", "sieve-load", "sieve-disaggregation", "sieve-alerts"}:
         problems.append(f"rule groups loaded: {sorted(names)}")
     for g in rules:
         for r in g["rules"]:
