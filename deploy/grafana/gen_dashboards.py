@@ -12,7 +12,8 @@ import sys
 
 OUT = pathlib.Path(__file__).resolve().parent / "dashboards"
 DS = {"type": "prometheus", "uid": "${datasource}"}
-# Series scraped from the daemon carry namespace, role, pod (added by the scrape) and model.
+# Series scraped from the daemon carry namespace and pod (added by the scrape), and model and
+# role (both, prefill, decode: the daemon's server.role, put on every series by the daemon).
 SEL = 'namespace=~"$namespace", role=~"$role", model=~"$model", pod=~"$pod"'
 # Recorded series (deploy/prometheus/rules) are per role: no pod label.
 RSEL = 'namespace=~"$namespace", role=~"$role", model=~"$model"'
@@ -133,16 +134,55 @@ def latency_board():
                      quantiles(m, ["role"]), "s", w=12)
         b.heatmap(f"{title}: distribution", f"{title}: {what}; requests per second per bucket.",
                   f"sum by (le) (rate({m}_bucket{{{SEL}}}[{RATE}]))", w=12)
-    b.row("Transfer (disaggregated)")
-    b.text("Transfer: prefill to decode",
-           "The KV transfer between a prefill and a decode pod has no metric yet: it comes with "
-           "disaggregated serving (issue 13). Prefill and decode latency above are per role.")
+    disaggregation_rows(b)
     b.row("Engine steps")
     b.timeseries("Step latency by worker pool", "One worker step (one batch) of each engine pool.",
                  quantiles("sieve_step_seconds", ["role", "pool"]), "s", w=12)
     b.heatmap("Decode step distribution", "Duration of decode-pool steps.",
               f'sum by (le) (rate(sieve_step_seconds_bucket{{{SEL}, pool="decode"}}[{RATE}]))', w=12)
     return b
+
+
+def disaggregation_rows(b):
+    """The KV hand-off of disaggregated serving (docs/disaggregation.md): direction is
+    `received` on decode pods and `sent` on prefill pods; a role=both daemon shows zeros."""
+    b.row("KV transfer: prefill to decode (disaggregated)")
+    b.timeseries("KV transfer time: p50 / p90 / p99 by role",
+                 "One transfer attempt: on decode pods the remote prefill plus the page stream "
+                 "(part of their time to first token), on prefill pods the whole Prefill call.",
+                 quantiles("sieve_kv_transfer_seconds", ["role", "direction"]), "s", w=12)
+    b.heatmap("KV transfer time on decode pods: distribution",
+              "Transfer attempts of decode pods per second per bucket.",
+              f'sum by (le) (rate(sieve_kv_transfer_seconds_bucket{{{SEL}, direction="received"}}[{RATE}]))',
+              w=12)
+    b.timeseries("KV bytes per second", "Page bytes of completed transfers: received by decode "
+                 "pods, sent by prefill pods.",
+                 [(f"sum by (role, direction) (rate(sieve_kv_transfer_bytes_total{{{SEL}}}[{RATE}]))",
+                   "{{role}} {{direction}}")], "Bps")
+    b.timeseries("KV transfers in flight", "Transfers in progress per pod (decode pods: at most "
+                 "disaggregation.transfer_threads).",
+                 [(f"sum by (pod, direction) (sieve_kv_transfers_in_flight{{{SEL}}})",
+                   "{{pod}} {{direction}}")], "short")
+    b.timeseries("Transfer attempts and retries per second",
+                 "Finished attempts by outcome; retries are decode pods' attempts after a failure "
+                 "(alert SieveKVTransferFailing above 10% failed).",
+                 [(f"sum by (role, outcome) (rate(sieve_kv_transfers_total{{{SEL}}}[{RATE}]))",
+                   "{{role}} {{outcome}}"),
+                  (f"sum by (role) (rate(sieve_kv_transfer_retries_total{{{SEL}}}[{RATE}]))",
+                   "{{role}} retries")], "reqps")
+    b.timeseries("Prefills of decode pods: remote vs local",
+                 "Generate requests of decode pods by where the prompt was prefilled: remote, or "
+                 "local (short prompt, all pages cached, or the fallback).",
+                 [(f"sum by (location) (rate(sieve_prefills_total{{{SEL}}}[{RATE}]))", "{{location}}")],
+                 "reqps", stack=True)
+    b.timeseries("Remote prefill share (recorded)", "Share of decode pods' requests prefilled "
+                 "remotely, 5 minutes (role:sieve_prefills_remote:ratio_rate5m).",
+                 [(f"role:sieve_prefills_remote:ratio_rate5m{{{RSEL}}}", "{{role}}")], "percentunit")
+    b.timeseries("Prefill daemons reachable (decode pods)",
+                 "1 while a decode pod reaches a prefill daemon, checked every second; 0 for 5 "
+                 "minutes fires SievePrefillUnreachable.",
+                 [(f'min by (pod) (sieve_prefill_daemons_reachable{{{SEL}, role="decode"}})', "{{pod}}")],
+                 "short")
 
 
 def overview_board():
@@ -182,6 +222,17 @@ def overview_board():
                  "Seconds one pod needs to prefill every waiting prompt token of its role "
                  "(recording rule role:sieve_prefill_backlog_seconds; KEDA target 10 s per replica).",
                  [(f"role:sieve_prefill_backlog_seconds{{{RSEL}}}", "{{role}}")], "s")
+    b.timeseries("Running requests by role", "Requests in the engine pools of each role "
+                 "(both, prefill, decode): the decode role's is its autoscaling signal (48 per replica).",
+                 [(f"sum by (role, pool) (sieve_running_requests{{{SEL}}})", "{{role}} {{pool}}")],
+                 "short")
+    b.timeseries("KV transfer bytes per second (disaggregated)", "Received by decode pods, "
+                 "sent by prefill pods (the latency dashboard has the rest).",
+                 [(f"sum by (role, direction) (rate(sieve_kv_transfer_bytes_total{{{SEL}}}[{RATE}]))",
+                   "{{role}} {{direction}}")], "Bps")
+    b.timeseries("Prefill daemons reachable (decode pods)", "Per decode pod, checked every second.",
+                 [(f'min by (pod) (sieve_prefill_daemons_reachable{{{SEL}, role="decode"}})', "{{pod}}")],
+                 "short")
     b.row("KV cache and prefix cache")
     b.timeseries("KV pages", "Used (incl. cache-only), cache-only (evictable) and free pages.",
                  [(f"sum by (pod) (sieve_kv_pages_used{{{SEL}}})", "{{pod}} used"),

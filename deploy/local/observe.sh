@@ -8,7 +8,8 @@
 #   deploy/local/observe.sh --duration 60 --rate 8
 #   deploy/local/observe.sh --duration 90 --png latency.png   # draw the latency dashboard, stop
 #
-# Ports (loopback): gRPC 50051, daemon metrics 9090, Prometheus 9091 (its UI: /graph, /alerts).
+# Ports (loopback): gRPC 50051, daemon metrics 9090, Prometheus 9091 (its UI: /graph, /alerts);
+# with --check also a prefill daemon (gRPC 50061, metrics 9092) and a decode daemon (50052, 9093).
 # Grafana is not packaged in Debian: point any Grafana at http://127.0.0.1:9091 and load
 # deploy/grafana/dashboards (deploy/README.md); deploy/grafana/render_png.py draws a dashboard's
 # panels from this Prometheus without Grafana.
@@ -24,7 +25,7 @@ while (($#)); do
     --duration) duration=$2; shift ;;
     --rate) rate=$2; shift ;;
     --png) png=$(realpath -m "$2"); shift ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "observe.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -45,27 +46,42 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 cd "$repo"
-"$build/server/sieved" --config configs/default.yaml \
-  --set server.listen_address=127.0.0.1:50051 --set metrics.listen_address=127.0.0.1:9090 \
-  >"$work/sieved.log" 2>&1 &
-sieved_pid=$!
-pids+=("$sieved_pid")
-for _ in $(seq 150); do
-  "$build/cli/sieve" health --target 127.0.0.1:50051 >/dev/null 2>&1 && break
-  kill -0 "$sieved_pid" 2>/dev/null || { cat "$work/sieved.log" >&2; exit 1; }
-  sleep 0.2
-done
-"$build/cli/sieve" health --target 127.0.0.1:50051 >/dev/null || { echo "observe.sh: sieved not serving" >&2; exit 1; }
+start_sieved() {  # start_sieved NAME GRPC_PORT METRICS_PORT [--set KEY=VALUE ...]
+  local name=$1 grpc=$2 metrics=$3
+  shift 3
+  "$build/server/sieved" --config configs/default.yaml \
+    --set "server.listen_address=127.0.0.1:$grpc" --set "metrics.listen_address=127.0.0.1:$metrics" \
+    "$@" >"$work/sieved-$name.log" 2>&1 &
+  pids+=($!)
+  local pid=$!
+  for _ in $(seq 150); do
+    "$build/cli/sieve" health --target "127.0.0.1:$grpc" >/dev/null 2>&1 && break
+    kill -0 "$pid" 2>/dev/null || { cat "$work/sieved-$name.log" >&2; exit 1; }
+    sleep 0.2
+  done
+  "$build/cli/sieve" health --target "127.0.0.1:$grpc" >/dev/null || { echo "observe.sh: sieved ($name) not serving" >&2; exit 1; }
+}
+start_sieved both 50051 9090
+sieved_pid=${pids[0]}
 
 config=deploy/prometheus/local/prometheus.yml
 if ((check)); then
-  # The check also runs the disaggregated overlay's queries (role prefill and decode): it
-  # scrapes the same daemon twice more under those role labels.
+  # The check also runs the disaggregated overlay's queries (role prefill and decode, the
+  # KV transfer metrics) against real daemons of those roles: a prefill daemon and a decode
+  # daemon that prefills prompts of 64 tokens and more on it (docs/disaggregation.md).
+  start_sieved prefill 50061 9092 --set server.role=prefill
+  start_sieved decode 50052 9093 --set server.role=decode \
+    --set disaggregation.prefill_target=ipv4:127.0.0.1:50061 \
+    --set disaggregation.local_prefill_below_tokens=64
   config=$work/prometheus.yml
   yq -y --arg rules "$repo/deploy/prometheus/rules" '
     .rule_files |= map($rules + "/" + (split("/") | last)) |
-    .scrape_configs += [(.scrape_configs[0] | .job_name = "sieve-prefill" | .static_configs[0].labels.role = "prefill"),
-                        (.scrape_configs[0] | .job_name = "sieve-decode" | .static_configs[0].labels.role = "decode")]
+    .scrape_configs += [(.scrape_configs[0] | .job_name = "sieve-prefill" |
+                           .static_configs[0].targets = ["127.0.0.1:9092"] |
+                           .static_configs[0].labels.pod = "sieve-local-prefill-0"),
+                        (.scrape_configs[0] | .job_name = "sieve-decode" |
+                           .static_configs[0].targets = ["127.0.0.1:9093"] |
+                           .static_configs[0].labels.pod = "sieve-local-decode-0")]
   ' deploy/prometheus/local/prometheus.yml >"$config"
 fi
 prometheus --config.file="$config" --storage.tsdb.path="$work/tsdb" \
@@ -79,9 +95,19 @@ curl -fsS http://127.0.0.1:9091/-/ready >/dev/null || { cat "$work/prometheus.lo
 echo "observe.sh: sieved on 127.0.0.1:50051 (metrics :9090), Prometheus on http://127.0.0.1:9091"
 
 echo "observe.sh: load for ${duration} s at ${rate} requests/s"
-"$build/bench/sieve_loadgen" --target 127.0.0.1:50051 --rate "$rate" --duration "$duration" \
-  --prompt-lengths 32,128,512 --shared-prefix 32 --max-tokens 16 --drain-timeout 30 --seed 1 \
-  >"$work/loadgen.md"
+load() {  # load GRPC_PORT OUT
+  "$build/bench/sieve_loadgen" --target "127.0.0.1:$1" --rate "$rate" --duration "$duration" \
+    --prompt-lengths 32,128,512 --shared-prefix 32 --max-tokens 16 --drain-timeout 30 --seed 1 >"$2"
+}
+if ((check)); then
+  load 50052 "$work/loadgen-decode.md" &
+  decode_load=$!
+fi
+load 50051 "$work/loadgen.md"
+if ((check)); then
+  wait "$decode_load" || { echo "observe.sh: the load on the decode daemon failed" >&2; exit 1; }
+  grep -E "^\| (requests sent|time to first token \|)" "$work/loadgen-decode.md" | sed 's/^/decode daemon: /' || true
+fi
 grep -E "^\| (latency|requests sent|output tokens|time to first token \||end-to-end)" "$work/loadgen.md" || tail -n 15 "$work/loadgen.md"
 # A few bad calls, so that the error panels have something to show: requests for a model the
 # daemon does not serve (refused), and requests whose client deadline ends mid-generation
@@ -100,7 +126,8 @@ fi
 if ((check)); then
   status=0
   /usr/bin/python3 tests/deploy/query_check.py --prometheus http://127.0.0.1:9091 \
-    --metrics http://127.0.0.1:9090/metrics || status=$?
+    --metrics http://127.0.0.1:9090/metrics --metrics http://127.0.0.1:9092/metrics \
+    --metrics http://127.0.0.1:9093/metrics || status=$?
   kill -TERM "$sieved_pid"
   wait "$sieved_pid" || { echo "observe.sh: sieved exited with $? after SIGTERM" >&2; status=1; }
   exit $status

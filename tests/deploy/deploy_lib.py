@@ -21,9 +21,13 @@ RULE_FILES = [DEPLOY / "prometheus" / "rules" / "sieve-recording.yml",
               DEPLOY / "prometheus" / "rules" / "sieve-alerts.yml"]
 DASHBOARDS = sorted((DEPLOY / "grafana" / "dashboards").glob("*.json"))
 ADAPTER_CONFIG = K8S / "prometheus-adapter" / "adapter-config.yaml"
-# Labels a scrape adds to every series (deploy/prometheus: namespace, pod, role, node from the
-# pod; job and instance by Prometheus) and histogram buckets' le.
-SCRAPE_LABELS = {"namespace", "pod", "role", "node", "job", "instance", "le"}
+# Labels a scrape adds to every series (deploy/prometheus: namespace, pod, node from the pod; job
+# and instance by Prometheus) and histogram buckets' le. `role` is not one: the daemon puts it
+# on every series itself (CONSTANT_LABELS), and a scrape label of that name would rename it.
+SCRAPE_LABELS = {"namespace", "pod", "node", "job", "instance", "le"}
+# Labels the daemon puts on every series (docs/metrics.md: "Every series carries the constant
+# labels `model` ... and `role`"; server/metrics.cc builds them), whatever the table lists.
+CONSTANT_LABELS = {"model", "role"}
 # Grafana's variables, as the checks substitute them (every value matches).
 GRAFANA_VARS = {"$__rate_interval": "1m", "$__interval": "15s", "$namespace": ".*",
                 "$role": ".*", "$model": ".*", "$pod": ".*"}
@@ -73,7 +77,13 @@ def defined_metrics():
         m = re.match(r"\|\s*(sieve_[a-z0-9_]+)\s*\|\s*(counter|gauge|histogram)\s*\|\s*([a-z_, ]+)\|", line)
         if m:
             table[m.group(1)] = (m.group(2), {l.strip() for l in m.group(3).split(",") if l.strip()})
-    source = set(re.findall(r'"(sieve_[a-z0-9_]+)"', (REPO / "server" / "metrics.cc").read_text()))
+    source_text = (REPO / "server" / "metrics.cc").read_text()
+    source = set(re.findall(r'"(sieve_[a-z0-9_]+)"', source_text))
+    for label in CONSTANT_LABELS:
+        if not re.search(rf'\{{"{label}",\s*[a-z_]+\}}', source_text):
+            fail(f"server/metrics.cc no longer builds the constant label {label!r} that every "
+                 "series is assumed to carry (tests/deploy/deploy_lib.py CONSTANT_LABELS)")
+    table = {name: (kind, labels | CONSTANT_LABELS) for name, (kind, labels) in table.items()}
     if not table or set(table) != source:
         fail(f"docs/metrics.md and server/metrics.cc disagree: only in the docs "
              f"{sorted(set(table) - source)}, only in the source {sorted(source - set(table))}")

@@ -6,9 +6,9 @@ sieved), selectors against pod labels, autoscalers against their targets and rol
 
     k8s_check.py SIEVED
 """
-import functools
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -22,22 +22,11 @@ MIN_SCALE_DOWN_WINDOW_S = 300     # shorter and a burst's tail is cut (deploy/RE
 EXIT_MARGIN_S = 10                # SIGTERM-to-exit slack beyond the drain grace
 
 
-@functools.lru_cache(maxsize=None)
-def sieved_knows(key):
-    out = subprocess.run([SIEVED, "--help"], capture_output=True, text=True).stdout
-    return key in out
-
-
 def load_config(text, where, problems):
-    """Loads the config with the real daemon (--print-config) and returns the effective one."""
-    cfg = yaml.safe_load(text) or {}
-    if "role" in cfg.get("server", {}) and not sieved_knows("server.role"):
-        # Issue 13 adds server.role; until then the rest of the file must still load.
-        print(f"NOTE: {where}: server.role={cfg['server']['role']} is not a key of this sieved "
-              "(disaggregated roles: issue 13); loading the rest of the file")
-        cfg["server"] = {k: v for k, v in cfg["server"].items() if k != "role"}
+    """Loads the config with the real daemon (--print-config, every key of every role) and
+    returns the effective one; a key sieved does not know fails."""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(cfg, f)
+        f.write(text)
     try:
         r = subprocess.run([SIEVED, "--config", f.name, "--print-config"], capture_output=True,
                            text=True, cwd=d.REPO)
@@ -62,7 +51,7 @@ def check_overlay(name, objs, problems):
     deployments = {o["metadata"]["name"]: o for o in by_kind.get("Deployment", [])}
     configmaps = {o["metadata"]["name"]: o for o in by_kind.get("ConfigMap", [])}
     pvcs = {o["metadata"]["name"] for o in by_kind.get("PersistentVolumeClaim", [])}
-    expected_roles = {"prefill", "decode"} if name.startswith("disaggregated") else {"unified"}
+    expected_roles = {"prefill", "decode"} if name.startswith("disaggregated") else {"both"}
     roles = {}
     for dname, dep in deployments.items():
         roles[check_deployment(name, dname, dep, configmaps, pvcs, problems)] = dname
@@ -83,6 +72,52 @@ def check_overlay(name, objs, problems):
     if len([s for s in by_kind.get("Service", []) if s["spec"].get("clusterIP") == "None"]) != len(deployments):
         problems.append(f"{name}: not one headless Service per Deployment")
     check_autoscalers(name, by_kind, deployments, problems)
+    check_prefill_target(name, by_kind, deployments, problems)
+
+
+def check_prefill_target(name, by_kind, deployments, problems):
+    """A decode Deployment's disaggregation.prefill_target is dns:/// of a rendered headless
+    Service that selects the prefill pods, on their gRPC port (KvTransfer is served there)."""
+    for dname, dep in deployments.items():
+        cfg = dep.get("_sieve_config")
+        if not cfg or cfg["server"]["role"] != "decode":
+            continue
+        where = f"{name}: Deployment {dname}"
+        target = cfg["disaggregation"]["prefill_target"]
+        m = re.fullmatch(r"dns:///([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local:(\d+)", target)
+        if not m:
+            problems.append(f"{where}: prefill_target {target!r} is not dns:///SERVICE.NAMESPACE"
+                            ".svc.cluster.local:PORT (round-robin over the pods needs DNS)")
+            continue
+        svc_name, ns, port = m.group(1), m.group(2), int(m.group(3))
+        svcs = [s for s in by_kind.get("Service", []) if s["metadata"]["name"] == svc_name
+                and s["metadata"].get("namespace") == ns]
+        if not svcs:
+            problems.append(f"{where}: prefill_target names Service {svc_name}.{ns}, not rendered")
+            continue
+        svc = svcs[0]
+        if svc["spec"].get("clusterIP") != "None":
+            problems.append(f"{where}: prefill_target Service {svc_name} is not headless: one "
+                            "connection would pin each decode pod to one prefill pod")
+        sel = svc["spec"]["selector"]
+        hits = [dep2 for dep2 in deployments.values()
+                if matches(sel, dep2["spec"]["template"]["metadata"]["labels"])]
+        if len(hits) != 1 or hits[0].get("_sieve_config", {}).get("server", {}).get("role") != "prefill":
+            problems.append(f"{where}: prefill_target Service {svc_name} does not select the prefill pods")
+            continue
+        (c,) = [c for c in hits[0]["spec"]["template"]["spec"]["containers"] if c["name"] == "sieved"]
+        grpc_port = {p["name"]: p["containerPort"] for p in c["ports"]}.get("grpc")
+        svc_ports = {p["port"]: p["targetPort"] for p in svc["spec"]["ports"]}
+        if svc_ports.get(port) != "grpc" or port != grpc_port:
+            problems.append(f"{where}: prefill_target port {port} is not the prefill pods' gRPC "
+                            f"port {grpc_port} (sieve.kv.v1.KvTransfer is served there)")
+        prefill_cfg = hits[0]["_sieve_config"]
+        for key in ("page_size_tokens",):
+            if prefill_cfg["kv_cache"][key] != cfg["kv_cache"][key]:
+                problems.append(f"{where}: kv_cache.{key} differs from the prefill pods': every "
+                                "transfer would fail its layout check")
+        if prefill_cfg["model"]["name"] != cfg["model"]["name"]:
+            problems.append(f"{where}: model.name differs from the prefill pods'")
 
 
 def check_deployment(name, dname, dep, configmaps, pvcs, problems):
@@ -135,9 +170,9 @@ def check_deployment(name, dname, dep, configmaps, pvcs, problems):
     cfg = load_config(text, f"{where} config", problems)
     if cfg is None:
         return role
-    raw = yaml.safe_load(text)
-    if role in ("prefill", "decode") and raw["server"].get("role") != role:
-        problems.append(f"{where}: pods labelled role {role} but server.role is {raw['server'].get('role')}")
+    if cfg["server"]["role"] != role:
+        problems.append(f"{where}: pods labelled sieve.dev/role {role} but server.role is {cfg['server']['role']}")
+    dep["_sieve_config"] = cfg     # for the checks across Deployments (check_prefill_target)
     for key, port_name in (("server", "grpc"), ("metrics", "metrics")):
         port = int(cfg[key]["listen_address"].rsplit(":", 1)[1])
         if port != ports.get(port_name):
@@ -186,6 +221,11 @@ def check_autoscalers(name, by_kind, deployments, problems):
 
 def main():
     problems, items = [], []
+    # The loader itself must reject a key sieved does not know (a misspelt key fails CI, not
+    # the pod).
+    bad = []
+    if load_config("server:\n  role: decode\n  drain_grace_priod_s: 30\n", "self-check", bad) is not None:
+        problems.append("self-check: sieved --print-config accepted the unknown key server.drain_grace_priod_s")
     rendered = d.render_overlays()
     for overlay, objs in rendered.items():
         check_overlay(overlay, objs, problems)

@@ -25,14 +25,16 @@ def get(url):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--prometheus", required=True)
-    ap.add_argument("--metrics", required=True)
+    ap.add_argument("--metrics", required=True, action="append",
+                    help="a daemon's /metrics URL; repeat it for each daemon (each role)")
     args = ap.parse_args()
     problems = []
 
     exported = set()
-    for line in get(args.metrics).splitlines():
-        if line and not line.startswith("#"):
-            exported.add(line.split("{")[0].split(" ")[0])
+    for url in args.metrics:
+        for line in get(url).splitlines():
+            if line and not line.startswith("#"):
+                exported.add(line.split("{")[0].split(" ")[0])
 
     queries = d.dashboard_queries() + d.autoscaler_queries()
     for where, expr, is_alert in d.rule_queries():
@@ -54,9 +56,33 @@ def main():
         if body.get("status") != "success" or not body["data"]["result"]:
             problems.append(f"{where}: no data: {expr}")
 
+    def value(expr):
+        body = json.loads(get(f"{args.prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expr})))
+        result = body["data"]["result"] if body.get("status") == "success" else []
+        return float(result[0]["value"][1]) if result else None
+
+    # The daemon labels every series with its role; a scrape label of that name would have
+    # renamed it to exported_role.
+    if value('count({__name__=~"sieve_.+", exported_role!=""})') is not None:
+        problems.append("series carry exported_role: the scrape config sets a role label")
+    roles = json.loads(get(f"{args.prometheus}/api/v1/label/role/values"))["data"]
+    if len(args.metrics) > 1:
+        # With a prefill and a decode daemon (observe.sh --check): every role is seen, the
+        # decode daemon reached the prefill daemon and prefilled prompts there.
+        if not {"both", "prefill", "decode"} <= set(roles):
+            problems.append(f"role label values {roles}, not both, prefill and decode")
+        for expr, want, ok in (
+                ('max(sieve_prefill_daemons_reachable{role="decode"})', "1", lambda v: v == 1),
+                ('sum(sieve_prefills_total{role="decode", location="remote"})', "> 0", lambda v: v > 0),
+                ('sum(sieve_kv_transfer_bytes_total{role="prefill", direction="sent"})', "> 0",
+                 lambda v: v > 0)):
+            v = value(expr)
+            if v is None or not ok(v):
+                problems.append(f"disaggregated daemons: {expr} is {v}, want {want}")
+
     rules = json.loads(get(f"{args.prometheus}/api/v1/rules"))["data"]["groups"]
     names = {g["name"] for g in rules}
-    if names != {"sieve-latency", "sieve-load", "sieve-alerts"}:
+    if names != {"sieve-latency", "sieve-load", "sieve-disaggregation", "sieve-alerts"}:
         problems.append(f"rule groups loaded: {sorted(names)}")
     for g in rules:
         for r in g["rules"]:

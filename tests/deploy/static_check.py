@@ -20,6 +20,12 @@ OVERVIEW_METRICS = ["sieve_requests_total", "sieve_prompt_tokens_total", "sieve_
                     "sieve_rejections_total", "sieve_preemptions_total", "sieve_running_requests",
                     "sieve_waiting_requests", "sieve_device_lost_total", "sieve_grpc_requests_total"]
 
+# The KV hand-off of disaggregated serving (issue 13): every metric of it has a latency panel.
+DISAGGREGATION_METRICS = ["sieve_kv_transfer_seconds_bucket", "sieve_kv_transfer_bytes_total",
+                          "sieve_kv_transfers_in_flight", "sieve_kv_transfers_total",
+                          "sieve_kv_transfer_retries_total", "sieve_prefills_total",
+                          "sieve_prefill_daemons_reachable"]
+
 
 def check_board(path, problems):
     board = json.loads(path.read_text())
@@ -73,6 +79,9 @@ def main():
             problems.append(f"sieve-latency: phase {phase}: quantiles {sorted(quants)}, {len(heat)} heatmaps")
         if not any(metric in e and "by (le, role)" in e for _, e in latency):
             problems.append(f"sieve-latency: phase {phase} is not split by role")
+    for metric in DISAGGREGATION_METRICS:
+        if not any(re.search(rf"\b{metric}\b", e) for _, e in latency):
+            problems.append(f"sieve-latency: no panel reads {metric}")
     _, overview = boards["sieve-overview"]
     for metric in OVERVIEW_METRICS:
         if not any(re.search(rf"\b{metric}\b", e) for _, e in overview):
