@@ -10,6 +10,7 @@ packages=(
   prometheus-cpp-dev libyaml-cpp-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libhwy-dev                 # SIMD of the CPU backend (Google Highway)
+  libdnnl-dev                # sgemm of the CPU backend's linear layers (oneDNN, on libgomp)
   clang libclang-rt-14-dev   # libFuzzer for the fuzz targets
   curl                       # the metrics checks in the integration tests
 )
