@@ -15,6 +15,7 @@
 // host and runs SampleToken per row (the engine's path before device sampling), "device" runs
 // ModelWorker::ForwardSample (Backend::Sample; only ids and logprobs come back); "none" times the
 // forward pass with the logits copied to the host and not sampled.
+// --threads N sets the cpu backend's host threads (default 0 = all hardware threads).
 // On a CUDA build, --copy-bandwidth 1 first measures a device-to-device copy (bytes read plus
 // written per second), the bandwidth floor of a decode step.
 #include <algorithm>
@@ -52,6 +53,7 @@ struct Args {
   std::string graphs = "both";  // decode with CUDA graphs: "on", "off", "both" or a list
   int copy_bandwidth = 0;       // 1: measure device-to-device copy bandwidth first (CUDA)
   std::string sample = "none";  // sampling in decode steps: none, host, device, both or a list
+  int threads = 0;              // host threads of the cpu backend (0 = all hardware threads)
 };
 
 // Device-to-device copy bandwidth in bytes (read + written) per second: the median of 20 copies
@@ -191,6 +193,7 @@ int Run(const Args& a) {
   o.backend = a.backend;
   o.weights = "random";
   o.random_seed = 1;
+  o.num_threads = a.threads;
   o.page_size = a.page_size;
   o.num_pages = static_cast<int32_t>(max_kv / a.page_size + 64);
   o.max_step_tokens = static_cast<int32_t>(a.chunk);
@@ -271,6 +274,7 @@ int main(int argc, char** argv) {
     else if (k == "--page-size") (void)absl::SimpleAtoi(v, &a.page_size);
     else if (k == "--graphs") a.graphs = v;
     else if (k == "--sample") a.sample = v;
+    else if (k == "--threads") (void)absl::SimpleAtoi(v, &a.threads);
     else if (k == "--copy-bandwidth") (void)absl::SimpleAtoi(v, &a.copy_bandwidth);
     else if (k == "--prefill") {
       a.prefill.clear();

@@ -11,6 +11,7 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libhwy-dev                 # SIMD of the CPU backend (Google Highway)
   libpcre2-dev libicu-dev    # tokenizer regexes (PCRE2) and Unicode normal forms (ICU)
+  libdnnl-dev                # sgemm of the CPU backend's linear layers (oneDNN, on libgomp)
   clang libclang-rt-14-dev   # libFuzzer for the fuzz targets
   curl                       # the metrics checks in the integration tests
   prometheus python3-yaml    # deployment checks (tests/deploy): promtool, a real Prometheus, PyYAML

@@ -8,6 +8,7 @@
 #include "engine/status_macros.h"
 #include "kernels/attention/paged_attention.h"
 #include "kernels/attention/paged_attention_cpu.h"
+#include "kernels/cpu/gemm_cpu.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/sparse/xattention.h"
 
@@ -197,7 +198,7 @@ absl::Status CpuBackend::Linear(BackendStream& stream, const Tensor& x, const Te
                                             " columns, weight expects ", weight.cols));
   }
   SIEVE_RETURN_IF_ERROR(CheckShape(out, x.rows, weight.rows, "linear output"));
-  kernels::LinearRef(F(x), F(weight), bias.empty() ? nullptr : F(bias), x.rows, x.cols,
+  kernels::LinearCpu(F(x), F(weight), bias.empty() ? nullptr : F(bias), x.rows, x.cols,
                      weight.rows, F(out), num_threads_);
   return absl::OkStatus();
 }
@@ -328,7 +329,7 @@ absl::Status CpuBackend::Logits(BackendStream& stream, const Tensor& x, const Te
   if (static_cast<int64_t>(host_out.size()) != x.rows * lm_head.rows) {
     return absl::InternalError("cpu backend: logits buffer size mismatch");
   }
-  kernels::LinearRef(F(x), F(lm_head), nullptr, x.rows, x.cols, lm_head.rows, host_out.data(),
+  kernels::LinearCpu(F(x), F(lm_head), nullptr, x.rows, x.cols, lm_head.rows, host_out.data(),
                      num_threads_);
   return absl::OkStatus();
 }

@@ -1,6 +1,7 @@
 // The fp32 CPU backend: plain host memory, the Highway flash-style attention kernel
-// (kernels/attention/paged_attention_cpu.h) and the operators of kernels/cpu. Always built;
-// it serves the embedded default model and is what every other backend is checked against.
+// (kernels/attention/paged_attention_cpu.h), linear layers on oneDNN's sgemm
+// (kernels/cpu/gemm_cpu.h) and the other operators of kernels/cpu. Always built; it serves the
+// embedded default model and is what every other backend is checked against.
 #ifndef SIEVE_ENGINE_BACKENDS_CPU_BACKEND_H_
 #define SIEVE_ENGINE_BACKENDS_CPU_BACKEND_H_
 

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# llama.cpp's llama-bench against Sieve's model_bench on the embedded model, CPU, 2 threads,
+# back to back and alternating (llama.cpp, Sieve, llama.cpp, Sieve, ...), so that both see the
+# same machine: prefill of 4K and 16K tokens, decode at depth 0, 4K and 16K.
+#
+#   bench/llamacpp/build.sh                       # once: llama-bench and the F32 GGUF
+#   bench/llamacpp/compare.sh [BUILD_DIR] [ROUNDS] > log
+#
+# llama.cpp: flash attention on, default batch (2048) and micro-batch (512), F32 weights.
+# Sieve: the daemon's default prefill chunk (scheduler.prefill_chunk_tokens = 512), random
+# weights of the embedded model's shapes (timing does not depend on the values), CPU backend.
+# BASE_BUILD=DIR adds a second Sieve build's model_bench to each round (e.g. the commit before a
+# change), run with its default threads (all hardware threads).
+# Env: SCRATCH (default /tmp/sieve-llamacpp, as build.sh), THREADS (default 2), REPS (llama-bench
+# repetitions, default 2; model_bench keeps the best of 2 prefills and the median of STEPS steps).
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+build=${1:-$repo/build}
+rounds=${2:-2}
+scratch=${SCRATCH:-/tmp/sieve-llamacpp}
+threads=${THREADS:-2}
+reps=${REPS:-2}
+steps=${STEPS:-32}
+llama_bench=$scratch/llama.cpp/build/bin/llama-bench
+gguf=$scratch/embedded-f32.gguf
+for f in "$llama_bench" "$gguf" "$build/bench/model_bench"; do
+  [[ -e $f ]] || { echo "missing $f (run bench/llamacpp/build.sh and build model_bench)" >&2; exit 1; }
+done
+
+echo "date $(date -u '+%F %T') UTC; host $(hostname); nproc $(nproc); $(uptime)"
+echo "sieve commit $(git -C "$repo" rev-parse --short HEAD); llama.cpp $(git -C "$scratch/llama.cpp" rev-parse --short HEAD)"
+for ((r = 1; r <= rounds; ++r)); do
+  echo "== round $r: llama.cpp $(date -u +%T), $(uptime | sed 's/.*load/load/')"
+  "$llama_bench" -m "$gguf" -t "$threads" -fa 1 -r "$reps" -p 4096,16384 -n 0
+  "$llama_bench" -m "$gguf" -t "$threads" -fa 1 -r "$reps" -p 0 -n 32 -d 0,4096,16384
+  echo "== round $r: sieve $(date -u +%T), $(uptime | sed 's/.*load/load/')"
+  "$build/bench/model_bench" --model "$repo/models/embedded" --backend cpu --threads "$threads" \
+    --prefill 4096,16384 --chunk 512 --decode 1:0,1:4096,1:16384 --steps "$steps" --graphs off
+  if [[ -n ${BASE_BUILD:-} ]]; then
+    echo "== round $r: sieve base $BASE_BUILD $(date -u +%T), $(uptime | sed 's/.*load/load/')"
+    "$BASE_BUILD/bench/model_bench" --model "$repo/models/embedded" --backend cpu \
+      --prefill 4096,16384 --chunk 512 --decode 1:0,1:4096,1:16384 --steps "$steps" --graphs off
+  fi
+done
+echo "end $(date -u +%T), $(uptime | sed 's/.*load/load/')"
