@@ -1,0 +1,54 @@
+#include "kernels/sparse/minference_search.h"
+
+#include <cmath>
+
+#include "kernels/attention/paged_attention_cpu.h"
+
+namespace sieve::kernels::minference {
+
+std::vector<HeadPattern> DefaultSearchCandidates() {
+  return {{Pattern::kAShape, 100, 800},         {Pattern::kVerticalSlash, 30, 800},
+          {Pattern::kVerticalSlash, 100, 800},  {Pattern::kVerticalSlash, 100, 750},
+          {Pattern::kVerticalSlash, 500, 700},  {Pattern::kVerticalSlash, 3500, 100},
+          {Pattern::kVerticalSlash, 1000, 4096}, {Pattern::kBlockSparse, 100, 0}};
+}
+
+std::vector<HeadSearchResult> SearchPatterns(const PagedAttentionParams<float>& p,
+                                             const std::vector<HeadPattern>& candidates,
+                                             float threshold, const Options& options) {
+  const int hq = p.num_q_heads, d = p.head_dim;
+  const int64_t tokens = p.query_start[p.num_seqs];
+  const size_t size = static_cast<size_t>(tokens) * hq * d;
+  std::vector<float> dense(size), sparse(size);
+  PagedAttentionParams<float> q = p;
+  q.sparse = nullptr;
+  q.out = dense.data();
+  PagedAttentionCpu(q, options.num_threads);
+  std::vector<HeadSearchResult> result(hq);
+  for (HeadSearchResult& r : result) r.errors.assign(candidates.size(), 0);
+  MInferencePlan plan;
+  for (size_t c = 0; c < candidates.size(); ++c) {
+    const std::vector<HeadPattern> all(hq, candidates[c]);
+    BuildPlan(p, all.data(), options, &plan);
+    const SparseAttentionIndex x = plan.View();
+    q.sparse = &x;
+    q.out = sparse.data();
+    PagedAttentionCpu(q, options.num_threads);
+    for (int64_t t = 0; t < tokens; ++t) {
+      for (int h = 0; h < hq; ++h) {
+        const size_t off = (static_cast<size_t>(t) * hq + h) * d;
+        int64_t bad = 0;
+        for (int i = 0; i < d; ++i) bad += std::abs(sparse[off + i] - dense[off + i]) > threshold;
+        result[h].errors[c] += bad;
+      }
+    }
+  }
+  for (HeadSearchResult& r : result) {
+    for (size_t c = 1; c < candidates.size(); ++c) {
+      if (r.errors[c] < r.errors[r.best]) r.best = static_cast<int32_t>(c);  // strictly lower
+    }
+  }
+  return result;
+}
+
+}  // namespace sieve::kernels::minference
