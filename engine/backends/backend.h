@@ -32,9 +32,11 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "engine/backends/attention_plan.h"
+#include "kernels/sparse/minference.h"
 #include "engine/model/rope.h"
 #include "engine/model/safetensors.h"
 #include "engine/sampling/sampling.h"
@@ -93,6 +95,14 @@ struct AttentionShape {
   int32_t num_q_heads = 0;
   int32_t num_kv_heads = 0;
   int32_t head_dim = 0;
+};
+
+// What Backend::MInferenceIndex estimates: one sequence of the step.
+struct MInferenceEstimate {
+  int32_t seq = 0;  // sequence index in the step's BatchLayout
+  // One pattern per query head (kernels/sparse/minference.h); borrowed for the call.
+  absl::Span<const kernels::minference::HeadPattern> patterns;
+  int32_t last_q = kernels::minference::kDefaultLastQ;  // queries the VS estimate uses
 };
 
 // How a graph step runs (see Backend::BeginGraphStep).
@@ -203,6 +213,16 @@ class Backend {
                                  const AttentionShape& shape, float scale,
                                  const AttentionPlan& plan, Tensor out) = 0;
 
+  // MInference's index (kernels/sparse/minference.h) of sequence estimate.seq of the step: its
+  // queries q (the step's rotated queries [num_tokens, Hq * D]) scored against layer `layer`'s
+  // cached keys [0, kv_len) with softmax scale 1/sqrt(D); `out` gets that sequence's rows (query
+  // blocks and key blocks of 64; out.query_block_start = {0, blocks}). Waits for the stream.
+  // Unimplemented on a backend without the estimator.
+  virtual absl::Status MInferenceIndex(BackendStream& stream, int32_t layer, const Tensor& q,
+                                       const AttentionShape& shape,
+                                       const MInferenceEstimate& estimate,
+                                       kernels::minference::MInferencePlan& out);
+
   // out = silu(gate_up[:, :I]) * gate_up[:, I:], gate_up [num_tokens, 2I], out [num_tokens, I].
   virtual absl::Status SiluMul(BackendStream& stream, const Tensor& gate_up, Tensor out) = 0;
 
@@ -293,6 +313,13 @@ class Backend {
 
 inline absl::StatusOr<int64_t> Backend::AvailableMemoryBytes() const {
   return absl::UnimplementedError("this backend cannot report its free memory");
+}
+
+inline absl::Status Backend::MInferenceIndex(BackendStream&, int32_t, const Tensor&,
+                                             const AttentionShape&, const MInferenceEstimate&,
+                                             kernels::minference::MInferencePlan&) {
+  return absl::UnimplementedError(
+      absl::StrCat("the ", std::string(name()), " backend has no MInference estimator"));
 }
 
 inline absl::StatusOr<StepGraphMode> Backend::BeginGraphStep(BackendStream&, const BatchLayout&,

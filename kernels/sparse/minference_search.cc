@@ -34,21 +34,32 @@ std::vector<HeadSearchResult> SearchPatterns(const PagedAttentionParams<float>& 
     q.sparse = &x;
     q.out = sparse.data();
     PagedAttentionCpu(q, options.num_threads);
-    for (int64_t t = 0; t < tokens; ++t) {
-      for (int h = 0; h < hq; ++h) {
-        const size_t off = (static_cast<size_t>(t) * hq + h) * d;
-        int64_t bad = 0;
-        for (int i = 0; i < d; ++i) bad += std::abs(sparse[off + i] - dense[off + i]) > threshold;
-        result[h].errors[c] += bad;
-      }
-    }
+    std::vector<int64_t> errors(hq, 0);
+    CountErrors(dense.data(), sparse.data(), tokens, hq, d, threshold, errors.data());
+    for (int h = 0; h < hq; ++h) result[h].errors[c] = errors[h];
   }
-  for (HeadSearchResult& r : result) {
-    for (size_t c = 1; c < candidates.size(); ++c) {
-      if (r.errors[c] < r.errors[r.best]) r.best = static_cast<int32_t>(c);  // strictly lower
-    }
-  }
+  for (HeadSearchResult& r : result) r.best = BestCandidate(r.errors);
   return result;
+}
+
+void CountErrors(const float* dense, const float* sparse, int64_t tokens, int num_heads,
+                 int head_dim, float threshold, int64_t* errors) {
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int h = 0; h < num_heads; ++h) {
+      const size_t off = (static_cast<size_t>(t) * num_heads + h) * head_dim;
+      int64_t bad = 0;
+      for (int i = 0; i < head_dim; ++i) bad += std::abs(sparse[off + i] - dense[off + i]) > threshold;
+      errors[h] += bad;
+    }
+  }
+}
+
+int32_t BestCandidate(const std::vector<int64_t>& errors) {
+  int32_t best = 0;
+  for (size_t c = 1; c < errors.size(); ++c) {
+    if (errors[c] < errors[best]) best = static_cast<int32_t>(c);  // strictly lower
+  }
+  return best;
 }
 
 }  // namespace sieve::kernels::minference

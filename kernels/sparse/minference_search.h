@@ -25,6 +25,14 @@ struct HeadSearchResult {
   std::vector<int64_t> errors;  // per candidate: elements with |sparse - dense| > threshold
 };
 
+// errors[h] += elements of head h with |sparse - dense| > threshold, over outputs laid out
+// [tokens, num_heads, head_dim].
+void CountErrors(const float* dense, const float* sparse, int64_t tokens, int num_heads,
+                 int head_dim, float threshold, int64_t* errors);
+
+// The first index with the strictly lowest count (list order breaks ties).
+int32_t BestCandidate(const std::vector<int64_t>& errors);
+
 // One result per query head of p (q, k_cache, v_cache, page table of the layer; p.out and
 // p.sparse are ignored), with `candidates` applied to every head at once. Allocates two output
 // buffers the size of q.
