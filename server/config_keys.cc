@@ -159,8 +159,28 @@ const std::vector<KeySpec>& Keys() {
                        "and exits for its supervisor to restart it. 0 turns it off."),
 
       SIEVE_ENGINE_KEY(attention.prefill.method, OneOf(engine::kPrefillAttentionMethods),
-                       "Prefill attention method (only dense so far; the sparse methods add "
-                       "their names and settings under attention.prefill)."),
+                       "Prefill attention method: dense (every causal key) or xattention "
+                       "(antidiagonal block scoring, then block-sparse attention; cpu backend "
+                       "only for now). A request may ask for dense (GenerateRequest."
+                       "prefill_attention)."),
+      SIEVE_ENGINE_KEY(attention.prefill.sparse_min_tokens, IntRange(0, 1 << 30),
+                       "A prefill chunk runs sparse only when its sequence's KV length (cached "
+                       "plus new tokens) is above this many tokens; shorter ones attend densely."),
+      SIEVE_ENGINE_KEY(attention.prefill.dense_layers, IntRange(0, 1 << 20),
+                       "The first this many layers always attend densely in prefill."),
+      SIEVE_ENGINE_KEY(attention.prefill.xattention.stride, IntRange(4, 16),
+                       "XAttention antidiagonal stride S (4, 8 or 16): queries and keys are scored in groups "
+                       "of S tokens (cost 1/(2S) of dense attention)."),
+      SIEVE_ENGINE_KEY(attention.prefill.xattention.threshold, NumberRange(-1, 2),
+                       "XAttention cumulative-mass threshold tau: each (head, query block) keeps "
+                       "the fewest key blocks whose estimated mass, with the forced first and "
+                       "diagonal blocks, reaches tau of the row's; above 1 keeps every block."),
+      SIEVE_ENGINE_KEY(attention.prefill.xattention.block_size, IntRange(16, 1024),
+                       "XAttention query and key block size in tokens (a multiple of the "
+                       "stride; 128 as in the paper)."),
+      SIEVE_ENGINE_KEY(attention.prefill.xattention.threshold_file, Any(),
+                       "Optional JSON file of per-(layer, head) thresholds replacing threshold "
+                       "(format in engine/attention/README.md); empty: none."),
       SIEVE_ENGINE_KEY(attention.decode.method, OneOf(engine::kDecodeAttentionMethods),
                        "Decode attention method (only dense so far; the sparse methods add "
                        "their names and settings under attention.decode)."),

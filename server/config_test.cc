@@ -51,7 +51,10 @@ const std::vector<std::string> kExpectedKeys = {
     "scheduler.enable_prefix_caching", "pools.prefill_workers",
     "pools.decode_workers",           "pools.decode_priority",
     "pools.step_timeout_s",
-    "attention.prefill.method",       "attention.decode.method",
+    "attention.prefill.method",       "attention.prefill.sparse_min_tokens",
+    "attention.prefill.dense_layers", "attention.prefill.xattention.stride",
+    "attention.prefill.xattention.threshold", "attention.prefill.xattention.block_size",
+    "attention.prefill.xattention.threshold_file", "attention.decode.method",
     "attention.kernel",               "limits.default_max_tokens",      "limits.max_stop_strings",
     "logging.level",
 };

@@ -223,6 +223,16 @@ absl::StatusOr<engine::RequestSpec> ToRequestSpec(const v1::GenerateRequest& req
                          ToStopCriteria(request.stop(), static_cast<int64_t>(spec.prompt.size()),
                                         limits));
   spec.priority = request.priority();
+  switch (request.prefill_attention()) {
+    case v1::ATTENTION_MODE_UNSPECIFIED:
+      break;
+    case v1::ATTENTION_MODE_DENSE:
+      spec.dense_prefill = true;
+      break;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat("prefill_attention: unknown mode ",
+                                                     static_cast<int>(request.prefill_attention())));
+  }
   if (request.has_request_id()) spec.client_request_id = request.request_id();
   return spec;
 }
@@ -309,7 +319,10 @@ void ToProtoModelInfo(const engine::ModelInfo& info, const engine::ModelConfig& 
   attention->set_prefill("dense");
   attention->set_decode("dense");
   for (absl::string_view part : absl::StrSplit(info.attention_policy, ' ', absl::SkipEmpty())) {
-    if (absl::ConsumePrefix(&part, "prefill=")) attention->set_prefill(std::string(part));
+    if (absl::ConsumePrefix(&part, "prefill=")) {
+      // The method's name, without its settings in parentheses.
+      attention->set_prefill(std::string(part.substr(0, part.find('('))));
+    }
     if (absl::ConsumePrefix(&part, "decode=")) attention->set_decode(std::string(part));
   }
   attention->set_description(info.attention_policy.empty()

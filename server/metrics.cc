@@ -224,6 +224,19 @@ void Metrics::RegisterEngineMetrics(const prometheus::Labels& model_label) {
     step_s_[i] = &step_s.Add(pool_label, LatencyBucketsSeconds());
     step_tokens_[i] = &step_tokens.Add(pool_label);
   }
+  prefill_density_ = &prometheus::BuildHistogram()
+                          .Name("sieve_prefill_attention_density")
+                          .Help("Fraction of causal attention work a sparse prefill step computed.")
+                          .Labels(model_label)
+                          .Register(*registry_)
+                          .Add({}, prometheus::Histogram::BucketBoundaries{
+                                       0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 0.9, 1});
+  prefill_index_s_ = &prometheus::BuildHistogram()
+                          .Name("sieve_prefill_sparse_index_seconds")
+                          .Help("Seconds a sparse prefill step spent building its sparse indices.")
+                          .Labels(model_label)
+                          .Register(*registry_)
+                          .Add({}, LatencyBucketsSeconds());
   waiting_ = gauge("sieve_waiting_requests", "Requests queued for admission.");
   waiting_tokens_ = gauge("sieve_waiting_tokens", "Prompt tokens of the queued requests.");
   kv_used_ = gauge("sieve_kv_pages_used",
@@ -341,6 +354,11 @@ void Metrics::OnStep(engine::Pool pool, double seconds, int32_t tokens) {
   if (i < 0 || i > 1) return;
   step_s_[i]->Observe(seconds);
   if (tokens > 0) step_tokens_[i]->Increment(tokens);
+}
+
+void Metrics::OnPrefillAttention(double density, double index_seconds) {
+  prefill_density_->Observe(density);
+  prefill_index_s_->Observe(index_seconds);
 }
 
 void Metrics::OnLoad(const engine::EngineLoad& load) {

@@ -37,6 +37,8 @@
 // | sieve_prefix_cache_hit_tokens_total         | counter   | model                | Prompt tokens served from the prefix cache. |
 // | sieve_step_seconds                          | histogram | model, pool          | Duration of one worker step (one batch) of the prefill or decode pool. |
 // | sieve_step_tokens_total                     | counter   | model, pool          | Tokens processed by the pool's steps (prompt tokens for prefill, one per sequence for decode). |
+// | sieve_prefill_attention_density             | histogram | model                | Per prefill step under a sparse prefill method: fraction of the causal (query, key) pairs, i.e. of the causal tiles' work, its attention computed over all layers and heads (1: all dense). Buckets 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 0.9, 1. |
+// | sieve_prefill_sparse_index_seconds          | histogram | model                | Per prefill step under a sparse prefill method: seconds spent building the sparse indices (estimators and plans, all layers). |
 //
 // Histograms expose the usual `_bucket{le=...}`, `_sum` and `_count` series. Every series whose
 // labels are known in advance (all but sieve_grpc_requests_total) is present from the start
@@ -115,6 +117,7 @@ class Metrics : public engine::EngineObserver {
   void OnPreempted() override;
   void OnDeviceLost(const absl::Status& status) override;
   void OnStep(engine::Pool pool, double seconds, int32_t tokens) override;
+  void OnPrefillAttention(double density, double index_seconds) override;
   void OnLoad(const engine::EngineLoad& load) override;
 
  private:
@@ -166,6 +169,9 @@ class Metrics : public engine::EngineObserver {
   // Worker steps.
   std::array<prometheus::Histogram*, 2> step_s_{};
   std::array<prometheus::Counter*, 2> step_tokens_{};
+  // Sparse prefill.
+  prometheus::Histogram* prefill_density_ = nullptr;
+  prometheus::Histogram* prefill_index_s_ = nullptr;
 
   mutable absl::Mutex mu_;
   // Cumulative prefix-cache totals last seen in OnLoad, to turn them into counter increments.

@@ -30,6 +30,8 @@ using Labels = std::map<std::string, std::string>;
 const std::vector<std::pair<std::string, std::string>>& DocumentedFamilies() {
   static const auto* const kFamilies = new std::vector<std::pair<std::string, std::string>>{
       {"sieve_request_queue_seconds", "histogram"},
+      {"sieve_prefill_attention_density", "histogram"},
+      {"sieve_prefill_sparse_index_seconds", "histogram"},
       {"sieve_request_prefill_seconds", "histogram"},
       {"sieve_request_time_to_first_token_seconds", "histogram"},
       {"sieve_request_inter_token_latency_seconds", "histogram"},

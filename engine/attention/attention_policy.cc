@@ -1,10 +1,10 @@
 #include "engine/attention/attention_policy.h"
 
+#include <string>
 #include <vector>
 
-#include "absl/types/span.h"
-
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 
 namespace sieve::engine {
 
@@ -13,19 +13,23 @@ absl::Status DenseAttentionPolicy::Plan(const AttentionStep&, AttentionPlan& pla
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::unique_ptr<AttentionPolicy>> MakeAttentionPolicy(std::string_view method,
-                                                                      AttentionPhase phase) {
+absl::StatusOr<std::unique_ptr<AttentionPolicy>> MakeAttentionPolicy(
+    const AttentionConfig& config, AttentionPhase phase, const AttentionModelShape& model) {
+  const bool prefill = phase == AttentionPhase::kPrefill;
+  const std::string& method = prefill ? config.prefill.method : config.decode.method;
   if (method == "dense") return std::unique_ptr<AttentionPolicy>(new DenseAttentionPolicy());
-  std::string known;
-  const auto& methods = phase == AttentionPhase::kPrefill
-                            ? absl::MakeConstSpan(kPrefillAttentionMethods)
-                            : absl::MakeConstSpan(kDecodeAttentionMethods);
-  for (std::string_view m : methods) {
-    absl::StrAppend(&known, known.empty() ? "" : ", ", std::string(m));
+  if (prefill) {
+    std::vector<std::string> errors;
+    config.prefill.Validate(errors);
+    if (!errors.empty()) return absl::InvalidArgumentError(absl::StrJoin(errors, "\n"));
   }
+  const auto& methods = prefill ? absl::MakeConstSpan(kPrefillAttentionMethods)
+                                : absl::MakeConstSpan(kDecodeAttentionMethods);
+  std::vector<std::string> known(methods.begin(), methods.end());
   return absl::InvalidArgumentError(absl::StrCat(
-      "unknown ", phase == AttentionPhase::kPrefill ? "prefill" : "decode",
-      " attention method '", std::string(method), "' (known: ", known, ")"));
+      "unknown ", prefill ? "prefill" : "decode", " attention method '", method,
+      "' (attention.", prefill ? "prefill" : "decode", ".method; known: ",
+      absl::StrJoin(known, ", "), ")"));
 }
 
 }  // namespace sieve::engine

@@ -3,10 +3,11 @@
 // (the prefill pool's workers the prefill method's, the decode pool's the decode method's), so a
 // policy needs no locking and may keep per-worker scratch.
 //
-// Methods: "dense" (every causal key; today's kernels at today's speed). The sparse prefill
-// methods (MInference vertical-slash, XAttention) and sparse decode methods (Quest,
-// DoubleSparsity) plug in here: their estimators run as backend operators on the step's stream
-// from Plan, and their plans are block-sparse-row indices beside the page table.
+// Methods: "dense" (every causal key; today's kernels at today's speed); prefill "xattention"
+// (xattention_policy.h, on SparsePrefillPolicy, sparse_prefill_policy.h, which every sparse
+// prefill method shares). Sparse decode methods (Quest, DoubleSparsity) plug in here too: their
+// estimators run as backend operators on the step's stream from Plan, and their plans are
+// block-sparse-row indices beside the page table.
 //
 // Step graphs (CUDA graphs of decode steps) replay recorded operators; a policy whose plan
 // changes between steps of one shape must make the plan part of the step's shape (the sparse
@@ -21,6 +22,8 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "engine/attention/attention_config.h"
 #include "engine/attention/attention_methods.h"
 #include "engine/backends/attention_plan.h"
 #include "engine/backends/backend.h"
@@ -40,6 +43,15 @@ struct AttentionStep {
   Backend* backend = nullptr;
   BackendStream* stream = nullptr;
   Tensor q;
+  // Per sequence of `layout`: nonzero when its request asked for dense prefill attention
+  // (GenerateRequest.prefill_attention); empty when none did.
+  absl::Span<const uint8_t> dense_prefill;
+};
+
+// The model facts a policy checks its settings against (0: unknown, not checked).
+struct AttentionModelShape {
+  int32_t num_layers = 0;
+  int32_t num_q_heads = 0;
 };
 
 class AttentionPolicy {
@@ -61,10 +73,12 @@ class DenseAttentionPolicy final : public AttentionPolicy {
   absl::Status Plan(const AttentionStep& step, AttentionPlan& plan) override;
 };
 
-// Makes the policy named `method` (one of kPrefillAttentionMethods / kDecodeAttentionMethods,
-// attention_methods.h) for `phase`. InvalidArgument naming the methods there are otherwise.
-absl::StatusOr<std::unique_ptr<AttentionPolicy>> MakeAttentionPolicy(std::string_view method,
-                                                                      AttentionPhase phase);
+// Makes the policy `config` names for `phase` (config.prefill.method, one of
+// kPrefillAttentionMethods, or config.decode.method, one of kDecodeAttentionMethods) with that
+// method's settings, checked against `model` where it is known (e.g. a threshold file's table
+// shape). InvalidArgument naming the key at fault (an unknown method lists the known ones).
+absl::StatusOr<std::unique_ptr<AttentionPolicy>> MakeAttentionPolicy(
+    const AttentionConfig& config, AttentionPhase phase, const AttentionModelShape& model = {});
 
 }  // namespace sieve::engine
 

@@ -149,10 +149,12 @@ TEST(AttentionPlanTest, ValidateNamesWhatIsWrong) {
 }
 
 TEST(AttentionPolicyTest, MakesDenseAndRefusesUnknownMethods) {
-  auto dense = MakeAttentionPolicy("dense", AttentionPhase::kPrefill);
+  AttentionConfig config;
+  auto dense = MakeAttentionPolicy(config, AttentionPhase::kPrefill);
   ASSERT_TRUE(dense.ok());
   EXPECT_EQ((*dense)->method(), "dense");
-  auto bad = MakeAttentionPolicy("fancy", AttentionPhase::kDecode);
+  config.decode.method = "fancy";
+  auto bad = MakeAttentionPolicy(config, AttentionPhase::kDecode);
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(bad.status().message(), HasSubstr("unknown decode attention method 'fancy'"));
   EXPECT_THAT(bad.status().message(), HasSubstr("known: dense"));

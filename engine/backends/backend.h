@@ -97,6 +97,13 @@ struct AttentionShape {
   int32_t head_dim = 0;
 };
 
+// What Backend::XAttentionBlockMass scores: one sequence of the step.
+struct XAttentionEstimate {
+  int32_t seq = 0;           // sequence index in the step's BatchLayout
+  int32_t stride = 16;       // antidiagonal stride S (tokens)
+  int32_t block_size = 128;  // query and key block B (tokens, a multiple of S)
+};
+
 // What Backend::MInferenceIndex estimates: one sequence of the step.
 struct MInferenceEstimate {
   int32_t seq = 0;  // sequence index in the step's BatchLayout
@@ -213,6 +220,22 @@ class Backend {
                                  const AttentionShape& shape, float scale,
                                  const AttentionPlan& plan, Tensor out) = 0;
 
+  // --- Prefill estimators (sparse prefill policies, engine/attention) -----------------------------
+  //
+  // Each scores the step's queries against layer `layer`'s cached keys (written by
+  // RopeAndCacheKv before) and returns a compact result to the host, waiting for the stream. A
+  // backend without the operator returns Unimplemented (the cuda backend, for now).
+
+  // XAttention's antidiagonal block masses (kernels/sparse/xattention.h) of sequence
+  // estimate.seq of the step, from its queries q (the step's rotated queries [num_tokens,
+  // Hq * D]) against its keys [0, kv_len): mass[(h * q_blocks + m - m0) * k_blocks + n] for query
+  // head h, absolute query block m in [m0, m0 + q_blocks) (the blocks its queries' positions
+  // fall in) and key block n < k_blocks = ceil(kv_len / block_size). Resizes `mass`.
+  virtual absl::Status XAttentionBlockMass(BackendStream& stream, int32_t layer, const Tensor& q,
+                                           const AttentionShape& shape,
+                                           const XAttentionEstimate& estimate,
+                                           std::vector<float>& mass);
+
   // MInference's index (kernels/sparse/minference.h) of sequence estimate.seq of the step: its
   // queries q (the step's rotated queries [num_tokens, Hq * D]) scored against layer `layer`'s
   // cached keys [0, kv_len) with softmax scale 1/sqrt(D); `out` gets that sequence's rows (query
@@ -313,6 +336,13 @@ class Backend {
 
 inline absl::StatusOr<int64_t> Backend::AvailableMemoryBytes() const {
   return absl::UnimplementedError("this backend cannot report its free memory");
+}
+
+inline absl::Status Backend::XAttentionBlockMass(BackendStream&, int32_t, const Tensor&,
+                                                 const AttentionShape&,
+                                                 const XAttentionEstimate&, std::vector<float>&) {
+  return absl::UnimplementedError(
+      absl::StrCat("the ", std::string(name()), " backend has no XAttention estimator"));
 }
 
 inline absl::Status Backend::MInferenceIndex(BackendStream&, int32_t, const Tensor&,

@@ -1,6 +1,7 @@
 #include "engine/runner/model_runner.h"
 
 #include <algorithm>
+#include <chrono>
 #include <climits>
 #include <cmath>
 #include <utility>
@@ -234,6 +235,7 @@ absl::StatusOr<std::vector<int32_t>> ModelWorker::BuildLayout(
   l.kv_lens.clear();
   l.page_table.clear();
   l.query_start.assign(1, 0);
+  dense_prefill_.clear();
   tokens.clear();
   std::vector<int32_t> logit_rows;
   size_t stride = 1;
@@ -269,6 +271,7 @@ absl::StatusOr<std::vector<int32_t>> ModelWorker::BuildLayout(
     }
     l.query_start.push_back(static_cast<int32_t>(tokens.size()));
     l.kv_lens.push_back(static_cast<int32_t>(total));
+    dense_prefill_.push_back(s.dense_prefill ? 1 : 0);
     l.page_table.insert(l.page_table.end(), s.pages.begin(), s.pages.end());
     l.page_table.resize(l.kv_lens.size() * stride, 0);
     if (s.want_logits) logit_rows.push_back(static_cast<int32_t>(tokens.size()) - 1);
@@ -354,9 +357,7 @@ absl::Status ModelWorker::EnqueueLayers(int64_t n, absl::Span<const int32_t> tok
     }
     SIEVE_RETURN_IF_ERROR(b.Linear(st, normed, w.qkv, w.qkv_bias, qkv));
     SIEVE_RETURN_IF_ERROR(b.RopeAndCacheKv(st, layer, qkv, r.shape_, r.rope_, q));
-    AttentionStep step{.layer = layer, .layout = &layout_, .shape = r.shape_, .backend = &b,
-                       .stream = &st, .q = q};
-    SIEVE_RETURN_IF_ERROR(policy_->Plan(step, plan_));
+    SIEVE_RETURN_IF_ERROR(PlanAttention(layer, q));
     SIEVE_RETURN_IF_ERROR(b.Attention(st, layer, q, r.shape_, scale, plan_, attn));
     SIEVE_RETURN_IF_ERROR(b.Linear(st, attn, w.o, w.o_bias, proj));
     SIEVE_RETURN_IF_ERROR(b.AddRmsNorm(st, proj, hidden, w.post_norm, eps, normed));
@@ -365,6 +366,26 @@ absl::Status ModelWorker::EnqueueLayers(int64_t n, absl::Span<const int32_t> tok
     SIEVE_RETURN_IF_ERROR(b.Linear(st, act, w.down, Tensor{}, proj));
   }
   return b.AddRmsNorm(st, proj, hidden, r.final_norm_, eps, normed);
+}
+
+absl::Status ModelWorker::PlanAttention(int32_t layer, const Tensor& q) {
+  const ModelRunner& r = runner_;
+  AttentionStep step{.layer = layer, .layout = &layout_, .shape = r.shape_, .backend = r.backend_.get(),
+                     .stream = stream_.get(), .q = q};
+  // Graph steps pad the layout past the batch's sequences; only real ones carry a flag.
+  if (dense_prefill_.size() == static_cast<size_t>(layout_.num_seqs())) {
+    step.dense_prefill = dense_prefill_;
+  }
+  if (policy_->method() == "dense") return policy_->Plan(step, plan_);
+  const auto start = std::chrono::steady_clock::now();
+  SIEVE_RETURN_IF_ERROR(policy_->Plan(step, plan_));
+  prefill_stats_.plan_seconds +=
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const int64_t dense = DensePairs(layout_, r.shape_.num_q_heads);
+  prefill_stats_.dense_pairs += dense;
+  prefill_stats_.read_pairs += plan_.dense ? dense : plan_.ReadPairs(layout_, r.shape_.num_q_heads);
+  prefill_stats_.sparse_layers += plan_.dense ? 0 : 1;
+  return absl::OkStatus();
 }
 
 absl::StatusOr<DeviceLogits> ModelWorker::RunGraph(absl::Span<const SequenceStep> batch,

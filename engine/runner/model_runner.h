@@ -63,12 +63,30 @@ struct SequenceStep {
   int32_t num_cached = 0;            // tokens already in the KV cache = position of tokens[0]
   absl::Span<const int32_t> pages;   // page ids holding positions [0, num_cached + tokens.size())
   bool want_logits = false;          // return the logits after the last new token
+  // The request asked for dense prefill attention: a sparse prefill policy attends every
+  // causal key of this sequence (AttentionStep::dense_prefill).
+  bool dense_prefill = false;
   // For ForwardSample, with want_logits: how to sample this row (borrowed; see SampleRow). The
   // engine sets them from the request's state and draws `uniform` from its SamplerRng when it
   // builds the step. Forward ignores them.
   const SamplingParams* sampling = nullptr;
   const TokenHistory* history = nullptr;
   double uniform = 0.0;
+};
+
+// What a worker's attention policy did over the steps since the last TakePrefillStats, for the
+// prefill metrics (sieve_prefill_attention_density, sieve_prefill_sparse_index_seconds). Counted
+// only for workers whose policy is not "dense".
+struct PrefillAttentionStats {
+  int64_t read_pairs = 0;     // (query, key) pairs attention read, over layers and query heads
+  int64_t dense_pairs = 0;    // the causal pairs dense attention would have read
+  double plan_seconds = 0;    // wall time in the policy's Plan (estimators, index building)
+  int32_t sparse_layers = 0;  // layer plans that were not dense
+
+  // read_pairs / dense_pairs (1 when nothing was counted).
+  double density() const {
+    return dense_pairs > 0 ? static_cast<double>(read_pairs) / dense_pairs : 1.0;
+  }
 };
 
 // RoPE settings of `config`, in the form ComputeRopeTables takes.
@@ -104,6 +122,17 @@ class ModelWorker {
   // compare the two paths on the same weights and KV cache.
   void SetStepGraphs(bool enabled) { step_graphs_ = enabled; }
 
+  // Returns and resets the attention counters of the steps run since the last call. Call it
+  // from the thread that runs the steps, or between steps (e.g. after the step's job came back).
+  PrefillAttentionStats TakePrefillStats() {
+    PrefillAttentionStats s = prefill_stats_;
+    prefill_stats_ = {};
+    return s;
+  }
+
+  // The method of this worker's attention policy ("dense", "xattention", ...).
+  std::string_view attention_method() const { return policy_->method(); }
+
  private:
   friend class ModelRunner;
   explicit ModelWorker(const ModelRunner& runner) : runner_(runner) {}
@@ -117,6 +146,9 @@ class ModelWorker {
   // Enqueues the embedding of the step's `n` tokens, every layer and the final norm (into
   // normed_).
   absl::Status EnqueueLayers(int64_t n, absl::Span<const int32_t> tokens);
+  // Has the policy plan layer `layer`'s attention of the step's queries `q` into plan_, counting
+  // prefill_stats_ for a policy that is not dense.
+  absl::Status PlanAttention(int32_t layer, const Tensor& q);
   // Runs the step's operators and leaves the logits of the want_logits sequences on the backend,
   // row i for the i-th of them (empty when none wants logits).
   absl::StatusOr<DeviceLogits> Run(absl::Span<const SequenceStep> batch);
@@ -131,6 +163,8 @@ class ModelWorker {
   std::unique_ptr<BackendStream> stream_;
   std::unique_ptr<AttentionPolicy> policy_;  // plans each layer's attention
   AttentionPlan plan_;                       // the current layer's plan, reused
+  std::vector<uint8_t> dense_prefill_;       // [num_seqs] SequenceStep::dense_prefill
+  PrefillAttentionStats prefill_stats_;
   // Activation buffers, [max_step_tokens, width] unless noted.
   Tensor hidden_, normed_, qkv_, q_, attn_, proj_, gate_up_, act_;
   Tensor last_normed_;  // [max_step_logits, hidden]

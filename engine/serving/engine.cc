@@ -70,13 +70,13 @@ absl::Status Engine::Impl::Init(const EngineConfig& config, EngineObserver* obse
   const StreamOptions stream_options[2] = {{.priority = StreamPriority::kNormal},
                                            {.priority = decode_priority}};
   // Each worker plans its attention with its own policy of its pool's method.
-  const std::string* methods[2] = {&config.attention.prefill.method,
-                                   &config.attention.decode.method};
   const AttentionPhase phases[2] = {AttentionPhase::kPrefill, AttentionPhase::kDecode};
+  const AttentionModelShape model_shape{.num_layers = static_cast<int32_t>(mc.num_hidden_layers),
+                                        .num_q_heads = static_cast<int32_t>(mc.num_attention_heads)};
   for (int pool = 0; pool < 2; ++pool) {
     for (int32_t i = 0; i < counts[pool]; ++i) {
       SIEVE_ASSIGN_OR_RETURN(std::unique_ptr<AttentionPolicy> policy,
-                             MakeAttentionPolicy(*methods[pool], phases[pool]));
+                             MakeAttentionPolicy(config.attention, phases[pool], model_shape));
       SIEVE_ASSIGN_OR_RETURN(std::unique_ptr<ModelWorker> worker,
                              runner_->CreateWorker(stream_options[pool], std::move(policy)));
       ModelWorker* raw = worker.get();

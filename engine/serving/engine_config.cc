@@ -116,10 +116,6 @@ std::string_view BackendDtype(std::string_view backend) {
   return "";
 }
 
-std::string AttentionConfig::Describe() const {
-  return absl::StrCat("prefill=", prefill.method, " decode=", decode.method);
-}
-
 absl::Status EngineConfig::Validate() const {
   std::vector<std::string> errors;
   CheckModel(model, errors);
@@ -131,8 +127,12 @@ absl::Status EngineConfig::Validate() const {
     errors.push_back(absl::StrCat("pools.step_timeout_s must be >= 0 (0: off), got ",
                                   pools.step_timeout_s));
   }
-  CheckChoice("attention.prefill.method", attention.prefill.method, kPrefillAttentionMethods,
-              errors);
+  attention.prefill.Validate(errors);
+  if (attention.prefill.method != "dense" && model.backend == "cuda") {
+    errors.push_back(absl::StrCat("attention.prefill.method ", attention.prefill.method,
+                                  " is not available on the cuda backend yet (its estimator "
+                                  "runs on cpu only); use dense"));
+  }
   CheckChoice("attention.kernel", attention.kernel, kAttentionKernels, errors);
   if (model.backend == "cpu" && attention.kernel != "auto") {
     errors.push_back(absl::StrCat("attention.kernel ", attention.kernel,

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "engine/attention/attention_config.h"
 #include "engine/attention/attention_methods.h"
 
 namespace sieve::engine {
@@ -121,38 +122,6 @@ struct PoolsConfig {
   double step_timeout_s = 300.0;
 
   bool operator==(const PoolsConfig&) const = default;
-};
-
-// Prefill attention (`attention.prefill.*`); sparse methods add their settings here.
-struct PrefillAttentionConfig {
-  // One of kPrefillAttentionMethods.
-  std::string method = "dense";
-
-  bool operator==(const PrefillAttentionConfig&) const = default;
-};
-
-// Decode attention (`attention.decode.*`); sparse methods add their settings here.
-struct DecodeAttentionConfig {
-  // One of kDecodeAttentionMethods.
-  std::string method = "dense";
-
-  bool operator==(const DecodeAttentionConfig&) const = default;
-};
-
-// The attention policy per phase (`attention.*`), from which the engine builds its attention
-// policy.
-struct AttentionConfig {
-  PrefillAttentionConfig prefill;
-  DecodeAttentionConfig decode;
-  // Which attention kernels execute the plans, one of kAttentionKernels: "auto" (the fastest
-  // kernel that applies to each step) or "simple" (cuda: the simple kernel for every step, a
-  // cross-check of the fast ones). The cpu backend has one kernel: auto only.
-  std::string kernel = "auto";
-
-  // The policy in words, as ModelInfo::attention_policy reports it: "prefill=dense decode=dense".
-  std::string Describe() const;
-
-  bool operator==(const AttentionConfig&) const = default;
 };
 
 // Everything Engine::Create needs. A default-constructed EngineConfig serves the embedded model

@@ -24,6 +24,25 @@ TEST(EngineConfigTest, DefaultsAreValid) {
   EXPECT_EQ(EngineConfig().attention.Describe(), "prefill=dense decode=dense");
 }
 
+TEST(EngineConfigTest, PrefillAttentionSettingsNameTheirKeys) {
+  EngineConfig c;
+  c.attention.prefill.method = "sparse";
+  c.attention.prefill.sparse_min_tokens = -1;
+  c.attention.prefill.dense_layers = -2;
+  c.attention.prefill.xattention.stride = 5;
+  c.attention.prefill.xattention.block_size = 12;
+  c.attention.prefill.xattention.threshold = 3;
+  const std::string p = Problems(c);
+  EXPECT_THAT(p, HasSubstr("attention.prefill.method must be one of: dense"));
+  EXPECT_THAT(p, HasSubstr("got 'sparse'"));
+  EXPECT_THAT(p, HasSubstr("attention.prefill.sparse_min_tokens must be at least 0, got -1"));
+  EXPECT_THAT(p, HasSubstr("attention.prefill.dense_layers must be at least 0, got -2"));
+  EXPECT_THAT(p, HasSubstr("attention.prefill.xattention.stride must be 4, 8 or 16, got 5"));
+  EXPECT_THAT(p, HasSubstr("attention.prefill.xattention.block_size must be in [16, 1024] and a "
+                           "multiple of attention.prefill.xattention.stride (5), got 12"));
+  EXPECT_THAT(p, HasSubstr("attention.prefill.xattention.threshold must be in [-1, 2]"));
+}
+
 TEST(EngineConfigTest, DtypeMustBeWhatTheBackendComputesIn) {
   EngineConfig c;
   c.model.dtype = "bfloat16";

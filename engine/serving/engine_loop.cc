@@ -125,6 +125,7 @@ void Engine::Impl::Dispatch(StepPlan& plan) {
       step.num_cached = item.start;
       step.pages = seq.pages.pages();
       step.want_logits = item.want_logits;
+      step.dense_prefill = active_.at(item.id)->spec.dense_prefill;
       if (item.want_logits) {
         // The worker samples this row. The request's parameters and history stay unchanged
         // until the job comes back (HandleToken is the only writer of the history); the draw is
@@ -151,6 +152,13 @@ void Engine::Impl::HandleDone(std::unique_ptr<WorkerJob> job) {
     in_flight_since_.erase(it);
   }
   if (observer_ != nullptr) observer_->OnStep(pool, job->seconds, job->batch.num_tokens);
+  if (pool == Pool::kPrefill && observer_ != nullptr) {
+    // The worker is idle until the next Run from this thread: its counters are ours to read.
+    const PrefillAttentionStats stats = model_workers_[job->batch.worker]->TakePrefillStats();
+    if (stats.dense_pairs > 0) {
+      observer_->OnPrefillAttention(stats.density(), stats.plan_seconds);
+    }
+  }
   size_t rows = 0;
   for (const WorkItem& item : job->batch.items) rows += item.want_logits ? 1 : 0;
   if (job->status.ok() && job->sampled.size() != rows) {

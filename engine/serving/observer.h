@@ -44,6 +44,11 @@ class EngineObserver {
   virtual void OnFinished(const RequestOutcome& outcome) {}
   virtual void OnPreempted() {}
   virtual void OnStep(Pool pool, double seconds, int32_t tokens) {}  // one worker step
+  // One prefill step under a sparse prefill method (attention.prefill.method not dense): the
+  // fraction of causal (query, key) pairs its attention computed over all layers and heads (1
+  // when every sequence ran dense), and the seconds spent building the sparse indices
+  // (estimators and plans).
+  virtual void OnPrefillAttention(double density, double index_seconds) {}
   virtual void OnLoad(const EngineLoad& load) {}
   // The backend reported an unrecoverable failure (IsDeviceLost): the engine fails every request
   // and accepts no more (Engine::health() returns `status` from now on). Called once.

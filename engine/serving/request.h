@@ -80,6 +80,9 @@ struct RequestSpec {
   int32_t priority = 0;                  // higher runs first; ties by arrival
   std::optional<absl::Time> deadline;    // cancelled with kCancelled when it passes
   std::string client_request_id;         // for logs only; never a metric label
+  // Prefill attention of this request: false follows attention.prefill (sparse where the
+  // method and length say so); true attends every causal key (a client asking for dense).
+  bool dense_prefill = false;
   std::shared_ptr<RequestSink> sink;     // required
 };
 

@@ -1,0 +1,57 @@
+#include "engine/attention/attention_config.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "engine/attention/attention_methods.h"
+
+namespace sieve::engine {
+
+void PrefillAttentionConfig::Validate(std::vector<std::string>& errors) const {
+  if (std::find(std::begin(kPrefillAttentionMethods), std::end(kPrefillAttentionMethods),
+                method) == std::end(kPrefillAttentionMethods)) {
+    std::vector<std::string> names(std::begin(kPrefillAttentionMethods),
+                                   std::end(kPrefillAttentionMethods));
+    errors.push_back(absl::StrCat("attention.prefill.method must be one of: ",
+                                  absl::StrJoin(names, ", "), ", got '", method, "'"));
+  }
+  if (sparse_min_tokens < 0) {
+    errors.push_back(absl::StrCat("attention.prefill.sparse_min_tokens must be at least 0, got ",
+                                  sparse_min_tokens));
+  }
+  if (dense_layers < 0) {
+    errors.push_back(
+        absl::StrCat("attention.prefill.dense_layers must be at least 0, got ", dense_layers));
+  }
+  const XAttentionConfig& x = xattention;
+  if (x.stride != 4 && x.stride != 8 && x.stride != 16) {
+    errors.push_back(absl::StrCat("attention.prefill.xattention.stride must be 4, 8 or 16, got ",
+                                  x.stride));
+  }
+  if (x.block_size < 16 || x.block_size > 1024 || (x.stride > 0 && x.block_size % x.stride != 0)) {
+    errors.push_back(absl::StrCat(
+        "attention.prefill.xattention.block_size must be in [16, 1024] and a multiple of "
+        "attention.prefill.xattention.stride (",
+        x.stride, "), got ", x.block_size));
+  }
+  if (!(x.threshold >= -1 && x.threshold <= 2)) {
+    errors.push_back(absl::StrCat(
+        "attention.prefill.xattention.threshold must be in [-1, 2] (> 1: dense), got ",
+        x.threshold));
+  }
+}
+
+std::string AttentionConfig::Describe() const {
+  std::string prefill_text = prefill.method;
+  if (prefill.method == "xattention") {
+    const XAttentionConfig& x = prefill.xattention;
+    absl::StrAppend(&prefill_text, "(stride=", x.stride, ",threshold=",
+                    x.threshold_file.empty() ? absl::StrCat(x.threshold) : "file", ",block=",
+                    x.block_size, ",min_tokens=", prefill.sparse_min_tokens,
+                    ",dense_layers=", prefill.dense_layers, ")");
+  }
+  return absl::StrCat("prefill=", prefill_text, " decode=", decode.method);
+}
+
+}  // namespace sieve::engine

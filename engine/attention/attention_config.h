@@ -1,0 +1,78 @@
+// AttentionConfig: the attention settings of both pools (`attention.*` keys; EngineConfig holds
+// one, and the daemon's key table binds the keys to these members), and what the attention
+// policies are made from (MakeAttentionPolicy, attention_policy.h). It lives here, below the
+// serving room, so that the policies can take their own settings.
+//
+// Thread-safety: plain values.
+#ifndef SIEVE_ENGINE_ATTENTION_ATTENTION_CONFIG_H_
+#define SIEVE_ENGINE_ATTENTION_ATTENTION_CONFIG_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace sieve::engine {
+
+// XAttention settings (`attention.prefill.xattention.*`); ../shared SPARSE_ATTENTION.md section 2.
+struct XAttentionConfig {
+  // Antidiagonal stride S: queries and keys are scored in groups of S tokens (4, 8 or 16).
+  int32_t stride = 16;
+  // Cumulative block-mass threshold tau: each (head, query block) keeps the fewest key blocks
+  // whose estimated mass, with the forced first and diagonal blocks, reaches tau of the row's.
+  // > 1 keeps every causal block (dense); <= 0 only the forced ones.
+  double threshold = 0.9;
+  // Query and key block size B in tokens (a multiple of stride); the reference uses 128.
+  int32_t block_size = 128;
+  // Optional per-(layer, head) thresholds replacing `threshold` (engine/attention/README.md
+  // gives the format); empty: `threshold` everywhere.
+  std::string threshold_file;
+
+  bool operator==(const XAttentionConfig&) const = default;
+};
+
+// Prefill attention (`attention.prefill.*`).
+struct PrefillAttentionConfig {
+  // One of kPrefillAttentionMethods (attention_methods.h).
+  std::string method = "dense";
+  // A sequence's prefill chunk runs sparse only when its KV length (cached + new tokens) is
+  // above this many tokens; shorter ones attend densely (sparse would not pay). Tokens.
+  int32_t sparse_min_tokens = 8192;
+  // The first this many layers always attend densely.
+  int32_t dense_layers = 0;
+  XAttentionConfig xattention;
+
+  // Appends one line per invalid setting, naming its key, to `errors`.
+  void Validate(std::vector<std::string>& errors) const;
+
+  bool operator==(const PrefillAttentionConfig&) const = default;
+};
+
+// Decode attention (`attention.decode.*`); sparse methods add their settings here.
+struct DecodeAttentionConfig {
+  // One of kDecodeAttentionMethods.
+  std::string method = "dense";
+
+  bool operator==(const DecodeAttentionConfig&) const = default;
+};
+
+// The attention policy per phase (`attention.*`), from which the engine builds its attention
+// policies.
+struct AttentionConfig {
+  PrefillAttentionConfig prefill;
+  DecodeAttentionConfig decode;
+  // Which attention kernels execute the plans, one of kAttentionKernels (engine_config.h):
+  // "auto" (the fastest kernel that applies to each step) or "simple" (cuda: the simple kernel
+  // for every step, a cross-check of the fast ones). The cpu backend has one kernel: auto only.
+  std::string kernel = "auto";
+
+  // The policy in words, as ModelInfo::attention_policy reports it: "prefill=dense
+  // decode=dense", with a sparse method's settings after its name in parentheses, e.g.
+  // "prefill=xattention(stride=16,threshold=0.9,block=128,min_tokens=8192,dense_layers=0)".
+  std::string Describe() const;
+
+  bool operator==(const AttentionConfig&) const = default;
+};
+
+}  // namespace sieve::engine
+
+#endif  // SIEVE_ENGINE_ATTENTION_ATTENTION_CONFIG_H_
