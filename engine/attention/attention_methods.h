@@ -9,7 +9,7 @@
 namespace sieve::engine {
 
 // attention.prefill.method
-inline constexpr std::string_view kPrefillAttentionMethods[] = {"dense"};
+inline constexpr std::string_view kPrefillAttentionMethods[] = {"dense", "minference"};
 // attention.decode.method
 inline constexpr std::string_view kDecodeAttentionMethods[] = {"dense"};
 

@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "engine/attention/minference_policy.h"
 
 namespace sieve::engine {
 
@@ -22,6 +23,7 @@ absl::StatusOr<std::unique_ptr<AttentionPolicy>> MakeAttentionPolicy(
     std::vector<std::string> errors;
     config.prefill.Validate(errors);
     if (!errors.empty()) return absl::InvalidArgumentError(absl::StrJoin(errors, "\n"));
+    if (method == "minference") return MakeMInferencePolicy(config.prefill, model);
   }
   const auto& methods = prefill ? absl::MakeConstSpan(kPrefillAttentionMethods)
                                 : absl::MakeConstSpan(kDecodeAttentionMethods);

@@ -99,7 +99,7 @@ TEST(EngineConfigTest, ChecksChoicesRangesAndCrossFieldRules) {
   c.scheduler.prefill_chunk_tokens = 4096;
   c.kv_cache.page_size_tokens = 24;
   const std::string p = Problems(c);
-  EXPECT_THAT(p, HasSubstr("attention.prefill.method must be one of: dense, got 'xattention'"));
+  EXPECT_THAT(p, HasSubstr("attention.prefill.method must be one of: dense, minference, got 'xattention'"));
   EXPECT_THAT(p, HasSubstr("attention.decode.method must be one of: dense, got 'quest'"));
   EXPECT_THAT(p, HasSubstr("pools.decode_priority must be one of: high, normal, got 'urgent'"));
   EXPECT_THAT(p, HasSubstr("pools.decode_workers must be at least 1, got 0"));
