@@ -204,7 +204,7 @@ TEST(ConfigTest, BadValuesNameKeyLineAndValue) {
                                        "'maybe'"},
       {"model:\n  backend: tpu\n", "model.backend must be one of: cpu, cuda, got 'tpu'"},
       {"attention:\n  prefill:\n    method: quest\n",
-       "x.yaml:3: attention.prefill.method must be one of: dense, minference, got 'quest'"},
+       "x.yaml:3: attention.prefill.method must be one of: dense, minference, xattention, got 'quest'"},
       {"attention:\n  decode:\n    method: double_sparsity\n",
        "attention.decode.method must be one of: dense"},
       {"attention:\n  kernel: fastest\n", "attention.kernel must be one of: auto, simple"},

@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "engine/attention/minference_policy.h"
+#include "engine/attention/xattention_policy.h"
 
 namespace sieve::engine {
 
@@ -24,6 +25,7 @@ absl::StatusOr<std::unique_ptr<AttentionPolicy>> MakeAttentionPolicy(
     config.prefill.Validate(errors);
     if (!errors.empty()) return absl::InvalidArgumentError(absl::StrJoin(errors, "\n"));
     if (method == "minference") return MakeMInferencePolicy(config.prefill, model);
+    if (method == "xattention") return MakeXAttentionPolicy(config.prefill, model);
   }
   const auto& methods = prefill ? absl::MakeConstSpan(kPrefillAttentionMethods)
                                 : absl::MakeConstSpan(kDecodeAttentionMethods);

@@ -10,6 +10,7 @@
 #include "kernels/attention/paged_attention.h"
 #include "kernels/attention/paged_attention_cpu.h"
 #include "kernels/cpu/ops.h"
+#include "kernels/sparse/xattention.h"
 
 namespace sieve::engine {
 namespace {
@@ -250,6 +251,41 @@ absl::Status CpuBackend::MInferenceIndex(BackendStream& stream, int32_t layer, c
   o.last_q = e.last_q;
   o.num_threads = num_threads_;
   kernels::minference::BuildPlan(p, e.patterns.data(), o, &out);
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::XAttentionBlockMass(BackendStream& stream, int32_t layer,
+                                             const Tensor& q, const AttentionShape& s,
+                                             const XAttentionEstimate& e,
+                                             std::vector<float>& mass) {
+  SIEVE_ASSIGN_OR_RETURN(const BatchLayout* layout, LayoutOf(stream));
+  if (e.seq < 0 || e.seq >= layout->num_seqs() || e.stride <= 0 || e.block_size <= 0 ||
+      e.block_size % e.stride != 0 || layer < 0 || layer >= static_cast<int32_t>(k_cache_.size())) {
+    return absl::InternalError(absl::StrCat("cpu backend: bad XAttention estimate (sequence ",
+                                            e.seq, ", stride ", e.stride, ", block ",
+                                            e.block_size, ", layer ", layer, ")"));
+  }
+  SIEVE_RETURN_IF_ERROR(
+      CheckShape(q, layout->num_tokens(), int64_t{s.num_q_heads} * s.head_dim, "queries"));
+  kernels::XAttentionParams p;
+  p.q = F(q) + int64_t{layout->query_start[e.seq]} * q.cols;
+  p.q_row_stride = q.cols;
+  p.k_cache = k_cache_[layer].data();
+  p.page_table = layout->page_table.data() + int64_t{e.seq} * layout->page_table_stride;
+  p.page_size = page_size_;
+  p.num_q_heads = s.num_q_heads;
+  p.num_kv_heads = s.num_kv_heads;
+  p.head_dim = s.head_dim;
+  p.q_len = layout->query_start[e.seq + 1] - layout->query_start[e.seq];
+  p.kv_len = layout->kv_lens[e.seq];
+  p.stride = e.stride;
+  p.block_size = e.block_size;
+  if (p.q_len < 1 || p.kv_len < p.q_len) {
+    return absl::InternalError("cpu backend: XAttention needs 1 <= q_len <= kv_len");
+  }
+  mass.resize(static_cast<size_t>(int64_t{p.num_q_heads} * kernels::XAttentionQueryBlocks(p) *
+                                  kernels::XAttentionKeyBlocks(p)));
+  kernels::XAttentionBlockMassCpu(p, mass.data(), num_threads_);
   return absl::OkStatus();
 }
 

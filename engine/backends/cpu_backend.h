@@ -48,6 +48,10 @@ class CpuBackend final : public Backend {
   absl::Status MInferenceIndex(BackendStream& stream, int32_t layer, const Tensor& q,
                                const AttentionShape& shape, const MInferenceEstimate& estimate,
                                kernels::minference::MInferencePlan& out) override;
+  // kernels::XAttentionBlockMassCpu over the layer's paged keys (fp32, threaded).
+  absl::Status XAttentionBlockMass(BackendStream& stream, int32_t layer, const Tensor& q,
+                                   const AttentionShape& shape, const XAttentionEstimate& estimate,
+                                   std::vector<float>& mass) override;
   absl::Status SiluMul(BackendStream& stream, const Tensor& gate_up, Tensor out) override;
   absl::Status GatherRows(BackendStream& stream, const Tensor& x, absl::Span<const int32_t> rows, Tensor out) override;
   absl::Status CopyToHost(BackendStream& stream, const Tensor& x, absl::Span<float> out) override;
