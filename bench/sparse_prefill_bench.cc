@@ -5,6 +5,9 @@
 //     threshold selection and index building, then the same kernel on the block-sparse index;
 //     the time includes all three; density = computed (query, key) pairs / causal pairs; the
 //     output's error against dense (RMS of the difference / RMS of dense) beside it;
+//   - minference vertical-slash (1000, 6096) and (100, 800) on every head: the index building
+//     (kernels::minference::BuildPlan: last-64-query estimate, selection, 64x64 tiles plus
+//     columns), then the same kernel on its index; timed and reported like xattention;
 //   - the block-sparse kernel at fixed densities (1, 5, 10, 25% of causal 128x128 tiles: the
 //     diagonal tile plus random others), its achieved GFLOP/s (4 * d flops per computed pair)
 //     against the dense kernel's in the same run.
@@ -27,6 +30,7 @@
 #include "bench/structured_attention.h"
 #include "kernels/attention/paged_attention.h"
 #include "kernels/attention/paged_attention_cpu.h"
+#include "kernels/sparse/minference.h"
 #include "kernels/sparse/xattention.h"
 
 namespace sieve {
@@ -293,6 +297,34 @@ int main(int argc, char** argv) {
                   "%.2e |\n",
                   n, stride, s, c, dense_s / s, dense_cpu / c, x.Pairs(n) / l.DensePairs(),
                   Median(index_t), RelError(l.out, dense_out));
+      std::fflush(stdout);
+    }
+    for (const auto [vs, ss] : {std::pair{1000, 6096}, std::pair{100, 800}}) {
+      const std::vector<kernels::minference::HeadPattern> pats(
+          kHq, kernels::minference::HeadPattern{kernels::minference::Pattern::kVerticalSlash, vs, ss});
+      kernels::minference::Options o;
+      o.num_threads = threads;
+      kernels::minference::MInferencePlan plan;
+      std::vector<double> total, index_t, cpu;
+      for (int r = 0; r < reps; ++r) {
+        const double t0 = Now(), c0 = CpuNow();
+        kernels::minference::BuildPlan(l.p, pats.data(), o, &plan);
+        const SparseAttentionIndex view = plan.View();
+        PagedAttentionParams<float> p = l.p;
+        p.sparse = &view;
+        const double t1 = Now();
+        kernels::PagedAttentionCpu(p, threads);
+        const double t2 = Now();
+        cpu.push_back(CpuNow() - c0);
+        total.push_back(t2 - t0);
+        index_t.push_back(t1 - t0);
+      }
+      const double s = Median(total), c = Median(cpu);
+      std::printf("| %d | minference VS (%d, %d) | %.3f | %.3f | %.2f | %.2f | %.3f | %.3f | "
+                  "%.2e |\n",
+                  n, vs, ss, s, c, dense_s / s, dense_cpu / c,
+                  kernels::minference::PlanPairs(l.p, plan) / l.DensePairs(), Median(index_t),
+                  RelError(l.out, dense_out));
       std::fflush(stdout);
     }
     if (!fixed || n != fixed_tokens) continue;

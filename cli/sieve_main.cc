@@ -4,6 +4,8 @@
 //   sieve generate --model DIR [options] PROMPT       generate in-process from a checkpoint
 //   sieve generate --config FILE [options] PROMPT     ... configured as sieved (--set KEY=VALUE)
 //   sieve health | tokenize | models                  ask a running sieved
+//   sieve calibrate --method minference --model DIR --text FILE --output FILE
+//                                                     offline sparse-attention pattern search
 //
 // Text streams to stdout as it is generated; per-phase timings go to stderr at the end. In a
 // build without gRPC (-DSIEVE_BUILD_SERVER=OFF) only the in-process mode exists.
@@ -11,6 +13,7 @@
 #include <string>
 #include <string_view>
 
+#include "cli/calibrate.h"
 #include "cli/local.h"
 #include "cli/options.h"
 #ifdef SIEVE_CLI_WITH_GRPC
@@ -29,6 +32,9 @@ commands:
   health                  print the server's health: SERVING or NOT_SERVING
   tokenize TEXT           print the token ids of TEXT
   models                  list the served models
+  calibrate               offline sparse-attention calibration in-process: --method
+                          minference --model DIR --text FILE --output FILE writes the per-head
+                          MInference pattern file
 
 `sieve COMMAND --help` describes a command's options.
 )";
@@ -104,6 +110,7 @@ int Main(int argc, char** argv) {
     return command.empty() ? 2 : 0;
   }
   if (command == "generate") return Generate(argc - 2, argv + 2);
+  if (command == "calibrate") return RunCalibrate(argc - 2, argv + 2);
 #ifdef SIEVE_CLI_WITH_GRPC
   if (command == "health") return RunHealth(argc - 2, argv + 2);
   if (command == "tokenize") return RunTokenize(argc - 2, argv + 2);

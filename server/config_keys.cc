@@ -164,9 +164,10 @@ const std::vector<KeySpec>& Keys() {
                        "and exits for its supervisor to restart it. 0 turns it off."),
 
       SIEVE_ENGINE_KEY(attention.prefill.method, OneOf(engine::kPrefillAttentionMethods),
-                       "Prefill attention method: dense (every causal key) or xattention "
-                       "(antidiagonal block scoring, then block-sparse attention; cpu backend "
-                       "only for now). A request may ask for dense (GenerateRequest."
+                       "Prefill attention method: dense (every causal key), minference "
+                       "(per-head vertical-slash / A-shape / block-sparse indices from the last "
+                       "queries) or xattention (antidiagonal block scoring, then block-sparse "
+                       "attention); sparse methods run on the cpu backend only for now. A request may ask for dense (GenerateRequest."
                        "prefill_attention)."),
       SIEVE_ENGINE_KEY(attention.prefill.sparse_min_tokens, IntRange(0, 1 << 30),
                        "A prefill chunk runs sparse only when its sequence's KV length (cached "
@@ -186,6 +187,20 @@ const std::vector<KeySpec>& Keys() {
       SIEVE_ENGINE_KEY(attention.prefill.xattention.threshold_file, Any(),
                        "Optional JSON file of per-(layer, head) thresholds replacing threshold "
                        "(format in engine/attention/README.md); empty: none."),
+      SIEVE_ENGINE_KEY(attention.prefill.minference.pattern_file, Any(),
+                       "Optional MInference per-(layer, head) pattern file, as `sieve calibrate "
+                       "--method minference` writes it (format in engine/attention/"
+                       "minference_patterns.h); empty: every head vertical-slash with "
+                       "vertical_size and slash_size."),
+      SIEVE_ENGINE_KEY(attention.prefill.minference.vertical_size, IntRange(1, 1 << 30),
+                       "MInference vertical-slash key columns kept per head (at least 30; the "
+                       "first 30 always)."),
+      SIEVE_ENGINE_KEY(attention.prefill.minference.slash_size, IntRange(1, 1 << 30),
+                       "MInference vertical-slash diagonals kept per head (at least 50; the 100 "
+                       "most local always), as 64-key tiles."),
+      SIEVE_ENGINE_KEY(attention.prefill.minference.last_q, IntRange(1, 4096),
+                       "MInference: the last this many queries of each prefill chunk estimate "
+                       "the vertical-slash indices against all of the sequence's keys."),
       SIEVE_ENGINE_KEY(attention.decode.method, OneOf(engine::kDecodeAttentionMethods),
                        "Decode attention method (only dense so far; the sparse methods add "
                        "their names and settings under attention.decode)."),

@@ -40,6 +40,19 @@ void PrefillAttentionConfig::Validate(std::vector<std::string>& errors) const {
         "attention.prefill.xattention.threshold must be in [-1, 2] (> 1: dense), got ",
         x.threshold));
   }
+  const MInferenceConfig& m = minference;
+  if (m.vertical_size < 1 || m.vertical_size > (1 << 30)) {
+    errors.push_back(absl::StrCat(
+        "attention.prefill.minference.vertical_size must be in [1, 2^30], got ", m.vertical_size));
+  }
+  if (m.slash_size < 1 || m.slash_size > (1 << 30)) {
+    errors.push_back(absl::StrCat(
+        "attention.prefill.minference.slash_size must be in [1, 2^30], got ", m.slash_size));
+  }
+  if (m.last_q < 1 || m.last_q > 4096) {
+    errors.push_back(
+        absl::StrCat("attention.prefill.minference.last_q must be in [1, 4096], got ", m.last_q));
+  }
 }
 
 std::string AttentionConfig::Describe() const {
@@ -49,6 +62,13 @@ std::string AttentionConfig::Describe() const {
     absl::StrAppend(&prefill_text, "(stride=", x.stride, ",threshold=",
                     x.threshold_file.empty() ? absl::StrCat(x.threshold) : "file", ",block=",
                     x.block_size, ",min_tokens=", prefill.sparse_min_tokens,
+                    ",dense_layers=", prefill.dense_layers, ")");
+  }
+  if (prefill.method == "minference") {
+    const MInferenceConfig& m = prefill.minference;
+    absl::StrAppend(&prefill_text, "(vertical=", m.vertical_size, ",slash=", m.slash_size,
+                    ",last_q=", m.last_q, ",patterns=", m.pattern_file.empty() ? "none" : "file",
+                    ",min_tokens=", prefill.sparse_min_tokens,
                     ",dense_layers=", prefill.dense_layers, ")");
   }
   return absl::StrCat("prefill=", prefill_text, " decode=", decode.method);

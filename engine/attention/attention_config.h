@@ -30,6 +30,22 @@ struct XAttentionConfig {
   bool operator==(const XAttentionConfig&) const = default;
 };
 
+// MInference settings (`attention.prefill.minference.*`); ../shared SPARSE_ATTENTION.md section 1.
+struct MInferenceConfig {
+  // Optional per-(layer, head) pattern file (minference_patterns.h gives the format; `sieve
+  // calibrate --method minference` writes one); empty: every head vertical-slash with the sizes
+  // below. Heads the file omits use them too.
+  std::string pattern_file;
+  // Vertical-slash budgets: key columns and diagonals kept per head (at least 30 and 50 are
+  // kept whatever is set; the first 30 columns and 100 diagonals always).
+  int32_t vertical_size = 1000;
+  int32_t slash_size = 6096;
+  // Queries (the last of each chunk) the vertical-slash estimate scores against the keys.
+  int32_t last_q = 64;
+
+  bool operator==(const MInferenceConfig&) const = default;
+};
+
 // Prefill attention (`attention.prefill.*`).
 struct PrefillAttentionConfig {
   // One of kPrefillAttentionMethods (attention_methods.h).
@@ -40,6 +56,7 @@ struct PrefillAttentionConfig {
   // The first this many layers always attend densely.
   int32_t dense_layers = 0;
   XAttentionConfig xattention;
+  MInferenceConfig minference;
 
   // Appends one line per invalid setting, naming its key, to `errors`.
   void Validate(std::vector<std::string>& errors) const;

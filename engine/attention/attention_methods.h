@@ -9,7 +9,8 @@
 namespace sieve::engine {
 
 // attention.prefill.method
-inline constexpr std::string_view kPrefillAttentionMethods[] = {"dense", "xattention"};
+inline constexpr std::string_view kPrefillAttentionMethods[] = {"dense", "minference",
+                                                             "xattention"};
 // attention.decode.method
 inline constexpr std::string_view kDecodeAttentionMethods[] = {"dense"};
 

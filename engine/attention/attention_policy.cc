@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "engine/attention/minference_policy.h"
 #include "engine/attention/xattention_policy.h"
 
 namespace sieve::engine {
@@ -23,6 +24,7 @@ absl::StatusOr<std::unique_ptr<AttentionPolicy>> MakeAttentionPolicy(
     std::vector<std::string> errors;
     config.prefill.Validate(errors);
     if (!errors.empty()) return absl::InvalidArgumentError(absl::StrJoin(errors, "\n"));
+    if (method == "minference") return MakeMInferencePolicy(config.prefill, model);
     if (method == "xattention") return MakeXAttentionPolicy(config.prefill, model);
   }
   const auto& methods = prefill ? absl::MakeConstSpan(kPrefillAttentionMethods)

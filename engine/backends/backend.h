@@ -36,6 +36,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "engine/backends/attention_plan.h"
+#include "kernels/sparse/minference.h"
 #include "engine/model/rope.h"
 #include "engine/model/safetensors.h"
 #include "engine/sampling/sampling.h"
@@ -101,6 +102,14 @@ struct XAttentionEstimate {
   int32_t seq = 0;           // sequence index in the step's BatchLayout
   int32_t stride = 16;       // antidiagonal stride S (tokens)
   int32_t block_size = 128;  // query and key block B (tokens, a multiple of S)
+};
+
+// What Backend::MInferenceIndex estimates: one sequence of the step.
+struct MInferenceEstimate {
+  int32_t seq = 0;  // sequence index in the step's BatchLayout
+  // One pattern per query head (kernels/sparse/minference.h); borrowed for the call.
+  absl::Span<const kernels::minference::HeadPattern> patterns;
+  int32_t last_q = kernels::minference::kDefaultLastQ;  // queries the VS estimate uses
 };
 
 // How a graph step runs (see Backend::BeginGraphStep).
@@ -247,6 +256,16 @@ class Backend {
                                            const XAttentionEstimate& estimate,
                                            std::vector<float>& mass);
 
+  // MInference's index (kernels/sparse/minference.h) of sequence estimate.seq of the step: its
+  // queries q (the step's rotated queries [num_tokens, Hq * D]) scored against layer `layer`'s
+  // cached keys [0, kv_len) with softmax scale 1/sqrt(D); `out` gets that sequence's rows (query
+  // blocks and key blocks of 64; out.query_block_start = {0, blocks}). Waits for the stream.
+  // Unimplemented on a backend without the estimator.
+  virtual absl::Status MInferenceIndex(BackendStream& stream, int32_t layer, const Tensor& q,
+                                       const AttentionShape& shape,
+                                       const MInferenceEstimate& estimate,
+                                       kernels::minference::MInferencePlan& out);
+
   // out = silu(gate_up[:, :I]) * gate_up[:, I:], gate_up [num_tokens, 2I], out [num_tokens, I].
   virtual absl::Status SiluMul(BackendStream& stream, const Tensor& gate_up, Tensor out) = 0;
 
@@ -352,6 +371,13 @@ inline absl::Status Backend::XAttentionBlockMass(BackendStream&, int32_t, const 
                                                  const XAttentionEstimate&, std::vector<float>&) {
   return absl::UnimplementedError(
       absl::StrCat("the ", std::string(name()), " backend has no XAttention estimator"));
+}
+
+inline absl::Status Backend::MInferenceIndex(BackendStream&, int32_t, const Tensor&,
+                                             const AttentionShape&, const MInferenceEstimate&,
+                                             kernels::minference::MInferencePlan&) {
+  return absl::UnimplementedError(
+      absl::StrCat("the ", std::string(name()), " backend has no MInference estimator"));
 }
 
 inline absl::StatusOr<StepGraphMode> Backend::BeginGraphStep(BackendStream&, const BatchLayout&,

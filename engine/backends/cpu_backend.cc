@@ -1,6 +1,7 @@
 #include "engine/backends/cpu_backend.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -259,6 +260,45 @@ absl::Status CpuBackend::Attention(BackendStream& stream, int32_t layer, const T
   p.scale = scale;
   p.sparse = plan.dense ? nullptr : &index;
   kernels::PagedAttentionCpu(p, num_threads_);
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::MInferenceIndex(BackendStream& stream, int32_t layer, const Tensor& q,
+                                         const AttentionShape& s, const MInferenceEstimate& e,
+                                         kernels::minference::MInferencePlan& out) {
+  SIEVE_ASSIGN_OR_RETURN(const BatchLayout* layout, LayoutOf(stream));
+  if (e.seq < 0 || e.seq >= layout->num_seqs() || layer < 0 ||
+      layer >= static_cast<int32_t>(k_cache_.size()) ||
+      static_cast<int32_t>(e.patterns.size()) != s.num_q_heads) {
+    return absl::InternalError(absl::StrCat("cpu backend: bad MInference estimate (sequence ",
+                                            e.seq, ", layer ", layer, ", ", e.patterns.size(),
+                                            " patterns for ", s.num_q_heads, " heads)"));
+  }
+  SIEVE_RETURN_IF_ERROR(
+      CheckShape(q, layout->num_tokens(), int64_t{s.num_q_heads} * s.head_dim, "queries"));
+  const int32_t q_len = layout->query_start[e.seq + 1] - layout->query_start[e.seq];
+  const int32_t kv_len = layout->kv_lens[e.seq];
+  if (q_len < 1 || kv_len < q_len) {
+    return absl::InternalError("cpu backend: MInference needs 1 <= q_len <= kv_len");
+  }
+  const int32_t query_start[2] = {0, q_len};
+  kernels::PagedAttentionParams<float> p;
+  p.q = F(q) + int64_t{layout->query_start[e.seq]} * q.cols;
+  p.k_cache = k_cache_[layer].data();
+  p.page_table = layout->page_table.data() + int64_t{e.seq} * layout->page_table_stride;
+  p.page_table_stride = layout->page_table_stride;
+  p.kv_lens = &kv_len;
+  p.query_start = query_start;
+  p.num_seqs = 1;
+  p.num_q_heads = s.num_q_heads;
+  p.num_kv_heads = s.num_kv_heads;
+  p.head_dim = s.head_dim;
+  p.page_size = page_size_;
+  p.scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
+  kernels::minference::Options o;
+  o.last_q = e.last_q;
+  o.num_threads = num_threads_;
+  kernels::minference::BuildPlan(p, e.patterns.data(), o, &out);
   return absl::OkStatus();
 }
 

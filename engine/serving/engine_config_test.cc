@@ -33,7 +33,7 @@ TEST(EngineConfigTest, PrefillAttentionSettingsNameTheirKeys) {
   c.attention.prefill.xattention.block_size = 12;
   c.attention.prefill.xattention.threshold = 3;
   const std::string p = Problems(c);
-  EXPECT_THAT(p, HasSubstr("attention.prefill.method must be one of: dense, xattention"));
+  EXPECT_THAT(p, HasSubstr("attention.prefill.method must be one of: dense, minference, xattention"));
   EXPECT_THAT(p, HasSubstr("got 'sparse'"));
   EXPECT_THAT(p, HasSubstr("attention.prefill.sparse_min_tokens must be at least 0, got -1"));
   EXPECT_THAT(p, HasSubstr("attention.prefill.dense_layers must be at least 0, got -2"));
@@ -92,14 +92,14 @@ TEST(EngineConfigTest, AttentionKernelReachesTheRunnerAndIsAutoOnlyOnCpu) {
 
 TEST(EngineConfigTest, ChecksChoicesRangesAndCrossFieldRules) {
   EngineConfig c;
-  c.attention.prefill.method = "minference";
+  c.attention.prefill.method = "flexprefill";
   c.attention.decode.method = "quest";
   c.pools.decode_priority = "urgent";
   c.pools.decode_workers = 0;
   c.scheduler.prefill_chunk_tokens = 4096;
   c.kv_cache.page_size_tokens = 24;
   const std::string p = Problems(c);
-  EXPECT_THAT(p, HasSubstr("attention.prefill.method must be one of: dense, xattention, got 'minference'"));
+  EXPECT_THAT(p, HasSubstr("attention.prefill.method must be one of: dense, minference, xattention, got 'flexprefill'"));
   EXPECT_THAT(p, HasSubstr("attention.decode.method must be one of: dense, got 'quest'"));
   EXPECT_THAT(p, HasSubstr("pools.decode_priority must be one of: high, normal, got 'urgent'"));
   EXPECT_THAT(p, HasSubstr("pools.decode_workers must be at least 1, got 0"));
