@@ -11,6 +11,7 @@
 #include <string>
 #include <string_view>
 
+#include "cli/calibrate_double_sparsity.h"
 #include "cli/local.h"
 #include "cli/options.h"
 #ifdef SIEVE_CLI_WITH_GRPC
@@ -23,6 +24,7 @@ namespace {
 constexpr char kUsage[] = R"(usage: sieve COMMAND [options]
 
 commands:
+  calibrate --method M    calibrate a sparse attention method on a model (double-sparsity)
   generate PROMPT         stream a completion from the server at --target (default
                           localhost:50051); with --model DIR or --config FILE, generate
                           in-process instead
@@ -97,6 +99,21 @@ int Generate(int argc, char** argv) {
 #endif
 }
 
+// `sieve calibrate --method M ...`: each method's command has its own file.
+int Calibrate(int argc, char** argv) {
+  for (int i = 0; i + 1 < argc; ++i) {
+    if (std::string_view(argv[i]) == "--method") {
+      const std::string_view method = argv[i + 1];
+      if (method == "double-sparsity") return RunCalibrateDoubleSparsity(argc, argv);
+      std::cerr << "sieve calibrate: unknown --method '" << method << "' (double-sparsity)\n";
+      return 2;
+    }
+  }
+  std::cerr << "sieve calibrate: --method is required (double-sparsity)\n"
+            << kCalibrateDoubleSparsityUsage;
+  return 2;
+}
+
 int Main(int argc, char** argv) {
   const std::string_view command = argc >= 2 ? argv[1] : "";
   if (command.empty() || command == "--help" || command == "-h" || command == "help") {
@@ -104,6 +121,7 @@ int Main(int argc, char** argv) {
     return command.empty() ? 2 : 0;
   }
   if (command == "generate") return Generate(argc - 2, argv + 2);
+  if (command == "calibrate") return Calibrate(argc - 2, argv + 2);
 #ifdef SIEVE_CLI_WITH_GRPC
   if (command == "health") return RunHealth(argc - 2, argv + 2);
   if (command == "tokenize") return RunTokenize(argc - 2, argv + 2);

@@ -40,6 +40,10 @@ struct AttentionStep {
   Backend* backend = nullptr;
   BackendStream* stream = nullptr;
   Tensor q;
+  // The step's q, k and v projections before RoPE [num_tokens, (num_q_heads + 2 num_kv_heads) *
+  // head_dim] on `backend` (what RopeAndCacheKv read), for policies and calibration that look at
+  // the keys of the step's new tokens.
+  Tensor qkv;
 };
 
 class AttentionPolicy {

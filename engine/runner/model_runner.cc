@@ -355,7 +355,7 @@ absl::Status ModelWorker::EnqueueLayers(int64_t n, absl::Span<const int32_t> tok
     SIEVE_RETURN_IF_ERROR(b.Linear(st, normed, w.qkv, w.qkv_bias, qkv));
     SIEVE_RETURN_IF_ERROR(b.RopeAndCacheKv(st, layer, qkv, r.shape_, r.rope_, q));
     AttentionStep step{.layer = layer, .layout = &layout_, .shape = r.shape_, .backend = &b,
-                       .stream = &st, .q = q};
+                       .stream = &st, .q = q, .qkv = qkv};
     SIEVE_RETURN_IF_ERROR(policy_->Plan(step, plan_));
     SIEVE_RETURN_IF_ERROR(b.Attention(st, layer, q, r.shape_, scale, plan_, attn));
     SIEVE_RETURN_IF_ERROR(b.Linear(st, attn, w.o, w.o_bias, proj));
