@@ -111,6 +111,17 @@ struct DsSelectParams {
   int32_t token_budget = 0;             // k (>= 1): tokens per selection head; L <= k reads all
 };
 
+// One thread's buffers of DsSelectCpu, kept in DsSelection so that repeated calls neither
+// allocate nor fault pages in.
+struct DsThreadScratch {
+  std::vector<float> scores;    // [pages * page_size + lanes] one selection head's scores
+  std::vector<float> qsel;      // [channels] the query channels of a label head
+  std::vector<float> samples;   // sampled scores that place the threshold
+  std::vector<int32_t> cand;    // candidate positions, increasing
+  std::vector<float> cand_val;  // their scores
+  std::vector<float> work;      // a copy of cand_val for nth_element
+};
+
 // The selected tokens as the arrays of a decode SparseAttentionIndex: query_block 1, key_block
 // page_size, no key blocks, one row per (sequence, query head) (row = seq * num_q_heads + head)
 // listing min(k, L) increasing positions in [0, L). Reused across calls (capacity kept).
@@ -119,6 +130,7 @@ struct DsSelection {
   std::vector<int32_t> row_start;          // [rows + 1] all zero
   std::vector<int32_t> column_start;       // [rows + 1]
   std::vector<int32_t> columns;            // [column_start[rows]]
+  std::vector<DsThreadScratch> scratch;    // DsSelectCpu's per-thread workspace
 
   // The index over these arrays (valid while this object is unchanged).
   SparseAttentionIndex Index(int32_t page_size) const;

@@ -33,18 +33,12 @@
 namespace sieve::kernels {
 namespace ds_cpu {
 
+// Pages ahead whose label blocks are prefetched while one page is scored.
+constexpr int kPrefetchPages = 8;
 // Samples taken to place the threshold.
 constexpr int kSamples = 2048;
 
-// Per-thread buffers, reused across tasks.
-struct Scratch {
-  std::vector<float> scores;     // [pages * page_size + lanes]
-  std::vector<float> qsel;       // [channels] query channels of the current label head
-  std::vector<float> samples;    // [kSamples]
-  std::vector<int32_t> cand;     // candidate positions, increasing
-  std::vector<float> cand_val;   // their scores
-  std::vector<float> work;       // a copy for nth_element
-};
+using Scratch = DsThreadScratch;
 
 // Exactly min(k, n) positions of s[0, n) with the largest scores (ties and NaN: see callers),
 // increasing, into out: the slow path for inputs the sampled threshold cannot handle (NaN).
@@ -66,6 +60,7 @@ inline void SelectBySort(const float* s, int n, int k, int32_t* out) {
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "kernels/sparse/double_sparsity_cpu.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
+#include "hwy/cache_control.h"
 #include "hwy/highway.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -188,6 +183,12 @@ void TaskScores(const DoubleSparsityShape& sh, const DsSelectParams& p, int seq,
     const float qsum = std::accumulate(sc.qsel.begin(), sc.qsel.end(), 0.0f);
     for (int pg = 0; pg < n_pages; ++pg) {
       const uint8_t* block = p.labels + pages[pg] * page_bytes + lh * head_bytes;
+      // Pages sit anywhere in the pool: fetch a later page's block ahead (the hardware
+      // prefetcher cannot guess the page table), so that reads overlap instead of waiting.
+      if (pg + kPrefetchPages < n_pages) {
+        const uint8_t* ahead = p.labels + pages[pg + kPrefetchPages] * page_bytes + lh * head_bytes;
+        for (int64_t b = 0; b < head_bytes; b += 64) hwy::Prefetch(ahead + b);
+      }
       PageScores(sh, block, sc.qsel.data(), qsum, !first, sc.scores.data() + int64_t{pg} * sh.page_size);
     }
     first = false;
@@ -273,9 +274,10 @@ void DsSelectCpuImpl(const DoubleSparsityShape& sh, const DsSelectParams& p, DsS
   if (tasks == 0) return;
   if (num_threads <= 0) num_threads = DefaultCpuThreads();
   const int workers = static_cast<int>(std::min<int64_t>(num_threads, tasks));
+  if (out.scratch.size() < static_cast<size_t>(workers)) out.scratch.resize(workers);
   std::atomic<int64_t> next{0};
-  ParallelFor(workers, workers, 1, [&](int64_t, int64_t) {
-    Scratch sc;
+  ParallelFor(workers, workers, 1, [&](int64_t w, int64_t) {
+    Scratch& sc = out.scratch[w];
     for (int64_t i = next.fetch_add(1); i < tasks; i = next.fetch_add(1)) {
       const int seq = static_cast<int>(i / sel_heads), sel = static_cast<int>(i % sel_heads);
       const int len = std::max(0, p.kv_lens[seq]);
