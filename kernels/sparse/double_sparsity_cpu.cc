@@ -83,6 +83,64 @@ HWY_INLINE hn::Vec<DF> Load16(DF df, const uint16_t* p, bool f16) {
   return hn::BitCast(df, hn::ShiftLeft<16>(hn::PromoteTo(du, hn::LoadU(du16, p))));
 }
 
+// 4-bit scores of slots [0, j) and [half, half + j) with vectors of D, j the largest multiple
+// of Lanes(d) <= ps - half (byte j holds slot j in its low and slot j + half in its high
+// nibble). Returns j.
+template <class D>
+int PageScores4(D d, const DoubleSparsityShape& sh, const uint8_t* block, const float* q,
+                float qsum, bool accumulate, float* s) {
+  const int ps = sh.page_size, r = sh.channels, half = ds_internal::HalfOf(ps);
+  const int L = static_cast<int>(hn::Lanes(d));
+  const float* mins = reinterpret_cast<const float*>(block);
+  const float* steps = mins + ps;
+  const uint8_t* codes = block + int64_t{ps} * 8;
+  const hn::RebindToSigned<D> di;
+  const hn::Rebind<uint8_t, decltype(di)> du8;
+  const auto low4 = hn::Set(di, 15);
+  int j = 0;
+  for (; j + L <= ps - half; j += L) {
+    auto lo = hn::Zero(d), hi = hn::Zero(d);
+    for (int c = 0; c < r; ++c) {
+      const auto b = hn::PromoteTo(di, hn::LoadU(du8, codes + int64_t{c} * half + j));
+      const auto qc = hn::Set(d, q[c]);
+      lo = hn::MulAdd(qc, hn::ConvertTo(d, hn::And(b, low4)), lo);
+      hi = hn::MulAdd(qc, hn::ConvertTo(d, hn::ShiftRight<4>(b)), hi);
+    }
+    const auto vq = hn::Set(d, qsum);
+    auto x0 = hn::MulAdd(hn::LoadU(d, steps + j), lo, hn::Mul(hn::LoadU(d, mins + j), vq));
+    auto x1 = hn::MulAdd(hn::LoadU(d, steps + j + half), hi,
+                         hn::Mul(hn::LoadU(d, mins + j + half), vq));
+    if (accumulate) {
+      x0 = hn::Add(x0, hn::LoadU(d, s + j));
+      x1 = hn::Add(x1, hn::LoadU(d, s + j + half));
+    }
+    hn::StoreU(x0, d, s + j);
+    hn::StoreU(x1, d, s + j + half);
+  }
+  return j;
+}
+
+// 4-bit scores of the slots of bytes [j, half) one at a time.
+void PageScores4Tail(const DoubleSparsityShape& sh, const uint8_t* block, const float* q,
+                     float qsum, bool accumulate, int j, float* s) {
+  const int ps = sh.page_size, r = sh.channels, half = ds_internal::HalfOf(ps);
+  const float* mins = reinterpret_cast<const float*>(block);
+  const float* steps = mins + ps;
+  const uint8_t* codes = block + int64_t{ps} * 8;
+  for (; j < half; ++j) {
+    for (int slot : {j, j + half}) {
+      if (slot >= ps) continue;  // odd page size: the last byte has no high slot
+      float a = 0.0f;
+      for (int c = 0; c < r; ++c) {
+        const uint8_t b = codes[int64_t{c} * half + j];
+        a += q[c] * static_cast<float>(slot < half ? (b & 0xf) : (b >> 4));
+      }
+      const float x = steps[slot] * a + mins[slot] * qsum;
+      s[slot] = accumulate ? s[slot] + x : x;
+    }
+  }
+}
+
 // s[j] (+)= sum_c q[c] * label(c, j) for the page_size slots of one label head's block.
 void PageScores(const DoubleSparsityShape& sh, const uint8_t* block, const float* q, float qsum,
                 bool accumulate, float* s) {
@@ -116,45 +174,18 @@ void PageScores(const DoubleSparsityShape& sh, const uint8_t* block, const float
     return;
   }
   // 4-bit: label = code * step + min, so s = step * sum_c q[c] code_c + min * sum_c q[c].
-  const float* mins = reinterpret_cast<const float*>(block);
-  const float* steps = mins + ps;
-  const uint8_t* codes = block + int64_t{ps} * 8;
-  const int half = ds_internal::HalfOf(ps);
-  const DI di;
-  const hn::Rebind<uint8_t, DI> du8;
-  const auto low4 = hn::Set(di, 15);
+  // Vectors of the largest width that fits the page's code bytes (a page of 16 slots has 8
+  // bytes per channel: half an AVX-512 vector).
+  const int pairs = ps - ds_internal::HalfOf(ps);  // bytes holding two slots
   int j = 0;
-  for (; j + L <= ps - half; j += L) {  // byte j holds slots j (low) and j + half (high)
-    auto lo = hn::Zero(df), hi = hn::Zero(df);
-    for (int c = 0; c < r; ++c) {
-      const auto b = hn::PromoteTo(di, hn::LoadU(du8, codes + int64_t{c} * half + j));
-      const auto qc = hn::Set(df, q[c]);
-      lo = hn::MulAdd(qc, hn::ConvertTo(df, hn::And(b, low4)), lo);
-      hi = hn::MulAdd(qc, hn::ConvertTo(df, hn::ShiftRight<4>(b)), hi);
-    }
-    const auto vq = hn::Set(df, qsum);
-    auto x0 = hn::MulAdd(hn::LoadU(df, steps + j), lo, hn::Mul(hn::LoadU(df, mins + j), vq));
-    auto x1 = hn::MulAdd(hn::LoadU(df, steps + j + half), hi,
-                         hn::Mul(hn::LoadU(df, mins + j + half), vq));
-    if (accumulate) {
-      x0 = hn::Add(x0, hn::LoadU(df, s + j));
-      x1 = hn::Add(x1, hn::LoadU(df, s + j + half));
-    }
-    hn::StoreU(x0, df, s + j);
-    hn::StoreU(x1, df, s + j + half);
+  if (pairs >= L) {
+    j = PageScores4(df, sh, block, q, qsum, accumulate, s);
+  } else if (pairs >= 8 && L > 8) {
+    j = PageScores4(hn::CappedTag<float, 8>(), sh, block, q, qsum, accumulate, s);
+  } else if (pairs >= 4 && L > 4) {
+    j = PageScores4(hn::CappedTag<float, 4>(), sh, block, q, qsum, accumulate, s);
   }
-  for (; j < half; ++j) {
-    for (int slot : {j, j + half}) {
-      if (slot >= ps) continue;  // odd page size: the last byte has no high slot
-      float a = 0.0f;
-      for (int c = 0; c < r; ++c) {
-        const uint8_t b = codes[int64_t{c} * half + j];
-        a += q[c] * static_cast<float>(slot < half ? (b & 0xf) : (b >> 4));
-      }
-      const float x = steps[slot] * a + mins[slot] * qsum;
-      s[slot] = accumulate ? s[slot] + x : x;
-    }
-  }
+  PageScores4Tail(sh, block, q, qsum, accumulate, j, s);
 }
 
 // Scores of every position [0, len) of sequence `seq` for selection head `sel` into sc.scores,

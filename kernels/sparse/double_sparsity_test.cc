@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "hwy/targets.h"
 #include "kernels/attention/paged_attention.h"
 #include "kernels/attention/paged_attention_cpu.h"
 #include "kernels/cpu/half.h"
@@ -270,11 +271,10 @@ TEST_P(DoubleSparsityTest, LabelsHoldTheKeyChannels) {
   }
 }
 
-TEST_P(DoubleSparsityTest, FastSelectionMatchesReference) {
-  const Case& c = GetParam();
-  World w(c, {1, 40, 300, 1000, 2999}, 23);
+// DsSelectCpu against DsSelectRef on `w` for each budget (see eps in the file comment).
+void ExpectFastMatchesReference(const Case& c, const World& w, const std::vector<int>& budgets) {
   const int group = w.sh.num_q_heads / w.sh.num_kv_heads;
-  for (int budget : {1, 17, 64, 333, 4000}) {
+  for (int budget : budgets) {
     const DsSelectParams p = w.Select(budget);
     DsSelection fast, ref;
     DsSelectCpu(w.sh, p, fast, 2);
@@ -308,6 +308,29 @@ TEST_P(DoubleSparsityTest, FastSelectionMatchesReference) {
       }
     }
   }
+}
+
+TEST_P(DoubleSparsityTest, FastSelectionMatchesReference) {
+  const Case& c = GetParam();
+  World w(c, {1, 40, 300, 1000, 2999}, 23);
+  ExpectFastMatchesReference(c, w, {1, 17, 64, 333, 4000});
+}
+
+// Every instruction set the host runs (AVX-512, AVX2, SSE4 where compiled in): vector widths
+// change the vector and scalar-tail split of each page.
+TEST_P(DoubleSparsityTest, EveryTargetMatchesTheReference) {
+  const Case& c = GetParam();
+  World w(c, {40, 1000}, 29);
+  int tested = 0;
+  for (int64_t target : {int64_t{HWY_AVX3}, int64_t{HWY_AVX2}, int64_t{HWY_SSE4}}) {
+    if ((target & hwy::SupportedTargets() & HWY_TARGETS) == 0) continue;
+    hwy::SetSupportedTargetsForTest(target);
+    SCOPED_TRACE(hwy::TargetName(target));
+    ExpectFastMatchesReference(c, w, {7, 200});
+    ++tested;
+  }
+  hwy::SetSupportedTargetsForTest(0);
+  EXPECT_GE(tested, 1);
 }
 
 TEST_P(DoubleSparsityTest, BudgetsNestAndRepeat) {
