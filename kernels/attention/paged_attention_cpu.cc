@@ -36,12 +36,12 @@ constexpr int kSplitKeys = 512;
 static_assert(kSplitKeys % kKeyTile == 0, "parts are whole tiles");
 
 // One unit of work: the queries [q_begin, q_end) of sequence `seq` (indices within the
-// sequence) with all heads of KV head `kv_head` (dense), or with query head `head` over sparse
-// row `sparse_row`.
+// sequence) with all heads of KV head `kv_head` (dense, or sparse over the row `sparse_row` that
+// all of them share), or with query head `head` over sparse row `sparse_row`.
 struct WorkItem {
   int32_t seq = 0;
   int32_t kv_head = 0;
-  int32_t head = -1;           // sparse: the query head; dense: -1 (all heads of the group)
+  int32_t head = -1;           // the query head, or -1: all heads of the group
   int32_t q_begin = 0, q_end = 0;
   int64_t sparse_row = -1;
   int64_t cost = 0;            // query rows x keys, for ordering largest first
@@ -82,6 +82,23 @@ inline int64_t SparseKeyCount(const SparseAttentionIndex& x, int64_t r, int last
   return n;
 }
 
+// True when sparse rows row .. row + group - 1 (the query heads of one KV head in one query
+// block) list the same key blocks and columns, as a selection shared per KV head makes them.
+inline bool GroupSharesKeys(const SparseAttentionIndex& x, int64_t row, int group) {
+  auto same = [&](const int32_t* start, const int32_t* list) {
+    const int32_t n = start[row + 1] - start[row];
+    for (int g = 1; g < group; ++g) {
+      if (start[row + g + 1] - start[row + g] != n ||
+          !std::equal(list + start[row], list + start[row + 1], list + start[row + g])) {
+        return false;
+      }
+    }
+    return true;
+  };
+  return same(x.row_start, x.key_blocks) &&
+         (x.column_start == nullptr || same(x.column_start, x.columns));
+}
+
 // Every work item of the call, largest first, with long short-query items cut into split-KV
 // parts (described in `groups`; partial rows counted in *partial_rows).
 inline std::vector<WorkItem> BuildWorkItems(const PagedAttentionParams<float>& p,
@@ -111,6 +128,14 @@ inline std::vector<WorkItem> BuildWorkItems(const PagedAttentionParams<float>& p
       for (int h = 0; h < p.num_q_heads; ++h) {
         const int64_t row = (int64_t{x.query_block_start[s]} + b) * p.num_q_heads + h;
         const int64_t keys = SparseKeyCount(x, row, LastPos(p, s, qe - 1));
+        if (group > 1 && h % group == 0 && GroupSharesKeys(x, row, group)) {
+          // One item for the whole group (head -1), as dense items: each K/V row it reads is
+          // loaded once for all of the group's query heads.
+          items.push_back({s, h / group, -1, qb, qe, row,
+                           int64_t{qe - qb} * group * std::max<int64_t>(1, keys)});
+          h += group - 1;
+          continue;
+        }
         items.push_back({s, h / group, h, qb, qe, row, int64_t{qe - qb} * std::max<int64_t>(1, keys)});
       }
     }
