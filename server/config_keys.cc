@@ -162,8 +162,20 @@ const std::vector<KeySpec>& Keys() {
                        "Prefill attention method (only dense so far; the sparse methods add "
                        "their names and settings under attention.prefill)."),
       SIEVE_ENGINE_KEY(attention.decode.method, OneOf(engine::kDecodeAttentionMethods),
-                       "Decode attention method (only dense so far; the sparse methods add "
-                       "their names and settings under attention.decode)."),
+                       "Decode attention method: dense (every key) or quest (per query head, "
+                       "the pages whose key bounds promise the largest scores, within "
+                       "attention.decode.token_budget; cpu only so far)."),
+      SIEVE_ENGINE_KEY(attention.decode.sparse_min_tokens, IntRange(0, 1 << 30),
+                       "A sparse decode method reads every key of a sequence whose context is "
+                       "this long or shorter."),
+      SIEVE_ENGINE_KEY(attention.decode.token_budget, IntRange(1, 1 << 30),
+                       "Keys each query head of a sequence reads under a sparse decode method "
+                       "(quest: whole pages including the last one; at least two pages)."),
+      SIEVE_ENGINE_KEY(attention.decode.dense_layers, IntRange(0, 1 << 16),
+                       "The first this many layers always decode with dense attention."),
+      SIEVE_ENGINE_KEY(attention.decode.quest.per_kv_head, Any(),
+                       "quest: one page set per KV head (largest bound over its query heads) "
+                       "instead of one per query head; reads each page once per group."),
       SIEVE_ENGINE_KEY(attention.kernel, OneOf(engine::kAttentionKernels),
                        "Attention kernels: auto (the fastest that applies to each step) or simple "
                        "(cuda: the simple kernel everywhere, a cross-check of the fast ones). The "

@@ -223,6 +223,16 @@ absl::StatusOr<engine::RequestSpec> ToRequestSpec(const v1::GenerateRequest& req
                          ToStopCriteria(request.stop(), static_cast<int64_t>(spec.prompt.size()),
                                         limits));
   spec.priority = request.priority();
+  switch (request.decode_attention()) {
+    case v1::ATTENTION_MODE_UNSPECIFIED:
+      break;
+    case v1::ATTENTION_MODE_DENSE:
+      spec.dense_decode = true;
+      break;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat("decode_attention: unknown mode ",
+                                                     static_cast<int>(request.decode_attention())));
+  }
   if (request.has_request_id()) spec.client_request_id = request.request_id();
   return spec;
 }

@@ -87,6 +87,22 @@ TEST(ToRequestSpec, TokenizesTextWithDefaults) {
   EXPECT_FALSE(spec->deadline.has_value());
 }
 
+TEST(ToRequestSpec, DecodeAttentionDenseOverridesTheMethod) {
+  v1::GenerateRequest request;
+  request.set_text("hello");
+  absl::StatusOr<engine::RequestSpec> spec = ToRequestSpec(request, EmbeddedTokenizer(), Limits());
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_FALSE(spec->dense_decode);
+  request.set_decode_attention(v1::ATTENTION_MODE_DENSE);
+  spec = ToRequestSpec(request, EmbeddedTokenizer(), Limits());
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_TRUE(spec->dense_decode);
+  request.set_decode_attention(static_cast<v1::AttentionMode>(9));
+  spec = ToRequestSpec(request, EmbeddedTokenizer(), Limits());
+  ASSERT_FALSE(spec.ok());
+  EXPECT_NE(spec.status().message().find("decode_attention"), std::string::npos);
+}
+
 TEST(ToRequestSpec, AddSpecialTokensFalseLeavesTheTextAlone) {
   v1::GenerateRequest request;
   request.set_text("hello world");

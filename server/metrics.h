@@ -115,6 +115,7 @@ class Metrics : public engine::EngineObserver {
   void OnPreempted() override;
   void OnDeviceLost(const absl::Status& status) override;
   void OnStep(engine::Pool pool, double seconds, int32_t tokens) override;
+  void OnDecodeAttention(double kv_read_fraction, double selection_seconds) override;
   void OnLoad(const engine::EngineLoad& load) override;
 
  private:
@@ -141,6 +142,8 @@ class Metrics : public engine::EngineObserver {
   prometheus::Histogram* itl_s_ = nullptr;
   prometheus::Histogram* decode_s_ = nullptr;
   prometheus::Histogram* e2e_s_ = nullptr;
+  prometheus::Histogram* decode_selection_s_ = nullptr;
+  prometheus::Histogram* decode_kv_read_fraction_ = nullptr;
 
   // Request counters; requests_by_outcome_ is indexed by engine::FinishReason (kNone folds
   // into kError).

@@ -1,4 +1,5 @@
 #include "engine/attention/attention_policy.h"
+#include "engine/attention/quest_policy.h"
 
 #include <vector>
 
@@ -13,9 +14,10 @@ absl::Status DenseAttentionPolicy::Plan(const AttentionStep&, AttentionPlan& pla
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::unique_ptr<AttentionPolicy>> MakeAttentionPolicy(std::string_view method,
-                                                                      AttentionPhase phase) {
+absl::StatusOr<std::unique_ptr<AttentionPolicy>> MakeAttentionPolicy(
+    std::string_view method, AttentionPhase phase, const DecodePolicySettings& decode) {
   if (method == "dense") return std::unique_ptr<AttentionPolicy>(new DenseAttentionPolicy());
+  if (phase == AttentionPhase::kDecode && method == "quest") return MakeQuestPolicy(decode);
   std::string known;
   const auto& methods = phase == AttentionPhase::kPrefill
                             ? absl::MakeConstSpan(kPrefillAttentionMethods)

@@ -21,6 +21,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 #include "engine/attention/attention_methods.h"
 #include "engine/backends/attention_plan.h"
 #include "engine/backends/backend.h"
@@ -44,6 +45,26 @@ struct AttentionStep {
   // head_dim] on `backend` (what RopeAndCacheKv read), for policies and calibration that look at
   // the keys of the step's new tokens.
   Tensor qkv;
+  // Per sequence of the layout, 1 where the request asked for dense attention (a client's
+  // per-request override); empty: none did. Sparse decode policies read every key there.
+  absl::Span<const uint8_t> dense_decode;
+};
+
+// What a decode policy planned over the steps since its last TakeDecodeStats, for the metrics
+// sieve_decode_kv_read_fraction (read_pairs / dense_pairs) and sieve_decode_selection_seconds.
+struct DecodeAttentionStats {
+  int64_t read_pairs = 0;   // (query, key) pairs the plans read, over every layer and head
+  int64_t dense_pairs = 0;  // the pairs dense attention would have read
+  double selection_seconds = 0;  // host time spent choosing the keys (estimators, top-k)
+};
+
+// The decode policy's settings (`attention.decode.*`, engine_config.h).
+struct DecodePolicySettings {
+  int32_t sparse_min_tokens = 4096;  // a sequence this long or shorter reads every key
+  int32_t token_budget = 4096;       // keys per query head and sequence (whole pages)
+  int32_t dense_layers = 2;          // the first layers always read every key
+  bool quest_per_kv_head = false;    // Quest: one page set per KV head instead of per q head
+  int32_t page_size = 16;            // KV page size (Quest's budget is page_budget pages)
 };
 
 class AttentionPolicy {
@@ -56,6 +77,9 @@ class AttentionPolicy {
   // Builds `plan` for `step` (reusing its capacity). May enqueue estimator operators on
   // step.stream; must not wait for the device unless the method needs host-side decisions.
   virtual absl::Status Plan(const AttentionStep& step, AttentionPlan& plan) = 0;
+
+  // Decode policies: the stats of the steps planned since the last call, then resets them.
+  virtual DecodeAttentionStats TakeDecodeStats() { return {}; }
 };
 
 // Every causal key: plan.dense.
@@ -66,9 +90,10 @@ class DenseAttentionPolicy final : public AttentionPolicy {
 };
 
 // Makes the policy named `method` (one of kPrefillAttentionMethods / kDecodeAttentionMethods,
-// attention_methods.h) for `phase`. InvalidArgument naming the methods there are otherwise.
-absl::StatusOr<std::unique_ptr<AttentionPolicy>> MakeAttentionPolicy(std::string_view method,
-                                                                      AttentionPhase phase);
+// attention_methods.h) for `phase`; decode methods take `decode`'s settings. InvalidArgument
+// naming the methods there are otherwise.
+absl::StatusOr<std::unique_ptr<AttentionPolicy>> MakeAttentionPolicy(
+    std::string_view method, AttentionPhase phase, const DecodePolicySettings& decode = {});
 
 }  // namespace sieve::engine
 

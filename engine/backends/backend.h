@@ -203,6 +203,41 @@ class Backend {
                                  const AttentionShape& shape, float scale,
                                  const AttentionPlan& plan, Tensor out) = 0;
 
+  // --- Sparse decode side data: Quest page bounds (SPARSE_ATTENTION.md section 3) ------------
+  // Per (layer, KV page, KV head) the elementwise max and min of the page's post-RoPE keys, in
+  // the KV element type, kept current on every append by UpdatePageBounds, which the runner
+  // enqueues right after RopeAndCacheKv in every pool (prefill chunks and decode tokens alike).
+  // A backend without them returns Unimplemented (and 0 bytes).
+
+  // Bytes of one KV page's bounds across `num_layers` layers (added to KvPageBytes when sizing
+  // the pool from a memory budget).
+  virtual int64_t PageBoundsBytes(int32_t num_layers, const AttentionShape& shape) const {
+    return 0;
+  }
+
+  // Allocates the bounds of every page AllocateKvCache allocated (call it after that).
+  virtual absl::Status AllocatePageBounds(int32_t num_layers, const AttentionShape& shape);
+
+  // Widens layer `layer`'s page bounds with the keys RopeAndCacheKv wrote at the step's slots;
+  // a slot at page offset 0 resets its page first (so a recycled page never keeps stale
+  // bounds, and a chunk that starts mid-page continues from the stored values).
+  virtual absl::Status UpdatePageBounds(BackendStream& stream, int32_t layer,
+                                        const AttentionShape& shape);
+
+  // Quest selection for layer `layer` of the current step, as a decode plan (query blocks of
+  // one token, key blocks of one page): each sequence with one query and not in
+  // options.dense_sequences gets per query head the top page_budget - 1 pages by upper bound
+  // plus its last page (all pages when they fit the budget); every other sequence lists all
+  // of its pages. q: the step's rotated queries [num_tokens, Hq * D].
+  struct QuestPlanOptions {
+    int32_t page_budget = 2;  // pages per row, including the last (>= 2)
+    bool per_kv_head = false;  // one page set per KV head (max of the group's bounds)
+    absl::Span<const uint8_t> dense_sequences;  // per sequence: 1 = read every page (or empty)
+  };
+  virtual absl::Status PlanQuestPages(BackendStream& stream, int32_t layer, const Tensor& q,
+                                      const AttentionShape& shape,
+                                      const QuestPlanOptions& options, AttentionPlan& plan);
+
   // out = silu(gate_up[:, :I]) * gate_up[:, I:], gate_up [num_tokens, 2I], out [num_tokens, I].
   virtual absl::Status SiluMul(BackendStream& stream, const Tensor& gate_up, Tensor out) = 0;
 
@@ -293,6 +328,20 @@ class Backend {
 
 inline absl::StatusOr<int64_t> Backend::AvailableMemoryBytes() const {
   return absl::UnimplementedError("this backend cannot report its free memory");
+}
+
+inline absl::Status Backend::AllocatePageBounds(int32_t, const AttentionShape&) {
+  return absl::UnimplementedError("this backend has no Quest page bounds");
+}
+
+inline absl::Status Backend::UpdatePageBounds(BackendStream&, int32_t, const AttentionShape&) {
+  return absl::UnimplementedError("this backend has no Quest page bounds");
+}
+
+inline absl::Status Backend::PlanQuestPages(BackendStream&, int32_t, const Tensor&,
+                                            const AttentionShape&, const QuestPlanOptions&,
+                                            AttentionPlan&) {
+  return absl::UnimplementedError("this backend has no Quest page selection");
 }
 
 inline absl::StatusOr<StepGraphMode> Backend::BeginGraphStep(BackendStream&, const BatchLayout&,

@@ -105,6 +105,10 @@ absl::StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string
   SIEVE_RETURN_IF_ERROR(runner->backend_->AllocateKvCache(
       static_cast<int32_t>(runner->config_.num_hidden_layers), num_pages + (graphs ? 1 : 0),
       options.page_size, runner->shape_));
+  if (options.quest_page_bounds) {
+    SIEVE_RETURN_IF_ERROR(runner->backend_->AllocatePageBounds(
+        static_cast<int32_t>(runner->config_.num_hidden_layers), runner->shape_));
+  }
   SIEVE_ASSIGN_OR_RETURN(runner->default_worker_, runner->CreateWorker());
   return runner;
 }
@@ -115,8 +119,10 @@ absl::StatusOr<int32_t> ModelRunner::KvPagesForFreeMemory() const {
   const int64_t max_pages =
       int64_t{options_.kv_max_sequences} * ((context + options_.page_size - 1) / options_.page_size);
   SIEVE_ASSIGN_OR_RETURN(int64_t available, backend_->AvailableMemoryBytes());
-  const int64_t page_bytes = backend_->KvPageBytes(static_cast<int32_t>(config_.num_hidden_layers),
-                                                   options_.page_size, shape_);
+  const int32_t layers = static_cast<int32_t>(config_.num_hidden_layers);
+  const int64_t page_bytes =
+      backend_->KvPageBytes(layers, options_.page_size, shape_) +
+      (options_.quest_page_bounds ? backend_->PageBoundsBytes(layers, shape_) : 0);
   return KvPagesForMemory(available, options_.kv_memory_fraction, page_bytes, max_pages);
 }
 
@@ -234,6 +240,7 @@ absl::StatusOr<std::vector<int32_t>> ModelWorker::BuildLayout(
   l.kv_lens.clear();
   l.page_table.clear();
   l.query_start.assign(1, 0);
+  dense_decode_.clear();
   tokens.clear();
   std::vector<int32_t> logit_rows;
   size_t stride = 1;
@@ -269,6 +276,7 @@ absl::StatusOr<std::vector<int32_t>> ModelWorker::BuildLayout(
     }
     l.query_start.push_back(static_cast<int32_t>(tokens.size()));
     l.kv_lens.push_back(static_cast<int32_t>(total));
+    dense_decode_.push_back(s.dense_decode ? 1 : 0);
     l.page_table.insert(l.page_table.end(), s.pages.begin(), s.pages.end());
     l.page_table.resize(l.kv_lens.size() * stride, 0);
     if (s.want_logits) logit_rows.push_back(static_cast<int32_t>(tokens.size()) - 1);
@@ -354,8 +362,14 @@ absl::Status ModelWorker::EnqueueLayers(int64_t n, absl::Span<const int32_t> tok
     }
     SIEVE_RETURN_IF_ERROR(b.Linear(st, normed, w.qkv, w.qkv_bias, qkv));
     SIEVE_RETURN_IF_ERROR(b.RopeAndCacheKv(st, layer, qkv, r.shape_, r.rope_, q));
+    if (r.options_.quest_page_bounds) SIEVE_RETURN_IF_ERROR(b.UpdatePageBounds(st, layer, r.shape_));
     AttentionStep step{.layer = layer, .layout = &layout_, .shape = r.shape_, .backend = &b,
                        .stream = &st, .q = q, .qkv = qkv};
+    // Graph padding rows (past the batch) never ask for dense.
+    step.dense_decode = absl::MakeConstSpan(dense_decode_);
+    if (static_cast<int32_t>(dense_decode_.size()) != layout_.num_seqs()) {
+      step.dense_decode = {};
+    }
     SIEVE_RETURN_IF_ERROR(policy_->Plan(step, plan_));
     SIEVE_RETURN_IF_ERROR(b.Attention(st, layer, q, r.shape_, scale, plan_, attn));
     SIEVE_RETURN_IF_ERROR(b.Linear(st, attn, w.o, w.o_bias, proj));

@@ -55,6 +55,10 @@ struct ModelRunnerOptions {
   // batch to its bucket. One extra KV page beyond num_pages is reserved for the padding rows.
   // Off: every step runs its operators eagerly. Ignored by the cpu backend.
   bool cuda_graphs = false;
+  // Sparse decode side data (EngineConfig attention.decode.method quest): Load allocates the
+  // backend's Quest page bounds (counted in the pool's page size) and every step of every worker
+  // keeps them current after writing its KV (Backend::UpdatePageBounds).
+  bool quest_page_bounds = false;
 };
 
 // One sequence's share of a step.
@@ -63,6 +67,9 @@ struct SequenceStep {
   int32_t num_cached = 0;            // tokens already in the KV cache = position of tokens[0]
   absl::Span<const int32_t> pages;   // page ids holding positions [0, num_cached + tokens.size())
   bool want_logits = false;          // return the logits after the last new token
+  // The request asked for dense decode attention: a sparse decode policy reads every key of this
+  // sequence (AttentionStep::dense_decode).
+  bool dense_decode = false;
   // For ForwardSample, with want_logits: how to sample this row (borrowed; see SampleRow). The
   // engine sets them from the request's state and draws `uniform` from its SamplerRng when it
   // builds the step. Forward ignores them.
@@ -98,6 +105,10 @@ class ModelWorker {
 
   // Counters of this worker's graph steps (all zero when the runner uses no step graphs).
   StepGraphStats graph_stats() const;
+
+  // The decode-attention stats of the steps since the last call (AttentionPolicy::
+  // TakeDecodeStats of this worker's policy), then resets them.
+  DecodeAttentionStats TakeDecodeStats() { return policy_->TakeDecodeStats(); }
 
   // Turns graph steps of this worker off or back on (they are on by default when the runner
   // uses step graphs; turning them on does nothing otherwise). For benchmarks and tests that
@@ -135,6 +146,7 @@ class ModelWorker {
   Tensor hidden_, normed_, qkv_, q_, attn_, proj_, gate_up_, act_;
   Tensor last_normed_;  // [max_step_logits, hidden]
   BatchLayout layout_;
+  std::vector<uint8_t> dense_decode_;        // [num_seqs] SequenceStep::dense_decode
   // Page-table stride of each graph bucket: a power of two that only grows, so that a bucket's
   // recording survives until a sequence needs more pages than the stride holds.
   std::map<int32_t, int32_t> graph_stride_;
@@ -174,6 +186,15 @@ class ModelRunner {
   const ModelConfig& config() const { return config_; }
   const ModelRunnerOptions& options() const { return options_; }
   std::string_view backend_name() const { return backend_->name(); }
+  // The backend (for tests that inspect its memory).
+  const Backend& backend() const { return *backend_; }
+  // Bytes of one KV page's side data (Quest page bounds when options().quest_page_bounds) over
+  // all layers: what the pool's sizing added per page beyond the K and V.
+  int64_t side_data_bytes_per_page() const {
+    return options_.quest_page_bounds
+               ? backend_->PageBoundsBytes(static_cast<int32_t>(config_.num_hidden_layers), shape_)
+               : 0;
+  }
 
  private:
   friend class ModelWorker;

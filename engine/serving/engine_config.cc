@@ -141,6 +141,18 @@ absl::Status EngineConfig::Validate() const {
   }
   CheckChoice("attention.decode.method", attention.decode.method, kDecodeAttentionMethods,
               errors);
+  const DecodeAttentionConfig& dec = attention.decode;
+  CheckAtLeast("attention.decode.sparse_min_tokens", dec.sparse_min_tokens, 0, errors);
+  CheckAtLeast("attention.decode.dense_layers", dec.dense_layers, 0, errors);
+  if (dec.method != "dense" && dec.token_budget < 2 * kv_cache.page_size_tokens) {
+    errors.push_back(absl::StrCat("attention.decode.token_budget must be at least two KV pages (",
+                                  2 * kv_cache.page_size_tokens, " tokens) for ", dec.method,
+                                  ", got ", dec.token_budget));
+  }
+  if (dec.method == "quest" && model.backend != "cpu") {
+    errors.push_back(absl::StrCat("attention.decode.method quest is not available on ",
+                                  model.backend, " yet (cpu only)"));
+  }
   if (errors.empty()) return absl::OkStatus();
   return absl::InvalidArgumentError(absl::StrJoin(errors, "\n"));
 }
@@ -153,6 +165,7 @@ ModelRunnerOptions RunnerOptionsFor(const EngineConfig& c) {
   o.random_seed = static_cast<uint64_t>(c.model.random_seed);
   o.num_threads = c.model.cpu_threads;
   o.cuda_graphs = c.model.cuda_graphs;
+  o.quest_page_bounds = c.attention.decode.method == "quest";
   o.attention_kernel = c.attention.kernel;
   o.page_size = c.kv_cache.page_size_tokens;
   o.num_pages = c.kv_cache.num_pages;
@@ -178,6 +191,16 @@ SchedulerOptions SchedulerOptionsFor(const EngineConfig& c, int32_t num_pages) {
   o.max_worker_sequences = c.scheduler.max_running_requests;
   o.enable_prefix_caching = c.scheduler.enable_prefix_caching;
   return o;
+}
+
+DecodePolicySettings DecodePolicySettingsFor(const EngineConfig& c) {
+  DecodePolicySettings s;
+  s.sparse_min_tokens = c.attention.decode.sparse_min_tokens;
+  s.token_budget = c.attention.decode.token_budget;
+  s.dense_layers = c.attention.decode.dense_layers;
+  s.quest_per_kv_head = c.attention.decode.quest.per_kv_head;
+  s.page_size = c.kv_cache.page_size_tokens;
+  return s;
 }
 
 }  // namespace sieve::engine

@@ -131,10 +131,27 @@ struct PrefillAttentionConfig {
   bool operator==(const PrefillAttentionConfig&) const = default;
 };
 
+// Quest's own decode settings (`attention.decode.quest.*`).
+struct QuestDecodeConfig {
+  // Select one page set per KV head (the largest bound over its query heads) instead of one per
+  // query head (the reference semantics, the default): reads each selected page once per group.
+  bool per_kv_head = false;
+
+  bool operator==(const QuestDecodeConfig&) const = default;
+};
+
 // Decode attention (`attention.decode.*`); sparse methods add their settings here.
 struct DecodeAttentionConfig {
   // One of kDecodeAttentionMethods.
   std::string method = "dense";
+  // Sparse methods read every key of a sequence whose context is this long or shorter.
+  int32_t sparse_min_tokens = 4096;
+  // Keys each query head of a sequence reads under a sparse method (Quest: whole pages, the
+  // last page included; at least two pages).
+  int32_t token_budget = 4096;
+  // The first layers always read every key (Quest's paper keeps two dense).
+  int32_t dense_layers = 2;
+  QuestDecodeConfig quest;
 
   bool operator==(const DecodeAttentionConfig&) const = default;
 };
@@ -175,6 +192,7 @@ struct EngineConfig {
 
 struct ModelRunnerOptions;
 struct SchedulerOptions;
+struct DecodePolicySettings;
 
 // The model runner's options for `config`: backend, device, weights, page size and count (0:
 // sized by ModelRunner::Load from the free memory), the sizing budget, and the step limits
@@ -187,6 +205,10 @@ ModelRunnerOptions RunnerOptionsFor(const EngineConfig& config);
 // which Load may have derived). The one place they are derived. Include engine/scheduler.h to
 // call it.
 SchedulerOptions SchedulerOptionsFor(const EngineConfig& config, int32_t num_pages);
+
+// The decode attention policy's settings for `config` (attention.decode.* and the KV page
+// size). Include engine/attention/attention_policy.h to call it.
+DecodePolicySettings DecodePolicySettingsFor(const EngineConfig& config);
 
 // Whether `value` is one of `choices`.
 bool IsOneOf(std::string_view value, std::span<const std::string_view> choices);

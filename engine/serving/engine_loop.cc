@@ -125,6 +125,7 @@ void Engine::Impl::Dispatch(StepPlan& plan) {
       step.num_cached = item.start;
       step.pages = seq.pages.pages();
       step.want_logits = item.want_logits;
+      step.dense_decode = active_.at(item.id)->spec.dense_decode;
       if (item.want_logits) {
         // The worker samples this row. The request's parameters and history stay unchanged
         // until the job comes back (HandleToken is the only writer of the history); the draw is

@@ -80,6 +80,9 @@ struct RequestSpec {
   int32_t priority = 0;                  // higher runs first; ties by arrival
   std::optional<absl::Time> deadline;    // cancelled with kCancelled when it passes
   std::string client_request_id;         // for logs only; never a metric label
+  // Decode with dense attention whatever attention.decode.method says (GenerateRequest
+  // decode_attention DENSE), e.g. for a client that wants exact attention.
+  bool dense_decode = false;
   std::shared_ptr<RequestSink> sink;     // required
 };
 
