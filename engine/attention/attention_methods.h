@@ -11,7 +11,7 @@ namespace sieve::engine {
 // attention.prefill.method
 inline constexpr std::string_view kPrefillAttentionMethods[] = {"dense"};
 // attention.decode.method
-inline constexpr std::string_view kDecodeAttentionMethods[] = {"dense", "quest"};
+inline constexpr std::string_view kDecodeAttentionMethods[] = {"dense", "quest", "double_sparsity"};
 
 }  // namespace sieve::engine
 

@@ -1,4 +1,5 @@
 #include "engine/attention/attention_policy.h"
+#include "engine/attention/double_sparsity_policy.h"
 #include "engine/attention/quest_policy.h"
 
 #include <vector>
@@ -18,6 +19,9 @@ absl::StatusOr<std::unique_ptr<AttentionPolicy>> MakeAttentionPolicy(
     std::string_view method, AttentionPhase phase, const DecodePolicySettings& decode) {
   if (method == "dense") return std::unique_ptr<AttentionPolicy>(new DenseAttentionPolicy());
   if (phase == AttentionPhase::kDecode && method == "quest") return MakeQuestPolicy(decode);
+  if (phase == AttentionPhase::kDecode && method == "double_sparsity") {
+    return MakeDoubleSparsityPolicy(decode);
+  }
   std::string known;
   const auto& methods = phase == AttentionPhase::kPrefill
                             ? absl::MakeConstSpan(kPrefillAttentionMethods)

@@ -399,4 +399,53 @@ absl::Status CpuBackend::Sample(BackendStream&, const DeviceLogits& logits,
   return absl::OkStatus();
 }
 
+int64_t CpuBackend::DsLabelBytes(int32_t num_layers,
+                                 const kernels::DoubleSparsityShape& shape) const {
+  return DsLabelStore::BytesPerPage(shape, num_layers);
+}
+
+absl::Status CpuBackend::AllocateDsLabels(int32_t num_layers,
+                                          const kernels::DoubleSparsityShape& shape) {
+  if (num_pages_ <= 0 || num_layers != static_cast<int32_t>(k_cache_.size())) {
+    return absl::FailedPreconditionError(
+        "cpu backend: allocate the KV cache (with the same layers) before the labels");
+  }
+  kernels::DoubleSparsityShape s = shape;
+  s.page_size = page_size_;
+  SIEVE_ASSIGN_OR_RETURN(ds_labels_, DsLabelStore::Create(s, num_layers, num_pages_));
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::SetDsChannels(int32_t layer, absl::Span<const int32_t> channels) {
+  if (ds_labels_ == nullptr) {
+    return absl::FailedPreconditionError("cpu backend: no DoubleSparsity labels allocated");
+  }
+  return ds_labels_->SetChannels(layer, channels);
+}
+
+absl::Status CpuBackend::UpdateDsLabels(BackendStream& stream, int32_t layer) {
+  SIEVE_ASSIGN_OR_RETURN(const BatchLayout* layout, LayoutOf(stream));
+  if (ds_labels_ == nullptr || layer < 0 || layer >= static_cast<int32_t>(k_cache_.size())) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cpu backend: no DoubleSparsity labels for layer ", layer));
+  }
+  if (ds_labels_->ready()) ds_labels_->Append(layer, *layout, k_cache_[layer].data(), 1);
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::PlanDsTokens(BackendStream& stream, int32_t layer, const Tensor& q,
+                                      const DsPlanOptions& options, AttentionPlan& plan) {
+  SIEVE_ASSIGN_OR_RETURN(const BatchLayout* layout, LayoutOf(stream));
+  if (ds_labels_ == nullptr || !ds_labels_->ready() || layer < 0 ||
+      layer >= static_cast<int32_t>(k_cache_.size())) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cpu backend: no calibrated DoubleSparsity labels for layer ", layer));
+  }
+  if (options.token_budget < 1) {
+    return absl::InvalidArgumentError("cpu backend: DoubleSparsity needs a token budget >= 1");
+  }
+  ds_labels_->Plan(layer, *layout, F(q), options, plan, num_threads_);
+  return absl::OkStatus();
+}
+
 }  // namespace sieve::engine

@@ -45,6 +45,10 @@ class DsLabelStore {
   static int64_t BytesPerPage(const kernels::DoubleSparsityShape& shape, int32_t num_layers);
 
   const kernels::DoubleSparsityShape& shape() const { return shape_; }
+  // Layer `layer`'s labels [num_pages, DsLabelPageBytes] (for tests).
+  const uint8_t* labels(int32_t layer) const { return labels_.at(layer).data(); }
+  // Layer `layer`'s channels [label_heads * channels] (empty until SetChannels).
+  const std::vector<int32_t>& channels(int32_t layer) const { return channels_.at(layer); }
 
   // The outlier channels of `layer`: [DsLabelHeads * channels], each label head's list
   // (kernels::DsValidateChannels). InvalidArgument naming the layer otherwise.

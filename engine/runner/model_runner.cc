@@ -109,6 +109,15 @@ absl::StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string
     SIEVE_RETURN_IF_ERROR(runner->backend_->AllocatePageBounds(
         static_cast<int32_t>(runner->config_.num_hidden_layers), runner->shape_));
   }
+  if (options.ds_label_channels > 0) {
+    if (options.ds_label_channels > runner->shape_.head_dim) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "attention.decode.double_sparsity.channels ", options.ds_label_channels,
+          " exceeds the model's head_dim ", runner->shape_.head_dim));
+    }
+    SIEVE_RETURN_IF_ERROR(runner->backend_->AllocateDsLabels(
+        static_cast<int32_t>(runner->config_.num_hidden_layers), runner->ds_shape()));
+  }
   SIEVE_ASSIGN_OR_RETURN(runner->default_worker_, runner->CreateWorker());
   return runner;
 }
@@ -122,8 +131,33 @@ absl::StatusOr<int32_t> ModelRunner::KvPagesForFreeMemory() const {
   const int32_t layers = static_cast<int32_t>(config_.num_hidden_layers);
   const int64_t page_bytes =
       backend_->KvPageBytes(layers, options_.page_size, shape_) +
-      (options_.quest_page_bounds ? backend_->PageBoundsBytes(layers, shape_) : 0);
+      (options_.quest_page_bounds ? backend_->PageBoundsBytes(layers, shape_) : 0) +
+      (options_.ds_label_channels > 0 ? backend_->DsLabelBytes(layers, ds_shape()) : 0);
   return KvPagesForMemory(available, options_.kv_memory_fraction, page_bytes, max_pages);
+}
+
+kernels::DoubleSparsityShape ModelRunner::ds_shape() const {
+  kernels::DoubleSparsityShape s;
+  s.num_q_heads = shape_.num_q_heads;
+  s.num_kv_heads = shape_.num_kv_heads;
+  s.head_dim = shape_.head_dim;
+  s.page_size = options_.page_size;
+  s.channels = options_.ds_label_channels;
+  s.format = options_.ds_label_bits == 4 ? kernels::DsLabelFormat::kInt4 : kernels::DsLabelFormat::kF16;
+  s.per_kv_head_labels = options_.ds_per_kv_head;
+  s.shared_selection = options_.ds_per_kv_head;
+  return s;
+}
+
+absl::Status ModelRunner::SetDsCalibration(const DsCalibration& c) {
+  const int32_t layers = static_cast<int32_t>(config_.num_hidden_layers);
+  SIEVE_RETURN_IF_ERROR(CheckDsCalibrationFits(c, layers, shape_.num_q_heads,
+                                               shape_.num_kv_heads, shape_.head_dim));
+  for (int32_t l = 0; l < layers; ++l) {
+    SIEVE_RETURN_IF_ERROR(backend_->SetDsChannels(
+        l, c.LabelChannels(l, options_.ds_label_channels, options_.ds_per_kv_head)));
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::unique_ptr<ModelWorker>> ModelRunner::CreateWorker(
@@ -363,6 +397,7 @@ absl::Status ModelWorker::EnqueueLayers(int64_t n, absl::Span<const int32_t> tok
     SIEVE_RETURN_IF_ERROR(b.Linear(st, normed, w.qkv, w.qkv_bias, qkv));
     SIEVE_RETURN_IF_ERROR(b.RopeAndCacheKv(st, layer, qkv, r.shape_, r.rope_, q));
     if (r.options_.quest_page_bounds) SIEVE_RETURN_IF_ERROR(b.UpdatePageBounds(st, layer, r.shape_));
+    if (r.options_.ds_label_channels > 0) SIEVE_RETURN_IF_ERROR(b.UpdateDsLabels(st, layer));
     AttentionStep step{.layer = layer, .layout = &layout_, .shape = r.shape_, .backend = &b,
                        .stream = &st, .q = q, .qkv = qkv};
     // Graph padding rows (past the batch) never ask for dense.

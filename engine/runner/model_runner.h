@@ -18,6 +18,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "engine/attention/attention_policy.h"
+#include "engine/attention/double_sparsity_calibration.h"
 #include "engine/backends/backend.h"
 #include "engine/model/model_config.h"
 #include "engine/model/rope.h"
@@ -59,6 +60,15 @@ struct ModelRunnerOptions {
   // backend's Quest page bounds (counted in the pool's page size) and every step of every worker
   // keeps them current after writing its KV (Backend::UpdatePageBounds).
   bool quest_page_bounds = false;
+  // DoubleSparsity labels (EngineConfig attention.decode.method double_sparsity): outlier
+  // channels per label head (0: no labels), label precision (16: fp16, 4: 4-bit codes), and one
+  // label row and token set per KV head instead of per query head. Load allocates the backend's
+  // label cache (counted in the pool's page size); once SetDsCalibration gave every layer its
+  // channels, every step of every worker writes the new tokens' labels after their KV
+  // (Backend::UpdateDsLabels).
+  int32_t ds_label_channels = 0;
+  int32_t ds_label_bits = 16;
+  bool ds_per_kv_head = false;
 };
 
 // One sequence's share of a step.
@@ -191,10 +201,18 @@ class ModelRunner {
   // Bytes of one KV page's side data (Quest page bounds when options().quest_page_bounds) over
   // all layers: what the pool's sizing added per page beyond the K and V.
   int64_t side_data_bytes_per_page() const {
-    return options_.quest_page_bounds
-               ? backend_->PageBoundsBytes(static_cast<int32_t>(config_.num_hidden_layers), shape_)
-               : 0;
+    const int32_t layers = static_cast<int32_t>(config_.num_hidden_layers);
+    return (options_.quest_page_bounds ? backend_->PageBoundsBytes(layers, shape_) : 0) +
+           (options_.ds_label_channels > 0 ? backend_->DsLabelBytes(layers, ds_shape()) : 0);
   }
+
+  // The DoubleSparsity label geometry of options() (valid when ds_label_channels > 0).
+  kernels::DoubleSparsityShape ds_shape() const;
+
+  // Gives every layer its DoubleSparsity channels: the first ds_label_channels of each label
+  // head's ranking in `calibration` (which must fit the model). InvalidArgument naming what does
+  // not fit.
+  absl::Status SetDsCalibration(const DsCalibration& calibration);
 
  private:
   friend class ModelWorker;

@@ -1,6 +1,7 @@
 // Engine: creation and the public methods, which any thread may call. The scheduler thread's
 // side is in engine_loop.cc; engine/README.md describes the threading model.
 #include "engine/serving/engine.h"
+#include "engine/serving/ds_startup.h"
 
 #include <algorithm>
 #include <limits>
@@ -48,6 +49,14 @@ absl::Status Engine::Impl::Init(const EngineConfig& config, EngineObserver* obse
                                                                   : model.tokenizer_directory));
   SIEVE_ASSIGN_OR_RETURN(runner_, ModelRunner::Load(model.directory, RunnerOptionsFor(config)));
   scheduler_options_ = SchedulerOptionsFor(config, runner_->options().num_pages);
+  if (config.attention.decode.method == "double_sparsity") {
+    SIEVE_ASSIGN_OR_RETURN(DsCalibration calibration,
+                           DoubleSparsityCalibrationFor(config, *runner_, *tokenizer_));
+    SIEVE_RETURN_IF_ERROR(runner_->SetDsCalibration(calibration));
+    const int32_t layers = static_cast<int32_t>(runner_->config().num_hidden_layers);
+    const int64_t bytes = runner_->side_data_bytes_per_page();
+    scheduler_options_.side_pools.push_back({"double_sparsity_labels", bytes / layers, layers});
+  }
   if (runner_->options().quest_page_bounds) {
     const int32_t layers = static_cast<int32_t>(runner_->config().num_hidden_layers);
     const int64_t bytes = runner_->side_data_bytes_per_page();

@@ -144,13 +144,27 @@ absl::Status EngineConfig::Validate() const {
   const DecodeAttentionConfig& dec = attention.decode;
   CheckAtLeast("attention.decode.sparse_min_tokens", dec.sparse_min_tokens, 0, errors);
   CheckAtLeast("attention.decode.dense_layers", dec.dense_layers, 0, errors);
-  if (dec.method != "dense" && dec.token_budget < 2 * kv_cache.page_size_tokens) {
+  if (dec.method == "quest" && dec.token_budget < 2 * kv_cache.page_size_tokens) {
     errors.push_back(absl::StrCat("attention.decode.token_budget must be at least two KV pages (",
                                   2 * kv_cache.page_size_tokens, " tokens) for ", dec.method,
                                   ", got ", dec.token_budget));
   }
   if (dec.method == "quest" && model.backend != "cpu") {
     errors.push_back(absl::StrCat("attention.decode.method quest is not available on ",
+                                  model.backend, " yet (cpu only)"));
+  }
+  const DoubleSparsityDecodeConfig& ds = dec.double_sparsity;
+  CheckAtLeast("attention.decode.double_sparsity.channels", ds.channels, 1, errors);
+  if (ds.label_bits != 16 && ds.label_bits != 4) {
+    errors.push_back(absl::StrCat("attention.decode.double_sparsity.label_bits must be 16 or 4, got ",
+                                  ds.label_bits));
+  }
+  if (ds.statistic != "qk" && ds.statistic != "q" && ds.statistic != "k") {
+    errors.push_back(absl::StrCat("attention.decode.double_sparsity.statistic must be qk, q or k, "
+                                  "got \"", ds.statistic, "\""));
+  }
+  if (dec.method == "double_sparsity" && model.backend != "cpu") {
+    errors.push_back(absl::StrCat("attention.decode.method double_sparsity is not available on ",
                                   model.backend, " yet (cpu only)"));
   }
   if (errors.empty()) return absl::OkStatus();
@@ -166,6 +180,12 @@ ModelRunnerOptions RunnerOptionsFor(const EngineConfig& c) {
   o.num_threads = c.model.cpu_threads;
   o.cuda_graphs = c.model.cuda_graphs;
   o.quest_page_bounds = c.attention.decode.method == "quest";
+  if (c.attention.decode.method == "double_sparsity") {
+    const DoubleSparsityDecodeConfig& ds = c.attention.decode.double_sparsity;
+    o.ds_label_channels = ds.channels;
+    o.ds_label_bits = ds.label_bits;
+    o.ds_per_kv_head = ds.per_kv_head;
+  }
   o.attention_kernel = c.attention.kernel;
   o.page_size = c.kv_cache.page_size_tokens;
   o.num_pages = c.kv_cache.num_pages;

@@ -140,6 +140,26 @@ struct QuestDecodeConfig {
   bool operator==(const QuestDecodeConfig&) const = default;
 };
 
+// DoubleSparsity's own decode settings (`attention.decode.double_sparsity.*`).
+struct DoubleSparsityDecodeConfig {
+  // The calibration file `sieve calibrate --method double-sparsity` wrote for this model. Empty:
+  // calibrate at start-up on the model directory's calibration.txt (the embedded model ships
+  // one), or refuse to start when there is none.
+  std::string calibration_file;
+  // Outlier channels kept per label head (r; 16 of 128 is the paper's headline setting).
+  int32_t channels = 16;
+  // Label precision: 16 (fp16) or 4 (4-bit min-max codes per token and head).
+  int32_t label_bits = 16;
+  // One channel list, label row and token set per KV head (ranked by the summed scores of its
+  // query heads) instead of per query head (the reference semantics, the default); reads each
+  // selected token once per group.
+  bool per_kv_head = false;
+  // The statistic a start-up calibration ranks channels by: qk, q or k (section 4.2).
+  std::string statistic = "qk";
+
+  bool operator==(const DoubleSparsityDecodeConfig&) const = default;
+};
+
 // Decode attention (`attention.decode.*`); sparse methods add their settings here.
 struct DecodeAttentionConfig {
   // One of kDecodeAttentionMethods.
@@ -152,6 +172,7 @@ struct DecodeAttentionConfig {
   // The first layers always read every key (Quest's paper keeps two dense).
   int32_t dense_layers = 2;
   QuestDecodeConfig quest;
+  DoubleSparsityDecodeConfig double_sparsity;
 
   bool operator==(const DecodeAttentionConfig&) const = default;
 };
