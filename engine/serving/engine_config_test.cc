@@ -74,14 +74,15 @@ TEST(EngineConfigTest, AttentionKernelReachesTheRunnerAndIsAutoOnlyOnCpu) {
 TEST(EngineConfigTest, ChecksChoicesRangesAndCrossFieldRules) {
   EngineConfig c;
   c.attention.prefill.method = "xattention";
-  c.attention.decode.method = "quest";
+  c.attention.decode.method = "h2o";
   c.pools.decode_priority = "urgent";
   c.pools.decode_workers = 0;
   c.scheduler.prefill_chunk_tokens = 4096;
   c.kv_cache.page_size_tokens = 24;
   const std::string p = Problems(c);
   EXPECT_THAT(p, HasSubstr("attention.prefill.method must be one of: dense, got 'xattention'"));
-  EXPECT_THAT(p, HasSubstr("attention.decode.method must be one of: dense, got 'quest'"));
+  EXPECT_THAT(p, HasSubstr("attention.decode.method must be one of: dense, quest, "
+                           "double_sparsity, got 'h2o'"));
   EXPECT_THAT(p, HasSubstr("pools.decode_priority must be one of: high, normal, got 'urgent'"));
   EXPECT_THAT(p, HasSubstr("pools.decode_workers must be at least 1, got 0"));
   EXPECT_THAT(p, HasSubstr("scheduler.prefill_chunk_tokens (4096) must not exceed "
@@ -147,6 +148,23 @@ TEST(EngineConfigTest, DerivesTheOptionsOfThePartsFromTheTree) {
   EXPECT_EQ(s.max_worker_sequences, 48);
   EXPECT_FALSE(s.enable_prefix_caching);
   EXPECT_TRUE(s.Validate().ok());
+}
+
+TEST(EngineConfigTest, DoubleSparsitySettings) {
+  EngineConfig c;
+  c.attention.decode.method = "double_sparsity";
+  EXPECT_EQ(Problems(c), "");
+  EXPECT_EQ(RunnerOptionsFor(c).ds_label_channels, 16);
+  c.attention.decode.double_sparsity.label_bits = 8;
+  c.attention.decode.double_sparsity.statistic = "v";
+  c.attention.decode.double_sparsity.channels = 0;
+  const std::string p = Problems(c);
+  EXPECT_THAT(p, HasSubstr("attention.decode.double_sparsity.label_bits must be 16 or 4, got 8"));
+  EXPECT_THAT(p, HasSubstr("attention.decode.double_sparsity.statistic must be qk, q or k"));
+  EXPECT_THAT(p, HasSubstr("attention.decode.double_sparsity.channels must be at least 1"));
+  c = EngineConfig();
+  c.attention.decode.double_sparsity.per_kv_head = true;
+  EXPECT_EQ(RunnerOptionsFor(c).ds_label_channels, 0);  // not the decode method: no labels
 }
 
 }  // namespace
