@@ -52,6 +52,11 @@ const std::vector<std::string> kExpectedKeys = {
     "pools.decode_workers",           "pools.decode_priority",
     "pools.step_timeout_s",
     "attention.prefill.method",       "attention.decode.method",
+    "attention.decode.sparse_min_tokens", "attention.decode.token_budget",
+    "attention.decode.dense_layers",  "attention.decode.quest.per_kv_head",
+    "attention.decode.double_sparsity.calibration_file",
+    "attention.decode.double_sparsity.channels", "attention.decode.double_sparsity.label_bits",
+    "attention.decode.double_sparsity.per_kv_head", "attention.decode.double_sparsity.statistic",
     "attention.kernel",               "limits.default_max_tokens",      "limits.max_stop_strings",
     "logging.level",
 };
@@ -200,8 +205,8 @@ TEST(ConfigTest, BadValuesNameKeyLineAndValue) {
       {"model:\n  backend: tpu\n", "model.backend must be one of: cpu, cuda, got 'tpu'"},
       {"attention:\n  prefill:\n    method: quest\n",
        "x.yaml:3: attention.prefill.method must be one of: dense, got 'quest'"},
-      {"attention:\n  decode:\n    method: double_sparsity\n",
-       "attention.decode.method must be one of: dense"},
+      {"attention:\n  decode:\n    method: h2o\n",
+       "attention.decode.method must be one of: dense, quest, double_sparsity, got 'h2o'"},
       {"attention:\n  kernel: fastest\n", "attention.kernel must be one of: auto, simple"},
       {"attention:\n  prefill: dense\n",
        "x.yaml:2: 'attention.prefill' must be a mapping of keys, got 'dense' (it is a section now: "
