@@ -9,7 +9,9 @@
 // which waits for the device); reports seconds and tokens/s. Decode: B sequences whose KV holds
 // C tokens (filled by a prefill first), then timed single-token steps over the batch; reports
 // the median step time of --steps steps, with CUDA graphs off and on (--graphs both|on|off, or a
-// list such as off,on,off,on).
+// list such as off,on,off,on). --decode-method dense,quest times each decode attention method
+// with its own worker (--budget tokens, --dense-layers; sparse from any context length) and
+// reports the fraction of the KV each step read.
 // --sample none|host|device|both (or a list) adds sampling to each timed decode step, with
 // temperature 0.8, top-p 0.95 and the chosen token's logprob: "host" copies the fp32 logits to the
 // host and runs SampleToken per row (the engine's path before device sampling), "device" runs
@@ -53,7 +55,11 @@ struct Args {
   std::string graphs = "both";  // decode with CUDA graphs: "on", "off", "both" or a list
   int copy_bandwidth = 0;       // 1: measure device-to-device copy bandwidth first (CUDA)
   std::string sample = "none";  // sampling in decode steps: none, host, device, both or a list
-  int threads = 0;              // host threads of the cpu backend (0 = all hardware threads)
+  // Decode attention methods to time, each with its own worker and policy (dense, quest).
+  std::string decode_method = "dense";
+  int budget = 4096;      // attention.decode.token_budget for the sparse methods
+  int dense_layers = 2;   // attention.decode.dense_layers
+  int threads = 0;        // cpu backend threads (0 = all)
 };
 
 // Device-to-device copy bandwidth in bytes (read + written) per second: the median of 20 copies
@@ -132,7 +138,8 @@ bool Prefill(engine::ModelRunner& m, int64_t batch, int64_t context, int64_t chu
 // Times `steps` single-token steps (after 3 warm-ups) of `batch` sequences of `context` cached
 // tokens; every step rewrites position `context`, so the KV read per step stays context + 1.
 // `sample`: "none", "host" or "device" (see the top of the file).
-bool DecodeSteps(engine::ModelRunner& m, int64_t batch, int64_t context, int steps,
+bool DecodeSteps(engine::ModelRunner& m, engine::ModelWorker& w, int64_t batch, int64_t context,
+                 int steps,
                  const std::vector<std::vector<int32_t>>& pages, const std::string& sample,
                  double* median) {
   std::vector<int32_t> next(batch, 42);
@@ -160,9 +167,9 @@ bool DecodeSteps(engine::ModelRunner& m, int64_t batch, int64_t context, int ste
     const auto t = Clock::now();
     absl::Status status;
     if (sample == "device") {
-      status = m.default_worker().ForwardSample(step, sampled);
+      status = w.ForwardSample(step, sampled);
     } else {
-      status = m.Forward(step, logits);
+      status = w.Forward(step, logits);
       for (int64_t b = 0; status.ok() && sample == "host" && b < batch; ++b) {
         sampled.push_back(engine::SampleTokenWithUniform(
             absl::MakeSpan(logits).subspan(b * vocab, vocab), params, history, step[b].uniform));
@@ -198,6 +205,8 @@ int Run(const Args& a) {
   o.num_pages = static_cast<int32_t>(max_kv / a.page_size + 64);
   o.max_step_tokens = static_cast<int32_t>(a.chunk);
   o.max_step_logits = 64;
+  std::vector<std::string> methods = absl::StrSplit(a.decode_method, ',');
+  for (const std::string& method : methods) o.quest_page_bounds |= method == "quest";
   const auto t0 = Clock::now();
   auto runner = engine::ModelRunner::Load(a.model, o);
   if (!runner.ok()) {
@@ -238,22 +247,47 @@ int Run(const Args& a) {
     }
     samples.emplace_back(x);
   }
+  // One worker per decode method (the default worker's policy is dense).
+  engine::AttentionConfig attention;
+  attention.decode.sparse_min_tokens = 0;
+  attention.decode.token_budget = a.budget;
+  attention.decode.dense_layers = a.dense_layers;
+  const engine::AttentionModelShape shape{.page_size = a.page_size};
+  std::vector<std::unique_ptr<engine::ModelWorker>> workers;
+  for (const std::string& method : methods) {
+    attention.decode.method = method;
+    auto policy = engine::MakeAttentionPolicy(attention, engine::AttentionPhase::kDecode, shape);
+    if (!policy.ok()) {
+      std::fprintf(stderr, "%s\n", policy.status().ToString().c_str());
+      return 2;
+    }
+    auto w = m.CreateWorker({}, std::move(*policy));
+    if (!w.ok()) return 1;
+    workers.push_back(std::move(*w));
+  }
   for (auto [batch, context] : a.decode) {
     if (!Prefill(m, batch, context, a.chunk, pages, &s)) return 1;
-    for (bool graphs : modes) {
-      m.default_worker().SetStepGraphs(graphs);
-      for (const std::string& sample : samples) {
-        const engine::StepGraphStats before = m.graph_stats();
-        double med = 0;
-        if (!DecodeSteps(m, batch, context, a.steps, pages, sample, &med)) return 1;
-        const engine::StepGraphStats after = m.graph_stats();
-        std::printf("| decode step | context %ld | %ld | %.2f ms | %.0f tok/s | graphs %s: %ld "
-                    "recorded (%.1f ms), %ld replayed; sampling %s |\n",
-                    context, batch, med * 1e3, batch / med, graphs ? "on" : "off",
-                    after.recorded_steps - before.recorded_steps,
-                    (after.record_seconds - before.record_seconds) * 1e3,
-                    after.replayed_steps - before.replayed_steps, sample.c_str());
-        std::fflush(stdout);
+    for (size_t mi = 0; mi < methods.size(); ++mi) {
+      engine::ModelWorker& w = *workers[mi];
+      for (bool graphs : modes) {
+        w.SetStepGraphs(graphs);
+        for (const std::string& sample : samples) {
+          const engine::StepGraphStats before = w.graph_stats();
+          w.TakeDecodeStats();
+          double med = 0;
+          if (!DecodeSteps(m, w, batch, context, a.steps, pages, sample, &med)) return 1;
+          const engine::StepGraphStats after = w.graph_stats();
+          const engine::DecodeAttentionStats ds = w.TakeDecodeStats();
+          std::printf("| decode step %s | context %ld | %ld | %.2f ms | %.0f tok/s | graphs %s: "
+                      "%ld recorded (%.1f ms), %ld replayed; sampling %s; KV read %.3f |\n",
+                      methods[mi].c_str(), context, batch, med * 1e3, batch / med,
+                      graphs ? "on" : "off", after.recorded_steps - before.recorded_steps,
+                      (after.record_seconds - before.record_seconds) * 1e3,
+                      after.replayed_steps - before.replayed_steps, sample.c_str(),
+                      ds.dense_pairs > 0 ? static_cast<double>(ds.read_pairs) / ds.dense_pairs
+                                         : 1.0);
+          std::fflush(stdout);
+        }
       }
     }
   }
@@ -274,6 +308,9 @@ int main(int argc, char** argv) {
     else if (k == "--page-size") (void)absl::SimpleAtoi(v, &a.page_size);
     else if (k == "--graphs") a.graphs = v;
     else if (k == "--sample") a.sample = v;
+    else if (k == "--decode-method") a.decode_method = v;
+    else if (k == "--budget") (void)absl::SimpleAtoi(v, &a.budget);
+    else if (k == "--dense-layers") (void)absl::SimpleAtoi(v, &a.dense_layers);
     else if (k == "--threads") (void)absl::SimpleAtoi(v, &a.threads);
     else if (k == "--copy-bandwidth") (void)absl::SimpleAtoi(v, &a.copy_bandwidth);
     else if (k == "--prefill") {

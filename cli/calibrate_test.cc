@@ -66,7 +66,7 @@ TEST(CalibrateTest, BadArgumentsNameTheProblem) {
   auto r = CalibrateMInference(o);
   ASSERT_FALSE(r.ok());
   EXPECT_NE(r.status().message().find("/nonexistent/text.txt"), std::string_view::npos);
-  o.method = "quest";
+  o.method = "flexprefill";
   r = CalibrateMInference(o);
   ASSERT_FALSE(r.ok());
   EXPECT_NE(r.status().message().find("--method"), std::string_view::npos);

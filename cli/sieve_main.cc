@@ -14,6 +14,7 @@
 #include <string_view>
 
 #include "cli/calibrate.h"
+#include "cli/calibrate_double_sparsity.h"
 #include "cli/local.h"
 #include "cli/options.h"
 #ifdef SIEVE_CLI_WITH_GRPC
@@ -32,9 +33,10 @@ commands:
   health                  print the server's health: SERVING or NOT_SERVING
   tokenize TEXT           print the token ids of TEXT
   models                  list the served models
-  calibrate               offline sparse-attention calibration in-process: --method
-                          minference --model DIR --text FILE --output FILE writes the per-head
-                          MInference pattern file
+  calibrate --method M    offline sparse-attention calibration of a model, in-process:
+                          minference (--model DIR --text FILE --output FILE writes the
+                          per-head MInference pattern file) or double-sparsity (--model DIR
+                          --output FILE writes the DoubleSparsity channel calibration)
 
 `sieve COMMAND --help` describes a command's options.
 )";
@@ -103,6 +105,36 @@ int Generate(int argc, char** argv) {
 #endif
 }
 
+// `sieve calibrate --method M ...`: the one dispatch of the calibration methods; each method's
+// command has its own file (cli/calibrate.h: minference; cli/calibrate_double_sparsity.h).
+int Calibrate(int argc, char** argv) {
+  for (int i = 0; i + 1 < argc; ++i) {
+    if (std::string_view(argv[i]) == "--method") {
+      const std::string_view method = argv[i + 1];
+      if (method == "minference") return RunCalibrate(argc, argv);
+      if (method == "double-sparsity") return RunCalibrateDoubleSparsity(argc, argv);
+      std::cerr << "sieve calibrate: unknown --method '" << method
+                << "' (minference, double-sparsity)\n";
+      return 2;
+    }
+  }
+  bool help = false;
+  for (int i = 0; i < argc; ++i) {
+    const std::string_view a = argv[i];
+    help = help || a == "--help" || a == "-h";
+  }
+  if (help) {
+    std::cout << "sieve calibrate --method minference:\n";
+    char help_arg[] = "--help";
+    char* help_argv[] = {help_arg, nullptr};
+    RunCalibrate(1, help_argv);
+    std::cout << "\n" << kCalibrateDoubleSparsityUsage;
+    return 0;
+  }
+  std::cerr << "sieve calibrate: --method is required (minference, double-sparsity)\n";
+  return 2;
+}
+
 int Main(int argc, char** argv) {
   const std::string_view command = argc >= 2 ? argv[1] : "";
   if (command.empty() || command == "--help" || command == "-h" || command == "help") {
@@ -110,7 +142,7 @@ int Main(int argc, char** argv) {
     return command.empty() ? 2 : 0;
   }
   if (command == "generate") return Generate(argc - 2, argv + 2);
-  if (command == "calibrate") return RunCalibrate(argc - 2, argv + 2);
+  if (command == "calibrate") return Calibrate(argc - 2, argv + 2);
 #ifdef SIEVE_CLI_WITH_GRPC
   if (command == "health") return RunHealth(argc - 2, argv + 2);
   if (command == "tokenize") return RunTokenize(argc - 2, argv + 2);

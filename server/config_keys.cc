@@ -202,8 +202,37 @@ const std::vector<KeySpec>& Keys() {
                        "MInference: the last this many queries of each prefill chunk estimate "
                        "the vertical-slash indices against all of the sequence's keys."),
       SIEVE_ENGINE_KEY(attention.decode.method, OneOf(engine::kDecodeAttentionMethods),
-                       "Decode attention method (only dense so far; the sparse methods add "
-                       "their names and settings under attention.decode)."),
+                       "Decode attention method: dense (every key), quest (per query head, "
+                       "the pages whose key bounds promise the largest scores, within "
+                       "attention.decode.token_budget) or double_sparsity (per query head, the "
+                       "tokens whose outlier key channels score highest; needs a calibration, "
+                       "see attention.decode.double_sparsity.calibration_file); cpu only so far."),
+      SIEVE_ENGINE_KEY(attention.decode.sparse_min_tokens, IntRange(0, 1 << 30),
+                       "A sparse decode method reads every key of a sequence whose context is "
+                       "this long or shorter."),
+      SIEVE_ENGINE_KEY(attention.decode.token_budget, IntRange(1, 1 << 30),
+                       "Keys each query head of a sequence reads under a sparse decode method "
+                       "(quest: whole pages including the last one; at least two pages)."),
+      SIEVE_ENGINE_KEY(attention.decode.dense_layers, IntRange(0, 1 << 16),
+                       "The first this many layers always decode with dense attention."),
+      SIEVE_ENGINE_KEY(attention.decode.quest.per_kv_head, Any(),
+                       "quest: one page set per KV head (largest bound over its query heads) "
+                       "instead of one per query head; reads each page once per group."),
+      SIEVE_ENGINE_KEY(attention.decode.double_sparsity.calibration_file, Any(),
+                       "double_sparsity: the channel calibration of this model (written by "
+                       "`sieve calibrate --method double-sparsity`); empty: calibrate at start-up "
+                       "on the model directory's calibration.txt, or refuse to start without one."),
+      SIEVE_ENGINE_KEY(attention.decode.double_sparsity.channels, IntRange(1, 1 << 16),
+                       "double_sparsity: outlier channels kept per head in the label cache "
+                       "(at most the model's head_dim)."),
+      SIEVE_ENGINE_KEY(attention.decode.double_sparsity.label_bits, IntRange(4, 16),
+                       "double_sparsity: label precision, 16 (fp16) or 4 (4-bit codes)."),
+      SIEVE_ENGINE_KEY(attention.decode.double_sparsity.per_kv_head, Any(),
+                       "double_sparsity: one channel list, label row and token set per KV head "
+                       "(summed scores of its query heads) instead of per query head; reads "
+                       "each selected token once per group."),
+      SIEVE_ENGINE_KEY(attention.decode.double_sparsity.statistic, OneOf({"qk", "q", "k"}),
+                       "double_sparsity: the channel statistic of a start-up calibration."),
       SIEVE_ENGINE_KEY(attention.kernel, OneOf(engine::kAttentionKernels),
                        "Attention kernels: auto (the fastest that applies to each step) or simple "
                        "(cuda: the simple kernel everywhere, a cross-check of the fast ones). The "

@@ -58,6 +58,11 @@ const std::vector<std::string> kExpectedKeys = {
     "attention.prefill.xattention.threshold_file", "attention.prefill.minference.pattern_file",
     "attention.prefill.minference.vertical_size", "attention.prefill.minference.slash_size",
     "attention.prefill.minference.last_q", "attention.decode.method",
+    "attention.decode.sparse_min_tokens", "attention.decode.token_budget",
+    "attention.decode.dense_layers",  "attention.decode.quest.per_kv_head",
+    "attention.decode.double_sparsity.calibration_file",
+    "attention.decode.double_sparsity.channels", "attention.decode.double_sparsity.label_bits",
+    "attention.decode.double_sparsity.per_kv_head", "attention.decode.double_sparsity.statistic",
     "attention.kernel",               "limits.default_max_tokens",      "limits.max_stop_strings",
     "disaggregation.prefill_target",  "disaggregation.local_prefill_below_tokens",
     "disaggregation.fallback",        "disaggregation.max_attempts",
@@ -208,10 +213,11 @@ TEST(ConfigTest, BadValuesNameKeyLineAndValue) {
       {"metrics:\n  enabled: maybe\n", "x.yaml:2: metrics.enabled must be true or false, got "
                                        "'maybe'"},
       {"model:\n  backend: tpu\n", "model.backend must be one of: cpu, cuda, got 'tpu'"},
-      {"attention:\n  prefill:\n    method: quest\n",
-       "x.yaml:3: attention.prefill.method must be one of: dense, minference, xattention, got 'quest'"},
-      {"attention:\n  decode:\n    method: double_sparsity\n",
-       "attention.decode.method must be one of: dense"},
+      {"attention:\n  prefill:\n    method: flexprefill\n",
+       "x.yaml:3: attention.prefill.method must be one of: dense, minference, xattention, got "
+       "'flexprefill'"},
+      {"attention:\n  decode:\n    method: h2o\n",
+       "attention.decode.method must be one of: dense, quest, double_sparsity, got 'h2o'"},
       {"attention:\n  kernel: fastest\n", "attention.kernel must be one of: auto, simple"},
       {"attention:\n  prefill: dense\n",
        "x.yaml:2: 'attention.prefill' must be a mapping of keys, got 'dense' (it is a section now: "

@@ -233,6 +233,16 @@ absl::StatusOr<engine::RequestSpec> ToRequestSpec(const v1::GenerateRequest& req
       return absl::InvalidArgumentError(absl::StrCat("prefill_attention: unknown mode ",
                                                      static_cast<int>(request.prefill_attention())));
   }
+  switch (request.decode_attention()) {
+    case v1::ATTENTION_MODE_UNSPECIFIED:
+      break;
+    case v1::ATTENTION_MODE_DENSE:
+      spec.dense_decode = true;
+      break;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat("decode_attention: unknown mode ",
+                                                     static_cast<int>(request.decode_attention())));
+  }
   if (request.has_request_id()) spec.client_request_id = request.request_id();
   return spec;
 }
@@ -320,10 +330,12 @@ void ToProtoModelInfo(const engine::ModelInfo& info, const engine::ModelConfig& 
   attention->set_decode("dense");
   for (absl::string_view part : absl::StrSplit(info.attention_policy, ' ', absl::SkipEmpty())) {
     if (absl::ConsumePrefix(&part, "prefill=")) {
-      // The method's name, without its settings in parentheses.
+      // The method's name, without its settings in parentheses (decode alike).
       attention->set_prefill(std::string(part.substr(0, part.find('('))));
     }
-    if (absl::ConsumePrefix(&part, "decode=")) attention->set_decode(std::string(part));
+    if (absl::ConsumePrefix(&part, "decode=")) {
+      attention->set_decode(std::string(part.substr(0, part.find('('))));
+    }
   }
   attention->set_description(info.attention_policy.empty()
                                  ? absl::StrCat("prefill=", attention->prefill(),

@@ -100,6 +100,22 @@ TEST(ToRequestSpec, PrefillAttentionModeBecomesTheDenseOverride) {
   ExpectRejected(request, absl::StatusCode::kInvalidArgument, "prefill_attention: unknown mode 7");
 }
 
+TEST(ToRequestSpec, DecodeAttentionDenseOverridesTheMethod) {
+  v1::GenerateRequest request;
+  request.set_text("hello");
+  absl::StatusOr<engine::RequestSpec> spec = ToRequestSpec(request, EmbeddedTokenizer(), Limits());
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_FALSE(spec->dense_decode);
+  request.set_decode_attention(v1::ATTENTION_MODE_DENSE);
+  spec = ToRequestSpec(request, EmbeddedTokenizer(), Limits());
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_TRUE(spec->dense_decode);
+  request.set_decode_attention(static_cast<v1::AttentionMode>(9));
+  spec = ToRequestSpec(request, EmbeddedTokenizer(), Limits());
+  ASSERT_FALSE(spec.ok());
+  EXPECT_NE(spec.status().message().find("decode_attention"), std::string::npos);
+}
+
 TEST(ToRequestSpec, AddSpecialTokensFalseLeavesTheTextAlone) {
   v1::GenerateRequest request;
   request.set_text("hello world");
@@ -406,6 +422,13 @@ TEST(ToProtoModelInfo, DescribesTheModel) {
   EXPECT_EQ(sparse.attention().prefill(), "xattention");
   EXPECT_EQ(sparse.attention().decode(), "dense");
   EXPECT_EQ(sparse.attention().description(), info.attention_policy);
+  // A sparse decode method's too.
+  info.attention_policy =
+      "prefill=dense decode=quest(budget=4096,min_tokens=4096,dense_layers=2,per_kv_head=0)";
+  v1::ModelInfo sparse_decode;
+  ToProtoModelInfo(info, model, EmbeddedTokenizer(), 1600, &sparse_decode);
+  EXPECT_EQ(sparse_decode.attention().decode(), "quest");
+  EXPECT_EQ(sparse_decode.attention().description(), info.attention_policy);
 }
 
 }  // namespace

@@ -235,7 +235,6 @@ void Metrics::RegisterRequestMetrics(const prometheus::Labels& model_label) {
                         "Seconds from the first token to the last token of a request.");
   e2e_s_ = histogram("sieve_request_e2e_latency_seconds",
                      "Seconds from arrival to finish of a request, any outcome.");
-
   auto& requests = BuildCounter()
                        .Name("sieve_requests_total")
                        .Help("Finished requests by outcome (finish reason).")
@@ -312,6 +311,22 @@ void Metrics::RegisterEngineMetrics(const prometheus::Labels& model_label) {
                           .Labels(model_label)
                           .Register(*registry_)
                           .Add({}, LatencyBucketsSeconds());
+  decode_kv_read_fraction_ =
+      &prometheus::BuildHistogram()
+           .Name("sieve_decode_kv_read_fraction")
+           .Help("Per decode step: the fraction of the KV that dense attention would read that "
+                 "the step's attention read (1 for dense).")
+           .Labels(model_label)
+           .Register(*registry_)
+           .Add({}, prometheus::Histogram::BucketBoundaries{0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5,
+                                                            0.75, 0.9, 0.99, 1.0});
+  decode_selection_s_ =
+      &prometheus::BuildHistogram()
+           .Name("sieve_decode_selection_seconds")
+           .Help("Host seconds one decode step spent choosing the keys sparse attention reads.")
+           .Labels(model_label)
+           .Register(*registry_)
+           .Add({}, LatencyBucketsSeconds());
   waiting_ = gauge("sieve_waiting_requests", "Requests queued for admission.");
   waiting_tokens_ = gauge("sieve_waiting_tokens", "Prompt tokens of the queued requests.");
   kv_used_ = gauge("sieve_kv_pages_used",
@@ -424,6 +439,11 @@ void Metrics::OnFinished(const engine::RequestOutcome& outcome) {
 void Metrics::OnPreempted() { preemptions_->Increment(); }
 
 void Metrics::OnDeviceLost(const absl::Status&) { device_lost_->Increment(); }
+
+void Metrics::OnDecodeAttention(double kv_read_fraction, double selection_seconds) {
+  decode_kv_read_fraction_->Observe(kv_read_fraction);
+  decode_selection_s_->Observe(selection_seconds);
+}
 
 void Metrics::OnStep(engine::Pool pool, double seconds, int32_t tokens) {
   const int i = static_cast<int>(pool);

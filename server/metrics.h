@@ -128,6 +128,7 @@ class Metrics : public engine::EngineObserver {
   void OnDeviceLost(const absl::Status& status) override;
   void OnStep(engine::Pool pool, double seconds, int32_t tokens) override;
   void OnPrefillAttention(double density, double index_seconds) override;
+  void OnDecodeAttention(double kv_read_fraction, double selection_seconds) override;
   void OnLoad(const engine::EngineLoad& load) override;
 
   // Disaggregated serving (see the table). `sent`: the prefill side's direction.
@@ -190,6 +191,9 @@ class Metrics : public engine::EngineObserver {
   // Sparse prefill.
   prometheus::Histogram* prefill_density_ = nullptr;
   prometheus::Histogram* prefill_index_s_ = nullptr;
+  // Sparse decode.
+  prometheus::Histogram* decode_kv_read_fraction_ = nullptr;
+  prometheus::Histogram* decode_selection_s_ = nullptr;
 
   // Disaggregated serving; arrays indexed by direction (0 received, 1 sent) or location (0
   // local, 1 remote).

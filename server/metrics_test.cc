@@ -37,6 +37,8 @@ const std::vector<std::pair<std::string, std::string>>& DocumentedFamilies() {
       {"sieve_request_inter_token_latency_seconds", "histogram"},
       {"sieve_request_decode_seconds", "histogram"},
       {"sieve_request_e2e_latency_seconds", "histogram"},
+      {"sieve_decode_selection_seconds", "histogram"},
+      {"sieve_decode_kv_read_fraction", "histogram"},
       {"sieve_requests_total", "counter"},
       {"sieve_prompt_tokens_total", "counter"},
       {"sieve_cached_prompt_tokens_total", "counter"},

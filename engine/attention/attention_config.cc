@@ -55,6 +55,42 @@ void PrefillAttentionConfig::Validate(std::vector<std::string>& errors) const {
   }
 }
 
+void DecodeAttentionConfig::Validate(std::vector<std::string>& errors) const {
+  if (std::find(std::begin(kDecodeAttentionMethods), std::end(kDecodeAttentionMethods),
+                method) == std::end(kDecodeAttentionMethods)) {
+    std::vector<std::string> names(std::begin(kDecodeAttentionMethods),
+                                   std::end(kDecodeAttentionMethods));
+    errors.push_back(absl::StrCat("attention.decode.method must be one of: ",
+                                  absl::StrJoin(names, ", "), ", got '", method, "'"));
+  }
+  if (sparse_min_tokens < 0) {
+    errors.push_back(absl::StrCat("attention.decode.sparse_min_tokens must be at least 0, got ",
+                                  sparse_min_tokens));
+  }
+  if (token_budget < 1) {
+    errors.push_back(
+        absl::StrCat("attention.decode.token_budget must be at least 1, got ", token_budget));
+  }
+  if (dense_layers < 0) {
+    errors.push_back(
+        absl::StrCat("attention.decode.dense_layers must be at least 0, got ", dense_layers));
+  }
+  const DoubleSparsityDecodeConfig& ds = double_sparsity;
+  if (ds.channels < 1) {
+    errors.push_back(absl::StrCat(
+        "attention.decode.double_sparsity.channels must be at least 1, got ", ds.channels));
+  }
+  if (ds.label_bits != 16 && ds.label_bits != 4) {
+    errors.push_back(absl::StrCat(
+        "attention.decode.double_sparsity.label_bits must be 16 or 4, got ", ds.label_bits));
+  }
+  if (ds.statistic != "qk" && ds.statistic != "q" && ds.statistic != "k") {
+    errors.push_back(absl::StrCat(
+        "attention.decode.double_sparsity.statistic must be qk, q or k, got \"", ds.statistic,
+        "\""));
+  }
+}
+
 std::string AttentionConfig::Describe() const {
   std::string prefill_text = prefill.method;
   if (prefill.method == "xattention") {
@@ -71,7 +107,21 @@ std::string AttentionConfig::Describe() const {
                     ",min_tokens=", prefill.sparse_min_tokens,
                     ",dense_layers=", prefill.dense_layers, ")");
   }
-  return absl::StrCat("prefill=", prefill_text, " decode=", decode.method);
+  std::string decode_text = decode.method;
+  if (decode.method == "quest") {
+    absl::StrAppend(&decode_text, "(budget=", decode.token_budget,
+                    ",min_tokens=", decode.sparse_min_tokens, ",dense_layers=",
+                    decode.dense_layers, ",per_kv_head=", decode.quest.per_kv_head ? 1 : 0, ")");
+  }
+  if (decode.method == "double_sparsity") {
+    const DoubleSparsityDecodeConfig& ds = decode.double_sparsity;
+    absl::StrAppend(&decode_text, "(budget=", decode.token_budget, ",channels=", ds.channels,
+                    ",label_bits=", ds.label_bits, ",per_kv_head=", ds.per_kv_head ? 1 : 0,
+                    ",calibration=", ds.calibration_file.empty() ? "startup" : "file",
+                    ",min_tokens=", decode.sparse_min_tokens,
+                    ",dense_layers=", decode.dense_layers, ")");
+  }
+  return absl::StrCat("prefill=", prefill_text, " decode=", decode_text);
 }
 
 }  // namespace sieve::engine

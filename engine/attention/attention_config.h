@@ -64,10 +64,51 @@ struct PrefillAttentionConfig {
   bool operator==(const PrefillAttentionConfig&) const = default;
 };
 
-// Decode attention (`attention.decode.*`); sparse methods add their settings here.
+// Quest's own decode settings (`attention.decode.quest.*`); SPARSE_ATTENTION.md section 3.
+struct QuestDecodeConfig {
+  // Select one page set per KV head (the largest bound over its query heads) instead of one per
+  // query head (the reference semantics, the default): reads each selected page once per group.
+  bool per_kv_head = false;
+
+  bool operator==(const QuestDecodeConfig&) const = default;
+};
+
+// DoubleSparsity's own decode settings (`attention.decode.double_sparsity.*`).
+struct DoubleSparsityDecodeConfig {
+  // The calibration file `sieve calibrate --method double-sparsity` wrote for this model. Empty:
+  // calibrate at start-up on the model directory's calibration.txt (the embedded model ships
+  // one), or refuse to start when there is none.
+  std::string calibration_file;
+  // Outlier channels kept per label head (r; 16 of 128 is the paper's headline setting).
+  int32_t channels = 16;
+  // Label precision: 16 (fp16) or 4 (4-bit min-max codes per token and head).
+  int32_t label_bits = 16;
+  // One channel list, label row and token set per KV head (ranked by the summed scores of its
+  // query heads) instead of per query head (the reference semantics, the default); reads each
+  // selected token once per group.
+  bool per_kv_head = false;
+  // The statistic a start-up calibration ranks channels by: qk, q or k (section 4.2).
+  std::string statistic = "qk";
+
+  bool operator==(const DoubleSparsityDecodeConfig&) const = default;
+};
+
+// Decode attention (`attention.decode.*`).
 struct DecodeAttentionConfig {
   // One of kDecodeAttentionMethods.
   std::string method = "dense";
+  // Sparse methods read every key of a sequence whose context is this long or shorter. Tokens.
+  int32_t sparse_min_tokens = 4096;
+  // Keys each query head of a sequence reads under a sparse method (Quest: whole pages, the
+  // last page included; at least two pages, which EngineConfig checks against the page size).
+  int32_t token_budget = 4096;
+  // The first layers always read every key (Quest's paper keeps two dense).
+  int32_t dense_layers = 2;
+  QuestDecodeConfig quest;
+  DoubleSparsityDecodeConfig double_sparsity;
+
+  // Appends one line per invalid setting, naming its key, to `errors`.
+  void Validate(std::vector<std::string>& errors) const;
 
   bool operator==(const DecodeAttentionConfig&) const = default;
 };
@@ -84,7 +125,8 @@ struct AttentionConfig {
 
   // The policy in words, as ModelInfo::attention_policy reports it: "prefill=dense
   // decode=dense", with a sparse method's settings after its name in parentheses, e.g.
-  // "prefill=xattention(stride=16,threshold=0.9,block=128,min_tokens=8192,dense_layers=0)".
+  // "prefill=xattention(stride=16,threshold=0.9,block=128,min_tokens=8192,dense_layers=0)" or
+  // "decode=quest(budget=4096,min_tokens=4096,dense_layers=2,per_kv_head=0)".
   std::string Describe() const;
 
   bool operator==(const AttentionConfig&) const = default;

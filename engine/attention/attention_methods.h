@@ -12,7 +12,7 @@ namespace sieve::engine {
 inline constexpr std::string_view kPrefillAttentionMethods[] = {"dense", "minference",
                                                              "xattention"};
 // attention.decode.method
-inline constexpr std::string_view kDecodeAttentionMethods[] = {"dense"};
+inline constexpr std::string_view kDecodeAttentionMethods[] = {"dense", "quest", "double_sparsity"};
 
 }  // namespace sieve::engine
 

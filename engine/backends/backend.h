@@ -37,6 +37,7 @@
 #include "absl/types/span.h"
 #include "engine/backends/attention_plan.h"
 #include "kernels/sparse/minference.h"
+#include "engine/backends/ds_label_store.h"
 #include "engine/model/rope.h"
 #include "engine/model/safetensors.h"
 #include "engine/sampling/sampling.h"
@@ -265,6 +266,72 @@ class Backend {
                                        const AttentionShape& shape,
                                        const MInferenceEstimate& estimate,
                                        kernels::minference::MInferencePlan& out);
+  // --- Sparse decode side data: Quest page bounds (SPARSE_ATTENTION.md section 3) ------------
+  // Per (layer, KV page, KV head) the elementwise max and min of the page's post-RoPE keys, in
+  // the KV element type, kept current on every append by UpdatePageBounds, which the runner
+  // enqueues right after RopeAndCacheKv in every pool (prefill chunks and decode tokens alike).
+  // A backend without them returns Unimplemented (and 0 bytes).
+
+  // Bytes of one KV page's bounds across `num_layers` layers (added to KvPageBytes when sizing
+  // the pool from a memory budget).
+  virtual int64_t PageBoundsBytes(int32_t num_layers, const AttentionShape& shape) const {
+    return 0;
+  }
+
+  // Allocates the bounds of every page AllocateKvCache allocated (call it after that).
+  virtual absl::Status AllocatePageBounds(int32_t num_layers, const AttentionShape& shape);
+
+  // Widens layer `layer`'s page bounds with the keys RopeAndCacheKv wrote at the step's slots;
+  // a slot at page offset 0 resets its page first (so a recycled page never keeps stale
+  // bounds, and a chunk that starts mid-page continues from the stored values).
+  virtual absl::Status UpdatePageBounds(BackendStream& stream, int32_t layer,
+                                        const AttentionShape& shape);
+
+  // Quest selection for layer `layer` of the current step, as a decode plan (query blocks of
+  // one token, key blocks of one page): each sequence with one query and not in
+  // options.dense_sequences gets per query head the top page_budget - 1 pages by upper bound
+  // plus its last page (all pages when they fit the budget); every other sequence lists all
+  // of its pages. q: the step's rotated queries [num_tokens, Hq * D].
+  struct QuestPlanOptions {
+    int32_t page_budget = 2;  // pages per row, including the last (>= 2)
+    bool per_kv_head = false;  // one page set per KV head (max of the group's bounds)
+    absl::Span<const uint8_t> dense_sequences;  // per sequence: 1 = read every page (or empty)
+  };
+  virtual absl::Status PlanQuestPages(BackendStream& stream, int32_t layer, const Tensor& q,
+                                      const AttentionShape& shape,
+                                      const QuestPlanOptions& options, AttentionPlan& plan);
+
+  // --- Sparse decode side data: DoubleSparsity labels (SPARSE_ATTENTION.md section 4) --------
+  // Per (layer, KV page, token, label head) the token's outlier key channels (the label cache of
+  // kernels/sparse/double_sparsity.h), written by UpdateDsLabels, which the runner enqueues right
+  // after RopeAndCacheKv in every pool when the decode method is double_sparsity. Labels are per
+  // token, so a recycled page needs no reset. A backend without them returns Unimplemented (and
+  // 0 bytes).
+
+  // Bytes of one KV page's labels across `num_layers` layers (added to KvPageBytes when sizing
+  // the pool from a memory budget).
+  virtual int64_t DsLabelBytes(int32_t num_layers, const kernels::DoubleSparsityShape& shape) const {
+    return 0;
+  }
+
+  // Allocates the labels of every page AllocateKvCache allocated (call it after that).
+  virtual absl::Status AllocateDsLabels(int32_t num_layers,
+                                        const kernels::DoubleSparsityShape& shape);
+
+  // Sets layer `layer`'s outlier channels ([label heads * channels], from the calibration).
+  // Until every layer has them, UpdateDsLabels writes nothing (a start-up calibration run).
+  virtual absl::Status SetDsChannels(int32_t layer, absl::Span<const int32_t> channels);
+
+  // Writes the labels of the step's new tokens of layer `layer` from the keys RopeAndCacheKv
+  // wrote.
+  virtual absl::Status UpdateDsLabels(BackendStream& stream, int32_t layer);
+
+  // DoubleSparsity selection for layer `layer` of the current step, as a decode plan (query
+  // blocks of one token, key blocks of one page): each sequence with one query and not in
+  // options.dense_sequences gets per query head its top options.token_budget tokens as columns;
+  // every other sequence lists all of its pages. q: the step's rotated queries.
+  virtual absl::Status PlanDsTokens(BackendStream& stream, int32_t layer, const Tensor& q,
+                                    const DsPlanOptions& options, AttentionPlan& plan);
 
   // out = silu(gate_up[:, :I]) * gate_up[:, I:], gate_up [num_tokens, 2I], out [num_tokens, I].
   virtual absl::Status SiluMul(BackendStream& stream, const Tensor& gate_up, Tensor out) = 0;
@@ -378,6 +445,37 @@ inline absl::Status Backend::MInferenceIndex(BackendStream&, int32_t, const Tens
                                              kernels::minference::MInferencePlan&) {
   return absl::UnimplementedError(
       absl::StrCat("the ", std::string(name()), " backend has no MInference estimator"));
+}
+
+inline absl::Status Backend::AllocatePageBounds(int32_t, const AttentionShape&) {
+  return absl::UnimplementedError("this backend has no Quest page bounds");
+}
+
+inline absl::Status Backend::UpdatePageBounds(BackendStream&, int32_t, const AttentionShape&) {
+  return absl::UnimplementedError("this backend has no Quest page bounds");
+}
+
+inline absl::Status Backend::AllocateDsLabels(int32_t, const kernels::DoubleSparsityShape&) {
+  return absl::UnimplementedError("this backend has no DoubleSparsity labels");
+}
+
+inline absl::Status Backend::SetDsChannels(int32_t, absl::Span<const int32_t>) {
+  return absl::UnimplementedError("this backend has no DoubleSparsity labels");
+}
+
+inline absl::Status Backend::UpdateDsLabels(BackendStream&, int32_t) {
+  return absl::UnimplementedError("this backend has no DoubleSparsity labels");
+}
+
+inline absl::Status Backend::PlanDsTokens(BackendStream&, int32_t, const Tensor&,
+                                          const DsPlanOptions&, AttentionPlan&) {
+  return absl::UnimplementedError("this backend has no DoubleSparsity selection");
+}
+
+inline absl::Status Backend::PlanQuestPages(BackendStream&, int32_t, const Tensor&,
+                                            const AttentionShape&, const QuestPlanOptions&,
+                                            AttentionPlan&) {
+  return absl::UnimplementedError("this backend has no Quest page selection");
 }
 
 inline absl::StatusOr<StepGraphMode> Backend::BeginGraphStep(BackendStream&, const BatchLayout&,

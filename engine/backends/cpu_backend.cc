@@ -12,6 +12,7 @@
 #include "kernels/cpu/gemm_cpu.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/sparse/xattention.h"
+#include "kernels/sparse/quest.h"
 
 namespace sieve::engine {
 namespace {
@@ -337,6 +338,113 @@ absl::Status CpuBackend::XAttentionBlockMass(BackendStream& stream, int32_t laye
   return absl::OkStatus();
 }
 
+int64_t CpuBackend::PageBoundsBytes(int32_t num_layers, const AttentionShape& shape) const {
+  return int64_t{2} * num_layers * shape.num_kv_heads * shape.head_dim *
+         static_cast<int64_t>(sizeof(float));
+}
+
+absl::Status CpuBackend::AllocatePageBounds(int32_t num_layers, const AttentionShape& shape) {
+  if (num_pages_ <= 0 || num_layers != static_cast<int32_t>(k_cache_.size())) {
+    return absl::FailedPreconditionError(
+        "cpu backend: allocate the KV cache (with the same layers) before the page bounds");
+  }
+  page_bounds_.assign(num_layers, std::vector<float>(static_cast<size_t>(num_pages_) *
+                                                     shape.num_kv_heads * 2 * shape.head_dim));
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::UpdatePageBounds(BackendStream& stream, int32_t layer,
+                                          const AttentionShape& s) {
+  SIEVE_ASSIGN_OR_RETURN(const BatchLayout* layout, LayoutOf(stream));
+  if (layer < 0 || layer >= static_cast<int32_t>(page_bounds_.size())) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cpu backend: no page bounds for layer ", layer));
+  }
+  kernels::QuestBoundsUpdate u;
+  u.k_cache = k_cache_[layer].data();
+  u.bounds = page_bounds_[layer].data();
+  u.slots = layout->slots.data();
+  u.num_tokens = layout->num_tokens();
+  u.num_kv_heads = s.num_kv_heads;
+  u.head_dim = s.head_dim;
+  u.page_size = page_size_;
+  kernels::QuestUpdateBounds(u);
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::PlanQuestPages(BackendStream& stream, int32_t layer, const Tensor& q,
+                                        const AttentionShape& s, const QuestPlanOptions& options,
+                                        AttentionPlan& plan) {
+  SIEVE_ASSIGN_OR_RETURN(const BatchLayout* layout, LayoutOf(stream));
+  if (layer < 0 || layer >= static_cast<int32_t>(page_bounds_.size())) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cpu backend: no page bounds for layer ", layer));
+  }
+  if (options.page_budget < 2) {
+    return absl::InvalidArgumentError("cpu backend: Quest needs a page budget of at least 2");
+  }
+  const int32_t seqs = layout->num_seqs();
+  const int64_t d = s.head_dim, q_cols = int64_t{s.num_q_heads} * d;
+  // The sequences that select: one query, no dense override; compact copies of their rows.
+  std::vector<int32_t> pick, kv_lens, table;
+  std::vector<float> queries;
+  for (int32_t i = 0; i < seqs; ++i) {
+    const bool dense = !options.dense_sequences.empty() && options.dense_sequences[i] != 0;
+    if (dense || layout->query_start[i + 1] - layout->query_start[i] != 1) continue;
+    pick.push_back(i);
+    kv_lens.push_back(layout->kv_lens[i]);
+    const int32_t* row = layout->page_table.data() + int64_t{i} * layout->page_table_stride;
+    table.insert(table.end(), row, row + layout->page_table_stride);
+    const float* qi = F(q) + int64_t{layout->query_start[i]} * q_cols;
+    queries.insert(queries.end(), qi, qi + q_cols);
+  }
+  kernels::QuestSelection sel;
+  if (!pick.empty()) {
+    kernels::QuestSelectParams p;
+    p.q = queries.data();
+    p.bounds = page_bounds_[layer].data();
+    p.page_table = table.data();
+    p.kv_lens = kv_lens.data();
+    p.page_table_stride = layout->page_table_stride;
+    p.num_seqs = static_cast<int32_t>(pick.size());
+    p.num_q_heads = s.num_q_heads;
+    p.num_kv_heads = s.num_kv_heads;
+    p.head_dim = s.head_dim;
+    p.page_size = page_size_;
+    p.page_budget = options.page_budget;
+    p.per_kv_head = options.per_kv_head;
+    kernels::QuestSelectCpu(p, sel, num_threads_);
+  }
+  plan.dense = false;
+  plan.query_block = 1;
+  plan.key_block = page_size_;
+  plan.query_block_start.assign(layout->query_start.begin(), layout->query_start.end());
+  plan.row_start.assign(1, 0);
+  plan.key_blocks.clear();
+  plan.column_start.clear();
+  plan.columns.clear();
+  size_t next = 0;  // index into pick
+  for (int32_t i = 0; i < seqs; ++i) {
+    const int32_t q_len = layout->query_start[i + 1] - layout->query_start[i];
+    const bool selected = next < pick.size() && pick[next] == i;
+    const int32_t pages = (layout->kv_lens[i] + page_size_ - 1) / page_size_;
+    for (int32_t j = 0; j < q_len; ++j) {
+      for (int32_t h = 0; h < s.num_q_heads; ++h) {
+        if (selected) {
+          const size_t r = next * s.num_q_heads + h;
+          plan.key_blocks.insert(plan.key_blocks.end(), sel.key_blocks.begin() + sel.row_start[r],
+                                 sel.key_blocks.begin() + sel.row_start[r + 1]);
+        } else {
+          for (int32_t b = 0; b < pages; ++b) plan.key_blocks.push_back(b);
+        }
+        plan.row_start.push_back(static_cast<int32_t>(plan.key_blocks.size()));
+      }
+    }
+    if (selected) ++next;
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CpuBackend::SiluMul(BackendStream& stream, const Tensor& gate_up, Tensor out) {
   SIEVE_RETURN_IF_ERROR(CheckShape(out, gate_up.rows, gate_up.cols / 2, "activation output"));
   kernels::SiluMulRef(F(gate_up), gate_up.rows, gate_up.cols / 2, F(out));
@@ -412,6 +520,55 @@ absl::Status CpuBackend::Sample(BackendStream&, const DeviceLogits& logits,
                           static_cast<size_t>(logits.vocab));
     out[i] = SampleTokenWithUniform(row, *rows[i].params, *rows[i].history, rows[i].uniform);
   }
+  return absl::OkStatus();
+}
+
+int64_t CpuBackend::DsLabelBytes(int32_t num_layers,
+                                 const kernels::DoubleSparsityShape& shape) const {
+  return DsLabelStore::BytesPerPage(shape, num_layers);
+}
+
+absl::Status CpuBackend::AllocateDsLabels(int32_t num_layers,
+                                          const kernels::DoubleSparsityShape& shape) {
+  if (num_pages_ <= 0 || num_layers != static_cast<int32_t>(k_cache_.size())) {
+    return absl::FailedPreconditionError(
+        "cpu backend: allocate the KV cache (with the same layers) before the labels");
+  }
+  kernels::DoubleSparsityShape s = shape;
+  s.page_size = page_size_;
+  SIEVE_ASSIGN_OR_RETURN(ds_labels_, DsLabelStore::Create(s, num_layers, num_pages_));
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::SetDsChannels(int32_t layer, absl::Span<const int32_t> channels) {
+  if (ds_labels_ == nullptr) {
+    return absl::FailedPreconditionError("cpu backend: no DoubleSparsity labels allocated");
+  }
+  return ds_labels_->SetChannels(layer, channels);
+}
+
+absl::Status CpuBackend::UpdateDsLabels(BackendStream& stream, int32_t layer) {
+  SIEVE_ASSIGN_OR_RETURN(const BatchLayout* layout, LayoutOf(stream));
+  if (ds_labels_ == nullptr || layer < 0 || layer >= static_cast<int32_t>(k_cache_.size())) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cpu backend: no DoubleSparsity labels for layer ", layer));
+  }
+  if (ds_labels_->ready()) ds_labels_->Append(layer, *layout, k_cache_[layer].data(), 1);
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::PlanDsTokens(BackendStream& stream, int32_t layer, const Tensor& q,
+                                      const DsPlanOptions& options, AttentionPlan& plan) {
+  SIEVE_ASSIGN_OR_RETURN(const BatchLayout* layout, LayoutOf(stream));
+  if (ds_labels_ == nullptr || !ds_labels_->ready() || layer < 0 ||
+      layer >= static_cast<int32_t>(k_cache_.size())) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cpu backend: no calibrated DoubleSparsity labels for layer ", layer));
+  }
+  if (options.token_budget < 1) {
+    return absl::InvalidArgumentError("cpu backend: DoubleSparsity needs a token budget >= 1");
+  }
+  ds_labels_->Plan(layer, *layout, F(q), options, plan, num_threads_);
   return absl::OkStatus();
 }
 

@@ -57,6 +57,20 @@ class CpuBackend final : public Backend {
   absl::Status XAttentionBlockMass(BackendStream& stream, int32_t layer, const Tensor& q,
                                    const AttentionShape& shape, const XAttentionEstimate& estimate,
                                    std::vector<float>& mass) override;
+  int64_t PageBoundsBytes(int32_t num_layers, const AttentionShape& shape) const override;
+  absl::Status AllocatePageBounds(int32_t num_layers, const AttentionShape& shape) override;
+  absl::Status UpdatePageBounds(BackendStream& stream, int32_t layer,
+                                const AttentionShape& shape) override;
+  absl::Status PlanQuestPages(BackendStream& stream, int32_t layer, const Tensor& q,
+                              const AttentionShape& shape, const QuestPlanOptions& options,
+                              AttentionPlan& plan) override;
+  int64_t DsLabelBytes(int32_t num_layers, const kernels::DoubleSparsityShape& shape) const override;
+  absl::Status AllocateDsLabels(int32_t num_layers,
+                                const kernels::DoubleSparsityShape& shape) override;
+  absl::Status SetDsChannels(int32_t layer, absl::Span<const int32_t> channels) override;
+  absl::Status UpdateDsLabels(BackendStream& stream, int32_t layer) override;
+  absl::Status PlanDsTokens(BackendStream& stream, int32_t layer, const Tensor& q,
+                            const DsPlanOptions& options, AttentionPlan& plan) override;
   absl::Status SiluMul(BackendStream& stream, const Tensor& gate_up, Tensor out) override;
   absl::Status GatherRows(BackendStream& stream, const Tensor& x, absl::Span<const int32_t> rows, Tensor out) override;
   absl::Status CopyToHost(BackendStream& stream, const Tensor& x, absl::Span<float> out) override;
@@ -72,6 +86,14 @@ class CpuBackend final : public Backend {
                       absl::Span<const SampleRow> rows,
                       absl::Span<absl::StatusOr<SampledToken>> out) override;
 
+  // For tests: layer `layer`'s K pool and Quest page bounds (empty when not allocated).
+  absl::Span<const float> k_cache(int32_t layer) const { return k_cache_.at(layer); }
+  const DsLabelStore* ds_labels() const { return ds_labels_.get(); }
+  absl::Span<const float> page_bounds(int32_t layer) const {
+    return layer < static_cast<int32_t>(page_bounds_.size()) ? absl::Span<const float>(page_bounds_[layer])
+                                                             : absl::Span<const float>();
+  }
+
  private:
   float* NewBuffer(int64_t elements);
 
@@ -79,6 +101,10 @@ class CpuBackend final : public Backend {
   std::vector<std::unique_ptr<float[]>> buffers_;  // every weight and activation buffer
   // KV pools per layer: [num_pages, page_size, num_kv_heads, head_dim] fp32.
   std::vector<std::vector<float>> k_cache_, v_cache_;
+  // Quest page bounds per layer, [num_pages, num_kv_heads, 2, head_dim] (max, then min).
+  std::vector<std::vector<float>> page_bounds_;
+  // DoubleSparsity labels of every layer (null unless allocated).
+  std::unique_ptr<DsLabelStore> ds_labels_;
   int32_t num_pages_ = 0;
   int32_t page_size_ = 0;
   int64_t kv_page_layer_elems_ = 0;  // page_size * num_kv_heads * head_dim

@@ -106,6 +106,19 @@ absl::StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string
   SIEVE_RETURN_IF_ERROR(runner->backend_->AllocateKvCache(
       static_cast<int32_t>(runner->config_.num_hidden_layers), num_pages + (graphs ? 1 : 0),
       options.page_size, runner->shape_));
+  if (options.quest_page_bounds) {
+    SIEVE_RETURN_IF_ERROR(runner->backend_->AllocatePageBounds(
+        static_cast<int32_t>(runner->config_.num_hidden_layers), runner->shape_));
+  }
+  if (options.ds_label_channels > 0) {
+    if (options.ds_label_channels > runner->shape_.head_dim) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "attention.decode.double_sparsity.channels ", options.ds_label_channels,
+          " exceeds the model's head_dim ", runner->shape_.head_dim));
+    }
+    SIEVE_RETURN_IF_ERROR(runner->backend_->AllocateDsLabels(
+        static_cast<int32_t>(runner->config_.num_hidden_layers), runner->ds_shape()));
+  }
   SIEVE_ASSIGN_OR_RETURN(runner->default_worker_, runner->CreateWorker());
   return runner;
 }
@@ -116,9 +129,36 @@ absl::StatusOr<int32_t> ModelRunner::KvPagesForFreeMemory() const {
   const int64_t max_pages =
       int64_t{options_.kv_max_sequences} * ((context + options_.page_size - 1) / options_.page_size);
   SIEVE_ASSIGN_OR_RETURN(int64_t available, backend_->AvailableMemoryBytes());
-  const int64_t page_bytes = backend_->KvPageBytes(static_cast<int32_t>(config_.num_hidden_layers),
-                                                   options_.page_size, shape_);
+  const int32_t layers = static_cast<int32_t>(config_.num_hidden_layers);
+  const int64_t page_bytes =
+      backend_->KvPageBytes(layers, options_.page_size, shape_) +
+      (options_.quest_page_bounds ? backend_->PageBoundsBytes(layers, shape_) : 0) +
+      (options_.ds_label_channels > 0 ? backend_->DsLabelBytes(layers, ds_shape()) : 0);
   return KvPagesForMemory(available, options_.kv_memory_fraction, page_bytes, max_pages);
+}
+
+kernels::DoubleSparsityShape ModelRunner::ds_shape() const {
+  kernels::DoubleSparsityShape s;
+  s.num_q_heads = shape_.num_q_heads;
+  s.num_kv_heads = shape_.num_kv_heads;
+  s.head_dim = shape_.head_dim;
+  s.page_size = options_.page_size;
+  s.channels = options_.ds_label_channels;
+  s.format = options_.ds_label_bits == 4 ? kernels::DsLabelFormat::kInt4 : kernels::DsLabelFormat::kF16;
+  s.per_kv_head_labels = options_.ds_per_kv_head;
+  s.shared_selection = options_.ds_per_kv_head;
+  return s;
+}
+
+absl::Status ModelRunner::SetDsCalibration(const DsCalibration& c) {
+  const int32_t layers = static_cast<int32_t>(config_.num_hidden_layers);
+  SIEVE_RETURN_IF_ERROR(CheckDsCalibrationFits(c, layers, shape_.num_q_heads,
+                                               shape_.num_kv_heads, shape_.head_dim));
+  for (int32_t l = 0; l < layers; ++l) {
+    SIEVE_RETURN_IF_ERROR(backend_->SetDsChannels(
+        l, c.LabelChannels(l, options_.ds_label_channels, options_.ds_per_kv_head)));
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::unique_ptr<ModelWorker>> ModelRunner::CreateWorker(
@@ -236,6 +276,7 @@ absl::StatusOr<std::vector<int32_t>> ModelWorker::BuildLayout(
   l.page_table.clear();
   l.query_start.assign(1, 0);
   dense_prefill_.clear();
+  dense_decode_.clear();
   tokens.clear();
   std::vector<int32_t> logit_rows;
   size_t stride = 1;
@@ -272,6 +313,7 @@ absl::StatusOr<std::vector<int32_t>> ModelWorker::BuildLayout(
     l.query_start.push_back(static_cast<int32_t>(tokens.size()));
     l.kv_lens.push_back(static_cast<int32_t>(total));
     dense_prefill_.push_back(s.dense_prefill ? 1 : 0);
+    dense_decode_.push_back(s.dense_decode ? 1 : 0);
     l.page_table.insert(l.page_table.end(), s.pages.begin(), s.pages.end());
     l.page_table.resize(l.kv_lens.size() * stride, 0);
     if (s.want_logits) logit_rows.push_back(static_cast<int32_t>(tokens.size()) - 1);
@@ -357,7 +399,9 @@ absl::Status ModelWorker::EnqueueLayers(int64_t n, absl::Span<const int32_t> tok
     }
     SIEVE_RETURN_IF_ERROR(b.Linear(st, normed, w.qkv, w.qkv_bias, qkv));
     SIEVE_RETURN_IF_ERROR(b.RopeAndCacheKv(st, layer, qkv, r.shape_, r.rope_, q));
-    SIEVE_RETURN_IF_ERROR(PlanAttention(layer, q));
+    if (r.options_.quest_page_bounds) SIEVE_RETURN_IF_ERROR(b.UpdatePageBounds(st, layer, r.shape_));
+    if (r.options_.ds_label_channels > 0) SIEVE_RETURN_IF_ERROR(b.UpdateDsLabels(st, layer));
+    SIEVE_RETURN_IF_ERROR(PlanAttention(layer, q, qkv));
     SIEVE_RETURN_IF_ERROR(b.Attention(st, layer, q, r.shape_, scale, plan_, attn));
     SIEVE_RETURN_IF_ERROR(b.Linear(st, attn, w.o, w.o_bias, proj));
     SIEVE_RETURN_IF_ERROR(b.AddRmsNorm(st, proj, hidden, w.post_norm, eps, normed));
@@ -368,15 +412,25 @@ absl::Status ModelWorker::EnqueueLayers(int64_t n, absl::Span<const int32_t> tok
   return b.AddRmsNorm(st, proj, hidden, r.final_norm_, eps, normed);
 }
 
-absl::Status ModelWorker::PlanAttention(int32_t layer, const Tensor& q) {
+absl::Status ModelWorker::PlanAttention(int32_t layer, const Tensor& q, const Tensor& qkv) {
   const ModelRunner& r = runner_;
   AttentionStep step{.layer = layer, .layout = &layout_, .shape = r.shape_, .backend = r.backend_.get(),
-                     .stream = stream_.get(), .q = q};
+                     .stream = stream_.get(), .q = q, .qkv = qkv};
   // Graph steps pad the layout past the batch's sequences; only real ones carry a flag.
   if (dense_prefill_.size() == static_cast<size_t>(layout_.num_seqs())) {
     step.dense_prefill = dense_prefill_;
   }
-  if (policy_->method() == "dense") return policy_->Plan(step, plan_);
+  if (dense_decode_.size() == static_cast<size_t>(layout_.num_seqs())) {
+    step.dense_decode = dense_decode_;
+  }
+  // Dense and the decode methods (which keep their own DecodeAttentionStats) add no prefill
+  // stats.
+  const std::string_view method = policy_->method();
+  if (method == "dense" || std::find(std::begin(kPrefillAttentionMethods),
+                                     std::end(kPrefillAttentionMethods),
+                                     method) == std::end(kPrefillAttentionMethods)) {
+    return policy_->Plan(step, plan_);
+  }
   const auto start = std::chrono::steady_clock::now();
   SIEVE_RETURN_IF_ERROR(policy_->Plan(step, plan_));
   prefill_stats_.plan_seconds +=

@@ -18,6 +18,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "engine/attention/attention_policy.h"
+#include "engine/attention/double_sparsity_calibration.h"
 #include "engine/backends/backend.h"
 #include "engine/model/model_config.h"
 #include "engine/model/rope.h"
@@ -55,6 +56,19 @@ struct ModelRunnerOptions {
   // batch to its bucket. One extra KV page beyond num_pages is reserved for the padding rows.
   // Off: every step runs its operators eagerly. Ignored by the cpu backend.
   bool cuda_graphs = false;
+  // Sparse decode side data (EngineConfig attention.decode.method quest): Load allocates the
+  // backend's Quest page bounds (counted in the pool's page size) and every step of every worker
+  // keeps them current after writing its KV (Backend::UpdatePageBounds).
+  bool quest_page_bounds = false;
+  // DoubleSparsity labels (EngineConfig attention.decode.method double_sparsity): outlier
+  // channels per label head (0: no labels), label precision (16: fp16, 4: 4-bit codes), and one
+  // label row and token set per KV head instead of per query head. Load allocates the backend's
+  // label cache (counted in the pool's page size); once SetDsCalibration gave every layer its
+  // channels, every step of every worker writes the new tokens' labels after their KV
+  // (Backend::UpdateDsLabels).
+  int32_t ds_label_channels = 0;
+  int32_t ds_label_bits = 16;
+  bool ds_per_kv_head = false;
 };
 
 // One sequence's share of a step.
@@ -66,6 +80,9 @@ struct SequenceStep {
   // The request asked for dense prefill attention: a sparse prefill policy attends every
   // causal key of this sequence (AttentionStep::dense_prefill).
   bool dense_prefill = false;
+  // The request asked for dense decode attention: a sparse decode policy reads every key of this
+  // sequence (AttentionStep::dense_decode).
+  bool dense_decode = false;
   // For ForwardSample, with want_logits: how to sample this row (borrowed; see SampleRow). The
   // engine sets them from the request's state and draws `uniform` from its SamplerRng when it
   // builds the step. Forward ignores them.
@@ -117,6 +134,10 @@ class ModelWorker {
   // Counters of this worker's graph steps (all zero when the runner uses no step graphs).
   StepGraphStats graph_stats() const;
 
+  // The decode-attention stats of the steps since the last call (AttentionPolicy::
+  // TakeDecodeStats of this worker's policy), then resets them.
+  DecodeAttentionStats TakeDecodeStats() { return policy_->TakeDecodeStats(); }
+
   // Turns graph steps of this worker off or back on (they are on by default when the runner
   // uses step graphs; turning them on does nothing otherwise). For benchmarks and tests that
   // compare the two paths on the same weights and KV cache.
@@ -146,9 +167,9 @@ class ModelWorker {
   // Enqueues the embedding of the step's `n` tokens, every layer and the final norm (into
   // normed_).
   absl::Status EnqueueLayers(int64_t n, absl::Span<const int32_t> tokens);
-  // Has the policy plan layer `layer`'s attention of the step's queries `q` into plan_, counting
-  // prefill_stats_ for a policy that is not dense.
-  absl::Status PlanAttention(int32_t layer, const Tensor& q);
+  // Has the policy plan layer `layer`'s attention of the step's queries `q` (projections `qkv`)
+  // into plan_, counting prefill_stats_ for a sparse prefill policy.
+  absl::Status PlanAttention(int32_t layer, const Tensor& q, const Tensor& qkv);
   // Runs the step's operators and leaves the logits of the want_logits sequences on the backend,
   // row i for the i-th of them (empty when none wants logits).
   absl::StatusOr<DeviceLogits> Run(absl::Span<const SequenceStep> batch);
@@ -169,6 +190,7 @@ class ModelWorker {
   Tensor hidden_, normed_, qkv_, q_, attn_, proj_, gate_up_, act_;
   Tensor last_normed_;  // [max_step_logits, hidden]
   BatchLayout layout_;
+  std::vector<uint8_t> dense_decode_;        // [num_seqs] SequenceStep::dense_decode
   // Page-table stride of each graph bucket: a power of two that only grows, so that a bucket's
   // recording survives until a sequence needs more pages than the stride holds.
   std::map<int32_t, int32_t> graph_stride_;
@@ -223,6 +245,23 @@ class ModelRunner {
   const ModelConfig& config() const { return config_; }
   const ModelRunnerOptions& options() const { return options_; }
   std::string_view backend_name() const { return backend_->name(); }
+  // The backend (for tests that inspect its memory).
+  const Backend& backend() const { return *backend_; }
+  // Bytes of one KV page's side data (Quest page bounds when options().quest_page_bounds) over
+  // all layers: what the pool's sizing added per page beyond the K and V.
+  int64_t side_data_bytes_per_page() const {
+    const int32_t layers = static_cast<int32_t>(config_.num_hidden_layers);
+    return (options_.quest_page_bounds ? backend_->PageBoundsBytes(layers, shape_) : 0) +
+           (options_.ds_label_channels > 0 ? backend_->DsLabelBytes(layers, ds_shape()) : 0);
+  }
+
+  // The DoubleSparsity label geometry of options() (valid when ds_label_channels > 0).
+  kernels::DoubleSparsityShape ds_shape() const;
+
+  // Gives every layer its DoubleSparsity channels: the first ds_label_channels of each label
+  // head's ranking in `calibration` (which must fit the model). InvalidArgument naming what does
+  // not fit.
+  absl::Status SetDsCalibration(const DsCalibration& calibration);
 
  private:
   friend class ModelWorker;

@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "engine/serving/ds_startup.h"
 #include "engine/serving/engine_impl.h"
 #include "engine/status_macros.h"
 
@@ -49,6 +50,19 @@ absl::Status Engine::Impl::Init(const EngineConfig& config, EngineObserver* obse
                                                                   : model.tokenizer_directory));
   SIEVE_ASSIGN_OR_RETURN(runner_, ModelRunner::Load(model.directory, RunnerOptionsFor(config)));
   scheduler_options_ = SchedulerOptionsFor(config, runner_->options().num_pages);
+  if (config.attention.decode.method == "double_sparsity") {
+    SIEVE_ASSIGN_OR_RETURN(DsCalibration calibration,
+                           DoubleSparsityCalibrationFor(config, *runner_, *tokenizer_));
+    SIEVE_RETURN_IF_ERROR(runner_->SetDsCalibration(calibration));
+    const int32_t layers = static_cast<int32_t>(runner_->config().num_hidden_layers);
+    const int64_t bytes = runner_->side_data_bytes_per_page();
+    scheduler_options_.side_pools.push_back({"double_sparsity_labels", bytes / layers, layers});
+  }
+  if (runner_->options().quest_page_bounds) {
+    const int32_t layers = static_cast<int32_t>(runner_->config().num_hidden_layers);
+    const int64_t bytes = runner_->side_data_bytes_per_page();
+    scheduler_options_.side_pools.push_back({"quest_page_bounds", bytes / layers, layers});
+  }
   SIEVE_RETURN_IF_ERROR(scheduler_options_.Validate());
   const ModelConfig& mc = runner_->config();
   vocab_size_ = static_cast<int32_t>(mc.vocab_size);
@@ -73,7 +87,8 @@ absl::Status Engine::Impl::Init(const EngineConfig& config, EngineObserver* obse
   // Each worker plans its attention with its own policy of its pool's method.
   const AttentionPhase phases[2] = {AttentionPhase::kPrefill, AttentionPhase::kDecode};
   const AttentionModelShape model_shape{.num_layers = static_cast<int32_t>(mc.num_hidden_layers),
-                                        .num_q_heads = static_cast<int32_t>(mc.num_attention_heads)};
+                                        .num_q_heads = static_cast<int32_t>(mc.num_attention_heads),
+                                        .page_size = config.kv_cache.page_size_tokens};
   for (int pool = 0; pool < 2; ++pool) {
     for (int32_t i = 0; i < counts[pool]; ++i) {
       SIEVE_ASSIGN_OR_RETURN(std::unique_ptr<AttentionPolicy> policy,
@@ -82,10 +97,18 @@ absl::Status Engine::Impl::Init(const EngineConfig& config, EngineObserver* obse
                              runner_->CreateWorker(stream_options[pool], std::move(policy)));
       ModelWorker* raw = worker.get();
       model_workers_.push_back(std::move(worker));
+      EngineObserver* decode_observer = pool == 1 ? observer : nullptr;
       steps[pool].push_back(
-          [raw](absl::Span<const SequenceStep> batch,
-                std::vector<absl::StatusOr<SampledToken>>& sampled) {
-            return raw->ForwardSample(batch, sampled);
+          [raw, decode_observer](absl::Span<const SequenceStep> batch,
+                                 std::vector<absl::StatusOr<SampledToken>>& sampled) {
+            absl::Status st = raw->ForwardSample(batch, sampled);
+            const DecodeAttentionStats a = raw->TakeDecodeStats();
+            if (decode_observer != nullptr && st.ok() && a.dense_pairs > 0) {
+              decode_observer->OnDecodeAttention(
+                  static_cast<double>(a.read_pairs) / static_cast<double>(a.dense_pairs),
+                  a.selection_seconds);
+            }
+            return st;
           });
     }
   }

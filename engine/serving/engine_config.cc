@@ -139,8 +139,17 @@ absl::Status EngineConfig::Validate() const {
                                   " is not available on cpu (it has one attention kernel); use "
                                   "auto"));
   }
-  CheckChoice("attention.decode.method", attention.decode.method, kDecodeAttentionMethods,
-              errors);
+  attention.decode.Validate(errors);
+  const DecodeAttentionConfig& dec = attention.decode;
+  if (dec.method == "quest" && dec.token_budget < 2 * kv_cache.page_size_tokens) {
+    errors.push_back(absl::StrCat("attention.decode.token_budget must be at least two KV pages (",
+                                  2 * kv_cache.page_size_tokens, " tokens) for ", dec.method,
+                                  ", got ", dec.token_budget));
+  }
+  if (dec.method != "dense" && model.backend != "cpu") {
+    errors.push_back(absl::StrCat("attention.decode.method ", dec.method,
+                                  " is not available on ", model.backend, " yet (cpu only)"));
+  }
   if (errors.empty()) return absl::OkStatus();
   return absl::InvalidArgumentError(absl::StrJoin(errors, "\n"));
 }
@@ -153,6 +162,13 @@ ModelRunnerOptions RunnerOptionsFor(const EngineConfig& c) {
   o.random_seed = static_cast<uint64_t>(c.model.random_seed);
   o.num_threads = c.model.cpu_threads;
   o.cuda_graphs = c.model.cuda_graphs;
+  o.quest_page_bounds = c.attention.decode.method == "quest";
+  if (c.attention.decode.method == "double_sparsity") {
+    const DoubleSparsityDecodeConfig& ds = c.attention.decode.double_sparsity;
+    o.ds_label_channels = ds.channels;
+    o.ds_label_bits = ds.label_bits;
+    o.ds_per_kv_head = ds.per_kv_head;
+  }
   o.attention_kernel = c.attention.kernel;
   o.page_size = c.kv_cache.page_size_tokens;
   o.num_pages = c.kv_cache.num_pages;

@@ -43,6 +43,37 @@ TEST(EngineConfigTest, PrefillAttentionSettingsNameTheirKeys) {
   EXPECT_THAT(p, HasSubstr("attention.prefill.xattention.threshold must be in [-1, 2]"));
 }
 
+TEST(EngineConfigTest, DecodeAttentionSettingsNameTheirKeysAndDescribeThemselves) {
+  EngineConfig c;
+  c.attention.decode.method = "quest";
+  c.attention.decode.sparse_min_tokens = -1;
+  c.attention.decode.dense_layers = -2;
+  c.attention.decode.token_budget = 0;
+  const std::string p = Problems(c);
+  EXPECT_THAT(p, HasSubstr("attention.decode.sparse_min_tokens must be at least 0, got -1"));
+  EXPECT_THAT(p, HasSubstr("attention.decode.dense_layers must be at least 0, got -2"));
+  EXPECT_THAT(p, HasSubstr("attention.decode.token_budget must be at least 1, got 0"));
+  // The page-size rule of quest (two pages of 16 tokens by default).
+  EXPECT_THAT(p, HasSubstr("attention.decode.token_budget must be at least two KV pages (32 "
+                           "tokens) for quest, got 0"));
+  c = EngineConfig();
+  c.attention.decode.method = "quest";
+  c.attention.decode.token_budget = 2048;
+  c.attention.decode.quest.per_kv_head = true;
+  EXPECT_EQ(Problems(c), "");
+  EXPECT_EQ(c.attention.Describe(),
+            "prefill=dense decode=quest(budget=2048,min_tokens=4096,dense_layers=2,"
+            "per_kv_head=1)");
+  c.attention.decode.method = "double_sparsity";
+  c.attention.decode.double_sparsity.label_bits = 4;
+  EXPECT_EQ(c.attention.Describe(),
+            "prefill=dense decode=double_sparsity(budget=2048,channels=16,label_bits=4,"
+            "per_kv_head=0,calibration=startup,min_tokens=4096,dense_layers=2)");
+  c.model.backend = "cuda";
+  EXPECT_THAT(Problems(c), HasSubstr("attention.decode.method double_sparsity is not available on "
+                                     "cuda yet (cpu only)"));
+}
+
 TEST(EngineConfigTest, DtypeMustBeWhatTheBackendComputesIn) {
   EngineConfig c;
   c.model.dtype = "bfloat16";
@@ -93,14 +124,15 @@ TEST(EngineConfigTest, AttentionKernelReachesTheRunnerAndIsAutoOnlyOnCpu) {
 TEST(EngineConfigTest, ChecksChoicesRangesAndCrossFieldRules) {
   EngineConfig c;
   c.attention.prefill.method = "flexprefill";
-  c.attention.decode.method = "quest";
+  c.attention.decode.method = "h2o";
   c.pools.decode_priority = "urgent";
   c.pools.decode_workers = 0;
   c.scheduler.prefill_chunk_tokens = 4096;
   c.kv_cache.page_size_tokens = 24;
   const std::string p = Problems(c);
   EXPECT_THAT(p, HasSubstr("attention.prefill.method must be one of: dense, minference, xattention, got 'flexprefill'"));
-  EXPECT_THAT(p, HasSubstr("attention.decode.method must be one of: dense, got 'quest'"));
+  EXPECT_THAT(p, HasSubstr("attention.decode.method must be one of: dense, quest, "
+                           "double_sparsity, got 'h2o'"));
   EXPECT_THAT(p, HasSubstr("pools.decode_priority must be one of: high, normal, got 'urgent'"));
   EXPECT_THAT(p, HasSubstr("pools.decode_workers must be at least 1, got 0"));
   EXPECT_THAT(p, HasSubstr("scheduler.prefill_chunk_tokens (4096) must not exceed "
@@ -166,6 +198,23 @@ TEST(EngineConfigTest, DerivesTheOptionsOfThePartsFromTheTree) {
   EXPECT_EQ(s.max_worker_sequences, 48);
   EXPECT_FALSE(s.enable_prefix_caching);
   EXPECT_TRUE(s.Validate().ok());
+}
+
+TEST(EngineConfigTest, DoubleSparsitySettings) {
+  EngineConfig c;
+  c.attention.decode.method = "double_sparsity";
+  EXPECT_EQ(Problems(c), "");
+  EXPECT_EQ(RunnerOptionsFor(c).ds_label_channels, 16);
+  c.attention.decode.double_sparsity.label_bits = 8;
+  c.attention.decode.double_sparsity.statistic = "v";
+  c.attention.decode.double_sparsity.channels = 0;
+  const std::string p = Problems(c);
+  EXPECT_THAT(p, HasSubstr("attention.decode.double_sparsity.label_bits must be 16 or 4, got 8"));
+  EXPECT_THAT(p, HasSubstr("attention.decode.double_sparsity.statistic must be qk, q or k"));
+  EXPECT_THAT(p, HasSubstr("attention.decode.double_sparsity.channels must be at least 1"));
+  c = EngineConfig();
+  c.attention.decode.double_sparsity.per_kv_head = true;
+  EXPECT_EQ(RunnerOptionsFor(c).ds_label_channels, 0);  // not the decode method: no labels
 }
 
 }  // namespace

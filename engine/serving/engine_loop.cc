@@ -134,6 +134,7 @@ void Engine::Impl::Dispatch(StepPlan& plan) {
       step.pages = seq.pages.pages();
       step.want_logits = item.want_logits;
       step.dense_prefill = active_.at(item.id)->spec.dense_prefill;
+      step.dense_decode = active_.at(item.id)->spec.dense_decode;
       if (item.want_logits) {
         // The worker samples this row. The request's parameters and history stay unchanged
         // until the job comes back (HandleToken is the only writer of the history); the draw is

@@ -488,9 +488,10 @@ TEST_F(EngineTest, CreateRejectsBadConfigs) {
   EXPECT_THAT(std::string(Engine::Create(c, nullptr).status().message()),
               HasSubstr("pools.decode_priority must be one of: high, normal, got 'urgent'"));
   c = Config();
-  c.attention.decode.method = "quest";
+  c.attention.decode.method = "h2o";
   EXPECT_THAT(std::string(Engine::Create(c, nullptr).status().message()),
-              HasSubstr("attention.decode.method must be one of: dense, got 'quest'"));
+              HasSubstr("attention.decode.method must be one of: dense, quest, double_sparsity, "
+                        "got 'h2o'"));
   c = Config();
   c.model.dtype = "bfloat16";
   EXPECT_THAT(std::string(Engine::Create(c, nullptr).status().message()),

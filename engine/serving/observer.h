@@ -49,6 +49,11 @@ class EngineObserver {
   // when every sequence ran dense), and the seconds spent building the sparse indices
   // (estimators and plans).
   virtual void OnPrefillAttention(double density, double index_seconds) {}
+  // One decode worker step's attention under a sparse decode method: the fraction of the keys dense attention would read that
+  // the plans read (over every layer, head and sequence; 1 for dense) and the host seconds spent
+  // selecting them. Called from the decode worker's thread right after its step (not from the
+  // scheduler thread): an implementation must be thread-safe.
+  virtual void OnDecodeAttention(double kv_read_fraction, double selection_seconds) {}
   virtual void OnLoad(const EngineLoad& load) {}
   // The backend reported an unrecoverable failure (IsDeviceLost): the engine fails every request
   // and accepts no more (Engine::health() returns `status` from now on). Called once.

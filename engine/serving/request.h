@@ -100,6 +100,9 @@ struct RequestSpec {
   // Prefill attention of this request: false follows attention.prefill (sparse where the
   // method and length say so); true attends every causal key (a client asking for dense).
   bool dense_prefill = false;
+  // Decode with dense attention whatever attention.decode.method says (GenerateRequest
+  // decode_attention DENSE), e.g. for a client that wants exact attention.
+  bool dense_decode = false;
   std::shared_ptr<RequestSink> sink;     // required
 };
 

@@ -25,6 +25,12 @@ absl::Status SchedulerOptions::Validate() const {
           absl::StrCat("scheduler: ", name, " must be > 0, got ", value));
     }
   }
+  for (const SidePoolSpec& p : side_pools) {
+    if (p.name.empty() || p.bytes_per_page_per_layer <= 0 || p.num_layers <= 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("scheduler: side pool '", p.name, "' needs a name, bytes and layers"));
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -88,7 +94,13 @@ KvCacheOptions KvOptionsOf(const SchedulerOptions& options) {
 }  // namespace
 
 Scheduler::Scheduler(const SchedulerOptions& options)
-    : options_(options), kv_(KvOptionsOf(options)) {}
+    : options_(options), kv_(KvOptionsOf(options)) {
+  for (const SidePoolSpec& spec : options.side_pools) {
+    // No page is in use yet; a bad spec is a caller's bug (Validate rejects it).
+    const absl::Status st = kv_.RegisterSidePool(spec, nullptr);
+    if (!st.ok()) internal::KvInvariantFailure(st.message());
+  }
+}
 
 Scheduler::~Scheduler() = default;
 

@@ -67,8 +67,12 @@ struct SchedulerOptions {
   int32_t max_worker_tokens = 2048;    // most tokens in one worker batch (runner max_step_tokens)
   int32_t max_worker_sequences = 256;  // most sequences in one worker batch (max_step_logits)
   bool enable_prefix_caching = true;
+  // Side pools of the sparse decode method (e.g. Quest's page bounds), registered with the
+  // KvCacheManager before any page is used; their bytes are already in the pool's sizing.
+  std::vector<SidePoolSpec> side_pools;
 
-  // Returns InvalidArgument naming the first field that is not positive.
+  // Returns InvalidArgument naming the first field that is not positive (or side pool that is
+  // unnamed or empty).
   absl::Status Validate() const;
 };
 

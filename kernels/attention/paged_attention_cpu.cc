@@ -25,17 +25,39 @@ constexpr int kRowsPerItem = 64;
 // From this many rows on, a tile's keys are transposed once so that scores need no horizontal
 // sums (decode's few rows use per-key dot products instead).
 constexpr int kTransposeRows = 8;
+// Split-KV: a work item of at most kSplitMaxQueries queries (decode, short chunks) that reads
+// more than kSplitKeys keys is cut along its key list into parts of kSplitKeys keys, each run by
+// whichever thread takes it, and the parts' partial softmax states are merged afterwards
+// (log-sum-exp). The cut depends only on the item, never on the thread count or the batch, so
+// results stay bitwise reproducible. 512 keys: a part reads 512 K and V rows (256 KB at d=128),
+// enough to amortise the item overhead, and a 128K-token sequence gives 256 parts per KV head.
+constexpr int kSplitMaxQueries = 16;
+constexpr int kSplitKeys = 512;
+static_assert(kSplitKeys % kKeyTile == 0, "parts are whole tiles");
 
 // One unit of work: the queries [q_begin, q_end) of sequence `seq` (indices within the
-// sequence) with all heads of KV head `kv_head` (dense), or with query head `head` over sparse
-// row `sparse_row`.
+// sequence) with all heads of KV head `kv_head` (dense, or sparse over the row `sparse_row` that
+// all of them share), or with query head `head` over sparse row `sparse_row`.
 struct WorkItem {
   int32_t seq = 0;
   int32_t kv_head = 0;
-  int32_t head = -1;           // sparse: the query head; dense: -1 (all heads of the group)
+  int32_t head = -1;           // the query head, or -1: all heads of the group
   int32_t q_begin = 0, q_end = 0;
   int64_t sparse_row = -1;
   int64_t cost = 0;            // query rows x keys, for ordering largest first
+  // Split-KV part: the item reads entries [key_begin, key_end) of its key list and leaves its
+  // rows' partial state (unnormalised o, running max m, sum l) at partial rows [partial_row,
+  // partial_row + rows) for MergeParts; key_end < 0: the whole list, written to out directly.
+  int32_t key_begin = 0, key_end = -1;
+  int64_t partial_row = -1;
+};
+
+// A split item: its parts are consecutive in the partial buffer, `rows` rows each.
+struct SplitGroup {
+  WorkItem item;  // the unsplit item (key_end < 0)
+  int32_t parts = 0;
+  int32_t rows = 0;
+  int64_t partial_row = 0;  // the first part's first row
 };
 
 inline int QueryLen(const PagedAttentionParams<float>& p, int s) {
@@ -60,8 +82,28 @@ inline int64_t SparseKeyCount(const SparseAttentionIndex& x, int64_t r, int last
   return n;
 }
 
-// Every work item of the call, largest first.
-inline std::vector<WorkItem> BuildWorkItems(const PagedAttentionParams<float>& p) {
+// True when sparse rows row .. row + group - 1 (the query heads of one KV head in one query
+// block) list the same key blocks and columns, as a selection shared per KV head makes them.
+inline bool GroupSharesKeys(const SparseAttentionIndex& x, int64_t row, int group) {
+  auto same = [&](const int32_t* start, const int32_t* list) {
+    const int32_t n = start[row + 1] - start[row];
+    for (int g = 1; g < group; ++g) {
+      if (start[row + g + 1] - start[row + g] != n ||
+          !std::equal(list + start[row], list + start[row + 1], list + start[row + g])) {
+        return false;
+      }
+    }
+    return true;
+  };
+  return same(x.row_start, x.key_blocks) &&
+         (x.column_start == nullptr || same(x.column_start, x.columns));
+}
+
+// Every work item of the call, largest first, with long short-query items cut into split-KV
+// parts (described in `groups`; partial rows counted in *partial_rows).
+inline std::vector<WorkItem> BuildWorkItems(const PagedAttentionParams<float>& p,
+                                            std::vector<SplitGroup>& groups,
+                                            int64_t* partial_rows) {
   std::vector<WorkItem> items;
   const int group = p.num_q_heads / p.num_kv_heads;
   for (int s = 0; s < p.num_seqs; ++s) {
@@ -86,9 +128,47 @@ inline std::vector<WorkItem> BuildWorkItems(const PagedAttentionParams<float>& p
       for (int h = 0; h < p.num_q_heads; ++h) {
         const int64_t row = (int64_t{x.query_block_start[s]} + b) * p.num_q_heads + h;
         const int64_t keys = SparseKeyCount(x, row, LastPos(p, s, qe - 1));
+        if (group > 1 && h % group == 0 && GroupSharesKeys(x, row, group)) {
+          // One item for the whole group (head -1), as dense items: each K/V row it reads is
+          // loaded once for all of the group's query heads.
+          items.push_back({s, h / group, -1, qb, qe, row,
+                           int64_t{qe - qb} * group * std::max<int64_t>(1, keys)});
+          h += group - 1;
+          continue;
+        }
         items.push_back({s, h / group, h, qb, qe, row, int64_t{qe - qb} * std::max<int64_t>(1, keys)});
       }
     }
+  }
+  // Split-KV: the item's key count is cost / queries / heads (cost counts query rows x keys).
+  groups.clear();
+  *partial_rows = 0;
+  const size_t unsplit = items.size();
+  for (size_t i = 0; i < unsplit; ++i) {
+    WorkItem& w = items[i];
+    const int queries = w.q_end - w.q_begin;
+    const int heads = w.head >= 0 ? 1 : group;
+    const int64_t keys = w.cost / (int64_t{queries} * heads);
+    if (queries > kSplitMaxQueries || keys <= kSplitKeys) continue;
+    SplitGroup g;
+    g.item = w;
+    g.parts = static_cast<int32_t>((keys + kSplitKeys - 1) / kSplitKeys);
+    g.rows = queries * heads;
+    g.partial_row = *partial_rows;
+    *partial_rows += int64_t{g.parts} * g.rows;
+    for (int32_t part = 0; part < g.parts; ++part) {
+      WorkItem pw = g.item;
+      pw.key_begin = part * kSplitKeys;
+      pw.key_end = static_cast<int32_t>(std::min<int64_t>(keys, int64_t{part + 1} * kSplitKeys));
+      pw.partial_row = g.partial_row + int64_t{part} * g.rows;
+      pw.cost = int64_t{g.rows} * (pw.key_end - pw.key_begin);
+      if (part == 0) {
+        w = pw;
+      } else {
+        items.push_back(pw);
+      }
+    }
+    groups.push_back(g);
   }
   std::stable_sort(items.begin(), items.end(),
                    [](const WorkItem& a, const WorkItem& b) { return a.cost > b.cost; });
@@ -107,6 +187,11 @@ struct Scratch {
   std::vector<int> active;       // rows that read at least one key of the tile
   std::vector<int> keys;         // the item's key positions
   std::vector<const float*> k, v;  // [kKeyTile] the tile's K and V rows
+};
+
+// The partial softmax states of split-KV parts: per partial row, o [head_dim], m and l.
+struct Partials {
+  std::vector<float> o, m, l;
 };
 
 }  // namespace cpu_attention
@@ -317,8 +402,10 @@ void TileScores(const PagedAttentionParams<float>& p, int n, Scratch& sc, size_t
 }
 
 // Attention of the scratch's rows (sc.q, sc.out, sc.last) over the key positions sc.keys of
-// sequence `seq`, KV head `kv_head`.
-void AttendRows(const PagedAttentionParams<float>& p, int seq, int kv_head, Scratch& sc) {
+// sequence `seq`, KV head `kv_head`: normalised into sc.out, or (partial non-null) the rows'
+// unnormalised state into partial rows [partial_row, partial_row + rows).
+void AttendRows(const PagedAttentionParams<float>& p, int seq, int kv_head, Scratch& sc,
+                Partials* partial, int64_t partial_row) {
   const int d = p.head_dim;
   const int rows = static_cast<int>(sc.q.size());
   const int32_t* pages = p.page_table + static_cast<int64_t>(seq) * p.page_table_stride;
@@ -368,6 +455,12 @@ void AttendRows(const PagedAttentionParams<float>& p, int seq, int kv_head, Scra
                     sc.o.data() + static_cast<size_t>(r1) * d);
     }
   }
+  if (partial != nullptr) {  // a split-KV part: keep the state for MergeParts
+    std::copy(sc.o.begin(), sc.o.end(), partial->o.begin() + partial_row * d);
+    std::copy(sc.m.begin(), sc.m.end(), partial->m.begin() + partial_row);
+    std::copy(sc.l.begin(), sc.l.end(), partial->l.begin() + partial_row);
+    return;
+  }
   for (int r = 0; r < rows; ++r) {
     const float* o = sc.o.data() + static_cast<size_t>(r) * d;
     const float inv = sc.l[r] > 0.0f ? 1.0f / sc.l[r] : 0.0f;  // no readable key: zeros
@@ -375,8 +468,8 @@ void AttendRows(const PagedAttentionParams<float>& p, int seq, int kv_head, Scra
   }
 }
 
-// Lays out the rows and keys of one work item in the scratch, then attends.
-void RunItem(const PagedAttentionParams<float>& p, const WorkItem& w, Scratch& sc) {
+// The rows of work item w in the scratch: query, output and last readable position per row.
+void ItemRows(const PagedAttentionParams<float>& p, const WorkItem& w, Scratch& sc) {
   const int group = p.num_q_heads / p.num_kv_heads;
   const int h_begin = w.head >= 0 ? w.head : w.kv_head * group;
   const int h_end = w.head >= 0 ? w.head + 1 : h_begin + group;
@@ -392,30 +485,80 @@ void RunItem(const PagedAttentionParams<float>& p, const WorkItem& w, Scratch& s
       sc.last.push_back(LastPos(p, w.seq, j));
     }
   }
+}
+
+// Lays out the rows and keys (entries [key_begin, key_end) of its list for a split-KV part) of
+// one work item in the scratch, then attends.
+void RunItem(const PagedAttentionParams<float>& p, const WorkItem& w, Scratch& sc,
+             Partials& partials) {
+  ItemRows(p, w, sc);
   const int last = LastPos(p, w.seq, w.q_end - 1);
+  const int64_t kb = w.key_begin;
+  const int64_t ke = w.key_end < 0 ? std::numeric_limits<int64_t>::max() : w.key_end;
   sc.keys.clear();
   if (w.sparse_row < 0) {
-    for (int t = 0; t <= last; ++t) sc.keys.push_back(t);
+    for (int64_t t = kb; t <= last && t < ke; ++t) sc.keys.push_back(static_cast<int>(t));
   } else {
     const SparseAttentionIndex& x = *p.sparse;
     const int64_t r = w.sparse_row;
-    for (int32_t i = x.row_start[r]; i < x.row_start[r + 1]; ++i) {
+    int64_t n = 0;  // list entries before the current block
+    for (int32_t i = x.row_start[r]; i < x.row_start[r + 1] && n < ke; ++i) {
       const int64_t first = int64_t{x.key_blocks[i]} * x.key_block;
       const int64_t end = std::min<int64_t>(first + x.key_block, int64_t{last} + 1);
-      for (int64_t t = first; t < end; ++t) sc.keys.push_back(static_cast<int>(t));
+      if (end <= first) continue;
+      const int64_t from = first + std::max<int64_t>(0, kb - n);
+      const int64_t to = std::min(end, first + std::min<int64_t>(ke - n, x.key_block));
+      for (int64_t t = from; t < to; ++t) sc.keys.push_back(static_cast<int>(t));
+      n += end - first;
     }
     if (x.column_start != nullptr) {
-      for (int32_t i = x.column_start[r]; i < x.column_start[r + 1]; ++i) {
-        if (x.columns[i] <= last) sc.keys.push_back(x.columns[i]);
+      for (int32_t i = x.column_start[r]; i < x.column_start[r + 1] && n < ke; ++i) {
+        if (x.columns[i] > last) continue;
+        if (n >= kb) sc.keys.push_back(x.columns[i]);
+        ++n;
       }
     }
   }
-  AttendRows(p, w.seq, w.kv_head, sc);
+  AttendRows(p, w.seq, w.kv_head, sc, w.partial_row >= 0 ? &partials : nullptr, w.partial_row);
+}
+
+// Combines the parts of split item g into its outputs: with M the largest part max, o = sum_i
+// exp(m_i - M) o_i / sum_i exp(m_i - M) l_i (parts that read no key have l_i = 0 and drop out).
+void MergeParts(const PagedAttentionParams<float>& p, const SplitGroup& g,
+                const Partials& partials, Scratch& sc) {
+  const int d = p.head_dim;
+  ItemRows(p, g.item, sc);
+  sc.o.assign(d, 0.0f);
+  for (int r = 0; r < g.rows; ++r) {
+    float m = -std::numeric_limits<float>::infinity();
+    for (int part = 0; part < g.parts; ++part) {
+      const int64_t pr = g.partial_row + int64_t{part} * g.rows + r;
+      if (partials.l[pr] > 0.0f) m = std::max(m, partials.m[pr]);
+    }
+    float l = 0.0f;
+    std::fill(sc.o.begin(), sc.o.end(), 0.0f);
+    for (int part = 0; part < g.parts; ++part) {
+      const int64_t pr = g.partial_row + int64_t{part} * g.rows + r;
+      if (!(partials.l[pr] > 0.0f)) continue;
+      const float c = std::exp(partials.m[pr] - m);
+      l += c * partials.l[pr];
+      const float* o = partials.o.data() + pr * d;
+      for (int i = 0; i < d; ++i) sc.o[i] += c * o[i];
+    }
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;  // no readable key: zeros
+    for (int i = 0; i < d; ++i) sc.out[r][i] = sc.o[i] * inv;
+  }
 }
 
 void PagedAttentionCpuImpl(const PagedAttentionParams<float>& p, int num_threads) {
-  const std::vector<WorkItem> items = BuildWorkItems(p);
+  std::vector<SplitGroup> groups;
+  int64_t partial_rows = 0;
+  const std::vector<WorkItem> items = BuildWorkItems(p, groups, &partial_rows);
   if (items.empty()) return;
+  Partials partials;
+  partials.o.resize(static_cast<size_t>(partial_rows) * p.head_dim);
+  partials.m.resize(partial_rows);
+  partials.l.resize(partial_rows);
   if (num_threads <= 0) num_threads = DefaultCpuThreads();
   const int workers = static_cast<int>(std::min<int64_t>(num_threads, items.size()));
   std::atomic<int64_t> next{0};
@@ -423,8 +566,14 @@ void PagedAttentionCpuImpl(const PagedAttentionParams<float>& p, int num_threads
     Scratch sc;
     for (int64_t i = next.fetch_add(1); i < static_cast<int64_t>(items.size());
          i = next.fetch_add(1)) {
-      RunItem(p, items[i], sc);
+      RunItem(p, items[i], sc, partials);
     }
+  });
+  if (groups.empty()) return;
+  const int merge_workers = static_cast<int>(std::min<int64_t>(num_threads, groups.size()));
+  ParallelFor(static_cast<int64_t>(groups.size()), merge_workers, 1, [&](int64_t b, int64_t e) {
+    Scratch sc;
+    for (int64_t g = b; g < e; ++g) MergeParts(p, groups[g], partials, sc);
   });
 }
 

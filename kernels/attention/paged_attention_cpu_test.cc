@@ -18,6 +18,7 @@
 #include <cmath>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -139,10 +140,14 @@ struct RandomIndex {
   std::vector<int32_t> query_block_start, row_start, key_blocks, column_start, columns;
   SparseAttentionIndex index;
 
+  // With `share_group` > 1, the rows of most groups of share_group consecutive query heads (a
+  // KV head's) repeat the group's first row, as a selection shared per KV head does.
   RandomIndex(const Batch& b, int query_block, int key_block, double p_block, double p_column,
-              uint32_t seed) {
+              uint32_t seed, int share_group = 1) {
     std::mt19937 rng(seed);
-    std::bernoulli_distribution block(p_block), column(p_column);
+    std::bernoulli_distribution block(p_block), column(p_column), share(0.7);
+    std::vector<int32_t> lead_blocks, lead_columns;
+    bool sharing = false;
     query_block_start.push_back(0);
     row_start.push_back(0);
     column_start.push_back(0);
@@ -152,6 +157,15 @@ struct RandomIndex {
       query_block_start.push_back(query_block_start.back() + blocks);
       const int key_blocks_n = (b.kv_lens[s] + key_block - 1) / key_block;
       for (int r = 0; r < blocks * b.q_heads; ++r) {
+        if (share_group > 1 && r % share_group == 0) sharing = share(rng);
+        if (sharing && r % share_group != 0) {
+          key_blocks.insert(key_blocks.end(), lead_blocks.begin(), lead_blocks.end());
+          columns.insert(columns.end(), lead_columns.begin(), lead_columns.end());
+          row_start.push_back(static_cast<int32_t>(key_blocks.size()));
+          column_start.push_back(static_cast<int32_t>(columns.size()));
+          continue;
+        }
+        const size_t blocks_before = key_blocks.size(), columns_before = columns.size();
         std::vector<bool> listed(key_blocks_n);
         for (int j = 0; j < key_blocks_n; ++j) {
           listed[j] = block(rng);
@@ -162,6 +176,8 @@ struct RandomIndex {
         }
         row_start.push_back(static_cast<int32_t>(key_blocks.size()));
         column_start.push_back(static_cast<int32_t>(columns.size()));
+        lead_blocks.assign(key_blocks.begin() + blocks_before, key_blocks.end());
+        lead_columns.assign(columns.begin() + columns_before, columns.end());
       }
     }
     index.query_block = query_block;
@@ -224,6 +240,44 @@ TEST_P(PagedAttentionCpuTest, BatchedEqualsSingle) {
     PagedAttentionCpu(one.Params(single), 1);
     EXPECT_TRUE(std::equal(single.begin(), single.end(), batched.begin() + b.query_start[s] * row))
         << "sequence " << s;
+  }
+}
+
+// Split-KV: decode and short-query rows over long KV (cut into 512-key parts and merged) match
+// the reference, dense and sparse (the parts of a sparse row cut through blocks and columns), on
+// 1 and 3 threads with bitwise-equal results. Same tolerance derivation as above with n <= 9000:
+// sqrt(n) u ~ 5.7e-6, the merge adds one rescale per part (~18 u ~ 1e-6): within 2e-5.
+TEST_P(PagedAttentionCpuTest, SplitKvLongDecodeMatchesReference) {
+  const Shape sh = GetParam();
+  const std::vector<Seq> seqs = {{9000, 1}, {513, 1}, {4097, 16}, {1030, 17}, {7000, 2}};
+  const Batch b(seqs, sh, 7 + sh.page_size * 3 + sh.head_dim + sh.group * 11);
+  std::vector<float> out, out3, ref;
+  PagedAttentionRef(b.Params(ref), 0);
+  PagedAttentionCpu(b.Params(out), 1);
+  PagedAttentionCpu(b.Params(out3), 3);
+  ExpectClose(out, ref, sh.head_dim, "split-KV dense");
+  EXPECT_EQ(out, out3) << "split-KV results depend on the thread count";
+  const RandomIndex x(b, 1, sh.page_size, 0.4, 0.01, 23);
+  PagedAttentionRef(b.Params(ref, &x.index), 0);
+  PagedAttentionCpu(b.Params(out, &x.index), 3);
+  ExpectClose(out, ref, sh.head_dim, "split-KV sparse");
+}
+
+// Rows of a KV head's query heads that list the same keys run as one item over the group (each
+// K/V row read once); groups that do not share, and shares over split-KV parts, stay exact.
+TEST_P(PagedAttentionCpuTest, GroupSharedRowsMatchReference) {
+  const Shape sh = GetParam();
+  const std::vector<Seq> seqs = {{9000, 1}, {700, 1}, {5 * sh.page_size + 1, 3}, {517, 131}};
+  const Batch b(seqs, sh, 41 + sh.page_size * 3 + sh.head_dim + sh.group * 5);
+  for (const auto& [qb, pb, pc] : {std::tuple{1, 0.0, 0.1}, std::tuple{1, 0.3, 0.02},
+                                   std::tuple{16, 0.3, 0.02}}) {
+    const RandomIndex x(b, qb, sh.page_size, pb, pc, 29 + qb, sh.group);
+    std::vector<float> out, out1, ref;
+    PagedAttentionRef(b.Params(ref, &x.index), 0);
+    PagedAttentionCpu(b.Params(out, &x.index), 3);
+    PagedAttentionCpu(b.Params(out1, &x.index), 1);
+    ExpectClose(out, ref, sh.head_dim, "group-shared rows qb " + std::to_string(qb));
+    EXPECT_EQ(out, out1) << "group-shared results depend on the thread count";
   }
 }
 

@@ -1,0 +1,300 @@
+// DoubleSparsity decode attention against the dense decode kernel, one Llama-3.1-8B-shaped layer
+// (32 query heads, 8 KV heads, head_dim 128, fp32 KV, page size 16), in one run:
+//   dense      : PagedAttentionCpu over every key;
+//   ds_perhead : labels and selection per query head (the reference semantics), DsSelectCpu +
+//                PagedAttentionCpu over the selected columns;
+//   ds_shared  : labels per KV head and one selection per KV head shared by its 4 query heads;
+// each at `channels` of 128 channels (fp16 labels) and a token budget of L / `fraction`, and the
+// host's memory read bandwidth (a threaded XOR over the KV cache) measured in the same run.
+// Median of --reps runs per variant, variants interleaved. Random data (speed only).
+//   ds_decode_bench [--contexts 32768,131072] [--batches 1,8] [--channels 16] [--fraction 16]
+//                   [--reps 5] [--threads N] [--share-kv-above-gib G]
+// With --share-kv-above-gib G, a batch whose KV would exceed G GiB gives all its sequences the
+// same pages (same bytes moved per step, less memory; each sequence keeps its own queries).
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <ctime>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/attention/paged_attention.h"
+#include "kernels/attention/paged_attention_cpu.h"
+#include "kernels/cpu/parallel_for.h"
+#include "kernels/sparse/double_sparsity.h"
+
+namespace sieve::kernels {
+namespace {
+
+constexpr int kQHeads = 32, kKvHeads = 8, kDim = 128, kPage = 16;
+
+struct Flags {
+  std::vector<int> contexts{32768, 131072}, batches{1, 8};
+  int channels = 16, fraction = 16, reps = 5, threads = 0;
+  double share_kv_above_gib = 1e9;
+};
+
+std::vector<int> ParseList(const char* s) {
+  std::vector<int> out;
+  for (const char* p = s; *p;) {
+    out.push_back(std::atoi(p));
+    while (*p && *p != ',') ++p;
+    if (*p == ',') ++p;
+  }
+  return out;
+}
+
+double Now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// CPU seconds of every thread of the process: under contention from other processes, a
+// memory-bound kernel's CPU time tracks its uncontended time better than the wall clock does.
+double CpuNow() {
+  timespec t;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+  return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// Fills x with uniform values in [-1, 1) from a per-thread xorshift (fast for GiB buffers).
+void Fill(std::vector<float>& x, uint64_t seed, int threads) {
+  ParallelFor(static_cast<int64_t>(x.size()), threads, 1 << 20, [&](int64_t b, int64_t e) {
+    uint64_t s = seed ^ (0x9e3779b97f4a7c15ull * (b + 1));
+    for (int64_t i = b; i < e; ++i) {
+      s ^= s << 13;
+      s ^= s >> 7;
+      s ^= s << 17;
+      x[i] = static_cast<float>(static_cast<int64_t>(s >> 40) - (int64_t{1} << 23)) * (1.0f / (1 << 23));
+    }
+  });
+}
+
+// Reads every byte of the buffers once (XOR of 64-bit words on `threads` threads): GB/s.
+double ReadBandwidth(const std::vector<const std::vector<float>*>& bufs, int threads, int reps) {
+  std::vector<double> t;
+  uint64_t sink = 0;
+  double bytes = 0;
+  for (auto* b : bufs) bytes += b->size() * sizeof(float);
+  for (int r = 0; r < reps; ++r) {
+    const double t0 = Now();
+    for (auto* b : bufs) {
+      const uint64_t* w = reinterpret_cast<const uint64_t*>(b->data());
+      const int64_t n = static_cast<int64_t>(b->size() / 2);
+      std::vector<uint64_t> part(std::max(1, threads <= 0 ? DefaultCpuThreads() : threads) * 8, 0);
+      std::atomic<int> slot{0};
+      ParallelFor(n, threads, 1 << 16, [&](int64_t lo, int64_t hi) {
+        uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+        int64_t i = lo;
+        for (; i + 4 <= hi; i += 4) {
+          a0 ^= w[i];
+          a1 ^= w[i + 1];
+          a2 ^= w[i + 2];
+          a3 ^= w[i + 3];
+        }
+        for (; i < hi; ++i) a0 ^= w[i];
+        part[slot.fetch_add(1) % part.size()] ^= a0 ^ a1 ^ a2 ^ a3;
+      });
+      for (uint64_t p : part) sink ^= p;
+    }
+    t.push_back(Now() - t0);
+  }
+  if (sink == 42) std::printf(" ");
+  return bytes / Median(t) / 1e9;
+}
+
+struct Layer {
+  int batch, len, stride;
+  std::vector<float> k, v, q, out;
+  std::vector<int32_t> page_table, kv_lens, query_start;
+  bool shared_kv;
+
+  Layer(int batch_, int len_, bool share, int threads)
+      : batch(batch_), len(len_), stride((len_ + kPage - 1) / kPage), shared_kv(share) {
+    const int distinct = share ? 1 : batch;
+    const int64_t pages = int64_t{stride} * distinct;
+    k.resize(pages * kPage * kKvHeads * kDim);
+    v.resize(k.size());
+    q.resize(static_cast<size_t>(batch) * kQHeads * kDim);
+    out.resize(q.size());
+    Fill(k, 1, threads);
+    Fill(v, 2, threads);
+    Fill(q, 3, threads);
+    std::vector<int32_t> ids(pages);
+    std::iota(ids.begin(), ids.end(), 0);
+    std::shuffle(ids.begin(), ids.end(), std::mt19937(7));
+    for (int s = 0; s < batch; ++s) {
+      const int base = share ? 0 : s * stride;
+      page_table.insert(page_table.end(), ids.begin() + base, ids.begin() + base + stride);
+    }
+    kv_lens.assign(batch, len);
+    for (int s = 0; s <= batch; ++s) query_start.push_back(s);
+  }
+
+  PagedAttentionParams<float> Params(const SparseAttentionIndex* sparse) {
+    PagedAttentionParams<float> p;
+    p.q = q.data();
+    p.k_cache = k.data();
+    p.v_cache = v.data();
+    p.out = out.data();
+    p.page_table = page_table.data();
+    p.kv_lens = kv_lens.data();
+    p.query_start = query_start.data();
+    p.page_table_stride = stride;
+    p.num_seqs = batch;
+    p.num_q_heads = kQHeads;
+    p.num_kv_heads = kKvHeads;
+    p.head_dim = kDim;
+    p.page_size = kPage;
+    p.scale = 1.0f / std::sqrt(static_cast<float>(kDim));
+    p.sparse = sparse;
+    return p;
+  }
+};
+
+// One DoubleSparsity variant's label cache and selection over a Layer.
+struct DsVariant {
+  const char* name;
+  DoubleSparsityShape shape;
+  std::vector<int32_t> channels;
+  std::vector<uint8_t> labels;
+  DsSelection sel;
+
+  DsVariant(const char* name_, Layer& layer, int r, bool per_kv, int threads) : name(name_) {
+    shape = {kQHeads, kKvHeads, kDim, kPage, r, DsLabelFormat::kF16, per_kv, per_kv};
+    std::mt19937 rng(11);
+    for (int h = 0; h < DsLabelHeads(shape); ++h) {
+      std::vector<int32_t> perm(kDim);
+      std::iota(perm.begin(), perm.end(), 0);
+      std::shuffle(perm.begin(), perm.end(), rng);
+      channels.insert(channels.end(), perm.begin(), perm.begin() + r);
+    }
+    const int64_t pages = static_cast<int64_t>(layer.k.size()) / (kPage * kKvHeads * kDim);
+    labels.resize(pages * DsLabelPageBytes(shape));
+    // Every cached token's labels, read from the cache (as a prefill's appends would write them).
+    const int distinct = layer.shared_kv ? 1 : layer.batch;
+    std::vector<int32_t> qs(distinct + 1);
+    for (int s = 0; s <= distinct; ++s) qs[s] = s * layer.len;
+    DsAppendParams a;
+    a.k_cache = layer.k.data();
+    a.page_table = layer.page_table.data();
+    a.page_table_stride = layer.stride;
+    a.kv_lens = layer.kv_lens.data();
+    a.query_start = qs.data();
+    a.num_seqs = distinct;
+    a.channels = channels.data();
+    a.labels = labels.data();
+    DsWriteLabels(shape, a, threads);
+  }
+
+  DsSelectParams Select(Layer& layer, int budget) const {
+    DsSelectParams p;
+    p.q = layer.q.data();
+    p.page_table = layer.page_table.data();
+    p.page_table_stride = layer.stride;
+    p.kv_lens = layer.kv_lens.data();
+    p.num_seqs = layer.batch;
+    p.channels = channels.data();
+    p.labels = labels.data();
+    p.token_budget = budget;
+    return p;
+  }
+};
+
+void Run(const Flags& f, int len, int batch) {
+  const double kv_gib = 2.0 * batch * len * kKvHeads * kDim * 4 / (1 << 30);
+  const bool share = kv_gib > f.share_kv_above_gib;
+  Layer layer(batch, len, share, f.threads);
+  DsVariant perhead("ds_perhead", layer, f.channels, false, f.threads);
+  DsVariant shared("ds_shared", layer, f.channels, true, f.threads);
+  const int budget = len / f.fraction;
+  const double bw = ReadBandwidth({&layer.k, &layer.v}, f.threads, 3);
+  std::vector<double> dense_t, dense_c;
+  std::vector<std::vector<double>> sel_t(2), att_t(2), tot_c(2);
+  DsVariant* vars[2] = {&perhead, &shared};
+  for (int r = 0; r < f.reps + 1; ++r) {  // the first round warms up
+    double t0 = Now(), c0 = CpuNow();
+    PagedAttentionCpu(layer.Params(nullptr), f.threads);
+    if (r > 0) {
+      dense_t.push_back(Now() - t0);
+      dense_c.push_back(CpuNow() - c0);
+    }
+    for (int i = 0; i < 2; ++i) {
+      t0 = Now();
+      c0 = CpuNow();
+      DsSelectCpu(vars[i]->shape, vars[i]->Select(layer, budget), vars[i]->sel, f.threads);
+      const double t1 = Now();
+      const SparseAttentionIndex index = vars[i]->sel.Index(kPage);
+      PagedAttentionCpu(layer.Params(&index), f.threads);
+      const double t2 = Now();
+      if (r > 0) {
+        sel_t[i].push_back(t1 - t0);
+        att_t[i].push_back(t2 - t1);
+        tot_c[i].push_back(CpuNow() - c0);
+      }
+    }
+  }
+  const double dense_ms = Median(dense_t) * 1e3, dense_cpu = Median(dense_c) * 1e3;
+  const double kv_bytes = 2.0 * batch * len * kKvHeads * kDim * 4;
+  std::printf("| %dK | %d | %s | dense | %.2f | - | - | %.1f | %.1f GB/s (%.0f%% of read) | 1.00x | 1.00x |\n",
+              len / 1024, batch, share ? "shared" : "own", dense_ms, dense_cpu,
+              kv_bytes / (dense_ms * 1e-3) / 1e9, 100.0 * kv_bytes / (dense_ms * 1e-3) / 1e9 / bw);
+  for (int i = 0; i < 2; ++i) {
+    std::vector<double> sum(sel_t[i].size());
+    for (size_t j = 0; j < sum.size(); ++j) sum[j] = sel_t[i][j] + att_t[i][j];
+    const double total = Median(sum) * 1e3, cpu = Median(tot_c[i]) * 1e3;
+    std::printf("| %dK | %d | %s | %s | %.2f | %.2f | %.2f | %.1f | labels read %.0f MB | %.2fx | %.2fx |\n",
+                len / 1024, batch, share ? "shared" : "own", vars[i]->name, total,
+                Median(sel_t[i]) * 1e3, Median(att_t[i]) * 1e3, cpu,
+                static_cast<double>(vars[i]->labels.size()) * (share ? batch : 1) / 1e6,
+                dense_ms / total, dense_cpu / cpu);
+  }
+  std::printf("|  |  |  | read bandwidth (XOR over K and V) | %.1f GB/s |  |  |  |  |  |  |\n", bw);
+  std::fflush(stdout);
+}
+
+}  // namespace
+}  // namespace sieve::kernels
+
+int main(int argc, char** argv) {
+  using sieve::kernels::Flags;
+  Flags f;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string a = argv[i];
+    if (a == "--contexts") f.contexts = sieve::kernels::ParseList(argv[i + 1]);
+    else if (a == "--batches") f.batches = sieve::kernels::ParseList(argv[i + 1]);
+    else if (a == "--channels") f.channels = std::atoi(argv[i + 1]);
+    else if (a == "--fraction") f.fraction = std::atoi(argv[i + 1]);
+    else if (a == "--reps") f.reps = std::atoi(argv[i + 1]);
+    else if (a == "--threads") f.threads = std::atoi(argv[i + 1]);
+    else if (a == "--share-kv-above-gib") f.share_kv_above_gib = std::atof(argv[i + 1]);
+    else {
+      std::fprintf(stderr, "ds_decode_bench: unknown option %s\n", a.c_str());
+      return 2;
+    }
+  }
+  std::printf("ds_decode_bench: %d q heads, %d KV heads, d %d, page %d, fp32 KV, %d of %d channels "
+              "(fp16 labels), budget L/%d, %d threads, target %s, median of %d\n\n",
+              sieve::kernels::kQHeads, sieve::kernels::kKvHeads, sieve::kernels::kDim,
+              sieve::kernels::kPage, f.channels, sieve::kernels::kDim, f.fraction,
+              f.threads > 0 ? f.threads : sieve::kernels::DefaultCpuThreads(),
+              sieve::kernels::PagedAttentionCpuTarget(), f.reps);
+  std::printf("| context | batch | KV pages | variant | step ms (wall) | select ms | attend ms | "
+              "step CPU ms (all threads) | note | speed-up (wall) | speed-up (CPU) |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|---|\n");
+  for (int len : f.contexts) {
+    for (int batch : f.batches) sieve::kernels::Run(f, len, batch);
+  }
+  return 0;
+}

@@ -1,0 +1,78 @@
+// Quest (SPARSE_ATTENTION.md section 3): per-page key bounds and query-aware page selection for
+// sparse decode over the paged KV cache (layout of kernels/attention/paged_attention.h).
+//
+// Page bounds: for each (page, KV head) the elementwise max Mx and min Mn of the page's keys
+// (post-RoPE, as stored), laid out [num_pages, num_kv_heads, 2, head_dim] with Mx first. They are
+// kept current on every append with the section 3.2 rule (a token at page offset 0 resets the
+// page, any other token widens it), so a recycled page never keeps its previous owner's bounds
+// and a prefill chunk that starts mid-page continues from the stored values.
+//
+// Selection (3.3, 3.4, 3.7): U_p(q) = sum_c max(q_c Mx_pc, q_c Mn_pc) bounds q.k for every key of
+// page p. With K = page_budget pages and n = ceil(L / page_size) pages of a sequence: n <= K
+// lists every page (exactly dense); otherwise the top K - 1 of pages 0 .. n - 2 by U_p (ties:
+// lower page first) plus the last page, in increasing order. Per query head by default; with
+// per_kv_head every head of a group shares the pages of the group's largest bound
+// (max over the group of U_p(q_h), option (b) of 3.7).
+#ifndef SIEVE_KERNELS_SPARSE_QUEST_H_
+#define SIEVE_KERNELS_SPARSE_QUEST_H_
+
+#include <cstdint>
+#include <vector>
+
+namespace sieve::kernels {
+
+// Appends the keys of `num_tokens` tokens to the bounds of one layer: token i was written at KV
+// slot slots[i] (page * page_size + offset), its keys at k_cache row slots[i]
+// ([num_pages * page_size, num_kv_heads, head_dim]). Tokens of one page must come in position
+// order (a step's tokens do). Serial; O(num_tokens * num_kv_heads * head_dim).
+struct QuestBoundsUpdate {
+  const float* k_cache = nullptr;  // one layer's keys
+  float* bounds = nullptr;         // one layer's bounds [num_pages, num_kv_heads, 2, head_dim]
+  const int64_t* slots = nullptr;  // [num_tokens]
+  int32_t num_tokens = 0;
+  int32_t num_kv_heads = 0;
+  int32_t head_dim = 0;
+  int32_t page_size = 0;
+};
+void QuestUpdateBounds(const QuestBoundsUpdate& u);
+
+// The bounds of one (page, KV head) recomputed from its first `valid` keys (the reference for
+// the incremental update): out [2, head_dim], Mx then Mn.
+void QuestBoundsRef(const float* k_cache, int32_t page, int32_t kv_head, int32_t valid,
+                    int32_t num_kv_heads, int32_t head_dim, int32_t page_size, float* out);
+
+// One decode step's selection: one query per sequence.
+struct QuestSelectParams {
+  const float* q = nullptr;        // [num_seqs, num_q_heads, head_dim]
+  const float* bounds = nullptr;   // one layer's bounds
+  const int32_t* page_table = nullptr;  // [num_seqs, page_table_stride]
+  const int32_t* kv_lens = nullptr;     // [num_seqs] L, including the current token
+  int32_t page_table_stride = 0;
+  int32_t num_seqs = 0;
+  int32_t num_q_heads = 0;
+  int32_t num_kv_heads = 0;
+  int32_t head_dim = 0;
+  int32_t page_size = 0;
+  int32_t page_budget = 2;         // K, pages per row including the last (>= 2)
+  bool per_kv_head = false;
+};
+
+// The selection as BSR rows (one per (sequence, query head), row = seq * num_q_heads + head):
+// row r lists pages key_blocks[row_start[r] .. row_start[r + 1]) (sequence page indices, not
+// page ids), increasing. Vectors are resized (capacity kept).
+struct QuestSelection {
+  std::vector<int32_t> row_start;
+  std::vector<int32_t> key_blocks;
+};
+
+// fp64 reference: bounds and scores in double, one row at a time.
+void QuestSelectRef(const QuestSelectParams& p, QuestSelection& out);
+// Fast: Highway-vectorised fp32 scores, rows on `num_threads` host threads (0 = all).
+void QuestSelectCpu(const QuestSelectParams& p, QuestSelection& out, int num_threads = 0);
+
+// U_p(q) of one query against one page's bounds [2, head_dim], in double (tests, reference).
+double QuestUpperBound(const float* q, const float* bounds, int32_t head_dim);
+
+}  // namespace sieve::kernels
+
+#endif  // SIEVE_KERNELS_SPARSE_QUEST_H_
