@@ -47,6 +47,8 @@
 // | sieve_prefill_daemons_reachable             | gauge     | model                | 1 while a decode daemon can reach a prefill daemon, else 0 (0 in the other roles). |
 // | sieve_prefill_attention_density             | histogram | model                | Per prefill step under a sparse prefill method: fraction of the causal (query, key) pairs, i.e. of the causal tiles' work, its attention computed over all layers and heads (1: all dense). Buckets 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 0.9, 1. |
 // | sieve_prefill_sparse_index_seconds          | histogram | model                | Per prefill step under a sparse prefill method: seconds spent building the sparse indices (estimators and plans, all layers). |
+// | sieve_decode_kv_read_fraction               | histogram | model                | Per decode step under a sparse decode method: fraction of the (query, key) pairs dense attention would read that the step's attention read, over every layer and head (1: all dense). Buckets 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 0.9, 0.99, 1. |
+// | sieve_decode_selection_seconds              | histogram | model                | Per decode step under a sparse decode method: host seconds spent choosing the keys sparse attention reads (all layers). |
 //
 // Histograms expose the usual `_bucket{le=...}`, `_sum` and `_count` series. Every series whose
 // labels are known in advance (all but sieve_grpc_requests_total) is present from the start

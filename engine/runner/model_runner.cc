@@ -426,9 +426,8 @@ absl::Status ModelWorker::PlanAttention(int32_t layer, const Tensor& q, const Te
   // Dense and the decode methods (which keep their own DecodeAttentionStats) add no prefill
   // stats.
   const std::string_view method = policy_->method();
-  if (method == "dense" || std::find(std::begin(kPrefillAttentionMethods),
-                                     std::end(kPrefillAttentionMethods),
-                                     method) == std::end(kPrefillAttentionMethods)) {
+  if (std::find(std::begin(kDecodeAttentionMethods), std::end(kDecodeAttentionMethods),
+                method) != std::end(kDecodeAttentionMethods)) {
     return policy_->Plan(step, plan_);
   }
   const auto start = std::chrono::steady_clock::now();
