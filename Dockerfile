@@ -25,6 +25,7 @@ RUN apt-get update -qq \
       build-essential cmake ninja-build pkg-config \
       libabsl-dev libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc \
       prometheus-cpp-dev libyaml-cpp-dev nlohmann-json3-dev libhwy-dev \
+      libpcre2-dev libicu-dev libdnnl-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . /src
@@ -38,6 +39,7 @@ RUN apt-get update -qq \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
       libabsl20220623 libgrpc++1.51 libgrpc29 libprotobuf32 libyaml-cpp0.7 \
       libprometheus-cpp-core1.0 libprometheus-cpp-pull1.0 libcivetweb1 libhwy1 \
+      libdnnl2 libgomp1 libicu72 ocl-icd-libopencl1 \
       libc-ares2 libre2-9 libssl3 zlib1g libstdc++6 \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 65532 sieve \
@@ -66,6 +68,7 @@ RUN apt-get update -qq \
       build-essential cmake ninja-build pkg-config \
       libabsl-dev libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc \
       prometheus-cpp-dev libyaml-cpp-dev nlohmann-json3-dev libhwy-dev \
+      libpcre2-dev libicu-dev libdnnl-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . /src

@@ -215,12 +215,21 @@ def check_libraries(stages, binaries):
                 continue
             libs += 1
             pkg = owner(m.group(2))
-            if pkg is None:
+            if pkg is None and m.group(2).startswith(CUDA_TOOLKIT):
+                # A CUDA-enabled local build (scripts/test.sh builds with CUDA where nvcc is)
+                # links the toolkit's runtime; the image's CPU build is configured without CUDA
+                # (checked below), so its binaries don't. The run check lends the library to the
+                # root so that these local binaries start there.
+                TOOLKIT_LIBS[m.group(1)] = m.group(2)
+            elif pkg is None:
                 problem(f"{b.name}: {m.group(1)} ({m.group(2)}) belongs to no Debian package")
             elif pkg in pkgs:
                 provided_by_listed.add(pkg)
             elif pkg not in closure and pkg not in required:
                 problem(f"{b.name}: {m.group(1)} is in {pkg}, which the cpu stage does not install")
+    if TOOLKIT_LIBS and "-DSIEVE_CUDA=OFF" not in " ".join(instr(stages["build-cpu"], "RUN")):
+        problem("build-cpu must configure with -DSIEVE_CUDA=OFF (the cpu stage has no CUDA "
+                f"runtime, yet the binaries link {sorted(TOOLKIT_LIBS)} when built with CUDA)")
     policy = subprocess.run(["apt-cache", "policy"] + pkgs, capture_output=True, text=True).stdout
     # A package exists in Debian if the archive offers it or this machine has it installed
     # (apt's lists may be absent where nothing needed installing).
@@ -238,6 +247,10 @@ def check_libraries(stages, binaries):
                 problem(f"{stage}: build package {p} is not in scripts/install-deps.sh")
     print(f"libraries: {libs} resolved for {len(binaries)} binaries, covered by {len(pkgs)} packages")
     return set(pkgs) | closure | required
+
+
+CUDA_TOOLKIT = "/usr/local/cuda"
+TOOLKIT_LIBS = {}  # soname -> path: CUDA runtime libraries of a CUDA-enabled local build
 
 
 def build_root(root, packages):
@@ -277,6 +290,11 @@ def build_root(root, packages):
                 files += 1
     for d in ("opt", "tmp", "proc", "dev", "etc"):
         (root / d).mkdir(mode=0o1777 if d == "tmp" else 0o755, exist_ok=True)
+    for soname, path in TOOLKIT_LIBS.items():  # see check_libraries
+        dest = root / "usr" / "lib" / "x86_64-linux-gnu" / soname
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, dest)
+        print(f"image root: lent {soname} from {path} (CUDA-enabled local build)")
     # What a container runtime writes into every container (no package ships /etc/hosts).
     (root / "etc" / "hosts").write_text("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n")
     (root / "etc" / "hostname").write_text("sieve\n")
