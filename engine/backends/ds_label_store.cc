@@ -133,7 +133,7 @@ void DsLabelStore::Plan(int32_t layer, const BatchLayout& layout, const float* q
     for (int32_t row = 0; row < q_len * hq; ++row) {
       if (sparse) {
         const kernels::DsSelection& x = sc->selection;
-        const int64_t r = int64_t{next_sparse} * hq + row;
+        const int64_t r = static_cast<int64_t>(next_sparse) * hq + row;
         plan.columns.insert(plan.columns.end(), x.columns.begin() + x.column_start[r],
                             x.columns.begin() + x.column_start[r + 1]);
       } else {
