@@ -50,6 +50,9 @@ absl::StatusOr<std::vector<int32_t>> PromptTokens(const v1::GenerateRequest& req
       SIEVE_RETURN_IF_ERROR(CheckTokenIds(ids, vocab_size, "prompt: token_ids"));
       return std::vector<int32_t>(ids.begin(), ids.end());
     }
+    case v1::GenerateRequest::kMessages:
+      return absl::UnimplementedError(
+          "prompt: messages need the model's chat template, which this daemon does not render yet");
     case v1::GenerateRequest::PROMPT_NOT_SET:
       break;
   }

@@ -345,6 +345,10 @@ absl::StatusOr<void*> CudaBackend::DeviceAlloc(size_t bytes) {
   SIEVE_RETURN_IF_CUDA_ERROR(cudaMalloc(&p, std::max<size_t>(bytes, 256)));
   buffers_.push_back(p);
   SIEVE_RETURN_IF_CUDA_ERROR(cudaMemset(p, 0, bytes));
+  // cudaMemset of device memory may return before it completes, and it runs on the legacy
+  // default stream, which the backend's non-blocking streams do not wait for: without this a
+  // step's kernels (or a KV transfer) can run before the zeros land and have their writes wiped.
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaDeviceSynchronize());
   return p;
 }
 
@@ -373,6 +377,9 @@ absl::StatusOr<Tensor> CudaBackend::UploadWeight(absl::Span<const TensorView> pa
   SIEVE_ASSIGN_OR_RETURN(void* dev, DeviceAlloc(host.size() * sizeof(uint16_t)));
   SIEVE_RETURN_IF_CUDA_ERROR(
       cudaMemcpy(dev, host.data(), host.size() * sizeof(uint16_t), cudaMemcpyHostToDevice));
+  // From pageable memory cudaMemcpy may return once the data is staged, before it reaches the
+  // device, and the non-blocking streams that read the weight do not order after it.
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaDeviceSynchronize());
   return Tensor{dev, total / cols, cols};
 }
 
@@ -411,6 +418,8 @@ absl::Status CudaBackend::AllocateKvCache(int32_t num_layers, int32_t num_pages,
   const size_t bytes = static_cast<size_t>(2 * num_layers * layer_elems) * sizeof(bf16);
   SIEVE_RETURN_IF_CUDA_ERROR(cudaMalloc(&kv_, bytes));
   SIEVE_RETURN_IF_CUDA_ERROR(cudaMemset(kv_, 0, bytes));
+  // As in DeviceAlloc: the zeroing must be complete before any non-blocking stream writes KV.
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaDeviceSynchronize());
   kv_layer_elems_ = layer_elems;
   num_layers_ = num_layers;
   num_pages_ = num_pages;
