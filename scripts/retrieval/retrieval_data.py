@@ -149,6 +149,7 @@ class RetrievalTask:
         self.max_question_len = (max(lens[p] for p in self.p_q_prefix) + 2 * key_max
                                  + max(lens[p] for p in self.p_q_mid) + 1 + self.answer_len + 1)
         self.device = torch.device("cpu")
+        self.question_every = 128  # one question per this many tokens (shape_for), up to 8
         self._tables()
 
     def _tables(self):
@@ -168,10 +169,14 @@ class RetrievalTask:
 
     def shape_for(self, length, max_questions=8, max_facts=32):
         """(max facts, questions) for samples of `length` tokens: sparse facts, >= 1 distractor."""
-        questions = max(1, min(max_questions, length // 128))
+        questions = max(1, min(max_questions, length // self.question_every))
         facts = max(2, min(max_facts, length // 40, len(self.keys)))
         facts = max(facts, questions + 1)
         room = length - 1 - questions * self.max_question_len - self.max_fact_len * facts
+        while room < 0 and questions > 1:  # dense questions (--question-every): fewer fit
+            questions -= 1
+            facts = max(2, min(max_facts, length // 40, len(self.keys)), questions + 1)
+            room = length - 1 - questions * self.max_question_len - self.max_fact_len * facts
         if room < 0:
             raise ValueError(f"length {length} is too short for {facts} facts and "
                              f"{questions} questions")

@@ -72,6 +72,8 @@ def parse_args():
                     help="a stage below this running accuracy may overrun its time, up to 2x")
     ap.add_argument("--min-stage-steps", type=int, default=150)
     ap.add_argument("--max-key-tokens", type=int, default=3)
+    ap.add_argument("--question-every", type=int, default=128,
+                    help="training samples ask one question per this many tokens (up to 8)")
     ap.add_argument("--key-source", choices=["lists", "vocab"], default="lists",
                     help="keys from word lists (1-3 tokens) or one-token vocabulary words")
     ap.add_argument("--value-tokens", type=int, default=2,
@@ -188,6 +190,7 @@ def main():
     bpe = ByteBPE(tok_path)
     task = RetrievalTask(bpe, value_tokens=args.value_tokens,
                          max_key_tokens=args.max_key_tokens, key_source=args.key_source).to(device)
+    task.question_every = args.question_every
     check = self_check(task, tok_path)
     log(event="data_check", **check)
     if not check["ok"]:
