@@ -38,6 +38,7 @@ def main():
                     help="must match the model's training (train_retrieval_model.py)")
     ap.add_argument("--max-key-tokens", type=int, default=3)
     ap.add_argument("--key-source", choices=["lists", "vocab"], default="lists")
+    ap.add_argument("--value-source", choices=["digits", "words"], default="digits")
     args = ap.parse_args()
     if args.model:
         with open(os.path.join(args.model, "retrieval_task.json")) as f:
@@ -50,7 +51,8 @@ def main():
     if len(counts) != len(lengths) or min(lengths) < 64 or min(counts) < 1:
         ap.error("--count must be one number or one per length; lengths >= 64")
     task = RetrievalTask(ByteBPE(args.tokenizer), value_tokens=args.value_tokens,
-                         max_key_tokens=args.max_key_tokens, key_source=args.key_source)
+                         max_key_tokens=args.max_key_tokens, key_source=args.key_source,
+                         value_source=args.value_source)
     with open(args.out, "w") as f:
         for li, (length, count) in enumerate(zip(lengths, counts)):
             for i in range(count):

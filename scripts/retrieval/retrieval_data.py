@@ -86,7 +86,7 @@ class RetrievalTask:
     """
 
     def __init__(self, bpe, value_tokens=2, n_fillers=4096, max_key_tokens=3, seed=1234,
-                 key_source="lists"):
+                 key_source="lists", value_source="digits"):
         self.bpe = bpe
         self.texts, ids = [""], [[]]  # piece 0: the empty piece
 
@@ -109,25 +109,37 @@ class RetrievalTask:
         self.p_front = [add(" " + w) for w in FRONT_WORDS]
         if any(len(ids[p]) != 1 for p in self.p_front):
             raise ValueError("every FRONT_WORDS entry must be one token")
+        # Lowercase words that are one token of the tokenizer and appear nowhere else in the task.
+        used = set(" ".join(FILLER_TEMPLATES + F_ADJ + F_NOUN + F_VERB + F_TIME + F_PERSON
+                            + FRONT_WORDS + ATTRIBUTES + ["what", "is", "for"]).split())
+        vocab_words = sorted(t[1:] for t in bpe.vocab if t.startswith("\u0120")
+                             and t[1:].isascii() and t[1:].isalpha() and t[1:].islower()
+                             and len(t) >= 5 and t[1:] not in used)
         if key_source == "lists":  # animals, colours, objects, plants (1-3 tokens each)
             words = _unique(ANIMALS + COLOURS + OBJECTS + PLANTS)
-        else:  # "vocab": lowercase words that are one token of the tokenizer
-            used = set(" ".join(FILLER_TEMPLATES + F_ADJ + F_NOUN + F_VERB + F_TIME + F_PERSON
-                                + FRONT_WORDS + ATTRIBUTES + ["what", "is", "for"]).split())
-            words = sorted(t[1:] for t in bpe.vocab if t.startswith("\u0120")
-                           and t[1:].isascii() and t[1:].isalpha() and t[1:].islower()
-                           and len(t) >= 5 and t[1:] not in used)
+        else:  # "vocab": the one-token words
+            words = vocab_words
+        if value_source == "words" and key_source == "vocab":
+            words = vocab_words[0::2]  # keys and values: disjoint halves of the vocabulary words
         self.keys = [w for w in words
                      if len(bpe.encode(" " + w, add_bos=False)) <= max_key_tokens]
         self.p_keys = [add(" " + k) for k in self.keys]
         # Values: 4-digit numbers whose digits take exactly `value_tokens` tokens (so every
         # answer, " " + digits, has the same length A = value_tokens + 1).
-        self.values = [v for v in range(1000, 10000)
-                       if len(bpe.encode(f" {v}", add_bos=False)) == value_tokens + 1]
-        if not self.values:
-            raise ValueError(f"no 4-digit value encodes to {value_tokens} digit tokens")
-        self.p_values = [add(f" {v}") for v in self.values]
-        self.answer_len = value_tokens + 1
+        if value_source == "words":
+            # Values: one-token words that are not keys, so an answer is one token (single-token
+            # recall: the needle's value sits right after " is", two tokens after its key).
+            keys = set(self.keys)
+            self.values = [w for w in vocab_words if w not in keys]
+            self.p_values = [add(" " + w) for w in self.values]
+            self.answer_len = 1
+        else:
+            self.values = [v for v in range(1000, 10000)
+                           if len(bpe.encode(f" {v}", add_bos=False)) == value_tokens + 1]
+            if not self.values:
+                raise ValueError(f"no 4-digit value encodes to {value_tokens} digit tokens")
+            self.p_values = [add(f" {v}") for v in self.values]
+            self.answer_len = value_tokens + 1
         self.p_fact_prefix = [add(f" The {a} for") for a in ATTRIBUTES]
         self.p_q_prefix = [add(f" What is the {a} for") for a in ATTRIBUTES]
         self.p_q_mid = [add(f"? The {a} for") for a in ATTRIBUTES]

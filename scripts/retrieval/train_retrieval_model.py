@@ -76,6 +76,8 @@ def parse_args():
                     help="training samples ask one question per this many tokens (up to 8)")
     ap.add_argument("--key-source", choices=["lists", "vocab"], default="lists",
                     help="keys from word lists (1-3 tokens) or one-token vocabulary words")
+    ap.add_argument("--value-source", choices=["digits", "words"], default="digits",
+                    help="answers: 4-digit numbers (--value-tokens digit tokens) or one-token words")
     ap.add_argument("--value-tokens", type=int, default=2,
                     help="digit tokens per answer (2: 150 values; 4: 4530 values)")
     # Model shape (defaults: the embedded model's; --tiny: a much smaller one, because CPU
@@ -189,7 +191,8 @@ def main():
     tok_path = os.path.join(args.embedded, "tokenizer.json")
     bpe = ByteBPE(tok_path)
     task = RetrievalTask(bpe, value_tokens=args.value_tokens,
-                         max_key_tokens=args.max_key_tokens, key_source=args.key_source).to(device)
+                         max_key_tokens=args.max_key_tokens, key_source=args.key_source,
+                         value_source=args.value_source).to(device)
     task.question_every = args.question_every
     check = self_check(task, tok_path)
     log(event="data_check", **check)
@@ -219,7 +222,8 @@ def main():
     hf_io.copy_tokenizer_files(args.embedded, args.out)
     # The task's settings, so that prompt writers (make_prompt_set.py --model) match training.
     hf_io.write_json(os.path.join(args.out, "retrieval_task.json"), {
-        "value_tokens": args.value_tokens, "max_key_tokens": args.max_key_tokens,
+        "value_tokens": args.value_tokens, "value_source": args.value_source,
+        "max_key_tokens": args.max_key_tokens,
         "key_source": args.key_source})
     log(event="start", params=parameter_count(model), device=str(device),
         torch=torch.__version__, keys=len(task.keys), values=len(task.values),
