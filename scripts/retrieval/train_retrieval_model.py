@@ -89,6 +89,9 @@ def parse_args():
     ap.add_argument("--head-dim", type=int, default=None, help="default 64 (tiny 16)")
     ap.add_argument("--intermediate-size", type=int, default=None, help="default 768 (tiny 192)")
     ap.add_argument("--tie-embeddings", action="store_true")
+    ap.add_argument("--rope-theta", type=float, default=500000.0)
+    ap.add_argument("--rope-scaling", choices=["llama3", "none"], default="llama3",
+                    help="llama3: as models/embedded/config.json; none: plain RoPE")
     ap.add_argument("--grad-checkpoint", action="store_true")
     ap.add_argument("--eval-lengths", default=None, help="default 2048,8192,32768,131072")
     ap.add_argument("--eval-samples", default=None, help="per length, default 128,64,32,16")
@@ -207,8 +210,10 @@ def main():
                        intermediate_size=args.intermediate_size,
                        num_hidden_layers=args.layers, num_attention_heads=args.heads,
                        num_key_value_heads=args.kv_heads, head_dim=args.head_dim,
-                       tie_word_embeddings=args.tie_embeddings,
+                       tie_word_embeddings=args.tie_embeddings, rope_theta=args.rope_theta,
                        bos_token_id=bpe.bos_id, eos_token_id=bpe.eos_id)
+    if args.rope_scaling == "none":
+        shape.rope_scaling = None
     if args.init:
         init_model, _ = hf_io.load_checkpoint(args.init)
         shape = init_model.shape
