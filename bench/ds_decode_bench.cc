@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "kernels/attention/paged_attention.h"
 #include "kernels/attention/paged_attention_cpu.h"
 #include "kernels/cpu/parallel_for.h"
@@ -33,7 +34,8 @@
 namespace sieve::kernels {
 namespace {
 
-constexpr int kQHeads = 32, kKvHeads = 8, kDim = 128, kPage = 16;
+constexpr int kQHeads = bench::kLlama31_8B.q_heads, kKvHeads = bench::kLlama31_8B.kv_heads,
+              kDim = bench::kLlama31_8B.head_dim, kPage = bench::kPageSize;
 
 struct Flags {
   std::vector<int> contexts{32768, 131072}, batches{1, 8};
@@ -41,32 +43,9 @@ struct Flags {
   double share_kv_above_gib = 1e9;
 };
 
-std::vector<int> ParseList(const char* s) {
-  std::vector<int> out;
-  for (const char* p = s; *p;) {
-    out.push_back(std::atoi(p));
-    while (*p && *p != ',') ++p;
-    if (*p == ',') ++p;
-  }
-  return out;
-}
-
-double Now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
-// CPU seconds of every thread of the process: under contention from other processes, a
-// memory-bound kernel's CPU time tracks its uncontended time better than the wall clock does.
-double CpuNow() {
-  timespec t;
-  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
-  return t.tv_sec + t.tv_nsec * 1e-9;
-}
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
+using bench::CpuNow;
+using bench::Median;
+using bench::Now;
 
 // Fills x with uniform values in [-1, 1) from a per-thread xorshift (fast for GiB buffers).
 void Fill(std::vector<float>& x, uint64_t seed, int threads) {
@@ -272,8 +251,8 @@ int main(int argc, char** argv) {
   Flags f;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
-    if (a == "--contexts") f.contexts = sieve::kernels::ParseList(argv[i + 1]);
-    else if (a == "--batches") f.batches = sieve::kernels::ParseList(argv[i + 1]);
+    if (a == "--contexts") f.contexts = sieve::bench::ParseIntList(argv[i + 1]);
+    else if (a == "--batches") f.batches = sieve::bench::ParseIntList(argv[i + 1]);
     else if (a == "--channels") f.channels = std::atoi(argv[i + 1]);
     else if (a == "--fraction") f.fraction = std::atoi(argv[i + 1]);
     else if (a == "--reps") f.reps = std::atoi(argv[i + 1]);

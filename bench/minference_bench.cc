@@ -31,6 +31,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "kernels/attention/paged_attention.h"
 #include "kernels/attention/paged_attention_cpu.h"
 #include "kernels/cpu/parallel_for.h"
@@ -137,26 +138,18 @@ double Seconds(std::chrono::steady_clock::time_point a) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count();
 }
 
-std::vector<int> ParseList(const char* s) {
-  std::vector<int> out;
-  for (const char* c = s; *c;) {
-    out.push_back(std::atoi(c));
-    while (*c && *c != ',') ++c;
-    if (*c == ',') ++c;
-  }
-  return out;
-}
+using bench::ParseIntList;
 
 int Main(int argc, char** argv) {
   std::vector<int> lengths = {8192, 16384, 32768};
   int threads = 0, hq = 32, hkv = 8, reps = 1;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string f = argv[i];
-    if (f == "--lengths") lengths = ParseList(argv[i + 1]);
+    if (f == "--lengths") lengths = ParseIntList(argv[i + 1]);
     else if (f == "--threads") threads = std::atoi(argv[i + 1]);
     else if (f == "--reps") reps = std::max(1, std::atoi(argv[i + 1]));
     else if (f == "--heads") {
-      const auto hh = ParseList(argv[i + 1]);
+      const auto hh = ParseIntList(argv[i + 1]);
       hq = hh.at(0);
       hkv = hh.at(1);
     } else {

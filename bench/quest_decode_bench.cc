@@ -18,6 +18,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "kernels/attention/paged_attention.h"
 #include "kernels/attention/paged_attention_cpu.h"
 #include "kernels/cpu/parallel_for.h"
@@ -26,25 +27,11 @@
 namespace sieve::kernels {
 namespace {
 
-constexpr int kHq = 32, kHkv = 8, kD = 128, kPage = 16;
+constexpr int kHq = bench::kLlama31_8B.q_heads, kHkv = bench::kLlama31_8B.kv_heads,
+              kD = bench::kLlama31_8B.head_dim, kPage = bench::kPageSize;
 
-double Now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
-template <typename Fn>
-double MedianSeconds(int reps, Fn&& fn) {
-  fn();  // warm-up
-  std::vector<double> t;
-  for (int i = 0; i < reps; ++i) {
-    const double a = Now();
-    fn();
-    t.push_back(Now() - a);
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
+using bench::MedianSeconds;
+using bench::Now;
 
 // Read bandwidth: `threads` threads each summing their share of a buffer far larger than the
 // last-level cache (8 accumulators, so the adds never limit it). Best of `reps`, bytes/s.
@@ -173,17 +160,6 @@ struct Problem {
   }
 };
 
-std::vector<int> ParseList(const char* s) {
-  std::vector<int> v;
-  for (const char* p = s; *p != '\0';) {
-    v.push_back(std::atoi(p));
-    const char* c = std::strchr(p, ',');
-    if (c == nullptr) break;
-    p = c + 1;
-  }
-  return v;
-}
-
 int Main(int argc, char** argv) {
   int threads = DefaultCpuThreads(), budget = 4096, reps = 5;
   double max_kv_gb = 10;
@@ -191,8 +167,8 @@ int Main(int argc, char** argv) {
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
     if (a == "--threads") threads = std::atoi(argv[i + 1]);
-    else if (a == "--contexts") contexts = ParseList(argv[i + 1]);
-    else if (a == "--batches") batches = ParseList(argv[i + 1]);
+    else if (a == "--contexts") contexts = bench::ParseIntList(argv[i + 1]);
+    else if (a == "--batches") batches = bench::ParseIntList(argv[i + 1]);
     else if (a == "--budget") budget = std::atoi(argv[i + 1]);
     else if (a == "--reps") reps = std::atoi(argv[i + 1]);
     else if (a == "--max_kv_gb") max_kv_gb = std::atof(argv[i + 1]);

@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "bench/structured_attention.h"
 #include "kernels/attention/paged_attention.h"
 #include "kernels/attention/paged_attention_cpu.h"
@@ -44,22 +45,9 @@ constexpr int kD = 128, kPage = 16, kBlock = 128;
 // ratio of a full layer, in a quarter of the time).
 int kHq = 32, kHkv = 8;
 
-double Now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
-// CPU seconds of the whole process (all threads): on a machine shared with other tenants the
-// wall time moves with their load, the CPU time far less.
-double CpuNow() {
-  timespec ts;
-  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-  return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
+using bench::CpuNow;
+using bench::Median;
+using bench::Now;
 
 // A block-sparse index under construction.
 struct Index {
@@ -217,16 +205,6 @@ double RelError(const std::vector<float>& got, const std::vector<float>& want) {
   return std::sqrt(diff / scale);
 }
 
-std::vector<int> ParseList(const char* s) {
-  std::vector<int> out;
-  for (const char* c = s; *c;) {
-    out.push_back(std::atoi(c));
-    while (*c && *c != ',') ++c;
-    if (*c == ',') ++c;
-  }
-  return out;
-}
-
 }  // namespace
 }  // namespace sieve
 
@@ -238,7 +216,7 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&] { return i + 1 < argc ? argv[++i] : ""; };
-    if (a == "--tokens") tokens = ParseList(next());
+    if (a == "--tokens") tokens = bench::ParseIntList(next());
     else if (a == "--threads") threads = std::atoi(next());
     else if (a == "--reps") reps = std::max(1, std::atoi(next()));
     else if (a == "--fixed_tokens") fixed_tokens = std::atoi(next());

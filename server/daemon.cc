@@ -172,6 +172,12 @@ void Daemon::EngineEvents::OnPreempted() {
 void Daemon::EngineEvents::OnStep(engine::Pool pool, double seconds, int32_t tokens) {
   if (daemon_.metrics_) daemon_.metrics_->OnStep(pool, seconds, tokens);
 }
+void Daemon::EngineEvents::OnPrefillAttention(double density, double index_seconds) {
+  if (daemon_.metrics_) daemon_.metrics_->OnPrefillAttention(density, index_seconds);
+}
+void Daemon::EngineEvents::OnDecodeAttention(double kv_read_fraction, double selection_seconds) {
+  if (daemon_.metrics_) daemon_.metrics_->OnDecodeAttention(kv_read_fraction, selection_seconds);
+}
 void Daemon::EngineEvents::OnLoad(const engine::EngineLoad& load) {
   if (daemon_.metrics_) daemon_.metrics_->OnLoad(load);
 }

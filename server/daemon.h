@@ -88,6 +88,8 @@ class Daemon {
     void OnFinished(const engine::RequestOutcome& outcome) override;
     void OnPreempted() override;
     void OnStep(engine::Pool pool, double seconds, int32_t tokens) override;
+    void OnPrefillAttention(double density, double index_seconds) override;
+    void OnDecodeAttention(double kv_read_fraction, double selection_seconds) override;
     void OnLoad(const engine::EngineLoad& load) override;
     void OnDeviceLost(const absl::Status& status) override;
     bool device_lost() const { return lost_.HasBeenNotified(); }

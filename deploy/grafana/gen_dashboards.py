@@ -185,6 +185,41 @@ def disaggregation_rows(b):
                  "short")
 
 
+def mean(metric, by):
+    """The mean observation of a histogram per rate interval, by the labels `by`."""
+    group = ", ".join(by)
+    legend = " ".join("{{%s}}" % x for x in by)
+    return (f"sum by ({group}) (rate({metric}_sum{{{SEL}}}[{RATE}])) / "
+            f"sum by ({group}) (rate({metric}_count{{{SEL}}}[{RATE}]))", f"{legend} mean")
+
+
+def sparse_rows(b):
+    """Sparse attention (SPARSE_ATTENTION.md): the share of the dense work each step did and what
+    choosing it cost. Observed only by daemons whose attention.prefill.method /
+    attention.decode.method is not dense; a dense daemon's series stay empty."""
+    b.row("Sparse attention")
+    for metric, title, what in (
+            ("sieve_prefill_attention_density", "Prefill attention density",
+             "Per prefill step under a sparse prefill method (xattention, minference): the "
+             "fraction of the causal (query, key) pairs attention computed, all layers and heads "
+             "(1: dense)."),
+            ("sieve_decode_kv_read_fraction", "Decode KV read fraction",
+             "Per decode step under a sparse decode method (quest, double_sparsity): the fraction "
+             "of the keys dense attention would read that the step read, all layers and heads "
+             "(1: dense).")):
+        b.timeseries(f"{title}: p50 / p90 / p99 and mean by role", what,
+                     quantiles(metric, ["role"]) + [mean(metric, ["role"])], "percentunit", w=12)
+    for metric, title, what in (
+            ("sieve_prefill_sparse_index_seconds", "Sparse prefill index time per step",
+             "Seconds a sparse prefill step spent building its indices (estimators and plans, "
+             "all layers)."),
+            ("sieve_decode_selection_seconds", "Sparse decode selection time per step",
+             "Host seconds a sparse decode step spent choosing the keys it reads (page or label "
+             "scoring and top-k, all layers).")):
+        b.timeseries(f"{title}: p50 / p90 / p99 and mean by role", what,
+                     quantiles(metric, ["role"]) + [mean(metric, ["role"])], "s", w=12)
+
+
 def overview_board():
     b = Board("sieve-overview", "Sieve / Throughput and capacity",
               "Requests and tokens per second, queue and running requests, KV pages and the "
@@ -246,11 +281,7 @@ def overview_board():
                  [(f"sum by (role) (rate(sieve_prefix_cache_hit_tokens_total{{{SEL}}}[{RATE}])) / "
                    f"sum by (role) (rate(sieve_prefix_cache_query_tokens_total{{{SEL}}}[{RATE}]))",
                    "{{role}}")], "percentunit")
-    b.row("Sparse attention")
-    b.text("Sparse prefill density and decode KV fraction",
-           "Only dense attention exists so far (`attention.*.method: dense`): the daemon exports "
-           "no density metric yet. The sparse prefill and decode methods add theirs, and their "
-           "panels go here.")
+    sparse_rows(b)
     b.row("Rejections, cancellations, preemptions, errors")
     b.timeseries("Rejections per second by reason", "Refused at submission: queue_full, invalid, draining.",
                  [(f"sum by (reason) (rate(sieve_rejections_total{{{SEL}}}[{RATE}]))", "{{reason}}")],

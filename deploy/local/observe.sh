@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The local observability stack: the daemon on the embedded model (CPU), a real Prometheus
+# The local observability stack: the daemon on the embedded model (CPU) with sparse prefill
+# and decode attention (XAttention, Quest; thresholds low enough for short prompts), a real Prometheus
 # (Debian's package) scraping it every second with Sieve's recording rules and alerts, and a
 # short load from sieve_loadgen, so that the dashboards' queries have data to answer.
 #
@@ -46,12 +47,21 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 cd "$repo"
+# Sparse attention with thresholds low enough that the load's prompts (32, 128 and 512 tokens)
+# use it, so that the dashboards' sparse panels have data: XAttention prefill for KV lengths
+# above 128 tokens (64-token blocks), Quest decode above 64 tokens with a 64-token budget (four
+# pages), the first layer dense in both phases. Every daemon runs them; the decode daemon of
+# --check decodes prompts whose KV it imported (their Quest bounds are rebuilt on import).
+sparse=(--set attention.prefill.method=xattention --set attention.prefill.sparse_min_tokens=128
+        --set attention.prefill.dense_layers=1 --set attention.prefill.xattention.block_size=64
+        --set attention.decode.method=quest --set attention.decode.sparse_min_tokens=64
+        --set attention.decode.token_budget=64 --set attention.decode.dense_layers=1)
 start_sieved() {  # start_sieved NAME GRPC_PORT METRICS_PORT [--set KEY=VALUE ...]
   local name=$1 grpc=$2 metrics=$3
   shift 3
   "$build/server/sieved" --config configs/default.yaml \
     --set "server.listen_address=127.0.0.1:$grpc" --set "metrics.listen_address=127.0.0.1:$metrics" \
-    "$@" >"$work/sieved-$name.log" 2>&1 &
+    "${sparse[@]}" "$@" >"$work/sieved-$name.log" 2>&1 &
   pids+=($!)
   local pid=$!
   for _ in $(seq 150); do

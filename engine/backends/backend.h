@@ -194,7 +194,8 @@ class Backend {
 
   // Copies `data` (pages.size() * KvPageBytes bytes, laid out as ReadKvPages writes it) into
   // pages `pages`; when it returns, a later step on any stream sees the data. Errors as
-  // ReadKvPages.
+  // ReadKvPages. The pages' sparse decode side data is not written here: ModelRunner::
+  // WriteKvPages follows it with RebuildPageBounds / RebuildDsLabels when its policy keeps any.
   virtual absl::Status WriteKvPages(absl::Span<const int32_t> pages,
                                     absl::Span<const uint8_t> data);
 
@@ -287,6 +288,13 @@ class Backend {
   virtual absl::Status UpdatePageBounds(BackendStream& stream, int32_t layer,
                                         const AttentionShape& shape);
 
+  // Recomputes the bounds of whole pages `pages`, every layer, from the keys now in them (all
+  // page_size of them): the pages an import filled through WriteKvPages, whose keys no step
+  // wrote. Like WriteKvPages, it runs on the caller's thread and returns once done; the caller
+  // keeps steps away from the pages meanwhile.
+  virtual absl::Status RebuildPageBounds(absl::Span<const int32_t> pages,
+                                         const AttentionShape& shape);
+
   // Quest selection for layer `layer` of the current step, as a decode plan (query blocks of
   // one token, key blocks of one page): each sequence with one query and not in
   // options.dense_sequences gets per query head the top page_budget - 1 pages by upper bound
@@ -325,6 +333,11 @@ class Backend {
   // Writes the labels of the step's new tokens of layer `layer` from the keys RopeAndCacheKv
   // wrote.
   virtual absl::Status UpdateDsLabels(BackendStream& stream, int32_t layer);
+
+  // Writes the labels of every token of whole pages `pages`, every layer, from the keys now in
+  // them (the pages an import filled through WriteKvPages); nothing until every layer has its
+  // channels, as UpdateDsLabels. Caller's thread, waits, as RebuildPageBounds.
+  virtual absl::Status RebuildDsLabels(absl::Span<const int32_t> pages);
 
   // DoubleSparsity selection for layer `layer` of the current step, as a decode plan (query
   // blocks of one token, key blocks of one page): each sequence with one query and not in
@@ -453,6 +466,16 @@ inline absl::Status Backend::AllocatePageBounds(int32_t, const AttentionShape&) 
 
 inline absl::Status Backend::UpdatePageBounds(BackendStream&, int32_t, const AttentionShape&) {
   return absl::UnimplementedError("this backend has no Quest page bounds");
+}
+
+inline absl::Status Backend::RebuildPageBounds(absl::Span<const int32_t>, const AttentionShape&) {
+  return absl::UnimplementedError(
+      absl::StrCat("the ", std::string(name()), " backend cannot rebuild Quest page bounds"));
+}
+
+inline absl::Status Backend::RebuildDsLabels(absl::Span<const int32_t>) {
+  return absl::UnimplementedError(
+      absl::StrCat("the ", std::string(name()), " backend cannot rebuild DoubleSparsity labels"));
 }
 
 inline absl::Status Backend::AllocateDsLabels(int32_t, const kernels::DoubleSparsityShape&) {

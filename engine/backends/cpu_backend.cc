@@ -372,6 +372,36 @@ absl::Status CpuBackend::UpdatePageBounds(BackendStream& stream, int32_t layer,
   return absl::OkStatus();
 }
 
+absl::Status CpuBackend::RebuildPageBounds(absl::Span<const int32_t> pages,
+                                           const AttentionShape& s) {
+  if (page_bounds_.size() != k_cache_.size()) {
+    return absl::FailedPreconditionError("cpu backend: no page bounds allocated");
+  }
+  if (absl::Status st = CheckKvTransfer(pages, pages.size() * 2 * k_cache_.size() *
+                                                   kv_page_layer_elems_ * sizeof(float));
+      !st.ok()) {
+    return st;
+  }
+  // Every slot of each page in order: offset 0 resets the page, the rest widen it.
+  std::vector<int64_t> slots;
+  slots.reserve(pages.size() * page_size_);
+  for (const int32_t p : pages) {
+    for (int32_t o = 0; o < page_size_; ++o) slots.push_back(int64_t{p} * page_size_ + o);
+  }
+  for (size_t l = 0; l < page_bounds_.size(); ++l) {
+    kernels::QuestBoundsUpdate u;
+    u.k_cache = k_cache_[l].data();
+    u.bounds = page_bounds_[l].data();
+    u.slots = slots.data();
+    u.num_tokens = static_cast<int32_t>(slots.size());
+    u.num_kv_heads = s.num_kv_heads;
+    u.head_dim = s.head_dim;
+    u.page_size = page_size_;
+    kernels::QuestUpdateBounds(u);
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CpuBackend::PlanQuestPages(BackendStream& stream, int32_t layer, const Tensor& q,
                                         const AttentionShape& s, const QuestPlanOptions& options,
                                         AttentionPlan& plan) {
@@ -554,6 +584,22 @@ absl::Status CpuBackend::UpdateDsLabels(BackendStream& stream, int32_t layer) {
         absl::StrCat("cpu backend: no DoubleSparsity labels for layer ", layer));
   }
   if (ds_labels_->ready()) ds_labels_->Append(layer, *layout, k_cache_[layer].data(), 1);
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::RebuildDsLabels(absl::Span<const int32_t> pages) {
+  if (ds_labels_ == nullptr) {
+    return absl::FailedPreconditionError("cpu backend: no DoubleSparsity labels allocated");
+  }
+  if (absl::Status st = CheckKvTransfer(pages, pages.size() * 2 * k_cache_.size() *
+                                                   kv_page_layer_elems_ * sizeof(float));
+      !st.ok()) {
+    return st;
+  }
+  if (!ds_labels_->ready()) return absl::OkStatus();
+  for (size_t l = 0; l < k_cache_.size(); ++l) {
+    ds_labels_->AppendPages(static_cast<int32_t>(l), pages, k_cache_[l].data(), num_threads_);
+  }
   return absl::OkStatus();
 }
 

@@ -61,6 +61,8 @@ class CpuBackend final : public Backend {
   absl::Status AllocatePageBounds(int32_t num_layers, const AttentionShape& shape) override;
   absl::Status UpdatePageBounds(BackendStream& stream, int32_t layer,
                                 const AttentionShape& shape) override;
+  absl::Status RebuildPageBounds(absl::Span<const int32_t> pages,
+                                 const AttentionShape& shape) override;
   absl::Status PlanQuestPages(BackendStream& stream, int32_t layer, const Tensor& q,
                               const AttentionShape& shape, const QuestPlanOptions& options,
                               AttentionPlan& plan) override;
@@ -69,6 +71,7 @@ class CpuBackend final : public Backend {
                                 const kernels::DoubleSparsityShape& shape) override;
   absl::Status SetDsChannels(int32_t layer, absl::Span<const int32_t> channels) override;
   absl::Status UpdateDsLabels(BackendStream& stream, int32_t layer) override;
+  absl::Status RebuildDsLabels(absl::Span<const int32_t> pages) override;
   absl::Status PlanDsTokens(BackendStream& stream, int32_t layer, const Tensor& q,
                             const DsPlanOptions& options, AttentionPlan& plan) override;
   absl::Status SiluMul(BackendStream& stream, const Tensor& gate_up, Tensor out) override;

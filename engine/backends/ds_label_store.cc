@@ -71,6 +71,25 @@ void DsLabelStore::Append(int32_t layer, const BatchLayout& layout, const float*
   kernels::DsWriteLabels(shape_, p, num_threads);
 }
 
+void DsLabelStore::AppendPages(int32_t layer, absl::Span<const int32_t> pages,
+                               const float* k_cache, int num_threads) {
+  if (pages.empty()) return;
+  // Each page as a sequence of one full page whose tokens are all new.
+  const int32_t n = static_cast<int32_t>(pages.size()), ps = shape_.page_size;
+  std::vector<int32_t> kv_lens(n, ps), query_start(n + 1);
+  for (int32_t i = 0; i <= n; ++i) query_start[i] = i * ps;
+  kernels::DsAppendParams p;
+  p.k_cache = k_cache;
+  p.page_table = pages.data();
+  p.page_table_stride = 1;
+  p.kv_lens = kv_lens.data();
+  p.query_start = query_start.data();
+  p.num_seqs = n;
+  p.channels = channels_[layer].data();
+  p.labels = labels_[layer].data();
+  kernels::DsWriteLabels(shape_, p, num_threads);
+}
+
 std::unique_ptr<DsLabelStore::Scratch> DsLabelStore::TakeScratch() {
   std::lock_guard<std::mutex> lock(*mu_);
   if (scratch_pool_.empty()) return std::make_unique<Scratch>();

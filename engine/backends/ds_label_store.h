@@ -60,6 +60,11 @@ class DsLabelStore {
   // ([num_pages, page_size, num_kv_heads, head_dim] fp32, already written this step).
   void Append(int32_t layer, const BatchLayout& layout, const float* k_cache, int num_threads);
 
+  // Writes the labels of every token of whole pages `pages` of `layer` from their keys in
+  // `k_cache` (pages an import filled: no step wrote their keys).
+  void AppendPages(int32_t layer, absl::Span<const int32_t> pages, const float* k_cache,
+                   int num_threads);
+
   // Builds `layer`'s decode plan (query blocks of one token, key blocks of one page): each
   // sequence not in options.dense_sequences gets per query head its top-k tokens by approximate
   // score as columns (all tokens when L <= k); every other sequence lists all of its pages.

@@ -14,6 +14,7 @@
 #include "engine/backends/cpu_backend.h"
 #include "engine/runner/model_runner.h"
 #include "engine/serving/engine_config.h"
+#include "engine/testing/sparse_decode_setup.h"
 #include "gtest/gtest.h"
 #include "kernels/cpu/half.h"
 #include "kernels/sparse/double_sparsity_internal.h"
@@ -22,11 +23,6 @@ namespace sieve::engine {
 namespace {
 
 constexpr int32_t kPage = 16, kChannels = 8;
-
-std::string EmbeddedDir() {
-  const char* root = std::getenv("SIEVE_SOURCE_DIR");
-  return std::string(root != nullptr ? root : ".") + "/models/embedded";
-}
 
 DsCalibration Calibration() {
   DsCalibration cal;
@@ -52,14 +48,9 @@ DsCalibration Calibration() {
 }
 
 std::unique_ptr<ModelRunner> DsRunner() {
-  ModelRunnerOptions o = RunnerOptionsFor(EngineConfig());
-  o.page_size = kPage;
-  o.num_pages = 64;
-  o.max_step_tokens = 256;
-  o.max_step_logits = 8;
-  o.num_threads = 2;
+  ModelRunnerOptions o = testing::SparseDecodeRunnerOptions();
   o.ds_label_channels = kChannels;
-  auto r = ModelRunner::Load(EmbeddedDir(), o);
+  auto r = ModelRunner::Load(testing::EmbeddedModelDir(), o);
   EXPECT_TRUE(r.ok()) << r.status();
   if (!r.ok()) return nullptr;
   EXPECT_TRUE((*r)->SetDsCalibration(Calibration()).ok());
@@ -67,24 +58,13 @@ std::unique_ptr<ModelRunner> DsRunner() {
 }
 
 std::vector<int32_t> RandomTokens(int n, uint32_t seed, int vocab) {
-  std::mt19937 rng(seed);
-  std::vector<int32_t> t(n);
-  for (int32_t& x : t) x = std::uniform_int_distribution<int32_t>(0, vocab - 1)(rng);
-  return t;
+  return testing::RandomTokens(n, seed, 0, vocab - 1);
 }
 
 void Step(ModelWorker& w, const std::vector<int32_t>& tokens, int from, int to,
           const std::vector<int32_t>& pages, bool dense = false,
           std::vector<float>* logits_out = nullptr) {
-  SequenceStep s;
-  s.tokens = absl::MakeConstSpan(tokens).subspan(from, to - from);
-  s.num_cached = from;
-  s.pages = pages;
-  s.want_logits = true;
-  s.dense_decode = dense;
-  std::vector<float> logits;
-  ASSERT_TRUE(w.Forward({&s, 1}, logits).ok());
-  if (logits_out != nullptr) *logits_out = logits;
+  ASSERT_TRUE(testing::RunSequenceStep(w, tokens, from, to, pages, dense, logits_out).ok());
 }
 
 // Every token of a `len`-token sequence on `pages` has labels equal to its key's channels

@@ -123,6 +123,14 @@ absl::StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string
   return runner;
 }
 
+absl::Status ModelRunner::WriteKvPages(absl::Span<const int32_t> pages,
+                                       absl::Span<const uint8_t> data) const {
+  SIEVE_RETURN_IF_ERROR(backend_->WriteKvPages(pages, data));
+  if (options_.quest_page_bounds) SIEVE_RETURN_IF_ERROR(backend_->RebuildPageBounds(pages, shape_));
+  if (options_.ds_label_channels > 0) SIEVE_RETURN_IF_ERROR(backend_->RebuildDsLabels(pages));
+  return absl::OkStatus();
+}
+
 absl::StatusOr<int32_t> ModelRunner::KvPagesForFreeMemory() const {
   const int64_t context = options_.kv_max_context_tokens > 0 ? options_.kv_max_context_tokens
                                                              : config_.max_position_embeddings;

@@ -229,14 +229,15 @@ class ModelRunner {
 
   // KV page transfers over the runner's backend (Backend::ReadKvPages / WriteKvPages: one page's
   // K and V of every layer, kv_page_bytes() bytes per page). The caller keeps steps away from
-  // the pages meanwhile.
+  // the pages meanwhile. WriteKvPages (an import's whole pages) then rebuilds the pages' sparse
+  // decode side data from the written keys, as a step would have written it (Quest page bounds,
+  // DoubleSparsity labels; Backend::RebuildPageBounds / RebuildDsLabels), so a decode policy
+  // selects from the imported KV and not from what the pages held before.
   absl::Status ReadKvPages(absl::Span<const int32_t> pages, absl::Span<uint8_t> out) const {
     return backend_->ReadKvPages(pages, out);
   }
   absl::Status WriteKvPages(absl::Span<const int32_t> pages,
-                            absl::Span<const uint8_t> data) const {
-    return backend_->WriteKvPages(pages, data);
-  }
+                            absl::Span<const uint8_t> data) const;
   // Bytes of one KV page over all layers, K and V.
   int64_t kv_page_bytes() const {
     return backend_->KvPageBytes(static_cast<int32_t>(layers_.size()), options_.page_size, shape_);

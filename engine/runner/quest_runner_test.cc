@@ -16,6 +16,7 @@
 #include "engine/backends/cpu_backend.h"
 #include "engine/runner/model_runner.h"
 #include "engine/serving/engine_config.h"
+#include "engine/testing/sparse_decode_setup.h"
 #include "kernels/sparse/quest.h"
 
 namespace sieve::engine {
@@ -23,42 +24,22 @@ namespace {
 
 constexpr int32_t kPage = 16;
 
-std::string EmbeddedDir() {
-  const char* root = std::getenv("SIEVE_SOURCE_DIR");
-  return std::string(root != nullptr ? root : ".") + "/models/embedded";
-}
-
 std::unique_ptr<ModelRunner> QuestRunner() {
-  ModelRunnerOptions o = RunnerOptionsFor(EngineConfig());
-  o.page_size = kPage;
-  o.num_pages = 64;
-  o.max_step_tokens = 256;
-  o.max_step_logits = 8;
-  o.num_threads = 2;
+  ModelRunnerOptions o = testing::SparseDecodeRunnerOptions();
   o.quest_page_bounds = true;
-  auto r = ModelRunner::Load(EmbeddedDir(), o);
+  auto r = ModelRunner::Load(testing::EmbeddedModelDir(), o);
   EXPECT_TRUE(r.ok()) << r.status();
   return r.ok() ? std::move(*r) : nullptr;
 }
 
 std::vector<int32_t> RandomTokens(int n, uint32_t seed, int vocab) {
-  std::mt19937 rng(seed);
-  std::vector<int32_t> t(n);
-  for (int32_t& x : t) x = std::uniform_int_distribution<int32_t>(0, vocab - 1)(rng);
-  return t;
+  return testing::RandomTokens(n, seed, 0, vocab - 1);
 }
 
 // Runs tokens [from, to) of `tokens` as one step over `pages`.
 void Step(ModelWorker& w, const std::vector<int32_t>& tokens, int from, int to,
           const std::vector<int32_t>& pages, bool dense = false) {
-  SequenceStep s;
-  s.tokens = absl::MakeConstSpan(tokens).subspan(from, to - from);
-  s.num_cached = from;
-  s.pages = pages;
-  s.want_logits = true;
-  s.dense_decode = dense;
-  std::vector<float> logits;
-  ASSERT_TRUE(w.Forward({&s, 1}, logits).ok());
+  ASSERT_TRUE(testing::RunSequenceStep(w, tokens, from, to, pages, dense).ok());
 }
 
 // Every page of a `len`-token sequence on `pages` has the bounds recomputed from its keys.

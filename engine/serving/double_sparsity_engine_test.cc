@@ -14,7 +14,7 @@
 
 #include "engine/attention/double_sparsity_calibration.h"
 #include "engine/serving/engine.h"
-#include "engine/testing/recording_sink.h"
+#include "engine/testing/sparse_decode_setup.h"
 #include "gtest/gtest.h"
 
 namespace sieve::engine {
@@ -22,76 +22,30 @@ namespace {
 
 namespace fs = std::filesystem;
 
-std::string ModelDir() {
-  const char* root = std::getenv("SIEVE_SOURCE_DIR");
-  return std::string(root != nullptr ? root : ".") + "/models/embedded";
-}
+using testing::DecodeStatsObserver;
+using testing::EmbeddedModelDir;
+using testing::GenerateGreedy;
+using testing::SparseDecodeEngineConfig;
 
-class DecodeObserver : public EngineObserver {
- public:
-  void OnDecodeAttention(double fraction, double) override {
-    std::lock_guard<std::mutex> lock(mu);
-    fractions.push_back(fraction);
-  }
-  std::mutex mu;
-  std::vector<double> fractions;
-};
-
-EngineConfig Config(const std::string& method, int32_t budget) {
-  EngineConfig c;
-  c.model.directory = ModelDir();
-  c.model.name = "embedded";
-  c.model.cpu_threads = 2;
-  c.kv_cache.page_size_tokens = 16;
-  c.kv_cache.num_pages = 128;
-  c.scheduler.max_batch_tokens = 256;
-  c.scheduler.prefill_chunk_tokens = 100;  // chunks start mid-page
-  c.attention.decode.method = method;
-  c.attention.decode.sparse_min_tokens = 0;
-  c.attention.decode.dense_layers = 1;
-  c.attention.decode.token_budget = budget;
-  return c;
-}
-
-std::vector<int32_t> Generate(const EngineConfig& c, const std::vector<int32_t>& prompt,
-                              int32_t max_tokens, EngineObserver* observer = nullptr) {
-  auto engine = Engine::Create(c, observer);
-  EXPECT_TRUE(engine.ok()) << engine.status();
-  if (!engine.ok()) return {};
-  auto sink = std::make_shared<testing::RecordingSink>();
-  RequestSpec s;
-  s.prompt = prompt;
-  s.sampling.temperature = 0;
-  s.stop.max_tokens = max_tokens;
-  s.stop.ignore_eos = true;
-  s.sink = sink;
-  EXPECT_TRUE((*engine)->Submit(std::move(s)).ok());
-  EXPECT_TRUE(sink->WaitFinished(absl::Seconds(120)));
-  return sink->tokens();
-}
-
-std::vector<int32_t> Prompt(int n) {
-  std::mt19937 rng(5);
-  std::vector<int32_t> p(n);
-  for (int32_t& t : p) t = std::uniform_int_distribution<int32_t>(10, 200)(rng);
-  return p;
-}
+// The prompts of these tests: n tokens in [10, 200].
+std::vector<int32_t> Prompt(int n) { return testing::RandomTokens(n, 5, 10, 200); }
 
 TEST(DoubleSparsityEngineTest, CoveringBudgetDecodesLikeDense) {
   const std::vector<int32_t> prompt = Prompt(350);
-  const std::vector<int32_t> dense = Generate(Config("dense", 4096), prompt, 24);
+  const std::vector<int32_t> dense =
+      GenerateGreedy(SparseDecodeEngineConfig("dense", 4096), prompt, 24);
   ASSERT_EQ(dense.size(), 24u);
-  EXPECT_EQ(Generate(Config("double_sparsity", 4096), prompt, 24), dense);
+  EXPECT_EQ(GenerateGreedy(SparseDecodeEngineConfig("double_sparsity", 4096), prompt, 24), dense);
 }
 
 TEST(DoubleSparsityEngineTest, SmallBudgetReadsAFraction) {
   for (bool per_kv_head : {false, true}) {
-    EngineConfig c = Config("double_sparsity", 48);
+    EngineConfig c = SparseDecodeEngineConfig("double_sparsity", 48);
     c.attention.decode.double_sparsity.channels = 8;
     c.attention.decode.double_sparsity.per_kv_head = per_kv_head;
     c.attention.decode.double_sparsity.label_bits = per_kv_head ? 4 : 16;
-    DecodeObserver observer;
-    EXPECT_EQ(Generate(c, Prompt(400), 16, &observer).size(), 16u);
+    DecodeStatsObserver observer;
+    EXPECT_EQ(GenerateGreedy(c, Prompt(400), 16, &observer).size(), 16u);
     std::lock_guard<std::mutex> lock(observer.mu);
     ASSERT_FALSE(observer.fractions.empty());
     // 3 of 4 layers read 48 of ~400 keys per head: well below 1 (1 dense layer of 4).
@@ -121,9 +75,9 @@ TEST(DoubleSparsityEngineTest, CalibrationFileAndRefusals) {
     }
   }
   ASSERT_TRUE(WriteDsCalibration(cal, (dir / "cal.json").string()).ok());
-  EngineConfig c = Config("double_sparsity", 48);
+  EngineConfig c = SparseDecodeEngineConfig("double_sparsity", 48);
   c.attention.decode.double_sparsity.calibration_file = (dir / "cal.json").string();
-  EXPECT_EQ(Generate(c, Prompt(200), 4).size(), 4u);
+  EXPECT_EQ(GenerateGreedy(c, Prompt(200), 4).size(), 4u);
   // Another model's file: refused, naming the key.
   cal.head_dim = 128;
   ASSERT_TRUE(WriteDsCalibration(cal, (dir / "other.json").string()).ok());
@@ -134,10 +88,10 @@ TEST(DoubleSparsityEngineTest, CalibrationFileAndRefusals) {
   // A model without calibration.txt and no file: refused, saying how to calibrate.
   const fs::path model = dir / "model";
   fs::create_directories(model);
-  for (const auto& e : fs::directory_iterator(ModelDir())) {
+  for (const auto& e : fs::directory_iterator(EmbeddedModelDir())) {
     if (e.path().filename() != "calibration.txt") fs::copy(e.path(), model / e.path().filename());
   }
-  EngineConfig bare = Config("double_sparsity", 48);
+  EngineConfig bare = SparseDecodeEngineConfig("double_sparsity", 48);
   bare.model.directory = model.string();
   auto refused = Engine::Create(bare, nullptr);
   ASSERT_FALSE(refused.ok());

@@ -3,11 +3,15 @@
 // export_prompt_kv), the decode engine imports them (BeginKvImport, WriteKvPages,
 // CommitKvImport) and then runs the request as a prefix-cache hit. Its greedy and seeded output
 // must equal a fresh engine's; with corrupted page contents it must not (so the imported KV is
-// what the decode engine attends to); aborted imports and ended exports leave no page held.
+// what the decode engine attends to); aborted imports and ended exports leave no page held. With
+// a sparse decode method the import rebuilds the pages' side data, so the decode engine selects
+// as one that prefilled the prompt itself.
 #include <cstdlib>
 #include <fstream>
 #include <random>
 #include <sstream>
+#include <string>
+#include <utility>
 
 #include "engine/serving/engine.h"
 #include "engine/testing/recording_sink.h"
@@ -36,8 +40,20 @@ EngineConfig Config() {
   return c;
 }
 
-std::unique_ptr<Engine> Make() {
-  auto e = Engine::Create(Config(), nullptr);
+// Config() decoding with `method` (quest, double_sparsity) under a budget of `budget` tokens:
+// sparse from the first decode token, layer 0 dense.
+EngineConfig SparseDecodeConfig(const std::string& method, int32_t budget) {
+  EngineConfig c = Config();
+  c.attention.decode.method = method;
+  c.attention.decode.sparse_min_tokens = 0;
+  c.attention.decode.dense_layers = 1;
+  c.attention.decode.token_budget = budget;
+  if (method == "double_sparsity") c.attention.decode.double_sparsity.channels = 8;
+  return c;
+}
+
+std::unique_ptr<Engine> Make(const EngineConfig& config = Config()) {
+  auto e = Engine::Create(config, nullptr);
   EXPECT_TRUE(e.ok()) << e.status();
   return e.ok() ? std::move(*e) : nullptr;
 }
@@ -156,6 +172,51 @@ TEST(KvTransferTest, ImportedPromptDecodesAsAFreshEngineDoes) {
   ASSERT_TRUE(prefill->EndKvExport(exp.id).ok());
   EXPECT_TRUE(NoPagesHeld(*prefill));
   EXPECT_TRUE(NoPagesHeld(*decode));
+}
+
+// A decode engine with a sparse decode method selects from side data (Quest page bounds,
+// DoubleSparsity labels) that no step wrote for imported pages: the import rebuilds it from the
+// imported keys. Its output must equal an engine of the same method that prefilled the prompt
+// itself, under a budget small enough that the selection changes the output (checked against
+// dense), and equal dense under a budget covering the context. The prefill engine decodes dense:
+// it keeps no side data, so none could travel with the pages.
+TEST(KvTransferTest, ImportedPromptDecodesSparseAsALocalPrefillDoes) {
+  const std::vector<int32_t> prompt = Prompt(301);
+  auto prefill = Make(), dense = Make();
+  ASSERT_TRUE(prefill && dense);
+  std::vector<uint8_t> bytes;
+  const KvExport exp = Prefill(*prefill, prompt, bytes);
+  ASSERT_EQ(exp.num_tokens, 288);
+  auto dense_out = RunToEnd(*dense, Spec(prompt, 24, false, std::make_shared<testing::RecordingSink>()));
+  ASSERT_EQ(dense_out->tokens().size(), 24u);
+  // Budgets: two pages (Quest) and 48 of ~300 tokens (DoubleSparsity) change the greedy tokens;
+  // 4096 covers the whole context.
+  for (const auto& [method, small] : {std::pair<std::string, int32_t>{"quest", 32},
+                                      std::pair<std::string, int32_t>{"double_sparsity", 48}}) {
+    for (const int32_t budget : {small, 4096}) {
+      SCOPED_TRACE(method + " budget " + std::to_string(budget));
+      auto decode = Make(SparseDecodeConfig(method, budget));
+      auto local = Make(SparseDecodeConfig(method, budget));
+      ASSERT_TRUE(decode && local);
+      EXPECT_EQ(Import(*decode, prompt, 288, bytes), 0);
+      for (const bool seeded : {false, true}) {
+        auto want = RunToEnd(*local, Spec(prompt, 24, seeded, std::make_shared<testing::RecordingSink>()));
+        auto got = RunToEnd(*decode, Spec(prompt, 24, seeded, std::make_shared<testing::RecordingSink>()));
+        EXPECT_EQ(got->outcome().cached_tokens, 288) << "seeded " << seeded;
+        EXPECT_EQ(got->tokens(), want->tokens()) << "seeded " << seeded;
+        ASSERT_EQ(got->tokens().size(), 24u);
+        if (seeded) continue;
+        if (budget == small) {
+          EXPECT_NE(got->tokens(), dense_out->tokens()) << "the budget does not select";
+        } else {
+          EXPECT_EQ(got->tokens(), dense_out->tokens());
+        }
+      }
+      EXPECT_TRUE(NoPagesHeld(*decode));
+    }
+  }
+  ASSERT_TRUE(prefill->EndKvExport(exp.id).ok());
+  EXPECT_TRUE(NoPagesHeld(*prefill));
 }
 
 TEST(KvTransferTest, CorruptedPagesChangeTheOutput) {

@@ -204,6 +204,7 @@ struct Partials {
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
 #include "hwy/contrib/math/math-inl.h"
+#include "kernels/cpu/tile_scores-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace sieve::kernels {
@@ -283,29 +284,10 @@ void AccumulatePV(const float* p, const float* const* v, int n, int d, float* o)
   }
 }
 
-// Scores of two query rows against a transposed tile: s0[j] = scale * dot(q0, k_j) for j <
-// n_pad (a multiple of 2 lanes; kt holds zeros past the tile's keys). q1/s1 may repeat q0/s0.
-void ScoresT(const float* q0, const float* q1, const float* kt, int n_pad, int d, float scale,
-             float* s0, float* s1) {
-  const DF df;
-  const int L = static_cast<int>(hn::Lanes(df));
-  const auto vs = hn::Set(df, scale);
-  for (int jc = 0; jc < n_pad; jc += 2 * L) {
-    auto a00 = hn::Zero(df), a01 = hn::Zero(df), a10 = hn::Zero(df), a11 = hn::Zero(df);
-    for (int i = 0; i < d; ++i) {
-      const float* ki = kt + static_cast<size_t>(i) * kKeyTile + jc;
-      const auto k0 = hn::LoadU(df, ki), k1 = hn::LoadU(df, ki + L);
-      const auto b0 = hn::Set(df, q0[i]), b1 = hn::Set(df, q1[i]);
-      a00 = hn::MulAdd(b0, k0, a00);
-      a01 = hn::MulAdd(b0, k1, a01);
-      a10 = hn::MulAdd(b1, k0, a10);
-      a11 = hn::MulAdd(b1, k1, a11);
-    }
-    hn::StoreU(hn::Mul(a00, vs), df, s0 + jc);
-    hn::StoreU(hn::Mul(a01, vs), df, s0 + jc + L);
-    hn::StoreU(hn::Mul(a10, vs), df, s1 + jc);
-    hn::StoreU(hn::Mul(a11, vs), df, s1 + jc + L);
-  }
+// Two query rows against a transposed tile of kKeyTile keys (kernels/cpu/tile_scores-inl.h).
+inline void ScoresT(const float* q0, const float* q1, const float* kt, int n_pad, int d,
+                    float scale, float* s0, float* s1) {
+  tile_scores::HWY_NAMESPACE::TwoRows(q0, q1, kt, kKeyTile, n_pad, d, scale, s0, s1);
 }
 
 // Two rows' o += sum_j p[j] * v[j] (AccumulatePV for a pair: each V vector loaded once).

@@ -24,6 +24,7 @@
 #include "gtest/gtest.h"
 #include "kernels/attention/paged_attention.h"
 #include "kernels/attention/paged_attention_cpu.h"
+#include "kernels/attention/paged_kv_test_util.h"
 
 namespace sieve::kernels {
 namespace {
@@ -31,9 +32,7 @@ namespace {
 constexpr double kRelTol = 2e-5;
 constexpr int kKvHeads = 2;
 
-struct Seq {
-  int kv_len, q_len;
-};
+using Seq = test_util::SeqLens;
 
 struct Shape {
   int page_size, head_dim, group;
@@ -44,56 +43,11 @@ std::string Name(const ::testing::TestParamInfo<Shape>& i) {
          "_group" + std::to_string(i.param.group);
 }
 
-// A batch of sequences in a shuffled paged cache with random q, K and V in [-1, 1].
-struct Batch {
-  int page_size = 0, head_dim = 0, q_heads = 0, stride = 0;
-  std::vector<int32_t> kv_lens, query_start, page_table;
-  std::vector<float> q, k, v;
-
+// A batch of sequences in a shuffled paged cache with random q, K and V in [-1, 1], kKvHeads
+// KV heads of sh.group query heads each.
+struct Batch : test_util::PagedBatch {
   Batch(const std::vector<Seq>& seqs, const Shape& sh, uint32_t seed)
-      : page_size(sh.page_size), head_dim(sh.head_dim), q_heads(kKvHeads * sh.group) {
-    std::mt19937 rng(seed);
-    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-    query_start.push_back(0);
-    for (const Seq& s : seqs) {
-      kv_lens.push_back(s.kv_len);
-      query_start.push_back(query_start.back() + s.q_len);
-      stride = std::max(stride, (s.kv_len + page_size - 1) / page_size);
-    }
-    const int pages = stride * static_cast<int>(seqs.size()) + 1;
-    std::vector<int32_t> ids(pages);
-    for (int i = 0; i < pages; ++i) ids[i] = i;
-    std::shuffle(ids.begin(), ids.end(), rng);
-    page_table.assign(ids.begin(), ids.begin() + stride * seqs.size());
-    k.resize(static_cast<size_t>(pages) * page_size * kKvHeads * head_dim);
-    v.resize(k.size());
-    q.resize(static_cast<size_t>(query_start.back()) * q_heads * head_dim);
-    for (auto* vec : {&q, &k, &v}) {
-      for (float& x : *vec) x = u(rng);
-    }
-  }
-
-  PagedAttentionParams<float> Params(std::vector<float>& out,
-                                     const SparseAttentionIndex* sparse = nullptr) const {
-    out.assign(q.size(), -7.0f);  // poison: every row must be written
-    PagedAttentionParams<float> p;
-    p.q = q.data();
-    p.k_cache = k.data();
-    p.v_cache = v.data();
-    p.out = out.data();
-    p.page_table = page_table.data();
-    p.kv_lens = kv_lens.data();
-    p.query_start = query_start.data();
-    p.page_table_stride = stride;
-    p.num_seqs = static_cast<int32_t>(kv_lens.size());
-    p.num_q_heads = q_heads;
-    p.num_kv_heads = kKvHeads;
-    p.head_dim = head_dim;
-    p.page_size = page_size;
-    p.scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-    p.sparse = sparse;
-    return p;
-  }
+      : PagedBatch(seqs, sh.page_size, sh.head_dim, kKvHeads * sh.group, kKvHeads, seed) {}
 };
 
 // Per-row relative L2 error within kRelTol; rows the reference zeroes must be exactly zero.

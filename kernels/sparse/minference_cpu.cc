@@ -38,6 +38,7 @@ inline Scratch& ThreadScratch() {
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
 #include "hwy/contrib/math/math-inl.h"
+#include "kernels/cpu/tile_scores-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace sieve::kernels::minference {
@@ -46,29 +47,10 @@ namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 using DF = hn::ScalableTag<float>;
 
-// s0[j] = scale * dot(q0, k_j), s1 likewise, for j < n_pad (a multiple of 2 lanes) against a
-// transposed tile kt[i * kBlock + j].
-void ScoresT(const float* q0, const float* q1, const float* kt, int n_pad, int d, float scale,
-             float* s0, float* s1) {
-  const DF df;
-  const int L = static_cast<int>(hn::Lanes(df));
-  const auto vs = hn::Set(df, scale);
-  for (int jc = 0; jc < n_pad; jc += 2 * L) {
-    auto a00 = hn::Zero(df), a01 = hn::Zero(df), a10 = hn::Zero(df), a11 = hn::Zero(df);
-    for (int i = 0; i < d; ++i) {
-      const float* ki = kt + static_cast<size_t>(i) * kBlock + jc;
-      const auto k0 = hn::LoadU(df, ki), k1 = hn::LoadU(df, ki + L);
-      const auto b0 = hn::Set(df, q0[i]), b1 = hn::Set(df, q1[i]);
-      a00 = hn::MulAdd(b0, k0, a00);
-      a01 = hn::MulAdd(b0, k1, a01);
-      a10 = hn::MulAdd(b1, k0, a10);
-      a11 = hn::MulAdd(b1, k1, a11);
-    }
-    hn::StoreU(hn::Mul(a00, vs), df, s0 + jc);
-    hn::StoreU(hn::Mul(a01, vs), df, s0 + jc + L);
-    hn::StoreU(hn::Mul(a10, vs), df, s1 + jc);
-    hn::StoreU(hn::Mul(a11, vs), df, s1 + jc + L);
-  }
+// Two query rows against a transposed tile of kBlock keys (kernels/cpu/tile_scores-inl.h).
+inline void ScoresT(const float* q0, const float* q1, const float* kt, int n_pad, int d,
+                    float scale, float* s0, float* s1) {
+  tile_scores::HWY_NAMESPACE::TwoRows(q0, q1, kt, kBlock, n_pad, d, scale, s0, s1);
 }
 
 void VsScoresImpl(const PagedAttentionParams<float>& p, int seq, int head, int last_q,

@@ -16,6 +16,7 @@
 #include "gtest/gtest.h"
 #include "kernels/attention/paged_attention.h"
 #include "kernels/attention/paged_attention_cpu.h"
+#include "kernels/attention/paged_kv_test_util.h"
 
 namespace sieve::kernels {
 namespace {
@@ -25,21 +26,19 @@ constexpr int kPage = 16;
 // A batch of decode sequences in a shuffled paged cache, bounds built by QuestUpdateBounds from
 // appends of random chunk sizes (so chunks start mid-page), over pages poisoned with stale
 // extreme bounds first.
-struct Problem {
-  int q_heads, kv_heads, d, stride = 0;
-  std::vector<int32_t> kv_lens, page_table, query_start;
+struct Problem : test_util::PagedLayout {
+  int q_heads, kv_heads, d;
   std::vector<float> q, k, v, bounds;
 
-  Problem(std::vector<int32_t> lens, int hq, int hkv, int dim, uint32_t seed, float key_range = 1.0f)
-      : q_heads(hq), kv_heads(hkv), d(dim), kv_lens(std::move(lens)) {
+  Problem(const std::vector<int32_t>& lens, int hq, int hkv, int dim, uint32_t seed,
+          float key_range = 1.0f)
+      : q_heads(hq), kv_heads(hkv), d(dim) {
     std::mt19937 rng(seed);
     std::uniform_real_distribution<float> u(-1.0f, 1.0f), uk(-key_range, key_range);
-    for (int32_t l : kv_lens) stride = std::max(stride, (l + kPage - 1) / kPage);
-    const int pages = stride * static_cast<int>(kv_lens.size()) + 3;
-    std::vector<int32_t> ids(pages);
-    for (int i = 0; i < pages; ++i) ids[i] = i;
-    std::shuffle(ids.begin(), ids.end(), rng);
-    page_table.assign(ids.begin(), ids.begin() + stride * kv_lens.size());
+    std::vector<test_util::SeqLens> seqs;
+    for (int32_t l : lens) seqs.push_back({l, 1});
+    Init(seqs, kPage, /*spare_pages=*/3, rng);
+    const int pages = num_pages;
     k.resize(static_cast<size_t>(pages) * kPage * kv_heads * d);
     v.resize(k.size());
     for (float& x : k) x = uk(rng);
@@ -49,13 +48,7 @@ struct Problem {
     // Stale bounds a previous owner left: the update must not let them leak.
     bounds.assign(static_cast<size_t>(pages) * kv_heads * 2 * d, 0.0f);
     for (size_t i = 0; i < bounds.size(); ++i) bounds[i] = (i / d) % 2 == 0 ? 50.0f : -50.0f;
-    for (int32_t l : kv_lens) query_start.push_back(static_cast<int32_t>(query_start.size()));
-    query_start.push_back(static_cast<int32_t>(kv_lens.size()));
     for (size_t s = 0; s < kv_lens.size(); ++s) AppendAll(static_cast<int>(s), rng);
-  }
-
-  int64_t Slot(int s, int t) const {
-    return int64_t{page_table[s * stride + t / kPage]} * kPage + t % kPage;
   }
 
   void Append(int s, int from, int to) {

@@ -2,7 +2,9 @@
 """Runs every PromQL expression of the deployment assets against a Prometheus that scrapes a
 real daemon under load (deploy/local/observe.sh --check): each dashboard query, recording
 rule, KEDA trigger and prometheus-adapter query must return data, and so must each operand of
-each alert's comparisons (the alert itself rightly returns nothing on a healthy daemon). Every
+each alert's comparisons (the alert itself rightly returns nothing on a healthy daemon); the
+sparse attention panels must show real observations (a finite value) with a mean density and KV
+read fraction below 1. Every
 rule group must evaluate without error, and every sieve_ metric the expressions name must be in
 the daemon's /metrics output.
 
@@ -10,11 +12,17 @@ the daemon's /metrics output.
 """
 import argparse
 import json
+import math
 import sys
 import urllib.parse
 import urllib.request
 
 import deploy_lib as d
+
+
+# The sparse attention metrics (docs/metrics.md), observed only under a sparse method.
+SPARSE_METRICS = ("sieve_prefill_attention_density", "sieve_prefill_sparse_index_seconds",
+                  "sieve_decode_kv_read_fraction", "sieve_decode_selection_seconds")
 
 
 def get(url):
@@ -60,6 +68,22 @@ def main():
         body = json.loads(get(f"{args.prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expr})))
         result = body["data"]["result"] if body.get("status") == "success" else []
         return float(result[0]["value"][1]) if result else None
+
+    # observe.sh runs XAttention prefill and Quest decode: the sparse panels' queries must show
+    # real observations (a finite value; a histogram nobody observed answers NaN), and the
+    # daemons must have computed or read less than dense attention would.
+    for where, expr in queries:
+        if not any(m in expr for m in SPARSE_METRICS):
+            continue
+        body = json.loads(get(f"{args.prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expr})))
+        values = [float(r["value"][1]) for r in body["data"]["result"]] if body.get("status") == "success" else []
+        if not any(math.isfinite(v) for v in values):
+            problems.append(f"{where}: no observation (values {values}): {expr}")
+    for metric in ("sieve_prefill_attention_density", "sieve_decode_kv_read_fraction"):
+        expr = f"sum({metric}_sum) / sum({metric}_count)"
+        v = value(expr)
+        if v is None or not 0 < v < 1:
+            problems.append(f"sparse attention: {expr} is {v}, want in (0, 1)")
 
     # The daemon labels every series with its role; a scrape label of that name would have
     # renamed it to exported_role.

@@ -26,6 +26,10 @@ DISAGGREGATION_METRICS = ["sieve_kv_transfer_seconds_bucket", "sieve_kv_transfer
                           "sieve_kv_transfer_retries_total", "sieve_prefills_total",
                           "sieve_prefill_daemons_reachable"]
 
+# Sparse attention (issues 9, 10, 14): the overview reads each of its metrics.
+SPARSE_METRICS = ["sieve_prefill_attention_density_bucket", "sieve_decode_kv_read_fraction_bucket",
+                  "sieve_prefill_sparse_index_seconds_bucket", "sieve_decode_selection_seconds_bucket"]
+
 
 def check_board(path, problems):
     board = json.loads(path.read_text())
@@ -83,7 +87,7 @@ def main():
         if not any(re.search(rf"\b{metric}\b", e) for _, e in latency):
             problems.append(f"sieve-latency: no panel reads {metric}")
     _, overview = boards["sieve-overview"]
-    for metric in OVERVIEW_METRICS:
+    for metric in OVERVIEW_METRICS + SPARSE_METRICS:
         if not any(re.search(rf"\b{metric}\b", e) for _, e in overview):
             problems.append(f"sieve-overview: no panel reads {metric}")
 
