@@ -72,6 +72,8 @@ TEST(EngineConfigTest, DecodeAttentionSettingsNameTheirKeysAndDescribeThemselves
   c.model.backend = "cuda";
   EXPECT_THAT(Problems(c), HasSubstr("attention.decode.method double_sparsity is not available on "
                                      "cuda yet (cpu only)"));
+  c.attention.decode.method = "quest";  // Quest runs on cuda
+  EXPECT_EQ(Problems(c), "");
 }
 
 TEST(EngineConfigTest, DtypeMustBeWhatTheBackendComputesIn) {

@@ -155,6 +155,15 @@ struct CudaStream final : BackendStream {
   // (sample_plan_ready) so that a step makes no device queries.
   kernels::SamplePlan sample_plan;
   bool sample_plan_ready = false;
+  // Sparse decode (cuda_sparse.cc): device scratch for the Quest selection (its scores, pages
+  // and counts) and for the compacted page tables and lengths of a sparse decode plan, then the
+  // sparse decode kernel's workspace; pinned host bytes for the copies both ways. Grown between
+  // layers when a step needs more (after waiting for the stream).
+  char* sparse_dev = nullptr;
+  size_t sparse_dev_bytes = 0;
+  char* sparse_host = nullptr;
+  size_t sparse_host_bytes = 0;
+  cudaEvent_t sparse_copied = nullptr;  // recorded after the last copy out of sparse_host
   // Graph steps: one slot per sequence count; `graph` is the slot of the step in progress.
   std::map<int32_t, std::unique_ptr<GraphSlot>> graph_slots;
   GraphSlot* graph = nullptr;
@@ -187,6 +196,14 @@ absl::Status EnsureHostFloats(CudaStream& s, int64_t elems);
 // rows of logits) a chunked pipeline in which the host copies chunk i out of pinned memory while
 // the device sends chunk i + 1.
 absl::Status CopyFloatsToHost(CudaStream& s, const float* src, absl::Span<float> out);
+
+// Sparse decode attention (cuda_sparse.cc): runs `plan` (a decode plan of whole pages, as Quest
+// makes) for the step of `s` with the dense parameters `p` (page table and lengths of the
+// step), through compacted per-row page tables and PagedDecodeSparseRun. Unimplemented for plans
+// the kernel does not take (several queries per sequence, columns, key blocks other than pages).
+absl::Status SparseDecodeAttention(CudaStream& s, const AttentionPlan& plan,
+                                   const kernels::PagedAttentionParams<__nv_bfloat16>& p,
+                                   int num_sms);
 
 }  // namespace cuda_internal
 }  // namespace sieve::engine
