@@ -106,8 +106,10 @@ class CudaBackend final : public Backend {
   absl::Status RopeAndCacheKv(BackendStream& stream, int32_t layer, const Tensor& qkv,
                               const AttentionShape& shape, const RopeTables& rope,
                               Tensor q_out) override;
-  // Dense plans, and sparse decode plans of whole pages (Quest's; cuda_sparse.cc) through
-  // compacted page tables and the split-KV decode kernel; other sparse plans are Unimplemented.
+  // Dense plans; sparse decode plans of whole pages (Quest's; cuda_sparse.cc) through compacted
+  // page tables and the split-KV decode kernel; sparse prefill plans of 128-query blocks and key
+  // blocks of whole 64-key tiles (XAttention's) through the mma.sync prefill kernel skipping
+  // unlisted blocks. Other sparse plans are Unimplemented.
   absl::Status Attention(BackendStream& stream, int32_t layer, const Tensor& q,
                          const AttentionShape& shape, float scale, const AttentionPlan& plan,
                          Tensor out) override;
@@ -115,6 +117,11 @@ class CudaBackend final : public Backend {
   // a kernel after RopeAndCacheKv; PlanQuestPages scores and selects on the device for the whole
   // batch, then copies the selected pages back (waiting for the stream) to fill the host plan.
   int64_t PageBoundsBytes(int32_t num_layers, const AttentionShape& shape) const override;
+  // XAttention block masses on the device (kernels/sparse/xattention_cuda.h), copied back
+  // (waits for the stream).
+  absl::Status XAttentionBlockMass(BackendStream& stream, int32_t layer, const Tensor& q,
+                                   const AttentionShape& shape, const XAttentionEstimate& estimate,
+                                   std::vector<float>& mass) override;
   absl::Status AllocatePageBounds(int32_t num_layers, const AttentionShape& shape) override;
   absl::Status UpdatePageBounds(BackendStream& stream, int32_t layer,
                                 const AttentionShape& shape) override;

@@ -15,7 +15,9 @@
 #include "engine/backends/cuda/cuda_stream.h"
 #include "engine/status_macros.h"
 #include "kernels/attention/paged_decode.h"
+#include "kernels/attention/paged_prefill.h"
 #include "kernels/sparse/quest_cuda.h"
+#include "kernels/sparse/xattention_cuda.h"
 
 namespace sieve::engine {
 
@@ -191,21 +193,125 @@ absl::Status CudaBackend::PlanQuestPages(BackendStream& stream, int32_t layer, c
   return absl::OkStatus();
 }
 
+// --- XAttention estimator -----------------------------------------------------------------------
+
+absl::Status CudaBackend::XAttentionBlockMass(BackendStream& stream, int32_t layer,
+                                              const Tensor& q, const AttentionShape& a,
+                                              const XAttentionEstimate& e,
+                                              std::vector<float>& mass) {
+  CudaStream& s = Cuda(stream);
+  if (s.layout == nullptr) return absl::InternalError("cuda backend: operator before BeginStep");
+  const BatchLayout& l = *s.layout;
+  if (e.seq < 0 || e.seq >= l.num_seqs() || layer < 0 || layer >= num_layers_) {
+    return absl::InternalError(absl::StrCat("cuda backend: bad XAttention estimate (sequence ",
+                                            e.seq, ", layer ", layer, ")"));
+  }
+  if (s.graph != nullptr) {
+    return absl::FailedPreconditionError("cuda backend: XAttention cannot run in a graph step");
+  }
+  kernels::XAttentionGpuParams p;
+  p.q = static_cast<const bf16*>(q.data) + int64_t{l.query_start[e.seq]} * q.cols;
+  p.q_row_stride = q.cols;
+  p.k_cache = static_cast<const bf16*>(kv_) + 2 * layer * kv_layer_elems_;
+  p.page_table = s.page_table + int64_t{e.seq} * l.page_table_stride;
+  p.page_size = page_size_;
+  p.num_q_heads = a.num_q_heads;
+  p.num_kv_heads = a.num_kv_heads;
+  p.head_dim = a.head_dim;
+  p.q_len = l.query_start[e.seq + 1] - l.query_start[e.seq];
+  p.kv_len = l.kv_lens[e.seq];
+  p.stride = e.stride;
+  p.block_size = e.block_size;
+  if (!kernels::XAttentionGpuSupports(p)) {
+    return absl::UnimplementedError(absl::StrCat(
+        "cuda backend: no XAttention estimator for head_dim ", a.head_dim, ", stride ", e.stride,
+        ", block_size ", e.block_size, " (block_size / stride in {4, 8, 16, 32}, block_size * "
+        "head_dim <= 32768)"));
+  }
+  const int64_t m0 = (p.kv_len - p.q_len) / p.block_size;
+  const int64_t q_blocks = (p.kv_len - 1) / p.block_size - m0 + 1;
+  const int64_t k_blocks = (p.kv_len + p.block_size - 1) / p.block_size;
+  const size_t n = static_cast<size_t>(a.num_q_heads * q_blocks * k_blocks);
+  SIEVE_RETURN_IF_ERROR(EnsureSparseBuffers(s, n * sizeof(float), n * sizeof(float)));
+  float* dev = reinterpret_cast<float*>(s.sparse_dev);
+  SIEVE_RETURN_IF_CUDA_ERROR(kernels::XAttentionBlockMassGpu(p, dev, s.stream));
+  SIEVE_RETURN_IF_CUDA_ERROR(
+      cudaMemcpyAsync(s.sparse_host, dev, n * sizeof(float), cudaMemcpyDeviceToHost, s.stream));
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(s.stream));
+  mass.resize(n);
+  std::memcpy(mass.data(), s.sparse_host, n * sizeof(float));
+  return absl::OkStatus();
+}
+
 // --- Sparse decode attention ---------------------------------------------------------------------
 
 namespace cuda_internal {
+namespace {
+
+// Block-sparse prefill: the plan's arrays to the device, then the mma.sync prefill kernel
+// sweeping only the listed key blocks (kernels/attention/paged_prefill.h).
+absl::Status SparsePrefillAttention(CudaStream& s, const AttentionPlan& plan,
+                                    const kernels::PagedAttentionParams<bf16>& p, int num_sms) {
+  const BatchLayout& l = *s.layout;
+  const bool columns = !plan.column_start.empty() && plan.column_start.back() != 0;
+  constexpr int32_t kQueryTile = 128, kKeyTile = 64;
+  if (plan.query_block != kQueryTile || plan.key_block % kKeyTile != 0 || columns ||
+      (p.page_size & (p.page_size - 1)) != 0) {
+    return absl::UnimplementedError(absl::StrCat(
+        "cuda backend: sparse prefill runs plans of 128-query blocks and key blocks of whole "
+        "64-key tiles without single columns (XAttention with block_size 128); this plan has "
+        "query blocks of ", plan.query_block, ", key blocks of ", plan.key_block,
+        columns ? " and single columns" : ""));
+  }
+  kernels::PagedPrefillShape shape;
+  shape.num_seqs = l.num_seqs();
+  shape.num_q_heads = p.num_q_heads;
+  shape.num_kv_heads = p.num_kv_heads;
+  shape.head_dim = p.head_dim;
+  shape.max_q_len = s.max_q_len;
+  if (!kernels::PagedPrefillSupports(shape)) {
+    return absl::UnimplementedError(
+        absl::StrCat("cuda backend: no sparse prefill kernel for head_dim ", p.head_dim));
+  }
+  const kernels::PagedPrefillPlan pplan =
+      kernels::Plan(shape, num_sms, kernels::PagedPrefillKernel::kMmaSync);
+  const size_t qbs = plan.query_block_start.size() * sizeof(int32_t);
+  const size_t rs = plan.row_start.size() * sizeof(int32_t);
+  const size_t kb = plan.key_blocks.size() * sizeof(int32_t);
+  const size_t off_rs = Align256(qbs), off_kb = off_rs + Align256(rs);
+  SIEVE_RETURN_IF_ERROR(EnsureSparseBuffers(s, off_kb + Align256(kb), off_kb + kb));
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaEventSynchronize(s.sparse_copied));
+  std::memcpy(s.sparse_host, plan.query_block_start.data(), qbs);
+  std::memcpy(s.sparse_host + off_rs, plan.row_start.data(), rs);
+  if (kb > 0) std::memcpy(s.sparse_host + off_kb, plan.key_blocks.data(), kb);
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(s.sparse_dev, s.sparse_host, off_kb + kb,
+                                             cudaMemcpyHostToDevice, s.stream));
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaEventRecord(s.sparse_copied, s.stream));
+  kernels::SparseAttentionIndex idx;
+  idx.query_block = plan.query_block;
+  idx.key_block = plan.key_block;
+  idx.query_block_start = reinterpret_cast<const int32_t*>(s.sparse_dev);
+  idx.row_start = reinterpret_cast<const int32_t*>(s.sparse_dev + off_rs);
+  idx.key_blocks = reinterpret_cast<const int32_t*>(s.sparse_dev + off_kb);
+  kernels::PagedAttentionParams<bf16> sp = p;
+  sp.sparse = &idx;
+  SIEVE_RETURN_IF_CUDA_ERROR(kernels::PagedPrefillRun(sp, pplan, nullptr, s.stream));
+  return absl::OkStatus();
+}
+
+}  // namespace
 
 absl::Status SparseDecodeAttention(CudaStream& s, const AttentionPlan& plan,
                                    const kernels::PagedAttentionParams<bf16>& p, int num_sms) {
   const BatchLayout& l = *s.layout;
   SIEVE_RETURN_IF_ERROR(plan.Validate(l, p.num_q_heads));
+  if (s.max_q_len > 1) return SparsePrefillAttention(s, plan, p, num_sms);
   const bool columns = !plan.column_start.empty() && plan.column_start.back() != 0;
-  if (s.max_q_len != 1 || plan.query_block != 1 || plan.key_block != p.page_size || columns) {
+  if (plan.query_block != 1 || plan.key_block != p.page_size || columns) {
     return absl::UnimplementedError(absl::StrCat(
-        "cuda backend: sparse attention runs decode plans of whole KV pages (Quest) only; this "
-        "step has up to ", s.max_q_len, " queries per sequence, query blocks of ",
-        plan.query_block, ", key blocks of ", plan.key_block, " (pages of ", p.page_size, ")",
-        columns ? " and single columns" : ""));
+        "cuda backend: sparse decode runs plans of whole KV pages (Quest) only; this plan has "
+        "query blocks of ", plan.query_block, ", key blocks of ", plan.key_block, " (pages of ",
+        p.page_size, ")", columns ? " and single columns" : ""));
   }
   const int32_t seqs = l.num_seqs(), hq = p.num_q_heads, group = hq / p.num_kv_heads;
   // One table per KV head when every group's heads list the same pages, else per query head.

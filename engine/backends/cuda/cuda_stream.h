@@ -197,10 +197,11 @@ absl::Status EnsureHostFloats(CudaStream& s, int64_t elems);
 // the device sends chunk i + 1.
 absl::Status CopyFloatsToHost(CudaStream& s, const float* src, absl::Span<float> out);
 
-// Sparse decode attention (cuda_sparse.cc): runs `plan` (a decode plan of whole pages, as Quest
-// makes) for the step of `s` with the dense parameters `p` (page table and lengths of the
-// step), through compacted per-row page tables and PagedDecodeSparseRun. Unimplemented for plans
-// the kernel does not take (several queries per sequence, columns, key blocks other than pages).
+// Sparse attention (cuda_sparse.cc): runs `plan` for the step of `s` with the dense parameters
+// `p` (page table and lengths of the step). Decode steps: plans of whole pages (Quest) through
+// compacted per-row page tables and PagedDecodeSparseRun. Other steps: plans of 128-query
+// blocks and 64-key-tile key blocks (XAttention) through the block-sparse mma.sync prefill
+// kernel. Unimplemented for plans neither takes (single columns, other block sizes).
 absl::Status SparseDecodeAttention(CudaStream& s, const AttentionPlan& plan,
                                    const kernels::PagedAttentionParams<__nv_bfloat16>& p,
                                    int num_sms);
