@@ -167,8 +167,9 @@ const std::vector<KeySpec>& Keys() {
                        "Prefill attention method: dense (every causal key), minference "
                        "(per-head vertical-slash / A-shape / block-sparse indices from the last "
                        "queries) or xattention (antidiagonal block scoring, then block-sparse "
-                       "attention); sparse methods run on the cpu backend only for now. A request may ask for dense (GenerateRequest."
-                       "prefill_attention)."),
+                       "attention); both run on cpu, xattention also on cuda (block_size 128), "
+                       "minference on cpu only for now. A request may ask for dense "
+                       "(GenerateRequest.prefill_attention)."),
       SIEVE_ENGINE_KEY(attention.prefill.sparse_min_tokens, IntRange(0, 1 << 30),
                        "A prefill chunk runs sparse only when its sequence's KV length (cached "
                        "plus new tokens) is above this many tokens; shorter ones attend densely."),
@@ -183,7 +184,7 @@ const std::vector<KeySpec>& Keys() {
                        "diagonal blocks, reaches tau of the row's; above 1 keeps every block."),
       SIEVE_ENGINE_KEY(attention.prefill.xattention.block_size, IntRange(16, 1024),
                        "XAttention query and key block size in tokens (a multiple of the "
-                       "stride; 128 as in the paper)."),
+                       "stride; 128 as in the paper; 128 on the cuda backend)."),
       SIEVE_ENGINE_KEY(attention.prefill.xattention.threshold_file, Any(),
                        "Optional JSON file of per-(layer, head) thresholds replacing threshold "
                        "(format in engine/attention/README.md); empty: none."),
@@ -206,7 +207,8 @@ const std::vector<KeySpec>& Keys() {
                        "the pages whose key bounds promise the largest scores, within "
                        "attention.decode.token_budget) or double_sparsity (per query head, the "
                        "tokens whose outlier key channels score highest; needs a calibration, "
-                       "see attention.decode.double_sparsity.calibration_file); cpu only so far."),
+                       "see attention.decode.double_sparsity.calibration_file). quest runs on "
+                       "cpu and cuda, double_sparsity on cpu only so far."),
       SIEVE_ENGINE_KEY(attention.decode.sparse_min_tokens, IntRange(0, 1 << 30),
                        "A sparse decode method reads every key of a sequence whose context is "
                        "this long or shorter."),

@@ -98,7 +98,10 @@ absl::StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string
   }
   const int32_t num_pages = runner->options_.num_pages;
   // Step graphs pad batches with rows that write their KV into one page no caller can name.
-  const bool graphs = options.cuda_graphs && runner->backend_->SupportsStepGraphs();
+  // Sparse decode plans are built on the host from each step's selection (Quest on cuda copies
+  // its device selection back), which a replayed recording would skip: such runners step eagerly.
+  const bool graphs = options.cuda_graphs && runner->backend_->SupportsStepGraphs() &&
+                      !options.quest_page_bounds && options.ds_label_channels == 0;
   if (graphs && num_pages == INT32_MAX) {
     return absl::InvalidArgumentError("model runner: num_pages leaves no room for a scratch page");
   }

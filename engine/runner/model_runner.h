@@ -54,7 +54,8 @@ struct ModelRunnerOptions {
   // Backends with step graphs (cuda): run decode-only steps whose sequences all want logits
   // from CUDA graphs, one per batch-size bucket (1, 2, 4, ... up to max_step_logits), padding the
   // batch to its bucket. One extra KV page beyond num_pages is reserved for the padding rows.
-  // Off: every step runs its operators eagerly. Ignored by the cpu backend.
+  // Off: every step runs its operators eagerly. Ignored by the cpu backend, and off with a sparse
+  // decode method (quest_page_bounds, ds_label_channels), whose plans are made on the host.
   bool cuda_graphs = false;
   // Sparse decode side data (EngineConfig attention.decode.method quest): Load allocates the
   // backend's Quest page bounds (counted in the pool's page size) and every step of every worker

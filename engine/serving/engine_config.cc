@@ -128,10 +128,18 @@ absl::Status EngineConfig::Validate() const {
                                   pools.step_timeout_s));
   }
   attention.prefill.Validate(errors);
-  if (attention.prefill.method != "dense" && model.backend == "cuda") {
+  // XAttention runs on cuda with the block-sparse prefill kernel's 128-query tiles
+  // (engine/backends/cuda/cuda_sparse.cc); MInference's estimator runs on cpu only.
+  if (attention.prefill.method == "xattention" && model.backend == "cuda" &&
+      attention.prefill.xattention.block_size != 128) {
+    errors.push_back(absl::StrCat("attention.prefill.xattention.block_size must be 128 on the "
+                                  "cuda backend (its block-sparse prefill kernel's query tile), "
+                                  "got ", attention.prefill.xattention.block_size));
+  } else if (attention.prefill.method != "dense" && attention.prefill.method != "xattention" &&
+             model.backend == "cuda") {
     errors.push_back(absl::StrCat("attention.prefill.method ", attention.prefill.method,
                                   " is not available on the cuda backend yet (its estimator "
-                                  "runs on cpu only); use dense"));
+                                  "runs on cpu only); use dense or xattention"));
   }
   CheckChoice("attention.kernel", attention.kernel, kAttentionKernels, errors);
   if (model.backend == "cpu" && attention.kernel != "auto") {
@@ -146,7 +154,9 @@ absl::Status EngineConfig::Validate() const {
                                   2 * kv_cache.page_size_tokens, " tokens) for ", dec.method,
                                   ", got ", dec.token_budget));
   }
-  if (dec.method != "dense" && model.backend != "cpu") {
+  // Quest runs on cpu and cuda (engine/backends/cuda/cuda_sparse.cc); DoubleSparsity on cpu.
+  if (dec.method != "dense" && model.backend != "cpu" &&
+      !(dec.method == "quest" && model.backend == "cuda")) {
     errors.push_back(absl::StrCat("attention.decode.method ", dec.method,
                                   " is not available on ", model.backend, " yet (cpu only)"));
   }

@@ -66,8 +66,23 @@ __device__ __forceinline__ uint32_t SwizzledOffset(int row, int chunk) {
 // What one block works on, read once at its start.
 struct BlockWork {
   int seq, kv_head, split;
+  int q_head0;     // first query head of the block (its heads are q_head0 .. q_head0 + rows - 1)
   int start, end;  // KV token range [start, end)
 };
+
+// Which query heads a block takes and which page table row it reads. Dense decode: the whole
+// group of its KV head and the sequence's own row (rows = group, tables_per_seq = 1). Sparse
+// decode (PagedDecodeSparseRun): `rows` query heads that share a compacted table, one table per
+// (sequence, block column): tables_per_seq = num_q_heads / rows.
+struct RowMap {
+  int rows;            // query heads per block (1..16, dividing the group)
+  int tables_per_seq;  // page table rows (and lengths) per sequence: 1 or num_q_heads / rows
+};
+
+// The page table row (and length entry) of sequence `seq`, block column `col`.
+__device__ __forceinline__ int TableOf(const RowMap& m, int seq, int col) {
+  return seq * m.tables_per_seq + col % m.tables_per_seq;
+}
 
 // Issues the asynchronous copies of tokens [tile_start, tile_start + 64) of the block's KV head
 // into one stage buffer; tokens at or past `end` are zero-filled (and read nothing from K/V).
@@ -223,7 +238,7 @@ __device__ __forceinline__ void LoadQ(uint32_t (&qa)[kD / 16][4], const __nv_bfl
 template <int kD, bool kM16>
 __device__ void CombineWarps(char* smem, const float (&o)[kD / 8][4], RowState r0, RowState r1,
                              const PagedAttentionParams<__nv_bfloat16>& p, const BlockWork& w,
-                             int group, int planned_seqs, int num_splits,
+                             int rows, int planned_seqs, int num_splits,
                              float* __restrict__ ws) {
   float* sm_o = reinterpret_cast<float*>(smem);           // [kWarps][16][kD]
   float* sm_m = sm_o + kWarps * 16 * kD;                  // [kWarps][16]
@@ -251,8 +266,8 @@ __device__ void CombineWarps(char* smem, const float (&o)[kD / 8][4], RowState r
     sm_l[warp * 16 + g + 8] = kM16 ? r1.sum : 0.0f;
   }
   __syncthreads();
-  const int q_head0 = w.kv_head * group;
-  for (int idx = threadIdx.x; idx < group * (kD / 4); idx += kThreads) {
+  const int q_head0 = w.q_head0;
+  for (int idx = threadIdx.x; idx < rows * (kD / 4); idx += kThreads) {
     const int row = idx / (kD / 4);
     const int d = (idx % (kD / 4)) * 4;
     float m = -INFINITY;
@@ -291,19 +306,23 @@ __device__ void CombineWarps(char* smem, const float (&o)[kD / 8][4], RowState r
   }
 }
 
-// grid = (num_kv_heads, num_splits, num_seqs); block = kThreads. The KV heads of one split are
-// neighbours in launch order, so blocks running together read neighbouring rows of each page.
+// grid = (num_q_heads / map.rows, num_splits, num_seqs); block = kThreads. The KV heads of one
+// split are neighbours in launch order, so blocks running together read neighbouring rows of
+// each page. Dense: map.rows = group, so grid.x is the KV head.
 template <int kD, bool kM16>
 __global__ void __launch_bounds__(kThreads, BlocksPerSm<kD>()) PagedDecodeSplitKernel(
     const PagedAttentionParams<__nv_bfloat16> p, int planned_seqs, int chunk_tokens,
-    int num_splits, float scale_log2, float* __restrict__ ws) {
+    int num_splits, float scale_log2, float* __restrict__ ws, const RowMap map) {
   extern __shared__ __align__(128) char smem[];
   const int group = p.num_q_heads / p.num_kv_heads;
+  const int rows = map.rows;
   BlockWork w;
-  w.kv_head = blockIdx.x;
+  w.q_head0 = blockIdx.x * rows;
+  w.kv_head = w.q_head0 / group;
   w.split = blockIdx.y;
   w.seq = blockIdx.z;
-  const int kv_len = p.kv_lens[w.seq];
+  const int table = TableOf(map, w.seq, blockIdx.x);
+  const int kv_len = p.kv_lens[table];
   w.start = w.split * chunk_tokens;
   w.end = w.split == num_splits - 1 ? kv_len : min(kv_len, w.start + chunk_tokens);
   // Let the merge kernel (a programmatic dependent) be scheduled once every block has started;
@@ -311,10 +330,10 @@ __global__ void __launch_bounds__(kThreads, BlocksPerSm<kD>()) PagedDecodeSplitK
   GridDependentsLaunch();
   // Q, the first tiles' page ids and kv_len are independent loads, all in flight at once: the
   // prologue is issued before the empty-block check (tiles past the end are zero-fills).
-  const int32_t* pages = p.page_table + static_cast<int64_t>(w.seq) * p.page_table_stride;
+  const int32_t* pages = p.page_table + static_cast<int64_t>(table) * p.page_table_stride;
   uint32_t qa[kD / 16][4];
-  LoadQ<kD, kM16>(qa, p.q + (static_cast<int64_t>(w.seq) * p.num_q_heads + w.kv_head * group) * kD,
-                  group);
+  LoadQ<kD, kM16>(qa, p.q + (static_cast<int64_t>(w.seq) * p.num_q_heads + w.q_head0) * kD,
+                  rows);
   constexpr int kStages = Stages<kD>();
   const uint32_t smem_base = SmemAddr(smem);
   auto k_buf = [&](int stage) { return smem_base + stage * StageBytes<kD>(); };
@@ -327,8 +346,8 @@ __global__ void __launch_bounds__(kThreads, BlocksPerSm<kD>()) PagedDecodeSplitK
   if (w.start >= w.end) {
     CpAsyncWait<0>();
     if (num_splits == 1) {  // empty sequence: defined zero output
-      const int64_t base = (static_cast<int64_t>(w.seq) * p.num_q_heads + w.kv_head * group) * kD;
-      for (int i = threadIdx.x; i < group * kD; i += kThreads) {
+      const int64_t base = (static_cast<int64_t>(w.seq) * p.num_q_heads + w.q_head0) * kD;
+      for (int i = threadIdx.x; i < rows * kD; i += kThreads) {
         p.out[base + i] = __float2bfloat16(0.0f);
       }
     }
@@ -351,7 +370,7 @@ __global__ void __launch_bounds__(kThreads, BlocksPerSm<kD>()) PagedDecodeSplitK
   }
   CpAsyncWait<0>();
   __syncthreads();  // the stage buffers are reused for the cross-warp combine
-  CombineWarps<kD, kM16>(smem, o, r0, r1, p, w, group, planned_seqs, num_splits, ws);
+  CombineWarps<kD, kM16>(smem, o, r0, r1, p, w, rows, planned_seqs, num_splits, ws);
 }
 
 // --- The merge kernel ---------------------------------------------------------------------------
@@ -366,7 +385,7 @@ __global__ void __launch_bounds__(kThreads, BlocksPerSm<kD>()) PagedDecodeSplitK
 template <int kD>
 __global__ void __launch_bounds__(kThreads) PagedDecodeMergeKernel(
     const PagedAttentionParams<__nv_bfloat16> p, int planned_seqs, int chunk_tokens,
-    int num_splits, const float* __restrict__ ws) {
+    int num_splits, const float* __restrict__ ws, const RowMap map) {
   constexpr int kPerLane = kD / 32;  // 4 at d = 128, 2 at d = 64
   constexpr int kBatch = 8;
   using Vec = std::conditional_t<kPerLane == 4, float4, float2>;
@@ -377,7 +396,8 @@ __global__ void __launch_bounds__(kThreads) PagedDecodeMergeKernel(
   const int warp = threadIdx.x >> 5;
   const int64_t q_row = blockIdx.x;
   const int seq = static_cast<int>(q_row / p.num_q_heads);
-  const int kv_len = p.kv_lens[seq];
+  const int head = static_cast<int>(q_row % p.num_q_heads);
+  const int kv_len = p.kv_lens[TableOf(map, seq, head / map.rows)];
   const int used = kv_len <= 0 ? 0 : min(num_splits, (kv_len + chunk_tokens - 1) / chunk_tokens);
   const int64_t planes = static_cast<int64_t>(planned_seqs) * p.num_q_heads * num_splits;
   const float* o = ws + q_row * num_splits * kD + lane * kPerLane;
@@ -464,13 +484,13 @@ cudaError_t EnsureSharedMemoryLimit() {
 
 template <int kD, bool kM16>
 cudaError_t Launch(const PagedAttentionParams<__nv_bfloat16>& p, const PagedDecodePlan& plan,
-                   float* ws, cudaStream_t stream) {
+                   float* ws, const RowMap map, cudaStream_t stream) {
   auto* kernel = PagedDecodeSplitKernel<kD, kM16>;
   SIEVE_CUDA_RETURN_IF_ERROR((EnsureSharedMemoryLimit<kD, kM16>()));
   const float scale_log2 = p.scale * kLog2e;
-  const dim3 grid(p.num_kv_heads, plan.num_splits, p.num_seqs);
+  const dim3 grid(p.num_q_heads / map.rows, plan.num_splits, p.num_seqs);
   kernel<<<grid, kThreads, SharedBytes<kD>(), stream>>>(p, plan.shape.num_seqs, plan.chunk_tokens,
-                                                        plan.num_splits, scale_log2, ws);
+                                                        plan.num_splits, scale_log2, ws, map);
   SIEVE_CUDA_RETURN_IF_LAUNCH_ERROR();
   if (plan.num_splits > 1) {
     // Programmatic dependent launch: the merge grid is scheduled while the split grid drains
@@ -490,7 +510,7 @@ cudaError_t Launch(const PagedAttentionParams<__nv_bfloat16>& p, const PagedDeco
                                                   static_cast<int>(plan.shape.num_seqs),
                                                   static_cast<int>(plan.chunk_tokens),
                                                   static_cast<int>(plan.num_splits),
-                                                  static_cast<const float*>(ws)));
+                                                  static_cast<const float*>(ws), map));
   }
   return cudaSuccess;
 }
@@ -514,6 +534,23 @@ bool ParamsMatchPlan(const PagedAttentionParams<__nv_bfloat16>& p, const PagedDe
   return true;
 }
 
+// Query heads per block of a shape: the group (dense) or shape.heads_per_block (sparse).
+int RowsOf(const PagedDecodeShape& s) {
+  return s.heads_per_block > 0 ? s.heads_per_block : s.num_q_heads / s.num_kv_heads;
+}
+
+cudaError_t LaunchWithMap(const PagedAttentionParams<__nv_bfloat16>& p,
+                          const PagedDecodePlan& plan, float* ws, const RowMap map,
+                          cudaStream_t stream) {
+  const bool m16 = map.rows > 8;
+  if (p.head_dim == 128) {
+    return m16 ? Launch<128, true>(p, plan, ws, map, stream)
+               : Launch<128, false>(p, plan, ws, map, stream);
+  }
+  return m16 ? Launch<64, true>(p, plan, ws, map, stream)
+             : Launch<64, false>(p, plan, ws, map, stream);
+}
+
 }  // namespace
 
 bool PagedDecodeSupports(const PagedDecodeShape& s) {
@@ -521,6 +558,9 @@ bool PagedDecodeSupports(const PagedDecodeShape& s) {
   if (s.head_dim != 64 && s.head_dim != 128) return false;
   if (s.num_q_heads % s.num_kv_heads != 0) return false;
   const int group = s.num_q_heads / s.num_kv_heads;
+  if (s.heads_per_block < 0 || (s.heads_per_block > 0 && group % s.heads_per_block != 0)) {
+    return false;
+  }
   return group >= 1 && group <= kMaxGroup && s.num_seqs <= 65535;
 }
 
@@ -559,7 +599,8 @@ PagedDecodePlan Plan(const PagedDecodeShape& shape, int num_sms) {
   constexpr int64_t kBlockOverhead = 64;
   constexpr int64_t kMergeOverhead = 64;
   const int64_t slots = static_cast<int64_t>(num_sms) * PagedDecodeBlocksPerSm(shape.head_dim);
-  const int64_t pairs = static_cast<int64_t>(shape.num_seqs) * shape.num_kv_heads;
+  // Blocks per split: one per KV head (dense), one per group of heads_per_block heads (sparse).
+  const int64_t pairs = static_cast<int64_t>(shape.num_seqs) * (shape.num_q_heads / RowsOf(shape));
   const int64_t tiles = std::max<int64_t>(1, (shape.max_kv_len + kTileTokens - 1) / kTileTokens);
   int64_t best_cost = INT64_MAX;
   int best_splits = 1;
@@ -590,14 +631,30 @@ PagedDecodePlan Plan(const PagedDecodeShape& shape, int num_sms) {
 
 cudaError_t PagedDecodeRun(const PagedAttentionParams<__nv_bfloat16>& p,
                            const PagedDecodePlan& plan, void* workspace, cudaStream_t stream) {
-  if (!ParamsMatchPlan(p, plan, workspace)) return cudaErrorInvalidValue;
-  if (p.num_seqs == 0) return cudaSuccess;
-  float* ws = static_cast<float*>(workspace);
-  const bool m16 = p.num_q_heads / p.num_kv_heads > 8;
-  if (p.head_dim == 128) {
-    return m16 ? Launch<128, true>(p, plan, ws, stream) : Launch<128, false>(p, plan, ws, stream);
+  if (plan.shape.heads_per_block != 0 || !ParamsMatchPlan(p, plan, workspace)) {
+    return cudaErrorInvalidValue;
   }
-  return m16 ? Launch<64, true>(p, plan, ws, stream) : Launch<64, false>(p, plan, ws, stream);
+  if (p.num_seqs == 0) return cudaSuccess;
+  const RowMap map{p.num_q_heads / p.num_kv_heads, 1};
+  return LaunchWithMap(p, plan, static_cast<float*>(workspace), map, stream);
+}
+
+cudaError_t PagedDecodeSparseRun(const PagedAttentionParams<__nv_bfloat16>& p,
+                                 const PagedDecodePlan& plan, const PagedDecodeTables& tables,
+                                 void* workspace, cudaStream_t stream) {
+  const int rows = tables.heads_per_block;
+  if (rows < 1 || p.num_kv_heads < 1 || p.num_q_heads % p.num_kv_heads != 0 ||
+      (p.num_q_heads / p.num_kv_heads) % rows != 0 || RowsOf(plan.shape) != rows) {
+    return cudaErrorInvalidValue;
+  }
+  PagedAttentionParams<__nv_bfloat16> sp = p;
+  sp.page_table = tables.pages;
+  sp.kv_lens = tables.lens;
+  sp.page_table_stride = tables.stride;
+  if (!ParamsMatchPlan(sp, plan, workspace)) return cudaErrorInvalidValue;
+  if (sp.num_seqs == 0) return cudaSuccess;
+  const RowMap map{rows, p.num_q_heads / rows};
+  return LaunchWithMap(sp, plan, static_cast<float*>(workspace), map, stream);
 }
 
 }  // namespace sieve::kernels

@@ -37,6 +37,10 @@ struct PagedDecodeShape {
   int32_t head_dim = 0;      // 64 or 128
   int32_t max_kv_len = 0;    // longest KV length (tokens) expected; longer ones still run right,
                              // with their tail in the last split (slower, never wrong)
+  int32_t heads_per_block = 0;  // 0: dense decode (PagedDecodeRun), a block per KV head; > 0:
+                                // sparse decode (PagedDecodeSparseRun), a block per this many
+                                // query heads sharing a compacted page table (a divisor of the
+                                // group; max_kv_len then bounds the compacted lengths)
 };
 
 // A decision of how to split the KV length, made by Plan().
@@ -57,7 +61,8 @@ bool PagedDecodeSupports(const PagedDecodeShape& shape);
 PagedDecodePlan Plan(const PagedDecodeShape& shape, int num_sms);
 
 // Runs decode attention for p.num_seqs sequences on `stream` with the split of `plan`.
-// Requirements (else cudaErrorInvalidValue, nothing launched): p's head counts and head_dim equal
+// Requirements (else cudaErrorInvalidValue, nothing launched): a dense plan (heads_per_block 0),
+// p's head counts and head_dim equal
 // the plan's, 0 <= p.num_seqs <= plan.shape.num_seqs, page_size >= 1, non-null pointers, and
 // `workspace` of plan.workspace_bytes (256-byte aligned) unless that is 0. A sequence with
 // kv_lens[s] == 0 gets a zero output. Device pointers must stay valid until the work completes.
@@ -66,6 +71,28 @@ PagedDecodePlan Plan(const PagedDecodeShape& shape, int num_sms);
 // before capturing runs in a CUDA graph.
 cudaError_t PagedDecodeRun(const PagedAttentionParams<__nv_bfloat16>& p,
                            const PagedDecodePlan& plan, void* workspace, cudaStream_t stream);
+
+// Per-row page tables of sparse decode (Quest, kernels/sparse/quest_cuda.h): the heads of each
+// sequence are split into runs of `heads_per_block` consecutive query heads (1: each query head;
+// the group: each KV head), and run r of sequence s reads the lens[s * runs + r] tokens listed by
+// row s * runs + r of `pages` (runs = num_q_heads / heads_per_block): token t of the row sits in
+// page pages[row * stride + t / page_size] at offset t % page_size. Rows list page ids in any
+// order (decode has no mask inside the context); a page may be partial only where it is last.
+struct PagedDecodeTables {
+  const int32_t* pages = nullptr;  // [num_seqs * runs, stride] page ids (device)
+  const int32_t* lens = nullptr;   // [num_seqs * runs] tokens per row (device)
+  int32_t stride = 0;              // entries per row of `pages`
+  int32_t heads_per_block = 1;     // query heads per row; must equal the plan's
+};
+
+// Decode attention restricted to the rows of `tables` (page_table and kv_lens of `p` are
+// ignored): query head h of sequence s attends to the tokens of row s * runs + h /
+// heads_per_block, exactly as PagedDecodeRun attends to a sequence's whole row. `plan` must come
+// from Plan() for a shape with the same heads_per_block (and max_kv_len the longest row).
+// Requirements and guarantees otherwise as PagedDecodeRun's.
+cudaError_t PagedDecodeSparseRun(const PagedAttentionParams<__nv_bfloat16>& p,
+                                 const PagedDecodePlan& plan, const PagedDecodeTables& tables,
+                                 void* workspace, cudaStream_t stream);
 
 // The blocks per multiprocessor that Plan() assumes for a head dim (from the shared memory each
 // block takes); tests compare it with what the CUDA occupancy calculator reports.

@@ -96,6 +96,16 @@ cudaError_t PagedPrefillRun(const PagedAttentionParams<__nv_bfloat16>& p,
                   p.out != nullptr && p.page_table != nullptr && p.kv_lens != nullptr &&
                   p.query_start != nullptr && p.page_table_stride >= 1;
   if (!ok) return cudaErrorInvalidValue;
+  // Block-sparse: the mma.sync kernel, query blocks of its 128 rows, key blocks of whole 64-key
+  // tiles, no single columns.
+  const SparseAttentionIndex* sp = p.sparse;
+  if (sp != nullptr &&
+      (plan.kernel != PagedPrefillKernel::kMmaSync || sp->query_block != MmaCfg<128>::kBlockM ||
+       sp->key_block < MmaCfg<128>::kBlockN || sp->key_block % MmaCfg<128>::kBlockN != 0 ||
+       sp->column_start != nullptr || !sp->query_block_start || !sp->row_start ||
+       !sp->key_blocks)) {
+    return cudaErrorInvalidValue;
+  }
   if (p.num_seqs == 0) return cudaSuccess;
   (void)workspace;
 
@@ -114,6 +124,10 @@ cudaError_t PagedPrefillRun(const PagedAttentionParams<__nv_bfloat16>& p,
   args.page_shift = 0;
   while ((1 << args.page_shift) < p.page_size) ++args.page_shift;
   args.scale_log2 = p.scale * 1.4426950408889634f;
+  args.bsr_qblock_start = sp ? sp->query_block_start : nullptr;
+  args.bsr_row_start = sp ? sp->row_start : nullptr;
+  args.bsr_key_blocks = sp ? sp->key_blocks : nullptr;
+  args.bsr_tiles_per_block = sp ? sp->key_block / MmaCfg<128>::kBlockN : 0;
 
   const int shared_bytes = SharedBytesFor(plan.kernel, p.head_dim);
   SIEVE_CUDA_RETURN_IF_ERROR(

@@ -32,6 +32,14 @@ struct PrefillArgs {
   int32_t group;        // num_q_heads / num_kv_heads
   int32_t page_shift;   // log2(page_size)
   float scale_log2;     // softmax scale * log2(e): scores live in the exp2 domain
+  // Block-sparse attention (kMmaSync only; all null for dense): the BSR index of
+  // kernels/attention/paged_attention.h with query blocks of the kernel's 128 rows: row
+  // (bsr_qblock_start[s] + m0 / 128) * num_q_heads + h lists the key blocks of
+  // 64 * bsr_tiles_per_block keys that query tile m0 of head h reads.
+  const int32_t* bsr_qblock_start;
+  const int32_t* bsr_row_start;
+  const int32_t* bsr_key_blocks;
+  int32_t bsr_tiles_per_block;
 };
 
 // One (sequence, query head) of a block and the tiles it owns.
@@ -41,6 +49,7 @@ struct SeqInfo {
   int32_t kv_len;    // keys of the sequence
   int32_t q_off;     // position of query row 0: kv_len - q_len
   int32_t m_tiles;   // query tiles of block_m rows
+  int32_t seq;       // the sequence's index in the batch
 };
 
 __device__ __forceinline__ SeqInfo LoadSeqInfo(const PrefillArgs& a, int s, int block_m) {
@@ -50,6 +59,7 @@ __device__ __forceinline__ SeqInfo LoadSeqInfo(const PrefillArgs& a, int s, int 
   si.kv_len = a.kv_lens[s];
   si.q_off = si.kv_len - si.q_len;
   si.m_tiles = si.q_len > 0 ? (si.q_len + block_m - 1) / block_m : 0;
+  si.seq = s;
   return si;
 }
 

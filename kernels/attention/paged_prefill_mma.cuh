@@ -98,7 +98,24 @@ __device__ __forceinline__ void MmaQueryTile(const PrefillArgs& a, const SeqInfo
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int kv_head = h / a.group;
   const int rows_valid = min(C::kBlockM, si.q_len - m0);
-  const int n_tiles = (si.q_off + m0 + rows_valid - 1) / C::kBlockN + 1;
+  // Dense: every tile up to the last row's position. Block-sparse: the tiles of the listed key
+  // blocks, in list order (the causal mask below applies to any tile; the softmax is online).
+  int n_tiles = (si.q_off + m0 + rows_valid - 1) / C::kBlockN + 1;
+  const int32_t* key_blocks = nullptr;
+  const int tiles_per_block = a.bsr_tiles_per_block;
+  if (a.bsr_row_start != nullptr) {
+    const int64_t row =
+        (static_cast<int64_t>(a.bsr_qblock_start[si.seq]) + m0 / C::kBlockM) * a.num_q_heads + h;
+    const int b0 = a.bsr_row_start[row];
+    key_blocks = a.bsr_key_blocks + b0;
+    n_tiles = (a.bsr_row_start[row + 1] - b0) * tiles_per_block;
+  }
+  const auto tile_start = [&](int j) {
+    if (key_blocks == nullptr) return j * C::kBlockN;
+    if (j >= n_tiles) return 0;
+    return key_blocks[j / tiles_per_block] * (tiles_per_block * C::kBlockN) +
+           (j % tiles_per_block) * C::kBlockN;
+  };
   const int64_t q_stride = static_cast<int64_t>(a.num_q_heads) * D;
 
   // Q rows (zero past the sequence), then K and V of tile 0.
@@ -112,10 +129,11 @@ __device__ __forceinline__ void MmaQueryTile(const PrefillArgs& a, const SeqInfo
       CpAsync16(sq + SwizzledOffset<D>(r, c), valid ? q0 + r * q_stride + c * 8 : q0, valid);
     }
   }
-  MmaLoadKvTile<D>(a, a.k_cache, pages, kv_head, si.kv_len, 0, sk);
+  MmaLoadKvTile<D>(a, a.k_cache, pages, kv_head, si.kv_len, tile_start(0), sk);
   CpAsyncCommit();
-  MmaLoadKvTile<D>(a, a.v_cache, pages, kv_head, si.kv_len, 0, sv);
+  MmaLoadKvTile<D>(a, a.v_cache, pages, kv_head, si.kv_len, tile_start(0), sv);
   CpAsyncCommit();
+  if (n_tiles == 0) CpAsyncWait<0>();  // a row listing nothing: zero output, no copy left
 
   // Positions of this thread's two rows and the span of this warp's valid rows.
   const int warp_min_pos = si.q_off + m0 + 16 * warp;
@@ -141,7 +159,7 @@ __device__ __forceinline__ void MmaQueryTile(const PrefillArgs& a, const SeqInfo
     CpAsyncWait<1>();  // K of tile j (and Q) landed; V of tile j may still be in flight
     __syncthreads();
     if (more) {
-      MmaLoadKvTile<D>(a, a.k_cache, pages, kv_head, si.kv_len, (j + 1) * C::kBlockN,
+      MmaLoadKvTile<D>(a, a.k_cache, pages, kv_head, si.kv_len, tile_start(j + 1),
                        sk + (stage ^ 1) * C::kKvBytes);
       CpAsyncCommit();
     }
@@ -149,7 +167,7 @@ __device__ __forceinline__ void MmaQueryTile(const PrefillArgs& a, const SeqInfo
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) LdMatrixX4(qf[kk], sq + SwizzledStep(lane_q, 2 * kk));
     }
-    const int n0 = j * C::kBlockN;
+    const int n0 = tile_start(j);
     const bool active = n0 <= warp_max_pos;
     if (active) {
       const uint32_t kt = sk + stage * C::kKvBytes;
@@ -184,7 +202,7 @@ __device__ __forceinline__ void MmaQueryTile(const PrefillArgs& a, const SeqInfo
     }
     __syncthreads();
     if (more) {
-      MmaLoadKvTile<D>(a, a.v_cache, pages, kv_head, si.kv_len, (j + 1) * C::kBlockN,
+      MmaLoadKvTile<D>(a, a.v_cache, pages, kv_head, si.kv_len, tile_start(j + 1),
                        sv + (stage ^ 1) * C::kKvBytes);
       CpAsyncCommit();
     }

@@ -109,6 +109,9 @@ CudaStream::~CudaStream() {
   cudaFreeHost(f32_host);
   cudaFree(sample_dev);
   cudaFreeHost(sample_host);
+  cudaFree(sparse_dev);
+  cudaFreeHost(sparse_host);
+  if (sparse_copied != nullptr) cudaEventDestroy(sparse_copied);
   for (cudaEvent_t e : copy_events) cudaEventDestroy(e);
   if (staging_copied != nullptr) cudaEventDestroy(staging_copied);
   gemm = kernels::BlasLtGemm();  // destroy the cuBLASLt handle before the stream
@@ -280,6 +283,7 @@ CudaBackend::~CudaBackend() {
   cudaDeviceSynchronize();
   for (void* p : buffers_) cudaFree(p);
   cudaFree(kv_);
+  cudaFree(page_bounds_);
   if (transfer_stream_ != nullptr) cudaStreamDestroy(static_cast<cudaStream_t>(transfer_stream_));
 }
 
@@ -673,10 +677,6 @@ absl::Status CudaBackend::Attention(BackendStream& stream, int32_t layer, const 
                                     const AttentionShape& a, float scale,
                                     const AttentionPlan& plan, Tensor out) {
   CudaStream& s = Cuda(stream);
-  if (!plan.dense) {
-    return absl::UnimplementedError(
-        "cuda backend: sparse attention plans are not implemented yet (dense only)");
-  }
   SIEVE_ASSIGN_OR_RETURN(const BatchLayout* l, LayoutOf(s));
   if (layer < 0 || layer >= num_layers_ || a.num_kv_heads != kv_shape_.num_kv_heads ||
       a.head_dim != kv_shape_.head_dim || a.num_q_heads != kv_shape_.num_q_heads) {
@@ -700,6 +700,7 @@ absl::Status CudaBackend::Attention(BackendStream& stream, int32_t layer, const 
   p.head_dim = a.head_dim;
   p.page_size = page_size_;
   p.scale = scale;
+  if (!plan.dense) return cuda_internal::SparseDecodeAttention(s, plan, p, num_sms_);
   switch (s.path) {
     case CudaAttentionPath::kDecode:
       SIEVE_RETURN_IF_CUDA_ERROR(

@@ -106,10 +106,28 @@ class CudaBackend final : public Backend {
   absl::Status RopeAndCacheKv(BackendStream& stream, int32_t layer, const Tensor& qkv,
                               const AttentionShape& shape, const RopeTables& rope,
                               Tensor q_out) override;
-  // Dense plans only so far (the sparse kernels come with the sparse prefill and decode work).
+  // Dense plans; sparse decode plans of whole pages (Quest's; cuda_sparse.cc) through compacted
+  // page tables and the split-KV decode kernel; sparse prefill plans of 128-query blocks and key
+  // blocks of whole 64-key tiles (XAttention's) through the mma.sync prefill kernel skipping
+  // unlisted blocks. Other sparse plans are Unimplemented.
   absl::Status Attention(BackendStream& stream, int32_t layer, const Tensor& q,
                          const AttentionShape& shape, float scale, const AttentionPlan& plan,
                          Tensor out) override;
+  // Quest (cuda_sparse.cc, kernels/sparse/quest_cuda.h): bf16 page bounds per layer, updated by
+  // a kernel after RopeAndCacheKv; PlanQuestPages scores and selects on the device for the whole
+  // batch, then copies the selected pages back (waiting for the stream) to fill the host plan.
+  int64_t PageBoundsBytes(int32_t num_layers, const AttentionShape& shape) const override;
+  // XAttention block masses on the device (kernels/sparse/xattention_cuda.h), copied back
+  // (waits for the stream).
+  absl::Status XAttentionBlockMass(BackendStream& stream, int32_t layer, const Tensor& q,
+                                   const AttentionShape& shape, const XAttentionEstimate& estimate,
+                                   std::vector<float>& mass) override;
+  absl::Status AllocatePageBounds(int32_t num_layers, const AttentionShape& shape) override;
+  absl::Status UpdatePageBounds(BackendStream& stream, int32_t layer,
+                                const AttentionShape& shape) override;
+  absl::Status PlanQuestPages(BackendStream& stream, int32_t layer, const Tensor& q,
+                              const AttentionShape& shape, const QuestPlanOptions& options,
+                              AttentionPlan& plan) override;
   absl::Status SiluMul(BackendStream& stream, const Tensor& gate_up, Tensor out) override;
   absl::Status GatherRows(BackendStream& stream, const Tensor& x, absl::Span<const int32_t> rows,
                           Tensor out) override;
@@ -164,6 +182,11 @@ class CudaBackend final : public Backend {
   int32_t num_pages_ = 0;
   int32_t page_size_ = 0;
   AttentionShape kv_shape_;
+  // Quest page bounds (AllocatePageBounds): layer l's at page_bounds_ + l * bounds_layer_elems_,
+  // [num_pages, num_kv_heads, 2, head_dim] bf16.
+  void* page_bounds_ = nullptr;
+  int64_t bounds_layer_elems_ = 0;
+  int32_t bounds_layers_ = 0;
   // KV page transfers (ReadKvPages, WriteKvPages): their stream (cudaStream_t, created on first
   // use) and the lock that serializes them.
   std::mutex transfer_mu_;

@@ -155,6 +155,15 @@ struct CudaStream final : BackendStream {
   // (sample_plan_ready) so that a step makes no device queries.
   kernels::SamplePlan sample_plan;
   bool sample_plan_ready = false;
+  // Sparse decode (cuda_sparse.cc): device scratch for the Quest selection (its scores, pages
+  // and counts) and for the compacted page tables and lengths of a sparse decode plan, then the
+  // sparse decode kernel's workspace; pinned host bytes for the copies both ways. Grown between
+  // layers when a step needs more (after waiting for the stream).
+  char* sparse_dev = nullptr;
+  size_t sparse_dev_bytes = 0;
+  char* sparse_host = nullptr;
+  size_t sparse_host_bytes = 0;
+  cudaEvent_t sparse_copied = nullptr;  // recorded after the last copy out of sparse_host
   // Graph steps: one slot per sequence count; `graph` is the slot of the step in progress.
   std::map<int32_t, std::unique_ptr<GraphSlot>> graph_slots;
   GraphSlot* graph = nullptr;
@@ -187,6 +196,15 @@ absl::Status EnsureHostFloats(CudaStream& s, int64_t elems);
 // rows of logits) a chunked pipeline in which the host copies chunk i out of pinned memory while
 // the device sends chunk i + 1.
 absl::Status CopyFloatsToHost(CudaStream& s, const float* src, absl::Span<float> out);
+
+// Sparse attention (cuda_sparse.cc): runs `plan` for the step of `s` with the dense parameters
+// `p` (page table and lengths of the step). Decode steps: plans of whole pages (Quest) through
+// compacted per-row page tables and PagedDecodeSparseRun. Other steps: plans of 128-query
+// blocks and 64-key-tile key blocks (XAttention) through the block-sparse mma.sync prefill
+// kernel. Unimplemented for plans neither takes (single columns, other block sizes).
+absl::Status SparseDecodeAttention(CudaStream& s, const AttentionPlan& plan,
+                                   const kernels::PagedAttentionParams<__nv_bfloat16>& p,
+                                   int num_sms);
 
 }  // namespace cuda_internal
 }  // namespace sieve::engine

@@ -1,0 +1,394 @@
+// The CUDA backend's sparse decode: Quest page bounds and selection (kernels/sparse/quest_cuda.h)
+// and sparse decode plans run through compacted page tables (PagedDecodeSparseRun,
+// kernels/attention/paged_decode.h). See cuda_backend.h.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "engine/backends/cuda/cuda_backend.h"
+#include "engine/backends/cuda/cuda_stream.h"
+#include "engine/status_macros.h"
+#include "kernels/attention/paged_decode.h"
+#include "kernels/attention/paged_prefill.h"
+#include "kernels/sparse/quest_cuda.h"
+#include "kernels/sparse/xattention_cuda.h"
+
+namespace sieve::engine {
+
+using bf16 = __nv_bfloat16;
+using cuda_internal::Align256;
+using cuda_internal::Cuda;
+
+namespace {
+
+// Makes the stream's sparse scratch hold `dev_bytes` on the device and `host_bytes` of pinned
+// memory, waiting for the stream before it frees a buffer that work in flight may use.
+absl::Status EnsureSparseBuffers(CudaStream& s, size_t dev_bytes, size_t host_bytes) {
+  if (s.sparse_copied == nullptr) {
+    SIEVE_RETURN_IF_CUDA_ERROR(cudaEventCreateWithFlags(&s.sparse_copied, cudaEventDisableTiming));
+  }
+  if (dev_bytes > s.sparse_dev_bytes) {
+    const size_t bytes = std::max(dev_bytes, 2 * s.sparse_dev_bytes);
+    SIEVE_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(s.stream));
+    SIEVE_RETURN_IF_CUDA_ERROR(cudaFree(s.sparse_dev));
+    s.sparse_dev = nullptr;
+    s.sparse_dev_bytes = 0;
+    SIEVE_RETURN_IF_CUDA_ERROR(cudaMalloc(&s.sparse_dev, bytes));
+    s.sparse_dev_bytes = bytes;
+  }
+  if (host_bytes > s.sparse_host_bytes) {
+    const size_t bytes = std::max(host_bytes, 2 * s.sparse_host_bytes);
+    SIEVE_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(s.stream));
+    SIEVE_RETURN_IF_CUDA_ERROR(cudaFreeHost(s.sparse_host));
+    s.sparse_host = nullptr;
+    s.sparse_host_bytes = 0;
+    SIEVE_RETURN_IF_CUDA_ERROR(cudaMallocHost(&s.sparse_host, bytes));
+    s.sparse_host_bytes = bytes;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+// --- Quest page bounds ---------------------------------------------------------------------------
+
+int64_t CudaBackend::PageBoundsBytes(int32_t num_layers, const AttentionShape& shape) const {
+  return int64_t{2} * num_layers * shape.num_kv_heads * shape.head_dim *
+         static_cast<int64_t>(sizeof(bf16));
+}
+
+absl::Status CudaBackend::AllocatePageBounds(int32_t num_layers, const AttentionShape& shape) {
+  if (kv_ == nullptr || num_layers != num_layers_ ||
+      shape.num_kv_heads != kv_shape_.num_kv_heads || shape.head_dim != kv_shape_.head_dim) {
+    return absl::FailedPreconditionError(
+        "cuda backend: allocate the KV cache (with the same layers and heads) before the page "
+        "bounds");
+  }
+  if (page_bounds_ != nullptr) {
+    return absl::FailedPreconditionError("cuda backend: page bounds already allocated");
+  }
+  if (shape.head_dim % 2 != 0) {
+    return absl::InvalidArgumentError("cuda backend: Quest page bounds need an even head_dim");
+  }
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaSetDevice(options_.device));
+  const int64_t layer_elems = int64_t{num_pages_} * shape.num_kv_heads * 2 * shape.head_dim;
+  const size_t bytes = static_cast<size_t>(num_layers * layer_elems) * sizeof(bf16);
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaMalloc(&page_bounds_, bytes));
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaMemset(page_bounds_, 0, bytes));
+  // As AllocateKvCache: the zeroing must be complete before a non-blocking stream writes bounds.
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaDeviceSynchronize());
+  bounds_layer_elems_ = layer_elems;
+  bounds_layers_ = num_layers;
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::UpdatePageBounds(BackendStream& stream, int32_t layer,
+                                           const AttentionShape& a) {
+  CudaStream& s = Cuda(stream);
+  if (s.layout == nullptr) return absl::InternalError("cuda backend: operator before BeginStep");
+  if (layer < 0 || layer >= bounds_layers_) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cuda backend: no page bounds for layer ", layer));
+  }
+  kernels::QuestBoundsUpdateGpu u;
+  u.k_cache = static_cast<const bf16*>(kv_) + 2 * layer * kv_layer_elems_;
+  u.bounds = static_cast<bf16*>(page_bounds_) + layer * bounds_layer_elems_;
+  u.slots = s.slots;
+  u.num_tokens = s.layout->num_tokens();
+  u.num_kv_heads = a.num_kv_heads;
+  u.head_dim = a.head_dim;
+  u.page_size = page_size_;
+  SIEVE_RETURN_IF_CUDA_ERROR(kernels::QuestUpdateBoundsGpu(u, s.stream));
+  return absl::OkStatus();
+}
+
+// --- Quest selection -----------------------------------------------------------------------------
+
+absl::Status CudaBackend::PlanQuestPages(BackendStream& stream, int32_t layer, const Tensor& q,
+                                         const AttentionShape& a, const QuestPlanOptions& options,
+                                         AttentionPlan& plan) {
+  CudaStream& s = Cuda(stream);
+  if (s.layout == nullptr) return absl::InternalError("cuda backend: operator before BeginStep");
+  const BatchLayout& l = *s.layout;
+  if (layer < 0 || layer >= bounds_layers_) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cuda backend: no page bounds for layer ", layer));
+  }
+  if (options.page_budget < 2) {
+    return absl::InvalidArgumentError("cuda backend: Quest needs a page budget of at least 2");
+  }
+  if (s.graph != nullptr) {
+    return absl::FailedPreconditionError(
+        "cuda backend: Quest selection waits for the stream and cannot run in a graph step");
+  }
+  const int32_t seqs = l.num_seqs();
+  kernels::QuestSelectGpuParams p;
+  p.q = static_cast<const bf16*>(q.data);
+  p.q_rows = s.query_start;  // each sequence's first (for decode: only) query
+  p.bounds = static_cast<const bf16*>(page_bounds_) + layer * bounds_layer_elems_;
+  p.page_table = s.page_table;
+  p.kv_lens = s.kv_lens;
+  p.page_table_stride = l.page_table_stride;
+  p.num_seqs = seqs;
+  p.num_q_heads = a.num_q_heads;
+  p.num_kv_heads = a.num_kv_heads;
+  p.head_dim = a.head_dim;
+  p.page_size = page_size_;
+  p.page_budget = options.page_budget;
+  p.per_kv_head = options.per_kv_head;
+  if ((a.head_dim != 64 && a.head_dim != 128) || a.num_q_heads / a.num_kv_heads > 32) {
+    return absl::UnimplementedError(absl::StrCat(
+        "cuda backend: Quest selection supports head_dim 64 or 128 and groups up to 32, got "
+        "head_dim ", a.head_dim));
+  }
+  const int32_t per_seq = kernels::QuestSelectRowsPerSeq(p);
+  const size_t rows = static_cast<size_t>(seqs) * per_seq;
+  const size_t ws = kernels::QuestSelectWorkspaceBytes(p);
+  const size_t out_ints = rows * options.page_budget + rows;  // selected, then counts
+  SIEVE_RETURN_IF_ERROR(
+      EnsureSparseBuffers(s, ws + Align256(out_ints * sizeof(int32_t)), out_ints * sizeof(int32_t)));
+  kernels::QuestSelectGpuOutput out;
+  out.selected = reinterpret_cast<int32_t*>(s.sparse_dev + ws);
+  out.counts = out.selected + rows * options.page_budget;
+  SIEVE_RETURN_IF_CUDA_ERROR(kernels::QuestSelectGpu(p, out, s.sparse_dev, ws, s.stream));
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(s.sparse_host, out.selected,
+                                             out_ints * sizeof(int32_t), cudaMemcpyDeviceToHost,
+                                             s.stream));
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(s.stream));
+  const int32_t* selected = reinterpret_cast<const int32_t*>(s.sparse_host);
+  const int32_t* counts = selected + rows * options.page_budget;
+  const int32_t group = a.num_q_heads / a.num_kv_heads;
+  plan.dense = false;
+  plan.query_block = 1;
+  plan.key_block = page_size_;
+  plan.query_block_start.assign(l.query_start.begin(), l.query_start.end());
+  plan.row_start.assign(1, 0);
+  plan.key_blocks.clear();
+  plan.column_start.clear();
+  plan.columns.clear();
+  for (int32_t i = 0; i < seqs; ++i) {
+    const int32_t q_len = l.query_start[i + 1] - l.query_start[i];
+    const bool dense = (!options.dense_sequences.empty() && options.dense_sequences[i] != 0) ||
+                       q_len != 1;
+    const int32_t pages = (l.kv_lens[i] + page_size_ - 1) / page_size_;
+    for (int32_t j = 0; j < q_len; ++j) {
+      for (int32_t h = 0; h < a.num_q_heads; ++h) {
+        if (dense) {
+          for (int32_t b = 0; b < pages; ++b) plan.key_blocks.push_back(b);
+        } else {
+          const size_t r = static_cast<size_t>(i) * per_seq + (options.per_kv_head ? h / group : h);
+          const int32_t* row = selected + r * options.page_budget;
+          plan.key_blocks.insert(plan.key_blocks.end(), row, row + counts[r]);
+        }
+        plan.row_start.push_back(static_cast<int32_t>(plan.key_blocks.size()));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+// --- XAttention estimator -----------------------------------------------------------------------
+
+absl::Status CudaBackend::XAttentionBlockMass(BackendStream& stream, int32_t layer,
+                                              const Tensor& q, const AttentionShape& a,
+                                              const XAttentionEstimate& e,
+                                              std::vector<float>& mass) {
+  CudaStream& s = Cuda(stream);
+  if (s.layout == nullptr) return absl::InternalError("cuda backend: operator before BeginStep");
+  const BatchLayout& l = *s.layout;
+  if (e.seq < 0 || e.seq >= l.num_seqs() || layer < 0 || layer >= num_layers_) {
+    return absl::InternalError(absl::StrCat("cuda backend: bad XAttention estimate (sequence ",
+                                            e.seq, ", layer ", layer, ")"));
+  }
+  if (s.graph != nullptr) {
+    return absl::FailedPreconditionError("cuda backend: XAttention cannot run in a graph step");
+  }
+  kernels::XAttentionGpuParams p;
+  p.q = static_cast<const bf16*>(q.data) + int64_t{l.query_start[e.seq]} * q.cols;
+  p.q_row_stride = q.cols;
+  p.k_cache = static_cast<const bf16*>(kv_) + 2 * layer * kv_layer_elems_;
+  p.page_table = s.page_table + int64_t{e.seq} * l.page_table_stride;
+  p.page_size = page_size_;
+  p.num_q_heads = a.num_q_heads;
+  p.num_kv_heads = a.num_kv_heads;
+  p.head_dim = a.head_dim;
+  p.q_len = l.query_start[e.seq + 1] - l.query_start[e.seq];
+  p.kv_len = l.kv_lens[e.seq];
+  p.stride = e.stride;
+  p.block_size = e.block_size;
+  if (!kernels::XAttentionGpuSupports(p)) {
+    return absl::UnimplementedError(absl::StrCat(
+        "cuda backend: no XAttention estimator for head_dim ", a.head_dim, ", stride ", e.stride,
+        ", block_size ", e.block_size, " (block_size / stride in {4, 8, 16, 32}, block_size * "
+        "head_dim <= 32768)"));
+  }
+  const int64_t m0 = (p.kv_len - p.q_len) / p.block_size;
+  const int64_t q_blocks = (p.kv_len - 1) / p.block_size - m0 + 1;
+  const int64_t k_blocks = (p.kv_len + p.block_size - 1) / p.block_size;
+  const size_t n = static_cast<size_t>(a.num_q_heads * q_blocks * k_blocks);
+  SIEVE_RETURN_IF_ERROR(EnsureSparseBuffers(s, n * sizeof(float), n * sizeof(float)));
+  float* dev = reinterpret_cast<float*>(s.sparse_dev);
+  SIEVE_RETURN_IF_CUDA_ERROR(kernels::XAttentionBlockMassGpu(p, dev, s.stream));
+  SIEVE_RETURN_IF_CUDA_ERROR(
+      cudaMemcpyAsync(s.sparse_host, dev, n * sizeof(float), cudaMemcpyDeviceToHost, s.stream));
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(s.stream));
+  mass.resize(n);
+  std::memcpy(mass.data(), s.sparse_host, n * sizeof(float));
+  return absl::OkStatus();
+}
+
+// --- Sparse decode attention ---------------------------------------------------------------------
+
+namespace cuda_internal {
+namespace {
+
+// Block-sparse prefill: the plan's arrays to the device, then the mma.sync prefill kernel
+// sweeping only the listed key blocks (kernels/attention/paged_prefill.h).
+absl::Status SparsePrefillAttention(CudaStream& s, const AttentionPlan& plan,
+                                    const kernels::PagedAttentionParams<bf16>& p, int num_sms) {
+  const BatchLayout& l = *s.layout;
+  const bool columns = !plan.column_start.empty() && plan.column_start.back() != 0;
+  constexpr int32_t kQueryTile = 128, kKeyTile = 64;
+  if (plan.query_block != kQueryTile || plan.key_block % kKeyTile != 0 || columns ||
+      (p.page_size & (p.page_size - 1)) != 0) {
+    return absl::UnimplementedError(absl::StrCat(
+        "cuda backend: sparse prefill runs plans of 128-query blocks and key blocks of whole "
+        "64-key tiles without single columns (XAttention with block_size 128); this plan has "
+        "query blocks of ", plan.query_block, ", key blocks of ", plan.key_block,
+        columns ? " and single columns" : ""));
+  }
+  kernels::PagedPrefillShape shape;
+  shape.num_seqs = l.num_seqs();
+  shape.num_q_heads = p.num_q_heads;
+  shape.num_kv_heads = p.num_kv_heads;
+  shape.head_dim = p.head_dim;
+  shape.max_q_len = s.max_q_len;
+  if (!kernels::PagedPrefillSupports(shape)) {
+    return absl::UnimplementedError(
+        absl::StrCat("cuda backend: no sparse prefill kernel for head_dim ", p.head_dim));
+  }
+  const kernels::PagedPrefillPlan pplan =
+      kernels::Plan(shape, num_sms, kernels::PagedPrefillKernel::kMmaSync);
+  const size_t qbs = plan.query_block_start.size() * sizeof(int32_t);
+  const size_t rs = plan.row_start.size() * sizeof(int32_t);
+  const size_t kb = plan.key_blocks.size() * sizeof(int32_t);
+  const size_t off_rs = Align256(qbs), off_kb = off_rs + Align256(rs);
+  SIEVE_RETURN_IF_ERROR(EnsureSparseBuffers(s, off_kb + Align256(kb), off_kb + kb));
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaEventSynchronize(s.sparse_copied));
+  std::memcpy(s.sparse_host, plan.query_block_start.data(), qbs);
+  std::memcpy(s.sparse_host + off_rs, plan.row_start.data(), rs);
+  if (kb > 0) std::memcpy(s.sparse_host + off_kb, plan.key_blocks.data(), kb);
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(s.sparse_dev, s.sparse_host, off_kb + kb,
+                                             cudaMemcpyHostToDevice, s.stream));
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaEventRecord(s.sparse_copied, s.stream));
+  kernels::SparseAttentionIndex idx;
+  idx.query_block = plan.query_block;
+  idx.key_block = plan.key_block;
+  idx.query_block_start = reinterpret_cast<const int32_t*>(s.sparse_dev);
+  idx.row_start = reinterpret_cast<const int32_t*>(s.sparse_dev + off_rs);
+  idx.key_blocks = reinterpret_cast<const int32_t*>(s.sparse_dev + off_kb);
+  kernels::PagedAttentionParams<bf16> sp = p;
+  sp.sparse = &idx;
+  SIEVE_RETURN_IF_CUDA_ERROR(kernels::PagedPrefillRun(sp, pplan, nullptr, s.stream));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status SparseDecodeAttention(CudaStream& s, const AttentionPlan& plan,
+                                   const kernels::PagedAttentionParams<bf16>& p, int num_sms) {
+  const BatchLayout& l = *s.layout;
+  SIEVE_RETURN_IF_ERROR(plan.Validate(l, p.num_q_heads));
+  if (s.max_q_len > 1) return SparsePrefillAttention(s, plan, p, num_sms);
+  const bool columns = !plan.column_start.empty() && plan.column_start.back() != 0;
+  if (plan.query_block != 1 || plan.key_block != p.page_size || columns) {
+    return absl::UnimplementedError(absl::StrCat(
+        "cuda backend: sparse decode runs plans of whole KV pages (Quest) only; this plan has "
+        "query blocks of ", plan.query_block, ", key blocks of ", plan.key_block, " (pages of ",
+        p.page_size, ")", columns ? " and single columns" : ""));
+  }
+  const int32_t seqs = l.num_seqs(), hq = p.num_q_heads, group = hq / p.num_kv_heads;
+  // One table per KV head when every group's heads list the same pages, else per query head.
+  bool shared = group > 1;
+  for (int32_t i = 0; shared && i < seqs * hq; i += group) {
+    const auto first = plan.key_blocks.begin() + plan.row_start[i];
+    const int32_t len = plan.row_start[i + 1] - plan.row_start[i];
+    for (int32_t h = 1; shared && h < group; ++h) {
+      shared = plan.row_start[i + h + 1] - plan.row_start[i + h] == len &&
+               std::equal(first, first + len, plan.key_blocks.begin() + plan.row_start[i + h]);
+    }
+  }
+  const int32_t per_block = shared ? group : 1, runs = hq / per_block;
+  const size_t rows = static_cast<size_t>(seqs) * runs;
+  int32_t stride = 1;
+  for (size_t r = 0; r < rows; ++r) {
+    const size_t pr = r * per_block;  // the plan row of its first head (row = seq * hq + head)
+    stride = std::max(stride, plan.row_start[pr + 1] - plan.row_start[pr]);
+  }
+  // Host tables and lengths, then the same on the device with the decode workspace after them.
+  std::vector<int32_t> lens(rows, 0);
+  int32_t max_len = 0;
+  const size_t table_bytes = rows * stride * sizeof(int32_t), lens_bytes = rows * sizeof(int32_t);
+  kernels::PagedDecodeShape shape;
+  shape.num_seqs = seqs;
+  shape.num_q_heads = hq;
+  shape.num_kv_heads = p.num_kv_heads;
+  shape.head_dim = p.head_dim;
+  shape.heads_per_block = per_block;
+  for (size_t r = 0; r < rows; ++r) {
+    const int32_t seq = static_cast<int32_t>(r / runs), kv = l.kv_lens[seq];
+    const size_t pr = r * per_block;
+    for (int32_t i = plan.row_start[pr]; i < plan.row_start[pr + 1]; ++i) {
+      lens[r] += std::min(p.page_size, kv - plan.key_blocks[i] * p.page_size);
+    }
+    max_len = std::max(max_len, lens[r]);
+  }
+  shape.max_kv_len = max_len;
+  if (!kernels::PagedDecodeSupports(shape)) {
+    return absl::UnimplementedError(absl::StrCat(
+        "cuda backend: no sparse decode kernel for head_dim ", p.head_dim, " and group ", group));
+  }
+  const kernels::PagedDecodePlan dplan = kernels::Plan(shape, num_sms);
+  if (dplan.num_splits <= 0) return absl::InternalError("cuda backend: no sparse decode plan");
+  const size_t ws_off = Align256(table_bytes) + Align256(lens_bytes);
+  SIEVE_RETURN_IF_ERROR(
+      EnsureSparseBuffers(s, ws_off + dplan.workspace_bytes, table_bytes + lens_bytes));
+  // The previous layer's copy out of the pinned buffer must be done before it is overwritten.
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaEventSynchronize(s.sparse_copied));
+  int32_t* host_tables = reinterpret_cast<int32_t*>(s.sparse_host);
+  for (size_t r = 0; r < rows; ++r) {
+    const int32_t seq = static_cast<int32_t>(r / runs);
+    const int32_t* table = l.page_table.data() + static_cast<size_t>(seq) * l.page_table_stride;
+    const size_t pr = r * per_block;
+    int32_t* out = host_tables + r * stride;
+    for (int32_t i = plan.row_start[pr]; i < plan.row_start[pr + 1]; ++i) {
+      *out++ = table[plan.key_blocks[i]];
+    }
+    // Unused entries: any valid id (the kernel reads them clamped, never uses them).
+    for (int32_t i = plan.row_start[pr + 1] - plan.row_start[pr]; i < stride; ++i) *out++ = 0;
+  }
+  std::memcpy(s.sparse_host + table_bytes, lens.data(), lens_bytes);
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(s.sparse_dev, s.sparse_host, table_bytes,
+                                             cudaMemcpyHostToDevice, s.stream));
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(s.sparse_dev + Align256(table_bytes),
+                                             s.sparse_host + table_bytes, lens_bytes,
+                                             cudaMemcpyHostToDevice, s.stream));
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaEventRecord(s.sparse_copied, s.stream));
+  kernels::PagedDecodeTables t;
+  t.pages = reinterpret_cast<const int32_t*>(s.sparse_dev);
+  t.lens = reinterpret_cast<const int32_t*>(s.sparse_dev + Align256(table_bytes));
+  t.stride = stride;
+  t.heads_per_block = per_block;
+  void* ws = dplan.workspace_bytes > 0 ? s.sparse_dev + ws_off : nullptr;
+  SIEVE_RETURN_IF_CUDA_ERROR(kernels::PagedDecodeSparseRun(p, dplan, t, ws, s.stream));
+  return absl::OkStatus();
+}
+
+}  // namespace cuda_internal
+}  // namespace sieve::engine

@@ -1,0 +1,173 @@
+// XAttention's block-mass estimator on the GPU (xattention_cuda.h) against the fp64 reference
+// XAttentionBlockMassRef on the same bf16 values (label `gpu`): lengths not multiples of S or B,
+// chunks aligned to B and not, GQA and MHA, d 64 and 128, strides 4, 8 and 16; then the
+// threshold selection (XAttentionSelectBlocks, shared with the CPU path) on both.
+//
+// Tolerance, derived as the CPU fast path's (xattention_test.cc): fp32 accumulation of S * d
+// products errs by at most gamma_{S d} sum |q_e k_e| <= gamma_{S d} |Q_a| |K_b| (Cauchy-Schwarz
+// over the reshaped rows), so |dz| <= gamma_{S d} max|Q_a| max|K_b| / (sqrt(d) S); a block mass
+// then moves by at most A (exp(2 dz) - 1), plus the fp32 rounding of the exponentials (expf,
+// 2 ulp), the normalisation and the sums: 1e-5 of the row total.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <numeric>
+#include <ostream>
+#include <random>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kernels/cpu/half.h"
+#include "kernels/sparse/xattention.h"
+#include "kernels/sparse/xattention_cuda.h"
+
+namespace sieve::kernels {
+namespace {
+
+constexpr int kPage = 16;
+
+struct Case {
+  int hq, hkv, d, kv_len, q_len, stride, block;
+};
+
+void PrintTo(const Case& c, std::ostream* os) {
+  *os << "hq" << c.hq << "_hkv" << c.hkv << "_d" << c.d << "_kv" << c.kv_len << "_q" << c.q_len
+      << "_S" << c.stride << "_B" << c.block;
+}
+
+class XAttentionGpuTest : public ::testing::TestWithParam<Case> {};
+
+TEST_P(XAttentionGpuTest, MassesMatchTheReference) {
+  const Case c = GetParam();
+  const char* env = std::getenv("SIEVE_TEST_SEED");
+  std::mt19937 rng(env ? std::strtoul(env, nullptr, 10) : 20261205u + c.kv_len);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int num_pages = (c.kv_len + kPage - 1) / kPage;
+  std::vector<int32_t> pages(num_pages);
+  std::iota(pages.begin(), pages.end(), 0);
+  std::shuffle(pages.begin(), pages.end(), rng);
+  std::vector<uint16_t> kb(static_cast<size_t>(num_pages) * kPage * c.hkv * c.d);
+  std::vector<uint16_t> qb(static_cast<size_t>(c.q_len) * c.hq * c.d);
+  for (auto& x : kb) x = FloatToBf16(normal(rng));
+  for (auto& x : qb) x = FloatToBf16(normal(rng));
+  std::vector<float> kf(kb.size()), qf(qb.size());
+  for (size_t i = 0; i < kb.size(); ++i) kf[i] = Bf16ToFloat(kb[i]);
+  for (size_t i = 0; i < qb.size(); ++i) qf[i] = Bf16ToFloat(qb[i]);
+
+  XAttentionParams rp;
+  rp.q = qf.data();
+  rp.q_row_stride = int64_t{c.hq} * c.d;
+  rp.k_cache = kf.data();
+  rp.page_table = pages.data();
+  rp.page_size = kPage;
+  rp.num_q_heads = c.hq;
+  rp.num_kv_heads = c.hkv;
+  rp.head_dim = c.d;
+  rp.q_len = c.q_len;
+  rp.kv_len = c.kv_len;
+  rp.stride = c.stride;
+  rp.block_size = c.block;
+  const int qbk = XAttentionQueryBlocks(rp), kbk = XAttentionKeyBlocks(rp);
+  const size_t n = static_cast<size_t>(c.hq) * qbk * kbk;
+  std::vector<double> ref(n);
+  XAttentionBlockMassRef(rp, ref.data());
+
+  __nv_bfloat16 *dq = nullptr, *dk = nullptr;
+  int32_t* dpages = nullptr;
+  float* dmass = nullptr;
+  ASSERT_EQ(cudaMalloc(&dq, qb.size() * 2), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&dk, kb.size() * 2), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&dpages, pages.size() * 4), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&dmass, n * 4), cudaSuccess);
+  cudaMemcpy(dq, qb.data(), qb.size() * 2, cudaMemcpyHostToDevice);
+  cudaMemcpy(dk, kb.data(), kb.size() * 2, cudaMemcpyHostToDevice);
+  cudaMemcpy(dpages, pages.data(), pages.size() * 4, cudaMemcpyHostToDevice);
+  cudaMemset(dmass, 0xff, n * 4);  // NaN: every entry must be written
+  XAttentionGpuParams gp;
+  gp.q = dq;
+  gp.q_row_stride = rp.q_row_stride;
+  gp.k_cache = dk;
+  gp.page_table = dpages;
+  gp.page_size = kPage;
+  gp.num_q_heads = c.hq;
+  gp.num_kv_heads = c.hkv;
+  gp.head_dim = c.d;
+  gp.q_len = c.q_len;
+  gp.kv_len = c.kv_len;
+  gp.stride = c.stride;
+  gp.block_size = c.block;
+  ASSERT_TRUE(XAttentionGpuSupports(gp));
+  ASSERT_EQ(XAttentionBlockMassGpu(gp, dmass, nullptr), cudaSuccess);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<float> got(n);
+  cudaMemcpy(got.data(), dmass, n * 4, cudaMemcpyDeviceToHost);
+  cudaFree(dq);
+  cudaFree(dk);
+  cudaFree(dpages);
+  cudaFree(dmass);
+
+  // The score error bound (see the file comment).
+  const int S = c.stride, first = c.kv_len - c.q_len;
+  double max_q = 0, max_k = 0;
+  for (int h = 0; h < c.hq; ++h) {
+    for (int a = first / S; a <= (c.kv_len - 1) / S; ++a) {
+      double s2 = 0;
+      for (int pos = a * S; pos < a * S + S; ++pos) {
+        if (pos < first || pos >= c.kv_len) continue;
+        const float* v = qf.data() + (static_cast<size_t>(pos - first) * c.hq + h) * c.d;
+        for (int e = 0; e < c.d; ++e) s2 += double{v[e]} * v[e];
+      }
+      max_q = std::max(max_q, std::sqrt(s2));
+    }
+  }
+  for (int g = 0; g < c.hkv; ++g) {
+    for (int b = 0; b <= (c.kv_len - 1) / S; ++b) {
+      double s2 = 0;
+      for (int pos = b * S; pos < std::min(c.kv_len, b * S + S); ++pos) {
+        const float* v =
+            kf.data() + ((static_cast<size_t>(pages[pos / kPage]) * kPage + pos % kPage) * c.hkv + g) * c.d;
+        for (int e = 0; e < c.d; ++e) s2 += double{v[e]} * v[e];
+      }
+      max_k = std::max(max_k, std::sqrt(s2));
+    }
+  }
+  const double nu = static_cast<double>(S) * c.d * std::ldexp(1.0, -24);
+  const double dz = nu / (1 - nu) * max_q * max_k / (std::sqrt(static_cast<double>(c.d)) * S);
+
+  std::vector<int32_t> sel_gpu, order;
+  for (int h = 0; h < c.hq; ++h) {
+    for (int mi = 0; mi < qbk; ++mi) {
+      const size_t row = (static_cast<size_t>(h) * qbk + mi) * kbk;
+      double total = 0;
+      for (int nb = 0; nb < kbk; ++nb) total += ref[row + nb];
+      for (int nb = 0; nb < kbk; ++nb) {
+        ASSERT_TRUE(std::isfinite(got[row + nb])) << "head " << h << " block " << mi;
+        ASSERT_NEAR(got[row + nb], ref[row + nb],
+                    ref[row + nb] * std::expm1(2 * dz) + 1e-5 * total)
+            << "head " << h << " query block " << mi << " key block " << nb;
+      }
+      // tau > 1 keeps every causal block on both (dense).
+      const int m = XAttentionFirstQueryBlock(rp) + mi;
+      std::vector<double> g64(got.begin() + row, got.begin() + row + m + 1);
+      XAttentionSelectBlocks(g64.data(), m, 1.01, sel_gpu, order);
+      ASSERT_EQ(static_cast<int>(sel_gpu.size()), m + 1);
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, XAttentionGpuTest,
+    ::testing::Values(Case{4, 1, 128, 1000, 1000, 16, 128},   // GQA 4, N not a multiple of B
+                      Case{2, 2, 64, 777, 777, 8, 128},       // MHA, N not a multiple of S
+                      Case{4, 2, 128, 1536, 512, 16, 128},    // chunk aligned to B
+                      Case{4, 2, 128, 1300, 300, 16, 128},    // chunk starting inside a block
+                      Case{2, 1, 64, 900, 900, 4, 128},       // S = 4: 32 rows per block
+                      Case{2, 1, 128, 513, 513, 4, 64},       // B = 64
+                      Case{2, 2, 128, 2048, 2048, 8, 128}));
+
+}  // namespace
+}  // namespace sieve::kernels
