@@ -1,13 +1,15 @@
 // Disaggregated serving on loopback: real `sieved` processes in the roles prefill, decode and
 // both (docs/disaggregation.md). One decode daemon in front of two prefill daemons must stream
 // token-for-token what one `both` daemon streams, greedy and seeded, with and without prefix-cache
-// hits; killing a prefill daemon while transfers run must lose no request (they are retried on
-// the other) and leave no page held on any daemon; a prefill daemon of another model is refused.
+// hits, and with Quest decoding on the decode side; killing a prefill daemon while transfers run
+// must lose no request (they are retried on the other) and leave no page held on any daemon; a
+// prefill daemon of another model is refused.
 #include <signal.h>
 
 #include <random>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -150,6 +152,53 @@ TEST_F(DisaggregationTest, OneDecodeAndTwoPrefillDaemonsMatchABothDaemon) {
   }
   EXPECT_EQ(sent, dm.Sum("sieve_kv_transfer_bytes_total", {{"direction", "received"}}));
   for (Sieved* x : all_) EXPECT_TRUE(NoPagesHeld(*x)) << x->target();
+}
+
+// A decode daemon running Quest selects pages from bounds it rebuilt for the imported KV (the
+// prefill daemon decodes dense and keeps none): with a two-page budget, small enough that the
+// tokens differ from dense decoding, it must stream what a `both` daemon running the same Quest
+// streams, and its metrics must show the fraction of KV its decode steps read.
+TEST_F(DisaggregationTest, QuestDecodeDaemonOnImportedPromptsMatchesABothDaemon) {
+  const std::vector<std::string> quest = {
+      "--set", "attention.decode.method=quest", "--set", "attention.decode.token_budget=32",
+      "--set", "attention.decode.sparse_min_tokens=0", "--set", "attention.decode.dense_layers=1"};
+  auto with = [](std::vector<std::string> a, const std::vector<std::string>& b) {
+    a.insert(a.end(), b.begin(), b.end());
+    return a;
+  };
+  Sieved* prefill = Keep(Sieved::StartServing({"--set", "server.role=prefill"}));
+  Sieved* dense = Keep(Sieved::StartServing());
+  Sieved* both = Keep(Sieved::StartServing(quest));
+  Sieved* decode = Keep(Sieved::StartServing(with(
+      {"--set", "server.role=decode", "--set",
+       absl::StrCat("disaggregation.prefill_target=", Target({prefill})), "--set",
+       "disaggregation.local_prefill_below_tokens=64", "--set", "disaggregation.fallback=fail"},
+      quest)));
+  ASSERT_FALSE(HasFailure());
+  auto d = decode->stub();
+  auto b = both->stub();
+  auto x = dense->stub();
+  int differs_from_dense = 0;
+  for (const auto& [n, seed] : {std::pair<size_t, uint32_t>{300, 21}, {700, 22}, {1100, 23}}) {
+    const v1::GenerateRequest request = Greedy(RandomPrompt(n, seed), 16);
+    const StreamResult want = Generate(*b, request);
+    const StreamResult got = Generate(*d, request);
+    const StreamResult dense_out = Generate(*x, request);
+    ASSERT_TRUE(want.status.ok() && got.status.ok() && dense_out.status.ok())
+        << want.status.error_message() << got.status.error_message();
+    ASSERT_TRUE(got.completion.has_value());
+    EXPECT_GT(got.completion->timings().kv_transfer_seconds(), 0) << "prompt of " << n;
+    EXPECT_EQ(got.ids, want.ids) << "prompt of " << n;
+    EXPECT_EQ(got.ids.size(), 16u);
+    differs_from_dense += got.ids != dense_out.ids ? 1 : 0;
+  }
+  EXPECT_GT(differs_from_dense, 0) << "a two-page budget never changed the tokens: no selection";
+  const test_support::ParsedMetrics m = decode->Metrics();
+  const double steps = m.Sum("sieve_decode_kv_read_fraction_count");
+  EXPECT_GT(steps, 0);
+  EXPECT_LT(m.Sum("sieve_decode_kv_read_fraction_sum") / steps, 1.0);
+  EXPECT_TRUE(NoPagesHeld(*decode));
+  EXPECT_TRUE(NoPagesHeld(*prefill));
 }
 
 TEST_F(DisaggregationTest, KillingAPrefillDaemonMidTransferLosesNoRequestAndLeaksNoPage) {
