@@ -6,7 +6,8 @@
 // events):
 //   dense_wgmma  PagedPrefillRun, the Hopper wgmma kernel (the production dense path)
 //   dense_mma    PagedPrefillRun, the mma.sync kernel (the inner loop the sparse run shares)
-//   estimate     XAttentionBlockMassGpu (stride 16, block 128)
+//   estimate     XAttentionBlockMassGpu (stride 16, block 128), the tensor-core kernel
+//   est_cuda     the same on the CUDA-core kernel (the cross-check; not in the end-to-end sum)
 //   sparse       PagedPrefillRun on the selected blocks (mma.sync, block-sparse)
 // and on the host: the threshold selection (tau 0.9) and plan assembly, as the engine does it.
 // Reported: density (computed causal 128x128 tiles / all causal tiles) and the speedups
@@ -124,6 +125,9 @@ void RunLength(int tokens, int iters, double tau, int sms) {
   float* d_mass;
   const size_t n_mass = static_cast<size_t>(kHq) * blocks * blocks;
   CHECK_CUDA(cudaMalloc(&d_mass, n_mass * 4));
+  xp.tensor_cores = false;
+  const double est_cuda = MedianMs(iters, [&] { CHECK_CUDA(XAttentionBlockMassGpu(xp, d_mass, nullptr)); });
+  xp.tensor_cores = true;
   const double estimate = MedianMs(iters, [&] { CHECK_CUDA(XAttentionBlockMassGpu(xp, d_mass, nullptr)); });
   std::vector<float> mass(n_mass);
   CHECK_CUDA(cudaMemcpy(mass.data(), d_mass, n_mass * 4, cudaMemcpyDeviceToHost));
@@ -156,8 +160,8 @@ void RunLength(int tokens, int iters, double tau, int sms) {
   ps.sparse = &idx;
   const double sparse = MedianMs(iters, [&] { CHECK_CUDA(PagedPrefillRun(ps, mma, nullptr, nullptr)); });
   const double total = estimate + select_ms + sparse;
-  std::printf("%6d %11.2f %9.2f %9.2f %9.2f %8.2f %7.1f%% %10.2fx %10.2fx %11.2f\n", tokens,
-              dense_wg, dense_mma, estimate, select_ms, sparse, 100 * density, dense_wg / total,
+  std::printf("%6d %11.2f %9.2f %9.2f %9.2f %9.2f %8.2f %7.1f%% %10.2fx %10.2fx %11.2f\n", tokens,
+              dense_wg, dense_mma, estimate, est_cuda, select_ms, sparse, 100 * density, dense_wg / total,
               dense_mma / sparse, dense_mma / (sparse / density));
   for (void* ptr : {static_cast<void*>(q), static_cast<void*>(k), static_cast<void*>(v),
                     static_cast<void*>(out), static_cast<void*>(d_table), static_cast<void*>(d_kv),
@@ -183,9 +187,9 @@ int main(int argc, char** argv) {
   CHECK_CUDA(cudaGetDeviceProperties(&prop, dev));
   std::printf("device %s, %d SMs; Llama-3.1-8B layer, XAttention S=%d B=%d tau=%.2f; ms\n",
               prop.name, sms, kStride, kBlock, tau);
-  std::printf("%6s %11s %9s %9s %9s %8s %8s %11s %11s %11s\n", "tokens", "dense_wgmma",
-              "dense_mma", "estimate", "select", "sparse", "density", "end2end", "sparse/mma",
-              "tile_parity");
+  std::printf("%6s %11s %9s %9s %9s %9s %8s %8s %11s %11s %11s\n", "tokens", "dense_wgmma",
+              "dense_mma", "estimate", "est_cuda", "select", "sparse", "density", "end2end",
+              "sparse/mma", "tile_parity");
   for (int tokens : {16384, 32768}) RunLength(tokens, iters, tau, sms);
   return 0;
 }

@@ -115,12 +115,21 @@ TEST(SparsePrefillEngineTest, ServesXAttention) {
   for (double x : forced_obs.Densities()) EXPECT_EQ(x, 1.0);
 }
 
-TEST(SparsePrefillEngineTest, CudaRefusesXAttentionNamingTheKey) {
+// XAttention runs on cuda with the block-sparse prefill kernel's 128-query tiles: other block
+// sizes are refused naming the key, and MInference (cpu only) naming the method.
+TEST(SparsePrefillEngineTest, CudaTakesXAttentionWithBlocksOf128Only) {
   EngineConfig c = Config("xattention", 0.9);
   c.model.backend = "cuda";
-  const absl::Status s = c.Validate();
-  EXPECT_THAT(s.message(), ::testing::HasSubstr("attention.prefill.method xattention is not "
-                                                "available on the cuda backend"));
+  c.attention.prefill.xattention.block_size = 128;
+  EXPECT_TRUE(c.Validate().ok()) << c.Validate();
+  c.attention.prefill.xattention.block_size = 256;
+  EXPECT_THAT(c.Validate().message(),
+              ::testing::HasSubstr("attention.prefill.xattention.block_size must be 128 on the "
+                                   "cuda backend"));
+  c.attention.prefill.method = "minference";
+  EXPECT_THAT(c.Validate().message(),
+              ::testing::HasSubstr("attention.prefill.method minference is not available on the "
+                                   "cuda backend"));
 }
 
 }  // namespace

@@ -369,8 +369,9 @@ TEST_P(QuestSelectGpuTest, MatchesReferenceAndRestrictedAttention) {
   const std::vector<float> qf = Upcast(b.q), kf = Upcast(b.k), vf = Upcast(b.v);
   const std::vector<float> bounds = HostBounds(b, kf);
   const int P = b.page_size, K = c.page_budget, G = c.group, d = c.d;
-  for (int forced : {0, 64}) {  // the planner's splits, then 64-token splits with a merge
-    SCOPED_TRACE(forced ? "64-token splits" : "planned splits");
+  // Planned for the rows, then for 64K tokens (many splits, most of them empty).
+  for (int forced : {0, 64}) {
+    SCOPED_TRACE(forced ? "planned for 64K tokens" : "planned for the budget");
     GpuRun r;
     RunGpu(c, b, ToBf16(bounds), forced ? 64 * 1024 : 0, r);
     if (HasFatalFailure()) return;

@@ -9,8 +9,11 @@
 // antidiagonal sums, reduced across the warp with shuffles. A first sweep keeps each row's
 // running max and sum of exponentials (online softmax over b <= a); a second sweep recomputes the
 // scores and adds each row's probabilities into the block's key-block masses in shared memory.
-// Recomputing doubles the arithmetic but needs no scratch for the (N / S)^2 scores. CUDA cores
-// only (no tensor cores yet): see kernels/sparse/NOTES.md for what it costs.
+// Recomputing doubles the arithmetic but needs no scratch for the (N / S)^2 scores. Two kernels
+// share this plan: the default computes the scores on the tensor cores (mma.sync m16n8k16, 16
+// query rows x 8 key groups per step, key fragments loaded straight from the pages); the other
+// on CUDA cores (lanes split a key group, R partial sums each), kept as a cross-check.
+// kernels/sparse/NOTES.md has what each should cost.
 //
 // Supported: head_dim 64 or 128, B / S in {4, 8, 16, 32}, B * head_dim <= 32768 (the queries of
 // a block in 64 KB of shared memory). Never allocates, never synchronizes.
@@ -38,6 +41,7 @@ struct XAttentionGpuParams {
   int32_t kv_len = 0;                     // >= q_len
   int32_t stride = 16;
   int32_t block_size = 128;
+  bool tensor_cores = true;               // mma.sync kernel (false: the CUDA-core kernel)
 };
 
 // True when the kernel handles these shapes (see the file comment).

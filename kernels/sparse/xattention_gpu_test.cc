@@ -5,9 +5,11 @@
 //
 // Tolerance, derived as the CPU fast path's (xattention_test.cc): fp32 accumulation of S * d
 // products errs by at most gamma_{S d} sum |q_e k_e| <= gamma_{S d} |Q_a| |K_b| (Cauchy-Schwarz
-// over the reshaped rows), so |dz| <= gamma_{S d} max|Q_a| max|K_b| / (sqrt(d) S); a block mass
-// then moves by at most A (exp(2 dz) - 1), plus the fp32 rounding of the exponentials (expf,
-// 2 ulp), the normalisation and the sums: 1e-5 of the row total.
+// over the reshaped rows), so |dz| <= gamma_{S d} max|Q_a| max|K_b| / (sqrt(d) S) (u = 2^-24, and
+// 2^-23 for the tensor-core kernel, whose fp32 accumulation may truncate); a block mass
+// then moves by at most A (exp(2 dz) - 1), by A n 2^-23 through the fp32 sum of a row's n <=
+// kv_len / S + 1 exponentials that normalises it, plus the rounding of the exponentials (expf,
+// 2 ulp) and of the block sums: 1e-5 of the row total.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -86,7 +88,6 @@ TEST_P(XAttentionGpuTest, MassesMatchTheReference) {
   cudaMemcpy(dq, qb.data(), qb.size() * 2, cudaMemcpyHostToDevice);
   cudaMemcpy(dk, kb.data(), kb.size() * 2, cudaMemcpyHostToDevice);
   cudaMemcpy(dpages, pages.data(), pages.size() * 4, cudaMemcpyHostToDevice);
-  cudaMemset(dmass, 0xff, n * 4);  // NaN: every entry must be written
   XAttentionGpuParams gp;
   gp.q = dq;
   gp.q_row_stride = rp.q_row_stride;
@@ -101,10 +102,16 @@ TEST_P(XAttentionGpuTest, MassesMatchTheReference) {
   gp.stride = c.stride;
   gp.block_size = c.block;
   ASSERT_TRUE(XAttentionGpuSupports(gp));
-  ASSERT_EQ(XAttentionBlockMassGpu(gp, dmass, nullptr), cudaSuccess);
-  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  std::vector<float> got(n);
-  cudaMemcpy(got.data(), dmass, n * 4, cudaMemcpyDeviceToHost);
+  // The tensor-core kernel (the default), then the CUDA-core one.
+  std::vector<std::vector<float>> results;
+  for (bool tensor_cores : {true, false}) {
+    gp.tensor_cores = tensor_cores;
+    cudaMemset(dmass, 0xff, n * 4);  // NaN: every entry must be written
+    ASSERT_EQ(XAttentionBlockMassGpu(gp, dmass, nullptr), cudaSuccess);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    results.emplace_back(n);
+    cudaMemcpy(results.back().data(), dmass, n * 4, cudaMemcpyDeviceToHost);
+  }
   cudaFree(dq);
   cudaFree(dk);
   cudaFree(dpages);
@@ -135,26 +142,38 @@ TEST_P(XAttentionGpuTest, MassesMatchTheReference) {
       max_k = std::max(max_k, std::sqrt(s2));
     }
   }
-  const double nu = static_cast<double>(S) * c.d * std::ldexp(1.0, -24);
-  const double dz = nu / (1 - nu) * max_q * max_k / (std::sqrt(static_cast<double>(c.d)) * S);
+  // Unit roundoff per kernel: 2^-24 on the CUDA cores; the tensor cores' fp32 accumulation may
+  // truncate instead of rounding, so 2^-23 there.
+  const auto score_bound = [&](int unit_exp) {
+    const double nu = static_cast<double>(S) * c.d * std::ldexp(1.0, unit_exp);
+    return nu / (1 - nu) * max_q * max_k / (std::sqrt(static_cast<double>(c.d)) * S);
+  };
 
   std::vector<int32_t> sel_gpu, order;
-  for (int h = 0; h < c.hq; ++h) {
-    for (int mi = 0; mi < qbk; ++mi) {
-      const size_t row = (static_cast<size_t>(h) * qbk + mi) * kbk;
-      double total = 0;
-      for (int nb = 0; nb < kbk; ++nb) total += ref[row + nb];
-      for (int nb = 0; nb < kbk; ++nb) {
-        ASSERT_TRUE(std::isfinite(got[row + nb])) << "head " << h << " block " << mi;
-        ASSERT_NEAR(got[row + nb], ref[row + nb],
-                    ref[row + nb] * std::expm1(2 * dz) + 1e-5 * total)
-            << "head " << h << " query block " << mi << " key block " << nb;
+  for (int kernel = 0; kernel < 2; ++kernel) {
+    SCOPED_TRACE(kernel == 0 ? "tensor cores" : "CUDA cores");
+    const std::vector<float>& got = results[kernel];
+    const double dz = score_bound(kernel == 0 ? -23 : -24);
+    // The row's fp32 sum of exponentials over at most kv_len / S + 1 terms (any order, so
+    // the worst case) scales every probability of the row by its relative error.
+    const double norm_err = (c.kv_len / S + 1) * std::ldexp(1.0, -23);
+    for (int h = 0; h < c.hq; ++h) {
+      for (int mi = 0; mi < qbk; ++mi) {
+        const size_t row = (static_cast<size_t>(h) * qbk + mi) * kbk;
+        double total = 0;
+        for (int nb = 0; nb < kbk; ++nb) total += ref[row + nb];
+        for (int nb = 0; nb < kbk; ++nb) {
+          ASSERT_TRUE(std::isfinite(got[row + nb])) << "head " << h << " block " << mi;
+          ASSERT_NEAR(got[row + nb], ref[row + nb],
+                      ref[row + nb] * (std::expm1(2 * dz) + norm_err) + 1e-5 * total)
+              << "head " << h << " query block " << mi << " key block " << nb;
+        }
+        // tau > 1 keeps every causal block on both (dense).
+        const int m = XAttentionFirstQueryBlock(rp) + mi;
+        std::vector<double> g64(got.begin() + row, got.begin() + row + m + 1);
+        XAttentionSelectBlocks(g64.data(), m, 1.01, sel_gpu, order);
+        ASSERT_EQ(static_cast<int>(sel_gpu.size()), m + 1);
       }
-      // tau > 1 keeps every causal block on both (dense).
-      const int m = XAttentionFirstQueryBlock(rp) + mi;
-      std::vector<double> g64(got.begin() + row, got.begin() + row + m + 1);
-      XAttentionSelectBlocks(g64.data(), m, 1.01, sel_gpu, order);
-      ASSERT_EQ(static_cast<int>(sel_gpu.size()), m + 1);
     }
   }
 }
