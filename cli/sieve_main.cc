@@ -37,6 +37,7 @@ commands:
                           minference (--model DIR --text FILE --output FILE writes the
                           per-head MInference pattern file) or double-sparsity (--model DIR
                           --output FILE writes the DoubleSparsity channel calibration)
+  --version               print the version and exit
 
 `sieve COMMAND --help` describes a command's options.
 )";
@@ -140,6 +141,10 @@ int Main(int argc, char** argv) {
   if (command.empty() || command == "--help" || command == "-h" || command == "help") {
     std::cout << kUsage;
     return command.empty() ? 2 : 0;
+  }
+  if (command == "--version" || command == "version") {
+    std::cout << "sieve " << SIEVE_VERSION << "\n";
+    return 0;
   }
   if (command == "generate") return Generate(argc - 2, argv + 2);
   if (command == "calibrate") return Calibrate(argc - 2, argv + 2);
