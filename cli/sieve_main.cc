@@ -39,6 +39,9 @@ commands:
                           --output FILE writes the DoubleSparsity channel calibration)
   --version               print the version and exit
 
+Against a daemon with bearer tokens or TLS, the remote commands read SIEVE_TOKEN,
+SIEVE_TLS_CA_FILE, and for mutual TLS SIEVE_TLS_CERT_FILE and SIEVE_TLS_KEY_FILE.
+
 `sieve COMMAND --help` describes a command's options.
 )";
 

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <memory>
 #include <set>
@@ -393,6 +394,16 @@ TEST_F(SecurityTest, BearerTokensGuardEveryCallButHealth) {
     EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::UNAUTHENTICATED);
     EXPECT_THAT(answers, Not(HasSubstr("sieve.v1.Sieve")));
   }
+  // The CLI sends SIEVE_TOKEN.
+  {
+    auto [code, out] = RunTool(SIEVE_CLI_PATH, {"tokenize", "--target", daemon_->target(), "hi"});
+    EXPECT_EQ(code, 1);
+    EXPECT_THAT(out, HasSubstr("UNAUTHENTICATED"));
+    setenv("SIEVE_TOKEN", token.c_str(), 1);
+    std::tie(code, out) = RunTool(SIEVE_CLI_PATH, {"tokenize", "--target", daemon_->target(), "hi"});
+    unsetenv("SIEVE_TOKEN");
+    EXPECT_EQ(code, 0) << out;
+  }
   EXPECT_THAT(daemon_->logs(), Not(HasSubstr(token)));
   EXPECT_THAT(daemon_->logs(), Not(HasSubstr("second-token")));
 }
@@ -467,6 +478,19 @@ TEST_F(SecurityTest, MutualTlsRequiresAClientCertificateOfTheClientCa) {
   EXPECT_TRUE(Tokenize(*TlsChannel("ca", "alice")).ok());
   EXPECT_FALSE(Tokenize(*TlsChannel("ca")).ok());
   EXPECT_FALSE(Tokenize(*TlsChannel("ca", "mallory")).ok());
+  // The CLI over mutual TLS, configured from the environment.
+  setenv("SIEVE_TLS_CA_FILE", Path("ca.pem").c_str(), 1);
+  setenv("SIEVE_TLS_CERT_FILE", Path("alice.pem").c_str(), 1);
+  setenv("SIEVE_TLS_KEY_FILE", Path("alice.key").c_str(), 1);
+  auto [code, out] = RunTool(SIEVE_CLI_PATH, {"health", "--target", daemon_->target()});
+  unsetenv("SIEVE_TLS_CERT_FILE");
+  unsetenv("SIEVE_TLS_KEY_FILE");
+  auto [code_no_cert, out_no_cert] =
+      RunTool(SIEVE_CLI_PATH, {"health", "--target", daemon_->target()});
+  unsetenv("SIEVE_TLS_CA_FILE");
+  EXPECT_EQ(code, 0) << out;
+  EXPECT_THAT(out, HasSubstr("SERVING"));
+  EXPECT_EQ(code_no_cert, 1) << out_no_cert;
 }
 
 }  // namespace
