@@ -180,6 +180,11 @@ absl::Status Daemon::StartGrpc() {
   builder.experimental().SetInterceptorCreators(std::move(creators));
   builder.RegisterService(service_.get());
   builder.RegisterService(kv_service_.get());
+  // Reflection v1 beside the plugin's v1alpha (server/reflection_v1.h).
+  reflection_v1_ = std::make_unique<ReflectionV1Service>(std::vector<std::string>{
+      "sieve.v1.Sieve", "sieve.kv.v1.KvTransfer", "grpc.health.v1.Health",
+      "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"});
+  builder.RegisterService(reflection_v1_.get());
   builder.SetMaxReceiveMessageSize(config_.server.max_message_bytes);
   builder.SetMaxSendMessageSize(config_.server.max_message_bytes);
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS,

@@ -31,6 +31,7 @@
 #include "server/config.h"
 #include "server/kv_transfer_service.h"
 #include "server/metrics.h"
+#include "server/reflection_v1.h"
 #include "server/remote_prefill.h"
 #include "server/sieve_service.h"
 
@@ -124,6 +125,7 @@ class Daemon {
   std::unique_ptr<RemotePrefill> remote_prefill_;  // server.role decode only
   std::unique_ptr<KvTransferService> kv_service_;
   std::unique_ptr<SieveService> service_;
+  std::unique_ptr<ReflectionV1Service> reflection_v1_;
   std::unique_ptr<grpc::Server> server_;
   std::string grpc_address_;
   bool stopped_ = false;

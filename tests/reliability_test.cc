@@ -29,6 +29,7 @@
 #include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "grpc/reflection/v1/reflection.grpc.pb.h"
 #include "tests/sieved_harness.h"
 
 namespace sieve::test {
@@ -270,6 +271,71 @@ TEST_F(ReliabilityTest, ReflectionDescribesTheHealthService) {
     }
   }
   EXPECT_EQ(methods, std::set<std::string>({"Health/Check", "Health/Watch"})) << file.size();
+}
+
+// Item 7: reflection v1 (which buf curl and grpcurl try first) lists every service, and each one
+// can be described from the descriptors one stream returns: a reflection client's whole walk.
+TEST_F(ReliabilityTest, ReflectionV1ListsAndDescribesEveryService) {
+  daemon_ = Sieved::StartServing();
+  ASSERT_NE(daemon_, nullptr);
+  namespace rv1 = grpc::reflection::v1;
+  auto stub = rv1::ServerReflection::NewStub(daemon_->channel());
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+  auto stream = stub->ServerReflectionInfo(&context);
+  rv1::ServerReflectionRequest list;
+  list.set_list_services("");
+  ASSERT_TRUE(stream->Write(list));
+  rv1::ServerReflectionResponse listed;
+  ASSERT_TRUE(stream->Read(&listed));
+  std::vector<std::string> services;
+  for (const auto& s : listed.list_services_response().service()) services.push_back(s.name());
+  EXPECT_THAT(services, testing::IsSupersetOf({"sieve.v1.Sieve", "grpc.health.v1.Health",
+                                               "grpc.reflection.v1.ServerReflection",
+                                               "grpc.reflection.v1alpha.ServerReflection"}));
+  google::protobuf::DescriptorPool pool;  // built only from what the server sent
+  std::vector<google::protobuf::FileDescriptorProto> files;
+  for (const std::string& service : services) {
+    rv1::ServerReflectionRequest describe;
+    describe.set_file_containing_symbol(service);
+    ASSERT_TRUE(stream->Write(describe));
+    rv1::ServerReflectionResponse r;
+    ASSERT_TRUE(stream->Read(&r));
+    ASSERT_TRUE(r.has_file_descriptor_response()) << service << ": "
+                                                  << r.error_response().error_message();
+    for (const std::string& bytes : r.file_descriptor_response().file_descriptor_proto()) {
+      files.emplace_back();
+      ASSERT_TRUE(files.back().ParseFromString(bytes));
+    }
+  }
+  // Build each file once its imports are in (a file is sent before its imports, and a later
+  // response omits files sent earlier on the stream).
+  std::vector<bool> built(files.size(), false);
+  for (size_t pass = 0; pass < files.size(); ++pass) {
+    for (size_t i = 0; i < files.size(); ++i) {
+      if (built[i]) continue;
+      bool ready = true;
+      for (const std::string& dep : files[i].dependency()) {
+        ready = ready && pool.FindFileByName(dep) != nullptr;
+      }
+      if (ready) built[i] = pool.BuildFile(files[i]) != nullptr;
+    }
+  }
+  for (size_t i = 0; i < files.size(); ++i) EXPECT_TRUE(built[i]) << files[i].name();
+  for (const std::string& service : services) {
+    const google::protobuf::ServiceDescriptor* d = pool.FindServiceByName(service);
+    ASSERT_NE(d, nullptr) << service;
+    EXPECT_GT(d->method_count(), 0) << service;
+  }
+  EXPECT_EQ(pool.FindServiceByName("grpc.health.v1.Health")->method_count(), 2);
+  rv1::ServerReflectionRequest unknown;
+  unknown.set_file_containing_symbol("no.such.Symbol");
+  ASSERT_TRUE(stream->Write(unknown));
+  rv1::ServerReflectionResponse not_found;
+  ASSERT_TRUE(stream->Read(&not_found));
+  EXPECT_EQ(not_found.error_response().error_code(), static_cast<int>(grpc::StatusCode::NOT_FOUND));
+  stream->WritesDone();
+  EXPECT_TRUE(stream->Finish().ok());
 }
 
 // --- Item 5: authentication and TLS ------------------------------------------------------------
