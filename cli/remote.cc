@@ -2,9 +2,12 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
+#include <fstream>
 #include <iostream>
 #include <memory>
 #include <string>
+#include <iterator>
 
 #include <grpcpp/grpcpp.h>
 
@@ -20,10 +23,42 @@ namespace {
 // Largest message the client accepts, in bytes (the server's default limit).
 constexpr int kMaxMessageBytes = 16 * 1024 * 1024;
 
+// The contents of the file named by environment variable `name`, or "" when unset. A file that
+// cannot be read ends the process with a message naming the variable.
+std::string ReadFileFromEnv(const char* name) {
+  const char* path = std::getenv(name);
+  if (path == nullptr || *path == '\0') return std::string();
+  std::ifstream in(path);
+  if (!in) {
+    std::cerr << "sieve: " << name << ": cannot read '" << path << "'\n";
+    std::exit(2);
+  }
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+// Plaintext, or TLS when SIEVE_TLS_CA_FILE names the CA bundle to trust (server.tls.*), with a
+// client certificate from SIEVE_TLS_CERT_FILE and SIEVE_TLS_KEY_FILE for mutual TLS.
+std::shared_ptr<grpc::ChannelCredentials> CredentialsFromEnv() {
+  grpc::SslCredentialsOptions tls;
+  tls.pem_root_certs = ReadFileFromEnv("SIEVE_TLS_CA_FILE");
+  if (tls.pem_root_certs.empty()) return grpc::InsecureChannelCredentials();
+  tls.pem_cert_chain = ReadFileFromEnv("SIEVE_TLS_CERT_FILE");
+  tls.pem_private_key = ReadFileFromEnv("SIEVE_TLS_KEY_FILE");
+  return grpc::SslCredentials(tls);
+}
+
 std::shared_ptr<grpc::Channel> Connect(const std::string& target) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(kMaxMessageBytes);
-  return grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
+  return grpc::CreateCustomChannel(target, CredentialsFromEnv(), args);
+}
+
+// Sends "authorization: Bearer $SIEVE_TOKEN" when SIEVE_TOKEN is set (server.auth.tokens_file).
+void AddToken(grpc::ClientContext& context) {
+  const char* token = std::getenv("SIEVE_TOKEN");
+  if (token != nullptr && *token != '\0') {
+    context.AddMetadata("authorization", absl::StrCat("Bearer ", token));
+  }
 }
 
 // The upper-case name of a gRPC status code, e.g. "UNAVAILABLE".
@@ -125,6 +160,7 @@ std::string Summary(const v1::Completion& c) {
 int RunRemoteGenerate(const GenerateOptions& o) {
   auto stub = v1::Sieve::NewStub(Connect(o.target));
   grpc::ClientContext context;
+  AddToken(context);
   if (o.timeout_s) {
     context.set_deadline(std::chrono::system_clock::now() +
                          std::chrono::microseconds(static_cast<int64_t>(*o.timeout_s * 1e6)));
@@ -169,6 +205,7 @@ int RunHealth(int argc, char** argv) {
   }
   auto stub = grpc::health::v1::Health::NewStub(Connect(target));
   grpc::ClientContext context;
+  AddToken(context);
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
   grpc::health::v1::HealthCheckRequest request;
   request.set_service(service);
@@ -214,6 +251,7 @@ int RunTokenize(int argc, char** argv) {
   if (!have_text) return UsageError(absl::InvalidArgumentError("no text given"), kUsage);
   auto stub = v1::Sieve::NewStub(Connect(target));
   grpc::ClientContext context;
+  AddToken(context);
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
   v1::TokenizeResponse response;
   grpc::Status status = stub->Tokenize(&context, request, &response);
@@ -247,6 +285,7 @@ int RunModels(int argc, char** argv) {
   }
   auto stub = v1::Sieve::NewStub(Connect(target));
   grpc::ClientContext context;
+  AddToken(context);
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
   v1::ListModelsResponse response;
   grpc::Status status = stub->ListModels(&context, v1::ListModelsRequest(), &response);

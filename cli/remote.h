@@ -2,6 +2,11 @@
 // grpc.health.v1.Health). Each returns the process exit code: 0 on success, 1 when the call
 // fails (the gRPC status is printed), 2 for a bad command line; `health` returns 1 when the
 // server is not SERVING.
+//
+// Security (server.auth.*, server.tls.* of the daemon) comes from the environment, so that
+// tokens stay off command lines: SIEVE_TOKEN (sent as "authorization: Bearer ..."),
+// SIEVE_TLS_CA_FILE (the CA bundle to trust; turns TLS on), SIEVE_TLS_CERT_FILE and
+// SIEVE_TLS_KEY_FILE (a client certificate for mutual TLS).
 #ifndef SIEVE_CLI_REMOTE_H_
 #define SIEVE_CLI_REMOTE_H_
 

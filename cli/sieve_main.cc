@@ -37,6 +37,10 @@ commands:
                           minference (--model DIR --text FILE --output FILE writes the
                           per-head MInference pattern file) or double-sparsity (--model DIR
                           --output FILE writes the DoubleSparsity channel calibration)
+  --version               print the version and exit
+
+Against a daemon with bearer tokens or TLS, the remote commands read SIEVE_TOKEN,
+SIEVE_TLS_CA_FILE, and for mutual TLS SIEVE_TLS_CERT_FILE and SIEVE_TLS_KEY_FILE.
 
 `sieve COMMAND --help` describes a command's options.
 )";
@@ -140,6 +144,10 @@ int Main(int argc, char** argv) {
   if (command.empty() || command == "--help" || command == "-h" || command == "help") {
     std::cout << kUsage;
     return command.empty() ? 2 : 0;
+  }
+  if (command == "--version" || command == "version") {
+    std::cout << "sieve " << SIEVE_VERSION << "\n";
+    return 0;
   }
   if (command == "generate") return Generate(argc - 2, argv + 2);
   if (command == "calibrate") return Calibrate(argc - 2, argv + 2);

@@ -188,6 +188,14 @@ void CheckCrossField(const ServerConfig& c, std::vector<std::string>& errors) {
       break;
     }
   }
+  const TlsConfig& tls = c.server.tls;
+  if (tls.cert_file.empty() != tls.key_file.empty()) {
+    errors.push_back("server.tls.cert_file and server.tls.key_file must be set together");
+  }
+  if (!tls.client_ca_file.empty() && tls.cert_file.empty()) {
+    errors.push_back("server.tls.client_ca_file (mutual TLS) needs server.tls.cert_file and "
+                     "server.tls.key_file");
+  }
   if (c.metrics.enabled) {
     std::optional<int> grpc_port = PortOf(c.server.listen_address);
     std::optional<int> metrics_port = PortOf(c.metrics.listen_address);

@@ -34,6 +34,35 @@
 
 namespace sieve::server {
 
+// Bearer-token authentication of gRPC calls (`server.auth.*`, server/auth.h).
+struct AuthConfig {
+  // File of accepted bearer tokens, one per line ('#' starts a comment line; blank lines are
+  // skipped). Empty: no authentication. With a file, every call must carry the metadata
+  // "authorization: Bearer <token>" or fails with UNAUTHENTICATED.
+  std::string tokens_file;
+  // grpc.health.v1.Health answers without a token (for load balancers and kubelet probes).
+  bool exempt_health = true;
+  // grpc.reflection.* answers without a token.
+  bool exempt_reflection = false;
+
+  bool operator==(const AuthConfig&) const = default;
+};
+
+// TLS on the gRPC port (`server.tls.*`).
+struct TlsConfig {
+  // PEM certificate chain the server presents; with key_file, turns TLS on. Empty: plaintext.
+  std::string cert_file;
+  // PEM private key of cert_file.
+  std::string key_file;
+  // PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS).
+  std::string client_ca_file;
+  // How often the three files are re-read, so that renewed certificates take effect without a
+  // restart, in seconds.
+  int reload_interval_s = 60;
+
+  bool operator==(const TlsConfig&) const = default;
+};
+
 // The gRPC listener (`server.*`).
 struct GrpcServerConfig {
   // Address to serve gRPC on: "host:port", "[ipv6]:port" or "unix:/path". Port 0 picks a
@@ -53,6 +82,10 @@ struct GrpcServerConfig {
   // (the front door: prompts of disaggregation.local_prefill_below_tokens tokens or more are
   // prefilled on disaggregation.prefill_target).
   std::string role = "both";
+  // Bearer-token authentication (server/auth.h).
+  AuthConfig auth;
+  // TLS and mutual TLS.
+  TlsConfig tls;
 
   bool operator==(const GrpcServerConfig&) const = default;
 };
@@ -107,6 +140,9 @@ struct DisaggregationConfig {
 struct LoggingConfig {
   // Least severe level logged: "debug", "info", "warning" or "error".
   std::string level = "info";
+  // One info line per gRPC call when it ends (server/call_interceptor.h): request id, method,
+  // status, tokens, durations, peer; never prompt text.
+  bool access_log = true;
 
   bool operator==(const LoggingConfig&) const = default;
 };

@@ -82,6 +82,26 @@ const std::vector<KeySpec>& Keys() {
                        "decode here), prefill (runs prompts for decode daemons and streams their "
                        "KV back over sieve.kv.v1.KvTransfer) or decode (the front door: long "
                        "prompts are prefilled on disaggregation.prefill_target)."),
+      SIEVE_SERVER_KEY(server.auth.tokens_file, Any(),
+                       "File of accepted bearer tokens, one per line (lines starting with # are "
+                       "comments). Empty: no authentication. Set: every gRPC call must carry "
+                       "`authorization: Bearer <token>` or fails with UNAUTHENTICATED (tokens are "
+                       "compared in constant time and never logged)."),
+      SIEVE_SERVER_KEY(server.auth.exempt_health, Any(),
+                       "With server.auth.tokens_file: grpc.health.v1.Health answers without a "
+                       "token (for load-balancer and kubelet probes)."),
+      SIEVE_SERVER_KEY(server.auth.exempt_reflection, Any(),
+                       "With server.auth.tokens_file: server reflection answers without a token."),
+      SIEVE_SERVER_KEY(server.tls.cert_file, Any(),
+                       "PEM certificate chain of the gRPC port; with server.tls.key_file it turns "
+                       "TLS on. Empty: plaintext."),
+      SIEVE_SERVER_KEY(server.tls.key_file, Any(), "PEM private key of server.tls.cert_file."),
+      SIEVE_SERVER_KEY(server.tls.client_ca_file, Any(),
+                       "PEM CA bundle: when set, clients must present a certificate it signed "
+                       "(mutual TLS)."),
+      SIEVE_SERVER_KEY(server.tls.reload_interval_s, IntRange(1, 86400),
+                       "Seconds between re-reads of the TLS files: renewed certificates take "
+                       "effect without a restart."),
 
       SIEVE_SERVER_KEY(metrics.enabled, Any(),
                        "Serve Prometheus metrics (names prefixed sieve_) over HTTP at /metrics."),
@@ -119,8 +139,10 @@ const std::vector<KeySpec>& Keys() {
 
       SIEVE_ENGINE_KEY(kv_cache.page_size_tokens, PowerOfTwo(1, 256), "Tokens per KV page."),
       SIEVE_ENGINE_KEY(kv_cache.num_pages, IntRange(0, static_cast<int>(engine::kMaxKvPages)),
-                       "KV pages to allocate, shared by all requests (4096 x 16 tokens = 65536 "
-                       "tokens: 256 MiB for the embedded model on cpu). 0 derives the count from "
+                       "KV pages to allocate, shared by all requests (8192 x 16 tokens = 131072 "
+                       "tokens, the embedded model's whole context: 512 MiB for it on cpu, "
+                       "resident only as pages fill). A pool larger than the backend's available "
+                       "memory is refused at start-up. 0 derives the count from "
                        "kv_cache.memory_fraction, capped at what scheduler.max_running_requests "
                        "full-context requests can use."),
       SIEVE_ENGINE_KEY(kv_cache.memory_fraction, NumberRange(0, 1, /*lo_exclusive=*/true),
@@ -274,6 +296,10 @@ const std::vector<KeySpec>& Keys() {
 
       SIEVE_SERVER_KEY(logging.level, OneOf({"debug", "info", "warning", "error"}),
                        "Least severe log level written."),
+      SIEVE_SERVER_KEY(logging.access_log, Any(),
+                       "Log one info line per gRPC call when it ends: request id, method, status, "
+                       "tokens, time to first message and total, peer (never prompt text; control "
+                       "characters escaped)."),
   };
   return *keys;
 }

@@ -39,6 +39,10 @@ const std::vector<std::string> kExpectedKeys = {
     "server.listen_address",          "server.max_message_bytes",
     "server.keepalive_time_s",        "server.keepalive_timeout_s",
     "server.drain_grace_period_s",    "server.role",
+    "server.auth.tokens_file",        "server.auth.exempt_health",
+    "server.auth.exempt_reflection",  "server.tls.cert_file",
+    "server.tls.key_file",            "server.tls.client_ca_file",
+    "server.tls.reload_interval_s",
     "metrics.enabled",
     "metrics.listen_address",         "model.name",
     "model.directory",                "model.backend",
@@ -68,7 +72,7 @@ const std::vector<std::string> kExpectedKeys = {
     "disaggregation.fallback",        "disaggregation.max_attempts",
     "disaggregation.transfer_timeout_s", "disaggregation.stall_timeout_s",
     "disaggregation.chunk_bytes",     "disaggregation.transfer_threads",
-    "logging.level",
+    "logging.level",                  "logging.access_log",
 };
 
 TEST(ConfigTest, DefaultsAreValid) {
@@ -85,6 +89,29 @@ TEST(ConfigTest, DefaultsAreValid) {
 }
 
 // The engine's keys are the engine's fields, with the engine's defaults.
+TEST(ConfigTest, TlsKeysMustComeTogether) {
+  const std::string yaml =
+      "server:\n  auth:\n    tokens_file: /etc/sieve/tokens\n    exempt_health: false\n"
+      "  tls:\n    cert_file: /etc/sieve/cert.pem\n    key_file: /etc/sieve/key.pem\n"
+      "    client_ca_file: /etc/sieve/ca.pem\n    reload_interval_s: 5\n";
+  absl::StatusOr<ServerConfig> ok = LoadConfigString(yaml, "x.yaml");
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ(ok->server.auth.tokens_file, "/etc/sieve/tokens");
+  EXPECT_FALSE(ok->server.auth.exempt_health);
+  EXPECT_EQ(ok->server.tls.client_ca_file, "/etc/sieve/ca.pem");
+  EXPECT_EQ(ok->server.tls.reload_interval_s, 5);
+  absl::StatusOr<ServerConfig> no_key =
+      LoadConfigString("", "x.yaml", {"server.tls.cert_file=/c.pem"});
+  EXPECT_THAT(std::string(no_key.status().message()),
+              HasSubstr("server.tls.cert_file and server.tls.key_file must be set together"));
+  absl::StatusOr<ServerConfig> ca_only =
+      LoadConfigString("", "x.yaml", {"server.tls.client_ca_file=/ca.pem"});
+  EXPECT_THAT(std::string(ca_only.status().message()), HasSubstr("server.tls.client_ca_file"));
+  absl::StatusOr<ServerConfig> interval =
+      LoadConfigString("", "x.yaml", {"server.tls.reload_interval_s=0"});
+  EXPECT_THAT(std::string(interval.status().message()), HasSubstr("server.tls.reload_interval_s"));
+}
+
 TEST(ConfigTest, EngineKeysBindToTheEngineConfig) {
   EXPECT_EQ(ServerConfig().engine, engine::EngineConfig());
   ServerConfig config;

@@ -59,6 +59,12 @@ absl::StatusOr<std::vector<int32_t>> PromptTokens(const v1::GenerateRequest& req
   return absl::InvalidArgumentError("prompt: set either text or token_ids");
 }
 
+// " (limited by ...)" when the KV cache, not the model, sets the context length.
+std::string ContextSource(const RequestLimits& limits) {
+  if (limits.context_limited_by.empty()) return std::string();
+  return absl::StrCat(" (limited by ", limits.context_limited_by, ")");
+}
+
 // Converts and validates the stop criteria; `prompt_tokens` decides max_tokens' default and
 // the context check.
 absl::StatusOr<engine::StopCriteria> ToStopCriteria(const v1::StopCriteria& stop,
@@ -70,7 +76,7 @@ absl::StatusOr<engine::StopCriteria> ToStopCriteria(const v1::StopCriteria& stop
     return absl::OutOfRangeError(absl::StrCat("prompt of ", prompt_tokens,
                                               " tokens leaves no room to generate in the context "
                                               "length of ",
-                                              context, " tokens"));
+                                              context, " tokens", ContextSource(limits)));
   }
   if (stop.has_max_tokens()) {
     if (stop.max_tokens() == 0) {
@@ -80,7 +86,8 @@ absl::StatusOr<engine::StopCriteria> ToStopCriteria(const v1::StopCriteria& stop
     if (total > context) {
       return absl::OutOfRangeError(absl::StrCat(
           "prompt (", prompt_tokens, " tokens) + stop.max_tokens (", stop.max_tokens(), ") = ",
-          total, " tokens exceeds the context length of ", context, " tokens"));
+          total, " tokens exceeds the context length of ", context, " tokens",
+          ContextSource(limits)));
     }
     out.max_tokens = static_cast<int32_t>(stop.max_tokens());
   } else {

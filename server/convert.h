@@ -44,6 +44,10 @@ struct RequestLimits {
   int32_t vocab_size = 0;
   // Most prompt plus generated tokens of one request, in tokens.
   int32_t context_tokens = 0;
+  // Where context_tokens comes from when the KV cache is what limits it (kv_cache.num_pages x
+  // kv_cache.page_size_tokens below the model's context), e.g. "the KV cache (kv_cache.num_pages
+  // 4096 x kv_cache.page_size_tokens 16)"; empty when the model's context is the limit.
+  std::string context_limited_by;
   // max_tokens of a request that does not set it (then capped to the context left), in tokens.
   int32_t default_max_tokens = 256;
   // Most stop strings one request may carry (at most engine::kMaxStopStrings).

@@ -1,15 +1,25 @@
 #include "server/daemon.h"
 
 #include <algorithm>
+#include <atomic>
+#include <fstream>
+#include <sstream>
 #include <utility>
+#include <vector>
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/security/server_credentials.h>
+#include <grpcpp/security/tls_certificate_provider.h>
+#include <grpcpp/security/tls_credentials_options.h>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "engine/status_macros.h"
+#include "grpc/health/v1/health.pb.h"
+#include "server/call_interceptor.h"
 #include "server/log.h"
 
 namespace sieve::server {
@@ -26,10 +36,65 @@ std::string WithPort(const std::string& address, int port) {
   return absl::StrCat(address.substr(0, colon + 1), port);
 }
 
+std::atomic<int64_t> g_load_tensor_delay_us{0};
+
+// Reads a PEM file named by `key` (server.tls.*): a clear error before gRPC's watcher would
+// only log one per handshake.
+absl::Status CheckPemFile(absl::string_view key, const std::string& path) {
+  std::ifstream in(path);
+  if (!in) {
+    return absl::InvalidArgumentError(absl::StrCat(key, ": cannot read '", path, "'"));
+  }
+  std::stringstream text;
+  text << in.rdbuf();
+  if (text.str().find("-----BEGIN ") == std::string::npos) {
+    return absl::InvalidArgumentError(absl::StrCat(key, ": '", path, "' is not a PEM file"));
+  }
+  return absl::OkStatus();
+}
+
+// The gRPC port's credentials: plaintext, TLS or mutual TLS (server.tls.*). The files are
+// watched: gRPC re-reads them every reload_interval_s, so renewed certificates take effect on
+// new connections without a restart.
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeCredentials(const TlsConfig& tls) {
+  if (tls.cert_file.empty()) return grpc::InsecureServerCredentials();
+  SIEVE_RETURN_IF_ERROR(CheckPemFile("server.tls.cert_file", tls.cert_file));
+  SIEVE_RETURN_IF_ERROR(CheckPemFile("server.tls.key_file", tls.key_file));
+  const bool mutual = !tls.client_ca_file.empty();
+  if (mutual) SIEVE_RETURN_IF_ERROR(CheckPemFile("server.tls.client_ca_file", tls.client_ca_file));
+  auto provider =
+      mutual ? std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
+                   tls.key_file, tls.cert_file, tls.client_ca_file, tls.reload_interval_s)
+             : std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
+                   tls.key_file, tls.cert_file, tls.reload_interval_s);
+  grpc::experimental::TlsServerCredentialsOptions options(provider);
+  options.watch_identity_key_cert_pairs();
+  if (mutual) {
+    options.watch_root_certs();
+    options.set_cert_request_type(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  } else {
+    options.set_cert_request_type(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+  }
+  std::shared_ptr<grpc::ServerCredentials> credentials =
+      grpc::experimental::TlsServerCredentials(options);
+  if (credentials == nullptr) {
+    return absl::InvalidArgumentError("server.tls: gRPC refused the TLS settings");
+  }
+  return credentials;
+}
+
 }  // namespace
+
+void SetLoadTensorDelayForTesting(absl::Duration delay) {
+  g_load_tensor_delay_us.store(absl::ToInt64Microseconds(delay));
+}
 
 absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const ServerConfig& config) {
   std::unique_ptr<Daemon> daemon(new Daemon(config));
+  if (!config.server.auth.tokens_file.empty()) {
+    SIEVE_ASSIGN_OR_RETURN(daemon->authenticator_,
+                           Authenticator::FromFile(config.server.auth.tokens_file));
+  }
   if (config.metrics.enabled) {
     SIEVE_ASSIGN_OR_RETURN(daemon->metrics_, Metrics::Create(config.metrics.listen_address,
                                                              config.engine.model.name,
@@ -44,11 +109,13 @@ absl::Status Daemon::StartGrpc() {
   options.model_name = config_.engine.model.name;
   options.default_max_tokens = config_.limits.default_max_tokens;
   options.max_stop_strings = config_.limits.max_stop_strings;
+  options.authenticator = authenticator_.get();
   if (metrics_) {
     Metrics* m = metrics_.get();
     options.on_rpc_done = [m](std::string_view method, grpc::StatusCode code) {
       m->OnGrpcRequest(method, GrpcStatusCodeName(static_cast<int>(code)));
     };
+    options.on_rejected_invalid = [m] { m->OnRejected(engine::RejectReason::kInvalid); };
   }
   Metrics* m = metrics_.get();
   if (config_.server.role == "decode") {
@@ -73,6 +140,7 @@ absl::Status Daemon::StartGrpc() {
   KvTransferServiceOptions kv_options;
   kv_options.model_name = config_.engine.model.name;
   kv_options.chunk_bytes = config_.disaggregation.chunk_bytes;
+  kv_options.authenticator = authenticator_.get();
   if (m != nullptr) {
     kv_options.on_transfer = [m](int64_t bytes, double s, bool ok) {
       m->OnKvTransfer(/*sent=*/true, bytes, s, ok);
@@ -85,13 +153,38 @@ absl::Status Daemon::StartGrpc() {
   kv_service_ = std::make_unique<KvTransferService>(std::move(kv_options));
 
   grpc::EnableDefaultHealthCheckService(true);
+  // gRPC's health service is built on its own messages, not on generated protobuf code, so the
+  // descriptor of grpc.health.v1.Health is only in the pool reflection reads when something
+  // links the generated health.pb.cc: this use does (reflection clients can then describe it).
+  (void)grpc::health::v1::HealthCheckRequest::descriptor();
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  InstallProtobufLogHandler();
+  SIEVE_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials,
+                         MakeCredentials(config_.server.tls));
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(config_.server.listen_address, grpc::InsecureServerCredentials(),
-                           &port);
+  builder.AddListeningPort(config_.server.listen_address, credentials, &port);
+  CallInterceptorOptions interceptor;
+  interceptor.access_log = config_.logging.access_log;
+  interceptor.authenticator = authenticator_.get();
+  interceptor.exempt_health = config_.server.auth.exempt_health;
+  interceptor.exempt_reflection = config_.server.auth.exempt_reflection;
+  if (m != nullptr) {
+    interceptor.on_unparseable = [m](std::string_view method) {
+      m->OnRejected(engine::RejectReason::kInvalid);
+      m->OnGrpcRequest(method, "INVALID_ARGUMENT");
+    };
+  }
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> creators;
+  creators.push_back(std::make_unique<CallInterceptorFactory>(std::move(interceptor)));
+  builder.experimental().SetInterceptorCreators(std::move(creators));
   builder.RegisterService(service_.get());
   builder.RegisterService(kv_service_.get());
+  // Reflection v1 beside the plugin's v1alpha (server/reflection_v1.h).
+  reflection_v1_ = std::make_unique<ReflectionV1Service>(std::vector<std::string>{
+      "sieve.v1.Sieve", "sieve.kv.v1.KvTransfer", "grpc.health.v1.Health",
+      "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"});
+  builder.RegisterService(reflection_v1_.get());
   builder.SetMaxReceiveMessageSize(config_.server.max_message_bytes);
   builder.SetMaxSendMessageSize(config_.server.max_message_bytes);
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS,
@@ -113,6 +206,24 @@ absl::Status Daemon::StartGrpc() {
   }
   SetHealth(false);
   grpc_address_ = WithPort(config_.server.listen_address, port);
+  const TlsConfig& tls = config_.server.tls;
+  Log(LogLevel::kInfo,
+      absl::StrCat("gRPC security: ",
+                   tls.cert_file.empty()          ? "plaintext"
+                   : tls.client_ca_file.empty()   ? "TLS"
+                                                  : "mutual TLS",
+                   tls.cert_file.empty()
+                       ? std::string()
+                       : absl::StrCat(" (certificates re-read every ", tls.reload_interval_s,
+                                      " s)"),
+                   authenticator_ ? absl::StrCat(", bearer tokens required (",
+                                                 authenticator_->num_tokens(), " accepted",
+                                                 config_.server.auth.exempt_health
+                                                     ? "; health open" : "",
+                                                 config_.server.auth.exempt_reflection
+                                                     ? "; reflection open" : "",
+                                                 ")")
+                                  : std::string(", no authentication")));
   Log(LogLevel::kInfo, absl::StrCat("gRPC listening on ", grpc_address_,
                                     metrics_ ? absl::StrCat(", metrics on port ", metrics_->port(),
                                                            " (GET /metrics)")
@@ -128,9 +239,14 @@ void Daemon::SetHealth(bool serving) {
   health->SetServingStatus(kServiceName, serving);
 }
 
-absl::Status Daemon::LoadModel() {
+absl::Status Daemon::LoadModel(const absl::Notification* cancel) {
   const absl::Time start = absl::Now();
-  SIEVE_ASSIGN_OR_RETURN(engine_, engine::Engine::Create(config_.engine, &events_));
+  cancel_load_ = cancel;
+  absl::StatusOr<std::unique_ptr<engine::Engine>> created =
+      engine::Engine::Create(config_.engine, &events_);
+  cancel_load_ = nullptr;
+  if (!created.ok()) return created.status();
+  engine_ = *std::move(created);
   // The engine reports its load after each step; publish the idle pool (all pages free) now.
   if (metrics_) metrics_->OnLoad(engine_->load());
   service_->SetEngine(engine_.get());
@@ -180,6 +296,25 @@ void Daemon::EngineEvents::OnDecodeAttention(double kv_read_fraction, double sel
 }
 void Daemon::EngineEvents::OnLoad(const engine::EngineLoad& load) {
   if (daemon_.metrics_) daemon_.metrics_->OnLoad(load);
+}
+
+absl::Status Daemon::EngineEvents::OnLoadProgress(const engine::WeightLoadProgress& p) {
+  if (const int64_t us = g_load_tensor_delay_us.load(); us > 0) {
+    absl::SleepFor(absl::Microseconds(us));
+  }
+  const bool last = p.tensors >= p.total_tensors;
+  if (last || daemon_.last_progress_log_s_ < 0 || p.seconds - daemon_.last_progress_log_s_ >= 1) {
+    daemon_.last_progress_log_s_ = p.seconds;
+    Log(LogLevel::kInfo, absl::StrFormat("loading weights: %d/%d tensors, %.1f MiB, %.2f s%s",
+                                         p.tensors, p.total_tensors, p.bytes / 1048576.0,
+                                         p.seconds, last ? "; allocating the KV cache" : ""));
+  }
+  if (daemon_.cancel_load_ != nullptr && daemon_.cancel_load_->HasBeenNotified()) {
+    return absl::CancelledError(absl::StrFormat(
+        "the model load was stopped by a signal after %d of %d tensors", p.tensors,
+        p.total_tensors));
+  }
+  return absl::OkStatus();
 }
 
 void Daemon::EngineEvents::OnDeviceLost(const absl::Status& status) {

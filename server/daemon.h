@@ -18,6 +18,7 @@
 
 #include <memory>
 #include <string>
+#include <string_view>
 
 #include <grpcpp/grpcpp.h>
 
@@ -26,13 +27,19 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "engine/serving/engine.h"
+#include "server/auth.h"
 #include "server/config.h"
 #include "server/kv_transfer_service.h"
 #include "server/metrics.h"
+#include "server/reflection_v1.h"
 #include "server/remote_prefill.h"
 #include "server/sieve_service.h"
 
 namespace sieve::server {
+
+// Testing only: the model load sleeps this long after each weight tensor, so that tests can
+// signal the daemon while it loads. Not a configuration key.
+void SetLoadTensorDelayForTesting(absl::Duration delay);
 
 class Daemon {
  public:
@@ -48,9 +55,11 @@ class Daemon {
   Daemon& operator=(const Daemon&) = delete;
 
   // Creates the engine from the configuration's engine settings (loads the model, allocates
-  // the KV pool, starts its threads) and turns health to SERVING. Errors are those of
+  // the KV pool, starts its threads) and turns health to SERVING. Logs the load's progress
+  // (tensors, bytes, seconds) about once a second. `cancel`, when given and notified (SIGTERM),
+  // stops the load at the next tensor: CANCELLED. Other errors are those of
   // engine::Engine::Create.
-  absl::Status LoadModel();
+  absl::Status LoadModel(const absl::Notification* cancel = nullptr);
 
   // Drains and stops, as described in the file comment; returns when everything is stopped.
   // `cut_short`, when given and notified, ends the grace period early (a second signal).
@@ -92,6 +101,7 @@ class Daemon {
     void OnDecodeAttention(double kv_read_fraction, double selection_seconds) override;
     void OnLoad(const engine::EngineLoad& load) override;
     void OnDeviceLost(const absl::Status& status) override;
+    absl::Status OnLoadProgress(const engine::WeightLoadProgress& progress) override;
     bool device_lost() const { return lost_.HasBeenNotified(); }
 
    private:
@@ -105,6 +115,11 @@ class Daemon {
 
   const ServerConfig config_;
   EngineEvents events_;
+  // Set while LoadModel runs: stops the load when notified.
+  const absl::Notification* cancel_load_ = nullptr;
+  double last_progress_log_s_ = -1;  // when the load last logged its progress
+  // Bearer tokens (server.auth.tokens_file), or null; outlives the gRPC server.
+  std::unique_ptr<Authenticator> authenticator_;
   // Destroyed bottom-up: the gRPC server, the services, the remote prefills (their threads use
   // the engine), the engine, then the metrics (the engine's observer).
   std::unique_ptr<Metrics> metrics_;
@@ -112,6 +127,7 @@ class Daemon {
   std::unique_ptr<RemotePrefill> remote_prefill_;  // server.role decode only
   std::unique_ptr<KvTransferService> kv_service_;
   std::unique_ptr<SieveService> service_;
+  std::unique_ptr<ReflectionV1Service> reflection_v1_;
   std::unique_ptr<grpc::Server> server_;
   std::string grpc_address_;
   bool stopped_ = false;

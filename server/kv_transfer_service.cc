@@ -63,6 +63,8 @@ class KvTransferService::PrefillReactor final
   PrefillReactor(KvTransferService* service, grpc::CallbackServerContext* context);
 
   void Start(const kv::v1::PrefillRequest& request);
+  // Ends the call with `status` before it starts (e.g. UNAUTHENTICATED).
+  void Fail(const absl::Status& status) { Reject(status); }
   void OnWriteDone(bool ok) override;
   void OnCancel() override;
   void OnDone() override;
@@ -383,6 +385,12 @@ grpc::ServerWriteReactor<kv::v1::PrefillChunk>* KvTransferService::Prefill(
     ++calls_;
   }
   auto* reactor = new PrefillReactor(this, context);
+  if (options_.authenticator != nullptr) {
+    if (absl::Status auth = options_.authenticator->CheckCall(*context); !auth.ok()) {
+      reactor->Fail(auth);
+      return reactor;
+    }
+  }
   reactor->Start(*request);
   return reactor;
 }

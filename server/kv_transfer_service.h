@@ -26,6 +26,8 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include "server/auth.h"
+
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "engine/serving/engine.h"
@@ -52,6 +54,8 @@ struct KvTransferServiceOptions {
   std::function<void(int delta)> on_in_flight;
   // As ServiceOptions::on_rpc_done.
   std::function<void(std::string_view method, grpc::StatusCode code)> on_rpc_done;
+  // As ServiceOptions::authenticator: null, or the bearer tokens every call must carry.
+  const Authenticator* authenticator = nullptr;
 };
 
 class KvTransferService final : public kv::v1::KvTransfer::CallbackService {

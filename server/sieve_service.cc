@@ -66,6 +66,18 @@ class SieveService::GenerateReactor final
   // Validates and submits `request`; on failure finishes the call with the error.
   void Start(const v1::GenerateRequest& request);
 
+  // Ends a call that never reached the engine.
+  void Reject(const absl::Status& status) {
+    {
+      absl::MutexLock lock(&stream_->mu);
+      stream_->finished = true;
+      stream_->final_code = ToGrpcCode(status.code());
+    }
+    service_->CountRejected(ToGrpcCode(status.code()));
+    Log(LogLevel::kDebug, absl::StrCat("Generate rejected: ", status.ToString()));
+    Finish(ToGrpcStatus(status));
+  }
+
   void OnWriteDone(bool ok) override {
     std::optional<engine::RequestId> cancel;
     std::shared_ptr<TransferCancellation> transfer;
@@ -113,17 +125,6 @@ class SieveService::GenerateReactor final
   }
 
  private:
-  // Ends a call that never reached the engine.
-  void Reject(const absl::Status& status) {
-    {
-      absl::MutexLock lock(&stream_->mu);
-      stream_->finished = true;
-      stream_->final_code = ToGrpcCode(status.code());
-    }
-    Log(LogLevel::kDebug, absl::StrCat("Generate rejected: ", status.ToString()));
-    Finish(ToGrpcStatus(status));
-  }
-
   SieveService* const service_;
   const std::shared_ptr<Stream> stream_;
   bool registered_ = false;
@@ -336,6 +337,13 @@ void SieveService::SetEngine(engine::Engine* engine) {
   const int64_t kv_tokens = int64_t{info.kv_pages} * info.page_size;
   limits.context_tokens = static_cast<int32_t>(
       info.context_tokens > 0 ? std::min<int64_t>(info.context_tokens, kv_tokens) : kv_tokens);
+  // ModelInfo's context is already the smaller of the model's and the KV pool's: say which.
+  const int64_t model_context = engine->model_config().max_position_embeddings;
+  if (limits.context_tokens == kv_tokens && (model_context <= 0 || kv_tokens < model_context)) {
+    limits.context_limited_by = absl::StrCat(
+        "the KV cache: kv_cache.num_pages ", info.kv_pages, " x kv_cache.page_size_tokens ",
+        info.page_size, "; the model's context is ", model_context, " tokens");
+  }
   limits.default_max_tokens = options_.default_max_tokens;
   limits.max_stop_strings = std::min(options_.max_stop_strings, engine::kMaxStopStrings);
   limits_ = limits;
@@ -406,11 +414,25 @@ void SieveService::ReportDone(std::string_view method, grpc::StatusCode code) co
   if (options_.on_rpc_done) options_.on_rpc_done(method, code);
 }
 
+absl::Status SieveService::Authenticate(const grpc::CallbackServerContext& context) const {
+  if (options_.authenticator == nullptr) return absl::OkStatus();
+  return options_.authenticator->CheckCall(context);
+}
+
+void SieveService::CountRejected(grpc::StatusCode code) const {
+  if (!options_.on_rejected_invalid) return;
+  if (code == grpc::StatusCode::INVALID_ARGUMENT || code == grpc::StatusCode::OUT_OF_RANGE ||
+      code == grpc::StatusCode::NOT_FOUND) {
+    options_.on_rejected_invalid();
+  }
+}
+
 grpc::ServerUnaryReactor* SieveService::FinishUnary(grpc::CallbackServerContext* context,
                                                     std::string_view method,
                                                     const absl::Status& status) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   const grpc::Status grpc_status = ToGrpcStatus(status);
+  CountRejected(grpc_status.error_code());
   ReportDone(method, grpc_status.error_code());
   reactor->Finish(grpc_status);
   return reactor;
@@ -425,6 +447,10 @@ void SieveService::FillModelInfo(engine::Engine& engine, v1::ModelInfo* out) con
 grpc::ServerWriteReactor<v1::GenerateResponse>* SieveService::Generate(
     grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
   auto* reactor = new GenerateReactor(this, context);
+  if (absl::Status auth = Authenticate(*context); !auth.ok()) {
+    reactor->Reject(auth);
+    return reactor;
+  }
   reactor->Start(*request);
   return reactor;
 }
@@ -433,6 +459,7 @@ grpc::ServerUnaryReactor* SieveService::Tokenize(grpc::CallbackServerContext* co
                                                  const v1::TokenizeRequest* request,
                                                  v1::TokenizeResponse* response) {
   absl::Status status = [&]() -> absl::Status {
+    SIEVE_RETURN_IF_ERROR(Authenticate(*context));
     SIEVE_ASSIGN_OR_RETURN(engine::Engine * engine, Available());
     SIEVE_RETURN_IF_ERROR(CheckModel(request->model()));
     const engine::Tokenizer& tokenizer = engine->tokenizer();
@@ -457,6 +484,7 @@ grpc::ServerUnaryReactor* SieveService::Detokenize(grpc::CallbackServerContext* 
                                                    const v1::DetokenizeRequest* request,
                                                    v1::DetokenizeResponse* response) {
   absl::Status status = [&]() -> absl::Status {
+    SIEVE_RETURN_IF_ERROR(Authenticate(*context));
     SIEVE_ASSIGN_OR_RETURN(engine::Engine * engine, Available());
     SIEVE_RETURN_IF_ERROR(CheckModel(request->model()));
     const auto& ids = request->token_ids();
@@ -477,6 +505,7 @@ grpc::ServerUnaryReactor* SieveService::ListModels(grpc::CallbackServerContext* 
                                                    const v1::ListModelsRequest* request,
                                                    v1::ListModelsResponse* response) {
   absl::Status status = [&]() -> absl::Status {
+    SIEVE_RETURN_IF_ERROR(Authenticate(*context));
     SIEVE_ASSIGN_OR_RETURN(engine::Engine * engine, Available());
     FillModelInfo(*engine, response->add_models());
     return absl::OkStatus();
@@ -488,6 +517,7 @@ grpc::ServerUnaryReactor* SieveService::GetModelInfo(grpc::CallbackServerContext
                                                      const v1::GetModelInfoRequest* request,
                                                      v1::ModelInfo* response) {
   absl::Status status = [&]() -> absl::Status {
+    SIEVE_RETURN_IF_ERROR(Authenticate(*context));
     SIEVE_ASSIGN_OR_RETURN(engine::Engine * engine, Available());
     SIEVE_RETURN_IF_ERROR(CheckModel(request->model()));
     FillModelInfo(*engine, response);

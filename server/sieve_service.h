@@ -36,6 +36,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "engine/serving/engine.h"
+#include "server/auth.h"
 #include "server/convert.h"
 #include "server/remote_prefill.h"
 #include "sieve/v1/sieve.grpc.pb.h"
@@ -56,6 +57,13 @@ struct ServiceOptions {
   // On a decode daemon (server.role decode): where long prompts are prefilled before they are
   // submitted (remote_prefill.h); null elsewhere. Must outlive the service's calls.
   RemotePrefill* remote_prefill = nullptr;
+  // Null: no authentication. Else every call must carry an accepted bearer token or fails with
+  // UNAUTHENTICATED before any work (server/auth.h). Must outlive the service.
+  const Authenticator* authenticator = nullptr;
+  // Called once per call this service rejects as invalid (INVALID_ARGUMENT, OUT_OF_RANGE or
+  // NOT_FOUND) before it reaches the engine (which counts its own); may be empty. Cheap, any
+  // thread.
+  std::function<void()> on_rejected_invalid;
 };
 
 class SieveService final : public v1::Sieve::CallbackService {
@@ -119,6 +127,10 @@ class SieveService final : public v1::Sieve::CallbackService {
   // Fills `out` with the served model's description.
   void FillModelInfo(engine::Engine& engine, v1::ModelInfo* out) const;
   void ReportDone(std::string_view method, grpc::StatusCode code) const;
+  // OK, or UNAUTHENTICATED when authentication is on and the call has no accepted token.
+  absl::Status Authenticate(const grpc::CallbackServerContext& context) const;
+  // Reports a rejection before the engine (on_rejected_invalid) when `code` says invalid.
+  void CountRejected(grpc::StatusCode code) const;
   void Register(std::shared_ptr<Stream> stream);
   void Unregister(Stream* stream);
 

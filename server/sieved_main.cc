@@ -58,6 +58,7 @@ options:
   --print-config         print the effective configuration as YAML, every key with its doc,
                          and exit (with no --config or --set: configs/default.yaml)
   --help                 print this help, with every configuration key, and exit
+  --version              print the version and exit
 
 Overrides apply after the file, in command-line order.
 )";
@@ -75,6 +76,9 @@ constexpr std::string_view kTestHangFlag = "--testing-hang-after-ops";
 // Testing only: a prefill daemon waits this many milliseconds before each KV page chunk it
 // streams (server/kv_transfer_service.h), so that tests can act while transfers are in flight.
 constexpr std::string_view kTestKvChunkDelayFlag = "--testing-kv-chunk-delay-ms";
+// Testing only: the model load sleeps this many milliseconds after each weight tensor, so that
+// tests can signal the daemon mid-load.
+constexpr std::string_view kTestLoadTensorDelayFlag = "--testing-load-tensor-delay-ms";
 
 struct CommandLine {
   std::string config_path;
@@ -84,6 +88,7 @@ struct CommandLine {
   int64_t test_device_lost_after_ops = 0;  // 0: off
   int64_t test_hang_after_ops = 0;         // 0: off
   int64_t test_kv_chunk_delay_ms = 0;      // 0: off
+  int64_t test_load_tensor_delay_ms = 0;   // 0: off
 };
 
 // Parses argv; returns an exit code to leave with (help printed, or a usage error), or -1.
@@ -110,7 +115,10 @@ int ParseCommandLine(int argc, char** argv, CommandLine& out) {
     auto key_override = [&](std::string_view key) {
       out.overrides.push_back(absl::StrCat(std::string(key), "=", value));
     };
-    if (name == "--help" || name == "-h") {
+    if (name == "--version") {
+      std::cout << "sieved " << SIEVE_VERSION << "\n";
+      return 0;
+    } else if (name == "--help" || name == "-h") {
       std::cout << kUsage << "\nconfiguration keys:\n\n" << FormatConfigHelp();
       return 0;
     } else if (name == "--print-config") {
@@ -140,6 +148,13 @@ int ParseCommandLine(int argc, char** argv, CommandLine& out) {
       if (!take()) return 2;
       if (!absl::SimpleAtod(value, &out.test_load_delay_s) || out.test_load_delay_s < 0) {
         std::cerr << "sieved: " << name << ": not a duration in seconds: " << value << "\n";
+        return 2;
+      }
+    } else if (name == kTestLoadTensorDelayFlag) {
+      if (!take()) return 2;
+      if (!absl::SimpleAtoi(value, &out.test_load_tensor_delay_ms) ||
+          out.test_load_tensor_delay_ms < 0) {
+        std::cerr << "sieved: " << name << ": not a count of milliseconds: " << value << "\n";
         return 2;
       }
     } else if (name == kTestKvChunkDelayFlag) {
@@ -252,6 +267,9 @@ int Run(int argc, char** argv) {
     config->engine.model.backend = "testing-async";
   }
 
+  if (cmd.test_load_tensor_delay_ms > 0) {
+    SetLoadTensorDelayForTesting(absl::Milliseconds(cmd.test_load_tensor_delay_ms));
+  }
   if (cmd.test_kv_chunk_delay_ms > 0) {
     SetKvChunkDelayForTesting(absl::Milliseconds(cmd.test_kv_chunk_delay_ms));
   }
@@ -269,10 +287,18 @@ int Run(int argc, char** argv) {
   if (cmd.test_load_delay_s > 0) {
     signals.drain.WaitForNotificationWithTimeout(absl::Seconds(cmd.test_load_delay_s));
   }
-  if (absl::Status loaded = (*daemon)->LoadModel(); !loaded.ok()) {
-    Log(LogLevel::kError, absl::StrCat("cannot load the model: ", loaded.ToString()));
+  // A signal before or during the load stops it (at the next weight tensor) and exits 0: there
+  // is nothing to drain yet.
+  absl::Status loaded = signals.drain.HasBeenNotified()
+                            ? absl::CancelledError("a signal arrived before the model load")
+                            : (*daemon)->LoadModel(&signals.drain);
+  if (!loaded.ok()) {
+    const bool stopped = signals.drain.HasBeenNotified();
+    Log(stopped ? LogLevel::kInfo : LogLevel::kError,
+        stopped ? absl::StrCat("model load stopped (", loaded.message(), "); exiting")
+                : absl::StrCat("cannot load the model: ", loaded.ToString()));
     (*daemon)->Drain();
-    return 1;
+    return stopped ? 0 : 1;
   }
   // Serve until a signal, or until the backend fails for good.
   while (!signals.drain.WaitForNotificationWithTimeout(absl::Milliseconds(100))) {

@@ -94,8 +94,13 @@ absl::Status CpuBackend::AllocateKvCache(int32_t num_layers, int32_t num_pages, 
   }
   const size_t per_layer =
       static_cast<size_t>(num_pages) * page_size * shape.num_kv_heads * shape.head_dim;
-  k_cache_.assign(num_layers, std::vector<float>(per_layer));
-  v_cache_.assign(num_layers, std::vector<float>(per_layer));
+  // Zero pages from calloc: resident only once written (LazyZeroAllocator).
+  k_cache_.clear();
+  v_cache_.clear();
+  for (int32_t l = 0; l < num_layers; ++l) {
+    k_cache_.emplace_back(per_layer);
+    v_cache_.emplace_back(per_layer);
+  }
   num_pages_ = num_pages;
   page_size_ = page_size;
   kv_page_layer_elems_ = int64_t{page_size} * shape.num_kv_heads * shape.head_dim;

@@ -5,13 +5,39 @@
 #ifndef SIEVE_ENGINE_BACKENDS_CPU_BACKEND_H_
 #define SIEVE_ENGINE_BACKENDS_CPU_BACKEND_H_
 
+#include <cstdlib>
 #include <memory>
+#include <new>
+#include <utility>
 #include <vector>
 
 #include "engine/backends/backend.h"
 #include "engine/model/kv_budget.h"
 
 namespace sieve::engine {
+
+// An allocator for large zero-filled buffers that stay untouched until written: calloc'd memory
+// (fresh pages from the kernel for large sizes), with default construction left as a no-op, so
+// a KV pool costs resident memory only as its pages fill.
+template <typename T>
+struct LazyZeroAllocator {
+  using value_type = T;
+  LazyZeroAllocator() = default;
+  template <typename U>
+  LazyZeroAllocator(const LazyZeroAllocator<U>&) {}
+  T* allocate(size_t n) {
+    void* p = std::calloc(n, sizeof(T));
+    if (p == nullptr) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t) { std::free(p); }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    if constexpr (sizeof...(Args) > 0) ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+  template <typename U>
+  bool operator==(const LazyZeroAllocator<U>&) const { return true; }
+};
 
 class CpuBackend final : public Backend {
  public:
@@ -103,7 +129,7 @@ class CpuBackend final : public Backend {
   int num_threads_;
   std::vector<std::unique_ptr<float[]>> buffers_;  // every weight and activation buffer
   // KV pools per layer: [num_pages, page_size, num_kv_heads, head_dim] fp32.
-  std::vector<std::vector<float>> k_cache_, v_cache_;
+  std::vector<std::vector<float, LazyZeroAllocator<float>>> k_cache_, v_cache_;
   // Quest page bounds per layer, [num_pages, num_kv_heads, 2, head_dim] (max, then min).
   std::vector<std::vector<float>> page_bounds_;
   // DoubleSparsity labels of every layer (null unless allocated).

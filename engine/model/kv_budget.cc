@@ -37,6 +37,23 @@ std::optional<int64_t> MemAvailable() {
 
 }  // namespace
 
+absl::Status CheckKvPagesFitMemory(int64_t num_pages, int64_t page_bytes, int64_t available_bytes,
+                                   std::string_view backend_name) {
+  if (num_pages <= 0 || page_bytes <= 0) return absl::OkStatus();
+  // Compared in double: num_pages * page_bytes may overflow int64 for absurd configs.
+  const double needed = static_cast<double>(num_pages) * static_cast<double>(page_bytes);
+  if (needed <= static_cast<double>(available_bytes)) return absl::OkStatus();
+  const int64_t fits = std::max<int64_t>(0, available_bytes) / page_bytes;
+  constexpr double kMiB = 1024.0 * 1024.0;
+  return absl::ResourceExhaustedError(absl::StrCat(
+      "kv_cache.num_pages ", num_pages, " needs ", static_cast<int64_t>(needed / kMiB),
+      " MiB of KV cache (", page_bytes, " bytes per page), but the ",
+      absl::string_view(backend_name.data(), backend_name.size()), " backend has ",
+      static_cast<int64_t>(static_cast<double>(available_bytes) / kMiB),
+      " MiB available after loading the weights; set kv_cache.num_pages to at most ", fits,
+      ", or to 0 to size the pool from kv_cache.memory_fraction"));
+}
+
 absl::StatusOr<int32_t> KvPagesForMemory(int64_t available_bytes, double memory_fraction,
                                          int64_t page_bytes, int64_t max_pages) {
   if (!(memory_fraction > 0 && memory_fraction <= 1)) {

@@ -8,6 +8,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/backends/cpu_backend.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "engine/model/kv_budget.h"
 #include "engine/model/random_weights.h"
 #ifdef SIEVE_HAVE_CUDA
@@ -95,6 +97,12 @@ absl::StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string
   SIEVE_RETURN_IF_ERROR(runner->LoadWeights(model_dir));
   if (options.num_pages == 0) {
     SIEVE_ASSIGN_OR_RETURN(runner->options_.num_pages, runner->KvPagesForFreeMemory());
+  } else if (absl::StatusOr<int64_t> available = runner->backend_->AvailableMemoryBytes();
+             available.ok()) {
+    // Refuse a pool that cannot fit before allocating it (a backend that cannot report its
+    // memory is trusted).
+    SIEVE_RETURN_IF_ERROR(CheckKvPagesFitMemory(options.num_pages, runner->KvPoolPageBytes(),
+                                                *available, runner->backend_->name()));
   }
   const int32_t num_pages = runner->options_.num_pages;
   // Step graphs pad batches with rows that write their KV into one page no caller can name.
@@ -140,12 +148,14 @@ absl::StatusOr<int32_t> ModelRunner::KvPagesForFreeMemory() const {
   const int64_t max_pages =
       int64_t{options_.kv_max_sequences} * ((context + options_.page_size - 1) / options_.page_size);
   SIEVE_ASSIGN_OR_RETURN(int64_t available, backend_->AvailableMemoryBytes());
+  return KvPagesForMemory(available, options_.kv_memory_fraction, KvPoolPageBytes(), max_pages);
+}
+
+int64_t ModelRunner::KvPoolPageBytes() const {
   const int32_t layers = static_cast<int32_t>(config_.num_hidden_layers);
-  const int64_t page_bytes =
-      backend_->KvPageBytes(layers, options_.page_size, shape_) +
-      (options_.quest_page_bounds ? backend_->PageBoundsBytes(layers, shape_) : 0) +
-      (options_.ds_label_channels > 0 ? backend_->DsLabelBytes(layers, ds_shape()) : 0);
-  return KvPagesForMemory(available, options_.kv_memory_fraction, page_bytes, max_pages);
+  return backend_->KvPageBytes(layers, options_.page_size, shape_) +
+         (options_.quest_page_bounds ? backend_->PageBoundsBytes(layers, shape_) : 0) +
+         (options_.ds_label_channels > 0 ? backend_->DsLabelBytes(layers, ds_shape()) : 0);
 }
 
 kernels::DoubleSparsityShape ModelRunner::ds_shape() const {
@@ -202,10 +212,23 @@ absl::Status ModelRunner::LoadWeights(const std::string& model_dir) {
     if (random) return random->GetWithShape(name, shape);
     return store->GetWithShape(name, shape);
   };
-  // Uploads, then frees the host copies of random tensors.
-  auto upload = [&](std::vector<TensorView> parts, int64_t cols) {
+  // Progress for on_load_progress: every checkpoint tensor counts once.
+  const int64_t lm_head = config_.tie_word_embeddings && (random || !store->Has("lm_head.weight"))
+                              ? 0 : 1;
+  WeightLoadProgress progress;
+  progress.total_tensors = 2 + lm_head + config_.num_hidden_layers *
+                                              (9 + (config_.qkv_bias ? 3 : 0) +
+                                               (config_.o_bias ? 1 : 0));
+  const absl::Time start = absl::Now();
+  // Uploads, then frees the host copies of random tensors, then reports the progress.
+  auto upload = [&](std::vector<TensorView> parts, int64_t cols) -> absl::StatusOr<Tensor> {
     auto t = backend_->UploadWeight(parts, cols);
+    for (const TensorView& part : parts) progress.bytes += static_cast<int64_t>(part.bytes.size());
     if (random) random->Clear();
+    if (!t.ok()) return t;
+    progress.tensors += static_cast<int64_t>(parts.size());
+    progress.seconds = absl::ToDoubleSeconds(absl::Now() - start);
+    if (options_.on_load_progress) SIEVE_RETURN_IF_ERROR(options_.on_load_progress(progress));
     return t;
   };
   SIEVE_ASSIGN_OR_RETURN(TensorView embed, get("model.embed_tokens.weight", {config_.vocab_size, h}));

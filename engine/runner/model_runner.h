@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <map>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -30,6 +31,14 @@ namespace sieve::engine {
 // RunnerOptionsFor (engine/serving/engine_config.h); tests and benchmarks that drive a runner directly
 // start from RunnerOptionsFor(EngineConfig()). The zero values here are not usable defaults: Load
 // rejects an empty backend or weights source and non-positive sizes.
+// How far a model load has got (ModelRunnerOptions::on_load_progress).
+struct WeightLoadProgress {
+  int64_t tensors = 0;        // checkpoint tensors on the backend so far
+  int64_t total_tensors = 0;  // tensors the model's config.json implies
+  int64_t bytes = 0;          // bytes of those tensors as stored (checkpoint dtype)
+  double seconds = 0;         // since the weights began loading
+};
+
 struct ModelRunnerOptions {
   std::string backend;               // "cpu" (fp32); "cuda" where built
   int device = 0;                    // CUDA device ordinal (cuda only)
@@ -70,6 +79,10 @@ struct ModelRunnerOptions {
   int32_t ds_label_channels = 0;
   int32_t ds_label_bits = 16;
   bool ds_per_kv_head = false;
+  // Called on the loading thread after each weight tensor is on the backend; a non-OK status
+  // stops the load there (Load returns it), e.g. CANCELLED when the daemon got SIGTERM. May be
+  // empty.
+  std::function<absl::Status(const WeightLoadProgress&)> on_load_progress;
 };
 
 // One sequence's share of a step.
@@ -275,6 +288,8 @@ class ModelRunner {
   absl::Status LoadWeights(const std::string& model_dir);
   // The KV page count for options_.num_pages 0 (see ModelRunnerOptions), once the weights are in.
   absl::StatusOr<int32_t> KvPagesForFreeMemory() const;
+  // Bytes of one KV page across all layers with its side data (Quest bounds, DS labels).
+  int64_t KvPoolPageBytes() const;
 
   ModelConfig config_;
   ModelRunnerOptions options_;

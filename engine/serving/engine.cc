@@ -48,7 +48,13 @@ absl::Status Engine::Impl::Init(const EngineConfig& config, EngineObserver* obse
   SIEVE_ASSIGN_OR_RETURN(tokenizer_, Tokenizer::FromDirectory(model.tokenizer_directory.empty()
                                                                   ? model.directory
                                                                   : model.tokenizer_directory));
-  SIEVE_ASSIGN_OR_RETURN(runner_, ModelRunner::Load(model.directory, RunnerOptionsFor(config)));
+  ModelRunnerOptions runner_options = RunnerOptionsFor(config);
+  if (observer != nullptr) {
+    runner_options.on_load_progress = [observer](const WeightLoadProgress& p) {
+      return observer->OnLoadProgress(p);
+    };
+  }
+  SIEVE_ASSIGN_OR_RETURN(runner_, ModelRunner::Load(model.directory, runner_options));
   scheduler_options_ = SchedulerOptionsFor(config, runner_->options().num_pages);
   if (config.attention.decode.method == "double_sparsity") {
     SIEVE_ASSIGN_OR_RETURN(DsCalibration calibration,
@@ -153,7 +159,10 @@ absl::Status Engine::Impl::Validate(const RequestSpec& spec) const {
   if (total > pool) {
     return absl::OutOfRangeError(absl::StrCat(
         "prompt (", spec.prompt.size(), " tokens) + max_tokens (", spec.stop.max_tokens,
-        ") = ", total, " exceeds the KV cache of ", pool, " tokens"));
+        ") = ", total, " exceeds the KV cache of ", pool,
+        " tokens (the limit comes from the KV cache: kv_cache.num_pages ",
+        scheduler_options_.num_pages, " x kv_cache.page_size_tokens ",
+        scheduler_options_.page_size, ")"));
   }
   return absl::OkStatus();
 }

@@ -72,9 +72,10 @@ struct KvCacheConfig {
   // Tokens per KV page; a power of two.
   int32_t page_size_tokens = 16;
   // Pages to allocate, shared by all requests; 0 derives the count from memory_fraction of the
-  // memory left after the weights. 4096 pages of 16 tokens hold 65536 tokens (256 MiB for the
-  // embedded model on cpu).
-  int32_t num_pages = 4096;
+  // memory left after the weights. 8192 pages of 16 tokens hold 131072 tokens, the embedded
+  // model's full context (512 MiB for it on cpu, touched only as pages fill). A count whose pool
+  // does not fit in the backend's available memory is refused before allocating.
+  int32_t num_pages = 8192;
   // With num_pages 0: the fraction of the backend's free memory after loading the weights (GPU
   // memory on cuda, available host memory on cpu) the KV pool may use, in (0, 1]. The pool never
   // grows beyond what scheduler.max_running_requests full-context requests can use.

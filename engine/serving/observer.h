@@ -9,6 +9,7 @@
 #include "absl/status/status.h"
 #include <string_view>
 
+#include "engine/runner/model_runner.h"
 #include "engine/serving/request.h"
 
 namespace sieve::engine {
@@ -58,6 +59,12 @@ class EngineObserver {
   // The backend reported an unrecoverable failure (IsDeviceLost): the engine fails every request
   // and accepts no more (Engine::health() returns `status` from now on). Called once.
   virtual void OnDeviceLost(const absl::Status& status) {}
+  // The model load's progress, from Engine::Create's thread after each weight tensor is on the
+  // backend (before the engine exists). A non-OK status stops the load there and Create returns
+  // it (the daemon returns CANCELLED on SIGTERM).
+  virtual absl::Status OnLoadProgress(const WeightLoadProgress& progress) {
+    return absl::OkStatus();
+  }
 };
 
 }  // namespace sieve::engine
