@@ -34,6 +34,8 @@ Engine::Impl::~Impl() {
   }
   wake_.notify_all();
   if (thread_.joinable()) thread_.join();
+  // Every request ended on the scheduler thread; the output threads deliver what is left.
+  output_.reset();
   // Workers next (their step functions use the model workers), then the rest.
   pools_[0].reset();
   pools_[1].reset();
@@ -113,6 +115,21 @@ absl::Status Engine::Impl::Init(const EngineConfig& config, EngineObserver* obse
     }
   }
   scheduler_ = std::make_unique<Scheduler>(scheduler_options_);
+  OutputPool::Callbacks output_callbacks;
+  output_callbacks.stop = [this](RequestId id, int32_t) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (stop_) return;  // the scheduler thread ends every request anyway
+      output_stops_.push_back(id);
+    }
+    wake_.notify_one();
+  };
+  output_callbacks.delivered = [this] {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (--live_ == 0) idle_.notify_all();
+  };
+  output_ = std::make_unique<OutputPool>(config.pools.output_workers, observer,
+                                         std::move(output_callbacks));
   load_.kv_pages_free = scheduler_options_.num_pages;
   auto done = [this](std::unique_ptr<WorkerJob> job) {
     {
@@ -182,6 +199,7 @@ absl::StatusOr<RequestId> Engine::Impl::Submit(RequestSpec spec) {
   const std::optional<absl::Time> deadline = spec.deadline;
   auto r = std::make_unique<ActiveRequest>(std::move(spec), eos_ids_, *tokenizer_, seed);
   r->prompt_tokens = static_cast<int32_t>(r->spec.prompt.size());
+  r->spec.sink.reset();  // only the output side (r->output) calls the sink
   r->history.AddPrompt(r->spec.prompt);
   if (r->spec.export_prompt_kv) r->export_tokens = r->spec.prompt;
   r->arrival = EngineClock::now();
@@ -211,6 +229,7 @@ absl::StatusOr<RequestId> Engine::Impl::Submit(RequestSpec spec) {
     } else {
       id = next_id_++;
       r->id = id;
+      r->output->id = id;
       ++queued_requests_;
       queued_tokens_ += r->prompt_tokens;
       ++live_;
@@ -253,6 +272,11 @@ absl::Status Engine::Impl::health() const {
 EngineLoad Engine::Impl::load() const {
   std::lock_guard<std::mutex> lock(mu_);
   return load_;
+}
+
+SchedulerThreadProfile Engine::Impl::scheduler_profile() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return profile_shared_;
 }
 
 ModelInfo Engine::Impl::model_info() const {
@@ -341,6 +365,7 @@ const Tokenizer& Engine::tokenizer() const { return *impl_->tokenizer_; }
 const ModelConfig& Engine::model_config() const { return impl_->runner_->config(); }
 ModelInfo Engine::model_info() const { return impl_->model_info(); }
 EngineLoad Engine::load() const { return impl_->load(); }
+SchedulerThreadProfile Engine::scheduler_profile() const { return impl_->scheduler_profile(); }
 absl::Status Engine::health() const { return impl_->health(); }
 
 }  // namespace sieve::engine

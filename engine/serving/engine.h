@@ -42,6 +42,23 @@ struct ModelInfo {
   int64_t kv_page_bytes = 0;  // one KV page over all layers, K and V, as transfers carry it
 };
 
+// Where the engine's scheduler thread spent its time since the engine started: wall seconds on
+// that thread (steady clock) per part of its loop (engine/README.md, "One iteration"), for
+// profiles (bench/engine_load_bench.cc). The parts add up to the thread's lifetime so far, up to
+// the iteration in progress.
+struct SchedulerThreadProfile {
+  int64_t iterations = 0;
+  int64_t tokens = 0;        // sampled tokens handled
+  double wait_s = 0;         // waiting for something to happen (idle)
+  double completions_s = 0;  // finished jobs: Scheduler::Complete, per-token stop checks, staging
+  double intake_s = 0;       // KV ops, new requests, cancellations, stop strings, deadlines
+  double schedule_s = 0;     // Scheduler::Schedule
+  double dispatch_s = 0;     // building the worker jobs and handing them over
+  double publish_s = 0;      // the load snapshot and EngineObserver::OnLoad
+  double output_s = 0;       // handing output to the output threads (with pools.output_workers
+                             // 0: detokenizing, stop strings and the sink calls themselves)
+};
+
 class Engine {
  public:
   // Validates `config` (EngineConfig::Validate), loads the model and tokenizer, allocates the KV
@@ -106,6 +123,8 @@ class Engine {
   ModelInfo model_info() const;
   // The latest load snapshot (also reported to the observer).
   EngineLoad load() const;
+  // The scheduler thread's time so far, as of its last published iteration.
+  SchedulerThreadProfile scheduler_profile() const;
 
  private:
   class Impl;

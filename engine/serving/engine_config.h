@@ -120,6 +120,10 @@ struct PoolsConfig {
   // and EngineObserver::OnDeviceLost, as for a lost device) and the daemon turns NOT_SERVING,
   // drains what it can and exits for its supervisor to restart it. 0 turns the watchdog off.
   double step_timeout_s = 300.0;
+  // Threads that turn sampled tokens into streamed output (detokenizing, stop strings, the
+  // sinks' OnTokens/OnFinish, where the server builds response messages), off the scheduler
+  // thread. 0 runs that work on the scheduler thread itself (for comparisons).
+  int32_t output_workers = 1;
 
   bool operator==(const PoolsConfig&) const = default;
 };

@@ -24,6 +24,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "engine/serving/engine.h"
+#include "engine/serving/output_pool.h"
 #include "engine/serving/scheduler.h"
 #include "engine/serving/stop_checker.h"
 #include "engine/serving/worker_pool.h"
@@ -32,25 +33,30 @@ namespace sieve::engine {
 
 using EngineClock = std::chrono::steady_clock;
 
+// The stop criteria the scheduler thread applies itself: every one but the stop strings, which
+// need the text (OutputPool finds them).
+inline StopCriteria TokenStopCriteria(StopCriteria criteria) {
+  criteria.stop_strings.clear();
+  return criteria;
+}
+
 // Everything the engine keeps about one accepted request besides the scheduler's Sequence.
 struct ActiveRequest {
   ActiveRequest(RequestSpec s, absl::Span<const int32_t> eos_ids, const Tokenizer& tokenizer,
                 uint64_t seed)
       : spec(std::move(s)),
-        stop(spec.stop, eos_ids),
-        decoder(tokenizer, /*skip_special_tokens=*/true),
+        stop(TokenStopCriteria(spec.stop), eos_ids),
+        output(std::make_unique<RequestOutput>(spec, eos_ids, tokenizer)),
         rng(seed) {}
 
   RequestId id = 0;
   RequestSpec spec;  // prompt moved out to the scheduler at Add
   int32_t prompt_tokens = 0;
-  StopChecker stop;
-  IncrementalDecoder decoder;
+  StopChecker stop;  // EOS, stop token ids, max_tokens: no text needed
+  // The output side (detokenizer, stop strings, sink), handed to the OutputPool at Deliver.
+  std::unique_ptr<RequestOutput> output;
   SamplerRng rng;
   TokenHistory history;
-  std::string text;  // decoded text, kept only when there are stop strings
-  std::string matched_stop;
-  std::optional<int32_t> matched_stop_token;
   std::optional<EngineClock::time_point> deadline;
   EngineClock::time_point arrival;
   EngineClock::time_point first_scheduled, first_token, last_token;
@@ -76,6 +82,7 @@ class Engine::Impl {
   void StartDraining();
   bool WaitIdle(absl::Duration timeout);
   EngineLoad load() const;
+  SchedulerThreadProfile scheduler_profile() const;
   ModelInfo model_info() const;
   absl::Status health() const;
   // Queues `op` to run on the scheduler thread, on the scheduler's KvCacheManager, in its next
@@ -102,12 +109,16 @@ class Engine::Impl {
   void Loop();
   // Waits for an event (or until `wake_at`) unless `progressed`, then takes the mailbox.
   void TakeEvents(bool progressed, std::optional<EngineClock::time_point> wake_at);
-  // Runs one iteration on the events taken; returns whether anything happened.
+  // Runs one iteration on the events taken; returns whether anything happened. Adds the time of
+  // its parts to profile_.
   bool Step();
+  // Adds the time since mark_ to `part` (a field of profile_) and moves mark_ to now.
+  void Lap(double& part);
   RequestTimings Timings(const ActiveRequest& r, EngineClock::time_point end) const;
-  void RecordStop(ActiveRequest& r, int32_t token) const;
   void HandleDone(std::unique_ptr<WorkerJob> job);
   void HandleToken(ActiveRequest& r, absl::StatusOr<SampledToken>& sampled);
+  // The output pool found a stop string: ends the request as kStop unless it is ending already.
+  void HandleOutputStop(RequestId id);
   void AddIncoming(std::unique_ptr<ActiveRequest> r);
   // Ends `r` (removing it from the scheduler); OnFinish now, or when its batch comes back.
   void Finish(ActiveRequest& r, FinishReason reason, absl::Status status);
@@ -130,6 +141,7 @@ class Engine::Impl {
   std::condition_variable idle_;  // WaitIdle waits here
   std::vector<std::unique_ptr<ActiveRequest>> incoming_;
   std::vector<RequestId> cancels_;
+  std::vector<RequestId> output_stops_;  // requests a stop string ended (OutputPool)
   std::vector<KvOp> kv_ops_;  // KV import/export bookkeeping to run
   std::vector<std::unique_ptr<WorkerJob>> done_;
   bool stop_ = false;
@@ -140,6 +152,7 @@ class Engine::Impl {
   int32_t queued_requests_ = 0;  // incoming_ + the scheduler's waiting queue
   int64_t queued_tokens_ = 0;
   EngineLoad load_;
+  SchedulerThreadProfile profile_shared_;
 
   // Scheduler thread only.
   std::unique_ptr<Scheduler> scheduler_;
@@ -154,13 +167,18 @@ class Engine::Impl {
   std::vector<std::unique_ptr<WorkerJob>> spare_jobs_;    // reused job buffers
   std::vector<std::unique_ptr<ActiveRequest>> taken_;     // incoming_ moved out
   std::vector<RequestId> taken_cancels_;
+  std::vector<RequestId> taken_output_stops_;
   std::vector<KvOp> taken_kv_ops_;
   std::vector<std::unique_ptr<WorkerJob>> taken_done_;
-  int32_t delivered_ = 0;  // OnFinish calls since the last Publish
+  int32_t delivered_ = 0;  // requests handed to the output pool since the last Publish
+  SchedulerThreadProfile profile_;  // this thread's running totals, copied to profile_shared_
+  EngineClock::time_point mark_;    // where the part of the loop being timed began
 
   // Workers; created in Init, stopped after the scheduler thread.
   std::unique_ptr<WorkerPool> pools_[2];
   std::vector<std::unique_ptr<ModelWorker>> model_workers_;
+  // Output processing (detokenizing, stop strings, sinks); stopped after the scheduler thread.
+  std::unique_ptr<OutputPool> output_;
   std::thread thread_;
 };
 

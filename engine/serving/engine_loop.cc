@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/serving/engine_impl.h"
+#include "engine/serving/thread_name.h"
 
 namespace sieve::engine {
 namespace {
@@ -17,15 +18,24 @@ int PoolIndex(Pool p) { return p == Pool::kPrefill ? 0 : 1; }
 }  // namespace
 
 void Engine::Impl::Loop() {
+  NameThisThread("sieve-sched");
   bool progressed = true;  // publish the initial load once
+  mark_ = EngineClock::now();
   while (true) {
     std::optional<EngineClock::time_point> wake_at = next_deadline_;
     if (next_watchdog_.has_value() && (!wake_at.has_value() || *next_watchdog_ < *wake_at)) {
       wake_at = next_watchdog_;
     }
     TakeEvents(progressed, wake_at);
+    Lap(profile_.wait_s);
     progressed = Step();
     if (progressed || delivered_ > 0) Publish();
+    Lap(profile_.publish_s);
+    // After Publish: a sink that sees OnFinish (and WaitIdle) finds the request's pages released
+    // in load().
+    output_->Flush();
+    Lap(profile_.output_s);
+    ++profile_.iterations;
     if (stopping_ && busy_[0] + busy_[1] == 0) break;
   }
   // Stopped with nothing in flight: whatever is left ends as cancelled.
@@ -33,12 +43,20 @@ void Engine::Impl::Loop() {
   for (auto& [id, r] : active_) left.push_back(r.get());
   for (ActiveRequest* r : left) Finish(*r, FinishReason::kCancelled, absl::OkStatus());
   Publish();
+  output_->Flush();
+}
+
+void Engine::Impl::Lap(double& part) {
+  const EngineClock::time_point now = EngineClock::now();
+  part += Seconds(now - mark_);
+  mark_ = now;
 }
 
 void Engine::Impl::TakeEvents(bool progressed, std::optional<EngineClock::time_point> wake_at) {
   std::unique_lock<std::mutex> lock(mu_);
   auto ready = [this] {
-    if (!done_.empty() || !incoming_.empty() || !cancels_.empty() || !kv_ops_.empty()) {
+    if (!done_.empty() || !incoming_.empty() || !cancels_.empty() || !kv_ops_.empty() ||
+        !output_stops_.empty()) {
       return true;
     }
     // Once stopping, only the last jobs coming back matter.
@@ -53,6 +71,7 @@ void Engine::Impl::TakeEvents(bool progressed, std::optional<EngineClock::time_p
   }
   taken_.swap(incoming_);
   taken_cancels_.swap(cancels_);
+  taken_output_stops_.swap(output_stops_);
   taken_kv_ops_.swap(kv_ops_);
   taken_done_.swap(done_);
   stopping_ = stop_;
@@ -60,9 +79,10 @@ void Engine::Impl::TakeEvents(bool progressed, std::optional<EngineClock::time_p
 
 bool Engine::Impl::Step() {
   bool progressed = !taken_done_.empty() || !taken_.empty() || !taken_cancels_.empty() ||
-                    !taken_kv_ops_.empty();
+                    !taken_kv_ops_.empty() || !taken_output_stops_.empty();
   for (std::unique_ptr<WorkerJob>& job : taken_done_) HandleDone(std::move(job));
   taken_done_.clear();
+  Lap(profile_.completions_s);
   // KV imports and exports before new requests, so that an import committed before a Submit is
   // in the prefix cache when that request is admitted.
   for (KvOp& op : taken_kv_ops_) op(scheduler_->mutable_kv_cache());
@@ -74,18 +94,30 @@ bool Engine::Impl::Step() {
     if (it != active_.end()) Finish(*it->second, FinishReason::kCancelled, absl::OkStatus());
   }
   taken_cancels_.clear();
+  for (RequestId id : taken_output_stops_) HandleOutputStop(id);
+  taken_output_stops_.clear();
   // Deadlines before planning, so that an expired request gets no more work.
   next_deadline_ = ExpireDeadlines(EngineClock::now());
+  Lap(profile_.intake_s);
   if (!stopping_ && failure_.ok()) {
     StepPlan plan = scheduler_->Schedule(busy_[0] == 0, busy_[1] == 0);
+    Lap(profile_.schedule_s);
     if (!plan.empty()) {
       Dispatch(plan);
       progressed = true;
     }
+    Lap(profile_.dispatch_s);
   }
   // The watchdog, after dispatching so that the new jobs count.
   next_watchdog_ = CheckStalledSteps(EngineClock::now());
   return progressed;
+}
+
+void Engine::Impl::HandleOutputStop(RequestId id) {
+  auto it = active_.find(id);
+  if (it == active_.end()) return;  // ended meanwhile
+  // The output side corrects the outcome (tokens after the stop string were not streamed).
+  Finish(*it->second, FinishReason::kStop, absl::OkStatus());
 }
 
 void Engine::Impl::AddIncoming(std::unique_ptr<ActiveRequest> r) {
@@ -233,6 +265,7 @@ void Engine::Impl::HandleToken(ActiveRequest& r, absl::StatusOr<SampledToken>& s
   }
   const int32_t token = sampled->id;
   const EngineClock::time_point now = EngineClock::now();
+  ++profile_.tokens;
   r.history.AddGenerated(token);
   if (++r.generated == 1) {
     r.first_token = now;
@@ -241,51 +274,17 @@ void Engine::Impl::HandleToken(ActiveRequest& r, absl::StatusOr<SampledToken>& s
     observer_->OnInterTokenLatency(Seconds(now - r.last_token));
   }
   r.last_token = now;
-  // An id the tokenizer does not know (padding rows of the vocabulary) adds no text.
-  absl::StatusOr<std::string> piece = r.decoder.Push(token);
-  const std::string text = piece.ok() ? *std::move(piece) : std::string();
-  if (!r.spec.stop.stop_strings.empty()) r.text += text;
-  StopChecker::Step step = r.stop.Push(token, text);
-  TokenDelta delta;
-  delta.token_ids.push_back(token);
-  if (step.finish != FinishReason::kNone) {
-    // The decoder may hold the first bytes of a character the stream ended inside.
-    step.emit += r.stop.Flush();
-    if (step.finish == FinishReason::kLength) step.emit += r.decoder.Flush();
-  }
-  delta.text = std::move(step.emit);
-  if (r.spec.sampling.return_logprob || r.spec.sampling.top_logprobs > 0) {
-    delta.logprobs.push_back(TokenLogprob{token, sampled->logprob, std::move(sampled->top)});
-  }
-  r.spec.sink->OnTokens(delta);
-  if (step.finish != FinishReason::kNone) {
-    if (step.finish == FinishReason::kStop) RecordStop(r, token);
-    Finish(r, step.finish, absl::OkStatus());
+  // EOS, stop token ids and max_tokens; the text (detokenizing, stop strings) is the output
+  // pool's, off this thread.
+  const FinishReason finish = r.stop.Push(token, std::string_view()).finish;
+  output_->StageToken(r.output.get(), token, sampled->logprob, std::move(sampled->top),
+                      Seconds(now - r.first_token));
+  if (finish != FinishReason::kNone) {
+    Finish(r, finish, absl::OkStatus());
     return;
   }
   if (absl::Status st = scheduler_->AppendToken(r.id, token); !st.ok()) {
     Finish(r, FinishReason::kError, st);
-  }
-}
-
-void Engine::Impl::RecordStop(ActiveRequest& r, int32_t token) const {
-  const std::vector<int32_t>& ids = r.spec.stop.stop_token_ids;
-  if (std::find(ids.begin(), ids.end(), token) != ids.end()) {
-    r.matched_stop_token = token;
-    return;
-  }
-  // The stop string completed first (ties: the one starting earliest), as StopChecker decides.
-  size_t best_end = std::string::npos, best_pos = std::string::npos;
-  for (const std::string& s : r.spec.stop.stop_strings) {
-    if (s.empty()) continue;
-    const size_t pos = r.text.find(s);
-    if (pos == std::string::npos) continue;
-    const size_t end = pos + s.size();
-    if (best_end == std::string::npos || end < best_end || (end == best_end && pos < best_pos)) {
-      best_end = end;
-      best_pos = pos;
-      r.matched_stop = s;
-    }
   }
 }
 
@@ -318,8 +317,6 @@ void Engine::Impl::Deliver(RequestId id, FinishReason reason, absl::Status statu
   outcome.cached_tokens = r.cached_tokens;
   outcome.generated_tokens = r.generated;
   outcome.preemptions = r.preemptions;
-  outcome.matched_stop = r.matched_stop;
-  outcome.matched_stop_token = r.matched_stop_token;
   outcome.timings = Timings(r, EngineClock::now());
   if (r.spec.export_prompt_kv && (reason == FinishReason::kLength ||
                                   reason == FinishReason::kStop || reason == FinishReason::kEos)) {
@@ -329,8 +326,8 @@ void Engine::Impl::Deliver(RequestId id, FinishReason reason, absl::Status statu
         scheduler_->mutable_kv_cache().BeginExport(r.export_tokens);
     if (hold.ok()) outcome.kv_export = *std::move(hold);
   }
-  r.spec.sink->OnFinish(outcome);
-  if (observer_ != nullptr) observer_->OnFinished(outcome);
+  // OnFinish (after the request's OnTokens, on its output thread); `live_` drops there.
+  output_->StageFinish(std::move(node.mapped()->output), std::move(outcome));
   ++delivered_;
 }
 
@@ -366,9 +363,8 @@ void Engine::Impl::Publish() {
     queued_requests_ = static_cast<int32_t>(incoming_.size()) + l.waiting;
     queued_tokens_ = l.waiting_tokens;
     for (const auto& r : incoming_) queued_tokens_ += r->prompt_tokens;
-    live_ -= delivered_;
     delivered_ = 0;
-    if (live_ == 0) idle_.notify_all();
+    profile_shared_ = profile_;
   }
   if (observer_ != nullptr) observer_->OnLoad(l);
 }
