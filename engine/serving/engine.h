@@ -42,21 +42,26 @@ struct ModelInfo {
   int64_t kv_page_bytes = 0;  // one KV page over all layers, K and V, as transfers carry it
 };
 
-// Where the engine's scheduler thread spent its time since the engine started: wall seconds on
-// that thread (steady clock) per part of its loop (engine/README.md, "One iteration"), for
-// profiles (bench/engine_load_bench.cc). The parts add up to the thread's lifetime so far, up to
-// the iteration in progress.
+// Where the engine's scheduler thread spent its time since the engine started, per part of its
+// loop (engine/README.md, "One iteration"), for profiles (bench/engine_load_bench.cc). Each part
+// has wall seconds (steady clock: on a loaded machine this includes time the thread was
+// descheduled) and the thread's CPU seconds (CLOCK_THREAD_CPUTIME_ID; 0 where unavailable). The
+// parts add up to the thread's lifetime so far, up to the iteration in progress.
 struct SchedulerThreadProfile {
+  struct Part {
+    double wall_s = 0;
+    double cpu_s = 0;
+  };
   int64_t iterations = 0;
-  int64_t tokens = 0;        // sampled tokens handled
-  double wait_s = 0;         // waiting for something to happen (idle)
-  double completions_s = 0;  // finished jobs: Scheduler::Complete, per-token stop checks, staging
-  double intake_s = 0;       // KV ops, new requests, cancellations, stop strings, deadlines
-  double schedule_s = 0;     // Scheduler::Schedule
-  double dispatch_s = 0;     // building the worker jobs and handing them over
-  double publish_s = 0;      // the load snapshot and EngineObserver::OnLoad
-  double output_s = 0;       // handing output to the output threads (with pools.output_workers
-                             // 0: detokenizing, stop strings and the sink calls themselves)
+  int64_t tokens = 0;  // sampled tokens handled
+  Part wait;           // waiting for something to happen (idle)
+  Part completions;    // finished jobs: Scheduler::Complete, per-token stop checks, staging
+  Part intake;         // KV ops, new requests, cancellations, stop strings, deadlines
+  Part schedule;       // Scheduler::Schedule
+  Part dispatch;       // building the worker jobs and handing them over
+  Part publish;        // the load snapshot and EngineObserver::OnLoad
+  Part output;         // handing output to the output threads (with pools.output_workers 0:
+                       // detokenizing, stop strings and the sink calls themselves)
 };
 
 class Engine {

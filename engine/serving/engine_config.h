@@ -115,8 +115,9 @@ struct PoolsConfig {
   // decode step's kernels start ahead of a concurrent prefill chunk's waiting blocks (cuda);
   // "normal" treats both pools alike. The prefill pool's streams are always normal.
   std::string decode_priority = "high";
-  // Watchdog, in seconds: a worker step (one batch on the device) that has not finished after
-  // this long means a hung device or worker. The engine then reports itself failed (health()
+  // Watchdog, in seconds: a worker step (one batch on the device), a scheduler-thread iteration
+  // or an output thread's batch of sink calls that has not finished after this long means a
+  // hung device, worker, engine or sink (the last two are seen by a watchdog thread). The engine then reports itself failed (health()
   // and EngineObserver::OnDeviceLost, as for a lost device) and the daemon turns NOT_SERVING,
   // drains what it can and exits for its supervisor to restart it. 0 turns the watchdog off.
   double step_timeout_s = 300.0;

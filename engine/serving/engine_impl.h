@@ -10,6 +10,7 @@
 #ifndef SIEVE_ENGINE_SERVING_ENGINE_IMPL_H_
 #define SIEVE_ENGINE_SERVING_ENGINE_IMPL_H_
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <functional>
@@ -113,7 +114,7 @@ class Engine::Impl {
   // its parts to profile_.
   bool Step();
   // Adds the time since mark_ to `part` (a field of profile_) and moves mark_ to now.
-  void Lap(double& part);
+  void Lap(SchedulerThreadProfile::Part& part);
   RequestTimings Timings(const ActiveRequest& r, EngineClock::time_point end) const;
   void HandleDone(std::unique_ptr<WorkerJob> job);
   void HandleToken(ActiveRequest& r, absl::StatusOr<SampledToken>& sampled);
@@ -134,6 +135,14 @@ class Engine::Impl {
   // The step watchdog: when a job in flight was dispatched more than step_timeout ago, treats
   // the device as lost (HandleDeviceLost). Returns when to check again, if a job is in flight.
   std::optional<EngineClock::time_point> CheckStalledSteps(EngineClock::time_point now);
+  // Records `status` as the engine's failure (health()); true for the first caller, who must
+  // then call EngineObserver::OnDeviceLost. Any thread.
+  bool MarkFailed(const absl::Status& status);
+  // The watchdog thread: checks what the scheduler thread cannot check itself, that the
+  // scheduler thread and the output threads make progress (pools.step_timeout_s).
+  void WatchdogLoop();
+  // The stall the watchdog sees now, or OK.
+  absl::Status FindStall(int64_t now_ns) const;
 
   // Guarded by mu_.
   mutable std::mutex mu_;
@@ -146,7 +155,8 @@ class Engine::Impl {
   std::vector<std::unique_ptr<WorkerJob>> done_;
   bool stop_ = false;
   bool draining_ = false;
-  absl::Status device_lost_;  // OK until a job fails with IsDeviceLost
+  absl::Status device_lost_;  // OK until a job fails with IsDeviceLost (or the watchdog trips)
+  std::condition_variable watchdog_wake_;  // the watchdog thread waits here (stop_)
   RequestId next_id_ = 1;
   int32_t live_ = 0;             // accepted requests whose OnFinish is not delivered yet
   int32_t queued_requests_ = 0;  // incoming_ + the scheduler's waiting queue
@@ -159,6 +169,7 @@ class Engine::Impl {
   absl::flat_hash_map<RequestId, std::unique_ptr<ActiveRequest>> active_;
   bool stopping_ = false;                                 // stop_ as last seen
   absl::Status failure_;  // the lost device's status (device_lost_'s copy); OK while serving
+  absl::Status watchdog_failure_;  // a stall the watchdog thread reported, to handle
   std::optional<EngineClock::time_point> next_deadline_;  // earliest deadline of a live request
   std::optional<EngineClock::time_point> next_watchdog_;  // when the oldest job in flight stalls
   // Dispatch time of every job in flight (several jobs may share one).
@@ -172,14 +183,19 @@ class Engine::Impl {
   std::vector<std::unique_ptr<WorkerJob>> taken_done_;
   int32_t delivered_ = 0;  // requests handed to the output pool since the last Publish
   SchedulerThreadProfile profile_;  // this thread's running totals, copied to profile_shared_
-  EngineClock::time_point mark_;    // where the part of the loop being timed began
+  EngineClock::time_point mark_;    // where the part of the loop being timed began (wall)
+  double mark_cpu_s_ = 0;           // and this thread's CPU time then
 
   // Workers; created in Init, stopped after the scheduler thread.
   std::unique_ptr<WorkerPool> pools_[2];
   std::vector<std::unique_ptr<ModelWorker>> model_workers_;
   // Output processing (detokenizing, stop strings, sinks); stopped after the scheduler thread.
   std::unique_ptr<OutputPool> output_;
+  // Written by the scheduler thread, read by the watchdog: when its current iteration began
+  // (steady-clock ns), 0 while it waits for events.
+  std::atomic<int64_t> iteration_since_ns_{0};
   std::thread thread_;
+  std::thread watchdog_;  // runs while pools.step_timeout_s > 0
 };
 
 }  // namespace sieve::engine

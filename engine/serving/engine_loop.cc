@@ -1,6 +1,8 @@
 // The engine's scheduler thread: it takes submissions, cancellations and finished worker jobs
 // from the mailbox, streams the tokens the workers sampled, asks the Scheduler for the next step and hands
 // its batches to the pools. Every function here runs on that thread (engine/README.md).
+#include <time.h>
+
 #include <algorithm>
 #include <utility>
 
@@ -15,27 +17,41 @@ double Seconds(EngineClock::duration d) { return std::chrono::duration<double>(d
 
 int PoolIndex(Pool p) { return p == Pool::kPrefill ? 0 : 1; }
 
+// CPU seconds the calling thread has used (0 where the clock is unavailable).
+double ThreadCpuSeconds() {
+#if defined(CLOCK_THREAD_CPUTIME_ID)
+  timespec ts;
+  if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) == 0) {
+    return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+  }
+#endif
+  return 0;
+}
+
 }  // namespace
 
 void Engine::Impl::Loop() {
   NameThisThread("sieve-sched");
   bool progressed = true;  // publish the initial load once
   mark_ = EngineClock::now();
+  mark_cpu_s_ = ThreadCpuSeconds();
   while (true) {
     std::optional<EngineClock::time_point> wake_at = next_deadline_;
     if (next_watchdog_.has_value() && (!wake_at.has_value() || *next_watchdog_ < *wake_at)) {
       wake_at = next_watchdog_;
     }
     TakeEvents(progressed, wake_at);
-    Lap(profile_.wait_s);
+    iteration_since_ns_.store(EngineClock::now().time_since_epoch().count());
+    Lap(profile_.wait);
     progressed = Step();
     if (progressed || delivered_ > 0) Publish();
-    Lap(profile_.publish_s);
+    Lap(profile_.publish);
     // After Publish: a sink that sees OnFinish (and WaitIdle) finds the request's pages released
     // in load().
     output_->Flush();
-    Lap(profile_.output_s);
+    Lap(profile_.output);
     ++profile_.iterations;
+    iteration_since_ns_.store(0);
     if (stopping_ && busy_[0] + busy_[1] == 0) break;
   }
   // Stopped with nothing in flight: whatever is left ends as cancelled.
@@ -46,10 +62,13 @@ void Engine::Impl::Loop() {
   output_->Flush();
 }
 
-void Engine::Impl::Lap(double& part) {
+void Engine::Impl::Lap(SchedulerThreadProfile::Part& part) {
   const EngineClock::time_point now = EngineClock::now();
-  part += Seconds(now - mark_);
+  const double cpu_s = ThreadCpuSeconds();
+  part.wall_s += Seconds(now - mark_);
+  part.cpu_s += cpu_s - mark_cpu_s_;
   mark_ = now;
+  mark_cpu_s_ = cpu_s;
 }
 
 void Engine::Impl::TakeEvents(bool progressed, std::optional<EngineClock::time_point> wake_at) {
@@ -75,6 +94,7 @@ void Engine::Impl::TakeEvents(bool progressed, std::optional<EngineClock::time_p
   taken_kv_ops_.swap(kv_ops_);
   taken_done_.swap(done_);
   stopping_ = stop_;
+  if (!device_lost_.ok() && failure_.ok()) watchdog_failure_ = device_lost_;  // a stall
 }
 
 bool Engine::Impl::Step() {
@@ -82,7 +102,13 @@ bool Engine::Impl::Step() {
                     !taken_kv_ops_.empty() || !taken_output_stops_.empty();
   for (std::unique_ptr<WorkerJob>& job : taken_done_) HandleDone(std::move(job));
   taken_done_.clear();
-  Lap(profile_.completions_s);
+  if (!watchdog_failure_.ok()) {
+    // The watchdog reported a stall while this thread (or an output thread) hung: fail now.
+    HandleDeviceLost(watchdog_failure_);
+    watchdog_failure_ = absl::OkStatus();
+    progressed = true;
+  }
+  Lap(profile_.completions);
   // KV imports and exports before new requests, so that an import committed before a Submit is
   // in the prefix cache when that request is admitted.
   for (KvOp& op : taken_kv_ops_) op(scheduler_->mutable_kv_cache());
@@ -98,15 +124,15 @@ bool Engine::Impl::Step() {
   taken_output_stops_.clear();
   // Deadlines before planning, so that an expired request gets no more work.
   next_deadline_ = ExpireDeadlines(EngineClock::now());
-  Lap(profile_.intake_s);
+  Lap(profile_.intake);
   if (!stopping_ && failure_.ok()) {
     StepPlan plan = scheduler_->Schedule(busy_[0] == 0, busy_[1] == 0);
-    Lap(profile_.schedule_s);
+    Lap(profile_.schedule);
     if (!plan.empty()) {
       Dispatch(plan);
       progressed = true;
     }
-    Lap(profile_.dispatch_s);
+    Lap(profile_.dispatch);
   }
   // The watchdog, after dispatching so that the new jobs count.
   next_watchdog_ = CheckStalledSteps(EngineClock::now());
@@ -233,11 +259,8 @@ void Engine::Impl::HandleDone(std::unique_ptr<WorkerJob> job) {
 void Engine::Impl::HandleDeviceLost(const absl::Status& status) {
   if (!failure_.ok()) return;
   failure_ = status;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    device_lost_ = status;
-  }
-  if (observer_ != nullptr) observer_->OnDeviceLost(status);
+  // The watchdog thread may have reported it already (a stall).
+  if (MarkFailed(status) && observer_ != nullptr) observer_->OnDeviceLost(status);
   // Nothing can run any more: every request ends now (those in flight when their job is back).
   std::vector<ActiveRequest*> live;
   for (auto& [id, r] : active_) live.push_back(r.get());

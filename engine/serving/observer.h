@@ -55,8 +55,10 @@ class EngineObserver {
   // scheduler thread): an implementation must be thread-safe.
   virtual void OnDecodeAttention(double kv_read_fraction, double selection_seconds) {}
   virtual void OnLoad(const EngineLoad& load) {}
-  // The backend reported an unrecoverable failure (IsDeviceLost): the engine fails every request
-  // and accepts no more (Engine::health() returns `status` from now on). Called once.
+  // The backend reported an unrecoverable failure (IsDeviceLost), or the watchdog found a
+  // stalled step, scheduler iteration or output batch (pools.step_timeout_s): the engine fails
+  // every request and accepts no more (Engine::health() returns `status` from now on). Called
+  // once, from the scheduler thread or, for a stall, the engine's watchdog thread.
   virtual void OnDeviceLost(const absl::Status& status) {}
 };
 

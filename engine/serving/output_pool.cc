@@ -1,6 +1,7 @@
 #include "engine/serving/output_pool.h"
 
 #include <algorithm>
+#include <chrono>
 #include <string_view>
 #include <utility>
 
@@ -94,9 +95,20 @@ void OutputPool::Loop(Worker& w) {
       if (w.queue.empty()) return;  // stopping and everything handed over is done
       batch.swap(w.queue);
     }
+    w.busy_since_ns.store(std::chrono::steady_clock::now().time_since_epoch().count());
     for (Event& e : batch) Process(e);
     batch.clear();
+    w.busy_since_ns.store(0);
   }
+}
+
+int64_t OutputPool::BusySinceNs() const {
+  int64_t oldest = 0;
+  for (const auto& w : workers_) {
+    const int64_t since = w->busy_since_ns.load();
+    if (since != 0 && (oldest == 0 || since < oldest)) oldest = since;
+  }
+  return oldest;
 }
 
 void OutputPool::Process(Event& e) {

@@ -25,6 +25,7 @@
 #ifndef SIEVE_ENGINE_SERVING_OUTPUT_POOL_H_
 #define SIEVE_ENGINE_SERVING_OUTPUT_POOL_H_
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -98,6 +99,11 @@ class OutputPool {
   // The number of output threads (0: inline on the scheduler thread).
   int32_t threads() const { return static_cast<int32_t>(workers_.size()); }
 
+  // Since when the longest-running batch of events has been in process on an output thread
+  // (a sink that blocks keeps it there), in steady-clock nanoseconds since its epoch; 0 when
+  // every output thread waits. Any thread may call it (the engine's watchdog does).
+  int64_t BusySinceNs() const;
+
  private:
   struct Event {
     RequestOutput* out = nullptr;
@@ -114,6 +120,7 @@ class OutputPool {
     std::condition_variable cv;
     std::vector<Event> queue;  // guarded by mu
     bool stop = false;         // guarded by mu
+    std::atomic<int64_t> busy_since_ns{0};  // see BusySinceNs
     std::thread thread;
   };
 
