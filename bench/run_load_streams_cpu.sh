@@ -19,8 +19,9 @@ pid=""
 cleanup() { if [ -n "$pid" ]; then kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi; }
 trap cleanup EXIT
 
-for workers in 0 1; do
-  for streams in 64 256 1000; do
+# Inline and threaded alternate at each stream count, so that both see the same machine load.
+for streams in 64 256 1000; do
+  for workers in 0 1; do
     "$sieved" --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$((port + 1))" \
       --set kv_cache.num_pages=4096 --set scheduler.max_running_requests=1000 \
       --set scheduler.max_queued_requests=1000 --set scheduler.max_batch_tokens=2048 \
@@ -42,12 +43,12 @@ for workers in 0 1; do
       --json "$out/w${workers}_s${streams}.json" "$@"
     if [ -n "$perf_pid" ]; then
       kill -INT "$perf_pid"; wait "$perf_pid" || true
-      echo "### perf: the scheduler thread (sieve-sched), output_workers=$workers"
-      perf report -i "$out/perf_w$workers.data" --comm sieve-sched --no-children --sort dso,sym \
-        --stdio 2>/dev/null | grep -v '^$' | grep '%' | head -25
-      echo "### perf: samples per thread"
-      perf report -i "$out/perf_w$workers.data" --no-children --sort comm --stdio 2>/dev/null \
-        | grep '%' | head -10
+      echo "### perf: samples per thread, output_workers=$workers"
+      { perf report -i "$out/perf_w$workers.data" --no-children --sort comm -g none --stdio < /dev/null \
+          2>/dev/null | grep '%' | head -8; } || true
+      echo "### perf: the scheduler thread (sieve-sched), its own samples, output_workers=$workers"
+      { perf report -i "$out/perf_w$workers.data" --comm sieve-sched --no-children --sort dso,sym \
+          -g none --percentage relative --stdio < /dev/null 2>/dev/null | grep '%' | head -25; } || true
     fi
     kill -TERM "$pid"; wait "$pid" || true; pid=""
   done

@@ -125,7 +125,8 @@ class Engine::Impl {
   void Finish(ActiveRequest& r, FinishReason reason, absl::Status status);
   // Delivers OnFinish and forgets `r`; its scheduler state must be gone.
   void Deliver(RequestId id, FinishReason reason, absl::Status status);
-  // Cancels requests whose deadline passed; returns the next deadline.
+  // Cancels requests whose deadline passed (those ending already are left to end as they do);
+  // returns the next deadline.
   std::optional<EngineClock::time_point> ExpireDeadlines(EngineClock::time_point now);
   void Dispatch(StepPlan& plan);
   void Publish();
@@ -171,6 +172,8 @@ class Engine::Impl {
   absl::Status failure_;  // the lost device's status (device_lost_'s copy); OK while serving
   absl::Status watchdog_failure_;  // a stall the watchdog thread reported, to handle
   std::optional<EngineClock::time_point> next_deadline_;  // earliest deadline of a live request
+  // (deadline, id) of every live request with a deadline that has not passed yet.
+  std::set<std::pair<EngineClock::time_point, RequestId>> deadlines_;
   std::optional<EngineClock::time_point> next_watchdog_;  // when the oldest job in flight stalls
   // Dispatch time of every job in flight (several jobs may share one).
   std::multiset<EngineClock::time_point> in_flight_since_;

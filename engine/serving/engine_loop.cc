@@ -151,6 +151,7 @@ void Engine::Impl::AddIncoming(std::unique_ptr<ActiveRequest> r) {
   const absl::Status added =
       scheduler_->Add(id, r->spec.priority, std::move(r->spec.prompt), r->spec.stop.max_tokens);
   ActiveRequest& ref = *r;
+  if (r->deadline.has_value()) deadlines_.emplace(*r->deadline, id);
   active_.emplace(id, std::move(r));
   // Submit validated the request, so this is a broken assumption; fail only this request.
   if (!added.ok()) {
@@ -333,6 +334,7 @@ RequestTimings Engine::Impl::Timings(const ActiveRequest& r, EngineClock::time_p
 void Engine::Impl::Deliver(RequestId id, FinishReason reason, absl::Status status) {
   auto node = active_.extract(id);
   const ActiveRequest& r = *node.mapped();
+  if (r.deadline.has_value()) deadlines_.erase({*r.deadline, id});
   RequestOutcome outcome;
   outcome.finish = reason;
   outcome.status = std::move(status);
@@ -355,18 +357,19 @@ void Engine::Impl::Deliver(RequestId id, FinishReason reason, absl::Status statu
 }
 
 std::optional<EngineClock::time_point> Engine::Impl::ExpireDeadlines(EngineClock::time_point now) {
-  std::optional<EngineClock::time_point> next;
-  std::vector<ActiveRequest*> expired;
-  for (auto& [id, r] : active_) {
-    if (!r->deadline.has_value() || r->finishing != FinishReason::kNone) continue;
-    if (*r->deadline <= now) {
-      expired.push_back(r.get());
-    } else if (!next.has_value() || *r->deadline < *next) {
-      next = r->deadline;
-    }
+  // Ordered by deadline: only the expired ones are visited (a scan of every live request each
+  // iteration was the scheduler thread's top symbol at 1,000 streams with deadlines).
+  std::vector<RequestId> expired;
+  while (!deadlines_.empty() && deadlines_.begin()->first <= now) {
+    expired.push_back(deadlines_.begin()->second);
+    deadlines_.erase(deadlines_.begin());
   }
-  for (ActiveRequest* r : expired) Finish(*r, FinishReason::kCancelled, absl::OkStatus());
-  return next;
+  for (RequestId id : expired) {
+    auto it = active_.find(id);
+    if (it != active_.end()) Finish(*it->second, FinishReason::kCancelled, absl::OkStatus());
+  }
+  if (deadlines_.empty()) return std::nullopt;
+  return deadlines_.begin()->first;
 }
 
 void Engine::Impl::Publish() {
