@@ -117,9 +117,10 @@ struct PoolsConfig {
   std::string decode_priority = "high";
   // Watchdog, in seconds: a worker step (one batch on the device), a scheduler-thread iteration
   // or an output thread's batch of sink calls that has not finished after this long means a
-  // hung device, worker, engine or sink (the last two are seen by a watchdog thread). The engine then reports itself failed (health()
-  // and EngineObserver::OnDeviceLost, as for a lost device) and the daemon turns NOT_SERVING,
-  // drains what it can and exits for its supervisor to restart it. 0 turns the watchdog off.
+  // hung device, worker, engine or sink (the last two are seen by a watchdog thread). The
+  // engine then reports itself failed (health() and EngineObserver::OnDeviceLost, as for a lost
+  // device) and the daemon turns NOT_SERVING, drains what it can and exits for its supervisor
+  // to restart it. 0 turns the watchdog off.
   double step_timeout_s = 300.0;
   // Threads that turn sampled tokens into streamed output (detokenizing, stop strings, the
   // sinks' OnTokens/OnFinish, where the server builds response messages), off the scheduler

@@ -1,7 +1,7 @@
 // Names the calling thread (at most 15 characters) so that profilers and debuggers show which
 // engine thread is which: "sieve-sched" (the scheduler thread), "sieve-prefill" and
-// "sieve-decode" (pool workers), "sieve-output" (output threads). `perf report --comm
-// sieve-sched` then profiles the scheduler thread alone. No-op where unsupported.
+// "sieve-decode" (pool workers), "sieve-output" (output threads), "sieve-watchdog". `perf
+// report --comm sieve-sched` then profiles the scheduler thread alone. No-op where unsupported.
 #ifndef SIEVE_ENGINE_SERVING_THREAD_NAME_H_
 #define SIEVE_ENGINE_SERVING_THREAD_NAME_H_
 
