@@ -78,6 +78,8 @@ void Engine::Impl::TakeEvents(bool progressed, std::optional<EngineClock::time_p
         !output_stops_.empty()) {
       return true;
     }
+    // The watchdog thread reported a stall this thread has not handled yet.
+    if (!device_lost_.ok() && failure_.ok()) return true;
     // Once stopping, only the last jobs coming back matter.
     return stop_ && (!stopping_ || busy_[0] + busy_[1] == 0);
   };
