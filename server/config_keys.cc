@@ -181,9 +181,14 @@ const std::vector<KeySpec>& Keys() {
                        "alike). Only the cuda backend has stream priorities."),
 
       SIEVE_ENGINE_KEY(pools.step_timeout_s, NumberRange(0, 86400),
-                       "Watchdog: a worker step not finished after this many seconds means a "
-                       "hung device or worker; health turns NOT_SERVING and the daemon drains "
+                       "Watchdog: a worker step, scheduler iteration or output batch not "
+                       "finished after this many seconds means a hung device, worker, engine or "
+                       "sink; health turns NOT_SERVING and the daemon drains "
                        "and exits for its supervisor to restart it. 0 turns it off."),
+      SIEVE_ENGINE_KEY(pools.output_workers, IntRange(0, 64),
+                       "Threads that turn sampled tokens into streamed output (detokenizing, "
+                       "stop strings, building response messages) off the scheduler thread; 0 "
+                       "does that work on the scheduler thread (for comparisons)."),
 
       SIEVE_ENGINE_KEY(attention.prefill.method, OneOf(engine::kPrefillAttentionMethods),
                        "Prefill attention method: dense (every causal key), minference "

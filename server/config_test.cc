@@ -55,7 +55,7 @@ const std::vector<std::string> kExpectedKeys = {
     "scheduler.max_queued_tokens",    "scheduler.prefill_chunk_tokens",
     "scheduler.enable_prefix_caching", "pools.prefill_workers",
     "pools.decode_workers",           "pools.decode_priority",
-    "pools.step_timeout_s",
+    "pools.step_timeout_s", "pools.output_workers",
     "attention.prefill.method",       "attention.prefill.sparse_min_tokens",
     "attention.prefill.dense_layers", "attention.prefill.xattention.stride",
     "attention.prefill.xattention.threshold", "attention.prefill.xattention.block_size",

@@ -318,7 +318,8 @@ absl::Status Daemon::EngineEvents::OnLoadProgress(const engine::WeightLoadProgre
 }
 
 void Daemon::EngineEvents::OnDeviceLost(const absl::Status& status) {
-  // On the engine's scheduler thread, once. The health service is thread-safe and quick.
+  // Once, on the engine's scheduler thread (or its watchdog thread, for a stalled scheduler or
+  // output thread). The health service is thread-safe and quick.
   if (daemon_.metrics_) daemon_.metrics_->OnDeviceLost(status);
   if (daemon_.server_) daemon_.SetHealth(false);
   Log(LogLevel::kError, absl::StrCat("the backend failed for good (", status.ToString(),

@@ -172,7 +172,7 @@ struct KvTransferService::PrefillReactor::State {
   }
 };
 
-// Receives the engine request's outcome on the scheduler thread: starts the header write, or
+// Receives the engine request's outcome on the engine's output thread: starts the header write, or
 // ends the call (and the export's hold) when there is nothing to send.
 class KvTransferService::PrefillReactor::Sink final : public engine::RequestSink {
  public:

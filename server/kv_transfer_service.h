@@ -11,7 +11,7 @@
 //
 // Faults: the caller cancelling, its deadline passing or the stream breaking cancels the engine
 // request if it still runs, and the export's hold ends when the call is done, so no page stays
-// held on this side. Threads: the engine's scheduler thread only starts the header write; page
+// held on this side. Threads: the engine's output thread only starts the header write; page
 // chunks are read and written from gRPC's callback threads (a memcpy on the cpu backend, a
 // staged device copy on cuda).
 //

@@ -13,7 +13,7 @@
 namespace sieve::server {
 
 // The state one Generate call shares between its reactor (gRPC threads) and its sink (the
-// engine's scheduler thread). It outlives the reactor: the engine may still hold the sink after
+// engine's output thread). It outlives the reactor: the engine may still hold the sink after
 // the call is done. `reactor` may be used only while `finished` is false, and only by the one
 // thread that took the right to start the next operation (see Pump).
 struct SieveService::Stream {
@@ -130,7 +130,7 @@ class SieveService::GenerateReactor final
   bool registered_ = false;
 };
 
-// Receives a request's output on the engine thread and hands it to its stream.
+// Receives a request's output on the engine's output thread and hands it to its stream.
 class SieveService::StreamSink final : public engine::RequestSink {
  public:
   explicit StreamSink(std::shared_ptr<Stream> stream) : stream_(std::move(stream)) {}

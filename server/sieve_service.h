@@ -3,7 +3,7 @@
 // Generate is served by one small reactor per call (a ServerWriteReactor). The reactor
 // validates and converts the request (server/convert.h) on the gRPC thread that delivered it,
 // submits it to the engine and returns; nothing on a gRPC thread ever waits for the engine.
-// The engine's scheduler thread hands output to the request's sink, which only appends it to
+// The engine's output thread (pools.output_workers) hands output to the request's sink, which only appends it to
 // the stream's pending message under a mutex and, when no write is in flight, starts one. While
 // a write is in flight further deltas coalesce into the next message. The last message carries
 // the Completion (finish reason, usage, timings, matched stop).

@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/serving/ds_startup.h"
 #include "engine/serving/engine_impl.h"
+#include "engine/serving/thread_name.h"
 #include "engine/status_macros.h"
 
 namespace sieve::engine {
@@ -33,7 +34,11 @@ Engine::Impl::~Impl() {
     stop_ = true;
   }
   wake_.notify_all();
+  watchdog_wake_.notify_all();
+  if (watchdog_.joinable()) watchdog_.join();
   if (thread_.joinable()) thread_.join();
+  // Every request ended on the scheduler thread; the output threads deliver what is left.
+  output_.reset();
   // Workers next (their step functions use the model workers), then the rest.
   pools_[0].reset();
   pools_[1].reset();
@@ -119,6 +124,21 @@ absl::Status Engine::Impl::Init(const EngineConfig& config, EngineObserver* obse
     }
   }
   scheduler_ = std::make_unique<Scheduler>(scheduler_options_);
+  OutputPool::Callbacks output_callbacks;
+  output_callbacks.stop = [this](RequestId id, int32_t) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (stop_) return;  // the scheduler thread ends every request anyway
+      output_stops_.push_back(id);
+    }
+    wake_.notify_one();
+  };
+  output_callbacks.delivered = [this] {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (--live_ == 0) idle_.notify_all();
+  };
+  output_ = std::make_unique<OutputPool>(config.pools.output_workers, observer,
+                                         std::move(output_callbacks));
   load_.kv_pages_free = scheduler_options_.num_pages;
   auto done = [this](std::unique_ptr<WorkerJob> job) {
     {
@@ -130,6 +150,7 @@ absl::Status Engine::Impl::Init(const EngineConfig& config, EngineObserver* obse
   pools_[0] = std::make_unique<WorkerPool>(Pool::kPrefill, std::move(steps[0]), done);
   pools_[1] = std::make_unique<WorkerPool>(Pool::kDecode, std::move(steps[1]), done);
   thread_ = std::thread([this] { Loop(); });
+  if (config.pools.step_timeout_s > 0) watchdog_ = std::thread([this] { WatchdogLoop(); });
   return absl::OkStatus();
 }
 
@@ -191,6 +212,7 @@ absl::StatusOr<RequestId> Engine::Impl::Submit(RequestSpec spec) {
   const std::optional<absl::Time> deadline = spec.deadline;
   auto r = std::make_unique<ActiveRequest>(std::move(spec), eos_ids_, *tokenizer_, seed);
   r->prompt_tokens = static_cast<int32_t>(r->spec.prompt.size());
+  r->spec.sink.reset();  // only the output side (r->output) calls the sink
   r->history.AddPrompt(r->spec.prompt);
   if (r->spec.export_prompt_kv) r->export_tokens = r->spec.prompt;
   r->arrival = EngineClock::now();
@@ -220,6 +242,7 @@ absl::StatusOr<RequestId> Engine::Impl::Submit(RequestSpec spec) {
     } else {
       id = next_id_++;
       r->id = id;
+      r->output->id = id;
       ++queued_requests_;
       queued_tokens_ += r->prompt_tokens;
       ++live_;
@@ -254,6 +277,53 @@ bool Engine::Impl::WaitIdle(absl::Duration timeout) {
   return idle_.wait_for(lock, absl::ToChronoNanoseconds(timeout), [this] { return live_ == 0; });
 }
 
+bool Engine::Impl::MarkFailed(const absl::Status& status) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!device_lost_.ok()) return false;
+  device_lost_ = status;
+  return true;
+}
+
+absl::Status Engine::Impl::FindStall(int64_t now_ns) const {
+  const double timeout_s = config_.pools.step_timeout_s;
+  const int64_t timeout_ns = static_cast<int64_t>(timeout_s * 1e9);
+  const int64_t iteration = iteration_since_ns_.load();
+  if (iteration != 0 && now_ns - iteration > timeout_ns) {
+    return DeviceLostError(absl::StrCat(
+        "the engine stalled: its scheduler thread has been in one iteration for more than ",
+        timeout_s, " s (pools.step_timeout_s); a sink or the engine hangs"));
+  }
+  const int64_t output = output_->BusySinceNs();
+  if (output != 0 && now_ns - output > timeout_ns) {
+    return DeviceLostError(absl::StrCat(
+        "the engine stalled: an output thread has been delivering one batch for more than ",
+        timeout_s, " s (pools.step_timeout_s); a request sink blocks"));
+  }
+  return absl::OkStatus();
+}
+
+void Engine::Impl::WatchdogLoop() {
+  NameThisThread("sieve-watchdog");
+  const double timeout_s = config_.pools.step_timeout_s;
+  // Check a few times per timeout, at most once a second.
+  const auto period = std::chrono::duration_cast<EngineClock::duration>(
+      std::chrono::duration<double>(std::min(1.0, timeout_s / 4)));
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!stop_) {
+    watchdog_wake_.wait_for(lock, period, [this] { return stop_; });
+    if (stop_ || !device_lost_.ok()) continue;
+    lock.unlock();
+    const absl::Status stall = FindStall(EngineClock::now().time_since_epoch().count());
+    // The scheduler thread may be the one that hangs: report from here. If it comes back, it
+    // fails every request (Loop takes the failure from device_lost_).
+    if (!stall.ok() && MarkFailed(stall)) {
+      if (observer_ != nullptr) observer_->OnDeviceLost(stall);
+      wake_.notify_one();
+    }
+    lock.lock();
+  }
+}
+
 absl::Status Engine::Impl::health() const {
   std::lock_guard<std::mutex> lock(mu_);
   return device_lost_;
@@ -262,6 +332,11 @@ absl::Status Engine::Impl::health() const {
 EngineLoad Engine::Impl::load() const {
   std::lock_guard<std::mutex> lock(mu_);
   return load_;
+}
+
+SchedulerThreadProfile Engine::Impl::scheduler_profile() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return profile_shared_;
 }
 
 ModelInfo Engine::Impl::model_info() const {
@@ -350,6 +425,7 @@ const Tokenizer& Engine::tokenizer() const { return *impl_->tokenizer_; }
 const ModelConfig& Engine::model_config() const { return impl_->runner_->config(); }
 ModelInfo Engine::model_info() const { return impl_->model_info(); }
 EngineLoad Engine::load() const { return impl_->load(); }
+SchedulerThreadProfile Engine::scheduler_profile() const { return impl_->scheduler_profile(); }
 absl::Status Engine::health() const { return impl_->health(); }
 
 }  // namespace sieve::engine

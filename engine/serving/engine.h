@@ -42,6 +42,28 @@ struct ModelInfo {
   int64_t kv_page_bytes = 0;  // one KV page over all layers, K and V, as transfers carry it
 };
 
+// Where the engine's scheduler thread spent its time since the engine started, per part of its
+// loop (engine/README.md, "One iteration"), for profiles (bench/engine_load_bench.cc). Each part
+// has wall seconds (steady clock: on a loaded machine this includes time the thread was
+// descheduled) and the thread's CPU seconds (CLOCK_THREAD_CPUTIME_ID; 0 where unavailable). The
+// parts add up to the thread's lifetime so far, up to the iteration in progress.
+struct SchedulerThreadProfile {
+  struct Part {
+    double wall_s = 0;
+    double cpu_s = 0;
+  };
+  int64_t iterations = 0;
+  int64_t tokens = 0;  // sampled tokens handled
+  Part wait;           // waiting for something to happen (idle)
+  Part completions;    // finished jobs: Scheduler::Complete, per-token stop checks, staging
+  Part intake;         // KV ops, new requests, cancellations, stop strings, deadlines
+  Part schedule;       // Scheduler::Schedule
+  Part dispatch;       // building the worker jobs and handing them over
+  Part publish;        // the load snapshot and EngineObserver::OnLoad
+  Part output;         // handing output to the output threads (with pools.output_workers 0:
+                       // detokenizing, stop strings and the sink calls themselves)
+};
+
 class Engine {
  public:
   // Validates `config` (EngineConfig::Validate), loads the model and tokenizer, allocates the KV
@@ -106,6 +128,8 @@ class Engine {
   ModelInfo model_info() const;
   // The latest load snapshot (also reported to the observer).
   EngineLoad load() const;
+  // The scheduler thread's time so far, as of its last published iteration.
+  SchedulerThreadProfile scheduler_profile() const;
 
  private:
   class Impl;

@@ -123,6 +123,7 @@ absl::Status EngineConfig::Validate() const {
   CheckAtLeast("pools.prefill_workers", pools.prefill_workers, 1, errors);
   CheckAtLeast("pools.decode_workers", pools.decode_workers, 1, errors);
   CheckChoice("pools.decode_priority", pools.decode_priority, kStreamPriorityNames, errors);
+  CheckAtLeast("pools.output_workers", pools.output_workers, 0, errors);
   if (!(pools.step_timeout_s >= 0)) {
     errors.push_back(absl::StrCat("pools.step_timeout_s must be >= 0 (0: off), got ",
                                   pools.step_timeout_s));

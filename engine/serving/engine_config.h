@@ -116,11 +116,17 @@ struct PoolsConfig {
   // decode step's kernels start ahead of a concurrent prefill chunk's waiting blocks (cuda);
   // "normal" treats both pools alike. The prefill pool's streams are always normal.
   std::string decode_priority = "high";
-  // Watchdog, in seconds: a worker step (one batch on the device) that has not finished after
-  // this long means a hung device or worker. The engine then reports itself failed (health()
-  // and EngineObserver::OnDeviceLost, as for a lost device) and the daemon turns NOT_SERVING,
-  // drains what it can and exits for its supervisor to restart it. 0 turns the watchdog off.
+  // Watchdog, in seconds: a worker step (one batch on the device), a scheduler-thread iteration
+  // or an output thread's batch of sink calls that has not finished after this long means a
+  // hung device, worker, engine or sink (the last two are seen by a watchdog thread). The
+  // engine then reports itself failed (health() and EngineObserver::OnDeviceLost, as for a lost
+  // device) and the daemon turns NOT_SERVING, drains what it can and exits for its supervisor
+  // to restart it. 0 turns the watchdog off.
   double step_timeout_s = 300.0;
+  // Threads that turn sampled tokens into streamed output (detokenizing, stop strings, the
+  // sinks' OnTokens/OnFinish, where the server builds response messages), off the scheduler
+  // thread. 0 runs that work on the scheduler thread itself (for comparisons).
+  int32_t output_workers = 1;
 
   bool operator==(const PoolsConfig&) const = default;
 };

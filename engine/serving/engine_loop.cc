@@ -1,11 +1,14 @@
 // The engine's scheduler thread: it takes submissions, cancellations and finished worker jobs
 // from the mailbox, streams the tokens the workers sampled, asks the Scheduler for the next step and hands
 // its batches to the pools. Every function here runs on that thread (engine/README.md).
+#include <time.h>
+
 #include <algorithm>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "engine/serving/engine_impl.h"
+#include "engine/serving/thread_name.h"
 
 namespace sieve::engine {
 namespace {
@@ -14,18 +17,41 @@ double Seconds(EngineClock::duration d) { return std::chrono::duration<double>(d
 
 int PoolIndex(Pool p) { return p == Pool::kPrefill ? 0 : 1; }
 
+// CPU seconds the calling thread has used (0 where the clock is unavailable).
+double ThreadCpuSeconds() {
+#if defined(CLOCK_THREAD_CPUTIME_ID)
+  timespec ts;
+  if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) == 0) {
+    return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+  }
+#endif
+  return 0;
+}
+
 }  // namespace
 
 void Engine::Impl::Loop() {
+  NameThisThread("sieve-sched");
   bool progressed = true;  // publish the initial load once
+  mark_ = EngineClock::now();
+  mark_cpu_s_ = ThreadCpuSeconds();
   while (true) {
     std::optional<EngineClock::time_point> wake_at = next_deadline_;
     if (next_watchdog_.has_value() && (!wake_at.has_value() || *next_watchdog_ < *wake_at)) {
       wake_at = next_watchdog_;
     }
     TakeEvents(progressed, wake_at);
+    iteration_since_ns_.store(EngineClock::now().time_since_epoch().count());
+    Lap(profile_.wait);
     progressed = Step();
     if (progressed || delivered_ > 0) Publish();
+    Lap(profile_.publish);
+    // After Publish: a sink that sees OnFinish (and WaitIdle) finds the request's pages released
+    // in load().
+    output_->Flush();
+    Lap(profile_.output);
+    ++profile_.iterations;
+    iteration_since_ns_.store(0);
     if (stopping_ && busy_[0] + busy_[1] == 0) break;
   }
   // Stopped with nothing in flight: whatever is left ends as cancelled.
@@ -33,14 +59,27 @@ void Engine::Impl::Loop() {
   for (auto& [id, r] : active_) left.push_back(r.get());
   for (ActiveRequest* r : left) Finish(*r, FinishReason::kCancelled, absl::OkStatus());
   Publish();
+  output_->Flush();
+}
+
+void Engine::Impl::Lap(SchedulerThreadProfile::Part& part) {
+  const EngineClock::time_point now = EngineClock::now();
+  const double cpu_s = ThreadCpuSeconds();
+  part.wall_s += Seconds(now - mark_);
+  part.cpu_s += cpu_s - mark_cpu_s_;
+  mark_ = now;
+  mark_cpu_s_ = cpu_s;
 }
 
 void Engine::Impl::TakeEvents(bool progressed, std::optional<EngineClock::time_point> wake_at) {
   std::unique_lock<std::mutex> lock(mu_);
   auto ready = [this] {
-    if (!done_.empty() || !incoming_.empty() || !cancels_.empty() || !kv_ops_.empty()) {
+    if (!done_.empty() || !incoming_.empty() || !cancels_.empty() || !kv_ops_.empty() ||
+        !output_stops_.empty()) {
       return true;
     }
+    // The watchdog thread reported a stall this thread has not handled yet.
+    if (!device_lost_.ok() && failure_.ok()) return true;
     // Once stopping, only the last jobs coming back matter.
     return stop_ && (!stopping_ || busy_[0] + busy_[1] == 0);
   };
@@ -53,16 +92,25 @@ void Engine::Impl::TakeEvents(bool progressed, std::optional<EngineClock::time_p
   }
   taken_.swap(incoming_);
   taken_cancels_.swap(cancels_);
+  taken_output_stops_.swap(output_stops_);
   taken_kv_ops_.swap(kv_ops_);
   taken_done_.swap(done_);
   stopping_ = stop_;
+  if (!device_lost_.ok() && failure_.ok()) watchdog_failure_ = device_lost_;  // a stall
 }
 
 bool Engine::Impl::Step() {
   bool progressed = !taken_done_.empty() || !taken_.empty() || !taken_cancels_.empty() ||
-                    !taken_kv_ops_.empty();
+                    !taken_kv_ops_.empty() || !taken_output_stops_.empty();
   for (std::unique_ptr<WorkerJob>& job : taken_done_) HandleDone(std::move(job));
   taken_done_.clear();
+  if (!watchdog_failure_.ok()) {
+    // The watchdog reported a stall while this thread (or an output thread) hung: fail now.
+    HandleDeviceLost(watchdog_failure_);
+    watchdog_failure_ = absl::OkStatus();
+    progressed = true;
+  }
+  Lap(profile_.completions);
   // KV imports and exports before new requests, so that an import committed before a Submit is
   // in the prefix cache when that request is admitted.
   for (KvOp& op : taken_kv_ops_) op(scheduler_->mutable_kv_cache());
@@ -74,18 +122,30 @@ bool Engine::Impl::Step() {
     if (it != active_.end()) Finish(*it->second, FinishReason::kCancelled, absl::OkStatus());
   }
   taken_cancels_.clear();
+  for (RequestId id : taken_output_stops_) HandleOutputStop(id);
+  taken_output_stops_.clear();
   // Deadlines before planning, so that an expired request gets no more work.
   next_deadline_ = ExpireDeadlines(EngineClock::now());
+  Lap(profile_.intake);
   if (!stopping_ && failure_.ok()) {
     StepPlan plan = scheduler_->Schedule(busy_[0] == 0, busy_[1] == 0);
+    Lap(profile_.schedule);
     if (!plan.empty()) {
       Dispatch(plan);
       progressed = true;
     }
+    Lap(profile_.dispatch);
   }
   // The watchdog, after dispatching so that the new jobs count.
   next_watchdog_ = CheckStalledSteps(EngineClock::now());
   return progressed;
+}
+
+void Engine::Impl::HandleOutputStop(RequestId id) {
+  auto it = active_.find(id);
+  if (it == active_.end()) return;  // ended meanwhile
+  // The output side corrects the outcome (tokens after the stop string were not streamed).
+  Finish(*it->second, FinishReason::kStop, absl::OkStatus());
 }
 
 void Engine::Impl::AddIncoming(std::unique_ptr<ActiveRequest> r) {
@@ -93,6 +153,7 @@ void Engine::Impl::AddIncoming(std::unique_ptr<ActiveRequest> r) {
   const absl::Status added =
       scheduler_->Add(id, r->spec.priority, std::move(r->spec.prompt), r->spec.stop.max_tokens);
   ActiveRequest& ref = *r;
+  if (r->deadline.has_value()) deadlines_.emplace(*r->deadline, id);
   active_.emplace(id, std::move(r));
   // Submit validated the request, so this is a broken assumption; fail only this request.
   if (!added.ok()) {
@@ -201,11 +262,8 @@ void Engine::Impl::HandleDone(std::unique_ptr<WorkerJob> job) {
 void Engine::Impl::HandleDeviceLost(const absl::Status& status) {
   if (!failure_.ok()) return;
   failure_ = status;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    device_lost_ = status;
-  }
-  if (observer_ != nullptr) observer_->OnDeviceLost(status);
+  // The watchdog thread may have reported it already (a stall).
+  if (MarkFailed(status) && observer_ != nullptr) observer_->OnDeviceLost(status);
   // Nothing can run any more: every request ends now (those in flight when their job is back).
   std::vector<ActiveRequest*> live;
   for (auto& [id, r] : active_) live.push_back(r.get());
@@ -233,6 +291,7 @@ void Engine::Impl::HandleToken(ActiveRequest& r, absl::StatusOr<SampledToken>& s
   }
   const int32_t token = sampled->id;
   const EngineClock::time_point now = EngineClock::now();
+  ++profile_.tokens;
   r.history.AddGenerated(token);
   if (++r.generated == 1) {
     r.first_token = now;
@@ -241,51 +300,17 @@ void Engine::Impl::HandleToken(ActiveRequest& r, absl::StatusOr<SampledToken>& s
     observer_->OnInterTokenLatency(Seconds(now - r.last_token));
   }
   r.last_token = now;
-  // An id the tokenizer does not know (padding rows of the vocabulary) adds no text.
-  absl::StatusOr<std::string> piece = r.decoder.Push(token);
-  const std::string text = piece.ok() ? *std::move(piece) : std::string();
-  if (!r.spec.stop.stop_strings.empty()) r.text += text;
-  StopChecker::Step step = r.stop.Push(token, text);
-  TokenDelta delta;
-  delta.token_ids.push_back(token);
-  if (step.finish != FinishReason::kNone) {
-    // The decoder may hold the first bytes of a character the stream ended inside.
-    step.emit += r.stop.Flush();
-    if (step.finish == FinishReason::kLength) step.emit += r.decoder.Flush();
-  }
-  delta.text = std::move(step.emit);
-  if (r.spec.sampling.return_logprob || r.spec.sampling.top_logprobs > 0) {
-    delta.logprobs.push_back(TokenLogprob{token, sampled->logprob, std::move(sampled->top)});
-  }
-  r.spec.sink->OnTokens(delta);
-  if (step.finish != FinishReason::kNone) {
-    if (step.finish == FinishReason::kStop) RecordStop(r, token);
-    Finish(r, step.finish, absl::OkStatus());
+  // EOS, stop token ids and max_tokens; the text (detokenizing, stop strings) is the output
+  // pool's, off this thread.
+  const FinishReason finish = r.stop.Push(token, std::string_view()).finish;
+  output_->StageToken(r.output.get(), token, sampled->logprob, std::move(sampled->top),
+                      Seconds(now - r.first_token));
+  if (finish != FinishReason::kNone) {
+    Finish(r, finish, absl::OkStatus());
     return;
   }
   if (absl::Status st = scheduler_->AppendToken(r.id, token); !st.ok()) {
     Finish(r, FinishReason::kError, st);
-  }
-}
-
-void Engine::Impl::RecordStop(ActiveRequest& r, int32_t token) const {
-  const std::vector<int32_t>& ids = r.spec.stop.stop_token_ids;
-  if (std::find(ids.begin(), ids.end(), token) != ids.end()) {
-    r.matched_stop_token = token;
-    return;
-  }
-  // The stop string completed first (ties: the one starting earliest), as StopChecker decides.
-  size_t best_end = std::string::npos, best_pos = std::string::npos;
-  for (const std::string& s : r.spec.stop.stop_strings) {
-    if (s.empty()) continue;
-    const size_t pos = r.text.find(s);
-    if (pos == std::string::npos) continue;
-    const size_t end = pos + s.size();
-    if (best_end == std::string::npos || end < best_end || (end == best_end && pos < best_pos)) {
-      best_end = end;
-      best_pos = pos;
-      r.matched_stop = s;
-    }
   }
 }
 
@@ -311,6 +336,7 @@ RequestTimings Engine::Impl::Timings(const ActiveRequest& r, EngineClock::time_p
 void Engine::Impl::Deliver(RequestId id, FinishReason reason, absl::Status status) {
   auto node = active_.extract(id);
   const ActiveRequest& r = *node.mapped();
+  if (r.deadline.has_value()) deadlines_.erase({*r.deadline, id});
   RequestOutcome outcome;
   outcome.finish = reason;
   outcome.status = std::move(status);
@@ -318,8 +344,6 @@ void Engine::Impl::Deliver(RequestId id, FinishReason reason, absl::Status statu
   outcome.cached_tokens = r.cached_tokens;
   outcome.generated_tokens = r.generated;
   outcome.preemptions = r.preemptions;
-  outcome.matched_stop = r.matched_stop;
-  outcome.matched_stop_token = r.matched_stop_token;
   outcome.timings = Timings(r, EngineClock::now());
   if (r.spec.export_prompt_kv && (reason == FinishReason::kLength ||
                                   reason == FinishReason::kStop || reason == FinishReason::kEos)) {
@@ -329,24 +353,25 @@ void Engine::Impl::Deliver(RequestId id, FinishReason reason, absl::Status statu
         scheduler_->mutable_kv_cache().BeginExport(r.export_tokens);
     if (hold.ok()) outcome.kv_export = *std::move(hold);
   }
-  r.spec.sink->OnFinish(outcome);
-  if (observer_ != nullptr) observer_->OnFinished(outcome);
+  // OnFinish (after the request's OnTokens, on its output thread); `live_` drops there.
+  output_->StageFinish(std::move(node.mapped()->output), std::move(outcome));
   ++delivered_;
 }
 
 std::optional<EngineClock::time_point> Engine::Impl::ExpireDeadlines(EngineClock::time_point now) {
-  std::optional<EngineClock::time_point> next;
-  std::vector<ActiveRequest*> expired;
-  for (auto& [id, r] : active_) {
-    if (!r->deadline.has_value() || r->finishing != FinishReason::kNone) continue;
-    if (*r->deadline <= now) {
-      expired.push_back(r.get());
-    } else if (!next.has_value() || *r->deadline < *next) {
-      next = r->deadline;
-    }
+  // Ordered by deadline: only the expired ones are visited (a scan of every live request each
+  // iteration was the scheduler thread's top symbol at 1,000 streams with deadlines).
+  std::vector<RequestId> expired;
+  while (!deadlines_.empty() && deadlines_.begin()->first <= now) {
+    expired.push_back(deadlines_.begin()->second);
+    deadlines_.erase(deadlines_.begin());
   }
-  for (ActiveRequest* r : expired) Finish(*r, FinishReason::kCancelled, absl::OkStatus());
-  return next;
+  for (RequestId id : expired) {
+    auto it = active_.find(id);
+    if (it != active_.end()) Finish(*it->second, FinishReason::kCancelled, absl::OkStatus());
+  }
+  if (deadlines_.empty()) return std::nullopt;
+  return deadlines_.begin()->first;
 }
 
 void Engine::Impl::Publish() {
@@ -366,9 +391,8 @@ void Engine::Impl::Publish() {
     queued_requests_ = static_cast<int32_t>(incoming_.size()) + l.waiting;
     queued_tokens_ = l.waiting_tokens;
     for (const auto& r : incoming_) queued_tokens_ += r->prompt_tokens;
-    live_ -= delivered_;
     delivered_ = 0;
-    if (live_ == 0) idle_.notify_all();
+    profile_shared_ = profile_;
   }
   if (observer_ != nullptr) observer_->OnLoad(l);
 }

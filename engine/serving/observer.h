@@ -56,8 +56,10 @@ class EngineObserver {
   // scheduler thread): an implementation must be thread-safe.
   virtual void OnDecodeAttention(double kv_read_fraction, double selection_seconds) {}
   virtual void OnLoad(const EngineLoad& load) {}
-  // The backend reported an unrecoverable failure (IsDeviceLost): the engine fails every request
-  // and accepts no more (Engine::health() returns `status` from now on). Called once.
+  // The backend reported an unrecoverable failure (IsDeviceLost), or the watchdog found a
+  // stalled step, scheduler iteration or output batch (pools.step_timeout_s): the engine fails
+  // every request and accepts no more (Engine::health() returns `status` from now on). Called
+  // once, from the scheduler thread or, for a stall, the engine's watchdog thread.
   virtual void OnDeviceLost(const absl::Status& status) {}
   // The model load's progress, from Engine::Create's thread after each weight tensor is on the
   // backend (before the engine exists). A non-OK status stops the load there and Create returns

@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/serving/kv_cache.h"
+#include "engine/serving/thread_name.h"
 
 namespace sieve::engine {
 
@@ -48,6 +49,7 @@ void WorkerPool::Run(std::unique_ptr<WorkerJob> job) {
 }
 
 void WorkerPool::Loop(Worker& w) {
+  NameThisThread(pool_ == Pool::kPrefill ? "sieve-prefill" : "sieve-decode");
   while (true) {
     std::unique_ptr<WorkerJob> job;
     {
