@@ -16,6 +16,7 @@ packages=(
   curl                       # the metrics checks in the integration tests
   prometheus python3-yaml    # deployment checks (tests/deploy): promtool, a real Prometheus, PyYAML
   yq jq iproute2 util-linux  # deployment checks: YAML/JSON rewriting, a private loopback (unshare)
+  libcpp-httplib-dev         # the OpenAI-compatible HTTP API (cpp-httplib)
 )
 
 missing=()
