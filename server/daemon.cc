@@ -213,7 +213,11 @@ void Daemon::Drain(absl::Notification* cut_short) {
   if (lost) grace = std::min(grace, absl::Seconds(5));
   Log(LogLevel::kInfo, absl::StrCat("draining: health NOT_SERVING, new calls UNAVAILABLE, ",
                                     service_ ? service_->active_streams() : 0,
-                                    " streams in flight, grace period ",
+                                    " streams in flight",
+                                    http_ ? absl::StrCat(" and ", http_->active_requests(),
+                                                         " HTTP requests")
+                                          : std::string(),
+                                    ", grace period ",
                                     absl::FormatDuration(grace)));
   if (server_) SetHealth(false);
   if (service_) service_->StartDraining();
@@ -233,8 +237,11 @@ void Daemon::Drain(absl::Notification* cut_short) {
       idle = engine_->WaitIdle(std::min(left, absl::Milliseconds(100)));
     }
     if (!idle) {
-      Log(LogLevel::kWarning, absl::StrCat("drain: cancelling ", service_->active_streams(),
-                                           " streams still running"));
+      Log(LogLevel::kWarning,
+          absl::StrCat("drain: cancelling ", service_->active_streams(), " streams",
+                       http_ ? absl::StrCat(" and ", http_->active_requests(), " HTTP requests")
+                             : std::string(),
+                       " still running"));
       service_->CancelAll();
       if (http_) http_->CancelAll();
       if (remote_prefill_) remote_prefill_->CancelAll();

@@ -329,18 +329,42 @@ void HttpServer::Handle(const httplib::Request& req, httplib::Response& res, boo
   if (!engine.ok()) return fail(engine.status());
   v1::GenerateRequest& request = parsed->request;
   if (absl::Status s = gate_->CheckModel(request.model()); !s.ok()) return fail(s);
-  const std::string id =
-      absl::StrCat(chat ? "chatcmpl-" : "cmpl-", next_id_.fetch_add(1));
+  const std::string id = absl::StrCat(chat ? "chatcmpl-" : "cmpl-", next_id_.fetch_add(1));
   request.set_request_id(id);
   absl::StatusOr<engine::RequestSpec> spec = gate_->Prepare(request, **engine);
   if (!spec.ok()) return fail(spec.status());
+  absl::StatusOr<std::shared_ptr<Exchange>> exchange = Submit(**engine, *std::move(spec));
+  if (!exchange.ok()) return fail(exchange.status());
 
+  const std::string model = request.model().empty() ? gate_->model_name() : request.model();
+  auto builder = std::make_shared<openai::ResponseBuilder>(
+      endpoint, id, absl::ToUnixSeconds(start), model, *parsed, (*engine)->tokenizer());
+  if (parsed->stream) return Stream(*exchange, builder, endpoint, start, res);
+
+  // Unstreamed: wait for the whole output.
+  std::optional<engine::RequestOutcome> outcome;
+  while (!outcome.has_value()) {
+    engine::TokenDelta delta;
+    if ((*exchange)->Take(absl::Seconds(1), &delta, &outcome)) builder->Append(delta);
+  }
+  Unregister(exchange->get());
+  if (outcome->finish == engine::FinishReason::kError ||
+      outcome->finish == engine::FinishReason::kNone) {
+    return fail(outcome->status.ok() ? absl::InternalError("the request ended without a reason")
+                                     : outcome->status);
+  }
+  SendJson(res, 200, builder->Complete(*outcome));
+  Done(route, 200, start);
+}
+
+absl::StatusOr<std::shared_ptr<HttpServer::Exchange>> HttpServer::Submit(
+    engine::Engine& engine, engine::RequestSpec spec) {
   auto exchange = std::make_shared<Exchange>();
-  exchange->engine = *engine;
-  spec->sink = std::make_shared<ExchangeSink>(exchange);
+  exchange->engine = &engine;
+  spec.sink = std::make_shared<ExchangeSink>(exchange);
   Register(exchange);
   std::shared_ptr<TransferCancellation> transfer = gate_->Submit(
-      **engine, *std::move(spec), absl::InfiniteFuture(),
+      engine, std::move(spec), absl::InfiniteFuture(),
       [exchange](absl::StatusOr<engine::RequestId> submitted, double /*transfer_s*/) {
         bool cancelled;
         {
@@ -367,61 +391,46 @@ void HttpServer::Handle(const httplib::Request& req, httplib::Response& res, boo
   }
   if (!submit_error.ok()) {
     Unregister(exchange.get());
-    return fail(submit_error);
+    return submit_error;
   }
+  return exchange;
+}
 
-  const std::string model = request.model().empty() ? gate_->model_name() : request.model();
-  auto builder = std::make_shared<openai::ResponseBuilder>(
-      endpoint, id, absl::ToUnixSeconds(start), model, *parsed, (*engine)->tokenizer());
-  if (!parsed->stream) {
-    // Unstreamed: wait for the whole output.
-    std::optional<engine::RequestOutcome> outcome;
-    while (!outcome.has_value()) {
-      engine::TokenDelta delta;
-      if (exchange->Take(absl::Seconds(1), &delta, &outcome)) builder->Append(delta);
-    }
-    Unregister(exchange.get());
-    if (outcome->finish == engine::FinishReason::kError ||
-        outcome->finish == engine::FinishReason::kNone) {
-      return fail(outcome->status.ok() ? absl::InternalError("the request ended without a reason")
-                                       : outcome->status);
-    }
-    SendJson(res, 200, builder->Complete(*outcome));
-    Done(route, 200, start);
-    return;
-  }
-
-  // Streamed: server-sent events, written by this connection's thread as output arrives.
+void HttpServer::Stream(std::shared_ptr<Exchange> exchange,
+                        std::shared_ptr<openai::ResponseBuilder> builder, Endpoint endpoint,
+                        absl::Time start, httplib::Response& res) {
+  const std::string_view route =
+      endpoint == Endpoint::kChatCompletions ? kHttpRoutes[1] : kHttpRoutes[0];
   res.status = 200;
   res.set_header("Cache-Control", "no-cache");
   auto finished = std::make_shared<bool>(false);
+  // Called by this connection's thread until it returns false or calls sink.done(): each call
+  // writes what arrived (or, after a quiet second, a comment line that checks the client).
   res.set_chunked_content_provider(
       "text/event-stream",
       [exchange, builder, finished, endpoint](size_t, httplib::DataSink& sink) {
         engine::TokenDelta delta;
         std::optional<engine::RequestOutcome> outcome;
-        std::string events;
         if (exchange->Take(kHeartbeat, &delta, &outcome)) builder->Append(delta);
+        std::string events = builder->TakeEvents();
         if (outcome.has_value()) {
           if (outcome->finish == engine::FinishReason::kError ||
               outcome->finish == engine::FinishReason::kNone) {
             // The status line is out: the error goes in the stream, as OpenAI's do.
-            events = builder->TakeEvents();
-            const absl::Status error = outcome->status.ok()
-                                           ? absl::InternalError("the request ended without a reason")
-                                           : outcome->status;
-            absl::StrAppend(&events, "data: ", openai::ErrorBody(openai::ToApiError(error, endpoint)),
-                            "\n\n", "data: [DONE]\n\n");
+            const absl::Status error =
+                outcome->status.ok() ? absl::InternalError("the request ended without a reason")
+                                     : outcome->status;
+            absl::StrAppend(&events, "data: ",
+                            openai::ErrorBody(openai::ToApiError(error, endpoint)), "\n\n",
+                            "data: [DONE]\n\n");
           } else {
-            events = builder->FinalEvents(*outcome);
+            absl::StrAppend(&events, builder->FinalEvents(*outcome));
           }
           *finished = true;
           const bool ok = sink.write(events.data(), events.size());
           sink.done();
           return ok;
         }
-        events = builder->TakeEvents();
-        // Nothing new for a while: a comment line finds out whether the client is still there.
         if (events.empty()) events = ": keep-alive\n\n";
         if (!sink.write(events.data(), events.size())) {
           exchange->Cancel();  // the client went away

@@ -38,6 +38,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "server/openai_api.h"
 #include "server/request_gate.h"
 
 namespace httplib {
@@ -100,7 +101,15 @@ class HttpServer {
   class ExchangeSink;
 
   HttpServer(HttpServerOptions options, RequestGate* gate);
+  // POST /v1/completions (chat false) and /v1/chat/completions (chat true).
   void Handle(const httplib::Request& req, httplib::Response& res, bool chat);
+  // Registers an exchange for `spec`, submits it through the gate and waits for its placement;
+  // the submission's error (unregistered again) if it failed.
+  absl::StatusOr<std::shared_ptr<Exchange>> Submit(engine::Engine& engine,
+                                                   engine::RequestSpec spec);
+  // Answers with the request's server-sent events, written as its output arrives.
+  void Stream(std::shared_ptr<Exchange> exchange, std::shared_ptr<openai::ResponseBuilder> builder,
+              openai::Endpoint endpoint, absl::Time start, httplib::Response& res);
   void HandleModels(httplib::Response& res);
   void HandleHealth(httplib::Response& res);
   void Done(std::string_view route, int status, absl::Time start) const;

@@ -36,7 +36,7 @@ class Daemon:
         config = os.path.join(workdir, "http_api.yaml")
         with open(config, "w") as f:
             f.write(
-                'server:\n  listen_address: "127.0.0.1:0"\n  drain_grace_period_s: 30\n'
+                'server:\n  listen_address: "127.0.0.1:0"\n  drain_grace_period_s: 1\n'
                 'metrics:\n  listen_address: "127.0.0.1:0"\n'
                 f'http:\n  listen_address: "127.0.0.1:0"\n  max_request_bytes: {MAX_REQUEST_BYTES}\n'
                 f'model:\n  directory: "{source_dir}/models/embedded"\n'
@@ -403,6 +403,37 @@ class HttpApiTest(unittest.TestCase):
                 self.assertEqual(labels.get("model"), "sieve-embedded")
 
 
+def check_drain():
+    """SIGTERM with a stream open: the stream ends with finish_reason "cancelled" once the grace
+    period passes, then [DONE]; the daemon exits 0. Returns a list of problems."""
+    problems = []
+    conn = http.client.HTTPConnection("127.0.0.1", DAEMON.http_port, timeout=60)
+    conn.request("POST", "/v1/completions", body=json.dumps(greedy(stream=True, max_tokens=20000)),
+                 headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        return [f"drain: the stream got HTTP {resp.status}"]
+    events = []
+    for line in resp:
+        line = line.decode().rstrip("\n")
+        if not line.startswith("data: "):
+            continue
+        payload = line[len("data: "):]
+        events.append("[DONE]" if payload == "[DONE]" else json.loads(payload))
+        if len(events) == 2:
+            DAEMON.proc.send_signal(signal.SIGTERM)
+    conn.close()
+    finals = [e for e in events[:-1] if e["choices"] and e["choices"][0]["finish_reason"]]
+    if not events or events[-1] != "[DONE]":
+        problems.append(f"drain: the stream did not end with [DONE]: {events[-2:]}")
+    if [e["choices"][0]["finish_reason"] for e in finals] != ["cancelled"]:
+        problems.append(f"drain: expected one final chunk with finish_reason cancelled: {finals}")
+    code = DAEMON.proc.wait(timeout=60)
+    if code != 0:
+        problems.append(f"drain: sieved exited with {code} after SIGTERM")
+    return problems
+
+
 def main():
     global ARGS, DAEMON
     parser = argparse.ArgumentParser()
@@ -416,12 +447,12 @@ def main():
             DAEMON.wait_serving()
             result = unittest.main(argv=[sys.argv[0]] + rest, exit=False, verbosity=2).result
             ok = result.wasSuccessful()
-            # A clean drain: SIGTERM ends the daemon with status 0.
-            DAEMON.proc.send_signal(signal.SIGTERM)
-            code = DAEMON.proc.wait(timeout=60)
-            if code != 0:
-                print(f"sieved exited with {code} after SIGTERM")
-                ok = False
+            problems = check_drain()
+            for p in problems:
+                print(p)
+            ok = ok and not problems
+            if not problems:
+                print("drain: the open stream ended with finish_reason cancelled; sieved exited 0")
         finally:
             if DAEMON.proc.poll() is None:
                 DAEMON.proc.kill()
