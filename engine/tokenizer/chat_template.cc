@@ -155,6 +155,10 @@ absl::StatusOr<std::unique_ptr<ChatTemplate>> LoadChatTemplate(const std::string
   if (std::ifstream(config_path).good()) {
     SIEVE_ASSIGN_OR_RETURN(config_text, ReadFile(config_path));
   }
+  const std::string folder_file = tokenizer_dir + "/" + std::string(kChatTemplateFileName);
+  if (template_file.empty() && std::ifstream(folder_file).good()) {
+    return LoadChatTemplate(tokenizer_dir, folder_file);
+  }
   if (template_file.empty()) {
     if (!config_text.has_value()) {
       return absl::NotFoundError(absl::StrCat("no tokenizer_config.json in ", tokenizer_dir));

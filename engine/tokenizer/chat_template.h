@@ -1,9 +1,10 @@
 // A model's chat template: turns a conversation into the prompt text the model was trained on,
 // as Hugging Face's `apply_chat_template` does (engine/tokenizer/jinja_template.h renders it).
 //
-// Sources: tokenizer_config.json's "chat_template" (a string, or the list form
-// [{"name": ..., "template": ...}] of which "default" is used), or a template file given by
-// configuration (`model.chat_template_file`), which wins. The special tokens the template may use
+// Sources, the first present wins: a template file given by configuration
+// (`model.chat_template_file`); the tokenizer folder's chat_template.jinja (where recent
+// transformers versions save it); tokenizer_config.json's "chat_template" (a string, or the list
+// form [{"name": ..., "template": ...}] of which "default" is used). The special tokens the template may use
 // (bos_token, eos_token, unk_token, pad_token) come from tokenizer_config.json, as strings or
 // AddedToken objects ({"content": ...}); absent ones are undefined in the template.
 //
@@ -82,10 +83,13 @@ class ChatTemplate {
 absl::StatusOr<std::unique_ptr<ChatTemplate>> ChatTemplateFromTokenizerConfig(
     std::string_view tokenizer_config_json);
 
-// Loads a model's chat template: the file `template_file` when non-empty (special tokens still
-// from `tokenizer_dir`/tokenizer_config.json when present), else `tokenizer_dir`'s
-// tokenizer_config.json. NotFound when neither provides one; the file's read or parse errors
-// name the file.
+// The file name a tokenizer folder may hold its chat template in.
+inline constexpr std::string_view kChatTemplateFileName = "chat_template.jinja";
+
+// Loads a model's chat template: the file `template_file` when non-empty, else
+// `tokenizer_dir`/chat_template.jinja when present, else `tokenizer_dir`'s tokenizer_config.json
+// chat_template; special tokens come from tokenizer_config.json when present. NotFound when none
+// provides one; a file's read or parse errors name the file.
 absl::StatusOr<std::unique_ptr<ChatTemplate>> LoadChatTemplate(const std::string& tokenizer_dir,
                                                                const std::string& template_file);
 

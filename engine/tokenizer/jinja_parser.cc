@@ -139,7 +139,7 @@ class Parser {
       }
     }
     if (ends.size() > 0) {
-      return Error(absl::StrCat("missing '{% ", std::string(*ends.begin()), " %}': a block is left open"));
+      return Error(absl::StrCat("missing '{% ", std::string(*(ends.end() - 1)), " %}': a block is left open"));
     }
     return body;
   }

@@ -325,7 +325,8 @@ absl::StatusOr<Value> Renderer::Eval(const Expr& expr, Scope* scope) {
         SIEVE_ASSIGN_OR_RETURN(Value v, Eval(*e, scope));
         items.push_back(std::move(v));
       }
-      return Value::List(std::move(items));
+      return expr.kind == Expr::Kind::kTuple ? Value::Tuple(std::move(items))
+                                             : Value::List(std::move(items));
     }
     case Expr::Kind::kDict: {
       ValueDict dict;

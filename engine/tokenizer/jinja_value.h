@@ -74,6 +74,8 @@ class Value {
   static Value Float(double f);
   static Value String(std::string s);
   static Value List(ValueList items);
+  // A tuple: a list that prints as Python prints tuples, "(1, 2)" and "(1,)".
+  static Value Tuple(ValueList items);
   static Value Dict(ValueDict dict);
   static Value Namespace(ValueDict attributes);
   static Value Loop(std::shared_ptr<LoopInfo> loop);
@@ -86,6 +88,7 @@ class Value {
   bool is_number() const { return kind_ == Kind::kInt || kind_ == Kind::kFloat; }
   bool is_list() const { return kind_ == Kind::kList; }
   bool is_dict() const { return kind_ == Kind::kDict; }
+  bool is_tuple() const { return kind_ == Kind::kList && tuple_; }
 
   bool bool_value() const { return b_; }
   int64_t int_value() const { return i_; }
@@ -114,6 +117,7 @@ class Value {
  private:
   Kind kind_ = Kind::kUndefined;
   bool b_ = false;
+  bool tuple_ = false;
   int64_t i_ = 0;
   double f_ = 0;
   std::string s_;

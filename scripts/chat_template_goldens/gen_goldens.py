@@ -3,7 +3,8 @@
 
 Run with Debian's interpreter (python3-jinja2): /usr/bin/python3 scripts/chat_template_goldens/gen_goldens.py
 It writes tests/data/chat_templates/goldens.json, which engine/tokenizer/chat_template_golden_test.cc
-compares the C++ renderer with byte for byte. The environment is the one Hugging Face's
+compares the C++ renderer with byte for byte, and constructs.golden.json (one small template per
+construct, from constructs.py), which engine/tokenizer/jinja_template_test.cc checks. The environment is the one Hugging Face's
 transformers renders chat templates in (apply_chat_template): an immutable sandbox with
 trim_blocks, lstrip_blocks and the loop controls, raise_exception(), strftime_now() and a tojson
 filter that neither sorts keys nor escapes HTML. strftime_now() is pinned to GOLDEN_DATE so the
@@ -145,6 +146,31 @@ def random_cases(rng, count):
     return cases
 
 
+def render(template, context):
+    """Returns {"output": text} or {"error": message, "raised": raise_exception() raised it}."""
+    try:
+        return {"output": template.render(**context)}
+    except jinja2.exceptions.TemplateError as e:
+        # raise_exception() raises TemplateError itself; Jinja's own errors subclass it.
+        return {"error": str(e), "raised": type(e) is jinja2.exceptions.TemplateError}
+    except Exception as e:  # TypeError, ZeroDivisionError and the like.
+        return {"error": "%s: %s" % (type(e).__name__, e), "raised": False}
+
+
+def write_constructs(env):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from constructs import CONSTRUCTS
+    out = []
+    for name, source, context in CONSTRUCTS:
+        entry = {"name": name, "template": source, "context": context}
+        entry.update(render(env.from_string(source), context))
+        out.append(entry)
+    with open(os.path.join(DATA, "constructs.golden.json"), "w", encoding="utf-8") as f:
+        json.dump(out, f, ensure_ascii=False, indent=1)
+        f.write("\n")
+    print("constructs     %d" % len(out), file=sys.stderr)
+
+
 def main():
     rng = random.Random(20261205)
     cases = fixed_cases() + tool_cases() + random_cases(rng, 160)
@@ -162,14 +188,7 @@ def main():
                            add_generation_prompt=case["add_generation_prompt"])
             context.update({k: v for k, v in spec.get("tokens", {}).items() if v is not None})
             context.update(case.get("extra", {}))
-            try:
-                results.append({"output": template.render(**context)})
-            except jinja2.exceptions.TemplateError as e:
-                # raise_exception() raises TemplateError itself; Jinja's own errors subclass it.
-                raised = type(e) is jinja2.exceptions.TemplateError
-                results.append({"error": str(e), "raised": raised})
-            except Exception as e:  # TypeError and the like.
-                results.append({"error": "%s: %s" % (type(e).__name__, e), "raised": False})
+            results.append(render(template, context))
         out["templates"][name] = {"file": spec["file"], "tokens": spec.get("tokens", {}),
                                   "results": results}
         ok = sum("output" in r for r in results)
@@ -177,6 +196,7 @@ def main():
     with open(os.path.join(DATA, "goldens.json"), "w", encoding="utf-8") as f:
         json.dump(out, f, ensure_ascii=False, indent=0, sort_keys=False)
         f.write("\n")
+    write_constructs(env)
 
 
 if __name__ == "__main__":
