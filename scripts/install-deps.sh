@@ -17,6 +17,7 @@ packages=(
   prometheus python3-yaml    # deployment checks (tests/deploy): promtool, a real Prometheus, PyYAML
   yq jq iproute2 util-linux  # deployment checks: YAML/JSON rewriting, a private loopback (unshare)
   libcpp-httplib-dev         # the OpenAI-compatible HTTP API (cpp-httplib)
+  python3-jinja2             # chat-template goldens (scripts/chat_template_goldens/gen_goldens.py)
 )
 
 missing=()

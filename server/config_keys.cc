@@ -117,6 +117,10 @@ const std::vector<KeySpec>& Keys() {
       SIEVE_ENGINE_KEY(model.tokenizer_directory, Any(),
                        "Folder of tokenizer.json; empty uses model.directory (a shape-only "
                        "directory borrows one)."),
+      SIEVE_ENGINE_KEY(model.chat_template_file, Any(),
+                       "Jinja chat template file that renders chat messages (GenerateRequest / "
+                       "TokenizeRequest messages) in place of tokenizer_config.json's "
+                       "chat_template; empty uses the model's own. See docs/chat.md."),
 
       SIEVE_ENGINE_KEY(kv_cache.page_size_tokens, PowerOfTwo(1, 256), "Tokens per KV page."),
       SIEVE_ENGINE_KEY(kv_cache.num_pages, IntRange(0, static_cast<int>(engine::kMaxKvPages)),

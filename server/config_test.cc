@@ -45,6 +45,7 @@ const std::vector<std::string> kExpectedKeys = {
     "model.devices",                  "model.dtype",
     "model.max_context_tokens",       "model.weights",
     "model.random_seed",              "model.tokenizer_directory",
+    "model.chat_template_file",
     "kv_cache.page_size_tokens",      "kv_cache.num_pages",
     "kv_cache.memory_fraction",       "scheduler.max_batch_tokens",
     "scheduler.max_running_requests", "scheduler.max_queued_requests",

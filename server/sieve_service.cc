@@ -402,12 +402,26 @@ grpc::ServerUnaryReactor* SieveService::Tokenize(grpc::CallbackServerContext* co
     SIEVE_ASSIGN_OR_RETURN(engine::Engine * engine, gate_.Available());
     SIEVE_RETURN_IF_ERROR(gate_.CheckModel(request->model()));
     const engine::Tokenizer& tokenizer = engine->tokenizer();
-    const bool add_special = !request->has_add_special_tokens() || request->add_special_tokens();
-    absl::StatusOr<std::vector<int32_t>> ids = tokenizer.Encode(request->text(), add_special);
-    if (!ids.ok()) {
-      return absl::InvalidArgumentError(absl::StrCat("text: ", ids.status().message()));
+    std::vector<int32_t> ids;
+    if (request->has_messages()) {
+      if (!request->text().empty()) {
+        return absl::InvalidArgumentError("set either text or messages, not both");
+      }
+      SIEVE_ASSIGN_OR_RETURN(RenderedChat chat,
+                             RenderChat(request->messages(), tokenizer, "messages"));
+      response->set_rendered_text(std::move(chat.text));
+      ids = std::move(chat.ids);
+    } else {
+      const bool add_special =
+          !request->has_add_special_tokens() || request->add_special_tokens();
+      absl::StatusOr<std::vector<int32_t>> encoded =
+          tokenizer.Encode(request->text(), add_special);
+      if (!encoded.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat("text: ", encoded.status().message()));
+      }
+      ids = *std::move(encoded);
     }
-    for (int32_t id : *ids) {
+    for (int32_t id : ids) {
       response->add_token_ids(id);
       if (request->return_pieces()) {
         absl::StatusOr<std::string> piece = tokenizer.TokenBytes(id);
