@@ -32,7 +32,8 @@ MAX_REQUEST_BYTES = 65536
 class Daemon:
     """A sieved child process; its output is collected for failure messages."""
 
-    def __init__(self, sieved, source_dir, workdir):
+    def __init__(self, sieved, source_dir, workdir,
+                 scheduler="max_batch_tokens: 1024\n  prefill_chunk_tokens: 256"):
         config = os.path.join(workdir, "http_api.yaml")
         with open(config, "w") as f:
             f.write(
@@ -41,7 +42,7 @@ class Daemon:
                 f'http:\n  listen_address: "127.0.0.1:0"\n  max_request_bytes: {MAX_REQUEST_BYTES}\n'
                 f'model:\n  directory: "{source_dir}/models/embedded"\n'
                 f"kv_cache:\n  num_pages: {KV_PAGES}\n"
-                "scheduler:\n  max_batch_tokens: 1024\n  prefill_chunk_tokens: 256\n"
+                f"scheduler:\n  {scheduler}\n"
                 "logging:\n  level: info\n")
         self.proc = subprocess.Popen([sieved, "--config", config], stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
@@ -70,7 +71,7 @@ class Daemon:
             if m and p:
                 self.http_port, self.metrics_port = int(m.group(1)), int(p.group(1))
                 try:
-                    status, _, _ = request("GET", "/health")
+                    status, _, _ = request("GET", "/health", port=self.http_port)
                     if status == 200:
                         return
                 except OSError:
@@ -107,9 +108,9 @@ def metric_sum(samples, name, **labels):
                if n == name and all(l.get(k) == want for k, want in labels.items()))
 
 
-def request(method, path, body=None, raw=None, timeout=60):
+def request(method, path, body=None, raw=None, timeout=60, port=None):
     """One HTTP request; returns (status, headers, parsed JSON body or the raw text)."""
-    conn = http.client.HTTPConnection("127.0.0.1", DAEMON.http_port, timeout=timeout)
+    conn = http.client.HTTPConnection("127.0.0.1", port or DAEMON.http_port, timeout=timeout)
     data = raw if raw is not None else (json.dumps(body) if body is not None else None)
     headers = {"Content-Type": "application/json"} if data is not None else {}
     conn.request(method, path, body=data, headers=headers)
@@ -403,6 +404,42 @@ class HttpApiTest(unittest.TestCase):
                 self.assertEqual(labels.get("model"), "sieve-embedded")
 
 
+def check_queue_full(workdir):
+    """A daemon that runs one request and queues one: a third gets 429 queue_full. Returns a
+    list of problems."""
+    d = Daemon(ARGS.sieved, os.path.abspath(ARGS.source_dir), workdir,
+               scheduler="max_running_requests: 1\n  max_queued_requests: 1")
+    problems = []
+    streams = []
+    try:
+        d.wait_serving()
+        for _ in range(2):  # one runs, one waits
+            conn = http.client.HTTPConnection("127.0.0.1", d.http_port, timeout=60)
+            conn.request("POST", "/v1/completions",
+                         body=json.dumps(greedy(stream=True, max_tokens=20000)),
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            if resp.status != 200:
+                problems.append(f"queue: a stream got HTTP {resp.status}")
+            streams.append(conn)
+            if len(streams) == 1:
+                resp.readline()  # the first request runs before the second arrives
+        status, _, r = request("POST", "/v1/completions", greedy(), port=d.http_port)
+        if status != 429 or r["error"]["code"] != "queue_full" or \
+                r["error"]["type"] != "rate_limit_error":
+            problems.append(f"queue: a third request got {status} {r}, not 429 queue_full")
+    finally:
+        for conn in streams:
+            conn.close()
+        d.proc.send_signal(signal.SIGTERM)
+        code = d.proc.wait(timeout=60)
+        if code != 0:
+            problems.append(f"queue: sieved exited with {code}")
+        if problems:
+            print("---- sieved (queue) output ----\n" + d.logs())
+    return problems
+
+
 def check_drain():
     """SIGTERM with a stream open: the stream ends with finish_reason "cancelled" once the grace
     period passes, then [DONE]; the daemon exits 0. Returns a list of problems."""
@@ -447,11 +484,12 @@ def main():
             DAEMON.wait_serving()
             result = unittest.main(argv=[sys.argv[0]] + rest, exit=False, verbosity=2).result
             ok = result.wasSuccessful()
-            problems = check_drain()
+            problems = check_queue_full(tempfile.mkdtemp(dir=workdir)) + check_drain()
             for p in problems:
                 print(p)
             ok = ok and not problems
             if not problems:
+                print("queue: a third request got 429 queue_full")
                 print("drain: the open stream ended with finish_reason cancelled; sieved exited 0")
         finally:
             if DAEMON.proc.poll() is None:
