@@ -1,7 +1,9 @@
 // sieve_loadgen: a load test for a Sieve daemon. Sends sieve.v1 Generate requests with
-// Poisson arrivals and mixed prompt lengths over one gRPC channel, measures what the client
-// sees (time to first token, inter-token gaps, end-to-end latency) and prints a Markdown
-// report; see LoadgenUsage() in loadgen_lib.cc for the flags.
+// Poisson arrivals and mixed prompt lengths over one gRPC channel, or the same requests as
+// streamed OpenAI completions to the daemon's HTTP API (one connection and thread per request),
+// or both alternating in one run; measures what the client sees (time to first token,
+// inter-token gaps, end-to-end latency) and prints a Markdown report per protocol; see
+// LoadgenUsage() in loadgen_lib.cc for the flags.
 //
 // The schedule (arrival times, prompt lengths, prompts) is drawn up front from --seed, so two
 // runs with the same flags send the same requests at the same offsets. Latencies are measured
@@ -22,8 +24,11 @@
 #include <thread>
 #include <vector>
 
+#include <httplib.h>
+
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
@@ -93,6 +98,7 @@ absl::StatusOr<ModelFacts> FetchModelFacts(v1::Sieve::Stub& stub, const LoadgenO
 struct PlannedRequest {
   double arrival_s = 0;  // offset from the start of the run
   int32_t prompt_tokens = 0;
+  bool http = false;     // sent to the HTTP API instead of over gRPC
   v1::GenerateRequest request;
 };
 
@@ -267,6 +273,7 @@ absl::StatusOr<std::vector<PlannedRequest>> Plan(const LoadgenOptions& o, const 
         builder.Build(p.prompt_tokens, o.seed * 1000003ULL + static_cast<uint64_t>(i), rng);
     if (!r.ok()) return r.status();
     p.request = *std::move(r);
+    p.http = o.protocol == "http" || (o.protocol == "both" && i % 2 == 1);
     plan.push_back(std::move(p));
   }
   return plan;
@@ -274,8 +281,18 @@ absl::StatusOr<std::vector<PlannedRequest>> Plan(const LoadgenOptions& o, const 
 
 class Runner;
 
+// A request in flight, over either protocol.
+class Pending {
+ public:
+  virtual ~Pending() = default;
+  // Asks the request to stop; it still reports through Runner::Finished.
+  virtual void Cancel() = 0;
+  // Valid once the request is done.
+  virtual const RequestRecord& record() const = 0;
+};
+
 // One Generate call: a gRPC client reactor that records what arrives and when.
-class Call : public grpc::ClientReadReactor<v1::GenerateResponse> {
+class Call : public grpc::ClientReadReactor<v1::GenerateResponse>, public Pending {
  public:
   Call(Runner* runner, PlannedRequest planned, double send_delay_s, double timeout_s)
       : runner_(runner), request_(std::move(planned.request)) {
@@ -291,7 +308,7 @@ class Call : public grpc::ClientReadReactor<v1::GenerateResponse> {
     StartCall();
   }
 
-  void Cancel() { context_.TryCancel(); }
+  void Cancel() override { context_.TryCancel(); }
 
   void OnReadDone(bool ok) override {
     if (!ok) return;  // the stream ended; OnDone follows
@@ -326,8 +343,7 @@ class Call : public grpc::ClientReadReactor<v1::GenerateResponse> {
 
   void OnDone(const grpc::Status& status) override;
 
-  // Valid once the call is done.
-  const RequestRecord& record() const { return record_; }
+  const RequestRecord& record() const override { return record_; }
 
  private:
   Runner* runner_;
@@ -336,6 +352,106 @@ class Call : public grpc::ClientReadReactor<v1::GenerateResponse> {
   v1::GenerateResponse response_;
   Clock::time_point start_, last_token_;
   bool complete_ = false;
+  RequestRecord record_;
+};
+
+// One streamed POST /v1/completions on its own connection and thread: the same request as
+// the gRPC call would send, as OpenAI JSON. Each SSE chunk with text counts as one token's
+// arrival (the server sends one per token unless its writer fell behind); the token count comes
+// from the usage chunk.
+class HttpCall : public Pending {
+ public:
+  HttpCall(Runner* runner, PlannedRequest planned, double send_delay_s,
+           const LoadgenOptions& o)
+      : runner_(runner), options_(o) {
+    record_.prompt_tokens = planned.prompt_tokens;
+    record_.send_delay_s = send_delay_s;
+    record_.protocol = "http";
+    const v1::GenerateRequest& r = planned.request;
+    nlohmann::json body;
+    if (!r.model().empty()) body["model"] = r.model();
+    if (r.has_token_ids()) {
+      body["prompt"] = std::vector<int32_t>(r.token_ids().ids().begin(), r.token_ids().ids().end());
+    } else {
+      body["prompt"] = r.text();
+    }
+    body["max_tokens"] = r.stop().max_tokens();
+    body["ignore_eos"] = r.stop().ignore_eos();
+    body["temperature"] = r.sampling().temperature();
+    body["seed"] = r.sampling().seed();
+    body["stream"] = true;
+    body["stream_options"] = {{"include_usage", true}};
+    body_ = body.dump();
+  }
+
+  ~HttpCall() override {
+    if (thread_.joinable()) thread_.join();
+  }
+
+  void Start() {
+    start_ = Clock::now();
+    thread_ = std::thread([this] { Run(); });
+  }
+
+  void Cancel() override { cancelled_.store(true); }
+
+  const RequestRecord& record() const override { return record_; }
+
+ private:
+  void Run();
+
+  // One SSE event ("data: {...}").
+  void OnEvent(absl::string_view event) {
+    if (!absl::ConsumePrefix(&event, "data: ")) return;  // a comment (keep-alive)
+    if (event == "[DONE]") {
+      done_ = true;
+      return;
+    }
+    nlohmann::json chunk =
+        nlohmann::json::parse(event.begin(), event.end(), nullptr, /*allow_exceptions=*/false);
+    if (chunk.is_discarded()) return;
+    if (chunk.contains("error")) {
+      error_ = chunk["error"].value("message", std::string("error event"));
+      return;
+    }
+    const Clock::time_point now = Clock::now();
+    const nlohmann::json& choices = chunk["choices"];
+    if (choices.is_array() && !choices.empty()) {
+      const nlohmann::json& c = choices[0];
+      if (c.contains("text") && c["text"].is_string() && !c["text"].get<std::string>().empty()) {
+        if (record_.ttft_s < 0) {
+          record_.ttft_s = SecondsBetween(start_, now);
+        } else {
+          record_.itl_s.push_back(SecondsBetween(last_token_, now));
+        }
+        record_.last_token_s = SecondsBetween(start_, now);
+        last_token_ = now;
+        ++chunks_;
+      }
+      if (c.contains("finish_reason") && c["finish_reason"].is_string()) {
+        record_.finish_reason = c["finish_reason"].get<std::string>();
+      }
+    }
+    if (chunk.contains("usage") && chunk["usage"].is_object()) {
+      const nlohmann::json& u = chunk["usage"];
+      record_.output_tokens = u.value("completion_tokens", 0);
+      record_.server_prompt_tokens = u.value("prompt_tokens", -1);
+      if (u.contains("prompt_tokens_details")) {
+        record_.cached_prompt_tokens = u["prompt_tokens_details"].value("cached_tokens", 0);
+      }
+    }
+  }
+
+  Runner* runner_;
+  const LoadgenOptions& options_;
+  std::string body_;
+  std::thread thread_;
+  std::atomic<bool> cancelled_{false};
+  Clock::time_point start_, last_token_;
+  std::string buffer_;  // received bytes not yet split into events
+  std::string error_;
+  bool done_ = false;
+  int32_t chunks_ = 0;
   RequestRecord record_;
 };
 
@@ -371,6 +487,16 @@ class Runner {
       }
       const Clock::time_point now = Clock::now();
       if (!first_send) first_send = now;
+      if (p.http) {
+        auto call = std::make_unique<HttpCall>(this, std::move(p), slot_wait_s, options_);
+        HttpCall* raw = call.get();
+        {
+          std::lock_guard<std::mutex> lock(mu_);
+          calls_.push_back(std::move(call));
+        }
+        raw->Start();
+        continue;
+      }
       auto call = std::make_unique<Call>(this, std::move(p), slot_wait_s,
                                          options_.request_timeout_s);
       Call* raw = call.get();
@@ -395,7 +521,7 @@ class Runner {
   }
 
   // Called by a call's OnDone.
-  void Finished(Call* call) {
+  void Finished(Pending* call) {
     std::lock_guard<std::mutex> lock(mu_);
     done_.insert(call);
     --in_flight_;
@@ -411,14 +537,14 @@ class Runner {
                                                 std::chrono::duration<double>(
                                                     options_.drain_timeout_s));
     if (cv_.wait_until(lock, drain_until, [&] { return in_flight_ == 0; })) return;
-    std::vector<Call*> running;
+    std::vector<Pending*> running;
     for (const auto& c : calls_) {
       if (!done_.count(c.get())) running.push_back(c.get());
     }
     std::cerr << "sieve_loadgen: cancelling " << running.size()
               << " requests still running after --drain-timeout\n";
     lock.unlock();
-    for (Call* c : running) c->Cancel();  // calls are never freed before Run returns
+    for (Pending* c : running) c->Cancel();  // calls are never freed before Run returns
     lock.lock();
     if (!cv_.wait_for(lock, std::chrono::seconds(30), [&] { return in_flight_ == 0; })) {
       std::cerr << "sieve_loadgen: " << in_flight_ << " calls did not end after cancel\n";
@@ -430,10 +556,54 @@ class Runner {
   std::mutex mu_;
   std::condition_variable cv_;
   int32_t in_flight_ = 0;
-  std::vector<std::unique_ptr<Call>> calls_;
-  std::set<const Call*> done_;
+  std::vector<std::unique_ptr<Pending>> calls_;
+  std::set<const Pending*> done_;
   Clock::time_point last_done_ = Clock::now();
 };
+
+void HttpCall::Run() {
+  std::string host = options_.http_target;
+  int port = 80;
+  if (const size_t colon = host.rfind(':'); colon != std::string::npos) {
+    if (!absl::SimpleAtoi(host.substr(colon + 1), &port)) port = 80;
+    host = host.substr(0, colon);
+  }
+  httplib::Client client(host, port);
+  const auto timeout = std::chrono::duration<double>(options_.request_timeout_s);
+  client.set_read_timeout(std::chrono::duration_cast<std::chrono::microseconds>(timeout));
+  client.set_connection_timeout(std::chrono::seconds(10));
+  httplib::Request req;
+  req.method = "POST";
+  req.path = "/v1/completions";
+  req.headers = {{"Content-Type", "application/json"}};
+  req.body = std::move(body_);
+  req.content_receiver = [this](const char* data, size_t n, uint64_t, uint64_t) {
+    if (cancelled_.load()) return false;
+    buffer_.append(data, n);
+    for (size_t end; (end = buffer_.find("\n\n")) != std::string::npos;) {
+      OnEvent(absl::string_view(buffer_).substr(0, end));
+      buffer_.erase(0, end + 2);
+    }
+    return true;
+  };
+  httplib::Response res;
+  httplib::Error error = httplib::Error::Success;
+  const bool sent = client.send(req, res, error);
+  record_.e2e_s = SecondsBetween(start_, Clock::now());
+  if (!sent) {
+    record_.code = cancelled_.load() ? "CANCELLED" : "HTTP_ERROR";
+    record_.message = httplib::to_string(error);
+  } else if (res.status != 200) {
+    record_.code = absl::StrCat("HTTP_", res.status);
+    record_.message = buffer_.empty() ? res.body : buffer_;
+  } else if (!error_.empty()) {
+    record_.code = "STREAM_ERROR";
+    record_.message = error_;
+  } else {
+    record_.code = done_ ? "OK" : "INCOMPLETE";
+  }
+  runner_->Finished(this);
+}
 
 void Call::OnDone(const grpc::Status& status) {
   record_.e2e_s = SecondsBetween(start_, Clock::now());
@@ -484,17 +654,28 @@ int Main(int argc, char** argv) {
 
   Runner runner(*stub, o);
   auto [records, wall_s] = runner.Run(*std::move(plan));
-  const LoadgenReport report = BuildReport(records, wall_s);
-  std::cout << FormatMarkdown(o, facts->name, report);
+  // One report per protocol sent on; "both" shares the run's wall time between the two halves.
+  std::vector<std::string> protocols;
+  if (o.protocol != "http") protocols.push_back("grpc");
+  if (o.protocol != "grpc") protocols.push_back("http");
+  nlohmann::json json = nlohmann::json::object();
+  bool any_ok = false;
+  for (const std::string& protocol : protocols) {
+    const LoadgenReport report = BuildReport(RecordsOf(records, protocol), wall_s);
+    any_ok = any_ok || report.ok > 0;
+    if (protocols.size() > 1) std::cout << "\n### " << protocol << "\n\n";
+    std::cout << FormatMarkdown(o, facts->name, report);
+    json[protocol] = ReportToJson(o, facts->name, report);
+  }
   if (!o.json_path.empty()) {
     std::ofstream out(o.json_path);
-    out << ReportToJson(o, facts->name, report).dump(2) << "\n";
+    out << (protocols.size() > 1 ? json : json[protocols[0]]).dump(2) << "\n";
     if (!out.good()) {
       std::cerr << "sieve_loadgen: cannot write " << o.json_path << "\n";
       return 1;
     }
   }
-  return report.ok > 0 ? 0 : 1;
+  return any_ok ? 0 : 1;
 }
 
 }  // namespace

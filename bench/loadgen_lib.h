@@ -63,6 +63,12 @@ struct LoadgenOptions {
   double drain_timeout_s = 120.0;           // after sending stops, wait this long, then cancel
   double connect_timeout_s = 30.0;          // wait for the daemon to answer GetModelInfo
   std::string json_path;                    // also write the report as JSON here
+  // Which API the requests go to: "grpc" (sieve.v1 Generate on --target), "http" (the
+  // OpenAI-compatible POST /v1/completions, streamed, on --http-target) or "both" (the same
+  // schedule with requests alternating between the two, reported per protocol). Model facts and
+  // prompts always come over gRPC.
+  std::string protocol = "grpc";
+  std::string http_target;                  // host:port of the daemon's http.listen_address
 };
 
 // The usage text of sieve_loadgen (flags, defaults and what is reported).
@@ -102,6 +108,7 @@ struct RequestRecord {
   double server_queue_s = 0, server_prefill_s = 0, server_ttft_s = 0, server_decode_s = 0;
   int32_t cached_prompt_tokens = 0;
   int32_t server_prompt_tokens = -1;  // usage.prompt_tokens of the final message; -1 if none
+  std::string protocol = "grpc";      // the API it was sent on: "grpc" or "http"
 };
 
 // The aggregate of one run.
@@ -124,6 +131,10 @@ struct LoadgenReport {
 
 // Aggregates `records` of a run that lasted `wall_s` seconds.
 LoadgenReport BuildReport(const std::vector<RequestRecord>& records, double wall_s);
+
+// The records sent on `protocol` ("grpc" or "http").
+std::vector<RequestRecord> RecordsOf(const std::vector<RequestRecord>& records,
+                                     const std::string& protocol);
 
 // Renders the settings and the report as Markdown tables. Time to first token is broken down
 // by prompt length when there are at most kMaxLengthRows distinct lengths.

@@ -118,6 +118,9 @@ TEST(ParseLoadgenFlagsTest, RejectsBadFlagsNamingThem) {
       {{"--bogus", "1"}, "--bogus"},
       {{"stray"}, "stray"},
       {{"--duration", "0", "--requests", "0"}, "bounded"},
+      {{"--protocol", "udp"}, "--protocol"},
+      {{"--protocol", "http"}, "--http-target"},
+      {{"--protocol", "both"}, "--http-target"},
   };
   for (const auto& [args, expect] : cases) {
     absl::StatusOr<LoadgenOptions> o = Parse(args);
@@ -127,6 +130,23 @@ TEST(ParseLoadgenFlagsTest, RejectsBadFlagsNamingThem) {
   }
   EXPECT_TRUE(absl::IsNotFound(Parse({"--help"}).status()));
   EXPECT_THAT(LoadgenUsage(), HasSubstr("--prompt-lengths"));
+}
+
+TEST(ParseLoadgenFlagsTest, ProtocolChoosesTheApi) {
+  absl::StatusOr<LoadgenOptions> o = Parse({});
+  ASSERT_TRUE(o.ok());
+  EXPECT_EQ(o->protocol, "grpc");
+  o = Parse({"--protocol", "both", "--http-target", "127.0.0.1:8000"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->protocol, "both");
+  EXPECT_EQ(o->http_target, "127.0.0.1:8000");
+  EXPECT_THAT(FormatMarkdown(*o, "m", BuildReport({}, 0)), HasSubstr("| protocol | both"));
+  EXPECT_EQ(ReportToJson(*o, "m", BuildReport({}, 0))["settings"]["protocol"], "both");
+  RequestRecord grpc_record, http_record;
+  http_record.protocol = "http";
+  const std::vector<RequestRecord> records = {grpc_record, http_record, http_record};
+  EXPECT_EQ(RecordsOf(records, "http").size(), 2u);
+  EXPECT_EQ(RecordsOf(records, "grpc").size(), 1u);
 }
 
 TEST(NextArrivalGapTest, MeanIsOneOverRate) {

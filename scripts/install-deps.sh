@@ -16,6 +16,8 @@ packages=(
   curl                       # the metrics checks in the integration tests
   prometheus python3-yaml    # deployment checks (tests/deploy): promtool, a real Prometheus, PyYAML
   yq jq iproute2 util-linux  # deployment checks: YAML/JSON rewriting, a private loopback (unshare)
+  libcpp-httplib-dev         # the OpenAI-compatible HTTP API (cpp-httplib)
+  python3-jinja2             # chat-template goldens (scripts/chat_template_goldens/gen_goldens.py)
 )
 
 missing=()

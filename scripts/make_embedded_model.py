@@ -79,6 +79,33 @@ def read_corpus(root):
     return texts, files
 
 
+# A Llama-3-style chat template over the embedded tokenizer's own special tokens (Sieve renders it
+# for GenerateRequest.messages; see docs/chat.md).
+CHAT_TEMPLATE = (
+    "{{- bos_token }}\n"
+    "{%- for message in messages %}\n"
+    "    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + "
+    "message['content'] | trim + '<|eot_id|>' }}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n"
+    "{%- endif %}\n")
+
+
+def add_chat_template(out_dir):
+    """Stores CHAT_TEMPLATE in tokenizer_config.json (not in a chat_template.jinja file)."""
+    path = os.path.join(out_dir, "tokenizer_config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["chat_template"] = CHAT_TEMPLATE
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    jinja_file = os.path.join(out_dir, "chat_template.jinja")
+    if os.path.exists(jinja_file):
+        os.remove(jinja_file)
+
+
 def train_tokenizer(texts, vocab_size):
     tok = Tokenizer(models.BPE(ignore_merges=True))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -156,6 +183,7 @@ def main():
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
                                    eos_token="<|end_of_text|>", pad_token="<|pad|>")
     fast.save_pretrained(args.out)
+    add_chat_template(args.out)
     hf_tok = AutoTokenizer.from_pretrained(args.out)
 
     config = make_config(tok.get_vocab_size(), bos, eos)

@@ -205,6 +205,23 @@ void CheckCrossField(const ServerConfig& c, std::vector<std::string>& errors) {
                                     *grpc_port));
     }
   }
+  if (!c.http.listen_address.empty()) {
+    std::optional<int> http_port = PortOf(c.http.listen_address);
+    std::optional<int> grpc_port = PortOf(c.server.listen_address);
+    std::optional<int> metrics_port = PortOf(c.metrics.listen_address);
+    if (http_port && *http_port != 0) {
+      if (grpc_port && *grpc_port == *http_port) {
+        errors.push_back(absl::StrCat("http.listen_address and server.listen_address use the "
+                                      "same port ",
+                                      *http_port));
+      }
+      if (c.metrics.enabled && metrics_port && *metrics_port == *http_port) {
+        errors.push_back(absl::StrCat("http.listen_address and metrics.listen_address use the "
+                                      "same port ",
+                                      *http_port));
+      }
+    }
+  }
 }
 
 }  // namespace

@@ -100,6 +100,18 @@ struct MetricsConfig {
   bool operator==(const MetricsConfig&) const = default;
 };
 
+// The OpenAI-compatible HTTP API (`http.*`, docs/http.md).
+struct HttpConfig {
+  // Address of the HTTP API listener, "host:port"; empty serves no HTTP API. Port 0 picks a
+  // free port (the daemon logs the one it got).
+  std::string listen_address;
+  // Largest request body accepted, in bytes; larger ones get 413.
+  int max_request_bytes = 16 * 1024 * 1024;
+  // Connections served at once (a thread each; a streamed response holds its thread).
+  int threads = 64;
+  bool operator==(const HttpConfig&) const = default;
+};
+
 // Per-request limits and defaults (`limits.*`).
 struct LimitsConfig {
   // max_tokens of a request that does not set it, in tokens (capped to the context left).
@@ -158,6 +170,7 @@ struct ServerConfig {
   LimitsConfig limits;
   LoggingConfig logging;
   DisaggregationConfig disaggregation;
+  HttpConfig http;
 
   // Checks every setting against its key's rule (range, choices, format), then, when those pass,
   // the settings against each other: engine::EngineConfig::Validate() (e.g.

@@ -47,6 +47,7 @@ Rule NonEmpty() { return MakeRule(RuleKind::kNonEmpty); }
 Rule HostPort() { return MakeRule(RuleKind::kHostPort); }
 Rule GrpcAddress() { return MakeRule(RuleKind::kGrpcAddress); }
 Rule DeviceList(int lo, int hi) { return MakeRule(RuleKind::kDeviceList, lo, hi); }
+Rule OptionalHostPort() { return MakeRule(RuleKind::kOptionalHostPort); }
 
 // A server key: the path is the member expression itself, so a key's name cannot drift from its
 // field.
@@ -136,6 +137,10 @@ const std::vector<KeySpec>& Keys() {
       SIEVE_ENGINE_KEY(model.tokenizer_directory, Any(),
                        "Folder of tokenizer.json; empty uses model.directory (a shape-only "
                        "directory borrows one)."),
+      SIEVE_ENGINE_KEY(model.chat_template_file, Any(),
+                       "Jinja chat template file that renders chat messages (GenerateRequest / "
+                       "TokenizeRequest messages) in place of tokenizer_config.json's "
+                       "chat_template; empty uses the model's own. See docs/chat.md."),
 
       SIEVE_ENGINE_KEY(kv_cache.page_size_tokens, PowerOfTwo(1, 256), "Tokens per KV page."),
       SIEVE_ENGINE_KEY(kv_cache.num_pages, IntRange(0, static_cast<int>(engine::kMaxKvPages)),
@@ -305,6 +310,16 @@ const std::vector<KeySpec>& Keys() {
                        "Log one info line per gRPC call when it ends: request id, method, status, "
                        "tokens, time to first message and total, peer (never prompt text; control "
                        "characters escaped)."),
+
+      SIEVE_SERVER_KEY(http.listen_address, OptionalHostPort(),
+                       "Address of the OpenAI-compatible HTTP API (docs/http.md): host:port; "
+                       "empty serves none. Must not share the gRPC or metrics port. Port 0 picks "
+                       "a free port (the daemon logs the one it got)."),
+      SIEVE_SERVER_KEY(http.max_request_bytes, IntRange(1024, kMaxInt),
+                       "Largest HTTP request body accepted, in bytes; larger ones get 413."),
+      SIEVE_SERVER_KEY(http.threads, IntRange(1, 4096),
+                       "HTTP connections served at once (a thread each; a streamed response "
+                       "holds its thread until it ends); further connections wait."),
   };
   return *keys;
 }
@@ -484,6 +499,8 @@ std::string Expectation(const KeySpec& key) {
       return absl::StrCat("one of: ", absl::StrJoin(r.choices, ", "));
     case RuleKind::kNonEmpty: return "a non-empty string";
     case RuleKind::kHostPort: return "an address host:port with port 0-65535";
+    case RuleKind::kOptionalHostPort:
+      return "empty, or an address host:port with port 0-65535";
     case RuleKind::kGrpcAddress:
       return "an address host:port with port 0-65535, or unix:/path";
     case RuleKind::kDeviceList:
@@ -523,6 +540,10 @@ bool Satisfies(const Rule& r, const Value& v) {
     }
     case RuleKind::kNonEmpty: return !std::get<std::string>(v).empty();
     case RuleKind::kHostPort: return PortOf(std::get<std::string>(v)).has_value();
+    case RuleKind::kOptionalHostPort: {
+      const std::string& s = std::get<std::string>(v);
+      return s.empty() || PortOf(s).has_value();
+    }
     case RuleKind::kGrpcAddress: {
       const std::string& s = std::get<std::string>(v);
       if (absl::StartsWith(s, "unix:")) return s.size() > 5;

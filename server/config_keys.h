@@ -48,6 +48,7 @@ enum class RuleKind {
   kHostPort,      // "host:port" or "[v6]:port", port in [0, 65535].
   kGrpcAddress,   // kHostPort or "unix:/path".
   kDeviceList,    // Distinct integers in [lo, hi].
+  kOptionalHostPort,  // Empty, or kHostPort.
 };
 
 // A key's rule: its kind and the kind's parameters.

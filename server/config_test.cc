@@ -49,6 +49,7 @@ const std::vector<std::string> kExpectedKeys = {
     "model.devices",                  "model.dtype",
     "model.max_context_tokens",       "model.weights",
     "model.random_seed",              "model.tokenizer_directory",
+    "model.chat_template_file",
     "kv_cache.page_size_tokens",      "kv_cache.num_pages",
     "kv_cache.memory_fraction",       "scheduler.max_batch_tokens",
     "scheduler.max_running_requests", "scheduler.max_queued_requests",
@@ -73,6 +74,7 @@ const std::vector<std::string> kExpectedKeys = {
     "disaggregation.transfer_timeout_s", "disaggregation.stall_timeout_s",
     "disaggregation.chunk_bytes",     "disaggregation.transfer_threads",
     "logging.level",                  "logging.access_log",
+    "http.listen_address",            "http.max_request_bytes",         "http.threads",
 };
 
 TEST(ConfigTest, DefaultsAreValid) {
@@ -263,6 +265,10 @@ TEST(ConfigTest, BadValuesNameKeyLineAndValue) {
       {"server:\n  listen_address: 'a:b:1'\n", "got 'a:b:1'"},
       {"server:\n  listen_address: 'unix:'\n", "got 'unix:'"},
       {"metrics:\n  listen_address: 'unix:/tmp/x'\n", "metrics.listen_address must be an address"},
+      {"http:\n  listen_address: localhost\n",
+       "http.listen_address must be empty, or an address host:port with port 0-65535, got "
+       "'localhost'"},
+      {"http:\n  threads: 0\n", "http.threads must be an integer between 1 and 4096"},
       {"model:\n  devices: [0, 0]\n",
        "x.yaml:2: model.devices must be a list of distinct integers between 0 and 63, got [0, 0]"},
       {"model:\n  devices: [64]\n", "got [64]"},
@@ -350,6 +356,10 @@ TEST(ConfigTest, CrossFieldChecks) {
        "disaggregation.prefill_target must name the prefill daemons when server.role is decode"},
       {"server:\n  role: prefill\nscheduler:\n  enable_prefix_caching: false\n",
        "server.role prefill needs scheduler.enable_prefix_caching"},
+      {"http:\n  listen_address: '0.0.0.0:50051'\n",
+       "http.listen_address and server.listen_address use the same port 50051"},
+      {"http:\n  listen_address: '0.0.0.0:9090'\n",
+       "http.listen_address and metrics.listen_address use the same port 9090"},
       {"disaggregation:\n  chunk_bytes: 33554432\n",
        "disaggregation.chunk_bytes (33554432) exceeds server.max_message_bytes (16777216)"},
       {"server:\n  role: decode\ndisaggregation:\n  prefill_target: 'dns:///a b'\n",
@@ -367,6 +377,8 @@ TEST(ConfigTest, CrossFieldChecks) {
                       "'127.0.0.1:0'\n"),
             "");
   EXPECT_EQ(LoadError("model:\n  max_context_tokens: 4096\nkv_cache:\n  num_pages: 256\n"), "");
+  EXPECT_EQ(LoadError("http:\n  listen_address: '127.0.0.1:8000'\n"), "");
+  EXPECT_EQ(LoadError("http:\n  listen_address: ''\n"), "");
 }
 
 TEST(ConfigTest, ValidateCatchesValuesSetInCode) {

@@ -10,6 +10,8 @@
 #include "absl/strings/string_view.h"
 #include "absl/strings/strip.h"
 #include "engine/status_macros.h"
+#include "engine/tokenizer/chat_template.h"
+#include "engine/tokenizer/unicode.h"
 
 namespace sieve::server {
 namespace {
@@ -50,13 +52,18 @@ absl::StatusOr<std::vector<int32_t>> PromptTokens(const v1::GenerateRequest& req
       SIEVE_RETURN_IF_ERROR(CheckTokenIds(ids, vocab_size, "prompt: token_ids"));
       return std::vector<int32_t>(ids.begin(), ids.end());
     }
-    case v1::GenerateRequest::kMessages:
-      return absl::UnimplementedError(
-          "prompt: messages need the model's chat template, which this daemon does not render yet");
+    case v1::GenerateRequest::kMessages: {
+      SIEVE_ASSIGN_OR_RETURN(RenderedChat chat,
+                             RenderChat(request.messages(), tokenizer, "prompt: messages"));
+      if (chat.ids.empty()) {
+        return absl::InvalidArgumentError("prompt: messages render to no tokens");
+      }
+      return std::move(chat.ids);
+    }
     case v1::GenerateRequest::PROMPT_NOT_SET:
       break;
   }
-  return absl::InvalidArgumentError("prompt: set either text or token_ids");
+  return absl::InvalidArgumentError("prompt: set one of text, token_ids or messages");
 }
 
 // " (limited by ...)" when the KV cache, not the model, sets the context length.
@@ -108,6 +115,48 @@ absl::StatusOr<engine::StopCriteria> ToStopCriteria(const v1::StopCriteria& stop
 }
 
 }  // namespace
+
+absl::StatusOr<RenderedChat> RenderChat(const v1::ChatMessages& messages,
+                                        const engine::Tokenizer& tokenizer,
+                                        std::string_view field) {
+  const absl::string_view prefix(field.data(), field.size());
+  if (messages.messages().empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(prefix, " is empty"));
+  }
+  std::vector<engine::ChatMessage> chat;
+  chat.reserve(messages.messages_size());
+  for (int i = 0; i < messages.messages_size(); ++i) {
+    const v1::ChatMessage& m = messages.messages(i);
+    if (m.role().empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(prefix, "[", i, "].role is empty"));
+    }
+    for (const auto& [name, text] : {std::pair<const char*, const std::string*>{"role", &m.role()},
+                                     {"content", &m.content()}}) {
+      if (engine::unicode::FindInvalidUtf8(*text).has_value()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(prefix, "[", i, "].", name, " is not valid UTF-8"));
+      }
+    }
+    chat.push_back({m.role(), m.content()});
+  }
+  const engine::ChatTemplate* tmpl = tokenizer.chat_template();
+  if (tmpl == nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        prefix, ": the model has no usable chat template (",
+        tokenizer.chat_template_status().message(),
+        "); give one with the config key model.chat_template_file (a Jinja file), or send a "
+        "text or token_ids prompt"));
+  }
+  RenderedChat out;
+  absl::StatusOr<std::string> text = tmpl->Apply(chat, /*add_generation_prompt=*/true);
+  if (!text.ok()) return WithFieldPrefix(text.status(), absl::StrCat(prefix, ": "));
+  out.text = *std::move(text);
+  absl::StatusOr<std::vector<int32_t>> ids =
+      tokenizer.Encode(out.text, /*add_special_tokens=*/false);
+  if (!ids.ok()) return WithFieldPrefix(ids.status(), absl::StrCat(prefix, ": "));
+  out.ids = *std::move(ids);
+  return out;
+}
 
 grpc::StatusCode ToGrpcCode(absl::StatusCode code) {
   switch (code) {

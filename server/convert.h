@@ -16,6 +16,7 @@
 #define SIEVE_SERVER_CONVERT_H_
 
 #include <cstdint>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -62,17 +63,38 @@ grpc::StatusCode ToGrpcCode(absl::StatusCode code);
 grpc::Status ToGrpcStatus(const absl::Status& status);
 
 // Validates `request` and converts it into an engine request, without sink and deadline (the
-// caller adds those). Text prompts are tokenized with `tokenizer`. Errors:
-//   InvalidArgument: no or empty prompt, token ids outside the vocabulary, NaN or out-of-range
+// caller adds those). Text prompts are tokenized with `tokenizer`; chat messages are rendered
+// by its chat template (RenderChat). Errors:
+//   InvalidArgument: no or empty prompt, a bad message list (see RenderChat), token ids outside the vocabulary, NaN or out-of-range
 //     sampling values, too many or malformed stop strings, stop token ids outside the
 //     vocabulary, max_tokens = 0, top_logprobs > 20, request_id longer than 128 bytes, text
 //     that is not valid UTF-8;
 //   OutOfRange: prompt plus max_tokens beyond limits.context_tokens (or a prompt that fills
-//     the context by itself).
+//     the context by itself);
+//   FailedPrecondition: messages for a model without a chat template.
 // The model name is not checked here (the service resolves it first).
 absl::StatusOr<engine::RequestSpec> ToRequestSpec(const v1::GenerateRequest& request,
                                                   const engine::Tokenizer& tokenizer,
                                                   const RequestLimits& limits);
+
+// A conversation as the model's chat template rendered it, and its tokens.
+struct RenderedChat {
+  std::string text;          // The rendered prompt (UTF-8).
+  std::vector<int32_t> ids;  // `text` tokenized without adding special tokens.
+};
+
+// Renders `messages` with the tokenizer's chat template (generation prompt added, as
+// engine/tokenizer/chat_template.h describes) and tokenizes the result with
+// add_special_tokens = false (the template places BOS). Both protocols (gRPC Generate and
+// Tokenize, the HTTP chat endpoint through GenerateRequest.messages) come through here.
+// `field` prefixes error messages (e.g. "prompt: messages"). Errors:
+//   InvalidArgument: no messages, a message with an empty role, text that is not valid UTF-8,
+//     the template's raise_exception (e.g. roles that do not alternate) or another render error;
+//   FailedPrecondition: the model has no usable chat template (the message says how to give
+//     one: model.chat_template_file).
+absl::StatusOr<RenderedChat> RenderChat(const v1::ChatMessages& messages,
+                                        const engine::Tokenizer& tokenizer,
+                                        std::string_view field);
 
 // Converts the sampling fields of a request (absent fields take the documented defaults).
 // `logprobs` and `top_logprobs` are GenerateRequest's fields of those names. An absent seed is

@@ -201,7 +201,7 @@ TEST(ToRequestSpec, PromptIdsAreCheckedAgainstTheModelVocabulary) {
 
 TEST(ToRequestSpec, RejectsPromptProblems) {
   ExpectRejected(v1::GenerateRequest(), absl::StatusCode::kInvalidArgument,
-                 "set either text or token_ids");
+                 "set one of text, token_ids or messages");
   v1::GenerateRequest empty_text;
   empty_text.set_text("");
   ExpectRejected(empty_text, absl::StatusCode::kInvalidArgument, "text is empty");
@@ -214,6 +214,39 @@ TEST(ToRequestSpec, RejectsPromptProblems) {
   v1::GenerateRequest bad_utf8;
   bad_utf8.set_text("abc\xff\xfe");
   ExpectRejected(bad_utf8, absl::StatusCode::kInvalidArgument, "prompt: text");
+}
+
+TEST(ToRequestSpec, MessagesAreRenderedByTheChatTemplateWithoutExtraSpecialTokens) {
+  v1::GenerateRequest request;
+  v1::ChatMessage* m = request.mutable_messages()->add_messages();
+  m->set_role("user");
+  m->set_content(" Hello ");
+  absl::StatusOr<engine::RequestSpec> spec = ToRequestSpec(request, EmbeddedTokenizer(), Limits());
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  const std::string rendered =
+      "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHello<|eot_id|>"
+      "<|start_header_id|>assistant<|end_header_id|>\n\n";
+  EXPECT_EQ(spec->prompt, *EmbeddedTokenizer().Encode(rendered, /*add_special_tokens=*/false));
+  absl::StatusOr<RenderedChat> chat =
+      RenderChat(request.messages(), EmbeddedTokenizer(), "messages");
+  ASSERT_TRUE(chat.ok()) << chat.status();
+  EXPECT_EQ(chat->text, rendered);
+  EXPECT_EQ(chat->ids, spec->prompt);
+}
+
+TEST(ToRequestSpec, RejectsBadMessageLists) {
+  v1::GenerateRequest empty;
+  empty.mutable_messages();
+  ExpectRejected(empty, absl::StatusCode::kInvalidArgument, "prompt: messages is empty");
+  v1::GenerateRequest no_role;
+  no_role.mutable_messages()->add_messages()->set_content("x");
+  ExpectRejected(no_role, absl::StatusCode::kInvalidArgument, "prompt: messages[0].role is empty");
+  v1::GenerateRequest bad_utf8;
+  v1::ChatMessage* m = bad_utf8.mutable_messages()->add_messages();
+  m->set_role("user");
+  m->set_content("abc\xff");
+  ExpectRejected(bad_utf8, absl::StatusCode::kInvalidArgument,
+                 "prompt: messages[0].content is not valid UTF-8");
 }
 
 TEST(ToRequestSpec, RejectsOutOfRangeAndNanSamplingValues) {

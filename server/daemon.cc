@@ -101,7 +101,24 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const ServerConfig& config
                                                              config.server.role));
   }
   SIEVE_RETURN_IF_ERROR(daemon->StartGrpc());
+  SIEVE_RETURN_IF_ERROR(daemon->StartHttp());
   return daemon;
+}
+
+absl::Status Daemon::StartHttp() {
+  if (config_.http.listen_address.empty()) return absl::OkStatus();
+  HttpServerOptions options;
+  options.listen_address = config_.http.listen_address;
+  options.max_request_bytes = config_.http.max_request_bytes;
+  options.threads = config_.http.threads;
+  if (Metrics* m = metrics_.get()) {
+    options.on_request_done = [m](std::string_view route, int status, double seconds) {
+      m->OnHttpRequest(route, status, seconds);
+    };
+  }
+  SIEVE_ASSIGN_OR_RETURN(http_, HttpServer::Start(std::move(options), &service_->gate()));
+  Log(LogLevel::kInfo, absl::StrCat("HTTP (OpenAI API) listening on ", http_->address()));
+  return absl::OkStatus();
 }
 
 absl::Status Daemon::StartGrpc() {
@@ -338,7 +355,11 @@ void Daemon::Drain(absl::Notification* cut_short) {
   if (lost) grace = std::min(grace, absl::Seconds(5));
   Log(LogLevel::kInfo, absl::StrCat("draining: health NOT_SERVING, new calls UNAVAILABLE, ",
                                     service_ ? service_->active_streams() : 0,
-                                    " streams in flight, grace period ",
+                                    " streams in flight",
+                                    http_ ? absl::StrCat(" and ", http_->active_requests(),
+                                                         " HTTP requests")
+                                          : std::string(),
+                                    ", grace period ",
                                     absl::FormatDuration(grace)));
   if (server_) SetHealth(false);
   if (service_) service_->StartDraining();
@@ -358,9 +379,13 @@ void Daemon::Drain(absl::Notification* cut_short) {
       idle = engine_->WaitIdle(std::min(left, absl::Milliseconds(100)));
     }
     if (!idle) {
-      Log(LogLevel::kWarning, absl::StrCat("drain: cancelling ", service_->active_streams(),
-                                           " streams still running"));
+      Log(LogLevel::kWarning,
+          absl::StrCat("drain: cancelling ", service_->active_streams(), " streams",
+                       http_ ? absl::StrCat(" and ", http_->active_requests(), " HTTP requests")
+                             : std::string(),
+                       " still running"));
       service_->CancelAll();
+      if (http_) http_->CancelAll();
       if (remote_prefill_) remote_prefill_->CancelAll();
       idle = engine_->WaitIdle(absl::Seconds(5));
     }
@@ -371,6 +396,9 @@ void Daemon::Drain(absl::Notification* cut_short) {
   // Let the last messages and statuses go out before the server stops.
   if (service_ && !service_->WaitForNoActiveStreams(absl::Seconds(5))) {
     Log(LogLevel::kWarning, "drain: streams still open after 5 s; closing them");
+  }
+  if (http_ && !abandoned_ && !http_->WaitForNoActiveRequests(absl::Seconds(5))) {
+    Log(LogLevel::kWarning, "drain: HTTP requests still open after 5 s; closing them");
   }
   if (kv_service_ && !kv_service_->WaitForNoCalls(absl::Seconds(5))) {
     Log(LogLevel::kWarning, "drain: KV transfers still open after 5 s; closing them");
@@ -384,6 +412,7 @@ void Daemon::Drain(absl::Notification* cut_short) {
   if (abandoned_) {
     Log(LogLevel::kError, "drain: a worker step never finished (the device hangs); leaving the "
                           "engine's threads behind for the process to exit");
+    (void)http_.release();  // its handler threads may wait for the hung engine
     (void)engine_.release();
     (void)service_.release();
     (void)kv_service_.release();
@@ -391,6 +420,7 @@ void Daemon::Drain(absl::Notification* cut_short) {
     (void)metrics_.release();
     return;
   }
+  http_.reset();
   remote_prefill_.reset();
   engine_.reset();
   service_.reset();
@@ -403,6 +433,7 @@ Daemon::~Daemon() {
   if (!stopped_) {
     stopped_ = true;
     if (service_) service_->StartDraining();
+    http_.reset();
     if (server_) server_->Shutdown(std::chrono::system_clock::now());
     server_.reset();
     remote_prefill_.reset();

@@ -1,5 +1,7 @@
 // Daemon: everything `sieved` runs, wired together: the metrics endpoint, the gRPC server (the
-// Sieve service, the standard health service and server reflection) and the engine.
+// Sieve service, the standard health service and server reflection), the OpenAI-compatible HTTP
+// API when http.listen_address is set (it shares the Sieve service's RequestGate) and the
+// engine.
 //
 // Start-up order, so that a load balancer or orchestrator can watch it:
 //   1. Start(): the metrics listener and the gRPC listener come up; health reports NOT_SERVING
@@ -29,6 +31,7 @@
 #include "engine/serving/engine.h"
 #include "server/auth.h"
 #include "server/config.h"
+#include "server/http_server.h"
 #include "server/kv_transfer_service.h"
 #include "server/metrics.h"
 #include "server/reflection_v1.h"
@@ -68,6 +71,9 @@ class Daemon {
   // The gRPC listen address with the bound port, e.g. "0.0.0.0:50051" (configured port 0 is
   // replaced by the port the kernel picked).
   const std::string& grpc_address() const { return grpc_address_; }
+
+  // The HTTP API's listen address with the bound port; empty when it is off.
+  std::string http_address() const { return http_ ? http_->address() : std::string(); }
 
   // The bound metrics port; 0 when metrics are disabled.
   int metrics_port() const { return metrics_ ? metrics_->port() : 0; }
@@ -111,6 +117,7 @@ class Daemon {
 
   explicit Daemon(const ServerConfig& config) : config_(config), events_(*this) {}
   absl::Status StartGrpc();
+  absl::Status StartHttp();
   void SetHealth(bool serving);
 
   const ServerConfig config_;
@@ -120,7 +127,7 @@ class Daemon {
   double last_progress_log_s_ = -1;  // when the load last logged its progress
   // Bearer tokens (server.auth.tokens_file), or null; outlives the gRPC server.
   std::unique_ptr<Authenticator> authenticator_;
-  // Destroyed bottom-up: the gRPC server, the services, the remote prefills (their threads use
+  // Destroyed bottom-up: the HTTP server, the gRPC server, the services, the remote prefills (their threads use
   // the engine), the engine, then the metrics (the engine's observer).
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<engine::Engine> engine_;
@@ -129,6 +136,7 @@ class Daemon {
   std::unique_ptr<SieveService> service_;
   std::unique_ptr<ReflectionV1Service> reflection_v1_;
   std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<HttpServer> http_;  // uses service_'s gate: stopped before it goes
   std::string grpc_address_;
   bool stopped_ = false;
   bool abandoned_ = false;  // see abandoned()

@@ -25,6 +25,13 @@
 namespace sieve::server {
 namespace {
 
+// The `route` values of the HTTP metrics: server/http_server.h's kHttpRoutes and "other".
+constexpr std::array<std::string_view, 5> kHttpRouteLabels = {
+    "/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "other"};
+// The HTTP statuses the API answers with, each its own `code` value; any other is "other".
+constexpr std::array<int, 13> kHttpCodes = {200, 400, 401, 403, 404, 408, 413,
+                                            429, 431, 500, 501, 503, 504};
+
 constexpr std::array<std::string_view, 17> kGrpcCodeNames = {
     "OK",
     "CANCELLED",
@@ -265,6 +272,20 @@ void Metrics::RegisterRequestMetrics(const prometheus::Labels& model_label) {
                         .Help("Finished gRPC calls by method and status code.")
                         .Labels(model_label)
                         .Register(*registry_);
+  http_requests_ = &BuildCounter()
+                        .Name("sieve_http_requests_total")
+                        .Help("Answered HTTP API requests by route and HTTP status.")
+                        .Labels(model_label)
+                        .Register(*registry_);
+  http_seconds_ = &prometheus::BuildHistogram()
+                       .Name("sieve_http_request_duration_seconds")
+                       .Help("HTTP API requests from arrival to the last byte written, by route.")
+                       .Labels(model_label)
+                       .Register(*registry_);
+  for (std::string_view route : kHttpRouteLabels) {
+    http_requests_->Add({{"route", std::string(route)}, {"code", "200"}});
+    http_seconds_->Add({{"route", std::string(route)}}, LatencyBucketsSeconds());
+  }
 }
 
 void Metrics::RegisterEngineMetrics(const prometheus::Labels& model_label) {
@@ -408,6 +429,20 @@ prometheus::Counter& Metrics::GrpcCounter(std::string_view method, std::string_v
 
 void Metrics::OnGrpcRequest(std::string_view method, std::string_view grpc_code) {
   GrpcCounter(method, grpc_code).Increment();
+}
+
+void Metrics::OnHttpRequest(std::string_view route, int http_status, double seconds) {
+  std::string route_label = "other";
+  for (std::string_view r : kHttpRouteLabels) {
+    if (r == route) route_label = std::string(r);
+  }
+  std::string code_label = "other";
+  for (int code : kHttpCodes) {
+    if (code == http_status) code_label = absl::StrCat(code);
+  }
+  // Family::Add returns the existing series for known labels; it locks internally.
+  http_requests_->Add({{"route", route_label}, {"code", code_label}}).Increment();
+  http_seconds_->Add({{"route", route_label}}, LatencyBucketsSeconds()).Observe(seconds);
 }
 
 void Metrics::OnRejected(engine::RejectReason reason) {

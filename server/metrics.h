@@ -27,6 +27,8 @@
 // | sieve_device_lost_total                     | counter   | model                | Unrecoverable backend failures (the daemon drains and exits). |
 // | sieve_rejections_total                      | counter   | model, reason        | Requests refused: queue_full, invalid (INVALID_ARGUMENT, OUT_OF_RANGE, NOT_FOUND, unparseable), draining. |
 // | sieve_grpc_requests_total                   | counter   | model, method, code  | Finished gRPC calls by method (e.g. "Generate") and status code name (e.g. "OK", "INVALID_ARGUMENT"). |
+// | sieve_http_requests_total                   | counter   | model, route, code   | Answered HTTP API requests by route (/v1/completions, /v1/chat/completions, /v1/models, /health or other) and HTTP status (200, 400, 404, 413, 429, 500, 501, 503, ... or other). |
+// | sieve_http_request_duration_seconds         | histogram | model, route         | HTTP API request from arrival to its last byte written (a streamed response's whole stream). |
 // | sieve_running_requests                      | gauge     | model, pool          | Requests in the prefill or decode pool. |
 // | sieve_waiting_requests                      | gauge     | model                | Requests queued for admission (including preempted ones). |
 // | sieve_waiting_tokens                        | gauge     | model                | Prompt tokens of the queued requests. |
@@ -51,8 +53,8 @@
 // | sieve_decode_selection_seconds              | histogram | model                | Per decode step under a sparse decode method: host seconds spent choosing the keys sparse attention reads (all layers). |
 //
 // Histograms expose the usual `_bucket{le=...}`, `_sum` and `_count` series. Every series whose
-// labels are known in advance (all but sieve_grpc_requests_total) is present from the start
-// with value 0, so dashboards and tests can read it before the first request.
+// labels are known in advance (all but sieve_grpc_requests_total, and of
+// sieve_http_requests_total all but code 200) is present from the start with value 0, so dashboards and tests can read it before the first request.
 //
 // Thread safety: every method may be called from any thread at any time.
 #ifndef SIEVE_SERVER_METRICS_H_
@@ -118,6 +120,10 @@ class Metrics : public engine::EngineObserver {
   // `grpc_code` a code name as returned by GrpcStatusCodeName (others count as "UNKNOWN").
   void OnGrpcRequest(std::string_view method, std::string_view grpc_code);
 
+  // Counts one answered HTTP API request: `route` one of server/http_server.h's kHttpRoutes
+  // (others count as "other"), `http_status` the status sent, `seconds` its duration.
+  void OnHttpRequest(std::string_view route, int http_status, double seconds);
+
   // Returns what GET /metrics would return now (Prometheus text format 0.0.4).
   std::string Render() const;
 
@@ -157,6 +163,8 @@ class Metrics : public engine::EngineObserver {
 
   // Families owned by registry_.
   prometheus::Family<prometheus::Counter>* grpc_requests_ = nullptr;
+  prometheus::Family<prometheus::Counter>* http_requests_ = nullptr;
+  prometheus::Family<prometheus::Histogram>* http_seconds_ = nullptr;
 
   // Request latency histograms.
   prometheus::Histogram* queue_s_ = nullptr;

@@ -65,6 +65,8 @@ const std::vector<std::pair<std::string, std::string>>& DocumentedFamilies() {
       {"sieve_prefills_total", "counter"},
       {"sieve_prefill_daemons_reachable", "gauge"},
       {"sieve_step_tokens_total", "counter"},
+      {"sieve_http_requests_total", "counter"},
+      {"sieve_http_request_duration_seconds", "histogram"},
   };
   return *kFamilies;
 }
@@ -305,6 +307,34 @@ TEST(MetricsTest, GrpcRequestsByMethodAndCodeWithBoundedLabels) {
   for (const MetricSample& s : p.All(name)) methods.insert(s.labels.at("method"));
   EXPECT_EQ(methods.size(), static_cast<size_t>(Metrics::kMaxGrpcMethods) + 1);  // + "other"
   EXPECT_EQ(p.Sum(name), 7.0 + Metrics::kMaxGrpcMethods + 10);
+}
+
+TEST(MetricsTest, HttpRequestsByRouteAndCodeWithBoundedLabels) {
+  std::unique_ptr<Metrics> m = MakeMetrics();
+  ASSERT_NE(m, nullptr);
+  ParsedMetrics p = Scrape(*m);
+  const std::string name = "sieve_http_requests_total";
+  // Present from the start: code 200 of every route, and each route's duration histogram.
+  EXPECT_EQ(p.Find(name, {{"route", "/v1/chat/completions"}, {"code", "200"}}), 0.0);
+  EXPECT_EQ(p.Find("sieve_http_request_duration_seconds_count", {{"route", "other"}}), 0.0);
+  m->OnHttpRequest("/v1/completions", 200, 0.25);
+  m->OnHttpRequest("/v1/completions", 400, 0.001);
+  m->OnHttpRequest("/v1/completions", 400, 0.001);
+  m->OnHttpRequest("/health", 503, 0.001);
+  m->OnHttpRequest("/etc/passwd", 404, 0.001);  // a client's path -> other
+  m->OnHttpRequest("/v1/models", 299, 0.001);   // an unlisted status -> other
+  p = Scrape(*m);
+  EXPECT_EQ(p.Find(name, {{"route", "/v1/completions"}, {"code", "200"}}), 1.0);
+  EXPECT_EQ(p.Find(name, {{"route", "/v1/completions"}, {"code", "400"}}), 2.0);
+  EXPECT_EQ(p.Find(name, {{"route", "/health"}, {"code", "503"}}), 1.0);
+  EXPECT_EQ(p.Find(name, {{"route", "other"}, {"code", "404"}}), 1.0);
+  EXPECT_EQ(p.Find(name, {{"route", "/v1/models"}, {"code", "other"}}), 1.0);
+  EXPECT_EQ(p.Sum(name), 6.0);
+  EXPECT_EQ(p.Find("sieve_http_request_duration_seconds_count", {{"route", "/v1/completions"}}),
+            3.0);
+  EXPECT_DOUBLE_EQ(
+      p.Find("sieve_http_request_duration_seconds_sum", {{"route", "/v1/completions"}}).value_or(0),
+      0.252);
 }
 
 TEST(MetricsTest, RenderMatchesTheEndpoint) {

@@ -244,11 +244,11 @@ void SieveService::Stream::Pump() {
 }
 
 void SieveService::GenerateReactor::Start(const v1::GenerateRequest& request) {
-  absl::StatusOr<engine::Engine*> engine = service_->Available();
+  RequestGate& gate = service_->gate_;
+  absl::StatusOr<engine::Engine*> engine = gate.Available();
   if (!engine.ok()) return Reject(engine.status());
-  if (absl::Status s = service_->CheckModel(request.model()); !s.ok()) return Reject(s);
-  absl::StatusOr<engine::RequestSpec> spec =
-      ToRequestSpec(request, (*engine)->tokenizer(), service_->limits_);
+  if (absl::Status s = gate.CheckModel(request.model()); !s.ok()) return Reject(s);
+  absl::StatusOr<engine::RequestSpec> spec = gate.Prepare(request, **engine);
   if (!spec.ok()) return Reject(spec.status());
 
   Stream& stream = *stream_;
@@ -263,38 +263,29 @@ void SieveService::GenerateReactor::Start(const v1::GenerateRequest& request) {
 
   service_->Register(stream_);
   registered_ = true;
-  RemotePrefill* remote = service_->options_.remote_prefill;
-  if (remote != nullptr && remote->Wants(spec->prompt.size())) {
-    // Prefill elsewhere first; the request is submitted when the KV is here (or must not be).
-    const absl::Time deadline =
-        stream.deadline.has_value() ? absl::FromChrono(*stream.deadline) : absl::InfiniteFuture();
-    auto prepared = std::make_shared<engine::RequestSpec>(*std::move(spec));
-    SieveService* service = service_;
-    std::shared_ptr<Stream> shared = stream_;
-    std::shared_ptr<TransferCancellation> transfer = remote->Start(
-        prepared->prompt, deadline,
-        [service, shared, prepared](absl::Status placed, double transfer_s) {
-          service->SubmitPrepared(shared, std::move(*prepared), placed, transfer_s);
-        });
-    bool cancelled;
-    {
-      absl::MutexLock lock(&stream.mu);
-      stream.transfer = transfer;
-      cancelled = stream.cancelled;
-    }
-    if (cancelled) transfer->Cancel();
-    return;
+  const absl::Time deadline =
+      stream.deadline.has_value() ? absl::FromChrono(*stream.deadline) : absl::InfiniteFuture();
+  SieveService* service = service_;
+  std::shared_ptr<Stream> shared = stream_;
+  std::shared_ptr<TransferCancellation> transfer = gate.Submit(
+      **engine, *std::move(spec), deadline,
+      [service, shared](absl::StatusOr<engine::RequestId> id, double transfer_s) {
+        service->OnSubmitted(shared, std::move(id), transfer_s);
+      });
+  if (transfer == nullptr) return;
+  // A remote prefill runs: the call's cancellation must reach it.
+  bool cancelled;
+  {
+    absl::MutexLock lock(&stream.mu);
+    stream.transfer = transfer;
+    cancelled = stream.cancelled;
   }
-  if (remote != nullptr) remote->CountLocal();
-  service_->SubmitPrepared(stream_, *std::move(spec), absl::OkStatus(), 0);
+  if (cancelled) transfer->Cancel();
 }
 
-void SieveService::SubmitPrepared(const std::shared_ptr<Stream>& shared, engine::RequestSpec spec,
-                                  const absl::Status& placed, double transfer_s) {
+void SieveService::OnSubmitted(const std::shared_ptr<Stream>& shared,
+                               absl::StatusOr<engine::RequestId> id, double transfer_s) {
   Stream& stream = *shared;
-  const size_t prompt_tokens = spec.prompt.size();
-  absl::StatusOr<engine::RequestId> id =
-      placed.ok() ? stream.engine->Submit(std::move(spec)) : placed;
   if (!id.ok()) {
     // Ends the call with the error, through the stream (a write or OnCancel may be racing).
     {
@@ -318,39 +309,24 @@ void SieveService::SubmitPrepared(const std::shared_ptr<Stream>& shared, engine:
   // OnCancel may have run before the id was known.
   if (cancelled) stream.engine->Cancel(*id);
   if (LogEnabled(LogLevel::kDebug)) {
-    Log(LogLevel::kDebug, absl::StrCat("request ", stream.response_id, " accepted: ",
-                                       prompt_tokens, " prompt tokens, engine id ", *id,
+    Log(LogLevel::kDebug, absl::StrCat("request ", stream.response_id, " accepted: engine id ",
+                                       *id,
                                        transfer_s > 0 ? absl::StrCat(", KV transferred in ",
                                                                      transfer_s, " s")
                                                       : std::string()));
   }
 }
 
-SieveService::SieveService(ServiceOptions options) : options_(std::move(options)) {}
+SieveService::SieveService(ServiceOptions options)
+    : options_(std::move(options)),
+      gate_(RequestGateOptions{options_.model_name, options_.default_max_tokens,
+                               options_.max_stop_strings, options_.remote_prefill}) {}
 
 SieveService::~SieveService() = default;
 
-void SieveService::SetEngine(engine::Engine* engine) {
-  const engine::ModelInfo info = engine->model_info();
-  RequestLimits limits;
-  limits.vocab_size = static_cast<int32_t>(engine->model_config().vocab_size);
-  const int64_t kv_tokens = int64_t{info.kv_pages} * info.page_size;
-  limits.context_tokens = static_cast<int32_t>(
-      info.context_tokens > 0 ? std::min<int64_t>(info.context_tokens, kv_tokens) : kv_tokens);
-  // ModelInfo's context is already the smaller of the model's and the KV pool's: say which.
-  const int64_t model_context = engine->model_config().max_position_embeddings;
-  if (limits.context_tokens == kv_tokens && (model_context <= 0 || kv_tokens < model_context)) {
-    limits.context_limited_by = absl::StrCat(
-        "the KV cache: kv_cache.num_pages ", info.kv_pages, " x kv_cache.page_size_tokens ",
-        info.page_size, "; the model's context is ", model_context, " tokens");
-  }
-  limits.default_max_tokens = options_.default_max_tokens;
-  limits.max_stop_strings = std::min(options_.max_stop_strings, engine::kMaxStopStrings);
-  limits_ = limits;
-  engine_.store(engine, std::memory_order_release);
-}
+void SieveService::SetEngine(engine::Engine* engine) { gate_.SetEngine(engine); }
 
-void SieveService::StartDraining() { draining_.store(true); }
+void SieveService::StartDraining() { gate_.StartDraining(); }
 
 void SieveService::CancelAll() {
   std::vector<std::shared_ptr<Stream>> streams;
@@ -393,23 +369,6 @@ void SieveService::Unregister(Stream* stream) {
   streams_.erase(stream);
 }
 
-absl::StatusOr<engine::Engine*> SieveService::Available() const {
-  if (draining_.load()) {
-    return absl::UnavailableError("the server is draining (shutting down); retry elsewhere");
-  }
-  engine::Engine* engine = engine_.load(std::memory_order_acquire);
-  if (engine == nullptr) {
-    return absl::UnavailableError("the model is still loading; retry shortly");
-  }
-  return engine;
-}
-
-absl::Status SieveService::CheckModel(const std::string& name) const {
-  if (name.empty() || name == options_.model_name) return absl::OkStatus();
-  return absl::NotFoundError(absl::StrCat("unknown model '", name, "'; this server serves '",
-                                          options_.model_name, "'"));
-}
-
 void SieveService::ReportDone(std::string_view method, grpc::StatusCode code) const {
   if (options_.on_rpc_done) options_.on_rpc_done(method, code);
 }
@@ -440,7 +399,7 @@ grpc::ServerUnaryReactor* SieveService::FinishUnary(grpc::CallbackServerContext*
 
 void SieveService::FillModelInfo(engine::Engine& engine, v1::ModelInfo* out) const {
   ToProtoModelInfo(engine.model_info(), engine.model_config(), engine.tokenizer(),
-                   limits_.context_tokens, out);
+                   gate_.limits().context_tokens, out);
   out->set_name(options_.model_name);
 }
 
@@ -460,15 +419,29 @@ grpc::ServerUnaryReactor* SieveService::Tokenize(grpc::CallbackServerContext* co
                                                  v1::TokenizeResponse* response) {
   absl::Status status = [&]() -> absl::Status {
     SIEVE_RETURN_IF_ERROR(Authenticate(*context));
-    SIEVE_ASSIGN_OR_RETURN(engine::Engine * engine, Available());
-    SIEVE_RETURN_IF_ERROR(CheckModel(request->model()));
+    SIEVE_ASSIGN_OR_RETURN(engine::Engine * engine, gate_.Available());
+    SIEVE_RETURN_IF_ERROR(gate_.CheckModel(request->model()));
     const engine::Tokenizer& tokenizer = engine->tokenizer();
-    const bool add_special = !request->has_add_special_tokens() || request->add_special_tokens();
-    absl::StatusOr<std::vector<int32_t>> ids = tokenizer.Encode(request->text(), add_special);
-    if (!ids.ok()) {
-      return absl::InvalidArgumentError(absl::StrCat("text: ", ids.status().message()));
+    std::vector<int32_t> ids;
+    if (request->has_messages()) {
+      if (!request->text().empty()) {
+        return absl::InvalidArgumentError("set either text or messages, not both");
+      }
+      SIEVE_ASSIGN_OR_RETURN(RenderedChat chat,
+                             RenderChat(request->messages(), tokenizer, "messages"));
+      response->set_rendered_text(std::move(chat.text));
+      ids = std::move(chat.ids);
+    } else {
+      const bool add_special =
+          !request->has_add_special_tokens() || request->add_special_tokens();
+      absl::StatusOr<std::vector<int32_t>> encoded =
+          tokenizer.Encode(request->text(), add_special);
+      if (!encoded.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat("text: ", encoded.status().message()));
+      }
+      ids = *std::move(encoded);
     }
-    for (int32_t id : *ids) {
+    for (int32_t id : ids) {
       response->add_token_ids(id);
       if (request->return_pieces()) {
         absl::StatusOr<std::string> piece = tokenizer.TokenBytes(id);
@@ -485,10 +458,10 @@ grpc::ServerUnaryReactor* SieveService::Detokenize(grpc::CallbackServerContext* 
                                                    v1::DetokenizeResponse* response) {
   absl::Status status = [&]() -> absl::Status {
     SIEVE_RETURN_IF_ERROR(Authenticate(*context));
-    SIEVE_ASSIGN_OR_RETURN(engine::Engine * engine, Available());
-    SIEVE_RETURN_IF_ERROR(CheckModel(request->model()));
+    SIEVE_ASSIGN_OR_RETURN(engine::Engine * engine, gate_.Available());
+    SIEVE_RETURN_IF_ERROR(gate_.CheckModel(request->model()));
     const auto& ids = request->token_ids();
-    SIEVE_RETURN_IF_ERROR(CheckTokenIds(ids, limits_.vocab_size, "token_ids"));
+    SIEVE_RETURN_IF_ERROR(CheckTokenIds(ids, gate_.limits().vocab_size, "token_ids"));
     const bool skip = !request->has_skip_special_tokens() || request->skip_special_tokens();
     absl::StatusOr<std::string> text =
         engine->tokenizer().Decode(absl::MakeConstSpan(ids.data(), ids.size()), skip);
@@ -506,7 +479,7 @@ grpc::ServerUnaryReactor* SieveService::ListModels(grpc::CallbackServerContext* 
                                                    v1::ListModelsResponse* response) {
   absl::Status status = [&]() -> absl::Status {
     SIEVE_RETURN_IF_ERROR(Authenticate(*context));
-    SIEVE_ASSIGN_OR_RETURN(engine::Engine * engine, Available());
+    SIEVE_ASSIGN_OR_RETURN(engine::Engine * engine, gate_.Available());
     FillModelInfo(*engine, response->add_models());
     return absl::OkStatus();
   }();
@@ -518,8 +491,8 @@ grpc::ServerUnaryReactor* SieveService::GetModelInfo(grpc::CallbackServerContext
                                                      v1::ModelInfo* response) {
   absl::Status status = [&]() -> absl::Status {
     SIEVE_RETURN_IF_ERROR(Authenticate(*context));
-    SIEVE_ASSIGN_OR_RETURN(engine::Engine * engine, Available());
-    SIEVE_RETURN_IF_ERROR(CheckModel(request->model()));
+    SIEVE_ASSIGN_OR_RETURN(engine::Engine * engine, gate_.Available());
+    SIEVE_RETURN_IF_ERROR(gate_.CheckModel(request->model()));
     FillModelInfo(*engine, response);
     return absl::OkStatus();
   }();

@@ -39,6 +39,7 @@
 #include "server/auth.h"
 #include "server/convert.h"
 #include "server/remote_prefill.h"
+#include "server/request_gate.h"
 #include "sieve/v1/sieve.grpc.pb.h"
 
 namespace sieve::server {
@@ -81,6 +82,10 @@ class SieveService final : public v1::Sieve::CallbackService {
   // From now on new calls fail with UNAVAILABLE ("draining"); calls in flight continue.
   void StartDraining();
 
+  // The engine path this service takes (availability, model check, validation, placement,
+  // submission), which the daemon's other front ends (the HTTP API) share.
+  RequestGate& gate() { return gate_; }
+
   // Cancels the engine requests of every Generate call in flight; each stream then ends with a
   // last message whose finish reason is FINISH_REASON_CANCELLED.
   void CancelAll();
@@ -112,18 +117,13 @@ class SieveService final : public v1::Sieve::CallbackService {
   class StreamSink;
   struct Stream;
 
-  // The engine if calls may be served now, else UNAVAILABLE (loading or draining).
-  absl::StatusOr<engine::Engine*> Available() const;
-  // OK if `name` is empty or the served model, else NOT_FOUND.
-  absl::Status CheckModel(const std::string& name) const;
   // Finishes a unary call with `status` and reports it.
   grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,
                                         std::string_view method, const absl::Status& status);
-  // Submits a converted request of `stream` to the engine once its prefill placement is known:
-  // `placed` OK (submit; `transfer_s` seconds went to a remote prefill) or the error that fails
-  // the call. Any thread.
-  void SubmitPrepared(const std::shared_ptr<Stream>& stream, engine::RequestSpec spec,
-                      const absl::Status& placed, double transfer_s);
+  // Records the outcome of RequestGate::Submit for `stream`: its engine id, or the error that
+  // fails the call. Any thread.
+  void OnSubmitted(const std::shared_ptr<Stream>& stream, absl::StatusOr<engine::RequestId> id,
+                   double transfer_s);
   // Fills `out` with the served model's description.
   void FillModelInfo(engine::Engine& engine, v1::ModelInfo* out) const;
   void ReportDone(std::string_view method, grpc::StatusCode code) const;
@@ -135,10 +135,7 @@ class SieveService final : public v1::Sieve::CallbackService {
   void Unregister(Stream* stream);
 
   const ServiceOptions options_;
-  std::atomic<engine::Engine*> engine_{nullptr};
-  std::atomic<bool> draining_{false};
-  // Set with the engine: what requests are validated against.
-  RequestLimits limits_;
+  RequestGate gate_;
   std::atomic<uint64_t> next_request_number_{1};
 
   mutable absl::Mutex mu_;

@@ -53,6 +53,17 @@ absl::Status Engine::Impl::Init(const EngineConfig& config, EngineObserver* obse
   SIEVE_ASSIGN_OR_RETURN(tokenizer_, Tokenizer::FromDirectory(model.tokenizer_directory.empty()
                                                                   ? model.directory
                                                                   : model.tokenizer_directory));
+  if (!model.chat_template_file.empty()) {
+    const std::string& dir =
+        model.tokenizer_directory.empty() ? model.directory : model.tokenizer_directory;
+    absl::StatusOr<std::unique_ptr<ChatTemplate>> chat =
+        LoadChatTemplate(dir, model.chat_template_file);
+    if (!chat.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("model.chat_template_file: ", chat.status().message()));
+    }
+    tokenizer_->SetChatTemplate(std::move(chat));
+  }
   ModelRunnerOptions runner_options = RunnerOptionsFor(config);
   if (observer != nullptr) {
     runner_options.on_load_progress = [observer](const WeightLoadProgress& p) {

@@ -57,6 +57,9 @@ struct ServedModelConfig {
   int32_t random_seed = 0;
   // Folder of tokenizer.json (and tokenizer_config.json); empty means `directory`.
   std::string tokenizer_directory;
+  // A Jinja chat template file that replaces tokenizer_config.json's chat_template; empty keeps
+  // the model's own (engine/tokenizer/chat_template.h).
+  std::string chat_template_file;
 
   // Not configuration keys; for the CLI, tests and benchmarks.
   // Host threads of the cpu backend's operators; 0 = every hardware thread.

@@ -50,7 +50,12 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromDirectory(const std::s
   if (std::ifstream(config_path).good()) {
     SIEVE_ASSIGN_OR_RETURN(config_json, ReadFile(config_path));
   }
-  return FromJson(tokenizer_json, config_json);
+  SIEVE_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer,
+                         FromJson(tokenizer_json, config_json));
+  if (std::ifstream(dir + "/" + std::string(kChatTemplateFileName)).good()) {
+    tokenizer->SetChatTemplate(LoadChatTemplate(dir, ""));
+  }
+  return tokenizer;
 }
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(
@@ -67,7 +72,20 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(
   } catch (const std::exception& e) {  // Defensive: every access is type-checked first.
     return absl::InvalidArgumentError(absl::StrCat("tokenizer: malformed JSON: ", e.what()));
   }
+  if (config.has_value()) {
+    tokenizer->SetChatTemplate(ChatTemplateFromTokenizerConfig(tokenizer_config_json));
+  }
   return tokenizer;
+}
+
+void Tokenizer::SetChatTemplate(absl::StatusOr<std::unique_ptr<ChatTemplate>> chat_template) {
+  if (chat_template.ok()) {
+    chat_template_ = *std::move(chat_template);
+    chat_template_status_ = absl::OkStatus();
+  } else {
+    chat_template_.reset();
+    chat_template_status_ = chat_template.status();
+  }
 }
 
 absl::Status Tokenizer::Init(const Json& root, const Json* config) {

@@ -21,7 +21,9 @@
 //   pre_tokenizer: see engine/pretokenizer.h;  decoder: see engine/tokenizer/decoder.h;
 //   post_processor: null, ByteLevel, TemplateProcessing, RobertaProcessing, BertProcessing,
 //   Sequence of those (only the single-sequence template is used).
-// tokenizer_config.json (optional): bos_token, eos_token (string or {"content": ...}),
+// tokenizer_config.json (optional): chat_template (see engine/tokenizer/chat_template.h; a
+// template that does not parse leaves the tokenizer usable, without a chat template),
+// bos_token, eos_token (string or {"content": ...}),
 // add_bos_token / add_eos_token (added when true and the post-processor does not add them).
 // Its "legacy" flag needs nothing here: tokenizer.json already encodes it (legacy files use the
 // Prepend + Replace normalizers, non-legacy ones a Metaspace pre-tokenizer with "first").
@@ -60,6 +62,7 @@
 #include "absl/types/span.h"
 #include "engine/tokenizer/added_vocabulary.h"
 #include "engine/tokenizer/bpe_model.h"
+#include "engine/tokenizer/chat_template.h"
 #include "engine/tokenizer/decoder.h"
 #include "engine/tokenizer/normalizer.h"
 #include "engine/tokenizer/pretokenizer.h"
@@ -114,6 +117,16 @@ class Tokenizer {
   // invalid UTF-8 sequence.
   absl::StatusOr<std::string> TokenBytes(int32_t id) const;
 
+  // Returns the model's chat template (tokenizer_config.json's chat_template, or the one given
+  // to SetChatTemplate), or nullptr when there is none; chat_template_status() then says why.
+  const ChatTemplate* chat_template() const { return chat_template_.get(); }
+  const absl::Status& chat_template_status() const { return chat_template_status_; }
+
+  // Replaces the chat template, or records why there is none (`chat_template` not OK). Not
+  // thread-safe: call it before the tokenizer is shared (the engine does, for
+  // model.chat_template_file).
+  void SetChatTemplate(absl::StatusOr<std::unique_ptr<ChatTemplate>> chat_template);
+
   // Returns the ids the post-processor puts before / after the text (add_special_tokens).
   const std::vector<int32_t>& special_prefix() const { return prefix_ids_; }
   const std::vector<int32_t>& special_suffix() const { return suffix_ids_; }
@@ -160,6 +173,9 @@ class Tokenizer {
   std::vector<int32_t> eos_ids_;
   int32_t vocab_size_ = 0;
   std::vector<TokenInfo> tokens_;  // Index: id, size vocab_size_.
+  std::unique_ptr<ChatTemplate> chat_template_;
+  absl::Status chat_template_status_ =
+      absl::NotFoundError("the tokenizer was loaded without a tokenizer_config.json");
 };
 
 // Streams the text of tokens as they arrive without ever splitting a UTF-8 character: Push
