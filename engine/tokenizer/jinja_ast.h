@@ -39,7 +39,8 @@ struct Expr {
     kCond,     // args[0] if args[1] else args[2] (args[2] may be null)
   };
   Kind kind = Kind::kLiteral;
-  int line = 0;  // Template line of the node, 1-based.
+  int line = 0;   // Template line of the node, 1-based.
+  int depth = 1;  // Height of the subtree (a leaf is 1); the parser bounds it.
   std::string name;
   Value literal;
   bool negated = false;  // kTest: `is not`.

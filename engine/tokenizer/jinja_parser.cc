@@ -1,5 +1,6 @@
 #include "engine/tokenizer/jinja_parser.h"
 
+#include <algorithm>
 #include <initializer_list>
 #include <utility>
 #include <vector>
@@ -309,11 +310,29 @@ class Parser {
     e->line = line;
     return e;
   }
-  ExprPtr Wrap(Expr::Kind kind, std::string name, ExprPtr a, ExprPtr b, int line) const {
+  // Sets `e`'s depth from its children's; fails past the expression depth limit (a deep tree
+  // would recurse deeply when evaluated and when destroyed).
+  absl::Status Seal(Expr* e) const {
+    int depth = 0;
+    for (const ExprPtr& a : e->args) {
+      if (a != nullptr) depth = std::max(depth, a->depth);
+    }
+    for (const auto& [name, value] : e->kwargs) depth = std::max(depth, value->depth);
+    e->depth = depth + 1;
+    if (e->depth > max_depth_) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "line ", e->line, ": expression nests deeper than ", max_depth_, " levels"));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<ExprPtr> Wrap(Expr::Kind kind, std::string name, ExprPtr a, ExprPtr b,
+                               int line) const {
     auto e = NewExpr(kind, line);
     e->name = std::move(name);
     e->args.push_back(std::move(a));
     if (b != nullptr) e->args.push_back(std::move(b));
+    SIEVE_RETURN_IF_ERROR(Seal(e.get()));
     return e;
   }
 
@@ -329,6 +348,7 @@ class Parser {
       SIEVE_ASSIGN_OR_RETURN(ExprPtr item, ParseExpression(with_cond));
       tuple->args.push_back(std::move(item));
     }
+    SIEVE_RETURN_IF_ERROR(Seal(tuple.get()));
     return tuple;
   }
 
@@ -348,6 +368,7 @@ class Parser {
       node->args.push_back(std::move(expr));
       node->args.push_back(std::move(cond));
       node->args.push_back(std::move(otherwise));
+      SIEVE_RETURN_IF_ERROR(Seal(node.get()));
       expr = std::move(node);
     }
     return expr;
@@ -359,7 +380,7 @@ class Parser {
       const int line = Cur().line;
       Advance();
       SIEVE_ASSIGN_OR_RETURN(ExprPtr right, ParseAnd());
-      left = Wrap(Expr::Kind::kOr, "", std::move(left), std::move(right), line);
+      SIEVE_ASSIGN_OR_RETURN(left, Wrap(Expr::Kind::kOr, "", std::move(left), std::move(right), line));
     }
     return left;
   }
@@ -370,7 +391,7 @@ class Parser {
       const int line = Cur().line;
       Advance();
       SIEVE_ASSIGN_OR_RETURN(ExprPtr right, ParseNot());
-      left = Wrap(Expr::Kind::kAnd, "", std::move(left), std::move(right), line);
+      SIEVE_ASSIGN_OR_RETURN(left, Wrap(Expr::Kind::kAnd, "", std::move(left), std::move(right), line));
     }
     return left;
   }
@@ -415,6 +436,7 @@ class Parser {
       SIEVE_ASSIGN_OR_RETURN(ExprPtr operand, ParseMath1());
       node->ops.push_back(op);
       node->args.push_back(std::move(operand));
+      SIEVE_RETURN_IF_ERROR(Seal(node.get()));
     }
     return node != nullptr ? std::move(node) : std::move(first);
   }
@@ -431,7 +453,7 @@ class Parser {
       const int line = Cur().line;
       Advance();
       SIEVE_ASSIGN_OR_RETURN(ExprPtr right, (this->*next)());
-      left = Wrap(Expr::Kind::kBinary, op, std::move(left), std::move(right), line);
+      SIEVE_ASSIGN_OR_RETURN(left, Wrap(Expr::Kind::kBinary, op, std::move(left), std::move(right), line));
     }
     return left;
   }
@@ -452,8 +474,8 @@ class Parser {
       const bool neg = IsOp("-");
       Advance();
       SIEVE_ASSIGN_OR_RETURN(ExprPtr operand, ParseUnary(false));
-      node = Wrap(neg ? Expr::Kind::kNeg : Expr::Kind::kPos, "", std::move(operand), nullptr,
-                  line);
+      SIEVE_ASSIGN_OR_RETURN(node, Wrap(neg ? Expr::Kind::kNeg : Expr::Kind::kPos, "", std::move(operand), nullptr,
+                  line));
     } else {
       SIEVE_ASSIGN_OR_RETURN(node, ParsePrimary());
     }
@@ -515,6 +537,7 @@ class Parser {
           SIEVE_ASSIGN_OR_RETURN(ExprPtr item, ParseExpression(true));
           tuple->args.push_back(std::move(item));
         }
+        SIEVE_RETURN_IF_ERROR(Seal(tuple.get()));
         inner = std::move(tuple);
       }
       SIEVE_RETURN_IF_ERROR(ExpectOp(")"));
@@ -529,6 +552,7 @@ class Parser {
         node->args.push_back(std::move(item));
       }
       Advance();
+      SIEVE_RETURN_IF_ERROR(Seal(node.get()));
       return node;
     }
     if (SkipOp("{")) {
@@ -543,6 +567,7 @@ class Parser {
         node->args.push_back(std::move(value));
       }
       Advance();
+      SIEVE_RETURN_IF_ERROR(Seal(node.get()));
       return node;
     }
     return Error(absl::StrCat("unexpected ", Describe(t), " in expression"));
@@ -569,7 +594,7 @@ class Parser {
       }
     }
     Advance();  // )
-    return absl::OkStatus();
+    return Seal(call);
   }
 
   absl::StatusOr<ExprPtr> ParsePostfix(ExprPtr node) {
@@ -580,15 +605,15 @@ class Parser {
           auto index = NewExpr(Expr::Kind::kLiteral, line);
           index->literal = Value::Int(Cur().int_value);
           Advance();
-          node = Wrap(Expr::Kind::kItem, "", std::move(node), std::move(index), line);
+          SIEVE_ASSIGN_OR_RETURN(node, Wrap(Expr::Kind::kItem, "", std::move(node), std::move(index), line));
         } else {
           SIEVE_ASSIGN_OR_RETURN(std::string name, ExpectName());
-          node = Wrap(Expr::Kind::kAttr, std::move(name), std::move(node), nullptr, line);
+          SIEVE_ASSIGN_OR_RETURN(node, Wrap(Expr::Kind::kAttr, std::move(name), std::move(node), nullptr, line));
         }
       } else if (SkipOp("[")) {
         SIEVE_ASSIGN_OR_RETURN(node, ParseSubscript(std::move(node), line));
       } else if (IsOp("(")) {
-        auto call = Wrap(Expr::Kind::kCall, "", std::move(node), nullptr, line);
+        SIEVE_ASSIGN_OR_RETURN(ExprPtr call, Wrap(Expr::Kind::kCall, "", std::move(node), nullptr, line));
         SIEVE_RETURN_IF_ERROR(ParseCallArgs(call.get()));
         node = std::move(call);
       } else {
@@ -621,6 +646,7 @@ class Parser {
     auto node = NewExpr(Expr::Kind::kSlice, line);
     node->args.push_back(std::move(target));
     for (ExprPtr& p : parts) node->args.push_back(std::move(p));
+    SIEVE_RETURN_IF_ERROR(Seal(node.get()));
     return node;
   }
 
@@ -630,14 +656,14 @@ class Parser {
       if (SkipOp("|")) {
         SIEVE_ASSIGN_OR_RETURN(std::string name, ExpectName());
         if (!IsFilter(name)) return Error(absl::StrCat("no filter named '", name, "'"));
-        auto filter = Wrap(Expr::Kind::kFilter, std::move(name), std::move(node), nullptr, line);
+        SIEVE_ASSIGN_OR_RETURN(ExprPtr filter, Wrap(Expr::Kind::kFilter, std::move(name), std::move(node), nullptr, line));
         if (IsOp("(")) SIEVE_RETURN_IF_ERROR(ParseCallArgs(filter.get()));
         node = std::move(filter);
       } else if (SkipName("is")) {
         const bool negated = SkipName("not");
         SIEVE_ASSIGN_OR_RETURN(std::string name, ExpectName());
         if (!IsTest(name)) return Error(absl::StrCat("no test named '", name, "'"));
-        auto test = Wrap(Expr::Kind::kTest, std::move(name), std::move(node), nullptr, line);
+        SIEVE_ASSIGN_OR_RETURN(ExprPtr test, Wrap(Expr::Kind::kTest, std::move(name), std::move(node), nullptr, line));
         test->negated = negated;
         if (IsOp("(")) {
           SIEVE_RETURN_IF_ERROR(ParseCallArgs(test.get()));
@@ -649,10 +675,11 @@ class Parser {
           SIEVE_ASSIGN_OR_RETURN(ExprPtr arg, ParsePrimary());
           SIEVE_ASSIGN_OR_RETURN(arg, ParsePostfix(std::move(arg)));
           test->args.push_back(std::move(arg));
+          SIEVE_RETURN_IF_ERROR(Seal(test.get()));
         }
         node = std::move(test);
       } else if (IsOp("(")) {
-        auto call = Wrap(Expr::Kind::kCall, "", std::move(node), nullptr, line);
+        SIEVE_ASSIGN_OR_RETURN(ExprPtr call, Wrap(Expr::Kind::kCall, "", std::move(node), nullptr, line));
         SIEVE_RETURN_IF_ERROR(ParseCallArgs(call.get()));
         node = std::move(call);
       } else {

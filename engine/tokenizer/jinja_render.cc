@@ -69,6 +69,13 @@ absl::StatusOr<Value> Repeat(const Value& seq, int64_t times, size_t max_bytes) 
   return Value::List(std::move(out));
 }
 
+// Counts one level of nesting for as long as it lives.
+struct NestingGuard {
+  explicit NestingGuard(int* n) : n(n) { ++*n; }
+  ~NestingGuard() { --*n; }
+  int* n;
+};
+
 }  // namespace
 
 absl::Status AtLine(const absl::Status& status, int line) {
@@ -83,6 +90,15 @@ absl::Status Renderer::Step() {
   if (++steps_ > limits_.max_steps) {
     return absl::InvalidArgumentError(
         absl::StrCat("the template ran past its limit of ", limits_.max_steps, " steps"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Renderer::CheckNesting() const {
+  if (nesting_ > kMaxNesting) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the template nests statements, expressions and macro calls deeper than ", kMaxNesting,
+        " levels"));
   }
   return absl::OkStatus();
 }
@@ -114,6 +130,8 @@ absl::StatusOr<Renderer::Flow> Renderer::Exec(const Body& body, Scope* scope, st
 absl::StatusOr<Renderer::Flow> Renderer::ExecStmt(const Stmt& stmt, Scope* scope,
                                                   std::string* out) {
   SIEVE_RETURN_IF_ERROR(AtLine(Step(), stmt.line));
+  NestingGuard nesting(&nesting_);
+  SIEVE_RETURN_IF_ERROR(AtLine(CheckNesting(), stmt.line));
   switch (stmt.kind) {
     case Stmt::Kind::kText:
       out->append(stmt.text);
@@ -306,6 +324,8 @@ absl::Status Renderer::EvalArgs(const Expr& expr, size_t first, Scope* scope, Ca
 
 absl::StatusOr<Value> Renderer::Eval(const Expr& expr, Scope* scope) {
   SIEVE_RETURN_IF_ERROR(AtLine(Step(), expr.line));
+  NestingGuard nesting(&nesting_);
+  SIEVE_RETURN_IF_ERROR(AtLine(CheckNesting(), expr.line));
   const auto at = [&](absl::StatusOr<Value> v) -> absl::StatusOr<Value> {
     if (!v.ok()) return AtLine(v.status(), expr.line);
     return v;
@@ -547,7 +567,7 @@ absl::StatusOr<std::unique_ptr<Template>> Template::Parse(std::string_view sourc
                                                           const RenderLimits& limits) {
   std::unique_ptr<Template> t(new Template());
   t->limits_ = limits;
-  SIEVE_ASSIGN_OR_RETURN(t->body_, jinja::Parse(source, limits.max_depth * 4));
+  SIEVE_ASSIGN_OR_RETURN(t->body_, jinja::Parse(source, kMaxParseDepth));
   return t;
 }
 

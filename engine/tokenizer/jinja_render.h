@@ -58,12 +58,17 @@ class Renderer {
   absl::StatusOr<bool> EvalCompare(const std::string& op, const Value& a, const Value& b);
   absl::Status EvalArgs(const Expr& expr, size_t first, Scope* scope, CallArgs* args);
   absl::Status Step();
+  absl::Status CheckNesting() const;
 
   const RenderLimits& limits_;
   absl::Time now_;
   int64_t steps_ = 0;
   int depth_ = 0;
   Scope* root_ = nullptr;  // The template's top-level scope, which macros see.
+  // Statements and expressions being evaluated, one inside the other: bounds the stack a
+  // render uses, whatever mix of macro recursion and nesting a template has.
+  int nesting_ = 0;
+  static constexpr int kMaxNesting = 1024;
 };
 
 // Prefixes a status message with "line N: " (unless it already names a line).

@@ -44,11 +44,16 @@ namespace sieve::engine::jinja {
 // The payload key that marks a status raised by the template's raise_exception().
 inline constexpr char kRaisedPayload[] = "sieve.jinja/raise_exception";
 
+// Deepest nesting of statements, and height of an expression, that Parse accepts.
+inline constexpr int kMaxParseDepth = 256;
+
 // Bounds on what a (possibly hostile) template may do.
 struct RenderLimits {
   // Most bytes of output, and of any one string a render builds.
   size_t max_output_bytes = size_t{64} << 20;
-  // Deepest nesting of macro calls (and of statements and expressions at parse time).
+  // Deepest nesting of macro calls. (Independently, a template's statements and expressions
+  // may nest at most kMaxParseDepth deep, and a render's statements, expressions and macro
+  // calls together at most 1024 deep.)
   int max_depth = 64;
   // Most evaluation steps (statements, expressions and loop iterations) of one render.
   int64_t max_steps = 20'000'000;

@@ -135,6 +135,24 @@ TEST(JinjaTemplateTest, HostileTemplatesHitTheirLimits) {
   r = Render(deep, {}, limits);
   ASSERT_FALSE(r.ok());
   EXPECT_THAT(std::string(r.status().message()), HasSubstr("nests deeper than"));
+  // Long operator and filter chains would build trees as deep as they are long.
+  std::string chain = "{{ 1";
+  for (int i = 0; i < 5000; ++i) chain += " + 1";
+  r = Render(chain + " }}", {}, limits);
+  ASSERT_FALSE(r.ok());
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("expression nests deeper than"));
+  chain = "{{ 'x'";
+  for (int i = 0; i < 5000; ++i) chain += " | trim";
+  r = Render(chain + " }}", {}, limits);
+  ASSERT_FALSE(r.ok());
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("expression nests deeper than"));
+  // Whatever the macro limit, the render's own nesting stays bounded.
+  RenderLimits deep_macros;
+  deep_macros.max_depth = 100000;
+  r = Render("{% macro f(n) %}{% if true %}{{ f(n + 1) }}{% endif %}{% endmacro %}{{ f(0) }}", {},
+             deep_macros);
+  ASSERT_FALSE(r.ok());
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("deeper than 1024 levels"));
   // range() is capped as in Jinja's sandbox.
   r = Render("{{ range(1000000) | length }}");
   ASSERT_FALSE(r.ok());
