@@ -111,6 +111,7 @@ absl::Status Daemon::StartHttp() {
   options.listen_address = config_.http.listen_address;
   options.max_request_bytes = config_.http.max_request_bytes;
   options.threads = config_.http.threads;
+  options.authenticator = authenticator_.get();
   if (Metrics* m = metrics_.get()) {
     options.on_request_done = [m](std::string_view route, int status, double seconds) {
       m->OnHttpRequest(route, status, seconds);

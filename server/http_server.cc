@@ -170,8 +170,13 @@ absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(HttpServerOptions 
   s.Post("/v1/chat/completions", [self](const httplib::Request& req, httplib::Response& res) {
     self->Handle(req, res, /*chat=*/true);
   });
-  s.Get("/v1/models", [self](const httplib::Request&, httplib::Response& res) {
+  s.Get("/v1/models", [self](const httplib::Request& req, httplib::Response& res) {
     const absl::Time start = absl::Now();
+    if (absl::Status auth = self->Authenticate(req); !auth.ok()) {
+      SendError(res, openai::ToApiError(auth, Endpoint::kCompletions));
+      self->Done("/v1/models", res.status, start);
+      return;
+    }
     self->HandleModels(res);
     self->Done("/v1/models", res.status, start);
   });
@@ -291,6 +296,11 @@ void HttpServer::HandleHealth(httplib::Response& res) {
   SendError(res, e);
 }
 
+absl::Status HttpServer::Authenticate(const httplib::Request& req) const {
+  if (options_.authenticator == nullptr) return absl::OkStatus();
+  return options_.authenticator->CheckAuthorization(req.get_header_value("Authorization"));
+}
+
 void HttpServer::HandleModels(httplib::Response& res) {
   absl::StatusOr<engine::Engine*> engine = gate_->Available();
   if (!engine.ok()) {
@@ -320,8 +330,8 @@ void HttpServer::Handle(const httplib::Request& req, httplib::Response& res, boo
     SendError(res, e);
     Done(route, e.http_status, start);
   };
-  // Authentication, when the daemon gets it (the gRPC service's tokens), is checked here, first:
-  // every generation request passes this point.
+  // Authentication (the gRPC port's tokens) first: every generation request passes this point.
+  if (absl::Status auth = Authenticate(req); !auth.ok()) return fail(auth);
 
   absl::StatusOr<openai::ParsedRequest> parsed = openai::ParseRequest(req.body, endpoint);
   if (!parsed.ok()) return fail(parsed.status());

@@ -38,6 +38,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "server/auth.h"
 #include "server/openai_api.h"
 #include "server/request_gate.h"
 
@@ -64,6 +65,9 @@ struct HttpServerOptions {
   // status sent and the seconds from arrival to the last byte handed to the socket. Called on
   // the connection's thread; must be cheap. May be empty.
   std::function<void(std::string_view route, int status, double seconds)> on_request_done;
+  // The gRPC port's bearer tokens (server.auth.tokens_file): /v1/* then needs
+  // `Authorization: Bearer <token>` (401 otherwise); /health stays open. Null: no check.
+  const Authenticator* authenticator = nullptr;
 };
 
 class HttpServer {
@@ -111,6 +115,8 @@ class HttpServer {
   void Stream(std::shared_ptr<Exchange> exchange, std::shared_ptr<openai::ResponseBuilder> builder,
               openai::Endpoint endpoint, absl::Time start, httplib::Response& res);
   void HandleModels(httplib::Response& res);
+  // OK, or UNAUTHENTICATED when tokens are configured and the request has none of them.
+  absl::Status Authenticate(const httplib::Request& req) const;
   void HandleHealth(httplib::Response& res);
   void Done(std::string_view route, int status, absl::Time start) const;
   void Register(const std::shared_ptr<Exchange>& exchange);

@@ -33,11 +33,12 @@ class Daemon:
     """A sieved child process; its output is collected for failure messages."""
 
     def __init__(self, sieved, source_dir, workdir,
-                 scheduler="max_batch_tokens: 1024\n  prefill_chunk_tokens: 256"):
+                 scheduler="max_batch_tokens: 1024\n  prefill_chunk_tokens: 256", server_extra=""):
         config = os.path.join(workdir, "http_api.yaml")
         with open(config, "w") as f:
             f.write(
                 'server:\n  listen_address: "127.0.0.1:0"\n  drain_grace_period_s: 1\n'
+                + server_extra +
                 'metrics:\n  listen_address: "127.0.0.1:0"\n'
                 f'http:\n  listen_address: "127.0.0.1:0"\n  max_request_bytes: {MAX_REQUEST_BYTES}\n'
                 f'model:\n  directory: "{source_dir}/models/embedded"\n'
@@ -108,11 +109,13 @@ def metric_sum(samples, name, **labels):
                if n == name and all(l.get(k) == want for k, want in labels.items()))
 
 
-def request(method, path, body=None, raw=None, timeout=60, port=None):
+def request(method, path, body=None, raw=None, timeout=60, port=None, headers=None):
     """One HTTP request; returns (status, headers, parsed JSON body or the raw text)."""
     conn = http.client.HTTPConnection("127.0.0.1", port or DAEMON.http_port, timeout=timeout)
     data = raw if raw is not None else (json.dumps(body) if body is not None else None)
-    headers = {"Content-Type": "application/json"} if data is not None else {}
+    headers = dict(headers or {})
+    if data is not None:
+        headers["Content-Type"] = "application/json"
     conn.request(method, path, body=data, headers=headers)
     resp = conn.getresponse()
     text = resp.read().decode()
@@ -471,6 +474,48 @@ def check_drain():
     return problems
 
 
+def check_auth(workdir):
+    """With server.auth.tokens_file, /v1/* needs one of its bearer tokens (401 otherwise, in
+    OpenAI's error shape) and /health stays open. Returns a list of problems."""
+    tokens = os.path.join(workdir, "tokens")
+    with open(tokens, "w") as f:
+        f.write("# test tokens\ntok-http-1\n")
+    d = Daemon(ARGS.sieved, os.path.abspath(ARGS.source_dir), workdir,
+               server_extra=f'  auth:\n    tokens_file: "{tokens}"\n')
+    problems = []
+    try:
+        d.wait_serving()
+        for what, headers in (("no token", {}), ("a wrong token", {"Authorization": "Bearer x"})):
+            status, _, r = request("POST", "/v1/completions", greedy(max_tokens=2),
+                                   port=d.http_port, headers=headers)
+            if status != 401 or not isinstance(r, dict) or "error" not in r:
+                problems.append(f"auth: a completion with {what} got {status} {r}, not 401")
+            status, _, _ = request("GET", "/v1/models", port=d.http_port, headers=headers)
+            if status != 401:
+                problems.append(f"auth: /v1/models with {what} got {status}, not 401")
+        good = {"Authorization": "Bearer tok-http-1"}
+        status, _, r = request("POST", "/v1/completions", greedy(max_tokens=2),
+                               port=d.http_port, headers=good)
+        if status != 200:
+            problems.append(f"auth: a completion with the token got {status} {r}")
+        status, _, _ = request("GET", "/v1/models", port=d.http_port, headers=good)
+        if status != 200:
+            problems.append(f"auth: /v1/models with the token got {status}")
+        status, _, _ = request("GET", "/health", port=d.http_port)
+        if status != 200:
+            problems.append(f"auth: /health without a token got {status}, not 200")
+        if any("tok-http-1" in line for line in d.lines):
+            problems.append("auth: the token appears in the daemon's log")
+    finally:
+        d.proc.send_signal(signal.SIGTERM)
+        code = d.proc.wait(timeout=60)
+        if code != 0:
+            problems.append(f"auth: sieved exited with {code}")
+        if problems:
+            print("---- sieved (auth) output ----\n" + d.logs())
+    return problems
+
+
 def main():
     global ARGS, DAEMON
     parser = argparse.ArgumentParser()
@@ -484,13 +529,15 @@ def main():
             DAEMON.wait_serving()
             result = unittest.main(argv=[sys.argv[0]] + rest, exit=False, verbosity=2).result
             ok = result.wasSuccessful()
-            problems = check_queue_full(tempfile.mkdtemp(dir=workdir)) + check_drain()
+            problems = (check_queue_full(tempfile.mkdtemp(dir=workdir)) + check_drain()
+                        + check_auth(tempfile.mkdtemp(dir=workdir)))
             for p in problems:
                 print(p)
             ok = ok and not problems
             if not problems:
                 print("queue: a third request got 429 queue_full")
                 print("drain: the open stream ended with finish_reason cancelled; sieved exited 0")
+                print("auth: 401 without or with a wrong token, 200 with it, /health open")
         finally:
             if DAEMON.proc.poll() is None:
                 DAEMON.proc.kill()
