@@ -7,28 +7,29 @@
 #   scripts/sanitize.sh tsan   # ThreadSanitizer (build-tsan/): the engine and server tests and
 #                              # the integration tests (labels engine, server, integration)
 #   scripts/sanitize.sh ci     # what CI runs (.ci/run via scripts/test.sh): ASan+UBSan on the
-#                              # subset in SIEVE_SAN_CI_TESTS, built in build-asan/
+#                              # test binaries in ci_targets below, built in build-asan/ (CI
+#                              # passes SIEVE_SAN_BUILD_DIR=build-fuzz, the clang fuzz tree)
 #   scripts/sanitize.sh all    # asan, then tsan (the default)
 #
 # Environment: SIEVE_SAN_CXX / SIEVE_SAN_CC pick the compiler (default g++ / gcc; clang++ /
 # clang work too), SIEVE_SAN_JOBS the build and test parallelism (default nproc), SIEVE_SAN_TESTS
 # a ctest -R regex (test names) that narrows asan and tsan, SIEVE_SAN_CI_TARGETS the binaries of
 # the ci mode (space-separated), SIEVE_SAN_TARGETS the ninja targets asan and tsan build
-# (default: all; ctest then skips tests whose binary was not built... so narrow both).
+# (default: all; a test whose binary was not built fails as NOT_BUILT, so narrow both).
 #
 # Any sanitizer report fails the test that produced it: UBSan does not recover
 # (-fno-sanitize-recover=all), ASan/TSan halt on the first error, LeakSanitizer is on. Reports go
 # to the test's output (ctest --output-on-failure).
 #
 # Debian's gRPC, Protobuf and Abseil are not instrumented. For ASan that only means their
-# internals are unchecked. For TSan, locks taken inside them (absl::Mutex is implemented in
-# libabsl_synchronization) are invisible, which would report every access guarded by an
-# absl::Mutex as a race; scripts/sanitize/tsan.supp therefore suppresses races whose stack
-# holds absl::Mutex users' frames only where the lock is an absl::Mutex (see that file). The
-# engine uses std::mutex (pthread, which TSan intercepts) and is checked fully.
+# internals are unchecked. For TSan, synchronization done inside them is invisible: absl::Mutex
+# is implemented in libabsl_synchronization, so accesses that the server guards with an
+# absl::Mutex can be reported as races that are not. The engine uses std::mutex (pthread, which
+# TSan intercepts) and is checked fully. Suppressions, each with its reason, are in
+# scripts/sanitize/{lsan,tsan}.supp.
 #
-# Measured on the shared 2-core VM (2026-12-05, other builds running; see
-# docs/reliability.md): see the table there for the build and run times of each mode.
+# What was run and how long it took (the shared 2-core VM, 2026-12-05, with other builds
+# running) is in docs/reliability.md's sanitizer rows.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-all}
