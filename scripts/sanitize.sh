@@ -39,13 +39,15 @@ cc=${SIEVE_SAN_CC:-gcc}
 launcher=()
 if command -v ccache >/dev/null; then launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache); fi
 
-# The CI subset (test binaries, run directly): the server's request validation and conversion,
-# config loading, logging and streamed-UTF-8 tests; the tokenizer, stop checker, sampling,
-# scheduler and KV cache unit tests; the engine end to end on the embedded model.
-ci_targets=(server_convert_test server_config_test server_log_test server_stream_utf8_test
-  engine_tokenizer_test engine_decoder_test engine_unicode_test engine_stop_checker_test
-  engine_sampling_test engine_scheduler_test engine_kv_cache_test engine_kv_cache_manager_test
-  engine_prefix_cache_test engine_model_config_test engine_safetensors_test engine_engine_test)
+# The CI subset (test binaries, run directly): the server's request conversion, log escaping and
+# streamed-UTF-8 tests, the stop checker, and the engine end to end on the embedded model
+# (requests, preemption, cancellation, deadlines, draining). Chosen to fit CI's budget: on the
+# shared 2-core VM (load ~17, 2026-12-05) these 5 binaries ran in 56 s under ASan+UBSan (49 s of
+# it engine_engine_test); building them in the fuzz tree (sieve_server plus the 5 tests) took
+# 20 min of wall time there, a few minutes on 2 idle cores. More binaries can be added here
+# (e.g. engine_tokenizer_test engine_scheduler_test server_config_test) once CI's time allows.
+ci_targets=(server_convert_test server_log_test server_stream_utf8_test engine_stop_checker_test
+  engine_engine_test)
 if [[ -n ${SIEVE_SAN_CI_TARGETS:-} ]]; then read -r -a ci_targets <<<"$SIEVE_SAN_CI_TARGETS"; fi
 
 configure() {  # configure DIR FLAGS...
