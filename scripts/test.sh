@@ -4,7 +4,8 @@
 # where `nvidia-smi -L` finds a GPU (elsewhere: scripts/gpu-tests.sh).
 #
 #   scripts/test.sh                        # what CI runs
-#   SIEVE_FUZZ_SECONDS=0 scripts/test.sh   # skip the fuzz runs
+#   SIEVE_FUZZ_SECONDS=0 scripts/test.sh   # skip the fuzz runs (and the sanitizer subset)
+#   SIEVE_SANITIZE=0 scripts/test.sh       # skip the sanitizer subset
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=$(nproc)
@@ -13,14 +14,21 @@ bash scripts/install-deps.sh
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release
 cmake --build build -j "$jobs"
 
-# libFuzzer targets, built with clang in their own tree, each run for a short while.
+# libFuzzer targets, built with clang (ASan + UBSan) in their own tree, each run for a short
+# while from its committed corpus; the same instrumented tree then runs the sanitizer subset of
+# the unit tests (scripts/sanitize.sh ci), so the engine is compiled with sanitizers only once.
 if [[ ${SIEVE_FUZZ_SECONDS:-20} != 0 ]] && command -v clang++ >/dev/null; then
   cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
     -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ \
-    -DSIEVE_FUZZ=ON -DSIEVE_BUILD_SERVER=OFF -DSIEVE_BUILD_TESTS=OFF -DSIEVE_CUDA=OFF \
+    -DSIEVE_FUZZ=ON -DSIEVE_BUILD_SERVER=ON -DSIEVE_BUILD_TESTS=ON -DSIEVE_CUDA=OFF \
     -DSIEVE_FUZZ_SECONDS="${SIEVE_FUZZ_SECONDS:-20}"
-  cmake --build build-fuzz -j "$jobs" --target tokenizer_fuzz safetensors_fuzz
-  ctest --test-dir build-fuzz --output-on-failure
+  fuzzers=(tokenizer_fuzz safetensors_fuzz request_fuzz config_yaml_fuzz model_config_fuzz
+           tokenizer_json_fuzz)
+  cmake --build build-fuzz -j "$jobs" --target "${fuzzers[@]}"
+  ctest --test-dir build-fuzz --output-on-failure -L fuzz
+  if [[ ${SIEVE_SANITIZE:-1} != 0 ]]; then
+    SIEVE_SAN_BUILD_DIR=build-fuzz bash scripts/sanitize.sh ci
+  fi
 fi
 
 exclude=()

@@ -183,22 +183,4 @@ void InstallProtobufLogHandler() {
   if (!installed.exchange(true)) google::protobuf::SetLogHandler(&OnProtobufLog);
 }
 
-std::string EscapeForLog(std::string_view text) {
-  std::string out;
-  out.reserve(text.size());
-  for (const char c : text) {
-    const unsigned char u = static_cast<unsigned char>(c);
-    if (c == '\\') {
-      out += "\\\\";
-    } else if (u < 0x20 || u >= 0x7f) {
-      char buf[5];
-      std::snprintf(buf, sizeof(buf), "\\x%02x", u);
-      out += buf;
-    } else {
-      out += c;
-    }
-  }
-  return out;
-}
-
 }  // namespace sieve::server

@@ -58,9 +58,6 @@ class CallInterceptorFactory final
 // interceptor. Idempotent.
 void InstallProtobufLogHandler();
 
-// `text` with control characters and bytes >= 0x7f written as \xNN (and backslash as \\), for
-// client-supplied strings in log lines.
-std::string EscapeForLog(std::string_view text);
 
 }  // namespace sieve::server
 

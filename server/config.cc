@@ -6,6 +6,7 @@
 #include <fstream>
 #include <optional>
 #include <sstream>
+#include <string>
 #include <system_error>
 #include <utility>
 
@@ -16,6 +17,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/strings/strip.h"
 #include "server/config_keys.h"
+#include "yaml-cpp/eventhandler.h"
 #include "yaml-cpp/yaml.h"
 
 namespace sieve::server {
@@ -141,11 +143,62 @@ class YamlLoader {
   std::vector<std::string> errors_;
 };
 
+// Debian's yaml-cpp (0.7) never returns on some malformed documents: after a ',' that follows a
+// top-level flow collection ("{a: b},", "[a], c") its parser emits null nodes forever, growing
+// memory until the process dies (found by fuzz/config_yaml_fuzz; reproducer in
+// fuzz/corpus/config_yaml_fuzz/). A first pass over the parser's events stops it once they
+// exceed what a document of the input's length can produce: every event but the zero-width
+// ones (block starts and ends, implicit nulls) consumes at least one byte, and those come at
+// most a few per byte, so 8 per byte plus a constant is never reached by a document that ends.
+class BoundedEvents final : public YAML::EventHandler {
+ public:
+  explicit BoundedEvents(size_t input_bytes) : limit_(8 * input_bytes + 64) {}
+
+  void OnDocumentStart(const YAML::Mark& mark) override { Count(mark); }
+  void OnDocumentEnd() override { Count(last_); }
+  void OnNull(const YAML::Mark& mark, YAML::anchor_t) override { Count(mark); }
+  void OnAlias(const YAML::Mark& mark, YAML::anchor_t) override { Count(mark); }
+  void OnScalar(const YAML::Mark& mark, const std::string&, YAML::anchor_t,
+                const std::string&) override {
+    Count(mark);
+  }
+  void OnSequenceStart(const YAML::Mark& mark, const std::string&, YAML::anchor_t,
+                       YAML::EmitterStyle::value) override {
+    Count(mark);
+  }
+  void OnSequenceEnd() override { Count(last_); }
+  void OnMapStart(const YAML::Mark& mark, const std::string&, YAML::anchor_t,
+                  YAML::EmitterStyle::value) override {
+    Count(mark);
+  }
+  void OnMapEnd() override { Count(last_); }
+
+ private:
+  void Count(const YAML::Mark& mark) {
+    last_ = mark;
+    if (++count_ > limit_) {
+      throw YAML::ParserException(
+          mark, "the parser does not progress here (a ',' after a closing '}' or ']'?)");
+    }
+  }
+
+  size_t limit_;
+  size_t count_ = 0;
+  YAML::Mark last_ = YAML::Mark::null_mark();
+};
+
 // Parses `yaml` onto `config`, appending problems to `errors`. Never throws.
 void ParseInto(absl::string_view yaml, absl::string_view source, ServerConfig& config,
                std::vector<std::string>& errors) {
   YamlLoader loader(source, config);
   try {
+    {
+      std::istringstream in{std::string(yaml)};
+      YAML::Parser parser(in);
+      BoundedEvents guard(yaml.size());
+      while (parser.HandleNextDocument(guard)) {
+      }
+    }
     std::vector<YAML::Node> documents = YAML::LoadAll(std::string(yaml));
     if (documents.size() > 1) {
       loader.Error(documents[1].Mark(),

@@ -551,5 +551,26 @@ TEST(ConfigTest, LoadConfigFileReadsFilesAndReportsMissingOnes) {
   EXPECT_THAT(config.status().message(), HasSubstr("does/not/exist.yaml"));
 }
 
+// Found by fuzz/config_yaml_fuzz: Debian's yaml-cpp 0.7 never returned on a ',' after a
+// top-level flow collection (memory grew until the process died); now a syntax error.
+TEST(ConfigTest, StrayCommaAfterAFlowCollectionIsAnErrorNotAHang) {
+  for (const char* yaml : {"{a: b}, c", "[a], c", "{server: {role: decode}},", "kv_cache: {}\n[1],"}) {
+    absl::StatusOr<ServerConfig> config = LoadConfigString(yaml, "x.yaml");
+    ASSERT_FALSE(config.ok()) << yaml;
+    EXPECT_EQ(config.status().code(), absl::StatusCode::kInvalidArgument) << yaml;
+    EXPECT_THAT(config.status().message(), HasSubstr("YAML syntax error")) << yaml;
+  }
+  // Long valid documents stay under the parser's event bound.
+  std::string many = "model:\n  devices: [";
+  for (int i = 0; i < 2000; ++i) many += i ? ", 0" : "0";
+  many += "]\n";
+  absl::StatusOr<ServerConfig> config = LoadConfigString(many, "x.yaml");
+  ASSERT_FALSE(config.ok());  // 2000 devices is out of range, but the document parsed
+  EXPECT_THAT(config.status().message(), testing::Not(HasSubstr("syntax error")));
+  config = LoadConfigString("a: &x [{}, [], {b: *x}, ~, null, '', -1]\nb: [[[[[[]]]]]]\n", "x.yaml");
+  ASSERT_FALSE(config.ok());
+  EXPECT_THAT(config.status().message(), testing::Not(HasSubstr("syntax error")));
+}
+
 }  // namespace
 }  // namespace sieve::server

@@ -5,10 +5,15 @@
 // Request logs carry the client's request id, which is never used anywhere else (in particular
 // never as a metric label).
 //
+// Messages are escaped before they are written (EscapeForLog), so text from clients (request
+// ids, status messages quoting a field) can neither start a forged line nor send terminal
+// control sequences.
+//
 // Thread-safety: every function may be called from any thread; lines never interleave.
 #ifndef SIEVE_SERVER_LOG_H_
 #define SIEVE_SERVER_LOG_H_
 
+#include <string>
 #include <string_view>
 
 #include "absl/status/statusor.h"
@@ -27,8 +32,14 @@ void SetLogLevel(LogLevel level);
 // Returns true if a line of `level` would be written (to skip building costly messages).
 bool LogEnabled(LogLevel level);
 
-// Writes `message` as one line if `level` is enabled.
+// Writes `message`, escaped by EscapeForLog(), as one line if `level` is enabled.
 void Log(LogLevel level, std::string_view message);
+
+// Returns `text` fit for one log line: newline, carriage return and tab become \n, \r and \t;
+// the other control characters (U+0000..U+001F, U+007F and the C1 controls U+0080..U+009F)
+// and bytes that are not part of valid UTF-8 become \xNN (one per byte). Valid UTF-8 outside
+// the controls, backslashes included, is kept as is.
+std::string EscapeForLog(std::string_view text);
 
 }  // namespace sieve::server
 

@@ -244,7 +244,7 @@ TEST_F(ReliabilityTest, AccessLogLinePerCallWithoutPromptText) {
   request.set_request_id("evil\nid\x1b[31m");
   ASSERT_TRUE(Generate(*stub, request).status.ok());
   const std::string want =
-      "access: id=evil\\x0aid\\x1b[31m method=/sieve.v1.Sieve/Generate status=OK prompt_tokens=";
+      "access: id=evil\\nid\\x1b[31m method=/sieve.v1.Sieve/Generate status=OK prompt_tokens=";
   ASSERT_TRUE(PollUntil([&] { return absl::StrContains(daemon_->logs(), want); }))
       << daemon_->logs();
   const std::string logs = daemon_->logs();
