@@ -1,12 +1,23 @@
 // Retrieval fidelity of the attention policies: the engine answers long-context retrieval
 // prompts (scripts/retrieval/make_prompt_set.py) with each configured policy, and this program
-// reports exact-match accuracy beside time to first token, decode time per token and, where the
-// engine reports it, the fraction of attention computed. The gate of issue 17: a sparse method
-// may be fast, but it must answer what dense attention answers.
+// reports exact-match accuracy beside time to first token, decode time per token and the
+// attention the engine computed: prefill density (the fraction of causal query-key pairs, mean
+// over the prefill steps that reported it) and decode KV read (the fraction of the keys dense
+// decode would read, mean over decode steps under a sparse decode method). The gate of issue
+// 17: a sparse method may be fast, but it must answer what dense attention answers.
 //
 //   retrieval_fidelity --model models/retrieval --prompts /tmp/prompts.jsonl
 //       --policy dense --policy 'xattn-0.9:attention.prefill.method=xattention;...'
-//       [--set key=value]... [--max-prompts N] [--json FILE]
+//       [--set key=value]... [--answer-in decode|prefill] [--max-prompts N] [--json FILE]
+//
+// --answer-in decode (the default): the prompt's last token (" is" of "... The code for falcon
+// is") is left out; the model generates it from prefill and the answer in the decode step after
+// it, so the answer comes from decode attention over the KV that prefill attention wrote: both
+// phases' policies decide it. A prompt counts as retrieved when the generated tokens are the
+// prompt's last token followed by the answer ids. (Cutting at the question instead and letting
+// the model restate it measures the restatement: this model copies the template but not always
+// the key, and a wrong key in its own restatement misleads it.) --answer-in prefill: the whole
+// prompt is prefilled and the answer is its first generated token(s).
 //
 // --policy NAME[:KEY=VALUE;KEY=VALUE...] adds one configuration (the daemon's config keys, as
 // `sieved --set` takes them; ';' separates keys because list values use ','). Every policy
@@ -17,6 +28,7 @@
 // Prompt file: JSON lines with "ids" (BOS first) and "answer_ids"; "length" and
 // "needle_position" are reported when present.
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
@@ -56,7 +68,40 @@ struct Args {
   std::vector<std::string> sets;
   int max_prompts = 0;  // 0: all
   std::string json;
+  std::string answer_in = "decode";  // or "prefill"
 };
+
+// Means of the attention fractions the engine reports (prefill steps and decode steps arrive
+// on different threads).
+class AttentionObserver final : public engine::EngineObserver {
+ public:
+  void OnPrefillAttention(double density, double) override {
+    std::lock_guard<std::mutex> l(mu_);
+    prefill_sum_ += density;
+    ++prefill_n_;
+  }
+  void OnDecodeAttention(double kv_read_fraction, double) override {
+    std::lock_guard<std::mutex> l(mu_);
+    decode_sum_ += kv_read_fraction;
+    ++decode_n_;
+  }
+  // (prefill density sum, steps, decode KV fraction sum, steps) since the last call.
+  std::array<double, 4> Take() {
+    std::lock_guard<std::mutex> l(mu_);
+    std::array<double, 4> out = {prefill_sum_, static_cast<double>(prefill_n_), decode_sum_,
+                                 static_cast<double>(decode_n_)};
+    prefill_sum_ = decode_sum_ = 0;
+    prefill_n_ = decode_n_ = 0;
+    return out;
+  }
+
+ private:
+  std::mutex mu_;
+  double prefill_sum_ = 0, decode_sum_ = 0;
+  int64_t prefill_n_ = 0, decode_n_ = 0;
+};
+
+
 
 class CollectSink final : public engine::RequestSink {
  public:
@@ -88,8 +133,8 @@ class CollectSink final : public engine::RequestSink {
 int Usage(const char* why) {
   std::fprintf(stderr,
                "retrieval_fidelity: %s\nusage: retrieval_fidelity --model DIR --prompts FILE "
-               "[--policy NAME[:KEY=VALUE;...]]... [--set KEY=VALUE]... [--max-prompts N] "
-               "[--json FILE]\n",
+               "[--policy NAME[:KEY=VALUE;...]]... [--set KEY=VALUE]... "
+               "[--answer-in decode|prefill] [--max-prompts N] [--json FILE]\n",
                why);
   return 2;
 }
@@ -119,6 +164,9 @@ bool ParseArgs(int argc, char** argv, Args& a) {
       if (!absl::SimpleAtoi(v, &a.max_prompts) || a.max_prompts < 0) return false;
     } else if (flag == "--json") {
       a.json = v;
+    } else if (flag == "--answer-in") {
+      if (v != "decode" && v != "prefill") return false;
+      a.answer_in = v;
     } else {
       return false;
     }
@@ -148,8 +196,8 @@ absl::StatusOr<std::vector<Prompt>> ReadPrompts(const std::string& path, int max
     if (j.contains("needle_position") && p.length > 0) {
       p.needle_depth = j["needle_position"].get<double>() / static_cast<double>(p.length);
     }
-    if (p.ids.empty() || p.answer.empty()) {
-      return absl::InvalidArgumentError(path + ":" + std::to_string(line_no) + ": empty ids");
+    if (p.ids.size() < 2 || p.answer.empty()) {
+      return absl::InvalidArgumentError(path + ":" + std::to_string(line_no) + ": ids need BOS and at least one token, answer_ids one");
     }
     out.push_back(std::move(p));
     if (max_prompts > 0 && static_cast<int>(out.size()) >= max_prompts) break;
@@ -163,19 +211,42 @@ struct Cell {  // one (policy, prompt length)
   int correct = 0;
   double ttft_s = 0;
   double decode_s_per_token = 0;
+  std::array<double, 4> attention = {0, 0, 0, 0};  // AttentionObserver::Take() sums
 };
+
+nlohmann::json MeanOrNull(double sum, double n) {
+  return n == 0 ? nlohmann::json() : nlohmann::json(sum / n);
+}
+
+std::string MeanOrDash(double sum, double n) {
+  if (n == 0) return "-";
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.3f", sum / n);
+  return buf;
+}
 
 int Run(const Args& a) {
   auto prompts = ReadPrompts(a.prompts, a.max_prompts);
   if (!prompts.ok()) return Usage(std::string(prompts.status().message()).c_str());
+  const bool decode = a.answer_in == "decode";
+  // What each request must generate: in decode mode the prompt's last token, then the answer.
+  auto expected = [&](const Prompt& p) {
+    std::vector<int32_t> want;
+    if (decode) want.push_back(p.ids.back());
+    want.insert(want.end(), p.answer.begin(), p.answer.end());
+    return want;
+  };
+  auto max_tokens = [&](const Prompt& p) -> size_t { return expected(p).size(); };
   size_t longest = 0, longest_answer = 0;
   for (const Prompt& p : *prompts) {
     longest = std::max(longest, p.ids.size());
-    longest_answer = std::max(longest_answer, p.answer.size());
+    longest_answer = std::max(longest_answer, max_tokens(p));
   }
   nlohmann::json report = nlohmann::json::array();
-  std::printf("| policy | length | prompts | accuracy | TTFT s (mean) | prefill tok/s | decode ms/token |\n");
-  std::printf("| --- | --- | --- | --- | --- | --- | --- |\n");
+  std::printf("answer in %s steps\n", decode ? "decode" : "prefill");
+  std::printf("| policy | length | prompts | accuracy | prefill density | decode KV read | "
+              "TTFT s (mean) | prefill tok/s | decode ms/token |\n");
+  std::printf("| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
   for (const Policy& policy : a.policies) {
     std::vector<std::string> overrides = {"model.directory=" + a.model};
     overrides.insert(overrides.end(), a.sets.begin(), a.sets.end());
@@ -195,7 +266,8 @@ int Run(const Args& a) {
       ec.kv_cache.num_pages =
           static_cast<int32_t>((longest + longest_answer + 2 * page - 1) / page);
     }
-    auto engine = engine::Engine::Create(ec, /*observer=*/nullptr);
+    AttentionObserver observer;
+    auto engine = engine::Engine::Create(ec, &observer);
     if (!engine.ok()) {
       std::fprintf(stderr, "policy %s: %s\n", policy.name.c_str(),
                    std::string(engine.status().message()).c_str());
@@ -205,8 +277,9 @@ int Run(const Args& a) {
     for (const Prompt& p : *prompts) {
       engine::RequestSpec spec;
       spec.prompt = p.ids;
+      if (decode) spec.prompt.pop_back();
       spec.sampling.temperature = 0;
-      spec.stop.max_tokens = static_cast<int32_t>(p.answer.size());
+      spec.stop.max_tokens = static_cast<int32_t>(max_tokens(p));
       spec.stop.ignore_eos = true;
       auto sink = std::make_shared<CollectSink>();
       spec.sink = sink;
@@ -223,19 +296,29 @@ int Run(const Args& a) {
       }
       Cell& c = cells[p.length];
       ++c.n;
-      c.correct += tokens == p.answer ? 1 : 0;
+      const bool ok = tokens == expected(p);
+      c.correct += ok ? 1 : 0;
+      const std::array<double, 4> att = observer.Take();
+      for (int k = 0; k < 4; ++k) c.attention[k] += att[k];
       c.ttft_s += o.timings.time_to_first_token_s;
-      if (o.generated_tokens > 1) c.decode_s_per_token += o.timings.decode_s / (o.generated_tokens - 1);
+      if (o.generated_tokens > 1) {
+        c.decode_s_per_token += o.timings.decode_s / (o.generated_tokens - 1);
+      }
     }
     for (const auto& [length, c] : cells) {
       const double ttft = c.ttft_s / c.n;
-      std::printf("| %s | %lld | %d | %.3f | %.3f | %.0f | %.2f |\n", policy.name.c_str(),
-                  static_cast<long long>(length), c.n, static_cast<double>(c.correct) / c.n, ttft,
+      const std::string density = MeanOrDash(c.attention[0], c.attention[1]);
+      const std::string kv_read = MeanOrDash(c.attention[2], c.attention[3]);
+      std::printf("| %s | %lld | %d | %.3f | %s | %s | %.3f | %.0f | %.2f |\n",
+                  policy.name.c_str(), static_cast<long long>(length), c.n,
+                  static_cast<double>(c.correct) / c.n, density.c_str(), kv_read.c_str(), ttft,
                   length / ttft, c.decode_s_per_token / c.n * 1e3);
       report.push_back({{"policy", policy.name}, {"overrides", policy.overrides},
                         {"length", length}, {"prompts", c.n}, {"correct", c.correct},
                         {"accuracy", static_cast<double>(c.correct) / c.n},
-                        {"ttft_s_mean", ttft},
+                        {"ttft_s_mean", ttft}, {"answer_in", decode ? "decode" : "prefill"},
+                        {"prefill_density", MeanOrNull(c.attention[0], c.attention[1])},
+                        {"decode_kv_read", MeanOrNull(c.attention[2], c.attention[3])},
                         {"decode_ms_per_token", c.decode_s_per_token / c.n * 1e3}});
     }
     std::fflush(stdout);
