@@ -6,7 +6,9 @@
 // events):
 //   dense_wgmma  PagedPrefillRun, the Hopper wgmma kernel (the production dense path)
 //   dense_mma    PagedPrefillRun, the mma.sync kernel (the inner loop the sparse run shares)
-//   estimate     XAttentionBlockMassGpu (stride 16, block 128), the tensor-core kernel
+//   estimate     XAttentionBlockMassGpu (stride 16, block 128), the tensor-core kernel (64-key-group
+//                tiles, the default)
+//   est_n128     the same with 128-key-group tiles (tile_keys = 128; not in the end-to-end sum)
 //   est_cuda     the same on the CUDA-core kernel (the cross-check; not in the end-to-end sum;
 //                median of at most 3 runs, --no-cuda-core skips it)
 //   select       XAttentionSelectGpu + XAttentionBuildIndexGpu (tau 0.9): the device selection
@@ -144,6 +146,11 @@ bool RunLength(int tokens, int iters, double tau, int sms, bool cuda_core, bool 
     CHECK_CUDA(cudaMemcpy(mass_cuda.data(), d_mass, n_mass * 4, cudaMemcpyDeviceToHost));
   }
   xp.tensor_cores = true;
+  xp.tile_keys = 128;
+  const double est_n128 = MedianMs(iters, [&] { CHECK_CUDA(XAttentionBlockMassGpu(xp, d_mass, nullptr)); });
+  std::vector<float> mass_n128(n_mass);
+  CHECK_CUDA(cudaMemcpy(mass_n128.data(), d_mass, n_mass * 4, cudaMemcpyDeviceToHost));
+  xp.tile_keys = 64;
   CHECK_CUDA(cudaMemset(d_mass, 0xff, n_mass * 4));  // NaN: the kernel must write every entry
   const double estimate = MedianMs(iters, [&] { CHECK_CUDA(XAttentionBlockMassGpu(xp, d_mass, nullptr)); });
   CHECK_CUDA(cudaMemcpy(mass.data(), d_mass, n_mass * 4, cudaMemcpyDeviceToHost));
@@ -193,6 +200,14 @@ bool RunLength(int tokens, int iters, double tau, int sms, bool cuda_core, bool 
   std::printf("check %6d: device selection == host selection (%zu rows, %zu blocks): %s\n",
               tokens, row_start.size() - 1, key_blocks.size(), select_ok ? "PASS" : "FAIL");
   ok = ok && select_ok;
+  {
+    double worst = 0;
+    for (size_t i = 0; i < n_mass; ++i) worst = std::max(worst, std::fabs(double{mass[i]} - mass_n128[i]));
+    const bool agree = worst <= 1e-3 * (kBlock / kStride);
+    std::printf("check %6d: 64- vs 128-group tiles, max |diff| %.3g (limit %.3g): %s\n", tokens,
+                worst, 1e-3 * (kBlock / kStride), agree ? "PASS" : "FAIL");
+    ok = ok && agree;
+  }
   if (cuda_core) {
     // Tensor cores vs CUDA cores: both are fp32 estimates of the same masses (the GPU test bounds
     // each against the fp64 reference); a query block's total is its R = 8 query groups.
@@ -219,8 +234,8 @@ bool RunLength(int tokens, int iters, double tau, int sms, bool cuda_core, bool 
   // twice (two sweeps).
   const double n = tokens / kStride;
   const double est_tflops = 2.0 * 2.0 * kHq * (n * (n + 1) / 2) * kStride * kD / (estimate * 1e9);
-  std::printf("%6d %11.2f %9.2f %9.3f %9.2f %8.3f %11.2f %8.2f %7.1f%% %8.2fx %10.2fx %11.2f %8.0f\n",
-              tokens, dense_wg, dense_mma, estimate, est_cuda, select_ms, select_host, sparse,
+  std::printf("%6d %11.2f %9.2f %9.3f %9.3f %9.2f %8.3f %11.2f %8.2f %7.1f%% %8.2fx %10.2fx %11.2f %8.0f\n",
+              tokens, dense_wg, dense_mma, estimate, est_n128, est_cuda, select_ms, select_host, sparse,
               100 * density, dense_wg / total, dense_mma / sparse, dense_mma / (sparse / density),
               est_tflops);
   for (void* ptr : {static_cast<void*>(q), static_cast<void*>(k), static_cast<void*>(v),
@@ -277,8 +292,8 @@ int main(int argc, char** argv) {
   std::printf("device %s, %d SMs; Llama-3.1-8B layer, XAttention S=%d B=%d tau=%.2f; ms "
               "(select_host: the host selection, once; est_TF: the estimate's TFLOP/s)\n",
               prop.name, sms, kStride, kBlock, tau);
-  std::printf("%6s %11s %9s %9s %9s %8s %11s %8s %8s %9s %10s %11s %8s\n", "tokens",
-              "dense_wgmma", "dense_mma", "estimate", "est_cuda", "select", "select_host",
+  std::printf("%6s %11s %9s %9s %9s %9s %8s %11s %8s %8s %9s %10s %11s %8s\n", "tokens",
+              "dense_wgmma", "dense_mma", "estimate", "est_n128", "est_cuda", "select", "select_host",
               "sparse", "density", "end2end", "sparse/mma", "tile_parity", "est_TF");
   bool ok = true;
   for (size_t i = 0; i < lengths.size(); ++i) {

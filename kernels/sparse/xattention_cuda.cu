@@ -16,6 +16,15 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kMaxQueryBytes = 64 * 1024;  // R * S * d bf16 = B * d * 2 bytes
 constexpr int kMaxKeyBlocks = 4096;        // key-block masses kept in shared memory (16 KB)
 
+// --- The CUDA-core kernel (the cross-check) ------------------------------------------------------
+//
+// One thread block per (query head h, query block m): the block's R = B / S reshaped query rows
+// (each group's S queries in reverse order, S * d values; zero outside the chunk's queries) sit
+// in shared memory as bf16. Warps take strided key groups b = 0 .. last: the lanes split the
+// group's S * d key values (zero past kv_len), each lane keeps R partial sums, reduced across the
+// warp with shuffles. Sweep 1: each row's online max and sum; sweep 2: the recomputed
+// probabilities added into the block's key-block masses in shared memory.
+
 // The R partial antidiagonal sums of key group b against the block's query rows, reduced over the
 // warp (every lane ends with the totals). qs: [R][S * d] bf16, reversed within each group.
 template <int R>
@@ -153,22 +162,25 @@ __global__ void __launch_bounds__(kThreads) XAttentionMassKernel(const XAttentio
 // The estimate is, per query head, a causal GEMM X = Q' K'^T of the reshaped queries Q' (one row
 // per query group, S * d wide) and keys K' (one row per key group), followed by a row softmax
 // and sums over R x R tiles of the probabilities. This kernel tiles that GEMM as a GEMM: a block
-// owns 128 query-group rows of one head and sweeps 64-key-group tiles up to its diagonal, with
-// both operands streamed through shared memory in 64-column slices (cp.async, 3 stages,
-// XOR-swizzled rows, ldmatrix fragments, mma.sync m16n8k16 bf16 with fp32 accumulators; 8 warps
-// in a 4 x 2 grid of 32 x 32 warp tiles). Sweep 1 keeps each row's online max and sum of
+// owns 128 query-group rows of one head and sweeps tiles of BN = 64 (or 128, `tile_keys`) key
+// groups up to its diagonal, with both operands streamed through shared memory in 64-column
+// slices (cp.async, 3 stages, XOR-swizzled rows, ldmatrix fragments, mma.sync m16n8k16 bf16 with
+// fp32 accumulators; 8 warps in a 4 x 2 grid of 32 x BN/2 warp tiles). Pages are resolved once
+// per 16-byte copy, in 32-bit arithmetic. Sweep 1 keeps each row's online max and sum of
 // exponentials in registers; sweep 2 recomputes the tiles and reduces exp(z - max) / sum over the
-// R x R blocks (warp shuffles, then shared-memory adds), writing each 128 x 64 tile's block
-// masses straight to `mass`: a block owns whole query blocks, so no global atomics. Tiles wholly
-// above a warp's diagonal skip the MMAs. A block takes row tiles t and T - 1 - t, so every block
-// does the same causal work (a single wave at 16K and 32K tokens on 132 SMs).
+// R x R blocks (warp shuffles, then shared-memory adds), writing each tile's block masses
+// straight to `mass`: a block owns whole query blocks, so no global atomics and no scratch. Warp
+// tiles wholly above the diagonal skip the MMAs. A block takes row tiles t and T - 1 - t, so
+// every block does the same causal work (16K tokens, 32 heads: 128 equal blocks; 32K: 256).
 namespace tc {
 
-constexpr int kBM = 128, kBN = 64, kBK = 64, kStages = 3, kThreads = 256;
+constexpr int kBM = 128, kBK = 64, kStages = 3, kThreads = 256;
 constexpr int kATileBytes = kBM * kBK * 2;
-constexpr int kBTileBytes = kBN * kBK * 2;
-constexpr int kStageBytes = kATileBytes + kBTileBytes;
-constexpr int kSmemBytes = kStages * kStageBytes;  // 72 KB
+// Key groups per tile BN (64 or 128): the warps form a 4 x 2 grid of 32 x (BN / 2) warp tiles.
+template <int BN>
+constexpr int StageBytes() { return kATileBytes + BN * kBK * 2; }
+template <int BN>
+constexpr int SmemBytes() { return kStages * StageBytes<BN>(); }  // 72 or 96 KB
 
 // Byte offset of 16-byte chunk c (0..7) of row r in a tile of 128-byte rows; the chunk index is
 // XORed with the row so that the 8 rows an ldmatrix reads hit distinct banks.
@@ -188,6 +200,7 @@ struct Geo {
 // key tile n0 into one pipeline stage. Reshaped column k = t d + e is, for query group a, query
 // position a S + S - 1 - t, and for key group b, key position b S + t; channel e. Positions
 // outside the chunk's queries or past kv_len copy zeros.
+template <int BN>
 __device__ __forceinline__ void LoadSlice(const XAttentionGpuParams& p, const Geo& geo, int h,
                                           int g_kv, int a0, int n0, int kc, uint32_t stage) {
   const int S = p.stride, d = p.head_dim;
@@ -204,7 +217,7 @@ __device__ __forceinline__ void LoadSlice(const XAttentionGpuParams& p, const Ge
     ptx::CpAsync16(stage + Swz(r, c), src, valid);
   }
 #pragma unroll
-  for (int i = 0; i < kBN / 32; ++i) {
+  for (int i = 0; i < BN / 32; ++i) {
     const int r = r_base + 32 * i;
     const int pos = (n0 + r) * S + t;
     const bool valid = pos < p.kv_len;
@@ -232,15 +245,16 @@ __device__ __forceinline__ void Merge(float& mx, float& sum, float mx2, float su
 }
 
 // One row tile (query groups [a0, a0 + 128)) of head h: both sweeps.
-template <int R>
+template <int R, int BN>
 __device__ void RowTile(const XAttentionGpuParams& p, const Geo& geo, int h, int g_kv, int a0,
                         float* __restrict__ mass, uint32_t smem, float (*st_max)[kBM],
                         float (*st_sum)[kBM], float* row_max, float* row_inv,
-                        float (*blk)[kBN / R]) {
+                        float (*blk)[BN / R]) {
+  constexpr int WN = BN / 2, NT = WN / 8;  // warp tile columns, n8 tiles per warp
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, cq = lane & 3;
-  const int wm = warp >> 1, wn = warp & 1;  // warp tile rows [32 wm, +32), cols [32 wn, +32)
+  const int wm = warp >> 1, wn = warp & 1;  // warp tile rows [32 wm, +32), cols [WN wn, +WN)
   const int a_last = min(a0 + kBM - 1, geo.a_hi);
-  const int n_tiles = a_last / kBN + 1;
+  const int n_tiles = a_last / BN + 1;
   const int kc_per_tile = p.stride * p.head_dim / kBK;
   const int steps_per_pass = n_tiles * kc_per_tile, total = 2 * steps_per_pass;
   // This thread's 4 rows (m tile mt, half hf): tile row 32 wm + 16 mt + gq + 8 hf.
@@ -250,9 +264,9 @@ __device__ void RowTile(const XAttentionGpuParams& p, const Geo& geo, int h, int
     mx[mt][0] = mx[mt][1] = -INFINITY;
     sm[mt][0] = sm[mt][1] = 0.0f;
   }
-  float acc[2][4][4];
+  float acc[2][NT][4];
   const uint32_t lane_a = Swz(32 * wm + (lane & 15), lane >> 4);          // + mt 16 rows
-  const uint32_t lane_b = Swz(32 * wn + ((lane >> 4) << 3) + (lane & 7), (lane >> 3) & 1);
+  const uint32_t lane_b = Swz(WN * wn + ((lane >> 4) << 3) + (lane & 7), (lane >> 3) & 1);
   const auto step_tile = [&](int s, int& j, int& kc) {
     const int rem = s % steps_per_pass;
     j = rem / kc_per_tile;
@@ -263,7 +277,7 @@ __device__ void RowTile(const XAttentionGpuParams& p, const Geo& geo, int h, int
     if (s < total) {
       int j, kc;
       step_tile(s, j, kc);
-      LoadSlice(p, geo, h, g_kv, a0, j * kBN, kc, smem + s * kStageBytes);
+      LoadSlice<BN>(p, geo, h, g_kv, a0, j * BN, kc, smem + s * StageBytes<BN>());
     }
     ptx::CpAsyncCommit();
   }
@@ -273,25 +287,26 @@ __device__ void RowTile(const XAttentionGpuParams& p, const Geo& geo, int h, int
     if (s + kStages - 1 < total) {
       int j, kc;
       step_tile(s + kStages - 1, j, kc);
-      LoadSlice(p, geo, h, g_kv, a0, j * kBN, kc, smem + ((s + kStages - 1) % kStages) * kStageBytes);
+      LoadSlice<BN>(p, geo, h, g_kv, a0, j * BN, kc,
+                    smem + ((s + kStages - 1) % kStages) * StageBytes<BN>());
     }
     ptx::CpAsyncCommit();
     const int pass = s / steps_per_pass;
     int j, kc;
     step_tile(s, j, kc);
-    const int n0 = j * kBN;
+    const int n0 = j * BN;
     if (kc == 0) {
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.0f;
+        for (int nt = 0; nt < NT; ++nt) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.0f;
     }
     // A warp tile wholly above the diagonal, or of rows the reference does not score, has
     // nothing to compute (its scores are all masked below).
-    const int wr0 = a0 + 32 * wm, wc0 = n0 + 32 * wn;
+    const int wr0 = a0 + 32 * wm, wc0 = n0 + WN * wn;
     const bool active = wc0 <= wr0 + 31 && wr0 + 31 >= geo.a_lo && wr0 <= geo.a_hi;
     if (active) {
-      const uint32_t sa = smem + (s % kStages) * kStageBytes, sb = sa + kATileBytes;
+      const uint32_t sa = smem + (s % kStages) * StageBytes<BN>(), sb = sa + kATileBytes;
 #pragma unroll
       for (int kk = 0; kk < kBK / 16; ++kk) {
         uint32_t af[2][4];
@@ -300,7 +315,7 @@ __device__ void RowTile(const XAttentionGpuParams& p, const Geo& geo, int h, int
           ptx::LdMatrixX4(af[mt], sa + ((lane_a + mt * 16 * 128) ^ ((2 * kk) << 4)));
         }
 #pragma unroll
-        for (int jn = 0; jn < 2; ++jn) {
+        for (int jn = 0; jn < NT / 2; ++jn) {
           uint32_t b[4];
           ptx::LdMatrixX4(b, sb + ((lane_b + jn * 16 * 128) ^ ((2 * kk) << 4)));
 #pragma unroll
@@ -320,9 +335,9 @@ __device__ void RowTile(const XAttentionGpuParams& p, const Geo& geo, int h, int
         for (int hf = 0; hf < 2; ++hf) {
           const int a = a0 + 32 * wm + 16 * mt + gq + 8 * hf;
           const bool row_ok = a >= geo.a_lo && a <= geo.a_hi;
-          float z[8], tmax = -INFINITY;
+          float z[2 * NT], tmax = -INFINITY;
 #pragma unroll
-          for (int nt = 0; nt < 4; ++nt) {
+          for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
               const int b = wc0 + 8 * nt + 2 * cq + e;
@@ -334,7 +349,7 @@ __device__ void RowTile(const XAttentionGpuParams& p, const Geo& geo, int h, int
             const float nm = fmaxf(mx[mt][hf], tmax);
             float sum = sm[mt][hf] * expf(mx[mt][hf] - nm);
 #pragma unroll
-            for (int i = 0; i < 8; ++i) sum += expf(z[i] - nm);
+            for (int i = 0; i < 2 * NT; ++i) sum += expf(z[i] - nm);
             sm[mt][hf] = sum;
             mx[mt][hf] = nm;
           }
@@ -391,7 +406,7 @@ __device__ void RowTile(const XAttentionGpuParams& p, const Geo& geo, int h, int
         const int a = a0 + 32 * wm + 16 * mt + gq + 8 * hf;
         const bool row_ok = a >= geo.a_lo && a <= geo.a_hi;
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
+        for (int nt = 0; nt < NT; ++nt) {
           float v = 0.0f;
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
@@ -407,7 +422,7 @@ __device__ void RowTile(const XAttentionGpuParams& p, const Geo& geo, int h, int
           if (R >= 8) v += __shfl_xor_sync(0xffffffffu, v, 16);
           const bool leader = R >= 8 ? lane == 0 : (lane & 0b01101) == 0;
           if (leader) {
-            atomicAdd(&blk[(32 * wm + 16 * mt + 8 * hf + gq) / R][(32 * wn + 8 * nt + 2 * cq) / R], v);
+            atomicAdd(&blk[(32 * wm + 16 * mt + 8 * hf + gq) / R][(WN * wn + 8 * nt + 2 * cq) / R], v);
           }
         }
       }
@@ -416,8 +431,8 @@ __device__ void RowTile(const XAttentionGpuParams& p, const Geo& geo, int h, int
     // The tile's block masses to global memory (then cleared for the next tile); after the last
     // tile, zeros for the key blocks past it.
     const int qb0 = a0 / R - geo.m0;  // the tile's first query block, relative to m0
-    for (int i = threadIdx.x; i < (kBM / R) * (kBN / R); i += kThreads) {
-      const int rb = i / (kBN / R), cb = i % (kBN / R);
+    for (int i = threadIdx.x; i < (kBM / R) * (BN / R); i += kThreads) {
+      const int rb = i / (BN / R), cb = i % (BN / R);
       const int mi = qb0 + rb, n = n0 / R + cb;
       if (mi < geo.q_blocks && n < geo.k_blocks) {
         mass[(int64_t{h} * geo.q_blocks + mi) * geo.k_blocks + n] = blk[rb][cb];
@@ -425,7 +440,7 @@ __device__ void RowTile(const XAttentionGpuParams& p, const Geo& geo, int h, int
       blk[rb][cb] = 0.0f;
     }
     if (j == n_tiles - 1) {
-      const int n_done = n_tiles * kBN / R;
+      const int n_done = n_tiles * BN / R;
       const int width = geo.k_blocks - n_done;
       if (width > 0) {
         for (int i = threadIdx.x; i < (kBM / R) * width; i += kThreads) {
@@ -439,14 +454,14 @@ __device__ void RowTile(const XAttentionGpuParams& p, const Geo& geo, int h, int
   __syncthreads();  // the stages are free for the next row tile
 }
 
-// grid: num_q_heads * ceil(T / 2) blocks, T = row tiles; block i takes head i % Hq and the row
+// grid: num_q_heads * ceil(T / 2) blocks, T = row tiles of 128 query groups; block i takes head i % Hq and the row
 // tiles t = i / Hq and T - 1 - t (once when they coincide).
-template <int R>
-__global__ void __launch_bounds__(kThreads, 2) MassKernel(const XAttentionGpuParams p,
+template <int R, int BN>
+__global__ void __launch_bounds__(kThreads, BN == 64 ? 2 : 1) MassKernel(const XAttentionGpuParams p,
                                                            float* __restrict__ mass) {
   extern __shared__ __align__(128) char smem[];
   __shared__ float st_max[2][kBM], st_sum[2][kBM], row_max[kBM], row_inv[kBM];
-  __shared__ float blk[kBM / R][kBN / R];
+  __shared__ float blk[kBM / R][BN / R];
   Geo geo;
   geo.first = p.kv_len - p.q_len;
   geo.a_lo = geo.first / p.stride;
@@ -459,13 +474,13 @@ __global__ void __launch_bounds__(kThreads, 2) MassKernel(const XAttentionGpuPar
   const int h = static_cast<int>(blockIdx.x % p.num_q_heads);
   const int t = static_cast<int>(blockIdx.x / p.num_q_heads);
   const int g_kv = h / (p.num_q_heads / p.num_kv_heads);
-  for (int i = threadIdx.x; i < (kBM / R) * (kBN / R); i += kThreads) (&blk[0][0])[i] = 0.0f;
+  for (int i = threadIdx.x; i < (kBM / R) * (BN / R); i += kThreads) (&blk[0][0])[i] = 0.0f;
   __syncthreads();
   const uint32_t base = ptx::SmemAddr(smem);
-  RowTile<R>(p, geo, h, g_kv, geo.m0 * R + t * kBM, mass, base, st_max, st_sum, row_max,
+  RowTile<R, BN>(p, geo, h, g_kv, geo.m0 * R + t * kBM, mass, base, st_max, st_sum, row_max,
              row_inv, blk);
   if (tiles - 1 - t != t) {
-    RowTile<R>(p, geo, h, g_kv, geo.m0 * R + (tiles - 1 - t) * kBM, mass, base, st_max, st_sum,
+    RowTile<R, BN>(p, geo, h, g_kv, geo.m0 * R + (tiles - 1 - t) * kBM, mass, base, st_max, st_sum,
                row_max, row_inv, blk);
   }
 }
@@ -479,10 +494,17 @@ cudaError_t Launch(const XAttentionGpuParams& p, float* mass, cudaStream_t strea
   if (p.tensor_cores) {
     const int64_t tiles = (q_blocks * R + tc::kBM - 1) / tc::kBM;
     const int64_t blocks = (tiles + 1) / 2 * p.num_q_heads;
-    SIEVE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-        tc::MassKernel<R>, cudaFuncAttributeMaxDynamicSharedMemorySize, tc::kSmemBytes));
-    tc::MassKernel<R><<<static_cast<unsigned>(blocks), tc::kThreads, tc::kSmemBytes, stream>>>(
-        p, mass);
+    if (p.tile_keys == 128) {
+      SIEVE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+          tc::MassKernel<R, 128>, cudaFuncAttributeMaxDynamicSharedMemorySize, tc::SmemBytes<128>()));
+      tc::MassKernel<R, 128><<<static_cast<unsigned>(blocks), tc::kThreads, tc::SmemBytes<128>(),
+                               stream>>>(p, mass);
+    } else {
+      SIEVE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+          tc::MassKernel<R, 64>, cudaFuncAttributeMaxDynamicSharedMemorySize, tc::SmemBytes<64>()));
+      tc::MassKernel<R, 64><<<static_cast<unsigned>(blocks), tc::kThreads, tc::SmemBytes<64>(),
+                              stream>>>(p, mass);
+    }
   } else {
     const dim3 grid(static_cast<unsigned>(q_blocks), p.num_q_heads);
     const int bytes = R * p.stride * p.head_dim * 2;
@@ -503,7 +525,9 @@ bool XAttentionGpuSupports(const XAttentionGpuParams& p) {
   if (r != 4 && r != 8 && r != 16 && r != 32) return false;
   if (p.num_q_heads < 1 || p.num_kv_heads < 1 || p.num_q_heads % p.num_kv_heads != 0) return false;
   if (p.q_len < 1 || p.kv_len < p.q_len || p.page_size < 1) return false;
-  if (p.tensor_cores) return p.num_q_heads <= 65535;  // any length (int32 positions)
+  if (p.tensor_cores) {  // any length (int32 positions)
+    return (p.tile_keys == 64 || p.tile_keys == 128) && p.num_q_heads <= 65535;
+  }
   // The CUDA-core kernel keeps a block's queries and its key-block masses in shared memory.
   return p.block_size * p.head_dim * 2 <= kMaxQueryBytes &&
          (p.kv_len + p.block_size - 1) / p.block_size <= kMaxKeyBlocks && p.num_q_heads <= 65535;

@@ -41,6 +41,7 @@ struct XAttentionGpuParams {
   int32_t stride = 16;
   int32_t block_size = 128;
   bool tensor_cores = true;               // mma.sync kernel (false: the CUDA-core kernel)
+  int32_t tile_keys = 64;                 // tensor cores: key groups per tile, 64 or 128
 };
 
 // True when the kernel handles these shapes (see the file comment).

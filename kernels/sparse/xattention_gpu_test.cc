@@ -194,10 +194,15 @@ TEST_P(XAttentionGpuTest, MassesMatchTheReference) {
   gp.stride = c.stride;
   gp.block_size = c.block;
   ASSERT_TRUE(XAttentionGpuSupports(gp));
-  // The tensor-core kernel (the default), then the CUDA-core one.
+  // The tensor-core kernel (the default, 64-key-group tiles), with 128-key-group tiles, then the
+  // CUDA-core one.
+  constexpr int kKernels = 3;
+  const char* kNames[kKernels] = {"tensor cores, 64-group tiles", "tensor cores, 128-group tiles",
+                                  "CUDA cores"};
   std::vector<std::vector<float>> results;
-  for (bool tensor_cores : {true, false}) {
-    gp.tensor_cores = tensor_cores;
+  for (int kernel = 0; kernel < kKernels; ++kernel) {
+    gp.tensor_cores = kernel < 2;
+    gp.tile_keys = kernel == 1 ? 128 : 64;
     cudaMemset(dmass, 0xff, n * 4);  // NaN: every entry must be written
     ASSERT_EQ(XAttentionBlockMassGpu(gp, dmass, nullptr), cudaSuccess);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
@@ -242,10 +247,10 @@ TEST_P(XAttentionGpuTest, MassesMatchTheReference) {
   };
 
   std::vector<int32_t> sel_gpu, order;
-  for (int kernel = 0; kernel < 2; ++kernel) {
-    SCOPED_TRACE(kernel == 0 ? "tensor cores" : "CUDA cores");
+  for (int kernel = 0; kernel < kKernels; ++kernel) {
+    SCOPED_TRACE(kNames[kernel]);
     const std::vector<float>& got = results[kernel];
-    const double dz = score_bound(kernel == 0 ? -23 : -24);
+    const double dz = score_bound(kernel < 2 ? -23 : -24);
     // The row's fp32 sum of exponentials over at most kv_len / S + 1 terms (any order, so
     // the worst case) scales every probability of the row by its relative error.
     const double norm_err = (c.kv_len / S + 1) * std::ldexp(1.0, -23);
