@@ -37,7 +37,8 @@ __device__ __forceinline__ void GroupScores(const XAttentionGpuParams& p, const 
   // Pairs of values: index i = 2 * lane + 64 * j of the group's flattened [S][d] keys.
   for (int i = 2 * lane; i < width; i += 64) {
     const int t = i / d, e = i % d;
-    const int64_t pos = b * p.stride + t;
+    // 32-bit positions: a 64-bit division per element was most of this loop's instructions.
+    const int pos = static_cast<int>(b) * p.stride + t;
     if (pos >= p.kv_len) break;  // the rest of the group is past the keys (zero)
     const int64_t slot =
         int64_t{p.page_table[pos / p.page_size]} * p.page_size + pos % p.page_size;

@@ -14,7 +14,8 @@
 // 2^-23 for the tensor-core kernel, whose fp32 accumulation may truncate); a block mass
 // then moves by at most A (exp(2 dz) - 1), by A n 2^-23 through the fp32 sum of a row's n <=
 // kv_len / S + 1 exponentials that normalises it, plus the rounding of the exponentials (expf,
-// 2 ulp) and of the block sums: 1e-5 of the row total.
+// 2 ulp) and of the block sums: 1e-5 of the row total. (The tensor-core kernel's online softmax
+// rescales a row's running sum once per key tile, n / 64 more roundings: inside the n 2^-23.)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -23,9 +24,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <numeric>
-#include <string>
 #include <ostream>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -131,6 +132,32 @@ TEST(XAttentionSelectGpuTest, MatchesTheHostWithTies) {
   // Unsupported shapes are refused without a launch.
   sp.k_blocks = 100;  // first_query_block + q_blocks > k_blocks
   EXPECT_EQ(XAttentionSelectGpu(sp, nullptr, nullptr, nullptr, nullptr), cudaErrorInvalidValue);
+}
+
+TEST(XAttentionGpuSupportsTest, RefusesShapesItCannotRun) {
+  XAttentionGpuParams p;
+  p.page_size = 16;
+  p.num_q_heads = 32;
+  p.num_kv_heads = 8;
+  p.head_dim = 128;
+  p.q_len = p.kv_len = 1 << 20;  // 1M tokens: tensor cores yes, CUDA cores no (8192 key blocks)
+  EXPECT_TRUE(XAttentionGpuSupports(p));
+  p.tensor_cores = false;
+  EXPECT_FALSE(XAttentionGpuSupports(p));
+  p.tensor_cores = true;
+  p.tile_keys = 96;
+  EXPECT_FALSE(XAttentionGpuSupports(p));
+  p.tile_keys = 128;
+  p.head_dim = 96;
+  EXPECT_FALSE(XAttentionGpuSupports(p));
+  p.head_dim = 128;
+  p.block_size = 48;  // B / S = 3
+  EXPECT_FALSE(XAttentionGpuSupports(p));
+  p.block_size = 128;
+  p.num_kv_heads = 5;
+  EXPECT_FALSE(XAttentionGpuSupports(p));
+  // Refused without a launch (null pointers are never touched).
+  EXPECT_EQ(XAttentionBlockMassGpu(p, nullptr, nullptr), cudaErrorInvalidValue);
 }
 
 class XAttentionGpuTest : public ::testing::TestWithParam<Case> {};
