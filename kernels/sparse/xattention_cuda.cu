@@ -245,221 +245,256 @@ __device__ __forceinline__ void Merge(float& mx, float& sum, float mx2, float su
   mx = m;
 }
 
-// One row tile (query groups [a0, a0 + 128)) of head h: both sweeps.
+// The per-thread view of a tile (m16n8 accumulator layout): this thread's rows are tile rows
+// 32 wm + 16 mt + gq + 8 hf (query group a0 + that), its columns WN wn + 8 nt + 2 cq + e.
+struct Lane {
+  int lane, gq, cq, wm, wn;
+};
+
+// acc += the slice's 64 columns of the warp tile's scores (4 k16 steps).
+template <int NT>
+__device__ __forceinline__ void MmaSlice(uint32_t sa, uint32_t sb, uint32_t lane_a,
+                                         uint32_t lane_b, float (&acc)[2][NT][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kBK / 16; ++kk) {
+    uint32_t af[2][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+      ptx::LdMatrixX4(af[mt], sa + ((lane_a + mt * 16 * 128) ^ ((2 * kk) << 4)));
+    }
+#pragma unroll
+    for (int jn = 0; jn < NT / 2; ++jn) {
+      uint32_t b[4];
+      ptx::LdMatrixX4(b, sb + ((lane_b + jn * 16 * 128) ^ ((2 * kk) << 4)));
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        ptx::MmaBf16(acc[mt][2 * jn], af[mt], b[0], b[1]);
+        ptx::MmaBf16(acc[mt][2 * jn + 1], af[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// Sweep 1: folds the tile's scored entries of this thread's rows into their running max and sum
+// of exponentials (wc0: the warp tile's first key group).
+template <int NT>
+__device__ __forceinline__ void RowStatsUpdate(const Geo& geo, const Lane& l, int a0, int wc0,
+                                               const float (&acc)[2][NT][4], float (&mx)[2][2],
+                                               float (&sm)[2][2]) {
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int a = a0 + 32 * l.wm + 16 * mt + l.gq + 8 * hf;
+      const bool row_ok = a >= geo.a_lo && a <= geo.a_hi;
+      float z[2 * NT], tmax = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int b = wc0 + 8 * nt + 2 * l.cq + e;
+          z[2 * nt + e] = row_ok && b <= a ? acc[mt][nt][2 * hf + e] * geo.zscale : -INFINITY;
+          tmax = fmaxf(tmax, z[2 * nt + e]);
+        }
+      }
+      if (tmax != -INFINITY) {
+        const float nm = fmaxf(mx[mt][hf], tmax);
+        float sum = sm[mt][hf] * expf(mx[mt][hf] - nm);
+#pragma unroll
+        for (int i = 0; i < 2 * NT; ++i) sum += expf(z[i] - nm);
+        sm[mt][hf] = sum;
+        mx[mt][hf] = nm;
+      }
+    }
+  }
+}
+
+// End of sweep 1: merges the quad's lanes, then the two column warps, into each row's max and
+// 1 / sum, and leaves this thread's rows' values in (mx, sm) for sweep 2. Block-wide barriers.
+__device__ __forceinline__ void RowStatsFinish(const Lane& l, float (&mx)[2][2], float (&sm)[2][2],
+                                               float (*st_max)[kBM], float (*st_sum)[kBM],
+                                               float* row_max, float* row_inv) {
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+#pragma unroll
+      for (int off = 1; off <= 2; off <<= 1) {
+        const float m2 = __shfl_xor_sync(0xffffffffu, mx[mt][hf], off);
+        const float s2 = __shfl_xor_sync(0xffffffffu, sm[mt][hf], off);
+        Merge(mx[mt][hf], sm[mt][hf], m2, s2);
+      }
+      if (l.cq == 0) {
+        const int r = 32 * l.wm + 16 * mt + l.gq + 8 * hf;
+        st_max[l.wn][r] = mx[mt][hf];
+        st_sum[l.wn][r] = sm[mt][hf];
+      }
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < kBM) {
+    const int r = threadIdx.x;
+    float m1 = st_max[0][r], s1 = st_sum[0][r];
+    Merge(m1, s1, st_max[1][r], st_sum[1][r]);
+    row_max[r] = m1 == -INFINITY ? 0.0f : m1;  // rows with nothing scored: inverse sum 0
+    row_inv[r] = s1 > 0.0f ? 1.0f / s1 : 0.0f;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int r = 32 * l.wm + 16 * mt + l.gq + 8 * hf;
+      mx[mt][hf] = row_max[r];
+      sm[mt][hf] = row_inv[r];
+    }
+  }
+}
+
+// Sweep 2: the tile's probabilities exp(z - max) / sum summed over R x R blocks into blk. A
+// lane's two columns share a block (R >= 4); the lanes of one block are combined with shuffles
+// over the quad (columns) and the lane groups (rows), then the block's first lane adds into
+// shared memory.
+template <int R, int NT>
+__device__ __forceinline__ void BlockSums(const Geo& geo, const Lane& l, int a0, int wc0,
+                                          const float (&acc)[2][NT][4], const float (&mx)[2][2],
+                                          const float (&inv)[2][2], float (*blk)[2 * NT * 8 / R]) {
+  constexpr int WN = 8 * NT;
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int a = a0 + 32 * l.wm + 16 * mt + l.gq + 8 * hf;
+      const bool row_ok = a >= geo.a_lo && a <= geo.a_hi;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        float v = 0.0f;
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int b = wc0 + 8 * nt + 2 * l.cq + e;
+          if (row_ok && b <= a) {
+            v += expf(acc[mt][nt][2 * hf + e] * geo.zscale - mx[mt][hf]) * inv[mt][hf];
+          }
+        }
+        v += __shfl_xor_sync(0xffffffffu, v, 1);
+        if (R >= 8) v += __shfl_xor_sync(0xffffffffu, v, 2);
+        v += __shfl_xor_sync(0xffffffffu, v, 4);
+        v += __shfl_xor_sync(0xffffffffu, v, 8);
+        if (R >= 8) v += __shfl_xor_sync(0xffffffffu, v, 16);
+        const bool leader = R >= 8 ? l.lane == 0 : (l.lane & 0b01101) == 0;
+        if (leader) {
+          const int rb = (32 * l.wm + 16 * mt + 8 * hf + l.gq) / R;
+          const int cb = (WN * l.wn + 8 * nt + 2 * l.cq) / R;
+          atomicAdd(&blk[rb][cb], v);
+        }
+      }
+    }
+  }
+}
+
+// The key tile's block masses (blk, then cleared) to `mass`; after the row tile's last key tile
+// (`last`), zeros for the key blocks past it. The caller synchronizes before and after.
+template <int R, int BN>
+__device__ __forceinline__ void WriteTile(const Geo& geo, int h, int a0, int n0, bool last,
+                                          float* __restrict__ mass, float (*blk)[BN / R]) {
+  const int qb0 = a0 / R - geo.m0;  // the tile's first query block, relative to m0
+  float* rows = mass + int64_t{h} * geo.q_blocks * geo.k_blocks;
+  for (int i = threadIdx.x; i < (kBM / R) * (BN / R); i += kThreads) {
+    const int rb = i / (BN / R), cb = i % (BN / R);
+    const int mi = qb0 + rb, n = n0 / R + cb;
+    if (mi < geo.q_blocks && n < geo.k_blocks) rows[int64_t{mi} * geo.k_blocks + n] = blk[rb][cb];
+    blk[rb][cb] = 0.0f;
+  }
+  if (!last) return;
+  const int n_done = (n0 + BN) / R, width = geo.k_blocks - n_done;
+  if (width <= 0) return;
+  for (int i = threadIdx.x; i < (kBM / R) * width; i += kThreads) {
+    const int mi = qb0 + i / width, n = n_done + i % width;
+    if (mi < geo.q_blocks) rows[int64_t{mi} * geo.k_blocks + n] = 0.0f;
+  }
+}
+
+// One row tile (query groups [a0, a0 + 128)) of head h: both sweeps over the key tiles up to its
+// diagonal, as one 3-stage pipeline of 64-column slices (sweep 2's first slices load while
+// sweep 1 finishes).
 template <int R, int BN>
 __device__ void RowTile(const XAttentionGpuParams& p, const Geo& geo, int h, int g_kv, int a0,
                         float* __restrict__ mass, uint32_t smem, float (*st_max)[kBM],
                         float (*st_sum)[kBM], float* row_max, float* row_inv,
                         float (*blk)[BN / R]) {
   constexpr int WN = BN / 2, NT = WN / 8;  // warp tile columns, n8 tiles per warp
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, cq = lane & 3;
-  const int wm = warp >> 1, wn = warp & 1;  // warp tile rows [32 wm, +32), cols [WN wn, +WN)
-  const int a_last = min(a0 + kBM - 1, geo.a_hi);
-  const int n_tiles = a_last / BN + 1;
+  Lane l;
+  l.lane = threadIdx.x & 31;
+  l.gq = l.lane >> 2;
+  l.cq = l.lane & 3;
+  l.wm = threadIdx.x >> 6;        // warp tile rows [32 wm, +32)
+  l.wn = (threadIdx.x >> 5) & 1;  // warp tile columns [WN wn, +WN)
+  const int n_tiles = min(a0 + kBM - 1, geo.a_hi) / BN + 1;
   const int kc_per_tile = p.stride * p.head_dim / kBK;
   const int steps_per_pass = n_tiles * kc_per_tile, total = 2 * steps_per_pass;
-  // This thread's 4 rows (m tile mt, half hf): tile row 32 wm + 16 mt + gq + 8 hf.
-  float mx[2][2], sm[2][2];
+  float mx[2][2], sm[2][2];  // sweep 1: running max and sum; sweep 2: row max and 1 / sum
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt) {
     mx[mt][0] = mx[mt][1] = -INFINITY;
     sm[mt][0] = sm[mt][1] = 0.0f;
   }
   float acc[2][NT][4];
-  const uint32_t lane_a = Swz(32 * wm + (lane & 15), lane >> 4);          // + mt 16 rows
-  const uint32_t lane_b = Swz(WN * wn + ((lane >> 4) << 3) + (lane & 7), (lane >> 3) & 1);
-  const auto step_tile = [&](int s, int& j, int& kc) {
+  const uint32_t lane_a = Swz(32 * l.wm + (l.lane & 15), l.lane >> 4);  // + 16 rows per m tile
+  const uint32_t lane_b = Swz(WN * l.wn + ((l.lane >> 4) << 3) + (l.lane & 7), (l.lane >> 3) & 1);
+  const auto load = [&](int s) {  // step s: key tile j, slice kc of either sweep
     const int rem = s % steps_per_pass;
-    j = rem / kc_per_tile;
-    kc = rem % kc_per_tile;
+    LoadSlice<BN>(p, geo, h, g_kv, a0, rem / kc_per_tile * BN, rem % kc_per_tile,
+                  smem + (s % kStages) * StageBytes<BN>());
   };
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < total) {
-      int j, kc;
-      step_tile(s, j, kc);
-      LoadSlice<BN>(p, geo, h, g_kv, a0, j * BN, kc, smem + s * StageBytes<BN>());
-    }
+    if (s < total) load(s);
     ptx::CpAsyncCommit();
   }
   for (int s = 0; s < total; ++s) {
     ptx::CpAsyncWait<kStages - 2>();
-    __syncthreads();
-    if (s + kStages - 1 < total) {
-      int j, kc;
-      step_tile(s + kStages - 1, j, kc);
-      LoadSlice<BN>(p, geo, h, g_kv, a0, j * BN, kc,
-                    smem + ((s + kStages - 1) % kStages) * StageBytes<BN>());
-    }
+    __syncthreads();  // slice s landed for every thread; slice s - 1's stage is free
+    if (s + kStages - 1 < total) load(s + kStages - 1);
     ptx::CpAsyncCommit();
-    const int pass = s / steps_per_pass;
-    int j, kc;
-    step_tile(s, j, kc);
-    const int n0 = j * BN;
+    const int pass = s / steps_per_pass, rem = s % steps_per_pass;
+    const int j = rem / kc_per_tile, kc = rem % kc_per_tile, n0 = j * BN;
     if (kc == 0) {
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.0f;
-    }
-    // A warp tile wholly above the diagonal, or of rows the reference does not score, has
-    // nothing to compute (its scores are all masked below).
-    const int wr0 = a0 + 32 * wm, wc0 = n0 + WN * wn;
-    const bool active = wc0 <= wr0 + 31 && wr0 + 31 >= geo.a_lo && wr0 <= geo.a_hi;
-    if (active) {
-      const uint32_t sa = smem + (s % kStages) * StageBytes<BN>(), sb = sa + kATileBytes;
-#pragma unroll
-      for (int kk = 0; kk < kBK / 16; ++kk) {
-        uint32_t af[2][4];
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
-          ptx::LdMatrixX4(af[mt], sa + ((lane_a + mt * 16 * 128) ^ ((2 * kk) << 4)));
-        }
-#pragma unroll
-        for (int jn = 0; jn < NT / 2; ++jn) {
-          uint32_t b[4];
-          ptx::LdMatrixX4(b, sb + ((lane_b + jn * 16 * 128) ^ ((2 * kk) << 4)));
-#pragma unroll
-          for (int mt = 0; mt < 2; ++mt) {
-            ptx::MmaBf16(acc[mt][2 * jn], af[mt], b[0], b[1]);
-            ptx::MmaBf16(acc[mt][2 * jn + 1], af[mt], b[2], b[3]);
-          }
-        }
-      }
-    }
-    if (kc != kc_per_tile - 1) continue;
-    // --- The tile's 128 x 64 scores are complete.
-    if (pass == 0) {
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const int a = a0 + 32 * wm + 16 * mt + gq + 8 * hf;
-          const bool row_ok = a >= geo.a_lo && a <= geo.a_hi;
-          float z[2 * NT], tmax = -INFINITY;
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int b = wc0 + 8 * nt + 2 * cq + e;
-              z[2 * nt + e] = row_ok && b <= a ? acc[mt][nt][2 * hf + e] * geo.zscale : -INFINITY;
-              tmax = fmaxf(tmax, z[2 * nt + e]);
-            }
-          }
-          if (tmax != -INFINITY) {
-            const float nm = fmaxf(mx[mt][hf], tmax);
-            float sum = sm[mt][hf] * expf(mx[mt][hf] - nm);
-#pragma unroll
-            for (int i = 0; i < 2 * NT; ++i) sum += expf(z[i] - nm);
-            sm[mt][hf] = sum;
-            mx[mt][hf] = nm;
-          }
+        for (int nt = 0; nt < NT; ++nt) {
+          acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.0f;
         }
       }
-      if (j == n_tiles - 1) {
-        // End of sweep 1: merge the quad's lanes, then the two column warps, into each row's
-        // max and 1 / sum; keep this thread's rows in registers for sweep 2.
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
-#pragma unroll
-          for (int hf = 0; hf < 2; ++hf) {
-#pragma unroll
-            for (int off = 1; off <= 2; off <<= 1) {
-              const float m2 = __shfl_xor_sync(0xffffffffu, mx[mt][hf], off);
-              const float s2 = __shfl_xor_sync(0xffffffffu, sm[mt][hf], off);
-              Merge(mx[mt][hf], sm[mt][hf], m2, s2);
-            }
-            if (cq == 0) {
-              const int r = 32 * wm + 16 * mt + gq + 8 * hf;
-              st_max[wn][r] = mx[mt][hf];
-              st_sum[wn][r] = sm[mt][hf];
-            }
-          }
-        }
-        __syncthreads();
-        if (threadIdx.x < kBM) {
-          const int r = threadIdx.x;
-          float m1 = st_max[0][r], s1 = st_sum[0][r];
-          Merge(m1, s1, st_max[1][r], st_sum[1][r]);
-          row_max[r] = m1 == -INFINITY ? 0.0f : m1;
-          row_inv[r] = s1 > 0.0f ? 1.0f / s1 : 0.0f;
-        }
-        __syncthreads();
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
-#pragma unroll
-          for (int hf = 0; hf < 2; ++hf) {
-            const int r = 32 * wm + 16 * mt + gq + 8 * hf;
-            mx[mt][hf] = row_max[r];
-            sm[mt][hf] = row_inv[r];
-          }
-        }
-      }
+    }
+    // A warp tile wholly above the diagonal, or of rows the reference does not score, has
+    // nothing to compute (its scores are all masked).
+    const int wr0 = a0 + 32 * l.wm, wc0 = n0 + WN * l.wn;
+    if (wc0 <= wr0 + 31 && wr0 + 31 >= geo.a_lo && wr0 <= geo.a_hi) {
+      const uint32_t sa = smem + (s % kStages) * StageBytes<BN>();
+      MmaSlice<NT>(sa, sa + kATileBytes, lane_a, lane_b, acc);
+    }
+    if (kc != kc_per_tile - 1) continue;
+    // The key tile's scores are complete.
+    if (pass == 0) {
+      RowStatsUpdate<NT>(geo, l, a0, wc0, acc, mx, sm);
+      if (j == n_tiles - 1) RowStatsFinish(l, mx, sm, st_max, st_sum, row_max, row_inv);
       continue;
     }
-    // Sweep 2: probabilities summed over R x R blocks. A lane's two columns share a block (R >=
-    // 4); lanes of one block are combined with shuffles over the quad (columns) and the lane
-    // groups (rows), then the block's first lane adds into shared memory.
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int a = a0 + 32 * wm + 16 * mt + gq + 8 * hf;
-        const bool row_ok = a >= geo.a_lo && a <= geo.a_hi;
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          float v = 0.0f;
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int b = wc0 + 8 * nt + 2 * cq + e;
-            if (row_ok && b <= a) {
-              v += expf(acc[mt][nt][2 * hf + e] * geo.zscale - mx[mt][hf]) * sm[mt][hf];
-            }
-          }
-          v += __shfl_xor_sync(0xffffffffu, v, 1);
-          if (R >= 8) v += __shfl_xor_sync(0xffffffffu, v, 2);
-          v += __shfl_xor_sync(0xffffffffu, v, 4);
-          v += __shfl_xor_sync(0xffffffffu, v, 8);
-          if (R >= 8) v += __shfl_xor_sync(0xffffffffu, v, 16);
-          const bool leader = R >= 8 ? lane == 0 : (lane & 0b01101) == 0;
-          if (leader) {
-            atomicAdd(&blk[(32 * wm + 16 * mt + 8 * hf + gq) / R][(WN * wn + 8 * nt + 2 * cq) / R], v);
-          }
-        }
-      }
-    }
+    BlockSums<R, NT>(geo, l, a0, wc0, acc, mx, sm, blk);
     __syncthreads();
-    // The tile's block masses to global memory (then cleared for the next tile); after the last
-    // tile, zeros for the key blocks past it.
-    const int qb0 = a0 / R - geo.m0;  // the tile's first query block, relative to m0
-    for (int i = threadIdx.x; i < (kBM / R) * (BN / R); i += kThreads) {
-      const int rb = i / (BN / R), cb = i % (BN / R);
-      const int mi = qb0 + rb, n = n0 / R + cb;
-      if (mi < geo.q_blocks && n < geo.k_blocks) {
-        mass[(int64_t{h} * geo.q_blocks + mi) * geo.k_blocks + n] = blk[rb][cb];
-      }
-      blk[rb][cb] = 0.0f;
-    }
-    if (j == n_tiles - 1) {
-      const int n_done = n_tiles * BN / R;
-      const int width = geo.k_blocks - n_done;
-      if (width > 0) {
-        for (int i = threadIdx.x; i < (kBM / R) * width; i += kThreads) {
-          const int mi = qb0 + i / width, n = n_done + i % width;
-          if (mi < geo.q_blocks) mass[(int64_t{h} * geo.q_blocks + mi) * geo.k_blocks + n] = 0.0f;
-        }
-      }
-    }
+    WriteTile<R, BN>(geo, h, a0, n0, j == n_tiles - 1, mass, blk);
+    // blk's next adds come after the next iteration's barrier.
   }
   ptx::CpAsyncWaitAll();
   __syncthreads();  // the stages are free for the next row tile
 }
 
-// grid: num_q_heads * ceil(T / 2) blocks, T = row tiles of 128 query groups; block i takes head i % Hq and the row
-// tiles t = i / Hq and T - 1 - t (once when they coincide).
+// grid: num_q_heads * ceil(T / 2) blocks, T = row tiles of 128 query groups; block i takes head
+// i % Hq and the row tiles t = i / Hq and T - 1 - t (once when they coincide).
 template <int R, int BN>
-__global__ void __launch_bounds__(kThreads, BN == 64 ? 2 : 1) MassKernel(const XAttentionGpuParams p,
-                                                           float* __restrict__ mass) {
+__global__ void __launch_bounds__(kThreads, BN == 64 ? 2 : 1)
+    MassKernel(const XAttentionGpuParams p, float* __restrict__ mass) {
   extern __shared__ __align__(128) char smem[];
   __shared__ float st_max[2][kBM], st_sum[2][kBM], row_max[kBM], row_inv[kBM];
   __shared__ float blk[kBM / R][BN / R];
@@ -479,10 +514,10 @@ __global__ void __launch_bounds__(kThreads, BN == 64 ? 2 : 1) MassKernel(const X
   __syncthreads();
   const uint32_t base = ptx::SmemAddr(smem);
   RowTile<R, BN>(p, geo, h, g_kv, geo.m0 * R + t * kBM, mass, base, st_max, st_sum, row_max,
-             row_inv, blk);
+                 row_inv, blk);
   if (tiles - 1 - t != t) {
-    RowTile<R, BN>(p, geo, h, g_kv, geo.m0 * R + (tiles - 1 - t) * kBM, mass, base, st_max, st_sum,
-               row_max, row_inv, blk);
+    RowTile<R, BN>(p, geo, h, g_kv, geo.m0 * R + (tiles - 1 - t) * kBM, mass, base, st_max,
+                   st_sum, row_max, row_inv, blk);
   }
 }
 
@@ -497,7 +532,8 @@ cudaError_t Launch(const XAttentionGpuParams& p, float* mass, cudaStream_t strea
     const int64_t blocks = (tiles + 1) / 2 * p.num_q_heads;
     if (p.tile_keys == 128) {
       SIEVE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-          tc::MassKernel<R, 128>, cudaFuncAttributeMaxDynamicSharedMemorySize, tc::SmemBytes<128>()));
+          tc::MassKernel<R, 128>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+          tc::SmemBytes<128>()));
       tc::MassKernel<R, 128><<<static_cast<unsigned>(blocks), tc::kThreads, tc::SmemBytes<128>(),
                                stream>>>(p, mass);
     } else {

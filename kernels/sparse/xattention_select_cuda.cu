@@ -122,7 +122,9 @@ __global__ void __launch_bounds__(kScanThreads) ScanKernel(const XAttentionSelec
   const int rows = p.q_blocks * p.num_q_heads;
   const int per = (rows + kScanThreads - 1) / kScanThreads;
   const int lo = threadIdx.x * per, hi = min(rows, lo + per);
-  const auto at = [&](int r) { return count[(r % p.num_q_heads) * p.q_blocks + r / p.num_q_heads]; };
+  const auto at = [&](int r) {
+    return count[(r % p.num_q_heads) * p.q_blocks + r / p.num_q_heads];
+  };
   int32_t sum = 0;
   for (int r = lo; r < hi; ++r) sum += at(r);
   part[threadIdx.x] = sum;
@@ -144,7 +146,8 @@ __global__ void __launch_bounds__(kScanThreads) ScanKernel(const XAttentionSelec
 // One warp per row copies its selected blocks to their place in key_blocks.
 __global__ void CopyKernel(const XAttentionSelectGpuParams p, const int32_t* __restrict__ count,
                            const int32_t* __restrict__ blocks,
-                           const int32_t* __restrict__ row_start, int32_t* __restrict__ key_blocks) {
+                           const int32_t* __restrict__ row_start,
+                           int32_t* __restrict__ key_blocks) {
   const int rows = p.q_blocks * p.num_q_heads;
   const int r = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
   if (r >= rows) return;
