@@ -1,28 +1,40 @@
 // XAttention prefill on the GPU against dense prefill, measured in the same run.
 //
 // One Llama-3.1-8B attention layer (32 query heads, 8 KV heads, head dim 128, bf16, page 16), one
-// fresh prompt of 16K and 32K tokens with the structure real attention has
+// fresh prompt of 16K and 32K tokens (--tokens to change) with the structure real attention has
 // (bench/structured_attention.h, parameters printed). Timed on the device (median of --iters,
 // events):
 //   dense_wgmma  PagedPrefillRun, the Hopper wgmma kernel (the production dense path)
 //   dense_mma    PagedPrefillRun, the mma.sync kernel (the inner loop the sparse run shares)
-//   estimate     XAttentionBlockMassGpu (stride 16, block 128), the tensor-core kernel
-//   est_cuda     the same on the CUDA-core kernel (the cross-check; not in the end-to-end sum)
-//   sparse       PagedPrefillRun on the selected blocks (mma.sync, block-sparse)
-// and on the host: the threshold selection (tau 0.9) and plan assembly, as the engine does it.
-// Reported: density (computed causal 128x128 tiles / all causal tiles) and the speedups
-// dense_wgmma / (estimate + select + sparse) and dense_mma / sparse (per computed tile parity).
+//   estimate     XAttentionBlockMassGpu (stride 16, block 128), the tensor-core kernel (64-key-group
+//                tiles, the default)
+//   est_n128     the same with 128-key-group tiles (tile_keys = 128; not in the end-to-end sum)
+//   est_cuda     the same on the CUDA-core kernel (the cross-check; not in the end-to-end sum;
+//                median of at most 3 runs, --no-cuda-core skips it)
+//   select       XAttentionSelectGpu + XAttentionBuildIndexGpu (tau 0.9): the device selection
+//                and block-sparse index
+//   sparse       PagedPrefillRun on that index (mma.sync, block-sparse)
+// and on the host, as the engine does it today: the threshold selection and plan assembly
+// (select_host, timed once). Reported: density (computed causal 128x128 tiles / all causal
+// tiles), end2end = dense_wgmma / (estimate + select + sparse), dense_mma / sparse, tile parity
+// (dense_mma / (sparse / density)), and the estimator's tensor-core rate (the two sweeps' causal
+// GEMM flops / estimate). Checked in the same run, each printed as PASS or FAIL (exit status 1
+// on a FAIL): the device selection equals the host's row for row, and the tensor-core masses
+// agree with the CUDA-core kernel's within 1e-3 of each query block's total.
 //
-//   usage: xattention_prefill_gpu_bench [--iters N] [--tau T]
+//   usage: xattention_prefill_gpu_bench [--iters N] [--tau T] [--tokens N[,N...]]
+//                                       [--no-cuda-core]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "bench/bench_cuda.cuh"
@@ -72,11 +84,11 @@ __nv_bfloat16* UploadBf16(const std::vector<float>& f) {
   return reinterpret_cast<__nv_bfloat16*>(Upload(h));
 }
 
-void RunLength(int tokens, int iters, double tau, int sms) {
+bool RunLength(int tokens, int iters, double tau, int sms, bool cuda_core, bool first) {
   sieve::bench::StructuredAttentionParams sp;
   sp.tokens = tokens;
   const sieve::bench::StructuredAttention in = sieve::bench::MakeStructuredAttention(sp);
-  if (tokens == 16384) std::printf("inputs: %s\n", sp.Describe().c_str());
+  if (first) std::printf("inputs: %s\n", sp.Describe().c_str());
   // Pages in order: page j holds positions [16 j, 16 j + 16); the generator's [tokens, heads, d]
   // rows are exactly the cache layout.
   const int pages = tokens / kPage;
@@ -125,11 +137,22 @@ void RunLength(int tokens, int iters, double tau, int sms) {
   float* d_mass;
   const size_t n_mass = static_cast<size_t>(kHq) * blocks * blocks;
   CHECK_CUDA(cudaMalloc(&d_mass, n_mass * 4));
-  xp.tensor_cores = false;
-  const double est_cuda = MedianMs(iters, [&] { CHECK_CUDA(XAttentionBlockMassGpu(xp, d_mass, nullptr)); });
+  std::vector<float> mass(n_mass), mass_cuda;
+  double est_cuda = -1;
+  if (cuda_core) {
+    xp.tensor_cores = false;
+    est_cuda = MedianMs(std::min(iters, 3), [&] { CHECK_CUDA(XAttentionBlockMassGpu(xp, d_mass, nullptr)); });
+    mass_cuda.resize(n_mass);
+    CHECK_CUDA(cudaMemcpy(mass_cuda.data(), d_mass, n_mass * 4, cudaMemcpyDeviceToHost));
+  }
   xp.tensor_cores = true;
+  xp.tile_keys = 128;
+  const double est_n128 = MedianMs(iters, [&] { CHECK_CUDA(XAttentionBlockMassGpu(xp, d_mass, nullptr)); });
+  std::vector<float> mass_n128(n_mass);
+  CHECK_CUDA(cudaMemcpy(mass_n128.data(), d_mass, n_mass * 4, cudaMemcpyDeviceToHost));
+  xp.tile_keys = 64;
+  CHECK_CUDA(cudaMemset(d_mass, 0xff, n_mass * 4));  // NaN: the kernel must write every entry
   const double estimate = MedianMs(iters, [&] { CHECK_CUDA(XAttentionBlockMassGpu(xp, d_mass, nullptr)); });
-  std::vector<float> mass(n_mass);
   CHECK_CUDA(cudaMemcpy(mass.data(), d_mass, n_mass * 4, cudaMemcpyDeviceToHost));
 
   // Host selection and plan assembly (as XAttentionPolicy does), timed on the host.
@@ -145,11 +168,58 @@ void RunLength(int tokens, int iters, double tau, int sms) {
       row_start.push_back(static_cast<int32_t>(key_blocks.size()));
     }
   }
-  const double select_ms =
+  const double select_host =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   const double causal_tiles = static_cast<double>(kHq) * blocks * (blocks + 1) / 2;
   const double density = key_blocks.size() / causal_tiles;
-  int32_t *d_qbs = Upload(qbs), *d_rs = Upload(row_start), *d_kb = Upload(key_blocks);
+
+  // Device selection and index.
+  XAttentionSelectGpuParams selp;
+  selp.num_q_heads = kHq;
+  selp.first_query_block = 0;
+  selp.q_blocks = blocks;
+  selp.k_blocks = blocks;
+  selp.threshold = tau;
+  int32_t *d_count, *d_sel, *d_rs, *d_kb;
+  CHECK_CUDA(cudaMalloc(&d_count, static_cast<size_t>(kHq) * blocks * 4));
+  CHECK_CUDA(cudaMalloc(&d_sel, n_mass * 4));
+  CHECK_CUDA(cudaMalloc(&d_rs, (static_cast<size_t>(kHq) * blocks + 1) * 4));
+  CHECK_CUDA(cudaMalloc(&d_kb, n_mass * 4));
+  const double select_ms = MedianMs(iters, [&] {
+    CHECK_CUDA(XAttentionSelectGpu(selp, d_mass, d_count, d_sel, nullptr));
+    CHECK_CUDA(XAttentionBuildIndexGpu(selp, d_count, d_sel, d_rs, d_kb, nullptr));
+  });
+  std::vector<int32_t> dev_rs(row_start.size()), dev_kb;
+  CHECK_CUDA(cudaMemcpy(dev_rs.data(), d_rs, dev_rs.size() * 4, cudaMemcpyDeviceToHost));
+  bool ok = true;
+  if (dev_rs == row_start) {
+    dev_kb.resize(key_blocks.size());
+    CHECK_CUDA(cudaMemcpy(dev_kb.data(), d_kb, dev_kb.size() * 4, cudaMemcpyDeviceToHost));
+  }
+  const bool select_ok = dev_rs == row_start && dev_kb == key_blocks;
+  std::printf("check %6d: device selection == host selection (%zu rows, %zu blocks): %s\n",
+              tokens, row_start.size() - 1, key_blocks.size(), select_ok ? "PASS" : "FAIL");
+  ok = ok && select_ok;
+  {
+    double worst = 0;
+    for (size_t i = 0; i < n_mass; ++i) worst = std::max(worst, std::fabs(double{mass[i]} - mass_n128[i]));
+    const bool agree = worst <= 1e-3 * (kBlock / kStride);
+    std::printf("check %6d: 64- vs 128-group tiles, max |diff| %.3g (limit %.3g): %s\n", tokens,
+                worst, 1e-3 * (kBlock / kStride), agree ? "PASS" : "FAIL");
+    ok = ok && agree;
+  }
+  if (cuda_core) {
+    // Tensor cores vs CUDA cores: both are fp32 estimates of the same masses (the GPU test bounds
+    // each against the fp64 reference); a query block's total is its R = 8 query groups.
+    double worst = 0;
+    for (size_t i = 0; i < n_mass; ++i) worst = std::max(worst, std::fabs(double{mass[i]} - mass_cuda[i]));
+    const bool agree = worst <= 1e-3 * (kBlock / kStride);
+    std::printf("check %6d: tensor-core vs CUDA-core masses, max |diff| %.3g (limit %.3g): %s\n",
+                tokens, worst, 1e-3 * (kBlock / kStride), agree ? "PASS" : "FAIL");
+    ok = ok && agree;
+  }
+
+  int32_t* d_qbs = Upload(qbs);
   SparseAttentionIndex idx;
   idx.query_block = kBlock;
   idx.key_block = kBlock;
@@ -160,15 +230,22 @@ void RunLength(int tokens, int iters, double tau, int sms) {
   ps.sparse = &idx;
   const double sparse = MedianMs(iters, [&] { CHECK_CUDA(PagedPrefillRun(ps, mma, nullptr, nullptr)); });
   const double total = estimate + select_ms + sparse;
-  std::printf("%6d %11.2f %9.2f %9.2f %9.2f %9.2f %8.2f %7.1f%% %10.2fx %10.2fx %11.2f\n", tokens,
-              dense_wg, dense_mma, estimate, est_cuda, select_ms, sparse, 100 * density, dense_wg / total,
-              dense_mma / sparse, dense_mma / (sparse / density));
+  // The estimator's GEMM: per head, rows a = 0 .. n-1 score a + 1 key groups (S d products each),
+  // twice (two sweeps).
+  const double n = tokens / kStride;
+  const double est_tflops = 2.0 * 2.0 * kHq * (n * (n + 1) / 2) * kStride * kD / (estimate * 1e9);
+  std::printf("%6d %11.2f %9.2f %9.3f %9.3f %9.2f %8.3f %11.2f %8.2f %7.1f%% %8.2fx %10.2fx %11.2f %8.0f\n",
+              tokens, dense_wg, dense_mma, estimate, est_n128, est_cuda, select_ms, select_host, sparse,
+              100 * density, dense_wg / total, dense_mma / sparse, dense_mma / (sparse / density),
+              est_tflops);
   for (void* ptr : {static_cast<void*>(q), static_cast<void*>(k), static_cast<void*>(v),
                     static_cast<void*>(out), static_cast<void*>(d_table), static_cast<void*>(d_kv),
                     static_cast<void*>(d_qs), static_cast<void*>(d_mass), static_cast<void*>(d_qbs),
-                    static_cast<void*>(d_rs), static_cast<void*>(d_kb)}) {
+                    static_cast<void*>(d_rs), static_cast<void*>(d_kb), static_cast<void*>(d_count),
+                    static_cast<void*>(d_sel)}) {
     CHECK_CUDA(cudaFree(ptr));
   }
+  return ok;
 }
 
 }  // namespace
@@ -176,20 +253,52 @@ void RunLength(int tokens, int iters, double tau, int sms) {
 int main(int argc, char** argv) {
   int iters = 10;
   double tau = 0.9;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    if (!std::strcmp(argv[i], "--iters")) iters = std::atoi(argv[i + 1]);
-    if (!std::strcmp(argv[i], "--tau")) tau = std::atof(argv[i + 1]);
+  bool cuda_core = true;
+  std::vector<int> lengths = {16384, 32768};
+  for (int i = 1; i < argc; ++i) {
+    const bool has_value = i + 1 < argc;
+    if (!std::strcmp(argv[i], "--iters") && has_value) {
+      iters = std::atoi(argv[++i]);
+    } else if (!std::strcmp(argv[i], "--tau") && has_value) {
+      tau = std::atof(argv[++i]);
+    } else if (!std::strcmp(argv[i], "--tokens") && has_value) {
+      lengths.clear();
+      std::string list = argv[++i];
+      for (size_t at = 0; at < list.size();) {
+        const size_t comma = std::min(list.find(',', at), list.size());
+        lengths.push_back(std::atoi(list.substr(at, comma - at).c_str()));
+        at = comma + 1;
+      }
+    } else if (!std::strcmp(argv[i], "--no-cuda-core")) {
+      cuda_core = false;
+    } else {
+      std::fprintf(stderr, "usage: %s [--iters N] [--tau T] [--tokens N[,N...]] [--no-cuda-core]\n",
+                   argv[0]);
+      return 2;
+    }
   }
+  for (int t : lengths) {
+    if (t < kBlock || t % kBlock != 0) {
+      std::fprintf(stderr, "--tokens: %d is not a positive multiple of %d\n", t, kBlock);
+      return 2;
+    }
+  }
+  if (iters < 1) iters = 1;
   int dev = 0, sms = 0;
   CHECK_CUDA(cudaGetDevice(&dev));
   CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   cudaDeviceProp prop;
   CHECK_CUDA(cudaGetDeviceProperties(&prop, dev));
-  std::printf("device %s, %d SMs; Llama-3.1-8B layer, XAttention S=%d B=%d tau=%.2f; ms\n",
+  std::printf("device %s, %d SMs; Llama-3.1-8B layer, XAttention S=%d B=%d tau=%.2f; ms "
+              "(select_host: the host selection, once; est_TF: the estimate's TFLOP/s)\n",
               prop.name, sms, kStride, kBlock, tau);
-  std::printf("%6s %11s %9s %9s %9s %9s %8s %8s %11s %11s %11s\n", "tokens", "dense_wgmma",
-              "dense_mma", "estimate", "est_cuda", "select", "sparse", "density", "end2end",
-              "sparse/mma", "tile_parity");
-  for (int tokens : {16384, 32768}) RunLength(tokens, iters, tau, sms);
-  return 0;
+  std::printf("%6s %11s %9s %9s %9s %9s %8s %11s %8s %8s %9s %10s %11s %8s\n", "tokens",
+              "dense_wgmma", "dense_mma", "estimate", "est_n128", "est_cuda", "select", "select_host",
+              "sparse", "density", "end2end", "sparse/mma", "tile_parity", "est_TF");
+  bool ok = true;
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    ok = RunLength(lengths[i], iters, tau, sms, cuda_core, i == 0) && ok;
+  }
+  std::printf("checks: %s\n", ok ? "all PASS" : "FAIL (see the check lines)");
+  return ok ? 0 : 1;
 }

@@ -16,6 +16,15 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kMaxQueryBytes = 64 * 1024;  // R * S * d bf16 = B * d * 2 bytes
 constexpr int kMaxKeyBlocks = 4096;        // key-block masses kept in shared memory (16 KB)
 
+// --- The CUDA-core kernel (the cross-check) ------------------------------------------------------
+//
+// One thread block per (query head h, query block m): the block's R = B / S reshaped query rows
+// (each group's S queries in reverse order, S * d values; zero outside the chunk's queries) sit
+// in shared memory as bf16. Warps take strided key groups b = 0 .. last: the lanes split the
+// group's S * d key values (zero past kv_len), each lane keeps R partial sums, reduced across the
+// warp with shuffles. Sweep 1: each row's online max and sum; sweep 2: the recomputed
+// probabilities added into the block's key-block masses in shared memory.
+
 // The R partial antidiagonal sums of key group b against the block's query rows, reduced over the
 // warp (every lane ends with the totals). qs: [R][S * d] bf16, reversed within each group.
 template <int R>
@@ -28,7 +37,8 @@ __device__ __forceinline__ void GroupScores(const XAttentionGpuParams& p, const 
   // Pairs of values: index i = 2 * lane + 64 * j of the group's flattened [S][d] keys.
   for (int i = 2 * lane; i < width; i += 64) {
     const int t = i / d, e = i % d;
-    const int64_t pos = b * p.stride + t;
+    // 32-bit positions: a 64-bit division per element was most of this loop's instructions.
+    const int pos = static_cast<int>(b) * p.stride + t;
     if (pos >= p.kv_len) break;  // the rest of the group is past the keys (zero)
     const int64_t slot =
         int64_t{p.page_table[pos / p.page_size]} * p.page_size + pos % p.page_size;
@@ -150,64 +160,80 @@ __global__ void __launch_bounds__(kThreads) XAttentionMassKernel(const XAttentio
 
 // --- The tensor-core kernel ----------------------------------------------------------------------
 //
-// The same two sweeps with the scores of 16 query rows x 8 key groups per mma.sync m16n8k16 step
-// (bf16 in, fp32 accumulate): A = the reshaped query rows from shared memory (rows padded to a
-// multiple of 16 with zeros, each row padded by 16 bytes so that the 8 rows of a fragment hit
-// different banks), B = 16 consecutive values of 8 key groups loaded straight from the pages (two
-// 4-byte loads per lane per step), accumulating over the S * d / 16 steps of a group.
+// The estimate is, per query head, a causal GEMM X = Q' K'^T of the reshaped queries Q' (one row
+// per query group, S * d wide) and keys K' (one row per key group), followed by a row softmax
+// and sums over R x R tiles of the probabilities. This kernel tiles that GEMM as a GEMM: a block
+// owns 128 query-group rows of one head and sweeps tiles of BN = 64 (or 128, `tile_keys`) key
+// groups up to its diagonal, with both operands streamed through shared memory in 64-column
+// slices (cp.async, 3 stages, XOR-swizzled rows, ldmatrix fragments, mma.sync m16n8k16 bf16 with
+// fp32 accumulators; 8 warps in a 4 x 2 grid of 32 x BN/2 warp tiles). Pages are resolved once
+// per 16-byte copy, in 32-bit arithmetic. Sweep 1 keeps each row's online max and sum of
+// exponentials in registers; sweep 2 recomputes the tiles and reduces exp(z - max) / sum over the
+// R x R blocks (warp shuffles, then shared-memory adds), writing each tile's block masses
+// straight to `mass`: a block owns whole query blocks, so no global atomics and no scratch. Warp
+// tiles wholly above the diagonal skip the MMAs. A block takes row tiles t and T - 1 - t, so
+// every block does the same causal work (16K tokens, 32 heads: 128 equal blocks; 32K: 256).
+namespace tc {
 
-template <int R>
-constexpr int MTiles() { return (R + 15) / 16; }
+constexpr int kBM = 128, kBK = 64, kStages = 3, kThreads = 256;
+constexpr int kATileBytes = kBM * kBK * 2;
+// Key groups per tile BN (64 or 128): the warps form a 4 x 2 grid of 32 x (BN / 2) warp tiles.
+template <int BN>
+constexpr int StageBytes() { return kATileBytes + BN * kBK * 2; }
+template <int BN>
+constexpr int SmemBytes() { return kStages * StageBytes<BN>(); }  // 72 or 96 KB
 
-// Scores of key groups [b0, b0 + 8) against the block's rows (m16n8 accumulator layout per
-// M tile: c[mt][0..1] row g, key groups b0 + 2c, +1; c[mt][2..3] row g + 8).
-template <int R>
-__device__ __forceinline__ void MmaGroupScores(const XAttentionGpuParams& p, const char* qs,
-                                               int row_stride_bytes, int g_kv, int64_t b0,
-                                               float (&c)[MTiles<R>()][4]) {
-  const int lane = threadIdx.x & 31, gq = lane >> 2, cq = lane & 3;
-  const int d = p.head_dim, steps = p.stride * d / 16;
+// Byte offset of 16-byte chunk c (0..7) of row r in a tile of 128-byte rows; the chunk index is
+// XORed with the row so that the 8 rows an ldmatrix reads hit distinct banks.
+__device__ __forceinline__ uint32_t Swz(int r, int c) {
+  return static_cast<uint32_t>(r * 128 + (((c ^ r) & 7) << 4));
+}
+
+// One sequence's geometry in query/key groups (xattention.h).
+struct Geo {
+  int first;      // position of the first query
+  int a_lo, a_hi; // query groups the reference scores
+  int m0, q_blocks, k_blocks;
+  float zscale;   // 1 / (sqrt(d) S)
+};
+
+// Copies slice kc (columns [64 kc, 64 kc + 64) of the S * d reshaped width) of row tile a0 and
+// key tile n0 into one pipeline stage. Reshaped column k = t d + e is, for query group a, query
+// position a S + S - 1 - t, and for key group b, key position b S + t; channel e. Positions
+// outside the chunk's queries or past kv_len copy zeros.
+template <int BN>
+__device__ __forceinline__ void LoadSlice(const XAttentionGpuParams& p, const Geo& geo, int h,
+                                          int g_kv, int a0, int n0, int kc, uint32_t stage) {
+  const int S = p.stride, d = p.head_dim;
+  const int t = (kc * kBK) / d, e0 = (kc * kBK) % d;
+  const int c = threadIdx.x & 7, r_base = threadIdx.x >> 3;  // 32 rows per pass
 #pragma unroll
-  for (int mt = 0; mt < MTiles<R>(); ++mt) c[mt][0] = c[mt][1] = c[mt][2] = c[mt][3] = 0.0f;
-  const int64_t nb = b0 + gq;  // this lane's key group for the B fragment
-#pragma unroll 4
-  for (int ks = 0; ks < steps; ++ks) {
-    const int k0 = ks * 16, t = k0 / d, e = k0 % d + 2 * cq;
-    const int64_t pos = nb * p.stride + t;
-    uint32_t b_lo = 0, b_hi = 0;
-    if (pos < p.kv_len) {
-      const int64_t slot =
-          int64_t{p.page_table[pos / p.page_size]} * p.page_size + pos % p.page_size;
-      const uint32_t* key =
-          reinterpret_cast<const uint32_t*>(p.k_cache + (slot * p.num_kv_heads + g_kv) * d + e);
-      b_lo = __ldg(key);
-      b_hi = __ldg(key + 4);  // channels e + 8, e + 9
-    }
+  for (int i = 0; i < kBM / 32; ++i) {
+    const int r = r_base + 32 * i;
+    const int pos = (a0 + r) * S + S - 1 - t;
+    const bool valid = pos >= geo.first && pos < p.kv_len;
+    const __nv_bfloat16* src =
+        valid ? p.q + int64_t{pos - geo.first} * p.q_row_stride + int64_t{h} * d + e0 + c * 8
+              : p.q;
+    ptx::CpAsync16(stage + Swz(r, c), src, valid);
+  }
 #pragma unroll
-    for (int mt = 0; mt < MTiles<R>(); ++mt) {
-      const char* row0 = qs + (mt * 16 + gq) * row_stride_bytes + (k0 + 2 * cq) * 2;
-      const char* row8 = row0 + 8 * row_stride_bytes;
-      const uint32_t a[4] = {*reinterpret_cast<const uint32_t*>(row0),
-                             *reinterpret_cast<const uint32_t*>(row8),
-                             *reinterpret_cast<const uint32_t*>(row0 + 16),
-                             *reinterpret_cast<const uint32_t*>(row8 + 16)};
-      ptx::MmaBf16(c[mt], a, b_lo, b_hi);
+  for (int i = 0; i < BN / 32; ++i) {
+    const int r = r_base + 32 * i;
+    const int pos = (n0 + r) * S + t;
+    const bool valid = pos < p.kv_len;
+    const __nv_bfloat16* src = p.k_cache;
+    if (valid) {
+      const int64_t slot = int64_t{p.page_table[pos / p.page_size]} * p.page_size +
+                           pos % p.page_size;
+      src = p.k_cache + (slot * p.num_kv_heads + g_kv) * d + e0 + c * 8;
     }
+    ptx::CpAsync16(stage + kATileBytes + Swz(r, c), src, valid);
   }
 }
 
-// Folds value z of row r into a running (max, sum) pair.
-__device__ __forceinline__ void OnlineAdd(float& mx, float& sum, float z) {
-  if (z > mx) {
-    sum = sum * expf(mx - z) + 1.0f;
-    mx = z;
-  } else {
-    sum += expf(z - mx);
-  }
-}
-
-// Merges (mx2, sum2) into (mx, sum).
-__device__ __forceinline__ void OnlineMerge(float& mx, float& sum, float mx2, float sum2) {
+// Folds (mx2, sum2) into (mx, sum).
+__device__ __forceinline__ void Merge(float& mx, float& sum, float mx2, float sum2) {
   if (mx2 == -INFINITY) return;
   if (mx == -INFINITY) {
     mx = mx2;
@@ -219,139 +245,306 @@ __device__ __forceinline__ void OnlineMerge(float& mx, float& sum, float mx2, fl
   mx = m;
 }
 
-// Whether row r of the block (group a_base + r) scores key group b.
-template <int R>
-__device__ __forceinline__ bool Scored(int r, int64_t b, int64_t a_base, int64_t a_lo,
-                                       int64_t a_hi) {
-  const int64_t a = a_base + r;
-  return r < R && a >= a_lo && a <= a_hi && b <= a;
+// The per-thread view of a tile (m16n8 accumulator layout): this thread's rows are tile rows
+// 32 wm + 16 mt + gq + 8 hf (query group a0 + that), its columns WN wn + 8 nt + 2 cq + e.
+struct Lane {
+  int lane, gq, cq, wm, wn;
+};
+
+// acc += the slice's 64 columns of the warp tile's scores (4 k16 steps).
+template <int NT>
+__device__ __forceinline__ void MmaSlice(uint32_t sa, uint32_t sb, uint32_t lane_a,
+                                         uint32_t lane_b, float (&acc)[2][NT][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kBK / 16; ++kk) {
+    uint32_t af[2][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+      ptx::LdMatrixX4(af[mt], sa + ((lane_a + mt * 16 * 128) ^ ((2 * kk) << 4)));
+    }
+#pragma unroll
+    for (int jn = 0; jn < NT / 2; ++jn) {
+      uint32_t b[4];
+      ptx::LdMatrixX4(b, sb + ((lane_b + jn * 16 * 128) ^ ((2 * kk) << 4)));
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        ptx::MmaBf16(acc[mt][2 * jn], af[mt], b[0], b[1]);
+        ptx::MmaBf16(acc[mt][2 * jn + 1], af[mt], b[2], b[3]);
+      }
+    }
+  }
 }
 
-template <int R>
-__global__ void __launch_bounds__(kThreads) XAttentionMassMmaKernel(const XAttentionGpuParams p,
-                                                                    float* __restrict__ mass) {
-  constexpr int kRows = 16 * MTiles<R>();
-  extern __shared__ __align__(16) char smem[];
-  __shared__ float sm_mass[kMaxKeyBlocks];
-  __shared__ float sm_max[kWarps][kRows], sm_sum[kWarps][kRows];
-  __shared__ float row_max[kRows], row_inv[kRows];
-  const int S = p.stride, B = p.block_size, d = p.head_dim, width = S * d;
-  const int row_stride = width + 8;  // bf16 elements: 16 bytes of padding per row
-  const int h = blockIdx.y;
-  const int g_kv = h / (p.num_q_heads / p.num_kv_heads);
-  const int64_t first = p.kv_len - p.q_len;
-  const int64_t m0 = first / B, m = m0 + blockIdx.x;
-  const int64_t k_blocks = (p.kv_len + B - 1) / B;
-  const int64_t q_blocks = (p.kv_len - 1) / B - m0 + 1;
-  const int64_t a_base = m * B / S;
-  const int64_t a_lo = first / S > a_base ? first / S : a_base;
-  const int64_t a_hi_all = (p.kv_len - 1) / S;
-  const int64_t a_hi = a_hi_all < a_base + R - 1 ? a_hi_all : a_base + R - 1;
-  __nv_bfloat16* qs = reinterpret_cast<__nv_bfloat16*>(smem);
-  for (int i = threadIdx.x; i < kRows * width / 2; i += kThreads) {
-    const int r = (2 * i) / width, rest = (2 * i) % width, t = rest / d, e = rest % d;
-    const int64_t pos = (a_base + r) * S + (S - 1 - t);
-    __nv_bfloat162 v = __floats2bfloat162_rn(0.0f, 0.0f);
-    if (r < R && pos >= first && pos < p.kv_len) {
-      v = *reinterpret_cast<const __nv_bfloat162*>(p.q + (pos - first) * p.q_row_stride +
-                                                   static_cast<int64_t>(h) * d + e);
-    }
-    *reinterpret_cast<__nv_bfloat162*>(qs + static_cast<int64_t>(r) * row_stride + rest) = v;
-  }
-  for (int n = threadIdx.x; n < kMaxKeyBlocks; n += kThreads) sm_mass[n] = 0.0f;
-  __syncthreads();
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, cq = lane & 3;
-  const float zscale = rsqrtf(static_cast<float>(d)) / S;
-  float mx[MTiles<R>()][2], sum[MTiles<R>()][2];
+// Sweep 1: folds the tile's scored entries of this thread's rows into their running max and sum
+// of exponentials (wc0: the warp tile's first key group).
+template <int NT>
+__device__ __forceinline__ void RowStatsUpdate(const Geo& geo, const Lane& l, int a0, int wc0,
+                                               const float (&acc)[2][NT][4], float (&mx)[2][2],
+                                               float (&sm)[2][2]) {
 #pragma unroll
-  for (int mt = 0; mt < MTiles<R>(); ++mt) {
-    mx[mt][0] = mx[mt][1] = -INFINITY;
-    sum[mt][0] = sum[mt][1] = 0.0f;
-  }
-  for (int64_t b0 = 8 * warp; b0 <= a_hi; b0 += 8 * kWarps) {
-    float c[MTiles<R>()][4];
-    MmaGroupScores<R>(p, smem, row_stride * 2, g_kv, b0, c);
+  for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
-    for (int mt = 0; mt < MTiles<R>(); ++mt) {
+    for (int hf = 0; hf < 2; ++hf) {
+      const int a = a0 + 32 * l.wm + 16 * mt + l.gq + 8 * hf;
+      const bool row_ok = a >= geo.a_lo && a <= geo.a_hi;
+      float z[2 * NT], tmax = -INFINITY;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = mt * 16 + gq + (e >= 2 ? 8 : 0);
-        const int64_t b = b0 + 2 * cq + (e & 1);
-        if (Scored<R>(r, b, a_base, a_lo, a_hi)) OnlineAdd(mx[mt][e >> 1], sum[mt][e >> 1], c[mt][e] * zscale);
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int b = wc0 + 8 * nt + 2 * l.cq + e;
+          z[2 * nt + e] = row_ok && b <= a ? acc[mt][nt][2 * hf + e] * geo.zscale : -INFINITY;
+          tmax = fmaxf(tmax, z[2 * nt + e]);
+        }
+      }
+      if (tmax != -INFINITY) {
+        const float nm = fmaxf(mx[mt][hf], tmax);
+        float sum = sm[mt][hf] * expf(mx[mt][hf] - nm);
+#pragma unroll
+        for (int i = 0; i < 2 * NT; ++i) sum += expf(z[i] - nm);
+        sm[mt][hf] = sum;
+        mx[mt][hf] = nm;
       }
     }
   }
-  // Rows are spread over the 4 lanes of a quad: merge them, then the warps through shared memory.
+}
+
+// End of sweep 1: merges the quad's lanes, then the two column warps, into each row's max and
+// 1 / sum, and leaves this thread's rows' values in (mx, sm) for sweep 2. Block-wide barriers.
+__device__ __forceinline__ void RowStatsFinish(const Lane& l, float (&mx)[2][2], float (&sm)[2][2],
+                                               float (*st_max)[kBM], float (*st_sum)[kBM],
+                                               float* row_max, float* row_inv) {
 #pragma unroll
-  for (int mt = 0; mt < MTiles<R>(); ++mt) {
+  for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
+    for (int hf = 0; hf < 2; ++hf) {
 #pragma unroll
       for (int off = 1; off <= 2; off <<= 1) {
-        const float m2 = __shfl_xor_sync(0xffffffffu, mx[mt][half], off);
-        const float s2 = __shfl_xor_sync(0xffffffffu, sum[mt][half], off);
-        OnlineMerge(mx[mt][half], sum[mt][half], m2, s2);
+        const float m2 = __shfl_xor_sync(0xffffffffu, mx[mt][hf], off);
+        const float s2 = __shfl_xor_sync(0xffffffffu, sm[mt][hf], off);
+        Merge(mx[mt][hf], sm[mt][hf], m2, s2);
       }
-      if (cq == 0) {
-        sm_max[warp][mt * 16 + gq + 8 * half] = mx[mt][half];
-        sm_sum[warp][mt * 16 + gq + 8 * half] = sum[mt][half];
+      if (l.cq == 0) {
+        const int r = 32 * l.wm + 16 * mt + l.gq + 8 * hf;
+        st_max[l.wn][r] = mx[mt][hf];
+        st_sum[l.wn][r] = sm[mt][hf];
       }
     }
   }
   __syncthreads();
-  if (threadIdx.x < kRows) {
+  if (threadIdx.x < kBM) {
     const int r = threadIdx.x;
-    float m1 = -INFINITY, s1 = 0.0f;
-    for (int w = 0; w < kWarps; ++w) OnlineMerge(m1, s1, sm_max[w][r], sm_sum[w][r]);
-    row_max[r] = m1;
+    float m1 = st_max[0][r], s1 = st_sum[0][r];
+    Merge(m1, s1, st_max[1][r], st_sum[1][r]);
+    row_max[r] = m1 == -INFINITY ? 0.0f : m1;  // rows with nothing scored: inverse sum 0
     row_inv[r] = s1 > 0.0f ? 1.0f / s1 : 0.0f;
   }
   __syncthreads();
-  for (int64_t b0 = 8 * warp; b0 <= a_hi; b0 += 8 * kWarps) {
-    float c[MTiles<R>()][4];
-    MmaGroupScores<R>(p, smem, row_stride * 2, g_kv, b0, c);
-    float col[2] = {0.0f, 0.0f};  // this lane's rows' probabilities of key groups b0 + 2cq, +1
 #pragma unroll
-    for (int mt = 0; mt < MTiles<R>(); ++mt) {
+  for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = mt * 16 + gq + (e >= 2 ? 8 : 0);
-        const int64_t b = b0 + 2 * cq + (e & 1);
-        if (Scored<R>(r, b, a_base, a_lo, a_hi)) col[e & 1] += expf(c[mt][e] * zscale - row_max[r]) * row_inv[r];
-      }
+    for (int hf = 0; hf < 2; ++hf) {
+      const int r = 32 * l.wm + 16 * mt + l.gq + 8 * hf;
+      mx[mt][hf] = row_max[r];
+      sm[mt][hf] = row_inv[r];
     }
-    // Sum over the 8 quads (the rows), then one lane per column adds it to its key block.
+  }
+}
+
+// Sweep 2: the tile's probabilities exp(z - max) / sum summed over R x R blocks into blk. A
+// lane's two columns share a block (R >= 4); the lanes of one block are combined with shuffles
+// over the quad (columns) and the lane groups (rows), then the block's first lane adds into
+// shared memory.
+template <int R, int NT>
+__device__ __forceinline__ void BlockSums(const Geo& geo, const Lane& l, int a0, int wc0,
+                                          const float (&acc)[2][NT][4], const float (&mx)[2][2],
+                                          const float (&inv)[2][2], float (*blk)[2 * NT * 8 / R]) {
+  constexpr int WN = 8 * NT;
 #pragma unroll
-    for (int off = 4; off < 32; off <<= 1) {
-      col[0] += __shfl_xor_sync(0xffffffffu, col[0], off);
-      col[1] += __shfl_xor_sync(0xffffffffu, col[1], off);
-    }
-    if (gq == 0) {
+  for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int64_t b = b0 + 2 * cq + j;
-        if (b <= a_hi) atomicAdd(&sm_mass[b * S / B], col[j]);
+    for (int hf = 0; hf < 2; ++hf) {
+      const int a = a0 + 32 * l.wm + 16 * mt + l.gq + 8 * hf;
+      const bool row_ok = a >= geo.a_lo && a <= geo.a_hi;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        float v = 0.0f;
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int b = wc0 + 8 * nt + 2 * l.cq + e;
+          if (row_ok && b <= a) {
+            v += expf(acc[mt][nt][2 * hf + e] * geo.zscale - mx[mt][hf]) * inv[mt][hf];
+          }
+        }
+        v += __shfl_xor_sync(0xffffffffu, v, 1);
+        if (R >= 8) v += __shfl_xor_sync(0xffffffffu, v, 2);
+        v += __shfl_xor_sync(0xffffffffu, v, 4);
+        v += __shfl_xor_sync(0xffffffffu, v, 8);
+        if (R >= 8) v += __shfl_xor_sync(0xffffffffu, v, 16);
+        const bool leader = R >= 8 ? l.lane == 0 : (l.lane & 0b01101) == 0;
+        if (leader) {
+          const int rb = (32 * l.wm + 16 * mt + 8 * hf + l.gq) / R;
+          const int cb = (WN * l.wn + 8 * nt + 2 * l.cq) / R;
+          atomicAdd(&blk[rb][cb], v);
+        }
       }
     }
   }
-  __syncthreads();
-  float* out = mass + (static_cast<int64_t>(h) * q_blocks + blockIdx.x) * k_blocks;
-  for (int64_t n = threadIdx.x; n < k_blocks; n += kThreads) out[n] = sm_mass[n];
 }
+
+// The key tile's block masses (blk, then cleared) to `mass`; after the row tile's last key tile
+// (`last`), zeros for the key blocks past it. The caller synchronizes before and after.
+template <int R, int BN>
+__device__ __forceinline__ void WriteTile(const Geo& geo, int h, int a0, int n0, bool last,
+                                          float* __restrict__ mass, float (*blk)[BN / R]) {
+  const int qb0 = a0 / R - geo.m0;  // the tile's first query block, relative to m0
+  float* rows = mass + int64_t{h} * geo.q_blocks * geo.k_blocks;
+  for (int i = threadIdx.x; i < (kBM / R) * (BN / R); i += kThreads) {
+    const int rb = i / (BN / R), cb = i % (BN / R);
+    const int mi = qb0 + rb, n = n0 / R + cb;
+    if (mi < geo.q_blocks && n < geo.k_blocks) rows[int64_t{mi} * geo.k_blocks + n] = blk[rb][cb];
+    blk[rb][cb] = 0.0f;
+  }
+  if (!last) return;
+  const int n_done = (n0 + BN) / R, width = geo.k_blocks - n_done;
+  if (width <= 0) return;
+  for (int i = threadIdx.x; i < (kBM / R) * width; i += kThreads) {
+    const int mi = qb0 + i / width, n = n_done + i % width;
+    if (mi < geo.q_blocks) rows[int64_t{mi} * geo.k_blocks + n] = 0.0f;
+  }
+}
+
+// One row tile (query groups [a0, a0 + 128)) of head h: both sweeps over the key tiles up to its
+// diagonal, as one 3-stage pipeline of 64-column slices (sweep 2's first slices load while
+// sweep 1 finishes).
+template <int R, int BN>
+__device__ void RowTile(const XAttentionGpuParams& p, const Geo& geo, int h, int g_kv, int a0,
+                        float* __restrict__ mass, uint32_t smem, float (*st_max)[kBM],
+                        float (*st_sum)[kBM], float* row_max, float* row_inv,
+                        float (*blk)[BN / R]) {
+  constexpr int WN = BN / 2, NT = WN / 8;  // warp tile columns, n8 tiles per warp
+  Lane l;
+  l.lane = threadIdx.x & 31;
+  l.gq = l.lane >> 2;
+  l.cq = l.lane & 3;
+  l.wm = threadIdx.x >> 6;        // warp tile rows [32 wm, +32)
+  l.wn = (threadIdx.x >> 5) & 1;  // warp tile columns [WN wn, +WN)
+  const int n_tiles = min(a0 + kBM - 1, geo.a_hi) / BN + 1;
+  const int kc_per_tile = p.stride * p.head_dim / kBK;
+  const int steps_per_pass = n_tiles * kc_per_tile, total = 2 * steps_per_pass;
+  float mx[2][2], sm[2][2];  // sweep 1: running max and sum; sweep 2: row max and 1 / sum
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) {
+    mx[mt][0] = mx[mt][1] = -INFINITY;
+    sm[mt][0] = sm[mt][1] = 0.0f;
+  }
+  float acc[2][NT][4];
+  const uint32_t lane_a = Swz(32 * l.wm + (l.lane & 15), l.lane >> 4);  // + 16 rows per m tile
+  const uint32_t lane_b = Swz(WN * l.wn + ((l.lane >> 4) << 3) + (l.lane & 7), (l.lane >> 3) & 1);
+  const auto load = [&](int s) {  // step s: key tile j, slice kc of either sweep
+    const int rem = s % steps_per_pass;
+    LoadSlice<BN>(p, geo, h, g_kv, a0, rem / kc_per_tile * BN, rem % kc_per_tile,
+                  smem + (s % kStages) * StageBytes<BN>());
+  };
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < total) load(s);
+    ptx::CpAsyncCommit();
+  }
+  for (int s = 0; s < total; ++s) {
+    ptx::CpAsyncWait<kStages - 2>();
+    __syncthreads();  // slice s landed for every thread; slice s - 1's stage is free
+    if (s + kStages - 1 < total) load(s + kStages - 1);
+    ptx::CpAsyncCommit();
+    const int pass = s / steps_per_pass, rem = s % steps_per_pass;
+    const int j = rem / kc_per_tile, kc = rem % kc_per_tile, n0 = j * BN;
+    if (kc == 0) {
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.0f;
+        }
+      }
+    }
+    // A warp tile wholly above the diagonal, or of rows the reference does not score, has
+    // nothing to compute (its scores are all masked).
+    const int wr0 = a0 + 32 * l.wm, wc0 = n0 + WN * l.wn;
+    if (wc0 <= wr0 + 31 && wr0 + 31 >= geo.a_lo && wr0 <= geo.a_hi) {
+      const uint32_t sa = smem + (s % kStages) * StageBytes<BN>();
+      MmaSlice<NT>(sa, sa + kATileBytes, lane_a, lane_b, acc);
+    }
+    if (kc != kc_per_tile - 1) continue;
+    // The key tile's scores are complete.
+    if (pass == 0) {
+      RowStatsUpdate<NT>(geo, l, a0, wc0, acc, mx, sm);
+      if (j == n_tiles - 1) RowStatsFinish(l, mx, sm, st_max, st_sum, row_max, row_inv);
+      continue;
+    }
+    BlockSums<R, NT>(geo, l, a0, wc0, acc, mx, sm, blk);
+    __syncthreads();
+    WriteTile<R, BN>(geo, h, a0, n0, j == n_tiles - 1, mass, blk);
+    // blk's next adds come after the next iteration's barrier.
+  }
+  ptx::CpAsyncWaitAll();
+  __syncthreads();  // the stages are free for the next row tile
+}
+
+// grid: num_q_heads * ceil(T / 2) blocks, T = row tiles of 128 query groups; block i takes head
+// i % Hq and the row tiles t = i / Hq and T - 1 - t (once when they coincide).
+template <int R, int BN>
+__global__ void __launch_bounds__(kThreads, BN == 64 ? 2 : 1)
+    MassKernel(const XAttentionGpuParams p, float* __restrict__ mass) {
+  extern __shared__ __align__(128) char smem[];
+  __shared__ float st_max[2][kBM], st_sum[2][kBM], row_max[kBM], row_inv[kBM];
+  __shared__ float blk[kBM / R][BN / R];
+  Geo geo;
+  geo.first = p.kv_len - p.q_len;
+  geo.a_lo = geo.first / p.stride;
+  geo.a_hi = (p.kv_len - 1) / p.stride;
+  geo.m0 = geo.first / p.block_size;
+  geo.q_blocks = (p.kv_len - 1) / p.block_size - geo.m0 + 1;
+  geo.k_blocks = (p.kv_len + p.block_size - 1) / p.block_size;
+  geo.zscale = rsqrtf(static_cast<float>(p.head_dim)) / p.stride;
+  const int rows = geo.q_blocks * R, tiles = (rows + kBM - 1) / kBM;
+  const int h = static_cast<int>(blockIdx.x % p.num_q_heads);
+  const int t = static_cast<int>(blockIdx.x / p.num_q_heads);
+  const int g_kv = h / (p.num_q_heads / p.num_kv_heads);
+  for (int i = threadIdx.x; i < (kBM / R) * (BN / R); i += kThreads) (&blk[0][0])[i] = 0.0f;
+  __syncthreads();
+  const uint32_t base = ptx::SmemAddr(smem);
+  RowTile<R, BN>(p, geo, h, g_kv, geo.m0 * R + t * kBM, mass, base, st_max, st_sum, row_max,
+                 row_inv, blk);
+  if (tiles - 1 - t != t) {
+    RowTile<R, BN>(p, geo, h, g_kv, geo.m0 * R + (tiles - 1 - t) * kBM, mass, base, st_max,
+                   st_sum, row_max, row_inv, blk);
+  }
+}
+
+}  // namespace tc
 
 template <int R>
 cudaError_t Launch(const XAttentionGpuParams& p, float* mass, cudaStream_t stream) {
   const int64_t m0 = (p.kv_len - p.q_len) / p.block_size;
   const int64_t q_blocks = (p.kv_len - 1) / p.block_size - m0 + 1;
-  const dim3 grid(static_cast<unsigned>(q_blocks), p.num_q_heads);
-  const int width = p.stride * p.head_dim;
   if (p.tensor_cores) {
-    const int bytes = 16 * MTiles<R>() * (width + 8) * 2;
-    SIEVE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-        XAttentionMassMmaKernel<R>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-    XAttentionMassMmaKernel<R><<<grid, kThreads, bytes, stream>>>(p, mass);
+    const int64_t tiles = (q_blocks * R + tc::kBM - 1) / tc::kBM;
+    const int64_t blocks = (tiles + 1) / 2 * p.num_q_heads;
+    if (p.tile_keys == 128) {
+      SIEVE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+          tc::MassKernel<R, 128>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+          tc::SmemBytes<128>()));
+      tc::MassKernel<R, 128><<<static_cast<unsigned>(blocks), tc::kThreads, tc::SmemBytes<128>(),
+                               stream>>>(p, mass);
+    } else {
+      SIEVE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+          tc::MassKernel<R, 64>, cudaFuncAttributeMaxDynamicSharedMemorySize, tc::SmemBytes<64>()));
+      tc::MassKernel<R, 64><<<static_cast<unsigned>(blocks), tc::kThreads, tc::SmemBytes<64>(),
+                              stream>>>(p, mass);
+    }
   } else {
-    const int bytes = R * width * 2;
+    const dim3 grid(static_cast<unsigned>(q_blocks), p.num_q_heads);
+    const int bytes = R * p.stride * p.head_dim * 2;
     SIEVE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
         XAttentionMassKernel<R>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
     XAttentionMassKernel<R><<<grid, kThreads, bytes, stream>>>(p, mass);
@@ -367,11 +560,14 @@ bool XAttentionGpuSupports(const XAttentionGpuParams& p) {
   if (p.stride < 1 || p.block_size < p.stride || p.block_size % p.stride != 0) return false;
   const int r = p.block_size / p.stride;
   if (r != 4 && r != 8 && r != 16 && r != 32) return false;
-  if (p.block_size * p.head_dim * 2 > kMaxQueryBytes) return false;
   if (p.num_q_heads < 1 || p.num_kv_heads < 1 || p.num_q_heads % p.num_kv_heads != 0) return false;
   if (p.q_len < 1 || p.kv_len < p.q_len || p.page_size < 1) return false;
-  return (p.kv_len + p.block_size - 1) / p.block_size <= kMaxKeyBlocks &&
-         p.num_q_heads <= 65535;
+  if (p.tensor_cores) {  // any length (int32 positions)
+    return (p.tile_keys == 64 || p.tile_keys == 128) && p.num_q_heads <= 65535;
+  }
+  // The CUDA-core kernel keeps a block's queries and its key-block masses in shared memory.
+  return p.block_size * p.head_dim * 2 <= kMaxQueryBytes &&
+         (p.kv_len + p.block_size - 1) / p.block_size <= kMaxKeyBlocks && p.num_q_heads <= 65535;
 }
 
 cudaError_t XAttentionBlockMassGpu(const XAttentionGpuParams& p, float* mass,

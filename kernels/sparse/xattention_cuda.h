@@ -1,22 +1,21 @@
-// XAttention's block-mass estimator on the GPU (SPARSE_ATTENTION.md section 2.3; the geometry,
-// the reference and the selection are in kernels/sparse/xattention.h): the same masses as
-// XAttentionBlockMassRef from bf16 queries and the bf16 paged K cache, fp32 arithmetic.
+// XAttention's block-mass estimator and threshold selection on the GPU (SPARSE_ATTENTION.md
+// section 2.3; the geometry, the reference and the host selection are in
+// kernels/sparse/xattention.h): the same masses as XAttentionBlockMassRef from bf16 queries and
+// the bf16 paged K cache, fp32 arithmetic, and the same selection as XAttentionSelectBlocks.
 //
-// How it runs. One thread block per (query head, query block m): the block's R = B / S reshaped
-// query rows (each group's S queries in reverse order, S * d values; zero outside the chunk's
-// queries) sit in shared memory as bf16. Warps take strided key groups b = 0 .. last: the lanes
-// split the group's S * d key values (zero past kv_len) and each lane keeps R partial
-// antidiagonal sums, reduced across the warp with shuffles. A first sweep keeps each row's
-// running max and sum of exponentials (online softmax over b <= a); a second sweep recomputes the
-// scores and adds each row's probabilities into the block's key-block masses in shared memory.
-// Recomputing doubles the arithmetic but needs no scratch for the (N / S)^2 scores. Two kernels
-// share this plan: the default computes the scores on the tensor cores (mma.sync m16n8k16, 16
-// query rows x 8 key groups per step, key fragments loaded straight from the pages); the other
-// on CUDA cores (lanes split a key group, R partial sums each), kept as a cross-check.
-// kernels/sparse/NOTES.md has what each should cost.
+// The estimate is, per query head, a causal GEMM of the reshaped queries ((N / S) x S d) by the
+// reshaped keys, a row softmax and sums over R x R tiles (R = B / S). Two kernels compute it:
+//   - tensor cores (default): the GEMM tiled as a GEMM, 128 query groups x 64 key groups per
+//     tile, operands streamed through shared memory (cp.async, 3 stages, ldmatrix, mma.sync bf16
+//     m16n8k16, fp32 accumulation); two sweeps over the causal tiles of a row tile (online row
+//     max and sum, then the recomputed probabilities summed into the blocks and written once);
+//     each thread block takes row tiles t and T - 1 - t so the blocks' causal work is equal;
+//   - CUDA cores (the cross-check): one thread block per (query head, query block), fp32 FMAs
+//     from bf16 in shared memory, the same two sweeps.
+// kernels/sparse/NOTES.md has what each should cost and why the first version was slow.
 //
-// Supported: head_dim 64 or 128, B / S in {4, 8, 16, 32}, B * head_dim <= 32768 (the queries of
-// a block in 64 KB of shared memory). Never allocates, never synchronizes.
+// Supported: head_dim 64 or 128, B / S in {4, 8, 16, 32}; the CUDA-core kernel also needs
+// B * head_dim <= 32768 and at most 4096 key blocks. Never allocates, never synchronizes.
 #ifndef SIEVE_KERNELS_SPARSE_XATTENTION_CUDA_H_
 #define SIEVE_KERNELS_SPARSE_XATTENTION_CUDA_H_
 
@@ -42,6 +41,7 @@ struct XAttentionGpuParams {
   int32_t stride = 16;
   int32_t block_size = 128;
   bool tensor_cores = true;               // mma.sync kernel (false: the CUDA-core kernel)
+  int32_t tile_keys = 64;                 // tensor cores: key groups per tile, 64 or 128
 };
 
 // True when the kernel handles these shapes (see the file comment).
@@ -52,6 +52,35 @@ bool XAttentionGpuSupports(const XAttentionGpuParams& p);
 // cudaErrorInvalidValue (nothing launched) when unsupported or pointers are null.
 cudaError_t XAttentionBlockMassGpu(const XAttentionGpuParams& p, float* mass,
                                    cudaStream_t stream);
+
+// Threshold selection on the device, the rule of XAttentionSelectBlocks (xattention.h) for every
+// (query head h, query block m0 + mi) row of a mass array laid out as XAttentionBlockMassGpu
+// writes it: blocks 0 and m always, then the others by descending mass (ties: lower index first)
+// while the selected mass is below threshold * the row's total, sums in fp64 in the host's order,
+// so the selected sets are identical to the host's on the same masses. One thread block per row:
+// a bitonic sort of the row's (mass, index) keys in shared memory, one thread's running sum.
+struct XAttentionSelectGpuParams {
+  int32_t num_q_heads = 0;
+  int32_t first_query_block = 0;  // m0
+  int32_t q_blocks = 0;
+  int32_t k_blocks = 0;           // <= 16384
+  double threshold = 0.9;
+  const double* head_thresholds = nullptr;  // device, [num_q_heads], or null: `threshold`
+};
+
+// Writes count[h * q_blocks + mi] and the row's selected key blocks, increasing, to
+// blocks[(h * q_blocks + mi) * k_blocks + j] for j < count (device pointers).
+cudaError_t XAttentionSelectGpu(const XAttentionSelectGpuParams& p, const float* mass,
+                                int32_t* count, int32_t* blocks, cudaStream_t stream);
+
+// The block-sparse index (SparseAttentionIndex, kernels/attention/paged_attention.h) of one
+// sequence from XAttentionSelectGpu's output: rows in index order (query block mi, head h) ->
+// mi * num_q_heads + h, row_start [q_blocks * num_q_heads + 1] (exclusive prefix sums of the
+// counts) and key_blocks (capacity q_blocks * num_q_heads * k_blocks). One single-block scan and
+// one copy kernel; row_start[last] is the number of listed blocks.
+cudaError_t XAttentionBuildIndexGpu(const XAttentionSelectGpuParams& p, const int32_t* count,
+                                    const int32_t* blocks, int32_t* row_start,
+                                    int32_t* key_blocks, cudaStream_t stream);
 
 }  // namespace sieve::kernels
 

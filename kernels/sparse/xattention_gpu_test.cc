@@ -1,7 +1,12 @@
 // XAttention's block-mass estimator on the GPU (xattention_cuda.h) against the fp64 reference
 // XAttentionBlockMassRef on the same bf16 values (label `gpu`): lengths not multiples of S or B,
 // chunks aligned to B and not, GQA and MHA, d 64 and 128, strides 4, 8 and 16; then the
-// threshold selection (XAttentionSelectBlocks, shared with the CPU path) on both.
+// threshold selection (XAttentionSelectBlocks, shared with the CPU path) on both; then the
+// device selection (XAttentionSelectGpu) and index (XAttentionBuildIndexGpu) against the host's
+// on the same masses, exactly: on the estimator's masses at several thresholds, and on masses
+// full of ties. The cases include the benchmark's shape (32 query heads, 8 KV heads, d 128,
+// S 16, B 128) at 4K tokens, 16K tokens with 8 heads, a 16K prompt's last 4K chunk, and row-tile
+// counts 1, 2, 3 and 8 of the tensor-core kernel (128 query groups per tile).
 //
 // Tolerance, derived as the CPU fast path's (xattention_test.cc): fp32 accumulation of S * d
 // products errs by at most gamma_{S d} sum |q_e k_e| <= gamma_{S d} |Q_a| |K_b| (Cauchy-Schwarz
@@ -9,7 +14,8 @@
 // 2^-23 for the tensor-core kernel, whose fp32 accumulation may truncate); a block mass
 // then moves by at most A (exp(2 dz) - 1), by A n 2^-23 through the fp32 sum of a row's n <=
 // kv_len / S + 1 exponentials that normalises it, plus the rounding of the exponentials (expf,
-// 2 ulp) and of the block sums: 1e-5 of the row total.
+// 2 ulp) and of the block sums: 1e-5 of the row total. (The tensor-core kernel's online softmax
+// rescales a row's running sum once per key tile, n / 64 more roundings: inside the n 2^-23.)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -20,6 +26,7 @@
 #include <numeric>
 #include <ostream>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -39,6 +46,118 @@ struct Case {
 void PrintTo(const Case& c, std::ostream* os) {
   *os << "hq" << c.hq << "_hkv" << c.hkv << "_d" << c.d << "_kv" << c.kv_len << "_q" << c.q_len
       << "_S" << c.stride << "_B" << c.block;
+}
+
+// Runs XAttentionSelectGpu and XAttentionBuildIndexGpu on `mass` (host copy of the device
+// layout) and expects every row's selection, and the index, to equal the host's
+// (XAttentionSelectBlocks on the same values as doubles; rows of the index in (query block,
+// head) order). `per_head` empty: one threshold.
+void ExpectDeviceSelectionMatchesHost(XAttentionSelectGpuParams sp, const std::vector<float>& mass,
+                                      const std::vector<double>& per_head) {
+  SCOPED_TRACE(per_head.empty() ? "threshold " + std::to_string(sp.threshold)
+                                : std::string("per-head thresholds"));
+  const int rows = sp.num_q_heads * sp.q_blocks, kb = sp.k_blocks;
+  ASSERT_EQ(mass.size(), static_cast<size_t>(rows) * kb);
+  float* dmass = nullptr;
+  int32_t *dcount = nullptr, *dblocks = nullptr, *drs = nullptr, *dkb = nullptr;
+  double* dtau = nullptr;
+  ASSERT_EQ(cudaMalloc(&dmass, mass.size() * 4), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&dcount, rows * 4), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&dblocks, mass.size() * 4), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&drs, (rows + 1) * 4), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&dkb, mass.size() * 4), cudaSuccess);
+  cudaMemcpy(dmass, mass.data(), mass.size() * 4, cudaMemcpyHostToDevice);
+  cudaMemset(dcount, 0xff, rows * 4);
+  cudaMemset(drs, 0xff, (rows + 1) * 4);
+  if (!per_head.empty()) {
+    ASSERT_EQ(cudaMalloc(&dtau, per_head.size() * 8), cudaSuccess);
+    cudaMemcpy(dtau, per_head.data(), per_head.size() * 8, cudaMemcpyHostToDevice);
+    sp.head_thresholds = dtau;
+  }
+  ASSERT_EQ(XAttentionSelectGpu(sp, dmass, dcount, dblocks, nullptr), cudaSuccess);
+  ASSERT_EQ(XAttentionBuildIndexGpu(sp, dcount, dblocks, drs, dkb, nullptr), cudaSuccess);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<int32_t> count(rows), blocks(mass.size()), rs(rows + 1);
+  cudaMemcpy(count.data(), dcount, rows * 4, cudaMemcpyDeviceToHost);
+  cudaMemcpy(blocks.data(), dblocks, blocks.size() * 4, cudaMemcpyDeviceToHost);
+  cudaMemcpy(rs.data(), drs, (rows + 1) * 4, cudaMemcpyDeviceToHost);
+  ASSERT_GE(rs[rows], 0);
+  std::vector<int32_t> kbl(std::max(rs[rows], 1));
+  cudaMemcpy(kbl.data(), dkb, rs[rows] * 4, cudaMemcpyDeviceToHost);
+  for (void* ptr : {static_cast<void*>(dmass), static_cast<void*>(dcount),
+                    static_cast<void*>(dblocks), static_cast<void*>(drs), static_cast<void*>(dkb),
+                    static_cast<void*>(dtau)}) {
+    cudaFree(ptr);
+  }
+  std::vector<int32_t> sel, order, want_rs = {0}, want_kb;
+  std::vector<double> row;
+  for (int mi = 0; mi < sp.q_blocks; ++mi) {
+    for (int h = 0; h < sp.num_q_heads; ++h) {
+      const int m = sp.first_query_block + mi, r = h * sp.q_blocks + mi;
+      row.assign(mass.begin() + static_cast<size_t>(r) * kb,
+                 mass.begin() + static_cast<size_t>(r) * kb + m + 1);
+      XAttentionSelectBlocks(row.data(), m, per_head.empty() ? sp.threshold : per_head[h], sel,
+                             order);
+      ASSERT_EQ(count[r], static_cast<int>(sel.size())) << "head " << h << " query block " << m;
+      for (size_t j = 0; j < sel.size(); ++j) {
+        ASSERT_EQ(blocks[static_cast<size_t>(r) * kb + j], sel[j])
+            << "head " << h << " query block " << m << " entry " << j;
+      }
+      want_kb.insert(want_kb.end(), sel.begin(), sel.end());
+      want_rs.push_back(static_cast<int32_t>(want_kb.size()));
+    }
+  }
+  ASSERT_EQ(rs, want_rs);
+  kbl.resize(rs[rows]);
+  ASSERT_EQ(kbl, want_kb);
+}
+
+// Masses drawn from a few values (many ties, zeros included), per-row totals arbitrary: the tie
+// rule (lower index first) and the fp64 walk must match the host exactly.
+TEST(XAttentionSelectGpuTest, MatchesTheHostWithTies) {
+  std::mt19937 rng(20261205u);
+  const float values[] = {0.0f, 0.125f, 0.25f, 0.25f, 0.5f, 1.0f / 3.0f, 3.0f};
+  XAttentionSelectGpuParams sp;
+  sp.num_q_heads = 3;
+  sp.first_query_block = 7;
+  sp.q_blocks = 300;  // rows up to 306 blocks: a 512-key sort
+  sp.k_blocks = 307;
+  std::vector<float> mass(static_cast<size_t>(sp.num_q_heads) * sp.q_blocks * sp.k_blocks);
+  for (auto& x : mass) x = values[rng() % 7];
+  for (double tau : {0.0, 0.3, 0.9, 1.0, 1.5}) {
+    sp.threshold = tau;
+    ExpectDeviceSelectionMatchesHost(sp, mass, {});
+  }
+  ExpectDeviceSelectionMatchesHost(sp, mass, {0.2, 0.95, 0.6});
+  // Unsupported shapes are refused without a launch.
+  sp.k_blocks = 100;  // first_query_block + q_blocks > k_blocks
+  EXPECT_EQ(XAttentionSelectGpu(sp, nullptr, nullptr, nullptr, nullptr), cudaErrorInvalidValue);
+}
+
+TEST(XAttentionGpuSupportsTest, RefusesShapesItCannotRun) {
+  XAttentionGpuParams p;
+  p.page_size = 16;
+  p.num_q_heads = 32;
+  p.num_kv_heads = 8;
+  p.head_dim = 128;
+  p.q_len = p.kv_len = 1 << 20;  // 1M tokens: tensor cores yes, CUDA cores no (8192 key blocks)
+  EXPECT_TRUE(XAttentionGpuSupports(p));
+  p.tensor_cores = false;
+  EXPECT_FALSE(XAttentionGpuSupports(p));
+  p.tensor_cores = true;
+  p.tile_keys = 96;
+  EXPECT_FALSE(XAttentionGpuSupports(p));
+  p.tile_keys = 128;
+  p.head_dim = 96;
+  EXPECT_FALSE(XAttentionGpuSupports(p));
+  p.head_dim = 128;
+  p.block_size = 48;  // B / S = 3
+  EXPECT_FALSE(XAttentionGpuSupports(p));
+  p.block_size = 128;
+  p.num_kv_heads = 5;
+  EXPECT_FALSE(XAttentionGpuSupports(p));
+  // Refused without a launch (null pointers are never touched).
+  EXPECT_EQ(XAttentionBlockMassGpu(p, nullptr, nullptr), cudaErrorInvalidValue);
 }
 
 class XAttentionGpuTest : public ::testing::TestWithParam<Case> {};
@@ -102,10 +221,15 @@ TEST_P(XAttentionGpuTest, MassesMatchTheReference) {
   gp.stride = c.stride;
   gp.block_size = c.block;
   ASSERT_TRUE(XAttentionGpuSupports(gp));
-  // The tensor-core kernel (the default), then the CUDA-core one.
+  // The tensor-core kernel (the default, 64-key-group tiles), with 128-key-group tiles, then the
+  // CUDA-core one.
+  constexpr int kKernels = 3;
+  const char* kNames[kKernels] = {"tensor cores, 64-group tiles", "tensor cores, 128-group tiles",
+                                  "CUDA cores"};
   std::vector<std::vector<float>> results;
-  for (bool tensor_cores : {true, false}) {
-    gp.tensor_cores = tensor_cores;
+  for (int kernel = 0; kernel < kKernels; ++kernel) {
+    gp.tensor_cores = kernel < 2;
+    gp.tile_keys = kernel == 1 ? 128 : 64;
     cudaMemset(dmass, 0xff, n * 4);  // NaN: every entry must be written
     ASSERT_EQ(XAttentionBlockMassGpu(gp, dmass, nullptr), cudaSuccess);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
@@ -150,10 +274,10 @@ TEST_P(XAttentionGpuTest, MassesMatchTheReference) {
   };
 
   std::vector<int32_t> sel_gpu, order;
-  for (int kernel = 0; kernel < 2; ++kernel) {
-    SCOPED_TRACE(kernel == 0 ? "tensor cores" : "CUDA cores");
+  for (int kernel = 0; kernel < kKernels; ++kernel) {
+    SCOPED_TRACE(kNames[kernel]);
     const std::vector<float>& got = results[kernel];
-    const double dz = score_bound(kernel == 0 ? -23 : -24);
+    const double dz = score_bound(kernel < 2 ? -23 : -24);
     // The row's fp32 sum of exponentials over at most kv_len / S + 1 terms (any order, so
     // the worst case) scales every probability of the row by its relative error.
     const double norm_err = (c.kv_len / S + 1) * std::ldexp(1.0, -23);
@@ -176,6 +300,19 @@ TEST_P(XAttentionGpuTest, MassesMatchTheReference) {
       }
     }
   }
+  // The device selection and index on the tensor-core masses, against the host's.
+  XAttentionSelectGpuParams sp;
+  sp.num_q_heads = c.hq;
+  sp.first_query_block = XAttentionFirstQueryBlock(rp);
+  sp.q_blocks = qbk;
+  sp.k_blocks = kbk;
+  for (double tau : {0.5, 0.9, 0.99, 1.01}) {
+    sp.threshold = tau;
+    ExpectDeviceSelectionMatchesHost(sp, results[0], {});
+  }
+  std::vector<double> per_head(c.hq);
+  for (int h = 0; h < c.hq; ++h) per_head[h] = 0.3 + 0.65 * h / c.hq;
+  ExpectDeviceSelectionMatchesHost(sp, results[0], per_head);
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -186,7 +323,12 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{4, 2, 128, 1300, 300, 16, 128},    // chunk starting inside a block
                       Case{2, 1, 64, 900, 900, 4, 128},       // S = 4: 32 rows per block
                       Case{2, 1, 128, 513, 513, 4, 64},       // B = 64
-                      Case{2, 2, 128, 2048, 2048, 8, 128}));
+                      Case{2, 2, 128, 2048, 2048, 8, 128},
+                      Case{2, 1, 128, 3000, 3000, 8, 64},     // 3 row tiles: a lone middle one
+                      Case{4, 2, 64, 5000, 1700, 4, 128},     // d 64, chunk inside a block, R 32
+                      Case{32, 8, 128, 4096, 4096, 16, 128},  // the benchmark's heads at 4K
+                      Case{8, 2, 128, 16384, 16384, 16, 128}, // 16K tokens: 8 row tiles
+                      Case{8, 2, 128, 16384, 4096, 16, 128})); // a 16K prompt's last 4K chunk
 
 }  // namespace
 }  // namespace sieve::kernels

@@ -225,8 +225,8 @@ absl::Status CudaBackend::XAttentionBlockMass(BackendStream& stream, int32_t lay
   if (!kernels::XAttentionGpuSupports(p)) {
     return absl::UnimplementedError(absl::StrCat(
         "cuda backend: no XAttention estimator for head_dim ", a.head_dim, ", stride ", e.stride,
-        ", block_size ", e.block_size, " (block_size / stride in {4, 8, 16, 32}, block_size * "
-        "head_dim <= 32768)"));
+        ", block_size ", e.block_size, " (head_dim 64 or 128, block_size / stride in {4, 8, 16, "
+        "32})"));
   }
   const int64_t m0 = (p.kv_len - p.q_len) / p.block_size;
   const int64_t q_blocks = (p.kv_len - 1) / p.block_size - m0 + 1;
