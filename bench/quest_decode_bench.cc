@@ -181,6 +181,57 @@ struct Times {
   }
 };
 
+// One table row: dense, then Quest per query head, per KV head attended per row and grouped,
+// interleaved in each of `reps` repetitions after a warm-up round. bw: read bandwidth, bytes/s.
+void RunRow(bench::LayerShape shape, int ctx, int batch, int budget, int reps, int threads,
+            double max_kv_gb, double bw) {
+  Problem pr(shape, batch, ctx, max_kv_gb);
+  const double kv_bytes = 2.0 * batch * ctx * shape.kv_heads * shape.head_dim * sizeof(float);
+  std::vector<int32_t> qbs(batch + 1);
+  for (int s = 0; s <= batch; ++s) qbs[s] = s;
+  // Variants: 0 per query head, 1 per KV head attended per row, 2 per KV head grouped.
+  const bool per_kv[3] = {false, true, true};
+  const bool grouped[3] = {true, false, true};
+  QuestSelection sel[3];
+  Times t[3];
+  std::vector<double> dense_t;
+  for (int r = 0; r <= reps; ++r) {  // round 0 warms up
+    double a = Now();
+    PagedAttentionCpu(pr.Attn(nullptr), threads);
+    if (r > 0) dense_t.push_back(Now() - a);
+    for (int v = 0; v < 3; ++v) {
+      a = Now();
+      QuestSelectCpu(pr.Select(budget / kPage, per_kv[v]), sel[v], threads);
+      const double b = Now(), c = CpuNow();
+      SparseAttentionIndex x;
+      x.query_block = 1;
+      x.key_block = kPage;
+      x.query_block_start = qbs.data();
+      x.row_start = sel[v].row_start.data();
+      x.key_blocks = sel[v].key_blocks.data();
+      PagedAttentionCpu(pr.Attn(&x), threads, {.group_shared_rows = grouped[v]});
+      if (r > 0) t[v].Add(b - a, Now() - b, CpuNow() - c);
+    }
+  }
+  const double dense = Median(dense_t);
+  double total[3], select[3];
+  for (int v = 0; v < 3; ++v) {
+    total[v] = t[v].Total();
+    select[v] = Median(t[v].select);
+  }
+  const double att_row = Median(t[1].attend), att_grp = Median(t[2].attend);
+  const double cpu_row = Median(t[1].attend_cpu), cpu_grp = Median(t[2].attend_cpu);
+  std::printf("| %d | %d | %.2f GB%s | %.2f | %.2f | %.0f%% | %.3f (%.3f) | %.1fx | %.3f (%.3f) | "
+              "%.1fx | %.3f (%.3f) | %.1fx | %.3f / %.3f | %.3f / %.3f | %.2fx (%.2fx) |\n",
+              ctx, batch, kv_bytes / 1e9, pr.aliased ? " (aliased)" : "", dense * 1e3,
+              kv_bytes / dense / 1e9, 100 * kv_bytes / dense / bw, total[0] * 1e3,
+              select[0] * 1e3, dense / total[0], total[1] * 1e3, select[1] * 1e3,
+              dense / total[1], total[2] * 1e3, select[2] * 1e3, dense / total[2],
+              att_row * 1e3, att_grp * 1e3, cpu_row * 1e3, cpu_grp * 1e3, att_row / att_grp,
+              cpu_row / cpu_grp);
+  std::fflush(stdout);
+}
+
 int Main(int argc, char** argv) {
   int threads = DefaultCpuThreads(), budget = 4096, reps = 5;
   double max_kv_gb = 10;
@@ -224,53 +275,7 @@ int Main(int argc, char** argv) {
               "grouped (wall) | same, CPU ms | grouped attend speed-up wall (CPU) |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   for (int ctx : contexts) {
-    for (int batch : batches) {
-      Problem pr(shape, batch, ctx, max_kv_gb);
-      const double kv_bytes = 2.0 * batch * ctx * shape.kv_heads * shape.head_dim * sizeof(float);
-      std::vector<int32_t> qbs(batch + 1);
-      for (int s = 0; s <= batch; ++s) qbs[s] = s;
-      // Variants: 0 per query head, 1 per KV head attended per row, 2 per KV head grouped.
-      const bool per_kv[3] = {false, true, true};
-      const bool grouped[3] = {true, false, true};
-      QuestSelection sel[3];
-      Times t[3];
-      std::vector<double> dense_t;
-      for (int r = 0; r <= reps; ++r) {  // round 0 warms up
-        double a = Now();
-        PagedAttentionCpu(pr.Attn(nullptr), threads);
-        if (r > 0) dense_t.push_back(Now() - a);
-        for (int v = 0; v < 3; ++v) {
-          a = Now();
-          QuestSelectCpu(pr.Select(budget / kPage, per_kv[v]), sel[v], threads);
-          const double b = Now(), c = CpuNow();
-          SparseAttentionIndex x;
-          x.query_block = 1;
-          x.key_block = kPage;
-          x.query_block_start = qbs.data();
-          x.row_start = sel[v].row_start.data();
-          x.key_blocks = sel[v].key_blocks.data();
-          PagedAttentionCpu(pr.Attn(&x), threads, {.group_shared_rows = grouped[v]});
-          if (r > 0) t[v].Add(b - a, Now() - b, CpuNow() - c);
-        }
-      }
-      const double dense = Median(dense_t);
-      double total[3], select[3];
-      for (int v = 0; v < 3; ++v) {
-        total[v] = t[v].Total();
-        select[v] = Median(t[v].select);
-      }
-      const double att_row = Median(t[1].attend), att_grp = Median(t[2].attend);
-      const double cpu_row = Median(t[1].attend_cpu), cpu_grp = Median(t[2].attend_cpu);
-      std::printf("| %d | %d | %.2f GB%s | %.2f | %.2f | %.0f%% | %.3f (%.3f) | %.1fx | %.3f (%.3f) | "
-                  "%.1fx | %.3f (%.3f) | %.1fx | %.3f / %.3f | %.3f / %.3f | %.2fx (%.2fx) |\n",
-                  ctx, batch, kv_bytes / 1e9, pr.aliased ? " (aliased)" : "", dense * 1e3,
-                  kv_bytes / dense / 1e9, 100 * kv_bytes / dense / bw, total[0] * 1e3,
-                  select[0] * 1e3, dense / total[0], total[1] * 1e3, select[1] * 1e3,
-                  dense / total[1], total[2] * 1e3, select[2] * 1e3, dense / total[2],
-                  att_row * 1e3, att_grp * 1e3, cpu_row * 1e3, cpu_grp * 1e3, att_row / att_grp,
-                  cpu_row / cpu_grp);
-      std::fflush(stdout);
-    }
+    for (int batch : batches) RunRow(shape, ctx, batch, budget, reps, threads, max_kv_gb, bw);
   }
   return 0;
 }
