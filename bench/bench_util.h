@@ -1,5 +1,6 @@
 // What the CPU attention benchmarks share: wall and process-CPU clocks, medians of repeated
-// runs, the `--flag 1,2,3` list parser, and the Llama-3.1-8B attention layer shape they measure.
+// runs, the `--flag 1,2,3` list parser, and the attention layer shapes they measure (Llama-3.1-8B,
+// the embedded model).
 #ifndef SIEVE_BENCH_BENCH_UTIL_H_
 #define SIEVE_BENCH_BENCH_UTIL_H_
 
@@ -17,6 +18,8 @@ struct LayerShape {
   int q_heads, kv_heads, head_dim;
 };
 inline constexpr LayerShape kLlama31_8B{32, 8, 128};
+// The embedded test model (models/embedded/config.json): 4 query heads over 2 KV heads of 64.
+inline constexpr LayerShape kEmbedded{4, 2, 64};
 // Tokens per KV page in the benchmarks (the daemon's default kv_cache.page_size_tokens).
 inline constexpr int kPageSize = 16;
 

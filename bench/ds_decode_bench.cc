@@ -1,14 +1,18 @@
 // DoubleSparsity decode attention against the dense decode kernel, one Llama-3.1-8B-shaped layer
-// (32 query heads, 8 KV heads, head_dim 128, fp32 KV, page size 16), in one run:
+// (32 query heads, 8 KV heads, head_dim 128; --shape embedded: the embedded model's 4 query
+// heads, 2 KV heads, head_dim 64; fp32 KV, page size 16), in one run:
 //   dense      : PagedAttentionCpu over every key;
 //   ds_perhead : labels and selection per query head (the reference semantics), DsSelectCpu +
 //                PagedAttentionCpu over the selected columns;
-//   ds_shared  : labels per KV head and one selection per KV head shared by its 4 query heads;
+//   ds_shared  : labels per KV head and one selection per KV head shared by its query heads,
+//                attended as one work item per group (each selected K/V row read once);
+//   ds_shared_per_row : the same selection attended as one item per query head (the kernel
+//                without group sharing, PagedAttentionCpuOptions::group_shared_rows off);
 // each at `channels` of 128 channels (fp16 labels) and a token budget of L / `fraction`, and the
 // host's memory read bandwidth (a threaded XOR over the KV cache) measured in the same run.
 // Median of --reps runs per variant, variants interleaved. Random data (speed only).
 //   ds_decode_bench [--contexts 32768,131072] [--batches 1,8] [--channels 16] [--fraction 16]
-//                   [--reps 5] [--threads N] [--share-kv-above-gib G]
+//                   [--reps 5] [--threads N] [--share-kv-above-gib G] [--shape llama8b|embedded]
 // With --share-kv-above-gib G, a batch whose KV would exceed G GiB gives all its sequences the
 // same pages (same bytes moved per step, less memory; each sequence keeps its own queries).
 #include <algorithm>
@@ -34,13 +38,13 @@
 namespace sieve::kernels {
 namespace {
 
-constexpr int kQHeads = bench::kLlama31_8B.q_heads, kKvHeads = bench::kLlama31_8B.kv_heads,
-              kDim = bench::kLlama31_8B.head_dim, kPage = bench::kPageSize;
+constexpr int kPage = bench::kPageSize;
 
 struct Flags {
   std::vector<int> contexts{32768, 131072}, batches{1, 8};
   int channels = 16, fraction = 16, reps = 5, threads = 0;
   double share_kv_above_gib = 1e9;
+  bench::LayerShape shape = bench::kLlama31_8B;
 };
 
 using bench::CpuNow;
@@ -94,18 +98,19 @@ double ReadBandwidth(const std::vector<const std::vector<float>*>& bufs, int thr
 }
 
 struct Layer {
+  bench::LayerShape sh;
   int batch, len, stride;
   std::vector<float> k, v, q, out;
   std::vector<int32_t> page_table, kv_lens, query_start;
   bool shared_kv;
 
-  Layer(int batch_, int len_, bool share, int threads)
-      : batch(batch_), len(len_), stride((len_ + kPage - 1) / kPage), shared_kv(share) {
+  Layer(bench::LayerShape sh_, int batch_, int len_, bool share, int threads)
+      : sh(sh_), batch(batch_), len(len_), stride((len_ + kPage - 1) / kPage), shared_kv(share) {
     const int distinct = share ? 1 : batch;
     const int64_t pages = int64_t{stride} * distinct;
-    k.resize(pages * kPage * kKvHeads * kDim);
+    k.resize(pages * kPage * sh.kv_heads * sh.head_dim);
     v.resize(k.size());
-    q.resize(static_cast<size_t>(batch) * kQHeads * kDim);
+    q.resize(static_cast<size_t>(batch) * sh.q_heads * sh.head_dim);
     out.resize(q.size());
     Fill(k, 1, threads);
     Fill(v, 2, threads);
@@ -132,11 +137,11 @@ struct Layer {
     p.query_start = query_start.data();
     p.page_table_stride = stride;
     p.num_seqs = batch;
-    p.num_q_heads = kQHeads;
-    p.num_kv_heads = kKvHeads;
-    p.head_dim = kDim;
+    p.num_q_heads = sh.q_heads;
+    p.num_kv_heads = sh.kv_heads;
+    p.head_dim = sh.head_dim;
     p.page_size = kPage;
-    p.scale = 1.0f / std::sqrt(static_cast<float>(kDim));
+    p.scale = 1.0f / std::sqrt(static_cast<float>(sh.head_dim));
     p.sparse = sparse;
     return p;
   }
@@ -151,15 +156,16 @@ struct DsVariant {
   DsSelection sel;
 
   DsVariant(const char* name_, Layer& layer, int r, bool per_kv, int threads) : name(name_) {
-    shape = {kQHeads, kKvHeads, kDim, kPage, r, DsLabelFormat::kF16, per_kv, per_kv};
+    const bench::LayerShape& sh = layer.sh;
+    shape = {sh.q_heads, sh.kv_heads, sh.head_dim, kPage, r, DsLabelFormat::kF16, per_kv, per_kv};
     std::mt19937 rng(11);
     for (int h = 0; h < DsLabelHeads(shape); ++h) {
-      std::vector<int32_t> perm(kDim);
+      std::vector<int32_t> perm(sh.head_dim);
       std::iota(perm.begin(), perm.end(), 0);
       std::shuffle(perm.begin(), perm.end(), rng);
       channels.insert(channels.end(), perm.begin(), perm.begin() + r);
     }
-    const int64_t pages = static_cast<int64_t>(layer.k.size()) / (kPage * kKvHeads * kDim);
+    const int64_t pages = static_cast<int64_t>(layer.k.size()) / (kPage * sh.kv_heads * sh.head_dim);
     labels.resize(pages * DsLabelPageBytes(shape));
     // Every cached token's labels, read from the cache (as a prefill's appends would write them).
     const int distinct = layer.shared_kv ? 1 : layer.batch;
@@ -192,14 +198,15 @@ struct DsVariant {
 };
 
 void Run(const Flags& f, int len, int batch) {
-  const double kv_gib = 2.0 * batch * len * kKvHeads * kDim * 4 / (1 << 30);
+  const bench::LayerShape& sh = f.shape;
+  const double kv_gib = 2.0 * batch * len * sh.kv_heads * sh.head_dim * 4 / (1 << 30);
   const bool share = kv_gib > f.share_kv_above_gib;
-  Layer layer(batch, len, share, f.threads);
+  Layer layer(sh, batch, len, share, f.threads);
   DsVariant perhead("ds_perhead", layer, f.channels, false, f.threads);
   DsVariant shared("ds_shared", layer, f.channels, true, f.threads);
   const int budget = len / f.fraction;
   const double bw = ReadBandwidth({&layer.k, &layer.v}, f.threads, 3);
-  std::vector<double> dense_t, dense_c;
+  std::vector<double> dense_t, dense_c, row_att_t, row_att_c, grp_att_c;
   std::vector<std::vector<double>> sel_t(2), att_t(2), tot_c(2);
   DsVariant* vars[2] = {&perhead, &shared};
   for (int r = 0; r < f.reps + 1; ++r) {  // the first round warms up
@@ -214,18 +221,28 @@ void Run(const Flags& f, int len, int batch) {
       c0 = CpuNow();
       DsSelectCpu(vars[i]->shape, vars[i]->Select(layer, budget), vars[i]->sel, f.threads);
       const double t1 = Now();
+      const double c1 = CpuNow();
       const SparseAttentionIndex index = vars[i]->sel.Index(kPage);
       PagedAttentionCpu(layer.Params(&index), f.threads);
-      const double t2 = Now();
+      const double t2 = Now(), c2 = CpuNow();
       if (r > 0) {
         sel_t[i].push_back(t1 - t0);
         att_t[i].push_back(t2 - t1);
-        tot_c[i].push_back(CpuNow() - c0);
+        tot_c[i].push_back(c2 - c0);
+        if (i == 1) grp_att_c.push_back(c2 - c1);
+      }
+      if (i == 1) {  // the shared selection again, one work item per query head
+        const double t3 = Now(), c3 = CpuNow();
+        PagedAttentionCpu(layer.Params(&index), f.threads, {.group_shared_rows = false});
+        if (r > 0) {
+          row_att_t.push_back(Now() - t3);
+          row_att_c.push_back(CpuNow() - c3);
+        }
       }
     }
   }
   const double dense_ms = Median(dense_t) * 1e3, dense_cpu = Median(dense_c) * 1e3;
-  const double kv_bytes = 2.0 * batch * len * kKvHeads * kDim * 4;
+  const double kv_bytes = 2.0 * batch * len * sh.kv_heads * sh.head_dim * 4;
   std::printf("| %dK | %d | %s | dense | %.2f | - | - | %.1f | %.1f GB/s (%.0f%% of read) | 1.00x | 1.00x |\n",
               len / 1024, batch, share ? "shared" : "own", dense_ms, dense_cpu,
               kv_bytes / (dense_ms * 1e-3) / 1e9, 100.0 * kv_bytes / (dense_ms * 1e-3) / 1e9 / bw);
@@ -238,6 +255,16 @@ void Run(const Flags& f, int len, int batch) {
                 Median(sel_t[i]) * 1e3, Median(att_t[i]) * 1e3, cpu,
                 static_cast<double>(vars[i]->labels.size()) * (share ? batch : 1) / 1e6,
                 dense_ms / total, dense_cpu / cpu);
+  }
+  {  // ds_shared's selection attended per row: step = its selection + the per-row attention
+    std::vector<double> sum(sel_t[1].size());
+    for (size_t j = 0; j < sum.size(); ++j) sum[j] = sel_t[1][j] + row_att_t[j];
+    const double total = Median(sum) * 1e3, att = Median(row_att_t) * 1e3;
+    const double att_cpu = Median(row_att_c) * 1e3, grp_cpu = Median(grp_att_c) * 1e3;
+    std::printf("| %dK | %d | %s | ds_shared_per_row | %.2f | %.2f | %.2f | attend %.1f | "
+                "grouped attend %.2fx faster wall, %.2fx CPU | %.2fx | - |\n",
+                len / 1024, batch, share ? "shared" : "own", total, Median(sel_t[1]) * 1e3, att,
+                att_cpu, att / (Median(att_t[1]) * 1e3), att_cpu / grp_cpu, dense_ms / total);
   }
   std::printf("|  |  |  | read bandwidth (XOR over K and V) | %.1f GB/s |  |  |  |  |  |  |\n", bw);
   std::fflush(stdout);
@@ -258,15 +285,21 @@ int main(int argc, char** argv) {
     else if (a == "--reps") f.reps = std::atoi(argv[i + 1]);
     else if (a == "--threads") f.threads = std::atoi(argv[i + 1]);
     else if (a == "--share-kv-above-gib") f.share_kv_above_gib = std::atof(argv[i + 1]);
-    else {
+    else if (a == "--shape" && std::string(argv[i + 1]) == "llama8b") f.shape = sieve::bench::kLlama31_8B;
+    else if (a == "--shape" && std::string(argv[i + 1]) == "embedded") f.shape = sieve::bench::kEmbedded;
+    else if (a == "--shape") {
+      std::fprintf(stderr, "ds_decode_bench: --shape must be llama8b or embedded, got '%s'\n",
+                   argv[i + 1]);
+      return 2;
+    } else {
       std::fprintf(stderr, "ds_decode_bench: unknown option %s\n", a.c_str());
       return 2;
     }
   }
   std::printf("ds_decode_bench: %d q heads, %d KV heads, d %d, page %d, fp32 KV, %d of %d channels "
               "(fp16 labels), budget L/%d, %d threads, target %s, median of %d\n\n",
-              sieve::kernels::kQHeads, sieve::kernels::kKvHeads, sieve::kernels::kDim,
-              sieve::kernels::kPage, f.channels, sieve::kernels::kDim, f.fraction,
+              f.shape.q_heads, f.shape.kv_heads, f.shape.head_dim,
+              sieve::kernels::kPage, f.channels, f.shape.head_dim, f.fraction,
               f.threads > 0 ? f.threads : sieve::kernels::DefaultCpuThreads(),
               sieve::kernels::PagedAttentionCpuTarget(), f.reps);
   std::printf("| context | batch | KV pages | variant | step ms (wall) | select ms | attend ms | "

@@ -1,9 +1,13 @@
-// Decode attention of one Llama-3.1-8B-shaped layer (32 query heads, 8 KV heads, head_dim 128,
-// page size 16, fp32 KV on the CPU) at long contexts: the dense split-KV kernel against the
-// machine's memory read bandwidth measured in the same run, and Quest (budget 4096 tokens,
-// selection included) against dense, per query head and per KV head.
+// Decode attention of one attention layer at long contexts (Llama-3.1-8B-shaped: 32 query heads,
+// 8 KV heads, head_dim 128; or --shape embedded: the embedded model's 4 query heads, 2 KV heads,
+// head_dim 64; page size 16, fp32 KV on the CPU): the dense split-KV kernel against the machine's
+// memory read bandwidth measured in the same run, and Quest (budget 4096 tokens, selection
+// included) against dense, per query head and per KV head. The per-KV-head selection is attended
+// twice, interleaved in each repetition: as one work item per sparse row (`per-row`, the kernel
+// before group sharing: each query head of a group reads the shared pages again) and as one item
+// per group that reads each page once (`grouped`, PagedAttentionCpu's default).
 //   quest_decode_bench [--threads N] [--contexts 32768,131072] [--batches 1,8] [--budget 4096]
-//                      [--reps 5] [--max_kv_gb 10]
+//                      [--reps 5] [--max_kv_gb 10] [--shape llama8b|embedded]
 // A configuration whose KV would exceed --max_kv_gb lets its sequences share one sequence's
 // pages (page tables alias; the shared KV still far exceeds the last-level cache) and says so.
 // Random data: timings only (Quest's accuracy is tested in kernels/sparse/quest_test.cc).
@@ -27,10 +31,10 @@
 namespace sieve::kernels {
 namespace {
 
-constexpr int kHq = bench::kLlama31_8B.q_heads, kHkv = bench::kLlama31_8B.kv_heads,
-              kD = bench::kLlama31_8B.head_dim, kPage = bench::kPageSize;
+constexpr int kPage = bench::kPageSize;
 
-using bench::MedianSeconds;
+using bench::CpuNow;
+using bench::Median;
 using bench::Now;
 
 // Read bandwidth: `threads` threads each summing their share of a buffer far larger than the
@@ -68,19 +72,21 @@ double ReadBandwidth(int threads, size_t bytes, int reps) {
 
 struct Problem {
   int seqs, ctx, pages_per_seq;
+  int hq, hkv, dim;  // the layer's shape
   bool aliased;
   std::vector<float> q, k, v, out, bounds;
   std::vector<int32_t> page_table, kv_lens, query_start;
 
-  Problem(int batch, int context, double max_kv_gb) : seqs(batch), ctx(context) {
+  Problem(bench::LayerShape shape, int batch, int context, double max_kv_gb)
+      : seqs(batch), ctx(context), hq(shape.q_heads), hkv(shape.kv_heads), dim(shape.head_dim) {
     pages_per_seq = (context + kPage - 1) / kPage;
-    const double kv_gb = 2.0 * batch * pages_per_seq * kPage * kHkv * kD * 4 / 1e9;
+    const double kv_gb = 2.0 * batch * pages_per_seq * kPage * hkv * dim * 4 / 1e9;
     aliased = kv_gb > max_kv_gb;
     const int distinct = aliased ? 1 : batch;
     const size_t pages = static_cast<size_t>(distinct) * pages_per_seq;
     std::mt19937 rng(7);
     std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-    k.resize(pages * kPage * kHkv * kD);
+    k.resize(pages * kPage * hkv * dim);
     v.resize(k.size());
     ParallelFor(static_cast<int64_t>(k.size()), 0, 1 << 22, [&](int64_t b, int64_t e) {
       std::mt19937 r(static_cast<uint32_t>(b));
@@ -100,11 +106,11 @@ struct Problem {
       query_start.push_back(s);
     }
     query_start.push_back(batch);
-    q.resize(static_cast<size_t>(batch) * kHq * kD);
+    q.resize(static_cast<size_t>(batch) * hq * dim);
     for (float& x : q) x = u(rng);
     out.resize(q.size());
     // Page bounds as the append rule builds them, one sequence of pages at a time.
-    bounds.assign(pages * kHkv * 2 * kD, 0.0f);
+    bounds.assign(pages * hkv * 2 * dim, 0.0f);
     for (int s = 0; s < distinct; ++s) {
       std::vector<int64_t> slots;
       for (int t = 0; t < context; ++t) {
@@ -115,8 +121,8 @@ struct Problem {
       up.bounds = bounds.data();
       up.slots = slots.data();
       up.num_tokens = context;
-      up.num_kv_heads = kHkv;
-      up.head_dim = kD;
+      up.num_kv_heads = hkv;
+      up.head_dim = dim;
       up.page_size = kPage;
       QuestUpdateBounds(up);
     }
@@ -133,11 +139,11 @@ struct Problem {
     p.query_start = query_start.data();
     p.page_table_stride = pages_per_seq;
     p.num_seqs = seqs;
-    p.num_q_heads = kHq;
-    p.num_kv_heads = kHkv;
-    p.head_dim = kD;
+    p.num_q_heads = hq;
+    p.num_kv_heads = hkv;
+    p.head_dim = dim;
     p.page_size = kPage;
-    p.scale = 1.0f / std::sqrt(static_cast<float>(kD));
+    p.scale = 1.0f / std::sqrt(static_cast<float>(dim));
     p.sparse = x;
     return p;
   }
@@ -150,9 +156,9 @@ struct Problem {
     p.kv_lens = kv_lens.data();
     p.page_table_stride = pages_per_seq;
     p.num_seqs = seqs;
-    p.num_q_heads = kHq;
-    p.num_kv_heads = kHkv;
-    p.head_dim = kD;
+    p.num_q_heads = hq;
+    p.num_kv_heads = hkv;
+    p.head_dim = dim;
     p.page_size = kPage;
     p.page_budget = budget_pages;
     p.per_kv_head = per_kv_head;
@@ -160,10 +166,78 @@ struct Problem {
   }
 };
 
+// Wall and process-CPU seconds of each repetition of one variant.
+struct Times {
+  std::vector<double> select, attend, attend_cpu;
+  void Add(double sel, double att, double att_cpu) {
+    select.push_back(sel);
+    attend.push_back(att);
+    attend_cpu.push_back(att_cpu);
+  }
+  double Total() const {  // median of select + attend over the repetitions
+    std::vector<double> t(select.size());
+    for (size_t i = 0; i < t.size(); ++i) t[i] = select[i] + attend[i];
+    return Median(t);
+  }
+};
+
+// One table row: dense, then Quest per query head, per KV head attended per row and grouped,
+// interleaved in each of `reps` repetitions after a warm-up round. bw: read bandwidth, bytes/s.
+void RunRow(bench::LayerShape shape, int ctx, int batch, int budget, int reps, int threads,
+            double max_kv_gb, double bw) {
+  Problem pr(shape, batch, ctx, max_kv_gb);
+  const double kv_bytes = 2.0 * batch * ctx * shape.kv_heads * shape.head_dim * sizeof(float);
+  std::vector<int32_t> qbs(batch + 1);
+  for (int s = 0; s <= batch; ++s) qbs[s] = s;
+  // Variants: 0 per query head, 1 per KV head attended per row, 2 per KV head grouped.
+  const bool per_kv[3] = {false, true, true};
+  const bool grouped[3] = {true, false, true};
+  QuestSelection sel[3];
+  Times t[3];
+  std::vector<double> dense_t;
+  for (int r = 0; r <= reps; ++r) {  // round 0 warms up
+    double a = Now();
+    PagedAttentionCpu(pr.Attn(nullptr), threads);
+    if (r > 0) dense_t.push_back(Now() - a);
+    for (int v = 0; v < 3; ++v) {
+      a = Now();
+      QuestSelectCpu(pr.Select(budget / kPage, per_kv[v]), sel[v], threads);
+      const double b = Now(), c = CpuNow();
+      SparseAttentionIndex x;
+      x.query_block = 1;
+      x.key_block = kPage;
+      x.query_block_start = qbs.data();
+      x.row_start = sel[v].row_start.data();
+      x.key_blocks = sel[v].key_blocks.data();
+      PagedAttentionCpu(pr.Attn(&x), threads, {.group_shared_rows = grouped[v]});
+      if (r > 0) t[v].Add(b - a, Now() - b, CpuNow() - c);
+    }
+  }
+  const double dense = Median(dense_t);
+  double total[3], select[3];
+  for (int v = 0; v < 3; ++v) {
+    total[v] = t[v].Total();
+    select[v] = Median(t[v].select);
+  }
+  const double att_row = Median(t[1].attend), att_grp = Median(t[2].attend);
+  const double cpu_row = Median(t[1].attend_cpu), cpu_grp = Median(t[2].attend_cpu);
+  std::printf("| %d | %d | %.2f GB%s | %.2f | %.2f | %.0f%% | %.3f (%.3f) | %.1fx | %.3f (%.3f) | "
+              "%.1fx | %.3f (%.3f) | %.1fx | %.3f / %.3f | %.3f / %.3f | %.2fx (%.2fx) |\n",
+              ctx, batch, kv_bytes / 1e9, pr.aliased ? " (aliased)" : "", dense * 1e3,
+              kv_bytes / dense / 1e9, 100 * kv_bytes / dense / bw, total[0] * 1e3,
+              select[0] * 1e3, dense / total[0], total[1] * 1e3, select[1] * 1e3,
+              dense / total[1], total[2] * 1e3, select[2] * 1e3, dense / total[2],
+              att_row * 1e3, att_grp * 1e3, cpu_row * 1e3, cpu_grp * 1e3, att_row / att_grp,
+              cpu_row / cpu_grp);
+  std::fflush(stdout);
+}
+
 int Main(int argc, char** argv) {
   int threads = DefaultCpuThreads(), budget = 4096, reps = 5;
   double max_kv_gb = 10;
   std::vector<int> contexts = {32768, 131072}, batches = {1, 8};
+  bench::LayerShape shape = bench::kLlama31_8B;
+  std::string shape_name = "llama8b";
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
     if (a == "--threads") threads = std::atoi(argv[i + 1]);
@@ -172,50 +246,36 @@ int Main(int argc, char** argv) {
     else if (a == "--budget") budget = std::atoi(argv[i + 1]);
     else if (a == "--reps") reps = std::atoi(argv[i + 1]);
     else if (a == "--max_kv_gb") max_kv_gb = std::atof(argv[i + 1]);
+    else if (a == "--shape") shape_name = argv[i + 1];
     else {
       std::fprintf(stderr, "unknown flag %s\n", a.c_str());
       return 2;
     }
   }
-  std::printf("threads %d, simd %s, layer 32q/8kv x 128, page %d, fp32 KV, budget %d\n", threads,
-              PagedAttentionCpuTarget(), kPage, budget);
+  if (shape_name == "embedded") {
+    shape = bench::kEmbedded;
+  } else if (shape_name != "llama8b") {
+    std::fprintf(stderr, "--shape must be llama8b or embedded, got '%s'\n", shape_name.c_str());
+    return 2;
+  }
+  if (reps < 1 || budget < 2 * kPage) {
+    std::fprintf(stderr, "--reps must be >= 1 and --budget >= %d\n", 2 * kPage);
+    return 2;
+  }
+  std::printf("threads %d, simd %s, layer %s %dq/%dkv x %d, page %d, fp32 KV, budget %d, "
+              "median of %d after one warm-up, variants interleaved\n",
+              threads, PagedAttentionCpuTarget(), shape_name.c_str(), shape.q_heads,
+              shape.kv_heads, shape.head_dim, kPage, budget, reps);
   const double bw = ReadBandwidth(threads, size_t{1} << 30, 5);
   std::printf("memory read bandwidth (1 GiB, %d threads, best of 5): %.2f GB/s\n\n", threads,
               bw / 1e9);
   std::printf("| context | batch | KV | dense ms | dense GB/s | %% of read bw | quest/q-head ms "
-              "(select ms) | speed-up | quest/kv-head ms (select ms) | speed-up |\n");
-  std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
+              "(select ms) | speed-up | quest/kv-head per-row ms (select ms) | speed-up | "
+              "quest/kv-head grouped ms (select ms) | speed-up | kv-head attend ms per-row / "
+              "grouped (wall) | same, CPU ms | grouped attend speed-up wall (CPU) |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   for (int ctx : contexts) {
-    for (int batch : batches) {
-      Problem pr(batch, ctx, max_kv_gb);
-      const double kv_bytes = 2.0 * batch * ctx * kHkv * kD * sizeof(float);
-      const double dense = MedianSeconds(reps, [&] { PagedAttentionCpu(pr.Attn(nullptr), threads); });
-      double quest[2], select[2];
-      for (int per_kv = 0; per_kv < 2; ++per_kv) {
-        QuestSelection sel;
-        std::vector<int32_t> qbs(batch + 1);
-        for (int s = 0; s <= batch; ++s) qbs[s] = s;
-        const QuestSelectParams sp = pr.Select(budget / kPage, per_kv != 0);
-        select[per_kv] = MedianSeconds(reps, [&] { QuestSelectCpu(sp, sel, threads); });
-        quest[per_kv] = MedianSeconds(reps, [&] {
-          QuestSelectCpu(sp, sel, threads);
-          SparseAttentionIndex x;
-          x.query_block = 1;
-          x.key_block = kPage;
-          x.query_block_start = qbs.data();
-          x.row_start = sel.row_start.data();
-          x.key_blocks = sel.key_blocks.data();
-          PagedAttentionCpu(pr.Attn(&x), threads);
-        });
-      }
-      std::printf("| %d | %d | %.2f GB%s | %.2f | %.2f | %.0f%% | %.3f (%.3f) | %.1fx | %.3f (%.3f) | "
-                  "%.1fx |\n",
-                  ctx, batch, kv_bytes / 1e9, pr.aliased ? " (aliased)" : "", dense * 1e3,
-                  kv_bytes / dense / 1e9, 100 * kv_bytes / dense / bw, quest[0] * 1e3,
-                  select[0] * 1e3, dense / quest[0], quest[1] * 1e3, select[1] * 1e3,
-                  dense / quest[1]);
-      std::fflush(stdout);
-    }
+    for (int batch : batches) RunRow(shape, ctx, batch, budget, reps, threads, max_kv_gb, bw);
   }
   return 0;
 }

@@ -100,8 +100,10 @@ inline bool GroupSharesKeys(const SparseAttentionIndex& x, int64_t row, int grou
 }
 
 // Every work item of the call, largest first, with long short-query items cut into split-KV
-// parts (described in `groups`; partial rows counted in *partial_rows).
+// parts (described in `groups`; partial rows counted in *partial_rows). group_shared_rows: one
+// item for the query heads of a KV head whose sparse rows list the same keys.
 inline std::vector<WorkItem> BuildWorkItems(const PagedAttentionParams<float>& p,
+                                            bool group_shared_rows,
                                             std::vector<SplitGroup>& groups,
                                             int64_t* partial_rows) {
   std::vector<WorkItem> items;
@@ -128,7 +130,7 @@ inline std::vector<WorkItem> BuildWorkItems(const PagedAttentionParams<float>& p
       for (int h = 0; h < p.num_q_heads; ++h) {
         const int64_t row = (int64_t{x.query_block_start[s]} + b) * p.num_q_heads + h;
         const int64_t keys = SparseKeyCount(x, row, LastPos(p, s, qe - 1));
-        if (group > 1 && h % group == 0 && GroupSharesKeys(x, row, group)) {
+        if (group_shared_rows && group > 1 && h % group == 0 && GroupSharesKeys(x, row, group)) {
           // One item for the whole group (head -1), as dense items: each K/V row it reads is
           // loaded once for all of the group's query heads.
           items.push_back({s, h / group, -1, qb, qe, row,
@@ -532,10 +534,11 @@ void MergeParts(const PagedAttentionParams<float>& p, const SplitGroup& g,
   }
 }
 
-void PagedAttentionCpuImpl(const PagedAttentionParams<float>& p, int num_threads) {
+void PagedAttentionCpuImpl(const PagedAttentionParams<float>& p, int num_threads,
+                           bool group_shared_rows) {
   std::vector<SplitGroup> groups;
   int64_t partial_rows = 0;
-  const std::vector<WorkItem> items = BuildWorkItems(p, groups, &partial_rows);
+  const std::vector<WorkItem> items = BuildWorkItems(p, group_shared_rows, groups, &partial_rows);
   if (items.empty()) return;
   Partials partials;
   partials.o.resize(static_cast<size_t>(partial_rows) * p.head_dim);
@@ -571,7 +574,13 @@ HWY_EXPORT(PagedAttentionCpuImpl);
 }  // namespace cpu_attention
 
 void PagedAttentionCpu(const PagedAttentionParams<float>& p, int num_threads) {
-  HWY_DYNAMIC_DISPATCH(cpu_attention::PagedAttentionCpuImpl)(p, num_threads);
+  PagedAttentionCpu(p, num_threads, PagedAttentionCpuOptions());
+}
+
+void PagedAttentionCpu(const PagedAttentionParams<float>& p, int num_threads,
+                       const PagedAttentionCpuOptions& options) {
+  HWY_DYNAMIC_DISPATCH(cpu_attention::PagedAttentionCpuImpl)(p, num_threads,
+                                                             options.group_shared_rows);
 }
 
 const char* PagedAttentionCpuTarget() {

@@ -29,6 +29,16 @@ namespace sieve::kernels {
 // Allocates per-thread scratch; reads only the listed pages; thread-safe for disjoint `out`.
 void PagedAttentionCpu(const PagedAttentionParams<float>& p, int num_threads = 0);
 
+// What PagedAttentionCpu may do beyond the parameter block; the defaults are what the backends run.
+struct PagedAttentionCpuOptions {
+  // Run the query heads of a KV head whose sparse rows list the same keys as one work item
+  // (above). false: one item per sparse row, each reading the group's shared keys again; the
+  // same result up to fp32 rounding, kept for A/B benchmarks (bench/quest_decode_bench.cc).
+  bool group_shared_rows = true;
+};
+void PagedAttentionCpu(const PagedAttentionParams<float>& p, int num_threads,
+                       const PagedAttentionCpuOptions& options);
+
 // The instruction set PagedAttentionCpu runs with on this host (Highway's name: "AVX3", "AVX2",
 // ...), for benchmark and log lines.
 const char* PagedAttentionCpuTarget();

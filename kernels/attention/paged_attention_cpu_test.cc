@@ -218,7 +218,8 @@ TEST_P(PagedAttentionCpuTest, SplitKvLongDecodeMatchesReference) {
 }
 
 // Rows of a KV head's query heads that list the same keys run as one item over the group (each
-// K/V row read once); groups that do not share, and shares over split-KV parts, stay exact.
+// K/V row read once); groups that do not share, and shares over split-KV parts, stay exact. With
+// group_shared_rows off (one item per row, the A/B baseline of the benchmarks) the same holds.
 TEST_P(PagedAttentionCpuTest, GroupSharedRowsMatchReference) {
   const Shape sh = GetParam();
   const std::vector<Seq> seqs = {{9000, 1}, {700, 1}, {5 * sh.page_size + 1, 3}, {517, 131}};
@@ -232,6 +233,9 @@ TEST_P(PagedAttentionCpuTest, GroupSharedRowsMatchReference) {
     PagedAttentionCpu(b.Params(out1, &x.index), 1);
     ExpectClose(out, ref, sh.head_dim, "group-shared rows qb " + std::to_string(qb));
     EXPECT_EQ(out, out1) << "group-shared results depend on the thread count";
+    std::vector<float> per_row;
+    PagedAttentionCpu(b.Params(per_row, &x.index), 3, {.group_shared_rows = false});
+    ExpectClose(per_row, ref, sh.head_dim, "per-row items qb " + std::to_string(qb));
   }
 }
 

@@ -274,27 +274,43 @@ TEST(QuestTest, PlantedNeedleIsSelected) {
   }
 }
 
-// 6.1.3 and 6.1.4: with a budget covering the context the selected attention equals dense; the
-// selection does not depend on V (rescaling V rescales the output of the same selection).
+// The sparse index of a decode selection (one query per sequence).
+struct SelectionIndex {
+  std::vector<int32_t> qbs;
+  SparseAttentionIndex x;
+
+  SelectionIndex(const QuestSelection& sel, int num_seqs) {
+    for (int s = 0; s <= num_seqs; ++s) qbs.push_back(s);
+    x.query_block = 1;
+    x.key_block = kPage;
+    x.query_block_start = qbs.data();
+    x.row_start = sel.row_start.data();
+    x.key_blocks = sel.key_blocks.data();
+  }
+};
+
+// 6.1.3 and 6.1.4: with a budget covering the context the selected attention equals dense, per
+// query head and per KV head (whose shared rows the CPU kernel runs as one item per group, and,
+// with group_shared_rows off, one item per row); the selection does not depend on V (rescaling V
+// rescales the output of the same selection).
 TEST(QuestTest, CoveringBudgetEqualsDenseAndSelectionIgnoresV) {
   Problem pr({1, 17, 333, 1030}, 8, 2, 64, 13);
-  QuestSelection sel;
-  QuestSelectCpu(pr.Params((1030 + kPage - 1) / kPage), sel, 2);
-  std::vector<int32_t> qbs;
-  for (int s = 0; s <= 4; ++s) qbs.push_back(s);
-  SparseAttentionIndex x;
-  x.query_block = 1;
-  x.key_block = kPage;
-  x.query_block_start = qbs.data();
-  x.row_start = sel.row_start.data();
-  x.key_blocks = sel.key_blocks.data();
-  std::vector<float> dense, sparse;
+  std::vector<float> dense;
   PagedAttentionRef(pr.Attn(dense, nullptr), 0);
-  PagedAttentionCpu(pr.Attn(sparse, &x), 2);
-  for (size_t i = 0; i < dense.size(); ++i) {
-    // Per-element: the CPU kernel's fp32 error bound (paged_attention_cpu_test.cc) is 2e-5
-    // relative per row; values are O(1/sqrt(n)) .. 1, so 2e-5 absolute covers it.
-    ASSERT_NEAR(sparse[i], dense[i], 2e-5) << i;
+  for (const bool per_kv_head : {false, true}) {
+    for (const bool grouped : {true, false}) {
+      QuestSelection sel;
+      QuestSelectCpu(pr.Params((1030 + kPage - 1) / kPage, per_kv_head), sel, 2);
+      const SelectionIndex x(sel, 4);
+      std::vector<float> sparse;
+      PagedAttentionCpu(pr.Attn(sparse, &x.x), 2, {.group_shared_rows = grouped});
+      for (size_t i = 0; i < dense.size(); ++i) {
+        // Per-element: the CPU kernel's fp32 error bound (paged_attention_cpu_test.cc) is 2e-5
+        // relative per row; values are O(1/sqrt(n)) .. 1, so 2e-5 absolute covers it.
+        ASSERT_NEAR(sparse[i], dense[i], 2e-5)
+            << i << " per_kv_head " << per_kv_head << " grouped " << grouped;
+      }
+    }
   }
   QuestSelection small, small_scaled;
   QuestSelectCpu(pr.Params(4), small, 2);
@@ -331,6 +347,34 @@ TEST(QuestTest, PerKvHeadSharesOneSet) {
         }
       }
     }
+  }
+}
+
+// A per-KV-head selection under a budget far below the context (rows of a group list the same
+// pages, so the CPU kernel runs each group as one item that reads every selected page once, on
+// split-KV parts past 512 keys) gives the fp64 reference's attention over the same pages; so does
+// the per-row baseline (group_shared_rows off). Fresh random inputs, GQA 4 and 8, d 64 and 128.
+TEST(QuestTest, PerKvHeadSelectionAttentionMatchesReference) {
+  struct Case {
+    int hq, hkv, d, budget;
+  };
+  uint32_t seed = 61;
+  for (const Case c : {Case{8, 2, 64, 40}, Case{16, 2, 128, 9}, Case{4, 1, 64, 100}}) {
+    Problem pr({3000, 777, 40, 2049}, c.hq, c.hkv, c.d, seed++);
+    QuestSelection sel;
+    QuestSelectCpu(pr.Params(c.budget, /*per_kv_head=*/true), sel, 2);
+    const SelectionIndex x(sel, 4);
+    std::vector<float> ref, grouped, per_row;
+    PagedAttentionRef(pr.Attn(ref, &x.x), 0);
+    PagedAttentionCpu(pr.Attn(grouped, &x.x), 2);
+    PagedAttentionCpu(pr.Attn(per_row, &x.x), 2, {.group_shared_rows = false});
+    for (size_t i = 0; i < ref.size(); ++i) {
+      // As in CoveringBudgetEqualsDenseAndSelectionIgnoresV: 2e-5 per element.
+      ASSERT_NEAR(grouped[i], ref[i], 2e-5) << i << " hq " << c.hq << " d " << c.d;
+      ASSERT_NEAR(per_row[i], ref[i], 2e-5) << i << " hq " << c.hq << " d " << c.d;
+    }
+    // The selection really is sparse: the 3000-token sequence reads at most budget pages.
+    EXPECT_LE(sel.row_start[1] - sel.row_start[0], c.budget);
   }
 }
 
