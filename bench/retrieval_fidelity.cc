@@ -9,6 +9,7 @@
 //   retrieval_fidelity --model models/retrieval --prompts /tmp/prompts.jsonl
 //       --policy dense --policy 'xattn-0.9:attention.prefill.method=xattention;...'
 //       [--set key=value]... [--answer-in decode|prefill] [--max-prompts N] [--json FILE]
+//       [--min-accuracy A] [--expect-same-tokens]
 //
 // --answer-in decode (the default): the prompt's last token (" is" of "... The code for falcon
 // is") is left out; the model generates it from prefill and the answer in the decode step after
@@ -18,6 +19,10 @@
 // the model restate it measures the restatement: this model copies the template but not always
 // the key, and a wrong key in its own restatement misleads it.) --answer-in prefill: the whole
 // prompt is prefilled and the answer is its first generated token(s).
+//
+// Checks (exit status 1 when one fails, naming the policy and prompt): --min-accuracy A, every
+// (policy, length) cell retrieves at least A; --expect-same-tokens, every policy generates the
+// first policy's tokens for every prompt (settings that cover every key must equal dense).
 //
 // --policy NAME[:KEY=VALUE;KEY=VALUE...] adds one configuration (the daemon's config keys, as
 // `sieved --set` takes them; ';' separates keys because list values use ','). Every policy
@@ -41,6 +46,7 @@
 #include <vector>
 
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "engine/serving/engine.h"
 #include "nlohmann/json.hpp"
@@ -69,6 +75,8 @@ struct Args {
   int max_prompts = 0;  // 0: all
   std::string json;
   std::string answer_in = "decode";  // or "prefill"
+  double min_accuracy = -1;           // < 0: no check
+  bool expect_same_tokens = false;
 };
 
 // Means of the attention fractions the engine reports (prefill steps and decode steps arrive
@@ -134,7 +142,8 @@ int Usage(const char* why) {
   std::fprintf(stderr,
                "retrieval_fidelity: %s\nusage: retrieval_fidelity --model DIR --prompts FILE "
                "[--policy NAME[:KEY=VALUE;...]]... [--set KEY=VALUE]... "
-               "[--answer-in decode|prefill] [--max-prompts N] [--json FILE]\n",
+               "[--answer-in decode|prefill] [--max-prompts N] [--json FILE] "
+               "[--min-accuracy A] [--expect-same-tokens]\n",
                why);
   return 2;
 }
@@ -142,6 +151,10 @@ int Usage(const char* why) {
 bool ParseArgs(int argc, char** argv, Args& a) {
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
+    if (flag == "--expect-same-tokens") {
+      a.expect_same_tokens = true;
+      continue;
+    }
     if (i + 1 >= argc) return false;
     const std::string v = argv[++i];
     if (flag == "--model") {
@@ -164,6 +177,10 @@ bool ParseArgs(int argc, char** argv, Args& a) {
       if (!absl::SimpleAtoi(v, &a.max_prompts) || a.max_prompts < 0) return false;
     } else if (flag == "--json") {
       a.json = v;
+    } else if (flag == "--min-accuracy") {
+      if (!absl::SimpleAtod(v, &a.min_accuracy) || a.min_accuracy < 0 || a.min_accuracy > 1) {
+        return false;
+      }
     } else if (flag == "--answer-in") {
       if (v != "decode" && v != "prefill") return false;
       a.answer_in = v;
@@ -243,6 +260,8 @@ int Run(const Args& a) {
     longest_answer = std::max(longest_answer, max_tokens(p));
   }
   nlohmann::json report = nlohmann::json::array();
+  std::vector<std::vector<int32_t>> first_tokens;  // the first policy's output per prompt
+  std::vector<std::string> failures;
   std::printf("answer in %s steps\n", decode ? "decode" : "prefill");
   std::printf("| policy | length | prompts | accuracy | prefill density | decode KV read | "
               "TTFT s (mean) | prefill tok/s | decode ms/token |\n");
@@ -274,7 +293,8 @@ int Run(const Args& a) {
       return 1;
     }
     std::map<int64_t, Cell> cells;
-    for (const Prompt& p : *prompts) {
+    for (size_t pi = 0; pi < prompts->size(); ++pi) {
+      const Prompt& p = (*prompts)[pi];
       engine::RequestSpec spec;
       spec.prompt = p.ids;
       if (decode) spec.prompt.pop_back();
@@ -297,6 +317,13 @@ int Run(const Args& a) {
       Cell& c = cells[p.length];
       ++c.n;
       const bool ok = tokens == expected(p);
+      if (&policy == &a.policies.front()) {
+        first_tokens.push_back(tokens);
+      } else if (a.expect_same_tokens && tokens != first_tokens[pi]) {
+        failures.push_back(absl::StrCat("policy ", policy.name, ", prompt ", pi + 1,
+                                        ": generated tokens differ from policy ",
+                                        a.policies.front().name, "'s"));
+      }
       c.correct += ok ? 1 : 0;
       const std::array<double, 4> att = observer.Take();
       for (int k = 0; k < 4; ++k) c.attention[k] += att[k];
@@ -307,15 +334,20 @@ int Run(const Args& a) {
     }
     for (const auto& [length, c] : cells) {
       const double ttft = c.ttft_s / c.n;
+      const double accuracy = static_cast<double>(c.correct) / c.n;
+      if (a.min_accuracy >= 0 && accuracy < a.min_accuracy) {
+        failures.push_back(absl::StrCat("policy ", policy.name, ", length ", length, ": accuracy ",
+                                        accuracy, " below ", a.min_accuracy));
+      }
       const std::string density = MeanOrDash(c.attention[0], c.attention[1]);
       const std::string kv_read = MeanOrDash(c.attention[2], c.attention[3]);
       std::printf("| %s | %lld | %d | %.3f | %s | %s | %.3f | %.0f | %.2f |\n",
                   policy.name.c_str(), static_cast<long long>(length), c.n,
-                  static_cast<double>(c.correct) / c.n, density.c_str(), kv_read.c_str(), ttft,
+                  accuracy, density.c_str(), kv_read.c_str(), ttft,
                   length / ttft, c.decode_s_per_token / c.n * 1e3);
       report.push_back({{"policy", policy.name}, {"overrides", policy.overrides},
                         {"length", length}, {"prompts", c.n}, {"correct", c.correct},
-                        {"accuracy", static_cast<double>(c.correct) / c.n},
+                        {"accuracy", accuracy},
                         {"ttft_s_mean", ttft}, {"answer_in", decode ? "decode" : "prefill"},
                         {"prefill_density", MeanOrNull(c.attention[0], c.attention[1])},
                         {"decode_kv_read", MeanOrNull(c.attention[2], c.attention[3])},
@@ -328,7 +360,8 @@ int Run(const Args& a) {
     out << report.dump(1) << "\n";
     if (!out) return Usage(("cannot write " + a.json).c_str());
   }
-  return 0;
+  for (const std::string& f : failures) std::fprintf(stderr, "FAILED: %s\n", f.c_str());
+  return failures.empty() ? 0 : 1;
 }
 
 }  // namespace

@@ -108,7 +108,7 @@ int RunLocalGenerate(const GenerateOptions& o) {
   auto sink = std::make_shared<StdoutSink>();
   spec.sink = sink;
   const size_t prompt_tokens = spec.prompt.size();
-  std::cout << o.prompt << std::flush;
+  if (o.echo) std::cout << o.prompt << std::flush;
   if (auto id = (*engine)->Submit(std::move(spec)); !id.ok()) {
     std::cout << "\n";
     return Fail(id.status());

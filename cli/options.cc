@@ -1,5 +1,7 @@
 #include "cli/options.h"
 
+#include <fstream>
+#include <iterator>
 #include <type_traits>
 
 #include "absl/strings/numbers.h"
@@ -102,6 +104,17 @@ absl::StatusOr<GenerateOptions> ParseGenerateOptions(int argc, char** argv) {
       o.ignore_eos = true;
     } else if (name == "--no-bos") {
       o.add_special_tokens = false;
+    } else if (name == "--no-echo") {
+      o.echo = false;
+    } else if (name == "--prompt-file") {
+      std::string path;
+      SIEVE_CLI_SET(path, args.Value(name));
+      if (have_prompt) return absl::InvalidArgumentError("more than one prompt given");
+      std::ifstream in(path, std::ios::binary);
+      if (!in) return absl::NotFoundError(absl::StrCat("--prompt-file: cannot read ", path));
+      o.prompt.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+      if (in.bad()) return absl::DataLossError(absl::StrCat("--prompt-file: error reading ", path));
+      have_prompt = true;
     } else if (name == "--priority") {
       SIEVE_CLI_SET(o.priority, args.Number<int32_t>(name));
     } else if (name == "--timeout") {
@@ -126,7 +139,8 @@ absl::StatusOr<GenerateOptions> ParseGenerateOptions(int argc, char** argv) {
       o.prompt = name;
       have_prompt = true;
     } else {
-      return absl::InvalidArgumentError("more than one prompt given (quote the prompt)");
+      return absl::InvalidArgumentError(
+          "more than one prompt given (quote the prompt, or give it with --prompt-file)");
     }
   }
   if (!have_prompt && !o.help) return absl::InvalidArgumentError("no prompt given");

@@ -59,6 +59,7 @@ struct GenerateOptions {
   std::vector<std::string> stop;
   bool ignore_eos = false;
   bool add_special_tokens = true;
+  bool echo = true;                     // print the prompt before the continuation
   int32_t priority = 0;                 // client mode
   std::optional<double> timeout_s;      // client mode: the call's deadline
   std::string request_id;               // client mode

@@ -167,7 +167,7 @@ int RunRemoteGenerate(const GenerateOptions& o) {
   }
   std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader =
       stub->Generate(&context, ToRequest(o));
-  std::cout << o.prompt << std::flush;
+  if (o.echo) std::cout << o.prompt << std::flush;
   v1::GenerateResponse response;
   std::optional<v1::Completion> completion;
   while (reader->Read(&response)) {

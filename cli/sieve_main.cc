@@ -45,7 +45,7 @@ SIEVE_TLS_CA_FILE, and for mutual TLS SIEVE_TLS_CERT_FILE and SIEVE_TLS_KEY_FILE
 `sieve COMMAND --help` describes a command's options.
 )";
 
-constexpr char kGenerateUsage[] = R"(usage: sieve generate [options] PROMPT
+constexpr char kGenerateUsage[] = R"(usage: sieve generate [options] PROMPT | --prompt-file FILE
 
 Streams a continuation of PROMPT to stdout, then the finish reason, token counts and per-phase
 timings (queue, prefill, time to first token, decode) to stderr.
@@ -67,6 +67,8 @@ options:
   --stop STRING          stop string (repeatable)
   --ignore-eos           keep generating past end-of-sequence
   --no-bos               do not add the tokenizer's special tokens (BOS) to the prompt
+  --prompt-file FILE     read the prompt from FILE (its bytes exactly) instead of PROMPT
+  --no-echo              print only the continuation, not the prompt before it
 server only:
   --priority N           scheduling priority, higher first (default 0)
   --timeout SECONDS      the call's deadline; the server cancels the request when it passes

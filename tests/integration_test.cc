@@ -6,6 +6,7 @@
 #include <signal.h>
 
 #include <cmath>
+#include <fstream>
 #include <functional>
 #include <latch>
 #include <memory>
@@ -436,6 +437,21 @@ TEST_F(SharedDaemonTest, CommandLineClientTalksToTheDaemon) {
   EXPECT_THAT(gen, HasSubstr("[sieve] finish: length"));
   EXPECT_THAT(gen, HasSubstr("time to first token"));
   EXPECT_THAT(gen, HasSubstr("generated 8"));
+
+  // --prompt-file reads the prompt from a file; --no-echo prints only the continuation.
+  const std::string prompt_file = ::testing::TempDir() + "/cli_prompt.txt";
+  std::ofstream(prompt_file) << "Hello there";
+  auto [file_code, file_out] =
+      RunTool(SIEVE_CLI_PATH, {"generate", "--target", target, "--temperature", "0",
+                               "--max-tokens", "8", "--no-echo", "--prompt-file", prompt_file});
+  EXPECT_EQ(file_code, 0) << file_out;
+  const std::string echoed = gen.substr(0, gen.find("[sieve]"));
+  ASSERT_THAT(echoed, ::testing::StartsWith("Hello there"));
+  EXPECT_EQ(file_out.substr(0, file_out.find("[sieve]")), echoed.substr(11));
+  auto [missing_code, missing] = RunTool(
+      SIEVE_CLI_PATH, {"generate", "--target", target, "--prompt-file", prompt_file + ".absent"});
+  EXPECT_EQ(missing_code, 2) << missing;
+  EXPECT_THAT(missing, HasSubstr("--prompt-file: cannot read"));
 
   auto [models_code, models] = RunTool(SIEVE_CLI_PATH, {"models", "--target", target});
   EXPECT_EQ(models_code, 0) << models;
