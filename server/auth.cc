@@ -101,7 +101,7 @@ absl::StatusOr<std::unique_ptr<Authenticator>> Authenticator::FromFile(const std
 }
 
 std::shared_ptr<const std::vector<std::string>> Authenticator::tokens() const {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   return tokens_;
 }
 
@@ -114,7 +114,7 @@ absl::StatusOr<bool> Authenticator::Reload() {
   absl::StatusOr<std::vector<std::string>> read = ReadTokens(path_);
   if (!read.ok()) return read.status();
   auto fresh = std::make_shared<const std::vector<std::string>>(*std::move(read));
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   const bool changed = *fresh != *tokens_;
   tokens_ = std::move(fresh);
   return changed;
