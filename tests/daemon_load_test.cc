@@ -585,8 +585,11 @@ class BurstTest : public DaemonLoadTest {
     b.cancelled = delta("sieve_requests_total", {{"outcome", "cancelled"}});
     EXPECT_GE(b.cancelled, b.got_messages);
     EXPECT_LE(b.cancelled, kStreams - b.ok);
-    // The load was concurrent: hundreds waited while 256 ran.
-    EXPECT_GE(b.peak.running + b.peak.waiting, 500);
+    // The load was concurrent: more requests were in the daemon at once than may run (256), so
+    // the queue held some. (The 100 proxied streams alone stay until the cut, and 600 streams
+    // cannot end by themselves; measured peaks are 980-1,110.)
+    EXPECT_GT(b.peak.running + b.peak.waiting, 256);
+    EXPECT_GT(b.peak.waiting, 0);
     auto stub = daemon_->stub();  // still serving
     EXPECT_TRUE(Generate(*stub, Greedy({21, 22, 23}, 4)).status.ok());
     // Counted before the next burst reads its baseline.
