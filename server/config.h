@@ -44,6 +44,10 @@ struct AuthConfig {
   bool exempt_health = true;
   // grpc.reflection.* answers without a token.
   bool exempt_reflection = false;
+  // How often tokens_file is re-read, so that added and removed tokens take effect without a
+  // restart, in seconds; 0 reads it only at start. A file that cannot be used keeps the last
+  // good tokens (server/auth.h).
+  int reload_interval_s = 10;
 
   bool operator==(const AuthConfig&) const = default;
 };

@@ -93,6 +93,11 @@ const std::vector<KeySpec>& Keys() {
                        "token (for load-balancer and kubelet probes)."),
       SIEVE_SERVER_KEY(server.auth.exempt_reflection, Any(),
                        "With server.auth.tokens_file: server reflection answers without a token."),
+      SIEVE_SERVER_KEY(server.auth.reload_interval_s, IntRange(0, 86400),
+                       "Seconds between re-reads of server.auth.tokens_file: tokens added or "
+                       "removed take effect without a restart; a file that cannot be read (or "
+                       "holds no token) keeps the last good tokens and logs an error. 0 reads the "
+                       "file only at start."),
       SIEVE_SERVER_KEY(server.tls.cert_file, Any(),
                        "PEM certificate chain of the gRPC port; with server.tls.key_file it turns "
                        "TLS on. Empty: plaintext."),

@@ -40,7 +40,8 @@ const std::vector<std::string> kExpectedKeys = {
     "server.keepalive_time_s",        "server.keepalive_timeout_s",
     "server.drain_grace_period_s",    "server.role",
     "server.auth.tokens_file",        "server.auth.exempt_health",
-    "server.auth.exempt_reflection",  "server.tls.cert_file",
+    "server.auth.exempt_reflection",  "server.auth.reload_interval_s",
+    "server.tls.cert_file",
     "server.tls.key_file",            "server.tls.client_ca_file",
     "server.tls.reload_interval_s",
     "metrics.enabled",
@@ -112,6 +113,19 @@ TEST(ConfigTest, TlsKeysMustComeTogether) {
   absl::StatusOr<ServerConfig> interval =
       LoadConfigString("", "x.yaml", {"server.tls.reload_interval_s=0"});
   EXPECT_THAT(std::string(interval.status().message()), HasSubstr("server.tls.reload_interval_s"));
+}
+
+// server.auth.reload_interval_s: 0 (read only at start) up to a day; negative is refused.
+TEST(ConfigTest, TokensReloadInterval) {
+  EXPECT_EQ(ServerConfig().server.auth.reload_interval_s, 10);
+  absl::StatusOr<ServerConfig> off =
+      LoadConfigString("server:\n  auth:\n    reload_interval_s: 0\n", "x.yaml");
+  ASSERT_TRUE(off.ok()) << off.status();
+  EXPECT_EQ(off->server.auth.reload_interval_s, 0);
+  absl::StatusOr<ServerConfig> negative =
+      LoadConfigString("", "x.yaml", {"server.auth.reload_interval_s=-1"});
+  EXPECT_THAT(std::string(negative.status().message()),
+              HasSubstr("server.auth.reload_interval_s"));
 }
 
 TEST(ConfigTest, EngineKeysBindToTheEngineConfig) {

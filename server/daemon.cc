@@ -94,6 +94,10 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const ServerConfig& config
   if (!config.server.auth.tokens_file.empty()) {
     SIEVE_ASSIGN_OR_RETURN(daemon->authenticator_,
                            Authenticator::FromFile(config.server.auth.tokens_file));
+    if (config.server.auth.reload_interval_s > 0) {
+      daemon->authenticator_->StartReloading(
+          absl::Seconds(config.server.auth.reload_interval_s));
+    }
   }
   if (config.metrics.enabled) {
     SIEVE_ASSIGN_OR_RETURN(daemon->metrics_, Metrics::Create(config.metrics.listen_address,
@@ -240,6 +244,12 @@ absl::Status Daemon::StartGrpc() {
                                                      ? "; health open" : "",
                                                  config_.server.auth.exempt_reflection
                                                      ? "; reflection open" : "",
+                                                 config_.server.auth.reload_interval_s > 0
+                                                     ? absl::StrCat("; tokens re-read every ",
+                                                                    config_.server.auth
+                                                                        .reload_interval_s,
+                                                                    " s")
+                                                     : "",
                                                  ")")
                                   : std::string(", no authentication")));
   Log(LogLevel::kInfo, absl::StrCat("gRPC listening on ", grpc_address_,

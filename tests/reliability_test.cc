@@ -1,7 +1,8 @@
 // Reliability and security of the real daemon (issue 15, items 5 and 7): unparseable requests,
 // rejection metrics, KV pool sizing against memory, SIGTERM during the load, load progress,
 // --version, the access log, the KV cache's share of the context, reflection of the health
-// service, bearer-token authentication, TLS and mutual TLS with certificate reload.
+// service, bearer-token authentication with reload of the tokens file, TLS and mutual TLS with
+// certificate reload.
 //
 // Certificates are generated at run time with the openssl CLI into the test's temp dir; none
 // are committed.
@@ -500,6 +501,74 @@ TEST_F(SecurityTest, TokensFileProblemsNameTheKey) {
                                               "server.tls.cert_file=" + Path("x.pem")});
   EXPECT_EQ(code, 2);
   EXPECT_THAT(out, HasSubstr("server.tls.key_file"));
+}
+
+// server.auth.reload_interval_s: tokens added to the file are accepted and removed ones refused
+// without a restart; a file that cannot be read keeps the last good tokens and logs why.
+TEST_F(SecurityTest, TokensFileReloadsWithoutRestart) {
+  const std::string path = Path("tokens");
+  const auto replace = [&](const std::string& text) {  // as configuration tools do: write, rename
+    WriteFile(path + ".new", text);
+    ASSERT_EQ(rename((path + ".new").c_str(), path.c_str()), 0);
+  };
+  WriteFile(path, "tok-alpha-5d21\n");
+  daemon_ = Sieved::Spawn({"--set", "server.auth.tokens_file=" + path, "--set",
+                           "server.auth.reload_interval_s=1"});
+  ASSERT_TRUE(daemon_->WaitListening());
+  grpc::Channel& channel = *daemon_->channel();
+  ASSERT_TRUE(WaitServing(channel)) << daemon_->logs();
+  EXPECT_THAT(daemon_->logs(), HasSubstr("tokens re-read every 1 s"));
+  EXPECT_TRUE(Tokenize(channel, "tok-alpha-5d21").ok());
+  EXPECT_EQ(Tokenize(channel, "tok-beta-90c4").error_code(), grpc::StatusCode::UNAUTHENTICATED);
+
+  // Rotate: beta added, alpha removed. Bound: one reload period (1 s) plus a reload and a call,
+  // with room for the shared 2-core VM's scheduling.
+  replace("# rotated\ntok-beta-90c4\n");
+  absl::Time changed = absl::Now();
+  ASSERT_TRUE(PollUntil([&] { return Tokenize(channel, "tok-beta-90c4").ok(); },
+                        absl::Seconds(10)));
+  const absl::Duration added_after = absl::Now() - changed;
+  EXPECT_LT(added_after, absl::Seconds(5));
+  EXPECT_EQ(Tokenize(channel, "tok-alpha-5d21").error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_TRUE(PollUntil([&] {
+    return absl::StrContains(daemon_->logs(), "reloaded: 1 tokens accepted (1 added, 1 removed)");
+  })) << daemon_->logs();
+
+  // Unreadable: missing, then a directory. The last good token stays accepted for several
+  // periods; each problem is logged once, naming the key and the reason.
+  ASSERT_EQ(rename(path.c_str(), (path + ".away").c_str()), 0);
+  EXPECT_TRUE(PollUntil([&] {
+    return absl::StrContains(daemon_->logs(), "No such file or directory; the 1 tokens read "
+                                              "before stay accepted");
+  })) << daemon_->logs();
+  ASSERT_EQ(mkdir(path.c_str(), 0700), 0);
+  EXPECT_TRUE(PollUntil([&] {
+    return absl::StrContains(daemon_->logs(), "' is not a regular file; the 1 tokens read before");
+  })) << daemon_->logs();
+  absl::SleepFor(absl::Milliseconds(2500));  // more than two periods
+  EXPECT_TRUE(Tokenize(channel, "tok-beta-90c4").ok());
+  EXPECT_EQ(Tokenize(channel, "tok-alpha-5d21").error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  const std::string logs = daemon_->logs();
+  EXPECT_THAT(logs, HasSubstr(" E sieved: server.auth.tokens_file: cannot read '" + path + "'"));
+  const size_t first = logs.find("is not a regular file");
+  EXPECT_EQ(logs.find("is not a regular file", first + 1), std::string::npos)
+      << "logged once per distinct problem";
+
+  // Readable again: the new file's tokens take over.
+  ASSERT_EQ(rmdir(path.c_str()), 0);
+  replace("tok-gamma-e8a0\n");
+  changed = absl::Now();
+  ASSERT_TRUE(PollUntil([&] { return Tokenize(channel, "tok-gamma-e8a0").ok(); },
+                        absl::Seconds(10)));
+  EXPECT_LT(absl::Now() - changed, absl::Seconds(5));
+  EXPECT_EQ(Tokenize(channel, "tok-beta-90c4").error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_TRUE(PollUntil([&] {
+    return absl::StrContains(daemon_->logs(), "is usable again: 1 tokens accepted");
+  })) << daemon_->logs();
+  for (const char* token : {"tok-alpha-5d21", "tok-beta-90c4", "tok-gamma-e8a0"}) {
+    EXPECT_THAT(daemon_->logs(), Not(HasSubstr(token)));
+  }
+  std::cerr << "added token accepted " << added_after << " after the file changed (period 1 s)\n";
 }
 
 TEST_F(SecurityTest, TlsServesAndReloadsRenewedCertificates) {

@@ -77,6 +77,9 @@ class Sieved {
 
   void Signal(int sig) { kill(pid_, sig); }
 
+  // The process id (for /proc).
+  pid_t pid() const { return pid_; }
+
   // Waits up to `timeout` for the process to exit; returns its exit code (128 + signal when
   // killed), or nullopt while it runs.
   std::optional<int> WaitExit(absl::Duration timeout);
