@@ -3,6 +3,7 @@
 
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "kernels/cuda/ptx.cuh"
@@ -311,9 +312,13 @@ __device__ __forceinline__ void RowStatsUpdate(const Geo& geo, const Lane& l, in
 
 // End of sweep 1: merges the quad's lanes, then the two column warps, into each row's max and
 // 1 / sum, and leaves this thread's rows' values in (mx, sm) for sweep 2. Block-wide barriers.
+// One sweep (lse non-null): also writes each row's log-sum-exp M + log L to lse[r * lse_stride]
+// for the tile's first `lse_rows` rows.
 __device__ __forceinline__ void RowStatsFinish(const Lane& l, float (&mx)[2][2], float (&sm)[2][2],
                                                float (*st_max)[kBM], float (*st_sum)[kBM],
-                                               float* row_max, float* row_inv) {
+                                               float* row_max, float* row_inv,
+                                               float* __restrict__ lse = nullptr,
+                                               int64_t lse_stride = 0, int lse_rows = 0) {
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
@@ -338,6 +343,7 @@ __device__ __forceinline__ void RowStatsFinish(const Lane& l, float (&mx)[2][2],
     Merge(m1, s1, st_max[1][r], st_sum[1][r]);
     row_max[r] = m1 == -INFINITY ? 0.0f : m1;  // rows with nothing scored: inverse sum 0
     row_inv[r] = s1 > 0.0f ? 1.0f / s1 : 0.0f;
+    if (lse != nullptr && r < lse_rows) lse[r * lse_stride] = m1 + logf(s1);
   }
   __syncthreads();
 #pragma unroll
@@ -392,6 +398,67 @@ __device__ __forceinline__ void BlockSums(const Geo& geo, const Lane& l, int a0,
   }
 }
 
+// One sweep: for each of this thread's rows, the row's max w over the warp tile's columns (the
+// quad's lanes hold the row's columns), each key block's partial sum of exp(z - w) stored as
+// w + log(sum) to ws[(a - a_ws0) * ws_stride + n] (only blocks with a causal column, rows the
+// reference scores), and (w, the thread's sum) folded into the row's running max and sum.
+template <int R, int NT>
+__device__ __forceinline__ void OneSweepTile(const Geo& geo, const Lane& l, int a0, int wc0,
+                                             const float (&acc)[2][NT][4], float (&mx)[2][2],
+                                             float (&sm)[2][2], float* __restrict__ ws,
+                                             int a_ws0, int64_t ws_stride) {
+  constexpr int NV = R >= 8 ? 8 * NT / R : NT;  // block partial sums per lane
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int a = a0 + 32 * l.wm + 16 * mt + l.gq + 8 * hf;
+      const bool row_ok = a >= geo.a_lo && a <= geo.a_hi;
+      float z[2 * NT], w = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int b = wc0 + 8 * nt + 2 * l.cq + e;
+          z[2 * nt + e] = row_ok && b <= a ? acc[mt][nt][2 * hf + e] * geo.zscale : -INFINITY;
+          w = fmaxf(w, z[2 * nt + e]);
+        }
+      }
+      w = fmaxf(w, __shfl_xor_sync(0xffffffffu, w, 1));
+      w = fmaxf(w, __shfl_xor_sync(0xffffffffu, w, 2));
+      // w == -inf (nothing scored in the warp tile): no terms, no writes; the lanes still take
+      // part in the shuffles below (full-warp masks).
+      const bool any = w != -INFINITY;
+      float v[NV], tsum = 0.0f;
+#pragma unroll
+      for (int j = 0; j < NV; ++j) v[j] = 0.0f;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float pr = any ? expf(z[2 * nt + e] - w) : 0.0f;  // 0 for masked entries
+          tsum += pr;
+          v[R >= 8 ? nt / (R / 8) : nt] += pr;
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < NV; ++j) {
+        v[j] += __shfl_xor_sync(0xffffffffu, v[j], 1);
+        if (R >= 8) v[j] += __shfl_xor_sync(0xffffffffu, v[j], 2);
+      }
+      Merge(mx[mt][hf], sm[mt][hf], w, tsum);  // no-op when w == -inf
+      const bool writer = R >= 8 ? l.cq == 0 : (l.cq & 1) == 0;
+      if (!writer || !row_ok || !any) continue;
+      float* row = ws + int64_t{a - a_ws0} * ws_stride;
+#pragma unroll
+      for (int j = 0; j < NV; ++j) {
+        const int n = (wc0 + (R >= 8 ? j * R : 8 * j + 2 * l.cq)) / R;
+        if (n * R <= a) row[n] = w + logf(v[j]);  // -inf when the block's columns are masked
+      }
+    }
+  }
+}
+
 // The key tile's block masses (blk, then cleared) to `mass`; after the row tile's last key tile
 // (`last`), zeros for the key blocks past it. The caller synchronizes before and after.
 template <int R, int BN>
@@ -416,12 +483,14 @@ __device__ __forceinline__ void WriteTile(const Geo& geo, int h, int a0, int n0,
 
 // One row tile (query groups [a0, a0 + 128)) of head h: both sweeps over the key tiles up to its
 // diagonal, as one 3-stage pipeline of 64-column slices (sweep 2's first slices load while
-// sweep 1 finishes).
-template <int R, int BN>
+// sweep 1 finishes); or (kOne) one sweep writing the log-domain partial block sums and the
+// rows' log-sum-exps to the workspace rows ws (p.workspace, this head's; row stride
+// k_blocks + 1, the row's log-sum-exp last), normalised later by NormalizeKernel.
+template <int R, int BN, bool kOne>
 __device__ void RowTile(const XAttentionGpuParams& p, const Geo& geo, int h, int g_kv, int a0,
                         float* __restrict__ mass, uint32_t smem, float (*st_max)[kBM],
                         float (*st_sum)[kBM], float* row_max, float* row_inv,
-                        float (*blk)[BN / R]) {
+                        float (*blk)[BN / R], float* __restrict__ ws) {
   constexpr int WN = BN / 2, NT = WN / 8;  // warp tile columns, n8 tiles per warp
   Lane l;
   l.lane = threadIdx.x & 31;
@@ -431,7 +500,7 @@ __device__ void RowTile(const XAttentionGpuParams& p, const Geo& geo, int h, int
   l.wn = (threadIdx.x >> 5) & 1;  // warp tile columns [WN wn, +WN)
   const int n_tiles = min(a0 + kBM - 1, geo.a_hi) / BN + 1;
   const int kc_per_tile = p.stride * p.head_dim / kBK;
-  const int steps_per_pass = n_tiles * kc_per_tile, total = 2 * steps_per_pass;
+  const int steps_per_pass = n_tiles * kc_per_tile, total = (kOne ? 1 : 2) * steps_per_pass;
   float mx[2][2], sm[2][2];  // sweep 1: running max and sum; sweep 2: row max and 1 / sum
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt) {
@@ -476,6 +545,17 @@ __device__ void RowTile(const XAttentionGpuParams& p, const Geo& geo, int h, int
     }
     if (kc != kc_per_tile - 1) continue;
     // The key tile's scores are complete.
+    if (kOne) {
+      const int64_t ws_stride = int64_t{geo.k_blocks} + 1;
+      OneSweepTile<R, NT>(geo, l, a0, wc0, acc, mx, sm, ws, geo.m0 * R, ws_stride);
+      if (j == n_tiles - 1) {
+        const int a_end = (geo.m0 + geo.q_blocks) * R;  // the workspace's rows end here
+        RowStatsFinish(l, mx, sm, st_max, st_sum, row_max, row_inv,
+                       ws + (a0 - geo.m0 * R) * ws_stride + geo.k_blocks, ws_stride,
+                       min(kBM, a_end - a0));
+      }
+      continue;
+    }
     if (pass == 0) {
       RowStatsUpdate<NT>(geo, l, a0, wc0, acc, mx, sm);
       if (j == n_tiles - 1) RowStatsFinish(l, mx, sm, st_max, st_sum, row_max, row_inv);
@@ -492,7 +572,7 @@ __device__ void RowTile(const XAttentionGpuParams& p, const Geo& geo, int h, int
 
 // grid: num_q_heads * ceil(T / 2) blocks, T = row tiles of 128 query groups; block i takes head
 // i % Hq and the row tiles t = i / Hq and T - 1 - t (once when they coincide).
-template <int R, int BN>
+template <int R, int BN, bool kOne>
 __global__ void __launch_bounds__(kThreads, BN == 64 ? 2 : 1)
     MassKernel(const XAttentionGpuParams p, float* __restrict__ mass) {
   extern __shared__ __align__(128) char smem[];
@@ -513,15 +593,61 @@ __global__ void __launch_bounds__(kThreads, BN == 64 ? 2 : 1)
   for (int i = threadIdx.x; i < (kBM / R) * (BN / R); i += kThreads) (&blk[0][0])[i] = 0.0f;
   __syncthreads();
   const uint32_t base = ptx::SmemAddr(smem);
-  RowTile<R, BN>(p, geo, h, g_kv, geo.m0 * R + t * kBM, mass, base, st_max, st_sum, row_max,
-                 row_inv, blk);
+  float* ws = kOne ? p.workspace + int64_t{h} * rows * (int64_t{geo.k_blocks} + 1) : nullptr;
+  RowTile<R, BN, kOne>(p, geo, h, g_kv, geo.m0 * R + t * kBM, mass, base, st_max, st_sum,
+                       row_max, row_inv, blk, ws);
   if (tiles - 1 - t != t) {
-    RowTile<R, BN>(p, geo, h, g_kv, geo.m0 * R + (tiles - 1 - t) * kBM, mass, base, st_max,
-                   st_sum, row_max, row_inv, blk);
+    RowTile<R, BN, kOne>(p, geo, h, g_kv, geo.m0 * R + (tiles - 1 - t) * kBM, mass, base, st_max,
+                         st_sum, row_max, row_inv, blk, ws);
+  }
+}
+
+// One sweep's second kernel: mass[h][mi][n] = sum over query block m0 + mi's rows a (those the
+// reference scores, with a causal column in block n) of exp(ws[a][n] - ws[a][k_blocks]), the
+// row's probabilities in the block; zero past the causal blocks. One thread per mass entry
+// (consecutive threads: consecutive key blocks, so the workspace reads coalesce).
+template <int R>
+__global__ void __launch_bounds__(kThreads) NormalizeKernel(const XAttentionGpuParams p,
+                                                            float* __restrict__ mass) {
+  const int first = p.kv_len - p.q_len;
+  const int a_lo = first / p.stride, a_hi = (p.kv_len - 1) / p.stride;
+  const int m0 = first / p.block_size;
+  const int q_blocks = (p.kv_len - 1) / p.block_size - m0 + 1;
+  const int k_blocks = (p.kv_len + p.block_size - 1) / p.block_size;
+  const int64_t ws_stride = int64_t{k_blocks} + 1;
+  const int64_t total = int64_t{p.num_q_heads} * q_blocks * k_blocks;
+  for (int64_t i = blockIdx.x * int64_t{kThreads} + threadIdx.x; i < total;
+       i += int64_t{gridDim.x} * kThreads) {
+    const int n = static_cast<int>(i % k_blocks);
+    const int64_t hm = i / k_blocks;  // h * q_blocks + mi
+    const int mi = static_cast<int>(hm % q_blocks), h = static_cast<int>(hm / q_blocks);
+    const int m = m0 + mi;
+    float out = 0.0f;
+    if (n <= m) {
+      const float* rows = p.workspace + (int64_t{h} * q_blocks * R + int64_t{mi} * R) * ws_stride;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int a = m * R + r;
+        if (a < a_lo || a > a_hi || n * R > a) continue;
+        out += expf(rows[r * ws_stride + n] - rows[r * ws_stride + k_blocks]);
+      }
+    }
+    mass[i] = out;
   }
 }
 
 }  // namespace tc
+
+template <int R, int BN, bool kOne>
+cudaError_t LaunchTc(const XAttentionGpuParams& p, float* mass, int64_t blocks,
+                     cudaStream_t stream) {
+  SIEVE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+      tc::MassKernel<R, BN, kOne>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      tc::SmemBytes<BN>()));
+  tc::MassKernel<R, BN, kOne><<<static_cast<unsigned>(blocks), tc::kThreads, tc::SmemBytes<BN>(),
+                                stream>>>(p, mass);
+  return cudaSuccess;
+}
 
 template <int R>
 cudaError_t Launch(const XAttentionGpuParams& p, float* mass, cudaStream_t stream) {
@@ -530,17 +656,20 @@ cudaError_t Launch(const XAttentionGpuParams& p, float* mass, cudaStream_t strea
   if (p.tensor_cores) {
     const int64_t tiles = (q_blocks * R + tc::kBM - 1) / tc::kBM;
     const int64_t blocks = (tiles + 1) / 2 * p.num_q_heads;
-    if (p.tile_keys == 128) {
-      SIEVE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-          tc::MassKernel<R, 128>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-          tc::SmemBytes<128>()));
-      tc::MassKernel<R, 128><<<static_cast<unsigned>(blocks), tc::kThreads, tc::SmemBytes<128>(),
-                               stream>>>(p, mass);
+    if (p.workspace != nullptr) {
+      const cudaError_t err = p.tile_keys == 128
+                                  ? LaunchTc<R, 128, true>(p, mass, blocks, stream)
+                                  : LaunchTc<R, 64, true>(p, mass, blocks, stream);
+      SIEVE_CUDA_RETURN_IF_ERROR(err);
+      const int64_t k_blocks = (p.kv_len + p.block_size - 1) / p.block_size;
+      const int64_t entries = p.num_q_heads * q_blocks * k_blocks;
+      const int64_t grid = std::min<int64_t>((entries + kThreads - 1) / kThreads, 65535);
+      tc::NormalizeKernel<R><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(p, mass);
     } else {
-      SIEVE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-          tc::MassKernel<R, 64>, cudaFuncAttributeMaxDynamicSharedMemorySize, tc::SmemBytes<64>()));
-      tc::MassKernel<R, 64><<<static_cast<unsigned>(blocks), tc::kThreads, tc::SmemBytes<64>(),
-                              stream>>>(p, mass);
+      const cudaError_t err = p.tile_keys == 128
+                                  ? LaunchTc<R, 128, false>(p, mass, blocks, stream)
+                                  : LaunchTc<R, 64, false>(p, mass, blocks, stream);
+      SIEVE_CUDA_RETURN_IF_ERROR(err);
     }
   } else {
     const dim3 grid(static_cast<unsigned>(q_blocks), p.num_q_heads);
@@ -554,6 +683,15 @@ cudaError_t Launch(const XAttentionGpuParams& p, float* mass, cudaStream_t strea
 }
 
 }  // namespace
+
+size_t XAttentionGpuWorkspaceBytes(const XAttentionGpuParams& p) {
+  if (p.stride < 1 || p.block_size < p.stride || p.q_len < 1 || p.kv_len < p.q_len) return 0;
+  const int64_t m0 = (p.kv_len - p.q_len) / p.block_size;
+  const int64_t q_blocks = (p.kv_len - 1) / p.block_size - m0 + 1;
+  const int64_t k_blocks = (p.kv_len + p.block_size - 1) / p.block_size;
+  const int64_t rows = q_blocks * (p.block_size / p.stride);
+  return static_cast<size_t>(int64_t{p.num_q_heads} * rows * (k_blocks + 1)) * sizeof(float);
+}
 
 bool XAttentionGpuSupports(const XAttentionGpuParams& p) {
   if (p.head_dim != 64 && p.head_dim != 128) return false;
