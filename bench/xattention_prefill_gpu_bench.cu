@@ -12,6 +12,7 @@
 //   est_1sw      the one-sweep estimate (a workspace, 64-key-group tiles: each GEMM tile once,
 //                log-domain partial sums, then the normalising kernel); e2e_1sw is end2end with
 //                it in place of `estimate`
+//   est_wg       the one-sweep estimate on wgmma (128-key-group tiles); e2e_wg likewise
 //   est_cuda     the same on the CUDA-core kernel (the cross-check; not in the end-to-end sum;
 //                median of at most 3 runs, --no-cuda-core skips it; skipped above 32K tokens)
 //   select       XAttentionSelectGpu + XAttentionBuildIndexGpu (tau 0.9): the device selection
@@ -41,6 +42,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "bench/bench_cuda.cuh"
@@ -169,6 +171,12 @@ bool RunLength(int tokens, int iters, double tau, int sms, bool cuda_core, bool 
   const double est_1sw = MedianMs(iters, [&] { CHECK_CUDA(XAttentionBlockMassGpu(xp, d_mass, nullptr)); });
   std::vector<float> mass_1sw(n_mass);
   CHECK_CUDA(cudaMemcpy(mass_1sw.data(), d_mass, n_mass * 4, cudaMemcpyDeviceToHost));
+  xp.wgmma = true;
+  CHECK_CUDA(cudaMemset(d_mass, 0xff, n_mass * 4));
+  const double est_wg = MedianMs(iters, [&] { CHECK_CUDA(XAttentionBlockMassGpu(xp, d_mass, nullptr)); });
+  std::vector<float> mass_wg(n_mass);
+  CHECK_CUDA(cudaMemcpy(mass_wg.data(), d_mass, n_mass * 4, cudaMemcpyDeviceToHost));
+  xp.wgmma = false;
   xp.workspace = nullptr;
   CHECK_CUDA(cudaFree(d_ws));
   CHECK_CUDA(cudaMemcpy(d_mass, mass.data(), n_mass * 4, cudaMemcpyHostToDevice));
@@ -226,15 +234,16 @@ bool RunLength(int tokens, int iters, double tau, int sms, bool cuda_core, bool 
                 worst, 1e-3 * (kBlock / kStride), agree ? "PASS" : "FAIL");
     ok = ok && agree;
   }
-  {
+  for (const auto& [name, got] : {std::pair<const char*, const std::vector<float>*>{"one sweep", &mass_1sw},
+                                   {"one sweep (wgmma)", &mass_wg}}) {
     double worst = 0;
     bool finite = true;  // an unwritten entry stays NaN
     for (size_t i = 0; i < n_mass; ++i) {
-      finite = finite && std::isfinite(mass_1sw[i]);
-      worst = std::max(worst, std::fabs(double{mass[i]} - mass_1sw[i]));
+      finite = finite && std::isfinite((*got)[i]);
+      worst = std::max(worst, std::fabs(double{mass[i]} - (*got)[i]));
     }
     const bool agree = finite && worst <= 1e-3 * (kBlock / kStride);
-    std::printf("check %6d: one sweep vs two sweeps, max |diff| %.3g (limit %.3g): %s\n", tokens,
+    std::printf("check %6d: %s vs two sweeps, max |diff| %.3g (limit %.3g): %s\n", tokens, name,
                 worst, 1e-3 * (kBlock / kStride), agree ? "PASS" : "FAIL");
     ok = ok && agree;
   }
@@ -264,11 +273,11 @@ bool RunLength(int tokens, int iters, double tau, int sms, bool cuda_core, bool 
   // twice (two sweeps).
   const double n = tokens / kStride;
   const double est_tflops = 2.0 * 2.0 * kHq * (n * (n + 1) / 2) * kStride * kD / (estimate * 1e9);
-  std::printf("%6d %11.2f %9.2f %9.3f %9.3f %9.3f %9.2f %8.3f %11.2f %8.2f %7.1f%% %8.2fx %8.2fx %10.2fx %11.2f %8.0f\n",
-              tokens, dense_wg, dense_mma, estimate, est_n128, est_1sw, est_cuda, select_ms,
+  std::printf("%6d %11.2f %9.2f %9.3f %9.3f %9.3f %9.3f %9.2f %8.3f %11.2f %8.2f %7.1f%% %8.2fx %8.2fx %8.2fx %10.2fx %11.2f %8.0f\n",
+              tokens, dense_wg, dense_mma, estimate, est_n128, est_1sw, est_wg, est_cuda, select_ms,
               select_host, sparse, 100 * density, dense_wg / total,
-              dense_wg / (est_1sw + select_ms + sparse), dense_mma / sparse,
-              dense_mma / (sparse / density), est_tflops);
+              dense_wg / (est_1sw + select_ms + sparse), dense_wg / (est_wg + select_ms + sparse),
+              dense_mma / sparse, dense_mma / (sparse / density), est_tflops);
   for (void* ptr : {static_cast<void*>(q), static_cast<void*>(k), static_cast<void*>(v),
                     static_cast<void*>(out), static_cast<void*>(d_table), static_cast<void*>(d_kv),
                     static_cast<void*>(d_qs), static_cast<void*>(d_mass), static_cast<void*>(d_qbs),
@@ -323,10 +332,10 @@ int main(int argc, char** argv) {
   std::printf("device %s, %d SMs; Llama-3.1-8B layer, XAttention S=%d B=%d tau=%.2f; ms "
               "(select_host: the host selection, once; est_TF: the estimate's TFLOP/s)\n",
               prop.name, sms, kStride, kBlock, tau);
-  std::printf("%6s %11s %9s %9s %9s %9s %9s %8s %11s %8s %8s %9s %9s %10s %11s %8s\n", "tokens",
-              "dense_wgmma", "dense_mma", "estimate", "est_n128", "est_1sw", "est_cuda", "select",
-              "select_host", "sparse", "density", "end2end", "e2e_1sw", "sparse/mma", "tile_parity",
-              "est_TF");
+  std::printf("%6s %11s %9s %9s %9s %9s %9s %9s %8s %11s %8s %8s %9s %9s %9s %10s %11s %8s\n",
+              "tokens", "dense_wgmma", "dense_mma", "estimate", "est_n128", "est_1sw", "est_wg",
+              "est_cuda", "select", "select_host", "sparse", "density", "end2end", "e2e_1sw",
+              "e2e_wg", "sparse/mma", "tile_parity", "est_TF");
   bool ok = true;
   for (size_t i = 0; i < lengths.size(); ++i) {
     const auto t0 = std::chrono::steady_clock::now();

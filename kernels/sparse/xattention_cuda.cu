@@ -250,6 +250,7 @@ __device__ __forceinline__ void Merge(float& mx, float& sum, float mx2, float su
 // 32 wm + 16 mt + gq + 8 hf (query group a0 + that), its columns WN wn + 8 nt + 2 cq + e.
 struct Lane {
   int lane, gq, cq, wm, wn;
+  int wr;  // the warp's first tile row (mma.sync: 32 wm; wgmma: 16 per warp)
 };
 
 // acc += the slice's 64 columns of the warp tile's scores (4 k16 steps).
@@ -314,13 +315,14 @@ __device__ __forceinline__ void RowStatsUpdate(const Geo& geo, const Lane& l, in
 // 1 / sum, and leaves this thread's rows' values in (mx, sm) for sweep 2. Block-wide barriers.
 // One sweep (lse non-null): also writes each row's log-sum-exp M + log L to lse[r * lse_stride]
 // for the tile's first `lse_rows` rows.
-__device__ __forceinline__ void RowStatsFinish(const Lane& l, float (&mx)[2][2], float (&sm)[2][2],
+template <int MT = 2, int kColGroups = 2>
+__device__ __forceinline__ void RowStatsFinish(const Lane& l, float (&mx)[MT][2], float (&sm)[MT][2],
                                                float (*st_max)[kBM], float (*st_sum)[kBM],
                                                float* row_max, float* row_inv,
                                                float* __restrict__ lse = nullptr,
                                                int64_t lse_stride = 0, int lse_rows = 0) {
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt) {
+  for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
 #pragma unroll
@@ -330,7 +332,7 @@ __device__ __forceinline__ void RowStatsFinish(const Lane& l, float (&mx)[2][2],
         Merge(mx[mt][hf], sm[mt][hf], m2, s2);
       }
       if (l.cq == 0) {
-        const int r = 32 * l.wm + 16 * mt + l.gq + 8 * hf;
+        const int r = l.wr + 16 * mt + l.gq + 8 * hf;
         st_max[l.wn][r] = mx[mt][hf];
         st_sum[l.wn][r] = sm[mt][hf];
       }
@@ -340,17 +342,17 @@ __device__ __forceinline__ void RowStatsFinish(const Lane& l, float (&mx)[2][2],
   if (threadIdx.x < kBM) {
     const int r = threadIdx.x;
     float m1 = st_max[0][r], s1 = st_sum[0][r];
-    Merge(m1, s1, st_max[1][r], st_sum[1][r]);
+    if (kColGroups == 2) Merge(m1, s1, st_max[1][r], st_sum[1][r]);
     row_max[r] = m1 == -INFINITY ? 0.0f : m1;  // rows with nothing scored: inverse sum 0
     row_inv[r] = s1 > 0.0f ? 1.0f / s1 : 0.0f;
     if (lse != nullptr && r < lse_rows) lse[r * lse_stride] = m1 + logf(s1);
   }
   __syncthreads();
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt) {
+  for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
-      const int r = 32 * l.wm + 16 * mt + l.gq + 8 * hf;
+      const int r = l.wr + 16 * mt + l.gq + 8 * hf;
       mx[mt][hf] = row_max[r];
       sm[mt][hf] = row_inv[r];
     }
@@ -402,17 +404,19 @@ __device__ __forceinline__ void BlockSums(const Geo& geo, const Lane& l, int a0,
 // quad's lanes hold the row's columns), each key block's partial sum of exp(z - w) stored as
 // w + log(sum) to ws[(a - a_ws0) * ws_stride + n] (only blocks with a causal column, rows the
 // reference scores), and (w, the thread's sum) folded into the row's running max and sum.
-template <int R, int NT>
+// acc: this thread's accumulators in the m16n8 layout, [MT][NT][4] (mma.sync's m tiles, or one
+// wgmma m64 accumulator's NT n8 column groups).
+template <int R, int MT, int NT>
 __device__ __forceinline__ void OneSweepTile(const Geo& geo, const Lane& l, int a0, int wc0,
-                                             const float (&acc)[2][NT][4], float (&mx)[2][2],
-                                             float (&sm)[2][2], float* __restrict__ ws,
+                                             const float (&acc)[MT * NT * 4], float (&mx)[MT][2],
+                                             float (&sm)[MT][2], float* __restrict__ ws,
                                              int a_ws0, int64_t ws_stride) {
   constexpr int NV = R >= 8 ? 8 * NT / R : NT;  // block partial sums per lane
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt) {
+  for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
-      const int a = a0 + 32 * l.wm + 16 * mt + l.gq + 8 * hf;
+      const int a = a0 + l.wr + 16 * mt + l.gq + 8 * hf;
       const bool row_ok = a >= geo.a_lo && a <= geo.a_hi;
       float z[2 * NT], w = -INFINITY;
 #pragma unroll
@@ -420,7 +424,8 @@ __device__ __forceinline__ void OneSweepTile(const Geo& geo, const Lane& l, int 
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int b = wc0 + 8 * nt + 2 * l.cq + e;
-          z[2 * nt + e] = row_ok && b <= a ? acc[mt][nt][2 * hf + e] * geo.zscale : -INFINITY;
+          z[2 * nt + e] =
+              row_ok && b <= a ? acc[(mt * NT + nt) * 4 + 2 * hf + e] * geo.zscale : -INFINITY;
           w = fmaxf(w, z[2 * nt + e]);
         }
       }
@@ -498,6 +503,7 @@ __device__ void RowTile(const XAttentionGpuParams& p, const Geo& geo, int h, int
   l.cq = l.lane & 3;
   l.wm = threadIdx.x >> 6;        // warp tile rows [32 wm, +32)
   l.wn = (threadIdx.x >> 5) & 1;  // warp tile columns [WN wn, +WN)
+  l.wr = 32 * l.wm;
   const int n_tiles = min(a0 + kBM - 1, geo.a_hi) / BN + 1;
   const int kc_per_tile = p.stride * p.head_dim / kBK;
   const int steps_per_pass = n_tiles * kc_per_tile, total = (kOne ? 1 : 2) * steps_per_pass;
@@ -547,7 +553,8 @@ __device__ void RowTile(const XAttentionGpuParams& p, const Geo& geo, int h, int
     // The key tile's scores are complete.
     if (kOne) {
       const int64_t ws_stride = int64_t{geo.k_blocks} + 1;
-      OneSweepTile<R, NT>(geo, l, a0, wc0, acc, mx, sm, ws, geo.m0 * R, ws_stride);
+      OneSweepTile<R, 2, NT>(geo, l, a0, wc0, reinterpret_cast<const float(&)[2 * NT * 4]>(acc),
+                             mx, sm, ws, geo.m0 * R, ws_stride);
       if (j == n_tiles - 1) {
         const int a_end = (geo.m0 + geo.q_blocks) * R;  // the workspace's rows end here
         RowStatsFinish(l, mx, sm, st_max, st_sum, row_max, row_inv,
@@ -600,6 +607,122 @@ __global__ void __launch_bounds__(kThreads, BN == 64 ? 2 : 1)
     RowTile<R, BN, kOne>(p, geo, h, g_kv, geo.m0 * R + (tiles - 1 - t) * kBM, mass, base, st_max,
                          st_sum, row_max, row_inv, blk, ws);
   }
+}
+
+// --- The one-sweep kernel on Hopper's warpgroup MMA (sm_90a) ---------------------------------
+//
+// The same one sweep with the GEMM on wgmma: a block's two warpgroups own 64 query-group rows
+// each and issue m64n128k16 wgmmas with both operands in shared memory (the stages LoadSlice
+// fills: one 64-column slice per stage, rows of 128 bytes in the 128-byte swizzle, which is
+// the layout the wgmma descriptors name; stages start on 1024-byte boundaries). Key tiles of 128
+// groups; the accumulators (64 per thread) are in the m16n8 layout per 16-row warp, so the
+// epilogue is OneSweepTile with MT = 1. Per slice: wait for the stage, fence the async proxy,
+// 4 wgmmas, wait for them (the next barrier then frees the stage for the copy engine).
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define SIEVE_XATTN_HAVE_WGMMA 1
+#else
+#define SIEVE_XATTN_HAVE_WGMMA 0
+#endif
+
+constexpr int kWgBN = 128;
+constexpr int kWgSmemBytes = SmemBytes<kWgBN>() + 1024;  // + slack to align the stages
+
+template <int R>
+__device__ void RowTileWg(const XAttentionGpuParams& p, const Geo& geo, int h, int g_kv, int a0,
+                          uint32_t smem, float (*st_max)[kBM], float (*st_sum)[kBM],
+                          float* row_max, float* row_inv, float* __restrict__ ws) {
+#if SIEVE_XATTN_HAVE_WGMMA
+  constexpr int NT = kWgBN / 8;
+  Lane l;
+  l.lane = threadIdx.x & 31;
+  l.gq = l.lane >> 2;
+  l.cq = l.lane & 3;
+  l.wm = 0;
+  l.wn = 0;
+  l.wr = 16 * (threadIdx.x >> 5);  // warp w of warpgroup g: rows 64 g + 16 w
+  const int wg = threadIdx.x >> 7;
+  const int n_tiles = min(a0 + kBM - 1, geo.a_hi) / kWgBN + 1;
+  const int kc_per_tile = p.stride * p.head_dim / kBK;
+  const int total = n_tiles * kc_per_tile;
+  const int64_t ws_stride = int64_t{geo.k_blocks} + 1;
+  float mx[1][2] = {{-INFINITY, -INFINITY}}, sm[1][2] = {{0.0f, 0.0f}};
+  float acc[NT * 4];
+#pragma unroll
+  for (int i = 0; i < NT * 4; ++i) acc[i] = 0.0f;
+  const auto load = [&](int s) {
+    LoadSlice<kWgBN>(p, geo, h, g_kv, a0, s / kc_per_tile * kWgBN, s % kc_per_tile,
+                     smem + (s % kStages) * StageBytes<kWgBN>());
+  };
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < total) load(s);
+    ptx::CpAsyncCommit();
+  }
+  const int wr0 = a0 + 64 * wg;  // the warpgroup's first row
+  for (int s = 0; s < total; ++s) {
+    ptx::CpAsyncWait<kStages - 2>();
+    __syncthreads();         // slice s landed for every thread; slice s - 1's wgmmas are done
+    ptx::FenceProxyAsync();  // the copies visible to the wgmmas; their reads before new copies
+    if (s + kStages - 1 < total) load(s + kStages - 1);
+    ptx::CpAsyncCommit();
+    const int j = s / kc_per_tile, kc = s % kc_per_tile, n0 = j * kWgBN;
+    // Warpgroup-uniform: rows wholly below the tile's columns or unscored compute nothing (the
+    // epilogue masks all of their entries, so stale accumulators are never read).
+    if (n0 <= wr0 + 63 && wr0 + 63 >= geo.a_lo && wr0 <= geo.a_hi) {
+      const uint32_t sa = smem + (s % kStages) * StageBytes<kWgBN>();
+      const uint32_t a_lo = ptx::Sw128DescLo(sa + wg * 64 * 128, 16);
+      const uint32_t b_lo = ptx::Sw128DescLo(sa + kATileBytes, 16);
+      ptx::FenceRegs(acc);
+      ptx::WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < kBK / 16; ++kk) {  // 32 bytes per k16 step inside the atom
+        ptx::WgmmaSS_N128(acc, a_lo + 2 * kk, b_lo + 2 * kk, kc == 0 && kk == 0 ? 0u : 1u);
+      }
+      ptx::WgmmaCommit();
+      ptx::WgmmaWait<0>();
+      ptx::FenceRegs(acc);
+    }
+    if (kc != kc_per_tile - 1) continue;
+    OneSweepTile<R, 1, NT>(geo, l, a0, n0, acc, mx, sm, ws, geo.m0 * R, ws_stride);
+    if (j == n_tiles - 1) {
+      const int a_end = (geo.m0 + geo.q_blocks) * R;
+      RowStatsFinish<1, 1>(l, mx, sm, st_max, st_sum, row_max, row_inv,
+                           ws + (a0 - geo.m0 * R) * ws_stride + geo.k_blocks, ws_stride,
+                           min(kBM, a_end - a0));
+    }
+  }
+  ptx::CpAsyncWaitAll();
+  __syncthreads();
+#else
+  __trap();  // launched only on sm_90 (XAttentionBlockMassGpu checks)
+#endif
+}
+
+template <int R>
+__global__ void __launch_bounds__(kThreads, 1)
+    MassKernelWg(const XAttentionGpuParams p, float* __restrict__ mass) {
+  extern __shared__ __align__(1024) char smem_wg[];
+  __shared__ float st_max[2][kBM], st_sum[2][kBM], row_max[kBM], row_inv[kBM];
+  Geo geo;
+  geo.first = p.kv_len - p.q_len;
+  geo.a_lo = geo.first / p.stride;
+  geo.a_hi = (p.kv_len - 1) / p.stride;
+  geo.m0 = geo.first / p.block_size;
+  geo.q_blocks = (p.kv_len - 1) / p.block_size - geo.m0 + 1;
+  geo.k_blocks = (p.kv_len + p.block_size - 1) / p.block_size;
+  geo.zscale = rsqrtf(static_cast<float>(p.head_dim)) / p.stride;
+  const int rows = geo.q_blocks * R, tiles = (rows + kBM - 1) / kBM;
+  const int h = static_cast<int>(blockIdx.x % p.num_q_heads);
+  const int t = static_cast<int>(blockIdx.x / p.num_q_heads);
+  const int g_kv = h / (p.num_q_heads / p.num_kv_heads);
+  const uint32_t base = (ptx::SmemAddr(smem_wg) + 1023u) & ~1023u;
+  float* ws = p.workspace + int64_t{h} * rows * (int64_t{geo.k_blocks} + 1);
+  RowTileWg<R>(p, geo, h, g_kv, geo.m0 * R + t * kBM, base, st_max, st_sum, row_max, row_inv, ws);
+  if (tiles - 1 - t != t) {
+    RowTileWg<R>(p, geo, h, g_kv, geo.m0 * R + (tiles - 1 - t) * kBM, base, st_max, st_sum,
+                 row_max, row_inv, ws);
+  }
+  (void)mass;
 }
 
 // One sweep's second kernel: mass[h][mi][n] = sum over query block m0 + mi's rows a (those the
@@ -657,9 +780,17 @@ cudaError_t Launch(const XAttentionGpuParams& p, float* mass, cudaStream_t strea
     const int64_t tiles = (q_blocks * R + tc::kBM - 1) / tc::kBM;
     const int64_t blocks = (tiles + 1) / 2 * p.num_q_heads;
     if (p.workspace != nullptr) {
-      const cudaError_t err = p.tile_keys == 128
-                                  ? LaunchTc<R, 128, true>(p, mass, blocks, stream)
-                                  : LaunchTc<R, 64, true>(p, mass, blocks, stream);
+      cudaError_t err = cudaSuccess;
+      if (p.wgmma) {
+        SIEVE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+            tc::MassKernelWg<R>, cudaFuncAttributeMaxDynamicSharedMemorySize, tc::kWgSmemBytes));
+        tc::MassKernelWg<R><<<static_cast<unsigned>(blocks), tc::kThreads, tc::kWgSmemBytes,
+                              stream>>>(p, mass);
+      } else {
+        err = p.tile_keys == 128
+                  ? LaunchTc<R, 128, true>(p, mass, blocks, stream)
+                  : LaunchTc<R, 64, true>(p, mass, blocks, stream);
+      }
       SIEVE_CUDA_RETURN_IF_ERROR(err);
       const int64_t k_blocks = (p.kv_len + p.block_size - 1) / p.block_size;
       const int64_t entries = p.num_q_heads * q_blocks * k_blocks;
@@ -703,6 +834,7 @@ bool XAttentionGpuSupports(const XAttentionGpuParams& p) {
   if (p.tensor_cores) {  // any length (int32 positions)
     return (p.tile_keys == 64 || p.tile_keys == 128) && p.num_q_heads <= 65535;
   }
+  if (p.wgmma) return false;  // wgmma is a tensor-core kernel
   // The CUDA-core kernel keeps a block's queries and its key-block masses in shared memory.
   return p.block_size * p.head_dim * 2 <= kMaxQueryBytes &&
          (p.kv_len + p.block_size - 1) / p.block_size <= kMaxKeyBlocks && p.num_q_heads <= 65535;
@@ -712,6 +844,12 @@ cudaError_t XAttentionBlockMassGpu(const XAttentionGpuParams& p, float* mass,
                                    cudaStream_t stream) {
   if (!XAttentionGpuSupports(p) || !p.q || !p.k_cache || !p.page_table || !mass) {
     return cudaErrorInvalidValue;
+  }
+  if (p.wgmma) {  // the one-sweep kernel only, on sm_90 (compiled for sm_90a)
+    int dev = 0, major = 0;
+    SIEVE_CUDA_RETURN_IF_ERROR(cudaGetDevice(&dev));
+    SIEVE_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    if (!p.workspace || major != 9) return cudaErrorInvalidValue;
   }
   switch (p.block_size / p.stride) {
     case 4: return Launch<4>(p, mass, stream);

@@ -13,7 +13,9 @@
 //     with a workspace (`workspace`), one sweep instead: each tile computed once, per row its
 //     max over the warp tile's columns w and per key block w + log(sum exp(z - w)) stored,
 //     the rows' log-sum-exps at the end, and a second kernel sums exp(partial - lse) over each
-//     block's rows (exact up to fp32 rounding, no overflow whatever the scores);
+//     block's rows (exact up to fp32 rounding, no overflow whatever the scores); on sm_90 the
+//     one sweep can run its GEMM on wgmma (`wgmma`: two warpgroups, m64n128k16 from shared
+//     memory);
 //   - CUDA cores (the cross-check): one thread block per (query head, query block), fp32 FMAs
 //     from bf16 in shared memory, the same two sweeps.
 // kernels/sparse/NOTES.md has what each should cost and why the first version was slow.
@@ -52,6 +54,9 @@ struct XAttentionGpuParams {
   // key block, normalised by a second kernel); null: the two-sweep kernel (the GEMM twice, no
   // scratch). Ignored by the CUDA-core kernel.
   float* workspace = nullptr;
+  // With a workspace: the one-sweep kernel on Hopper's wgmma (sm_90 devices only, 128-key-group
+  // tiles whatever tile_keys says); cudaErrorInvalidValue without a workspace or on other GPUs.
+  bool wgmma = false;
 };
 
 // The one-sweep workspace: num_q_heads x (query blocks x B / S) x (key blocks + 1) floats

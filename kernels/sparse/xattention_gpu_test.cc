@@ -154,6 +154,12 @@ TEST(XAttentionGpuSupportsTest, RefusesShapesItCannotRun) {
   EXPECT_TRUE(XAttentionGpuSupports(p));
   p.tensor_cores = false;
   EXPECT_FALSE(XAttentionGpuSupports(p));
+  p.kv_len = p.q_len = 4096;
+  p.wgmma = true;  // a tensor-core kernel only
+  EXPECT_FALSE(XAttentionGpuSupports(p));
+  p.wgmma = false;
+  EXPECT_TRUE(XAttentionGpuSupports(p));
+  p.q_len = p.kv_len = 1 << 20;
   p.tensor_cores = true;
   p.tile_keys = 96;
   EXPECT_FALSE(XAttentionGpuSupports(p));
@@ -232,11 +238,15 @@ TEST_P(XAttentionGpuTest, MassesMatchTheReference) {
   gp.block_size = c.block;
   ASSERT_TRUE(XAttentionGpuSupports(gp));
   // The tensor-core kernel (the default, 64-key-group tiles), with 128-key-group tiles, then the
-  // CUDA-core one, then the one-sweep tensor-core kernels (64- and 128-group tiles).
-  constexpr int kKernels = 5;
+  // CUDA-core one, then the one-sweep tensor-core kernels (64- and 128-group tiles, and wgmma:
+  // on an sm_90 device; elsewhere it must be refused).
+  constexpr int kKernels = 6;
   const char* kNames[kKernels] = {"tensor cores, 64-group tiles", "tensor cores, 128-group tiles",
                                   "CUDA cores", "one sweep, 64-group tiles",
-                                  "one sweep, 128-group tiles"};
+                                  "one sweep, 128-group tiles", "one sweep, wgmma"};
+  int dev = 0, major = 0;
+  ASSERT_EQ(cudaGetDevice(&dev), cudaSuccess);
+  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), cudaSuccess);
   const auto one_sweep = [](int kernel) { return kernel >= 3; };
   const auto tensor = [](int kernel) { return kernel != 2; };
   const size_t ws_bytes = XAttentionGpuWorkspaceBytes(gp);
@@ -248,8 +258,14 @@ TEST_P(XAttentionGpuTest, MassesMatchTheReference) {
     gp.tensor_cores = tensor(kernel);
     gp.tile_keys = kernel == 1 || kernel == 4 ? 128 : 64;
     gp.workspace = one_sweep(kernel) ? dws : nullptr;
+    gp.wgmma = kernel == 5;
     cudaMemset(dmass, 0xff, n * 4);  // NaN: every entry must be written
     cudaMemset(dws, 0xff, ws_bytes);  // NaN: entries the kernel leaves must never be read
+    if (gp.wgmma && major != 9) {
+      ASSERT_EQ(XAttentionBlockMassGpu(gp, dmass, nullptr), cudaErrorInvalidValue);
+      results.push_back(results[3]);  // not run here: its checks repeat kernel 3's
+      continue;
+    }
     ASSERT_EQ(XAttentionBlockMassGpu(gp, dmass, nullptr), cudaSuccess);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     results.emplace_back(n);
@@ -340,6 +356,7 @@ TEST_P(XAttentionGpuTest, MassesMatchTheReference) {
   ExpectDeviceSelectionMatchesHost(sp, results[0], per_head);
   sp.threshold = 0.9;  // and on the one-sweep masses
   ExpectDeviceSelectionMatchesHost(sp, results[3], {});
+  ExpectDeviceSelectionMatchesHost(sp, results[5], {});
 }
 
 INSTANTIATE_TEST_SUITE_P(
