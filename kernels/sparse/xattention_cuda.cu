@@ -520,8 +520,9 @@ __device__ void RowTileWg(const XAttentionGpuParams& p, const Geo& geo, int h, i
   const int wr0 = a0 + 64 * wg;  // the warpgroup's first row
   for (int s = 0; s < total; ++s) {
     ptx::CpAsyncWait<kStages - 2>();
+    ptx::FenceProxyAsync();  // this thread's copies of slice s, visible to the async proxy
     __syncthreads();         // slice s landed for every thread; slice s - 1's wgmmas are done
-    ptx::FenceProxyAsync();  // the copies visible to the wgmmas; their reads before new copies
+    ptx::FenceProxyAsync();  // (again on the reading side; and the wgmma reads before new copies)
     if (s + kStages - 1 < total) load(s + kStages - 1);
     ptx::CpAsyncCommit();
     const int j = s / kc_per_tile, kc = s % kc_per_tile, n0 = j * kWgBN;
