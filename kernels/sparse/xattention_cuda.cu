@@ -3,160 +3,20 @@
 
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "kernels/cuda/ptx.cuh"
 #include "kernels/cuda_check.h"
+#include "kernels/sparse/xattention_cuda_core.cuh"
 
 namespace sieve::kernels {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr int kMaxQueryBytes = 64 * 1024;  // R * S * d bf16 = B * d * 2 bytes
-constexpr int kMaxKeyBlocks = 4096;        // key-block masses kept in shared memory (16 KB)
-
-// --- The CUDA-core kernel (the cross-check) ------------------------------------------------------
-//
-// One thread block per (query head h, query block m): the block's R = B / S reshaped query rows
-// (each group's S queries in reverse order, S * d values; zero outside the chunk's queries) sit
-// in shared memory as bf16. Warps take strided key groups b = 0 .. last: the lanes split the
-// group's S * d key values (zero past kv_len), each lane keeps R partial sums, reduced across the
-// warp with shuffles. Sweep 1: each row's online max and sum; sweep 2: the recomputed
-// probabilities added into the block's key-block masses in shared memory.
-
-// The R partial antidiagonal sums of key group b against the block's query rows, reduced over the
-// warp (every lane ends with the totals). qs: [R][S * d] bf16, reversed within each group.
-template <int R>
-__device__ __forceinline__ void GroupScores(const XAttentionGpuParams& p, const __nv_bfloat16* qs,
-                                            int g, int64_t b, float (&x)[R]) {
-  const int lane = threadIdx.x & 31;
-  const int d = p.head_dim, width = p.stride * d;
-#pragma unroll
-  for (int r = 0; r < R; ++r) x[r] = 0.0f;
-  // Pairs of values: index i = 2 * lane + 64 * j of the group's flattened [S][d] keys.
-  for (int i = 2 * lane; i < width; i += 64) {
-    const int t = i / d, e = i % d;
-    // 32-bit positions: a 64-bit division per element was most of this loop's instructions.
-    const int pos = static_cast<int>(b) * p.stride + t;
-    if (pos >= p.kv_len) break;  // the rest of the group is past the keys (zero)
-    const int64_t slot =
-        int64_t{p.page_table[pos / p.page_size]} * p.page_size + pos % p.page_size;
-    const float2 k = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(
-        p.k_cache + (slot * p.num_kv_heads + g) * d + e));
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const float2 q = __bfloat1622float2(
-          *reinterpret_cast<const __nv_bfloat162*>(qs + static_cast<int64_t>(r) * width + i));
-      x[r] = fmaf(q.x, k.x, fmaf(q.y, k.y, x[r]));
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) x[r] += __shfl_xor_sync(0xffffffffu, x[r], off);
-  }
-}
-
-// grid = (q_blocks, num_q_heads); dynamic shared memory: the query rows (R * S * d bf16).
-template <int R>
-__global__ void __launch_bounds__(kThreads) XAttentionMassKernel(const XAttentionGpuParams p,
-                                                                 float* __restrict__ mass) {
-  extern __shared__ __align__(16) char smem[];
-  __nv_bfloat16* qs = reinterpret_cast<__nv_bfloat16*>(smem);
-  __shared__ float sm_mass[kMaxKeyBlocks];
-  __shared__ float sm_max[kWarps][R], sm_sum[kWarps][R];
-  __shared__ float row_max[R], row_inv[R];
-  const int S = p.stride, B = p.block_size, d = p.head_dim, width = S * d;
-  const int h = blockIdx.y;
-  const int g = h / (p.num_q_heads / p.num_kv_heads);
-  const int64_t first = p.kv_len - p.q_len;  // position of the first query
-  const int64_t m0 = first / B, m = m0 + blockIdx.x;
-  const int64_t k_blocks = (p.kv_len + B - 1) / B;
-  const int64_t q_blocks = (p.kv_len - 1) / B - m0 + 1;
-  // Rows: groups a = a_base + r of block m that the reference scores (a in [first / S,
-  // (kv_len - 1) / S]).
-  const int64_t a_base = m * B / S;
-  const int64_t a_lo = first / S > a_base ? first / S : a_base;
-  const int64_t a_hi_all = (p.kv_len - 1) / S;
-  const int64_t a_hi = a_hi_all < a_base + R - 1 ? a_hi_all : a_base + R - 1;
-  // Queries of the rows, reversed within each group; zero outside the chunk.
-  for (int i = threadIdx.x; i < R * width / 2; i += kThreads) {
-    const int r = (2 * i) / width, rest = (2 * i) % width, t = rest / d, e = rest % d;
-    const int64_t pos = (a_base + r) * S + (S - 1 - t);
-    __nv_bfloat162 v = __floats2bfloat162_rn(0.0f, 0.0f);
-    if (pos >= first && pos < p.kv_len) {
-      v = *reinterpret_cast<const __nv_bfloat162*>(p.q + (pos - first) * p.q_row_stride +
-                                                   static_cast<int64_t>(h) * d + e);
-    }
-    reinterpret_cast<__nv_bfloat162*>(qs)[i] = v;
-  }
-  for (int n = threadIdx.x; n < kMaxKeyBlocks; n += kThreads) sm_mass[n] = 0.0f;
-  __syncthreads();
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const float zscale = rsqrtf(static_cast<float>(d)) / S;
-  // Sweep 1: each warp's running max and sum per row (scores b <= a).
-  float wmax[R], wsum[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    wmax[r] = -INFINITY;
-    wsum[r] = 0.0f;
-  }
-  for (int64_t b = warp; b <= a_hi; b += kWarps) {
-    float x[R];
-    GroupScores<R>(p, qs, g, b, x);
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int64_t a = a_base + r;
-      if (a < a_lo || a > a_hi || b > a) continue;
-      const float z = x[r] * zscale;
-      if (z > wmax[r]) {
-        wsum[r] = wsum[r] * expf(wmax[r] - z) + 1.0f;
-        wmax[r] = z;
-      } else {
-        wsum[r] += expf(z - wmax[r]);
-      }
-    }
-  }
-  if (lane == 0) {
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      sm_max[warp][r] = wmax[r];
-      sm_sum[warp][r] = wsum[r];
-    }
-  }
-  __syncthreads();
-  if (threadIdx.x < R) {
-    const int r = threadIdx.x;
-    float mx = -INFINITY;
-    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, sm_max[w][r]);
-    float sum = 0.0f;
-    for (int w = 0; w < kWarps; ++w) {
-      if (sm_max[w][r] != -INFINITY) sum += sm_sum[w][r] * expf(sm_max[w][r] - mx);
-    }
-    row_max[r] = mx;
-    row_inv[r] = sum > 0.0f ? 1.0f / sum : 0.0f;
-  }
-  __syncthreads();
-  // Sweep 2: probabilities into the key-block masses.
-  for (int64_t b = warp; b <= a_hi; b += kWarps) {
-    float x[R];
-    GroupScores<R>(p, qs, g, b, x);
-    if (lane == 0) {
-      float total = 0.0f;
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const int64_t a = a_base + r;
-        if (a < a_lo || a > a_hi || b > a) continue;
-        total += expf(x[r] * zscale - row_max[r]) * row_inv[r];
-      }
-      atomicAdd(&sm_mass[b * S / B], total);
-    }
-  }
-  __syncthreads();
-  float* out = mass + (static_cast<int64_t>(h) * q_blocks + blockIdx.x) * k_blocks;
-  for (int64_t n = threadIdx.x; n < k_blocks; n += kThreads) out[n] = sm_mass[n];
-}
+using xattention_cc::kMaxKeyBlocks;
+using xattention_cc::kMaxQueryBytes;
+using xattention_cc::kThreads;
+using xattention_cc::XAttentionMassKernel;
 
 // --- The tensor-core kernel ----------------------------------------------------------------------
 //
@@ -249,6 +109,7 @@ __device__ __forceinline__ void Merge(float& mx, float& sum, float mx2, float su
 // 32 wm + 16 mt + gq + 8 hf (query group a0 + that), its columns WN wn + 8 nt + 2 cq + e.
 struct Lane {
   int lane, gq, cq, wm, wn;
+  int wr;  // the warp's first tile row (mma.sync: 32 wm; wgmma: 16 per warp)
 };
 
 // acc += the slice's 64 columns of the warp tile's scores (4 k16 steps).
@@ -311,11 +172,16 @@ __device__ __forceinline__ void RowStatsUpdate(const Geo& geo, const Lane& l, in
 
 // End of sweep 1: merges the quad's lanes, then the two column warps, into each row's max and
 // 1 / sum, and leaves this thread's rows' values in (mx, sm) for sweep 2. Block-wide barriers.
-__device__ __forceinline__ void RowStatsFinish(const Lane& l, float (&mx)[2][2], float (&sm)[2][2],
+// One sweep (lse non-null): also writes each row's log-sum-exp M + log L to lse[r * lse_stride]
+// for the tile's first `lse_rows` rows.
+template <int MT = 2, int kColGroups = 2>
+__device__ __forceinline__ void RowStatsFinish(const Lane& l, float (&mx)[MT][2], float (&sm)[MT][2],
                                                float (*st_max)[kBM], float (*st_sum)[kBM],
-                                               float* row_max, float* row_inv) {
+                                               float* row_max, float* row_inv,
+                                               float* __restrict__ lse = nullptr,
+                                               int64_t lse_stride = 0, int lse_rows = 0) {
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt) {
+  for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
 #pragma unroll
@@ -325,7 +191,7 @@ __device__ __forceinline__ void RowStatsFinish(const Lane& l, float (&mx)[2][2],
         Merge(mx[mt][hf], sm[mt][hf], m2, s2);
       }
       if (l.cq == 0) {
-        const int r = 32 * l.wm + 16 * mt + l.gq + 8 * hf;
+        const int r = l.wr + 16 * mt + l.gq + 8 * hf;
         st_max[l.wn][r] = mx[mt][hf];
         st_sum[l.wn][r] = sm[mt][hf];
       }
@@ -335,16 +201,17 @@ __device__ __forceinline__ void RowStatsFinish(const Lane& l, float (&mx)[2][2],
   if (threadIdx.x < kBM) {
     const int r = threadIdx.x;
     float m1 = st_max[0][r], s1 = st_sum[0][r];
-    Merge(m1, s1, st_max[1][r], st_sum[1][r]);
+    if (kColGroups == 2) Merge(m1, s1, st_max[1][r], st_sum[1][r]);
     row_max[r] = m1 == -INFINITY ? 0.0f : m1;  // rows with nothing scored: inverse sum 0
     row_inv[r] = s1 > 0.0f ? 1.0f / s1 : 0.0f;
+    if (lse != nullptr && r < lse_rows) lse[r * lse_stride] = m1 + logf(s1);
   }
   __syncthreads();
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt) {
+  for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
-      const int r = 32 * l.wm + 16 * mt + l.gq + 8 * hf;
+      const int r = l.wr + 16 * mt + l.gq + 8 * hf;
       mx[mt][hf] = row_max[r];
       sm[mt][hf] = row_inv[r];
     }
@@ -392,6 +259,70 @@ __device__ __forceinline__ void BlockSums(const Geo& geo, const Lane& l, int a0,
   }
 }
 
+// One sweep: for each of this thread's rows, the row's max w over the warp tile's columns (the
+// quad's lanes hold the row's columns), each key block's partial sum of exp(z - w) stored as
+// w + log(sum) to ws[(a - a_ws0) * ws_stride + n] (only blocks with a causal column, rows the
+// reference scores), and (w, the thread's sum) folded into the row's running max and sum.
+// acc: this thread's accumulators in the m16n8 layout, [MT][NT][4] (mma.sync's m tiles, or one
+// wgmma m64 accumulator's NT n8 column groups).
+template <int R, int MT, int NT>
+__device__ __forceinline__ void OneSweepTile(const Geo& geo, const Lane& l, int a0, int wc0,
+                                             const float (&acc)[MT * NT * 4], float (&mx)[MT][2],
+                                             float (&sm)[MT][2], float* __restrict__ ws,
+                                             int a_ws0, int64_t ws_stride) {
+  constexpr int NV = R >= 8 ? 8 * NT / R : NT;  // block partial sums per lane
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int a = a0 + l.wr + 16 * mt + l.gq + 8 * hf;
+      const bool row_ok = a >= geo.a_lo && a <= geo.a_hi;
+      float z[2 * NT], w = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int b = wc0 + 8 * nt + 2 * l.cq + e;
+          z[2 * nt + e] =
+              row_ok && b <= a ? acc[(mt * NT + nt) * 4 + 2 * hf + e] * geo.zscale : -INFINITY;
+          w = fmaxf(w, z[2 * nt + e]);
+        }
+      }
+      w = fmaxf(w, __shfl_xor_sync(0xffffffffu, w, 1));
+      w = fmaxf(w, __shfl_xor_sync(0xffffffffu, w, 2));
+      // w == -inf (nothing scored in the warp tile): no terms, no writes; the lanes still take
+      // part in the shuffles below (full-warp masks).
+      const bool any = w != -INFINITY;
+      float v[NV], tsum = 0.0f;
+#pragma unroll
+      for (int j = 0; j < NV; ++j) v[j] = 0.0f;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float pr = any ? expf(z[2 * nt + e] - w) : 0.0f;  // 0 for masked entries
+          tsum += pr;
+          v[R >= 8 ? nt / (R / 8) : nt] += pr;
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < NV; ++j) {
+        v[j] += __shfl_xor_sync(0xffffffffu, v[j], 1);
+        if (R >= 8) v[j] += __shfl_xor_sync(0xffffffffu, v[j], 2);
+      }
+      Merge(mx[mt][hf], sm[mt][hf], w, tsum);  // no-op when w == -inf
+      const bool writer = R >= 8 ? l.cq == 0 : (l.cq & 1) == 0;
+      if (!writer || !row_ok || !any) continue;
+      float* row = ws + int64_t{a - a_ws0} * ws_stride;
+#pragma unroll
+      for (int j = 0; j < NV; ++j) {
+        const int n = (wc0 + (R >= 8 ? j * R : 8 * j + 2 * l.cq)) / R;
+        if (n * R <= a) row[n] = w + logf(v[j]);  // -inf when the block's columns are masked
+      }
+    }
+  }
+}
+
 // The key tile's block masses (blk, then cleared) to `mass`; after the row tile's last key tile
 // (`last`), zeros for the key blocks past it. The caller synchronizes before and after.
 template <int R, int BN>
@@ -416,12 +347,14 @@ __device__ __forceinline__ void WriteTile(const Geo& geo, int h, int a0, int n0,
 
 // One row tile (query groups [a0, a0 + 128)) of head h: both sweeps over the key tiles up to its
 // diagonal, as one 3-stage pipeline of 64-column slices (sweep 2's first slices load while
-// sweep 1 finishes).
-template <int R, int BN>
+// sweep 1 finishes); or (kOne) one sweep writing the log-domain partial block sums and the
+// rows' log-sum-exps to the workspace rows ws (p.workspace, this head's; row stride
+// k_blocks + 1, the row's log-sum-exp last), normalised later by NormalizeKernel.
+template <int R, int BN, bool kOne>
 __device__ void RowTile(const XAttentionGpuParams& p, const Geo& geo, int h, int g_kv, int a0,
                         float* __restrict__ mass, uint32_t smem, float (*st_max)[kBM],
                         float (*st_sum)[kBM], float* row_max, float* row_inv,
-                        float (*blk)[BN / R]) {
+                        float (*blk)[BN / R], float* __restrict__ ws) {
   constexpr int WN = BN / 2, NT = WN / 8;  // warp tile columns, n8 tiles per warp
   Lane l;
   l.lane = threadIdx.x & 31;
@@ -429,9 +362,10 @@ __device__ void RowTile(const XAttentionGpuParams& p, const Geo& geo, int h, int
   l.cq = l.lane & 3;
   l.wm = threadIdx.x >> 6;        // warp tile rows [32 wm, +32)
   l.wn = (threadIdx.x >> 5) & 1;  // warp tile columns [WN wn, +WN)
+  l.wr = 32 * l.wm;
   const int n_tiles = min(a0 + kBM - 1, geo.a_hi) / BN + 1;
   const int kc_per_tile = p.stride * p.head_dim / kBK;
-  const int steps_per_pass = n_tiles * kc_per_tile, total = 2 * steps_per_pass;
+  const int steps_per_pass = n_tiles * kc_per_tile, total = (kOne ? 1 : 2) * steps_per_pass;
   float mx[2][2], sm[2][2];  // sweep 1: running max and sum; sweep 2: row max and 1 / sum
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt) {
@@ -476,6 +410,18 @@ __device__ void RowTile(const XAttentionGpuParams& p, const Geo& geo, int h, int
     }
     if (kc != kc_per_tile - 1) continue;
     // The key tile's scores are complete.
+    if (kOne) {
+      const int64_t ws_stride = int64_t{geo.k_blocks} + 1;
+      OneSweepTile<R, 2, NT>(geo, l, a0, wc0, reinterpret_cast<const float(&)[2 * NT * 4]>(acc),
+                             mx, sm, ws, geo.m0 * R, ws_stride);
+      if (j == n_tiles - 1) {
+        const int a_end = (geo.m0 + geo.q_blocks) * R;  // the workspace's rows end here
+        RowStatsFinish(l, mx, sm, st_max, st_sum, row_max, row_inv,
+                       ws + (a0 - geo.m0 * R) * ws_stride + geo.k_blocks, ws_stride,
+                       min(kBM, a_end - a0));
+      }
+      continue;
+    }
     if (pass == 0) {
       RowStatsUpdate<NT>(geo, l, a0, wc0, acc, mx, sm);
       if (j == n_tiles - 1) RowStatsFinish(l, mx, sm, st_max, st_sum, row_max, row_inv);
@@ -492,7 +438,7 @@ __device__ void RowTile(const XAttentionGpuParams& p, const Geo& geo, int h, int
 
 // grid: num_q_heads * ceil(T / 2) blocks, T = row tiles of 128 query groups; block i takes head
 // i % Hq and the row tiles t = i / Hq and T - 1 - t (once when they coincide).
-template <int R, int BN>
+template <int R, int BN, bool kOne>
 __global__ void __launch_bounds__(kThreads, BN == 64 ? 2 : 1)
     MassKernel(const XAttentionGpuParams p, float* __restrict__ mass) {
   extern __shared__ __align__(128) char smem[];
@@ -513,15 +459,178 @@ __global__ void __launch_bounds__(kThreads, BN == 64 ? 2 : 1)
   for (int i = threadIdx.x; i < (kBM / R) * (BN / R); i += kThreads) (&blk[0][0])[i] = 0.0f;
   __syncthreads();
   const uint32_t base = ptx::SmemAddr(smem);
-  RowTile<R, BN>(p, geo, h, g_kv, geo.m0 * R + t * kBM, mass, base, st_max, st_sum, row_max,
-                 row_inv, blk);
+  float* ws = kOne ? p.workspace + int64_t{h} * rows * (int64_t{geo.k_blocks} + 1) : nullptr;
+  RowTile<R, BN, kOne>(p, geo, h, g_kv, geo.m0 * R + t * kBM, mass, base, st_max, st_sum,
+                       row_max, row_inv, blk, ws);
   if (tiles - 1 - t != t) {
-    RowTile<R, BN>(p, geo, h, g_kv, geo.m0 * R + (tiles - 1 - t) * kBM, mass, base, st_max,
-                   st_sum, row_max, row_inv, blk);
+    RowTile<R, BN, kOne>(p, geo, h, g_kv, geo.m0 * R + (tiles - 1 - t) * kBM, mass, base, st_max,
+                         st_sum, row_max, row_inv, blk, ws);
+  }
+}
+
+// --- The one-sweep kernel on Hopper's warpgroup MMA (sm_90a) ---------------------------------
+//
+// The same one sweep with the GEMM on wgmma: a block's two warpgroups own 64 query-group rows
+// each and issue m64n128k16 wgmmas with both operands in shared memory (the stages LoadSlice
+// fills: one 64-column slice per stage, rows of 128 bytes in the 128-byte swizzle, which is
+// the layout the wgmma descriptors name; stages start on 1024-byte boundaries). Key tiles of 128
+// groups; the accumulators (64 per thread) are in the m16n8 layout per 16-row warp, so the
+// epilogue is OneSweepTile with MT = 1. Per slice: wait for the stage, fence the async proxy,
+// 4 wgmmas, wait for them (the next barrier then frees the stage for the copy engine).
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define SIEVE_XATTN_HAVE_WGMMA 1
+#else
+#define SIEVE_XATTN_HAVE_WGMMA 0
+#endif
+
+constexpr int kWgBN = 128;
+constexpr int kWgSmemBytes = SmemBytes<kWgBN>() + 1024;  // + slack to align the stages
+
+template <int R>
+__device__ void RowTileWg(const XAttentionGpuParams& p, const Geo& geo, int h, int g_kv, int a0,
+                          uint32_t smem, float (*st_max)[kBM], float (*st_sum)[kBM],
+                          float* row_max, float* row_inv, float* __restrict__ ws) {
+#if SIEVE_XATTN_HAVE_WGMMA
+  constexpr int NT = kWgBN / 8;
+  Lane l;
+  l.lane = threadIdx.x & 31;
+  l.gq = l.lane >> 2;
+  l.cq = l.lane & 3;
+  l.wm = 0;
+  l.wn = 0;
+  l.wr = 16 * (threadIdx.x >> 5);  // warp w of warpgroup g: rows 64 g + 16 w
+  const int wg = threadIdx.x >> 7;
+  const int n_tiles = min(a0 + kBM - 1, geo.a_hi) / kWgBN + 1;
+  const int kc_per_tile = p.stride * p.head_dim / kBK;
+  const int total = n_tiles * kc_per_tile;
+  const int64_t ws_stride = int64_t{geo.k_blocks} + 1;
+  float mx[1][2] = {{-INFINITY, -INFINITY}}, sm[1][2] = {{0.0f, 0.0f}};
+  float acc[NT * 4];
+#pragma unroll
+  for (int i = 0; i < NT * 4; ++i) acc[i] = 0.0f;
+  const auto load = [&](int s) {
+    LoadSlice<kWgBN>(p, geo, h, g_kv, a0, s / kc_per_tile * kWgBN, s % kc_per_tile,
+                     smem + (s % kStages) * StageBytes<kWgBN>());
+  };
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < total) load(s);
+    ptx::CpAsyncCommit();
+  }
+  const int wr0 = a0 + 64 * wg;  // the warpgroup's first row
+  for (int s = 0; s < total; ++s) {
+    ptx::CpAsyncWait<kStages - 2>();
+    ptx::FenceProxyAsync();  // this thread's copies of slice s, visible to the async proxy
+    __syncthreads();         // slice s landed for every thread; slice s - 1's wgmmas are done
+    ptx::FenceProxyAsync();  // (again on the reading side; and the wgmma reads before new copies)
+    if (s + kStages - 1 < total) load(s + kStages - 1);
+    ptx::CpAsyncCommit();
+    const int j = s / kc_per_tile, kc = s % kc_per_tile, n0 = j * kWgBN;
+    // Warpgroup-uniform: rows wholly below the tile's columns or unscored compute nothing (the
+    // epilogue masks all of their entries, so stale accumulators are never read).
+    if (n0 <= wr0 + 63 && wr0 + 63 >= geo.a_lo && wr0 <= geo.a_hi) {
+      const uint32_t sa = smem + (s % kStages) * StageBytes<kWgBN>();
+      const uint32_t a_lo = ptx::Sw128DescLo(sa + wg * 64 * 128, 16);
+      const uint32_t b_lo = ptx::Sw128DescLo(sa + kATileBytes, 16);
+      ptx::FenceRegs(acc);
+      ptx::WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < kBK / 16; ++kk) {  // 32 bytes per k16 step inside the atom
+        ptx::WgmmaSS_N128(acc, a_lo + 2 * kk, b_lo + 2 * kk, kc == 0 && kk == 0 ? 0u : 1u);
+      }
+      ptx::WgmmaCommit();
+      ptx::WgmmaWait<0>();
+      ptx::FenceRegs(acc);
+    }
+    if (kc != kc_per_tile - 1) continue;
+    OneSweepTile<R, 1, NT>(geo, l, a0, n0, acc, mx, sm, ws, geo.m0 * R, ws_stride);
+    if (j == n_tiles - 1) {
+      const int a_end = (geo.m0 + geo.q_blocks) * R;
+      RowStatsFinish<1, 1>(l, mx, sm, st_max, st_sum, row_max, row_inv,
+                           ws + (a0 - geo.m0 * R) * ws_stride + geo.k_blocks, ws_stride,
+                           min(kBM, a_end - a0));
+    }
+  }
+  ptx::CpAsyncWaitAll();
+  __syncthreads();
+#else
+  __trap();  // launched only on sm_90 (XAttentionBlockMassGpu checks)
+#endif
+}
+
+template <int R>
+__global__ void __launch_bounds__(kThreads, 1)
+    MassKernelWg(const XAttentionGpuParams p, float* __restrict__ mass) {
+  extern __shared__ __align__(1024) char smem_wg[];
+  __shared__ float st_max[2][kBM], st_sum[2][kBM], row_max[kBM], row_inv[kBM];
+  Geo geo;
+  geo.first = p.kv_len - p.q_len;
+  geo.a_lo = geo.first / p.stride;
+  geo.a_hi = (p.kv_len - 1) / p.stride;
+  geo.m0 = geo.first / p.block_size;
+  geo.q_blocks = (p.kv_len - 1) / p.block_size - geo.m0 + 1;
+  geo.k_blocks = (p.kv_len + p.block_size - 1) / p.block_size;
+  geo.zscale = rsqrtf(static_cast<float>(p.head_dim)) / p.stride;
+  const int rows = geo.q_blocks * R, tiles = (rows + kBM - 1) / kBM;
+  const int h = static_cast<int>(blockIdx.x % p.num_q_heads);
+  const int t = static_cast<int>(blockIdx.x / p.num_q_heads);
+  const int g_kv = h / (p.num_q_heads / p.num_kv_heads);
+  const uint32_t base = (ptx::SmemAddr(smem_wg) + 1023u) & ~1023u;
+  float* ws = p.workspace + int64_t{h} * rows * (int64_t{geo.k_blocks} + 1);
+  RowTileWg<R>(p, geo, h, g_kv, geo.m0 * R + t * kBM, base, st_max, st_sum, row_max, row_inv, ws);
+  if (tiles - 1 - t != t) {
+    RowTileWg<R>(p, geo, h, g_kv, geo.m0 * R + (tiles - 1 - t) * kBM, base, st_max, st_sum,
+                 row_max, row_inv, ws);
+  }
+  (void)mass;
+}
+
+// One sweep's second kernel: mass[h][mi][n] = sum over query block m0 + mi's rows a (those the
+// reference scores, with a causal column in block n) of exp(ws[a][n] - ws[a][k_blocks]), the
+// row's probabilities in the block; zero past the causal blocks. One thread per mass entry
+// (consecutive threads: consecutive key blocks, so the workspace reads coalesce).
+template <int R>
+__global__ void __launch_bounds__(kThreads) NormalizeKernel(const XAttentionGpuParams p,
+                                                            float* __restrict__ mass) {
+  const int first = p.kv_len - p.q_len;
+  const int a_lo = first / p.stride, a_hi = (p.kv_len - 1) / p.stride;
+  const int m0 = first / p.block_size;
+  const int q_blocks = (p.kv_len - 1) / p.block_size - m0 + 1;
+  const int k_blocks = (p.kv_len + p.block_size - 1) / p.block_size;
+  const int64_t ws_stride = int64_t{k_blocks} + 1;
+  const int64_t total = int64_t{p.num_q_heads} * q_blocks * k_blocks;
+  for (int64_t i = blockIdx.x * int64_t{kThreads} + threadIdx.x; i < total;
+       i += int64_t{gridDim.x} * kThreads) {
+    const int n = static_cast<int>(i % k_blocks);
+    const int64_t hm = i / k_blocks;  // h * q_blocks + mi
+    const int mi = static_cast<int>(hm % q_blocks), h = static_cast<int>(hm / q_blocks);
+    const int m = m0 + mi;
+    float out = 0.0f;
+    if (n <= m) {
+      const float* rows = p.workspace + (int64_t{h} * q_blocks * R + int64_t{mi} * R) * ws_stride;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int a = m * R + r;
+        if (a < a_lo || a > a_hi || n * R > a) continue;
+        out += expf(rows[r * ws_stride + n] - rows[r * ws_stride + k_blocks]);
+      }
+    }
+    mass[i] = out;
   }
 }
 
 }  // namespace tc
+
+template <int R, int BN, bool kOne>
+cudaError_t LaunchTc(const XAttentionGpuParams& p, float* mass, int64_t blocks,
+                     cudaStream_t stream) {
+  SIEVE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+      tc::MassKernel<R, BN, kOne>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      tc::SmemBytes<BN>()));
+  tc::MassKernel<R, BN, kOne><<<static_cast<unsigned>(blocks), tc::kThreads, tc::SmemBytes<BN>(),
+                                stream>>>(p, mass);
+  return cudaSuccess;
+}
 
 template <int R>
 cudaError_t Launch(const XAttentionGpuParams& p, float* mass, cudaStream_t stream) {
@@ -530,17 +639,28 @@ cudaError_t Launch(const XAttentionGpuParams& p, float* mass, cudaStream_t strea
   if (p.tensor_cores) {
     const int64_t tiles = (q_blocks * R + tc::kBM - 1) / tc::kBM;
     const int64_t blocks = (tiles + 1) / 2 * p.num_q_heads;
-    if (p.tile_keys == 128) {
-      SIEVE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-          tc::MassKernel<R, 128>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-          tc::SmemBytes<128>()));
-      tc::MassKernel<R, 128><<<static_cast<unsigned>(blocks), tc::kThreads, tc::SmemBytes<128>(),
-                               stream>>>(p, mass);
-    } else {
-      SIEVE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-          tc::MassKernel<R, 64>, cudaFuncAttributeMaxDynamicSharedMemorySize, tc::SmemBytes<64>()));
-      tc::MassKernel<R, 64><<<static_cast<unsigned>(blocks), tc::kThreads, tc::SmemBytes<64>(),
+    if (p.workspace != nullptr) {
+      cudaError_t err = cudaSuccess;
+      if (p.wgmma) {
+        SIEVE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+            tc::MassKernelWg<R>, cudaFuncAttributeMaxDynamicSharedMemorySize, tc::kWgSmemBytes));
+        tc::MassKernelWg<R><<<static_cast<unsigned>(blocks), tc::kThreads, tc::kWgSmemBytes,
                               stream>>>(p, mass);
+      } else {
+        err = p.tile_keys == 128
+                  ? LaunchTc<R, 128, true>(p, mass, blocks, stream)
+                  : LaunchTc<R, 64, true>(p, mass, blocks, stream);
+      }
+      SIEVE_CUDA_RETURN_IF_ERROR(err);
+      const int64_t k_blocks = (p.kv_len + p.block_size - 1) / p.block_size;
+      const int64_t entries = p.num_q_heads * q_blocks * k_blocks;
+      const int64_t grid = std::min<int64_t>((entries + kThreads - 1) / kThreads, 65535);
+      tc::NormalizeKernel<R><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(p, mass);
+    } else {
+      const cudaError_t err = p.tile_keys == 128
+                                  ? LaunchTc<R, 128, false>(p, mass, blocks, stream)
+                                  : LaunchTc<R, 64, false>(p, mass, blocks, stream);
+      SIEVE_CUDA_RETURN_IF_ERROR(err);
     }
   } else {
     const dim3 grid(static_cast<unsigned>(q_blocks), p.num_q_heads);
@@ -555,6 +675,15 @@ cudaError_t Launch(const XAttentionGpuParams& p, float* mass, cudaStream_t strea
 
 }  // namespace
 
+size_t XAttentionGpuWorkspaceBytes(const XAttentionGpuParams& p) {
+  if (p.stride < 1 || p.block_size < p.stride || p.q_len < 1 || p.kv_len < p.q_len) return 0;
+  const int64_t m0 = (p.kv_len - p.q_len) / p.block_size;
+  const int64_t q_blocks = (p.kv_len - 1) / p.block_size - m0 + 1;
+  const int64_t k_blocks = (p.kv_len + p.block_size - 1) / p.block_size;
+  const int64_t rows = q_blocks * (p.block_size / p.stride);
+  return static_cast<size_t>(int64_t{p.num_q_heads} * rows * (k_blocks + 1)) * sizeof(float);
+}
+
 bool XAttentionGpuSupports(const XAttentionGpuParams& p) {
   if (p.head_dim != 64 && p.head_dim != 128) return false;
   if (p.stride < 1 || p.block_size < p.stride || p.block_size % p.stride != 0) return false;
@@ -565,6 +694,7 @@ bool XAttentionGpuSupports(const XAttentionGpuParams& p) {
   if (p.tensor_cores) {  // any length (int32 positions)
     return (p.tile_keys == 64 || p.tile_keys == 128) && p.num_q_heads <= 65535;
   }
+  if (p.wgmma) return false;  // wgmma is a tensor-core kernel
   // The CUDA-core kernel keeps a block's queries and its key-block masses in shared memory.
   return p.block_size * p.head_dim * 2 <= kMaxQueryBytes &&
          (p.kv_len + p.block_size - 1) / p.block_size <= kMaxKeyBlocks && p.num_q_heads <= 65535;
@@ -574,6 +704,12 @@ cudaError_t XAttentionBlockMassGpu(const XAttentionGpuParams& p, float* mass,
                                    cudaStream_t stream) {
   if (!XAttentionGpuSupports(p) || !p.q || !p.k_cache || !p.page_table || !mass) {
     return cudaErrorInvalidValue;
+  }
+  if (p.wgmma) {  // the one-sweep kernel only, on sm_90 (compiled for sm_90a)
+    int dev = 0, major = 0;
+    SIEVE_CUDA_RETURN_IF_ERROR(cudaGetDevice(&dev));
+    SIEVE_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    if (!p.workspace || major != 9) return cudaErrorInvalidValue;
   }
   switch (p.block_size / p.stride) {
     case 4: return Launch<4>(p, mass, stream);

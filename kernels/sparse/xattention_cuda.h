@@ -10,6 +10,12 @@
 //     m16n8k16, fp32 accumulation); two sweeps over the causal tiles of a row tile (online row
 //     max and sum, then the recomputed probabilities summed into the blocks and written once);
 //     each thread block takes row tiles t and T - 1 - t so the blocks' causal work is equal;
+//     with a workspace (`workspace`), one sweep instead: each tile computed once, per row its
+//     max over the warp tile's columns w and per key block w + log(sum exp(z - w)) stored,
+//     the rows' log-sum-exps at the end, and a second kernel sums exp(partial - lse) over each
+//     block's rows (exact up to fp32 rounding, no overflow whatever the scores); on sm_90 the
+//     one sweep can run its GEMM on wgmma (`wgmma`: two warpgroups, m64n128k16 from shared
+//     memory);
 //   - CUDA cores (the cross-check): one thread block per (query head, query block), fp32 FMAs
 //     from bf16 in shared memory, the same two sweeps.
 // kernels/sparse/NOTES.md has what each should cost and why the first version was slow.
@@ -22,6 +28,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 
 namespace sieve::kernels {
@@ -42,7 +49,19 @@ struct XAttentionGpuParams {
   int32_t block_size = 128;
   bool tensor_cores = true;               // mma.sync kernel (false: the CUDA-core kernel)
   int32_t tile_keys = 64;                 // tensor cores: key groups per tile, 64 or 128
+  // Tensor cores: device scratch of XAttentionGpuWorkspaceBytes(p) bytes for the one-sweep
+  // estimate (each key tile computed once; log-domain partial block sums per query group and
+  // key block, normalised by a second kernel); null: the two-sweep kernel (the GEMM twice, no
+  // scratch). Ignored by the CUDA-core kernel.
+  float* workspace = nullptr;
+  // With a workspace: the one-sweep kernel on Hopper's wgmma (sm_90 devices only, 128-key-group
+  // tiles whatever tile_keys says); cudaErrorInvalidValue without a workspace or on other GPUs.
+  bool wgmma = false;
 };
+
+// The one-sweep workspace: num_q_heads x (query blocks x B / S) x (key blocks + 1) floats
+// (1.07 GB for 32 heads at 128K tokens, S 16, B 128); 0 for invalid geometry.
+size_t XAttentionGpuWorkspaceBytes(const XAttentionGpuParams& p);
 
 // True when the kernel handles these shapes (see the file comment).
 bool XAttentionGpuSupports(const XAttentionGpuParams& p);

@@ -16,6 +16,16 @@
 // kv_len / S + 1 exponentials that normalises it, plus the rounding of the exponentials (expf,
 // 2 ulp) and of the block sums: 1e-5 of the row total. (The tensor-core kernel's online softmax
 // rescales a row's running sum once per key tile, n / 64 more roundings: inside the n 2^-23.)
+//
+// The one-sweep kernels (a workspace) compute the same fp32 scores z and row sums L, but a mass
+// is sum_r exp(P - E) with P = w + log s (w: the row's max over a warp tile, s: the block's fp32
+// sum of at most 32 terms exp(z - w), relative error <= 33 u, u = 2^-24) and E = M + log L
+// (M: the row's max). With Z = max|z| and l = log(n + 1): |log s| <= 2 Z + l, |P| <= 3 Z + l,
+// |log L| <= l, |E| <= Z + l. The exponent P - E errs by at most: logf (1 ulp, 2u |log s| and
+// 2u |log L|), s's sum error (33 u, absolute in log), the two additions (u |P|, u |E|) and the
+// subtraction (u (|P| + |E|)): in all <= u (12 Z + 8 l + 33) <= 2^-23 (6 Z + 4 l + 33); each
+// entry's share moves by expm1 of that (relative; L's own error is norm_err's, the exp's
+// rounding is inside the 1e-5 of the row total). Z is taken as the Cauchy-Schwarz bound + dz.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -144,6 +154,12 @@ TEST(XAttentionGpuSupportsTest, RefusesShapesItCannotRun) {
   EXPECT_TRUE(XAttentionGpuSupports(p));
   p.tensor_cores = false;
   EXPECT_FALSE(XAttentionGpuSupports(p));
+  p.kv_len = p.q_len = 4096;
+  p.wgmma = true;  // a tensor-core kernel only
+  EXPECT_FALSE(XAttentionGpuSupports(p));
+  p.wgmma = false;
+  EXPECT_TRUE(XAttentionGpuSupports(p));
+  p.q_len = p.kv_len = 1 << 20;
   p.tensor_cores = true;
   p.tile_keys = 96;
   EXPECT_FALSE(XAttentionGpuSupports(p));
@@ -222,15 +238,34 @@ TEST_P(XAttentionGpuTest, MassesMatchTheReference) {
   gp.block_size = c.block;
   ASSERT_TRUE(XAttentionGpuSupports(gp));
   // The tensor-core kernel (the default, 64-key-group tiles), with 128-key-group tiles, then the
-  // CUDA-core one.
-  constexpr int kKernels = 3;
+  // CUDA-core one, then the one-sweep tensor-core kernels (64- and 128-group tiles, and wgmma:
+  // on an sm_90 device; elsewhere it must be refused).
+  constexpr int kKernels = 6;
   const char* kNames[kKernels] = {"tensor cores, 64-group tiles", "tensor cores, 128-group tiles",
-                                  "CUDA cores"};
+                                  "CUDA cores", "one sweep, 64-group tiles",
+                                  "one sweep, 128-group tiles", "one sweep, wgmma"};
+  int dev = 0, major = 0;
+  ASSERT_EQ(cudaGetDevice(&dev), cudaSuccess);
+  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), cudaSuccess);
+  const auto one_sweep = [](int kernel) { return kernel >= 3; };
+  const auto tensor = [](int kernel) { return kernel != 2; };
+  const size_t ws_bytes = XAttentionGpuWorkspaceBytes(gp);
+  ASSERT_GT(ws_bytes, 0u);
+  float* dws = nullptr;
+  ASSERT_EQ(cudaMalloc(&dws, ws_bytes), cudaSuccess);
   std::vector<std::vector<float>> results;
   for (int kernel = 0; kernel < kKernels; ++kernel) {
-    gp.tensor_cores = kernel < 2;
-    gp.tile_keys = kernel == 1 ? 128 : 64;
+    gp.tensor_cores = tensor(kernel);
+    gp.tile_keys = kernel == 1 || kernel == 4 ? 128 : 64;
+    gp.workspace = one_sweep(kernel) ? dws : nullptr;
+    gp.wgmma = kernel == 5;
     cudaMemset(dmass, 0xff, n * 4);  // NaN: every entry must be written
+    cudaMemset(dws, 0xff, ws_bytes);  // NaN: entries the kernel leaves must never be read
+    if (gp.wgmma && major != 9) {
+      ASSERT_EQ(XAttentionBlockMassGpu(gp, dmass, nullptr), cudaErrorInvalidValue);
+      results.push_back(results[3]);  // not run here: its checks repeat kernel 3's
+      continue;
+    }
     ASSERT_EQ(XAttentionBlockMassGpu(gp, dmass, nullptr), cudaSuccess);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     results.emplace_back(n);
@@ -240,6 +275,7 @@ TEST_P(XAttentionGpuTest, MassesMatchTheReference) {
   cudaFree(dk);
   cudaFree(dpages);
   cudaFree(dmass);
+  cudaFree(dws);
 
   // The score error bound (see the file comment).
   const int S = c.stride, first = c.kv_len - c.q_len;
@@ -277,10 +313,15 @@ TEST_P(XAttentionGpuTest, MassesMatchTheReference) {
   for (int kernel = 0; kernel < kKernels; ++kernel) {
     SCOPED_TRACE(kNames[kernel]);
     const std::vector<float>& got = results[kernel];
-    const double dz = score_bound(kernel < 2 ? -23 : -24);
+    const double dz = score_bound(tensor(kernel) ? -23 : -24);
     // The row's fp32 sum of exponentials over at most kv_len / S + 1 terms (any order, so
     // the worst case) scales every probability of the row by its relative error.
-    const double norm_err = (c.kv_len / S + 1) * std::ldexp(1.0, -23);
+    const double n_terms = c.kv_len / S + 1;
+    double norm_err = n_terms * std::ldexp(1.0, -23);
+    if (one_sweep(kernel)) {  // the log-domain partial sums (see the file comment)
+      const double z_max = max_q * max_k / (std::sqrt(static_cast<double>(c.d)) * S) + dz;
+      norm_err += std::expm1(std::ldexp(6 * z_max + 4 * std::log(n_terms + 1) + 33, -23));
+    }
     for (int h = 0; h < c.hq; ++h) {
       for (int mi = 0; mi < qbk; ++mi) {
         const size_t row = (static_cast<size_t>(h) * qbk + mi) * kbk;
@@ -313,6 +354,9 @@ TEST_P(XAttentionGpuTest, MassesMatchTheReference) {
   std::vector<double> per_head(c.hq);
   for (int h = 0; h < c.hq; ++h) per_head[h] = 0.3 + 0.65 * h / c.hq;
   ExpectDeviceSelectionMatchesHost(sp, results[0], per_head);
+  sp.threshold = 0.9;  // and on the one-sweep masses
+  ExpectDeviceSelectionMatchesHost(sp, results[3], {});
+  ExpectDeviceSelectionMatchesHost(sp, results[5], {});
 }
 
 INSTANTIATE_TEST_SUITE_P(

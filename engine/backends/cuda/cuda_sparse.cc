@@ -232,8 +232,17 @@ absl::Status CudaBackend::XAttentionBlockMass(BackendStream& stream, int32_t lay
   const int64_t q_blocks = (p.kv_len - 1) / p.block_size - m0 + 1;
   const int64_t k_blocks = (p.kv_len + p.block_size - 1) / p.block_size;
   const size_t n = static_cast<size_t>(a.num_q_heads * q_blocks * k_blocks);
-  SIEVE_RETURN_IF_ERROR(EnsureSparseBuffers(s, n * sizeof(float), n * sizeof(float)));
+  // The one-sweep estimate (each GEMM tile once) when its workspace (num_q_heads x query groups
+  // x (key blocks + 1) floats: 67 MB for 32 heads at 32K tokens, 1 GB at 128K unchunked) stays
+  // under kOneSweepWorkspaceCap; otherwise the two-sweep kernel, which needs none.
+  constexpr size_t kOneSweepWorkspaceCap = size_t{256} << 20;
+  const size_t ws = kernels::XAttentionGpuWorkspaceBytes(p);
+  const size_t ws_off = Align256(n * sizeof(float));
+  const bool one_sweep = ws > 0 && ws <= kOneSweepWorkspaceCap;
+  SIEVE_RETURN_IF_ERROR(
+      EnsureSparseBuffers(s, one_sweep ? ws_off + ws : n * sizeof(float), n * sizeof(float)));
   float* dev = reinterpret_cast<float*>(s.sparse_dev);
+  if (one_sweep) p.workspace = reinterpret_cast<float*>(s.sparse_dev + ws_off);
   SIEVE_RETURN_IF_CUDA_ERROR(kernels::XAttentionBlockMassGpu(p, dev, s.stream));
   SIEVE_RETURN_IF_CUDA_ERROR(
       cudaMemcpyAsync(s.sparse_host, dev, n * sizeof(float), cudaMemcpyDeviceToHost, s.stream));
