@@ -37,10 +37,13 @@ bool PollUntil(const std::function<bool()>& done, absl::Duration timeout) {
   return true;
 }
 
-// The base configuration every daemon starts from, written once to the test's temp dir.
+// The base configuration every daemon starts from, written once to the test's temp dir. The
+// name carries the process id: test binaries run in parallel share /tmp, and one truncating the
+// file while another's daemon reads it left that daemon on the defaults (metrics on :9090).
 std::string BaseConfigPath() {
   static const std::string path = [] {
-    const std::string p = testing::TempDir() + "/sieved_integration.yaml";
+    const std::string p =
+        testing::TempDir() + "/sieved_integration_" + std::to_string(getpid()) + ".yaml";
     std::ofstream out(p);
     out << "server:\n  listen_address: \"127.0.0.1:0\"\n  drain_grace_period_s: 30\n"
         << "metrics:\n  listen_address: \"127.0.0.1:0\"\n"
