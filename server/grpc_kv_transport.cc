@@ -103,8 +103,10 @@ absl::Status FromGrpc(const grpc::Status& s) {
 }
 
 // How often a dns target is resolved again (gRPC's own resolver waits 30 s between
-// resolutions; prefill pods come and go faster under an autoscaler).
+// resolutions; prefill pods come and go faster under an autoscaler), and the least time between
+// two resolutions when failed attempts ask for one sooner.
 constexpr absl::Duration kResolveInterval = absl::Seconds(5);
+constexpr absl::Duration kMinResolveInterval = absl::Seconds(1);
 
 // One prefill daemon: a channel to one address (or, for an opaque target, to the target).
 struct PeerChannel {
@@ -257,7 +259,8 @@ class GrpcKvTransport final : public KvTransport {
       resolve_error_ = addresses.ok() ? absl::OkStatus() : addresses.status();
       resolve_attempted_ = true;
       cv_.notify_all();
-      cv_.wait_for(lock, absl::ToChronoNanoseconds(kResolveInterval),
+      cv_.wait_for(lock, absl::ToChronoNanoseconds(kMinResolveInterval), [this] { return stop_; });
+      cv_.wait_for(lock, absl::ToChronoNanoseconds(kResolveInterval - kMinResolveInterval),
                    [this] { return stop_ || resolve_now_; });
     }
   }
