@@ -385,12 +385,14 @@ TEST_F(DisaggregationTest, RequestsAvoidAPrefillDaemonBusyWithATransfer) {
   }
   std::cerr << sent << " requests sent while the slow prefill daemon was busy\n";
   EXPECT_GE(sent, 2) << "too few requests fit the window to tell the choice from round-robin";
+  // (A prefill daemon counts a transfer when its call is done, just after the last message.)
+  PollUntil([&] { return served(fast) - fast_before >= sent; }, absl::Seconds(5));
   EXPECT_EQ(served(fast) - fast_before, sent) << "a request went to the busy prefill daemon";
   EXPECT_EQ(in_flight(slow), 1);  // still busy: every request above saw it so
 
   for (std::thread& t : background) t.join();
   EXPECT_EQ(background_failed.load(), 0);
-  EXPECT_EQ(served(slow), 1);
+  EXPECT_TRUE(PollUntil([&] { return served(slow) == 1; }, absl::Seconds(5))) << served(slow);
   EXPECT_EQ(decode->Metrics().Sum("sieve_kv_transfer_retries_total"), 0);
   for (Sieved* x : all_) EXPECT_TRUE(NoPagesHeld(*x)) << x->target();
 }
@@ -421,6 +423,9 @@ TEST_F(DisaggregationTest, TransferPhaseIsPartOfTimeToFirstToken) {
   EXPECT_GE(t.total_seconds(), t.time_to_first_token_seconds());
   // The metrics saw the same: one transfer phase, and a TTFT observation that contains it. The
   // histograms' sums are printed with at least 1e-9 precision.
+  // (The engine reports a request's end to the metrics just after its stream's last message.)
+  EXPECT_TRUE(PollUntil(
+      [&] { return decode->Metrics().Sum("sieve_request_e2e_latency_seconds_count") == 1; }));
   const test_support::ParsedMetrics m = decode->Metrics();
   EXPECT_EQ(m.Sum("sieve_request_transfer_seconds_count"), 1);
   EXPECT_NEAR(m.Sum("sieve_request_transfer_seconds_sum"), t.kv_transfer_seconds(), 1e-6);
