@@ -54,4 +54,5 @@ m=$((base + 31))
 echo
 echo "decode daemon: remote prefills $(metric $m sieve_prefills_total 'location="remote"'), local $(metric $m sieve_prefills_total 'location="local"'), retries $(metric $m sieve_kv_transfer_retries_total)"
 echo "transfers: $(metric $m sieve_kv_transfer_seconds_count 'direction="received"') attempts, $(metric $m sieve_kv_transfer_bytes_total 'direction="received"') bytes, $(metric $m sieve_kv_transfer_seconds_sum 'direction="received"') s in all"
-echo "engine TTFT after the transfer (sum over requests): $(metric $m sieve_request_time_to_first_token_seconds_sum) s over $(metric $m sieve_request_time_to_first_token_seconds_count) requests"
+echo "TTFT (sum over requests, the transfer phase included): $(metric $m sieve_request_time_to_first_token_seconds_sum) s over $(metric $m sieve_request_time_to_first_token_seconds_count) requests"
+echo "of which the transfer phase (sum): $(metric $m sieve_request_transfer_seconds_sum) s over $(metric $m sieve_request_transfer_seconds_count) requests"

@@ -249,6 +249,11 @@ void CheckCrossField(const ServerConfig& c, std::vector<std::string>& errors) {
     errors.push_back("server.tls.client_ca_file (mutual TLS) needs server.tls.cert_file and "
                      "server.tls.key_file");
   }
+  const DisaggregationTlsConfig& dtls = c.disaggregation.tls;
+  if (dtls.cert_file.empty() != dtls.key_file.empty()) {
+    errors.push_back(
+        "disaggregation.tls.cert_file and disaggregation.tls.key_file must be set together");
+  }
   if (c.metrics.enabled) {
     std::optional<int> grpc_port = PortOf(c.server.listen_address);
     std::optional<int> metrics_port = PortOf(c.metrics.listen_address);

@@ -126,11 +126,27 @@ struct LimitsConfig {
   bool operator==(const LimitsConfig&) const = default;
 };
 
+// TLS of a decode daemon's calls to its prefill daemons (`disaggregation.tls.*`).
+struct DisaggregationTlsConfig {
+  // PEM CA bundle the prefill daemons' certificates must chain to; set, it turns TLS on. Empty
+  // (with cert_file set): the system's roots.
+  std::string ca_file;
+  // PEM certificate chain this daemon presents to the prefill daemons (their
+  // server.tls.client_ca_file: mutual TLS); with key_file, turns TLS on.
+  std::string cert_file;
+  // PEM private key of cert_file.
+  std::string key_file;
+
+  // True when any file is set: the calls use TLS.
+  bool enabled() const { return !ca_file.empty() || !cert_file.empty() || !key_file.empty(); }
+  bool operator==(const DisaggregationTlsConfig&) const = default;
+};
+
 // Disaggregated serving (`disaggregation.*`): how a decode daemon uses prefill daemons.
 struct DisaggregationConfig {
-  // gRPC target of the prefill daemons, balanced round-robin over the addresses it resolves to,
-  // e.g. "dns:///sieve-prefill:50051" or "ipv4:127.0.0.1:50061,127.0.0.1:50062". Required when
-  // server.role is decode.
+  // gRPC target of the prefill daemons, e.g. "dns:///sieve-prefill:50051" or
+  // "ipv4:127.0.0.1:50061,127.0.0.1:50062"; each remote prefill goes to the least-loaded address
+  // it resolves to (server/prefill_balancer.h). Required when server.role is decode.
   std::string prefill_target;
   // Prompts shorter than this (tokens) are prefilled locally on a decode daemon.
   int local_prefill_below_tokens = 256;
@@ -148,6 +164,12 @@ struct DisaggregationConfig {
   int chunk_bytes = 1 << 20;
   // Threads that run remote prefills on a decode daemon (transfers in flight at once).
   int transfer_threads = 8;
+  // File holding the bearer token this daemon presents to the prefill daemons (their
+  // server.auth.tokens_file), on its first line that is neither blank nor a '#' comment. Empty:
+  // no token is sent.
+  std::string token_file;
+  // TLS (and mutual TLS) of the calls to the prefill daemons; plaintext when no file is set.
+  DisaggregationTlsConfig tls;
 
   bool operator==(const DisaggregationConfig&) const = default;
 };

@@ -284,9 +284,11 @@ const std::vector<KeySpec>& Keys() {
                        "Most stop strings one request may carry."),
 
       SIEVE_SERVER_KEY(disaggregation.prefill_target, Any(),
-                       "gRPC target of the prefill daemons, balanced round-robin over the "
-                       "addresses it resolves to: e.g. dns:///sieve-prefill:50051 or "
-                       "ipv4:127.0.0.1:50061,127.0.0.1:50062. Required when server.role is "
+                       "gRPC target of the prefill daemons: e.g. dns:///sieve-prefill:50051 "
+                       "(resolved again every 5 s) or ipv4:127.0.0.1:50061,127.0.0.1:50062. Each "
+                       "remote prefill goes to the least-loaded address (tokens in flight from "
+                       "here plus the queue it last reported; ties round-robin); other schemes "
+                       "(unix:, xds:, ...) are plain round-robin. Required when server.role is "
                        "decode."),
       SIEVE_SERVER_KEY(disaggregation.local_prefill_below_tokens, IntRange(0, 1 << 24),
                        "On a decode daemon, prompts shorter than this many tokens are prefilled "
@@ -308,6 +310,22 @@ const std::vector<KeySpec>& Keys() {
                        "server.max_message_bytes."),
       SIEVE_SERVER_KEY(disaggregation.transfer_threads, IntRange(1, 256),
                        "Threads of a decode daemon that run remote prefills (transfers at once)."),
+      SIEVE_SERVER_KEY(disaggregation.token_file, Any(),
+                       "File holding the bearer token a decode daemon sends to the prefill "
+                       "daemons (`authorization: Bearer <token>`; their server.auth.tokens_file "
+                       "must accept it): its first line that is neither blank nor a # comment. "
+                       "Empty: no token."),
+      SIEVE_SERVER_KEY(disaggregation.tls.ca_file, Any(),
+                       "PEM CA bundle the prefill daemons' certificates must chain to (their host "
+                       "names are checked); set, the calls to them use TLS. Empty with "
+                       "disaggregation.tls.cert_file set: the system's roots."),
+      SIEVE_SERVER_KEY(disaggregation.tls.cert_file, Any(),
+                       "PEM certificate chain a decode daemon presents to the prefill daemons "
+                       "(mutual TLS: their server.tls.client_ca_file); with "
+                       "disaggregation.tls.key_file. Re-read every server.tls.reload_interval_s "
+                       "seconds, like the CA file."),
+      SIEVE_SERVER_KEY(disaggregation.tls.key_file, Any(),
+                       "PEM private key of disaggregation.tls.cert_file."),
 
       SIEVE_SERVER_KEY(logging.level, OneOf({"debug", "info", "warning", "error"}),
                        "Least severe log level written."),

@@ -74,6 +74,8 @@ const std::vector<std::string> kExpectedKeys = {
     "disaggregation.fallback",        "disaggregation.max_attempts",
     "disaggregation.transfer_timeout_s", "disaggregation.stall_timeout_s",
     "disaggregation.chunk_bytes",     "disaggregation.transfer_threads",
+    "disaggregation.token_file",      "disaggregation.tls.ca_file",
+    "disaggregation.tls.cert_file",   "disaggregation.tls.key_file",
     "logging.level",                  "logging.access_log",
     "http.listen_address",            "http.max_request_bytes",         "http.threads",
 };
@@ -126,6 +128,27 @@ TEST(ConfigTest, TokensReloadInterval) {
       LoadConfigString("", "x.yaml", {"server.auth.reload_interval_s=-1"});
   EXPECT_THAT(std::string(negative.status().message()),
               HasSubstr("server.auth.reload_interval_s"));
+}
+
+TEST(ConfigTest, DisaggregationCredentialKeysLoadAndClientCertNeedsItsKey) {
+  const std::string yaml =
+      "disaggregation:\n  token_file: /etc/sieve/prefill-token\n  tls:\n"
+      "    ca_file: /etc/sieve/prefill-ca.pem\n    cert_file: /etc/sieve/decode.pem\n"
+      "    key_file: /etc/sieve/decode.key\n";
+  absl::StatusOr<ServerConfig> ok = LoadConfigString(yaml, "x.yaml");
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ(ok->disaggregation.token_file, "/etc/sieve/prefill-token");
+  EXPECT_EQ(ok->disaggregation.tls.ca_file, "/etc/sieve/prefill-ca.pem");
+  EXPECT_EQ(ok->disaggregation.tls.key_file, "/etc/sieve/decode.key");
+  EXPECT_TRUE(ok->disaggregation.tls.enabled());
+  EXPECT_FALSE(ServerConfig().disaggregation.tls.enabled());
+  absl::StatusOr<ServerConfig> no_key =
+      LoadConfigString("", "x.yaml", {"disaggregation.tls.cert_file=/c.pem"});
+  EXPECT_THAT(std::string(no_key.status().message()),
+              HasSubstr("disaggregation.tls.cert_file and disaggregation.tls.key_file must be "
+                        "set together"));
+  // A CA alone is server-authenticated TLS.
+  EXPECT_TRUE(LoadConfigString("", "x.yaml", {"disaggregation.tls.ca_file=/ca.pem"}).ok());
 }
 
 TEST(ConfigTest, EngineKeysBindToTheEngineConfig) {

@@ -353,6 +353,7 @@ void ToCompletion(const engine::RequestOutcome& outcome, v1::Completion* complet
   timings->set_time_to_first_token_seconds(outcome.timings.time_to_first_token_s);
   timings->set_decode_seconds(outcome.timings.decode_s);
   timings->set_total_seconds(outcome.timings.total_s);
+  timings->set_kv_transfer_seconds(outcome.timings.transfer_s);
   if (outcome.finish == engine::FinishReason::kStop) {
     if (!outcome.matched_stop.empty()) {
       completion->set_stop_string(outcome.matched_stop);

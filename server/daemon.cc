@@ -152,10 +152,10 @@ absl::Status Daemon::StartGrpc() {
       events.on_reachable = [m](bool up) { m->SetPrefillDaemonsReachable(up); };
     }
     const DisaggregationConfig& d = config_.disaggregation;
-    remote_prefill_ = std::make_unique<RemotePrefill>(
-        d, config_.engine.model.name,
-        MakeGrpcKvTransport(d.prefill_target, absl::Seconds(d.stall_timeout_s)),
-        std::move(events));
+    SIEVE_ASSIGN_OR_RETURN(std::unique_ptr<KvTransport> transport,
+                           MakeGrpcKvTransport(d, config_.server.tls.reload_interval_s));
+    remote_prefill_ = std::make_unique<RemotePrefill>(d, config_.engine.model.name,
+                                                      std::move(transport), std::move(events));
     options.remote_prefill = remote_prefill_.get();
   }
   service_ = std::make_unique<SieveService>(std::move(options));

@@ -22,6 +22,8 @@
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "engine/serving/engine.h"
+#include "server/config.h"
+#include "server/prefill_balancer.h"
 
 namespace sieve::server {
 
@@ -109,13 +111,21 @@ class KvTransport {
 
   // True when at least one prefill daemon is connected (or connecting succeeds now).
   virtual bool Reachable() = 0;
+
+  // The load estimate of every prefill daemon it chooses between (server/prefill_balancer.h);
+  // empty when the transport does not choose.
+  virtual std::vector<PrefillBalancer::PeerLoad> Loads() const { return {}; }
 };
 
-// The gRPC streaming transport to `target` (a gRPC target string), round-robin over the
-// addresses it resolves to. A transfer with no message for `stall_timeout` is cancelled and
-// reported Unavailable.
-std::unique_ptr<KvTransport> MakeGrpcKvTransport(const std::string& target,
-                                                 absl::Duration stall_timeout);
+// The gRPC streaming transport to config.prefill_target (a gRPC target string): each attempt
+// goes to the least-loaded of the prefill daemons the target resolves to (ties round-robin;
+// server/prefill_balancer.h, server/prefill_target.h), presenting the bearer token of
+// config.token_file and, with config.tls.*, over TLS (certificate files re-read every
+// `tls_reload_interval_s` seconds). A transfer with no message for config.stall_timeout_s is
+// cancelled and reported Unavailable. Errors name the key at fault: a malformed target, an
+// unreadable or empty token file, an unreadable or non-PEM certificate file.
+absl::StatusOr<std::unique_ptr<KvTransport>> MakeGrpcKvTransport(
+    const DisaggregationConfig& config, int tls_reload_interval_s);
 
 }  // namespace sieve::server
 

@@ -194,6 +194,15 @@ void Metrics::RegisterDisaggregationMetrics(const prometheus::Labels& model_labe
                             .Labels(model_label)
                             .Register(*registry_)
                             .Add({});
+  request_transfer_s_ =
+      &prometheus::BuildHistogram()
+           .Name("sieve_request_transfer_seconds")
+           .Help("Seconds a request spent before the local queue having its prompt prefilled "
+                 "remotely and its KV transferred (decode daemons; part of its time to first "
+                 "token).")
+           .Labels(model_label)
+           .Register(*registry_)
+           .Add({}, LatencyBucketsSeconds());
 }
 
 void Metrics::OnKvTransfer(bool sent, int64_t bytes, double seconds, bool ok) {
@@ -454,6 +463,7 @@ void Metrics::OnFirstToken(const engine::RequestTimings& t) {
   queue_s_->Observe(t.queue_s);
   prefill_s_->Observe(t.prefill_s);
   ttft_s_->Observe(t.time_to_first_token_s);
+  if (t.transfer_s > 0) request_transfer_s_->Observe(t.transfer_s);
 }
 
 void Metrics::OnInterTokenLatency(double seconds) { itl_s_->Observe(seconds); }

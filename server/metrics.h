@@ -15,10 +15,10 @@
 // |---------------------------------------------|-----------|----------------------|---------|
 // | sieve_request_queue_seconds                 | histogram | model                | Arrival to first scheduling (first prefill chunk), per request that produced a first token. |
 // | sieve_request_prefill_seconds               | histogram | model                | First scheduling to first token sampled (includes waits between chunks and recompute after preemption). |
-// | sieve_request_time_to_first_token_seconds   | histogram | model                | Arrival to first token sampled. |
+// | sieve_request_time_to_first_token_seconds   | histogram | model                | Arrival to first token sampled; on a decode daemon, arrival at the daemon, so it includes sieve_request_transfer_seconds. |
 // | sieve_request_inter_token_latency_seconds   | histogram | model                | Gap between two consecutive tokens of one request. |
 // | sieve_request_decode_seconds                | histogram | model                | First token to last token, per finished request with at least one generated token. |
-// | sieve_request_e2e_latency_seconds           | histogram | model                | Arrival to finish, per finished request (every outcome). |
+// | sieve_request_e2e_latency_seconds           | histogram | model                | Arrival to finish, per finished request (every outcome); includes the transfer phase on a decode daemon. |
 // | sieve_requests_total                        | counter   | model, outcome       | Finished requests by outcome: length, stop, eos, cancelled, error. |
 // | sieve_prompt_tokens_total                   | counter   | model                | Prompt tokens of finished requests. |
 // | sieve_cached_prompt_tokens_total            | counter   | model                | Of those, prompt tokens served from the prefix cache. |
@@ -47,6 +47,7 @@
 // | sieve_kv_transfer_retries_total             | counter   | model                | Remote prefill attempts retried after a failure (decode side). |
 // | sieve_prefills_total                        | counter   | model, location      | Generate requests on a decode daemon by where their prompt was prefilled: remote or local (short prompts, every page cached here, or the fallback). |
 // | sieve_prefill_daemons_reachable             | gauge     | model                | 1 while a decode daemon can reach a prefill daemon, else 0 (0 in the other roles). |
+// | sieve_request_transfer_seconds              | histogram | model                | Per request whose first token was sampled after a remote prefill was tried (decode daemons): arrival at the daemon to the request entering the engine, i.e. the wait for a transfer thread, the remote prefill, its KV transfer and retries. The transfer phase of the request's timings. |
 // | sieve_prefill_attention_density             | histogram | model                | Per prefill step under a sparse prefill method: fraction of the causal (query, key) pairs, i.e. of the causal tiles' work, its attention computed over all layers and heads (1: all dense). Buckets 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 0.9, 1. |
 // | sieve_prefill_sparse_index_seconds          | histogram | model                | Per prefill step under a sparse prefill method: seconds spent building the sparse indices (estimators and plans, all layers). |
 // | sieve_decode_kv_read_fraction               | histogram | model                | Per decode step under a sparse decode method: fraction of the (query, key) pairs dense attention would read that the step's attention read, over every layer and head (1: all dense). Buckets 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 0.9, 0.99, 1. |
@@ -214,6 +215,7 @@ class Metrics : public engine::EngineObserver {
   prometheus::Counter* kv_retries_ = nullptr;
   std::array<prometheus::Counter*, 2> prefills_{};
   prometheus::Gauge* prefill_reachable_ = nullptr;
+  prometheus::Histogram* request_transfer_s_ = nullptr;
 
   mutable absl::Mutex mu_;
   // Cumulative prefix-cache totals last seen in OnLoad, to turn them into counter increments.

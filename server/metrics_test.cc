@@ -67,6 +67,7 @@ const std::vector<std::pair<std::string, std::string>>& DocumentedFamilies() {
       {"sieve_step_tokens_total", "counter"},
       {"sieve_http_requests_total", "counter"},
       {"sieve_http_request_duration_seconds", "histogram"},
+      {"sieve_request_transfer_seconds", "histogram"},
   };
   return *kFamilies;
 }
@@ -156,6 +157,27 @@ TEST(MetricsTest, ServesEveryDocumentedFamilyAtZero) {
   std::vector<MetricSample> buckets = p.All("sieve_request_time_to_first_token_seconds_bucket");
   ASSERT_EQ(buckets.size(), LatencyBucketsSeconds().size() + 1);
   EXPECT_EQ(buckets.back().labels.at("le"), "+Inf");
+}
+
+// The transfer phase of a decode daemon's request: observed (and already inside TTFT, which the
+// engine computes) only for requests that had one.
+TEST(MetricsTest, TransferPhaseIsObservedForRequestsThatHadOne) {
+  std::unique_ptr<Metrics> m = MakeMetrics();
+  ASSERT_NE(m, nullptr);
+  engine::RequestTimings local;
+  local.time_to_first_token_s = 0.2;
+  m->OnFirstToken(local);
+  engine::RequestTimings remote;
+  remote.transfer_s = 0.75;
+  remote.time_to_first_token_s = 0.95;
+  m->OnFirstToken(remote);
+  ParsedMetrics p = Scrape(*m);
+  EXPECT_EQ(p.Find("sieve_request_transfer_seconds_count"), 1.0);
+  EXPECT_NEAR(*p.Find("sieve_request_transfer_seconds_sum"), 0.75, 1e-12);
+  EXPECT_EQ(p.Find("sieve_request_transfer_seconds_bucket", {{"le", "0.5"}}), 0.0);
+  EXPECT_EQ(p.Find("sieve_request_transfer_seconds_bucket", {{"le", "1"}}), 1.0);
+  EXPECT_EQ(p.Find("sieve_request_time_to_first_token_seconds_count"), 2.0);
+  EXPECT_NEAR(*p.Find("sieve_request_time_to_first_token_seconds_sum"), 1.15, 1e-12);
 }
 
 TEST(MetricsTest, RequestEventsUpdateHistogramsAndCounters) {

@@ -46,6 +46,10 @@ bool Retryable(const absl::Status& s) {
     case absl::StatusCode::kInternal:
     case absl::StatusCode::kResourceExhausted:
     case absl::StatusCode::kUnknown:
+    // A prefill daemon that refuses this daemon's credentials: another may accept them (e.g.
+    // while a token is rotated); when none does, the fallback decides.
+    case absl::StatusCode::kUnauthenticated:
+    case absl::StatusCode::kPermissionDenied:
       return true;
     default:
       return false;
@@ -97,7 +101,7 @@ std::shared_ptr<TransferCancellation> RemotePrefill::Start(
   auto cancel = std::make_shared<TransferCancellation>();
   {
     std::lock_guard<std::mutex> lock(mu_);
-    queue_.push_back(Job{std::move(prompt), deadline, std::move(done), cancel});
+    queue_.push_back(Job{std::move(prompt), deadline, std::move(done), cancel, absl::Now()});
     ++pending_;
   }
   cv_.notify_one();
@@ -161,6 +165,8 @@ void RemotePrefill::Monitor() {
 
 absl::Status RemotePrefill::Run(const Job& job, double& transfer_s) {
   const absl::Time start = absl::Now();
+  // The transfer phase of the request's timings runs from its arrival here (job.queued): the
+  // wait for this thread is part of what the request spent before the engine saw it.
   engine::Engine* engine = engine_.load(std::memory_order_acquire);
   auto local = [&](const char* why) {
     if (events_.on_placed) events_.on_placed(false);
@@ -206,7 +212,7 @@ absl::Status RemotePrefill::Run(const Job& job, double& transfer_s) {
     }
     if (result.ok()) {
       (void)engine->CommitKvImport(import->id);
-      transfer_s = SecondsSince(start);
+      transfer_s = SecondsSince(job.queued);
       if (events_.on_placed) events_.on_placed(true);
       if (LogEnabled(LogLevel::kDebug)) {
         Log(LogLevel::kDebug,
@@ -227,7 +233,7 @@ absl::Status RemotePrefill::Run(const Job& job, double& transfer_s) {
     absl::SleepFor(absl::Milliseconds(20 * attempt));
   }
   (void)engine->AbortKvImport(import->id);
-  transfer_s = SecondsSince(start);
+  transfer_s = SecondsSince(job.queued);
   if (job.cancel->cancelled()) return absl::CancelledError("the request was cancelled");
   if (absl::Now() >= job.deadline) return absl::DeadlineExceededError("the deadline passed");
   Log(LogLevel::kWarning, absl::StrCat("remote prefill of ", job.prompt.size(),
@@ -235,6 +241,12 @@ absl::Status RemotePrefill::Run(const Job& job, double& transfer_s) {
                                        config_.fallback == "local" ? "; prefilling locally" : ""));
   if (config_.fallback == "local" && last.code() != absl::StatusCode::kFailedPrecondition) {
     return local("the remote prefill failed");
+  }
+  if (last.code() == absl::StatusCode::kUnauthenticated ||
+      last.code() == absl::StatusCode::kPermissionDenied) {
+    // The client authenticated with this daemon; what failed is this daemon's own credentials
+    // with the prefill tier: a deployment problem, reported as such (not as the client's).
+    return absl::FailedPreconditionError(last.message());
   }
   return last;
 }

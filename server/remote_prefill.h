@@ -15,9 +15,10 @@
 //      token itself, with the request's own sampling parameters and random stream. That is why
 //      a decode daemon's output is token-for-token what a `both` daemon gives: the token the
 //      prefill side sampled (greedily, for its own check) is not streamed.
-// A failed attempt (connection lost, stall, checksum) is retried, on whichever prefill daemon the
-// round-robin channel picks next, up to disaggregation.max_attempts; a model or layout mismatch is
-// not retried. When every attempt failed, disaggregation.fallback decides: "local" calls `done`
+// A failed attempt (connection lost, stall, checksum, credentials refused) is retried up to
+// disaggregation.max_attempts; the transport picks the least-loaded prefill daemon for each
+// attempt and ranks one that just failed behind the others (server/prefill_balancer.h). A model
+// or layout mismatch is not retried. When every attempt failed, disaggregation.fallback decides: "local" calls `done`
 // with OK and the engine prefills the whole prompt here; "fail" calls it with the error. Every
 // failure path aborts the import, so no page stays held; cancellation (the client's) reaches the
 // transfer at once through the returned handle.
@@ -84,7 +85,8 @@ class RemotePrefill {
 
   // Runs the remote prefill of `prompt` (see the file comment) and calls `done` once, on a
   // transfer thread, with OK (submit the request now) or the error to fail it with, and the
-  // seconds the transfer took. Cancel the returned handle to stop it (`done` then gets
+  // seconds of the transfer phase: from this call to `done`, when a remote prefill was tried
+  // (the request's RequestSpec::kv_transfer_s), else 0. Cancel the returned handle to stop it (`done` then gets
   // Cancelled).
   std::shared_ptr<TransferCancellation> Start(
       std::vector<int32_t> prompt, absl::Time deadline,
@@ -107,6 +109,7 @@ class RemotePrefill {
     absl::Time deadline;
     std::function<void(absl::Status, double)> done;
     std::shared_ptr<TransferCancellation> cancel;
+    absl::Time queued;  // when Start() queued it
   };
 
   void Work();

@@ -60,6 +60,8 @@ std::shared_ptr<TransferCancellation> RequestGate::Submit(engine::Engine& engine
     return remote->Start(prepared->prompt, deadline,
                          [target, prepared, done = std::move(done)](absl::Status placed,
                                                                     double transfer_s) {
+                           // The transfer phase counts in the request's timings (TTFT).
+                           prepared->kv_transfer_s = transfer_s;
                            absl::StatusOr<engine::RequestId> id =
                                placed.ok() ? target->Submit(std::move(*prepared))
                                            : absl::StatusOr<engine::RequestId>(placed);

@@ -35,7 +35,6 @@ struct SieveService::Stream {
   bool cancelled ABSL_GUARDED_BY(mu) = false;  // the client went away or the deadline passed
   // A remote prefill in progress (decode daemons), cancelled with the call.
   std::shared_ptr<TransferCancellation> transfer ABSL_GUARDED_BY(mu);
-  double kv_transfer_s ABSL_GUARDED_BY(mu) = 0;  // seconds the remote prefill took
   bool finished ABSL_GUARDED_BY(mu) = false;   // Finish or StartWriteAndFinish was issued
   grpc::StatusCode final_code ABSL_GUARDED_BY(mu) = grpc::StatusCode::OK;
 
@@ -192,14 +191,8 @@ void SieveService::Stream::Pump() {
         in_flight.set_request_id(response_id);
         action = Action::kWrite;
         if (outcome.has_value() && !failed) {
+          // The engine's timings include the transfer phase (RequestSpec::kv_transfer_s).
           ToCompletion(*outcome, in_flight.mutable_complete());
-          if (kv_transfer_s > 0) {
-            // The engine's clock started when the transfer ended: add it where it belongs.
-            v1::Timings* t = in_flight.mutable_complete()->mutable_timings();
-            t->set_kv_transfer_seconds(kv_transfer_s);
-            t->set_time_to_first_token_seconds(t->time_to_first_token_seconds() + kv_transfer_s);
-            t->set_total_seconds(t->total_seconds() + kv_transfer_s);
-          }
           action = Action::kWriteAndFinish;
         }
       } else {
@@ -303,7 +296,6 @@ void SieveService::OnSubmitted(const std::shared_ptr<Stream>& shared,
   {
     absl::MutexLock lock(&stream.mu);
     stream.engine_id = *id;
-    stream.kv_transfer_s = transfer_s;
     cancelled = stream.cancelled;
   }
   // OnCancel may have run before the id was known.

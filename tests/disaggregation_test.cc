@@ -6,6 +6,7 @@
 // prefill daemon of another model is refused.
 #include <signal.h>
 
+#include <atomic>
 #include <random>
 #include <string>
 #include <thread>
@@ -333,6 +334,110 @@ TEST_F(DisaggregationTest, APrefillDaemonOfAnotherModelIsRefused) {
   EXPECT_EQ(local.ids.size(), 4u);
   EXPECT_EQ(decode->Metrics().Sum("sieve_kv_transfers_total", {{"outcome", "failed"}}), 1);
   for (Sieved* x : all_) EXPECT_TRUE(NoPagesHeld(*x)) << x->target();
+}
+
+// Load-aware choice of the prefill daemon. One prefill daemon pauses 250 ms before each of the
+// 40 one-page chunks of a 641-token prompt: once it holds a transfer for the decode daemon, it
+// keeps it for at least 10 s. While it does, the decode daemon counts 641 tokens in flight there
+// and none on the other, so every request it sends meanwhile must go to the other; plain
+// round-robin would send every other one to the busy daemon. Requests are sent one at a time,
+// each only after checking (on the busy daemon's metrics) that its transfer still runs and within
+// 5 s of first seeing it run, which leaves 5 s of margin before it can end.
+TEST_F(DisaggregationTest, RequestsAvoidAPrefillDaemonBusyWithATransfer) {
+  Sieved* slow = Keep(Sieved::StartServing({"--set", "server.role=prefill", "--set",
+                                            "disaggregation.chunk_bytes=65536",
+                                            "--testing-kv-chunk-delay-ms", "250"}));
+  Sieved* fast = Keep(Sieved::StartServing({"--set", "server.role=prefill"}));
+  Sieved* decode = Keep(Sieved::StartServing(
+      {"--set", "server.role=decode", "--set",
+       absl::StrCat("disaggregation.prefill_target=", Target({slow, fast})), "--set",
+       "disaggregation.local_prefill_below_tokens=64", "--set", "disaggregation.fallback=fail"}));
+  ASSERT_FALSE(HasFailure());
+  auto in_flight = [](Sieved* p) {
+    return p->Metrics().Sum("sieve_kv_transfers_in_flight", {{"direction", "sent"}});
+  };
+  auto served = [](Sieved* p) {
+    return p->Metrics().Sum("sieve_kv_transfers_total", {{"direction", "sent"}, {"outcome", "ok"}});
+  };
+  // Background requests until one is on the slow daemon (idle daemons tie: round-robin, so this
+  // takes one or two).
+  std::vector<std::thread> background;
+  std::atomic<int> background_failed{0};
+  uint32_t seed = 500;
+  for (int i = 0; i < 6 && in_flight(slow) == 0; ++i) {
+    background.emplace_back([&, s = seed++] {
+      if (!Generate(*decode->stub(), Greedy(RandomPrompt(641, s), 2)).status.ok()) {
+        ++background_failed;
+      }
+    });
+    PollUntil([&] { return in_flight(slow) > 0 || served(fast) > i; }, absl::Seconds(10));
+  }
+  ASSERT_TRUE(PollUntil([&] { return in_flight(slow) == 1; }));
+  const absl::Time busy_seen = absl::Now();
+  ASSERT_TRUE(PollUntil([&] { return in_flight(fast) == 0; }));
+  const double fast_before = served(fast);
+
+  int sent = 0;
+  while (sent < 8 && absl::Now() - busy_seen < absl::Seconds(5) && in_flight(slow) == 1) {
+    const StreamResult r = Generate(*decode->stub(), Greedy(RandomPrompt(641, seed++), 2));
+    ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+    ++sent;
+  }
+  std::cerr << sent << " requests sent while the slow prefill daemon was busy\n";
+  EXPECT_GE(sent, 2) << "too few requests fit the window to tell the choice from round-robin";
+  // (A prefill daemon counts a transfer when its call is done, just after the last message.)
+  PollUntil([&] { return served(fast) - fast_before >= sent; }, absl::Seconds(5));
+  EXPECT_EQ(served(fast) - fast_before, sent) << "a request went to the busy prefill daemon";
+  EXPECT_EQ(in_flight(slow), 1);  // still busy: every request above saw it so
+
+  for (std::thread& t : background) t.join();
+  EXPECT_EQ(background_failed.load(), 0);
+  EXPECT_TRUE(PollUntil([&] { return served(slow) == 1; }, absl::Seconds(5))) << served(slow);
+  EXPECT_EQ(decode->Metrics().Sum("sieve_kv_transfer_retries_total"), 0);
+  for (Sieved* x : all_) EXPECT_TRUE(NoPagesHeld(*x)) << x->target();
+}
+
+// The transfer is a phase of the request on a decode daemon: its Completion's
+// kv_transfer_seconds, its time to first token and the daemon's TTFT histogram include it. The
+// prefill daemon pauses 25 ms before each of 40 one-page chunks, so the transfer phase lasts at
+// least 40 x 25 ms = 1 s (each pause is a sleep of at least that long, and the last page lands
+// after the last pause).
+TEST_F(DisaggregationTest, TransferPhaseIsPartOfTimeToFirstToken) {
+  Sieved* p = Keep(Sieved::StartServing({"--set", "server.role=prefill", "--set",
+                                         "disaggregation.chunk_bytes=65536",
+                                         "--testing-kv-chunk-delay-ms", "25"}));
+  Sieved* decode = Keep(Sieved::StartServing(
+      {"--set", "server.role=decode", "--set",
+       absl::StrCat("disaggregation.prefill_target=", Target({p})), "--set",
+       "disaggregation.local_prefill_below_tokens=64", "--set", "disaggregation.fallback=fail"}));
+  ASSERT_FALSE(HasFailure());
+  const StreamResult r = Generate(*decode->stub(), Greedy(RandomPrompt(641, 77), 4));
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  ASSERT_TRUE(r.completion.has_value());
+  const v1::Timings& t = r.completion->timings();
+  EXPECT_GE(t.kv_transfer_seconds(), 1.0);
+  // The engine's phases follow the transfer: TTFT = transfer + queue + prefill (to the 1e-6 of
+  // summing doubles), and the total covers all.
+  EXPECT_NEAR(t.time_to_first_token_seconds(),
+              t.kv_transfer_seconds() + t.queue_seconds() + t.prefill_seconds(), 1e-6);
+  EXPECT_GE(t.total_seconds(), t.time_to_first_token_seconds());
+  // The metrics saw the same: one transfer phase, and a TTFT observation that contains it. The
+  // histograms' sums are printed with at least 1e-9 precision.
+  // (The engine reports a request's end to the metrics just after its stream's last message.)
+  EXPECT_TRUE(PollUntil(
+      [&] { return decode->Metrics().Sum("sieve_request_e2e_latency_seconds_count") == 1; }));
+  const test_support::ParsedMetrics m = decode->Metrics();
+  EXPECT_EQ(m.Sum("sieve_request_transfer_seconds_count"), 1);
+  EXPECT_NEAR(m.Sum("sieve_request_transfer_seconds_sum"), t.kv_transfer_seconds(), 1e-6);
+  EXPECT_EQ(m.Sum("sieve_request_time_to_first_token_seconds_count"), 1);
+  EXPECT_NEAR(m.Sum("sieve_request_time_to_first_token_seconds_sum"),
+              t.time_to_first_token_seconds(), 1e-6);
+  EXPECT_GE(m.Sum("sieve_request_e2e_latency_seconds_sum"), t.kv_transfer_seconds());
+  // A local prefill (short prompt) has no transfer phase.
+  const StreamResult local = Generate(*decode->stub(), Greedy(RandomPrompt(40, 78), 4));
+  ASSERT_TRUE(local.status.ok() && local.completion.has_value());
+  EXPECT_EQ(local.completion->timings().kv_transfer_seconds(), 0);
+  EXPECT_EQ(decode->Metrics().Sum("sieve_request_transfer_seconds_count"), 1);
 }
 
 TEST(DisaggregationConfigTest, ADecodeDaemonWithoutPrefillTargetDoesNotStart) {

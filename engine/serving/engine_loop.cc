@@ -323,11 +323,13 @@ void Engine::Impl::Finish(ActiveRequest& r, FinishReason reason, absl::Status st
 
 RequestTimings Engine::Impl::Timings(const ActiveRequest& r, EngineClock::time_point end) const {
   RequestTimings t;
-  t.total_s = Seconds(end - r.arrival);
-  t.queue_s = r.scheduled ? Seconds(r.first_scheduled - r.arrival) : t.total_s;
+  const double engine_s = Seconds(end - r.arrival);
+  t.transfer_s = std::max(0.0, r.spec.kv_transfer_s);
+  t.total_s = t.transfer_s + engine_s;
+  t.queue_s = r.scheduled ? Seconds(r.first_scheduled - r.arrival) : engine_s;
   if (r.generated > 0) {
     t.prefill_s = Seconds(r.first_token - r.first_scheduled);
-    t.time_to_first_token_s = Seconds(r.first_token - r.arrival);
+    t.time_to_first_token_s = t.transfer_s + Seconds(r.first_token - r.arrival);
     t.decode_s = Seconds(r.last_token - r.first_token);
   }
   return t;

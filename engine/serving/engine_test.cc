@@ -541,6 +541,34 @@ TEST_F(EngineTest, DrainingRefusesNewRequestsAndFinishesOldOnes) {
   ExpectBaseline(*e);
 }
 
+// Time spent before Submit fetching the prompt's KV elsewhere (a decode daemon's transfer phase)
+// counts in the time to first token and the total, and nowhere in the engine's own phases. The
+// 40 s given here is never waited: the engine adds it, so the checks hold exactly (to the 1e-6 of
+// summing seconds) and the engine's own phases stay far below it.
+TEST_F(EngineTest, TransferPhaseCountsInTimeToFirstTokenAndTotal) {
+  CountingObserver obs;
+  auto e = Make(Config(), &obs);
+  ASSERT_NE(e, nullptr);
+  const Case& c = (*golden_)[0];
+  auto sink = std::make_shared<RecordingSink>();
+  RequestSpec spec = Greedy(c.prompt, c.max_tokens, sink);
+  spec.kv_transfer_s = 40.0;
+  ASSERT_TRUE(e->Submit(std::move(spec)).ok());
+  ASSERT_TRUE(sink->WaitFinished());
+  EXPECT_EQ(sink->tokens(), c.want);
+  const RequestTimings t = sink->outcome().timings;
+  EXPECT_EQ(t.transfer_s, 40.0);
+  EXPECT_LT(t.queue_s + t.prefill_s + t.decode_s, 40.0);
+  EXPECT_NEAR(t.time_to_first_token_s, 40.0 + t.queue_s + t.prefill_s, 1e-6);
+  EXPECT_GE(t.total_s, t.time_to_first_token_s + t.decode_s - 1e-6);
+  EXPECT_EQ(obs.bad_timings, 0);
+  // A request without one has none.
+  auto plain = Run(*e, c);
+  ASSERT_TRUE(plain->WaitFinished());
+  EXPECT_EQ(plain->outcome().timings.transfer_s, 0);
+  EXPECT_LT(plain->outcome().timings.time_to_first_token_s, 40.0);
+}
+
 TEST_F(EngineTest, RepeatedLongPromptHitsThePrefixCache) {
   auto e = Make(Config());
   ASSERT_NE(e, nullptr);

@@ -41,12 +41,15 @@ struct TokenDelta {
 };
 
 // Seconds spent in each phase of a request, measured by the engine.
+// "Arrival" is Submit(), preceded by RequestSpec::kv_transfer_s when the caller had the prompt's
+// KV computed elsewhere first: that phase counts in time_to_first_token_s and total_s too.
 struct RequestTimings {
   double queue_s = 0;                // arrival -> first scheduled (first prefill chunk)
   double prefill_s = 0;              // first prefill chunk -> first token sampled
-  double time_to_first_token_s = 0;  // arrival -> first token sampled
+  double time_to_first_token_s = 0;  // transfer + arrival -> first token sampled
   double decode_s = 0;               // first token -> last token
-  double total_s = 0;                // arrival -> finish
+  double total_s = 0;                // transfer + arrival -> finish
+  double transfer_s = 0;             // RequestSpec::kv_transfer_s: before arrival
 };
 
 // A hold on cached KV pages whose contents are being read for another process (disaggregated
@@ -103,6 +106,11 @@ struct RequestSpec {
   // Decode with dense attention whatever attention.decode.method says (GenerateRequest
   // decode_attention DENSE), e.g. for a client that wants exact attention.
   bool dense_decode = false;
+  // Seconds the caller spent before Submit having the prompt's KV computed elsewhere and imported
+  // here (disaggregated serving: a decode daemon's remote prefill, with its wait for a transfer
+  // thread and its retries). Not run by the engine; added to the request's time to first token
+  // and total, and reported as RequestTimings::transfer_s. >= 0.
+  double kv_transfer_s = 0;
   std::shared_ptr<RequestSink> sink;     // required
 };
 
