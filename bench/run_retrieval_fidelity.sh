@@ -5,13 +5,18 @@
 #
 #   bench/run_retrieval_fidelity.sh [--lengths 8192,32768,131072] [--count 24,6,2]
 #       [--backend cpu|cuda] [--bin PATH] [--out DIR]
+#   bench/run_retrieval_fidelity.sh pack [PACK_DIR]   # here: the binary and its shared libraries
+#                                                     # into PACK_DIR (default .device-pack-fidelity)
 #
 # Defaults: lengths 8192,32768, counts 24,6, backend cpu, bin build/bench/retrieval_fidelity,
 # out bench/results/fidelity-<date>. Writes prompts.jsonl, table.md (the bench's output) and
 # results.json into --out. Needs python3 with torch (the prompt generator); Debian's
-# python3-torch will do. On the GPU machine: build here, carry the binary with
-# `shared/tools/pack-for-device.sh` (or scripts/gpu-tests.sh's way), pass --bin and
-# --backend cuda. The CI-sized form is tests/retrieval_model_test.sh (ctest -R retrieval_model).
+# python3-torch will do. On the GPU machine (which has torch and 16 cores but not Abseil or
+# oneDNN): `pack` here (about 80 MB: carry it as `tar cJf` of PACK_DIR, ~20 MB), and there run
+#   bench/run_retrieval_fidelity.sh --bin .device-pack-fidelity/bin/retrieval_fidelity ...
+# (the libraries are found beside it). --backend cuda needs a model whose head_dim the CUDA
+# kernels take (64 or 128); models/retrieval has 32, so run it there on the CPU backend.
+# The CI-sized form is tests/retrieval_model_test.sh (ctest -R retrieval_model).
 #
 # Policies: dense; XAttention at tau 0.9 (default) and 0.95; MInference (default sizes); Quest
 # and DoubleSparsity at budgets 4096 (default), 1024, 256; XAttention 0.9 + Quest 1024. The
@@ -20,6 +25,17 @@
 # two of an 8B model's 32 layers dense; this model has 2 layers, so 2 would switch them off).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [[ ${1:-} == pack ]]; then
+  pack=${2:-.device-pack-fidelity}
+  ninja -C build retrieval_fidelity
+  rm -rf "$pack" && mkdir -p "$pack/bin" "$pack/lib"
+  cp build/bench/retrieval_fidelity "$pack/bin/" && strip --strip-unneeded "$pack/bin/"*
+  ldd "$pack/bin/retrieval_fidelity" | awk '/=> \//{print $3}' | sort -u |
+    grep -vE '/(libc|libm|libpthread|libdl|librt|ld-linux[^/]*|libgcc_s|libstdc\+\+)\.so|/libcu[a-zA-Z]*\.so|/libnv[a-zA-Z_]*\.so' |
+    xargs -r cp -Lu -t "$pack/lib/"
+  echo "packed retrieval_fidelity into $pack ($(du -sh "$pack" | cut -f1))"
+  exit 0
+fi
 lengths=8192,32768 count=24,6 backend=cpu bin=build/bench/retrieval_fidelity
 out=bench/results/fidelity-$(date -u +%Y-%m-%d)
 while [[ $# -gt 0 ]]; do
@@ -33,6 +49,8 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 [[ -x $bin ]] || { echo "no $bin: build it (ninja -C build retrieval_fidelity)" >&2; exit 2; }
+libs=$(cd "$(dirname "$bin")/../lib" 2>/dev/null && pwd || true)
+[[ -n $libs ]] && export LD_LIBRARY_PATH="$libs:${LD_LIBRARY_PATH:-}"
 py=python3
 [[ -x /usr/bin/python3 ]] && /usr/bin/python3 -c 'import torch' 2>/dev/null && py=/usr/bin/python3
 mkdir -p "$out"
