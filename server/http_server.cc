@@ -164,12 +164,41 @@ absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(HttpServerOptions 
     int yes = 1;
     setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
   });
-  s.Post("/v1/completions", [self](const httplib::Request& req, httplib::Response& res) {
-    self->Handle(req, res, /*chat=*/false);
-  });
-  s.Post("/v1/chat/completions", [self](const httplib::Request& req, httplib::Response& res) {
-    self->Handle(req, res, /*chat=*/true);
-  });
+  // The body is read here, not by cpp-httplib: 0.11 applies set_payload_max_length to
+  // Content-Length bodies only and would read a chunked body of any size into memory. Past the
+  // limit the rest is read and dropped (as cpp-httplib skips a too long Content-Length body), so
+  // the connection stays usable.
+  auto post = [self](bool chat) {
+    return [self, chat](const httplib::Request& req, httplib::Response& res,
+                        const httplib::ContentReader& content) {
+      const size_t limit = static_cast<size_t>(self->options_.max_request_bytes);
+      std::string body;
+      bool too_large = false;
+      // Without Content-Length or Transfer-Encoding a request has no body (RFC 9112 6.3).
+      const bool has_body = req.has_header("Content-Length") ||
+                            req.has_header("Transfer-Encoding");
+      const bool read = !has_body || content([&](const char* data, size_t n) {
+        too_large = too_large || body.size() + n > limit;
+        if (!too_large) body.append(data, n);
+        return true;
+      });
+      if (!read || too_large) {
+        openai::ApiError e;
+        e.http_status = too_large || res.status == 413 ? 413 : 400;
+        e.type = "invalid_request_error";
+        e.message = e.http_status == 413
+                        ? absl::StrCat("the request body exceeds http.max_request_bytes (", limit,
+                                       " bytes)")
+                        : "the request body could not be read";
+        SendError(res, e);
+        self->Done(RouteOf(req.path), e.http_status, absl::Now());
+        return;
+      }
+      self->Handle(req, body, res, chat);
+    };
+  };
+  s.Post("/v1/completions", post(/*chat=*/false));
+  s.Post("/v1/chat/completions", post(/*chat=*/true));
   s.Get("/v1/models", [self](const httplib::Request& req, httplib::Response& res) {
     const absl::Time start = absl::Now();
     if (absl::Status auth = self->Authenticate(req); !auth.ok()) {
@@ -319,7 +348,8 @@ void HttpServer::HandleModels(httplib::Response& res) {
   SendJson(res, 200, list.dump());
 }
 
-void HttpServer::Handle(const httplib::Request& req, httplib::Response& res, bool chat) {
+void HttpServer::Handle(const httplib::Request& req, const std::string& body,
+                        httplib::Response& res, bool chat) {
   const absl::Time start = absl::Now();
   const Endpoint endpoint = chat ? Endpoint::kChatCompletions : Endpoint::kCompletions;
   const std::string_view route = chat ? kHttpRoutes[1] : kHttpRoutes[0];
@@ -333,7 +363,7 @@ void HttpServer::Handle(const httplib::Request& req, httplib::Response& res, boo
   // Authentication (the gRPC port's tokens) first: every generation request passes this point.
   if (absl::Status auth = Authenticate(req); !auth.ok()) return fail(auth);
 
-  absl::StatusOr<openai::ParsedRequest> parsed = openai::ParseRequest(req.body, endpoint);
+  absl::StatusOr<openai::ParsedRequest> parsed = openai::ParseRequest(body, endpoint);
   if (!parsed.ok()) return fail(parsed.status());
   absl::StatusOr<engine::Engine*> engine = gate_->Available();
   if (!engine.ok()) return fail(engine.status());

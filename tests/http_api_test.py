@@ -325,6 +325,31 @@ class HttpApiTest(unittest.TestCase):
                                greedy(prompt="x " * MAX_REQUEST_BYTES))
         self.assertEqual(status, 413)
         self.assertIn("max_request_bytes", r["error"]["message"])
+        # The same body sent chunked (no Content-Length) meets the same limit, and the
+        # connection then serves the next request.
+        conn = http.client.HTTPConnection("127.0.0.1", DAEMON.http_port, timeout=60)
+        big = json.dumps(chat_body(messages=[{"role": "user",
+                                               "content": "x " * MAX_REQUEST_BYTES}])).encode()
+        conn.request("POST", "/v1/chat/completions",
+                     body=(big[i:i + 4096] for i in range(0, len(big), 4096)),
+                     headers={"Content-Type": "application/json"}, encode_chunked=True)
+        resp = conn.getresponse()
+        r = json.loads(resp.read().decode())
+        self.assertEqual(resp.status, 413, r)
+        self.assertEqual(r["error"]["type"], "invalid_request_error")
+        self.assertIn("max_request_bytes", r["error"]["message"])
+        conn.request("POST", "/v1/completions", body=json.dumps(greedy(max_tokens=2)),
+                      headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        self.assertEqual(resp.status, 200, resp.read())
+        resp.read()
+        # A POST without a body (no Content-Length): an OpenAI-shaped 400 at once.
+        conn.request("POST", "/v1/completions")
+        resp = conn.getresponse()
+        r = json.loads(resp.read().decode())
+        self.assertEqual(resp.status, 400, r)
+        self.assertIn("JSON", r["error"]["message"])
+        conn.close()
 
     def test_chat_unstreamed_and_streamed(self):
         status, _, whole = request("POST", "/v1/chat/completions", chat_body())
