@@ -413,6 +413,29 @@ class HttpApiTest(unittest.TestCase):
         self.assertEqual(metric_sum(DAEMON.metrics(), "sieve_requests_total",
                                     outcome="cancelled"), cancelled_before + 1)
 
+    def test_readme_curl_examples(self):
+        """The README's curl commands (section "Over HTTP"), their routes and bodies as written."""
+        with open(os.path.join(ARGS.source_dir, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        section = readme[readme.index("### Over HTTP"):]
+        section = section[:section.index("\n## ")]
+        commands = re.findall(r"curl -s(N?) localhost:8000(/v1/[a-z/]+) .*?-d '([^']*)'", section,
+                              re.S)
+        self.assertEqual([c[1] for c in commands], ["/v1/completions", "/v1/chat/completions"])
+        for streamed, route, body in commands:
+            with self.subTest(route=route):
+                body = json.loads(body)
+                if streamed:
+                    status, ctype, events = stream(route, body)
+                    self.assertEqual(status, 200, events)
+                    self.assertTrue(ctype.startswith("text/event-stream"), ctype)
+                    self.assertEqual(events[-1], "[DONE]")
+                    self.assertEqual(events[0]["object"], "chat.completion.chunk")
+                else:
+                    status, _, r = request("POST", route, body)
+                    self.assertEqual(status, 200, r)
+                    self.assertEqual(r["choices"][0]["finish_reason"], "length")
+
     def test_http_metrics(self):
         request("POST", "/v1/completions", greedy(max_tokens=2))
         request("POST", "/v1/completions", greedy(n=3))
