@@ -1,7 +1,11 @@
 #include "server/http_server.h"
 
+#include <dirent.h>
+#include <netdb.h>
 #include <signal.h>
 #include <sys/socket.h>
+
+#include <cerrno>
 
 #include <optional>
 #include <utility>
@@ -39,6 +43,46 @@ std::string_view RouteOf(const std::string& path) {
     if (path == route) return route;
   }
   return "other";
+}
+
+// The socket of `req`'s connection, found by its two ends (cpp-httplib 0.11 does not expose it;
+// later versions have Request::is_connection_closed); -1 if not found. The handler's thread owns
+// the connection, so the descriptor stays this socket while the handler runs.
+int ClientSocket(const httplib::Request& req) {
+  DIR* dir = opendir("/proc/self/fd");
+  if (dir == nullptr) return -1;
+  int found = -1;
+  const std::string remote_port = absl::StrCat(req.remote_port);
+  const std::string local_port = absl::StrCat(req.local_port);
+  while (const dirent* entry = readdir(dir)) {
+    int fd = -1;
+    sockaddr_storage peer{}, local{};
+    socklen_t peer_len = sizeof(peer), local_len = sizeof(local);
+    char host[NI_MAXHOST], port[NI_MAXSERV], own_port[NI_MAXSERV];
+    if (!absl::SimpleAtoi(entry->d_name, &fd) ||
+        getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &peer_len) != 0 ||
+        getsockname(fd, reinterpret_cast<sockaddr*>(&local), &local_len) != 0 ||
+        getnameinfo(reinterpret_cast<sockaddr*>(&peer), peer_len, host, sizeof(host), port,
+                    sizeof(port), NI_NUMERICHOST | NI_NUMERICSERV) != 0 ||
+        getnameinfo(reinterpret_cast<sockaddr*>(&local), local_len, nullptr, 0, own_port,
+                    sizeof(own_port), NI_NUMERICSERV) != 0) {
+      continue;
+    }
+    if (req.remote_addr == host && remote_port == port && local_port == own_port) {
+      found = fd;
+      break;
+    }
+  }
+  closedir(dir);
+  return found;
+}
+
+// Whether the client closed or reset the connection: a peek reads end-of-stream or fails. (A
+// client that only shuts down its sending side counts as gone too.)
+bool ClientLeft(int fd) {
+  char c;
+  const ssize_t n = recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+  return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
 }
 
 // Splits "host:port" / "[v6]:port"; nullopt when malformed.
@@ -381,11 +425,20 @@ void HttpServer::Handle(const httplib::Request& req, const std::string& body,
       endpoint, id, absl::ToUnixSeconds(start), model, *parsed, (*engine)->tokenizer());
   if (parsed->stream) return Stream(*exchange, builder, endpoint, start, res);
 
-  // Unstreamed: wait for the whole output.
+  // Unstreamed: wait for the whole output, checking every second that the client is there.
   std::optional<engine::RequestOutcome> outcome;
+  int client = ClientSocket(req);
+  absl::Time next_check = absl::Now() + kHeartbeat;
   while (!outcome.has_value()) {
     engine::TokenDelta delta;
-    if ((*exchange)->Take(absl::Seconds(1), &delta, &outcome)) builder->Append(delta);
+    if ((*exchange)->Take(kHeartbeat, &delta, &outcome)) builder->Append(delta);
+    if (client >= 0 && !outcome.has_value() && absl::Now() >= next_check) {
+      next_check = absl::Now() + kHeartbeat;
+      if (ClientLeft(client)) {
+        (*exchange)->Cancel();  // the outcome (cancelled) follows
+        client = -1;
+      }
+    }
   }
   Unregister(exchange->get());
   if (outcome->finish == engine::FinishReason::kError ||
