@@ -1,7 +1,11 @@
 #include "server/http_server.h"
 
+#include <dirent.h>
+#include <netdb.h>
 #include <signal.h>
 #include <sys/socket.h>
+
+#include <cerrno>
 
 #include <optional>
 #include <utility>
@@ -39,6 +43,46 @@ std::string_view RouteOf(const std::string& path) {
     if (path == route) return route;
   }
   return "other";
+}
+
+// The socket of `req`'s connection, found by its two ends (cpp-httplib 0.11 does not expose it;
+// later versions have Request::is_connection_closed); -1 if not found. The handler's thread owns
+// the connection, so the descriptor stays this socket while the handler runs.
+int ClientSocket(const httplib::Request& req) {
+  DIR* dir = opendir("/proc/self/fd");
+  if (dir == nullptr) return -1;
+  int found = -1;
+  const std::string remote_port = absl::StrCat(req.remote_port);
+  const std::string local_port = absl::StrCat(req.local_port);
+  while (const dirent* entry = readdir(dir)) {
+    int fd = -1;
+    sockaddr_storage peer{}, local{};
+    socklen_t peer_len = sizeof(peer), local_len = sizeof(local);
+    char host[NI_MAXHOST], port[NI_MAXSERV], own_port[NI_MAXSERV];
+    if (!absl::SimpleAtoi(entry->d_name, &fd) ||
+        getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &peer_len) != 0 ||
+        getsockname(fd, reinterpret_cast<sockaddr*>(&local), &local_len) != 0 ||
+        getnameinfo(reinterpret_cast<sockaddr*>(&peer), peer_len, host, sizeof(host), port,
+                    sizeof(port), NI_NUMERICHOST | NI_NUMERICSERV) != 0 ||
+        getnameinfo(reinterpret_cast<sockaddr*>(&local), local_len, nullptr, 0, own_port,
+                    sizeof(own_port), NI_NUMERICSERV) != 0) {
+      continue;
+    }
+    if (req.remote_addr == host && remote_port == port && local_port == own_port) {
+      found = fd;
+      break;
+    }
+  }
+  closedir(dir);
+  return found;
+}
+
+// Whether the client closed or reset the connection: a peek reads end-of-stream or fails. (A
+// client that only shuts down its sending side counts as gone too.)
+bool ClientLeft(int fd) {
+  char c;
+  const ssize_t n = recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+  return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
 }
 
 // Splits "host:port" / "[v6]:port"; nullopt when malformed.
@@ -164,12 +208,41 @@ absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(HttpServerOptions 
     int yes = 1;
     setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
   });
-  s.Post("/v1/completions", [self](const httplib::Request& req, httplib::Response& res) {
-    self->Handle(req, res, /*chat=*/false);
-  });
-  s.Post("/v1/chat/completions", [self](const httplib::Request& req, httplib::Response& res) {
-    self->Handle(req, res, /*chat=*/true);
-  });
+  // The body is read here, not by cpp-httplib: 0.11 applies set_payload_max_length to
+  // Content-Length bodies only and would read a chunked body of any size into memory. Past the
+  // limit the rest is read and dropped (as cpp-httplib skips a too long Content-Length body), so
+  // the connection stays usable.
+  auto post = [self](bool chat) {
+    return [self, chat](const httplib::Request& req, httplib::Response& res,
+                        const httplib::ContentReader& content) {
+      const size_t limit = static_cast<size_t>(self->options_.max_request_bytes);
+      std::string body;
+      bool too_large = false;
+      // Without Content-Length or Transfer-Encoding a request has no body (RFC 9112 6.3).
+      const bool has_body = req.has_header("Content-Length") ||
+                            req.has_header("Transfer-Encoding");
+      const bool read = !has_body || content([&](const char* data, size_t n) {
+        too_large = too_large || body.size() + n > limit;
+        if (!too_large) body.append(data, n);
+        return true;
+      });
+      if (!read || too_large) {
+        openai::ApiError e;
+        e.http_status = too_large || res.status == 413 ? 413 : 400;
+        e.type = "invalid_request_error";
+        e.message = e.http_status == 413
+                        ? absl::StrCat("the request body exceeds http.max_request_bytes (", limit,
+                                       " bytes)")
+                        : "the request body could not be read";
+        SendError(res, e);
+        self->Done(RouteOf(req.path), e.http_status, absl::Now());
+        return;
+      }
+      self->Handle(req, body, res, chat);
+    };
+  };
+  s.Post("/v1/completions", post(/*chat=*/false));
+  s.Post("/v1/chat/completions", post(/*chat=*/true));
   s.Get("/v1/models", [self](const httplib::Request& req, httplib::Response& res) {
     const absl::Time start = absl::Now();
     if (absl::Status auth = self->Authenticate(req); !auth.ok()) {
@@ -319,7 +392,8 @@ void HttpServer::HandleModels(httplib::Response& res) {
   SendJson(res, 200, list.dump());
 }
 
-void HttpServer::Handle(const httplib::Request& req, httplib::Response& res, bool chat) {
+void HttpServer::Handle(const httplib::Request& req, const std::string& body,
+                        httplib::Response& res, bool chat) {
   const absl::Time start = absl::Now();
   const Endpoint endpoint = chat ? Endpoint::kChatCompletions : Endpoint::kCompletions;
   const std::string_view route = chat ? kHttpRoutes[1] : kHttpRoutes[0];
@@ -333,7 +407,7 @@ void HttpServer::Handle(const httplib::Request& req, httplib::Response& res, boo
   // Authentication (the gRPC port's tokens) first: every generation request passes this point.
   if (absl::Status auth = Authenticate(req); !auth.ok()) return fail(auth);
 
-  absl::StatusOr<openai::ParsedRequest> parsed = openai::ParseRequest(req.body, endpoint);
+  absl::StatusOr<openai::ParsedRequest> parsed = openai::ParseRequest(body, endpoint);
   if (!parsed.ok()) return fail(parsed.status());
   absl::StatusOr<engine::Engine*> engine = gate_->Available();
   if (!engine.ok()) return fail(engine.status());
@@ -351,11 +425,20 @@ void HttpServer::Handle(const httplib::Request& req, httplib::Response& res, boo
       endpoint, id, absl::ToUnixSeconds(start), model, *parsed, (*engine)->tokenizer());
   if (parsed->stream) return Stream(*exchange, builder, endpoint, start, res);
 
-  // Unstreamed: wait for the whole output.
+  // Unstreamed: wait for the whole output, checking every second that the client is there.
   std::optional<engine::RequestOutcome> outcome;
+  int client = ClientSocket(req);
+  absl::Time next_check = absl::Now() + kHeartbeat;
   while (!outcome.has_value()) {
     engine::TokenDelta delta;
-    if ((*exchange)->Take(absl::Seconds(1), &delta, &outcome)) builder->Append(delta);
+    if ((*exchange)->Take(kHeartbeat, &delta, &outcome)) builder->Append(delta);
+    if (client >= 0 && !outcome.has_value() && absl::Now() >= next_check) {
+      next_check = absl::Now() + kHeartbeat;
+      if (ClientLeft(client)) {
+        (*exchange)->Cancel();  // the outcome (cancelled) follows
+        client = -1;
+      }
+    }
   }
   Unregister(exchange->get());
   if (outcome->finish == engine::FinishReason::kError ||

@@ -105,8 +105,10 @@ class HttpServer {
   class ExchangeSink;
 
   HttpServer(HttpServerOptions options, RequestGate* gate);
-  // POST /v1/completions (chat false) and /v1/chat/completions (chat true).
-  void Handle(const httplib::Request& req, httplib::Response& res, bool chat);
+  // POST /v1/completions (chat false) and /v1/chat/completions (chat true); `body` is the
+  // request's body, read within http.max_request_bytes.
+  void Handle(const httplib::Request& req, const std::string& body, httplib::Response& res,
+              bool chat);
   // Registers an exchange for `spec`, submits it through the gate and waits for its placement;
   // the submission's error (unregistered again) if it failed.
   absl::StatusOr<std::shared_ptr<Exchange>> Submit(engine::Engine& engine,

@@ -163,6 +163,14 @@ def chat_body(**extra):
     return body
 
 
+def counts(usage):
+    """A usage object's token counts; prompt_tokens_details.cached_tokens depends on what the
+    prefix cache held when the request came (an earlier test's request with the same prompt)."""
+    details = usage.get("prompt_tokens_details") or {}
+    assert 0 <= details.get("cached_tokens", 0) <= usage["prompt_tokens"], usage
+    return {k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+
+
 def load(samples):
     return {
         "running": metric_sum(samples, "sieve_running_requests"),
@@ -225,7 +233,7 @@ class HttpApiTest(unittest.TestCase):
         usage_chunk = chunks[-1]
         self.assertEqual(usage_chunk["choices"], [])
         self.assertEqual(usage_chunk["usage"]["completion_tokens"], 12)
-        self.assertEqual(usage_chunk["usage"], whole["usage"])
+        self.assertEqual(counts(usage_chunk["usage"]), counts(whole["usage"]))
         text_chunks = chunks[:-1]
         self.assertGreaterEqual(len(text_chunks), 2)
         for c in text_chunks:
@@ -325,6 +333,31 @@ class HttpApiTest(unittest.TestCase):
                                greedy(prompt="x " * MAX_REQUEST_BYTES))
         self.assertEqual(status, 413)
         self.assertIn("max_request_bytes", r["error"]["message"])
+        # The same body sent chunked (no Content-Length) meets the same limit, and the
+        # connection then serves the next request.
+        conn = http.client.HTTPConnection("127.0.0.1", DAEMON.http_port, timeout=60)
+        big = json.dumps(chat_body(messages=[{"role": "user",
+                                               "content": "x " * MAX_REQUEST_BYTES}])).encode()
+        conn.request("POST", "/v1/chat/completions",
+                     body=(big[i:i + 4096] for i in range(0, len(big), 4096)),
+                     headers={"Content-Type": "application/json"}, encode_chunked=True)
+        resp = conn.getresponse()
+        r = json.loads(resp.read().decode())
+        self.assertEqual(resp.status, 413, r)
+        self.assertEqual(r["error"]["type"], "invalid_request_error")
+        self.assertIn("max_request_bytes", r["error"]["message"])
+        conn.request("POST", "/v1/completions", body=json.dumps(greedy(max_tokens=2)),
+                      headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        self.assertEqual(resp.status, 200, resp.read())
+        resp.read()
+        # A POST without a body (no Content-Length): an OpenAI-shaped 400 at once.
+        conn.request("POST", "/v1/completions")
+        resp = conn.getresponse()
+        r = json.loads(resp.read().decode())
+        self.assertEqual(resp.status, 400, r)
+        self.assertIn("JSON", r["error"]["message"])
+        conn.close()
 
     def test_chat_unstreamed_and_streamed(self):
         status, _, whole = request("POST", "/v1/chat/completions", chat_body())
@@ -342,7 +375,7 @@ class HttpApiTest(unittest.TestCase):
         self.assertEqual(events[-1], "[DONE]")
         self.assertEqual(events[0]["object"], "chat.completion.chunk")
         self.assertEqual(events[0]["choices"][0]["delta"]["role"], "assistant")
-        self.assertEqual(events[-2]["usage"], whole["usage"])
+        self.assertEqual(counts(events[-2]["usage"]), counts(whole["usage"]))
         finals = [e for e in events[:-2] if e["choices"][0]["finish_reason"]]
         self.assertEqual(len(finals), 1)
         self.assertEqual(finals[0]["choices"][0]["finish_reason"], "length")
@@ -380,6 +413,52 @@ class HttpApiTest(unittest.TestCase):
         self.assertEqual(during["running"], 1)
         self.assertGreater(during["held"], baseline["held"])
         # The client goes away without reading the rest.
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        after = wait_idle(baseline)
+        self.assertEqual(after["running"], 0, after)
+        self.assertEqual(after["held"], baseline["held"], after)
+        self.assertEqual(metric_sum(DAEMON.metrics(), "sieve_requests_total",
+                                    outcome="cancelled"), cancelled_before + 1)
+
+    def test_readme_curl_examples(self):
+        """The README's curl commands (section "Over HTTP"), their routes and bodies as written."""
+        with open(os.path.join(ARGS.source_dir, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        section = readme[readme.index("### Over HTTP"):]
+        section = section[:section.index("\n## ")]
+        commands = re.findall(r"curl -s(N?) localhost:8000(/v1/[a-z/]+) .*?-d '([^']*)'", section,
+                              re.S)
+        self.assertEqual([c[1] for c in commands], ["/v1/completions", "/v1/chat/completions"])
+        for streamed, route, body in commands:
+            with self.subTest(route=route):
+                body = json.loads(body)
+                if streamed:
+                    status, ctype, events = stream(route, body)
+                    self.assertEqual(status, 200, events)
+                    self.assertTrue(ctype.startswith("text/event-stream"), ctype)
+                    self.assertEqual(events[-1], "[DONE]")
+                    self.assertEqual(events[0]["object"], "chat.completion.chunk")
+                else:
+                    status, _, r = request("POST", route, body)
+                    self.assertEqual(status, 200, r)
+                    self.assertEqual(r["choices"][0]["finish_reason"], "length")
+
+    def test_disconnect_unstreamed_frees_kv(self):
+        baseline = wait_idle(load(DAEMON.metrics()))
+        cancelled_before = metric_sum(DAEMON.metrics(), "sieve_requests_total",
+                                      outcome="cancelled")
+        conn = http.client.HTTPConnection("127.0.0.1", DAEMON.http_port, timeout=60)
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(chat_body(max_tokens=20000)),
+                     headers={"Content-Type": "application/json"})
+        deadline = time.time() + 30
+        during = load(DAEMON.metrics())
+        while (during["running"] == 0 or during["held"] <= baseline["held"]) and \
+                time.time() < deadline:
+            time.sleep(0.05)
+            during = load(DAEMON.metrics())
+        self.assertEqual(during["running"], 1, during)
+        # The client goes away before the answer; the server notices within about a second.
         conn.sock.shutdown(socket.SHUT_RDWR)
         conn.close()
         after = wait_idle(baseline)
