@@ -448,8 +448,15 @@ absl::Status ModelWorker::EnqueueLayers(int64_t n, absl::Span<const int32_t> tok
 
 absl::Status ModelWorker::PlanAttention(int32_t layer, const Tensor& q, const Tensor& qkv) {
   const ModelRunner& r = runner_;
-  AttentionStep step{.layer = layer, .layout = &layout_, .shape = r.shape_, .backend = r.backend_.get(),
-                     .stream = stream_.get(), .q = q, .qkv = qkv};
+  AttentionStep step{.layer = layer,
+                     .layout = &layout_,
+                     .shape = r.shape_,
+                     .backend = r.backend_.get(),
+                     .stream = stream_.get(),
+                     .q = q,
+                     .dense_prefill = {},
+                     .qkv = qkv,
+                     .dense_decode = {}};
   // Graph steps pad the layout past the batch's sequences; only real ones carry a flag.
   if (dense_prefill_.size() == static_cast<size_t>(layout_.num_seqs())) {
     step.dense_prefill = dense_prefill_;
