@@ -23,7 +23,6 @@ namespace {
 using ::testing::HasSubstr;
 using ::testing::Not;
 
-constexpr char kOpenssl[] = "/usr/bin/openssl";
 
 std::vector<int32_t> RandomPrompt(size_t n, uint32_t seed) {
   std::mt19937 rng(seed);
@@ -64,26 +63,10 @@ class DisaggregationSecurityTest : public testing::Test {
 
   std::string Path(const std::string& name) const { return dir_ + "/" + name; }
 
-  void Openssl(std::vector<std::string> args) {
-    auto [code, out] = RunTool(kOpenssl, std::move(args));
-    ASSERT_EQ(code, 0) << out;
-  }
-  // A self-signed CA `name`.pem / `name`.key.
-  void MakeCa(const std::string& name) {
-    Openssl({"req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-             "-nodes", "-keyout", Path(name + ".key"), "-out", Path(name + ".pem"), "-days", "1",
-             "-subj", "/CN=" + name});
-  }
-  // A certificate `name`.pem / `name`.key for the subject alternative names `san`, signed by `ca`.
+  void MakeCa(const std::string& name) { MakeTestCa(dir_, name); }
   void MakeLeaf(const std::string& name, const std::string& ca,
                 const std::string& san = "DNS:localhost,IP:127.0.0.1") {
-    WriteFile(Path(name + ".cnf"), "subjectAltName=" + san + "\n");
-    Openssl({"req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", Path(name + ".key"), "-out", Path(name + ".csr"), "-subj",
-             "/CN=" + name});
-    Openssl({"x509", "-req", "-in", Path(name + ".csr"), "-CA", Path(ca + ".pem"), "-CAkey",
-             Path(ca + ".key"), "-CAcreateserial", "-out", Path(name + ".pem"), "-days", "1",
-             "-extfile", Path(name + ".cnf")});
+    MakeTestLeaf(dir_, name, ca, san);
   }
 
   Sieved* Keep(std::unique_ptr<Sieved> d) {

@@ -39,7 +39,6 @@ namespace {
 using ::testing::HasSubstr;
 using ::testing::Not;
 
-constexpr char kOpenssl[] = "/usr/bin/openssl";
 
 std::string ToBytes(const grpc::ByteBuffer& buffer) {
   std::vector<grpc::Slice> slices;
@@ -349,28 +348,10 @@ class SecurityTest : public ReliabilityTest {
     mkdir(dir_.c_str(), 0700);
   }
 
-  // Runs openssl; a failure is a test failure.
-  void Openssl(std::vector<std::string> args) {
-    auto [code, out] = RunTool(kOpenssl, std::move(args));
-    ASSERT_EQ(code, 0) << out;
-  }
-
-  // A self-signed CA `name`.pem / `name`.key.
-  void MakeCa(const std::string& name) {
-    Openssl({"req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-             "-nodes", "-keyout", Path(name + ".key"), "-out", Path(name + ".pem"), "-days", "1",
-             "-subj", "/CN=" + name});
-  }
-
+  void MakeCa(const std::string& name) { MakeTestCa(dir_, name); }
   // A certificate `name`.pem / `name`.key for localhost and 127.0.0.1 signed by `ca`.
   void MakeLeaf(const std::string& name, const std::string& ca) {
-    WriteFile(Path("san.cnf"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n");
-    Openssl({"req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", Path(name + ".key"), "-out", Path(name + ".csr"), "-subj",
-             "/CN=localhost"});
-    Openssl({"x509", "-req", "-in", Path(name + ".csr"), "-CA", Path(ca + ".pem"), "-CAkey",
-             Path(ca + ".key"), "-CAcreateserial", "-out", Path(name + ".pem"), "-days", "1",
-             "-extfile", Path("san.cnf")});
+    MakeTestLeaf(dir_, name, ca, "DNS:localhost,IP:127.0.0.1", "localhost");
   }
 
   std::string Path(const std::string& name) const { return dir_ + "/" + name; }

@@ -56,6 +56,29 @@ std::string BaseConfigPath() {
   return path;
 }
 
+namespace {
+void Openssl(std::vector<std::string> args) {
+  auto [code, out] = RunTool("/usr/bin/openssl", std::move(args));
+  ASSERT_EQ(code, 0) << out;
+}
+}  // namespace
+
+void MakeTestCa(const std::string& dir, const std::string& name) {
+  const std::string p = dir + "/" + name;
+  Openssl({"req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+           "-keyout", p + ".key", "-out", p + ".pem", "-days", "1", "-subj", "/CN=" + name});
+}
+
+void MakeTestLeaf(const std::string& dir, const std::string& name, const std::string& ca,
+                  const std::string& san, const std::string& cn) {
+  const std::string p = dir + "/" + name, c = dir + "/" + ca;
+  std::ofstream(p + ".cnf") << "subjectAltName=" << san << "\n";
+  Openssl({"req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+           "-keyout", p + ".key", "-out", p + ".csr", "-subj", "/CN=" + (cn.empty() ? name : cn)});
+  Openssl({"x509", "-req", "-in", p + ".csr", "-CA", c + ".pem", "-CAkey", c + ".key",
+           "-CAcreateserial", "-out", p + ".pem", "-days", "1", "-extfile", p + ".cnf"});
+}
+
 // Runs `binary args...` to completion; returns its exit code and its stdout + stderr.
 std::pair<int, std::string> RunTool(const std::string& binary, std::vector<std::string> args) {
   int fds[2];

@@ -44,6 +44,15 @@ std::string BaseConfigPath();
 // Runs `binary args...` to completion; returns its exit code and its stdout + stderr.
 std::pair<int, std::string> RunTool(const std::string& binary, std::vector<std::string> args);
 
+// Test certificates made by the openssl CLI in `dir` (P-256 keys, valid one day); an openssl
+// failure is a test failure. MakeTestCa: a self-signed CA `name`.pem / `name`.key (CN `name`).
+// MakeTestLeaf: `name`.pem / `name`.key for the subject alternative names `san`, signed by the
+// CA `ca`, with common name `cn` (empty: `name`).
+void MakeTestCa(const std::string& dir, const std::string& name);
+void MakeTestLeaf(const std::string& dir, const std::string& name, const std::string& ca,
+                  const std::string& san = "DNS:localhost,IP:127.0.0.1",
+                  const std::string& cn = "");
+
 // A `sieved` child process. Its stdout and stderr are collected (shown when a test fails).
 class Sieved {
  public:
