@@ -30,9 +30,7 @@ if [[ ${1:-} == pack ]]; then
   ninja -C build retrieval_fidelity
   rm -rf "$pack" && mkdir -p "$pack/bin" "$pack/lib"
   cp build/bench/retrieval_fidelity "$pack/bin/" && strip --strip-unneeded "$pack/bin/"*
-  ldd "$pack/bin/retrieval_fidelity" | awk '/=> \//{print $3}' | sort -u |
-    grep -vE '/(libc|libm|libpthread|libdl|librt|ld-linux[^/]*|libgcc_s|libstdc\+\+)\.so|/libcu[a-zA-Z]*\.so|/libnv[a-zA-Z_]*\.so' |
-    xargs -r cp -Lu -t "$pack/lib/"
+  scripts/pack-libs.sh "$pack/lib" "$pack/bin/retrieval_fidelity"
   echo "packed retrieval_fidelity into $pack ($(du -sh "$pack" | cut -f1))"
   exit 0
 fi

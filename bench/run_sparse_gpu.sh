@@ -24,9 +24,7 @@ if [[ $mode == pack ]]; then
   rm -rf "$pack"
   mkdir -p "$pack/bin" "$pack/lib"
   for b in "${benches[@]}"; do cp "$build/bench/$b" "$pack/bin/"; done
-  ldd "$pack"/bin/* | awk '/=> \//{print $3}' | sort -u |
-    grep -vE '/(libc|libm|libpthread|libdl|librt|ld-linux[^/]*|libgcc_s|libstdc\+\+)\.so|/libcu[a-zA-Z]*\.so|/libnv[a-zA-Z_]*\.so' |
-    xargs -r cp -Lu -t "$pack/lib/"
+  scripts/pack-libs.sh "$pack/lib" "$pack"/bin/* || exit 1
   echo "packed ${benches[*]} into $pack"
   exit 0
 fi

@@ -34,9 +34,7 @@ if [[ $mode == pack ]]; then
   mkdir -p "$pack/bin" "$pack/lib"
   cp "${bins[@]}" "$pack/bin/"
   # The shared libraries they link, except the C/C++ runtime and CUDA's (the GPU machine has those).
-  ldd "${bins[@]}" | awk '/=> \//{print $3}' | sort -u |
-    grep -vE '/(libc|libm|libpthread|libdl|librt|ld-linux[^/]*|libgcc_s|libstdc\+\+)\.so|/libcu[a-zA-Z]*\.so|/libnv[a-zA-Z_]*\.so' |
-    xargs -r cp -Lu -t "$pack/lib/"
+  scripts/pack-libs.sh "$pack/lib" "${bins[@]}" || exit 1
   echo "packed ${#bins[@]} gpu tests into $pack: ${targets[*]}"
   exit 0
 fi
