@@ -50,6 +50,31 @@ struct PagedLayout {
     return int64_t{page_table[static_cast<size_t>(seq) * stride + pos / page_size]} * page_size +
            pos % page_size;
   }
+
+  // These pages and the given buffers as attention parameters (scale 1/sqrt(head_dim)); `v` and
+  // `out` may be null (estimators read only q and K).
+  PagedAttentionParams<float> AttentionParams(const float* q, const float* k, const float* v,
+                                              float* out, int q_heads, int kv_heads,
+                                              int head_dim,
+                                              const SparseAttentionIndex* sparse) const {
+    PagedAttentionParams<float> p;
+    p.q = q;
+    p.k_cache = k;
+    p.v_cache = v;
+    p.out = out;
+    p.page_table = page_table.data();
+    p.kv_lens = kv_lens.data();
+    p.query_start = query_start.data();
+    p.page_table_stride = stride;
+    p.num_seqs = static_cast<int32_t>(kv_lens.size());
+    p.num_q_heads = q_heads;
+    p.num_kv_heads = kv_heads;
+    p.head_dim = head_dim;
+    p.page_size = page_size;
+    p.scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+    p.sparse = sparse;
+    return p;
+  }
 };
 
 // A paged batch with q, K and V uniform in [-1, 1] (one spare page).
@@ -86,26 +111,10 @@ struct PagedBatch : PagedLayout {
   // estimators that read no values).
   PagedAttentionParams<float> Params(std::vector<float>* out = nullptr,
                                      const SparseAttentionIndex* sparse = nullptr) const {
-    PagedAttentionParams<float> p;
-    if (out != nullptr) {
-      out->assign(q.size(), -7.0f);
-      p.out = out->data();
-      p.v_cache = v.data();
-    }
-    p.q = q.data();
-    p.k_cache = k.data();
-    p.page_table = page_table.data();
-    p.kv_lens = kv_lens.data();
-    p.query_start = query_start.data();
-    p.page_table_stride = stride;
-    p.num_seqs = static_cast<int32_t>(kv_lens.size());
-    p.num_q_heads = q_heads;
-    p.num_kv_heads = kv_heads;
-    p.head_dim = head_dim;
-    p.page_size = page_size;
-    p.scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-    p.sparse = sparse;
-    return p;
+    if (out != nullptr) out->assign(q.size(), -7.0f);
+    return AttentionParams(q.data(), k.data(), out != nullptr ? v.data() : nullptr,
+                           out != nullptr ? out->data() : nullptr, q_heads, kv_heads, head_dim,
+                           sparse);
   }
   PagedAttentionParams<float> Params(std::vector<float>& out,
                                      const SparseAttentionIndex* sparse = nullptr) const {

@@ -100,23 +100,7 @@ struct Problem : test_util::PagedLayout {
 
   PagedAttentionParams<float> Attn(std::vector<float>& out, const SparseAttentionIndex* x) const {
     out.assign(q.size(), -7.0f);
-    PagedAttentionParams<float> p;
-    p.q = q.data();
-    p.k_cache = k.data();
-    p.v_cache = v.data();
-    p.out = out.data();
-    p.page_table = page_table.data();
-    p.kv_lens = kv_lens.data();
-    p.query_start = query_start.data();
-    p.page_table_stride = stride;
-    p.num_seqs = static_cast<int32_t>(kv_lens.size());
-    p.num_q_heads = q_heads;
-    p.num_kv_heads = kv_heads;
-    p.head_dim = d;
-    p.page_size = kPage;
-    p.scale = 1.0f / std::sqrt(static_cast<float>(d));
-    p.sparse = x;
-    return p;
+    return AttentionParams(q.data(), k.data(), v.data(), out.data(), q_heads, kv_heads, d, x);
   }
 };
 
