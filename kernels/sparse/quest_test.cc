@@ -222,7 +222,9 @@ TEST(QuestTest, SelectionShapeOrderNestingAndReference) {
           // boundary: |U| <= sum |q||bound| ~ d, fp32 accumulation error ~ d * 2^-24 * that.
           const double eps = 128 * 128 * 6e-8 * 4;
           for (int32_t j : Row(fast, r)) {
-            if (j != n - 1) EXPECT_GE(u[j], min_chosen - eps) << what << " fast page " << j;
+            if (j != n - 1) {
+              EXPECT_GE(u[j], min_chosen - eps) << what << " fast page " << j;
+            }
           }
         }
       }
@@ -327,7 +329,9 @@ TEST(QuestTest, PerKvHeadSharesOneSet) {
       EXPECT_EQ(first.back(), n - 1);
       for (int h = 0; h < 4; ++h) {
         for (int32_t j : Row(fast, s * 8 + g * 4 + h)) {
-          if (j != n - 1) EXPECT_GE(agg[j], sorted[7] - 128 * 128 * 6e-8 * 4);  // as above
+          if (j != n - 1) {
+            EXPECT_GE(agg[j], sorted[7] - 128 * 128 * 6e-8 * 4);  // as above
+          }
         }
       }
     }
