@@ -90,6 +90,8 @@ const Shape kShapes[] = {
     {"embedded/decode_b8_kv8192", 8, 1, 8192, 4, 2, 64},
     {"llama/prefill_q512_kv512", 1, 512, 512, 32, 8, 128},
     {"llama/decode_b4_kv2048", 4, 1, 2048, 32, 8, 128},
+    {"llama/prefill_q2048_kv2048", 1, 2048, 2048, 32, 8, 128},
+    {"llama/chunk_q512_kv16384", 1, 512, 16384, 32, 8, 128},
 };
 
 }  // namespace

@@ -25,13 +25,16 @@ constexpr int kRowsPerItem = 64;
 // From this many rows on, a tile's keys are transposed once so that scores need no horizontal
 // sums (decode's few rows use per-key dot products instead).
 constexpr int kTransposeRows = 8;
-// Split-KV: a work item of at most kSplitMaxQueries queries (decode, short chunks) that reads
+// Split-KV: a work item of at most kSplitMaxRows query rows (decode, very short chunks) that reads
 // more than kSplitKeys keys is cut along its key list into parts of kSplitKeys keys, each run by
 // whichever thread takes it, and the parts' partial softmax states are merged afterwards
 // (log-sum-exp). The cut depends only on the item, never on the thread count or the batch, so
 // results stay bitwise reproducible. 512 keys: a part reads 512 K and V rows (256 KB at d=128),
 // enough to amortise the item overhead, and a 128K-token sequence gives 256 parts per KV head.
-constexpr int kSplitMaxQueries = 16;
+// Rows, not queries: a full dense prefill item (kRowsPerItem rows, 16 queries of a group of 4)
+// is never split; its parts would only add partial states to write and merge (256 MB of them
+// for a 512-token chunk over 16K keys on the Llama-3.1-8B shape).
+constexpr int kSplitMaxRows = 16;
 constexpr int kSplitKeys = 512;
 static_assert(kSplitKeys % kKeyTile == 0, "parts are whole tiles");
 
@@ -151,7 +154,7 @@ inline std::vector<WorkItem> BuildWorkItems(const PagedAttentionParams<float>& p
     const int queries = w.q_end - w.q_begin;
     const int heads = w.head >= 0 ? 1 : group;
     const int64_t keys = w.cost / (int64_t{queries} * heads);
-    if (queries > kSplitMaxQueries || keys <= kSplitKeys) continue;
+    if (queries * heads > kSplitMaxRows || keys <= kSplitKeys) continue;
     SplitGroup g;
     g.item = w;
     g.parts = static_cast<int32_t>((keys + kSplitKeys - 1) / kSplitKeys);
@@ -322,6 +325,55 @@ void AccumulatePV2(const float* p0, const float* p1, const float* const* v, int 
   }
 }
 
+// R rows' o[r] += sum_j p[r][j] * v[j] (AccumulatePV for R rows): 2R accumulators (R rows x 2
+// vectors) per step, each V vector loaded once for R rows. R even.
+template <int R>
+void AccumulatePVR(const float* const* p, const float* const* v, int n, int d, float* const* o) {
+  const DF df;
+  using V = hn::Vec<DF>;
+  const int L = static_cast<int>(hn::Lanes(df));
+  int i = 0;
+  for (; i + 2 * L <= d; i += 2 * L) {
+    V a0[R], a1[R];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      a0[r] = hn::LoadU(df, o[r] + i);
+      a1[r] = hn::LoadU(df, o[r] + i + L);
+    }
+    for (int j = 0; j < n; ++j) {
+      const V v0 = hn::LoadU(df, v[j] + i), v1 = hn::LoadU(df, v[j] + i + L);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        const V x = hn::Set(df, p[r][j]);
+        a0[r] = hn::MulAdd(x, v0, a0[r]);
+        a1[r] = hn::MulAdd(x, v1, a1[r]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      hn::StoreU(a0[r], df, o[r] + i);
+      hn::StoreU(a1[r], df, o[r] + i + L);
+    }
+  }
+  if (i < d) {  // the rest of the head dimension, two rows at a time
+    std::vector<const float*> tail(v, v + n);
+    for (const float*& t : tail) t += i;
+    for (int r = 0; r < R; r += 2) AccumulatePV2(p[r], p[r + 1], tail.data(), n, d - i, o[r] + i, o[r + 1] + i);
+  }
+}
+
+// AccumulatePVR over the scratch's active rows a .. a + R - 1 (probabilities in sc.s).
+template <int R>
+void AccumulateRows(Scratch& sc, int a, size_t ss, int n, int d) {
+  const float* pr[R];
+  float* orow[R];
+  for (int i = 0; i < R; ++i) {
+    pr[i] = sc.s.data() + sc.active[a + i] * ss;
+    orow[i] = sc.o.data() + static_cast<size_t>(sc.active[a + i]) * d;
+  }
+  AccumulatePVR<R>(pr, sc.v.data(), n, d, orow);
+}
+
 // The online-softmax update of one row for one tile whose scores are in s[0, n): causal mask,
 // new running max m and sum l, o rescaled; s becomes the probabilities (zeros past n, up to a
 // whole vector). Returns false (and changes nothing) when the row reads no key of the tile.
@@ -378,7 +430,17 @@ void TileScores(const PagedAttentionParams<float>& p, int n, Scratch& sc, size_t
     std::fill(sc.kt.begin() + static_cast<size_t>(i) * kKeyTile + n,
               sc.kt.begin() + static_cast<size_t>(i) * kKeyTile + n_pad, 0.0f);
   }
-  for (int a = 0; a < rows; a += 2) {
+  int a = 0;
+  for (; a + 4 <= rows; a += 4) {
+    const float* q[4];
+    float* s[4];
+    for (int i = 0; i < 4; ++i) {
+      q[i] = sc.q[sc.active[a + i]];
+      s[i] = sc.s.data() + sc.active[a + i] * ss;
+    }
+    tile_scores::HWY_NAMESPACE::FourRows(q, sc.kt.data(), kKeyTile, n_pad, d, p.scale, s);
+  }
+  for (; a < rows; a += 2) {
     const int r0 = sc.active[a], r1 = sc.active[std::min(a + 1, rows - 1)];
     ScoresT(sc.q[r0], sc.q[r1], sc.kt.data(), n_pad, d, p.scale, sc.s.data() + r0 * ss,
             sc.s.data() + r1 * ss);
@@ -415,6 +477,22 @@ void AttendRows(const PagedAttentionParams<float>& p, int seq, int kv_head, Scra
       sc.k[j] = p.k_cache + off;
       sc.v[j] = p.v_cache + off;
     }
+    // The next tile's K and V rows, toward the caches while this tile is computed: a row of a
+    // long context is in L3 or memory, and the gather of scattered pages defeats the hardware
+    // prefetchers (1.2-1.5x on the Llama-3.1-8B shape at 16K keys, bench/results/
+    // 2026-12-05-cpu-attention-d128.md).
+    if (t0 + kKeyTile < n_keys) {
+      const int n2 = std::min(kKeyTile, n_keys - t0 - kKeyTile);
+      for (int j = 0; j < n2; ++j) {
+        const int t = pos[kKeyTile + j];
+        const int64_t page = pages[t / p.page_size];
+        const int64_t off = ((page * p.page_size + t % p.page_size) * p.num_kv_heads + kv_head) * d;
+        for (int i = 0; i < d; i += 16) {
+          __builtin_prefetch(p.k_cache + off + i);
+          __builtin_prefetch(p.v_cache + off + i);
+        }
+      }
+    }
     sc.active.clear();
     for (int r = 0; r < rows; ++r) {
       if (sc.last[r] >= tile_min) sc.active.push_back(r);  // else the tile is in its future
@@ -427,7 +505,10 @@ void AttendRows(const PagedAttentionParams<float>& p, int seq, int kv_head, Scra
         sc.active[kept++] = r;
       }
     }
-    for (int a = 0; a < kept; a += 2) {
+    int a = 0;
+    for (; a + 8 <= kept; a += 8) AccumulateRows<8>(sc, a, ss, n, d);
+    for (; a + 4 <= kept; a += 4) AccumulateRows<4>(sc, a, ss, n, d);
+    for (; a < kept; a += 2) {
       const int r0 = sc.active[a];
       float* o0 = sc.o.data() + static_cast<size_t>(r0) * d;
       if (a + 1 == kept) {
