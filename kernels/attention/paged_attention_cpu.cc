@@ -481,7 +481,8 @@ void AttendRows(const PagedAttentionParams<float>& p, int seq, int kv_head, Scra
     // long context is in L3 or memory, and the gather of scattered pages defeats the hardware
     // prefetchers (1.2-1.5x on the Llama-3.1-8B shape at 16K keys, bench/results/
     // 2026-12-05-cpu-attention-d128.md).
-    if (t0 + kKeyTile < n_keys) {
+    // Items of few rows (decode) compute too little per tile to hide the prefetches' cost.
+    if (rows >= kTransposeRows && t0 + kKeyTile < n_keys) {
       const int n2 = std::min(kKeyTile, n_keys - t0 - kKeyTile);
       for (int j = 0; j < n2; ++j) {
         const int t = pos[kKeyTile + j];

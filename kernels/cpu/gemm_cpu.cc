@@ -19,8 +19,8 @@ namespace {
 // Columns per thread block: a multiple of the widest register tile of oneDNN's AVX-512 sgemm
 // kernels (48 columns) and of a cache line of output (16 floats).
 constexpr int64_t kColumnBlock = 48;
-// Below this many multiply-adds per thread a thread costs more to start (tens of microseconds,
-// ParallelFor starts its threads per call) than it saves: a 256 x 1536 decode GEMV is 0.4 M.
+// Below this many multiply-adds per thread a helper costs more to wake (a pool thread: several
+// microseconds) than it saves: a 256 x 1536 decode GEMV is 0.4 M.
 constexpr int64_t kMinMacsPerThread = int64_t{1} << 20;
 
 // One thread's block: c[:, j0:j1] = a * b[j0:j1, :]^T on the calling thread.

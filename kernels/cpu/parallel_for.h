@@ -4,8 +4,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <thread>
-#include <vector>
 
 namespace sieve::kernels {
 
@@ -15,8 +15,19 @@ inline int DefaultCpuThreads() {
   return n == 0 ? 1 : static_cast<int>(n);
 }
 
+namespace parallel_for_internal {
+// Calls fn(i) once for every i in [0, ranges), on the calling thread and on up to ranges - 1
+// threads of a process-wide pool that lives until the process exits (threads are started once,
+// not per call: a decode step makes dozens of calls). Returns when every call has returned. The
+// caller takes ranges too, so a call always completes, also from inside a pool thread (nested
+// calls), from many threads at once, and in a forked child whose pool threads did not survive.
+void RunRanges(int ranges, const std::function<void(int)>& fn);
+}  // namespace parallel_for_internal
+
 // Calls fn(begin, end) on disjoint contiguous ranges covering [0, n), on up to `threads` threads
-// (0 = DefaultCpuThreads()). Runs inline when one thread suffices or n is small.
+// (0 = DefaultCpuThreads()). Runs inline when one thread suffices or n is small. The ranges
+// depend only on n, threads and min_per_thread; which thread runs a range does not matter (a
+// range may run after another on the same thread), so fn must not wait for another range.
 template <typename Fn>
 void ParallelFor(int64_t n, int threads, int64_t min_per_thread, Fn&& fn) {
   if (threads <= 0) threads = DefaultCpuThreads();
@@ -26,16 +37,12 @@ void ParallelFor(int64_t n, int threads, int64_t min_per_thread, Fn&& fn) {
     fn(int64_t{0}, n);
     return;
   }
-  std::vector<std::thread> pool;
-  pool.reserve(t - 1);
-  int64_t chunk = (n + t - 1) / t;
-  for (int i = 1; i < t; ++i) {
-    int64_t b = i * chunk, e = std::min(n, b + chunk);
-    if (b >= e) break;
-    pool.emplace_back([&fn, b, e] { fn(b, e); });
-  }
-  fn(int64_t{0}, std::min(n, chunk));
-  for (auto& th : pool) th.join();
+  const int64_t chunk = (n + t - 1) / t;
+  const int ranges = static_cast<int>((n + chunk - 1) / chunk);
+  parallel_for_internal::RunRanges(ranges, [&fn, chunk, n](int i) {
+    const int64_t b = i * chunk;
+    fn(b, std::min(n, b + chunk));
+  });
 }
 
 }  // namespace sieve::kernels
