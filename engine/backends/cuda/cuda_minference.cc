@@ -51,8 +51,8 @@ absl::Status CudaBackend::MInferenceIndex(BackendStream& stream, int32_t layer, 
     if (h.pattern == mi::Pattern::kBlockSparse) {
       return absl::UnimplementedError(
           "cuda backend: MInference block-sparse heads (pattern block_sparse in "
-          "attention.prefill.minference.pattern_file) have no GPU estimator; use vertical_and_slash "
-          "or stream_llm heads, or the cpu backend");
+          "attention.prefill.minference.pattern_file) have no GPU estimator; use "
+          "vertical_and_slash or stream_llm heads, or the cpu backend");
     }
     any_vs = any_vs || h.pattern == mi::Pattern::kVerticalSlash;
   }

@@ -60,7 +60,9 @@ BatchLayout Layout(const std::vector<std::vector<int32_t>>& pages, const std::ve
                    const std::vector<int>& count) {
   BatchLayout l;
   l.page_table_stride = 0;
-  for (const auto& p : pages) l.page_table_stride = std::max<int32_t>(l.page_table_stride, p.size());
+  for (const auto& p : pages) {
+    l.page_table_stride = std::max<int32_t>(l.page_table_stride, p.size());
+  }
   l.query_start.push_back(0);
   for (size_t s = 0; s < pages.size(); ++s) {
     for (int t = first[s]; t < first[s] + count[s]; ++t) {
