@@ -204,9 +204,9 @@ const std::vector<KeySpec>& Keys() {
                        "Prefill attention method: dense (every causal key), minference "
                        "(per-head vertical-slash / A-shape / block-sparse indices from the last "
                        "queries) or xattention (antidiagonal block scoring, then block-sparse "
-                       "attention); both run on cpu, xattention also on cuda (block_size 128), "
-                       "minference on cpu only for now. A request may ask for dense "
-                       "(GenerateRequest.prefill_attention)."),
+                       "attention); both run on cpu and cuda (on cuda xattention needs "
+                       "block_size 128, and minference's block_sparse heads are cpu only). A "
+                       "request may ask for dense (GenerateRequest.prefill_attention)."),
       SIEVE_ENGINE_KEY(attention.prefill.sparse_min_tokens, IntRange(0, 1 << 30),
                        "A prefill chunk runs sparse only when its sequence's KV length (cached "
                        "plus new tokens) is above this many tokens; shorter ones attend densely."),

@@ -130,17 +130,13 @@ absl::Status EngineConfig::Validate() const {
   }
   attention.prefill.Validate(errors);
   // XAttention runs on cuda with the block-sparse prefill kernel's 128-query tiles
-  // (engine/backends/cuda/cuda_sparse.cc); MInference's estimator runs on cpu only.
+  // (engine/backends/cuda/cuda_sparse.cc); MInference with its 64-query-row mode and the GPU
+  // vertical-slash estimator (cuda_minference.cc; block-sparse heads are refused there).
   if (attention.prefill.method == "xattention" && model.backend == "cuda" &&
       attention.prefill.xattention.block_size != 128) {
     errors.push_back(absl::StrCat("attention.prefill.xattention.block_size must be 128 on the "
                                   "cuda backend (its block-sparse prefill kernel's query tile), "
                                   "got ", attention.prefill.xattention.block_size));
-  } else if (attention.prefill.method != "dense" && attention.prefill.method != "xattention" &&
-             model.backend == "cuda") {
-    errors.push_back(absl::StrCat("attention.prefill.method ", attention.prefill.method,
-                                  " is not available on the cuda backend yet (its estimator "
-                                  "runs on cpu only); use dense or xattention"));
   }
   CheckChoice("attention.kernel", attention.kernel, kAttentionKernels, errors);
   if (model.backend == "cpu" && attention.kernel != "auto") {

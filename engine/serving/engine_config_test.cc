@@ -74,15 +74,14 @@ TEST(EngineConfigTest, DecodeAttentionSettingsNameTheirKeysAndDescribeThemselves
                                      "cuda yet (cpu only)"));
   c.attention.decode.method = "quest";  // Quest runs on cuda
   EXPECT_EQ(Problems(c), "");
-  // XAttention prefill too, with the kernel's 128-query blocks; MInference is cpu only.
+  // XAttention prefill too, with the kernel's 128-query blocks; MInference too.
   c.attention.prefill.method = "xattention";
   EXPECT_EQ(Problems(c), "");
   c.attention.prefill.xattention.block_size = 64;
   EXPECT_THAT(Problems(c), HasSubstr("attention.prefill.xattention.block_size must be 128 on the "
                                      "cuda backend"));
   c.attention.prefill.method = "minference";
-  EXPECT_THAT(Problems(c), HasSubstr("attention.prefill.method minference is not available on "
-                                     "the cuda backend yet"));
+  EXPECT_EQ(Problems(c), "");
 }
 
 TEST(EngineConfigTest, DtypeMustBeWhatTheBackendComputesIn) {

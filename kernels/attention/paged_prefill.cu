@@ -96,15 +96,24 @@ cudaError_t PagedPrefillRun(const PagedAttentionParams<__nv_bfloat16>& p,
                   p.out != nullptr && p.page_table != nullptr && p.kv_lens != nullptr &&
                   p.query_start != nullptr && p.page_table_stride >= 1;
   if (!ok) return cudaErrorInvalidValue;
-  // Block-sparse: the mma.sync kernel, query blocks of its 128 rows, key blocks of whole 64-key
-  // tiles, no single columns.
+  // Block-sparse: the mma.sync kernel; query blocks of its 128 rows with key blocks of whole
+  // 64-key tiles and no single columns, or (MInference plans) query and key blocks of 64 with
+  // single columns allowed.
   const SparseAttentionIndex* sp = p.sparse;
+  const bool vs = sp != nullptr && sp->query_block == MmaCfg<128>::kBlockM / 2;
   if (sp != nullptr &&
-      (plan.kernel != PagedPrefillKernel::kMmaSync || sp->query_block != MmaCfg<128>::kBlockM ||
-       sp->key_block < MmaCfg<128>::kBlockN || sp->key_block % MmaCfg<128>::kBlockN != 0 ||
-       sp->column_start != nullptr || !sp->query_block_start || !sp->row_start ||
-       !sp->key_blocks)) {
+      (plan.kernel != PagedPrefillKernel::kMmaSync || !sp->query_block_start || !sp->row_start ||
+       !sp->key_blocks ||
+       (vs ? sp->key_block != MmaCfg<128>::kBlockN ||
+                 (sp->column_start != nullptr && sp->columns == nullptr)
+           : sp->query_block != MmaCfg<128>::kBlockM || sp->key_block < MmaCfg<128>::kBlockN ||
+                 sp->key_block % MmaCfg<128>::kBlockN != 0 || sp->column_start != nullptr))) {
     return cudaErrorInvalidValue;
+  }
+  if (vs) {
+    kernel = p.head_dim == 128
+                 ? reinterpret_cast<const void*>(prefill_detail::PrefillMmaKernel<128, true>)
+                 : reinterpret_cast<const void*>(prefill_detail::PrefillMmaKernel<64, true>);
   }
   if (p.num_seqs == 0) return cudaSuccess;
   (void)workspace;
@@ -128,6 +137,8 @@ cudaError_t PagedPrefillRun(const PagedAttentionParams<__nv_bfloat16>& p,
   args.bsr_row_start = sp ? sp->row_start : nullptr;
   args.bsr_key_blocks = sp ? sp->key_blocks : nullptr;
   args.bsr_tiles_per_block = sp ? sp->key_block / MmaCfg<128>::kBlockN : 0;
+  args.bsr_column_start = vs ? sp->column_start : nullptr;
+  args.bsr_columns = vs ? sp->columns : nullptr;
 
   const int shared_bytes = SharedBytesFor(plan.kernel, p.head_dim);
   SIEVE_CUDA_RETURN_IF_ERROR(

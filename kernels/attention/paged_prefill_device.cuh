@@ -40,6 +40,11 @@ struct PrefillArgs {
   const int32_t* bsr_row_start;
   const int32_t* bsr_key_blocks;
   int32_t bsr_tiles_per_block;
+  // The kVs mode (MInference plans): rows are 64-query blocks, key blocks 64 keys, and row r
+  // also reads the single key positions bsr_columns[bsr_column_start[r] ..
+  // bsr_column_start[r + 1]) (increasing); bsr_column_start may be null (no columns).
+  const int32_t* bsr_column_start;
+  const int32_t* bsr_columns;
 };
 
 // One (sequence, query head) of a block and the tiles it owns.

@@ -6,8 +6,17 @@
 // keeps its Q fragments in registers. Per K/V tile, S = Q K^T (16 x 64 per warp), mask, online
 // softmax, O += P V with P taken straight from the S accumulators (the m16n8 accumulator layout
 // is the A-fragment layout of the next mma). A warp skips tiles wholly above its rows' diagonal.
+//
+// Block-sparse modes (same loop, same tile math): with 128-query BSR rows each block sweeps its
+// row's key blocks; with 64-query rows and single columns (MInference, kVs) the block's two
+// 64-row halves (warps 0-3 and 4-7) read two rows: their key block lists are merged (a block
+// both list is loaded once and both halves compute it, one only one list names is computed by
+// that half only), then each half's columns are gathered 64 at a time into the same K/V tiles
+// (keys by index, padding entries zero-filled and masked) and computed by that half.
 #ifndef SIEVE_KERNELS_ATTENTION_PAGED_PREFILL_MMA_CUH_
 #define SIEVE_KERNELS_ATTENTION_PAGED_PREFILL_MMA_CUH_
+
+#include <climits>
 
 #include "kernels/attention/paged_prefill_device.cuh"
 
@@ -57,6 +66,68 @@ __device__ __forceinline__ void MmaLoadKvTile(const PrefillArgs& a, const bf16* 
   }
 }
 
+// Copies the keys cols[0 .. n) (n <= 64; any positions below kv_len) of one KV head into a
+// swizzled tile at `dst`, row r holding key cols[r]; rows n..63 are zero-filled.
+template <int D>
+__device__ __forceinline__ void MmaGatherKvTile(const PrefillArgs& a, const bf16* cache,
+                                                const int32_t* pages, int kv_head,
+                                                const int32_t* cols, int n, uint32_t dst) {
+  using C = MmaCfg<D>;
+  const int c = threadIdx.x % C::kChunks;
+#pragma unroll
+  for (int i = 0; i < C::kBlockN / C::kRowsPerPass; ++i) {
+    const int r = threadIdx.x / C::kChunks + i * C::kRowsPerPass;
+    const bool valid = r < n;
+    const bf16* src = valid ? cache + KvRowOffset<D>(a, pages, __ldg(cols + r), kv_head) + c * 8
+                            : cache;
+    CpAsync16(dst + SwizzledOffset<D>(r, c), src, valid);
+  }
+}
+
+// The work list of one 128-row query tile in the kVs mode: the merge of its two 64-query rows'
+// key blocks (64 keys each), then the first half's columns, then the second's, 64 per item.
+// Every thread steps it identically (the lists are read from global memory, cached).
+struct VsSweep {
+  const int32_t* blocks[2];
+  int n_blocks[2];
+  const int32_t* cols[2];
+  int n_cols[2];
+  int ib[2], ic[2];  // list positions consumed
+
+  // One work item: a key block (cols == nullptr, keys [n0, n0 + 64)) or up to 64 gathered
+  // columns, read by the halves whose bits are set (bit 0: rows 0-63, bit 1: rows 64-127).
+  struct Item {
+    int n0, halves, n;
+    const int32_t* cols;
+  };
+
+  __device__ __forceinline__ Item Next() {
+    Item it{0, 0, 0, nullptr};
+    const bool la = ib[0] < n_blocks[0], lb = ib[1] < n_blocks[1];
+    if (la || lb) {
+      const int ka = la ? __ldg(blocks[0] + ib[0]) : INT_MAX;
+      const int kb = lb ? __ldg(blocks[1] + ib[1]) : INT_MAX;
+      const int k = min(ka, kb);
+      it.halves = (ka == k ? 1 : 0) | (kb == k ? 2 : 0);
+      ib[0] += ka == k;
+      ib[1] += kb == k;
+      it.n0 = k * 64;
+      return it;
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      if (ic[half] < n_cols[half]) {
+        it.cols = cols[half] + ic[half];
+        it.n = min(64, n_cols[half] - ic[half]);
+        it.halves = 1 << half;
+        ic[half] += 64;
+        return it;
+      }
+    }
+    return it;  // halves == 0: the end
+  }
+};
+
 // Online-softmax update of one warp's 16 x 64 score tile (already scaled to the exp2 domain and
 // masked): rescales o, l and m, and leaves the probabilities in s.
 template <int D>
@@ -90,7 +161,8 @@ __device__ __forceinline__ void MmaSoftmaxUpdate(float (&s)[8][4], float (&o)[D 
 }
 
 // One 128-row query tile starting at row m0 of the sequence: the whole KV sweep and the output.
-template <int D>
+// kVs: the BSR rows are 64-query blocks with single columns (see the file comment).
+template <int D, bool kVs>
 __device__ __forceinline__ void MmaQueryTile(const PrefillArgs& a, const SeqInfo& si,
                                              const int32_t* pages, int h, int m0, uint8_t* smem) {
   using C = MmaCfg<D>;
@@ -103,7 +175,7 @@ __device__ __forceinline__ void MmaQueryTile(const PrefillArgs& a, const SeqInfo
   int n_tiles = (si.q_off + m0 + rows_valid - 1) / C::kBlockN + 1;
   const int32_t* key_blocks = nullptr;
   const int tiles_per_block = a.bsr_tiles_per_block;
-  if (a.bsr_row_start != nullptr) {
+  if (!kVs && a.bsr_row_start != nullptr) {
     const int64_t row =
         (static_cast<int64_t>(a.bsr_qblock_start[si.seq]) + m0 / C::kBlockM) * a.num_q_heads + h;
     const int b0 = a.bsr_row_start[row];
@@ -115,6 +187,39 @@ __device__ __forceinline__ void MmaQueryTile(const PrefillArgs& a, const SeqInfo
     if (j >= n_tiles) return 0;
     return key_blocks[j / tiles_per_block] * (tiles_per_block * C::kBlockN) +
            (j % tiles_per_block) * C::kBlockN;
+  };
+  // kVs: the two halves' rows, the work list, and the current and next items.
+  VsSweep sweep{};
+  VsSweep::Item cur{0, 0, 0, nullptr}, nxt{0, 0, 0, nullptr};
+  if constexpr (kVs) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      sweep.n_blocks[half] = sweep.n_cols[half] = 0;
+      sweep.blocks[half] = sweep.cols[half] = nullptr;
+      sweep.ib[half] = sweep.ic[half] = 0;
+      if (64 * half < rows_valid) {
+        const int64_t row =
+            (static_cast<int64_t>(a.bsr_qblock_start[si.seq]) + m0 / 64 + half) * a.num_q_heads +
+            h;
+        const int b0 = a.bsr_row_start[row];
+        sweep.blocks[half] = a.bsr_key_blocks + b0;
+        sweep.n_blocks[half] = a.bsr_row_start[row + 1] - b0;
+        if (a.bsr_column_start != nullptr) {
+          const int c0 = a.bsr_column_start[row];
+          sweep.cols[half] = a.bsr_columns + c0;
+          sweep.n_cols[half] = a.bsr_column_start[row + 1] - c0;
+        }
+      }
+    }
+    cur = sweep.Next();
+    n_tiles = cur.halves != 0 ? 1 : 0;  // only "none or some" matters below
+  }
+  const auto load_kv = [&](const VsSweep::Item& it, int j, const bf16* cache, uint32_t dst) {
+    if (kVs && it.cols != nullptr) {
+      MmaGatherKvTile<D>(a, cache, pages, kv_head, it.cols, it.n, dst);
+    } else {
+      MmaLoadKvTile<D>(a, cache, pages, kv_head, si.kv_len, kVs ? it.n0 : tile_start(j), dst);
+    }
   };
   const int64_t q_stride = static_cast<int64_t>(a.num_q_heads) * D;
 
@@ -129,9 +234,9 @@ __device__ __forceinline__ void MmaQueryTile(const PrefillArgs& a, const SeqInfo
       CpAsync16(sq + SwizzledOffset<D>(r, c), valid ? q0 + r * q_stride + c * 8 : q0, valid);
     }
   }
-  MmaLoadKvTile<D>(a, a.k_cache, pages, kv_head, si.kv_len, tile_start(0), sk);
+  load_kv(cur, 0, a.k_cache, sk);
   CpAsyncCommit();
-  MmaLoadKvTile<D>(a, a.v_cache, pages, kv_head, si.kv_len, tile_start(0), sv);
+  load_kv(cur, 0, a.v_cache, sv);
   CpAsyncCommit();
   if (n_tiles == 0) CpAsyncWait<0>();  // a row listing nothing: zero output, no copy left
 
@@ -153,22 +258,24 @@ __device__ __forceinline__ void MmaQueryTile(const PrefillArgs& a, const SeqInfo
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   float s[8][4];
 
-  for (int j = 0; j < n_tiles; ++j) {
+  for (int j = 0; kVs ? cur.halves != 0 : j < n_tiles; ++j) {
     const int stage = j & 1;
-    const bool more = j + 1 < n_tiles;
+    if constexpr (kVs) nxt = sweep.Next();
+    const bool more = kVs ? nxt.halves != 0 : j + 1 < n_tiles;
     CpAsyncWait<1>();  // K of tile j (and Q) landed; V of tile j may still be in flight
     __syncthreads();
     if (more) {
-      MmaLoadKvTile<D>(a, a.k_cache, pages, kv_head, si.kv_len, tile_start(j + 1),
-                       sk + (stage ^ 1) * C::kKvBytes);
+      load_kv(nxt, j + 1, a.k_cache, sk + (stage ^ 1) * C::kKvBytes);
       CpAsyncCommit();
     }
     if (j == 0) {
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) LdMatrixX4(qf[kk], sq + SwizzledStep(lane_q, 2 * kk));
     }
-    const int n0 = tile_start(j);
-    const bool active = n0 <= warp_max_pos;
+    // The tile's first key (for gathered columns the smallest: columns increase) and whether
+    // this warp computes it.
+    const int n0 = kVs ? (cur.cols != nullptr ? __ldg(cur.cols) : cur.n0) : tile_start(j);
+    const bool active = (!kVs || ((cur.halves >> (warp / 4)) & 1) != 0) && n0 <= warp_max_pos;
     if (active) {
       const uint32_t kt = sk + stage * C::kKvBytes;
 #pragma unroll
@@ -183,14 +290,28 @@ __device__ __forceinline__ void MmaQueryTile(const PrefillArgs& a, const SeqInfo
           MmaBf16(s[2 * jn + 1], qf[kk], b[2], b[3]);
         }
       }
-      const bool mask = n0 + C::kBlockN - 1 > warp_min_pos;
+      if (kVs && cur.cols != nullptr) {
+        // Gathered columns: key position from the list; padding entries masked.
 #pragma unroll
-      for (int jb = 0; jb < 8; ++jb) {
+        for (int jb = 0; jb < 8; ++jb) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = n0 + jb * 8 + 2 * (lane % 4) + (e & 1);
-          const float x = s[jb][e] * a.scale_log2;
-          s[jb][e] = (mask && col > (e < 2 ? pos0 : pos1)) ? -INFINITY : x;
+          for (int e = 0; e < 2; ++e) {
+            const int idx = jb * 8 + 2 * (lane % 4) + e;
+            const int col = idx < cur.n ? __ldg(cur.cols + idx) : INT_MAX;
+            s[jb][e] = col > pos0 ? -INFINITY : s[jb][e] * a.scale_log2;
+            s[jb][e + 2] = col > pos1 ? -INFINITY : s[jb][e + 2] * a.scale_log2;
+          }
+        }
+      } else {
+        const bool mask = n0 + C::kBlockN - 1 > warp_min_pos;
+#pragma unroll
+        for (int jb = 0; jb < 8; ++jb) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int col = n0 + jb * 8 + 2 * (lane % 4) + (e & 1);
+            const float x = s[jb][e] * a.scale_log2;
+            s[jb][e] = (mask && col > (e < 2 ? pos0 : pos1)) ? -INFINITY : x;
+          }
         }
       }
       MmaSoftmaxUpdate<D>(s, o, m, l);
@@ -202,8 +323,7 @@ __device__ __forceinline__ void MmaQueryTile(const PrefillArgs& a, const SeqInfo
     }
     __syncthreads();
     if (more) {
-      MmaLoadKvTile<D>(a, a.v_cache, pages, kv_head, si.kv_len, tile_start(j + 1),
-                       sv + (stage ^ 1) * C::kKvBytes);
+      load_kv(nxt, j + 1, a.v_cache, sv + (stage ^ 1) * C::kKvBytes);
       CpAsyncCommit();
     }
     if (active) {
@@ -223,6 +343,7 @@ __device__ __forceinline__ void MmaQueryTile(const PrefillArgs& a, const SeqInfo
         }
       }
     }
+    if constexpr (kVs) cur = nxt;
   }
 
   // Normalize, stage this warp's rows in the (now unused) Q tile, and write 16-byte rows out.
@@ -256,8 +377,8 @@ __device__ __forceinline__ void MmaQueryTile(const PrefillArgs& a, const SeqInfo
 }
 
 // Grid: (query-tile slots, query heads, sequences). Block x takes tiles x, x + gridDim.x, ...
-// of its sequence counted from the last (longest KV sweep) one.
-template <int D>
+// of its sequence counted from the last (longest KV sweep) one. kVs: see MmaQueryTile.
+template <int D, bool kVs = false>
 __global__ void __launch_bounds__(256, 1) PrefillMmaKernel(const PrefillArgs a) {
   using C = MmaCfg<D>;
   extern __shared__ __align__(128) uint8_t smem[];
@@ -265,7 +386,7 @@ __global__ void __launch_bounds__(256, 1) PrefillMmaKernel(const PrefillArgs a) 
   const SeqInfo si = LoadSeqInfo(a, s, C::kBlockM);
   const int32_t* pages = a.page_table + static_cast<int64_t>(s) * a.page_table_stride;
   for (int t = blockIdx.x; t < si.m_tiles; t += gridDim.x) {
-    MmaQueryTile<D>(a, si, pages, h, (si.m_tiles - 1 - t) * C::kBlockM, smem);
+    MmaQueryTile<D, kVs>(a, si, pages, h, (si.m_tiles - 1 - t) * C::kBlockM, smem);
     __syncthreads();  // the next tile reuses every shared buffer
   }
 }

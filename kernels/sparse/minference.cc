@@ -152,8 +152,15 @@ struct HeadRows {
   std::vector<int32_t> block_off, blocks, column_off, columns;
 };
 
+// VS scores computed elsewhere (BuildPlanFromScores): head h of the one sequence at
+// vertical + h * kv_len and slash + h * kv_len.
+struct GivenScores {
+  const float* vertical = nullptr;
+  const float* slash = nullptr;
+};
+
 void HeadPlan(const PagedAttentionParams<float>& p, int seq, int head, const HeadPattern& pat,
-              const Options& o, bool ref, HeadRows* rows) {
+              const Options& o, bool ref, const GivenScores* given, HeadRows* rows) {
   const int32_t q_len = QueryLen(p, seq), kv_len = p.kv_lens[seq];
   const int32_t first = kv_len - q_len, qblocks = (q_len + kBlock - 1) / kBlock;
   rows->block_off.assign(1, 0);
@@ -171,7 +178,11 @@ void HeadPlan(const PagedAttentionParams<float>& p, int seq, int head, const Hea
   }
   VsIndex x;
   if (pat.pattern == Pattern::kVerticalSlash) {
-    if (ref) {
+    if (given != nullptr) {
+      const size_t off = static_cast<size_t>(head) * kv_len;
+      x = SelectVs(given->vertical + off, given->slash + off, kv_len, pat.vertical_size,
+                   pat.slash_size);
+    } else if (ref) {
       VsScores s;
       VsScoresRef(p, seq, head, o.last_q, &s);
       x = SelectVs(s.vertical.data(), s.slash.data(), kv_len, pat.vertical_size, pat.slash_size);
@@ -201,7 +212,7 @@ void HeadPlan(const PagedAttentionParams<float>& p, int seq, int head, const Hea
 }
 
 void BuildPlanImpl(const PagedAttentionParams<float>& p, const HeadPattern* patterns,
-                   const Options& o, bool ref, MInferencePlan* plan) {
+                   const Options& o, bool ref, const GivenScores* given, MInferencePlan* plan) {
   const int hq = p.num_q_heads;
   std::vector<HeadRows> heads(static_cast<size_t>(p.num_seqs) * hq);
   plan->query_block_start.assign(1, 0);
@@ -217,7 +228,7 @@ void BuildPlanImpl(const PagedAttentionParams<float>& p, const HeadPattern* patt
   });
   auto run = [&](int64_t i) {
     const int s = static_cast<int>(i / hq), h = static_cast<int>(i % hq);
-    if (QueryLen(p, s) > 0) HeadPlan(p, s, h, patterns[h], o, ref, &heads[i]);
+    if (QueryLen(p, s) > 0) HeadPlan(p, s, h, patterns[h], o, ref, given, &heads[i]);
   };
   if (ref) {
     for (int64_t i : order) run(i);
@@ -359,12 +370,24 @@ void BlockSparseCpu(const PagedAttentionParams<float>& p, int seq, int head, int
 
 void BuildPlan(const PagedAttentionParams<float>& p, const HeadPattern* patterns,
                const Options& options, MInferencePlan* plan) {
-  BuildPlanImpl(p, patterns, options, /*ref=*/false, plan);
+  BuildPlanImpl(p, patterns, options, /*ref=*/false, /*given=*/nullptr, plan);
 }
 
 void BuildPlanRef(const PagedAttentionParams<float>& p, const HeadPattern* patterns,
                   const Options& options, MInferencePlan* plan) {
-  BuildPlanImpl(p, patterns, options, /*ref=*/true, plan);
+  BuildPlanImpl(p, patterns, options, /*ref=*/true, /*given=*/nullptr, plan);
+}
+
+bool BuildPlanFromScores(const PagedAttentionParams<float>& p, const HeadPattern* patterns,
+                         const float* vertical, const float* slash, const Options& options,
+                         MInferencePlan* plan) {
+  if (p.num_seqs != 1) return false;
+  for (int h = 0; h < p.num_q_heads; ++h) {
+    if (patterns[h].pattern == Pattern::kBlockSparse) return false;
+  }
+  const GivenScores given{vertical, slash};
+  BuildPlanImpl(p, patterns, options, /*ref=*/false, &given, plan);
+  return true;
 }
 
 int64_t PlanPairs(const PagedAttentionParams<float>& p, const MInferencePlan& plan) {

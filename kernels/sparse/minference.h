@@ -121,6 +121,15 @@ void BuildPlan(const PagedAttentionParams<float>& p, const HeadPattern* patterns
 void BuildPlanRef(const PagedAttentionParams<float>& p, const HeadPattern* patterns,
                   const Options& options, MInferencePlan* plan);
 
+// The plan of one sequence (p.num_seqs == 1) from VS scores computed elsewhere (the GPU
+// estimator, minference_cuda.h): head h's vertical and slash scores at vertical + h * kv_len and
+// slash + h * kv_len (only VS heads' are read); then selection, conversion and assembly as
+// BuildPlan, on options.num_threads threads. Reads only p's lengths and head counts (q and K may
+// be null), so block-sparse heads, which pool q and K, are refused: returns false, plan unset.
+bool BuildPlanFromScores(const PagedAttentionParams<float>& p, const HeadPattern* patterns,
+                         const float* vertical, const float* slash, const Options& options,
+                         MInferencePlan* plan);
+
 // (query, key) pairs the plan reads over all heads (causal and within kv_len), for density.
 int64_t PlanPairs(const PagedAttentionParams<float>& p, const MInferencePlan& plan);
 // The causal pairs dense attention reads over all heads.

@@ -171,6 +171,49 @@ TEST(MInferencePlanTest, FastPlanMatchesReferencePlan) {
   }
 }
 
+// BuildPlanFromScores (the GPU path's host half) on VsScoresCpu's scores makes exactly the plan
+// BuildPlan makes, sequence by sequence, from the lengths alone (q and K not passed); it refuses
+// block-sparse heads and batches of several sequences.
+TEST(MInferencePlanTest, PlanFromScoresEqualsBuildPlan) {
+  const Batch b(kMixed, 16, 64, 8, 2, 17);
+  std::vector<HeadPattern> pats(8, {Pattern::kVerticalSlash, 40, 120});
+  pats[3] = {Pattern::kAShape, 16, 200};
+  pats[6] = {Pattern::kVerticalSlash, 2000, 50};
+  const auto all = b.Params();
+  for (int s = 0; s < all.num_seqs; ++s) {
+    const int32_t n = b.kv_lens[s], q_len = b.query_start[s + 1] - b.query_start[s];
+    std::vector<float> v(static_cast<size_t>(8) * n), sl(v.size());
+    for (int h = 0; h < 8; ++h) {
+      VsScoresCpu(all, s, h, kDefaultLastQ, v.data() + static_cast<size_t>(h) * n,
+                  sl.data() + static_cast<size_t>(h) * n);
+    }
+    // One sequence with its own queries and page-table row, for BuildPlan.
+    const int32_t qs[2] = {0, q_len};
+    auto one = all;
+    one.q = all.q + static_cast<int64_t>(b.query_start[s]) * 8 * 64;
+    one.page_table = all.page_table + static_cast<int64_t>(s) * all.page_table_stride;
+    one.kv_lens = &n;
+    one.query_start = qs;
+    one.num_seqs = 1;
+    MInferencePlan want, got;
+    BuildPlan(one, pats.data(), Options{}, &want);
+    auto lengths = one;
+    lengths.q = nullptr;
+    lengths.k_cache = nullptr;
+    lengths.page_table = nullptr;
+    ASSERT_TRUE(BuildPlanFromScores(lengths, pats.data(), v.data(), sl.data(), Options{}, &got));
+    EXPECT_EQ(got.query_block_start, want.query_block_start) << "seq " << s;
+    EXPECT_EQ(got.row_start, want.row_start) << "seq " << s;
+    EXPECT_EQ(got.key_blocks, want.key_blocks) << "seq " << s;
+    EXPECT_EQ(got.column_start, want.column_start) << "seq " << s;
+    EXPECT_EQ(got.columns, want.columns) << "seq " << s;
+    std::vector<HeadPattern> block = pats;
+    block[5] = {Pattern::kBlockSparse, 4, 0};
+    EXPECT_FALSE(BuildPlanFromScores(lengths, block.data(), v.data(), sl.data(), Options{}, &got));
+  }
+  EXPECT_FALSE(BuildPlanFromScores(all, pats.data(), nullptr, nullptr, Options{}, nullptr));
+}
+
 // 6.1.3: budgets that cover everything give dense attention (every causal key, output equal to
 // the dense reference), for each pattern, on prefills and chunks.
 TEST(MInferencePlanTest, CoveringBudgetsEqualDense) {

@@ -108,8 +108,9 @@ class CudaBackend final : public Backend {
                               Tensor q_out) override;
   // Dense plans; sparse decode plans of whole pages (Quest's; cuda_sparse.cc) through compacted
   // page tables and the split-KV decode kernel; sparse prefill plans of 128-query blocks and key
-  // blocks of whole 64-key tiles (XAttention's) through the mma.sync prefill kernel skipping
-  // unlisted blocks. Other sparse plans are Unimplemented.
+  // blocks of whole 64-key tiles (XAttention's), or of 64-query and 64-key blocks with single
+  // columns (MInference's), through the mma.sync prefill kernel skipping unlisted blocks. Other
+  // sparse plans are Unimplemented.
   absl::Status Attention(BackendStream& stream, int32_t layer, const Tensor& q,
                          const AttentionShape& shape, float scale, const AttentionPlan& plan,
                          Tensor out) override;
@@ -122,6 +123,12 @@ class CudaBackend final : public Backend {
   absl::Status XAttentionBlockMass(BackendStream& stream, int32_t layer, const Tensor& q,
                                    const AttentionShape& shape, const XAttentionEstimate& estimate,
                                    std::vector<float>& mass) override;
+  // MInference's index (cuda_minference.cc): the vertical-slash scores on the device
+  // (kernels/sparse/minference_cuda.h), copied back (waits for the stream); selection and the
+  // plan on the host (BuildPlanFromScores). Block-sparse heads are Unimplemented.
+  absl::Status MInferenceIndex(BackendStream& stream, int32_t layer, const Tensor& q,
+                               const AttentionShape& shape, const MInferenceEstimate& estimate,
+                               kernels::minference::MInferencePlan& out) override;
   absl::Status AllocatePageBounds(int32_t num_layers, const AttentionShape& shape) override;
   absl::Status UpdatePageBounds(BackendStream& stream, int32_t layer,
                                 const AttentionShape& shape) override;

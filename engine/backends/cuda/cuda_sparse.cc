@@ -25,11 +25,10 @@ using bf16 = __nv_bfloat16;
 using cuda_internal::Align256;
 using cuda_internal::Cuda;
 
-namespace {
+using cuda_internal::EnsureSparseBuffers;
 
-// Makes the stream's sparse scratch hold `dev_bytes` on the device and `host_bytes` of pinned
-// memory, waiting for the stream before it frees a buffer that work in flight may use.
-absl::Status EnsureSparseBuffers(CudaStream& s, size_t dev_bytes, size_t host_bytes) {
+absl::Status cuda_internal::EnsureSparseBuffers(CudaStream& s, size_t dev_bytes,
+                                                size_t host_bytes) {
   if (s.sparse_copied == nullptr) {
     SIEVE_RETURN_IF_CUDA_ERROR(cudaEventCreateWithFlags(&s.sparse_copied, cudaEventDisableTiming));
   }
@@ -53,8 +52,6 @@ absl::Status EnsureSparseBuffers(CudaStream& s, size_t dev_bytes, size_t host_by
   }
   return absl::OkStatus();
 }
-
-}  // namespace
 
 // --- Quest page bounds ---------------------------------------------------------------------------
 
@@ -262,17 +259,20 @@ namespace cuda_internal {
 namespace {
 
 // Block-sparse prefill: the plan's arrays to the device, then the mma.sync prefill kernel
-// sweeping only the listed key blocks (kernels/attention/paged_prefill.h).
+// sweeping only the listed key blocks (kernels/attention/paged_prefill.h); MInference's plans
+// (64-query blocks, 64-key blocks, single columns) through its 64-query-row mode.
 absl::Status SparsePrefillAttention(CudaStream& s, const AttentionPlan& plan,
                                     const kernels::PagedAttentionParams<bf16>& p, int num_sms) {
   const BatchLayout& l = *s.layout;
   const bool columns = !plan.column_start.empty() && plan.column_start.back() != 0;
   constexpr int32_t kQueryTile = 128, kKeyTile = 64;
-  if (plan.query_block != kQueryTile || plan.key_block % kKeyTile != 0 || columns ||
+  const bool vs = plan.query_block == kKeyTile && plan.key_block == kKeyTile;
+  if ((!vs && (plan.query_block != kQueryTile || plan.key_block % kKeyTile != 0 || columns)) ||
       (p.page_size & (p.page_size - 1)) != 0) {
     return absl::UnimplementedError(absl::StrCat(
         "cuda backend: sparse prefill runs plans of 128-query blocks and key blocks of whole "
-        "64-key tiles without single columns (XAttention with block_size 128); this plan has "
+        "64-key tiles without single columns (XAttention with block_size 128), or of 64-query "
+        "and 64-key blocks with single columns (MInference); this plan has "
         "query blocks of ", plan.query_block, ", key blocks of ", plan.key_block,
         columns ? " and single columns" : ""));
   }
@@ -291,13 +291,21 @@ absl::Status SparsePrefillAttention(CudaStream& s, const AttentionPlan& plan,
   const size_t qbs = plan.query_block_start.size() * sizeof(int32_t);
   const size_t rs = plan.row_start.size() * sizeof(int32_t);
   const size_t kb = plan.key_blocks.size() * sizeof(int32_t);
+  const size_t cs = columns ? plan.column_start.size() * sizeof(int32_t) : 0;
+  const size_t cl = columns ? plan.columns.size() * sizeof(int32_t) : 0;
   const size_t off_rs = Align256(qbs), off_kb = off_rs + Align256(rs);
-  SIEVE_RETURN_IF_ERROR(EnsureSparseBuffers(s, off_kb + Align256(kb), off_kb + kb));
+  const size_t off_cs = off_kb + Align256(kb), off_cl = off_cs + Align256(cs);
+  const size_t bytes = columns ? off_cl + cl : off_kb + kb;
+  SIEVE_RETURN_IF_ERROR(EnsureSparseBuffers(s, Align256(bytes), bytes));
   SIEVE_RETURN_IF_CUDA_ERROR(cudaEventSynchronize(s.sparse_copied));
   std::memcpy(s.sparse_host, plan.query_block_start.data(), qbs);
   std::memcpy(s.sparse_host + off_rs, plan.row_start.data(), rs);
   if (kb > 0) std::memcpy(s.sparse_host + off_kb, plan.key_blocks.data(), kb);
-  SIEVE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(s.sparse_dev, s.sparse_host, off_kb + kb,
+  if (columns) {
+    std::memcpy(s.sparse_host + off_cs, plan.column_start.data(), cs);
+    std::memcpy(s.sparse_host + off_cl, plan.columns.data(), cl);
+  }
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(s.sparse_dev, s.sparse_host, bytes,
                                              cudaMemcpyHostToDevice, s.stream));
   SIEVE_RETURN_IF_CUDA_ERROR(cudaEventRecord(s.sparse_copied, s.stream));
   kernels::SparseAttentionIndex idx;
@@ -306,6 +314,10 @@ absl::Status SparsePrefillAttention(CudaStream& s, const AttentionPlan& plan,
   idx.query_block_start = reinterpret_cast<const int32_t*>(s.sparse_dev);
   idx.row_start = reinterpret_cast<const int32_t*>(s.sparse_dev + off_rs);
   idx.key_blocks = reinterpret_cast<const int32_t*>(s.sparse_dev + off_kb);
+  if (columns) {
+    idx.column_start = reinterpret_cast<const int32_t*>(s.sparse_dev + off_cs);
+    idx.columns = reinterpret_cast<const int32_t*>(s.sparse_dev + off_cl);
+  }
   kernels::PagedAttentionParams<bf16> sp = p;
   sp.sparse = &idx;
   SIEVE_RETURN_IF_CUDA_ERROR(kernels::PagedPrefillRun(sp, pplan, nullptr, s.stream));

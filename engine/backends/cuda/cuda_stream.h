@@ -197,11 +197,17 @@ absl::Status EnsureHostFloats(CudaStream& s, int64_t elems);
 // the device sends chunk i + 1.
 absl::Status CopyFloatsToHost(CudaStream& s, const float* src, absl::Span<float> out);
 
+// Makes the stream's sparse scratch (sparse_dev, sparse_host) hold `dev_bytes` on the device
+// and `host_bytes` of pinned memory, waiting for the stream before it frees a buffer that work
+// in flight may use (cuda_sparse.cc).
+absl::Status EnsureSparseBuffers(CudaStream& s, size_t dev_bytes, size_t host_bytes);
+
 // Sparse attention (cuda_sparse.cc): runs `plan` for the step of `s` with the dense parameters
 // `p` (page table and lengths of the step). Decode steps: plans of whole pages (Quest) through
 // compacted per-row page tables and PagedDecodeSparseRun. Other steps: plans of 128-query
-// blocks and 64-key-tile key blocks (XAttention) through the block-sparse mma.sync prefill
-// kernel. Unimplemented for plans neither takes (single columns, other block sizes).
+// blocks and 64-key-tile key blocks (XAttention), or of 64-query and 64-key blocks with single
+// columns (MInference), through the block-sparse mma.sync prefill kernel. Unimplemented for
+// plans neither takes (other block sizes).
 absl::Status SparseDecodeAttention(CudaStream& s, const AttentionPlan& plan,
                                    const kernels::PagedAttentionParams<__nv_bfloat16>& p,
                                    int num_sms);
