@@ -189,7 +189,14 @@ void BlockMass(const XAttentionParams& p, float* mass, int num_threads) {
   const float zscale = 1.0f / (std::sqrt(static_cast<float>(d)) * S);
   std::fill(mass, mass + int64_t{p.num_q_heads} * qb * kb, 0.0f);
   if (num_threads <= 0) num_threads = DefaultCpuThreads();
-  std::vector<float> packed(static_cast<size_t>(panels * panel_floats));
+  // Buffers kept per thread across calls (PackKeys and MicroTile write every element they later
+  // read): a chunked prefill calls this once per chunk and layer, and fresh zeroed buffers cost
+  // page faults and memsets comparable to the packing itself.
+  thread_local std::vector<float> packed_buffer;
+  if (packed_buffer.size() < static_cast<size_t>(panels * panel_floats)) {
+    packed_buffer.resize(static_cast<size_t>(panels * panel_floats));
+  }
+  float* const packed = packed_buffer.data();  // a pointer: the lambda below runs on other threads
   const std::vector<float> zeros(static_cast<size_t>(d), 0.0f);
   // Items of one KV head, largest (latest query block) first.
   std::vector<Item> items;
@@ -197,11 +204,14 @@ void BlockMass(const XAttentionParams& p, float* mass, int num_threads) {
     for (int32_t hh = 0; hh < group; ++hh) items.push_back({hh, m});
   }
   for (int32_t g = 0; g < p.num_kv_heads; ++g) {
-    PackKeys(p, g, key_groups, packed.data(), num_threads);
+    PackKeys(p, g, key_groups, packed, num_threads);
     std::atomic<size_t> next{0};
     ParallelFor(num_threads, num_threads, 1, [&](int64_t, int64_t) {
       std::vector<const float*> rows(static_cast<size_t>(kRows) * S);
-      std::vector<float> x(static_cast<size_t>(kRows) * panels * W);
+      thread_local std::vector<float> x;
+      if (x.size() < static_cast<size_t>(kRows) * panels * W) {
+        x.resize(static_cast<size_t>(kRows) * panels * W);
+      }
       const int64_t x_stride = panels * W;
       for (size_t it = next++; it < items.size(); it = next++) {
         const int32_t h = g * group + items[it].head;
@@ -222,7 +232,7 @@ void BlockMass(const XAttentionParams& p, float* mass, int num_threads) {
           }
           const int64_t a_last = a + nrows - 1;
           for (int64_t j = 0; j * W <= a_last; ++j) {
-            MicroTile(rows.data(), S, d, packed.data() + j * panel_floats, x.data() + j * W,
+            MicroTile(rows.data(), S, d, packed + j * panel_floats, x.data() + j * W,
                       x_stride);
           }
           for (int r = 0; r < nrows; ++r) {
