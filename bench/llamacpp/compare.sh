@@ -12,7 +12,11 @@
 # BASE_BUILD=DIR adds a second Sieve build's model_bench to each round (e.g. the commit before a
 # change), run with its default threads (all hardware threads).
 # Env: SCRATCH (default /tmp/sieve-llamacpp, as build.sh), THREADS (default 2), REPS (llama-bench
-# repetitions, default 2; model_bench keeps the best of 2 prefills and the median of STEPS steps).
+# repetitions, default 2; model_bench keeps the best of 2 prefills and the median of STEPS steps),
+# PREFILL (prompt lengths, default 4096,16384), DEPTHS (decode context lengths, default
+# 0,4096,16384), DECODE_METHODS (Sieve's decode attention, default dense; e.g. dense,quest: each
+# over the same KV) and DENSE_LAYERS (attention.decode.dense_layers of the sparse methods,
+# default 2). The issues' targets: PREFILL=16384,32768 DEPTHS=16384,65536 DECODE_METHODS=dense,quest.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/../.." && pwd)
@@ -22,6 +26,11 @@ scratch=${SCRATCH:-/tmp/sieve-llamacpp}
 threads=${THREADS:-2}
 reps=${REPS:-2}
 steps=${STEPS:-32}
+prefill=${PREFILL:-4096,16384}
+depths=${DEPTHS:-0,4096,16384}
+methods=${DECODE_METHODS:-dense}
+dense_layers=${DENSE_LAYERS:-2}
+sieve_decode=$(echo "$depths" | sed -E 's/([0-9]+)/1:\1/g')
 llama_bench=$scratch/llama.cpp/build/bin/llama-bench
 gguf=$scratch/embedded-f32.gguf
 for f in "$llama_bench" "$gguf" "$build/bench/model_bench"; do
@@ -32,11 +41,12 @@ echo "date $(date -u '+%F %T') UTC; host $(hostname); nproc $(nproc); $(uptime)"
 echo "sieve commit $(git -C "$repo" rev-parse --short HEAD); llama.cpp $(git -C "$scratch/llama.cpp" rev-parse --short HEAD)"
 for ((r = 1; r <= rounds; ++r)); do
   echo "== round $r: llama.cpp $(date -u +%T), $(uptime | sed 's/.*load/load/')"
-  "$llama_bench" -m "$gguf" -t "$threads" -fa 1 -r "$reps" -p 4096,16384 -n 0
-  "$llama_bench" -m "$gguf" -t "$threads" -fa 1 -r "$reps" -p 0 -n 32 -d 0,4096,16384
+  "$llama_bench" -m "$gguf" -t "$threads" -fa 1 -r "$reps" -p "$prefill" -n 0
+  "$llama_bench" -m "$gguf" -t "$threads" -fa 1 -r "$reps" -p 0 -n 32 -d "$depths"
   echo "== round $r: sieve $(date -u +%T), $(uptime | sed 's/.*load/load/')"
   "$build/bench/model_bench" --model "$repo/models/embedded" --backend cpu --threads "$threads" \
-    --prefill 4096,16384 --chunk 512 --decode 1:0,1:4096,1:16384 --steps "$steps" --graphs off
+    --prefill "$prefill" --chunk 512 --page-size 16 --decode "$sieve_decode" --steps "$steps" --graphs off \
+    --decode-method "$methods" --dense-layers "$dense_layers"
   if [[ -n ${BASE_BUILD:-} ]]; then
     echo "== round $r: sieve base $BASE_BUILD $(date -u +%T), $(uptime | sed 's/.*load/load/')"
     "$BASE_BUILD/bench/model_bench" --model "$repo/models/embedded" --backend cpu \
