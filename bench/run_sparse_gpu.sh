@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# The sparse attention GPU benchmarks (Quest decode, XAttention prefill) in one command, built
-# here and carried like scripts/gpu-tests.sh does (the GPU machine has CUDA but not Highway or
-# oneDNN, which sieve_kernels links):
-#   bench/run_sparse_gpu.sh pack [PACK_DIR]   # here: build both benchmarks in a CUDA tree
+# The sparse attention GPU benchmarks (Quest and DoubleSparsity decode, XAttention prefill) in one
+# command, built here and carried like scripts/gpu-tests.sh does (the GPU machine has CUDA but not
+# Highway or oneDNN, which sieve_kernels links):
+#   bench/run_sparse_gpu.sh pack [PACK_DIR]   # here: build the benchmarks in a CUDA tree
 #                                             # (SIEVE_GPU_BUILD, default build-gpu-tests) and
 #                                             # copy them with their shared libraries into PACK_DIR
 #                                             # (default .device-pack-sparse-bench, ignored)
-#   bench/run_sparse_gpu.sh run [PACK_DIR]    # there, from the repository root: run both, output
+#   bench/run_sparse_gpu.sh run [PACK_DIR]    # there, from the repository root: run them, output
 #                                             # to $OUT (or ./gpu-out) and the terminal
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-run}
 pack=${2:-.device-pack-sparse-bench}
-benches=(quest_decode_gpu_bench xattention_prefill_gpu_bench)
+benches=(quest_decode_gpu_bench xattention_prefill_gpu_bench ds_decode_gpu_bench)
 
 if [[ $mode == pack ]]; then
   build=${SIEVE_GPU_BUILD:-build-gpu-tests}
