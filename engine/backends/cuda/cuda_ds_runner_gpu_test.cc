@@ -1,11 +1,14 @@
-// DoubleSparsity through the model runner on the cuda backend (label `gpu`), with the embedded
-// model: a plan whose budget covers the context decodes the same logits as dense attention
-// (SPARSE_ATTENTION 6.1.3), and the double_sparsity policy with a small budget reads the fraction
-// of the keys its plan lists, all of them under a per-request dense override. The CPU twin is
-// engine/runner/double_sparsity_runner_test.cc.
+// DoubleSparsity through the model runner and the engine on the cuda backend (label `gpu`), with
+// the embedded model: a plan whose budget covers the context decodes the same logits as dense
+// attention (SPARSE_ATTENTION 6.1.3), and the double_sparsity policy with a small budget reads the
+// fraction of the keys its plan lists, all of them under a per-request dense override; the engine
+// (start-up calibration on the device, the label side pool) decodes with a covering budget like
+// dense and with a small one to the end reading a fraction of the KV. The CPU twins are
+// engine/runner/double_sparsity_runner_test.cc and engine/serving/double_sparsity_engine_test.cc.
 #include <cmath>
 #include <cstdlib>
 #include <memory>
+#include <mutex>
 #include <numeric>
 #include <random>
 #include <string>
@@ -13,6 +16,7 @@
 
 #include "engine/attention/double_sparsity_policy.h"
 #include "engine/runner/model_runner.h"
+#include "engine/serving/engine.h"
 #include "engine/serving/engine_config.h"
 #include "engine/testing/sparse_decode_setup.h"
 #include "gtest/gtest.h"
@@ -125,6 +129,40 @@ TEST_P(CudaDsRunnerTest, CoveringPlanEqualsDenseAndSmallBudgetReadsLess) {
 }
 
 INSTANTIATE_TEST_SUITE_P(LabelBits, CudaDsRunnerTest, ::testing::Values(16, 4));
+
+EngineConfig CudaConfig(const std::string& method, int32_t budget) {
+  EngineConfig c = testing::SparseDecodeEngineConfig(method, budget);
+  c.model.backend = "cuda";
+  return c;
+}
+
+// The prompts of these tests: n tokens in [10, 200].
+std::vector<int32_t> Prompt(int n) { return testing::RandomTokens(n, 5, 10, 200); }
+
+// A budget covering the context plans dense attention (L <= k, 4.8): the same greedy tokens as
+// dense decoding, with the labels written on every append and calibrated at start-up on the
+// device.
+TEST(CudaDsEngineTest, CoveringBudgetDecodesLikeDense) {
+  const std::vector<int32_t> prompt = Prompt(350);
+  const std::vector<int32_t> dense = testing::GenerateGreedy(CudaConfig("dense", 4096), prompt, 24);
+  ASSERT_EQ(dense.size(), 24u);
+  EXPECT_EQ(testing::GenerateGreedy(CudaConfig("double_sparsity", 4096), prompt, 24), dense);
+}
+
+TEST(CudaDsEngineTest, SmallBudgetReadsAFraction) {
+  for (bool per_kv_head : {false, true}) {
+    EngineConfig c = CudaConfig("double_sparsity", 48);
+    c.attention.decode.double_sparsity.channels = 8;
+    c.attention.decode.double_sparsity.per_kv_head = per_kv_head;
+    c.attention.decode.double_sparsity.label_bits = per_kv_head ? 4 : 16;
+    testing::DecodeStatsObserver observer;
+    EXPECT_EQ(testing::GenerateGreedy(c, Prompt(400), 16, &observer).size(), 16u);
+    std::lock_guard<std::mutex> lock(observer.mu);
+    ASSERT_FALSE(observer.fractions.empty());
+    // 3 of 4 layers read 48 of ~400 keys per head: well below 1 (1 dense layer of 4).
+    for (double f : observer.fractions) EXPECT_LT(f, 0.5) << "per_kv_head " << per_kv_head;
+  }
+}
 
 }  // namespace
 }  // namespace sieve::engine
