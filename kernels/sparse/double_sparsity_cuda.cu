@@ -8,9 +8,13 @@
 #include <string>
 
 #include "kernels/cuda_check.h"
+#include "kernels/sparse/select_cuda.cuh"
 
 namespace sieve::kernels {
 namespace {
+
+using sparse_select::BlockExclusiveScan;
+using sparse_select::Key;
 
 constexpr int kWriteThreads = 256;   // 8 warps, one (token, label head) at a time each
 constexpr int kScoreThreads = 256;   // one token per thread per pass
@@ -106,12 +110,6 @@ __global__ void __launch_bounds__(kWriteThreads)
       atomicOr(word, code << shift);
     }
   }
-}
-
-// An unsigned key ordered as the float (larger float, larger key); -0 and +0 alike.
-__device__ __forceinline__ uint32_t Key(float x) {
-  uint32_t u = __float_as_uint(x == 0.0f ? 0.0f : x);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
 // --- Scores --------------------------------------------------------------------------------------
@@ -210,30 +208,6 @@ __global__ void __launch_bounds__(kScoreThreads)
 }
 
 // --- Selection -----------------------------------------------------------------------------------
-
-// Exclusive prefix sum of v over the block (kSelectThreads threads, all must call); total gets
-// the block's sum. `sm` holds kSelectWarps ints.
-__device__ __forceinline__ int BlockExclusiveScan(int v, int& total, int* sm) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int incl = v;
-#pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const int x = __shfl_up_sync(0xffffffffu, incl, off);
-    if (lane >= off) incl += x;
-  }
-  __syncthreads();  // sm free from any earlier call
-  if (lane == 31) sm[warp] = incl;
-  __syncthreads();
-  int before = 0;
-  total = 0;
-#pragma unroll
-  for (int w = 0; w < kSelectWarps; ++w) {
-    const int x = sm[w];
-    before += w < warp ? x : 0;
-    total += x;
-  }
-  return before + incl - v;
-}
 
 // Warp 0 only: over `nbins` bins of `hist` (counts of keys matching `prefix` in the bits below,
 // bin = the next bits at `shift`), from the highest bin down, finds the bin holding the
@@ -373,9 +347,9 @@ __global__ void __launch_bounds__(kSelectThreads) DsTopTokensKernel(
     const bool gt = t < len && u > threshold;
     const bool eq = t < len && u == threshold;
     int eq_total = 0, taken_total = 0;
-    const int eq_rank = BlockExclusiveScan(eq ? 1 : 0, eq_total, sm.scan);
+    const int eq_rank = BlockExclusiveScan<kSelectWarps>(eq ? 1 : 0, eq_total, sm.scan);
     const bool take = gt || (eq && eq_carry + eq_rank < remaining);
-    const int at = taken_carry + BlockExclusiveScan(take ? 1 : 0, taken_total, sm.scan);
+    const int at = taken_carry + BlockExclusiveScan<kSelectWarps>(take ? 1 : 0, taken_total, sm.scan);
     if (take) {
       pos_out[at] = t;
       if (slot_out) slot_out[at] = table[t / ps] * ps + t % ps;
