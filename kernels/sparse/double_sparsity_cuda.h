@@ -91,7 +91,9 @@ struct DsSelectGpuOutput {
 };
 
 // Workspace bytes DsSelectGpu needs for `p` (fp32 scores of every row's tokens and a histogram
-// of 2048 ints per row).
+// of 2048 ints per row). After a call the workspace starts with the scores: row r's score of
+// position t at float index r * page_table_stride * page_size + t, for rows with L > k (tests
+// compare them with DsReferenceScores).
 size_t DsSelectWorkspaceBytes(const DsSelectGpuParams& p);
 
 // Scores and selects on `stream`. cudaErrorInvalidValue (nothing launched) for a bad shape,

@@ -11,7 +11,9 @@
 //     multiply-adds, plus for per-KV-head shared selection the group's query sum per channel
 //     (group more roundings), plus one rounding of a dequantised 4-bit label. Each rounding errs
 //     by at most u = 2^-24 of a partial sum bounded by sum |q_c label_c|, so the error against
-//     the fp64 reference is at most eps = (n + group + 2) u max_t sum |q_c label_c|. Selections
+//     the fp64 reference is at most (n + group + 2) u sum |q_c label_c|: each GPU score (read
+//     from the selection's workspace) is checked against DsReferenceScores with that bound, and
+//     with eps = (n + group + 2) u max_t sum |q_c label_c| over the row: selections
 //     must equal the reference wherever the fp64 scores at the cut differ by more than 2 eps
 //     (SPARSE_ATTENTION.md 6.1.6); otherwise every GPU token scores within 2 eps of the cut.
 //   - attention outputs: relative L2 error <= 1e-2 and max abs error <= 2e-2, as the dense and
@@ -255,6 +257,7 @@ void PrintTo(const SelectCase& c, std::ostream* os) { *os << c.name; }
 // The device side of one selection and its sparse decode.
 struct GpuRun {
   std::vector<int32_t> positions, slots, counts;
+  std::vector<float> scores;  // the workspace's scores [rows, stride * page_size]
   std::vector<uint8_t> labels;
   std::vector<uint16_t> out;  // sparse decode output, bf16 bits
 };
@@ -323,6 +326,8 @@ void RunGpu(const Batch& b, int budget, int forced_kv_len, GpuRun& r) {
   const PagedDecodeTokenLists lists{sel_slots.ptr, counts.ptr, budget, shape.heads_per_block};
   ASSERT_CUDA(PagedDecodeTokenRun(a, plan, lists, plan.workspace_bytes ? dws.ptr : nullptr, nullptr));
   ASSERT_CUDA(cudaDeviceSynchronize());
+  r.scores.resize(rows * static_cast<size_t>(b.stride) * s.page_size);
+  cudaMemcpy(r.scores.data(), ws.ptr, r.scores.size() * sizeof(float), cudaMemcpyDeviceToHost);
   r.positions = positions.Get<int32_t>();
   r.slots = sel_slots.Get<int32_t>();
   r.counts = counts.Get<int32_t>();
@@ -435,7 +440,10 @@ std::vector<std::vector<int32_t>> CheckSelection(const Batch& b, int budget, con
         continue;
       }
       const std::vector<double> score = DsReferenceScores(s, rp, seq, rr);
-      // eps: the largest sum |q_c label_c| over the row's tokens (file comment).
+      // eps: the largest sum |q_c label_c| over the row's tokens (file comment); each GPU score
+      // must be within its own token's eps of the fp64 one.
+      const int n = s.channels * heads_per_row;
+      const float* gpu_scores = r.scores.data() + row * static_cast<size_t>(b.stride) * s.page_size;
       double mag_max = 0;
       for (int t = 0; t < L; ++t) {
         const uint8_t* page = r.labels.data() + b.page_table[seq * b.stride + t / s.page_size] * page_bytes;
@@ -449,8 +457,9 @@ std::vector<std::vector<int32_t>> CheckSelection(const Batch& b, int budget, con
           }
         }
         mag_max = std::max(mag_max, mag);
+        EXPECT_NEAR(gpu_scores[t], score[t], (n + group + 2) * std::ldexp(mag, -24))
+            << "score of token " << t;
       }
-      const int n = s.channels * heads_per_row;
       const double eps = (n + group + 2) * std::ldexp(mag_max, -24);
       std::vector<double> sorted = score;
       std::sort(sorted.begin(), sorted.end(), std::greater<>());
