@@ -62,11 +62,20 @@ std::unique_ptr<ModelRunner> DsRunner(int label_bits) {
   return std::move(*r);
 }
 
-// Reads every key through the DoubleSparsity plan (budget >= L: every token as a column).
+// Reads every key of a decode step through the DoubleSparsity plan (budget >= L: every token as
+// a column); prefill steps are dense (the cuda backend's sparse prefill runs XAttention's plans
+// only, and the DoubleSparsity policy plans prefill dense too).
 class AllColumnsPolicy final : public AttentionPolicy {
  public:
   std::string_view method() const override { return "all_columns"; }
   absl::Status Plan(const AttentionStep& step, AttentionPlan& plan) override {
+    const BatchLayout& l = *step.layout;
+    for (int32_t i = 0; i < l.num_seqs(); ++i) {
+      if (l.query_start[i + 1] - l.query_start[i] != 1) {
+        plan.SetDense();
+        return absl::OkStatus();
+      }
+    }
     DsPlanOptions o;
     o.token_budget = 1 << 20;
     return step.backend->PlanDsTokens(*step.stream, step.layer, step.q, o, plan);
