@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The sparse attention GPU benchmarks (Quest decode, XAttention and MInference prefill) in one
-# command, built here and carried like scripts/gpu-tests.sh does (the GPU machine has CUDA but
-# not Highway or oneDNN, which sieve_kernels links):
+# The sparse attention GPU benchmarks (Quest and DoubleSparsity decode, XAttention and MInference
+# prefill) in one command, built here and carried like scripts/gpu-tests.sh does (the GPU machine
+# has CUDA but not Highway or oneDNN, which sieve_kernels links):
 #   bench/run_sparse_gpu.sh pack [PACK_DIR]   # here: build the benchmarks in a CUDA tree
 #                                             # (SIEVE_GPU_BUILD, default build-gpu-tests) and
 #                                             # copy them with their shared libraries into PACK_DIR
@@ -12,7 +12,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-run}
 pack=${2:-.device-pack-sparse-bench}
-benches=(quest_decode_gpu_bench xattention_prefill_gpu_bench minference_prefill_gpu_bench)
+benches=(quest_decode_gpu_bench xattention_prefill_gpu_bench minference_prefill_gpu_bench
+  ds_decode_gpu_bench)
 
 if [[ $mode == pack ]]; then
   build=${SIEVE_GPU_BUILD:-build-gpu-tests}

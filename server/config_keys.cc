@@ -244,8 +244,8 @@ const std::vector<KeySpec>& Keys() {
                        "the pages whose key bounds promise the largest scores, within "
                        "attention.decode.token_budget) or double_sparsity (per query head, the "
                        "tokens whose outlier key channels score highest; needs a calibration, "
-                       "see attention.decode.double_sparsity.calibration_file). quest runs on "
-                       "cpu and cuda, double_sparsity on cpu only so far."),
+                       "see attention.decode.double_sparsity.calibration_file). Both run on cpu "
+                       "and cuda."),
       SIEVE_ENGINE_KEY(attention.decode.sparse_min_tokens, IntRange(0, 1 << 30),
                        "A sparse decode method reads every key of a sequence whose context is "
                        "this long or shorter."),

@@ -151,9 +151,9 @@ absl::Status EngineConfig::Validate() const {
                                   2 * kv_cache.page_size_tokens, " tokens) for ", dec.method,
                                   ", got ", dec.token_budget));
   }
-  // Quest runs on cpu and cuda (engine/backends/cuda/cuda_sparse.cc); DoubleSparsity on cpu.
-  if (dec.method != "dense" && model.backend != "cpu" &&
-      !(dec.method == "quest" && model.backend == "cuda")) {
+  // Quest and DoubleSparsity run on cpu and cuda (engine/backends/cuda/cuda_sparse.cc,
+  // cuda_double_sparsity.cc).
+  if (dec.method != "dense" && model.backend != "cpu" && model.backend != "cuda") {
     errors.push_back(absl::StrCat("attention.decode.method ", dec.method,
                                   " is not available on ", model.backend, " yet (cpu only)"));
   }

@@ -115,6 +115,10 @@ __device__ __forceinline__ void LoadTile(uint32_t k_dst, uint32_t v_dst,
     CpAsync16(v_dst + dst, p.v_cache + off, valid);
     token += kRowsPerPass;
     in_page += kRowsPerPass;
+    if (p.page_size == 1) {  // token lists (PagedDecodeTokenRun): a page per token
+      page_idx = token;
+      in_page = 0;
+    }
     while (in_page >= p.page_size) {
       in_page -= p.page_size;
       ++page_idx;
@@ -655,6 +659,15 @@ cudaError_t PagedDecodeSparseRun(const PagedAttentionParams<__nv_bfloat16>& p,
   if (sp.num_seqs == 0) return cudaSuccess;
   const RowMap map{rows, p.num_q_heads / rows};
   return LaunchWithMap(sp, plan, static_cast<float*>(workspace), map, stream);
+}
+
+cudaError_t PagedDecodeTokenRun(const PagedAttentionParams<__nv_bfloat16>& p,
+                                const PagedDecodePlan& plan, const PagedDecodeTokenLists& lists,
+                                void* workspace, cudaStream_t stream) {
+  PagedAttentionParams<__nv_bfloat16> tp = p;
+  tp.page_size = 1;  // slot s is page s of one token: the same K/V rows
+  const PagedDecodeTables t{lists.slots, lists.lens, lists.stride, lists.heads_per_block};
+  return PagedDecodeSparseRun(tp, plan, t, workspace, stream);
 }
 
 }  // namespace sieve::kernels

@@ -94,6 +94,23 @@ cudaError_t PagedDecodeSparseRun(const PagedAttentionParams<__nv_bfloat16>& p,
                                  const PagedDecodePlan& plan, const PagedDecodeTables& tables,
                                  void* workspace, cudaStream_t stream);
 
+// Per-row token lists of sparse decode (DoubleSparsity, kernels/sparse/double_sparsity_cuda.h):
+// as PagedDecodeTables, but row r lists lens[r] KV slots (page * page_size + offset), one per
+// token, in any order, instead of pages.
+struct PagedDecodeTokenLists {
+  const int32_t* slots = nullptr;  // [num_seqs * runs, stride] KV slots (device)
+  const int32_t* lens = nullptr;   // [num_seqs * runs] tokens per row (device)
+  int32_t stride = 0;              // entries per row of `slots`
+  int32_t heads_per_block = 1;     // query heads per row; must equal the plan's
+};
+
+// Decode attention restricted to the tokens of `lists`: PagedDecodeSparseRun over pages of one
+// token (the same kernel, inner loop, split and merge; a slot is the id of a one-token page).
+// `plan` as for PagedDecodeSparseRun, with max_kv_len the longest list.
+cudaError_t PagedDecodeTokenRun(const PagedAttentionParams<__nv_bfloat16>& p,
+                                const PagedDecodePlan& plan, const PagedDecodeTokenLists& lists,
+                                void* workspace, cudaStream_t stream);
+
 // The blocks per multiprocessor that Plan() assumes for a head dim (from the shared memory each
 // block takes); tests compare it with what the CUDA occupancy calculator reports.
 int PagedDecodeBlocksPerSm(int head_dim);

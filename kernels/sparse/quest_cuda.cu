@@ -6,9 +6,13 @@
 #include <cstdint>
 
 #include "kernels/cuda_check.h"
+#include "kernels/sparse/select_cuda.cuh"
 
 namespace sieve::kernels {
 namespace {
+
+using sparse_select::BlockExclusiveScan;
+using sparse_select::Key;
 
 constexpr int kMaxGroup = 32;
 constexpr int kScoreThreads = 128;  // 4 warps, one page at a time each
@@ -116,35 +120,6 @@ __global__ void __launch_bounds__(kScoreThreads) QuestScoreKernel(const QuestSel
 
 // --- Selection -----------------------------------------------------------------------------------
 
-// An unsigned key ordered as the float (larger float, larger key); -0 and +0 alike.
-__device__ __forceinline__ uint32_t Key(float x) {
-  uint32_t u = __float_as_uint(x == 0.0f ? 0.0f : x);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
-// Exclusive prefix sum of v over the block (kSelectThreads threads, all must call); total gets
-// the block's sum. `sm` holds kSelectWarps ints.
-__device__ __forceinline__ int BlockExclusiveScan(int v, int& total, int* sm) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int incl = v;
-#pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const int x = __shfl_up_sync(0xffffffffu, incl, off);
-    if (lane >= off) incl += x;
-  }
-  __syncthreads();  // sm free from any earlier call
-  if (lane == 31) sm[warp] = incl;
-  __syncthreads();
-  int before = 0;
-  total = 0;
-#pragma unroll
-  for (int w = 0; w < kSelectWarps; ++w) {
-    before += w < warp ? sm[w] : 0;
-    total += sm[w];
-  }
-  return before + incl - v;
-}
-
 // One block per row. See the file comment of quest_cuda.h.
 __global__ void __launch_bounds__(kSelectThreads) QuestTopPagesKernel(
     const QuestSelectGpuParams p, const QuestSelectGpuOutput out, const float* __restrict__ scores,
@@ -226,9 +201,9 @@ __global__ void __launch_bounds__(kSelectThreads) QuestTopPagesKernel(
     const bool gt = j < scored && u > threshold;
     const bool eq = j < scored && u == threshold;
     int eq_total = 0, taken_total = 0;
-    const int eq_rank = BlockExclusiveScan(eq ? 1 : 0, eq_total, sm_scan);
+    const int eq_rank = BlockExclusiveScan<kSelectWarps>(eq ? 1 : 0, eq_total, sm_scan);
     const bool take = gt || (eq && eq_carry + eq_rank < remaining);
-    const int pos = BlockExclusiveScan(take ? 1 : 0, taken_total, sm_scan);
+    const int pos = BlockExclusiveScan<kSelectWarps>(take ? 1 : 0, taken_total, sm_scan);
     if (take) {
       sel[taken_carry + pos] = j;
       if (ids) ids[taken_carry + pos] = table[j];

@@ -48,6 +48,8 @@ namespace sieve::engine {
 
 // A CudaBackend's stream state (defined in cuda_backend.cc).
 struct CudaStream;
+// A CudaBackend's DoubleSparsity label cache (defined in cuda_double_sparsity.cc).
+struct CudaDsLabels;
 
 struct CudaBackendOptions {
   // Which attention kernels steps use.
@@ -135,6 +137,19 @@ class CudaBackend final : public Backend {
   absl::Status PlanQuestPages(BackendStream& stream, int32_t layer, const Tensor& q,
                               const AttentionShape& shape, const QuestPlanOptions& options,
                               AttentionPlan& plan) override;
+  // DoubleSparsity (cuda_double_sparsity.cc, kernels/sparse/double_sparsity_cuda.h): the label
+  // cache of every layer on the device in the CPU's layout, written by a kernel after
+  // RopeAndCacheKv; PlanDsTokens selects on the device for the whole batch, then copies the
+  // chosen positions back (waiting for the stream) to fill the host plan, whose columns
+  // Attention runs as token lists through the split-KV decode kernel.
+  int64_t DsLabelBytes(int32_t num_layers, const kernels::DoubleSparsityShape& shape) const override;
+  absl::Status AllocateDsLabels(int32_t num_layers,
+                                const kernels::DoubleSparsityShape& shape) override;
+  absl::Status SetDsChannels(int32_t layer, absl::Span<const int32_t> channels) override;
+  absl::Status UpdateDsLabels(BackendStream& stream, int32_t layer) override;
+  absl::Status RebuildDsLabels(absl::Span<const int32_t> pages) override;
+  absl::Status PlanDsTokens(BackendStream& stream, int32_t layer, const Tensor& q,
+                            const DsPlanOptions& options, AttentionPlan& plan) override;
   absl::Status SiluMul(BackendStream& stream, const Tensor& gate_up, Tensor out) override;
   absl::Status GatherRows(BackendStream& stream, const Tensor& x, absl::Span<const int32_t> rows,
                           Tensor out) override;
@@ -194,6 +209,8 @@ class CudaBackend final : public Backend {
   void* page_bounds_ = nullptr;
   int64_t bounds_layer_elems_ = 0;
   int32_t bounds_layers_ = 0;
+  // DoubleSparsity labels (AllocateDsLabels); shared_ptr so that this header needs no definition.
+  std::shared_ptr<CudaDsLabels> ds_;
   // KV page transfers (ReadKvPages, WriteKvPages): their stream (cudaStream_t, created on first
   // use) and the lock that serializes them.
   std::mutex transfer_mu_;

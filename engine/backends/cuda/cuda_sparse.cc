@@ -24,11 +24,11 @@ namespace sieve::engine {
 using bf16 = __nv_bfloat16;
 using cuda_internal::Align256;
 using cuda_internal::Cuda;
-
 using cuda_internal::EnsureSparseBuffers;
 
-absl::Status cuda_internal::EnsureSparseBuffers(CudaStream& s, size_t dev_bytes,
-                                                size_t host_bytes) {
+namespace cuda_internal {
+
+absl::Status EnsureSparseBuffers(CudaStream& s, size_t dev_bytes, size_t host_bytes) {
   if (s.sparse_copied == nullptr) {
     SIEVE_RETURN_IF_CUDA_ERROR(cudaEventCreateWithFlags(&s.sparse_copied, cudaEventDisableTiming));
   }
@@ -52,6 +52,8 @@ absl::Status cuda_internal::EnsureSparseBuffers(CudaStream& s, size_t dev_bytes,
   }
   return absl::OkStatus();
 }
+
+}  // namespace cuda_internal
 
 // --- Quest page bounds ---------------------------------------------------------------------------
 
@@ -332,11 +334,12 @@ absl::Status SparseDecodeAttention(CudaStream& s, const AttentionPlan& plan,
   SIEVE_RETURN_IF_ERROR(plan.Validate(l, p.num_q_heads));
   if (s.max_q_len > 1) return SparsePrefillAttention(s, plan, p, num_sms);
   const bool columns = !plan.column_start.empty() && plan.column_start.back() != 0;
-  if (plan.query_block != 1 || plan.key_block != p.page_size || columns) {
+  if (columns) return TokenDecodeAttention(s, plan, p, num_sms);  // cuda_double_sparsity.cc
+  if (plan.query_block != 1 || plan.key_block != p.page_size) {
     return absl::UnimplementedError(absl::StrCat(
-        "cuda backend: sparse decode runs plans of whole KV pages (Quest) only; this plan has "
-        "query blocks of ", plan.query_block, ", key blocks of ", plan.key_block, " (pages of ",
-        p.page_size, ")", columns ? " and single columns" : ""));
+        "cuda backend: sparse decode runs plans of whole KV pages (Quest) or single columns "
+        "(DoubleSparsity) only; this plan has query blocks of ", plan.query_block,
+        ", key blocks of ", plan.key_block, " (pages of ", p.page_size, ")"));
   }
   const int32_t seqs = l.num_seqs(), hq = p.num_q_heads, group = hq / p.num_kv_heads;
   // One table per KV head when every group's heads list the same pages, else per query head.

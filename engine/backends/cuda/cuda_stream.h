@@ -212,6 +212,17 @@ absl::Status SparseDecodeAttention(CudaStream& s, const AttentionPlan& plan,
                                    const kernels::PagedAttentionParams<__nv_bfloat16>& p,
                                    int num_sms);
 
+// Makes the stream's sparse scratch hold `dev_bytes` on the device and `host_bytes` of pinned
+// memory, waiting for the stream before it frees a buffer that work in flight may use
+// (cuda_sparse.cc).
+absl::Status EnsureSparseBuffers(CudaStream& s, size_t dev_bytes, size_t host_bytes);
+
+// Decode plans with single columns (DoubleSparsity's; cuda_double_sparsity.cc): each row's pages'
+// tokens and columns as a list of KV slots, uploaded, then PagedDecodeTokenRun.
+absl::Status TokenDecodeAttention(CudaStream& s, const AttentionPlan& plan,
+                                  const kernels::PagedAttentionParams<__nv_bfloat16>& p,
+                                  int num_sms);
+
 }  // namespace cuda_internal
 }  // namespace sieve::engine
 
