@@ -192,7 +192,31 @@ struct Scratch {
   std::vector<int> active;       // rows that read at least one key of the tile
   std::vector<int> keys;         // the item's key positions
   std::vector<const float*> k, v;  // [kKeyTile] the tile's K and V rows
+  std::vector<int64_t> offs;     // the item's keys' row offsets into the K and V caches
 };
+
+// Element offsets into the K and V caches of KV head kv_head's rows at positions pos[0, n):
+// consecutive positions within a page step by a row, so only page changes divide.
+inline void KeyOffsets(const PagedAttentionParams<float>& p, const int32_t* pages, int kv_head,
+                       const int* pos, int n, int64_t* offs) {
+  const int ps = p.page_size;
+  const int64_t row = int64_t{p.num_kv_heads} * p.head_dim;
+  const int64_t head = int64_t{kv_head} * p.head_dim;
+  int prev = -2, in_page = 0;
+  int64_t off = 0;
+  for (int j = 0; j < n; ++j) {
+    const int t = pos[j];
+    if (t == prev + 1 && in_page + 1 < ps) {
+      ++in_page;
+      off += row;
+    } else {
+      in_page = t % ps;
+      off = (int64_t{pages[t / ps]} * ps + in_page) * row + head;
+    }
+    offs[j] = off;
+    prev = t;
+  }
+}
 
 // The partial softmax states of split-KV parts: per partial row, o [head_dim], m and l.
 struct Partials {
@@ -253,6 +277,45 @@ void Scores(const float* q, const float* const* k, int n, int d, float scale, fl
     float t = hn::GetLane(hn::SumOfLanes(df, a));
     for (int i = dv; i < d; ++i) t += q[i] * k[j][i];
     s[j] = t * scale;
+  }
+}
+
+// Scores of four rows (decode: the query heads of a KV head) against the same keys:
+// s[r][j] = scale * dot(q[r], k[j]), four keys at a time, each K vector loaded once for the four
+// rows (16 accumulators). q[r]/s[r] may repeat. d a multiple of the lane count.
+void Scores4(const float* const* q, const float* const* k, int n, int d, float scale,
+             float* const* s) {
+  const DF df;
+  using V = hn::Vec<DF>;
+  const int L = static_cast<int>(hn::Lanes(df));
+  int j = 0;
+  for (; j + 4 <= n; j += 4) {
+    V a[4][4];
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) a[r][c] = hn::Zero(df);
+    }
+    for (int i = 0; i < d; i += L) {
+      const V k0 = hn::LoadU(df, k[j] + i), k1 = hn::LoadU(df, k[j + 1] + i);
+      const V k2 = hn::LoadU(df, k[j + 2] + i), k3 = hn::LoadU(df, k[j + 3] + i);
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) {
+        const V qv = hn::LoadU(df, q[r] + i);
+        a[r][0] = hn::MulAdd(qv, k0, a[r][0]);
+        a[r][1] = hn::MulAdd(qv, k1, a[r][1]);
+        a[r][2] = hn::MulAdd(qv, k2, a[r][2]);
+        a[r][3] = hn::MulAdd(qv, k3, a[r][3]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) s[r][j + c] = hn::GetLane(hn::SumOfLanes(df, a[r][c])) * scale;
+    }
+  }
+  for (int r = 0; r < 4; ++r) {
+    if (j < n) Scores(q[r], k + j, n - j, d, scale, s[r] + j);
   }
 }
 
@@ -418,7 +481,22 @@ void TileScores(const PagedAttentionParams<float>& p, int n, Scratch& sc, size_t
   const int d = p.head_dim;
   const int rows = static_cast<int>(sc.active.size());
   if (rows < kTransposeRows) {
-    for (int r : sc.active) Scores(sc.q[r], sc.k.data(), n, d, p.scale, sc.s.data() + r * ss);
+    int a = 0;
+    if (d % L == 0) {
+      for (; a + 4 <= rows; a += 4) {
+        const float* q[4];
+        float* s[4];
+        for (int i = 0; i < 4; ++i) {
+          q[i] = sc.q[sc.active[a + i]];
+          s[i] = sc.s.data() + sc.active[a + i] * ss;
+        }
+        Scores4(q, sc.k.data(), n, d, p.scale, s);
+      }
+    }
+    for (; a < rows; ++a) {
+      const int r = sc.active[a];
+      Scores(sc.q[r], sc.k.data(), n, d, p.scale, sc.s.data() + r * ss);
+    }
     return;
   }
   const int n_pad = (n + 2 * L - 1) / (2 * L) * (2 * L);
@@ -464,18 +542,19 @@ void AttendRows(const PagedAttentionParams<float>& p, int seq, int kv_head, Scra
   sc.k.resize(kKeyTile);
   sc.v.resize(kKeyTile);
   const int n_keys = static_cast<int>(sc.keys.size());
+  sc.offs.resize(n_keys);
+  KeyOffsets(p, pages, kv_head, sc.keys.data(), n_keys, sc.offs.data());
   for (int t0 = 0; t0 < n_keys; t0 += kKeyTile) {
     const int n = std::min(kKeyTile, n_keys - t0);
     const int* pos = sc.keys.data() + t0;
     int tile_min = pos[0], tile_max = pos[0];
+    const int64_t* offs = sc.offs.data() + t0;
     for (int j = 0; j < n; ++j) {
       const int t = pos[j];
       tile_min = std::min(tile_min, t);
       tile_max = std::max(tile_max, t);
-      const int64_t page = pages[t / p.page_size];
-      const int64_t off = ((page * p.page_size + t % p.page_size) * p.num_kv_heads + kv_head) * d;
-      sc.k[j] = p.k_cache + off;
-      sc.v[j] = p.v_cache + off;
+      sc.k[j] = p.k_cache + offs[j];
+      sc.v[j] = p.v_cache + offs[j];
     }
     // The next tile's K and V rows, toward the caches while this tile is computed: a row of a
     // long context is in L3 or memory, and the gather of scattered pages defeats the hardware
@@ -485,9 +564,7 @@ void AttendRows(const PagedAttentionParams<float>& p, int seq, int kv_head, Scra
     if (rows >= kTransposeRows && t0 + kKeyTile < n_keys) {
       const int n2 = std::min(kKeyTile, n_keys - t0 - kKeyTile);
       for (int j = 0; j < n2; ++j) {
-        const int t = pos[kKeyTile + j];
-        const int64_t page = pages[t / p.page_size];
-        const int64_t off = ((page * p.page_size + t % p.page_size) * p.num_kv_heads + kv_head) * d;
+        const int64_t off = offs[kKeyTile + j];
         for (int i = 0; i < d; i += 16) {
           __builtin_prefetch(p.k_cache + off + i);
           __builtin_prefetch(p.v_cache + off + i);
