@@ -25,7 +25,7 @@ RUN apt-get update -qq \
       build-essential cmake ninja-build pkg-config \
       libabsl-dev libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc \
       prometheus-cpp-dev libyaml-cpp-dev nlohmann-json3-dev libhwy-dev \
-      libpcre2-dev libicu-dev libdnnl-dev libcpp-httplib-dev \
+      libpcre2-dev libicu-dev libdnnl-dev libcpp-httplib-dev libucx-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . /src
@@ -40,7 +40,7 @@ RUN apt-get update -qq \
       libabsl20220623 libgrpc++1.51 libgrpc29 libprotobuf32 libyaml-cpp0.7 \
       libprometheus-cpp-core1.0 libprometheus-cpp-pull1.0 libcivetweb1 libhwy1 \
       libdnnl2 libgomp1 libicu72 ocl-icd-libopencl1 \
-      libc-ares2 libre2-9 libssl3 zlib1g libstdc++6 libcpp-httplib0.11 \
+      libc-ares2 libre2-9 libssl3 zlib1g libstdc++6 libcpp-httplib0.11 libucx0 \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 65532 sieve \
  && useradd --system --uid 65532 --gid sieve --home-dir /opt/sieve --shell /usr/sbin/nologin sieve
@@ -68,7 +68,7 @@ RUN apt-get update -qq \
       build-essential cmake ninja-build pkg-config \
       libabsl-dev libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc \
       prometheus-cpp-dev libyaml-cpp-dev nlohmann-json3-dev libhwy-dev \
-      libpcre2-dev libicu-dev libdnnl-dev libcpp-httplib-dev \
+      libpcre2-dev libicu-dev libdnnl-dev libcpp-httplib-dev libucx-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . /src

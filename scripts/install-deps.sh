@@ -18,6 +18,7 @@ packages=(
   yq jq iproute2 util-linux  # deployment checks: YAML/JSON rewriting, a private loopback (unshare)
   libcpp-httplib-dev         # the OpenAI-compatible HTTP API (cpp-httplib)
   python3-jinja2             # chat-template goldens (scripts/chat_template_goldens/gen_goldens.py)
+  libucx-dev                 # disaggregation.transport ucx: KV pages over UCX (optional: SIEVE_UCX)
 )
 
 missing=()

@@ -170,6 +170,9 @@ struct DisaggregationConfig {
   std::string token_file;
   // TLS (and mutual TLS) of the calls to the prefill daemons; plaintext when no file is set.
   DisaggregationTlsConfig tls;
+  // How a decode daemon's KV pages travel: "grpc" (in the KvTransfer stream) or "ucx" (the
+  // stream carries the control messages, the page bytes go over UCX; needs a build with UCX).
+  std::string transport = "grpc";
 
   bool operator==(const DisaggregationConfig&) const = default;
 };

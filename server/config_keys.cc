@@ -326,6 +326,12 @@ const std::vector<KeySpec>& Keys() {
                        "seconds, like the CA file."),
       SIEVE_SERVER_KEY(disaggregation.tls.key_file, Any(),
                        "PEM private key of disaggregation.tls.cert_file."),
+      SIEVE_SERVER_KEY(disaggregation.transport, OneOf({"grpc", "ucx"}),
+                       "How a decode daemon's KV pages travel from the prefill daemons: grpc (in "
+                       "the KvTransfer stream) or ucx (the stream keeps the control messages and "
+                       "checksums; the page bytes go over UCX, whose transports UCX_TLS picks). "
+                       "ucx needs a sieved built with libucx-dev (SIEVE_UCX); prefill daemons "
+                       "serve either."),
 
       SIEVE_SERVER_KEY(logging.level, OneOf({"debug", "info", "warning", "error"}),
                        "Least severe log level written."),

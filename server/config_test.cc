@@ -76,6 +76,7 @@ const std::vector<std::string> kExpectedKeys = {
     "disaggregation.chunk_bytes",     "disaggregation.transfer_threads",
     "disaggregation.token_file",      "disaggregation.tls.ca_file",
     "disaggregation.tls.cert_file",   "disaggregation.tls.key_file",
+    "disaggregation.transport",
     "logging.level",                  "logging.access_log",
     "http.listen_address",            "http.max_request_bytes",         "http.threads",
 };

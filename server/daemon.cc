@@ -142,18 +142,22 @@ absl::Status Daemon::StartGrpc() {
   Metrics* m = metrics_.get();
   if (config_.server.role == "decode") {
     RemotePrefillEvents events;
+    const bool ucx = config_.disaggregation.transport == "ucx";
     if (m != nullptr) {
       events.on_placed = [m](bool remote) { m->OnPrefillPlaced(remote); };
-      events.on_transfer = [m](int64_t bytes, double s, bool ok) {
-        m->OnKvTransfer(/*sent=*/false, bytes, s, ok);
+      events.on_transfer = [m, ucx](int64_t bytes, double s, bool ok) {
+        m->OnKvTransfer(/*sent=*/false, ucx, bytes, s, ok);
       };
-      events.on_in_flight = [m](int d) { m->AddKvTransfersInFlight(/*sent=*/false, d); };
+      events.on_in_flight = [m, ucx](int d) {
+        m->AddKvTransfersInFlight(/*sent=*/false, ucx, d);
+      };
       events.on_retry = [m] { m->OnKvTransferRetry(); };
       events.on_reachable = [m](bool up) { m->SetPrefillDaemonsReachable(up); };
     }
     const DisaggregationConfig& d = config_.disaggregation;
     SIEVE_ASSIGN_OR_RETURN(std::unique_ptr<KvTransport> transport,
-                           MakeGrpcKvTransport(d, config_.server.tls.reload_interval_s));
+                           MakeGrpcKvTransport(d, config_.server.tls.reload_interval_s,
+                                               config_.server.auth.reload_interval_s));
     remote_prefill_ = std::make_unique<RemotePrefill>(d, config_.engine.model.name,
                                                       std::move(transport), std::move(events));
     options.remote_prefill = remote_prefill_.get();
@@ -164,10 +168,12 @@ absl::Status Daemon::StartGrpc() {
   kv_options.chunk_bytes = config_.disaggregation.chunk_bytes;
   kv_options.authenticator = authenticator_.get();
   if (m != nullptr) {
-    kv_options.on_transfer = [m](int64_t bytes, double s, bool ok) {
-      m->OnKvTransfer(/*sent=*/true, bytes, s, ok);
+    kv_options.on_transfer = [m](bool ucx, int64_t bytes, double s, bool ok) {
+      m->OnKvTransfer(/*sent=*/true, ucx, bytes, s, ok);
     };
-    kv_options.on_in_flight = [m](int d) { m->AddKvTransfersInFlight(/*sent=*/true, d); };
+    kv_options.on_in_flight = [m](bool ucx, int d) {
+      m->AddKvTransfersInFlight(/*sent=*/true, ucx, d);
+    };
     kv_options.on_rpc_done = [m](std::string_view method, grpc::StatusCode code) {
       m->OnGrpcRequest(method, GrpcStatusCodeName(static_cast<int>(code)));
     };

@@ -24,9 +24,11 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "engine/status_macros.h"
 #include "server/crc32c.h"
+#include "server/kv_data_plane.h"
 #include "server/kv_transfer_service.h"
 #include "server/kv_transport.h"
 #include "server/log.h"
@@ -108,6 +110,66 @@ absl::Status FromGrpc(const grpc::Status& s) {
 constexpr absl::Duration kResolveInterval = absl::Seconds(5);
 constexpr absl::Duration kMinResolveInterval = absl::Seconds(1);
 
+absl::StatusOr<std::string> ReadToken(const std::string& path);  // below
+
+// The bearer token of disaggregation.token_file, re-read every `period` (the daemon passes
+// server.auth.reload_interval_s; zero reads it only at start), so that a rotated token is sent
+// from the first read after the change, without a restart. A file that cannot be used (missing,
+// unreadable, no token: as while an editor rewrites it) keeps the last good token and logs an
+// error naming the key, once per distinct error. Never logs the token. Thread-safe.
+class TokenFile {
+ public:
+  TokenFile(std::string path, std::string token, absl::Duration period)
+      : path_(std::move(path)), token_(std::move(token)) {
+    if (!path_.empty() && period > absl::ZeroDuration()) {
+      thread_ = std::thread([this, period] { Loop(period); });
+    }
+  }
+  ~TokenFile() {
+    stop_.Notify();
+    if (thread_.joinable()) thread_.join();
+  }
+  std::string token() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return token_;
+  }
+
+ private:
+  void Loop(absl::Duration period) {
+    std::string last_error;  // the error logged last; empty while the file is usable
+    while (!stop_.WaitForNotificationWithTimeout(period)) {
+      absl::StatusOr<std::string> read = ReadToken(path_);
+      if (!read.ok()) {
+        const std::string error(read.status().message());
+        if (error != last_error) {
+          Log(LogLevel::kError, absl::StrCat(error, "; the token read before is still sent"));
+          last_error = error;
+        }
+        continue;
+      }
+      bool changed;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        changed = *read != token_;
+        token_ = *std::move(read);
+      }
+      if (changed || !last_error.empty()) {
+        Log(LogLevel::kInfo,
+            absl::StrCat("disaggregation.token_file '", path_, "' ",
+                         changed ? "changed: its new token is sent from now on"
+                                 : "is usable again"));
+      }
+      last_error.clear();
+    }
+  }
+
+  const std::string path_;
+  mutable std::mutex mu_;
+  std::string token_;  // guarded by mu_
+  absl::Notification stop_;
+  std::thread thread_;
+};
+
 // One prefill daemon: a channel to one address (or, for an opaque target, to the target).
 struct PeerChannel {
   std::shared_ptr<grpc::Channel> channel;
@@ -146,12 +208,15 @@ bool PeerFault(const absl::Status& s) {
 
 class GrpcKvTransport final : public KvTransport {
  public:
+  // `plane`: null, or the data plane the page bytes travel on (kv_data_plane.h).
   GrpcKvTransport(PrefillTarget target, absl::Duration stall_timeout,
-                  std::shared_ptr<grpc::ChannelCredentials> credentials, std::string token)
+                  std::shared_ptr<grpc::ChannelCredentials> credentials,
+                  std::unique_ptr<TokenFile> token, std::shared_ptr<KvDataPlane> plane)
       : target_(std::move(target)),
         stall_timeout_(stall_timeout),
         credentials_(std::move(credentials)),
-        token_(std::move(token)) {
+        token_(std::move(token)),
+        plane_(std::move(plane)) {
     if (target_.kind == PrefillTarget::Kind::kDns) {
       resolver_ = std::thread([this] { ResolveLoop(); });
     } else {
@@ -278,7 +343,9 @@ class GrpcKvTransport final : public KvTransport {
   const PrefillTarget target_;
   const absl::Duration stall_timeout_;
   const std::shared_ptr<grpc::ChannelCredentials> credentials_;
-  const std::string token_;  // sent as "authorization: Bearer <token>" when not empty
+  // Its token is sent as "authorization: Bearer <token>" when not empty.
+  const std::unique_ptr<TokenFile> token_;
+  const std::shared_ptr<KvDataPlane> plane_;
   PrefillBalancer balancer_;
 
   mutable std::mutex mu_;
@@ -346,6 +413,26 @@ class StallWatch {
   std::thread thread_;
 };
 
+// Polled while a chunk's bytes are awaited on the data plane: why to stop waiting, if any.
+absl::Status DataPlaneWait(PeerChannel& peer, absl::Time deadline,
+                           const TransferCancellation& cancel, const StallWatch& watch,
+                           const std::string& address) {
+  if (cancel.cancelled()) return absl::CancelledError("the request was cancelled");
+  if (absl::Now() >= deadline) {
+    return absl::DeadlineExceededError("the deadline passed during the KV transfer");
+  }
+  if (watch.stalled()) {
+    return absl::UnavailableError(
+        absl::StrCat("kv transfer from ", address, " stalled waiting for a UCX chunk"));
+  }
+  // The control stream's connection broke (the prefill daemon died): no chunk will come.
+  if (peer.channel->GetState(/*try_to_connect=*/false) != GRPC_CHANNEL_READY) {
+    return absl::UnavailableError(absl::StrCat(
+        "the connection to prefill daemon ", address, " broke during a UCX transfer"));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<RemotePrefillResult> GrpcKvTransport::Prefill(const RemotePrefillRequest& request,
                                                              KvPageSink& sink,
                                                              TransferCancellation& cancel) {
@@ -407,9 +494,15 @@ absl::StatusOr<RemotePrefillResult> GrpcKvTransport::Attempt(const std::string& 
   req.mutable_tokens()->Add(request.tokens.begin(), request.tokens.end());
   req.set_first_page(request.first_page);
   KvLayoutToProto(request.layout, req.mutable_layout());
+  const uint64_t transfer = plane_ != nullptr ? plane_->NewTransfer() : 0;
+  if (plane_ != nullptr) {
+    req.set_ucx_worker_address(plane_->address());
+    req.set_ucx_transfer_id(static_cast<uint32_t>(transfer));
+  }
 
   grpc::ClientContext context;
-  if (!token_.empty()) context.AddMetadata("authorization", absl::StrCat("Bearer ", token_));
+  const std::string token = token_->token();
+  if (!token.empty()) context.AddMetadata("authorization", absl::StrCat("Bearer ", token));
   if (request.deadline != absl::InfiniteFuture()) {
     context.set_deadline(absl::ToChronoTime(request.deadline));
   }
@@ -443,14 +536,35 @@ absl::StatusOr<RemotePrefillResult> GrpcKvTransport::Attempt(const std::string& 
         header = true;
       } else if (chunk.has_pages()) {
         const auto& p = chunk.pages();
-        const absl::Span<const uint8_t> data(reinterpret_cast<const uint8_t*>(p.data().data()),
-                                             p.data().size());
+        absl::Span<const uint8_t> data(reinterpret_cast<const uint8_t*>(p.data().data()),
+                                       p.data().size());
+        const bool ucx = p.ucx() && plane_ != nullptr && p.data().empty() && header &&
+                         !trailer && p.first_page() == next_page && p.num_pages() > 0 &&
+                         next_page + p.num_pages() <= num_pages;
+        std::vector<uint8_t> received;
+        if (ucx) {
+          absl::StatusOr<std::vector<uint8_t>> bytes = plane_->Receive(
+              transfer, p.first_page(),
+              static_cast<size_t>(p.num_pages() * request.layout.page_bytes),
+              [&]() -> absl::Status {
+                return DataPlaneWait(peer, request.deadline, cancel, watch, address);
+              });
+          if (bytes.ok()) {
+            watch.Progress();
+            received = *std::move(bytes);
+            data = absl::MakeConstSpan(received);
+          } else {
+            failure = bytes.status();
+            continue;
+          }
+        }
         if (!header || trailer || p.first_page() != next_page || p.num_pages() <= 0 ||
-            next_page + p.num_pages() > num_pages ||
+            next_page + p.num_pages() > num_pages || (p.ucx() && !ucx) ||
             static_cast<int64_t>(data.size()) != p.num_pages() * request.layout.page_bytes) {
           failure = absl::DataLossError(absl::StrCat(
               "kv transfer: unexpected chunk of pages [", p.first_page(), ", +", p.num_pages(),
-              ") with ", data.size(), " bytes; expected page ", next_page));
+              ") with ", data.size(), p.ucx() ? " bytes over UCX" : " bytes",
+              "; expected page ", next_page));
         } else if (Crc32c(data) != p.crc32c()) {
           failure = absl::DataLossError(absl::StrCat("kv transfer: checksum mismatch in pages [",
                                                      p.first_page(), ", +", p.num_pages(), ")"));
@@ -477,6 +591,7 @@ absl::StatusOr<RemotePrefillResult> GrpcKvTransport::Attempt(const std::string& 
     }
     cancel.ClearHook();
   }
+  if (plane_ != nullptr) plane_->EndTransfer(transfer, failure.ok() && finish.ok());
   result.peer = address;
   if (!failure.ok()) return failure;
   if (finish.ok()) return result;
@@ -491,7 +606,7 @@ absl::StatusOr<RemotePrefillResult> GrpcKvTransport::Attempt(const std::string& 
       st.code() == absl::StatusCode::kPermissionDenied) {
     return absl::Status(
         st.code(), absl::StrCat("prefill daemon ", address, " refused this decode daemon's ",
-                                token_.empty() ? "call (it wants a bearer token: set "
+                                token.empty() ? "call (it wants a bearer token: set "
                                                  "disaggregation.token_file)"
                                                : "bearer token (disaggregation.token_file)",
                                 ": ", st.message()));
@@ -574,7 +689,20 @@ absl::StatusOr<std::string> ReadToken(const std::string& path) {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<KvTransport>> MakeGrpcKvTransport(
-    const DisaggregationConfig& config, int tls_reload_interval_s) {
+    const DisaggregationConfig& config, int tls_reload_interval_s, int token_reload_interval_s) {
+  std::shared_ptr<KvDataPlane> plane;
+  if (config.transport == "ucx") {
+    absl::StatusOr<std::shared_ptr<KvDataPlane>> ucx = SharedUcxDataPlane();
+    if (!ucx.ok()) {
+      return absl::Status(ucx.status().code(),
+                          absl::StrCat("disaggregation.transport is ucx but ",
+                                       ucx.status().message()));
+    }
+    plane = *std::move(ucx);
+  } else if (config.transport != "grpc") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "disaggregation.transport must be grpc or ucx, got '", config.transport, "'"));
+  }
   SIEVE_ASSIGN_OR_RETURN(PrefillTarget target, ParsePrefillTarget(config.prefill_target));
   SIEVE_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> credentials,
                          ChannelCredentials(config.tls, tls_reload_interval_s));
@@ -595,11 +723,16 @@ absl::StatusOr<std::unique_ptr<KvTransport>> MakeGrpcKvTransport(
                        : "least-loaded choice per request",
                    ", ", !config.tls.enabled() ? "plaintext"
                          : config.tls.cert_file.empty() ? "TLS" : "mutual TLS",
-                   token.empty() ? ", no bearer token" : ", bearer token"));
+                   token.empty() ? ", no bearer token" : ", bearer token",
+                   plane != nullptr ? ", KV pages over UCX" : ""));
   return std::unique_ptr<KvTransport>(
       std::make_unique<GrpcKvTransport>(std::move(target),
                                         absl::Seconds(config.stall_timeout_s),
-                                        std::move(credentials), std::move(token)));
+                                        std::move(credentials),
+                                        std::make_unique<TokenFile>(
+                                            config.token_file, std::move(token),
+                                            absl::Seconds(token_reload_interval_s)),
+                                        std::move(plane)));
 }
 
 }  // namespace sieve::server

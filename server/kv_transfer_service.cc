@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "server/convert.h"
 #include "server/crc32c.h"
+#include "server/kv_data_plane.h"
 #include "server/log.h"
 
 namespace sieve::server {
@@ -84,7 +85,8 @@ class KvTransferService::PrefillReactor final
   std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
 };
 
-struct KvTransferService::PrefillReactor::State {
+struct KvTransferService::PrefillReactor::State
+    : std::enable_shared_from_this<KvTransferService::PrefillReactor::State> {
   std::mutex mu;
   PrefillReactor* reactor = nullptr;  // null once the call is done
   engine::Engine* engine = nullptr;
@@ -103,6 +105,14 @@ struct KvTransferService::PrefillReactor::State {
   int32_t first_token = -1;
   int64_t bytes_sent = 0;
   kv::v1::PrefillChunk message;  // the message being written
+  // disaggregation.transport ucx (kv_data_plane.h): chunks' bytes go over `plane` on
+  // `endpoint`, each send started with its Pages message; the next chunk waits for both.
+  std::shared_ptr<KvDataPlane> plane;
+  uint64_t endpoint = 0;
+  uint64_t transfer = 0;
+  bool send_in_flight = false;
+  bool write_failed = false;
+  absl::Status send_error;
 
   // Finishes the call with `status` unless it is finished or a write is in flight (then
   // WriteDone finishes it).
@@ -118,53 +128,87 @@ struct KvTransferService::PrefillReactor::State {
     target->Finish(status);
   }
 
-  // After a write: the next chunk, the trailer, or the end.
+  // After a gRPC write.
   void WriteDone(bool ok) {
-    enum { kNone, kWrite, kLast, kFinish } action = kNone;
-    PrefillReactor* target = nullptr;
-    grpc::Status status;
     const int64_t delay_us = chunk_delay_us.load();
     if (ok && delay_us > 0) std::this_thread::sleep_for(std::chrono::microseconds(delay_us));
-    {
-      std::lock_guard<std::mutex> lock(mu);
-      write_in_flight = false;
-      target = reactor;
-      if (finished || target == nullptr) return;
-      if (!ok || cancelled) {
-        status = grpc::Status(grpc::StatusCode::CANCELLED, "the transfer was cancelled");
+    std::unique_lock<std::mutex> lock(mu);
+    write_in_flight = false;
+    if (!ok) write_failed = true;
+    Advance(lock);
+  }
+
+  // After a chunk's send on the data plane (on the plane's thread).
+  void SendDone(const absl::Status& st) {
+    std::unique_lock<std::mutex> lock(mu);
+    send_in_flight = false;
+    if (!st.ok() && send_error.ok()) send_error = st;
+    Advance(lock);
+  }
+
+  // Once the chunk's write (and send) completed: the next chunk, the trailer, or the end. A
+  // failure ends the call even while a send is in flight: OnDone's Close aborts it.
+  void Advance(std::unique_lock<std::mutex>& lock) {
+    enum { kNone, kWrite, kLast, kFinish } action = kNone;
+    PrefillReactor* target = reactor;
+    grpc::Status status;
+    std::shared_ptr<std::string> ucx_data;
+    int32_t chunk_first_page = 0;
+    if (finished || target == nullptr || write_in_flight) return;
+    if (write_failed || cancelled) {
+      status = grpc::Status(grpc::StatusCode::CANCELLED, "the transfer was cancelled");
+      action = kFinish;
+    } else if (!send_error.ok()) {
+      status = grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                            std::string(send_error.message()));
+      action = kFinish;
+    } else if (send_in_flight) {
+      return;
+    } else if (next_page < static_cast<int32_t>(hold->pages.size())) {
+      const int32_t n = static_cast<int32_t>(
+          std::min<int64_t>(chunk_pages, static_cast<int64_t>(hold->pages.size()) - next_page));
+      message.Clear();
+      kv::v1::PrefillChunk::Pages* pages = message.mutable_pages();
+      chunk_first_page = first_page + next_page;
+      pages->set_first_page(chunk_first_page);
+      pages->set_num_pages(n);
+      std::string* data = pages->mutable_data();
+      if (plane != nullptr) {
+        ucx_data = std::make_shared<std::string>();
+        data = ucx_data.get();
+        pages->set_ucx(true);
+      }
+      data->resize(static_cast<size_t>(n * page_bytes));
+      const absl::Span<uint8_t> bytes(reinterpret_cast<uint8_t*>(data->data()), data->size());
+      const absl::Status read = engine->ReadKvPages(
+          absl::MakeConstSpan(hold->pages).subspan(next_page, n), bytes);
+      if (!read.ok()) {
+        status = ToGrpcStatus(read);
         action = kFinish;
-      } else if (next_page < static_cast<int32_t>(hold->pages.size())) {
-        const int32_t n = static_cast<int32_t>(
-            std::min<int64_t>(chunk_pages, static_cast<int64_t>(hold->pages.size()) - next_page));
-        message.Clear();
-        kv::v1::PrefillChunk::Pages* pages = message.mutable_pages();
-        pages->set_first_page(first_page + next_page);
-        pages->set_num_pages(n);
-        std::string* data = pages->mutable_data();
-        data->resize(static_cast<size_t>(n * page_bytes));
-        const absl::Span<uint8_t> bytes(reinterpret_cast<uint8_t*>(data->data()), data->size());
-        const absl::Status read = engine->ReadKvPages(
-            absl::MakeConstSpan(hold->pages).subspan(next_page, n), bytes);
-        if (!read.ok()) {
-          status = ToGrpcStatus(read);
-          action = kFinish;
-        } else {
-          pages->set_crc32c(Crc32c(bytes));
-          next_page += n;
-          bytes_sent += static_cast<int64_t>(data->size());
-          action = kWrite;
-        }
       } else {
-        message.Clear();
-        message.mutable_trailer()->set_first_token(first_token);
-        trailer_sent = true;
-        action = kLast;
+        pages->set_crc32c(Crc32c(bytes));
+        next_page += n;
+        bytes_sent += static_cast<int64_t>(data->size());
+        action = kWrite;
       }
-      if (action == kWrite) write_in_flight = true;
-      if (action != kWrite) {
-        finished = true;
-        target->final_code_ = action == kLast ? grpc::StatusCode::OK : status.error_code();
-      }
+    } else {
+      message.Clear();
+      message.mutable_trailer()->set_first_token(first_token);
+      trailer_sent = true;
+      action = kLast;
+    }
+    if (action == kWrite) {
+      write_in_flight = true;
+      send_in_flight = ucx_data != nullptr;
+    }
+    if (action != kWrite) {
+      finished = true;
+      target->final_code_ = action == kLast ? grpc::StatusCode::OK : status.error_code();
+    }
+    lock.unlock();
+    if (action == kWrite && ucx_data != nullptr) {
+      plane->Send(endpoint, transfer, chunk_first_page, std::move(ucx_data),
+                  [self = shared_from_this()](absl::Status st) { self->SendDone(st); });
     }
     if (action == kWrite) target->StartWrite(&message);
     if (action == kLast) target->StartWriteAndFinish(&message, grpc::WriteOptions(), grpc::Status::OK);
@@ -285,18 +329,22 @@ void KvTransferService::PrefillReactor::OnDone() {
   std::optional<engine::KvExport> hold;
   bool ok;
   int64_t bytes;
+  std::shared_ptr<KvDataPlane> plane;
   {
     std::lock_guard<std::mutex> lock(state_->mu);
     state_->reactor = nullptr;
     hold.swap(state_->hold);
     ok = state_->trailer_sent && !state_->cancelled;
     bytes = state_->bytes_sent;
+    plane = state_->plane;
   }
   if (hold.has_value()) (void)state_->engine->EndKvExport(hold->id);
+  if (plane != nullptr) plane->Close(state_->endpoint, /*force=*/!ok);
   if (started_) {
     const KvTransferServiceOptions& o = service_->options_;
-    if (o.on_transfer) o.on_transfer(ok ? bytes : 0, SecondsSince(start_), ok);
-    if (o.on_in_flight) o.on_in_flight(-1);
+    const bool ucx = plane != nullptr;
+    if (o.on_transfer) o.on_transfer(ucx, ok ? bytes : 0, SecondsSince(start_), ok);
+    if (o.on_in_flight) o.on_in_flight(ucx, -1);
   }
   service_->CallDone("Prefill", final_code_.value_or(grpc::StatusCode::OK));
   delete this;
@@ -325,6 +373,19 @@ void KvTransferService::PrefillReactor::Start(const kv::v1::PrefillRequest& requ
         "first_page ", request.first_page(), " is outside the prompt's ", pages, " pages")));
   }
   State& s = *state_;
+  if (!request.ucx_worker_address().empty()) {
+    absl::StatusOr<std::shared_ptr<KvDataPlane>> plane = SharedUcxDataPlane();
+    if (!plane.ok()) {
+      return Reject(absl::FailedPreconditionError(absl::StrCat(
+          "the decode daemon asked for the KV over UCX, which this prefill daemon cannot send: ",
+          plane.status().message())));
+    }
+    absl::StatusOr<uint64_t> endpoint = (*plane)->Open(request.ucx_worker_address());
+    if (!endpoint.ok()) return Reject(endpoint.status());
+    s.plane = *std::move(plane);
+    s.endpoint = *endpoint;
+    s.transfer = request.ucx_transfer_id();
+  }
   s.engine = engine;
   s.layout = mine;
   s.page_bytes = mine.page_bytes;
@@ -340,7 +401,7 @@ void KvTransferService::PrefillReactor::Start(const kv::v1::PrefillRequest& requ
   if (deadline_.has_value()) spec.deadline = absl::FromChrono(*deadline_);
   spec.sink = std::make_shared<Sink>(state_);
   started_ = true;
-  if (service_->options_.on_in_flight) service_->options_.on_in_flight(+1);
+  if (service_->options_.on_in_flight) service_->options_.on_in_flight(s.plane != nullptr, +1);
   absl::StatusOr<engine::RequestId> id = engine->Submit(std::move(spec));
   if (!id.ok()) return Reject(id.status());
   std::lock_guard<std::mutex> lock(s.mu);

@@ -47,11 +47,13 @@ void SetKvChunkDelayForTesting(absl::Duration delay);
 struct KvTransferServiceOptions {
   std::string model_name;        // model.name, part of the identity checked
   int64_t chunk_bytes = 1 << 20;  // page bytes per chunk (whole pages, at least one)
-  // Called once per finished transfer with its page bytes (0 unless it completed), seconds (from the call's start) and
-  // whether it completed; may be empty. Called on gRPC threads.
-  std::function<void(int64_t bytes, double seconds, bool ok)> on_transfer;
-  // Called with +1 when a transfer starts and -1 when it ends; may be empty.
-  std::function<void(int delta)> on_in_flight;
+  // Called once per finished transfer with whether its pages went over UCX, its page bytes (0
+  // unless it completed), seconds (from the call's start) and whether it completed; may be
+  // empty. Called on gRPC threads.
+  std::function<void(bool ucx, int64_t bytes, double seconds, bool ok)> on_transfer;
+  // Called with +1 when a transfer starts and -1 when it ends (and whether it is over UCX); may
+  // be empty.
+  std::function<void(bool ucx, int delta)> on_in_flight;
   // As ServiceOptions::on_rpc_done.
   std::function<void(std::string_view method, grpc::StatusCode code)> on_rpc_done;
   // As ServiceOptions::authenticator: null, or the bearer tokens every call must carry.

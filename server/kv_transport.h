@@ -1,8 +1,9 @@
 // KvTransport: how a decode daemon gets a prompt prefilled elsewhere and its KV pages delivered,
 // behind an interface so that the transport can change without touching the engine or the
 // decode-side logic (server/remote_prefill.h). The first one is gRPC streaming
-// (MakeGrpcKvTransport, proto/sieve/kv/v1/kv_transfer.proto), which runs everywhere; one over UCX
-// (RDMA, NVLink) would implement the same call, delivering the same page bytes to the same sink.
+// (MakeGrpcKvTransport, proto/sieve/kv/v1/kv_transfer.proto), which runs everywhere; with
+// disaggregation.transport ucx the same gRPC call carries only the control messages and the page
+// bytes travel over UCX (server/kv_data_plane.h), delivered to the same sink.
 //
 // Also here: the model identity and KV layout both sides check (KvLayoutInfo), and the
 // cancellation handle a transfer thread shares with the gRPC reactor of the client's call.
@@ -121,11 +122,14 @@ class KvTransport {
 // goes to the least-loaded of the prefill daemons the target resolves to (ties round-robin;
 // server/prefill_balancer.h, server/prefill_target.h), presenting the bearer token of
 // config.token_file and, with config.tls.*, over TLS (certificate files re-read every
-// `tls_reload_interval_s` seconds). A transfer with no message for config.stall_timeout_s is
+// `tls_reload_interval_s` seconds; the token file every `token_reload_interval_s` seconds, 0:
+// only at start; a file that cannot be used keeps the last good token). A transfer with no message for config.stall_timeout_s is
 // cancelled and reported Unavailable. Errors name the key at fault: a malformed target, an
-// unreadable or empty token file, an unreadable or non-PEM certificate file.
+// unreadable or empty token file, an unreadable or non-PEM certificate file, or
+// config.transport ucx in a build without UCX (or UCX failing to start).
 absl::StatusOr<std::unique_ptr<KvTransport>> MakeGrpcKvTransport(
-    const DisaggregationConfig& config, int tls_reload_interval_s);
+    const DisaggregationConfig& config, int tls_reload_interval_s,
+    int token_reload_interval_s = 0);
 
 }  // namespace sieve::server
 

@@ -164,14 +164,20 @@ void Metrics::RegisterDisaggregationMetrics(const prometheus::Labels& model_labe
                         .Help("Finished KV transfer attempts by outcome.")
                         .Labels(model_label)
                         .Register(*registry_);
-  for (int sent = 0; sent < 2; ++sent) {
-    const std::string direction = sent ? "sent" : "received";
-    kv_bytes_[sent] = &bytes.Add({{"direction", direction}});
-    kv_seconds_[sent] = &seconds.Add({{"direction", direction}}, LatencyBucketsSeconds());
-    kv_in_flight_[sent] = &in_flight.Add({{"direction", direction}});
-    for (int ok = 0; ok < 2; ++ok) {
-      kv_transfers_[sent * 2 + ok] =
-          &transfers.Add({{"direction", direction}, {"outcome", ok ? "ok" : "failed"}});
+  for (int ucx = 0; ucx < 2; ++ucx) {
+    const std::string transport = ucx ? "ucx" : "grpc";
+    for (int sent = 0; sent < 2; ++sent) {
+      const std::string direction = sent ? "sent" : "received";
+      const int i = ucx * 2 + sent;
+      kv_bytes_[i] = &bytes.Add({{"direction", direction}, {"transport", transport}});
+      kv_seconds_[i] = &seconds.Add({{"direction", direction}, {"transport", transport}},
+                                    LatencyBucketsSeconds());
+      kv_in_flight_[i] = &in_flight.Add({{"direction", direction}, {"transport", transport}});
+      for (int ok = 0; ok < 2; ++ok) {
+        kv_transfers_[i * 2 + ok] = &transfers.Add({{"direction", direction},
+                                                    {"outcome", ok ? "ok" : "failed"},
+                                                    {"transport", transport}});
+      }
     }
   }
   kv_retries_ = &BuildCounter()
@@ -205,15 +211,15 @@ void Metrics::RegisterDisaggregationMetrics(const prometheus::Labels& model_labe
            .Add({}, LatencyBucketsSeconds());
 }
 
-void Metrics::OnKvTransfer(bool sent, int64_t bytes, double seconds, bool ok) {
-  const int d = sent ? 1 : 0;
+void Metrics::OnKvTransfer(bool sent, bool ucx, int64_t bytes, double seconds, bool ok) {
+  const int d = (ucx ? 2 : 0) + (sent ? 1 : 0);
   if (bytes > 0) kv_bytes_[d]->Increment(static_cast<double>(bytes));
   kv_seconds_[d]->Observe(seconds);
   kv_transfers_[d * 2 + (ok ? 1 : 0)]->Increment();
 }
 
-void Metrics::AddKvTransfersInFlight(bool sent, int delta) {
-  kv_in_flight_[sent ? 1 : 0]->Increment(delta);
+void Metrics::AddKvTransfersInFlight(bool sent, bool ucx, int delta) {
+  kv_in_flight_[(ucx ? 2 : 0) + (sent ? 1 : 0)]->Increment(delta);
 }
 
 void Metrics::OnKvTransferRetry() { kv_retries_->Increment(); }

@@ -40,10 +40,10 @@
 // | sieve_prefix_cache_hit_tokens_total         | counter   | model                | Prompt tokens served from the prefix cache. |
 // | sieve_step_seconds                          | histogram | model, pool          | Duration of one worker step (one batch) of the prefill or decode pool. |
 // | sieve_step_tokens_total                     | counter   | model, pool          | Tokens processed by the pool's steps (prompt tokens for prefill, one per sequence for decode). |
-// | sieve_kv_transfer_bytes_total               | counter   | model, direction     | KV page bytes of completed transfers: sent (prefill side) or received (decode side). |
-// | sieve_kv_transfer_seconds                   | histogram | model, direction     | Duration of one transfer attempt: on the decode side the remote prefill and the page stream, on the prefill side the whole Prefill call. |
-// | sieve_kv_transfers_in_flight                | gauge     | model, direction     | KV transfers in progress. |
-// | sieve_kv_transfers_total                    | counter   | model, direction, outcome | Finished transfer attempts by outcome: ok or failed. |
+// | sieve_kv_transfer_bytes_total               | counter   | model, direction, transport | KV page bytes of completed transfers: sent (prefill side) or received (decode side). transport: grpc or ucx (disaggregation.transport) on every sieve_kv_transfer* metric. |
+// | sieve_kv_transfer_seconds                   | histogram | model, direction, transport | Duration of one transfer attempt: on the decode side the remote prefill and the page stream, on the prefill side the whole Prefill call. |
+// | sieve_kv_transfers_in_flight                | gauge     | model, direction, transport | KV transfers in progress. |
+// | sieve_kv_transfers_total                    | counter   | model, direction, outcome, transport | Finished transfer attempts by outcome: ok or failed. |
 // | sieve_kv_transfer_retries_total             | counter   | model                | Remote prefill attempts retried after a failure (decode side). |
 // | sieve_prefills_total                        | counter   | model, location      | Generate requests on a decode daemon by where their prompt was prefilled: remote or local (short prompts, every page cached here, or the fallback). |
 // | sieve_prefill_daemons_reachable             | gauge     | model                | 1 while a decode daemon can reach a prefill daemon, else 0 (0 in the other roles). |
@@ -141,8 +141,9 @@ class Metrics : public engine::EngineObserver {
   void OnLoad(const engine::EngineLoad& load) override;
 
   // Disaggregated serving (see the table). `sent`: the prefill side's direction.
-  void OnKvTransfer(bool sent, int64_t bytes, double seconds, bool ok);
-  void AddKvTransfersInFlight(bool sent, int delta);
+  // `ucx`: the transfer's pages went over UCX (label transport="ucx"), else in the gRPC stream.
+  void OnKvTransfer(bool sent, bool ucx, int64_t bytes, double seconds, bool ok);
+  void AddKvTransfersInFlight(bool sent, bool ucx, int delta);
   void OnKvTransferRetry();
   void OnPrefillPlaced(bool remote);
   void SetPrefillDaemonsReachable(bool reachable);
@@ -206,12 +207,12 @@ class Metrics : public engine::EngineObserver {
   prometheus::Histogram* decode_kv_read_fraction_ = nullptr;
   prometheus::Histogram* decode_selection_s_ = nullptr;
 
-  // Disaggregated serving; arrays indexed by direction (0 received, 1 sent) or location (0
-  // local, 1 remote).
-  std::array<prometheus::Counter*, 2> kv_bytes_{};
-  std::array<prometheus::Histogram*, 2> kv_seconds_{};
-  std::array<prometheus::Gauge*, 2> kv_in_flight_{};
-  std::array<prometheus::Counter*, 4> kv_transfers_{};  // [direction * 2 + ok]
+  // Disaggregated serving; arrays indexed by transport * 2 + direction (transport 0 grpc, 1 ucx;
+  // direction 0 received, 1 sent) or location (0 local, 1 remote).
+  std::array<prometheus::Counter*, 4> kv_bytes_{};
+  std::array<prometheus::Histogram*, 4> kv_seconds_{};
+  std::array<prometheus::Gauge*, 4> kv_in_flight_{};
+  std::array<prometheus::Counter*, 8> kv_transfers_{};  // [(transport * 2 + direction) * 2 + ok]
   prometheus::Counter* kv_retries_ = nullptr;
   std::array<prometheus::Counter*, 2> prefills_{};
   prometheus::Gauge* prefill_reachable_ = nullptr;

@@ -209,6 +209,52 @@ TEST_F(DisaggregationSecurityTest, AWrongTokenFailsOrFallsBackLocally) {
   for (Sieved* d : {prefill, failing, local}) EXPECT_TRUE(NoPagesHeld(*d)) << d->target();
 }
 
+// Rotating the decode side's token without a restart: the decode daemon re-reads
+// disaggregation.token_file every server.auth.reload_interval_s (1 s here). The prefill daemon
+// first accepts both the old and the new token, the decode daemon's file is switched to the new
+// one, then the prefill daemon drops the old one: once it has, only a decode daemon that re-read
+// its file can still prefill remotely (fallback fail, so a refused token fails the request). A
+// file made unusable keeps the last good token in force.
+TEST_F(DisaggregationSecurityTest, ARotatedTokenFileIsReReadWithoutARestart) {
+  WriteFile(Path("accepted"), "old-token\nnew-token\n");
+  WriteFile(Path("token"), "old-token\n");
+  Sieved* prefill = Keep(Sieved::StartServing(
+      {"--set", "server.role=prefill", "--set", "server.auth.tokens_file=" + Path("accepted"),
+       "--set", "server.auth.reload_interval_s=1"}));
+  Sieved* decode = Keep(Sieved::StartServing(
+      With(DecodeFlags("ipv4:" + prefill->target(), "fail"),
+           {"--set", "disaggregation.token_file=" + Path("token"), "--set",
+            "server.auth.reload_interval_s=1"})));
+  ASSERT_FALSE(HasFailure());
+  uint32_t seed = 40;
+  auto remote_ok = [&] {
+    const StreamResult r = Generate(*decode->stub(), Greedy(RandomPrompt(300, seed++), 2));
+    return r.status.ok() && r.completion.has_value() &&
+           r.completion->timings().kv_transfer_seconds() > 0;
+  };
+  EXPECT_TRUE(remote_ok());
+
+  WriteFile(Path("token"), "# rotated\nnew-token\n");
+  EXPECT_TRUE(PollUntil([&] { return decode->logs().find("changed: its new token") !=
+                                     std::string::npos; }, absl::Seconds(10)));
+  WriteFile(Path("accepted"), "new-token\n");
+  EXPECT_TRUE(PollUntil([&] { return prefill->logs().find("1 tokens accepted") !=
+                                     std::string::npos; }, absl::Seconds(10)))
+      << prefill->logs();
+  EXPECT_TRUE(remote_ok());
+  EXPECT_TRUE(remote_ok());
+
+  // An unusable file (no token) keeps the new token in force, and says so once.
+  WriteFile(Path("token"), "# being rewritten\n");
+  EXPECT_TRUE(PollUntil([&] { return decode->logs().find("the token read before is still sent") !=
+                                     std::string::npos; }, absl::Seconds(10)));
+  EXPECT_TRUE(remote_ok());
+  EXPECT_THAT(decode->logs(), Not(HasSubstr("new-token")));
+  EXPECT_THAT(decode->logs(), Not(HasSubstr("old-token")));
+  EXPECT_EQ(decode->Metrics().Sum("sieve_kv_transfers_total", {{"outcome", "failed"}}), 0);
+  for (Sieved* d : {prefill, decode}) EXPECT_TRUE(NoPagesHeld(*d)) << d->target();
+}
+
 // Unreadable credential files stop a decode daemon at start with a message naming the key.
 TEST_F(DisaggregationSecurityTest, UnreadableCredentialFilesNameTheirKey) {
   WriteFile(Path("not-pem"), "just text\n");

@@ -3,7 +3,10 @@
 // token-for-token what one `both` daemon streams, greedy and seeded, with and without prefix-cache
 // hits, and with Quest decoding on the decode side; killing a prefill daemon while transfers run
 // must lose no request (they are retried on the other) and leave no page held on any daemon; a
-// prefill daemon of another model is refused.
+// prefill daemon of another model is refused. Every test of DisaggregationTest runs once per KV
+// transport the build has: grpc (pages in the KvTransfer stream) and, built with UCX, ucx (the
+// stream carries the control messages; the pages go over UCX, on whichever of its transports it
+// picks on loopback: shared memory or tcp; set UCX_TLS to force one).
 #include <signal.h>
 
 #include <atomic>
@@ -58,8 +61,22 @@ bool NoPagesHeld(Sieved& d) {
   return PollUntil([&] { return AtBaseline(d, Load{}); }, absl::Seconds(30));
 }
 
-class DisaggregationTest : public testing::Test {
+// The transports under test: grpc, and ucx when this build has it.
+std::vector<std::string> Transports() {
+  std::vector<std::string> t = {"grpc"};
+  if (SIEVE_TEST_HAVE_UCX) t.push_back("ucx");
+  return t;
+}
+
+class DisaggregationTest : public testing::TestWithParam<std::string> {
  protected:
+  // A decode daemon's flags: `flags` and the transport under test.
+  std::vector<std::string> Decode(std::vector<std::string> flags) const {
+    flags.insert(flags.end(), {"--set", "server.role=decode", "--set",
+                               "disaggregation.transport=" + GetParam()});
+    return flags;
+  }
+
   void TearDown() override {
     if (!HasFailure()) return;
     for (Sieved* d : all_) std::cerr << "--- sieved " << d->target() << " ---\n" << d->logs();
@@ -74,14 +91,14 @@ class DisaggregationTest : public testing::Test {
   std::vector<std::unique_ptr<Sieved>> owned_;
 };
 
-TEST_F(DisaggregationTest, OneDecodeAndTwoPrefillDaemonsMatchABothDaemon) {
+TEST_P(DisaggregationTest, OneDecodeAndTwoPrefillDaemonsMatchABothDaemon) {
   Sieved* p1 = Keep(Sieved::StartServing({"--set", "server.role=prefill"}));
   Sieved* p2 = Keep(Sieved::StartServing({"--set", "server.role=prefill"}));
   Sieved* both = Keep(Sieved::StartServing());
-  Sieved* decode = Keep(Sieved::StartServing(
-      {"--set", "server.role=decode", "--set",
+  Sieved* decode = Keep(Sieved::StartServing(Decode(
+      {"--set",
        absl::StrCat("disaggregation.prefill_target=", Target({p1, p2})), "--set",
-       "disaggregation.local_prefill_below_tokens=64", "--set", "disaggregation.fallback=fail"}));
+       "disaggregation.local_prefill_below_tokens=64", "--set", "disaggregation.fallback=fail"})));
   ASSERT_FALSE(HasFailure());
   auto d = decode->stub();
   auto b = both->stub();
@@ -152,6 +169,15 @@ TEST_F(DisaggregationTest, OneDecodeAndTwoPrefillDaemonsMatchABothDaemon) {
     sent += bytes;
   }
   EXPECT_EQ(sent, dm.Sum("sieve_kv_transfer_bytes_total", {{"direction", "received"}}));
+  // Every byte went over the transport under test, and the metrics say which.
+  EXPECT_EQ(dm.Sum("sieve_kv_transfer_bytes_total",
+                   {{"direction", "received"}, {"transport", GetParam()}}),
+            sent);
+  for (Sieved* p : {p1, p2}) {
+    EXPECT_EQ(p->Metrics().Sum("sieve_kv_transfer_bytes_total",
+                               {{"direction", "sent"}, {"transport", GetParam()}}),
+              p->Metrics().Sum("sieve_kv_transfer_bytes_total", {{"direction", "sent"}}));
+  }
   for (Sieved* x : all_) EXPECT_TRUE(NoPagesHeld(*x)) << x->target();
 }
 
@@ -159,7 +185,7 @@ TEST_F(DisaggregationTest, OneDecodeAndTwoPrefillDaemonsMatchABothDaemon) {
 // prefill daemon decodes dense and keeps none): with a two-page budget, small enough that the
 // tokens differ from dense decoding, it must stream what a `both` daemon running the same Quest
 // streams, and its metrics must show the fraction of KV its decode steps read.
-TEST_F(DisaggregationTest, QuestDecodeDaemonOnImportedPromptsMatchesABothDaemon) {
+TEST_P(DisaggregationTest, QuestDecodeDaemonOnImportedPromptsMatchesABothDaemon) {
   const std::vector<std::string> quest = {
       "--set", "attention.decode.method=quest", "--set", "attention.decode.token_budget=32",
       "--set", "attention.decode.sparse_min_tokens=0", "--set", "attention.decode.dense_layers=1"};
@@ -170,11 +196,11 @@ TEST_F(DisaggregationTest, QuestDecodeDaemonOnImportedPromptsMatchesABothDaemon)
   Sieved* prefill = Keep(Sieved::StartServing({"--set", "server.role=prefill"}));
   Sieved* dense = Keep(Sieved::StartServing());
   Sieved* both = Keep(Sieved::StartServing(quest));
-  Sieved* decode = Keep(Sieved::StartServing(with(
-      {"--set", "server.role=decode", "--set",
+  Sieved* decode = Keep(Sieved::StartServing(Decode(with(
+      {"--set",
        absl::StrCat("disaggregation.prefill_target=", Target({prefill})), "--set",
        "disaggregation.local_prefill_below_tokens=64", "--set", "disaggregation.fallback=fail"},
-      quest)));
+      quest))));
   ASSERT_FALSE(HasFailure());
   auto d = decode->stub();
   auto b = both->stub();
@@ -202,7 +228,7 @@ TEST_F(DisaggregationTest, QuestDecodeDaemonOnImportedPromptsMatchesABothDaemon)
   EXPECT_TRUE(NoPagesHeld(*prefill));
 }
 
-TEST_F(DisaggregationTest, KillingAPrefillDaemonMidTransferLosesNoRequestAndLeaksNoPage) {
+TEST_P(DisaggregationTest, KillingAPrefillDaemonMidTransferLosesNoRequestAndLeaksNoPage) {
   // One page per chunk and a pause before each: a 40-page prompt streams for about a second.
   const std::vector<std::string> slow = {"--set", "server.role=prefill", "--set",
                                          "disaggregation.chunk_bytes=65536",
@@ -210,11 +236,11 @@ TEST_F(DisaggregationTest, KillingAPrefillDaemonMidTransferLosesNoRequestAndLeak
   Sieved* p1 = Keep(Sieved::StartServing(slow));
   Sieved* p2 = Keep(Sieved::StartServing(slow));
   Sieved* both = Keep(Sieved::StartServing());
-  Sieved* decode = Keep(Sieved::StartServing(
-      {"--set", "server.role=decode", "--set",
+  Sieved* decode = Keep(Sieved::StartServing(Decode(
+      {"--set",
        absl::StrCat("disaggregation.prefill_target=", Target({p1, p2})), "--set",
        "disaggregation.fallback=fail", "--set", "disaggregation.max_attempts=4", "--set",
-       "disaggregation.stall_timeout_s=5"}));
+       "disaggregation.stall_timeout_s=5"})));
   ASSERT_FALSE(HasFailure());
 
   constexpr int kRequests = 8;
@@ -247,15 +273,15 @@ TEST_F(DisaggregationTest, KillingAPrefillDaemonMidTransferLosesNoRequestAndLeak
   EXPECT_EQ(p1->WaitExit(absl::Seconds(10)), 128 + SIGKILL);
 }
 
-TEST_F(DisaggregationTest, CancellationAndDeadlinesReachThePrefillDaemon) {
+TEST_P(DisaggregationTest, CancellationAndDeadlinesReachThePrefillDaemon) {
   // One page per chunk, 100 ms apart: a 99-page transfer would stream for about 10 s.
   Sieved* p = Keep(Sieved::StartServing({"--set", "server.role=prefill", "--set",
                                          "disaggregation.chunk_bytes=65536",
                                          "--testing-kv-chunk-delay-ms", "100"}));
-  Sieved* decode = Keep(Sieved::StartServing(
-      {"--set", "server.role=decode", "--set",
+  Sieved* decode = Keep(Sieved::StartServing(Decode(
+      {"--set",
        absl::StrCat("disaggregation.prefill_target=", Target({p})), "--set",
-       "disaggregation.fallback=fail"}));
+       "disaggregation.fallback=fail"})));
   ASSERT_FALSE(HasFailure());
   auto d = decode->stub();
   auto sent_in_flight = [&] {
@@ -292,14 +318,14 @@ TEST_F(DisaggregationTest, CancellationAndDeadlinesReachThePrefillDaemon) {
   EXPECT_TRUE(NoPagesHeld(*decode));
 }
 
-TEST_F(DisaggregationTest, DrainingDecodeDaemonFinishesARequestWhoseKvIsOnItsWay) {
+TEST_P(DisaggregationTest, DrainingDecodeDaemonFinishesARequestWhoseKvIsOnItsWay) {
   Sieved* p = Keep(Sieved::StartServing({"--set", "server.role=prefill", "--set",
                                          "disaggregation.chunk_bytes=65536",
                                          "--testing-kv-chunk-delay-ms", "40"}));
-  Sieved* decode = Keep(Sieved::StartServing(
-      {"--set", "server.role=decode", "--set",
+  Sieved* decode = Keep(Sieved::StartServing(Decode(
+      {"--set",
        absl::StrCat("disaggregation.prefill_target=", Target({p})), "--set",
-       "disaggregation.fallback=fail"}));
+       "disaggregation.fallback=fail"})));
   ASSERT_FALSE(HasFailure());
   auto d = decode->stub();
   OpenStream stream(*d, Greedy(RandomPrompt(960, 41), 6));
@@ -314,13 +340,13 @@ TEST_F(DisaggregationTest, DrainingDecodeDaemonFinishesARequestWhoseKvIsOnItsWay
   EXPECT_TRUE(NoPagesHeld(*p));
 }
 
-TEST_F(DisaggregationTest, APrefillDaemonOfAnotherModelIsRefused) {
+TEST_P(DisaggregationTest, APrefillDaemonOfAnotherModelIsRefused) {
   Sieved* other = Keep(Sieved::StartServing(
       {"--set", "server.role=prefill", "--set", "model.name=another-model"}));
-  Sieved* decode = Keep(Sieved::StartServing(
-      {"--set", "server.role=decode", "--set",
+  Sieved* decode = Keep(Sieved::StartServing(Decode(
+      {"--set",
        absl::StrCat("disaggregation.prefill_target=", Target({other})), "--set",
-       "disaggregation.local_prefill_below_tokens=100"}));
+       "disaggregation.local_prefill_below_tokens=100"})));
   ASSERT_FALSE(HasFailure());
   auto d = decode->stub();
   // Refused even with fallback local: a mismatch is a deployment error to surface, not a fault.
@@ -343,15 +369,15 @@ TEST_F(DisaggregationTest, APrefillDaemonOfAnotherModelIsRefused) {
 // round-robin would send every other one to the busy daemon. Requests are sent one at a time,
 // each only after checking (on the busy daemon's metrics) that its transfer still runs and within
 // 5 s of first seeing it run, which leaves 5 s of margin before it can end.
-TEST_F(DisaggregationTest, RequestsAvoidAPrefillDaemonBusyWithATransfer) {
+TEST_P(DisaggregationTest, RequestsAvoidAPrefillDaemonBusyWithATransfer) {
   Sieved* slow = Keep(Sieved::StartServing({"--set", "server.role=prefill", "--set",
                                             "disaggregation.chunk_bytes=65536",
                                             "--testing-kv-chunk-delay-ms", "250"}));
   Sieved* fast = Keep(Sieved::StartServing({"--set", "server.role=prefill"}));
-  Sieved* decode = Keep(Sieved::StartServing(
-      {"--set", "server.role=decode", "--set",
+  Sieved* decode = Keep(Sieved::StartServing(Decode(
+      {"--set",
        absl::StrCat("disaggregation.prefill_target=", Target({slow, fast})), "--set",
-       "disaggregation.local_prefill_below_tokens=64", "--set", "disaggregation.fallback=fail"}));
+       "disaggregation.local_prefill_below_tokens=64", "--set", "disaggregation.fallback=fail"})));
   ASSERT_FALSE(HasFailure());
   auto in_flight = [](Sieved* p) {
     return p->Metrics().Sum("sieve_kv_transfers_in_flight", {{"direction", "sent"}});
@@ -402,14 +428,14 @@ TEST_F(DisaggregationTest, RequestsAvoidAPrefillDaemonBusyWithATransfer) {
 // prefill daemon pauses 25 ms before each of 40 one-page chunks, so the transfer phase lasts at
 // least 40 x 25 ms = 1 s (each pause is a sleep of at least that long, and the last page lands
 // after the last pause).
-TEST_F(DisaggregationTest, TransferPhaseIsPartOfTimeToFirstToken) {
+TEST_P(DisaggregationTest, TransferPhaseIsPartOfTimeToFirstToken) {
   Sieved* p = Keep(Sieved::StartServing({"--set", "server.role=prefill", "--set",
                                          "disaggregation.chunk_bytes=65536",
                                          "--testing-kv-chunk-delay-ms", "25"}));
-  Sieved* decode = Keep(Sieved::StartServing(
-      {"--set", "server.role=decode", "--set",
+  Sieved* decode = Keep(Sieved::StartServing(Decode(
+      {"--set",
        absl::StrCat("disaggregation.prefill_target=", Target({p})), "--set",
-       "disaggregation.local_prefill_below_tokens=64", "--set", "disaggregation.fallback=fail"}));
+       "disaggregation.local_prefill_below_tokens=64", "--set", "disaggregation.fallback=fail"})));
   ASSERT_FALSE(HasFailure());
   const StreamResult r = Generate(*decode->stub(), Greedy(RandomPrompt(641, 77), 4));
   ASSERT_TRUE(r.status.ok()) << r.status.error_message();
@@ -440,12 +466,40 @@ TEST_F(DisaggregationTest, TransferPhaseIsPartOfTimeToFirstToken) {
   EXPECT_EQ(decode->Metrics().Sum("sieve_request_transfer_seconds_count"), 1);
 }
 
+INSTANTIATE_TEST_SUITE_P(Transports, DisaggregationTest, testing::ValuesIn(Transports()),
+                         [](const testing::TestParamInfo<std::string>& info) {
+                           return info.param;
+                         });
+
 TEST(DisaggregationConfigTest, ADecodeDaemonWithoutPrefillTargetDoesNotStart) {
   auto [code, out] = RunTool(SIEVED_PATH, {"--config", BaseConfigPath(), "--set",
                                            "server.role=decode"});
   EXPECT_EQ(code, 2) << out;
   EXPECT_THAT(out, HasSubstr("disaggregation.prefill_target"));
 }
+
+TEST(DisaggregationConfigTest, AnUnknownTransportIsRefusedNamingTheKey) {
+  auto [code, out] = RunTool(
+      SIEVED_PATH, {"--config", BaseConfigPath(), "--set", "server.role=decode", "--set",
+                    "disaggregation.prefill_target=ipv4:127.0.0.1:1", "--set",
+                    "disaggregation.transport=rdma"});
+  EXPECT_EQ(code, 2) << out;
+  EXPECT_THAT(out, HasSubstr("disaggregation.transport"));
+}
+
+#if !SIEVE_TEST_HAVE_UCX
+// Built without UCX (no libucx-dev, or -DSIEVE_UCX=OFF), asking for it stops a decode daemon
+// with a message naming the key and the way out.
+TEST(DisaggregationConfigTest, UcxTransportWithoutUcxInTheBuildNamesTheKey) {
+  auto [code, out] = RunTool(
+      SIEVED_PATH, {"--config", BaseConfigPath(), "--set", "server.role=decode", "--set",
+                    "disaggregation.prefill_target=ipv4:127.0.0.1:1", "--set",
+                    "disaggregation.transport=ucx"});
+  EXPECT_NE(code, 0) << out;
+  EXPECT_THAT(out, HasSubstr("disaggregation.transport is ucx but this sieved was built "
+                             "without UCX"));
+}
+#endif
 
 }  // namespace
 }  // namespace sieve::test

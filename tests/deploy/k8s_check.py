@@ -118,6 +118,9 @@ def check_prefill_target(name, by_kind, deployments, problems):
                                 "transfer would fail its layout check")
         if prefill_cfg["model"]["name"] != cfg["model"]["name"]:
             problems.append(f"{where}: model.name differs from the prefill pods'")
+        if prefill_cfg["server"]["auth"]["tokens_file"] and not cfg["disaggregation"]["token_file"]:
+            problems.append(f"{where}: the prefill pods want a bearer token "
+                            "(server.auth.tokens_file) but disaggregation.token_file is unset")
 
 
 def check_deployment(name, dname, dep, configmaps, pvcs, problems):
@@ -173,6 +176,24 @@ def check_deployment(name, dname, dep, configmaps, pvcs, problems):
     if cfg["server"]["role"] != role:
         problems.append(f"{where}: pods labelled sieve.dev/role {role} but server.role is {cfg['server']['role']}")
     dep["_sieve_config"] = cfg     # for the checks across Deployments (check_prefill_target)
+    # Every credential file the config names lies in a Secret mounted into the container (a
+    # directory mount: a subPath mount would never see a rotated file).
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    secrets = {v["name"]: v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
+    for section, key in (("server.auth", "tokens_file"), ("server.tls", "cert_file"),
+                         ("server.tls", "key_file"), ("server.tls", "client_ca_file"),
+                         ("disaggregation", "token_file"), ("disaggregation.tls", "ca_file"),
+                         ("disaggregation.tls", "cert_file"), ("disaggregation.tls", "key_file")):
+        node = cfg
+        for part in section.split("."):
+            node = node.get(part, {})
+        path = node.get(key, "")
+        if not path:
+            continue
+        m = mounts.get(os.path.dirname(path))
+        if m is None or m["name"] not in secrets or "subPath" in m:
+            problems.append(f"{where}: {section}.{key} {path} is not in a Secret mounted as a "
+                            "directory")
     for key, port_name in (("server", "grpc"), ("metrics", "metrics")):
         port = int(cfg[key]["listen_address"].rsplit(":", 1)[1])
         if port != ports.get(port_name):
