@@ -21,7 +21,9 @@ namespace cpu_attention {
 // every query row of the work item reads them.
 constexpr int kKeyTile = 64;
 // Query rows (query x head) per dense work item: rows share every K/V tile they load.
-constexpr int kRowsPerItem = 64;
+// 128: each K/V tile (gathered, transposed, prefetched once per item) serves twice the rows of
+// 64, 1.06-1.25x on the prefill shapes of bench/cpu_attention_bench (2026-12-05).
+constexpr int kRowsPerItem = 128;
 // From this many rows on, a tile's keys are transposed once so that scores need no horizontal
 // sums (decode's few rows use per-key dot products instead).
 constexpr int kTransposeRows = 8;
@@ -31,7 +33,7 @@ constexpr int kTransposeRows = 8;
 // (log-sum-exp). The cut depends only on the item, never on the thread count or the batch, so
 // results stay bitwise reproducible. 512 keys: a part reads 512 K and V rows (256 KB at d=128),
 // enough to amortise the item overhead, and a 128K-token sequence gives 256 parts per KV head.
-// Rows, not queries: a full dense prefill item (kRowsPerItem rows, 16 queries of a group of 4)
+// Rows, not queries: a full dense prefill item (kRowsPerItem rows, 32 queries of a group of 4)
 // is never split; its parts would only add partial states to write and merge (256 MB of them
 // for a 512-token chunk over 16K keys on the Llama-3.1-8B shape).
 constexpr int kSplitMaxRows = 16;
@@ -280,19 +282,20 @@ void Scores(const float* q, const float* const* k, int n, int d, float scale, fl
   }
 }
 
-// Scores of four rows (decode: the query heads of a KV head) against the same keys:
-// s[r][j] = scale * dot(q[r], k[j]), four keys at a time, each K vector loaded once for the four
-// rows (16 accumulators). q[r]/s[r] may repeat. d a multiple of the lane count.
-void Scores4(const float* const* q, const float* const* k, int n, int d, float scale,
+// Scores of R rows (decode: the query heads of a KV head) against the same keys:
+// s[r][j] = scale * dot(q[r], k[j]), four keys at a time, each K vector loaded once for the R
+// rows (4R accumulators). q[r]/s[r] may repeat. d a multiple of the lane count.
+template <int R>
+void ScoresR(const float* const* q, const float* const* k, int n, int d, float scale,
              float* const* s) {
   const DF df;
   using V = hn::Vec<DF>;
   const int L = static_cast<int>(hn::Lanes(df));
   int j = 0;
   for (; j + 4 <= n; j += 4) {
-    V a[4][4];
+    V a[R][4];
 #pragma GCC unroll 4
-    for (int r = 0; r < 4; ++r) {
+    for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
       for (int c = 0; c < 4; ++c) a[r][c] = hn::Zero(df);
     }
@@ -300,7 +303,7 @@ void Scores4(const float* const* q, const float* const* k, int n, int d, float s
       const V k0 = hn::LoadU(df, k[j] + i), k1 = hn::LoadU(df, k[j + 1] + i);
       const V k2 = hn::LoadU(df, k[j + 2] + i), k3 = hn::LoadU(df, k[j + 3] + i);
 #pragma GCC unroll 4
-      for (int r = 0; r < 4; ++r) {
+      for (int r = 0; r < R; ++r) {
         const V qv = hn::LoadU(df, q[r] + i);
         a[r][0] = hn::MulAdd(qv, k0, a[r][0]);
         a[r][1] = hn::MulAdd(qv, k1, a[r][1]);
@@ -309,12 +312,12 @@ void Scores4(const float* const* q, const float* const* k, int n, int d, float s
       }
     }
 #pragma GCC unroll 4
-    for (int r = 0; r < 4; ++r) {
+    for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
       for (int c = 0; c < 4; ++c) s[r][j + c] = hn::GetLane(hn::SumOfLanes(df, a[r][c])) * scale;
     }
   }
-  for (int r = 0; r < 4; ++r) {
+  for (int r = 0; r < R; ++r) {
     if (j < n) Scores(q[r], k + j, n - j, d, scale, s[r] + j);
   }
 }
@@ -482,15 +485,22 @@ void TileScores(const PagedAttentionParams<float>& p, int n, Scratch& sc, size_t
   const int rows = static_cast<int>(sc.active.size());
   if (rows < kTransposeRows) {
     int a = 0;
+    const float* q[4];
+    float* s[4];
+    auto take = [&](int count) {
+      for (int i = 0; i < count; ++i) {
+        q[i] = sc.q[sc.active[a + i]];
+        s[i] = sc.s.data() + sc.active[a + i] * ss;
+      }
+    };
     if (d % L == 0) {
       for (; a + 4 <= rows; a += 4) {
-        const float* q[4];
-        float* s[4];
-        for (int i = 0; i < 4; ++i) {
-          q[i] = sc.q[sc.active[a + i]];
-          s[i] = sc.s.data() + sc.active[a + i] * ss;
-        }
-        Scores4(q, sc.k.data(), n, d, p.scale, s);
+        take(4);
+        ScoresR<4>(q, sc.k.data(), n, d, p.scale, s);
+      }
+      for (; a + 2 <= rows; a += 2) {
+        take(2);
+        ScoresR<2>(q, sc.k.data(), n, d, p.scale, s);
       }
     }
     for (; a < rows; ++a) {
