@@ -4,9 +4,10 @@
 #   scripts/sanitize.sh asan   # AddressSanitizer + UndefinedBehaviorSanitizer (build-asan/):
 #                              # every CPU test (unit, integration, golden, CLI), not fuzz, GPU,
 #                              # deploy or lint
-#   scripts/sanitize.sh tsan   # ThreadSanitizer (build-tsan/): the engine tests (label engine;
-#                              # SIEVE_SAN_TSAN_LABELS='engine|server|integration' adds the
-#                              # server's, which report races inside gRPC: see below)
+#   scripts/sanitize.sh tsan   # ThreadSanitizer (build-tsan/): the engine, server and
+#                              # integration tests (labels engine|server|integration; the
+#                              # integration tests spawn the TSan-built sieved, whose reports fail
+#                              # them too); SIEVE_SAN_TSAN_LABELS overrides the label regex
 #   scripts/sanitize.sh ci     # what CI runs (.ci/run via scripts/test.sh): ASan+UBSan on the
 #                              # test binaries in ci_targets below, built in build-asan/ (CI
 #                              # passes SIEVE_SAN_BUILD_DIR=build-fuzz, the clang fuzz tree)
@@ -23,15 +24,29 @@
 # to the test's output (ctest --output-on-failure).
 #
 # Debian's gRPC, Protobuf and Abseil are not instrumented. For ASan that only means their
-# internals are unchecked. For TSan, synchronization done inside them is invisible: absl::Mutex
-# is implemented in libabsl_synchronization, so accesses that the server guards with an
-# absl::Mutex can be reported as races that are not. The engine uses std::mutex (pthread, which
-# TSan intercepts) and is checked fully. The server tests are not: under TSan they report races
-# whose both stacks lie inside libgrpc (a string written when a client channel connects, read by
-# gRPC's event-engine thread), i.e. gRPC's own synchronization that TSan cannot see; suppressing
-# by library would also hide races in our callbacks, which always run under gRPC frames. A clean
-# server run needs gRPC and Abseil built with -fsanitize=thread (not packaged by Debian).
-# Suppressions, each with its reason, are in scripts/sanitize/{lsan,tsan}.supp.
+# internals are unchecked. For TSan, synchronization done inside them is invisible:
+# - absl::Mutex is implemented in libabsl_synchronization, so memory guarded by one can be
+#   reported as racing when it is not. The engine and the server therefore guard their own state
+#   with std::mutex / std::condition_variable (pthread, which TSan intercepts wherever it is
+#   called from).
+# - gRPC's own synchronization (its threads hand objects to each other through atomics and
+#   absl::Mutex in uninstrumented code) shows as races between two accesses that TSan does see,
+#   e.g. libstdc++ or intercepted libc calls made from libgrpc. scripts/sanitize/tsan.supp
+#   silences those by the frame at the top of a report's stacks only (race_top:, matched against
+#   the module name), so a race whose top frame is our code -- also in a gRPC callback, under
+#   gRPC's frames -- is still reported. server_race_canary_test checks that: a plain int written
+#   from a gRPC callback and from a thread of ours must be reported with these suppressions, and
+#   the same program with a std::mutex must run clean. (An intercepted call's report has the
+#   interceptor, in libtsan, as its top frame, so the libraries are named by called_from_lib,
+#   which looks at the interceptor's caller, rather than by race_top.)
+# State on 2026-12-05: the engine tests and 115 of the 120 server tests run clean; 5 server
+# tests still stop at gRPC handoffs whose top frame is a libstdc++ template instantiated for
+# gRPC's inline code (docs/reliability.md, "TSan, server"), and the integration tests were not
+# run under TSan yet.
+# Each suppression has its reason in scripts/sanitize/{lsan,tsan}.supp.
+#
+# Both modes compile at the optimization of their flags (-O1; the build type's -O2 is dropped)
+# and TSan with -g1 (line tables: stacks keep file:line, the build is faster on the 2-core VM).
 #
 # What was run and how long it took (the shared 2-core VM, 2026-12-05, with other builds
 # running) is in docs/reliability.md's sanitizer rows.
@@ -58,6 +73,7 @@ if [[ -n ${SIEVE_SAN_CI_TARGETS:-} ]]; then read -r -a ci_targets <<<"$SIEVE_SAN
 configure() {  # configure DIR FLAGS...
   local dir=$1 flags=$2
   cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DCMAKE_C_FLAGS_RELWITHDEBINFO=-DNDEBUG -DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-DNDEBUG \
     -DCMAKE_C_COMPILER="$cc" -DCMAKE_CXX_COMPILER="$cxx" "${launcher[@]}" -DSIEVE_CUDA=OFF \
     -DCMAKE_C_FLAGS="$flags" -DCMAKE_CXX_FLAGS="$flags" \
     -DCMAKE_EXE_LINKER_FLAGS="$flags" -DCMAKE_SHARED_LINKER_FLAGS="$flags" >/dev/null
@@ -106,20 +122,22 @@ run_ci() {
 
 run_tsan() {
   local dir=build-tsan
-  configure "$dir" "-O1 -g -fno-omit-frame-pointer -fsanitize=thread"
-  local start=$SECONDS
-  ninja -C "$dir" -j "$jobs" ${SIEVE_SAN_TARGETS:-}
-  echo "sanitize: tsan build took $((SECONDS - start)) s"
-  start=$SECONDS
+  configure "$dir" "-O1 -g1 -fno-omit-frame-pointer -fsanitize=thread"
   # TSan needs the address layout it expects: without ASLR where the kernel randomizes more bits
-  # than this TSan supports (vm.mmap_rnd_bits 28 and above with GCC 12's).
+  # than this TSan supports (vm.mmap_rnd_bits 28 and above with GCC 12's). The build runs the
+  # test binaries too (gtest_discover_tests), so it gets the same.
   local norandom=()
   if command -v setarch >/dev/null && setarch "$(uname -m)" -R true 2>/dev/null; then
     norandom=(setarch "$(uname -m)" -R)
   fi
+  local start=$SECONDS
+  "${norandom[@]}" ninja -C "$dir" -j "$jobs" ${SIEVE_SAN_TARGETS:-}
+  echo "sanitize: tsan build took $((SECONDS - start)) s"
+  start=$SECONDS
   TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1:suppressions=$PWD/scripts/sanitize/tsan.supp \
     "${norandom[@]}" ctest --test-dir "$dir" --output-on-failure -j "$jobs" \
-      -L "${SIEVE_SAN_TSAN_LABELS:-engine}" --timeout 1800 ${SIEVE_SAN_TESTS:+-R "$SIEVE_SAN_TESTS"}
+      -L "${SIEVE_SAN_TSAN_LABELS:-engine|server|integration}" --timeout 1800 \
+      ${SIEVE_SAN_TESTS:+-R "$SIEVE_SAN_TESTS"}
   echo "sanitize: tsan tests took $((SECONDS - start)) s"
 }
 

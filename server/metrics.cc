@@ -429,7 +429,7 @@ prometheus::Counter& Metrics::GrpcCounter(std::string_view method, std::string_v
     if (name == code) code_label = std::string(name);
   }
   {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     if (method_label != "other" && !grpc_methods_.contains(method_label)) {
       if (grpc_methods_.size() >= kMaxGrpcMethods) {
         method_label = "other";
@@ -520,7 +520,7 @@ void Metrics::OnLoad(const engine::EngineLoad& load) {
                       ? static_cast<double>(load.prefix_cache_hit_tokens) /
                             static_cast<double>(load.prefix_cache_query_tokens)
                       : 0.0);
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   // The engine reports running totals; a total that went down means it restarted counting.
   const int64_t query_delta = load.prefix_cache_query_tokens >= last_query_tokens_
                                   ? load.prefix_cache_query_tokens - last_query_tokens_

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <mutex>
 #include <optional>
 #include <utility>
 
@@ -17,26 +18,26 @@ namespace sieve::server {
 // the call is done. `reactor` may be used only while `finished` is false, and only by the one
 // thread that took the right to start the next operation (see Pump).
 struct SieveService::Stream {
-  absl::Mutex mu;
-  GenerateReactor* reactor ABSL_GUARDED_BY(mu) = nullptr;
+  std::mutex mu;  // guards the members marked "mu" (std::mutex: see mu_ in the header)
+  GenerateReactor* reactor = nullptr;          // mu
   engine::Engine* engine = nullptr;            // set before the stream is shared
   const engine::Tokenizer* tokenizer = nullptr;
   std::string response_id;                     // request_id echoed on every message
   std::optional<std::chrono::system_clock::time_point> deadline;
 
-  std::optional<engine::RequestId> engine_id ABSL_GUARDED_BY(mu);
+  std::optional<engine::RequestId> engine_id;  // mu
   // Output not yet handed to gRPC; deltas coalesce here while a write is in flight.
-  v1::GenerateResponse pending ABSL_GUARDED_BY(mu);
-  bool has_pending ABSL_GUARDED_BY(mu) = false;
-  std::optional<engine::RequestOutcome> outcome ABSL_GUARDED_BY(mu);
+  v1::GenerateResponse pending;                // mu
+  bool has_pending = false;                    // mu
+  std::optional<engine::RequestOutcome> outcome;  // mu
   // The message gRPC is writing; untouched until the write completes (or the call is done).
   v1::GenerateResponse in_flight;
-  bool write_in_flight ABSL_GUARDED_BY(mu) = false;
-  bool cancelled ABSL_GUARDED_BY(mu) = false;  // the client went away or the deadline passed
+  bool write_in_flight = false;                // mu
+  bool cancelled = false;  // mu; the client went away or the deadline passed
   // A remote prefill in progress (decode daemons), cancelled with the call.
-  std::shared_ptr<TransferCancellation> transfer ABSL_GUARDED_BY(mu);
-  bool finished ABSL_GUARDED_BY(mu) = false;   // Finish or StartWriteAndFinish was issued
-  grpc::StatusCode final_code ABSL_GUARDED_BY(mu) = grpc::StatusCode::OK;
+  std::shared_ptr<TransferCancellation> transfer;  // mu
+  bool finished = false;   // mu; Finish or StartWriteAndFinish was issued
+  grpc::StatusCode final_code = grpc::StatusCode::OK;  // mu
 
   // Starts the next gRPC operation if one is due and none is in flight: a write of the pending
   // output, the last message with the Completion, or Finish. Any thread may call it.
@@ -56,7 +57,7 @@ class SieveService::GenerateReactor final
  public:
   GenerateReactor(SieveService* service, grpc::CallbackServerContext* context)
       : service_(service), stream_(std::make_shared<Stream>()) {
-    absl::MutexLock lock(&stream_->mu);
+    std::lock_guard<std::mutex> lock(stream_->mu);
     stream_->reactor = this;
     const auto deadline = context->deadline();
     if (deadline != std::chrono::system_clock::time_point::max()) stream_->deadline = deadline;
@@ -68,7 +69,7 @@ class SieveService::GenerateReactor final
   // Ends a call that never reached the engine.
   void Reject(const absl::Status& status) {
     {
-      absl::MutexLock lock(&stream_->mu);
+      std::lock_guard<std::mutex> lock(stream_->mu);
       stream_->finished = true;
       stream_->final_code = ToGrpcCode(status.code());
     }
@@ -81,7 +82,7 @@ class SieveService::GenerateReactor final
     std::optional<engine::RequestId> cancel;
     std::shared_ptr<TransferCancellation> transfer;
     {
-      absl::MutexLock lock(&stream_->mu);
+      std::lock_guard<std::mutex> lock(stream_->mu);
       stream_->write_in_flight = false;
       if (!ok && !stream_->cancelled) {
         stream_->cancelled = true;  // the stream broke: nobody reads the rest
@@ -98,7 +99,7 @@ class SieveService::GenerateReactor final
     std::optional<engine::RequestId> cancel;
     std::shared_ptr<TransferCancellation> transfer;
     {
-      absl::MutexLock lock(&stream_->mu);
+      std::lock_guard<std::mutex> lock(stream_->mu);
       stream_->cancelled = true;
       cancel = stream_->engine_id;
       transfer = stream_->transfer;
@@ -111,7 +112,7 @@ class SieveService::GenerateReactor final
   void OnDone() override {
     grpc::StatusCode code;
     {
-      absl::MutexLock lock(&stream_->mu);
+      std::lock_guard<std::mutex> lock(stream_->mu);
       stream_->reactor = nullptr;
       code = stream_->final_code;
     }
@@ -136,7 +137,7 @@ class SieveService::StreamSink final : public engine::RequestSink {
 
   void OnTokens(const engine::TokenDelta& delta) override {
     {
-      absl::MutexLock lock(&stream_->mu);
+      std::lock_guard<std::mutex> lock(stream_->mu);
       if (stream_->finished || stream_->cancelled) return;
       AppendDelta(delta, *stream_->tokenizer, &stream_->pending);
       stream_->has_pending = true;
@@ -146,7 +147,7 @@ class SieveService::StreamSink final : public engine::RequestSink {
 
   void OnFinish(const engine::RequestOutcome& outcome) override {
     {
-      absl::MutexLock lock(&stream_->mu);
+      std::lock_guard<std::mutex> lock(stream_->mu);
       stream_->outcome = outcome;
     }
     if (LogEnabled(LogLevel::kDebug)) {
@@ -169,7 +170,7 @@ void SieveService::Stream::Pump() {
   grpc::Status status;
   GenerateReactor* target = nullptr;
   {
-    absl::MutexLock lock(&mu);
+    std::lock_guard<std::mutex> lock(mu);
     if (finished || write_in_flight) return;
     target = reactor;
     if (cancelled) {
@@ -269,7 +270,7 @@ void SieveService::GenerateReactor::Start(const v1::GenerateRequest& request) {
   // A remote prefill runs: the call's cancellation must reach it.
   bool cancelled;
   {
-    absl::MutexLock lock(&stream.mu);
+    std::lock_guard<std::mutex> lock(stream.mu);
     stream.transfer = transfer;
     cancelled = stream.cancelled;
   }
@@ -282,7 +283,7 @@ void SieveService::OnSubmitted(const std::shared_ptr<Stream>& shared,
   if (!id.ok()) {
     // Ends the call with the error, through the stream (a write or OnCancel may be racing).
     {
-      absl::MutexLock lock(&stream.mu);
+      std::lock_guard<std::mutex> lock(stream.mu);
       engine::RequestOutcome failed;
       failed.finish = engine::FinishReason::kError;
       failed.status = id.status();
@@ -294,7 +295,7 @@ void SieveService::OnSubmitted(const std::shared_ptr<Stream>& shared,
   }
   bool cancelled;
   {
-    absl::MutexLock lock(&stream.mu);
+    std::lock_guard<std::mutex> lock(stream.mu);
     stream.engine_id = *id;
     cancelled = stream.cancelled;
   }
@@ -323,14 +324,14 @@ void SieveService::StartDraining() { gate_.StartDraining(); }
 void SieveService::CancelAll() {
   std::vector<std::shared_ptr<Stream>> streams;
   {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     for (const auto& [raw, stream] : streams_) streams.push_back(stream);
   }
   for (const std::shared_ptr<Stream>& stream : streams) {
     std::optional<engine::RequestId> id;
     std::shared_ptr<TransferCancellation> transfer;
     {
-      absl::MutexLock lock(&stream->mu);
+      std::lock_guard<std::mutex> lock(stream->mu);
       id = stream->engine_id;
       transfer = stream->transfer;
     }
@@ -340,25 +341,30 @@ void SieveService::CancelAll() {
 }
 
 bool SieveService::WaitForNoActiveStreams(absl::Duration timeout) {
-  absl::MutexLock lock(&mu_);
-  auto none = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return streams_.empty(); };
-  return mu_.AwaitWithTimeout(absl::Condition(&none), timeout);
+  std::unique_lock<std::mutex> lock(mu_);
+  auto none = [this] { return streams_.empty(); };
+  if (timeout == absl::InfiniteDuration()) {
+    streams_changed_.wait(lock, none);
+    return true;
+  }
+  return streams_changed_.wait_for(lock, absl::ToChronoNanoseconds(timeout), none);
 }
 
 int SieveService::active_streams() const {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   return static_cast<int>(streams_.size());
 }
 
 void SieveService::Register(std::shared_ptr<Stream> stream) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   Stream* raw = stream.get();
   streams_.emplace(raw, std::move(stream));
 }
 
 void SieveService::Unregister(Stream* stream) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   streams_.erase(stream);
+  streams_changed_.notify_all();
 }
 
 void SieveService::ReportDone(std::string_view method, grpc::StatusCode code) const {

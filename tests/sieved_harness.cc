@@ -305,7 +305,7 @@ std::optional<int> Sieved::WaitExit(absl::Duration timeout) {
 }
 
 std::string Sieved::logs() const {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   return log_;
 }
 
@@ -333,7 +333,7 @@ void Sieved::Launch(const std::vector<std::string>& args) {
     char buffer[4096];
     ssize_t n;
     while ((n = read(fd, buffer, sizeof(buffer))) > 0) {
-      absl::MutexLock lock(&mu_);
+      std::lock_guard<std::mutex> lock(mu_);
       log_.append(buffer, static_cast<size_t>(n));
     }
     close(fd);
@@ -348,7 +348,7 @@ HealthWatch::HealthWatch(std::shared_ptr<grpc::Channel> channel)
     auto reader = stub_->Watch(&context_, request);
     HealthCheckResponse response;
     while (reader->Read(&response)) {
-      absl::MutexLock lock(&mu_);
+      std::lock_guard<std::mutex> lock(mu_);
       if (seen_.empty() || seen_.back() != response.status()) seen_.push_back(response.status());
     }
     reader->Finish();
@@ -361,7 +361,7 @@ HealthWatch::~HealthWatch() {
 }
 
 std::vector<HealthCheckResponse::ServingStatus> HealthWatch::seen() const {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   return seen_;
 }
 
