@@ -25,7 +25,10 @@ constexpr int kKeyTile = 64;
 // 64, 1.06-1.25x on the prefill shapes of bench/cpu_attention_bench (2026-12-05).
 constexpr int kRowsPerItem = 128;
 // From this many rows on, a tile's keys are transposed once so that scores need no horizontal
-// sums (decode's few rows use per-key dot products instead).
+// sums (decode's few rows use per-key dot products instead). Counted per sequence step (its
+// queries x the group's heads), not per work item: the two paths sum a dot product in different
+// orders, and every item of a step must take the same one, so that a sparse plan listing every
+// key gives dense attention's result bit for bit however the items cut the rows.
 constexpr int kTransposeRows = 8;
 // Split-KV: a work item of at most kSplitMaxRows query rows (decode, very short chunks) that reads
 // more than kSplitKeys keys is cut along its key list into parts of kSplitKeys keys, each run by
@@ -195,6 +198,7 @@ struct Scratch {
   std::vector<int> keys;         // the item's key positions
   std::vector<const float*> k, v;  // [kKeyTile] the tile's K and V rows
   std::vector<int64_t> offs;     // the item's keys' row offsets into the K and V caches
+  bool transpose = false;        // the item's step scores against transposed key tiles
 };
 
 // Element offsets into the K and V caches of KV head kv_head's rows at positions pos[0, n):
@@ -483,7 +487,7 @@ void TileScores(const PagedAttentionParams<float>& p, int n, Scratch& sc, size_t
   const int L = static_cast<int>(hn::Lanes(df));
   const int d = p.head_dim;
   const int rows = static_cast<int>(sc.active.size());
-  if (rows < kTransposeRows) {
+  if (!sc.transpose) {
     int a = 0;
     const float* q[4];
     float* s[4];
@@ -571,7 +575,7 @@ void AttendRows(const PagedAttentionParams<float>& p, int seq, int kv_head, Scra
     // prefetchers (1.2-1.5x on the Llama-3.1-8B shape at 16K keys, bench/results/
     // 2026-12-05-cpu-attention-d128.md).
     // Items of few rows (decode) compute too little per tile to hide the prefetches' cost.
-    if (rows >= kTransposeRows && t0 + kKeyTile < n_keys) {
+    if (sc.transpose && t0 + kKeyTile < n_keys) {
       const int n2 = std::min(kKeyTile, n_keys - t0 - kKeyTile);
       for (int j = 0; j < n2; ++j) {
         const int64_t off = offs[kKeyTile + j];
@@ -645,6 +649,7 @@ void ItemRows(const PagedAttentionParams<float>& p, const WorkItem& w, Scratch& 
 void RunItem(const PagedAttentionParams<float>& p, const WorkItem& w, Scratch& sc,
              Partials& partials) {
   ItemRows(p, w, sc);
+  sc.transpose = QueryLen(p, w.seq) * (p.num_q_heads / p.num_kv_heads) >= kTransposeRows;
   const int last = LastPos(p, w.seq, w.q_end - 1);
   const int64_t kb = w.key_begin;
   const int64_t ke = w.key_end < 0 ? std::numeric_limits<int64_t>::max() : w.key_end;
