@@ -18,6 +18,8 @@ packages=(
   yq jq iproute2 util-linux  # deployment checks: YAML/JSON rewriting, a private loopback (unshare)
   libcpp-httplib-dev         # the OpenAI-compatible HTTP API (cpp-httplib)
   python3-jinja2             # chat-template goldens (scripts/chat_template_goldens/gen_goldens.py)
+  node-typescript            # deployment checks: tsc rejects unknown fields in Kubernetes objects
+  mmdebstrap                 # tests/deploy/dockerfile_build.py: the Dockerfile's CPU target in clean roots
 )
 
 missing=()

@@ -13,7 +13,8 @@
 4. Run: the CPU runtime stage executed in a root file system made only of the files of its
    packages (those of 3, from this machine's installed copies, read-only) plus what a container
    runtime adds (/etc/hosts, /proc, /dev), chrooted in a private mount and network namespace:
-   COPY instructions fill a tmpfs /opt, ENV, WORKDIR and USER apply, ENTRYPOINT + CMD start
+   COPY instructions fill a tmpfs /opt (then read-only, as the Kubernetes base's
+   readOnlyRootFilesystem makes it), ENV, WORKDIR and USER apply, ENTRYPOINT + CMD start
    the daemon, the HEALTHCHECK command must report SERVING, a generation through the image's
    CLI must stream text, the metrics port must answer, and STOPSIGNAL must drain the daemon to
    exit status 0.
@@ -344,11 +345,22 @@ def inside(root, stages, binaries):
             else:
                 target.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(local, target / local.name)
+    # The image then runs with all of its root read-only except /tmp, as the Kubernetes base
+    # runs it (readOnlyRootFilesystem, an emptyDir at /tmp): a daemon that writes elsewhere fails.
+    sh("mount", "-o", "remount,ro", f"{root}/opt")
     env = {"HOME": "/opt/sieve"}
     for rest in instr(st, "ENV"):
         for kv in shlex.split(rest):
             k, _, v = kv.partition("=")
             env[k] = v
+    run_image(root, st, env)
+
+
+def run_image(root, st, env):
+    """Runs stage ST's image in ROOT (this process is already in a private mount and network
+    namespace with /proc and /dev in ROOT): ENTRYPOINT + CMD as USER in WORKDIR with ENV, the
+    HEALTHCHECK command until SERVING, a generation through the image's CLI, the metrics port,
+    STOPSIGNAL to exit status 0. Exits 1 on failure. Also used by dockerfile_build.py."""
     uid, _, gid = instr(st, "USER")[-1].partition(":")
     workdir = instr(st, "WORKDIR")[-1]
     # chroot into the image root, drop to USER, enter WORKDIR: all with the root's own tools.
