@@ -16,8 +16,8 @@
    COPY instructions fill a tmpfs /opt (then read-only, as the Kubernetes base's
    readOnlyRootFilesystem makes it), ENV, WORKDIR and USER apply, ENTRYPOINT + CMD start
    the daemon, the HEALTHCHECK command must report SERVING, a generation through the image's
-   CLI must stream text, the metrics port must answer, and STOPSIGNAL must drain the daemon to
-   exit status 0.
+   CLI must stream text, the metrics port must answer, the Kubernetes base's preStop command
+   must run in the image, and STOPSIGNAL must drain the daemon to exit status 0.
 Not covered (no container engine, no Ubuntu archive here): the RUN steps themselves (apt in a
 fresh image, the CMake build in it) and the CUDA target; deploy/README.md says so.
 
@@ -360,7 +360,8 @@ def run_image(root, st, env):
     """Runs stage ST's image in ROOT (this process is already in a private mount and network
     namespace with /proc and /dev in ROOT): ENTRYPOINT + CMD as USER in WORKDIR with ENV, the
     HEALTHCHECK command until SERVING, a generation through the image's CLI, the metrics port,
-    STOPSIGNAL to exit status 0. Exits 1 on failure. Also used by dockerfile_build.py."""
+    the Kubernetes Deployment's preStop command, STOPSIGNAL to exit status 0. Exits 1 on
+    failure. Also used by dockerfile_build.py."""
     uid, _, gid = instr(st, "USER")[-1].partition(":")
     workdir = instr(st, "WORKDIR")[-1]
     # chroot into the image root, drop to USER, enter WORKDIR: all with the root's own tools.
@@ -393,6 +394,13 @@ def run_image(root, st, env):
         metrics = urllib.request.urlopen("http://127.0.0.1:9090/metrics", timeout=5).read().decode()
         ok &= "sieve_requests_total" in metrics
         print("metrics: sieve_requests_total", "present" if "sieve_requests_total" in metrics else "missing")
+        # The Kubernetes base's preStop hook runs in this image as the container's user.
+        import yaml
+        dep = yaml.safe_load((REPO / "deploy" / "k8s" / "base" / "deployment.yaml").read_text())
+        pre = dep["spec"]["template"]["spec"]["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+        r = subprocess.run(asuser + pre, env=env, capture_output=True, text=True, timeout=60)
+        print(f"preStop {pre}: exit status {r.returncode}")
+        ok &= r.returncode == 0
     stopsig = getattr(signal, instr(st, "STOPSIGNAL")[-1])
     daemon.send_signal(stopsig)
     try:

@@ -21,6 +21,15 @@ import deploy_lib as d
 SIEVED = sys.argv[1]
 MIN_SCALE_DOWN_WINDOW_S = 300     # shorter and a burst's tail is cut (deploy/README.md)
 EXIT_MARGIN_S = 10                # SIGTERM-to-exit slack beyond the drain grace
+# The autoscaling signals (issue: prefill on its backlog in seconds, decode on KV page use and
+# running requests), as the metric or recorded-series name each trigger's query or each HPA
+# metric contains; a role scales on exactly its signals ("both" does prefill and decode).
+AUTOSCALING_SIGNALS = {"prefill backlog": "sieve_prefill_backlog_seconds",
+                       "KV pages in use": "sieve_kv_pages_in_use",
+                       "running requests": "running_requests"}
+ROLE_SIGNALS = {"prefill": {"prefill backlog"},
+                "decode": {"KV pages in use", "running requests"},
+                "both": {"prefill backlog", "KV pages in use", "running requests"}}
 
 
 def load_config(text, where, problems):
@@ -282,6 +291,12 @@ def check_autoscalers(name, by_kind, deployments, problems):
                     problems.append(f"{where}: metric {metric['name']} is not served by prometheus-adapter")
                 if m["type"] == "External" and metric["selector"]["matchLabels"].get("role") != role:
                     problems.append(f"{where}: external metric not selected by role {role}")
+        texts = ([t["metadata"]["query"] for t in a["spec"]["triggers"]] if a["kind"] == "ScaledObject"
+                 else [m[m["type"].lower()]["metric"]["name"] for m in a["spec"]["metrics"]])
+        signals = {s for s, needle in AUTOSCALING_SIGNALS.items() if any(needle in t for t in texts)}
+        if signals != ROLE_SIGNALS[role]:
+            problems.append(f"{where}: scales role {role} on {sorted(signals)}, not on "
+                            f"{sorted(ROLE_SIGNALS[role])} (deploy/README.md, Autoscaling)")
         if behavior["scaleDown"]["stabilizationWindowSeconds"] < MIN_SCALE_DOWN_WINDOW_S:
             problems.append(f"{where}: scale-down stabilisation under {MIN_SCALE_DOWN_WINDOW_S} s")
 
