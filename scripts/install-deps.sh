@@ -19,6 +19,8 @@ packages=(
   libcpp-httplib-dev         # the OpenAI-compatible HTTP API (cpp-httplib)
   python3-jinja2             # chat-template goldens (scripts/chat_template_goldens/gen_goldens.py)
   libucx-dev                 # disaggregation.transport ucx: KV pages over UCX (optional: SIEVE_UCX)
+  node-typescript            # deployment checks: tsc rejects unknown fields in Kubernetes objects
+  mmdebstrap                 # tests/deploy/dockerfile_build.py: the Dockerfile's CPU target in clean roots
 )
 
 missing=()

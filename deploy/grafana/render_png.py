@@ -2,8 +2,9 @@
 """Draws a Grafana dashboard JSON's panels as one PNG from a Prometheus, headless and without
 Grafana (Grafana is not packaged in Debian): each timeseries and heatmap panel's queries run as
 range queries over the last SECONDS and are plotted at the panel's grid position. Variables are
-set to match everything. Used for the dashboard picture in deploy/README.md
-(deploy/local/observe.sh --png). Needs python3-matplotlib.
+set to match everything. Used for the dashboard pictures in deploy/README.md
+(deploy/local/observe.sh --png). Needs python3-matplotlib. Names every panel that drew no data
+and then exits with status 1 (the picture is still written).
 
     render_png.py --prometheus http://127.0.0.1:9091 --seconds 120 --out x.png DASHBOARD.json
 """
@@ -65,6 +66,7 @@ def main():
         h = (g["h"] - pad_top) / H - 0.03
         return fig.add_axes([left, bottom, width, h])
 
+    empty = []
     for p in board["panels"]:
         g = p["gridPos"]
         if p["type"] == "row":
@@ -92,6 +94,8 @@ def main():
             ax.set_ylabel("ms" if unit == "s" else unit, fontsize=7)
             if ax.lines:
                 ax.legend(fontsize=6, loc="upper left", ncol=3)
+            else:
+                empty.append(p["title"])
         elif p["type"] == "heatmap":
             expr = p["targets"][0]["expr"]
             for k, v in subs.items():
@@ -113,10 +117,15 @@ def main():
                 ax.set_yticks(range(len(keep)))
                 ax.set_yticklabels(labels, fontsize=5)
                 ax.set_ylabel("bucket le (ms)", fontsize=7)
+            else:
+                empty.append(p["title"])
         ax.set_xlabel("seconds", fontsize=7)
         ax.grid(alpha=0.3)
     fig.savefig(args.out, dpi=80)
     print(f"render_png: wrote {args.out}")
+    if empty:
+        print(f"render_png: {len(empty)} panels without data: {empty}")
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,12 @@
 #   deploy/local/observe.sh                # start, load for 20 s, keep serving until Ctrl-C
 #   deploy/local/observe.sh --check        # ... then check every query answers, and stop
 #   deploy/local/observe.sh --duration 60 --rate 8
-#   deploy/local/observe.sh --duration 90 --png latency.png   # draw the latency dashboard, stop
+#   deploy/local/observe.sh --duration 90 --png DIR  # draw both dashboards into DIR, stop
+#   deploy/local/observe.sh --prompt-lengths 128,512,2048   # the load's prompt lengths (tokens)
 #
 # Ports (loopback): gRPC 50051, daemon metrics 9090, Prometheus 9091 (its UI: /graph, /alerts);
-# with --check also a prefill daemon (gRPC 50061, metrics 9092) and a decode daemon (50052, 9093).
+# with --check or --png also a prefill daemon (gRPC 50061, metrics 9092) and a decode daemon
+# (50052, 9093) that prefills its long prompts on it, so that the KV transfer panels fill.
 # Grafana is not packaged in Debian: point any Grafana at http://127.0.0.1:9091 and load
 # deploy/grafana/dashboards (deploy/README.md); deploy/grafana/render_png.py draws a dashboard's
 # panels from this Prometheus without Grafana.
@@ -19,14 +21,15 @@
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 build=${SIEVE_BUILD:-$repo/build}
-check=0 duration=20 rate=4 png=""
+check=0 duration=20 rate=4 png="" lengths=32,128,512
 while (($#)); do
   case $1 in
     --check) check=1 ;;
     --duration) duration=$2; shift ;;
     --rate) rate=$2; shift ;;
     --png) png=$(realpath -m "$2"); shift ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    --prompt-lengths) lengths=$2; shift ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "observe.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -35,6 +38,9 @@ for tool in "$build/server/sieved" "$build/cli/sieve" "$build/bench/sieve_loadge
   [[ -x $tool ]] || { echo "observe.sh: $tool not built (ninja -C build sieved sieve sieve_loadgen)" >&2; exit 1; }
 done
 command -v prometheus >/dev/null || { echo "observe.sh: prometheus not installed: run scripts/install-deps.sh" >&2; exit 1; }
+[[ -z $png || -d $png ]] || { echo "observe.sh: --png $png: not a folder" >&2; exit 1; }
+disaggregated=0
+[[ $check == 1 || -n $png ]] && disaggregated=1
 
 work=$(mktemp -d /tmp/sieve-observe.XXXXXX)
 pids=()
@@ -47,11 +53,11 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 cd "$repo"
-# Sparse attention with thresholds low enough that the load's prompts (32, 128 and 512 tokens)
+# Sparse attention with thresholds low enough that the load's prompts (by default 32, 128, 512 tokens)
 # use it, so that the dashboards' sparse panels have data: XAttention prefill for KV lengths
 # above 128 tokens (64-token blocks), Quest decode above 64 tokens with a 64-token budget (four
 # pages), the first layer dense in both phases. Every daemon runs them; the decode daemon of
-# --check decodes prompts whose KV it imported (their Quest bounds are rebuilt on import).
+# --check or --png decodes prompts whose KV it imported (their Quest bounds are rebuilt on import).
 sparse=(--set attention.prefill.method=xattention --set attention.prefill.sparse_min_tokens=128
         --set attention.prefill.dense_layers=1 --set attention.prefill.xattention.block_size=64
         --set attention.decode.method=quest --set attention.decode.sparse_min_tokens=64
@@ -75,10 +81,10 @@ start_sieved both 50051 9090
 sieved_pid=${pids[0]}
 
 config=deploy/prometheus/local/prometheus.yml
-if ((check)); then
-  # The check also runs the disaggregated overlay's queries (role prefill and decode, the
-  # KV transfer metrics) against real daemons of those roles: a prefill daemon and a decode
-  # daemon that prefills prompts of 64 tokens and more on it (docs/disaggregation.md).
+if ((disaggregated)); then
+  # The check and the pictures also cover the disaggregated overlay's queries (roles prefill
+  # and decode, the KV transfer metrics) with real daemons of those roles: a prefill daemon and
+  # a decode daemon that prefills prompts of 64 tokens and more on it (docs/disaggregation.md).
   start_sieved prefill 50061 9092 --set server.role=prefill
   start_sieved decode 50052 9093 --set server.role=decode \
     --set disaggregation.prefill_target=ipv4:127.0.0.1:50061 \
@@ -105,16 +111,17 @@ curl -fsS http://127.0.0.1:9091/-/ready >/dev/null || { cat "$work/prometheus.lo
 echo "observe.sh: sieved on 127.0.0.1:50051 (metrics :9090), Prometheus on http://127.0.0.1:9091"
 
 echo "observe.sh: load for ${duration} s at ${rate} requests/s"
+load_start=$(date +%s)
 load() {  # load GRPC_PORT OUT
   "$build/bench/sieve_loadgen" --target "127.0.0.1:$1" --rate "$rate" --duration "$duration" \
-    --prompt-lengths 32,128,512 --shared-prefix 32 --max-tokens 16 --drain-timeout 30 --seed 1 >"$2"
+    --prompt-lengths "$lengths" --shared-prefix 32 --max-tokens 16 --drain-timeout 30 --seed 1 >"$2"
 }
-if ((check)); then
+if ((disaggregated)); then
   load 50052 "$work/loadgen-decode.md" &
   decode_load=$!
 fi
 load 50051 "$work/loadgen.md"
-if ((check)); then
+if ((disaggregated)); then
   wait "$decode_load" || { echo "observe.sh: the load on the decode daemon failed" >&2; exit 1; }
   grep -E "^\| (requests sent|time to first token \|)" "$work/loadgen-decode.md" | sed 's/^/decode daemon: /' || true
 fi
@@ -129,8 +136,11 @@ grep -E "^\| (latency|requests sent|output tokens|time to first token \||end-to-
 sleep 3   # the last scrapes and rule evaluations
 
 if [[ -n $png ]]; then
-  /usr/bin/python3 deploy/grafana/render_png.py --prometheus http://127.0.0.1:9091 \
-    --seconds "$((duration + 20))" --out "$png" deploy/grafana/dashboards/sieve-latency.json
+  for board in latency overview; do
+    /usr/bin/python3 deploy/grafana/render_png.py --prometheus http://127.0.0.1:9091 \
+      --seconds "$(($(date +%s) - load_start + 10))" --out "$png/dashboard-$board.png" \
+      "deploy/grafana/dashboards/sieve-$board.json"
+  done
   ((check)) || exit 0
 fi
 if ((check)); then

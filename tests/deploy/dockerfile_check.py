@@ -13,10 +13,11 @@
 4. Run: the CPU runtime stage executed in a root file system made only of the files of its
    packages (those of 3, from this machine's installed copies, read-only) plus what a container
    runtime adds (/etc/hosts, /proc, /dev), chrooted in a private mount and network namespace:
-   COPY instructions fill a tmpfs /opt, ENV, WORKDIR and USER apply, ENTRYPOINT + CMD start
+   COPY instructions fill a tmpfs /opt (then read-only, as the Kubernetes base's
+   readOnlyRootFilesystem makes it), ENV, WORKDIR and USER apply, ENTRYPOINT + CMD start
    the daemon, the HEALTHCHECK command must report SERVING, a generation through the image's
-   CLI must stream text, the metrics port must answer, and STOPSIGNAL must drain the daemon to
-   exit status 0.
+   CLI must stream text, the metrics port must answer, the Kubernetes base's preStop command
+   must run in the image, and STOPSIGNAL must drain the daemon to exit status 0.
 Not covered (no container engine, no Ubuntu archive here): the RUN steps themselves (apt in a
 fresh image, the CMake build in it) and the CUDA target; deploy/README.md says so.
 
@@ -344,11 +345,23 @@ def inside(root, stages, binaries):
             else:
                 target.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(local, target / local.name)
+    # The image then runs with all of its root read-only except /tmp, as the Kubernetes base
+    # runs it (readOnlyRootFilesystem, an emptyDir at /tmp): a daemon that writes elsewhere fails.
+    sh("mount", "-o", "remount,ro", f"{root}/opt")
     env = {"HOME": "/opt/sieve"}
     for rest in instr(st, "ENV"):
         for kv in shlex.split(rest):
             k, _, v = kv.partition("=")
             env[k] = v
+    run_image(root, st, env)
+
+
+def run_image(root, st, env):
+    """Runs stage ST's image in ROOT (this process is already in a private mount and network
+    namespace with /proc and /dev in ROOT): ENTRYPOINT + CMD as USER in WORKDIR with ENV, the
+    HEALTHCHECK command until SERVING, a generation through the image's CLI, the metrics port,
+    the Kubernetes Deployment's preStop command, STOPSIGNAL to exit status 0. Exits 1 on
+    failure. Also used by dockerfile_build.py."""
     uid, _, gid = instr(st, "USER")[-1].partition(":")
     workdir = instr(st, "WORKDIR")[-1]
     # chroot into the image root, drop to USER, enter WORKDIR: all with the root's own tools.
@@ -381,6 +394,13 @@ def inside(root, stages, binaries):
         metrics = urllib.request.urlopen("http://127.0.0.1:9090/metrics", timeout=5).read().decode()
         ok &= "sieve_requests_total" in metrics
         print("metrics: sieve_requests_total", "present" if "sieve_requests_total" in metrics else "missing")
+        # The Kubernetes base's preStop hook runs in this image as the container's user.
+        import yaml
+        dep = yaml.safe_load((REPO / "deploy" / "k8s" / "base" / "deployment.yaml").read_text())
+        pre = dep["spec"]["template"]["spec"]["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+        r = subprocess.run(asuser + pre, env=env, capture_output=True, text=True, timeout=60)
+        print(f"preStop {pre}: exit status {r.returncode}")
+        ok &= r.returncode == 0
     stopsig = getattr(signal, instr(st, "STOPSIGNAL")[-1])
     daemon.send_signal(stopsig)
     try:

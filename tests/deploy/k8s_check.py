@@ -9,6 +9,7 @@ sieved), selectors against pod labels, autoscalers against their targets and rol
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,6 +21,15 @@ import deploy_lib as d
 SIEVED = sys.argv[1]
 MIN_SCALE_DOWN_WINDOW_S = 300     # shorter and a burst's tail is cut (deploy/README.md)
 EXIT_MARGIN_S = 10                # SIGTERM-to-exit slack beyond the drain grace
+# The autoscaling signals (issue: prefill on its backlog in seconds, decode on KV page use and
+# running requests), as the metric or recorded-series name each trigger's query or each HPA
+# metric contains; a role scales on exactly its signals ("both" does prefill and decode).
+AUTOSCALING_SIGNALS = {"prefill backlog": "sieve_prefill_backlog_seconds",
+                       "KV pages in use": "sieve_kv_pages_in_use",
+                       "running requests": "running_requests"}
+ROLE_SIGNALS = {"prefill": {"prefill backlog"},
+                "decode": {"KV pages in use", "running requests"},
+                "both": {"prefill backlog", "KV pages in use", "running requests"}}
 
 
 def load_config(text, where, problems):
@@ -36,6 +46,72 @@ def load_config(text, where, problems):
         problems.append(f"{where}: sieved rejects the config:\n{r.stderr}")
         return None
     return yaml.safe_load(r.stdout)
+
+
+# Where each kind's TypeScript interface lives (the same kubernetes-models packages as the
+# schemas of validate_k8s.mjs).
+TS_MODULES = {
+    "v1": "kubernetes-models/v1",
+    "apps/v1": "kubernetes-models/apps/v1",
+    "policy/v1": "kubernetes-models/policy/v1",
+    "autoscaling/v2": "kubernetes-models/autoscaling/v2",
+    "keda.sh/v1alpha1": "@kubernetes-models/keda/keda.sh/v1alpha1",
+    "monitoring.coreos.com/v1": "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1",
+}
+# A misspelt optional field deep in a pod template: the self-check object tsc must reject.
+MISSPELT = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "self-check"},
+            "spec": {"selector": {"matchLabels": {"a": "b"}},
+                     "template": {"spec": {"terminationGracePeriodSecond": 30,
+                                           "containers": [{"name": "c", "image": "i"}]}}}}
+
+
+def check_unknown_fields(items, node_modules, problems):
+    """The schemas of validate_k8s.mjs accept unknown fields, so a misspelt optional field
+    (`terminationGracePeriodSecond`) would pass them and be dropped by the API server. Here
+    each object is type-checked by TypeScript (Debian's node-typescript) against its kind's
+    interface from the same packages: an object literal with a property its type does not
+    declare is an error at any depth (excess property checking), as are wrong value types."""
+    if not shutil.which("tsc"):
+        d.fail("tsc is not installed (Debian package node-typescript): run scripts/install-deps.sh")
+    objs = [("self-check", MISSPELT)] + [(i["where"], i["object"]) for i in items]
+    imports, body, starts = {}, [], []
+    for n, (where, o) in enumerate(objs):
+        mod = TS_MODULES.get(o["apiVersion"])
+        if mod is None:
+            problems.append(f"{where}: no TypeScript interface for {o['apiVersion']} {o['kind']}")
+            continue
+        name = f"I{o['kind']}"
+        alias = f"{name}_{re.sub(r'[^A-Za-z0-9]', '_', o['apiVersion'])}"
+        imports[alias] = f'import {{ {name} as {alias} }} from "{mod}/{o["kind"]}";'
+        starts.append((len(body), n))
+        text = json.dumps(o, indent=1)
+        body += [f"export const o{n}: {alias} = {text.splitlines()[0]}"] + text.splitlines()[1:]
+        body[-1] += ";"
+    head = sorted(imports.values())
+    offset = len(head) + 1          # 1-based line numbers of tsc
+    with tempfile.TemporaryDirectory() as tmp:
+        os.symlink(node_modules, os.path.join(tmp, "node_modules"))
+        with open(os.path.join(tmp, "objects.ts"), "w") as f:
+            f.write("\n".join(head + body) + "\n")
+        r = subprocess.run(["tsc", "--noEmit", "--strict", "--skipLibCheck", "--target", "es2020",
+                            "--moduleResolution", "node", "--module", "commonjs", "objects.ts"],
+                           cwd=tmp, capture_output=True, text=True)
+    errors = {}
+    for m in re.finditer(r"^objects\.ts\((\d+),\d+\): error (TS\d+: .*)$", r.stdout, re.M):
+        line = int(m.group(1)) - offset
+        n = max((k for start, k in starts if start <= line), default=None)
+        errors.setdefault(n, []).append(m.group(2))
+    if r.returncode != 0 and not errors:
+        problems.append(f"tsc failed:\n{r.stdout}{r.stderr}")
+    if 0 not in errors:
+        problems.append("self-check: tsc accepted a Deployment with the misspelt field "
+                        "spec.template.spec.terminationGracePeriodSecond")
+    for n, errs in sorted((k, v) for k, v in errors.items() if k):
+        where, o = objs[n]
+        problems.append(f"{where}: {o['kind']} {o['metadata'].get('name')}: " + "; ".join(errs))
+    print(f"field names and types: {len(objs) - 1} objects type-checked against their kinds' "
+          f"interfaces (tsc), {len(errors) - (0 in errors)} with errors; the misspelt self-check "
+          f"object {'rejected' if 0 in errors else 'ACCEPTED'}")
 
 
 def matches(selector, labels):
@@ -236,6 +312,12 @@ def check_autoscalers(name, by_kind, deployments, problems):
                     problems.append(f"{where}: metric {metric['name']} is not served by prometheus-adapter")
                 if m["type"] == "External" and metric["selector"]["matchLabels"].get("role") != role:
                     problems.append(f"{where}: external metric not selected by role {role}")
+        texts = ([t["metadata"]["query"] for t in a["spec"]["triggers"]] if a["kind"] == "ScaledObject"
+                 else [m[m["type"].lower()]["metric"]["name"] for m in a["spec"]["metrics"]])
+        signals = {s for s, needle in AUTOSCALING_SIGNALS.items() if any(needle in t for t in texts)}
+        if signals != ROLE_SIGNALS[role]:
+            problems.append(f"{where}: scales role {role} on {sorted(signals)}, not on "
+                            f"{sorted(ROLE_SIGNALS[role])} (deploy/README.md, Autoscaling)")
         if behavior["scaleDown"]["stabilizationWindowSeconds"] < MIN_SCALE_DOWN_WINDOW_S:
             problems.append(f"{where}: scale-down stabilisation under {MIN_SCALE_DOWN_WINDOW_S} s")
 
@@ -250,7 +332,9 @@ def main():
     rendered = d.render_overlays()
     for overlay, objs in rendered.items():
         check_overlay(overlay, objs, problems)
-        items += [{"where": f"overlay {overlay}", "object": o} for o in objs]
+        # Without the check's own notes (_sieve_config): the objects as kustomize rendered them.
+        items += [{"where": f"overlay {overlay}",
+                   "object": {k: v for k, v in o.items() if not k.startswith("_sieve")}} for o in objs]
         print(f"rendered overlay {overlay}: {len(objs)} objects")
     for path in d.EXTRA_KUSTOMIZATIONS:
         objs = d.render(path)
@@ -271,6 +355,7 @@ def main():
     print(r.stdout, end="")
     if r.returncode != 0:
         problems.append(f"schema validation failed:\n{r.stderr}")
+    check_unknown_fields(items, node_modules, problems)
     d.report(problems, f"deploy_k8s: {len(d.OVERLAYS)} overlays consistent, {len(items)} objects valid")
 
 

@@ -2,7 +2,8 @@
 // packages: core kinds, KEDA, prometheus-operator), installed from tests/deploy/package-lock.json
 // by scripts/install-deps.sh. Input: a JSON file holding [{"where": ..., "object": {...}}, ...].
 // Every object must be of a known kind and valid; an unknown kind is an error, not a skip.
-// The schemas check types, required fields and enums; they do not reject unknown fields.
+// The schemas check types, required fields and enums; they do not reject unknown fields (k8s_check.py
+// type-checks the same objects with tsc against the packages' interfaces for that).
 //
 //   node tests/deploy/validate_k8s.mjs objects.json
 import { createRequire } from "node:module";
