@@ -16,7 +16,6 @@
 #
 #   bench/run_cpu_gates.sh [BUILD_DIR] > log      (THREADS, default 2; QUICK=1: 16K only;
 #                                                  SECTIONS=123, a subset such as 3)
-# Section 3 runs the engine on every hardware thread (the cpu backend's default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${1:-build}
@@ -56,7 +55,7 @@ python3 bench/make_text_prompts.py --sieve "$build/cli/sieve" --target 127.0.0.1
 kill $pid; wait $pid 2>/dev/null || true
 for n in ${lengths//,/ }; do
   "$build/bench/retrieval_fidelity" --model models/embedded \
-    --prompts "$tmp/text_$n.jsonl" --answer-in prefill \
+    --prompts "$tmp/text_$n.jsonl" --answer-in prefill --set "model.cpu_threads=$threads" \
     --policy dense --policy 'xattention:attention.prefill.method=xattention' \
     --policy 'minference:attention.prefill.method=minference' \
     --policy 'quest:attention.decode.method=quest' \

@@ -139,6 +139,10 @@ const std::vector<KeySpec>& Keys() {
                        "benchmarking real shapes such as configs/models/llama-3.1-8b without a "
                        "checkpoint)."),
       SIEVE_ENGINE_KEY(model.random_seed, IntRange(0, 1 << 30), "Seed of model.weights random."),
+      SIEVE_ENGINE_KEY(model.cpu_threads, IntRange(0, 4096),
+                       "Host threads the cpu backend's operators (linear layers, attention, "
+                       "sparse selection) split each step over; 0 uses every hardware thread. "
+                       "Not used by the cuda backend."),
       SIEVE_ENGINE_KEY(model.tokenizer_directory, Any(),
                        "Folder of tokenizer.json; empty uses model.directory (a shape-only "
                        "directory borrows one)."),

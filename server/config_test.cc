@@ -9,6 +9,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "engine/runner/model_runner.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "server/config_docs.h"
@@ -129,6 +130,17 @@ TEST(ConfigTest, TokensReloadInterval) {
       LoadConfigString("", "x.yaml", {"server.auth.reload_interval_s=-1"});
   EXPECT_THAT(std::string(negative.status().message()),
               HasSubstr("server.auth.reload_interval_s"));
+}
+
+TEST(ConfigTest, CpuThreadsKeyReachesTheRunnerOptions) {
+  EXPECT_EQ(ServerConfig().engine.model.cpu_threads, 0);
+  absl::StatusOr<ServerConfig> three = LoadConfigString("", "x.yaml", {"model.cpu_threads=3"});
+  ASSERT_TRUE(three.ok()) << three.status();
+  EXPECT_EQ(three->engine.model.cpu_threads, 3);
+  EXPECT_EQ(engine::RunnerOptionsFor(three->engine).num_threads, 3);
+  absl::StatusOr<ServerConfig> negative =
+      LoadConfigString("", "x.yaml", {"model.cpu_threads=-1"});
+  EXPECT_THAT(std::string(negative.status().message()), HasSubstr("model.cpu_threads"));
 }
 
 TEST(ConfigTest, DisaggregationCredentialKeysLoadAndClientCertNeedsItsKey) {

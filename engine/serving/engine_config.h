@@ -61,9 +61,10 @@ struct ServedModelConfig {
   // the model's own (engine/tokenizer/chat_template.h).
   std::string chat_template_file;
 
-  // Not configuration keys; for the CLI, tests and benchmarks.
   // Host threads of the cpu backend's operators; 0 = every hardware thread.
   int32_t cpu_threads = 0;
+
+  // Not configuration keys; for the CLI, tests and benchmarks.
   // Run decode steps from CUDA graphs on backends that have them (ModelRunnerOptions).
   bool cuda_graphs = true;
 
