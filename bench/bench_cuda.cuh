@@ -6,9 +6,11 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <vector>
 
 // Exits with the failing call and CUDA's message.
 #define CHECK_CUDA(expr)                                                                   \
@@ -35,6 +37,30 @@ __global__ void FillRandom(__nv_bfloat16* x, size_t n, uint64_t seed, float scal
     const float u = static_cast<float>(h >> 40) * (1.0f / 16777216.0f);
     x[i] = __float2bfloat16((2.0f * u - 1.0f) * scale);
   }
+}
+
+// Milliseconds per call of run(): the median over `iters` samples, each `burst` back-to-back calls
+// between two CUDA events on the default stream divided by `burst`, after `warmup` calls.
+template <typename Fn>
+double MedianMs(int iters, Fn run, int burst = 1, int warmup = 1) {
+  cudaEvent_t a, b;
+  CHECK_CUDA(cudaEventCreate(&a));
+  CHECK_CUDA(cudaEventCreate(&b));
+  for (int i = 0; i < warmup; ++i) run();
+  std::vector<double> ms;
+  for (int i = 0; i < iters; ++i) {
+    CHECK_CUDA(cudaEventRecord(a));
+    for (int j = 0; j < burst; ++j) run();
+    CHECK_CUDA(cudaEventRecord(b));
+    CHECK_CUDA(cudaEventSynchronize(b));
+    float t = 0;
+    CHECK_CUDA(cudaEventElapsedTime(&t, a, b));
+    ms.push_back(t / burst);
+  }
+  CHECK_CUDA(cudaEventDestroy(a));
+  CHECK_CUDA(cudaEventDestroy(b));
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
 }
 
 }  // namespace sieve::bench

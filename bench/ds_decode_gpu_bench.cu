@@ -41,26 +41,10 @@ using sieve::bench::FillRandom;
 
 constexpr int kHq = 32, kHkv = 8, kD = 128, kPage = 16, kChannels = 16, kBurst = 10;
 
+// Bursts of kBurst calls after 3 warm-up calls (bench/bench_cuda.cuh).
 template <typename Fn>
 double MedianMs(int iters, Fn run) {
-  cudaEvent_t a, b;
-  CHECK_CUDA(cudaEventCreate(&a));
-  CHECK_CUDA(cudaEventCreate(&b));
-  for (int i = 0; i < 3; ++i) run();  // warm-up
-  std::vector<double> ms;
-  for (int i = 0; i < iters; ++i) {
-    CHECK_CUDA(cudaEventRecord(a));
-    for (int j = 0; j < kBurst; ++j) run();
-    CHECK_CUDA(cudaEventRecord(b));
-    CHECK_CUDA(cudaEventSynchronize(b));
-    float t = 0;
-    CHECK_CUDA(cudaEventElapsedTime(&t, a, b));
-    ms.push_back(t / kBurst);
-  }
-  CHECK_CUDA(cudaEventDestroy(a));
-  CHECK_CUDA(cudaEventDestroy(b));
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
+  return sieve::bench::MedianMs(iters, run, kBurst, 3);
 }
 
 // The device state of one run of one DoubleSparsity variant: labels, channels, selection

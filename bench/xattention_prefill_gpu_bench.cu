@@ -58,25 +58,7 @@ using namespace sieve::kernels;  // NOLINT: a benchmark's one translation unit
 
 constexpr int kHq = 32, kHkv = 8, kD = 128, kPage = 16, kStride = 16, kBlock = 128;
 
-template <typename Fn>
-double MedianMs(int iters, Fn run) {
-  cudaEvent_t a, b;
-  CHECK_CUDA(cudaEventCreate(&a));
-  CHECK_CUDA(cudaEventCreate(&b));
-  run();  // warm-up
-  std::vector<double> ms;
-  for (int i = 0; i < iters; ++i) {
-    CHECK_CUDA(cudaEventRecord(a));
-    run();
-    CHECK_CUDA(cudaEventRecord(b));
-    CHECK_CUDA(cudaEventSynchronize(b));
-    float t = 0;
-    CHECK_CUDA(cudaEventElapsedTime(&t, a, b));
-    ms.push_back(t);
-  }
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
-}
+using sieve::bench::MedianMs;
 
 template <typename T>
 T* Upload(const std::vector<T>& h) {
