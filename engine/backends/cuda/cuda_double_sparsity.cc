@@ -348,16 +348,10 @@ absl::Status TokenDecodeAttention(CudaStream& s, const AttentionPlan& plan,
     // Unused entries: any valid slot (the kernel reads them clamped, never uses them).
     std::fill(out, host_slots + (r + 1) * stride, 0);
   }
-  std::memcpy(s.sparse_host + table_bytes, lens.data(), lens_bytes);
-  SIEVE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(s.sparse_dev, s.sparse_host, table_bytes,
-                                             cudaMemcpyHostToDevice, s.stream));
-  SIEVE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(s.sparse_dev + Align256(table_bytes),
-                                             s.sparse_host + table_bytes, lens_bytes,
-                                             cudaMemcpyHostToDevice, s.stream));
-  SIEVE_RETURN_IF_CUDA_ERROR(cudaEventRecord(s.sparse_copied, s.stream));
+  SIEVE_ASSIGN_OR_RETURN(const int32_t* dev_lens, UploadDecodeTables(s, table_bytes, lens));
   kernels::PagedDecodeTokenLists t;
   t.slots = reinterpret_cast<const int32_t*>(s.sparse_dev);
-  t.lens = reinterpret_cast<const int32_t*>(s.sparse_dev + Align256(table_bytes));
+  t.lens = dev_lens;
   t.stride = stride;
   t.heads_per_block = per_block;
   void* ws = dplan.workspace_bytes > 0 ? s.sparse_dev + ws_off : nullptr;

@@ -53,6 +53,19 @@ absl::Status EnsureSparseBuffers(CudaStream& s, size_t dev_bytes, size_t host_by
   return absl::OkStatus();
 }
 
+absl::StatusOr<const int32_t*> UploadDecodeTables(CudaStream& s, size_t table_bytes,
+                                                  const std::vector<int32_t>& lens) {
+  const size_t lens_bytes = lens.size() * sizeof(int32_t);
+  std::memcpy(s.sparse_host + table_bytes, lens.data(), lens_bytes);
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(s.sparse_dev, s.sparse_host, table_bytes,
+                                             cudaMemcpyHostToDevice, s.stream));
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(s.sparse_dev + Align256(table_bytes),
+                                             s.sparse_host + table_bytes, lens_bytes,
+                                             cudaMemcpyHostToDevice, s.stream));
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaEventRecord(s.sparse_copied, s.stream));
+  return reinterpret_cast<const int32_t*>(s.sparse_dev + Align256(table_bytes));
+}
+
 }  // namespace cuda_internal
 
 // --- Quest page bounds ---------------------------------------------------------------------------
@@ -401,16 +414,10 @@ absl::Status SparseDecodeAttention(CudaStream& s, const AttentionPlan& plan,
     // Unused entries: any valid id (the kernel reads them clamped, never uses them).
     for (int32_t i = plan.row_start[pr + 1] - plan.row_start[pr]; i < stride; ++i) *out++ = 0;
   }
-  std::memcpy(s.sparse_host + table_bytes, lens.data(), lens_bytes);
-  SIEVE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(s.sparse_dev, s.sparse_host, table_bytes,
-                                             cudaMemcpyHostToDevice, s.stream));
-  SIEVE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(s.sparse_dev + Align256(table_bytes),
-                                             s.sparse_host + table_bytes, lens_bytes,
-                                             cudaMemcpyHostToDevice, s.stream));
-  SIEVE_RETURN_IF_CUDA_ERROR(cudaEventRecord(s.sparse_copied, s.stream));
+  SIEVE_ASSIGN_OR_RETURN(const int32_t* dev_lens, UploadDecodeTables(s, table_bytes, lens));
   kernels::PagedDecodeTables t;
   t.pages = reinterpret_cast<const int32_t*>(s.sparse_dev);
-  t.lens = reinterpret_cast<const int32_t*>(s.sparse_dev + Align256(table_bytes));
+  t.lens = dev_lens;
   t.stride = stride;
   t.heads_per_block = per_block;
   void* ws = dplan.workspace_bytes > 0 ? s.sparse_dev + ws_off : nullptr;

@@ -202,6 +202,12 @@ absl::Status CopyFloatsToHost(CudaStream& s, const float* src, absl::Span<float>
 // in flight may use (cuda_sparse.cc).
 absl::Status EnsureSparseBuffers(CudaStream& s, size_t dev_bytes, size_t host_bytes);
 
+// Uploads a sparse decode step's per-row tables, already written to sparse_host[0, table_bytes),
+// and its per-row lengths `lens` to sparse_dev (lengths at Align256(table_bytes)), then records
+// sparse_copied. Returns the device lengths.
+absl::StatusOr<const int32_t*> UploadDecodeTables(CudaStream& s, size_t table_bytes,
+                                                  const std::vector<int32_t>& lens);
+
 // Sparse attention (cuda_sparse.cc): runs `plan` for the step of `s` with the dense parameters
 // `p` (page table and lengths of the step). Decode steps: plans of whole pages (Quest) through
 // compacted per-row page tables and PagedDecodeSparseRun. Other steps: plans of 128-query
@@ -211,11 +217,6 @@ absl::Status EnsureSparseBuffers(CudaStream& s, size_t dev_bytes, size_t host_by
 absl::Status SparseDecodeAttention(CudaStream& s, const AttentionPlan& plan,
                                    const kernels::PagedAttentionParams<__nv_bfloat16>& p,
                                    int num_sms);
-
-// Makes the stream's sparse scratch hold `dev_bytes` on the device and `host_bytes` of pinned
-// memory, waiting for the stream before it frees a buffer that work in flight may use
-// (cuda_sparse.cc).
-absl::Status EnsureSparseBuffers(CudaStream& s, size_t dev_bytes, size_t host_bytes);
 
 // Decode plans with single columns (DoubleSparsity's; cuda_double_sparsity.cc): each row's pages'
 // tokens and columns as a list of KV slots, uploaded, then PagedDecodeTokenRun.
