@@ -22,6 +22,7 @@
 #include "engine/backends/attention_plan.h"
 #include "engine/backends/backend.h"
 #include "engine/backends/cuda/cuda_backend.h"
+#include "engine/backends/cuda/cuda_test_util.h"
 #include "engine/model/rope.h"
 #include "engine/model/safetensors.h"
 #include "engine/status_macros.h"
@@ -32,51 +33,13 @@
 namespace sieve::engine {
 namespace {
 
+using cuda_test::RandomTensor;
+using cuda_test::Seed;
+using cuda_test::StepLayout;
+
 namespace mi = kernels::minference;
 
 constexpr int32_t kHq = 8, kHkv = 2, kD = 128, kPage = 16, kPages = 160;
-
-uint64_t Seed() {
-  const char* env = std::getenv("SIEVE_TEST_SEED");
-  return env ? std::strtoull(env, nullptr, 10) : 20261205ull;
-}
-
-// A device tensor holding `rows` x `cols` random values (through UploadWeight).
-absl::StatusOr<Tensor> RandomTensor(Backend& b, int64_t rows, int64_t cols, std::mt19937_64& rng) {
-  std::vector<float> host(rows * cols);
-  std::uniform_real_distribution<float> u(-1.7f, 1.7f);
-  for (float& x : host) x = u(rng);
-  TensorView v;
-  v.name = "random";
-  v.dtype = DType::kF32;
-  v.shape = {rows, cols};
-  v.bytes = absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(host.data()),
-                                host.size() * sizeof(float));
-  return b.UploadWeight({v}, cols);
-}
-
-// Layout of one step: sequence s writes positions [first[s], first[s] + count[s]).
-BatchLayout Layout(const std::vector<std::vector<int32_t>>& pages, const std::vector<int>& first,
-                   const std::vector<int>& count) {
-  BatchLayout l;
-  l.page_table_stride = 0;
-  for (const auto& p : pages) {
-    l.page_table_stride = std::max<int32_t>(l.page_table_stride, p.size());
-  }
-  l.query_start.push_back(0);
-  for (size_t s = 0; s < pages.size(); ++s) {
-    for (int t = first[s]; t < first[s] + count[s]; ++t) {
-      l.positions.push_back(t);
-      l.slots.push_back(int64_t{pages[s][t / kPage]} * kPage + t % kPage);
-    }
-    l.query_start.push_back(l.query_start.back() + count[s]);
-    l.kv_lens.push_back(first[s] + count[s]);
-    std::vector<int32_t> row = pages[s];
-    row.resize(l.page_table_stride, pages[s].front());
-    l.page_table.insert(l.page_table.end(), row.begin(), row.end());
-  }
-  return l;
-}
 
 // Every sequence's MInference index for `patterns`, joined into one step plan.
 absl::StatusOr<AttentionPlan> StepPlan(CudaBackend& cuda, BackendStream& stream, const Tensor& q,
@@ -200,7 +163,7 @@ TEST(CudaMInferenceTest, ChunkedPrefillPlansRunAndMatchTheReference) {
   for (const auto& [first, count] : std::vector<std::pair<std::vector<int>, std::vector<int>>>{
            {{0, 0, 0}, {640, 500, 200}}, {{640, 500, 200}, {640, 400, 133}}}) {
     const std::string step = "chunk at " + std::to_string(first[0]);
-    const BatchLayout l = Layout(pages, first, count);
+    const BatchLayout l = StepLayout(pages, first, count, kPage);
     ASSERT_TRUE(cuda.BeginStep(**stream, l).ok());
     auto qkv = RandomTensor(cuda, l.num_tokens(), (kHq + 2 * kHkv) * kD, rng);
     ASSERT_TRUE(qkv.ok());
@@ -221,7 +184,7 @@ TEST(CudaMInferenceTest, ChunkedPrefillPlansRunAndMatchTheReference) {
     ExpectAttentionMatches(cuda, **stream, *q, l, shape, dense, step + ", dense");
   }
   // Block-sparse heads have no GPU estimator: a clear error, not a crash.
-  const BatchLayout l = Layout(pages, {0, 0, 0}, {64, 64, 64});
+  const BatchLayout l = StepLayout(pages, {0, 0, 0}, {64, 64, 64}, kPage);
   ASSERT_TRUE(cuda.BeginStep(**stream, l).ok());
   auto q = cuda.Allocate(l.num_tokens(), kHq * kD);
   ASSERT_TRUE(q.ok());

@@ -22,6 +22,7 @@
 #include "engine/backends/attention_plan.h"
 #include "engine/backends/backend.h"
 #include "engine/backends/cuda/cuda_backend.h"
+#include "engine/backends/cuda/cuda_test_util.h"
 #include "engine/model/rope.h"
 #include "engine/model/safetensors.h"
 #include "engine/status_macros.h"
@@ -32,12 +33,11 @@
 namespace sieve::engine {
 namespace {
 
-constexpr int32_t kHq = 8, kHkv = 2, kD = 128, kPage = 16, kPages = 96;
+using cuda_test::RandomTensor;
+using cuda_test::Seed;
+using cuda_test::StepLayout;
 
-uint64_t Seed() {
-  const char* env = std::getenv("SIEVE_TEST_SEED");
-  return env ? std::strtoull(env, nullptr, 10) : 20261205ull;
-}
+constexpr int32_t kHq = 8, kHkv = 2, kD = 128, kPage = 16, kPages = 96;
 
 struct Fixture {
   std::unique_ptr<CudaBackend> cuda;
@@ -46,41 +46,6 @@ struct Fixture {
   AttentionShape shape{kHq, kHkv, kD};
   std::mt19937_64 rng{Seed()};
 };
-
-// A device tensor holding `rows` x `cols` random values (through UploadWeight).
-absl::StatusOr<Tensor> RandomTensor(Backend& b, int64_t rows, int64_t cols, std::mt19937_64& rng) {
-  std::vector<float> host(rows * cols);
-  std::uniform_real_distribution<float> u(-1.7f, 1.7f);
-  for (float& x : host) x = u(rng);
-  TensorView v;
-  v.name = "random";
-  v.dtype = DType::kF32;
-  v.shape = {rows, cols};
-  v.bytes = absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(host.data()),
-                                host.size() * sizeof(float));
-  return b.UploadWeight({v}, cols);
-}
-
-// Layout of one step: sequence s writes positions [first[s], first[s] + count[s]).
-BatchLayout Layout(const std::vector<std::vector<int32_t>>& pages, const std::vector<int>& first,
-                   const std::vector<int>& count) {
-  BatchLayout l;
-  l.page_table_stride = 0;
-  for (const auto& p : pages) l.page_table_stride = std::max<int32_t>(l.page_table_stride, p.size());
-  l.query_start.push_back(0);
-  for (size_t s = 0; s < pages.size(); ++s) {
-    for (int t = first[s]; t < first[s] + count[s]; ++t) {
-      l.positions.push_back(t);
-      l.slots.push_back(int64_t{pages[s][t / kPage]} * kPage + t % kPage);
-    }
-    l.query_start.push_back(l.query_start.back() + count[s]);
-    l.kv_lens.push_back(first[s] + count[s]);
-    std::vector<int32_t> row = pages[s];
-    row.resize(l.page_table_stride, pages[s].front());
-    l.page_table.insert(l.page_table.end(), row.begin(), row.end());
-  }
-  return l;
-}
 
 // Writes a step's K/V (and page bounds) and returns its rotated queries [tokens, Hq * D].
 absl::StatusOr<Tensor> Step(Fixture& f, const BatchLayout& l) {
@@ -144,12 +109,12 @@ TEST_P(CudaQuestTest, PlanAndAttentionMatchTheReference) {
   }
   for (const auto& [first, count] : std::vector<std::pair<std::vector<int>, std::vector<int>>>{
            {{0, 0, 0}, {301, 170, 60}}, {{301, 170, 60}, {225, 127, 27}}}) {
-    const BatchLayout l = Layout(pages, first, count);
+    const BatchLayout l = StepLayout(pages, first, count, kPage);
     ASSERT_TRUE(Step(f, l).ok());
   }
   for (int t = 0; t < 4; ++t) {
     const std::vector<int> first = {526 + t, 297 + t, 87 + t};
-    const BatchLayout l = Layout(pages, first, {1, 1, 1});
+    const BatchLayout l = StepLayout(pages, first, {1, 1, 1}, kPage);
     auto q = Step(f, l);
     ASSERT_TRUE(q.ok()) << q.status();
     // Budget of 8 pages; the third sequence asks for dense (every one of its pages).

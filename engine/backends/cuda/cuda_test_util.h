@@ -1,0 +1,67 @@
+// What the CUDA backend's sparse-attention GPU tests (cuda_*_gpu_test.cc) share: the test seed,
+// random device tensors and one step's batch layout. Header-only, tests only.
+#ifndef SIEVE_ENGINE_BACKENDS_CUDA_CUDA_TEST_UTIL_H_
+#define SIEVE_ENGINE_BACKENDS_CUDA_CUDA_TEST_UTIL_H_
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "engine/backends/backend.h"
+#include "engine/model/safetensors.h"
+
+namespace sieve::engine::cuda_test {
+
+// SIEVE_TEST_SEED, or a fixed default.
+inline uint64_t Seed() {
+  const char* env = std::getenv("SIEVE_TEST_SEED");
+  return env ? std::strtoull(env, nullptr, 10) : 20261205ull;
+}
+
+// A device tensor holding `rows` x `cols` random values (through UploadWeight).
+inline absl::StatusOr<Tensor> RandomTensor(Backend& b, int64_t rows, int64_t cols,
+                                           std::mt19937_64& rng) {
+  std::vector<float> host(rows * cols);
+  std::uniform_real_distribution<float> u(-1.7f, 1.7f);
+  for (float& x : host) x = u(rng);
+  TensorView v;
+  v.name = "random";
+  v.dtype = DType::kF32;
+  v.shape = {rows, cols};
+  v.bytes = absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(host.data()),
+                                host.size() * sizeof(float));
+  return b.UploadWeight({v}, cols);
+}
+
+// Layout of one step: sequence s, over pages[s] of `page` tokens, writes positions
+// [first[s], first[s] + count[s]).
+inline BatchLayout StepLayout(const std::vector<std::vector<int32_t>>& pages,
+                              const std::vector<int>& first, const std::vector<int>& count,
+                              int page) {
+  BatchLayout l;
+  l.page_table_stride = 0;
+  for (const auto& p : pages) {
+    l.page_table_stride = std::max<int32_t>(l.page_table_stride, p.size());
+  }
+  l.query_start.push_back(0);
+  for (size_t s = 0; s < pages.size(); ++s) {
+    for (int t = first[s]; t < first[s] + count[s]; ++t) {
+      l.positions.push_back(t);
+      l.slots.push_back(int64_t{pages[s][t / page]} * page + t % page);
+    }
+    l.query_start.push_back(l.query_start.back() + count[s]);
+    l.kv_lens.push_back(first[s] + count[s]);
+    std::vector<int32_t> row = pages[s];
+    row.resize(l.page_table_stride, pages[s].front());
+    l.page_table.insert(l.page_table.end(), row.begin(), row.end());
+  }
+  return l;
+}
+
+}  // namespace sieve::engine::cuda_test
+
+#endif  // SIEVE_ENGINE_BACKENDS_CUDA_CUDA_TEST_UTIL_H_
