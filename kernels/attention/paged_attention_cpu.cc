@@ -428,7 +428,9 @@ void AccumulatePVR(const float* const* p, const float* const* v, int n, int d, f
   if (i < d) {  // the rest of the head dimension, two rows at a time
     std::vector<const float*> tail(v, v + n);
     for (const float*& t : tail) t += i;
-    for (int r = 0; r < R; r += 2) AccumulatePV2(p[r], p[r + 1], tail.data(), n, d - i, o[r] + i, o[r + 1] + i);
+    for (int r = 0; r < R; r += 2) {
+      AccumulatePV2(p[r], p[r + 1], tail.data(), n, d - i, o[r] + i, o[r + 1] + i);
+    }
   }
 }
 
