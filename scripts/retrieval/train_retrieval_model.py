@@ -71,6 +71,9 @@ def parse_args():
     ap.add_argument("--gate-accuracy", type=float, default=0.5,
                     help="a stage below this running accuracy may overrun its time, up to 2x")
     ap.add_argument("--min-stage-steps", type=int, default=150)
+    ap.add_argument("--single-question-prob", type=float, default=0.0,
+                    help="share of training batches with one question at the end (the form of "
+                         "make_prompt.py's prompts and of the final evaluation)")
     ap.add_argument("--max-key-tokens", type=int, default=3)
     ap.add_argument("--question-every", type=int, default=128,
                     help="training samples ask one question per this many tokens (up to 8)")
@@ -268,6 +271,8 @@ def main():
                 T = random.choice(args.lengths[:si])
             batch_size = max(1, min(args.max_batch, args.tokens_per_step // T))
             facts_max, questions = task.shape_for(T)
+            if random.random() < args.single_question_prob:
+                questions = 1  # the form the engine's prompts take: one question at the end
             facts = random.randint(questions + 1, facts_max)
             batch = task.sample(batch_size, T, facts, questions, gen)
             lr = lr_at(args, step, (time.time() - train_start) / train_time)
