@@ -13,7 +13,7 @@
 # There, from the repository root:
 #   bench/run_daemon_gpu.sh [PACK_DIR]
 # Settings (environment): CONFIG, LENGTHS ("8192:1.0 32768:0.25" = length:rate pairs),
-# DURATION (seconds of Poisson arrivals per length), MAX_TOKENS, UNLOADED (requests run one at
+# DURATION (seconds of Poisson arrivals per length; 0: none), MAX_TOKENS, UNLOADED (requests run one at
 # a time per length), SIEVED_ARGS (more sieved flags, e.g. "--set pools.decode_priority=normal").
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -59,6 +59,7 @@ for pair in $lengths; do
   "$pack/bin/sieve_loadgen" --target "$target" --prompt-lengths "$len" --requests "$unloaded" \
     --duration 0 --concurrency 1 --rate 1000 --max-tokens "$max_tokens" --seed 7 \
     --json "$out/unloaded-$len.json" | tee "$out/unloaded-$len.md" || status=1
+  [[ $duration == 0 ]] && continue  # DURATION=0: unloaded requests only
   echo "== $len tokens: Poisson arrivals at $rate/s for $duration s"
   "$pack/bin/sieve_loadgen" --target "$target" --prompt-lengths "$len" --rate "$rate" \
     --duration "$duration" --max-tokens "$max_tokens" --seed 11 \

@@ -275,6 +275,8 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(const CudaBacke
   SIEVE_RETURN_IF_CUDA_ERROR(cudaSetDevice(options.device));
   SIEVE_RETURN_IF_CUDA_ERROR(
       cudaDeviceGetAttribute(&b->num_sms_, cudaDevAttrMultiProcessorCount, options.device));
+  SIEVE_RETURN_IF_CUDA_ERROR(
+      cudaDeviceGetAttribute(&b->cc_major_, cudaDevAttrComputeCapabilityMajor, options.device));
   return b;
 }
 

@@ -196,6 +196,7 @@ class CudaBackend final : public Backend {
 
   CudaBackendOptions options_;
   int num_sms_ = 0;
+  int cc_major_ = 0;  // compute capability major (9: Hopper, whose wgmma kernels may run)
   std::vector<void*> buffers_;  // every weight and activation buffer (cudaMalloc)
   // KV cache: layer l's K pool at kv_ + 2 * l * layer_elems_, its V pool right after (bf16).
   void* kv_ = nullptr;

@@ -247,18 +247,21 @@ absl::Status CudaBackend::XAttentionBlockMass(BackendStream& stream, int32_t lay
   // The one-sweep estimate (each GEMM tile once) when its workspace (num_q_heads x query groups
   // x (key blocks + 1) floats: 67 MB for 32 heads at 32K tokens, 1 GB at 128K unchunked) stays
   // under kOneSweepWorkspaceCap; otherwise the two-sweep kernel, which needs none.
-  // kOneSweepVerified: the one-sweep kernel compiles but has not run on a GPU yet (2026-12-05);
-  // the engine keeps the two-sweep estimate, checked on an H100, until kernels_xattention_gpu_test
-  // has passed its one-sweep cases on a device.
-  constexpr bool kOneSweepVerified = false;
+  // The one-sweep kernels passed kernels_xattention_gpu_test and agreed with the two-sweep
+  // estimate to 1.5e-5 in xattention_prefill_gpu_bench on an H100 (2026-12-06), where the wgmma
+  // one sweep took 30 ms at 128K against the two sweeps' 74 ms (bench/results/
+  // 2026-12-06-sparse-gpu-h100.md): on Hopper the wgmma kernel, elsewhere the mma.sync one.
   constexpr size_t kOneSweepWorkspaceCap = size_t{256} << 20;
   const size_t ws = kernels::XAttentionGpuWorkspaceBytes(p);
   const size_t ws_off = Align256(n * sizeof(float));
-  const bool one_sweep = kOneSweepVerified && ws > 0 && ws <= kOneSweepWorkspaceCap;
+  const bool one_sweep = ws > 0 && ws <= kOneSweepWorkspaceCap;
   SIEVE_RETURN_IF_ERROR(
       EnsureSparseBuffers(s, one_sweep ? ws_off + ws : n * sizeof(float), n * sizeof(float)));
   float* dev = reinterpret_cast<float*>(s.sparse_dev);
-  if (one_sweep) p.workspace = reinterpret_cast<float*>(s.sparse_dev + ws_off);
+  if (one_sweep) {
+    p.workspace = reinterpret_cast<float*>(s.sparse_dev + ws_off);
+    p.wgmma = cc_major_ == 9;
+  }
   SIEVE_RETURN_IF_CUDA_ERROR(kernels::XAttentionBlockMassGpu(p, dev, s.stream));
   SIEVE_RETURN_IF_CUDA_ERROR(
       cudaMemcpyAsync(s.sparse_host, dev, n * sizeof(float), cudaMemcpyDeviceToHost, s.stream));
