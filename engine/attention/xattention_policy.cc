@@ -68,8 +68,6 @@ absl::Status XAttentionPolicy::PlanSequence(const AttentionStep& step, int32_t s
   const XAttentionConfig& x = config().xattention;
   const BatchLayout& l = *step.layout;
   XAttentionEstimate estimate{.seq = seq, .stride = x.stride, .block_size = x.block_size};
-  SIEVE_RETURN_IF_ERROR(step.backend->XAttentionBlockMass(*step.stream, step.layer, step.q,
-                                                          step.shape, estimate, mass_));
   const int32_t B = x.block_size;
   const int32_t kv_len = l.kv_lens[seq];
   const int32_t q_len = l.query_start[seq + 1] - l.query_start[seq];
@@ -77,10 +75,30 @@ absl::Status XAttentionPolicy::PlanSequence(const AttentionStep& step, int32_t s
   const int32_t m0 = first / B, q_blocks = (kv_len - 1) / B - m0 + 1;
   const int32_t k_blocks = (kv_len + B - 1) / B;
   const int32_t heads = step.shape.num_q_heads;
-  if (static_cast<int64_t>(mass_.size()) != int64_t{heads} * q_blocks * k_blocks) {
-    return absl::InternalError(absl::StrCat("xattention: the estimator returned ", mass_.size(),
-                                            " block masses, want ", heads, " x ", q_blocks,
-                                            " x ", k_blocks));
+  // The selection on the device where the backend has it (the same sets: the device applies
+  // XAttentionSelectBlocks' rule to the same masses), else the masses and the host selection.
+  thresholds_row_.resize(heads);
+  for (int32_t h = 0; h < heads; ++h) thresholds_row_[h] = Threshold(step.layer, h);
+  absl::Status device = step.backend->XAttentionSelect(*step.stream, step.layer, step.q,
+                                                       step.shape, estimate, thresholds_row_,
+                                                       device_rows_, device_blocks_);
+  const bool on_device = device.ok();
+  if (on_device) {
+    if (static_cast<int64_t>(device_rows_.size()) != int64_t{q_blocks} * heads + 1) {
+      return absl::InternalError(absl::StrCat("xattention: the device selection returned ",
+                                              device_rows_.size() - 1, " rows, want ", heads,
+                                              " x ", q_blocks));
+    }
+  } else if (device.code() != absl::StatusCode::kUnimplemented) {
+    return device;
+  } else {
+    SIEVE_RETURN_IF_ERROR(step.backend->XAttentionBlockMass(*step.stream, step.layer, step.q,
+                                                            step.shape, estimate, mass_));
+    if (static_cast<int64_t>(mass_.size()) != int64_t{heads} * q_blocks * k_blocks) {
+      return absl::InternalError(absl::StrCat("xattention: the estimator returned ",
+                                              mass_.size(), " block masses, want ", heads, " x ",
+                                              q_blocks, " x ", k_blocks));
+    }
   }
   for (int32_t j = 0; j * B < q_len; ++j) {
     // The absolute query blocks plan row j's queries fall in.
@@ -90,6 +108,12 @@ absl::Status XAttentionPolicy::PlanSequence(const AttentionStep& step, int32_t s
       const double tau = Threshold(step.layer, h);
       merged_.clear();
       for (int32_t m = lo; m <= hi; ++m) {
+        if (on_device) {
+          const int64_t r = int64_t{m - m0} * heads + h;
+          merged_.insert(merged_.end(), device_blocks_.begin() + device_rows_[r],
+                         device_blocks_.begin() + device_rows_[r + 1]);
+          continue;
+        }
         const float* mass = mass_.data() + (int64_t{h} * q_blocks + (m - m0)) * k_blocks;
         row_.assign(mass, mass + m + 1);
         kernels::XAttentionSelectBlocks(row_.data(), m, tau, selected_, order_);

@@ -58,6 +58,9 @@ class XAttentionPolicy final : public SparsePrefillPolicy {
   std::vector<float> mass_;
   std::vector<double> row_;
   std::vector<int32_t> selected_, order_, merged_;
+  // The device selection (Backend::XAttentionSelect): per-head thresholds, row starts, blocks.
+  std::vector<double> thresholds_row_;
+  std::vector<int32_t> device_rows_, device_blocks_;
 };
 
 // Makes the policy, reading config.xattention.threshold_file if set (errors name the key).

@@ -258,6 +258,19 @@ class Backend {
                                            const XAttentionEstimate& estimate,
                                            std::vector<float>& mass);
 
+  // XAttention's block selection where the backend has it on the device: the estimate of
+  // XAttentionBlockMass, then for every row (absolute query block m0 + mi, query head h) the key
+  // blocks kernels::XAttentionSelectBlocks would select from those masses with threshold
+  // thresholds[h] (one entry: every head), increasing. Rows in order mi * Hq + h: row_start
+  // [q_blocks * Hq + 1] (prefix sums), blocks [row_start.back()]. Unimplemented where the
+  // backend has no device selection (the caller selects on the host from XAttentionBlockMass).
+  virtual absl::Status XAttentionSelect(BackendStream& stream, int32_t layer, const Tensor& q,
+                                        const AttentionShape& shape,
+                                        const XAttentionEstimate& estimate,
+                                        absl::Span<const double> thresholds,
+                                        std::vector<int32_t>& row_start,
+                                        std::vector<int32_t>& blocks);
+
   // MInference's index (kernels/sparse/minference.h) of sequence estimate.seq of the step: its
   // queries q (the step's rotated queries [num_tokens, Hq * D]) scored against layer `layer`'s
   // cached keys [0, kv_len) with softmax scale 1/sqrt(D); `out` gets that sequence's rows (query
@@ -451,6 +464,14 @@ inline absl::Status Backend::XAttentionBlockMass(BackendStream&, int32_t, const 
                                                  const XAttentionEstimate&, std::vector<float>&) {
   return absl::UnimplementedError(
       absl::StrCat("the ", std::string(name()), " backend has no XAttention estimator"));
+}
+
+inline absl::Status Backend::XAttentionSelect(BackendStream&, int32_t, const Tensor&,
+                                              const AttentionShape&, const XAttentionEstimate&,
+                                              absl::Span<const double>, std::vector<int32_t>&,
+                                              std::vector<int32_t>&) {
+  return absl::UnimplementedError(
+      absl::StrCat("the ", std::string(name()), " backend has no device XAttention selection"));
 }
 
 inline absl::Status Backend::MInferenceIndex(BackendStream&, int32_t, const Tensor&,

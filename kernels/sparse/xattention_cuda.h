@@ -78,6 +78,9 @@ cudaError_t XAttentionBlockMassGpu(const XAttentionGpuParams& p, float* mass,
 // while the selected mass is below threshold * the row's total, sums in fp64 in the host's order,
 // so the selected sets are identical to the host's on the same masses. One thread block per row:
 // a bitonic sort of the row's (mass, index) keys in shared memory, one thread's running sum.
+// The most key blocks a row of XAttentionSelectGpu may have (its shared-memory sort).
+inline constexpr int kXAttentionMaxSelectKeyBlocks = 16384;
+
 struct XAttentionSelectGpuParams {
   int32_t num_q_heads = 0;
   int32_t first_query_block = 0;  // m0

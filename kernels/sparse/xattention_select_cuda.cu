@@ -18,7 +18,8 @@ namespace sieve::kernels {
 namespace {
 
 constexpr int kSelectThreads = 128;
-constexpr int kMaxSelectKeyBlocks = 16384;  // 128 KB of keys + 64 KB of masses + 16 KB of flags
+// 128 KB of keys + 64 KB of masses + 16 KB of flags in shared memory.
+constexpr int kMaxSelectKeyBlocks = kXAttentionMaxSelectKeyBlocks;
 
 int PowerOfTwoAtLeast(int n) {
   int p = 1;

@@ -125,6 +125,14 @@ class CudaBackend final : public Backend {
   absl::Status XAttentionBlockMass(BackendStream& stream, int32_t layer, const Tensor& q,
                                    const AttentionShape& shape, const XAttentionEstimate& estimate,
                                    std::vector<float>& mass) override;
+  // The same estimate, then the threshold selection and the compact index on the device
+  // (XAttentionSelectGpu, XAttentionBuildIndexGpu); only the row starts and the listed blocks are
+  // copied back (waits for the stream).
+  absl::Status XAttentionSelect(BackendStream& stream, int32_t layer, const Tensor& q,
+                                const AttentionShape& shape, const XAttentionEstimate& estimate,
+                                absl::Span<const double> thresholds,
+                                std::vector<int32_t>& row_start,
+                                std::vector<int32_t>& blocks) override;
   // MInference's index (cuda_minference.cc): the vertical-slash scores on the device
   // (kernels/sparse/minference_cuda.h), copied back (waits for the stream); selection and the
   // plan on the host (BuildPlanFromScores). Block-sparse heads are Unimplemented.
@@ -193,6 +201,13 @@ class CudaBackend final : public Backend {
   explicit CudaBackend(const CudaBackendOptions& options) : options_(options) {}
   absl::StatusOr<void*> DeviceAlloc(size_t bytes);
   void PlanAttention(CudaStream& s, int32_t num_seqs, int32_t plan_kv_len);
+  // XAttention's block masses of estimate.seq left on the device at s.sparse_dev (returns their
+  // count n); the sparse buffers then hold `extra_dev` more bytes after the masses (256-aligned)
+  // and at least max(host_bytes, n floats) of pinned memory.
+  absl::StatusOr<int64_t> XAttentionMassOnDevice(CudaStream& s, int32_t layer, const Tensor& q,
+                                                 const AttentionShape& a,
+                                                 const XAttentionEstimate& e, size_t extra_dev,
+                                                 size_t host_bytes);
 
   CudaBackendOptions options_;
   int num_sms_ = 0;

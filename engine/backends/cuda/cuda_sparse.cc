@@ -207,11 +207,16 @@ absl::Status CudaBackend::PlanQuestPages(BackendStream& stream, int32_t layer, c
 
 // --- XAttention estimator -----------------------------------------------------------------------
 
-absl::Status CudaBackend::XAttentionBlockMass(BackendStream& stream, int32_t layer,
-                                              const Tensor& q, const AttentionShape& a,
-                                              const XAttentionEstimate& e,
-                                              std::vector<float>& mass) {
-  CudaStream& s = Cuda(stream);
+namespace {
+// Where the bytes after XAttentionMassOnDevice's n masses start in sparse_dev.
+size_t XAttentionExtraOffset(int64_t n) { return Align256(n * sizeof(float)); }
+}  // namespace
+
+absl::StatusOr<int64_t> CudaBackend::XAttentionMassOnDevice(CudaStream& s, int32_t layer,
+                                                            const Tensor& q,
+                                                            const AttentionShape& a,
+                                                            const XAttentionEstimate& e,
+                                                            size_t extra_dev, size_t host_bytes) {
   if (s.layout == nullptr) return absl::InternalError("cuda backend: operator before BeginStep");
   const BatchLayout& l = *s.layout;
   if (e.seq < 0 || e.seq >= l.num_seqs() || layer < 0 || layer >= num_layers_) {
@@ -243,7 +248,7 @@ absl::Status CudaBackend::XAttentionBlockMass(BackendStream& stream, int32_t lay
   const int64_t m0 = (p.kv_len - p.q_len) / p.block_size;
   const int64_t q_blocks = (p.kv_len - 1) / p.block_size - m0 + 1;
   const int64_t k_blocks = (p.kv_len + p.block_size - 1) / p.block_size;
-  const size_t n = static_cast<size_t>(a.num_q_heads * q_blocks * k_blocks);
+  const int64_t n = a.num_q_heads * q_blocks * k_blocks;
   // The one-sweep estimate (each GEMM tile once) when its workspace (num_q_heads x query groups
   // x (key blocks + 1) floats: 67 MB for 32 heads at 32K tokens, 1 GB at 128K unchunked) stays
   // under kOneSweepWorkspaceCap; otherwise the two-sweep kernel, which needs none.
@@ -253,21 +258,116 @@ absl::Status CudaBackend::XAttentionBlockMass(BackendStream& stream, int32_t lay
   // 2026-12-06-sparse-gpu-h100.md): on Hopper the wgmma kernel, elsewhere the mma.sync one.
   constexpr size_t kOneSweepWorkspaceCap = size_t{256} << 20;
   const size_t ws = kernels::XAttentionGpuWorkspaceBytes(p);
-  const size_t ws_off = Align256(n * sizeof(float));
   const bool one_sweep = ws > 0 && ws <= kOneSweepWorkspaceCap;
-  SIEVE_RETURN_IF_ERROR(
-      EnsureSparseBuffers(s, one_sweep ? ws_off + ws : n * sizeof(float), n * sizeof(float)));
-  float* dev = reinterpret_cast<float*>(s.sparse_dev);
+  // The masses, then one region that holds the workspace during the estimate and the caller's
+  // `extra_dev` bytes after it (the same stream orders the two uses).
+  const size_t region = std::max(one_sweep ? ws : 0, extra_dev);
+  SIEVE_RETURN_IF_ERROR(EnsureSparseBuffers(s, XAttentionExtraOffset(n) + region,
+                                            std::max(host_bytes, n * sizeof(float))));
   if (one_sweep) {
-    p.workspace = reinterpret_cast<float*>(s.sparse_dev + ws_off);
+    p.workspace = reinterpret_cast<float*>(s.sparse_dev + XAttentionExtraOffset(n));
     p.wgmma = cc_major_ == 9;
   }
-  SIEVE_RETURN_IF_CUDA_ERROR(kernels::XAttentionBlockMassGpu(p, dev, s.stream));
   SIEVE_RETURN_IF_CUDA_ERROR(
-      cudaMemcpyAsync(s.sparse_host, dev, n * sizeof(float), cudaMemcpyDeviceToHost, s.stream));
+      kernels::XAttentionBlockMassGpu(p, reinterpret_cast<float*>(s.sparse_dev), s.stream));
+  return n;
+}
+
+absl::Status CudaBackend::XAttentionBlockMass(BackendStream& stream, int32_t layer,
+                                              const Tensor& q, const AttentionShape& a,
+                                              const XAttentionEstimate& e,
+                                              std::vector<float>& mass) {
+  CudaStream& s = Cuda(stream);
+  // The masses copied back into the pinned buffer (which XAttentionMassOnDevice sized for them).
+  SIEVE_ASSIGN_OR_RETURN(const int64_t n, XAttentionMassOnDevice(s, layer, q, a, e, 0, 0));
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(s.sparse_host, s.sparse_dev, n * sizeof(float),
+                                             cudaMemcpyDeviceToHost, s.stream));
   SIEVE_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(s.stream));
   mass.resize(n);
   std::memcpy(mass.data(), s.sparse_host, n * sizeof(float));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::XAttentionSelect(BackendStream& stream, int32_t layer, const Tensor& q,
+                                           const AttentionShape& a, const XAttentionEstimate& e,
+                                           absl::Span<const double> thresholds,
+                                           std::vector<int32_t>& row_start,
+                                           std::vector<int32_t>& blocks) {
+  CudaStream& s = Cuda(stream);
+  if (s.layout == nullptr) return absl::InternalError("cuda backend: operator before BeginStep");
+  if (thresholds.size() != 1 && static_cast<int32_t>(thresholds.size()) != a.num_q_heads) {
+    return absl::InvalidArgumentError(absl::StrCat("cuda backend: XAttentionSelect takes 1 or ",
+                                                   a.num_q_heads, " thresholds, got ",
+                                                   thresholds.size()));
+  }
+  const BatchLayout& l = *s.layout;
+  if (e.seq < 0 || e.seq >= l.num_seqs() || e.block_size <= 0) {
+    return absl::InternalError("cuda backend: bad XAttention selection");
+  }
+  const int32_t kv_len = l.kv_lens[e.seq];
+  const int32_t q_len = l.query_start[e.seq + 1] - l.query_start[e.seq];
+  kernels::XAttentionSelectGpuParams sp;
+  sp.num_q_heads = a.num_q_heads;
+  sp.first_query_block = (kv_len - q_len) / e.block_size;
+  sp.q_blocks = (kv_len - 1) / e.block_size - sp.first_query_block + 1;
+  sp.k_blocks = (kv_len + e.block_size - 1) / e.block_size;
+  sp.threshold = thresholds[0];
+  if (sp.k_blocks > kernels::kXAttentionMaxSelectKeyBlocks) {
+    return absl::UnimplementedError(absl::StrCat(
+        "cuda backend: the device XAttention selection takes up to ",
+        kernels::kXAttentionMaxSelectKeyBlocks, " key blocks, got ", sp.k_blocks));
+  }
+  const bool per_head = thresholds.size() > 1 &&
+                        std::any_of(thresholds.begin(), thresholds.end(),
+                                    [&](double t) { return t != thresholds[0]; });
+  // After the masses: count [rows], blocks [n], row_start [rows + 1], key_blocks [n], then the
+  // per-head thresholds.
+  const int64_t rows = int64_t{sp.q_blocks} * sp.num_q_heads;
+  const int64_t n = rows * sp.k_blocks;
+  const size_t off_blocks = Align256(rows * sizeof(int32_t));
+  const size_t off_rs = off_blocks + Align256(n * sizeof(int32_t));
+  const size_t off_kb = off_rs + Align256((rows + 1) * sizeof(int32_t));
+  const size_t off_thr = off_kb + Align256(n * sizeof(int32_t));
+  const size_t extra = off_thr + a.num_q_heads * sizeof(double);
+  const size_t host = std::max((rows + 1) * sizeof(int32_t), n * sizeof(int32_t));
+  SIEVE_ASSIGN_OR_RETURN(const int64_t mass_n,
+                         XAttentionMassOnDevice(s, layer, q, a, e, extra, host));
+  if (mass_n != n) {
+    return absl::InternalError(absl::StrCat("cuda backend: XAttention estimate of ", mass_n,
+                                            " masses, selection of ", n));
+  }
+  char* base = s.sparse_dev + XAttentionExtraOffset(n);
+  auto* count = reinterpret_cast<int32_t*>(base);
+  auto* selected = reinterpret_cast<int32_t*>(base + off_blocks);
+  auto* dev_rs = reinterpret_cast<int32_t*>(base + off_rs);
+  auto* dev_kb = reinterpret_cast<int32_t*>(base + off_kb);
+  if (per_head) {
+    auto* dev_thr = reinterpret_cast<double*>(base + off_thr);
+    // From pageable memory: returns once `thresholds` has been staged.
+    SIEVE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(dev_thr, thresholds.data(),
+                                               a.num_q_heads * sizeof(double),
+                                               cudaMemcpyHostToDevice, s.stream));
+    sp.head_thresholds = dev_thr;
+  }
+  const auto* mass = reinterpret_cast<const float*>(s.sparse_dev);
+  SIEVE_RETURN_IF_CUDA_ERROR(kernels::XAttentionSelectGpu(sp, mass, count, selected, s.stream));
+  SIEVE_RETURN_IF_CUDA_ERROR(
+      kernels::XAttentionBuildIndexGpu(sp, count, selected, dev_rs, dev_kb, s.stream));
+  // Two copies back: the row starts (whose last entry sizes the blocks), then the listed blocks.
+  auto* host_ints = reinterpret_cast<int32_t*>(s.sparse_host);
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(host_ints, dev_rs, (rows + 1) * sizeof(int32_t),
+                                             cudaMemcpyDeviceToHost, s.stream));
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(s.stream));
+  row_start.assign(host_ints, host_ints + rows + 1);
+  const int32_t total = row_start.back();
+  if (total < 0 || total > n) {
+    return absl::InternalError(absl::StrCat("cuda backend: XAttention index of ", total,
+                                            " blocks for ", n, " candidates"));
+  }
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(host_ints, dev_kb, total * sizeof(int32_t),
+                                             cudaMemcpyDeviceToHost, s.stream));
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(s.stream));
+  blocks.assign(host_ints, host_ints + total);
   return absl::OkStatus();
 }
 
