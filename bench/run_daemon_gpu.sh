@@ -34,6 +34,10 @@ start=$(date +%s.%N)
 "$pack/bin/sieved" --config "$config" --listen "$target" --metrics-listen 127.0.0.1:9090 \
   ${SIEVED_ARGS:-} >"$out/sieved.log" 2>&1 &
 pid=$!
+# Whatever ends this script (a time limit's SIGTERM included) stops the daemon too, so that a next
+# run finds its ports free.
+trap 'kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null' EXIT
+trap 'exit 143' TERM INT
 ready=0
 for _ in $(seq 1 600); do
   if ! kill -0 "$pid" 2>/dev/null; then break; fi
