@@ -13,7 +13,7 @@
 namespace sieve::kernels {
 namespace {
 
-using sparse_select::BlockExclusiveScan;
+using sparse_select::CompactSelected;
 using sparse_select::Key;
 
 constexpr int kWriteThreads = 256;   // 8 warps, one (token, label head) at a time each
@@ -339,24 +339,13 @@ __global__ void __launch_bounds__(kSelectThreads) DsTopTokensKernel(
     }
   }
   // 3. Keep keys above the threshold and the first `remaining` equal to it, in position order.
-  const uint32_t threshold = prefix;
-  int eq_carry = 0, taken_carry = 0;
-  for (int base = 0; base < len; base += kSelectThreads) {
-    const int t = base + threadIdx.x;
-    const uint32_t u = t < len ? Key(sc[t]) : 0u;
-    const bool gt = t < len && u > threshold;
-    const bool eq = t < len && u == threshold;
-    int eq_total = 0, taken_total = 0;
-    const int eq_rank = BlockExclusiveScan<kSelectWarps>(eq ? 1 : 0, eq_total, sm.scan);
-    const bool take = gt || (eq && eq_carry + eq_rank < remaining);
-    const int at = taken_carry + BlockExclusiveScan<kSelectWarps>(take ? 1 : 0, taken_total, sm.scan);
-    if (take) {
-      pos_out[at] = t;
-      if (slot_out) slot_out[at] = table[t / ps] * ps + t % ps;
-    }
-    eq_carry += eq_total;
-    taken_carry += taken_total;
-  }
+  CompactSelected<kSelectWarps>(
+      len, prefix, remaining, global_key,
+      [&](int at, int t) {
+        pos_out[at] = t;
+        if (slot_out) slot_out[at] = table[t / ps] * ps + t % ps;
+      },
+      sm.scan);
   if (threadIdx.x == 0 && out.counts) out.counts[row] = k;
 }
 

@@ -11,7 +11,7 @@
 namespace sieve::kernels {
 namespace {
 
-using sparse_select::BlockExclusiveScan;
+using sparse_select::CompactSelected;
 using sparse_select::Key;
 
 constexpr int kMaxGroup = 32;
@@ -193,24 +193,13 @@ __global__ void __launch_bounds__(kSelectThreads) QuestTopPagesKernel(
     __syncthreads();  // hist and s_* are rewritten by the next pass
   }
   // Keep keys above the threshold and the first `remaining` equal to it, in page order.
-  const uint32_t threshold = prefix;
-  int eq_carry = 0, taken_carry = 0;
-  for (int base = 0; base < scored; base += kSelectThreads) {
-    const int j = base + threadIdx.x;
-    const uint32_t u = j < scored ? Key(sc[j]) : 0u;
-    const bool gt = j < scored && u > threshold;
-    const bool eq = j < scored && u == threshold;
-    int eq_total = 0, taken_total = 0;
-    const int eq_rank = BlockExclusiveScan<kSelectWarps>(eq ? 1 : 0, eq_total, sm_scan);
-    const bool take = gt || (eq && eq_carry + eq_rank < remaining);
-    const int pos = BlockExclusiveScan<kSelectWarps>(take ? 1 : 0, taken_total, sm_scan);
-    if (take) {
-      sel[taken_carry + pos] = j;
-      if (ids) ids[taken_carry + pos] = table[j];
-    }
-    eq_carry += eq_total;
-    taken_carry += taken_total;
-  }
+  CompactSelected<kSelectWarps>(
+      scored, prefix, remaining, [sc](int j) { return Key(sc[j]); },
+      [&](int at, int j) {
+        sel[at] = j;
+        if (ids) ids[at] = table[j];
+      },
+      sm_scan);
   if (threadIdx.x == 0) {
     sel[keep] = n - 1;
     if (ids) ids[keep] = table[n - 1];

@@ -1,6 +1,6 @@
 // Device helpers the top-k selection kernels share (Quest's pages, quest_cuda.cu; DoubleSparsity's
 // tokens, double_sparsity_cuda.cu): an order-preserving unsigned key of a float for radix
-// selection, and a block-wide exclusive prefix sum for ordered compaction.
+// selection, a block-wide exclusive prefix sum, and the ordered compaction of the selected keys.
 #ifndef SIEVE_KERNELS_SPARSE_SELECT_CUDA_CUH_
 #define SIEVE_KERNELS_SPARSE_SELECT_CUDA_CUH_
 
@@ -39,6 +39,38 @@ __device__ __forceinline__ int BlockExclusiveScan(int v, int& total, int* sm) {
     total += x;
   }
   return before + incl - v;
+}
+
+// Ordered compaction after a radix select: calls emit(at, j) for every j < n whose key_at(j) is
+// above `threshold` and for the first `remaining` (in j order) equal to it, `at` numbering them
+// in j order from 0. Each thread takes a contiguous run of ceil(n / blockDim.x) positions and
+// counts it, two block scans place the runs, then each thread emits its run: two scans in all,
+// where a scan per blockDim.x positions made long rows latency-bound (two scans per 1,024
+// positions: ~256 per 128K-token row). All threads of the block (32 * kWarps) must call.
+template <int kWarps, typename KeyAt, typename Emit>
+__device__ __forceinline__ void CompactSelected(int n, uint32_t threshold, int remaining,
+                                                KeyAt key_at, Emit emit, int* sm) {
+  const int threads = 32 * kWarps;
+  const int per = (n + threads - 1) / threads;
+  const int begin = min(n, static_cast<int>(threadIdx.x) * per);
+  const int end = min(n, begin + per);
+  int gt = 0, eq = 0;
+  for (int j = begin; j < end; ++j) {
+    const uint32_t u = key_at(j);
+    gt += u > threshold ? 1 : 0;
+    eq += u == threshold ? 1 : 0;
+  }
+  int total = 0;
+  const int eq_before = BlockExclusiveScan<kWarps>(eq, total, sm);
+  const int eq_take = max(0, min(eq, remaining - eq_before));
+  int at = BlockExclusiveScan<kWarps>(gt + eq_take, total, sm);
+  int eq_seen = 0;
+  for (int j = begin; j < end; ++j) {
+    const uint32_t u = key_at(j);
+    bool take = u > threshold;
+    if (u == threshold) take = eq_seen++ < eq_take;
+    if (take) emit(at++, j);
+  }
 }
 
 }  // namespace sieve::kernels::sparse_select
