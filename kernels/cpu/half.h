@@ -8,6 +8,23 @@
 
 namespace sieve::kernels {
 
+// Element type of a KV cache on the host (K and V pools alike): fp32, or 16-bit bit patterns
+// (bfloat16, IEEE binary16) that the CPU kernels widen to fp32 as they read them.
+enum class KvDtype : uint8_t { kFloat32, kBfloat16, kFloat16 };
+
+// Bytes per element: 4 or 2.
+inline int KvDtypeBytes(KvDtype t) { return t == KvDtype::kFloat32 ? 4 : 2; }
+
+// "float32", "bfloat16", "float16" (the config spelling).
+inline const char* KvDtypeName(KvDtype t) {
+  switch (t) {
+    case KvDtype::kFloat32: return "float32";
+    case KvDtype::kBfloat16: return "bfloat16";
+    case KvDtype::kFloat16: return "float16";
+  }
+  return "?";
+}
+
 // bfloat16 is the upper half of an fp32: widening is exact.
 inline float Bf16ToFloat(uint16_t bits) {
   uint32_t u = static_cast<uint32_t>(bits) << 16;
@@ -23,6 +40,31 @@ inline uint16_t FloatToBf16(float f) {
   if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
   u += 0x7fffu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);
+}
+
+// float to IEEE 754 binary16, rounding to nearest, ties to even: overflow gives inf, values
+// below the smallest subnormal round to (signed) zero or to it, NaN stays NaN.
+inline uint16_t FloatToF16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return sign | 0x7e00u;    // NaN
+  if (a >= 0x477ff000u) return sign | 0x7c00u;   // >= 65520 (or inf): inf
+  if (a >= 0x38800000u) {                        // normal: >= 2^-14
+    uint32_t r = a - 0x38000000u;                // exponent rebiased from 127 to 15
+    r += 0xfffu + ((r >> 13) & 1u);              // round the 13 dropped bits
+    return sign | static_cast<uint16_t>(r >> 13);
+  }
+  const uint32_t e = a >> 23;
+  if (e < 102) return sign;                      // below 2^-25: rounds to zero
+  // Subnormal: the value in units of 2^-24 is m / 2^shift.
+  const uint32_t m = (a & 0x7fffffu) | 0x800000u;
+  const uint32_t shift = 126 - e;                // 14 .. 24
+  uint32_t q = m >> shift;
+  const uint32_t rest = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+  if (rest > half || (rest == half && (q & 1u))) ++q;  // may carry into the smallest normal
+  return sign | static_cast<uint16_t>(q);
 }
 
 // IEEE 754 binary16 to float, exact for every input including subnormals, inf and NaN.
