@@ -54,7 +54,7 @@ const std::vector<std::string> kExpectedKeys = {
     "model.tokenizer_directory",
     "model.chat_template_file",
     "kv_cache.page_size_tokens",      "kv_cache.num_pages",
-    "kv_cache.memory_fraction",       "scheduler.max_batch_tokens",
+    "kv_cache.memory_fraction",       "kv_cache.dtype",                 "scheduler.max_batch_tokens",
     "scheduler.max_running_requests", "scheduler.max_queued_requests",
     "scheduler.max_queued_tokens",    "scheduler.prefill_chunk_tokens",
     "scheduler.enable_prefix_caching", "pools.prefill_workers",

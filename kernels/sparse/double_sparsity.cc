@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <numeric>
+#include <vector>
 
 #include "kernels/cpu/half.h"
 #include "kernels/cpu/parallel_for.h"
@@ -138,6 +139,7 @@ void DsWriteLabels(const DoubleSparsityShape& s, const DsAppendParams& p, int nu
   const int64_t head_bytes = DsLabelHeadBytes(s);
   const int64_t page_bytes = DsLabelPageBytes(s);
   ParallelFor(p.num_seqs, num_threads, 1, [&](int64_t s0, int64_t s1) {
+    std::vector<float> row;  // a token's bfloat16 keys widened
     for (int64_t seq = s0; seq < s1; ++seq) {
       const int q_len = p.query_start[seq + 1] - p.query_start[seq];
       const int first = p.kv_lens[seq] - q_len;
@@ -146,10 +148,15 @@ void DsWriteLabels(const DoubleSparsityShape& s, const DsAppendParams& p, int nu
         const int pos = first + j;
         const int64_t page = pages[pos / s.page_size];
         const int slot = pos % s.page_size;
+        const int64_t row_elems = int64_t{s.num_kv_heads} * s.head_dim;
+        const int64_t at = (page * s.page_size + slot) * row_elems;
         const float* keys =  // [num_kv_heads, head_dim] of this token
-            p.k != nullptr
-                ? p.k + (p.query_start[seq] + j) * int64_t{s.num_kv_heads} * s.head_dim
-                : p.k_cache + (page * s.page_size + slot) * int64_t{s.num_kv_heads} * s.head_dim;
+            p.k != nullptr ? p.k + (p.query_start[seq] + j) * row_elems : p.k_cache + at;
+        if (p.k == nullptr && p.k_cache == nullptr) {
+          row.resize(row_elems);
+          for (int64_t i = 0; i < row_elems; ++i) row[i] = Bf16ToFloat(p.k_cache_bf16[at + i]);
+          keys = row.data();
+        }
         for (int lh = 0; lh < label_heads; ++lh) {
           const int kvh = s.per_kv_head_labels ? lh : lh / group;
           WriteRow(s, keys + int64_t{kvh} * s.head_dim, p.channels + lh * s.channels,
