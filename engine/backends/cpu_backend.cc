@@ -113,6 +113,18 @@ absl::Status CpuBackend::AllocateKvCache(int32_t num_layers, int32_t num_pages, 
   return absl::OkStatus();
 }
 
+std::vector<float> CpuBackend::KeysAsFloat(int32_t layer) const {
+  const auto& pool = k_cache_.at(layer);
+  std::vector<float> out(pool.size() / kernels::KvDtypeBytes(kv_dtype_));
+  if (kv_dtype_ == kernels::KvDtype::kFloat32) {
+    std::memcpy(out.data(), pool.data(), pool.size());
+  } else {
+    const uint16_t* bits = reinterpret_cast<const uint16_t*>(pool.data());
+    for (size_t i = 0; i < out.size(); ++i) out[i] = kernels::Bf16ToFloat(bits[i]);
+  }
+  return out;
+}
+
 absl::Status CpuBackend::NeedFp32Keys(std::string_view what) const {
   if (kv_dtype_ == kernels::KvDtype::kFloat32) return absl::OkStatus();
   return absl::FailedPreconditionError(

@@ -130,6 +130,8 @@ class CpuBackend final : public Backend {
     return {reinterpret_cast<const float*>(k_cache_.at(layer).data()),
             k_cache_.at(layer).size() / sizeof(float)};
   }
+  // For tests: layer `layer`'s K pool widened to fp32, whatever the cache's dtype.
+  std::vector<float> KeysAsFloat(int32_t layer) const;
   const DsLabelStore* ds_labels() const { return ds_labels_.get(); }
   absl::Span<const float> page_bounds(int32_t layer) const {
     return layer < static_cast<int32_t>(page_bounds_.size()) ? absl::Span<const float>(page_bounds_[layer])

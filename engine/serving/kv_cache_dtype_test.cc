@@ -6,6 +6,7 @@
 // The configuration checks are in engine_config_test.cc.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -14,11 +15,13 @@
 #include <utility>
 #include <vector>
 
+#include "engine/backends/cpu_backend.h"
 #include "engine/runner/model_runner.h"
 #include "engine/serving/engine.h"
 #include "engine/serving/engine_config.h"
 #include "engine/testing/recording_sink.h"
 #include "gtest/gtest.h"
+#include "kernels/sparse/quest.h"
 #include "nlohmann/json.hpp"
 
 namespace sieve::engine {
@@ -249,6 +252,61 @@ TEST(KvCacheDtypeTest, Bf16SparseDecodeWithCoveringBudgetEqualsDense) {
     c.attention.decode.token_budget = 4096;  // covers the whole context: equals dense
     if (method == "double_sparsity") c.attention.decode.double_sparsity.channels = 8;
     EXPECT_EQ(run(c), dense) << method;
+  }
+}
+
+// With a bf16 cache the keys are stored as bfloat16 (every widened key has zero low 16 bits) and
+// Quest's page bounds, kept current on every append (prefill chunks starting mid-page, then
+// decode steps), equal the bounds recomputed from those stored keys, exactly.
+TEST(KvCacheDtypeTest, Bf16QuestBoundsAreThoseOfTheStoredKeys) {
+  const nlohmann::json golden = Golden();
+  ASSERT_FALSE(golden.is_discarded());
+  const std::vector<int32_t> ids = golden["logits"].back()["ids"].get<std::vector<int32_t>>();
+  ModelRunnerOptions o = RunnerOptionsFor(Config("bfloat16"));
+  o.num_pages = 256;
+  o.max_step_logits = 8;
+  o.quest_page_bounds = true;
+  auto r = ModelRunner::Load(ModelDir(), o);
+  ASSERT_TRUE(r.ok()) << r.status();
+  const int32_t ps = o.page_size;
+  std::vector<int32_t> pages;  // scattered: page j of the sequence is page 3j + 1 of the pool
+  for (int32_t p = 0; p * ps < static_cast<int32_t>(ids.size()); ++p) pages.push_back(3 * p + 1);
+  const int n = static_cast<int>(ids.size());
+  for (int done = 0; done < n;) {
+    const int len = done < n - 5 ? std::min(50, n - 5 - done) : 1;  // 50: chunks start mid-page
+    SequenceStep s;
+    s.tokens = absl::MakeConstSpan(ids).subspan(done, len);
+    s.num_cached = done;
+    s.pages = pages;
+    s.want_logits = done + len == n;
+    std::vector<float> unused;
+    ASSERT_TRUE((*r)->Forward({s}, unused).ok());
+    done += len;
+  }
+  const auto& cpu = dynamic_cast<const CpuBackend&>((*r)->backend());
+  ASSERT_EQ(cpu.kv_dtype(), kernels::KvDtype::kBfloat16);
+  const int32_t kvh = static_cast<int32_t>((*r)->config().num_key_value_heads);
+  const int32_t d = static_cast<int32_t>((*r)->config().head_dim);
+  std::vector<float> ref(2 * d);
+  for (int32_t layer = 0; layer < (*r)->config().num_hidden_layers; ++layer) {
+    const std::vector<float> keys = cpu.KeysAsFloat(layer);
+    int nonzero = 0;
+    for (const float k : keys) {
+      uint32_t u;
+      std::memcpy(&u, &k, sizeof u);
+      ASSERT_EQ(u & 0xffffu, 0u) << "layer " << layer << ": a key that is not a bfloat16";
+      nonzero += k != 0.0f;
+    }
+    EXPECT_GT(nonzero, 0) << "layer " << layer << ": no key written";
+    for (size_t j = 0; j < pages.size(); ++j) {
+      const int32_t valid = std::min<int32_t>(ps, n - static_cast<int32_t>(j) * ps);
+      for (int32_t g = 0; g < kvh; ++g) {
+        kernels::QuestBoundsRef(keys.data(), pages[j], g, valid, kvh, d, ps, ref.data());
+        const float* got = cpu.page_bounds(layer).data() + (int64_t{pages[j]} * kvh + g) * 2 * d;
+        ASSERT_TRUE(std::equal(ref.begin(), ref.end(), got))
+            << "layer " << layer << " page " << j << " head " << g;
+      }
+    }
   }
 }
 

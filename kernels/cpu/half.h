@@ -3,6 +3,7 @@
 #ifndef SIEVE_KERNELS_CPU_HALF_H_
 #define SIEVE_KERNELS_CPU_HALF_H_
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -42,29 +43,26 @@ inline uint16_t FloatToBf16(float f) {
   return static_cast<uint16_t>(u >> 16);
 }
 
-// float to IEEE 754 binary16, rounding to nearest, ties to even: overflow gives inf, values
-// below the smallest subnormal round to (signed) zero or to it, NaN stays NaN.
+// float to IEEE 754 binary16, rounding to nearest, ties to even: overflow gives inf, NaN stays
+// NaN, values below half the smallest subnormal give (signed) zero.
 inline uint16_t FloatToF16(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
-  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
-  const uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return sign | 0x7e00u;    // NaN
-  if (a >= 0x477ff000u) return sign | 0x7c00u;   // >= 65520 (or inf): inf
-  if (a >= 0x38800000u) {                        // normal: >= 2^-14
-    uint32_t r = a - 0x38000000u;                // exponent rebiased from 127 to 15
-    r += 0xfffu + ((r >> 13) & 1u);              // round the 13 dropped bits
-    return sign | static_cast<uint16_t>(r >> 13);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t abs = u & 0x7fffffffu;
+  if (abs > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);  // NaN
+  if (abs >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to inf
+  if (abs < 0x38800000u) {  // subnormal or zero in fp16: round abs / 2^-24 to an integer
+    float a;
+    std::memcpy(&a, &abs, sizeof a);
+    const float scaled = a * 16777216.0f;  // exact: a power of two
+    return static_cast<uint16_t>(sign | static_cast<uint32_t>(std::nearbyint(scaled)));
   }
-  const uint32_t e = a >> 23;
-  if (e < 102) return sign;                      // below 2^-25: rounds to zero
-  // Subnormal: the value in units of 2^-24 is m / 2^shift.
-  const uint32_t m = (a & 0x7fffffu) | 0x800000u;
-  const uint32_t shift = 126 - e;                // 14 .. 24
-  uint32_t q = m >> shift;
-  const uint32_t rest = m & ((1u << shift) - 1), half = 1u << (shift - 1);
-  if (rest > half || (rest == half && (q & 1u))) ++q;  // may carry into the smallest normal
-  return sign | static_cast<uint16_t>(q);
+  // Normal: drop 13 mantissa bits with round-to-nearest-even; a carry bumps the exponent.
+  uint32_t h = ((abs >> 13) - ((127 - 15) << 10));
+  const uint32_t rest = abs & 0x1fffu;
+  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;
+  return static_cast<uint16_t>(sign | h);
 }
 
 // IEEE 754 binary16 to float, exact for every input including subnormals, inf and NaN.

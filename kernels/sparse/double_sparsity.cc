@@ -16,25 +16,7 @@ namespace sieve::kernels {
 
 namespace ds_internal {
 
-uint16_t FloatToF16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  const uint32_t sign = (u >> 16) & 0x8000u;
-  const uint32_t abs = u & 0x7fffffffu;
-  if (abs > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);  // NaN
-  if (abs >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to inf
-  if (abs < 0x38800000u) {  // subnormal or zero in fp16: round abs / 2^-24 to an integer
-    float a;
-    std::memcpy(&a, &abs, sizeof a);
-    const float scaled = a * 16777216.0f;  // exact: a power of two
-    return static_cast<uint16_t>(sign | static_cast<uint32_t>(std::nearbyint(scaled)));
-  }
-  // Normal: drop 13 mantissa bits with round-to-nearest-even; a carry bumps the exponent.
-  uint32_t h = ((abs >> 13) - ((127 - 15) << 10));
-  const uint32_t rest = abs & 0x1fffu;
-  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;
-  return static_cast<uint16_t>(sign | h);
-}
+uint16_t FloatToF16(float f) { return kernels::FloatToF16(f); }
 
 }  // namespace ds_internal
 
