@@ -1,7 +1,7 @@
-// The fp32 CPU backend (its KV cache fp32 or bfloat16): plain host memory, the Highway flash-style attention kernel
-// (kernels/attention/paged_attention_cpu.h), linear layers on oneDNN's sgemm
-// (kernels/cpu/gemm_cpu.h) and the other operators of kernels/cpu. Always built; it serves the
-// embedded default model and is what every other backend is checked against.
+// The fp32 CPU backend (its KV cache fp32 or bfloat16): plain host memory, the Highway
+// flash-style attention kernel (kernels/attention/paged_attention_cpu.h), linear layers on
+// oneDNN's sgemm (kernels/cpu/gemm_cpu.h) and the other operators of kernels/cpu. Always built;
+// it serves the embedded default model and is what every other backend is checked against.
 #ifndef SIEVE_ENGINE_BACKENDS_CPU_BACKEND_H_
 #define SIEVE_ENGINE_BACKENDS_CPU_BACKEND_H_
 
@@ -160,7 +160,9 @@ class CpuBackend final : public Backend {
   // Bytes of one layer's K (or V) rows of one page.
   size_t KvBlockBytes() const { return kv_page_layer_elems_ * kernels::KvDtypeBytes(kv_dtype_); }
   // Bytes of `pages` whole pages, K and V of every layer.
-  size_t KvTransferBytes(size_t pages) const { return pages * 2 * k_cache_.size() * KvBlockBytes(); }
+  size_t KvTransferBytes(size_t pages) const {
+    return pages * 2 * k_cache_.size() * KvBlockBytes();
+  }
   // Checks a transfer of `pages` over `bytes` bytes; returns the error or OK.
   absl::Status CheckKvTransfer(absl::Span<const int32_t> pages, size_t bytes) const;
 };
