@@ -4,16 +4,29 @@
 // 4 * head_dim flops per (query, head, causal key) (QK^T and PV). Both kernels run on the same
 // number of threads (--threads, default all hardware threads).
 //   cpu_attention_bench [--threads N] [Google Benchmark flags]
+//
+// 16-bit KV caches (--kv bf16 or --kv f16): decode of one Llama-3.1-8B layer (batch 1, 32 query
+// / 8 KV heads, head_dim 128) at --contexts keys (default 16384,65536,131072) with an fp32 and a
+// 16-bit cache holding the same values (K and V rounded to the 16-bit type, the fp32 cache their
+// exact widening, so both compute the same thing), interleaved: after a warm-up call of each,
+// every one of --reps rounds (default 30) times one call of each, alternating which goes first;
+// prints the medians of wall and process-CPU time, the KV bytes read per second and the ratio.
+//   cpu_attention_bench --kv bf16 [--threads 2] [--reps 30] [--contexts 16384,65536]
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "benchmark/benchmark.h"
 #include "kernels/attention/paged_attention.h"
 #include "kernels/attention/paged_attention_cpu.h"
+#include "kernels/cpu/half.h"
 #include "kernels/cpu/parallel_for.h"
 
 namespace sieve::kernels {
@@ -84,6 +97,57 @@ void Run(benchmark::State& state, const Shape& shape) {
       benchmark::Counter(prob.flops / 1e9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
+// The --kv comparison (see the file comment): one 8B-shaped decode problem per context length.
+int RunKvCompare(KvDtype t, int threads, int reps, const std::vector<int>& contexts) {
+  const bench::LayerShape ls = bench::kLlama31_8B;
+  std::printf("decode, Llama-3.1-8B layer (%d/%d heads, d %d), batch 1, page %d, %d threads, "
+              "fp32 vs %s KV, %d interleaved rounds, target %s\n",
+              ls.q_heads, ls.kv_heads, ls.head_dim, kPageSize, threads, KvDtypeName(t), reps,
+              PagedAttentionCpuTarget());
+  std::printf("%8s %10s %10s %10s %10s %9s %9s %8s %8s\n", "context", "fp32 ms", "16b ms",
+              "fp32 cpu", "16b cpu", "fp32 GB/s", "16b GB/s", "ratio", "cpu ratio");
+  for (const int ctx : contexts) {
+    Problem prob({"kv", 1, 1, ctx, ls.q_heads, ls.kv_heads, ls.head_dim});
+    std::vector<uint16_t> k16(prob.k.size()), v16(prob.v.size());
+    for (auto [src, dst] : {std::pair{&prob.k, &k16}, std::pair{&prob.v, &v16}}) {
+      for (size_t i = 0; i < src->size(); ++i) {
+        const float x = (*src)[i];
+        (*dst)[i] = t == KvDtype::kBfloat16 ? FloatToBf16(x) : FloatToF16(x);
+        (*src)[i] = t == KvDtype::kBfloat16 ? Bf16ToFloat((*dst)[i]) : F16ToFloat((*dst)[i]);
+      }
+    }
+    const PagedKvCache c32{prob.k.data(), prob.v.data(), KvDtype::kFloat32};
+    const PagedKvCache c16{k16.data(), v16.data(), t};
+    std::vector<double> w32, w16, u32, u16;
+    auto time = [&](const PagedKvCache& c, std::vector<double>& wall, std::vector<double>& cpu) {
+      const double a = bench::Now(), b = bench::CpuNow();
+      PagedAttentionCpu(prob.p, c, threads);
+      wall.push_back(bench::Now() - a);
+      cpu.push_back(bench::CpuNow() - b);
+    };
+    time(c32, w32, u32);  // warm-up: page faults, thread pool, caches
+    time(c16, w16, u16);
+    w32.clear(), w16.clear(), u32.clear(), u16.clear();
+    for (int r = 0; r < reps; ++r) {
+      if (r % 2 == 0) {
+        time(c32, w32, u32);
+        time(c16, w16, u16);
+      } else {
+        time(c16, w16, u16);
+        time(c32, w32, u32);
+      }
+    }
+    const double m32 = bench::Median(w32), m16 = bench::Median(w16);
+    const double bytes32 = 2.0 * ctx * ls.kv_heads * ls.head_dim * sizeof(float);
+    std::printf("%8d %10.3f %10.3f %10.3f %10.3f %9.2f %9.2f %7.2fx %7.2fx\n", ctx, m32 * 1e3,
+                m16 * 1e3, bench::Median(u32) * 1e3, bench::Median(u16) * 1e3,
+                bytes32 / m32 / 1e9, bytes32 / 2 / m16 / 1e9, m32 / m16,
+                bench::Median(u32) / bench::Median(u16));
+    std::fflush(stdout);
+  }
+  return 0;
+}
+
 const Shape kShapes[] = {
     {"embedded/prefill_q2048_kv2048", 1, 2048, 2048, 4, 2, 64},
     {"embedded/chunk_q512_kv8192", 1, 512, 8192, 4, 2, 64},
@@ -100,14 +164,31 @@ const Shape kShapes[] = {
 int main(int argc, char** argv) {
   using namespace sieve::kernels;
   std::vector<char*> args;
+  const char* kv = nullptr;
+  int reps = 30;
+  std::vector<int> contexts = {16384, 65536, 131072};
   for (int i = 0; i < argc; ++i) {
     if (std::strcmp(argv[i], "--threads") == 0 && i + 1 < argc) {
       g_threads = std::atoi(argv[++i]);
+    } else if (std::strcmp(argv[i], "--kv") == 0 && i + 1 < argc) {
+      kv = argv[++i];
+    } else if (std::strcmp(argv[i], "--reps") == 0 && i + 1 < argc) {
+      reps = std::max(1, std::atoi(argv[++i]));
+    } else if (std::strcmp(argv[i], "--contexts") == 0 && i + 1 < argc) {
+      contexts = sieve::bench::ParseIntList(argv[++i]);
     } else {
       args.push_back(argv[i]);
     }
   }
   if (g_threads <= 0) g_threads = DefaultCpuThreads();
+  if (kv != nullptr) {
+    if (std::strcmp(kv, "bf16") == 0 || std::strcmp(kv, "f16") == 0) {
+      const KvDtype t = kv[0] == 'b' ? KvDtype::kBfloat16 : KvDtype::kFloat16;
+      return RunKvCompare(t, g_threads, reps, contexts);
+    }
+    std::fprintf(stderr, "--kv: expected bf16 or f16, got '%s'\n", kv);
+    return 2;
+  }
   for (const Shape& s : kShapes) {
     const bool decode = s.q_len == 1;
     benchmark::RegisterBenchmark((std::string("cpu/") + s.name).c_str(),

@@ -10,6 +10,7 @@
 #include "kernels/attention/paged_attention.h"
 #include "kernels/attention/paged_attention_cpu.h"
 #include "kernels/cpu/gemm_cpu.h"
+#include "kernels/cpu/half.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/sparse/xattention.h"
 #include "kernels/sparse/quest.h"
@@ -41,7 +42,8 @@ absl::Status CheckShape(const Tensor& t, int64_t rows, int64_t cols, absl::strin
 
 }  // namespace
 
-CpuBackend::CpuBackend(int num_threads) : num_threads_(num_threads) {}
+CpuBackend::CpuBackend(int num_threads, kernels::KvDtype kv_dtype)
+    : num_threads_(num_threads), kv_dtype_(kv_dtype) {}
 
 float* CpuBackend::NewBuffer(int64_t elements) {
   buffers_.push_back(std::make_unique<float[]>(static_cast<size_t>(elements)));
@@ -84,7 +86,7 @@ absl::StatusOr<Tensor> CpuBackend::Allocate(int64_t rows, int64_t cols) {
 int64_t CpuBackend::KvPageBytes(int32_t num_layers, int32_t page_size,
                                 const AttentionShape& shape) const {
   return int64_t{2} * num_layers * page_size * shape.num_kv_heads * shape.head_dim *
-         static_cast<int64_t>(sizeof(float));
+         kernels::KvDtypeBytes(kv_dtype_);
 }
 
 absl::Status CpuBackend::AllocateKvCache(int32_t num_layers, int32_t num_pages, int32_t page_size,
@@ -92,8 +94,12 @@ absl::Status CpuBackend::AllocateKvCache(int32_t num_layers, int32_t num_pages, 
   if (num_layers <= 0 || num_pages <= 0 || page_size <= 0) {
     return absl::InvalidArgumentError("cpu backend: KV cache needs layers, pages and page size > 0");
   }
-  const size_t per_layer =
-      static_cast<size_t>(num_pages) * page_size * shape.num_kv_heads * shape.head_dim;
+  if (kv_dtype_ == kernels::KvDtype::kFloat16) {
+    return absl::InvalidArgumentError("cpu backend: KV cache dtype float16 is not supported "
+                                      "(float32 or bfloat16)");
+  }
+  const size_t per_layer = static_cast<size_t>(num_pages) * page_size * shape.num_kv_heads *
+                           shape.head_dim * kernels::KvDtypeBytes(kv_dtype_);
   // Zero pages from calloc: resident only once written (LazyZeroAllocator).
   k_cache_.clear();
   v_cache_.clear();
@@ -107,8 +113,35 @@ absl::Status CpuBackend::AllocateKvCache(int32_t num_layers, int32_t num_pages, 
   return absl::OkStatus();
 }
 
+std::vector<float> CpuBackend::KeysAsFloat(int32_t layer) const {
+  const auto& pool = k_cache_.at(layer);
+  std::vector<float> out(pool.size() / kernels::KvDtypeBytes(kv_dtype_));
+  if (kv_dtype_ == kernels::KvDtype::kFloat32) {
+    std::memcpy(out.data(), pool.data(), pool.size());
+  } else {
+    const uint16_t* bits = reinterpret_cast<const uint16_t*>(pool.data());
+    for (size_t i = 0; i < out.size(); ++i) out[i] = kernels::Bf16ToFloat(bits[i]);
+  }
+  return out;
+}
+
+absl::Status CpuBackend::NeedFp32Keys(std::string_view what) const {
+  if (kv_dtype_ == kernels::KvDtype::kFloat32) return absl::OkStatus();
+  return absl::FailedPreconditionError(
+      absl::StrCat("cpu backend: the ", std::string(what), " estimator reads float32 keys; this "
+                   "KV cache is ", kernels::KvDtypeName(kv_dtype_), " (kv_cache.dtype)"));
+}
+
+void CpuBackend::SetKeys(int32_t layer, kernels::QuestBoundsUpdate& u) const {
+  if (kv_dtype_ == kernels::KvDtype::kBfloat16) {
+    u.k_cache_bf16 = reinterpret_cast<const uint16_t*>(k_cache_[layer].data());
+  } else {
+    u.k_cache = reinterpret_cast<const float*>(k_cache_[layer].data());
+  }
+}
+
 absl::Status CpuBackend::CheckKvTransfer(absl::Span<const int32_t> pages, size_t bytes) const {
-  const size_t page_bytes = 2 * k_cache_.size() * kv_page_layer_elems_ * sizeof(float);
+  const size_t page_bytes = KvTransferBytes(1);
   if (page_bytes == 0) return absl::FailedPreconditionError("cpu backend: no KV cache");
   if (bytes != pages.size() * page_bytes) {
     return absl::InvalidArgumentError(absl::StrCat("cpu backend: a transfer of ", pages.size(),
@@ -126,12 +159,12 @@ absl::Status CpuBackend::CheckKvTransfer(absl::Span<const int32_t> pages, size_t
 
 absl::Status CpuBackend::ReadKvPages(absl::Span<const int32_t> pages, absl::Span<uint8_t> out) {
   if (absl::Status st = CheckKvTransfer(pages, out.size()); !st.ok()) return st;
-  const size_t block = kv_page_layer_elems_ * sizeof(float);
+  const size_t block = KvBlockBytes();
   uint8_t* dst = out.data();
   for (const int32_t p : pages) {
     for (size_t l = 0; l < k_cache_.size(); ++l) {
-      std::memcpy(dst, k_cache_[l].data() + p * kv_page_layer_elems_, block);
-      std::memcpy(dst + block, v_cache_[l].data() + p * kv_page_layer_elems_, block);
+      std::memcpy(dst, k_cache_[l].data() + p * block, block);
+      std::memcpy(dst + block, v_cache_[l].data() + p * block, block);
       dst += 2 * block;
     }
   }
@@ -141,12 +174,12 @@ absl::Status CpuBackend::ReadKvPages(absl::Span<const int32_t> pages, absl::Span
 absl::Status CpuBackend::WriteKvPages(absl::Span<const int32_t> pages,
                                       absl::Span<const uint8_t> data) {
   if (absl::Status st = CheckKvTransfer(pages, data.size()); !st.ok()) return st;
-  const size_t block = kv_page_layer_elems_ * sizeof(float);
+  const size_t block = KvBlockBytes();
   const uint8_t* src = data.data();
   for (const int32_t p : pages) {
     for (size_t l = 0; l < k_cache_.size(); ++l) {
-      std::memcpy(k_cache_[l].data() + p * kv_page_layer_elems_, src, block);
-      std::memcpy(v_cache_[l].data() + p * kv_page_layer_elems_, src + block, block);
+      std::memcpy(k_cache_[l].data() + p * block, src, block);
+      std::memcpy(v_cache_[l].data() + p * block, src + block, block);
       src += 2 * block;
     }
   }
@@ -231,13 +264,23 @@ absl::Status CpuBackend::RopeAndCacheKv(BackendStream& stream, int32_t layer, co
                    half, rope.attention_scaling);
   kernels::RopeRef(k.data(), layout->positions.data(), n, s.num_kv_heads, d,
                    rope.inv_freq.data(), half, rope.attention_scaling);
-  float* kc = k_cache_[layer].data();
-  float* vc = v_cache_[layer].data();
   for (int64_t t = 0; t < n; ++t) {
     const int64_t slot = layout->slots[t];
-    std::memcpy(kc + slot * kv_cols, k.data() + t * kv_cols, sizeof(float) * kv_cols);
-    std::memcpy(vc + slot * kv_cols, F(qkv) + t * qkv.cols + q_cols + kv_cols,
-                sizeof(float) * kv_cols);
+    const float* kt = k.data() + t * kv_cols;
+    const float* vt = F(qkv) + t * qkv.cols + q_cols + kv_cols;
+    if (kv_dtype_ == kernels::KvDtype::kBfloat16) {  // rounded to nearest even
+      uint16_t* kc = reinterpret_cast<uint16_t*>(k_cache_[layer].data()) + slot * kv_cols;
+      uint16_t* vc = reinterpret_cast<uint16_t*>(v_cache_[layer].data()) + slot * kv_cols;
+      for (int64_t i = 0; i < kv_cols; ++i) {
+        kc[i] = kernels::FloatToBf16(kt[i]);
+        vc[i] = kernels::FloatToBf16(vt[i]);
+      }
+      continue;
+    }
+    float* kc = reinterpret_cast<float*>(k_cache_[layer].data()) + slot * kv_cols;
+    float* vc = reinterpret_cast<float*>(v_cache_[layer].data()) + slot * kv_cols;
+    std::memcpy(kc, kt, sizeof(float) * kv_cols);
+    std::memcpy(vc, vt, sizeof(float) * kv_cols);
   }
   return absl::OkStatus();
 }
@@ -251,8 +294,6 @@ absl::Status CpuBackend::Attention(BackendStream& stream, int32_t layer, const T
   SIEVE_RETURN_IF_ERROR(CheckShape(out, layout->num_tokens(), q.cols, "attention output"));
   kernels::PagedAttentionParams<float> p;
   p.q = F(q);
-  p.k_cache = k_cache_[layer].data();
-  p.v_cache = v_cache_[layer].data();
   p.out = F(out);
   p.page_table = layout->page_table.data();
   p.page_table_stride = layout->page_table_stride;
@@ -265,7 +306,9 @@ absl::Status CpuBackend::Attention(BackendStream& stream, int32_t layer, const T
   p.page_size = page_size_;
   p.scale = scale;
   p.sparse = plan.dense ? nullptr : &index;
-  kernels::PagedAttentionCpu(p, num_threads_);
+  kernels::PagedAttentionCpu(
+      p, kernels::PagedKvCache{k_cache_[layer].data(), v_cache_[layer].data(), kv_dtype_},
+      num_threads_);
   return absl::OkStatus();
 }
 
@@ -287,10 +330,11 @@ absl::Status CpuBackend::MInferenceIndex(BackendStream& stream, int32_t layer, c
   if (q_len < 1 || kv_len < q_len) {
     return absl::InternalError("cpu backend: MInference needs 1 <= q_len <= kv_len");
   }
+  SIEVE_RETURN_IF_ERROR(NeedFp32Keys("MInference"));
   const int32_t query_start[2] = {0, q_len};
   kernels::PagedAttentionParams<float> p;
   p.q = F(q) + int64_t{layout->query_start[e.seq]} * q.cols;
-  p.k_cache = k_cache_[layer].data();
+  p.k_cache = reinterpret_cast<const float*>(k_cache_[layer].data());
   p.page_table = layout->page_table.data() + int64_t{e.seq} * layout->page_table_stride;
   p.page_table_stride = layout->page_table_stride;
   p.kv_lens = &kv_len;
@@ -321,10 +365,11 @@ absl::Status CpuBackend::XAttentionBlockMass(BackendStream& stream, int32_t laye
   }
   SIEVE_RETURN_IF_ERROR(
       CheckShape(q, layout->num_tokens(), int64_t{s.num_q_heads} * s.head_dim, "queries"));
+  SIEVE_RETURN_IF_ERROR(NeedFp32Keys("XAttention"));
   kernels::XAttentionParams p;
   p.q = F(q) + int64_t{layout->query_start[e.seq]} * q.cols;
   p.q_row_stride = q.cols;
-  p.k_cache = k_cache_[layer].data();
+  p.k_cache = reinterpret_cast<const float*>(k_cache_[layer].data());
   p.page_table = layout->page_table.data() + int64_t{e.seq} * layout->page_table_stride;
   p.page_size = page_size_;
   p.num_q_heads = s.num_q_heads;
@@ -366,7 +411,7 @@ absl::Status CpuBackend::UpdatePageBounds(BackendStream& stream, int32_t layer,
         absl::StrCat("cpu backend: no page bounds for layer ", layer));
   }
   kernels::QuestBoundsUpdate u;
-  u.k_cache = k_cache_[layer].data();
+  SetKeys(layer, u);
   u.bounds = page_bounds_[layer].data();
   u.slots = layout->slots.data();
   u.num_tokens = layout->num_tokens();
@@ -382,9 +427,7 @@ absl::Status CpuBackend::RebuildPageBounds(absl::Span<const int32_t> pages,
   if (page_bounds_.size() != k_cache_.size()) {
     return absl::FailedPreconditionError("cpu backend: no page bounds allocated");
   }
-  if (absl::Status st = CheckKvTransfer(pages, pages.size() * 2 * k_cache_.size() *
-                                                   kv_page_layer_elems_ * sizeof(float));
-      !st.ok()) {
+  if (absl::Status st = CheckKvTransfer(pages, KvTransferBytes(pages.size())); !st.ok()) {
     return st;
   }
   // Every slot of each page in order: offset 0 resets the page, the rest widen it.
@@ -395,7 +438,7 @@ absl::Status CpuBackend::RebuildPageBounds(absl::Span<const int32_t> pages,
   }
   for (size_t l = 0; l < page_bounds_.size(); ++l) {
     kernels::QuestBoundsUpdate u;
-    u.k_cache = k_cache_[l].data();
+    SetKeys(static_cast<int32_t>(l), u);
     u.bounds = page_bounds_[l].data();
     u.slots = slots.data();
     u.num_tokens = static_cast<int32_t>(slots.size());
@@ -588,7 +631,7 @@ absl::Status CpuBackend::UpdateDsLabels(BackendStream& stream, int32_t layer) {
     return absl::FailedPreconditionError(
         absl::StrCat("cpu backend: no DoubleSparsity labels for layer ", layer));
   }
-  if (ds_labels_->ready()) ds_labels_->Append(layer, *layout, k_cache_[layer].data(), 1);
+  if (ds_labels_->ready()) ds_labels_->Append(layer, *layout, k_cache_[layer].data(), kv_dtype_, 1);
   return absl::OkStatus();
 }
 
@@ -596,14 +639,13 @@ absl::Status CpuBackend::RebuildDsLabels(absl::Span<const int32_t> pages) {
   if (ds_labels_ == nullptr) {
     return absl::FailedPreconditionError("cpu backend: no DoubleSparsity labels allocated");
   }
-  if (absl::Status st = CheckKvTransfer(pages, pages.size() * 2 * k_cache_.size() *
-                                                   kv_page_layer_elems_ * sizeof(float));
-      !st.ok()) {
+  if (absl::Status st = CheckKvTransfer(pages, KvTransferBytes(pages.size())); !st.ok()) {
     return st;
   }
   if (!ds_labels_->ready()) return absl::OkStatus();
   for (size_t l = 0; l < k_cache_.size(); ++l) {
-    ds_labels_->AppendPages(static_cast<int32_t>(l), pages, k_cache_[l].data(), num_threads_);
+    ds_labels_->AppendPages(static_cast<int32_t>(l), pages, k_cache_[l].data(), kv_dtype_,
+                            num_threads_);
   }
   return absl::OkStatus();
 }

@@ -1,7 +1,7 @@
-// The fp32 CPU backend: plain host memory, the Highway flash-style attention kernel
-// (kernels/attention/paged_attention_cpu.h), linear layers on oneDNN's sgemm
-// (kernels/cpu/gemm_cpu.h) and the other operators of kernels/cpu. Always built; it serves the
-// embedded default model and is what every other backend is checked against.
+// The fp32 CPU backend (its KV cache fp32 or bfloat16): plain host memory, the Highway
+// flash-style attention kernel (kernels/attention/paged_attention_cpu.h), linear layers on
+// oneDNN's sgemm (kernels/cpu/gemm_cpu.h) and the other operators of kernels/cpu. Always built;
+// it serves the embedded default model and is what every other backend is checked against.
 #ifndef SIEVE_ENGINE_BACKENDS_CPU_BACKEND_H_
 #define SIEVE_ENGINE_BACKENDS_CPU_BACKEND_H_
 
@@ -13,6 +13,8 @@
 
 #include "engine/backends/backend.h"
 #include "engine/model/kv_budget.h"
+#include "kernels/cpu/half.h"
+#include "kernels/sparse/quest.h"
 
 namespace sieve::engine {
 
@@ -41,8 +43,14 @@ struct LazyZeroAllocator {
 
 class CpuBackend final : public Backend {
  public:
-  // `num_threads` host threads for the heavy operators (0 = all hardware threads).
-  explicit CpuBackend(int num_threads = 0);
+  // `num_threads` host threads for the heavy operators (0 = all hardware threads). `kv_dtype`:
+  // the KV cache's element type (EngineConfig kv_cache.dtype): fp32, or bfloat16 (keys and
+  // values rounded as they are written, widened to fp32 as attention and the Quest and
+  // DoubleSparsity side data read them: half the KV bytes). The MInference and XAttention
+  // estimators read fp32 keys only (FailedPrecondition on a bfloat16 cache; the engine config
+  // refuses the combination).
+  explicit CpuBackend(int num_threads = 0, kernels::KvDtype kv_dtype = kernels::KvDtype::kFloat32);
+  kernels::KvDtype kv_dtype() const { return kv_dtype_; }
 
   std::string_view name() const override { return "cpu"; }
   absl::StatusOr<Tensor> UploadWeight(absl::Span<const TensorView> parts, int64_t cols) override;
@@ -57,7 +65,7 @@ class CpuBackend final : public Backend {
   }
   absl::StatusOr<std::unique_ptr<BackendStream>> CreateStream(
       const StreamOptions& options) override;
-  // memcpy of each layer's K and V rows of the page (fp32).
+  // memcpy of each layer's K and V rows of the page (in the cache's dtype).
   absl::Status ReadKvPages(absl::Span<const int32_t> pages, absl::Span<uint8_t> out) override;
   absl::Status WriteKvPages(absl::Span<const int32_t> pages,
                             absl::Span<const uint8_t> data) override;
@@ -115,8 +123,15 @@ class CpuBackend final : public Backend {
                       absl::Span<const SampleRow> rows,
                       absl::Span<absl::StatusOr<SampledToken>> out) override;
 
-  // For tests: layer `layer`'s K pool and Quest page bounds (empty when not allocated).
-  absl::Span<const float> k_cache(int32_t layer) const { return k_cache_.at(layer); }
+  // For tests: layer `layer`'s K pool (fp32 caches; empty for bfloat16) and Quest page bounds
+  // (empty when not allocated).
+  absl::Span<const float> k_cache(int32_t layer) const {
+    if (kv_dtype_ != kernels::KvDtype::kFloat32) return {};
+    return {reinterpret_cast<const float*>(k_cache_.at(layer).data()),
+            k_cache_.at(layer).size() / sizeof(float)};
+  }
+  // For tests: layer `layer`'s K pool widened to fp32, whatever the cache's dtype.
+  std::vector<float> KeysAsFloat(int32_t layer) const;
   const DsLabelStore* ds_labels() const { return ds_labels_.get(); }
   absl::Span<const float> page_bounds(int32_t layer) const {
     return layer < static_cast<int32_t>(page_bounds_.size()) ? absl::Span<const float>(page_bounds_[layer])
@@ -127,9 +142,10 @@ class CpuBackend final : public Backend {
   float* NewBuffer(int64_t elements);
 
   int num_threads_;
+  kernels::KvDtype kv_dtype_;
   std::vector<std::unique_ptr<float[]>> buffers_;  // every weight and activation buffer
-  // KV pools per layer: [num_pages, page_size, num_kv_heads, head_dim] fp32.
-  std::vector<std::vector<float, LazyZeroAllocator<float>>> k_cache_, v_cache_;
+  // KV pools per layer: [num_pages, page_size, num_kv_heads, head_dim] elements of kv_dtype_.
+  std::vector<std::vector<uint8_t, LazyZeroAllocator<uint8_t>>> k_cache_, v_cache_;
   // Quest page bounds per layer, [num_pages, num_kv_heads, 2, head_dim] (max, then min).
   std::vector<std::vector<float>> page_bounds_;
   // DoubleSparsity labels of every layer (null unless allocated).
@@ -137,6 +153,16 @@ class CpuBackend final : public Backend {
   int32_t num_pages_ = 0;
   int32_t page_size_ = 0;
   int64_t kv_page_layer_elems_ = 0;  // page_size * num_kv_heads * head_dim
+  // OK on an fp32 KV cache; else FailedPrecondition naming `what` (an fp32-only key reader).
+  absl::Status NeedFp32Keys(std::string_view what) const;
+  // Points u at layer `layer`'s keys (k_cache or k_cache_bf16 by the cache's dtype).
+  void SetKeys(int32_t layer, kernels::QuestBoundsUpdate& u) const;
+  // Bytes of one layer's K (or V) rows of one page.
+  size_t KvBlockBytes() const { return kv_page_layer_elems_ * kernels::KvDtypeBytes(kv_dtype_); }
+  // Bytes of `pages` whole pages, K and V of every layer.
+  size_t KvTransferBytes(size_t pages) const {
+    return pages * 2 * k_cache_.size() * KvBlockBytes();
+  }
   // Checks a transfer of `pages` over `bytes` bytes; returns the error or OK.
   absl::Status CheckKvTransfer(absl::Span<const int32_t> pages, size_t bytes) const;
 };

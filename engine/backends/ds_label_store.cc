@@ -7,6 +7,18 @@
 #include "engine/backends/backend.h"
 
 namespace sieve::engine {
+namespace {
+
+// Points p at a KV cache's keys by their element type (fp32 or bfloat16).
+void SetKeys(const void* k_cache, kernels::KvDtype dtype, kernels::DsAppendParams& p) {
+  if (dtype == kernels::KvDtype::kBfloat16) {
+    p.k_cache_bf16 = static_cast<const uint16_t*>(k_cache);
+  } else {
+    p.k_cache = static_cast<const float*>(k_cache);
+  }
+}
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<DsLabelStore>> DsLabelStore::Create(
     const kernels::DoubleSparsityShape& shape, int32_t num_layers, int32_t num_pages) {
@@ -57,10 +69,10 @@ bool DsLabelStore::ready() const {
   return true;
 }
 
-void DsLabelStore::Append(int32_t layer, const BatchLayout& layout, const float* k_cache,
-                          int num_threads) {
+void DsLabelStore::Append(int32_t layer, const BatchLayout& layout, const void* k_cache,
+                          kernels::KvDtype dtype, int num_threads) {
   kernels::DsAppendParams p;
-  p.k_cache = k_cache;
+  SetKeys(k_cache, dtype, p);
   p.page_table = layout.page_table.data();
   p.page_table_stride = layout.page_table_stride;
   p.kv_lens = layout.kv_lens.data();
@@ -72,14 +84,15 @@ void DsLabelStore::Append(int32_t layer, const BatchLayout& layout, const float*
 }
 
 void DsLabelStore::AppendPages(int32_t layer, absl::Span<const int32_t> pages,
-                               const float* k_cache, int num_threads) {
+                               const void* k_cache, kernels::KvDtype dtype,
+                               int num_threads) {
   if (pages.empty()) return;
   // Each page as a sequence of one full page whose tokens are all new.
   const int32_t n = static_cast<int32_t>(pages.size()), ps = shape_.page_size;
   std::vector<int32_t> kv_lens(n, ps), query_start(n + 1);
   for (int32_t i = 0; i <= n; ++i) query_start[i] = i * ps;
   kernels::DsAppendParams p;
-  p.k_cache = k_cache;
+  SetKeys(k_cache, dtype, p);
   p.page_table = pages.data();
   p.page_table_stride = 1;
   p.kv_lens = kv_lens.data();

@@ -64,9 +64,10 @@ TEST(DsLabelStoreTest, AppendsAndPlans) {
                                                    {ids.begin() + 40, ids.begin() + 60}};
   // Step 1: prefill chunks of 30, 61 and 10 tokens. Step 2: 13 more for sequence 0 (starting
   // mid-page), a decode token for 1, 5 more for 2.
-  (*store)->Append(0, Layout({30, 61, 10}, {30, 61, 10}, pages), k_cache.data(), 2);
+  (*store)->Append(0, Layout({30, 61, 10}, {30, 61, 10}, pages), k_cache.data(),
+                   kernels::KvDtype::kFloat32, 2);
   const BatchLayout step = Layout({43, 62, 15}, {13, 1, 5}, pages);
-  (*store)->Append(0, step, k_cache.data(), 2);
+  (*store)->Append(0, step, k_cache.data(), kernels::KvDtype::kFloat32, 2);
   // The same labels written directly by the kernels, in one go.
   std::vector<uint8_t> labels(kPages * kernels::DsLabelPageBytes(Shape()));
   const BatchLayout all = Layout({43, 62, 15}, {43, 62, 15}, pages);

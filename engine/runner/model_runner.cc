@@ -22,7 +22,11 @@ namespace sieve::engine {
 namespace {
 
 absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const ModelRunnerOptions& options) {
-  if (options.backend == "cpu") return std::unique_ptr<Backend>(new CpuBackend(options.num_threads));
+  if (options.backend == "cpu") {
+    const kernels::KvDtype kv = options.kv_dtype == "bfloat16" ? kernels::KvDtype::kBfloat16
+                                                               : kernels::KvDtype::kFloat32;
+    return std::unique_ptr<Backend>(new CpuBackend(options.num_threads, kv));
+  }
   if (options.backend != "cuda") {
     if (BackendFactory factory = FindRegisteredBackend(options.backend)) {
       return factory(options.num_threads);

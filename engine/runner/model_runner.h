@@ -56,6 +56,9 @@ struct ModelRunnerOptions {
   int32_t max_step_tokens = 0;       // most tokens one step may carry (activation buffers)
   int32_t max_step_logits = 0;       // most sequences one step may ask logits for
   int num_threads = 0;               // CPU threads for the CPU backend (0 = all)
+  // The KV cache's element type on the CPU backend: "float32" or "bfloat16" (EngineConfig
+  // kv_cache.dtype resolved; empty: the backend's compute dtype). Other backends ignore it.
+  std::string kv_dtype;
   // "checkpoint": load *.safetensors from the model directory; "random": seeded random weights
   // with the shapes config.json implies (for benchmarking real shapes without a checkpoint).
   std::string weights;

@@ -69,6 +69,27 @@ void CheckKvAndScheduler(const EngineConfig& c, std::vector<std::string>& errors
         absl::StrCat("kv_cache.page_size_tokens must be a power of two, got ", page));
   }
   CheckAtLeast("kv_cache.num_pages", kv.num_pages, 0, errors);
+  CheckChoice("kv_cache.dtype", kv.dtype, kDtypeNames, errors);
+  const std::string& backend = c.model.backend;
+  if (kv.dtype != "auto" && IsOneOf(kv.dtype, kDtypeNames)) {
+    if (backend == "cuda" && kv.dtype != "bfloat16") {
+      errors.push_back(absl::StrCat("kv_cache.dtype ", kv.dtype, " is not available on the cuda "
+                                    "backend (its KV cache is bfloat16); use auto or bfloat16"));
+    } else if (backend != "cpu" && backend != "cuda") {
+      errors.push_back(absl::StrCat("kv_cache.dtype must be auto on backend ", backend,
+                                    ", got ", kv.dtype));
+    }
+  }
+  if (backend == "cpu" && kv.dtype == "bfloat16") {
+    // The CPU estimators of the sparse prefill methods read fp32 keys.
+    const std::string& method = c.attention.prefill.method;
+    if (method == "minference" || method == "xattention") {
+      errors.push_back(absl::StrCat("kv_cache.dtype bfloat16 is not available with "
+                                    "attention.prefill.method ", method, " on the cpu backend "
+                                    "(its estimator reads float32 keys); use kv_cache.dtype "
+                                    "float32 (or auto), or another prefill method"));
+    }
+  }
   if (!(kv.memory_fraction > 0 && kv.memory_fraction <= 1)) {
     errors.push_back(absl::StrCat("kv_cache.memory_fraction must be in (0, 1], got ",
                                   kv.memory_fraction));
@@ -108,6 +129,11 @@ void CheckKvAndScheduler(const EngineConfig& c, std::vector<std::string>& errors
 
 bool IsOneOf(std::string_view value, std::span<const std::string_view> choices) {
   return std::find(choices.begin(), choices.end(), value) != choices.end();
+}
+
+std::string KvCacheDtype(const EngineConfig& c) {
+  if (c.kv_cache.dtype != "auto") return c.kv_cache.dtype;
+  return std::string(BackendDtype(c.model.backend));
 }
 
 std::string_view BackendDtype(std::string_view backend) {
@@ -168,6 +194,7 @@ ModelRunnerOptions RunnerOptionsFor(const EngineConfig& c) {
   o.weights = c.model.weights;
   o.random_seed = static_cast<uint64_t>(c.model.random_seed);
   o.num_threads = c.model.cpu_threads;
+  o.kv_dtype = KvCacheDtype(c);
   o.cuda_graphs = c.model.cuda_graphs;
   o.quest_page_bounds = c.attention.decode.method == "quest";
   if (c.attention.decode.method == "double_sparsity") {

@@ -84,6 +84,12 @@ struct KvCacheConfig {
   // memory on cuda, available host memory on cpu) the KV pool may use, in (0, 1]. The pool never
   // grows beyond what scheduler.max_running_requests full-context requests can use.
   double memory_fraction = 0.9;
+  // Element type of the stored keys and values, one of kDtypeNames: "auto" is the backend's
+  // compute dtype (BackendDtype: float32 on cpu, bfloat16 on cuda). The cpu backend also takes
+  // "bfloat16": keys and values rounded as written and widened as read (half the KV bytes and
+  // memory; decode attention reads half as much), computing in fp32. With it, the MInference and
+  // XAttention prefill estimators (fp32 keys only) are refused. cuda keeps bfloat16 only.
+  std::string dtype = "auto";
 
   bool operator==(const KvCacheConfig&) const = default;
 };
@@ -167,6 +173,9 @@ ModelRunnerOptions RunnerOptionsFor(const EngineConfig& config);
 // which Load may have derived). The one place they are derived. Include engine/scheduler.h to
 // call it.
 SchedulerOptions SchedulerOptionsFor(const EngineConfig& config, int32_t num_pages);
+
+// kv_cache.dtype resolved for `config`'s backend: "auto" becomes BackendDtype(model.backend).
+std::string KvCacheDtype(const EngineConfig& config);
 
 // Whether `value` is one of `choices`.
 bool IsOneOf(std::string_view value, std::span<const std::string_view> choices);

@@ -101,6 +101,45 @@ TEST(EngineConfigTest, DtypeMustBeWhatTheBackendComputesIn) {
   EXPECT_THAT(Problems(c), HasSubstr("model.dtype must be one of: auto, float32, bfloat16"));
 }
 
+// kv_cache.dtype: auto resolves to the backend's compute dtype; cpu takes float32 and bfloat16
+// (bfloat16 not with the fp32-key prefill estimators), cuda bfloat16 only; the runner gets it.
+TEST(EngineConfigTest, KvCacheDtypeIsCheckedPerBackendAndReachesTheRunner) {
+  EngineConfig c;
+  EXPECT_EQ(c.kv_cache.dtype, "auto");
+  EXPECT_EQ(RunnerOptionsFor(c).kv_dtype, "float32");
+  c.kv_cache.dtype = "bfloat16";
+  EXPECT_EQ(Problems(c), "");
+  EXPECT_EQ(RunnerOptionsFor(c).kv_dtype, "bfloat16");
+  c.kv_cache.dtype = "float32";
+  EXPECT_EQ(Problems(c), "");
+  EXPECT_EQ(RunnerOptionsFor(c).kv_dtype, "float32");
+  c.kv_cache.dtype = "float16";
+  EXPECT_THAT(Problems(c), HasSubstr("kv_cache.dtype must be one of: auto, float32, bfloat16, "
+                                     "got 'float16'"));
+  c.kv_cache.dtype = "bfloat16";
+  for (const std::string method : {"minference", "xattention"}) {
+    c.attention.prefill.method = method;
+    EXPECT_THAT(Problems(c), HasSubstr("kv_cache.dtype bfloat16 is not available with "
+                                       "attention.prefill.method " + method + " on the cpu "
+                                       "backend"));
+  }
+  c.kv_cache.dtype = "auto";
+  EXPECT_EQ(Problems(c), "");
+  c.attention.prefill.method = "dense";
+  c.attention.decode.method = "quest";
+  c.kv_cache.dtype = "bfloat16";
+  EXPECT_EQ(Problems(c), "");  // Quest's page bounds read the bf16 keys
+  c.attention.decode.method = "dense";
+  c.model.backend = "cuda";
+  EXPECT_EQ(RunnerOptionsFor(c).kv_dtype, "bfloat16");
+  EXPECT_EQ(Problems(c), "");
+  c.kv_cache.dtype = "auto";
+  EXPECT_EQ(RunnerOptionsFor(c).kv_dtype, "bfloat16");
+  c.kv_cache.dtype = "float32";
+  EXPECT_THAT(Problems(c), HasSubstr("kv_cache.dtype float32 is not available on the cuda "
+                                     "backend (its KV cache is bfloat16)"));
+}
+
 TEST(EngineConfigTest, OneCudaDeviceAndNoneOnCpu) {
   EngineConfig c;
   c.model.devices = {0};

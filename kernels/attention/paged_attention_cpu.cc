@@ -185,7 +185,8 @@ inline std::vector<WorkItem> BuildWorkItems(const PagedAttentionParams<float>& p
   return items;
 }
 
-// Per-thread buffers, reused across the thread's work items.
+// Per-thread buffers, reused across the thread's work items; TKV is the KV cache's element type.
+template <typename TKV>
 struct Scratch {
   std::vector<const float*> q;   // [rows] query vectors
   std::vector<float*> out;       // [rows] output vectors
@@ -196,7 +197,8 @@ struct Scratch {
   std::vector<float> kt;         // [head_dim, kKeyTile] the tile's keys transposed
   std::vector<int> active;       // rows that read at least one key of the tile
   std::vector<int> keys;         // the item's key positions
-  std::vector<const float*> k, v;  // [kKeyTile] the tile's K and V rows
+  std::vector<const TKV*> k, v;  // [kKeyTile] the tile's K and V rows
+  std::vector<float> row;        // [head_dim] a 16-bit key row widened before its transpose
   std::vector<int64_t> offs;     // the item's keys' row offsets into the K and V caches
   bool transpose = false;        // the item's step scores against transposed key tiles
 };
@@ -239,6 +241,7 @@ struct Partials {
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
 #include "hwy/contrib/math/math-inl.h"
+#include "kernels/cpu/kv_rows-inl.h"
 #include "kernels/cpu/tile_scores-inl.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -247,117 +250,13 @@ namespace cpu_attention {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 using DF = hn::ScalableTag<float>;
-
-// s[j] = scale * dot(q, k[j]) for j < n, four keys at a time.
-void Scores(const float* q, const float* const* k, int n, int d, float scale, float* s) {
-  const DF df;
-  const int L = static_cast<int>(hn::Lanes(df));
-  const int dv = d - d % L;
-  int j = 0;
-  for (; j + 4 <= n; j += 4) {
-    auto a0 = hn::Zero(df), a1 = hn::Zero(df), a2 = hn::Zero(df), a3 = hn::Zero(df);
-    const float *k0 = k[j], *k1 = k[j + 1], *k2 = k[j + 2], *k3 = k[j + 3];
-    for (int i = 0; i < dv; i += L) {
-      const auto qv = hn::LoadU(df, q + i);
-      a0 = hn::MulAdd(qv, hn::LoadU(df, k0 + i), a0);
-      a1 = hn::MulAdd(qv, hn::LoadU(df, k1 + i), a1);
-      a2 = hn::MulAdd(qv, hn::LoadU(df, k2 + i), a2);
-      a3 = hn::MulAdd(qv, hn::LoadU(df, k3 + i), a3);
-    }
-    float t0 = hn::GetLane(hn::SumOfLanes(df, a0)), t1 = hn::GetLane(hn::SumOfLanes(df, a1));
-    float t2 = hn::GetLane(hn::SumOfLanes(df, a2)), t3 = hn::GetLane(hn::SumOfLanes(df, a3));
-    for (int i = dv; i < d; ++i) {
-      t0 += q[i] * k0[i];
-      t1 += q[i] * k1[i];
-      t2 += q[i] * k2[i];
-      t3 += q[i] * k3[i];
-    }
-    s[j] = t0 * scale;
-    s[j + 1] = t1 * scale;
-    s[j + 2] = t2 * scale;
-    s[j + 3] = t3 * scale;
-  }
-  for (; j < n; ++j) {
-    auto a = hn::Zero(df);
-    for (int i = 0; i < dv; i += L) a = hn::MulAdd(hn::LoadU(df, q + i), hn::LoadU(df, k[j] + i), a);
-    float t = hn::GetLane(hn::SumOfLanes(df, a));
-    for (int i = dv; i < d; ++i) t += q[i] * k[j][i];
-    s[j] = t * scale;
-  }
-}
-
-// Scores of R rows (decode: the query heads of a KV head) against the same keys:
-// s[r][j] = scale * dot(q[r], k[j]), four keys at a time, each K vector loaded once for the R
-// rows (4R accumulators). q[r]/s[r] may repeat. d a multiple of the lane count.
-template <int R>
-void ScoresR(const float* const* q, const float* const* k, int n, int d, float scale,
-             float* const* s) {
-  const DF df;
-  using V = hn::Vec<DF>;
-  const int L = static_cast<int>(hn::Lanes(df));
-  int j = 0;
-  for (; j + 4 <= n; j += 4) {
-    V a[R][4];
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) a[r][c] = hn::Zero(df);
-    }
-    for (int i = 0; i < d; i += L) {
-      const V k0 = hn::LoadU(df, k[j] + i), k1 = hn::LoadU(df, k[j + 1] + i);
-      const V k2 = hn::LoadU(df, k[j + 2] + i), k3 = hn::LoadU(df, k[j + 3] + i);
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) {
-        const V qv = hn::LoadU(df, q[r] + i);
-        a[r][0] = hn::MulAdd(qv, k0, a[r][0]);
-        a[r][1] = hn::MulAdd(qv, k1, a[r][1]);
-        a[r][2] = hn::MulAdd(qv, k2, a[r][2]);
-        a[r][3] = hn::MulAdd(qv, k3, a[r][3]);
-      }
-    }
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) s[r][j + c] = hn::GetLane(hn::SumOfLanes(df, a[r][c])) * scale;
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    if (j < n) Scores(q[r], k + j, n - j, d, scale, s[r] + j);
-  }
-}
-
-// o += sum_j p[j] * v[j] over j < n, up to four vectors of o held in registers at a time.
-void AccumulatePV(const float* p, const float* const* v, int n, int d, float* o) {
-  const DF df;
-  const int L = static_cast<int>(hn::Lanes(df));
-  int i = 0;
-  for (; i + 4 * L <= d; i += 4 * L) {
-    auto a0 = hn::LoadU(df, o + i), a1 = hn::LoadU(df, o + i + L);
-    auto a2 = hn::LoadU(df, o + i + 2 * L), a3 = hn::LoadU(df, o + i + 3 * L);
-    for (int j = 0; j < n; ++j) {
-      const auto pj = hn::Set(df, p[j]);
-      const float* vj = v[j] + i;
-      a0 = hn::MulAdd(pj, hn::LoadU(df, vj), a0);
-      a1 = hn::MulAdd(pj, hn::LoadU(df, vj + L), a1);
-      a2 = hn::MulAdd(pj, hn::LoadU(df, vj + 2 * L), a2);
-      a3 = hn::MulAdd(pj, hn::LoadU(df, vj + 3 * L), a3);
-    }
-    hn::StoreU(a0, df, o + i);
-    hn::StoreU(a1, df, o + i + L);
-    hn::StoreU(a2, df, o + i + 2 * L);
-    hn::StoreU(a3, df, o + i + 3 * L);
-  }
-  for (; i + L <= d; i += L) {
-    auto a = hn::LoadU(df, o + i);
-    for (int j = 0; j < n; ++j) a = hn::MulAdd(hn::Set(df, p[j]), hn::LoadU(df, v[j] + i), a);
-    hn::StoreU(a, df, o + i);
-  }
-  for (; i < d; ++i) {
-    float a = o[i];
-    for (int j = 0; j < n; ++j) a += p[j] * v[j][i];
-    o[i] = a;
-  }
-}
+// The per-row micro-kernels over K/V rows of any element type (kernels/cpu/kv_rows-inl.h).
+using kv_rows::HWY_NAMESPACE::AccumulatePV;
+using kv_rows::HWY_NAMESPACE::AccumulatePV2;
+using kv_rows::HWY_NAMESPACE::AccumulatePVR;
+using kv_rows::HWY_NAMESPACE::Scores;
+using kv_rows::HWY_NAMESPACE::ScoresR;
+using kv_rows::HWY_NAMESPACE::WidenRow;
 
 // Two query rows against a transposed tile of kKeyTile keys (kernels/cpu/tile_scores-inl.h).
 inline void ScoresT(const float* q0, const float* q1, const float* kt, int n_pad, int d,
@@ -365,85 +264,16 @@ inline void ScoresT(const float* q0, const float* q1, const float* kt, int n_pad
   tile_scores::HWY_NAMESPACE::TwoRows(q0, q1, kt, kKeyTile, n_pad, d, scale, s0, s1);
 }
 
-// Two rows' o += sum_j p[j] * v[j] (AccumulatePV for a pair: each V vector loaded once).
-void AccumulatePV2(const float* p0, const float* p1, const float* const* v, int n, int d,
-                   float* o0, float* o1) {
-  const DF df;
-  const int L = static_cast<int>(hn::Lanes(df));
-  int i = 0;
-  for (; i + 2 * L <= d; i += 2 * L) {
-    auto a0 = hn::LoadU(df, o0 + i), a1 = hn::LoadU(df, o0 + i + L);
-    auto b0 = hn::LoadU(df, o1 + i), b1 = hn::LoadU(df, o1 + i + L);
-    for (int j = 0; j < n; ++j) {
-      const auto x = hn::Set(df, p0[j]), y = hn::Set(df, p1[j]);
-      const auto v0 = hn::LoadU(df, v[j] + i), v1 = hn::LoadU(df, v[j] + i + L);
-      a0 = hn::MulAdd(x, v0, a0);
-      a1 = hn::MulAdd(x, v1, a1);
-      b0 = hn::MulAdd(y, v0, b0);
-      b1 = hn::MulAdd(y, v1, b1);
-    }
-    hn::StoreU(a0, df, o0 + i);
-    hn::StoreU(a1, df, o0 + i + L);
-    hn::StoreU(b0, df, o1 + i);
-    hn::StoreU(b1, df, o1 + i + L);
-  }
-  if (i < d) {  // the rest of the head dimension, one row at a time
-    std::vector<const float*> tail(v, v + n);
-    for (const float*& t : tail) t += i;
-    AccumulatePV(p0, tail.data(), n, d - i, o0 + i);
-    AccumulatePV(p1, tail.data(), n, d - i, o1 + i);
-  }
-}
-
-// R rows' o[r] += sum_j p[r][j] * v[j] (AccumulatePV for R rows): 2R accumulators (R rows x 2
-// vectors) per step, each V vector loaded once for R rows. R even.
-template <int R>
-void AccumulatePVR(const float* const* p, const float* const* v, int n, int d, float* const* o) {
-  const DF df;
-  using V = hn::Vec<DF>;
-  const int L = static_cast<int>(hn::Lanes(df));
-  int i = 0;
-  for (; i + 2 * L <= d; i += 2 * L) {
-    V a0[R], a1[R];
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      a0[r] = hn::LoadU(df, o[r] + i);
-      a1[r] = hn::LoadU(df, o[r] + i + L);
-    }
-    for (int j = 0; j < n; ++j) {
-      const V v0 = hn::LoadU(df, v[j] + i), v1 = hn::LoadU(df, v[j] + i + L);
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) {
-        const V x = hn::Set(df, p[r][j]);
-        a0[r] = hn::MulAdd(x, v0, a0[r]);
-        a1[r] = hn::MulAdd(x, v1, a1[r]);
-      }
-    }
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      hn::StoreU(a0[r], df, o[r] + i);
-      hn::StoreU(a1[r], df, o[r] + i + L);
-    }
-  }
-  if (i < d) {  // the rest of the head dimension, two rows at a time
-    std::vector<const float*> tail(v, v + n);
-    for (const float*& t : tail) t += i;
-    for (int r = 0; r < R; r += 2) {
-      AccumulatePV2(p[r], p[r + 1], tail.data(), n, d - i, o[r] + i, o[r + 1] + i);
-    }
-  }
-}
-
 // AccumulatePVR over the scratch's active rows a .. a + R - 1 (probabilities in sc.s).
-template <int R>
-void AccumulateRows(Scratch& sc, int a, size_t ss, int n, int d) {
+template <int R, typename TKV>
+void AccumulateRows(Scratch<TKV>& sc, int a, size_t ss, int n, int d) {
   const float* pr[R];
   float* orow[R];
   for (int i = 0; i < R; ++i) {
     pr[i] = sc.s.data() + sc.active[a + i] * ss;
     orow[i] = sc.o.data() + static_cast<size_t>(sc.active[a + i]) * d;
   }
-  AccumulatePVR<R>(pr, sc.v.data(), n, d, orow);
+  AccumulatePVR<R, TKV>(pr, sc.v.data(), n, d, orow);
 }
 
 // The online-softmax update of one row for one tile whose scores are in s[0, n): causal mask,
@@ -484,7 +314,8 @@ bool SoftmaxUpdate(int last, const int* pos, int n, int tile_max, int d, float& 
 }
 
 // The tile's scores for the rows in sc.active, into sc.s (row stride `ss`).
-void TileScores(const PagedAttentionParams<float>& p, int n, Scratch& sc, size_t ss) {
+template <typename TKV>
+void TileScores(const PagedAttentionParams<float>& p, int n, Scratch<TKV>& sc, size_t ss) {
   const DF df;
   const int L = static_cast<int>(hn::Lanes(df));
   const int d = p.head_dim;
@@ -502,11 +333,11 @@ void TileScores(const PagedAttentionParams<float>& p, int n, Scratch& sc, size_t
     if (d % L == 0) {
       for (; a + 4 <= rows; a += 4) {
         take(4);
-        ScoresR<4>(q, sc.k.data(), n, d, p.scale, s);
+        ScoresR<4, TKV>(q, sc.k.data(), n, d, p.scale, s);
       }
       for (; a + 2 <= rows; a += 2) {
         take(2);
-        ScoresR<2>(q, sc.k.data(), n, d, p.scale, s);
+        ScoresR<2, TKV>(q, sc.k.data(), n, d, p.scale, s);
       }
     }
     for (; a < rows; ++a) {
@@ -517,7 +348,7 @@ void TileScores(const PagedAttentionParams<float>& p, int n, Scratch& sc, size_t
   }
   const int n_pad = (n + 2 * L - 1) / (2 * L) * (2 * L);
   for (int j = 0; j < n; ++j) {
-    const float* kj = sc.k[j];
+    const float* kj = WidenRow(sc.k[j], d, sc.row);
     for (int i = 0; i < d; ++i) sc.kt[static_cast<size_t>(i) * kKeyTile + j] = kj[i];
   }
   for (int i = 0; i < d; ++i) {
@@ -544,8 +375,9 @@ void TileScores(const PagedAttentionParams<float>& p, int n, Scratch& sc, size_t
 // Attention of the scratch's rows (sc.q, sc.out, sc.last) over the key positions sc.keys of
 // sequence `seq`, KV head `kv_head`: normalised into sc.out, or (partial non-null) the rows'
 // unnormalised state into partial rows [partial_row, partial_row + rows).
-void AttendRows(const PagedAttentionParams<float>& p, int seq, int kv_head, Scratch& sc,
-                Partials* partial, int64_t partial_row) {
+template <typename TKV>
+void AttendRows(const PagedAttentionParams<float>& p, const TKV* kc, const TKV* vc, int seq,
+                int kv_head, Scratch<TKV>& sc, Partials* partial, int64_t partial_row) {
   const int d = p.head_dim;
   const int rows = static_cast<int>(sc.q.size());
   const int32_t* pages = p.page_table + static_cast<int64_t>(seq) * p.page_table_stride;
@@ -569,8 +401,8 @@ void AttendRows(const PagedAttentionParams<float>& p, int seq, int kv_head, Scra
       const int t = pos[j];
       tile_min = std::min(tile_min, t);
       tile_max = std::max(tile_max, t);
-      sc.k[j] = p.k_cache + offs[j];
-      sc.v[j] = p.v_cache + offs[j];
+      sc.k[j] = kc + offs[j];
+      sc.v[j] = vc + offs[j];
     }
     // The next tile's K and V rows, toward the caches while this tile is computed: a row of a
     // long context is in L3 or memory, and the gather of scattered pages defeats the hardware
@@ -581,9 +413,9 @@ void AttendRows(const PagedAttentionParams<float>& p, int seq, int kv_head, Scra
       const int n2 = std::min(kKeyTile, n_keys - t0 - kKeyTile);
       for (int j = 0; j < n2; ++j) {
         const int64_t off = offs[kKeyTile + j];
-        for (int i = 0; i < d; i += 16) {
-          __builtin_prefetch(p.k_cache + off + i);
-          __builtin_prefetch(p.v_cache + off + i);
+        for (int i = 0; i < d; i += 64 / static_cast<int>(sizeof(TKV))) {  // a cache line
+          __builtin_prefetch(kc + off + i);
+          __builtin_prefetch(vc + off + i);
         }
       }
     }
@@ -600,8 +432,8 @@ void AttendRows(const PagedAttentionParams<float>& p, int seq, int kv_head, Scra
       }
     }
     int a = 0;
-    for (; a + 8 <= kept; a += 8) AccumulateRows<8>(sc, a, ss, n, d);
-    for (; a + 4 <= kept; a += 4) AccumulateRows<4>(sc, a, ss, n, d);
+    for (; a + 8 <= kept; a += 8) AccumulateRows<8, TKV>(sc, a, ss, n, d);
+    for (; a + 4 <= kept; a += 4) AccumulateRows<4, TKV>(sc, a, ss, n, d);
     for (; a < kept; a += 2) {
       const int r0 = sc.active[a];
       float* o0 = sc.o.data() + static_cast<size_t>(r0) * d;
@@ -628,7 +460,8 @@ void AttendRows(const PagedAttentionParams<float>& p, int seq, int kv_head, Scra
 }
 
 // The rows of work item w in the scratch: query, output and last readable position per row.
-void ItemRows(const PagedAttentionParams<float>& p, const WorkItem& w, Scratch& sc) {
+template <typename TKV>
+void ItemRows(const PagedAttentionParams<float>& p, const WorkItem& w, Scratch<TKV>& sc) {
   const int group = p.num_q_heads / p.num_kv_heads;
   const int h_begin = w.head >= 0 ? w.head : w.kv_head * group;
   const int h_end = w.head >= 0 ? w.head + 1 : h_begin + group;
@@ -648,8 +481,9 @@ void ItemRows(const PagedAttentionParams<float>& p, const WorkItem& w, Scratch& 
 
 // Lays out the rows and keys (entries [key_begin, key_end) of its list for a split-KV part) of
 // one work item in the scratch, then attends.
-void RunItem(const PagedAttentionParams<float>& p, const WorkItem& w, Scratch& sc,
-             Partials& partials) {
+template <typename TKV>
+void RunItem(const PagedAttentionParams<float>& p, const TKV* kc, const TKV* vc,
+             const WorkItem& w, Scratch<TKV>& sc, Partials& partials) {
   ItemRows(p, w, sc);
   sc.transpose = QueryLen(p, w.seq) * (p.num_q_heads / p.num_kv_heads) >= kTransposeRows;
   const int last = LastPos(p, w.seq, w.q_end - 1);
@@ -679,13 +513,14 @@ void RunItem(const PagedAttentionParams<float>& p, const WorkItem& w, Scratch& s
       }
     }
   }
-  AttendRows(p, w.seq, w.kv_head, sc, w.partial_row >= 0 ? &partials : nullptr, w.partial_row);
+  AttendRows(p, kc, vc, w.seq, w.kv_head, sc, w.partial_row >= 0 ? &partials : nullptr,
+             w.partial_row);
 }
 
 // Combines the parts of split item g into its outputs: with M the largest part max, o = sum_i
 // exp(m_i - M) o_i / sum_i exp(m_i - M) l_i (parts that read no key have l_i = 0 and drop out).
 void MergeParts(const PagedAttentionParams<float>& p, const SplitGroup& g,
-                const Partials& partials, Scratch& sc) {
+                const Partials& partials, Scratch<float>& sc) {
   const int d = p.head_dim;
   ItemRows(p, g.item, sc);
   sc.o.assign(d, 0.0f);
@@ -710,8 +545,9 @@ void MergeParts(const PagedAttentionParams<float>& p, const SplitGroup& g,
   }
 }
 
-void PagedAttentionCpuImpl(const PagedAttentionParams<float>& p, int num_threads,
-                           bool group_shared_rows) {
+template <typename TKV>
+void Attend(const PagedAttentionParams<float>& p, const TKV* kc, const TKV* vc, int num_threads,
+            bool group_shared_rows) {
   std::vector<SplitGroup> groups;
   int64_t partial_rows = 0;
   const std::vector<WorkItem> items = BuildWorkItems(p, group_shared_rows, groups, &partial_rows);
@@ -724,18 +560,34 @@ void PagedAttentionCpuImpl(const PagedAttentionParams<float>& p, int num_threads
   const int workers = static_cast<int>(std::min<int64_t>(num_threads, items.size()));
   std::atomic<int64_t> next{0};
   ParallelFor(workers, workers, 1, [&](int64_t, int64_t) {
-    Scratch sc;
+    Scratch<TKV> sc;
     for (int64_t i = next.fetch_add(1); i < static_cast<int64_t>(items.size());
          i = next.fetch_add(1)) {
-      RunItem(p, items[i], sc, partials);
+      RunItem(p, kc, vc, items[i], sc, partials);
     }
   });
   if (groups.empty()) return;
   const int merge_workers = static_cast<int>(std::min<int64_t>(num_threads, groups.size()));
   ParallelFor(static_cast<int64_t>(groups.size()), merge_workers, 1, [&](int64_t b, int64_t e) {
-    Scratch sc;
+    Scratch<float> sc;
     for (int64_t g = b; g < e; ++g) MergeParts(p, groups[g], partials, sc);
   });
+}
+
+// One instantiation of the kernel per KV element type (the type-erased caches of kv).
+void PagedAttentionCpuImpl(const PagedAttentionParams<float>& p, const PagedKvCache& kv,
+                           int num_threads, bool group_shared_rows) {
+  switch (kv.dtype) {
+    case KvDtype::kFloat32:
+      return Attend(p, static_cast<const float*>(kv.k), static_cast<const float*>(kv.v),
+                    num_threads, group_shared_rows);
+    case KvDtype::kBfloat16:
+      return Attend(p, static_cast<const hwy::bfloat16_t*>(kv.k),
+                    static_cast<const hwy::bfloat16_t*>(kv.v), num_threads, group_shared_rows);
+    case KvDtype::kFloat16:
+      return Attend(p, static_cast<const hwy::float16_t*>(kv.k),
+                    static_cast<const hwy::float16_t*>(kv.v), num_threads, group_shared_rows);
+  }
 }
 
 }  // namespace HWY_NAMESPACE
@@ -755,7 +607,13 @@ void PagedAttentionCpu(const PagedAttentionParams<float>& p, int num_threads) {
 
 void PagedAttentionCpu(const PagedAttentionParams<float>& p, int num_threads,
                        const PagedAttentionCpuOptions& options) {
-  HWY_DYNAMIC_DISPATCH(cpu_attention::PagedAttentionCpuImpl)(p, num_threads,
+  PagedAttentionCpu(p, PagedKvCache{p.k_cache, p.v_cache, KvDtype::kFloat32}, num_threads,
+                    options);
+}
+
+void PagedAttentionCpu(const PagedAttentionParams<float>& p, const PagedKvCache& kv,
+                       int num_threads, const PagedAttentionCpuOptions& options) {
+  HWY_DYNAMIC_DISPATCH(cpu_attention::PagedAttentionCpuImpl)(p, kv, num_threads,
                                                              options.group_shared_rows);
 }
 

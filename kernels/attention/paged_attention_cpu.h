@@ -7,6 +7,7 @@
 #define SIEVE_KERNELS_ATTENTION_PAGED_ATTENTION_CPU_H_
 
 #include "kernels/attention/paged_attention.h"
+#include "kernels/cpu/half.h"
 
 namespace sieve::kernels {
 
@@ -38,6 +39,22 @@ struct PagedAttentionCpuOptions {
 };
 void PagedAttentionCpu(const PagedAttentionParams<float>& p, int num_threads,
                        const PagedAttentionCpuOptions& options);
+
+// One layer's K and V pools in the layout of p.k_cache / p.v_cache, stored as `dtype` elements.
+struct PagedKvCache {
+  const void* k = nullptr;
+  const void* v = nullptr;
+  KvDtype dtype = KvDtype::kFloat32;
+};
+
+// PagedAttentionCpu over K/V caches of any KvDtype (p.k_cache and p.v_cache are ignored and may
+// be null): the same kernel, instantiated per element type, widening each K and V vector to
+// fp32 as it loads it (bfloat16: a shift; float16: F16C where the host has it), so scores,
+// softmax and outputs are fp32 as above and a 16-bit cache reads half the bytes. The result
+// equals the fp32 kernel run on the same caches widened to fp32, up to the order of the fp32
+// sums (one code path: the same items, tiles and sums as the fp32 instantiation).
+void PagedAttentionCpu(const PagedAttentionParams<float>& p, const PagedKvCache& kv,
+                       int num_threads, const PagedAttentionCpuOptions& options = {});
 
 // The instruction set PagedAttentionCpu runs with on this host (Highway's name: "AVX3", "AVX2",
 // ...), for benchmark and log lines.

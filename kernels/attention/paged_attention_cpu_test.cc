@@ -19,12 +19,14 @@
 #include <random>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "gtest/gtest.h"
 #include "kernels/attention/paged_attention.h"
 #include "kernels/attention/paged_attention_cpu.h"
 #include "kernels/attention/paged_kv_test_util.h"
+#include "kernels/cpu/half.h"
 
 namespace sieve::kernels {
 namespace {
@@ -237,6 +239,94 @@ TEST_P(PagedAttentionCpuTest, GroupSharedRowsMatchReference) {
     PagedAttentionCpu(b.Params(per_row, &x.index), 3, {.group_shared_rows = false});
     ExpectClose(per_row, ref, sh.head_dim, "per-row items qb " + std::to_string(qb));
   }
+}
+
+// 16-bit KV caches (bfloat16, float16). The batch's K and V are rounded to the 16-bit type (its
+// bit patterns passed to the kernel) and replaced by their exact fp32 widening, on which the
+// reference and the fp32 kernel run. Tolerance: the kernel widens every K and V element exactly
+// and then does the fp32 instantiation's arithmetic in the same order, so its inputs are the
+// reference's inputs and the fp32 derivation above applies unchanged (kRelTol); and its output
+// must equal the fp32 kernel's on the widened cache bit for bit (one code path). Covers dense,
+// sparse (decode pages, prefill blocks with columns, group-shared rows), split-KV decode over
+// 9000 keys, prefill chunks, and every block listed == dense bitwise. (Bitwise where the sparse
+// items cut the rows as the dense ones do: query blocks of a dense item's 128 / group queries.
+// Other cuts change which items are split-KV parts, hence the order of the sums; they are
+// compared within kRelTol, as EveryBlockListedEqualsDense does for fp32.)
+struct Kv16 {
+  std::vector<uint16_t> k, v;
+  KvDtype dtype;
+  Kv16(Batch& b, KvDtype t) : dtype(t) {
+    for (auto [src, dst] : {std::pair{&b.k, &k}, std::pair{&b.v, &v}}) {
+      dst->resize(src->size());
+      for (size_t i = 0; i < src->size(); ++i) {
+        const float x = (*src)[i];
+        (*dst)[i] = t == KvDtype::kBfloat16 ? FloatToBf16(x) : FloatToF16(x);
+        (*src)[i] = t == KvDtype::kBfloat16 ? Bf16ToFloat((*dst)[i]) : F16ToFloat((*dst)[i]);
+      }
+    }
+  }
+  PagedKvCache Cache() const { return {k.data(), v.data(), dtype}; }
+};
+
+TEST_P(PagedAttentionCpuTest, Kv16MatchesReferenceOnRoundedKv) {
+  const Shape sh = GetParam();
+  std::vector<Seq> seqs = MixedSeqs(sh.page_size);
+  seqs.push_back({9000, 1});   // split-KV decode
+  seqs.push_back({4097, 16});  // split-KV short chunk
+  for (const KvDtype t : {KvDtype::kBfloat16, KvDtype::kFloat16}) {
+    const std::string name = KvDtypeName(t);
+    Batch b(seqs, sh, 61 + sh.page_size * 3 + sh.head_dim + sh.group * 7 + static_cast<int>(t));
+    const Kv16 kv(b, t);
+    std::vector<float> ref, out, out32;
+    PagedAttentionRef(b.Params(ref), 0);
+    PagedAttentionCpu(b.Params(out), kv.Cache(), 2);
+    PagedAttentionCpu(b.Params(out32), 2);
+    ExpectClose(out, ref, sh.head_dim, name + " dense");
+    EXPECT_EQ(out, out32) << name << " dense differs from the fp32 kernel on the widened cache";
+    const std::vector<float> dense = out;
+    const struct {
+      int qb, kb;
+      double pb, pc;
+      int share;
+    } cases[] = {{1, sh.page_size, 0.5, 0.0, 1},
+                 {1, sh.page_size, 0.3, 0.01, sh.group},
+                 {16, 16, 0.3, 0.02, 1},
+                 {128 / sh.group, sh.page_size, 1.0, 0.0, 1}};  // every block listed
+    uint32_t seed = 3;
+    for (const auto& c : cases) {
+      const std::string what = name + " sparse qb " + std::to_string(c.qb) + " pb " +
+                               std::to_string(c.pb) + " share " + std::to_string(c.share);
+      const RandomIndex x(b, c.qb, c.kb, c.pb, c.pc, seed++, c.share);
+      PagedAttentionRef(b.Params(ref, &x.index), 0);
+      PagedAttentionCpu(b.Params(out, &x.index), kv.Cache(), 2);
+      PagedAttentionCpu(b.Params(out32, &x.index), 2);
+      ExpectClose(out, ref, sh.head_dim, what);
+      EXPECT_EQ(out, out32) << what << ": differs from the fp32 kernel on the widened cache";
+      if (c.pb == 1.0) EXPECT_EQ(out, dense) << what << ": every block listed != dense";
+    }
+  }
+}
+
+// FloatToF16 (the tests' float16 caches) rounds to nearest even: every binary16 value survives
+// a round trip, and midpoints between neighbours go to the even one.
+TEST(HalfTest, FloatToF16RoundsToNearestEven) {
+  for (uint32_t h = 0; h < 0x10000u; ++h) {
+    const uint16_t bits = static_cast<uint16_t>(h);
+    const float f = F16ToFloat(bits);
+    if (std::isnan(f)) {
+      EXPECT_TRUE(std::isnan(F16ToFloat(FloatToF16(f))));
+      continue;
+    }
+    ASSERT_EQ(FloatToF16(f), bits) << h;
+    if ((h & 0x7fffu) >= 0x7bffu) continue;  // the next value up is inf
+    const float next = F16ToFloat(static_cast<uint16_t>(h + 1));
+    const float mid = 0.5f * (f + next);     // exact in fp32
+    ASSERT_EQ(FloatToF16(mid), (h & 1u) ? h + 1 : h) << h;
+  }
+  EXPECT_EQ(FloatToF16(65520.0f), 0x7c00u);
+  EXPECT_EQ(FloatToF16(65519.0f), 0x7bffu);
+  EXPECT_EQ(FloatToF16(std::ldexp(1.0f, -25)), 0u);  // half the smallest subnormal: tie to 0
+  EXPECT_EQ(FloatToF16(std::ldexp(1.5f, -25)), 1u);
 }
 
 std::vector<Shape> Shapes() {

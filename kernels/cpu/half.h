@@ -3,10 +3,28 @@
 #ifndef SIEVE_KERNELS_CPU_HALF_H_
 #define SIEVE_KERNELS_CPU_HALF_H_
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
 namespace sieve::kernels {
+
+// Element type of a KV cache on the host (K and V pools alike): fp32, or 16-bit bit patterns
+// (bfloat16, IEEE binary16) that the CPU kernels widen to fp32 as they read them.
+enum class KvDtype : uint8_t { kFloat32, kBfloat16, kFloat16 };
+
+// Bytes per element: 4 or 2.
+inline int KvDtypeBytes(KvDtype t) { return t == KvDtype::kFloat32 ? 4 : 2; }
+
+// "float32", "bfloat16", "float16" (the config spelling).
+inline const char* KvDtypeName(KvDtype t) {
+  switch (t) {
+    case KvDtype::kFloat32: return "float32";
+    case KvDtype::kBfloat16: return "bfloat16";
+    case KvDtype::kFloat16: return "float16";
+  }
+  return "?";
+}
 
 // bfloat16 is the upper half of an fp32: widening is exact.
 inline float Bf16ToFloat(uint16_t bits) {
@@ -23,6 +41,28 @@ inline uint16_t FloatToBf16(float f) {
   if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
   u += 0x7fffu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);
+}
+
+// float to IEEE 754 binary16, rounding to nearest, ties to even: overflow gives inf, NaN stays
+// NaN, values below half the smallest subnormal give (signed) zero.
+inline uint16_t FloatToF16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t abs = u & 0x7fffffffu;
+  if (abs > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);  // NaN
+  if (abs >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to inf
+  if (abs < 0x38800000u) {  // subnormal or zero in fp16: round abs / 2^-24 to an integer
+    float a;
+    std::memcpy(&a, &abs, sizeof a);
+    const float scaled = a * 16777216.0f;  // exact: a power of two
+    return static_cast<uint16_t>(sign | static_cast<uint32_t>(std::nearbyint(scaled)));
+  }
+  // Normal: drop 13 mantissa bits with round-to-nearest-even; a carry bumps the exponent.
+  uint32_t h = ((abs >> 13) - ((127 - 15) << 10));
+  const uint32_t rest = abs & 0x1fffu;
+  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;
+  return static_cast<uint16_t>(sign | h);
 }
 
 // IEEE 754 binary16 to float, exact for every input including subnormals, inf and NaN.

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <numeric>
+#include <vector>
 
 #include "kernels/cpu/half.h"
 #include "kernels/cpu/parallel_for.h"
@@ -15,25 +16,7 @@ namespace sieve::kernels {
 
 namespace ds_internal {
 
-uint16_t FloatToF16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  const uint32_t sign = (u >> 16) & 0x8000u;
-  const uint32_t abs = u & 0x7fffffffu;
-  if (abs > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);  // NaN
-  if (abs >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to inf
-  if (abs < 0x38800000u) {  // subnormal or zero in fp16: round abs / 2^-24 to an integer
-    float a;
-    std::memcpy(&a, &abs, sizeof a);
-    const float scaled = a * 16777216.0f;  // exact: a power of two
-    return static_cast<uint16_t>(sign | static_cast<uint32_t>(std::nearbyint(scaled)));
-  }
-  // Normal: drop 13 mantissa bits with round-to-nearest-even; a carry bumps the exponent.
-  uint32_t h = ((abs >> 13) - ((127 - 15) << 10));
-  const uint32_t rest = abs & 0x1fffu;
-  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;
-  return static_cast<uint16_t>(sign | h);
-}
+uint16_t FloatToF16(float f) { return kernels::FloatToF16(f); }
 
 }  // namespace ds_internal
 
@@ -138,6 +121,7 @@ void DsWriteLabels(const DoubleSparsityShape& s, const DsAppendParams& p, int nu
   const int64_t head_bytes = DsLabelHeadBytes(s);
   const int64_t page_bytes = DsLabelPageBytes(s);
   ParallelFor(p.num_seqs, num_threads, 1, [&](int64_t s0, int64_t s1) {
+    std::vector<float> row;  // a token's bfloat16 keys widened
     for (int64_t seq = s0; seq < s1; ++seq) {
       const int q_len = p.query_start[seq + 1] - p.query_start[seq];
       const int first = p.kv_lens[seq] - q_len;
@@ -146,10 +130,15 @@ void DsWriteLabels(const DoubleSparsityShape& s, const DsAppendParams& p, int nu
         const int pos = first + j;
         const int64_t page = pages[pos / s.page_size];
         const int slot = pos % s.page_size;
+        const int64_t row_elems = int64_t{s.num_kv_heads} * s.head_dim;
+        const int64_t at = (page * s.page_size + slot) * row_elems;
         const float* keys =  // [num_kv_heads, head_dim] of this token
-            p.k != nullptr
-                ? p.k + (p.query_start[seq] + j) * int64_t{s.num_kv_heads} * s.head_dim
-                : p.k_cache + (page * s.page_size + slot) * int64_t{s.num_kv_heads} * s.head_dim;
+            p.k != nullptr ? p.k + (p.query_start[seq] + j) * row_elems : p.k_cache + at;
+        if (p.k == nullptr && p.k_cache == nullptr) {
+          row.resize(row_elems);
+          for (int64_t i = 0; i < row_elems; ++i) row[i] = Bf16ToFloat(p.k_cache_bf16[at + i]);
+          keys = row.data();
+        }
         for (int lh = 0; lh < label_heads; ++lh) {
           const int kvh = s.per_kv_head_labels ? lh : lh / group;
           WriteRow(s, keys + int64_t{kvh} * s.head_dim, p.channels + lh * s.channels,

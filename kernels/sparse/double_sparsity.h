@@ -81,6 +81,8 @@ struct DsAppendParams {
   // read them from k_cache [num_pages, page_size, num_kv_heads, head_dim] at their positions.
   const float* k = nullptr;
   const float* k_cache = nullptr;
+  // Or (k and k_cache null) the cache's keys stored as bfloat16 (a 16-bit KV cache), widened.
+  const uint16_t* k_cache_bf16 = nullptr;
   const int32_t* page_table = nullptr;  // [num_seqs, page_table_stride]
   int32_t page_table_stride = 0;
   const int32_t* kv_lens = nullptr;     // [num_seqs]

@@ -12,7 +12,7 @@ namespace sieve::kernels::ds_internal {
 // Code bytes per channel of a 4-bit label block: slots j and j + half share byte j.
 inline int HalfOf(int page_size) { return (page_size + 1) / 2; }
 
-// float -> IEEE binary16, round to nearest even (overflow to inf, NaN stays NaN).
+// float -> IEEE binary16, round to nearest even (kernels::FloatToF16 of kernels/cpu/half.h).
 uint16_t FloatToF16(float f);
 
 // Sizes out.query_block_start, row_start, column_start (min(k, L) per row) and columns.

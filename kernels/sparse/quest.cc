@@ -9,6 +9,7 @@
 #include <limits>
 #include <vector>
 
+#include "kernels/cpu/half.h"
 #include "kernels/cpu/parallel_for.h"
 #include "kernels/sparse/quest.h"
 
@@ -104,12 +105,18 @@ inline const float* BoundsOf(const QuestSelectParams& p, int s, int32_t page, in
 
 void QuestUpdateBounds(const QuestBoundsUpdate& u) {
   const int d = u.head_dim;
+  std::vector<float> row(u.k_cache == nullptr ? d : 0);  // a bfloat16 key widened
   for (int32_t i = 0; i < u.num_tokens; ++i) {
     const int64_t slot = u.slots[i];
     const int64_t page = slot / u.page_size;
     const bool fresh = slot % u.page_size == 0;
     for (int g = 0; g < u.num_kv_heads; ++g) {
-      const float* k = u.k_cache + (slot * u.num_kv_heads + g) * d;
+      const int64_t at = (slot * u.num_kv_heads + g) * d;
+      const float* k = u.k_cache + at;
+      if (u.k_cache == nullptr) {
+        for (int c = 0; c < d; ++c) row[c] = Bf16ToFloat(u.k_cache_bf16[at + c]);
+        k = row.data();
+      }
       float* mx = u.bounds + (page * u.num_kv_heads + g) * 2 * d;
       float* mn = mx + d;
       if (fresh) {  // a new page: whatever it held before is gone

@@ -27,6 +27,9 @@ namespace sieve::kernels {
 // order (a step's tokens do). Serial; O(num_tokens * num_kv_heads * head_dim).
 struct QuestBoundsUpdate {
   const float* k_cache = nullptr;  // one layer's keys
+  // Or (k_cache null) the layer's keys stored as bfloat16 (a 16-bit KV cache), widened to fp32
+  // as read: the bounds are those of the keys attention reads.
+  const uint16_t* k_cache_bf16 = nullptr;
   float* bounds = nullptr;         // one layer's bounds [num_pages, num_kv_heads, 2, head_dim]
   const int64_t* slots = nullptr;  // [num_tokens]
   int32_t num_tokens = 0;
