@@ -1,0 +1,40 @@
+// The grpc_call_start_batch side of server/tsan_handoff.h, in ThreadSanitizer builds only.
+//
+// grpcpp's inline code (compiled into our binaries) starts every batch of a call's operations
+// through grpc_call_start_batch in Debian's libgrpc, after it has serialized the messages and
+// copied the status into the batch. Defining the function here interposes it for the binaries
+// that link this object (the executable's definition comes first in the dynamic linker's
+// search, for libgrpc++'s calls too): it releases on the call, then calls libgrpc's function
+// (the next definition, from dlsym(RTLD_NEXT)). The release comes before the batch reaches
+// gRPC's core, hence before any completion of it.
+#include "server/tsan_handoff.h"
+
+#ifdef SIEVE_TSAN_HANDOFF
+
+#include <dlfcn.h>
+#include <grpc/grpc.h>
+
+#include <cstdio>
+#include <cstdlib>
+
+namespace sieve::server {
+
+void TsanAcquireCall(grpc_call* call) { __tsan_acquire(call); }
+
+}  // namespace sieve::server
+
+extern "C" grpc_call_error grpc_call_start_batch(grpc_call* call, const grpc_op* ops, size_t nops,
+                                                 void* tag, void* reserved) {
+  using StartBatch = grpc_call_error (*)(grpc_call*, const grpc_op*, size_t, void*, void*);
+  static const StartBatch real =
+      reinterpret_cast<StartBatch>(dlsym(RTLD_NEXT, "grpc_call_start_batch"));
+  if (real == nullptr) {
+    std::fprintf(stderr, "tsan_handoff: libgrpc's grpc_call_start_batch not found: %s\n",
+                 dlerror());
+    std::abort();
+  }
+  __tsan_release(call);
+  return real(call, ops, nops, tag, reserved);
+}
+
+#endif  // SIEVE_TSAN_HANDOFF
