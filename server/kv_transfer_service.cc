@@ -433,20 +433,25 @@ void KvTransferService::SetEngine(engine::Engine* engine) {
 void KvTransferService::StartDraining() { draining_.store(true); }
 
 bool KvTransferService::WaitForNoCalls(absl::Duration timeout) {
-  absl::MutexLock lock(&mu_);
-  auto none = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return calls_ == 0; };
-  return mu_.AwaitWithTimeout(absl::Condition(&none), timeout);
+  std::unique_lock<std::mutex> lock(mu_);
+  auto none = [this] { return calls_ == 0; };
+  if (timeout == absl::InfiniteDuration()) {
+    calls_changed_.wait(lock, none);
+    return true;
+  }
+  return calls_changed_.wait_for(lock, absl::ToChronoNanoseconds(timeout), none);
 }
 
 int KvTransferService::active_calls() const {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   return calls_;
 }
 
 void KvTransferService::CallDone(std::string_view method, grpc::StatusCode code) {
   {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     --calls_;
+    calls_changed_.notify_all();
   }
   if (options_.on_rpc_done) options_.on_rpc_done(method, code);
 }
@@ -454,7 +459,7 @@ void KvTransferService::CallDone(std::string_view method, grpc::StatusCode code)
 grpc::ServerWriteReactor<kv::v1::PrefillChunk>* KvTransferService::Prefill(
     grpc::CallbackServerContext* context, const kv::v1::PrefillRequest* request) {
   {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     ++calls_;
   }
   auto* reactor = new PrefillReactor(this, context);
