@@ -34,7 +34,26 @@ extern "C" grpc_call_error grpc_call_start_batch(grpc_call* call, const grpc_op*
     std::abort();
   }
   __tsan_release(call);
+  __tsan_release(tag);
   return real(call, ops, nops, tag, reserved);
+}
+
+// The completion side: libgrpc++'s callback threads take each completion with
+// grpc_completion_queue_next and then run the tag's callback code (deserializing a received
+// message into the reactor's buffer, counting the call's callbacks down, ...) before any callback
+// of ours can acquire. The completed batch's tag is the one grpc_call_start_batch released.
+extern "C" grpc_event grpc_completion_queue_next(grpc_completion_queue* cq, gpr_timespec deadline,
+                                                 void* reserved) {
+  using Next = grpc_event (*)(grpc_completion_queue*, gpr_timespec, void*);
+  static const Next real = reinterpret_cast<Next>(dlsym(RTLD_NEXT, "grpc_completion_queue_next"));
+  if (real == nullptr) {
+    std::fprintf(stderr, "tsan_handoff: libgrpc's grpc_completion_queue_next not found: %s\n",
+                 dlerror());
+    std::abort();
+  }
+  grpc_event event = real(cq, deadline, reserved);
+  if (event.type == GRPC_OP_COMPLETE && event.tag != nullptr) __tsan_acquire(event.tag);
+  return event;
 }
 
 #endif  // SIEVE_TSAN_HANDOFF

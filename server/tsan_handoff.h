@@ -15,7 +15,9 @@
 //   - the call's (grpc_call*): tsan_handoff.cc wraps grpc_call_start_batch, the one function
 //     through which grpcpp's inline code hands a batch of operations to gRPC's core, with a
 //     release on the call, so what the starting thread did up to the hand-off (serializing the
-//     message included) is declared;
+//     message included) is declared; it releases on the batch's tag too, which its wrapper of
+//     grpc_completion_queue_next acquires on the thread that takes the completion, before
+//     gRPC's inline completion code (deserializing into our message, counting down) runs;
 // and TsanTakeOver(this, call) first thing in each On* callback acquires both. The declared
 // order is the one gRPC provides: a callback comes after the hand-offs that started its
 // operations. Nothing else is ordered by it: a race between a callback and a thread of ours that
