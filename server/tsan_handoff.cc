@@ -6,7 +6,12 @@
 // that link this object (the executable's definition comes first in the dynamic linker's
 // search, for libgrpc++'s calls too): it releases on the call, then calls libgrpc's function
 // (the next definition, from dlsym(RTLD_NEXT)). The release comes before the batch reaches
-// gRPC's core, hence before any completion of it.
+// gRPC's core, hence before any completion of it. It releases on the batch's tag as well, and
+// grpc_completion_queue_next, wrapped the same way, acquires the tag of each completion it
+// returns: libgrpc++'s callback threads take completions with it and then run grpcpp's inline
+// completion code (deserializing a received message into the reactor's buffer) before calling
+// us. A binary that never calls TsanTakeOver(object, call) does not link this object, hence
+// neither wrapper (the integration tests' client code, for one).
 #include "server/tsan_handoff.h"
 
 #ifdef SIEVE_TSAN_HANDOFF
