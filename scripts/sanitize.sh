@@ -39,11 +39,24 @@
 #   the same program with a std::mutex must run clean. (An intercepted call's report has the
 #   interceptor, in libtsan, as its top frame, so the libraries are named by called_from_lib,
 #   which looks at the interceptor's caller, rather than by race_top.)
-# State on 2026-12-05: the engine tests and 115 of the 120 server tests run clean; 5 server
-# tests still stop at gRPC handoffs whose top frame is a libstdc++ template instantiated for
-# gRPC's inline code (docs/reliability.md, "TSan, server"), and the integration tests were not
-# run under TSan yet.
+# - gRPC hands a call's reactor from the thread that started an operation to the thread that
+#   runs its callback through its core. Our reactors declare that hand-off where it happens
+#   (server/tsan_handoff.h: a release when our code hands the reactor to gRPC and in a wrapper
+#   of grpc_call_start_batch, an acquire first thing in each On* callback), under TSan only, so
+#   no suppression has to hide the messages and members our reactors share with gRPC; what is
+#   left for tsan.supp is gRPC's inline code that runs on the callback's thread before the
+#   callback. server_race_canary_test also checks a race in such a reactor is still reported.
+# - UCX (libucx-dev, linked when CMake finds it) patches mmap/madvise at load time; a thread
+#   exiting then calls UCX's madvise hook, which locks a pthread rwlock after TSan has torn the
+#   thread's state down (SIGSEGV in __tsan::MutexPreReadLock). The tsan mode turns the hooks off
+#   (UCX_MEM_MMAP_HOOK_MODE=none; its children inherit it).
+# - Our executables do not export their std::string code (scripts/sanitize/tsan-exports.map), so
+#   libgrpc does not run it in place of libstdc++'s.
 # Each suppression has its reason in scripts/sanitize/{lsan,tsan}.supp.
+# State on 2026-12-06: the server label runs clean in about half the runs (126 of 126; otherwise
+# one report left open, ChatTest.BadMessageListsAreInvalidArgument); the integration label does not
+# yet (gRPC's FinishOnlyReactor, the load test's client reactors, fixed 20 s start waits too
+# short for the TSan daemon on a loaded VM): docs/reliability.md, "TSan, server".
 #
 # Both modes compile at the optimization of their flags (-O1; the build type's -O2 is dropped)
 # and TSan with -g1 (line tables: stacks keep file:line, the build is faster on the 2-core VM).
@@ -70,13 +83,14 @@ ci_targets=(server_convert_test server_log_test server_stream_utf8_test engine_s
   engine_engine_test)
 if [[ -n ${SIEVE_SAN_CI_TARGETS:-} ]]; then read -r -a ci_targets <<<"$SIEVE_SAN_CI_TARGETS"; fi
 
-configure() {  # configure DIR FLAGS...
-  local dir=$1 flags=$2
+configure() {  # configure DIR FLAGS [EXTRA_EXE_LINKER_FLAGS]
+  local dir=$1 flags=$2 exe_flags=${3:-}
   cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
     -DCMAKE_C_FLAGS_RELWITHDEBINFO=-DNDEBUG -DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-DNDEBUG \
     -DCMAKE_C_COMPILER="$cc" -DCMAKE_CXX_COMPILER="$cxx" "${launcher[@]}" -DSIEVE_CUDA=OFF \
     -DCMAKE_C_FLAGS="$flags" -DCMAKE_CXX_FLAGS="$flags" \
-    -DCMAKE_EXE_LINKER_FLAGS="$flags" -DCMAKE_SHARED_LINKER_FLAGS="$flags" >/dev/null
+    -DCMAKE_EXE_LINKER_FLAGS="$flags${exe_flags:+ $exe_flags}" \
+    -DCMAKE_SHARED_LINKER_FLAGS="$flags" >/dev/null
 }
 
 export ASAN_OPTIONS=detect_leaks=1:halt_on_error=1:abort_on_error=1:detect_stack_use_after_return=1
@@ -122,7 +136,9 @@ run_ci() {
 
 run_tsan() {
   local dir=build-tsan
-  configure "$dir" "-O1 -g1 -fno-omit-frame-pointer -fsanitize=thread"
+  # scripts/sanitize/tsan-exports.map: the executables keep their std::string code to themselves.
+  configure "$dir" "-O1 -g1 -fno-omit-frame-pointer -fsanitize=thread" \
+    "-Wl,--version-script=$PWD/scripts/sanitize/tsan-exports.map"
   # TSan needs the address layout it expects: without ASLR where the kernel randomizes more bits
   # than this TSan supports (vm.mmap_rnd_bits 28 and above with GCC 12's). The build runs the
   # test binaries too (gtest_discover_tests), so it gets the same.
@@ -130,6 +146,7 @@ run_tsan() {
   if command -v setarch >/dev/null && setarch "$(uname -m)" -R true 2>/dev/null; then
     norandom=(setarch "$(uname -m)" -R)
   fi
+  export UCX_MEM_MMAP_HOOK_MODE=none
   local start=$SECONDS
   "${norandom[@]}" ninja -C "$dir" -j "$jobs" ${SIEVE_SAN_TARGETS:-}
   echo "sanitize: tsan build took $((SECONDS - start)) s"

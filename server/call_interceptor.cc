@@ -13,6 +13,7 @@
 #include "server/convert.h"
 #include "server/log.h"
 #include "server/metrics.h"
+#include "server/tsan_handoff.h"
 #include "sieve/v1/sieve.pb.h"
 
 namespace sieve::server {
@@ -42,13 +43,18 @@ class CallInterceptor final : public grpc::experimental::Interceptor {
  public:
   CallInterceptor(ServerRpcInfo* info, const CallInterceptorOptions& options)
       : info_(info), options_(options), method_(info->method() ? info->method() : ""),
-        start_(absl::Now()) {}
+        start_(absl::Now()),
+        call_(info->server_context() != nullptr ? info->server_context()->c_call() : nullptr) {
+    TsanHandOff(this);  // server/tsan_handoff.h: gRPC runs the hooks on its other threads
+  }
 
   ~CallInterceptor() override {
+    TsanTakeOver(this, call_);
     if (options_.access_log) WriteAccessLog();
   }
 
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    TsanTakeOver(this, call_);
     if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::POST_RECV_INITIAL_METADATA)) {
       CheckAuthentication(*methods->GetRecvInitialMetadata());
     }
@@ -61,6 +67,9 @@ class CallInterceptor final : public grpc::experimental::Interceptor {
     if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_STATUS)) {
       OnSendStatus(methods);
     }
+    // Proceed hands the call on (to the handler, to gRPC's core): declared on the call too.
+    TsanHandOff(this);
+    if (call_ != nullptr) TsanHandOff(call_);
     methods->Proceed();
   }
 
@@ -162,6 +171,7 @@ class CallInterceptor final : public grpc::experimental::Interceptor {
   const CallInterceptorOptions& options_;
   const std::string method_;
   const absl::Time start_;
+  grpc_call* const call_;  // for the TSan hand-off only (server/tsan_handoff.h)
   std::optional<absl::Time> first_message_;
   std::optional<std::string> unparseable_;  // the INVALID_ARGUMENT message, once known
   std::optional<absl::Status> denied_;      // the gate's UNAUTHENTICATED status

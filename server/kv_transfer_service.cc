@@ -12,6 +12,7 @@
 #include "server/crc32c.h"
 #include "server/kv_data_plane.h"
 #include "server/log.h"
+#include "server/tsan_handoff.h"
 
 namespace sieve::server {
 namespace {
@@ -78,6 +79,7 @@ class KvTransferService::PrefillReactor final
   void Reject(const absl::Status& status);
 
   KvTransferService* const service_;
+  grpc_call* const call_;  // for the TSan hand-off only (server/tsan_handoff.h)
   const std::shared_ptr<State> state_;
   std::optional<std::chrono::system_clock::time_point> deadline_;
   std::optional<grpc::StatusCode> final_code_;
@@ -125,6 +127,7 @@ struct KvTransferService::PrefillReactor::State
       target = reactor;
       target->final_code_ = status.error_code();
     }
+    TsanHandOff(target);  // server/tsan_handoff.h
     target->Finish(status);
   }
 
@@ -206,6 +209,7 @@ struct KvTransferService::PrefillReactor::State
       target->final_code_ = action == kLast ? grpc::StatusCode::OK : status.error_code();
     }
     lock.unlock();
+    TsanHandOff(target);
     if (action == kWrite && ucx_data != nullptr) {
       plane->Send(endpoint, transfer, chunk_first_page, std::move(ucx_data),
                   [self = shared_from_this()](absl::Status st) { self->SendDone(st); });
@@ -283,6 +287,7 @@ class KvTransferService::PrefillReactor::Sink final : public engine::RequestSink
     }
     if (release.has_value()) (void)state_->engine->EndKvExport(*release);
     if (target == nullptr) return;
+    TsanHandOff(target);
     if (write) {
       target->StartWrite(&state_->message);
     } else {
@@ -296,10 +301,11 @@ class KvTransferService::PrefillReactor::Sink final : public engine::RequestSink
 
 KvTransferService::PrefillReactor::PrefillReactor(KvTransferService* service,
                                                   grpc::CallbackServerContext* context)
-    : service_(service), state_(std::make_shared<State>()) {
+    : service_(service), call_(context->c_call()), state_(std::make_shared<State>()) {
   state_->reactor = this;
   const auto deadline = context->deadline();
   if (deadline != std::chrono::system_clock::time_point::max()) deadline_ = deadline;
+  TsanHandOff(this);
 }
 
 void KvTransferService::PrefillReactor::Reject(const absl::Status& status) {
@@ -309,12 +315,17 @@ void KvTransferService::PrefillReactor::Reject(const absl::Status& status) {
     std::lock_guard<std::mutex> lock(state_->mu);
     state_->finished = true;
   }
+  TsanHandOff(this);
   Finish(ToGrpcStatus(status));
 }
 
-void KvTransferService::PrefillReactor::OnWriteDone(bool ok) { state_->WriteDone(ok); }
+void KvTransferService::PrefillReactor::OnWriteDone(bool ok) {
+  TsanTakeOver(this, call_);
+  state_->WriteDone(ok);
+}
 
 void KvTransferService::PrefillReactor::OnCancel() {
+  TsanTakeOver(this, call_);
   std::optional<engine::RequestId> cancel;
   {
     std::lock_guard<std::mutex> lock(state_->mu);
@@ -326,6 +337,7 @@ void KvTransferService::PrefillReactor::OnCancel() {
 }
 
 void KvTransferService::PrefillReactor::OnDone() {
+  TsanTakeOver(this, call_);
   std::optional<engine::KvExport> hold;
   bool ok;
   int64_t bytes;
@@ -421,20 +433,25 @@ void KvTransferService::SetEngine(engine::Engine* engine) {
 void KvTransferService::StartDraining() { draining_.store(true); }
 
 bool KvTransferService::WaitForNoCalls(absl::Duration timeout) {
-  absl::MutexLock lock(&mu_);
-  auto none = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return calls_ == 0; };
-  return mu_.AwaitWithTimeout(absl::Condition(&none), timeout);
+  std::unique_lock<std::mutex> lock(mu_);
+  auto none = [this] { return calls_ == 0; };
+  if (timeout == absl::InfiniteDuration()) {
+    calls_changed_.wait(lock, none);
+    return true;
+  }
+  return calls_changed_.wait_for(lock, absl::ToChronoNanoseconds(timeout), none);
 }
 
 int KvTransferService::active_calls() const {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   return calls_;
 }
 
 void KvTransferService::CallDone(std::string_view method, grpc::StatusCode code) {
   {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     --calls_;
+    calls_changed_.notify_all();
   }
   if (options_.on_rpc_done) options_.on_rpc_done(method, code);
 }
@@ -442,7 +459,7 @@ void KvTransferService::CallDone(std::string_view method, grpc::StatusCode code)
 grpc::ServerWriteReactor<kv::v1::PrefillChunk>* KvTransferService::Prefill(
     grpc::CallbackServerContext* context, const kv::v1::PrefillRequest* request) {
   {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     ++calls_;
   }
   auto* reactor = new PrefillReactor(this, context);
@@ -453,6 +470,7 @@ grpc::ServerWriteReactor<kv::v1::PrefillChunk>* KvTransferService::Prefill(
     }
   }
   reactor->Start(*request);
+  TsanHandOff(reactor);
   return reactor;
 }
 

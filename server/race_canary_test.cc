@@ -8,7 +8,12 @@
 // the parent expects the report. The same program with the int behind a std::mutex must be
 // clean, so the check also fails if the suppressions stop hiding gRPC's own synchronization.
 //
-// In builds without ThreadSanitizer both children must simply run to the end (exit 0); the
+// The same pair runs with the write in a reactor of ours that declares gRPC's hand-off the way
+// the daemon's reactors do (server/tsan_handoff.h: TsanHandOff before handing the reactor to
+// gRPC, TsanTakeOver first thing in OnDone): the declared ordering must not hide a race between
+// the callback and a thread of ours that never handed the reactor over.
+//
+// In builds without ThreadSanitizer every child must simply run to the end (exit 0); the
 // report is checked where it can exist: scripts/sanitize.sh tsan.
 #include <fcntl.h>
 #include <spawn.h>
@@ -29,6 +34,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "server/tsan_handoff.h"
 #include "sieve/v1/sieve.grpc.pb.h"
 
 extern char** environ;
@@ -53,6 +59,7 @@ constexpr int kCalls = 40;
 int g_shared = 0;
 std::mutex g_mu;
 bool g_guarded = true;  // set before any thread starts
+bool g_in_reactor = false;  // the write runs in CanaryReactor::OnDone instead of the handler
 std::atomic<int> g_callbacks{0};
 
 // Named so that the reports below can be recognized; noinline keeps them in the stacks.
@@ -76,12 +83,35 @@ __attribute__((noinline)) void RaceCanaryWriteFromOurThread() {
   asm volatile("" ::: "memory");
 }
 
-// A Sieve service whose Tokenize callback (on a gRPC thread) writes the shared int.
+// A unary reactor of ours, annotated like the daemon's: its OnDone (on a gRPC thread, after the
+// call's status was sent) writes the shared int.
+class CanaryReactor final : public grpc::ServerUnaryReactor {
+ public:
+  explicit CanaryReactor(grpc_call* call) : call_(call) { TsanHandOff(this); }
+  void OnDone() override {
+    TsanTakeOver(this, call_);
+    RaceCanaryWriteFromCallback();
+    g_callbacks.fetch_add(1);
+    delete this;
+  }
+
+ private:
+  grpc_call* const call_;
+};
+
+// A Sieve service whose Tokenize callback (on a gRPC thread) writes the shared int, or hands the
+// call to a CanaryReactor that does.
 class CanaryService final : public v1::Sieve::CallbackService {
  public:
   grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* context,
                                      const v1::TokenizeRequest* /*request*/,
                                      v1::TokenizeResponse* /*response*/) override {
+    if (g_in_reactor) {
+      auto* reactor = new CanaryReactor(context->c_call());
+      TsanHandOff(reactor);
+      reactor->Finish(grpc::Status::OK);
+      return reactor;
+    }
     RaceCanaryWriteFromCallback();
     g_callbacks.fetch_add(1);
     grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
@@ -92,8 +122,9 @@ class CanaryService final : public v1::Sieve::CallbackService {
 
 // Serves CanaryService on loopback and calls Tokenize kCalls times while a thread of ours
 // writes the shared int. Returns the number of calls that succeeded.
-int RunScenario(bool guarded) {
+int RunScenario(bool guarded, bool in_reactor) {
   g_guarded = guarded;
+  g_in_reactor = in_reactor;
   CanaryService service;
   int port = 0;
   grpc::ServerBuilder builder;
@@ -119,6 +150,10 @@ int RunScenario(bool guarded) {
     v1::TokenizeResponse response;
     if (stub->Tokenize(&context, request, &response).ok()) ++ok;
   }
+  // A reactor's OnDone may run after its call returned to the client.
+  for (int i = 0; i < 1000 && g_callbacks.load() < kCalls; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
   stop.store(true);
   writer.join();
   server->Shutdown();
@@ -128,8 +163,10 @@ int RunScenario(bool guarded) {
 // The child's side. Without SIEVE_RACE_CANARY (a plain test run) it runs the guarded program.
 TEST(RaceCanaryChild, Scenario) {
   const char* mode = std::getenv("SIEVE_RACE_CANARY");
-  const bool guarded = mode == nullptr || std::string(mode) != "unguarded";
-  const int ok = RunScenario(guarded);
+  const std::string m = mode == nullptr ? "guarded" : mode;
+  const bool guarded = m.rfind("unguarded", 0) != 0;
+  const bool in_reactor = m.find("-reactor") != std::string::npos;
+  const int ok = RunScenario(guarded, in_reactor);
   EXPECT_EQ(ok, kCalls);
   EXPECT_EQ(g_callbacks.load(), kCalls);
   std::printf("race canary: %d calls, %d callbacks\n", ok, g_callbacks.load());
@@ -196,8 +233,9 @@ ChildResult RunChild(const std::string& mode) {
   return result;
 }
 
-TEST(RaceCanaryTest, RaceInOurCallbackIsReportedWithTheSuppressions) {
-  const ChildResult child = RunChild("unguarded");
+// The racy child must stop at the race between our two writers (or, without TSan, run to its
+// end).
+void ExpectRaceReported(const ChildResult& child) {
   if (SIEVE_RACE_CANARY_TSAN) {
     // halt_on_error: the first report ends the child with TSan's exit code.
     EXPECT_EQ(child.exit_code, 66) << child.output;
@@ -214,11 +252,26 @@ TEST(RaceCanaryTest, RaceInOurCallbackIsReportedWithTheSuppressions) {
   }
 }
 
-TEST(RaceCanaryTest, GuardedProgramIsCleanWithTheSuppressions) {
-  const ChildResult child = RunChild("guarded");
+void ExpectClean(const ChildResult& child) {
   EXPECT_EQ(child.exit_code, 0) << child.output;
   EXPECT_THAT(child.output, testing::Not(testing::HasSubstr("ThreadSanitizer")));
   EXPECT_THAT(child.output, testing::HasSubstr(CompletedLine()));
+}
+
+TEST(RaceCanaryTest, RaceInOurCallbackIsReportedWithTheSuppressions) {
+  ExpectRaceReported(RunChild("unguarded"));
+}
+
+TEST(RaceCanaryTest, GuardedProgramIsCleanWithTheSuppressions) { ExpectClean(RunChild("guarded")); }
+
+// TsanTakeOver in OnDone orders the callback after the hand-offs of its reactor only: our
+// writer thread's accesses stay unordered with it and must still be reported.
+TEST(RaceCanaryTest, RaceInOurReactorIsReportedDespiteTheHandOff) {
+  ExpectRaceReported(RunChild("unguarded-reactor"));
+}
+
+TEST(RaceCanaryTest, GuardedReactorIsCleanWithTheHandOff) {
+  ExpectClean(RunChild("guarded-reactor"));
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <google/protobuf/descriptor.pb.h>
 
 #include "absl/strings/str_cat.h"
+#include "server/tsan_handoff.h"
 
 namespace sieve::server {
 
@@ -19,21 +20,30 @@ class ReflectionV1Service::Reactor final
     : public grpc::ServerBidiReactor<rv1::ServerReflectionRequest,
                                      rv1::ServerReflectionResponse> {
  public:
-  explicit Reactor(const std::vector<std::string>& services) : services_(services) {
+  // Each gRPC operation is started after TsanHandOff and each callback begins with TsanTakeOver
+  // (server/tsan_handoff.h).
+  Reactor(const std::vector<std::string>& services, grpc_call* call)
+      : services_(services), call_(call) {
+    TsanHandOff(this);
     StartRead(&request_);
   }
 
   void OnReadDone(bool ok) override {
+    TsanTakeOver(this, call_);
     if (!ok) {  // the client closed its side: done
+      TsanHandOff(this);
       Finish(grpc::Status::OK);
       return;
     }
     response_.Clear();
     Answer(request_, &response_);
+    TsanHandOff(this);
     StartWrite(&response_);
   }
 
   void OnWriteDone(bool ok) override {
+    TsanTakeOver(this, call_);
+    TsanHandOff(this);
     if (!ok) {
       Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the stream broke"));
       return;
@@ -41,7 +51,10 @@ class ReflectionV1Service::Reactor final
     StartRead(&request_);
   }
 
-  void OnDone() override { delete this; }
+  void OnDone() override {
+    TsanTakeOver(this, call_);
+    delete this;
+  }
 
  private:
   // Error codes are google.rpc.Code values, which equal gRPC's.
@@ -111,14 +124,17 @@ class ReflectionV1Service::Reactor final
   }
 
   const std::vector<std::string>& services_;
+  grpc_call* const call_;  // for the TSan hand-off only (server/tsan_handoff.h)
   rv1::ServerReflectionRequest request_;
   rv1::ServerReflectionResponse response_;
   std::set<std::string> sent_;  // files this stream has sent
 };
 
 grpc::ServerBidiReactor<rv1::ServerReflectionRequest, rv1::ServerReflectionResponse>*
-ReflectionV1Service::ServerReflectionInfo(grpc::CallbackServerContext* /*context*/) {
-  return new Reactor(services_);
+ReflectionV1Service::ServerReflectionInfo(grpc::CallbackServerContext* context) {
+  auto* reactor = new Reactor(services_, context->c_call());
+  TsanHandOff(reactor);
+  return reactor;
 }
 
 }  // namespace sieve::server

@@ -10,6 +10,7 @@
 #include "absl/time/clock.h"
 #include "engine/status_macros.h"
 #include "server/log.h"
+#include "server/tsan_handoff.h"
 
 namespace sieve::server {
 
@@ -56,11 +57,12 @@ class SieveService::GenerateReactor final
     : public grpc::ServerWriteReactor<v1::GenerateResponse> {
  public:
   GenerateReactor(SieveService* service, grpc::CallbackServerContext* context)
-      : service_(service), stream_(std::make_shared<Stream>()) {
+      : service_(service), call_(context->c_call()), stream_(std::make_shared<Stream>()) {
     std::lock_guard<std::mutex> lock(stream_->mu);
     stream_->reactor = this;
     const auto deadline = context->deadline();
     if (deadline != std::chrono::system_clock::time_point::max()) stream_->deadline = deadline;
+    TsanHandOff(this);  // server/tsan_handoff.h
   }
 
   // Validates and submits `request`; on failure finishes the call with the error.
@@ -75,10 +77,12 @@ class SieveService::GenerateReactor final
     }
     service_->CountRejected(ToGrpcCode(status.code()));
     Log(LogLevel::kDebug, absl::StrCat("Generate rejected: ", status.ToString()));
+    TsanHandOff(this);
     Finish(ToGrpcStatus(status));
   }
 
   void OnWriteDone(bool ok) override {
+    TsanTakeOver(this, call_);
     std::optional<engine::RequestId> cancel;
     std::shared_ptr<TransferCancellation> transfer;
     {
@@ -96,6 +100,7 @@ class SieveService::GenerateReactor final
   }
 
   void OnCancel() override {
+    TsanTakeOver(this, call_);
     std::optional<engine::RequestId> cancel;
     std::shared_ptr<TransferCancellation> transfer;
     {
@@ -110,6 +115,7 @@ class SieveService::GenerateReactor final
   }
 
   void OnDone() override {
+    TsanTakeOver(this, call_);
     grpc::StatusCode code;
     {
       std::lock_guard<std::mutex> lock(stream_->mu);
@@ -126,6 +132,7 @@ class SieveService::GenerateReactor final
 
  private:
   SieveService* const service_;
+  grpc_call* const call_;  // for the TSan hand-off only (server/tsan_handoff.h)
   const std::shared_ptr<Stream> stream_;
   bool registered_ = false;
 };
@@ -222,6 +229,7 @@ void SieveService::Stream::Pump() {
     }
   }
   // Outside the lock: only this thread may touch the reactor until the operation completes.
+  if (action != Action::kNone) TsanHandOff(target);
   switch (action) {
     case Action::kWrite:
       target->StartWrite(&in_flight);
@@ -409,6 +417,7 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* SieveService::Generate(
     return reactor;
   }
   reactor->Start(*request);
+  TsanHandOff(reactor);
   return reactor;
 }
 
