@@ -17,7 +17,8 @@
 // host and runs SampleToken per row (the engine's path before device sampling), "device" runs
 // ModelWorker::ForwardSample (Backend::Sample; only ids and logprobs come back); "none" times the
 // forward pass with the logits copied to the host and not sampled.
-// --threads N sets the cpu backend's host threads (default 0 = all hardware threads).
+// --threads N sets the cpu backend's host threads (default 0 = all hardware threads);
+// --kv-dtype bfloat16 keeps the cpu backend's KV cache in bfloat16 (kv_cache.dtype).
 // On a CUDA build, --copy-bandwidth 1 first measures a device-to-device copy (bytes read plus
 // written per second), the bandwidth floor of a decode step.
 #include <algorithm>
@@ -60,6 +61,7 @@ struct Args {
   int budget = 4096;      // attention.decode.token_budget for the sparse methods
   int dense_layers = 2;   // attention.decode.dense_layers
   int threads = 0;        // cpu backend threads (0 = all)
+  std::string kv_dtype;   // cpu backend KV cache: float32 (default) or bfloat16
 };
 
 // Device-to-device copy bandwidth in bytes (read + written) per second: the median of 20 copies
@@ -201,6 +203,7 @@ int Run(const Args& a) {
   o.weights = "random";
   o.random_seed = 1;
   o.num_threads = a.threads;
+  o.kv_dtype = a.kv_dtype;
   o.page_size = a.page_size;
   o.num_pages = static_cast<int32_t>(max_kv / a.page_size + 64);
   o.max_step_tokens = static_cast<int32_t>(a.chunk);
@@ -312,6 +315,7 @@ int main(int argc, char** argv) {
     else if (k == "--budget") (void)absl::SimpleAtoi(v, &a.budget);
     else if (k == "--dense-layers") (void)absl::SimpleAtoi(v, &a.dense_layers);
     else if (k == "--threads") (void)absl::SimpleAtoi(v, &a.threads);
+    else if (k == "--kv-dtype") a.kv_dtype = v;
     else if (k == "--copy-bandwidth") (void)absl::SimpleAtoi(v, &a.copy_bandwidth);
     else if (k == "--prefill") {
       a.prefill.clear();

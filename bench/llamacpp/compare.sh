@@ -16,7 +16,8 @@
 # PREFILL (prompt lengths, default 4096,16384), DEPTHS (decode context lengths, default
 # 0,4096,16384), DECODE_METHODS (Sieve's decode attention, default dense; e.g. dense,quest: each
 # over the same KV) and DENSE_LAYERS (attention.decode.dense_layers of the sparse methods,
-# default 2). The issues' targets: PREFILL=16384,32768 DEPTHS=16384,65536 DECODE_METHODS=dense,quest.
+# default 2), KV_DTYPE (Sieve's kv_cache.dtype, float32 or bfloat16; llama.cpp's cache is F16).
+# The issues' targets: PREFILL=16384,32768 DEPTHS=16384,65536 DECODE_METHODS=dense,quest.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/../.." && pwd)
@@ -30,6 +31,7 @@ prefill=${PREFILL:-4096,16384}
 depths=${DEPTHS:-0,4096,16384}
 methods=${DECODE_METHODS:-dense}
 dense_layers=${DENSE_LAYERS:-2}
+kv_dtype=${KV_DTYPE:-float32}
 sieve_decode=$(echo "$depths" | sed -E 's/([0-9]+)/1:\1/g')
 llama_bench=$scratch/llama.cpp/build/bin/llama-bench
 gguf=$scratch/embedded-f32.gguf
@@ -46,7 +48,7 @@ for ((r = 1; r <= rounds; ++r)); do
   echo "== round $r: sieve $(date -u +%T), $(uptime | sed 's/.*load/load/')"
   "$build/bench/model_bench" --model "$repo/models/embedded" --backend cpu --threads "$threads" \
     --prefill "$prefill" --chunk 512 --page-size 16 --decode "$sieve_decode" --steps "$steps" --graphs off \
-    --decode-method "$methods" --dense-layers "$dense_layers"
+    --decode-method "$methods" --dense-layers "$dense_layers" --kv-dtype "$kv_dtype"
   if [[ -n ${BASE_BUILD:-} ]]; then
     echo "== round $r: sieve base $BASE_BUILD $(date -u +%T), $(uptime | sed 's/.*load/load/')"
     "$BASE_BUILD/bench/model_bench" --model "$repo/models/embedded" --backend cpu \
