@@ -36,6 +36,8 @@ namespace {
 
 using cuda_test::RandomTensor;
 using cuda_test::Seed;
+using cuda_test::ShuffledPages;
+using cuda_test::TestRope;
 using cuda_test::StepLayout;
 
 constexpr int32_t kHq = 8, kHkv = 2, kD = 128, kPage = 16, kPages = 96, kChannels = 16;
@@ -92,10 +94,7 @@ TEST_P(CudaDsTest, PlanAndAttentionMatchTheReference) {
   auto created = CudaBackend::Create();
   ASSERT_TRUE(created.ok()) << created.status();
   f.cuda = std::move(*created);
-  RopeParams rp;
-  rp.theta = 500000.0;
-  rp.rotary_dim = kD;
-  auto rope = ComputeRopeTables(rp);
+  auto rope = TestRope(kD);
   ASSERT_TRUE(rope.ok());
   f.rope = *rope;
   ASSERT_TRUE(f.cuda->AllocateKvCache(1, kPages, kPage, f.shape).ok());
@@ -119,15 +118,9 @@ TEST_P(CudaDsTest, PlanAndAttentionMatchTheReference) {
   f.stream = std::move(*stream);
   // Three sequences on shuffled pages; a chunked prefill (the second chunk starts mid-page),
   // then decode steps.
-  std::vector<int32_t> ids(kPages);
-  std::iota(ids.begin(), ids.end(), 0);
-  std::shuffle(ids.begin(), ids.end(), f.rng);
-  const std::vector<int> final_len = {530, 300, 90};
-  std::vector<std::vector<int32_t>> pages(3);
-  int next = 0;
-  for (int s = 0; s < 3; ++s) {
-    for (int p = 0; p * kPage < final_len[s]; ++p) pages[s].push_back(ids[next++]);
-  }
+  const std::vector<std::vector<int32_t>> pages =
+      ShuffledPages({530, 300, 90}, kPages, kPage, f.rng);
+  ASSERT_EQ(pages.size(), 3u);
   for (const auto& [first, count] : std::vector<std::pair<std::vector<int>, std::vector<int>>>{
            {{0, 0, 0}, {301, 170, 60}}, {{301, 170, 60}, {225, 127, 27}}}) {
     const BatchLayout l = StepLayout(pages, first, count, kPage);

@@ -35,6 +35,8 @@ namespace {
 
 using cuda_test::RandomTensor;
 using cuda_test::Seed;
+using cuda_test::ShuffledPages;
+using cuda_test::TestRope;
 using cuda_test::StepLayout;
 
 namespace mi = kernels::minference;
@@ -137,26 +139,16 @@ TEST(CudaMInferenceTest, ChunkedPrefillPlansRunAndMatchTheReference) {
   CudaBackend& cuda = **created;
   const AttentionShape shape{kHq, kHkv, kD};
   std::mt19937_64 rng(Seed());
-  RopeParams rp;
-  rp.theta = 500000.0;
-  rp.rotary_dim = kD;
-  auto rope = ComputeRopeTables(rp);
+  auto rope = TestRope(kD);
   ASSERT_TRUE(rope.ok());
   ASSERT_TRUE(cuda.AllocateKvCache(1, kPages, kPage, shape).ok());
   auto stream = cuda.CreateStream({});
   ASSERT_TRUE(stream.ok());
   // Three sequences on shuffled pages, prefilled in two chunks; the second chunk starts
   // mid-page and (but for the first sequence) mid-block.
-  std::vector<int32_t> ids(kPages);
-  for (int i = 0; i < kPages; ++i) ids[i] = i;
-  std::shuffle(ids.begin(), ids.end(), rng);
-  const std::vector<int> final_len = {1280, 900, 333};
-  std::vector<std::vector<int32_t>> pages(3);
-  int next = 0;
-  for (int s = 0; s < 3; ++s) {
-    for (int p = 0; p * kPage < final_len[s]; ++p) pages[s].push_back(ids[next++]);
-  }
-  ASSERT_LE(next, kPages);
+  const std::vector<std::vector<int32_t>> pages =
+      ShuffledPages({1280, 900, 333}, kPages, kPage, rng);
+  ASSERT_EQ(pages.size(), 3u);
   std::vector<mi::HeadPattern> sparse(kHq, {mi::Pattern::kVerticalSlash, 40, 120});
   sparse[kHq - 1] = {mi::Pattern::kAShape, 16, 200};
   const std::vector<mi::HeadPattern> covering(kHq, {mi::Pattern::kVerticalSlash, 30, 2000});

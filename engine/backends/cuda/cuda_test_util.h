@@ -1,5 +1,6 @@
 // What the CUDA backend's sparse-attention GPU tests (cuda_*_gpu_test.cc) share: the test seed,
-// random device tensors and one step's batch layout. Header-only, tests only.
+// random device tensors, RoPE tables, sequences on shuffled pages and one step's batch layout.
+// Header-only, tests only.
 #ifndef SIEVE_ENGINE_BACKENDS_CUDA_CUDA_TEST_UTIL_H_
 #define SIEVE_ENGINE_BACKENDS_CUDA_CUDA_TEST_UTIL_H_
 
@@ -12,6 +13,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "engine/backends/backend.h"
+#include "engine/model/rope.h"
 #include "engine/model/safetensors.h"
 
 namespace sieve::engine::cuda_test {
@@ -60,6 +62,33 @@ inline BatchLayout StepLayout(const std::vector<std::vector<int32_t>>& pages,
     l.page_table.insert(l.page_table.end(), row.begin(), row.end());
   }
   return l;
+}
+
+// The RoPE tables of the tests' layers: theta 500000 over the whole head.
+inline absl::StatusOr<RopeTables> TestRope(int head_dim) {
+  RopeParams rp;
+  rp.theta = 500000.0;
+  rp.rotary_dim = head_dim;
+  return ComputeRopeTables(rp);
+}
+
+// Pages for sequences that will hold final_len[s] tokens, each `page` tokens: distinct ids
+// taken in order from a shuffle of [0, num_pages). Empty when they do not all fit.
+inline std::vector<std::vector<int32_t>> ShuffledPages(const std::vector<int>& final_len,
+                                                       int num_pages, int page,
+                                                       std::mt19937_64& rng) {
+  std::vector<int32_t> ids(num_pages);
+  for (int i = 0; i < num_pages; ++i) ids[i] = i;
+  std::shuffle(ids.begin(), ids.end(), rng);
+  std::vector<std::vector<int32_t>> pages(final_len.size());
+  int next = 0;
+  for (size_t s = 0; s < final_len.size(); ++s) {
+    for (int p = 0; p * page < final_len[s]; ++p) {
+      if (next == num_pages) return {};
+      pages[s].push_back(ids[next++]);
+    }
+  }
+  return pages;
 }
 
 }  // namespace sieve::engine::cuda_test

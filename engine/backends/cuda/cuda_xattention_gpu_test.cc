@@ -31,6 +31,8 @@ namespace {
 
 using cuda_test::RandomTensor;
 using cuda_test::Seed;
+using cuda_test::ShuffledPages;
+using cuda_test::TestRope;
 using cuda_test::StepLayout;
 
 constexpr int32_t kHq = 8, kHkv = 2, kD = 128, kPage = 16, kPages = 400, kBlock = 128;
@@ -109,24 +111,14 @@ TEST(CudaXAttentionTest, DeviceSelectionEqualsTheHostSelection) {
   CudaBackend& cuda = **created;
   const AttentionShape shape{kHq, kHkv, kD};
   std::mt19937_64 rng(Seed());
-  RopeParams rp;
-  rp.theta = 500000.0;
-  rp.rotary_dim = kD;
-  auto rope = ComputeRopeTables(rp);
+  auto rope = TestRope(kD);
   ASSERT_TRUE(rope.ok());
   ASSERT_TRUE(cuda.AllocateKvCache(1, kPages, kPage, shape).ok());
   auto stream = cuda.CreateStream({});
   ASSERT_TRUE(stream.ok());
-  std::vector<int32_t> ids(kPages);
-  for (int i = 0; i < kPages; ++i) ids[i] = i;
-  std::shuffle(ids.begin(), ids.end(), rng);
-  const std::vector<int> final_len = {3000, 2100, 700};
-  std::vector<std::vector<int32_t>> pages(3);
-  int next = 0;
-  for (int s = 0; s < 3; ++s) {
-    for (int p = 0; p * kPage < final_len[s]; ++p) pages[s].push_back(ids[next++]);
-  }
-  ASSERT_LE(next, kPages);
+  const std::vector<std::vector<int32_t>> pages =
+      ShuffledPages({3000, 2100, 700}, kPages, kPage, rng);
+  ASSERT_EQ(pages.size(), 3u);
   std::vector<double> per_head(kHq);
   for (int h = 0; h < kHq; ++h) per_head[h] = 0.5 + 0.06 * h;
   for (const auto& [first, count] : std::vector<std::pair<std::vector<int>, std::vector<int>>>{
