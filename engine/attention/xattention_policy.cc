@@ -105,7 +105,6 @@ absl::Status XAttentionPolicy::PlanSequence(const AttentionStep& step, int32_t s
     const int32_t lo = (first + j * B) / B;
     const int32_t hi = (first + std::min(q_len, (j + 1) * B) - 1) / B;
     for (int32_t h = 0; h < heads; ++h) {
-      const double tau = Threshold(step.layer, h);
       merged_.clear();
       for (int32_t m = lo; m <= hi; ++m) {
         if (on_device) {
@@ -116,7 +115,7 @@ absl::Status XAttentionPolicy::PlanSequence(const AttentionStep& step, int32_t s
         }
         const float* mass = mass_.data() + (int64_t{h} * q_blocks + (m - m0)) * k_blocks;
         row_.assign(mass, mass + m + 1);
-        kernels::XAttentionSelectBlocks(row_.data(), m, tau, selected_, order_);
+        kernels::XAttentionSelectBlocks(row_.data(), m, thresholds_row_[h], selected_, order_);
         merged_.insert(merged_.end(), selected_.begin(), selected_.end());
       }
       if (lo != hi) {
