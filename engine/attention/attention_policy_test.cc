@@ -148,6 +148,29 @@ TEST(AttentionPlanTest, ValidateNamesWhatIsWrong) {
   EXPECT_EQ(plan.Validate(l, 3).code(), absl::StatusCode::kInternal);  // rows for 4 heads
 }
 
+TEST(AttentionPlanTest, OnDevicePlansCarryTheirPairsAndNoHostRows) {
+  const BatchLayout l = TwoSequences();
+  AttentionPlan plan;
+  plan.SetDense();
+  plan.dense = false;
+  plan.on_device = true;
+  plan.query_block = 1;
+  plan.key_block = 8;
+  plan.query_block_start = {0, 40, 41};
+  plan.on_device_pairs = 1234;
+  EXPECT_TRUE(plan.Validate(l, 4).ok()) << plan.Validate(l, 4);
+  EXPECT_EQ(plan.ReadPairs(l, 4), 1234);
+  AttentionPlan bad = plan;
+  bad.row_start = {0};
+  EXPECT_THAT(bad.Validate(l, 4).message(), HasSubstr("on_device"));
+  bad = plan;
+  bad.query_block_start = {0, 40};
+  EXPECT_THAT(bad.Validate(l, 4).message(), HasSubstr("query_block_start"));
+  plan.SetDense();  // back to dense: the device flag and its pairs go
+  EXPECT_FALSE(plan.on_device);
+  EXPECT_EQ(plan.ReadPairs(l, 4), DensePairs(l, 4));
+}
+
 TEST(AttentionPolicyTest, MakesDenseAndRefusesUnknownMethods) {
   AttentionConfig config;
   auto dense = MakeAttentionPolicy(config, AttentionPhase::kPrefill);

@@ -29,6 +29,8 @@ absl::Status Bad(const std::string& what) {
 
 void AttentionPlan::SetDense() {
   dense = true;
+  on_device = false;
+  on_device_pairs = 0;
   query_block = key_block = 0;
   query_block_start.clear();
   row_start.clear();
@@ -65,6 +67,12 @@ absl::Status AttentionPlan::Validate(const BatchLayout& layout, int32_t num_q_he
                               query_block, " but ", query_block_start[s + 1] - query_block_start[s],
                               " blocks"));
     }
+  }
+  if (on_device) {
+    if (!row_start.empty() || !key_blocks.empty() || !column_start.empty() || !columns.empty()) {
+      return Bad("an on_device plan keeps its rows on the device, but has rows on the host");
+    }
+    return absl::OkStatus();
   }
   const int64_t rows = int64_t{query_block_start[seqs]} * num_q_heads;
   if (static_cast<int64_t>(row_start.size()) != rows + 1 || row_start[0] != 0 ||
@@ -122,6 +130,7 @@ int64_t DensePairs(const BatchLayout& layout, int32_t num_q_heads) {
 
 int64_t AttentionPlan::ReadPairs(const BatchLayout& layout, int32_t num_q_heads) const {
   if (dense) return DensePairs(layout, num_q_heads);
+  if (on_device) return on_device_pairs;
   int64_t pairs = 0;
   for (int32_t s = 0; s < layout.num_seqs(); ++s) {
     const int64_t q_len = layout.query_start[s + 1] - layout.query_start[s];

@@ -7,6 +7,11 @@
 // and a list of single key positions; decode steps use query blocks of one token and key blocks
 // of one page, i.e. a list of pages per (sequence, head).
 //
+// A decode plan may also stay on the device (`on_device`): the backend that built it (the CUDA
+// backend's Quest selection) keeps each row's pages in its own memory for the Attention call
+// that follows on the same stream, and the host plan carries only the block sizes,
+// query_block_start and the pairs the rows read. Only that backend can run such a plan.
+//
 // Thread safety: a plain value, owned by the worker that builds and runs it.
 #ifndef SIEVE_ENGINE_BACKENDS_ATTENTION_PLAN_H_
 #define SIEVE_ENGINE_BACKENDS_ATTENTION_PLAN_H_
@@ -31,16 +36,22 @@ struct AttentionPlan {
   std::vector<int32_t> key_blocks;         // [row_start.back()] increasing within a row
   std::vector<int32_t> column_start;       // [num_rows + 1], or empty: no single columns
   std::vector<int32_t> columns;            // [column_start.back()] increasing within a row
+  // True: the rows live in the building backend's device memory (row_start, key_blocks and the
+  // columns are empty here); on_device_pairs is what they read over every head.
+  bool on_device = false;
+  int64_t on_device_pairs = 0;
 
   // Makes the plan dense (keeping the vectors' capacity).
   void SetDense();
 
   // Checks the plan against the step it is for: array sizes, block counts per sequence, indices
-  // inside each sequence's KV, increasing lists, columns outside listed blocks. Internal naming
-  // the first problem: a policy that breaks these is a bug.
+  // inside each sequence's KV, increasing lists, columns outside listed blocks (an on_device
+  // plan: its block sizes and query_block_start only). Internal naming the first problem: a
+  // policy that breaks these is a bug.
   absl::Status Validate(const BatchLayout& layout, int32_t num_q_heads) const;
 
-  // The kernels' view of the arrays (host pointers into this plan; valid until it changes).
+  // The kernels' view of the arrays (host pointers into this plan; valid until it changes; not
+  // for on_device plans, whose arrays are empty).
   kernels::SparseAttentionIndex View() const;
 
   // (query, key) pairs read over every head, and the pairs dense attention would read: their

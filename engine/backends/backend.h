@@ -312,11 +312,14 @@ class Backend {
   // one token, key blocks of one page): each sequence with one query and not in
   // options.dense_sequences gets per query head the top page_budget - 1 pages by upper bound
   // plus its last page (all pages when they fit the budget); every other sequence lists all
-  // of its pages. q: the step's rotated queries [num_tokens, Hq * D].
+  // of its pages. q: the step's rotated queries [num_tokens, Hq * D]. A backend may keep the
+  // rows on its device (AttentionPlan::on_device, for its next Attention call of this layer)
+  // unless options.rows_on_host asks for them here.
   struct QuestPlanOptions {
     int32_t page_budget = 2;  // pages per row, including the last (>= 2)
     bool per_kv_head = false;  // one page set per KV head (max of the group's bounds)
     absl::Span<const uint8_t> dense_sequences;  // per sequence: 1 = read every page (or empty)
+    bool rows_on_host = false;  // the plan's rows on the host (tests, tools)
   };
   virtual absl::Status PlanQuestPages(BackendStream& stream, int32_t layer, const Tensor& q,
                                       const AttentionShape& shape,

@@ -465,6 +465,7 @@ absl::Status CudaBackend::BeginStep(BackendStream& stream, const BatchLayout& l)
   }
   s.layout = nullptr;
   s.path = CudaAttentionPath::kNone;
+  s.device_plan.ready = false;
   SIEVE_RETURN_IF_ERROR(
       cuda_internal::ValidateLayout(l, num_pages_, page_size_, s.max_q_len, s.max_kv_len));
   SIEVE_RETURN_IF_CUDA_ERROR(cudaSetDevice(options_.device));
@@ -702,7 +703,7 @@ absl::Status CudaBackend::Attention(BackendStream& stream, int32_t layer, const 
   p.head_dim = a.head_dim;
   p.page_size = page_size_;
   p.scale = scale;
-  if (!plan.dense) return cuda_internal::SparseDecodeAttention(s, plan, p, num_sms_);
+  if (!plan.dense) return cuda_internal::SparseDecodeAttention(s, layer, plan, p, num_sms_);
   switch (s.path) {
     case CudaAttentionPath::kDecode:
       SIEVE_RETURN_IF_CUDA_ERROR(

@@ -1,6 +1,6 @@
 // Quest through the CUDA backend (label `gpu`): UpdatePageBounds after RopeAndCacheKv over a
-// chunked prefill and decode steps, PlanQuestPages and Attention with the plan, checked against
-// the CPU reference (kernels/sparse/quest.h, PagedAttentionRef) computed from the backend's own
+// chunked prefill and decode steps, PlanQuestPages and Attention with the plan (its rows on the
+// host, and kept on the device as the engine runs it), checked against the CPU reference (kernels/sparse/quest.h, PagedAttentionRef) computed from the backend's own
 // bf16 KV pages (read back with ReadKvPages) and queries.
 //
 // Tolerances, derived as in kernels/sparse/quest_gpu_test.cc: selections must equal the fp64
@@ -116,8 +116,10 @@ TEST_P(CudaQuestTest, PlanAndAttentionMatchTheReference) {
     o.page_budget = 8;
     o.per_kv_head = per_kv_head;
     o.dense_sequences = dense;
+    o.rows_on_host = true;
     AttentionPlan plan;
     ASSERT_TRUE(f.cuda->PlanQuestPages(*f.stream, 0, *q, f.shape, o, plan).ok());
+    ASSERT_FALSE(plan.on_device);
     ASSERT_TRUE(plan.Validate(l, kHq).ok()) << plan.Validate(l, kHq);
     auto out = f.cuda->Allocate(3, kHq * kD);
     ASSERT_TRUE(out.ok());
@@ -126,6 +128,30 @@ TEST_P(CudaQuestTest, PlanAndAttentionMatchTheReference) {
     std::vector<float> got(3 * kHq * kD), qf(3 * kHq * kD);
     ASSERT_TRUE(f.cuda->CopyToHost(*f.stream, *out, absl::MakeSpan(got)).ok());
     ASSERT_TRUE(f.cuda->CopyToHost(*f.stream, *q, absl::MakeSpan(qf)).ok());
+    {
+      // The same selection kept on the device (what the engine runs): the kernel writes the
+      // rows' page ids and lengths where the decode kernel reads them, nothing comes back. The
+      // rows, their stride (the budget: every sparse row is full), the longest row and the
+      // heads per row are those of the host plan above, so the decode runs the same kernel on
+      // the same tables: bitwise the same output, and the same pairs read.
+      Backend::QuestPlanOptions od = o;
+      od.rows_on_host = false;
+      AttentionPlan dev;
+      ASSERT_TRUE(f.cuda->PlanQuestPages(*f.stream, 0, *q, f.shape, od, dev).ok());
+      ASSERT_TRUE(dev.on_device);
+      ASSERT_TRUE(dev.Validate(l, kHq).ok()) << dev.Validate(l, kHq);
+      EXPECT_TRUE(dev.key_blocks.empty());
+      EXPECT_EQ(dev.ReadPairs(l, kHq), plan.ReadPairs(l, kHq));
+      ASSERT_TRUE(f.cuda->Attention(*f.stream, 0, *q, f.shape, scale, dev, *out).ok());
+      // A second run of the same plan is refused: its tables may be overwritten by then.
+      EXPECT_EQ(f.cuda->Attention(*f.stream, 0, *q, f.shape, scale, dev, *out).code(),
+                absl::StatusCode::kInternal);
+      std::vector<float> on_device(got.size());
+      ASSERT_TRUE(f.cuda->CopyToHost(*f.stream, *out, absl::MakeSpan(on_device)).ok());
+      for (size_t i = 0; i < got.size(); ++i) {
+        ASSERT_EQ(on_device[i], got[i]) << "decode step " << t << " element " << i;
+      }
+    }
     std::vector<float> k, v;
     ReadKv(f, k, v);
     if (HasFatalFailure()) return;

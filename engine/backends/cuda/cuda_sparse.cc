@@ -122,6 +122,81 @@ absl::Status CudaBackend::UpdatePageBounds(BackendStream& stream, int32_t layer,
 
 // --- Quest selection -----------------------------------------------------------------------------
 
+namespace {
+
+// The sparse decode kernel's shape for the rows of an on-device Quest plan.
+kernels::PagedDecodeShape DevicePlanShape(const CudaStream& s, const AttentionShape& a) {
+  kernels::PagedDecodeShape shape;
+  shape.num_seqs = s.layout->num_seqs();
+  shape.num_q_heads = a.num_q_heads;
+  shape.num_kv_heads = a.num_kv_heads;
+  shape.head_dim = a.head_dim;
+  shape.heads_per_block = s.device_plan.heads_per_block;
+  shape.max_kv_len = s.device_plan.max_kv_len;
+  return shape;
+}
+
+// The selection of a decode step kept on the device: the selection kernel writes each row's page
+// ids and token count (its `tables` and `lens` outputs) straight into the layout the sparse
+// decode kernel reads, so nothing comes back to the host and nothing waits. Taken when every
+// sequence decodes one query and every sequence asked to be dense fits the budget (its
+// selection is then all of its pages, exactly dense); false (nothing enqueued) otherwise, and
+// the caller builds the rows on the host. `ws`: the selection's workspace bytes; num_sms: the
+// device's, for the decode plan.
+absl::StatusOr<bool> QuestPlanOnDevice(CudaStream& s, int32_t layer, const AttentionShape& a,
+                                       const Backend::QuestPlanOptions& options,
+                                       const kernels::QuestSelectGpuParams& p, size_t ws,
+                                       int num_sms, AttentionPlan& plan) {
+  const BatchLayout& l = *s.layout;
+  const int32_t seqs = l.num_seqs(), ps = p.page_size, k = options.page_budget;
+  if (s.max_q_len != 1) return false;
+  int32_t max_len = 0;
+  int64_t pairs = 0;
+  for (int32_t i = 0; i < seqs; ++i) {
+    const int32_t kv = l.kv_lens[i], n = (kv + ps - 1) / ps;
+    const bool dense = !options.dense_sequences.empty() && options.dense_sequences[i] != 0;
+    if (dense && n > k) return false;
+    // A row holds every token when the pages fit, else k - 1 whole pages and the last one.
+    const int32_t tokens = n <= k ? kv : (k - 1) * ps + (kv - (n - 1) * ps);
+    max_len = std::max(max_len, tokens);
+    pairs += int64_t{tokens} * a.num_q_heads;
+  }
+  const int32_t per_seq = kernels::QuestSelectRowsPerSeq(p);
+  const size_t rows = static_cast<size_t>(seqs) * per_seq;
+  CudaStream::DevicePlan& d = s.device_plan;
+  d.ready = false;
+  d.layer = layer;
+  d.stride = k;
+  d.heads_per_block = a.num_q_heads / per_seq;
+  d.max_kv_len = max_len;
+  const kernels::PagedDecodeShape shape = DevicePlanShape(s, a);
+  if (!kernels::PagedDecodeSupports(shape)) return false;  // the host path says why
+  const kernels::PagedDecodePlan dplan = kernels::Plan(shape, num_sms);
+  if (dplan.num_splits <= 0) return false;
+  const size_t table_bytes = Align256(rows * k * sizeof(int32_t));
+  const size_t selected = ws;
+  d.tables = selected + table_bytes;
+  d.lens = d.tables + table_bytes;
+  d.workspace = d.lens + Align256(rows * sizeof(int32_t));
+  SIEVE_RETURN_IF_ERROR(EnsureSparseBuffers(s, d.workspace + dplan.workspace_bytes, 0));
+  kernels::QuestSelectGpuOutput out;
+  out.selected = reinterpret_cast<int32_t*>(s.sparse_dev + selected);
+  out.tables = reinterpret_cast<int32_t*>(s.sparse_dev + d.tables);
+  out.lens = reinterpret_cast<int32_t*>(s.sparse_dev + d.lens);
+  SIEVE_RETURN_IF_CUDA_ERROR(kernels::QuestSelectGpu(p, out, s.sparse_dev, ws, s.stream));
+  d.ready = true;
+  plan.SetDense();
+  plan.dense = false;
+  plan.on_device = true;
+  plan.on_device_pairs = pairs;
+  plan.query_block = 1;
+  plan.key_block = ps;
+  plan.query_block_start.assign(l.query_start.begin(), l.query_start.end());
+  return true;
+}
+
+}  // namespace
+
 absl::Status CudaBackend::PlanQuestPages(BackendStream& stream, int32_t layer, const Tensor& q,
                                          const AttentionShape& a, const QuestPlanOptions& options,
                                          AttentionPlan& plan) {
@@ -162,6 +237,10 @@ absl::Status CudaBackend::PlanQuestPages(BackendStream& stream, int32_t layer, c
   const int32_t per_seq = kernels::QuestSelectRowsPerSeq(p);
   const size_t rows = static_cast<size_t>(seqs) * per_seq;
   const size_t ws = kernels::QuestSelectWorkspaceBytes(p);
+  if (!options.rows_on_host) {
+    SIEVE_ASSIGN_OR_RETURN(const bool kept, QuestPlanOnDevice(s, layer, a, options, p, ws, num_sms_, plan));
+    if (kept) return absl::OkStatus();
+  }
   const size_t out_ints = rows * options.page_budget + rows;  // selected, then counts
   SIEVE_RETURN_IF_ERROR(
       EnsureSparseBuffers(s, ws + Align256(out_ints * sizeof(int32_t)), out_ints * sizeof(int32_t)));
@@ -444,10 +523,34 @@ absl::Status SparsePrefillAttention(CudaStream& s, const AttentionPlan& plan,
 
 }  // namespace
 
-absl::Status SparseDecodeAttention(CudaStream& s, const AttentionPlan& plan,
+absl::Status SparseDecodeAttention(CudaStream& s, int32_t layer, const AttentionPlan& plan,
                                    const kernels::PagedAttentionParams<bf16>& p, int num_sms) {
   const BatchLayout& l = *s.layout;
   SIEVE_RETURN_IF_ERROR(plan.Validate(l, p.num_q_heads));
+  if (plan.on_device) {
+    CudaStream::DevicePlan& d = s.device_plan;
+    if (!d.ready || d.layer != layer || s.max_q_len != 1) {
+      return absl::InternalError(absl::StrCat(
+          "cuda backend: an on-device plan runs in the Attention call of the layer whose "
+          "PlanQuestPages made it, in the same step (layer ", layer, ", plan of layer ", d.layer,
+          d.ready ? "" : ", already run or none", ")"));
+    }
+    d.ready = false;
+    const kernels::PagedDecodeShape shape =
+        DevicePlanShape(s, AttentionShape{p.num_q_heads, p.num_kv_heads, p.head_dim});
+    const kernels::PagedDecodePlan dplan = kernels::Plan(shape, num_sms);
+    if (dplan.num_splits <= 0 || d.workspace + dplan.workspace_bytes > s.sparse_dev_bytes) {
+      return absl::InternalError("cuda backend: on-device plan's decode workspace changed");
+    }
+    kernels::PagedDecodeTables t;
+    t.pages = reinterpret_cast<const int32_t*>(s.sparse_dev + d.tables);
+    t.lens = reinterpret_cast<const int32_t*>(s.sparse_dev + d.lens);
+    t.stride = d.stride;
+    t.heads_per_block = d.heads_per_block;
+    void* ws = dplan.workspace_bytes > 0 ? s.sparse_dev + d.workspace : nullptr;
+    SIEVE_RETURN_IF_CUDA_ERROR(kernels::PagedDecodeSparseRun(p, dplan, t, ws, s.stream));
+    return absl::OkStatus();
+  }
   if (s.max_q_len > 1) return SparsePrefillAttention(s, plan, p, num_sms);
   const bool columns = !plan.column_start.empty() && plan.column_start.back() != 0;
   if (columns) return TokenDecodeAttention(s, plan, p, num_sms);  // cuda_double_sparsity.cc

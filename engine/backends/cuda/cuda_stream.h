@@ -164,6 +164,17 @@ struct CudaStream final : BackendStream {
   char* sparse_host = nullptr;
   size_t sparse_host_bytes = 0;
   cudaEvent_t sparse_copied = nullptr;  // recorded after the last copy out of sparse_host
+  // A Quest plan kept on the device (AttentionPlan::on_device): PlanQuestPages wrote each row's
+  // page ids and token count into sparse_dev at these offsets, with room for the decode
+  // workspace after them; the next Attention of the same layer runs it and clears `ready`.
+  struct DevicePlan {
+    bool ready = false;
+    int32_t layer = -1;
+    size_t tables = 0, lens = 0, workspace = 0;  // byte offsets into sparse_dev
+    int32_t stride = 0;           // table entries per row (the page budget)
+    int32_t heads_per_block = 1;  // query heads per row (the group with per-KV-head selection)
+    int32_t max_kv_len = 0;       // the most tokens a row holds (for the decode plan)
+  } device_plan;
   // Graph steps: one slot per sequence count; `graph` is the slot of the step in progress.
   std::map<int32_t, std::unique_ptr<GraphSlot>> graph_slots;
   GraphSlot* graph = nullptr;
@@ -208,13 +219,14 @@ absl::Status EnsureSparseBuffers(CudaStream& s, size_t dev_bytes, size_t host_by
 absl::StatusOr<const int32_t*> UploadDecodeTables(CudaStream& s, size_t table_bytes,
                                                   const std::vector<int32_t>& lens);
 
-// Sparse attention (cuda_sparse.cc): runs `plan` for the step of `s` with the dense parameters
-// `p` (page table and lengths of the step). Decode steps: plans of whole pages (Quest) through
-// compacted per-row page tables and PagedDecodeSparseRun. Other steps: plans of 128-query
+// Sparse attention (cuda_sparse.cc): runs `plan` for layer `layer` of the step of `s` with the
+// dense parameters `p` (page table and lengths of the step). Decode steps: plans of whole pages
+// (Quest) through compacted per-row page tables and PagedDecodeSparseRun (an on_device plan:
+// the tables PlanQuestPages left in s.device_plan). Other steps: plans of 128-query
 // blocks and 64-key-tile key blocks (XAttention), or of 64-query and 64-key blocks with single
 // columns (MInference), through the block-sparse mma.sync prefill kernel. Unimplemented for
 // plans neither takes (other block sizes).
-absl::Status SparseDecodeAttention(CudaStream& s, const AttentionPlan& plan,
+absl::Status SparseDecodeAttention(CudaStream& s, int32_t layer, const AttentionPlan& plan,
                                    const kernels::PagedAttentionParams<__nv_bfloat16>& p,
                                    int num_sms);
 
