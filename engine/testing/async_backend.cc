@@ -40,6 +40,23 @@ bool AsyncBackendControl::TakeFault(FaultKind& kind) {
   return true;
 }
 
+absl::Status AsyncBackendControl::OperatorFault(std::string_view who) {
+  FaultKind kind;
+  if (!device_lost() && !TakeFault(kind)) return absl::OkStatus();
+  if (device_lost() || kind == FaultKind::kFatal) {
+    device_lost_ = true;
+    return DeviceLostError(absl::StrCat(std::string(who), ": the device was lost (injected fatal fault)"));
+  }
+  if (kind == FaultKind::kHang) {
+    ++hanging_;
+    std::unique_lock<std::mutex> lock(mu_);
+    hang_cv_.wait(lock, [this] { return hangs_released_; });
+    --hanging_;
+    return absl::InternalError(absl::StrCat(std::string(who), ": released from an injected hang"));
+  }
+  return absl::InternalError(absl::StrCat(std::string(who), ": injected recoverable fault"));
+}
+
 // One stream: the wrapped CPU stream and the executor thread that runs its queued operators.
 class AsyncBackend::Stream final : public BackendStream {
  public:
@@ -133,27 +150,10 @@ class AsyncBackend::Stream final : public BackendStream {
         std::this_thread::sleep_for(std::chrono::microseconds(delay(rng_)));
       }
       absl::Status status;
-      FaultKind kind;
       if (!skip) {
-        if (control.device_lost()) {
-          status = backend_.LostStatus();
-        } else if (control.TakeFault(kind)) {
-          if (kind == FaultKind::kFatal) {
-            control.device_lost_ = true;
-            status = backend_.LostStatus();
-          } else if (kind == FaultKind::kHang) {
-            ++control.hanging_;
-            std::unique_lock<std::mutex> lock(control.mu_);
-            control.hang_cv_.wait(lock, [&control] { return control.hangs_released_; });
-            --control.hanging_;
-            status = absl::InternalError("async backend: released from an injected hang");
-          } else {
-            status = absl::InternalError("async backend: injected recoverable fault");
-          }
-        } else {
-          status = op();
-        }
-        ++control.ops_run_;
+        status = control.OperatorFault("async backend");
+        if (status.ok()) status = op();
+        control.CountOperator();
       }
       {
         std::lock_guard<std::mutex> lock(mu_);

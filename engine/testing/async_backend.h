@@ -28,6 +28,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 
 #include "engine/backends/backend.h"
 #include "engine/backends/cpu_backend.h"
@@ -77,6 +78,14 @@ class AsyncBackendControl {
 
   // True once a fatal fault fired.
   bool device_lost() const { return device_lost_.load(); }
+
+  // For a backend of this control (AsyncBackend, FaultBackend), just before an operator runs:
+  // OkStatus to run it, or the status it fails with instead: DeviceLostError once a fatal fault
+  // fired (this one or an earlier one), Internal for a recoverable fault; a kHang fault blocks
+  // here until ReleaseHangs, then fails recoverably. `who` starts the messages. The caller
+  // counts the operator with CountOperator either way.
+  absl::Status OperatorFault(std::string_view who);
+  void CountOperator() { ++ops_run_; }
 
   // Steps that read or wrote a KV page written by another stream that was not synchronized since.
   int64_t violations() const { return violations_.load(); }

@@ -392,6 +392,25 @@ TEST_F(CudaModelTest, EngineGreedyAloneAndBatched) {
   ASSERT_TRUE((*engine)->WaitIdle(absl::Seconds(60)));
   const EngineLoad load = (*engine)->load();
   EXPECT_EQ(load.kv_pages_used, load.kv_pages_cached);  // only the prefix cache holds pages
+  // The same batch on two prefill and two decode workers (issue 11 item 3): chunks of one
+  // prompt land on either prefill worker's stream, so each chunk's KV must be written before the
+  // next chunk reads it on the other stream; the same tokens up to the first near-tie.
+  config.pools.prefill_workers = 2;
+  config.pools.decode_workers = 2;
+  config.scheduler.max_batch_tokens = 128;
+  config.scheduler.prefill_chunk_tokens = 32;
+  auto workers = Engine::Create(config, nullptr);
+  ASSERT_TRUE(workers.ok()) << workers.status();
+  for (int rep = 0; rep < 2; ++rep) {
+    const std::vector<std::vector<int32_t>> out = Greedy(**workers, prompts, max_tokens);
+    for (size_t i = 0; i < 3; ++i) {
+      EXPECT_EQ(prefix(out[at[i]], agree[i]), prefix(want[i], agree[i]))
+          << "prompt " << i << " on two prefill workers, round " << rep;
+    }
+  }
+  ASSERT_TRUE((*workers)->WaitIdle(absl::Seconds(60)));
+  const EngineLoad wl = (*workers)->load();
+  EXPECT_EQ(wl.kv_pages_used, wl.kv_pages_cached);
 }
 
 // Each sequence's logits are the same alone or batched with others of different lengths and
