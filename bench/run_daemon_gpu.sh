@@ -14,7 +14,8 @@
 #   bench/run_daemon_gpu.sh [PACK_DIR]
 # Settings (environment): CONFIG, LENGTHS ("8192:1.0 32768:0.25" = length:rate pairs),
 # DURATION (seconds of Poisson arrivals per length; 0: none), MAX_TOKENS, UNLOADED (requests run one at
-# a time per length), SIEVED_ARGS (more sieved flags, e.g. "--set pools.decode_priority=normal").
+# a time per length), SIEVED_ARGS (more sieved flags, e.g. "--set pools.decode_priority=normal"),
+# LOADGEN_ARGS (more sieve_loadgen flags, e.g. "--drain-timeout 300" for prefills over 120 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 pack=${1:-.device-pack}
@@ -60,13 +61,15 @@ for pair in $lengths; do
   len=${pair%%:*}
   rate=${pair##*:}
   echo "== $len tokens: $unloaded requests one at a time"
+  # shellcheck disable=SC2086  # LOADGEN_ARGS is a list of flags
   "$pack/bin/sieve_loadgen" --target "$target" --prompt-lengths "$len" --requests "$unloaded" \
     --duration 0 --concurrency 1 --rate 1000 --max-tokens "$max_tokens" --seed 7 \
-    --json "$out/unloaded-$len.json" | tee "$out/unloaded-$len.md" || status=1
+    ${LOADGEN_ARGS:-} --json "$out/unloaded-$len.json" | tee "$out/unloaded-$len.md" || status=1
   [[ $duration == 0 ]] && continue  # DURATION=0: unloaded requests only
   echo "== $len tokens: Poisson arrivals at $rate/s for $duration s"
+  # shellcheck disable=SC2086  # LOADGEN_ARGS is a list of flags
   "$pack/bin/sieve_loadgen" --target "$target" --prompt-lengths "$len" --rate "$rate" \
-    --duration "$duration" --max-tokens "$max_tokens" --seed 11 \
+    --duration "$duration" --max-tokens "$max_tokens" --seed 11 ${LOADGEN_ARGS:-} \
     --json "$out/poisson-$len.json" | tee "$out/poisson-$len.md" || status=1
 done
 
