@@ -24,6 +24,10 @@ void PrefillAttentionConfig::Validate(std::vector<std::string>& errors) const {
     errors.push_back(
         absl::StrCat("attention.prefill.dense_layers must be at least 0, got ", dense_layers));
   }
+  if (!(max_density >= 0 && max_density <= 1)) {
+    errors.push_back(absl::StrCat(
+        "attention.prefill.max_density must be in [0, 1] (0: the backend's), got ", max_density));
+  }
   const XAttentionConfig& x = xattention;
   if (x.stride != 4 && x.stride != 8 && x.stride != 16) {
     errors.push_back(absl::StrCat("attention.prefill.xattention.stride must be 4, 8 or 16, got ",
@@ -98,14 +102,16 @@ std::string AttentionConfig::Describe() const {
     absl::StrAppend(&prefill_text, "(stride=", x.stride, ",threshold=",
                     x.threshold_file.empty() ? absl::StrCat(x.threshold) : "file", ",block=",
                     x.block_size, ",min_tokens=", prefill.sparse_min_tokens,
-                    ",dense_layers=", prefill.dense_layers, ")");
+                    ",dense_layers=", prefill.dense_layers, ",max_density=", prefill.max_density,
+                    ")");
   }
   if (prefill.method == "minference") {
     const MInferenceConfig& m = prefill.minference;
     absl::StrAppend(&prefill_text, "(vertical=", m.vertical_size, ",slash=", m.slash_size,
                     ",last_q=", m.last_q, ",patterns=", m.pattern_file.empty() ? "none" : "file",
                     ",min_tokens=", prefill.sparse_min_tokens,
-                    ",dense_layers=", prefill.dense_layers, ")");
+                    ",dense_layers=", prefill.dense_layers, ",max_density=", prefill.max_density,
+                    ")");
   }
   std::string decode_text = decode.method;
   if (decode.method == "quest") {

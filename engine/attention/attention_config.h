@@ -55,6 +55,11 @@ struct PrefillAttentionConfig {
   int32_t sparse_min_tokens = 8192;
   // The first this many layers always attend densely.
   int32_t dense_layers = 0;
+  // A step whose sparse sequences' plan reads more than this fraction of their causal pairs runs
+  // dense instead (the estimate is spent, but the block-sparse kernel would cost more than the
+  // dense one it saves). In [0, 1]; 1: never; 0: the backend's break-even
+  // (AutoPrefillMaxDensity: cpu 0.9, cuda 0.4), resolved when the engine starts.
+  double max_density = 0;
   XAttentionConfig xattention;
   MInferenceConfig minference;
 

@@ -49,7 +49,7 @@ TEST(MInferencePolicyTest, FactoryAndSettingErrorsNameTheKey) {
   EXPECT_EQ((*p)->method(), "minference");
   EXPECT_EQ(MInference(1000, 6096).Describe(),
             "prefill=minference(vertical=1000,slash=6096,last_q=64,patterns=none,min_tokens=32,"
-            "dense_layers=0) decode=dense");
+            "dense_layers=0,max_density=0) decode=dense");
 
   AttentionConfig bad = MInference(0, 6096);
   bad.prefill.minference.last_q = 0;

@@ -6,7 +6,10 @@
 //     `sparse_min_tokens`, its chunk has more than one query, and its request did not ask for
 //     dense attention (AttentionStep::dense_prefill); the other sequences of a step that has a
 //     sparse one get rows that list every causal key block (the same keys as dense);
-//   - with no sparse sequence the plan is dense.
+//   - with no sparse sequence the plan is dense;
+//   - when the rows of the sparse sequences read more than `max_density` of their causal pairs,
+//     the plan is made dense (the method's estimate is spent, but a block-sparse kernel over
+//     nearly every block costs more than the dense one); dense_fallbacks() counts those.
 // A method implements block sizes and PlanSequence; estimators it needs run as backend
 // operators (Backend::XAttentionBlockMass, ...) on step.stream.
 //
@@ -51,6 +54,9 @@ class SparsePrefillPolicy : public AttentionPolicy {
 
   const PrefillAttentionConfig& config() const { return config_; }
 
+  // Plans made dense because they were denser than config().max_density (0 counts as 1: never).
+  int64_t dense_fallbacks() const { return dense_fallbacks_; }
+
  protected:
   // The plan's query block and key block sizes (tokens).
   virtual int32_t query_block() const = 0;
@@ -66,6 +72,7 @@ class SparsePrefillPolicy : public AttentionPolicy {
   void PlanDenseSequence(const AttentionStep& step, int32_t seq, PlanRowWriter& rows);
 
   PrefillAttentionConfig config_;
+  int64_t dense_fallbacks_ = 0;
   std::vector<int32_t> blocks_;  // scratch
 };
 

@@ -116,6 +116,43 @@ TEST(SparsePrefillPolicyTest, ChoosesSparseSequencesAndLayers) {
   EXPECT_EQ(plan.ReadPairs(l, 4), 4 * sparse_pairs + dense_rest);
 }
 
+// max_density: a plan whose sparse sequences read more than that fraction of their causal pairs
+// is made dense. Sequence 0 reads 1,568 of its 6,176 pairs per head (0.254); with the dense
+// sequences 1 and 2 counted the plan would read 0.35, so 0.3 keeps it sparse only if they are
+// left out, as they must be (they are dense whatever the method does).
+TEST(SparsePrefillPolicyTest, PlansDenserThanMaxDensityRunDense) {
+  const BatchLayout l = ThreeSequences();
+  AttentionStep step{.layer = 1, .layout = &l, .shape = {4, 2, 8}};
+  PrefillAttentionConfig c;
+  c.sparse_min_tokens = 50;
+  AttentionPlan plan;
+  for (const auto& [max_density, want_dense] :
+       std::vector<std::pair<double, bool>>{{0.0, false}, {1.0, false}, {0.3, false},
+                                            {0.26, false}, {0.25, true}, {0.05, true}}) {
+    c.max_density = max_density;
+    DiagonalPolicy policy(c, false);
+    ASSERT_TRUE(policy.Plan(step, plan).ok());
+    EXPECT_EQ(policy.sparse_calls, 1) << max_density;  // the estimate runs either way
+    EXPECT_EQ(plan.dense, want_dense) << max_density;
+    EXPECT_EQ(policy.dense_fallbacks(), want_dense ? 1 : 0) << max_density;
+    if (!want_dense) {
+      EXPECT_EQ(plan.ReadPairs(l, 4), 4 * (1568 + (40 * 41) / 2 + 100)) << max_density;
+    }
+  }
+  // Every block kept: density 1, dense below 1.
+  c.max_density = 0.9;
+  DiagonalPolicy all(c, true);
+  ASSERT_TRUE(all.Plan(step, plan).ok());
+  EXPECT_TRUE(plan.dense);
+  EXPECT_EQ(all.dense_fallbacks(), 1);
+  // Out of range: the key named.
+  std::vector<std::string> errors;
+  c.max_density = 1.5;
+  c.Validate(errors);
+  ASSERT_EQ(errors.size(), 1u);
+  EXPECT_NE(errors[0].find("attention.prefill.max_density"), std::string::npos) << errors[0];
+}
+
 TEST(SparsePrefillPolicyTest, WorkerCountsDensityAndKeepsDenseLogitsWhenEverythingIsKept) {
   ModelRunnerOptions o = RunnerOptionsFor(EngineConfig());
   o.num_threads = 1;

@@ -49,6 +49,10 @@ absl::Status Engine::Impl::Init(const EngineConfig& config, EngineObserver* obse
   config_ = config;
   observer_ = observer;
   SIEVE_RETURN_IF_ERROR(config.Validate());
+  // 0: the backend's break-even density (shown resolved in model_info().attention_policy).
+  if (config_.attention.prefill.max_density == 0) {
+    config_.attention.prefill.max_density = AutoPrefillMaxDensity(config.model.backend);
+  }
   const ServedModelConfig& model = config.model;
   SIEVE_ASSIGN_OR_RETURN(tokenizer_, Tokenizer::FromDirectory(model.tokenizer_directory.empty()
                                                                   ? model.directory
@@ -114,7 +118,7 @@ absl::Status Engine::Impl::Init(const EngineConfig& config, EngineObserver* obse
   for (int pool = 0; pool < 2; ++pool) {
     for (int32_t i = 0; i < counts[pool]; ++i) {
       SIEVE_ASSIGN_OR_RETURN(std::unique_ptr<AttentionPolicy> policy,
-                             MakeAttentionPolicy(config.attention, phases[pool], model_shape));
+                             MakeAttentionPolicy(config_.attention, phases[pool], model_shape));
       SIEVE_ASSIGN_OR_RETURN(std::unique_ptr<ModelWorker> worker,
                              runner_->CreateWorker(stream_options[pool], std::move(policy)));
       ModelWorker* raw = worker.get();

@@ -136,6 +136,12 @@ std::string KvCacheDtype(const EngineConfig& c) {
   return std::string(BackendDtype(c.model.backend));
 }
 
+double AutoPrefillMaxDensity(std::string_view backend) {
+  if (backend == "cpu") return 0.9;
+  if (backend == "cuda") return 0.4;
+  return 1.0;
+}
+
 std::string_view BackendDtype(std::string_view backend) {
   if (backend == "cpu") return "float32";
   if (backend == "cuda") return "bfloat16";

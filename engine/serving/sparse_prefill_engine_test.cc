@@ -30,6 +30,7 @@ class DensityObserver : public EngineObserver {
     std::lock_guard<std::mutex> lock(mu);
     densities.push_back(density);
     if (index_seconds < 0) ++bad;
+    if (index_seconds > 0) ++estimated;
   }
   std::vector<double> Densities() {
     std::lock_guard<std::mutex> lock(mu);
@@ -38,6 +39,7 @@ class DensityObserver : public EngineObserver {
   std::mutex mu;
   std::vector<double> densities;
   std::atomic<int> bad{0};
+  std::atomic<int> estimated{0};  // steps whose layers ran an index
 };
 
 std::vector<int32_t> LongPrompt() {
@@ -58,6 +60,7 @@ EngineConfig Config(const std::string& method, double tau) {
   c.scheduler.prefill_chunk_tokens = 256;  // chunks aligned to the 64-token blocks
   c.attention.prefill.method = method;
   c.attention.prefill.sparse_min_tokens = 256;
+  c.attention.prefill.max_density = 1.0;  // the sparse path whatever the density (below: less)
   c.attention.prefill.xattention.stride = 8;
   c.attention.prefill.xattention.block_size = 64;
   c.attention.prefill.xattention.threshold = tau;
@@ -101,13 +104,26 @@ TEST(SparsePrefillEngineTest, ServesXAttention) {
   EXPECT_LT(*std::min_element(d.begin(), d.end()), 1.0);
   EXPECT_EQ(sparse_obs.bad, 0);
   EXPECT_EQ(Engine::Create(sparse_config, nullptr).value()->model_info().attention_policy,
-            "prefill=xattention(stride=8,threshold=0.9,block=64,min_tokens=256,dense_layers=0) "
+            "prefill=xattention(stride=8,threshold=0.9,block=64,min_tokens=256,dense_layers=0,"
+            "max_density=1) "
             "decode=dense");
 
   // Everything kept: the dense engine's tokens.
   DensityObserver all_obs;
   EXPECT_EQ(Generate(Config("xattention", 1.01), prompt, &all_obs), dense);
   for (double x : all_obs.Densities()) EXPECT_EQ(x, 1.0);
+
+  // attention.prefill.max_density below every chunk's density: each plan is estimated, then run
+  // dense (the block-sparse kernel over most blocks would cost more): the dense engine's tokens
+  // and densities of 1, with index time spent.
+  DensityObserver fallback_obs;
+  EngineConfig fallback = sparse_config;
+  fallback.attention.prefill.max_density = 0.05;
+  EXPECT_EQ(Generate(fallback, prompt, &fallback_obs), dense);
+  for (double x : fallback_obs.Densities()) EXPECT_EQ(x, 1.0);
+  EXPECT_GT(fallback_obs.estimated, 0);
+  // (The precondition: every chunk of the sparse run read more than 5% of its pairs.)
+  EXPECT_GT(*std::min_element(d.begin(), d.end()), 0.05);
 
   // A request that asks for dense prefill under xattention: dense.
   DensityObserver forced_obs;
