@@ -16,8 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${1:-build}
 [[ -f $build/build.ninja ]] || { echo "no build tree at $build (configure with CUDA first)" >&2; exit 1; }
-mapfile -t tests < <(ninja -C "$build" -t targets all 2>/dev/null |
-  grep -oE '^[A-Za-z0-9_]+_gpu_test:' | grep -v '^cmake_' | tr -d ':' | sort -u)
+mapfile -t tests < <(scripts/gpu-tests.sh targets "$build")
 benches=(quest_decode_gpu_bench xattention_prefill_gpu_bench minference_prefill_gpu_bench
   ds_decode_gpu_bench)
 tools=(sieved sieve sieve_loadgen retrieval_fidelity)

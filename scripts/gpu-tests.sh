@@ -6,12 +6,26 @@
 #                                          # them with the shared libraries they link into
 #                                          # PACK_DIR (default .device-pack-gpu-tests, ignored)
 #   scripts/gpu-tests.sh run [PACK_DIR]    # there, from the repository root: run them all
+#   scripts/gpu-tests.sh targets BUILD_DIR # the gpu test targets of a configured build tree
 # On a machine that has both a GPU and the dependencies, `ctest --test-dir build -L gpu` is the
 # same thing. Exit status: 0 only if every binary ran and passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-run}
 pack=${2:-.device-pack-gpu-tests}
+
+# The gpu-labelled test targets of build tree $1: every executable named *_gpu_test (the CMake
+# helpers label exactly those `gpu`). Read from the build graph, which exists before anything is
+# built (CTest's list does not: gtest_discover_tests fills it in only once the binaries exist).
+gpu_targets() {
+  ninja -C "$1" -t targets all 2>/dev/null |
+    grep -oE '^[A-Za-z0-9_]+_gpu_test:' | grep -v '^cmake_' | tr -d ':' | sort -u
+}
+
+if [[ $mode == targets ]]; then
+  gpu_targets "${2:?usage: scripts/gpu-tests.sh targets BUILD_DIR}"
+  exit 0
+fi
 
 if [[ $mode == pack ]]; then
   # SIEVE_GPU_BUILD names an existing CUDA build tree to take the binaries from (e.g. build, which
@@ -21,11 +35,7 @@ if [[ $mode == pack ]]; then
     cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DSIEVE_BUILD_SERVER=OFF \
       -DSIEVE_CUDA=ON >/dev/null || exit 1
   fi
-  # The gpu-labelled test targets: every executable named *_gpu_test (the CMake helpers label
-  # exactly those `gpu`). Read from the build graph, which exists before anything is built
-  # (CTest's list does not: gtest_discover_tests fills it in only once the binaries exist).
-  mapfile -t targets < <(ninja -C "$build" -t targets all 2>/dev/null |
-    grep -oE '^[A-Za-z0-9_]+_gpu_test:' | grep -v '^cmake_' | tr -d ':' | sort -u)
+  mapfile -t targets < <(gpu_targets "$build")
   [[ ${#targets[@]} -gt 0 ]] || { echo "no gpu tests found in $build"; exit 1; }
   ninja -C "$build" -j "$(nproc)" "${targets[@]}" || exit 1
   rm -rf "$pack"
