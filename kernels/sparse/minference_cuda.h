@@ -16,8 +16,8 @@
 //   4. slash[delta] = the sum of the (at most two) tiles' partials that hold diagonal delta, in
 //      tile order.
 // Selection (top-k with forced entries, section 1.4 steps 1, 3-5) and the conversion into the
-// kernel's plan stay on the host (BuildPlanFromScores in minference.h), like XAttention's
-// engine path.
+// kernel's plan: on the host (BuildPlanFromScores in minference.h) or on the device (the index
+// kernels at the end of this file).
 //
 // Supported: head_dim 64 or 128, num_q_heads a multiple of num_kv_heads, 1 <= q_len <= kv_len.
 // Never allocates, never synchronizes.
@@ -60,6 +60,47 @@ size_t MInferenceVsGpuWorkspaceBytes(const MInferenceVsGpuParams& p);
 // pointers are null or the workspace is smaller than MInferenceVsGpuWorkspaceBytes.
 cudaError_t MInferenceVsScoresGpu(const MInferenceVsGpuParams& p, float* vertical, float* slash,
                                   void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+// ---- The index on the device (minference_index_cuda.cu) -----------------------------------------
+// From the scores above (vertical and slash [num_heads, kv_len], device), the plan
+// BuildPlanFromScores (minference.h) makes on the host, bit for bit: per vertical-slash head the
+// top-k of section 1.4 (forced entries, ties to the lower index) by a radix select, one thread
+// block per (head, list); then per row (query block b, head h; row b * num_heads + h) the
+// section 1.6 conversion into 64-key blocks and single columns by one thread, counted, scanned
+// into row_start / column_start, then written. A-shape heads as BuildPlan's; block-sparse heads
+// are not taken (they pool q and K).
+constexpr int kMInferenceIndexMaxHeads = 128;
+
+struct MInferenceIndexGpuParams {
+  const float* vertical = nullptr;  // [num_heads, kv_len]
+  const float* slash = nullptr;     // [num_heads, kv_len]
+  int32_t num_heads = 0;            // 1..kMInferenceIndexMaxHeads
+  int32_t q_len = 0;                // the chunk's queries, 1 <= q_len <= kv_len
+  int32_t kv_len = 0;
+  // Per head, as HeadPattern (minference.h): 0 vertical-slash, 1 A-shape (n_init =
+  // vertical_size, n_local = slash_size); the sizes as configured (the kernels apply section
+  // 1.4's minimums).
+  int8_t pattern[kMInferenceIndexMaxHeads] = {};
+  int32_t vertical_size[kMInferenceIndexMaxHeads] = {};
+  int32_t slash_size[kMInferenceIndexMaxHeads] = {};
+};
+
+// Device scratch of the selection and the row counts: num_heads * kv_len * 2 ints (the lists),
+// then 4 * (rows + 1) ints (counts and starts), rows = ceil(q_len / 64) * num_heads.
+size_t MInferenceIndexGpuWorkspaceBytes(const MInferenceIndexGpuParams& p);
+
+// Step 1: selection, counts and starts. Afterwards row_start[rows] and column_start[rows] (device
+// ints, at row_start / column_start, each rows + 1 long) hold the totals the caller allocates
+// for. cudaErrorInvalidValue (nothing launched) for bad shapes or null pointers.
+cudaError_t MInferenceIndexCountGpu(const MInferenceIndexGpuParams& p, void* workspace,
+                                    size_t workspace_bytes, int32_t* row_start,
+                                    int32_t* column_start, cudaStream_t stream);
+
+// Step 2 (same params and workspace, after step 1 on the same stream): the key blocks and
+// columns of every row at the starts step 1 wrote.
+cudaError_t MInferenceIndexFillGpu(const MInferenceIndexGpuParams& p, const void* workspace,
+                                   const int32_t* row_start, const int32_t* column_start,
+                                   int32_t* key_blocks, int32_t* columns, cudaStream_t stream);
 
 }  // namespace sieve::kernels
 

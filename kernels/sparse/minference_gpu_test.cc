@@ -476,6 +476,102 @@ TEST(MInferenceGpuKernelTest, RandomPlansWithColumnsMatchReference) {
   }
 }
 
+// The index built on the device equals BuildPlanFromScores's on the same scores, exactly: the
+// same top-k (forced entries, ties to the lower index: the scores are quantized so that many
+// tie) and the same section 1.6 rows, for vertical-slash and A-shape heads, sizes below the
+// minimums and above n, unchunked and chunked prefills, lengths off the 64 grid. Half of the
+// cases have scores that decay with the diagonal offset (contiguous slash runs, as real heads
+// have), half uniform noise (scattered ranges and many single columns).
+TEST(MInferenceGpuIndexTest, DevicePlanEqualsTheHostPlanOnTheSameScores) {
+  std::mt19937_64 rng(Seed(71));
+  struct Shape {
+    int q_len, kv_len;
+  };
+  const Shape shapes[] = {{1000, 1000}, {700, 3000}, {64, 4096}, {1, 129}, {5000, 5000}};
+  int checked = 0;
+  for (const Shape& sh : shapes) {
+    for (int structured = 0; structured < 2; ++structured) {
+      const int heads = 6, n = sh.kv_len;
+      std::vector<mi::HeadPattern> pats(heads);
+      const int sizes[heads][2] = {{1000, 6096}, {10, 20}, {40, 300}, {100000, 100000},
+                                   {64, 64}, {3, 500}};
+      for (int h = 0; h < heads; ++h) {
+        pats[h].pattern = h == 4 ? mi::Pattern::kAShape : mi::Pattern::kVerticalSlash;
+        pats[h].vertical_size = sizes[h][0];
+        pats[h].slash_size = sizes[h][1];
+      }
+      std::vector<float> v(static_cast<size_t>(heads) * n), sl(v.size());
+      std::uniform_int_distribution<int> q(0, 63);
+      for (int h = 0; h < heads; ++h) {
+        for (int j = 0; j < n; ++j) {
+          const float noise = static_cast<float>(q(rng)) / 64.0f;  // 64 levels: ties
+          v[static_cast<size_t>(h) * n + j] = noise;
+          sl[static_cast<size_t>(h) * n + j] =
+              structured ? std::floor(64.0f * 32.0f / (32.0f + j)) / 64.0f + noise / 8 : noise;
+        }
+      }
+      int32_t query_start[2] = {0, sh.q_len};
+      PagedAttentionParams<float> lp;
+      lp.kv_lens = &n;
+      lp.query_start = query_start;
+      lp.num_seqs = 1;
+      lp.num_q_heads = heads;
+      lp.num_kv_heads = heads;
+      lp.head_dim = 64;
+      lp.page_size = kPage;
+      mi::MInferencePlan want;
+      ASSERT_TRUE(mi::BuildPlanFromScores(lp, pats.data(), v.data(), sl.data(), mi::Options{},
+                                          &want));
+
+      MInferenceIndexGpuParams ip;
+      DevBuf<float> dv(v), ds(sl);
+      ip.vertical = dv.ptr;
+      ip.slash = ds.ptr;
+      ip.num_heads = heads;
+      ip.q_len = sh.q_len;
+      ip.kv_len = n;
+      for (int h = 0; h < heads; ++h) {
+        ip.pattern[h] = pats[h].pattern == mi::Pattern::kAShape ? 1 : 0;
+        ip.vertical_size[h] = pats[h].vertical_size;
+        ip.slash_size[h] = pats[h].slash_size;
+      }
+      const size_t rows = want.row_start.size() - 1;
+      const size_t ws_bytes = MInferenceIndexGpuWorkspaceBytes(ip);
+      DevBuf<char> ws(ws_bytes);
+      DevBuf<int32_t> rs(rows + 1), cs(rows + 1);
+      ASSERT_EQ(MInferenceIndexCountGpu(ip, ws.ptr, ws_bytes, rs.ptr, cs.ptr, nullptr),
+                cudaSuccess);
+      std::vector<int32_t> got_rs(rows + 1), got_cs(rows + 1);
+      ASSERT_EQ(cudaMemcpy(got_rs.data(), rs.ptr, got_rs.size() * 4, cudaMemcpyDeviceToHost),
+                cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(got_cs.data(), cs.ptr, got_cs.size() * 4, cudaMemcpyDeviceToHost),
+                cudaSuccess);
+      const std::string what = "q_len " + std::to_string(sh.q_len) + " kv_len " +
+                               std::to_string(n) + (structured ? " structured" : " noise");
+      ASSERT_EQ(got_rs, want.row_start) << what;
+      ASSERT_EQ(got_cs, want.column_start) << what;
+      DevBuf<int32_t> kb(want.key_blocks.size()), cl(want.columns.size());
+      ASSERT_EQ(MInferenceIndexFillGpu(ip, ws.ptr, rs.ptr, cs.ptr, kb.ptr, cl.ptr, nullptr),
+                cudaSuccess);
+      std::vector<int32_t> got_kb(want.key_blocks.size()), got_cl(want.columns.size());
+      ASSERT_EQ(cudaMemcpy(got_kb.data(), kb.ptr, got_kb.size() * 4, cudaMemcpyDeviceToHost),
+                cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(got_cl.data(), cl.ptr, got_cl.size() * 4, cudaMemcpyDeviceToHost),
+                cudaSuccess);
+      EXPECT_EQ(got_kb, want.key_blocks) << what;
+      EXPECT_EQ(got_cl, want.columns) << what;
+      EXPECT_FALSE(want.columns.empty()) << what;
+      ++checked;
+    }
+  }
+  EXPECT_EQ(checked, 10);
+  // Bad shapes: nothing launched.
+  MInferenceIndexGpuParams bad;
+  int32_t dummy = 0;
+  EXPECT_EQ(MInferenceIndexCountGpu(bad, &dummy, 4, &dummy, &dummy, nullptr),
+            cudaErrorInvalidValue);
+}
+
 TEST(MInferenceGpuKernelTest, RefusesUnsupportedShapes) {
   MInferenceVsGpuParams p;
   p.num_q_heads = 8;

@@ -110,6 +110,7 @@ CudaStream::~CudaStream() {
   cudaFree(sample_dev);
   cudaFreeHost(sample_host);
   cudaFree(sparse_dev);
+  cudaFree(index_dev);
   cudaFreeHost(sparse_host);
   if (sparse_copied != nullptr) cudaEventDestroy(sparse_copied);
   for (cudaEvent_t e : copy_events) cudaEventDestroy(e);

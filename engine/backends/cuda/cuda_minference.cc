@@ -1,11 +1,14 @@
 // The CUDA backend's MInference index (see cuda_backend.h): the vertical-slash scores of one
-// sequence on the device (kernels/sparse/minference_cuda.h), copied back through the stream's
-// pinned sparse buffer, then the host's selection, section 1.6 conversion and plan assembly
-// (kernels::minference::BuildPlanFromScores, threaded over heads). The plan then runs through
-// the mma.sync prefill kernel's 64-query-row mode (cuda_sparse.cc, SparsePrefillAttention).
+// sequence on the device (kernels/sparse/minference_cuda.h), then the selection, section 1.6
+// conversion and plan assembly on the device too (MInferenceIndexCountGpu / FillGpu), only the
+// plan copied back; for more than kMInferenceIndexMaxHeads heads, the scores are copied back and
+// the host builds the plan (kernels::minference::BuildPlanFromScores, threaded over heads). The
+// plan then runs through the mma.sync prefill kernel's 64-query-row mode (cuda_sparse.cc,
+// SparsePrefillAttention).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -23,6 +26,90 @@ using bf16 = __nv_bfloat16;
 using cuda_internal::Align256;
 using cuda_internal::Cuda;
 namespace mi = kernels::minference;
+
+namespace {
+
+// The index built on the device (minference_cuda.h, MInferenceIndexCountGpu / FillGpu): the
+// scores stay there, the selection and the section 1.6 rows are made there, and only the plan
+// comes back (its two totals first, to size the arrays).
+absl::Status IndexOnDevice(CudaStream& s, const kernels::MInferenceVsGpuParams& p,
+                           const MInferenceEstimate& e, mi::MInferencePlan& out) {
+  kernels::MInferenceIndexGpuParams ip;
+  ip.num_heads = p.num_q_heads;
+  ip.q_len = p.q_len;
+  ip.kv_len = p.kv_len;
+  for (int32_t h = 0; h < p.num_q_heads; ++h) {
+    ip.pattern[h] = e.patterns[h].pattern == mi::Pattern::kAShape ? 1 : 0;
+    ip.vertical_size[h] = e.patterns[h].vertical_size;
+    ip.slash_size[h] = e.patterns[h].slash_size;
+  }
+  const size_t n = static_cast<size_t>(p.num_q_heads) * p.kv_len;
+  const int32_t qblocks = (p.q_len + mi::kBlock - 1) / mi::kBlock;
+  const size_t rows = static_cast<size_t>(qblocks) * p.num_q_heads;
+  // Device: vertical, slash | the estimator's workspace, then the index's | row starts | column
+  // starts. Host (pinned): the two totals.
+  const size_t scores = Align256(2 * n * sizeof(float));
+  const size_t starts = Align256((rows + 1) * sizeof(int32_t));
+  const size_t ws = std::max(kernels::MInferenceVsGpuWorkspaceBytes(p),
+                             kernels::MInferenceIndexGpuWorkspaceBytes(ip));
+  SIEVE_RETURN_IF_ERROR(
+      cuda_internal::EnsureSparseBuffers(s, scores + Align256(ws) + 2 * starts, 256));
+  float* dev = reinterpret_cast<float*>(s.sparse_dev);
+  char* ws_dev = s.sparse_dev + scores;
+  int32_t* row_start = reinterpret_cast<int32_t*>(ws_dev + Align256(ws));
+  int32_t* column_start = reinterpret_cast<int32_t*>(ws_dev + Align256(ws) + starts);
+  ip.vertical = dev;
+  ip.slash = dev + n;
+  SIEVE_RETURN_IF_CUDA_ERROR(kernels::MInferenceVsScoresGpu(p, dev, dev + n, ws_dev, ws, s.stream));
+  SIEVE_RETURN_IF_CUDA_ERROR(
+      kernels::MInferenceIndexCountGpu(ip, ws_dev, ws, row_start, column_start, s.stream));
+  // The previous copy out of the pinned buffer (a sparse plan's upload) must be done first.
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaEventSynchronize(s.sparse_copied));
+  int32_t* totals = reinterpret_cast<int32_t*>(s.sparse_host);
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(totals, row_start + rows, sizeof(int32_t),
+                                             cudaMemcpyDeviceToHost, s.stream));
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(totals + 1, column_start + rows, sizeof(int32_t),
+                                             cudaMemcpyDeviceToHost, s.stream));
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(s.stream));
+  const size_t nb = static_cast<size_t>(totals[0]), nc = static_cast<size_t>(totals[1]);
+  const size_t need = Align256(nb * sizeof(int32_t)) + nc * sizeof(int32_t) + 256;
+  if (need > s.index_dev_bytes) {  // the stream is idle: the copies above waited for it
+    const size_t bytes = std::max(need, 2 * s.index_dev_bytes);
+    SIEVE_RETURN_IF_CUDA_ERROR(cudaFree(s.index_dev));
+    s.index_dev = nullptr;
+    s.index_dev_bytes = 0;
+    SIEVE_RETURN_IF_CUDA_ERROR(cudaMalloc(&s.index_dev, bytes));
+    s.index_dev_bytes = bytes;
+  }
+  int32_t* key_blocks = reinterpret_cast<int32_t*>(s.index_dev);
+  int32_t* columns = reinterpret_cast<int32_t*>(s.index_dev + Align256(nb * sizeof(int32_t)));
+  SIEVE_RETURN_IF_CUDA_ERROR(kernels::MInferenceIndexFillGpu(ip, ws_dev, row_start, column_start,
+                                                             key_blocks, columns, s.stream));
+  out.query_block_start = {0, qblocks};
+  out.row_start.resize(rows + 1);
+  out.column_start.resize(rows + 1);
+  out.key_blocks.resize(nb);
+  out.columns.resize(nc);
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(out.row_start.data(), row_start,
+                                             (rows + 1) * sizeof(int32_t),
+                                             cudaMemcpyDeviceToHost, s.stream));
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(out.column_start.data(), column_start,
+                                             (rows + 1) * sizeof(int32_t),
+                                             cudaMemcpyDeviceToHost, s.stream));
+  if (nb > 0) {
+    SIEVE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(out.key_blocks.data(), key_blocks,
+                                               nb * sizeof(int32_t), cudaMemcpyDeviceToHost,
+                                               s.stream));
+  }
+  if (nc > 0) {
+    SIEVE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(out.columns.data(), columns, nc * sizeof(int32_t),
+                                               cudaMemcpyDeviceToHost, s.stream));
+  }
+  SIEVE_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(s.stream));
+  return absl::OkStatus();
+}
+
+}  // namespace
 
 absl::Status CudaBackend::MInferenceIndex(BackendStream& stream, int32_t layer, const Tensor& q,
                                           const AttentionShape& a, const MInferenceEstimate& e,
@@ -77,6 +164,9 @@ absl::Status CudaBackend::MInferenceIndex(BackendStream& stream, int32_t layer, 
       return absl::UnimplementedError(absl::StrCat(
           "cuda backend: no MInference estimator for head_dim ", a.head_dim, " and last_q ",
           e.last_q, " (head_dim 64 or 128, last_q 1..64)"));
+    }
+    if (a.num_q_heads <= kernels::kMInferenceIndexMaxHeads) {
+      return IndexOnDevice(s, p, e, out);
     }
     // Device: vertical, slash, then the estimator's workspace; host: vertical, slash.
     const size_t scores = 2 * n * sizeof(float);

@@ -164,6 +164,10 @@ struct CudaStream final : BackendStream {
   char* sparse_host = nullptr;
   size_t sparse_host_bytes = 0;
   cudaEvent_t sparse_copied = nullptr;  // recorded after the last copy out of sparse_host
+  // MInference's index built on the device (cuda_minference.cc): its key blocks and columns,
+  // grown as a step needs (after waiting for the stream), then copied into the host plan.
+  char* index_dev = nullptr;
+  size_t index_dev_bytes = 0;
   // A Quest plan kept on the device (AttentionPlan::on_device): PlanQuestPages wrote each row's
   // page ids and token count into sparse_dev at these offsets, with room for the decode
   // workspace after them; the next Attention of the same layer runs it and clears `ready`.
