@@ -1,8 +1,8 @@
 // The CUDA backend's MInference index (see cuda_backend.h): the vertical-slash scores of one
 // sequence on the device (kernels/sparse/minference_cuda.h), then the selection, section 1.6
 // conversion and plan assembly on the device too (MInferenceIndexCountGpu / FillGpu), only the
-// plan copied back; for more than kMInferenceIndexMaxHeads heads, the scores are copied back and
-// the host builds the plan (kernels::minference::BuildPlanFromScores, threaded over heads). The
+// plan copied back (CudaBackendOptions::minference_index_on_device); otherwise, or for more than
+// kMInferenceIndexMaxHeads heads, the scores are copied back and the host builds the plan (kernels::minference::BuildPlanFromScores, threaded over heads). The
 // plan then runs through the mma.sync prefill kernel's 64-query-row mode (cuda_sparse.cc,
 // SparsePrefillAttention).
 #include <cuda_bf16.h>
@@ -165,7 +165,8 @@ absl::Status CudaBackend::MInferenceIndex(BackendStream& stream, int32_t layer, 
           "cuda backend: no MInference estimator for head_dim ", a.head_dim, " and last_q ",
           e.last_q, " (head_dim 64 or 128, last_q 1..64)"));
     }
-    if (a.num_q_heads <= kernels::kMInferenceIndexMaxHeads) {
+    if (options_.minference_index_on_device &&
+        a.num_q_heads <= kernels::kMInferenceIndexMaxHeads) {
       return IndexOnDevice(s, p, e, out);
     }
     // Device: vertical, slash, then the estimator's workspace; host: vertical, slash.
