@@ -5,41 +5,29 @@
 // request's greedy output must equal what a synchronous CPU engine gives it alone, and no page or
 // request may be left behind.
 #include <atomic>
-#include <cstdlib>
-#include <fstream>
 #include <memory>
 #include <mutex>
 #include <random>
-#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "engine/serving/engine.h"
 #include "engine/testing/async_backend.h"
+#include "engine/testing/golden_cases.h"
 #include "engine/testing/recording_sink.h"
 #include "gtest/gtest.h"
-#include "nlohmann/json.hpp"
 
 namespace sieve::engine::testing {
 namespace {
 
 constexpr absl::Duration kWait = absl::Seconds(120);
 
-std::string ModelDir() {
-  const char* root = std::getenv("SIEVE_SOURCE_DIR");
-  return std::string(root != nullptr ? root : ".") + "/models/embedded";
-}
-
-struct Case {
-  std::vector<int32_t> prompt;
-  std::vector<int32_t> want;  // greedy continuation from a synchronous engine, alone
-  int32_t max_tokens = 0;
-};
+using Case = GoldenCase;
 
 EngineConfig BaseConfig(const std::string& backend, int32_t page_size, int32_t num_pages) {
   EngineConfig c;
-  c.model.directory = ModelDir();
+  c.model.directory = EmbeddedModelDir();
   c.model.name = "embedded";
   c.model.backend = backend;
   c.model.cpu_threads = 1;
@@ -51,16 +39,6 @@ EngineConfig BaseConfig(const std::string& backend, int32_t page_size, int32_t n
   c.scheduler.max_batch_tokens = 192;
   c.scheduler.prefill_chunk_tokens = 24;
   return c;
-}
-
-RequestSpec Greedy(const Case& c, std::shared_ptr<RecordingSink> sink) {
-  RequestSpec s;
-  s.prompt = c.prompt;
-  s.sampling.temperature = 0;
-  s.stop.max_tokens = c.max_tokens;
-  s.stop.ignore_eos = true;
-  s.sink = std::move(sink);
-  return s;
 }
 
 // Counts device-lost reports and submits a callback's requests after a given prefill step.
@@ -85,37 +63,19 @@ class TestObserver : public EngineObserver {
 class AsyncEngineTest : public ::testing::TestWithParam<int> {
  protected:
   static void SetUpTestSuite() {
-    std::ifstream in(ModelDir() + "/golden.json");
-    std::stringstream ss;
-    ss << in.rdbuf();
-    const nlohmann::json golden = nlohmann::json::parse(ss.str(), nullptr, false);
-    ASSERT_FALSE(golden.is_discarded());
-    const auto long_prompt = golden["logits"].back()["ids"].get<std::vector<int32_t>>();
-    ASSERT_GE(long_prompt.size(), 300u);
-    cases_ = new std::vector<Case>();
-    // Prompts of 1 to 19 pages of 16, some ending mid-page; two share a 256-token prefix.
-    int i = 0;
-    for (int len : {9, 37, 64, 101, 150, 203, 256, 300}) {
-      Case c;
-      c.prompt.assign(long_prompt.begin(), long_prompt.begin() + len);
-      c.max_tokens = 6 + (i++ % 4) * 3;
-      cases_->push_back(std::move(c));
-    }
+    cases_ = new std::vector<Case>(GoldenCases());
+    ASSERT_FALSE(cases_->empty());
+    // Two share a 256-token prefix: the 256-token case and this one.
     Case shared;
-    shared.prompt.assign(long_prompt.begin(), long_prompt.begin() + 256);
-    shared.prompt.insert(shared.prompt.end(), long_prompt.begin() + 10, long_prompt.begin() + 40);
+    shared.prompt.assign((*cases_)[6].prompt.begin(), (*cases_)[6].prompt.end());
+    shared.prompt.insert(shared.prompt.end(), (*cases_)[7].prompt.begin() + 10,
+                         (*cases_)[7].prompt.begin() + 40);
     shared.max_tokens = 8;
     cases_->push_back(std::move(shared));
     // The reference: each case alone on the synchronous CPU backend.
     auto ref = Engine::Create(BaseConfig("cpu", 16, 256), nullptr);
     ASSERT_TRUE(ref.ok()) << ref.status();
-    for (Case& c : *cases_) {
-      auto sink = std::make_shared<RecordingSink>();
-      ASSERT_TRUE((*ref)->Submit(Greedy(c, sink)).ok());
-      ASSERT_TRUE(sink->WaitFinished(kWait));
-      ASSERT_EQ(sink->outcome().finish, FinishReason::kLength);
-      c.want = sink->tokens();
-    }
+    FillWanted(**ref, *cases_, kWait);
   }
   static void TearDownTestSuite() { delete cases_; }
 
@@ -141,11 +101,7 @@ class AsyncEngineTest : public ::testing::TestWithParam<int> {
   // a KV page before the step writing it was known to be finished.
   void ExpectBaseline(Engine& e) {
     EXPECT_EQ(control_->violations(), 0) << control_->first_violation();
-    ASSERT_TRUE(e.WaitIdle(kWait));
-    const EngineLoad l = e.load();
-    EXPECT_EQ(l.running_prefill + l.running_decode + l.waiting, 0);
-    EXPECT_EQ(l.kv_pages_used - l.kv_pages_cached, 0);
-    EXPECT_EQ(l.kv_pages_used + l.kv_pages_free, e.model_info().kv_pages);
+    ExpectEngineAtBaseline(e, kWait);
   }
 
   // Waits for `sink` and checks that it finished by length with the reference output.
@@ -179,7 +135,7 @@ TEST_P(AsyncEngineTest, ChunkedPrefillsOnSeveralWorkersMatchTheSynchronousOutput
   auto send_next = [&] {
     std::lock_guard<std::mutex> lock(mu);
     if (next >= n) return;
-    RequestSpec s = Greedy((*cases_)[next % cases_->size()], sinks[next]);
+    RequestSpec s = GreedyRequest((*cases_)[next % cases_->size()], sinks[next]);
     s.priority = static_cast<int32_t>(next);
     EXPECT_TRUE(raw->Submit(std::move(s)).ok());
     ++next;
@@ -221,14 +177,14 @@ TEST_P(AsyncEngineTest, PrefixCachePagesAreSharedOnlyOnceWritten) {
   obs.hook = [&] {
     for (const Case* k : {&longest, &sharing, &longest}) {
       later.push_back(std::make_shared<RecordingSink>());
-      EXPECT_TRUE(raw->Submit(Greedy(*k, later.back())).ok());
+      EXPECT_TRUE(raw->Submit(GreedyRequest(*k, later.back())).ok());
     }
   };
   auto e = Make(BaseConfig("", 16, 512), &obs);
   ASSERT_NE(e, nullptr);
   raw = e.get();
   auto first = std::make_shared<RecordingSink>();
-  ASSERT_TRUE(e->Submit(Greedy(longest, first)).ok());
+  ASSERT_TRUE(e->Submit(GreedyRequest(longest, first)).ok());
   ExpectReference(*first, longest, "first");
   ASSERT_TRUE(e->WaitIdle(kWait));
   ASSERT_EQ(later.size(), 3u);
@@ -259,7 +215,7 @@ TEST_P(AsyncEngineTest, CancellationsAndDeadlinesNeverFreePagesUnderARunningStep
   for (int rep = 0; rep < 3; ++rep) {
     for (const Case& k : *cases_) {
       auto sink = std::make_shared<RecordingSink>();
-      RequestSpec s = Greedy(k, sink);
+      RequestSpec s = GreedyRequest(k, sink);
       const bool doomed = rng() % 2 == 0;
       if (doomed && rng() % 2 == 0) s.deadline = absl::Now() + absl::Milliseconds(rng() % 150);
       auto id = e->Submit(std::move(s));
@@ -306,7 +262,7 @@ TEST_P(AsyncEngineTest, PreemptionAndEvictionUnderASmallPoolKeepOutputs) {
     std::vector<std::shared_ptr<RecordingSink>> sinks;
     for (const Case& k : *cases_) {
       sinks.push_back(std::make_shared<RecordingSink>());
-      ASSERT_TRUE(e->Submit(Greedy(k, sinks.back())).ok());
+      ASSERT_TRUE(e->Submit(GreedyRequest(k, sinks.back())).ok());
     }
     int preemptions = 0;
     for (size_t i = 0; i < sinks.size(); ++i) {
@@ -327,7 +283,7 @@ TEST_P(AsyncEngineTest, RecoverableFaultFailsOnlyItsStep) {
   std::vector<std::shared_ptr<RecordingSink>> sinks;
   for (const Case& k : *cases_) {
     sinks.push_back(std::make_shared<RecordingSink>());
-    ASSERT_TRUE(e->Submit(Greedy(k, sinks.back())).ok());
+    ASSERT_TRUE(e->Submit(GreedyRequest(k, sinks.back())).ok());
   }
   int failed = 0;
   for (size_t i = 0; i < sinks.size(); ++i) {
@@ -347,7 +303,7 @@ TEST_P(AsyncEngineTest, RecoverableFaultFailsOnlyItsStep) {
   EXPECT_EQ(obs.device_lost, 0);
   // Still serving.
   auto again = std::make_shared<RecordingSink>();
-  ASSERT_TRUE(e->Submit(Greedy((*cases_)[3], again)).ok());
+  ASSERT_TRUE(e->Submit(GreedyRequest((*cases_)[3], again)).ok());
   ExpectReference(*again, (*cases_)[3], "after the fault");
   ExpectBaseline(*e);
 }
@@ -363,7 +319,7 @@ TEST_P(AsyncEngineTest, FatalFaultEndsEveryRequestAndStopsServing) {
   for (int rep = 0; rep < 2; ++rep) {
     for (const Case& k : *cases_) {
       sinks.push_back(std::make_shared<RecordingSink>());
-      ASSERT_TRUE(e->Submit(Greedy(k, sinks.back())).ok());
+      ASSERT_TRUE(e->Submit(GreedyRequest(k, sinks.back())).ok());
     }
   }
   for (const auto& s : sinks) {
@@ -376,7 +332,7 @@ TEST_P(AsyncEngineTest, FatalFaultEndsEveryRequestAndStopsServing) {
   EXPECT_TRUE(control_->device_lost());
   EXPECT_EQ(obs.device_lost, 1);
   EXPECT_TRUE(IsDeviceLost(e->health())) << e->health();
-  auto late = e->Submit(Greedy((*cases_)[0], std::make_shared<RecordingSink>()));
+  auto late = e->Submit(GreedyRequest((*cases_)[0], std::make_shared<RecordingSink>()));
   ASSERT_FALSE(late.ok());
   EXPECT_EQ(late.status().code(), absl::StatusCode::kUnavailable);
   EXPECT_NE(late.status().message().find("stopped serving"), std::string::npos) << late.status();
@@ -396,7 +352,7 @@ TEST_P(AsyncEngineTest, WatchdogFailsTheEngineWhenAStepHangs) {
   std::vector<std::shared_ptr<RecordingSink>> sinks;
   for (const Case& k : *cases_) {
     sinks.push_back(std::make_shared<RecordingSink>());
-    ASSERT_TRUE(e->Submit(Greedy(k, sinks.back())).ok());
+    ASSERT_TRUE(e->Submit(GreedyRequest(k, sinks.back())).ok());
   }
   const absl::Time give_up = absl::Now() + absl::Seconds(30);
   while (obs.device_lost == 0 && absl::Now() < give_up) absl::SleepFor(absl::Milliseconds(10));
@@ -405,7 +361,7 @@ TEST_P(AsyncEngineTest, WatchdogFailsTheEngineWhenAStepHangs) {
   const absl::Status health = e->health();
   EXPECT_TRUE(IsDeviceLost(health)) << health;
   EXPECT_NE(health.message().find("stalled"), std::string::npos) << health;
-  auto late = e->Submit(Greedy((*cases_)[0], std::make_shared<RecordingSink>()));
+  auto late = e->Submit(GreedyRequest((*cases_)[0], std::make_shared<RecordingSink>()));
   EXPECT_EQ(late.status().code(), absl::StatusCode::kUnavailable);
   control_->ReleaseHangs();
   // Requests that finished before the stall did so normally; every other one failed.

@@ -13,19 +13,16 @@
 // take other cuBLASLt algorithms, so near-ties may flip (cuda_backend_gpu_test.cc measures
 // that against the goldens).
 #include <atomic>
-#include <cstdlib>
-#include <fstream>
 #include <memory>
-#include <sstream>
 #include <string>
 #include <vector>
 
 #include "engine/backends/cpu_backend.h"
 #include "engine/serving/engine.h"
 #include "engine/testing/fault_backend.h"
+#include "engine/testing/golden_cases.h"
 #include "engine/testing/recording_sink.h"
 #include "gtest/gtest.h"
-#include "nlohmann/json.hpp"
 #ifdef SIEVE_FAULT_TEST_CUDA
 #include "engine/backends/cuda/cuda_backend.h"
 #endif
@@ -39,11 +36,6 @@ constexpr bool kExactTokens = false;
 #else
 constexpr bool kExactTokens = true;
 #endif
-
-std::string ModelDir() {
-  const char* root = std::getenv("SIEVE_SOURCE_DIR");
-  return std::string(root != nullptr ? root : ".") + "/models/embedded";
-}
 
 BackendFactory InnerFactory() {
 #ifdef SIEVE_FAULT_TEST_CUDA
@@ -59,15 +51,11 @@ BackendFactory InnerFactory() {
 #endif
 }
 
-struct Case {
-  std::vector<int32_t> prompt;
-  std::vector<int32_t> want;  // greedy tokens of a fault-free engine, the request alone
-  int32_t max_tokens = 0;
-};
+using Case = GoldenCase;
 
 EngineConfig Config(const std::string& backend) {
   EngineConfig c;
-  c.model.directory = ModelDir();
+  c.model.directory = EmbeddedModelDir();
   c.model.name = "embedded";
   c.model.backend = backend;
   c.model.cpu_threads = 1;
@@ -81,16 +69,6 @@ EngineConfig Config(const std::string& backend) {
   return c;
 }
 
-RequestSpec Greedy(const Case& c, std::shared_ptr<RecordingSink> sink) {
-  RequestSpec s;
-  s.prompt = c.prompt;
-  s.sampling.temperature = 0;
-  s.stop.max_tokens = c.max_tokens;
-  s.stop.ignore_eos = true;
-  s.sink = std::move(sink);
-  return s;
-}
-
 class Observer : public EngineObserver {
  public:
   void OnDeviceLost(const absl::Status&) override { ++device_lost; }
@@ -100,21 +78,8 @@ class Observer : public EngineObserver {
 class FaultEngineTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    std::ifstream in(ModelDir() + "/golden.json");
-    std::stringstream ss;
-    ss << in.rdbuf();
-    const nlohmann::json golden = nlohmann::json::parse(ss.str(), nullptr, false);
-    ASSERT_FALSE(golden.is_discarded());
-    const auto long_prompt = golden["logits"].back()["ids"].get<std::vector<int32_t>>();
-    ASSERT_GE(long_prompt.size(), 300u);
-    cases_ = new std::vector<Case>();
-    int i = 0;
-    for (int len : {9, 37, 64, 101, 150, 203, 256, 300}) {
-      Case c;
-      c.prompt.assign(long_prompt.begin(), long_prompt.begin() + len);
-      c.max_tokens = 6 + (i++ % 4) * 3;
-      cases_->push_back(std::move(c));
-    }
+    cases_ = new std::vector<Case>(GoldenCases());
+    ASSERT_FALSE(cases_->empty());
     // The reference: each case alone on a fault-free engine of the same backend.
     RegisterFaultBackend("fault-reference", InnerFactory());
     EngineConfig rc = Config("fault-reference");
@@ -122,13 +87,7 @@ class FaultEngineTest : public ::testing::Test {
     rc.pools.decode_workers = 1;
     auto ref = Engine::Create(rc, nullptr);
     ASSERT_TRUE(ref.ok()) << ref.status();
-    for (Case& c : *cases_) {
-      auto sink = std::make_shared<RecordingSink>();
-      ASSERT_TRUE((*ref)->Submit(Greedy(c, sink)).ok());
-      ASSERT_TRUE(sink->WaitFinished(kWait));
-      ASSERT_EQ(sink->outcome().finish, FinishReason::kLength) << sink->outcome().status;
-      c.want = sink->tokens();
-    }
+    FillWanted(**ref, *cases_, kWait);
   }
   static void TearDownTestSuite() { delete cases_; }
 
@@ -141,14 +100,7 @@ class FaultEngineTest : public ::testing::Test {
     return e.ok() ? std::move(*e) : nullptr;
   }
 
-  // Every request is gone and every used page is held only by the prefix cache.
-  static void ExpectBaseline(Engine& e) {
-    ASSERT_TRUE(e.WaitIdle(kWait));
-    const EngineLoad l = e.load();
-    EXPECT_EQ(l.running_prefill + l.running_decode + l.waiting, 0);
-    EXPECT_EQ(l.kv_pages_used - l.kv_pages_cached, 0);
-    EXPECT_EQ(l.kv_pages_used + l.kv_pages_free, e.model_info().kv_pages);
-  }
+  static void ExpectBaseline(Engine& e) { ExpectEngineAtBaseline(e, kWait); }
 
   // `sink` finished by length with all of its tokens (and, on the CPU, the reference's).
   static void ExpectComplete(RecordingSink& sink, const Case& c, const std::string& what) {
@@ -166,7 +118,7 @@ class FaultEngineTest : public ::testing::Test {
     for (int r = 0; r < reps; ++r) {
       for (const Case& k : *cases_) {
         sinks.push_back(std::make_shared<RecordingSink>());
-        EXPECT_TRUE(e.Submit(Greedy(k, sinks.back())).ok());
+        EXPECT_TRUE(e.Submit(GreedyRequest(k, sinks.back())).ok());
       }
     }
     return sinks;
@@ -204,7 +156,7 @@ TEST_F(FaultEngineTest, RecoverableFaultFailsOnlyItsStep) {
   EXPECT_TRUE(e->health().ok()) << e->health();
   EXPECT_EQ(obs.device_lost, 0);
   auto again = std::make_shared<RecordingSink>();
-  ASSERT_TRUE(e->Submit(Greedy((*cases_)[3], again)).ok());
+  ASSERT_TRUE(e->Submit(GreedyRequest((*cases_)[3], again)).ok());
   ExpectComplete(*again, (*cases_)[3], "after the fault");
   ExpectBaseline(*e);
 }
@@ -225,7 +177,7 @@ TEST_F(FaultEngineTest, LostDeviceEndsEveryRequestAndStopsServing) {
   EXPECT_TRUE(control_->device_lost());
   EXPECT_EQ(obs.device_lost, 1);
   EXPECT_TRUE(IsDeviceLost(e->health())) << e->health();
-  auto late = e->Submit(Greedy((*cases_)[0], std::make_shared<RecordingSink>()));
+  auto late = e->Submit(GreedyRequest((*cases_)[0], std::make_shared<RecordingSink>()));
   ASSERT_FALSE(late.ok());
   EXPECT_EQ(late.status().code(), absl::StatusCode::kUnavailable);
   ExpectBaseline(*e);
@@ -244,7 +196,7 @@ TEST_F(FaultEngineTest, HungOperatorTripsTheWatchdog) {
   ASSERT_EQ(obs.device_lost, 1);
   EXPECT_TRUE(control_->hanging());
   EXPECT_TRUE(IsDeviceLost(e->health())) << e->health();
-  auto late = e->Submit(Greedy((*cases_)[0], std::make_shared<RecordingSink>()));
+  auto late = e->Submit(GreedyRequest((*cases_)[0], std::make_shared<RecordingSink>()));
   EXPECT_EQ(late.status().code(), absl::StatusCode::kUnavailable);
   control_->ReleaseHangs();
   int failed = 0;
