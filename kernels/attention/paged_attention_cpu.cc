@@ -409,7 +409,7 @@ void AttendRows(const PagedAttentionParams<float>& p, const TKV* kc, const TKV* 
     // prefetchers (1.2-1.5x on the Llama-3.1-8B shape at 16K keys, bench/results/
     // 2026-12-05-cpu-attention-d128.md).
     // Items of few rows (decode) compute too little per tile to hide the prefetches' cost.
-    if (sc.transpose && t0 + kKeyTile < n_keys) {
+    if (t0 + kKeyTile < n_keys) {
       const int n2 = std::min(kKeyTile, n_keys - t0 - kKeyTile);
       for (int j = 0; j < n2; ++j) {
         const int64_t off = offs[kKeyTile + j];

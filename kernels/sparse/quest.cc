@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <vector>
 
@@ -51,16 +52,45 @@ void TopPages(const T* scores, int32_t n, int32_t keep, int32_t last, std::vecto
   out[keep] = last;
 }
 
+// The same pages as TopPages, found without sorting indices: the keep-th largest score t (an
+// nth_element over a copy of the values, no indirection), then one pass in page order takes
+// every page above t and, of the pages equal to t, the lowest ones until `keep` are taken,
+// which is exactly "larger first, ties to the lower page"; the pass writes them increasing.
+// (Scores must not be NaN, as for TopPages' comparison.) vals is scratch.
+template <typename T>
+void TopPagesByThreshold(const T* scores, int32_t n, int32_t keep, int32_t last,
+                         std::vector<T>& vals, int32_t* out) {
+  vals.assign(scores, scores + n);
+  std::nth_element(vals.begin(), vals.begin() + (keep - 1), vals.end(), std::greater<T>());
+  const T t = vals[keep - 1];
+  int32_t above = 0;
+  for (int32_t i = 0; i < n; ++i) above += scores[i] > t;
+  int32_t ties = keep - above;  // pages equal to t still to take, lowest first
+  int32_t k = 0;
+  for (int32_t i = 0; i < n; ++i) {
+    if (scores[i] > t || (scores[i] == t && ties-- > 0)) out[k++] = i;
+  }
+  out[keep] = last;
+}
+
 // Fills every row of `p` into `out` (row_start already set): for each (sequence, KV head) item,
 // score(s, kv_head, n_scored, scores) writes the G query heads' scores of pages [0, n_scored)
-// to scores[h * n_scored + page] (T: double or float).
-template <typename T, typename ScoreFn>
+// to scores[h * n_scored + page] (T: double or float). by_threshold: TopPagesByThreshold
+// (the fast path) instead of TopPages (the reference); both select the same pages.
+template <typename T, bool by_threshold = false, typename ScoreFn>
 void SelectRows(const QuestSelectParams& p, QuestSelection& out, int num_threads, ScoreFn score) {
   const int group = p.num_q_heads / p.num_kv_heads;
   const int64_t items = int64_t{p.num_seqs} * p.num_kv_heads;
   ParallelFor(items, num_threads, 1, [&](int64_t b, int64_t e) {
-    std::vector<T> scores, agg;
+    std::vector<T> scores, agg, vals;
     std::vector<int32_t> idx;
+    const auto top = [&](const T* sc, int32_t n_scored, int32_t keep, int32_t last, int32_t* o) {
+      if constexpr (by_threshold) {
+        TopPagesByThreshold(sc, n_scored, keep, last, vals, o);
+      } else {
+        TopPages(sc, n_scored, keep, last, idx, o);
+      }
+    };
     for (int64_t it = b; it < e; ++it) {
       const int s = static_cast<int>(it / p.num_kv_heads);
       const int g = static_cast<int>(it % p.num_kv_heads);
@@ -82,15 +112,15 @@ void SelectRows(const QuestSelectParams& p, QuestSelection& out, int num_threads
           for (int32_t j = 0; j < scored; ++j) agg[j] = std::max(agg[j], scores[h * scored + j]);
         }
         int32_t* first = out.key_blocks.data() + out.row_start[row0];
-        TopPages(agg.data(), scored, keep, n - 1, idx, first);
+        top(agg.data(), scored, keep, n - 1, first);
         for (int h = 1; h < group; ++h) {
           std::copy(first, first + keep + 1, out.key_blocks.data() + out.row_start[row0 + h]);
         }
         continue;
       }
       for (int h = 0; h < group; ++h) {
-        TopPages(scores.data() + static_cast<size_t>(h) * scored, scored, keep, n - 1, idx,
-                 out.key_blocks.data() + out.row_start[row0 + h]);
+        top(scores.data() + static_cast<size_t>(h) * scored, scored, keep, n - 1,
+            out.key_blocks.data() + out.row_start[row0 + h]);
       }
     }
   });
@@ -186,44 +216,135 @@ namespace quest {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
+// Pages whose bounds are prefetched ahead of the one being scored. The bounds of a sequence's
+// pages are 2 * head_dim floats per KV head scattered over the side pool (the pages' order in
+// the pool is the allocator's), so the hardware prefetchers see no stream; without this the
+// scoring waited on memory for two thirds of its time (perf, 64K context, 2026-12-06). 16
+// pages: ~8 KB in flight per thread, about a memory latency of scoring at ~20 cycles a page.
+constexpr int kPrefetchPages = 16;
+
+// Every cache line of one (page, KV head)'s bounds [2, d] (it may start mid-line).
+HWY_INLINE void PrefetchBounds(const float* b, int d) {
+  const char* c = reinterpret_cast<const char*>(b);
+  const int bytes = 2 * d * static_cast<int>(sizeof(float));
+  for (int i = 0; i < bytes; i += 64) __builtin_prefetch(c + i);
+  __builtin_prefetch(c + bytes - 1);
+}
+
+#if HWY_TARGET != HWY_SCALAR
+// v reduced to one 128-bit block by adding its halves (each lane keeps its position mod 4).
+template <class D>
+HWY_INLINE hn::Vec<hn::FixedTag<float, 4>> FoldToBlock(D d, hn::Vec<D> v) {
+  if constexpr (hn::MaxLanes(d) > 4) {
+    const hn::Half<D> dh;
+    return FoldToBlock(dh, hn::Add(hn::LowerHalf(dh, v), hn::UpperHalf(dh, v)));
+  } else {
+    return v;
+  }
+}
+
+// The lane sums of four vectors as one 4-lane vector (sum a0, sum a1, sum a2, sum a3): two
+// interleave-add levels inside each 128-bit block, then the blocks folded; one reduction for
+// four pages instead of four SumOfLanes.
+template <class D>
+HWY_INLINE hn::Vec<hn::FixedTag<float, 4>> Sum4(D d, hn::Vec<D> a0, hn::Vec<D> a1,
+                                                hn::Vec<D> a2, hn::Vec<D> a3) {
+  // Per block: [a0_0 + a0_2, a1_0 + a1_2, a0_1 + a0_3, a1_1 + a1_3] and the same for a2, a3.
+  const auto t0 = hn::Add(hn::InterleaveLower(d, a0, a1), hn::InterleaveUpper(d, a0, a1));
+  const auto t1 = hn::Add(hn::InterleaveLower(d, a2, a3), hn::InterleaveUpper(d, a2, a3));
+  const hn::Repartition<uint64_t, D> d64;
+  const auto u0 = hn::BitCast(d64, t0), u1 = hn::BitCast(d64, t1);
+  const auto lo = hn::BitCast(d, hn::InterleaveLower(d64, u0, u1));
+  const auto hi = hn::BitCast(d, hn::InterleaveUpper(d64, u0, u1));
+  return FoldToBlock(d, hn::Add(lo, hi));
+}
+#endif
+
 // scores[h * n + j] = U_j(q_h) for the `group` query heads of KV head g of sequence s, pages
-// [0, n): each page's bounds are loaded once for the whole group.
+// [0, n): each page's bounds are loaded once for the whole group, prefetched kPrefetchPages
+// ahead. The bound in sign-split form: max(q_c Mx_c, q_c Mn_c) is q_c Mx_c for q_c >= 0 and
+// q_c Mn_c otherwise (rounding is monotonic, so the fp32 products compare as the exact ones
+// do), so U = sum_c q+_c Mx_c + q-_c Mn_c with q+ = max(q, 0), q- = min(q, 0): two FMAs per
+// channel and no max (the zero term of each pair adds exactly nothing). Four pages share one
+// horizontal reduction (Sum4). fp32 with FMA: the rounding differs from the reference's fp64
+// by the accumulation error that quest_test's tolerance derives.
 void ScoreGroup(const QuestSelectParams& p, int s, int g, int32_t n, float* scores) {
   const hn::ScalableTag<float> df;
   const int L = static_cast<int>(hn::Lanes(df));
   const int d = p.head_dim, dv = d - d % L;
   const int group = p.num_q_heads / p.num_kv_heads;
   const float* q0 = p.q + (static_cast<int64_t>(s) * p.num_q_heads + g * group) * d;
-  for (int32_t j = 0; j < n; ++j) {
-    const float* mx = BoundsOf(p, s, j, g);
-    const float* mn = mx + d;
-    if (j + 1 < n) __builtin_prefetch(BoundsOf(p, s, j + 1, g));
+  // q+ then q- of each head: [group, 2, d].
+  thread_local std::vector<float> qs;
+  qs.resize(static_cast<size_t>(group) * 2 * d);
+  for (int h = 0; h < group; ++h) {
+    for (int c = 0; c < d; ++c) {
+      const float x = q0[static_cast<int64_t>(h) * d + c];
+      qs[(h * 2) * d + c] = x >= 0.0f ? x : 0.0f;
+      qs[(h * 2 + 1) * d + c] = x >= 0.0f ? 0.0f : x;
+    }
+  }
+  const float* qp0 = qs.data();
+  // Scalar channels past the last whole vector.
+  const auto tail = [&](const float* b, int h) {
+    const float* qp = qp0 + h * 2 * d;
+    float u = 0.0f;
+    for (int c = dv; c < d; ++c) u += qp[c] * b[c] + qp[d + c] * b[d + c];
+    return u;
+  };
+  for (int32_t j = 0; j < n && j < kPrefetchPages; ++j) PrefetchBounds(BoundsOf(p, s, j, g), d);
+  int32_t j = 0;
+#if HWY_TARGET != HWY_SCALAR
+  const hn::FixedTag<float, 4> d4;
+  for (; j + 4 <= n; j += 4) {
+    for (int32_t k = j + kPrefetchPages; k < j + 4 + kPrefetchPages && k < n; ++k) {
+      PrefetchBounds(BoundsOf(p, s, k, g), d);
+    }
+    const float* b[4];
+    for (int k = 0; k < 4; ++k) b[k] = BoundsOf(p, s, j + k, g);
     for (int h = 0; h < group; ++h) {
-      const float* q = q0 + static_cast<int64_t>(h) * d;
-      auto a0 = hn::Zero(df), a1 = hn::Zero(df);
-      int c = 0;
-      for (; c + 2 * L <= dv; c += 2 * L) {
-        const auto qa = hn::LoadU(df, q + c), qb = hn::LoadU(df, q + c + L);
-        a0 = hn::Add(a0, hn::Max(hn::Mul(qa, hn::LoadU(df, mx + c)),
-                                 hn::Mul(qa, hn::LoadU(df, mn + c))));
-        a1 = hn::Add(a1, hn::Max(hn::Mul(qb, hn::LoadU(df, mx + c + L)),
-                                 hn::Mul(qb, hn::LoadU(df, mn + c + L))));
+      const float* qp = qp0 + h * 2 * d;
+      const float* qn = qp + d;
+      auto x0 = hn::Zero(df), x1 = hn::Zero(df), x2 = hn::Zero(df), x3 = hn::Zero(df);
+      auto y0 = hn::Zero(df), y1 = hn::Zero(df), y2 = hn::Zero(df), y3 = hn::Zero(df);
+      for (int c = 0; c < dv; c += L) {
+        const auto vp = hn::LoadU(df, qp + c), vn = hn::LoadU(df, qn + c);
+        x0 = hn::MulAdd(vp, hn::LoadU(df, b[0] + c), x0);
+        y0 = hn::MulAdd(vn, hn::LoadU(df, b[0] + d + c), y0);
+        x1 = hn::MulAdd(vp, hn::LoadU(df, b[1] + c), x1);
+        y1 = hn::MulAdd(vn, hn::LoadU(df, b[1] + d + c), y1);
+        x2 = hn::MulAdd(vp, hn::LoadU(df, b[2] + c), x2);
+        y2 = hn::MulAdd(vn, hn::LoadU(df, b[2] + d + c), y2);
+        x3 = hn::MulAdd(vp, hn::LoadU(df, b[3] + c), x3);
+        y3 = hn::MulAdd(vn, hn::LoadU(df, b[3] + d + c), y3);
       }
-      for (; c < dv; c += L) {
-        const auto qa = hn::LoadU(df, q + c);
-        a0 = hn::Add(a0, hn::Max(hn::Mul(qa, hn::LoadU(df, mx + c)),
-                                 hn::Mul(qa, hn::LoadU(df, mn + c))));
+      float* out = scores + static_cast<size_t>(h) * n + j;
+      hn::StoreU(Sum4(df, hn::Add(x0, y0), hn::Add(x1, y1), hn::Add(x2, y2), hn::Add(x3, y3)),
+                 d4, out);
+      if (dv < d) {
+        for (int k = 0; k < 4; ++k) out[k] += tail(b[k], h);
       }
-      float u = hn::GetLane(hn::SumOfLanes(df, hn::Add(a0, a1)));
-      for (; c < d; ++c) u += std::max(q[c] * mx[c], q[c] * mn[c]);
-      scores[static_cast<size_t>(h) * n + j] = u;
+    }
+  }
+#endif
+  for (; j < n; ++j) {  // the last n % 4 pages (or every page on a scalar target)
+    const float* b = BoundsOf(p, s, j, g);
+    for (int h = 0; h < group; ++h) {
+      const float* qp = qp0 + h * 2 * d;
+      auto x = hn::Zero(df), y = hn::Zero(df);
+      for (int c = 0; c < dv; c += L) {
+        x = hn::MulAdd(hn::LoadU(df, qp + c), hn::LoadU(df, b + c), x);
+        y = hn::MulAdd(hn::LoadU(df, qp + d + c), hn::LoadU(df, b + d + c), y);
+      }
+      scores[static_cast<size_t>(h) * n + j] =
+          hn::GetLane(hn::SumOfLanes(df, hn::Add(x, y))) + tail(b, h);
     }
   }
 }
 
 void QuestSelectCpuImpl(const QuestSelectParams& p, QuestSelection& out, int num_threads) {
   RowStarts(p, out);
-  SelectRows<float>(p, out, num_threads, [&](int s, int g, int32_t n, float* scores) {
+  SelectRows<float, true>(p, out, num_threads, [&](int s, int g, int32_t n, float* scores) {
     ScoreGroup(p, s, g, n, scores);
   });
 }

@@ -232,6 +232,58 @@ TEST(QuestTest, SelectionShapeOrderNestingAndReference) {
   }
 }
 
+// With small-integer queries and keys every product and partial sum of a bound is an integer
+// far below 2^24, so the fast path's fp32 scores (FMA, sign-split form, four pages per
+// reduction, any order) equal the fp64 reference's exactly, and its selection must be the
+// reference's page for page, ties included (larger first, ties to the lower page): keys in
+// [-2, 2] make most pages' bounds identical, keys in [-30, 30] few. d 72 runs the scalar tail
+// channels past the last whole vector; page counts not a multiple of 4 the single-page tail.
+TEST(QuestTest, FastSelectionEqualsReferenceOnExactScoresWithTies) {
+  int boundary_ties = 0;
+  uint32_t seed = 90;
+  for (const int key_range : {2, 30}) {
+    for (const int d : {64, 72, 128}) {
+      for (const int group : {1, 2}) {
+        Problem pr({500, 4099, 16 * 37 + 3}, 2 * group, 2, d, seed++);
+        for (float& x : pr.k) x = std::round(x * key_range);
+        for (float& x : pr.q) x = std::round(x * 5.0f);
+        std::mt19937 rng(seed);
+        for (size_t s = 0; s < pr.kv_lens.size(); ++s) pr.AppendAll(static_cast<int>(s), rng);
+        for (const bool per_kv_head : {false, true}) {
+          for (const int budget : {2, 3, 17, 40}) {
+            QuestSelection ref, fast;
+            QuestSelectRef(pr.Params(budget, per_kv_head), ref);
+            QuestSelectCpu(pr.Params(budget, per_kv_head), fast, 2);
+            ASSERT_EQ(ref.row_start, fast.row_start);
+            ASSERT_EQ(ref.key_blocks, fast.key_blocks)
+                << "keys +-" << key_range << " d " << d << " group " << group << " per_kv_head "
+                << per_kv_head << " budget " << budget;
+            if (per_kv_head) continue;
+            // Count rows whose boundary is a tie (a selected and an unselected page score equal),
+            // so the assertion above is known to have decided ties.
+            for (size_t s = 0; s < pr.kv_lens.size(); ++s) {
+              const int n = (pr.kv_lens[s] + kPage - 1) / kPage;
+              if (n <= budget) continue;
+              for (int h = 0; h < pr.q_heads; ++h) {
+                const std::vector<int32_t> row = Row(ref, s * pr.q_heads + h);
+                const std::set<int32_t> chosen(row.begin(), row.end() - 1);
+                double min_chosen = 1e300, max_other = -1e300;
+                for (int j = 0; j < n - 1; ++j) {
+                  const double u = QuestUpperBound(pr.Query(s, h), pr.Bounds(s, j, h / group), d);
+                  if (chosen.count(j)) min_chosen = std::min(min_chosen, u);
+                  else max_other = std::max(max_other, u);
+                }
+                boundary_ties += min_chosen == max_other;
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  EXPECT_GT(boundary_ties, 10);
+}
+
 // 6.4.5: keys uniform in [-0.1, 0.1], key t* = 10 q / |q|: its page is selected for any budget
 // K >= 2, and the output is close to v_t*.
 TEST(QuestTest, PlantedNeedleIsSelected) {
