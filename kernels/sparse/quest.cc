@@ -52,23 +52,50 @@ void TopPages(const T* scores, int32_t n, int32_t keep, int32_t last, std::vecto
   out[keep] = last;
 }
 
-// The same pages as TopPages, found without sorting indices: the keep-th largest score t (an
-// nth_element over a copy of the values, no indirection), then one pass in page order takes
-// every page above t and, of the pages equal to t, the lowest ones until `keep` are taken,
-// which is exactly "larger first, ties to the lower page"; the pass writes them increasing.
-// (Scores must not be NaN, as for TopPages' comparison.) vals is scratch.
+// The same pages as TopPages, found without sorting indices. The keep-th largest score t comes
+// from an nth_element over a copy of the values (no indirection), restricted when the budget is
+// a small share of the pages to the candidates scoring at least t0, the r-th largest of a
+// strided sample of kSample scores with r about twice the budget's share of the sample (~2 keep
+// candidates, found by one branch-free pass). That is exact whenever at least keep pages score
+// >= t0: then t >= t0, every page outside the candidates scores below t and every page equal
+// to t is a candidate; otherwise (a sample unlike the rest) all pages are candidates. One pass
+// over the candidates in page order then takes every page above t and, of those equal to t,
+// the lowest until `keep` are taken: exactly "larger first, ties to the lower page", written
+// increasing. (Scores must not be NaN, as for TopPages' comparison.) vals, cand: scratch.
 template <typename T>
 void TopPagesByThreshold(const T* scores, int32_t n, int32_t keep, int32_t last,
-                         std::vector<T>& vals, int32_t* out) {
-  vals.assign(scores, scores + n);
+                         std::vector<T>& vals, std::vector<int32_t>& cand, int32_t* out) {
+  constexpr int32_t kSample = 256;
+  cand.resize(n);
+  int32_t m = 0;
+  if (n >= 4 * kSample && int64_t{keep} * 8 <= n) {
+    const int32_t stride = n / kSample;
+    vals.resize(kSample);
+    for (int32_t i = 0; i < kSample; ++i) vals[i] = scores[static_cast<int64_t>(i) * stride];
+    const int32_t r = static_cast<int32_t>(
+        std::min<int64_t>(kSample - 1, int64_t{2} * keep * kSample / n + 4));
+    std::nth_element(vals.begin(), vals.begin() + r, vals.end(), std::greater<T>());
+    const T t0 = vals[r];
+    for (int32_t i = 0; i < n; ++i) {
+      cand[m] = i;
+      m += scores[i] >= t0;
+    }
+  }
+  if (m < keep) {  // no sample, or it misled: every page is a candidate
+    for (int32_t i = 0; i < n; ++i) cand[i] = i;
+    m = n;
+  }
+  vals.resize(m);
+  for (int32_t i = 0; i < m; ++i) vals[i] = scores[cand[i]];
   std::nth_element(vals.begin(), vals.begin() + (keep - 1), vals.end(), std::greater<T>());
   const T t = vals[keep - 1];
   int32_t above = 0;
-  for (int32_t i = 0; i < n; ++i) above += scores[i] > t;
+  for (int32_t i = 0; i < m; ++i) above += vals[i] > t;
   int32_t ties = keep - above;  // pages equal to t still to take, lowest first
   int32_t k = 0;
-  for (int32_t i = 0; i < n; ++i) {
-    if (scores[i] > t || (scores[i] == t && ties-- > 0)) out[k++] = i;
+  for (int32_t i = 0; i < m; ++i) {
+    const T x = scores[cand[i]];
+    if (x > t || (x == t && ties-- > 0)) out[k++] = cand[i];
   }
   out[keep] = last;
 }
@@ -83,10 +110,10 @@ void SelectRows(const QuestSelectParams& p, QuestSelection& out, int num_threads
   const int64_t items = int64_t{p.num_seqs} * p.num_kv_heads;
   ParallelFor(items, num_threads, 1, [&](int64_t b, int64_t e) {
     std::vector<T> scores, agg, vals;
-    std::vector<int32_t> idx;
+    std::vector<int32_t> idx, cand;
     const auto top = [&](const T* sc, int32_t n_scored, int32_t keep, int32_t last, int32_t* o) {
       if constexpr (by_threshold) {
-        TopPagesByThreshold(sc, n_scored, keep, last, vals, o);
+        TopPagesByThreshold(sc, n_scored, keep, last, vals, cand, o);
       } else {
         TopPages(sc, n_scored, keep, last, idx, o);
       }

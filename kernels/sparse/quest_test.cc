@@ -237,41 +237,54 @@ TEST(QuestTest, SelectionShapeOrderNestingAndReference) {
 // reduction, any order) equal the fp64 reference's exactly, and its selection must be the
 // reference's page for page, ties included (larger first, ties to the lower page): keys in
 // [-2, 2] make most pages' bounds identical, keys in [-30, 30] few. d 72 runs the scalar tail
-// channels past the last whole vector; page counts not a multiple of 4 the single-page tail.
+// channels past the last whole vector; page counts not a multiple of 4 the single-page tail;
+// the 1,100-page sequence the top-k's sampled candidate filter (used from 1,024 pages on).
 TEST(QuestTest, FastSelectionEqualsReferenceOnExactScoresWithTies) {
   int boundary_ties = 0;
   uint32_t seed = 90;
   for (const int key_range : {2, 30}) {
     for (const int d : {64, 72, 128}) {
       for (const int group : {1, 2}) {
-        Problem pr({500, 4099, 16 * 37 + 3}, 2 * group, 2, d, seed++);
-        for (float& x : pr.k) x = std::round(x * key_range);
-        for (float& x : pr.q) x = std::round(x * 5.0f);
-        std::mt19937 rng(seed);
-        for (size_t s = 0; s < pr.kv_lens.size(); ++s) pr.AppendAll(static_cast<int>(s), rng);
-        for (const bool per_kv_head : {false, true}) {
-          for (const int budget : {2, 3, 17, 40}) {
-            QuestSelection ref, fast;
-            QuestSelectRef(pr.Params(budget, per_kv_head), ref);
-            QuestSelectCpu(pr.Params(budget, per_kv_head), fast, 2);
-            ASSERT_EQ(ref.row_start, fast.row_start);
-            ASSERT_EQ(ref.key_blocks, fast.key_blocks)
-                << "keys +-" << key_range << " d " << d << " group " << group << " per_kv_head "
-                << per_kv_head << " budget " << budget;
-            if (per_kv_head) continue;
-            // Count rows whose boundary is a tie (a selected and an unselected page score equal),
-            // so the assertion above is known to have decided ties.
-            for (size_t s = 0; s < pr.kv_lens.size(); ++s) {
-              const int n = (pr.kv_lens[s] + kPage - 1) / kPage;
-              if (n <= budget) continue;
-              for (int h = 0; h < pr.q_heads; ++h) {
-                const std::vector<int32_t> row = Row(ref, s * pr.q_heads + h);
+        // (Two problems, so the long sequence does not stretch every sequence's page table.)
+        for (const std::vector<int32_t>& lens :
+             {std::vector<int32_t>{500, 4099, 16 * 37 + 3}, std::vector<int32_t>{16 * 1100}}) {
+          Problem pr(lens, 2 * group, 2, d, seed++);
+          for (float& x : pr.k) x = std::round(x * key_range);
+          for (float& x : pr.q) x = std::round(x * 5.0f);
+          std::mt19937 rng(seed);
+          for (size_t s = 0; s < pr.kv_lens.size(); ++s) pr.AppendAll(static_cast<int>(s), rng);
+          // The fp64 bounds of every (sequence, head, page), for counting boundary ties.
+          std::vector<std::vector<double>> u(pr.kv_lens.size() * pr.q_heads);
+          for (size_t s = 0; s < pr.kv_lens.size(); ++s) {
+            const int n = (pr.kv_lens[s] + kPage - 1) / kPage;
+            for (int h = 0; h < pr.q_heads; ++h) {
+              for (int j = 0; j < n - 1; ++j) {
+                u[s * pr.q_heads + h].push_back(
+                    QuestUpperBound(pr.Query(s, h), pr.Bounds(s, j, h / group), d));
+              }
+            }
+          }
+          for (const bool per_kv_head : {false, true}) {
+            for (const int budget : {2, 3, 17, 40}) {
+              QuestSelection ref, fast;
+              QuestSelectRef(pr.Params(budget, per_kv_head), ref);
+              QuestSelectCpu(pr.Params(budget, per_kv_head), fast, 2);
+              ASSERT_EQ(ref.row_start, fast.row_start);
+              ASSERT_EQ(ref.key_blocks, fast.key_blocks)
+                  << "keys +-" << key_range << " d " << d << " group " << group << " per_kv_head "
+                  << per_kv_head << " budget " << budget;
+              if (per_kv_head) continue;
+              // Count rows whose boundary is a tie (a selected and an unselected page score equal),
+              // so the assertion above is known to have decided ties.
+              for (size_t r = 0; r < u.size(); ++r) {
+                const int n = static_cast<int>(u[r].size()) + 1;
+                if (n <= budget) continue;
+                const std::vector<int32_t> row = Row(ref, r);
                 const std::set<int32_t> chosen(row.begin(), row.end() - 1);
                 double min_chosen = 1e300, max_other = -1e300;
                 for (int j = 0; j < n - 1; ++j) {
-                  const double u = QuestUpperBound(pr.Query(s, h), pr.Bounds(s, j, h / group), d);
-                  if (chosen.count(j)) min_chosen = std::min(min_chosen, u);
-                  else max_other = std::max(max_other, u);
+                  if (chosen.count(j)) min_chosen = std::min(min_chosen, u[r][j]);
+                  else max_other = std::max(max_other, u[r][j]);
                 }
                 boundary_ties += min_chosen == max_other;
               }
@@ -282,6 +295,30 @@ TEST(QuestTest, FastSelectionEqualsReferenceOnExactScoresWithTies) {
     }
   }
   EXPECT_GT(boundary_ties, 10);
+}
+
+// The top-k's candidate filter estimates its threshold from every (n / 256)-th page; here
+// exactly those pages have ten times wider keys, so the sample's threshold admits fewer pages
+// than budgets 17 and 40 need and the selection must fall back to all pages (budget 3 still
+// filters). Integer inputs as above: fast == reference exactly.
+TEST(QuestTest, FastSelectionEqualsReferenceWhenTheTopKSampleMisleads) {
+  Problem pr({16 * 1501}, 2, 1, 64, 123);
+  const int scored = 1500, stride = scored / 256;
+  for (int t = 0; t < pr.kv_lens[0]; ++t) {
+    const int page = t / kPage;
+    const float scale = page < 256 * stride && page % stride == 0 ? 30.0f : 3.0f;
+    float* key = pr.k.data() + pr.Slot(0, t) * pr.d;
+    for (int c = 0; c < pr.d; ++c) key[c] = std::round(key[c] * scale);
+  }
+  for (float& x : pr.q) x = std::round(x * 5.0f);
+  std::mt19937 rng(5);
+  pr.AppendAll(0, rng);
+  for (const int budget : {3, 17, 40}) {
+    QuestSelection ref, fast;
+    QuestSelectRef(pr.Params(budget), ref);
+    QuestSelectCpu(pr.Params(budget), fast, 2);
+    ASSERT_EQ(ref.key_blocks, fast.key_blocks) << "budget " << budget;
+  }
 }
 
 // 6.4.5: keys uniform in [-0.1, 0.1], key t* = 10 q / |q|: its page is selected for any budget
