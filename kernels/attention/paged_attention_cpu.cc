@@ -410,9 +410,10 @@ void AttendRows(const PagedAttentionParams<float>& p, const TKV* kc, const TKV* 
     // prefetchers (1.2-1.5x on the Llama-3.1-8B shape at 16K keys, bench/results/
     // 2026-12-05-cpu-attention-d128.md).
     // Dense items of few rows (decode) skip it: over a sequence's pages in allocation order the
-    // hardware prefetchers keep up and the prefetches only cost (dense decode at 64K, embedded
-    // shape: 15.6 vs 14.0 ms per step). Sparse decode items read scattered selected pages and
-    // gain (Quest at 64K, bench/results/2026-12-06-cpu-quest-speed.md).
+    // hardware prefetchers keep up and the prefetches only cost (model_bench dense decode at 64K,
+    // embedded shape, one run on the loaded shared VM: 15.6 ms with vs 14.0 without). Sparse
+    // decode items read scattered selected pages and gain (Quest at 64K, 2026-12-06, see
+    // kernels/sparse/NOTES.md).
     if (sc.prefetch && t0 + kKeyTile < n_keys) {
       const int n2 = std::min(kKeyTile, n_keys - t0 - kKeyTile);
       for (int j = 0; j < n2; ++j) {
