@@ -9,9 +9,10 @@
 // PagedAttentionCpu's default).
 //   quest_decode_bench [--threads N] [--contexts 32768,131072] [--batches 1,8] [--budget 4096]
 //                      [--reps 5] [--max_kv_gb 10] [--shape llama8b|embedded]
-//                      [--kv-dtype float32|bfloat16]
+//                      [--kv-dtype float32|bfloat16] [--bounds float32|bfloat16]
 // --kv-dtype bfloat16 stores K and V as bfloat16 (the cpu backend's kv_cache.dtype bfloat16):
 // attention reads the 16-bit rows, the page bounds are those of the rounded keys.
+// --bounds bfloat16 keeps Quest's page bounds as bfloat16 (quest.h bf16_bounds: half the bytes).
 // A configuration whose KV would exceed --max_kv_gb lets its sequences share one sequence's
 // pages (page tables alias; the shared KV still far exceeds the last-level cache) and says so.
 // Random data: timings only (Quest's accuracy is tested in kernels/sparse/quest_test.cc).
@@ -80,13 +81,15 @@ struct Problem {
   int hq, hkv, dim;  // the layer's shape
   bool aliased;
   bool bf16;  // K and V also as bfloat16 (k16, v16), which attention then reads
+  bool bf16_bounds = false;
   std::vector<float> q, k, v, out, bounds;
   std::vector<uint16_t> k16, v16;
   std::vector<int32_t> page_table, kv_lens, query_start;
 
-  Problem(bench::LayerShape shape, int batch, int context, double max_kv_gb, bool kv_bf16)
+  Problem(bench::LayerShape shape, int batch, int context, double max_kv_gb, bool kv_bf16,
+          bool bounds_bf16)
       : seqs(batch), ctx(context), hq(shape.q_heads), hkv(shape.kv_heads), dim(shape.head_dim),
-        bf16(kv_bf16) {
+        bf16(kv_bf16), bf16_bounds(bounds_bf16) {
     pages_per_seq = (context + kPage - 1) / kPage;
     const double kv_gb = 2.0 * batch * pages_per_seq * kPage * hkv * dim * 4 / 1e9;
     aliased = kv_gb > max_kv_gb;
@@ -142,6 +145,7 @@ struct Problem {
       up.k_cache = bf16 ? nullptr : k.data();
       up.k_cache_bf16 = bf16 ? k16.data() : nullptr;
       up.bounds = bounds.data();
+      up.bf16_bounds = bf16_bounds;
       up.slots = slots.data();
       up.num_tokens = context;
       up.num_kv_heads = hkv;
@@ -190,6 +194,7 @@ struct Problem {
     p.page_size = kPage;
     p.page_budget = budget_pages;
     p.per_kv_head = per_kv_head;
+    p.bf16_bounds = bf16_bounds;
     return p;
   }
 };
@@ -212,8 +217,8 @@ struct Times {
 // One table row: dense, then Quest per query head, per KV head attended per row and grouped,
 // interleaved in each of `reps` repetitions after a warm-up round. bw: read bandwidth, bytes/s.
 void RunRow(bench::LayerShape shape, int ctx, int batch, int budget, int reps, int threads,
-            double max_kv_gb, double bw, bool kv_bf16) {
-  Problem pr(shape, batch, ctx, max_kv_gb, kv_bf16);
+            double max_kv_gb, double bw, bool kv_bf16, bool bounds_bf16) {
+  Problem pr(shape, batch, ctx, max_kv_gb, kv_bf16, bounds_bf16);
   const double kv_bytes =
       2.0 * batch * ctx * shape.kv_heads * shape.head_dim * (kv_bf16 ? 2 : sizeof(float));
   std::vector<int32_t> qbs(batch + 1);
@@ -266,7 +271,7 @@ int Main(int argc, char** argv) {
   double max_kv_gb = 10;
   std::vector<int> contexts = {32768, 131072}, batches = {1, 8};
   bench::LayerShape shape = bench::kLlama31_8B;
-  std::string shape_name = "llama8b", kv_dtype = "float32";
+  std::string shape_name = "llama8b", kv_dtype = "float32", bounds_dtype = "float32";
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
     if (a == "--threads") threads = std::atoi(argv[i + 1]);
@@ -277,6 +282,7 @@ int Main(int argc, char** argv) {
     else if (a == "--max_kv_gb") max_kv_gb = std::atof(argv[i + 1]);
     else if (a == "--shape") shape_name = argv[i + 1];
     else if (a == "--kv-dtype") kv_dtype = argv[i + 1];
+    else if (a == "--bounds") bounds_dtype = argv[i + 1];
     else {
       std::fprintf(stderr, "unknown flag %s\n", a.c_str());
       return 2;
@@ -293,14 +299,20 @@ int Main(int argc, char** argv) {
     return 2;
   }
   const bool kv_bf16 = kv_dtype == "bfloat16";
+  if (bounds_dtype != "float32" && bounds_dtype != "bfloat16") {
+    std::fprintf(stderr, "--bounds must be float32 or bfloat16, got '%s'\n", bounds_dtype.c_str());
+    return 2;
+  }
+  const bool bounds_bf16 = bounds_dtype == "bfloat16";
   if (reps < 1 || budget < 2 * kPage) {
     std::fprintf(stderr, "--reps must be >= 1 and --budget >= %d\n", 2 * kPage);
     return 2;
   }
-  std::printf("threads %d, simd %s, layer %s %dq/%dkv x %d, page %d, %s KV, budget %d, "
-              "median of %d after one warm-up, variants interleaved\n",
+  std::printf("threads %d, simd %s, layer %s %dq/%dkv x %d, page %d, %s KV, %s bounds, "
+              "budget %d, median of %d after one warm-up, variants interleaved\n",
               threads, PagedAttentionCpuTarget(), shape_name.c_str(), shape.q_heads,
-              shape.kv_heads, shape.head_dim, kPage, kv_dtype.c_str(), budget, reps);
+              shape.kv_heads, shape.head_dim, kPage, kv_dtype.c_str(), bounds_dtype.c_str(),
+              budget, reps);
   const double bw = ReadBandwidth(threads, size_t{1} << 30, 5);
   std::printf("memory read bandwidth (1 GiB, %d threads, best of 5): %.2f GB/s\n\n", threads,
               bw / 1e9);
@@ -311,7 +323,7 @@ int Main(int argc, char** argv) {
   std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   for (int ctx : contexts) {
     for (int batch : batches) {
-      RunRow(shape, ctx, batch, budget, reps, threads, max_kv_gb, bw, kv_bf16);
+      RunRow(shape, ctx, batch, budget, reps, threads, max_kv_gb, bw, kv_bf16, bounds_bf16);
     }
   }
   return 0;

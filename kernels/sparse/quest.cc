@@ -6,7 +6,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <functional>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -16,6 +18,9 @@
 
 namespace sieve::kernels {
 namespace quest {
+
+// 16-bit bounds live in float storage (quest.h): accessed through a type that may alias it.
+typedef uint16_t __attribute__((may_alias)) Bf16Bits;
 
 inline int32_t PagesOf(const QuestSelectParams& p, int s) {
   return (p.kv_lens[s] + p.page_size - 1) / p.page_size;
@@ -176,6 +181,15 @@ void QuestUpdateBounds(const QuestBoundsUpdate& u) {
       }
       float* mx = u.bounds + (page * u.num_kv_heads + g) * 2 * d;
       float* mn = mx + d;
+      if (u.bf16_bounds) {  // Mx rounded up, Mn down, in the region's first half
+        quest::Bf16Bits* mx16 = reinterpret_cast<quest::Bf16Bits*>(mx);
+        quest::Bf16Bits* mn16 = mx16 + d;
+        for (int c = 0; c < d; ++c) {
+          if (fresh || k[c] > Bf16ToFloat(mx16[c])) mx16[c] = Bf16RoundUp(k[c]);
+          if (fresh || k[c] < Bf16ToFloat(mn16[c])) mn16[c] = Bf16RoundDown(k[c]);
+        }
+        continue;
+      }
       if (fresh) {  // a new page: whatever it held before is gone
         std::copy(k, k + d, mx);
         std::copy(k, k + d, mn);
@@ -214,15 +228,46 @@ double QuestUpperBound(const float* q, const float* bounds, int32_t head_dim) {
   return u;
 }
 
+uint16_t Bf16RoundUp(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN
+  const uint16_t toward_zero = static_cast<uint16_t>(u >> 16);
+  if ((u & 0xffffu) == 0 || (u >> 31) != 0) return toward_zero;  // exact, or negative: up
+  return static_cast<uint16_t>(toward_zero + 1);  // positive: away from zero (max -> inf)
+}
+
+uint16_t Bf16RoundDown(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN
+  const uint16_t toward_zero = static_cast<uint16_t>(u >> 16);
+  if ((u & 0xffffu) == 0 || (u >> 31) == 0) return toward_zero;  // exact, or positive: down
+  return static_cast<uint16_t>(toward_zero + 1);  // negative: away from zero
+}
+
+const float* QuestPageBounds(const float* bounds, bool bf16_bounds, int64_t page, int32_t kv_head,
+                             int32_t num_kv_heads, int32_t head_dim, float* out) {
+  const float* region = bounds + (page * num_kv_heads + kv_head) * 2 * head_dim;
+  if (!bf16_bounds) return region;
+  const quest::Bf16Bits* b = reinterpret_cast<const quest::Bf16Bits*>(region);
+  for (int c = 0; c < 2 * head_dim; ++c) out[c] = Bf16ToFloat(b[c]);
+  return out;
+}
+
 void QuestSelectRef(const QuestSelectParams& p, QuestSelection& out) {
   quest::RowStarts(p, out);
   const int group = p.num_q_heads / p.num_kv_heads;
+  std::vector<float> widened(2 * p.head_dim);
   quest::SelectRows<double>(p, out, 1, [&](int s, int g, int32_t n, double* scores) {
     for (int h = 0; h < group; ++h) {
       const float* q =
           p.q + (static_cast<int64_t>(s) * p.num_q_heads + g * group + h) * p.head_dim;
       for (int32_t j = 0; j < n; ++j) {
-        scores[h * n + j] = QuestUpperBound(q, quest::BoundsOf(p, s, j, g), p.head_dim);
+        const int64_t id = p.page_table[static_cast<int64_t>(s) * p.page_table_stride + j];
+        const float* b = QuestPageBounds(p.bounds, p.bf16_bounds, id, g, p.num_kv_heads,
+                                         p.head_dim, widened.data());
+        scores[h * n + j] = QuestUpperBound(q, b, p.head_dim);
       }
     }
   });
@@ -250,10 +295,11 @@ namespace hn = hwy::HWY_NAMESPACE;
 // pages: ~8 KB in flight per thread, about a memory latency of scoring at ~20 cycles a page.
 constexpr int kPrefetchPages = 16;
 
-// Every cache line of one (page, KV head)'s bounds [2, d] (it may start mid-line).
+// Every cache line of one (page, KV head)'s bounds [2, d] of T (it may start mid-line).
+template <typename T>
 HWY_INLINE void PrefetchBounds(const float* b, int d) {
   const char* c = reinterpret_cast<const char*>(b);
-  const int bytes = 2 * d * static_cast<int>(sizeof(float));
+  const int bytes = 2 * d * static_cast<int>(sizeof(T));
   for (int i = 0; i < bytes; i += 64) __builtin_prefetch(c + i);
   __builtin_prefetch(c + bytes - 1);
 }
@@ -294,9 +340,26 @@ HWY_INLINE hn::Vec<hn::FixedTag<float, 4>> Sum4(D d, hn::Vec<D> a0, hn::Vec<D> a
 // do), so U = sum_c q+_c Mx_c + q-_c Mn_c with q+ = max(q, 0), q- = min(q, 0): two FMAs per
 // channel and no max (the zero term of each pair adds exactly nothing). Four pages share one
 // horizontal reduction (Sum4). fp32 with FMA: the rounding differs from the reference's fp64
-// by the accumulation error that quest_test's tolerance derives.
+// by the accumulation error that quest_test's tolerance derives. T: the bounds' element type,
+// float or (bf16_bounds) hwy::bfloat16_t, widened to fp32 as loaded.
+template <typename T>
 void ScoreGroup(const QuestSelectParams& p, int s, int g, int32_t n, float* scores) {
   const hn::ScalableTag<float> df;
+  const auto load = [&](const float* region, int c) {  // bounds element c of a region
+    if constexpr (std::is_same_v<T, float>) {
+      return hn::LoadU(df, region + c);
+    } else {
+      const hn::Rebind<T, decltype(df)> dh;
+      return hn::PromoteTo(df, hn::LoadU(dh, reinterpret_cast<const T*>(region) + c));
+    }
+  };
+  const auto at = [](const float* region, int c) {  // the same, scalar
+    if constexpr (std::is_same_v<T, float>) {
+      return region[c];
+    } else {
+      return Bf16ToFloat(reinterpret_cast<const Bf16Bits*>(region)[c]);
+    }
+  };
   const int L = static_cast<int>(hn::Lanes(df));
   const int d = p.head_dim, dv = d - d % L;
   const int group = p.num_q_heads / p.num_kv_heads;
@@ -316,16 +379,16 @@ void ScoreGroup(const QuestSelectParams& p, int s, int g, int32_t n, float* scor
   const auto tail = [&](const float* b, int h) {
     const float* qp = qp0 + h * 2 * d;
     float u = 0.0f;
-    for (int c = dv; c < d; ++c) u += qp[c] * b[c] + qp[d + c] * b[d + c];
+    for (int c = dv; c < d; ++c) u += qp[c] * at(b, c) + qp[d + c] * at(b, d + c);
     return u;
   };
-  for (int32_t j = 0; j < n && j < kPrefetchPages; ++j) PrefetchBounds(BoundsOf(p, s, j, g), d);
+  for (int32_t j = 0; j < n && j < kPrefetchPages; ++j) PrefetchBounds<T>(BoundsOf(p, s, j, g), d);
   int32_t j = 0;
 #if HWY_TARGET != HWY_SCALAR
   const hn::FixedTag<float, 4> d4;
   for (; j + 4 <= n; j += 4) {
     for (int32_t k = j + kPrefetchPages; k < j + 4 + kPrefetchPages && k < n; ++k) {
-      PrefetchBounds(BoundsOf(p, s, k, g), d);
+      PrefetchBounds<T>(BoundsOf(p, s, k, g), d);
     }
     const float* b[4];
     for (int k = 0; k < 4; ++k) b[k] = BoundsOf(p, s, j + k, g);
@@ -336,14 +399,14 @@ void ScoreGroup(const QuestSelectParams& p, int s, int g, int32_t n, float* scor
       auto y0 = hn::Zero(df), y1 = hn::Zero(df), y2 = hn::Zero(df), y3 = hn::Zero(df);
       for (int c = 0; c < dv; c += L) {
         const auto vp = hn::LoadU(df, qp + c), vn = hn::LoadU(df, qn + c);
-        x0 = hn::MulAdd(vp, hn::LoadU(df, b[0] + c), x0);
-        y0 = hn::MulAdd(vn, hn::LoadU(df, b[0] + d + c), y0);
-        x1 = hn::MulAdd(vp, hn::LoadU(df, b[1] + c), x1);
-        y1 = hn::MulAdd(vn, hn::LoadU(df, b[1] + d + c), y1);
-        x2 = hn::MulAdd(vp, hn::LoadU(df, b[2] + c), x2);
-        y2 = hn::MulAdd(vn, hn::LoadU(df, b[2] + d + c), y2);
-        x3 = hn::MulAdd(vp, hn::LoadU(df, b[3] + c), x3);
-        y3 = hn::MulAdd(vn, hn::LoadU(df, b[3] + d + c), y3);
+        x0 = hn::MulAdd(vp, load(b[0], c), x0);
+        y0 = hn::MulAdd(vn, load(b[0], d + c), y0);
+        x1 = hn::MulAdd(vp, load(b[1], c), x1);
+        y1 = hn::MulAdd(vn, load(b[1], d + c), y1);
+        x2 = hn::MulAdd(vp, load(b[2], c), x2);
+        y2 = hn::MulAdd(vn, load(b[2], d + c), y2);
+        x3 = hn::MulAdd(vp, load(b[3], c), x3);
+        y3 = hn::MulAdd(vn, load(b[3], d + c), y3);
       }
       float* out = scores + static_cast<size_t>(h) * n + j;
       hn::StoreU(Sum4(df, hn::Add(x0, y0), hn::Add(x1, y1), hn::Add(x2, y2), hn::Add(x3, y3)),
@@ -360,8 +423,8 @@ void ScoreGroup(const QuestSelectParams& p, int s, int g, int32_t n, float* scor
       const float* qp = qp0 + h * 2 * d;
       auto x = hn::Zero(df), y = hn::Zero(df);
       for (int c = 0; c < dv; c += L) {
-        x = hn::MulAdd(hn::LoadU(df, qp + c), hn::LoadU(df, b + c), x);
-        y = hn::MulAdd(hn::LoadU(df, qp + d + c), hn::LoadU(df, b + d + c), y);
+        x = hn::MulAdd(hn::LoadU(df, qp + c), load(b, c), x);
+        y = hn::MulAdd(hn::LoadU(df, qp + d + c), load(b, d + c), y);
       }
       scores[static_cast<size_t>(h) * n + j] =
           hn::GetLane(hn::SumOfLanes(df, hn::Add(x, y))) + tail(b, h);
@@ -372,7 +435,11 @@ void ScoreGroup(const QuestSelectParams& p, int s, int g, int32_t n, float* scor
 void QuestSelectCpuImpl(const QuestSelectParams& p, QuestSelection& out, int num_threads) {
   RowStarts(p, out);
   SelectRows<float, true>(p, out, num_threads, [&](int s, int g, int32_t n, float* scores) {
-    ScoreGroup(p, s, g, n, scores);
+    if (p.bf16_bounds) {
+      ScoreGroup<hwy::bfloat16_t>(p, s, g, n, scores);
+    } else {
+      ScoreGroup<float>(p, s, g, n, scores);
+    }
   });
 }
 
