@@ -1,13 +1,18 @@
 // Decode attention of one attention layer at long contexts (Llama-3.1-8B-shaped: 32 query heads,
 // 8 KV heads, head_dim 128; or --shape embedded: the embedded model's 4 query heads, 2 KV heads,
-// head_dim 64; page size 16, fp32 KV on the CPU): the dense split-KV kernel against the machine's
-// memory read bandwidth measured in the same run, and Quest (budget 4096 tokens, selection
-// included) against dense, per query head and per KV head. The per-KV-head selection is attended
-// twice, interleaved in each repetition: as one work item per sparse row (`per-row`, the kernel
-// before group sharing: each query head of a group reads the shared pages again) and as one item
-// per group that reads each page once (`grouped`, PagedAttentionCpu's default).
+// head_dim 64; page size 16, fp32 or (--kv-dtype bfloat16) 16-bit KV on the CPU): the dense
+// split-KV kernel against the machine's memory read bandwidth measured in the same run, and
+// Quest (budget 4096 tokens, selection included) against dense, per query head and per KV head.
+// The per-KV-head selection is attended twice, interleaved in each repetition: as one work item
+// per sparse row (`per-row`, the kernel before group sharing: each query head of a group reads
+// the shared pages again) and as one item per group that reads each page once (`grouped`,
+// PagedAttentionCpu's default).
 //   quest_decode_bench [--threads N] [--contexts 32768,131072] [--batches 1,8] [--budget 4096]
 //                      [--reps 5] [--max_kv_gb 10] [--shape llama8b|embedded]
+//                      [--kv-dtype float32|bfloat16] [--bounds float32|bfloat16]
+// --kv-dtype bfloat16 stores K and V as bfloat16 (the cpu backend's kv_cache.dtype bfloat16):
+// attention reads the 16-bit rows, the page bounds are those of the rounded keys.
+// --bounds bfloat16 keeps Quest's page bounds as bfloat16 (quest.h bf16_bounds: half the bytes).
 // A configuration whose KV would exceed --max_kv_gb lets its sequences share one sequence's
 // pages (page tables alias; the shared KV still far exceeds the last-level cache) and says so.
 // Random data: timings only (Quest's accuracy is tested in kernels/sparse/quest_test.cc).
@@ -25,6 +30,7 @@
 #include "bench/bench_util.h"
 #include "kernels/attention/paged_attention.h"
 #include "kernels/attention/paged_attention_cpu.h"
+#include "kernels/cpu/half.h"
 #include "kernels/cpu/parallel_for.h"
 #include "kernels/sparse/quest.h"
 
@@ -74,11 +80,16 @@ struct Problem {
   int seqs, ctx, pages_per_seq;
   int hq, hkv, dim;  // the layer's shape
   bool aliased;
+  bool bf16;  // K and V also as bfloat16 (k16, v16), which attention then reads
+  bool bf16_bounds = false;
   std::vector<float> q, k, v, out, bounds;
+  std::vector<uint16_t> k16, v16;
   std::vector<int32_t> page_table, kv_lens, query_start;
 
-  Problem(bench::LayerShape shape, int batch, int context, double max_kv_gb)
-      : seqs(batch), ctx(context), hq(shape.q_heads), hkv(shape.kv_heads), dim(shape.head_dim) {
+  Problem(bench::LayerShape shape, int batch, int context, double max_kv_gb, bool kv_bf16,
+          bool bounds_bf16)
+      : seqs(batch), ctx(context), hq(shape.q_heads), hkv(shape.kv_heads), dim(shape.head_dim),
+        bf16(kv_bf16), bf16_bounds(bounds_bf16) {
     pages_per_seq = (context + kPage - 1) / kPage;
     const double kv_gb = 2.0 * batch * pages_per_seq * kPage * hkv * dim * 4 / 1e9;
     aliased = kv_gb > max_kv_gb;
@@ -96,6 +107,20 @@ struct Problem {
         v[i] = uu(r);
       }
     });
+    if (bf16) {
+      k16.resize(k.size());
+      v16.resize(v.size());
+      ParallelFor(static_cast<int64_t>(k.size()), 0, 1 << 22, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) {
+          k16[i] = FloatToBf16(k[i]);
+          v16[i] = FloatToBf16(v[i]);
+        }
+      });
+      k.clear();
+      v.clear();
+      k.shrink_to_fit();
+      v.shrink_to_fit();
+    }
     std::vector<int32_t> ids(pages);
     for (size_t i = 0; i < pages; ++i) ids[i] = static_cast<int32_t>(i);
     std::shuffle(ids.begin(), ids.end(), rng);
@@ -117,8 +142,10 @@ struct Problem {
         slots.push_back(int64_t{page_table[s * pages_per_seq + t / kPage]} * kPage + t % kPage);
       }
       QuestBoundsUpdate up;
-      up.k_cache = k.data();
+      up.k_cache = bf16 ? nullptr : k.data();
+      up.k_cache_bf16 = bf16 ? k16.data() : nullptr;
       up.bounds = bounds.data();
+      up.bf16_bounds = bf16_bounds;
       up.slots = slots.data();
       up.num_tokens = context;
       up.num_kv_heads = hkv;
@@ -148,6 +175,11 @@ struct Problem {
     return p;
   }
 
+  PagedKvCache Kv() const {
+    if (bf16) return {k16.data(), v16.data(), KvDtype::kBfloat16};
+    return {k.data(), v.data(), KvDtype::kFloat32};
+  }
+
   QuestSelectParams Select(int budget_pages, bool per_kv_head) {
     QuestSelectParams p;
     p.q = q.data();
@@ -162,6 +194,7 @@ struct Problem {
     p.page_size = kPage;
     p.page_budget = budget_pages;
     p.per_kv_head = per_kv_head;
+    p.bf16_bounds = bf16_bounds;
     return p;
   }
 };
@@ -184,9 +217,10 @@ struct Times {
 // One table row: dense, then Quest per query head, per KV head attended per row and grouped,
 // interleaved in each of `reps` repetitions after a warm-up round. bw: read bandwidth, bytes/s.
 void RunRow(bench::LayerShape shape, int ctx, int batch, int budget, int reps, int threads,
-            double max_kv_gb, double bw) {
-  Problem pr(shape, batch, ctx, max_kv_gb);
-  const double kv_bytes = 2.0 * batch * ctx * shape.kv_heads * shape.head_dim * sizeof(float);
+            double max_kv_gb, double bw, bool kv_bf16, bool bounds_bf16) {
+  Problem pr(shape, batch, ctx, max_kv_gb, kv_bf16, bounds_bf16);
+  const double kv_bytes =
+      2.0 * batch * ctx * shape.kv_heads * shape.head_dim * (kv_bf16 ? 2 : sizeof(float));
   std::vector<int32_t> qbs(batch + 1);
   for (int s = 0; s <= batch; ++s) qbs[s] = s;
   // Variants: 0 per query head, 1 per KV head attended per row, 2 per KV head grouped.
@@ -197,7 +231,7 @@ void RunRow(bench::LayerShape shape, int ctx, int batch, int budget, int reps, i
   std::vector<double> dense_t;
   for (int r = 0; r <= reps; ++r) {  // round 0 warms up
     double a = Now();
-    PagedAttentionCpu(pr.Attn(nullptr), threads);
+    PagedAttentionCpu(pr.Attn(nullptr), pr.Kv(), threads, {});
     if (r > 0) dense_t.push_back(Now() - a);
     for (int v = 0; v < 3; ++v) {
       a = Now();
@@ -209,7 +243,7 @@ void RunRow(bench::LayerShape shape, int ctx, int batch, int budget, int reps, i
       x.query_block_start = qbs.data();
       x.row_start = sel[v].row_start.data();
       x.key_blocks = sel[v].key_blocks.data();
-      PagedAttentionCpu(pr.Attn(&x), threads, {.group_shared_rows = grouped[v]});
+      PagedAttentionCpu(pr.Attn(&x), pr.Kv(), threads, {.group_shared_rows = grouped[v]});
       if (r > 0) t[v].Add(b - a, Now() - b, CpuNow() - c);
     }
   }
@@ -237,7 +271,7 @@ int Main(int argc, char** argv) {
   double max_kv_gb = 10;
   std::vector<int> contexts = {32768, 131072}, batches = {1, 8};
   bench::LayerShape shape = bench::kLlama31_8B;
-  std::string shape_name = "llama8b";
+  std::string shape_name = "llama8b", kv_dtype = "float32", bounds_dtype = "float32";
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
     if (a == "--threads") threads = std::atoi(argv[i + 1]);
@@ -247,6 +281,8 @@ int Main(int argc, char** argv) {
     else if (a == "--reps") reps = std::atoi(argv[i + 1]);
     else if (a == "--max_kv_gb") max_kv_gb = std::atof(argv[i + 1]);
     else if (a == "--shape") shape_name = argv[i + 1];
+    else if (a == "--kv-dtype") kv_dtype = argv[i + 1];
+    else if (a == "--bounds") bounds_dtype = argv[i + 1];
     else {
       std::fprintf(stderr, "unknown flag %s\n", a.c_str());
       return 2;
@@ -258,14 +294,25 @@ int Main(int argc, char** argv) {
     std::fprintf(stderr, "--shape must be llama8b or embedded, got '%s'\n", shape_name.c_str());
     return 2;
   }
+  if (kv_dtype != "float32" && kv_dtype != "bfloat16") {
+    std::fprintf(stderr, "--kv-dtype must be float32 or bfloat16, got '%s'\n", kv_dtype.c_str());
+    return 2;
+  }
+  const bool kv_bf16 = kv_dtype == "bfloat16";
+  if (bounds_dtype != "float32" && bounds_dtype != "bfloat16") {
+    std::fprintf(stderr, "--bounds must be float32 or bfloat16, got '%s'\n", bounds_dtype.c_str());
+    return 2;
+  }
+  const bool bounds_bf16 = bounds_dtype == "bfloat16";
   if (reps < 1 || budget < 2 * kPage) {
     std::fprintf(stderr, "--reps must be >= 1 and --budget >= %d\n", 2 * kPage);
     return 2;
   }
-  std::printf("threads %d, simd %s, layer %s %dq/%dkv x %d, page %d, fp32 KV, budget %d, "
-              "median of %d after one warm-up, variants interleaved\n",
+  std::printf("threads %d, simd %s, layer %s %dq/%dkv x %d, page %d, %s KV, %s bounds, "
+              "budget %d, median of %d after one warm-up, variants interleaved\n",
               threads, PagedAttentionCpuTarget(), shape_name.c_str(), shape.q_heads,
-              shape.kv_heads, shape.head_dim, kPage, budget, reps);
+              shape.kv_heads, shape.head_dim, kPage, kv_dtype.c_str(), bounds_dtype.c_str(),
+              budget, reps);
   const double bw = ReadBandwidth(threads, size_t{1} << 30, 5);
   std::printf("memory read bandwidth (1 GiB, %d threads, best of 5): %.2f GB/s\n\n", threads,
               bw / 1e9);
@@ -275,7 +322,9 @@ int Main(int argc, char** argv) {
               "grouped (wall) | same, CPU ms | grouped attend speed-up wall (CPU) |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   for (int ctx : contexts) {
-    for (int batch : batches) RunRow(shape, ctx, batch, budget, reps, threads, max_kv_gb, bw);
+    for (int batch : batches) {
+      RunRow(shape, ctx, batch, budget, reps, threads, max_kv_gb, bw, kv_bf16, bounds_bf16);
+    }
   }
   return 0;
 }

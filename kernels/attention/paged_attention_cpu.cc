@@ -201,6 +201,7 @@ struct Scratch {
   std::vector<float> row;        // [head_dim] a 16-bit key row widened before its transpose
   std::vector<int64_t> offs;     // the item's keys' row offsets into the K and V caches
   bool transpose = false;        // the item's step scores against transposed key tiles
+  bool prefetch = false;         // prefetch each next tile's K/V rows (see AttendRows)
 };
 
 // Element offsets into the K and V caches of KV head kv_head's rows at positions pos[0, n):
@@ -408,8 +409,12 @@ void AttendRows(const PagedAttentionParams<float>& p, const TKV* kc, const TKV* 
     // long context is in L3 or memory, and the gather of scattered pages defeats the hardware
     // prefetchers (1.2-1.5x on the Llama-3.1-8B shape at 16K keys, bench/results/
     // 2026-12-05-cpu-attention-d128.md).
-    // Items of few rows (decode) compute too little per tile to hide the prefetches' cost.
-    if (sc.transpose && t0 + kKeyTile < n_keys) {
+    // Dense items of few rows (decode) skip it: over a sequence's pages in allocation order the
+    // hardware prefetchers keep up and the prefetches only cost (model_bench dense decode at 64K,
+    // embedded shape, one run on the loaded shared VM: 15.6 ms with vs 14.0 without). Sparse
+    // decode items read scattered selected pages and gain (Quest at 64K, 2026-12-06, see
+    // kernels/sparse/NOTES.md).
+    if (sc.prefetch && t0 + kKeyTile < n_keys) {
       const int n2 = std::min(kKeyTile, n_keys - t0 - kKeyTile);
       for (int j = 0; j < n2; ++j) {
         const int64_t off = offs[kKeyTile + j];
@@ -486,6 +491,7 @@ void RunItem(const PagedAttentionParams<float>& p, const TKV* kc, const TKV* vc,
              const WorkItem& w, Scratch<TKV>& sc, Partials& partials) {
   ItemRows(p, w, sc);
   sc.transpose = QueryLen(p, w.seq) * (p.num_q_heads / p.num_kv_heads) >= kTransposeRows;
+  sc.prefetch = sc.transpose || w.sparse_row >= 0;
   const int last = LastPos(p, w.seq, w.q_end - 1);
   const int64_t kb = w.key_begin;
   const int64_t ke = w.key_end < 0 ? std::numeric_limits<int64_t>::max() : w.key_end;

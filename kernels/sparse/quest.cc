@@ -6,6 +6,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <functional>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -15,6 +18,9 @@
 
 namespace sieve::kernels {
 namespace quest {
+
+// 16-bit bounds live in float storage (quest.h): accessed through a type that may alias it.
+typedef uint16_t __attribute__((may_alias)) Bf16Bits;
 
 inline int32_t PagesOf(const QuestSelectParams& p, int s) {
   return (p.kv_lens[s] + p.page_size - 1) / p.page_size;
@@ -51,16 +57,72 @@ void TopPages(const T* scores, int32_t n, int32_t keep, int32_t last, std::vecto
   out[keep] = last;
 }
 
+// The same pages as TopPages, found without sorting indices. The keep-th largest score t comes
+// from an nth_element over a copy of the values (no indirection), restricted when the budget is
+// a small share of the pages to the candidates scoring at least t0, the r-th largest of a
+// strided sample of kSample scores with r about twice the budget's share of the sample (~2 keep
+// candidates, found by one branch-free pass). That is exact whenever at least keep pages score
+// >= t0: then t >= t0, every page outside the candidates scores below t and every page equal
+// to t is a candidate; otherwise (a sample unlike the rest) all pages are candidates. One pass
+// over the candidates in page order then takes every page above t and, of those equal to t,
+// the lowest until `keep` are taken: exactly "larger first, ties to the lower page", written
+// increasing. (Scores must not be NaN, as for TopPages' comparison.) vals, cand: scratch.
+template <typename T>
+void TopPagesByThreshold(const T* scores, int32_t n, int32_t keep, int32_t last,
+                         std::vector<T>& vals, std::vector<int32_t>& cand, int32_t* out) {
+  constexpr int32_t kSample = 256;
+  cand.resize(n);
+  int32_t m = 0;
+  if (n >= 4 * kSample && int64_t{keep} * 8 <= n) {
+    const int32_t stride = n / kSample;
+    vals.resize(kSample);
+    for (int32_t i = 0; i < kSample; ++i) vals[i] = scores[static_cast<int64_t>(i) * stride];
+    const int32_t r = static_cast<int32_t>(
+        std::min<int64_t>(kSample - 1, int64_t{2} * keep * kSample / n + 4));
+    std::nth_element(vals.begin(), vals.begin() + r, vals.end(), std::greater<T>());
+    const T t0 = vals[r];
+    for (int32_t i = 0; i < n; ++i) {
+      cand[m] = i;
+      m += scores[i] >= t0;
+    }
+  }
+  if (m < keep) {  // no sample, or it misled: every page is a candidate
+    for (int32_t i = 0; i < n; ++i) cand[i] = i;
+    m = n;
+  }
+  vals.resize(m);
+  for (int32_t i = 0; i < m; ++i) vals[i] = scores[cand[i]];
+  std::nth_element(vals.begin(), vals.begin() + (keep - 1), vals.end(), std::greater<T>());
+  const T t = vals[keep - 1];
+  int32_t above = 0;
+  for (int32_t i = 0; i < m; ++i) above += vals[i] > t;
+  int32_t ties = keep - above;  // pages equal to t still to take, lowest first
+  int32_t k = 0;
+  for (int32_t i = 0; i < m; ++i) {
+    const T x = scores[cand[i]];
+    if (x > t || (x == t && ties-- > 0)) out[k++] = cand[i];
+  }
+  out[keep] = last;
+}
+
 // Fills every row of `p` into `out` (row_start already set): for each (sequence, KV head) item,
 // score(s, kv_head, n_scored, scores) writes the G query heads' scores of pages [0, n_scored)
-// to scores[h * n_scored + page] (T: double or float).
-template <typename T, typename ScoreFn>
+// to scores[h * n_scored + page] (T: double or float). by_threshold: TopPagesByThreshold
+// (the fast path) instead of TopPages (the reference); both select the same pages.
+template <typename T, bool by_threshold = false, typename ScoreFn>
 void SelectRows(const QuestSelectParams& p, QuestSelection& out, int num_threads, ScoreFn score) {
   const int group = p.num_q_heads / p.num_kv_heads;
   const int64_t items = int64_t{p.num_seqs} * p.num_kv_heads;
   ParallelFor(items, num_threads, 1, [&](int64_t b, int64_t e) {
-    std::vector<T> scores, agg;
-    std::vector<int32_t> idx;
+    std::vector<T> scores, agg, vals;
+    std::vector<int32_t> idx, cand;
+    const auto top = [&](const T* sc, int32_t n_scored, int32_t keep, int32_t last, int32_t* o) {
+      if constexpr (by_threshold) {
+        TopPagesByThreshold(sc, n_scored, keep, last, vals, cand, o);
+      } else {
+        TopPages(sc, n_scored, keep, last, idx, o);
+      }
+    };
     for (int64_t it = b; it < e; ++it) {
       const int s = static_cast<int>(it / p.num_kv_heads);
       const int g = static_cast<int>(it % p.num_kv_heads);
@@ -82,15 +144,15 @@ void SelectRows(const QuestSelectParams& p, QuestSelection& out, int num_threads
           for (int32_t j = 0; j < scored; ++j) agg[j] = std::max(agg[j], scores[h * scored + j]);
         }
         int32_t* first = out.key_blocks.data() + out.row_start[row0];
-        TopPages(agg.data(), scored, keep, n - 1, idx, first);
+        top(agg.data(), scored, keep, n - 1, first);
         for (int h = 1; h < group; ++h) {
           std::copy(first, first + keep + 1, out.key_blocks.data() + out.row_start[row0 + h]);
         }
         continue;
       }
       for (int h = 0; h < group; ++h) {
-        TopPages(scores.data() + static_cast<size_t>(h) * scored, scored, keep, n - 1, idx,
-                 out.key_blocks.data() + out.row_start[row0 + h]);
+        top(scores.data() + static_cast<size_t>(h) * scored, scored, keep, n - 1,
+            out.key_blocks.data() + out.row_start[row0 + h]);
       }
     }
   });
@@ -119,6 +181,15 @@ void QuestUpdateBounds(const QuestBoundsUpdate& u) {
       }
       float* mx = u.bounds + (page * u.num_kv_heads + g) * 2 * d;
       float* mn = mx + d;
+      if (u.bf16_bounds) {  // Mx rounded up, Mn down, in the region's first half
+        quest::Bf16Bits* mx16 = reinterpret_cast<quest::Bf16Bits*>(mx);
+        quest::Bf16Bits* mn16 = mx16 + d;
+        for (int c = 0; c < d; ++c) {
+          if (fresh || k[c] > Bf16ToFloat(mx16[c])) mx16[c] = Bf16RoundUp(k[c]);
+          if (fresh || k[c] < Bf16ToFloat(mn16[c])) mn16[c] = Bf16RoundDown(k[c]);
+        }
+        continue;
+      }
       if (fresh) {  // a new page: whatever it held before is gone
         std::copy(k, k + d, mx);
         std::copy(k, k + d, mn);
@@ -157,15 +228,46 @@ double QuestUpperBound(const float* q, const float* bounds, int32_t head_dim) {
   return u;
 }
 
+uint16_t Bf16RoundUp(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN
+  const uint16_t toward_zero = static_cast<uint16_t>(u >> 16);
+  if ((u & 0xffffu) == 0 || (u >> 31) != 0) return toward_zero;  // exact, or negative: up
+  return static_cast<uint16_t>(toward_zero + 1);  // positive: away from zero (max -> inf)
+}
+
+uint16_t Bf16RoundDown(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN
+  const uint16_t toward_zero = static_cast<uint16_t>(u >> 16);
+  if ((u & 0xffffu) == 0 || (u >> 31) == 0) return toward_zero;  // exact, or positive: down
+  return static_cast<uint16_t>(toward_zero + 1);  // negative: away from zero
+}
+
+const float* QuestPageBounds(const float* bounds, bool bf16_bounds, int64_t page, int32_t kv_head,
+                             int32_t num_kv_heads, int32_t head_dim, float* out) {
+  const float* region = bounds + (page * num_kv_heads + kv_head) * 2 * head_dim;
+  if (!bf16_bounds) return region;
+  const quest::Bf16Bits* b = reinterpret_cast<const quest::Bf16Bits*>(region);
+  for (int c = 0; c < 2 * head_dim; ++c) out[c] = Bf16ToFloat(b[c]);
+  return out;
+}
+
 void QuestSelectRef(const QuestSelectParams& p, QuestSelection& out) {
   quest::RowStarts(p, out);
   const int group = p.num_q_heads / p.num_kv_heads;
+  std::vector<float> widened(2 * p.head_dim);
   quest::SelectRows<double>(p, out, 1, [&](int s, int g, int32_t n, double* scores) {
     for (int h = 0; h < group; ++h) {
       const float* q =
           p.q + (static_cast<int64_t>(s) * p.num_q_heads + g * group + h) * p.head_dim;
       for (int32_t j = 0; j < n; ++j) {
-        scores[h * n + j] = QuestUpperBound(q, quest::BoundsOf(p, s, j, g), p.head_dim);
+        const int64_t id = p.page_table[static_cast<int64_t>(s) * p.page_table_stride + j];
+        const float* b = QuestPageBounds(p.bounds, p.bf16_bounds, id, g, p.num_kv_heads,
+                                         p.head_dim, widened.data());
+        scores[h * n + j] = QuestUpperBound(q, b, p.head_dim);
       }
     }
   });
@@ -186,45 +288,158 @@ namespace quest {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
+// Pages whose bounds are prefetched ahead of the one being scored. The bounds of a sequence's
+// pages are 2 * head_dim floats per KV head scattered over the side pool (the pages' order in
+// the pool is the allocator's), so the hardware prefetchers see no stream; without this the
+// scoring waited on memory for two thirds of its time (perf, 64K context, 2026-12-06). 16
+// pages: ~8 KB in flight per thread, about a memory latency of scoring at ~20 cycles a page.
+constexpr int kPrefetchPages = 16;
+
+// Every cache line of one (page, KV head)'s bounds [2, d] of T (it may start mid-line).
+template <typename T>
+HWY_INLINE void PrefetchBounds(const float* b, int d) {
+  const char* c = reinterpret_cast<const char*>(b);
+  const int bytes = 2 * d * static_cast<int>(sizeof(T));
+  for (int i = 0; i < bytes; i += 64) __builtin_prefetch(c + i);
+  __builtin_prefetch(c + bytes - 1);
+}
+
+#if HWY_TARGET != HWY_SCALAR
+// v reduced to one 128-bit block by adding its halves (each lane keeps its position mod 4).
+template <class D>
+HWY_INLINE hn::Vec<hn::FixedTag<float, 4>> FoldToBlock(D d, hn::Vec<D> v) {
+  if constexpr (hn::MaxLanes(d) > 4) {
+    const hn::Half<D> dh;
+    return FoldToBlock(dh, hn::Add(hn::LowerHalf(dh, v), hn::UpperHalf(dh, v)));
+  } else {
+    return v;
+  }
+}
+
+// The lane sums of four vectors as one 4-lane vector (sum a0, sum a1, sum a2, sum a3): two
+// interleave-add levels inside each 128-bit block, then the blocks folded; one reduction for
+// four pages instead of four SumOfLanes.
+template <class D>
+HWY_INLINE hn::Vec<hn::FixedTag<float, 4>> Sum4(D d, hn::Vec<D> a0, hn::Vec<D> a1,
+                                                hn::Vec<D> a2, hn::Vec<D> a3) {
+  // Per block: [a0_0 + a0_2, a1_0 + a1_2, a0_1 + a0_3, a1_1 + a1_3] and the same for a2, a3.
+  const auto t0 = hn::Add(hn::InterleaveLower(d, a0, a1), hn::InterleaveUpper(d, a0, a1));
+  const auto t1 = hn::Add(hn::InterleaveLower(d, a2, a3), hn::InterleaveUpper(d, a2, a3));
+  const hn::Repartition<uint64_t, D> d64;
+  const auto u0 = hn::BitCast(d64, t0), u1 = hn::BitCast(d64, t1);
+  const auto lo = hn::BitCast(d, hn::InterleaveLower(d64, u0, u1));
+  const auto hi = hn::BitCast(d, hn::InterleaveUpper(d64, u0, u1));
+  return FoldToBlock(d, hn::Add(lo, hi));
+}
+#endif
+
 // scores[h * n + j] = U_j(q_h) for the `group` query heads of KV head g of sequence s, pages
-// [0, n): each page's bounds are loaded once for the whole group.
+// [0, n): each page's bounds are loaded once for the whole group, prefetched kPrefetchPages
+// ahead. The bound in sign-split form: max(q_c Mx_c, q_c Mn_c) is q_c Mx_c for q_c >= 0 and
+// q_c Mn_c otherwise (rounding is monotonic, so the fp32 products compare as the exact ones
+// do), so U = sum_c q+_c Mx_c + q-_c Mn_c with q+ = max(q, 0), q- = min(q, 0): two FMAs per
+// channel and no max (the zero term of each pair adds exactly nothing). Four pages share one
+// horizontal reduction (Sum4). fp32 with FMA: the rounding differs from the reference's fp64
+// by the accumulation error that quest_test's tolerance derives. T: the bounds' element type,
+// float or (bf16_bounds) hwy::bfloat16_t, widened to fp32 as loaded.
+template <typename T>
 void ScoreGroup(const QuestSelectParams& p, int s, int g, int32_t n, float* scores) {
   const hn::ScalableTag<float> df;
+  const auto load = [&](const float* region, int c) {  // bounds element c of a region
+    if constexpr (std::is_same_v<T, float>) {
+      return hn::LoadU(df, region + c);
+    } else {
+      const hn::Rebind<T, decltype(df)> dh;
+      return hn::PromoteTo(df, hn::LoadU(dh, reinterpret_cast<const T*>(region) + c));
+    }
+  };
+  const auto at = [](const float* region, int c) {  // the same, scalar
+    if constexpr (std::is_same_v<T, float>) {
+      return region[c];
+    } else {
+      return Bf16ToFloat(reinterpret_cast<const Bf16Bits*>(region)[c]);
+    }
+  };
   const int L = static_cast<int>(hn::Lanes(df));
   const int d = p.head_dim, dv = d - d % L;
   const int group = p.num_q_heads / p.num_kv_heads;
   const float* q0 = p.q + (static_cast<int64_t>(s) * p.num_q_heads + g * group) * d;
-  for (int32_t j = 0; j < n; ++j) {
-    const float* mx = BoundsOf(p, s, j, g);
-    const float* mn = mx + d;
-    if (j + 1 < n) __builtin_prefetch(BoundsOf(p, s, j + 1, g));
+  // q+ then q- of each head: [group, 2, d].
+  thread_local std::vector<float> qs;
+  qs.resize(static_cast<size_t>(group) * 2 * d);
+  for (int h = 0; h < group; ++h) {
+    for (int c = 0; c < d; ++c) {
+      const float x = q0[static_cast<int64_t>(h) * d + c];
+      qs[(h * 2) * d + c] = x >= 0.0f ? x : 0.0f;
+      qs[(h * 2 + 1) * d + c] = x >= 0.0f ? 0.0f : x;
+    }
+  }
+  const float* qp0 = qs.data();
+  // Scalar channels past the last whole vector.
+  const auto tail = [&](const float* b, int h) {
+    const float* qp = qp0 + h * 2 * d;
+    float u = 0.0f;
+    for (int c = dv; c < d; ++c) u += qp[c] * at(b, c) + qp[d + c] * at(b, d + c);
+    return u;
+  };
+  for (int32_t j = 0; j < n && j < kPrefetchPages; ++j) PrefetchBounds<T>(BoundsOf(p, s, j, g), d);
+  int32_t j = 0;
+#if HWY_TARGET != HWY_SCALAR
+  const hn::FixedTag<float, 4> d4;
+  for (; j + 4 <= n; j += 4) {
+    for (int32_t k = j + kPrefetchPages; k < j + 4 + kPrefetchPages && k < n; ++k) {
+      PrefetchBounds<T>(BoundsOf(p, s, k, g), d);
+    }
+    const float* b[4];
+    for (int k = 0; k < 4; ++k) b[k] = BoundsOf(p, s, j + k, g);
     for (int h = 0; h < group; ++h) {
-      const float* q = q0 + static_cast<int64_t>(h) * d;
-      auto a0 = hn::Zero(df), a1 = hn::Zero(df);
-      int c = 0;
-      for (; c + 2 * L <= dv; c += 2 * L) {
-        const auto qa = hn::LoadU(df, q + c), qb = hn::LoadU(df, q + c + L);
-        a0 = hn::Add(a0, hn::Max(hn::Mul(qa, hn::LoadU(df, mx + c)),
-                                 hn::Mul(qa, hn::LoadU(df, mn + c))));
-        a1 = hn::Add(a1, hn::Max(hn::Mul(qb, hn::LoadU(df, mx + c + L)),
-                                 hn::Mul(qb, hn::LoadU(df, mn + c + L))));
+      const float* qp = qp0 + h * 2 * d;
+      const float* qn = qp + d;
+      auto x0 = hn::Zero(df), x1 = hn::Zero(df), x2 = hn::Zero(df), x3 = hn::Zero(df);
+      auto y0 = hn::Zero(df), y1 = hn::Zero(df), y2 = hn::Zero(df), y3 = hn::Zero(df);
+      for (int c = 0; c < dv; c += L) {
+        const auto vp = hn::LoadU(df, qp + c), vn = hn::LoadU(df, qn + c);
+        x0 = hn::MulAdd(vp, load(b[0], c), x0);
+        y0 = hn::MulAdd(vn, load(b[0], d + c), y0);
+        x1 = hn::MulAdd(vp, load(b[1], c), x1);
+        y1 = hn::MulAdd(vn, load(b[1], d + c), y1);
+        x2 = hn::MulAdd(vp, load(b[2], c), x2);
+        y2 = hn::MulAdd(vn, load(b[2], d + c), y2);
+        x3 = hn::MulAdd(vp, load(b[3], c), x3);
+        y3 = hn::MulAdd(vn, load(b[3], d + c), y3);
       }
-      for (; c < dv; c += L) {
-        const auto qa = hn::LoadU(df, q + c);
-        a0 = hn::Add(a0, hn::Max(hn::Mul(qa, hn::LoadU(df, mx + c)),
-                                 hn::Mul(qa, hn::LoadU(df, mn + c))));
+      float* out = scores + static_cast<size_t>(h) * n + j;
+      hn::StoreU(Sum4(df, hn::Add(x0, y0), hn::Add(x1, y1), hn::Add(x2, y2), hn::Add(x3, y3)),
+                 d4, out);
+      if (dv < d) {
+        for (int k = 0; k < 4; ++k) out[k] += tail(b[k], h);
       }
-      float u = hn::GetLane(hn::SumOfLanes(df, hn::Add(a0, a1)));
-      for (; c < d; ++c) u += std::max(q[c] * mx[c], q[c] * mn[c]);
-      scores[static_cast<size_t>(h) * n + j] = u;
+    }
+  }
+#endif
+  for (; j < n; ++j) {  // the last n % 4 pages (or every page on a scalar target)
+    const float* b = BoundsOf(p, s, j, g);
+    for (int h = 0; h < group; ++h) {
+      const float* qp = qp0 + h * 2 * d;
+      auto x = hn::Zero(df), y = hn::Zero(df);
+      for (int c = 0; c < dv; c += L) {
+        x = hn::MulAdd(hn::LoadU(df, qp + c), load(b, c), x);
+        y = hn::MulAdd(hn::LoadU(df, qp + d + c), load(b, d + c), y);
+      }
+      scores[static_cast<size_t>(h) * n + j] =
+          hn::GetLane(hn::SumOfLanes(df, hn::Add(x, y))) + tail(b, h);
     }
   }
 }
 
 void QuestSelectCpuImpl(const QuestSelectParams& p, QuestSelection& out, int num_threads) {
   RowStarts(p, out);
-  SelectRows<float>(p, out, num_threads, [&](int s, int g, int32_t n, float* scores) {
-    ScoreGroup(p, s, g, n, scores);
+  SelectRows<float, true>(p, out, num_threads, [&](int s, int g, int32_t n, float* scores) {
+    if (p.bf16_bounds) {
+      ScoreGroup<hwy::bfloat16_t>(p, s, g, n, scores);
+    } else {
+      ScoreGroup<float>(p, s, g, n, scores);
+    }
   });
 }
 

@@ -7,6 +7,12 @@
 // page, any other token widens it), so a recycled page never keeps its previous owner's bounds
 // and a prefill chunk that starts mid-page continues from the stored values.
 //
+// 16-bit bounds (bf16_bounds in both calls): each (page, KV head) region keeps its layout slot of
+// 2 * head_dim floats but holds Mx then Mn as 2 * head_dim bfloat16 values in its first half,
+// so selection reads half the bytes (a page's region, and whatever copies it, stays where it
+// was). Mx is rounded up and Mn down to bfloat16, so the bound stays a bound; keys that are
+// bfloat16 already (k_cache_bf16) round nothing and the bounds are exact.
+//
 // Selection (3.3, 3.4, 3.7): U_p(q) = sum_c max(q_c Mx_pc, q_c Mn_pc) bounds q.k for every key of
 // page p. With K = page_budget pages and n = ceil(L / page_size) pages of a sequence: n <= K
 // lists every page (exactly dense); otherwise the top K - 1 of pages 0 .. n - 2 by U_p (ties:
@@ -31,6 +37,7 @@ struct QuestBoundsUpdate {
   // as read: the bounds are those of the keys attention reads.
   const uint16_t* k_cache_bf16 = nullptr;
   float* bounds = nullptr;         // one layer's bounds [num_pages, num_kv_heads, 2, head_dim]
+  bool bf16_bounds = false;        // the bounds as bfloat16 (above)
   const int64_t* slots = nullptr;  // [num_tokens]
   int32_t num_tokens = 0;
   int32_t num_kv_heads = 0;
@@ -40,7 +47,7 @@ struct QuestBoundsUpdate {
 void QuestUpdateBounds(const QuestBoundsUpdate& u);
 
 // The bounds of one (page, KV head) recomputed from its first `valid` keys (the reference for
-// the incremental update): out [2, head_dim], Mx then Mn.
+// the incremental update): out [2, head_dim], Mx then Mn, in fp32.
 void QuestBoundsRef(const float* k_cache, int32_t page, int32_t kv_head, int32_t valid,
                     int32_t num_kv_heads, int32_t head_dim, int32_t page_size, float* out);
 
@@ -48,6 +55,7 @@ void QuestBoundsRef(const float* k_cache, int32_t page, int32_t kv_head, int32_t
 struct QuestSelectParams {
   const float* q = nullptr;        // [num_seqs, num_q_heads, head_dim]
   const float* bounds = nullptr;   // one layer's bounds
+  bool bf16_bounds = false;        // written by QuestUpdateBounds with bf16_bounds
   const int32_t* page_table = nullptr;  // [num_seqs, page_table_stride]
   const int32_t* kv_lens = nullptr;     // [num_seqs] L, including the current token
   int32_t page_table_stride = 0;
@@ -75,6 +83,15 @@ void QuestSelectCpu(const QuestSelectParams& p, QuestSelection& out, int num_thr
 
 // U_p(q) of one query against one page's bounds [2, head_dim], in double (tests, reference).
 double QuestUpperBound(const float* q, const float* bounds, int32_t head_dim);
+
+// The (page, KV head) region of one layer's bounds as fp32 [2, head_dim] (widened into `out`
+// when bf16_bounds; out must hold 2 * head_dim floats). Returns out or the region itself.
+const float* QuestPageBounds(const float* bounds, bool bf16_bounds, int64_t page, int32_t kv_head,
+                             int32_t num_kv_heads, int32_t head_dim, float* out);
+
+// x rounded to bfloat16 toward +infinity (up) or -infinity (down), as bits.
+uint16_t Bf16RoundUp(float x);
+uint16_t Bf16RoundDown(float x);
 
 }  // namespace sieve::kernels
 

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <random>
 #include <set>
 #include <string>
@@ -17,6 +18,7 @@
 #include "kernels/attention/paged_attention.h"
 #include "kernels/attention/paged_attention_cpu.h"
 #include "kernels/attention/paged_kv_test_util.h"
+#include "kernels/cpu/half.h"
 
 namespace sieve::kernels {
 namespace {
@@ -28,6 +30,7 @@ constexpr int kPage = 16;
 // extreme bounds first.
 struct Problem : test_util::PagedLayout {
   int q_heads, kv_heads, d;
+  bool bf16 = false;  // bounds as bfloat16 (quest.h bf16_bounds)
   std::vector<float> q, k, v, bounds;
 
   Problem(const std::vector<int32_t>& lens, int hq, int hkv, int dim, uint32_t seed,
@@ -45,8 +48,14 @@ struct Problem : test_util::PagedLayout {
     for (float& x : v) x = u(rng);
     q.resize(kv_lens.size() * q_heads * d);
     for (float& x : q) x = u(rng);
-    // Stale bounds a previous owner left: the update must not let them leak.
-    bounds.assign(static_cast<size_t>(pages) * kv_heads * 2 * d, 0.0f);
+    Rebuild(false, rng);
+  }
+
+  // Bounds from scratch (fp32 or bfloat16) by appends of random chunk sizes, over stale values
+  // a previous owner left (the update must not let them leak).
+  void Rebuild(bool bf16_bounds, std::mt19937& rng) {
+    bf16 = bf16_bounds;
+    bounds.assign(static_cast<size_t>(num_pages) * kv_heads * 2 * d, 0.0f);
     for (size_t i = 0; i < bounds.size(); ++i) bounds[i] = (i / d) % 2 == 0 ? 50.0f : -50.0f;
     for (size_t s = 0; s < kv_lens.size(); ++s) AppendAll(static_cast<int>(s), rng);
   }
@@ -57,6 +66,7 @@ struct Problem : test_util::PagedLayout {
     QuestBoundsUpdate up;
     up.k_cache = k.data();
     up.bounds = bounds.data();
+    up.bf16_bounds = bf16;
     up.slots = slots.data();
     up.num_tokens = static_cast<int32_t>(slots.size());
     up.num_kv_heads = kv_heads;
@@ -74,6 +84,13 @@ struct Problem : test_util::PagedLayout {
     }
   }
 
+  // The bounds of (s, page, g) as fp32, whichever way they are stored.
+  std::vector<float> BoundsF(int s, int page, int g) const {
+    std::vector<float> out(2 * d);
+    const float* b = QuestPageBounds(bounds.data(), bf16, page_table[s * stride + page], g,
+                                     kv_heads, d, out.data());
+    return {b, b + 2 * d};
+  }
   const float* Bounds(int s, int page, int g) const {
     return bounds.data() +
            (int64_t{page_table[s * stride + page]} * kv_heads + g) * 2 * d;
@@ -95,6 +112,7 @@ struct Problem : test_util::PagedLayout {
     p.page_size = kPage;
     p.page_budget = budget;
     p.per_kv_head = per_kv_head;
+    p.bf16_bounds = bf16;
     return p;
   }
 
@@ -162,6 +180,80 @@ TEST(QuestTest, BoundNeverBelowAnyScore) {
 }
 
 // 6.4.2: a one-token page's bound is q.k exactly; an all-positive q gives q.Mx, all-negative q.Mn.
+// x rounded to bfloat16 up and down: exact values stay, others move one step outward.
+TEST(QuestTest, Bf16DirectedRounding) {
+  const float one_plus = 1.0f + std::ldexp(1.0f, -10);  // between 1 and 1 + 2^-7
+  EXPECT_EQ(Bf16ToFloat(Bf16RoundUp(1.0f)), 1.0f);
+  EXPECT_EQ(Bf16ToFloat(Bf16RoundDown(1.0f)), 1.0f);
+  EXPECT_EQ(Bf16ToFloat(Bf16RoundUp(one_plus)), 1.0f + std::ldexp(1.0f, -7));
+  EXPECT_EQ(Bf16ToFloat(Bf16RoundDown(one_plus)), 1.0f);
+  EXPECT_EQ(Bf16ToFloat(Bf16RoundUp(-one_plus)), -1.0f);
+  EXPECT_EQ(Bf16ToFloat(Bf16RoundDown(-one_plus)), -1.0f - std::ldexp(1.0f, -7));
+  EXPECT_EQ(Bf16ToFloat(Bf16RoundUp(std::numeric_limits<float>::max())),
+            std::numeric_limits<float>::infinity());
+  EXPECT_EQ(Bf16ToFloat(Bf16RoundDown(-std::numeric_limits<float>::max())),
+            -std::numeric_limits<float>::infinity());
+  EXPECT_EQ(Bf16RoundUp(0.0f), 0);
+  EXPECT_EQ(Bf16RoundDown(-0.0f), 0x8000);
+  std::mt19937 rng(17);
+  std::uniform_real_distribution<float> u(-1000.0f, 1000.0f);
+  for (int i = 0; i < 100000; ++i) {
+    const float x = u(rng);
+    const float up = Bf16ToFloat(Bf16RoundUp(x)), down = Bf16ToFloat(Bf16RoundDown(x));
+    ASSERT_GE(up, x);
+    ASSERT_LE(down, x);
+    // Adjacent bfloat16 values (or both x itself): at most one step of 2^-7 relative apart.
+    ASSERT_LE(up - down, std::fabs(x) * std::ldexp(1.0f, -7)) << x;
+  }
+}
+
+// 16-bit bounds over fp32 keys: the incremental update gives the fp32 recomputation rounded
+// outward (max up, min down; rounding is monotonic, so rounding each update's max equals
+// rounding the final one), so every q.k of the page stays below the bound; over keys that are
+// bfloat16 values already, exactly the recomputation.
+TEST(QuestTest, Bf16BoundsAreTheRecomputationRoundedOutward) {
+  for (const int d : {64, 72}) {
+    for (const bool keys_bf16 : {false, true}) {
+      Problem pr({1, 15, 16, 17, 333, 1000}, 4, 2, d, 71 + d);
+      if (keys_bf16) {
+        for (float& x : pr.k) x = Bf16ToFloat(FloatToBf16(x));
+      }
+      std::mt19937 rng(3);
+      pr.Rebuild(/*bf16_bounds=*/true, rng);
+      std::vector<float> ref(2 * d);
+      for (size_t s = 0; s < pr.kv_lens.size(); ++s) {
+        for (int page = 0; page * kPage < pr.kv_lens[s]; ++page) {
+          const int valid = std::min(kPage, pr.kv_lens[s] - page * kPage);
+          for (int g = 0; g < pr.kv_heads; ++g) {
+            QuestBoundsRef(pr.k.data(), pr.page_table[s * pr.stride + page], g, valid,
+                           pr.kv_heads, d, kPage, ref.data());
+            const std::vector<float> b = pr.BoundsF(static_cast<int>(s), page, g);
+            for (int c = 0; c < d; ++c) {
+              ASSERT_EQ(b[c], Bf16ToFloat(Bf16RoundUp(ref[c]))) << "seq " << s << " p " << page;
+              ASSERT_EQ(b[d + c], Bf16ToFloat(Bf16RoundDown(ref[d + c])));
+              if (keys_bf16) {
+                ASSERT_EQ(b[c], ref[c]);
+                ASSERT_EQ(b[d + c], ref[d + c]);
+              }
+            }
+          }
+        }
+      }
+      for (size_t s = 0; s < pr.kv_lens.size(); ++s) {
+        for (int h = 0; h < pr.q_heads; ++h) {
+          const int g = h / (pr.q_heads / pr.kv_heads);
+          for (int t = 0; t < pr.kv_lens[s]; ++t) {
+            const std::vector<float> b = pr.BoundsF(static_cast<int>(s), t / kPage, g);
+            ASSERT_LE(Dot(pr.Query(s, h), pr.Key(s, t, g), d),
+                      QuestUpperBound(pr.Query(s, h), b.data(), d))
+                << "seq " << s << " t " << t;
+          }
+        }
+      }
+    }
+  }
+}
+
 TEST(QuestTest, BoundIsTight) {
   const Problem pr({kPage * 3 + 1}, 2, 1, 64, 9);
   const int last = 3;  // holds one token
@@ -229,6 +321,110 @@ TEST(QuestTest, SelectionShapeOrderNestingAndReference) {
         }
       }
     }
+  }
+}
+
+// With small-integer queries and keys every product and partial sum of a bound is an integer
+// far below 2^24, so the fast path's fp32 scores (FMA, sign-split form, four pages per
+// reduction, any order) equal the fp64 reference's exactly, and its selection must be the
+// reference's page for page, ties included (larger first, ties to the lower page): keys in
+// [-2, 2] make most pages' bounds identical, keys in [-30, 30] few. d 72 runs the scalar tail
+// channels past the last whole vector; page counts not a multiple of 4 the single-page tail;
+// the 1,100-page sequence the top-k's sampled candidate filter (used from 1,024 pages on).
+TEST(QuestTest, FastSelectionEqualsReferenceOnExactScoresWithTies) {
+  int boundary_ties = 0;
+  uint32_t seed = 90;
+  for (const int key_range : {2, 30}) {
+    for (const int d : {64, 72, 128}) {
+      for (const int group : {1, 2}) {
+        // (Two problems, so the long sequence does not stretch every sequence's page table.)
+        for (const std::vector<int32_t>& lens :
+             {std::vector<int32_t>{500, 4099, 16 * 37 + 3}, std::vector<int32_t>{16 * 1100}}) {
+          Problem pr(lens, 2 * group, 2, d, seed++);
+          for (float& x : pr.k) x = std::round(x * key_range);
+          for (float& x : pr.q) x = std::round(x * 5.0f);
+          std::mt19937 rng(seed);
+          for (size_t s = 0; s < pr.kv_lens.size(); ++s) pr.AppendAll(static_cast<int>(s), rng);
+          // The fp64 bounds of every (sequence, head, page), for counting boundary ties.
+          std::vector<std::vector<double>> u(pr.kv_lens.size() * pr.q_heads);
+          for (size_t s = 0; s < pr.kv_lens.size(); ++s) {
+            const int n = (pr.kv_lens[s] + kPage - 1) / kPage;
+            for (int h = 0; h < pr.q_heads; ++h) {
+              for (int j = 0; j < n - 1; ++j) {
+                u[s * pr.q_heads + h].push_back(
+                    QuestUpperBound(pr.Query(s, h), pr.Bounds(s, j, h / group), d));
+              }
+            }
+          }
+          for (const bool per_kv_head : {false, true}) {
+            for (const int budget : {2, 3, 17, 40}) {
+              QuestSelection ref, fast;
+              QuestSelectRef(pr.Params(budget, per_kv_head), ref);
+              QuestSelectCpu(pr.Params(budget, per_kv_head), fast, 2);
+              ASSERT_EQ(ref.row_start, fast.row_start);
+              ASSERT_EQ(ref.key_blocks, fast.key_blocks)
+                  << "keys +-" << key_range << " d " << d << " group " << group << " per_kv_head "
+                  << per_kv_head << " budget " << budget;
+              if (per_kv_head) continue;
+              // Count rows whose boundary is a tie (a selected and an unselected page score equal),
+              // so the assertion above is known to have decided ties.
+              for (size_t r = 0; r < u.size(); ++r) {
+                const int n = static_cast<int>(u[r].size()) + 1;
+                if (n <= budget) continue;
+                const std::vector<int32_t> row = Row(ref, r);
+                const std::set<int32_t> chosen(row.begin(), row.end() - 1);
+                double min_chosen = 1e300, max_other = -1e300;
+                for (int j = 0; j < n - 1; ++j) {
+                  if (chosen.count(j)) min_chosen = std::min(min_chosen, u[r][j]);
+                  else max_other = std::max(max_other, u[r][j]);
+                }
+                boundary_ties += min_chosen == max_other;
+              }
+            }
+          }
+          // 16-bit bounds: integers this small are bfloat16 values, so nothing rounds and the
+          // selection is again the reference's exactly.
+          if (d != 128) {
+            pr.Rebuild(/*bf16_bounds=*/true, rng);
+            for (const bool per_kv_head : {false, true}) {
+              for (const int budget : {2, 17, 40}) {
+                QuestSelection ref, fast;
+                QuestSelectRef(pr.Params(budget, per_kv_head), ref);
+                QuestSelectCpu(pr.Params(budget, per_kv_head), fast, 2);
+                ASSERT_EQ(ref.key_blocks, fast.key_blocks)
+                    << "bf16 bounds, keys +-" << key_range << " d " << d << " group " << group
+                    << " per_kv_head " << per_kv_head << " budget " << budget;
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  EXPECT_GT(boundary_ties, 10);
+}
+
+// The top-k's candidate filter estimates its threshold from every (n / 256)-th page; here
+// exactly those pages have ten times wider keys, so the sample's threshold admits fewer pages
+// than budgets 17 and 40 need and the selection must fall back to all pages (budget 3 still
+// filters). Integer inputs as above: fast == reference exactly.
+TEST(QuestTest, FastSelectionEqualsReferenceWhenTheTopKSampleMisleads) {
+  Problem pr({16 * 1501}, 2, 1, 64, 123);
+  const int scored = 1500, stride = scored / 256;
+  for (int t = 0; t < pr.kv_lens[0]; ++t) {
+    const int page = t / kPage;
+    const float scale = page < 256 * stride && page % stride == 0 ? 30.0f : 3.0f;
+    float* key = pr.k.data() + pr.Slot(0, t) * pr.d;
+    for (int c = 0; c < pr.d; ++c) key[c] = std::round(key[c] * scale);
+  }
+  for (float& x : pr.q) x = std::round(x * 5.0f);
+  std::mt19937 rng(5);
+  pr.AppendAll(0, rng);
+  for (const int budget : {3, 17, 40}) {
+    QuestSelection ref, fast;
+    QuestSelectRef(pr.Params(budget), ref);
+    QuestSelectCpu(pr.Params(budget), fast, 2);
+    ASSERT_EQ(ref.key_blocks, fast.key_blocks) << "budget " << budget;
   }
 }
 
