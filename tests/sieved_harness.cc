@@ -59,7 +59,10 @@ std::string BaseConfigPath() {
     const std::string p =
         testing::TempDir() + "/sieved_integration_" + std::to_string(getpid()) + ".yaml";
     std::ofstream out(p);
-    out << "server:\n  listen_address: \"127.0.0.1:0\"\n  drain_grace_period_s: 30\n"
+    // The drain's grace period lets in-flight streams finish (scaled: a test's streams of a few
+    // hundred tokens outlasted 30 s in the ASan build on a loaded machine).
+    out << "server:\n  listen_address: \"127.0.0.1:0\"\n  drain_grace_period_s: "
+        << absl::ToInt64Seconds(Scaled(absl::Seconds(30))) << "\n"
         << "metrics:\n  listen_address: \"127.0.0.1:0\"\n"
         << "model:\n  directory: \"" << SIEVE_SOURCE_DIR << "/models/embedded\"\n"
         << "kv_cache:\n  num_pages: " << kKvPages << "\n"
