@@ -17,7 +17,15 @@
 # clang work too), SIEVE_SAN_JOBS the build and test parallelism (default nproc), SIEVE_SAN_TESTS
 # a ctest -R regex (test names) that narrows asan and tsan, SIEVE_SAN_CI_TARGETS the binaries of
 # the ci mode (space-separated), SIEVE_SAN_TARGETS the ninja targets asan and tsan build
-# (default: all; a test whose binary was not built fails as NOT_BUILT, so narrow both).
+# (default: all; a test whose binary was not built fails as NOT_BUILT, so narrow both),
+# SIEVE_SAN_ASAN_LABELS a ctest -L regex (labels) that narrows asan, e.g. to run it a label at a
+# time: SIEVE_SAN_TARGETS="<that label's test binaries>" SIEVE_SAN_ASAN_LABELS=integration.
+#
+# SIEVE_TEST_TIME_SCALE (default 4 for asan, 8 for tsan) multiplies the waits of the integration
+# tests' harness (tests/sieved_harness.h: a daemon's start, health, exit, a request's default
+# deadline), which are sized for the plain build: the instrumented daemon starts and serves
+# several times slower, more so on a loaded machine. Deadlines a test sets to make a request
+# fail are not scaled.
 #
 # Any sanitizer report fails the test that produced it: UBSan does not recover
 # (-fno-sanitize-recover=all), ASan/TSan halt on the first error, LeakSanitizer is on. Reports go
@@ -100,13 +108,15 @@ asan_flags="-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-san
 
 run_asan() {
   local dir=build-asan
+  export SIEVE_TEST_TIME_SCALE=${SIEVE_TEST_TIME_SCALE:-4}
   configure "$dir" "$asan_flags"
   local start=$SECONDS
   ninja -C "$dir" -j "$jobs" ${SIEVE_SAN_TARGETS:-}
   echo "sanitize: asan build took $((SECONDS - start)) s"
   start=$SECONDS
   ctest --test-dir "$dir" --output-on-failure -j "$jobs" -LE 'gpu|fuzz|deploy|lint' \
-    --timeout 1800 ${SIEVE_SAN_TESTS:+-R "$SIEVE_SAN_TESTS"}
+    --timeout 1800 ${SIEVE_SAN_TESTS:+-R "$SIEVE_SAN_TESTS"} \
+    ${SIEVE_SAN_ASAN_LABELS:+-L "$SIEVE_SAN_ASAN_LABELS"}
   echo "sanitize: asan tests took $((SECONDS - start)) s"
 }
 
@@ -147,6 +157,7 @@ run_tsan() {
     norandom=(setarch "$(uname -m)" -R)
   fi
   export UCX_MEM_MMAP_HOOK_MODE=none
+  export SIEVE_TEST_TIME_SCALE=${SIEVE_TEST_TIME_SCALE:-8}
   local start=$SECONDS
   "${norandom[@]}" ninja -C "$dir" -j "$jobs" ${SIEVE_SAN_TARGETS:-}
   echo "sanitize: tsan build took $((SECONDS - start)) s"

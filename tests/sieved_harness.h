@@ -34,7 +34,13 @@ using ::grpc::health::v1::HealthCheckResponse;
 inline constexpr int kKvPages = 2048;          // the test config's kv_cache.num_pages
 inline constexpr int kLongGeneration = 20000;  // tokens: longer than any test lets a stream run
 
-// Polls `done` every 10 ms until it holds or `timeout` passes; returns its last value.
+// `timeout` times SIEVE_TEST_TIME_SCALE (a number >= 1, default 1). scripts/sanitize.sh sets it
+// for its builds, whose daemon starts and runs several times slower: the waits below that give
+// a daemon time to do something (start, answer, exit) scale by it; a deadline a test sets to
+// make a request fail does not.
+absl::Duration Scaled(absl::Duration timeout);
+
+// Polls `done` every 10 ms until it holds or `timeout` (scaled) passes; returns its last value.
 bool PollUntil(const std::function<bool()>& done, absl::Duration timeout = absl::Seconds(20));
 
 // The base configuration every daemon starts from (the embedded model, kKvPages KV pages,
@@ -89,7 +95,7 @@ class Sieved {
   // The process id (for /proc).
   pid_t pid() const { return pid_; }
 
-  // Waits up to `timeout` for the process to exit; returns its exit code (128 + signal when
+  // Waits up to `timeout` (scaled) for the process to exit; returns its exit code (128 + signal when
   // killed), or nullopt while it runs.
   std::optional<int> WaitExit(absl::Duration timeout);
 
@@ -125,7 +131,7 @@ struct StreamResult {
 // Reads `reader` to the end.
 StreamResult Drain(grpc::ClientReader<v1::GenerateResponse>& reader);
 
-// Runs one Generate call to the end (deadline `timeout`, default 60 s).
+// Runs one Generate call to the end (deadline `timeout`, default 60 s scaled).
 StreamResult Generate(v1::Sieve::Stub& stub, const v1::GenerateRequest& request,
                       std::optional<absl::Duration> timeout = std::nullopt);
 
