@@ -447,6 +447,15 @@ void AttendRowsT(const PagedAttentionParams<float>& p, const TKV* kc, const TKV*
   const int nv = (rows + L - 1) / L;
   const size_t rp = static_cast<size_t>(nv) * L;
   const int32_t* pages = p.page_table + static_cast<int64_t>(seq) * p.page_table_stride;
+  const int n_keys = static_cast<int>(sc.keys.size());
+  sc.offs.resize(n_keys);
+  KeyOffsets(p, pages, kv_head, sc.keys.data(), n_keys, sc.offs.data());
+  // The first tile's K and V rows (one line each: the TLB walk and the first line start) while
+  // the queries are transposed: an item of a sparse row reads only one or two tiles.
+  for (int j = 0; j < std::min(n_keys, kKeyTile); ++j) {
+    __builtin_prefetch(kc + sc.offs[j]);
+    __builtin_prefetch(vc + sc.offs[j]);
+  }
   sc.qt.resize(d * rp);
   tile_scores::HWY_NAMESPACE::PackTransposed(sc.q.data(), rows, d, rp, sc.qt.data());
   sc.ot.assign(d * rp, 0.0f);
@@ -466,9 +475,6 @@ void AttendRowsT(const PagedAttentionParams<float>& p, const TKV* kc, const TKV*
   sc.st.resize(kKeyTile * rp);
   sc.kp.resize(static_cast<size_t>(kKeyTile) * d);
   sc.vp.resize(static_cast<size_t>(kKeyTile) * d);
-  const int n_keys = static_cast<int>(sc.keys.size());
-  sc.offs.resize(n_keys);
-  KeyOffsets(p, pages, kv_head, sc.keys.data(), n_keys, sc.offs.data());
   const int line = 64 / static_cast<int>(sizeof(TKV));  // elements per cache line
   const int lines_per_row = (d + line - 1) / line;
   for (int t0 = 0; t0 < n_keys; t0 += kKeyTile) {
@@ -507,37 +513,31 @@ void AttendRowsT(const PagedAttentionParams<float>& p, const TKV* kc, const TKV*
       }
     };
     auto between = [&] { prefetch(pf_step); };
-    auto none = [] {};
     float* st = sc.st.data();
     for (int g0 = 0; g0 < nv; g0 += kMaxRowVectors) {
       const int gv = std::min(kMaxRowVectors, nv - g0);
-      const int* jv = sc.jv.data() + g0;
-      const int jmin = *std::min_element(jv, jv + gv), jmax = *std::max_element(jv, jv + gv);
-      if (jmax == 0) continue;  // the tile is in the future of every row of the group
-      const int r0 = g0 * L;
-      if (jmin > 0) {
-        GroupScores(gv, sc.qt.data(), rp, r0, sc.kp.data(), d, 0, jmin, p.scale, st, between);
-      }
-      for (int v = 0; v < gv; ++v) {
-        if (jv[v] > jmin) {
-          GroupScores(1, sc.qt.data(), rp, r0 + v * L, sc.kp.data(), d, jmin, jv[v], p.scale, st,
-                      none);
-        }
+      int* jv = sc.jv.data() + g0;
+      if (!std::is_sorted(jv, jv + gv)) std::fill(jv, jv + gv, *std::max_element(jv, jv + gv));
+      if (jv[gv - 1] == 0) continue;  // the tile is in the future of every row of the group
+      // Vectors read ascending key prefixes (rows are in query order): keys [jv[v - 1], jv[v])
+      // are read by vectors v .. gv - 1, one register block of gv - v vectors per segment. Each
+      // lane still sums over channels, then keys, in ascending order.
+      for (int v = 0, from = 0; v < gv; from = jv[v++]) {
+        if (jv[v] == from) continue;
+        GroupScores(gv - v, sc.qt.data(), rp, (g0 + v) * L, sc.kp.data(), d, from, jv[v],
+                    p.scale, st, between);
       }
       for (int v = 0; v < gv; ++v) {
         if (jv[v] > 0) {
-          SoftmaxT(pos, jv[v], sc.vlo[g0 + v], sc.lastp.data(), rp, r0 + v * L, st, sc.m.data(),
-                   sc.l.data(), sc.corr.data());
+          SoftmaxT(pos, jv[v], sc.vlo[g0 + v], sc.lastp.data(), rp, (g0 + v) * L, st,
+                   sc.m.data(), sc.l.data(), sc.corr.data());
         }
       }
-      if (jmin > 0) {
-        GroupPV(gv, st, rp, r0, sc.vp.data(), d, 0, jmin, sc.corr.data(), sc.ot.data(), between);
-      }
-      for (int v = 0; v < gv; ++v) {
-        if (jv[v] > jmin) {
-          GroupPV(1, st, rp, r0 + v * L, sc.vp.data(), d, jmin, jv[v],
-                  jmin == 0 ? sc.corr.data() : nullptr, sc.ot.data(), none);
-        }
+      // The rescale goes with a vector's first segment: the one that starts at key 0.
+      for (int v = 0, from = 0; v < gv; from = jv[v++]) {
+        if (jv[v] == from) continue;
+        GroupPV(gv - v, st, rp, (g0 + v) * L, sc.vp.data(), d, from, jv[v],
+                from == 0 ? sc.corr.data() : nullptr, sc.ot.data(), between);
       }
     }
     prefetch(pf_total);

@@ -176,6 +176,10 @@ void ScoresT(const float* qt, size_t rp, int r0, const float* kp, int d, int j0,
     ScoresBlockT<J, RV>(qt, rp, r0, kp + static_cast<size_t>(j) * d, d, scale, st + j * rp);
     between();
   }
+  if (J > 4 && j + 4 <= j1) {
+    ScoresBlockT<4, RV>(qt, rp, r0, kp + static_cast<size_t>(j) * d, d, scale, st + j * rp);
+    j += 4;
+  }
   for (; j < j1; ++j) {
     ScoresBlockT<1, RV>(qt, rp, r0, kp + static_cast<size_t>(j) * d, d, scale, st + j * rp);
   }
