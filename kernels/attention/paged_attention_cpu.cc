@@ -181,12 +181,15 @@ inline std::vector<WorkItem> BuildWorkItems(const PagedAttentionParams<float>& p
     }
     groups.push_back(g);
   }
-  // Largest first, in classes of a power of two, and within a class by KV head: threads then
-  // walk one KV head's items together, whose K and V rows stay in L3 from one item to the next,
-  // instead of cycling through every KV head's rows (all of a 16K-token layer's K and V, 64 MB on
-  // the 8B shape, do not fit in L3). The order only decides which thread runs what, never a result.
+  // Largest first. Dense items in classes of a power of two, and within a class by KV head:
+  // threads then walk one KV head's items together, whose K and V rows stay in L3 from one item
+  // to the next, instead of cycling through every KV head's rows (all of a 16K-token layer's K and
+  // V, 64 MB on the 8B shape, do not fit in L3). Sparse items, which read few keys each, keep
+  // the build order among equal costs (the KV heads of one query block together: the same pages
+  // and query rows). The order only decides which thread runs what, never a result.
   auto size_class = [](int64_t c) { return c <= 0 ? 0 : 64 - __builtin_clzll(static_cast<uint64_t>(c)); };
   std::stable_sort(items.begin(), items.end(), [&](const WorkItem& a, const WorkItem& b) {
+    if (a.sparse_row >= 0 || b.sparse_row >= 0) return a.cost > b.cost;
     const int ca = size_class(a.cost), cb = size_class(b.cost);
     if (ca != cb) return ca > cb;
     if (a.seq != b.seq) return a.seq < b.seq;
