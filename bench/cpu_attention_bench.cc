@@ -12,6 +12,12 @@
 // every one of --reps rounds (default 30) times one call of each, alternating which goes first;
 // prints the medians of wall and process-CPU time, the KV bytes read per second and the ratio.
 //   cpu_attention_bench --kv bf16 [--threads 2] [--reps 30] [--contexts 16384,65536]
+//
+// One long dense prefill (--prefill N: a single sequence of N tokens, the Llama-3.1-8B layer, random
+// data, fp32 or --kv bf16 KV): --reps runs (default 3) after a warm-up, each printed with its wall
+// and process-CPU time and GFLOP/s, then the median. The quick check of the tile path between
+// runs of bench/run_cpu_gates.sh (whose section 1 is the gate, with sgemm in the same run).
+//   cpu_attention_bench --prefill 16384 [--threads 2] [--reps 3] [--kv bf16]
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -148,6 +154,38 @@ int RunKvCompare(KvDtype t, int threads, int reps, const std::vector<int>& conte
   return 0;
 }
 
+// The --prefill run (see the file comment).
+int RunPrefill(int tokens, const char* kv, int threads, int reps) {
+  const bench::LayerShape ls = bench::kLlama31_8B;
+  Problem prob({"prefill", 1, tokens, tokens, ls.q_heads, ls.kv_heads, ls.head_dim});
+  std::vector<uint16_t> k16, v16;
+  PagedKvCache c{prob.k.data(), prob.v.data(), KvDtype::kFloat32};
+  if (kv != nullptr) {
+    k16.resize(prob.k.size());
+    v16.resize(prob.v.size());
+    for (size_t i = 0; i < k16.size(); ++i) {
+      k16[i] = FloatToBf16(prob.k[i]);
+      v16[i] = FloatToBf16(prob.v[i]);
+    }
+    c = {k16.data(), v16.data(), KvDtype::kBfloat16};
+  }
+  std::printf("dense prefill, Llama-3.1-8B layer (%d/%d heads, d %d), %d tokens, page %d, %s KV, "
+              "%d threads, target %s\n",
+              ls.q_heads, ls.kv_heads, ls.head_dim, tokens, kPageSize,
+              kv != nullptr ? "bf16" : "fp32", threads, PagedAttentionCpuTarget());
+  std::vector<double> wall;
+  for (int r = 0; r <= reps; ++r) {  // r == 0: warm-up
+    const double a = bench::Now(), b = bench::CpuNow();
+    PagedAttentionCpu(prob.p, c, threads);
+    const double w = bench::Now() - a, u = bench::CpuNow() - b;
+    if (r == 0) continue;
+    wall.push_back(w);
+    std::printf("  run %d: %.3f s wall, %.3f s CPU, %.1f GFLOP/s\n", r, w, u, prob.flops / w * 1e-9);
+  }
+  std::printf("median %.1f GFLOP/s\n", prob.flops / bench::Median(wall) * 1e-9);
+  return 0;
+}
+
 const Shape kShapes[] = {
     {"embedded/prefill_q2048_kv2048", 1, 2048, 2048, 4, 2, 64},
     {"embedded/chunk_q512_kv8192", 1, 512, 8192, 4, 2, 64},
@@ -165,15 +203,19 @@ int main(int argc, char** argv) {
   using namespace sieve::kernels;
   std::vector<char*> args;
   const char* kv = nullptr;
-  int reps = 30;
+  int reps = 30, prefill = 0;
+  bool reps_set = false;
   std::vector<int> contexts = {16384, 65536, 131072};
   for (int i = 0; i < argc; ++i) {
     if (std::strcmp(argv[i], "--threads") == 0 && i + 1 < argc) {
       g_threads = std::atoi(argv[++i]);
+    } else if (std::strcmp(argv[i], "--prefill") == 0 && i + 1 < argc) {
+      prefill = std::atoi(argv[++i]);
     } else if (std::strcmp(argv[i], "--kv") == 0 && i + 1 < argc) {
       kv = argv[++i];
     } else if (std::strcmp(argv[i], "--reps") == 0 && i + 1 < argc) {
       reps = std::max(1, std::atoi(argv[++i]));
+      reps_set = true;
     } else if (std::strcmp(argv[i], "--contexts") == 0 && i + 1 < argc) {
       contexts = sieve::bench::ParseIntList(argv[++i]);
     } else {
@@ -181,6 +223,13 @@ int main(int argc, char** argv) {
     }
   }
   if (g_threads <= 0) g_threads = DefaultCpuThreads();
+  if (prefill > 0) {
+    if (kv != nullptr && std::strcmp(kv, "bf16") != 0) {
+      std::fprintf(stderr, "--prefill --kv: expected bf16, got '%s'\n", kv);
+      return 2;
+    }
+    return RunPrefill(prefill, kv, g_threads, reps_set ? reps : 3);
+  }
   if (kv != nullptr) {
     if (std::strcmp(kv, "bf16") == 0 || std::strcmp(kv, "f16") == 0) {
       const KvDtype t = kv[0] == 'b' ? KvDtype::kBfloat16 : KvDtype::kFloat16;

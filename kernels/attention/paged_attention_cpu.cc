@@ -24,8 +24,9 @@ constexpr int kKeyTile = 64;
 // 128: each K/V tile (gathered, transposed, prefetched once per item) serves twice the rows of
 // 64, 1.06-1.25x on the prefill shapes of bench/cpu_attention_bench (2026-12-05).
 constexpr int kRowsPerItem = 128;
-// From this many rows on, a tile's keys are transposed once so that scores need no horizontal
-// sums (decode's few rows use per-key dot products instead). Counted per sequence step (its
+// From this many rows on, an item takes the prefill tile path (AttendRowsT: its rows transposed
+// once, each tile's K and V packed, register-blocked scores and PV over vectors of rows); below
+// it (decode) per-key dot products with horizontal sums. Counted per sequence step (its
 // queries x the group's heads), not per work item: the two paths sum a dot product in different
 // orders, and every item of a step must take the same one, so that a sparse plan listing every
 // key gives dense attention's result bit for bit however the items cut the rows.
@@ -180,8 +181,21 @@ inline std::vector<WorkItem> BuildWorkItems(const PagedAttentionParams<float>& p
     }
     groups.push_back(g);
   }
-  std::stable_sort(items.begin(), items.end(),
-                   [](const WorkItem& a, const WorkItem& b) { return a.cost > b.cost; });
+  // Largest first. Dense items in classes of a power of two, and within a class by KV head:
+  // threads then walk one KV head's items together, whose K and V rows stay in L3 from one item
+  // to the next, instead of cycling through every KV head's rows (all of a 16K-token layer's K and
+  // V, 64 MB on the 8B shape, do not fit in L3). Sparse items, which read few keys each, keep
+  // the build order among equal costs (the KV heads of one query block together: the same pages
+  // and query rows). The order only decides which thread runs what, never a result.
+  auto size_class = [](int64_t c) { return c <= 0 ? 0 : 64 - __builtin_clzll(static_cast<uint64_t>(c)); };
+  std::stable_sort(items.begin(), items.end(), [&](const WorkItem& a, const WorkItem& b) {
+    if (a.sparse_row >= 0 || b.sparse_row >= 0) return a.cost > b.cost;
+    const int ca = size_class(a.cost), cb = size_class(b.cost);
+    if (ca != cb) return ca > cb;
+    if (a.seq != b.seq) return a.seq < b.seq;
+    if (a.kv_head != b.kv_head) return a.kv_head < b.kv_head;
+    return a.cost > b.cost;
+  });
   return items;
 }
 
@@ -194,14 +208,20 @@ struct Scratch {
   std::vector<float> o;          // [rows, head_dim] unnormalised outputs
   std::vector<float> m, l;       // [rows] running max score and sum of exponentials
   std::vector<float> s;          // [rows, kKeyTile + lanes] scores, then probabilities
-  std::vector<float> kt;         // [head_dim, kKeyTile] the tile's keys transposed
   std::vector<int> active;       // rows that read at least one key of the tile
   std::vector<int> keys;         // the item's key positions
   std::vector<const TKV*> k, v;  // [kKeyTile] the tile's K and V rows
-  std::vector<float> row;        // [head_dim] a 16-bit key row widened before its transpose
   std::vector<int64_t> offs;     // the item's keys' row offsets into the K and V caches
-  bool transpose = false;        // the item's step scores against transposed key tiles
+  bool transpose = false;        // the item's step takes the prefill tile path (AttendRowsT)
   bool prefetch = false;         // prefetch each next tile's K/V rows (see AttendRows)
+  // The prefill tile path, rows padded to rp (a multiple of the lane count):
+  std::vector<float> qt, ot;     // [head_dim, rp] the queries and unnormalised outputs, transposed
+  std::vector<float> st;         // [kKeyTile, rp] a tile's scores, then probabilities, transposed
+  std::vector<float> kp, vp;     // [kKeyTile, head_dim] the tile's K and V rows, packed as fp32
+  std::vector<float> corr;       // [rp] the tile's rescale of each row's output
+  std::vector<int> lastp;        // [rp] last readable position per row (padding: the last row's)
+  std::vector<int> vlo, vhi, jv; // per row vector: least and largest last position, keys to read
+  std::vector<float*> dst;       // [rows] where the rows' results go
 };
 
 // Element offsets into the K and V caches of KV head kv_head's rows at positions pos[0, n):
@@ -257,13 +277,8 @@ using kv_rows::HWY_NAMESPACE::AccumulatePV2;
 using kv_rows::HWY_NAMESPACE::AccumulatePVR;
 using kv_rows::HWY_NAMESPACE::Scores;
 using kv_rows::HWY_NAMESPACE::ScoresR;
-using kv_rows::HWY_NAMESPACE::WidenRow;
-
-// Two query rows against a transposed tile of kKeyTile keys (kernels/cpu/tile_scores-inl.h).
-inline void ScoresT(const float* q0, const float* q1, const float* kt, int n_pad, int d,
-                    float scale, float* s0, float* s1) {
-  tile_scores::HWY_NAMESPACE::TwoRows(q0, q1, kt, kKeyTile, n_pad, d, scale, s0, s1);
-}
+using kv_rows::HWY_NAMESPACE::LoadKv;
+using kv_rows::HWY_NAMESPACE::ToFloat;
 
 // AccumulatePVR over the scratch's active rows a .. a + R - 1 (probabilities in sc.s).
 template <int R, typename TKV>
@@ -314,63 +329,235 @@ bool SoftmaxUpdate(int last, const int* pos, int n, int tile_max, int d, float& 
   return true;
 }
 
-// The tile's scores for the rows in sc.active, into sc.s (row stride `ss`).
+// The tile's scores for the rows in sc.active, into sc.s (row stride `ss`): few rows (decode).
 template <typename TKV>
 void TileScores(const PagedAttentionParams<float>& p, int n, Scratch<TKV>& sc, size_t ss) {
   const DF df;
   const int L = static_cast<int>(hn::Lanes(df));
   const int d = p.head_dim;
   const int rows = static_cast<int>(sc.active.size());
-  if (!sc.transpose) {
-    int a = 0;
-    const float* q[4];
-    float* s[4];
-    auto take = [&](int count) {
-      for (int i = 0; i < count; ++i) {
-        q[i] = sc.q[sc.active[a + i]];
-        s[i] = sc.s.data() + sc.active[a + i] * ss;
-      }
-    };
-    if (d % L == 0) {
-      for (; a + 4 <= rows; a += 4) {
-        take(4);
-        ScoresR<4, TKV>(q, sc.k.data(), n, d, p.scale, s);
-      }
-      for (; a + 2 <= rows; a += 2) {
-        take(2);
-        ScoresR<2, TKV>(q, sc.k.data(), n, d, p.scale, s);
-      }
-    }
-    for (; a < rows; ++a) {
-      const int r = sc.active[a];
-      Scores(sc.q[r], sc.k.data(), n, d, p.scale, sc.s.data() + r * ss);
-    }
-    return;
-  }
-  const int n_pad = (n + 2 * L - 1) / (2 * L) * (2 * L);
-  for (int j = 0; j < n; ++j) {
-    const float* kj = WidenRow(sc.k[j], d, sc.row);
-    for (int i = 0; i < d; ++i) sc.kt[static_cast<size_t>(i) * kKeyTile + j] = kj[i];
-  }
-  for (int i = 0; i < d; ++i) {
-    std::fill(sc.kt.begin() + static_cast<size_t>(i) * kKeyTile + n,
-              sc.kt.begin() + static_cast<size_t>(i) * kKeyTile + n_pad, 0.0f);
-  }
   int a = 0;
-  for (; a + 4 <= rows; a += 4) {
-    const float* q[4];
-    float* s[4];
-    for (int i = 0; i < 4; ++i) {
+  const float* q[4];
+  float* s[4];
+  auto take = [&](int count) {
+    for (int i = 0; i < count; ++i) {
       q[i] = sc.q[sc.active[a + i]];
       s[i] = sc.s.data() + sc.active[a + i] * ss;
     }
-    tile_scores::HWY_NAMESPACE::FourRows(q, sc.kt.data(), kKeyTile, n_pad, d, p.scale, s);
+  };
+  if (d % L == 0) {
+    for (; a + 4 <= rows; a += 4) {
+      take(4);
+      ScoresR<4, TKV>(q, sc.k.data(), n, d, p.scale, s);
+    }
+    for (; a + 2 <= rows; a += 2) {
+      take(2);
+      ScoresR<2, TKV>(q, sc.k.data(), n, d, p.scale, s);
+    }
   }
-  for (; a < rows; a += 2) {
-    const int r0 = sc.active[a], r1 = sc.active[std::min(a + 1, rows - 1)];
-    ScoresT(sc.q[r0], sc.q[r1], sc.kt.data(), n_pad, d, p.scale, sc.s.data() + r0 * ss,
-            sc.s.data() + r1 * ss);
+  for (; a < rows; ++a) {
+    const int r = sc.active[a];
+    Scores(sc.q[r], sc.k.data(), n, d, p.scale, sc.s.data() + r * ss);
   }
+}
+
+// ---- The prefill tile path (steps of at least kTransposeRows rows) ----
+using tile_scores::HWY_NAMESPACE::kMaxRowVectors;
+
+// K or V row k [d] as fp32 into dst (16-bit caches widened).
+template <typename TKV>
+HWY_INLINE void PackRow(const TKV* k, int d, float* dst) {
+  const DF df;
+  const int L = static_cast<int>(hn::Lanes(df));
+  int i = 0;
+  for (; i + L <= d; i += L) hn::StoreU(LoadKv(df, k + i), df, dst + i);
+  for (; i < d; ++i) dst[i] = ToFloat(k[i]);
+}
+
+// The online-softmax update of the row vector at row r0 for keys j < jn of a tile whose scores
+// are st[j * rp + r] (transposed): keys past a row's last position masked (only keys past `lo`,
+// the vector's least last position, need the test), running max m and sum l updated, the
+// factor that rescales each row's output left in corr, st turned into probabilities.
+void SoftmaxT(const int* pos, int jn, int lo, const int* last, size_t rp, int r0, float* st,
+              float* m, float* l, float* corr) {
+  const DF df;
+  const hn::RebindToSigned<DF> di;
+  const auto neg = hn::Set(df, -std::numeric_limits<float>::infinity());
+  const auto lastv = hn::LoadU(di, last + r0);
+  auto vmax = neg;
+  for (int j = 0; j < jn; ++j) {
+    float* s = st + j * rp + r0;
+    auto x = hn::LoadU(df, s);
+    if (pos[j] > lo) {
+      x = hn::IfThenElse(hn::RebindMask(df, hn::Lt(lastv, hn::Set(di, pos[j]))), neg, x);
+      hn::StoreU(x, df, s);
+    }
+    vmax = hn::Max(vmax, x);
+  }
+  const auto mo = hn::LoadU(df, m + r0);
+  const auto mn = hn::Max(mo, vmax);
+  // A row with nothing readable yet keeps m = -inf: subtract 0 there (exp(-inf) = 0). A row
+  // whose max did not move (a tile wholly masked for it included) is rescaled by exactly 1.
+  const auto msub = hn::IfThenZeroElse(hn::Eq(mn, neg), mn);
+  const auto c = hn::IfThenElse(hn::Eq(mn, mo), hn::Set(df, 1.0f), hn::Exp(df, hn::Sub(mo, msub)));
+  auto sum = hn::Zero(df);
+  for (int j = 0; j < jn; ++j) {
+    float* s = st + j * rp + r0;
+    const auto e = hn::Exp(df, hn::Sub(hn::LoadU(df, s), msub));
+    hn::StoreU(e, df, s);
+    sum = hn::Add(sum, e);
+  }
+  hn::StoreU(hn::MulAdd(hn::LoadU(df, l + r0), c, sum), df, l + r0);
+  hn::StoreU(mn, df, m + r0);
+  hn::StoreU(c, df, corr + r0);
+}
+
+// Scores (then, with pv, the PV update) of keys [j0, j1) for rv row vectors from row r0: the
+// register block's width picked at run time.
+template <class F>
+void GroupScores(int rv, const float* qt, size_t rp, int r0, const float* kp, int d, int j0,
+                 int j1, float scale, float* st, const F& between) {
+  namespace ts = tile_scores::HWY_NAMESPACE;
+  if constexpr (kMaxRowVectors >= 4) {
+    if (rv == 4) return ts::ScoresT<4>(qt, rp, r0, kp, d, j0, j1, scale, st, between);
+    if (rv == 3) return ts::ScoresT<3>(qt, rp, r0, kp, d, j0, j1, scale, st, between);
+  }
+  if (rv == 2) return ts::ScoresT<2>(qt, rp, r0, kp, d, j0, j1, scale, st, between);
+  ts::ScoresT<1>(qt, rp, r0, kp, d, j0, j1, scale, st, between);
+}
+template <class F>
+void GroupPV(int rv, const float* pt, size_t rp, int r0, const float* vp, int d, int j0, int j1,
+             const float* corr, float* ot, const F& between) {
+  namespace ts = tile_scores::HWY_NAMESPACE;
+  if constexpr (kMaxRowVectors >= 4) {
+    if (rv == 4) return ts::AccumulateT<4>(pt, rp, r0, vp, d, j0, j1, corr, ot, between);
+    if (rv == 3) return ts::AccumulateT<3>(pt, rp, r0, vp, d, j0, j1, corr, ot, between);
+  }
+  if (rv == 2) return ts::AccumulateT<2>(pt, rp, r0, vp, d, j0, j1, corr, ot, between);
+  ts::AccumulateT<1>(pt, rp, r0, vp, d, j0, j1, corr, ot, between);
+}
+
+// AttendRows for steps of many rows (prefill, chunks): the rows (sc.q, padded to a multiple of
+// the lane count) are transposed once, each tile's K and V rows packed once as fp32; per group of
+// up to kMaxRowVectors row vectors, scores, softmax and PV run over the keys the group's rows may
+// read (with ascending keys, a prefix of the tile: the masked part of diagonal tiles is skipped
+// per row vector). The next tile's rows are prefetched a few lines per score block.
+template <typename TKV>
+void AttendRowsT(const PagedAttentionParams<float>& p, const TKV* kc, const TKV* vc, int seq,
+                 int kv_head, Scratch<TKV>& sc, Partials* partial, int64_t partial_row) {
+  const int L = static_cast<int>(hn::Lanes(DF()));
+  const int d = p.head_dim;
+  const int rows = static_cast<int>(sc.q.size());
+  const int nv = (rows + L - 1) / L;
+  const size_t rp = static_cast<size_t>(nv) * L;
+  const int32_t* pages = p.page_table + static_cast<int64_t>(seq) * p.page_table_stride;
+  const int n_keys = static_cast<int>(sc.keys.size());
+  sc.offs.resize(n_keys);
+  KeyOffsets(p, pages, kv_head, sc.keys.data(), n_keys, sc.offs.data());
+  // The first tile's K and V rows (one line each: the TLB walk and the first line start) while
+  // the queries are transposed: an item of a sparse row reads only one or two tiles.
+  for (int j = 0; j < std::min(n_keys, kKeyTile); ++j) {
+    __builtin_prefetch(kc + sc.offs[j]);
+    __builtin_prefetch(vc + sc.offs[j]);
+  }
+  sc.qt.resize(d * rp);
+  tile_scores::HWY_NAMESPACE::PackTransposed(sc.q.data(), rows, d, rp, sc.qt.data());
+  sc.ot.assign(d * rp, 0.0f);
+  sc.m.assign(rp, -std::numeric_limits<float>::infinity());
+  sc.l.assign(rp, 0.0f);
+  sc.corr.resize(rp);
+  sc.lastp.assign(sc.last.begin(), sc.last.end());
+  sc.lastp.resize(rp, sc.last.back());
+  sc.vlo.resize(nv);
+  sc.vhi.resize(nv);
+  sc.jv.resize(nv);
+  for (int v = 0; v < nv; ++v) {
+    const auto [lo, hi] = std::minmax_element(sc.lastp.begin() + v * L, sc.lastp.begin() + (v + 1) * L);
+    sc.vlo[v] = *lo;
+    sc.vhi[v] = *hi;
+  }
+  sc.st.resize(kKeyTile * rp);
+  sc.kp.resize(static_cast<size_t>(kKeyTile) * d);
+  sc.vp.resize(static_cast<size_t>(kKeyTile) * d);
+  const int line = 64 / static_cast<int>(sizeof(TKV));  // elements per cache line
+  const int lines_per_row = (d + line - 1) / line;
+  for (int t0 = 0; t0 < n_keys; t0 += kKeyTile) {
+    const int n = std::min(kKeyTile, n_keys - t0);
+    const int* pos = sc.keys.data() + t0;
+    const int64_t* offs = sc.offs.data() + t0;
+    bool ascending = true;
+    int tile_min = pos[0];
+    for (int j = 0; j < n; ++j) {
+      if (j > 0 && pos[j] <= pos[j - 1]) ascending = false;
+      tile_min = std::min(tile_min, pos[j]);
+      PackRow(kc + offs[j], d, sc.kp.data() + static_cast<size_t>(j) * d);
+      PackRow(vc + offs[j], d, sc.vp.data() + static_cast<size_t>(j) * d);
+    }
+    for (int v = 0; v < nv; ++v) {
+      sc.jv[v] = ascending ? static_cast<int>(std::upper_bound(pos, pos + n, sc.vhi[v]) - pos)
+                           : (tile_min <= sc.vhi[v] ? n : 0);
+    }
+    // The next tile's K and V rows, toward the caches while this tile is computed: a row of a
+    // long context is in L3 or memory, and the gather of scattered pages defeats the hardware
+    // prefetchers. Spread over the tile's score blocks: issued all at once, they fill the miss
+    // queue and stall the core (12% of the kernel's time on the 8B shape before 2026-12-06).
+    const int n2 = std::min(kKeyTile, n_keys - t0 - kKeyTile);
+    const int pf_total = n2 > 0 ? n2 * lines_per_row : 0;
+    const int groups = (nv + kMaxRowVectors - 1) / kMaxRowVectors;
+    const int calls = std::max(1, groups * (n / 4 + d / 4));  // score and PV blocks
+    const int pf_step = (pf_total + calls - 1) / calls;
+    int pf_next = 0;
+    auto prefetch = [&](int count) {
+      for (const int e = std::min(pf_total, pf_next + count); pf_next < e; ++pf_next) {
+        // The first line of every row first: each row is in its own 4 KB page (8 KV heads of
+        // 512 B per token), and its first touch is a TLB miss; walks start early and overlap.
+        const int64_t off = offs[kKeyTile + pf_next % n2] + (pf_next / n2) * line;
+        __builtin_prefetch(kc + off);
+        __builtin_prefetch(vc + off);
+      }
+    };
+    auto between = [&] { prefetch(pf_step); };
+    float* st = sc.st.data();
+    for (int g0 = 0; g0 < nv; g0 += kMaxRowVectors) {
+      const int gv = std::min(kMaxRowVectors, nv - g0);
+      int* jv = sc.jv.data() + g0;
+      if (!std::is_sorted(jv, jv + gv)) std::fill(jv, jv + gv, *std::max_element(jv, jv + gv));
+      if (jv[gv - 1] == 0) continue;  // the tile is in the future of every row of the group
+      // Vectors read ascending key prefixes (rows are in query order): keys [jv[v - 1], jv[v])
+      // are read by vectors v .. gv - 1, one register block of gv - v vectors per segment. Each
+      // lane still sums over channels, then keys, in ascending order.
+      for (int v = 0, from = 0; v < gv; from = jv[v++]) {
+        if (jv[v] == from) continue;
+        GroupScores(gv - v, sc.qt.data(), rp, (g0 + v) * L, sc.kp.data(), d, from, jv[v],
+                    p.scale, st, between);
+      }
+      for (int v = 0; v < gv; ++v) {
+        if (jv[v] > 0) {
+          SoftmaxT(pos, jv[v], sc.vlo[g0 + v], sc.lastp.data(), rp, (g0 + v) * L, st,
+                   sc.m.data(), sc.l.data(), sc.corr.data());
+        }
+      }
+      // The rescale goes with a vector's first segment: the one that starts at key 0.
+      for (int v = 0, from = 0; v < gv; from = jv[v++]) {
+        if (jv[v] == from) continue;
+        GroupPV(gv - v, st, rp, (g0 + v) * L, sc.vp.data(), d, from, jv[v],
+                from == 0 ? sc.corr.data() : nullptr, sc.ot.data(), between);
+      }
+    }
+    prefetch(pf_total);
+  }
+  if (partial != nullptr) {  // a split-KV part: keep the state for MergeParts
+    sc.dst.resize(rows);
+    for (int r = 0; r < rows; ++r) sc.dst[r] = partial->o.data() + (partial_row + r) * d;
+    tile_scores::HWY_NAMESPACE::UnpackTransposed(sc.ot.data(), rp, rows, d, nullptr,
+                                                 sc.dst.data());
+    std::copy(sc.m.begin(), sc.m.begin() + rows, partial->m.begin() + partial_row);
+    std::copy(sc.l.begin(), sc.l.begin() + rows, partial->l.begin() + partial_row);
+    return;
+  }
+  for (int r = 0; r < rows; ++r) sc.corr[r] = sc.l[r] > 0.0f ? 1.0f / sc.l[r] : 0.0f;  // no key: 0
+  tile_scores::HWY_NAMESPACE::UnpackTransposed(sc.ot.data(), rp, rows, d, sc.corr.data(),
+                                               sc.out.data());
 }
 
 // Attention of the scratch's rows (sc.q, sc.out, sc.last) over the key positions sc.keys of
@@ -379,6 +566,7 @@ void TileScores(const PagedAttentionParams<float>& p, int n, Scratch<TKV>& sc, s
 template <typename TKV>
 void AttendRows(const PagedAttentionParams<float>& p, const TKV* kc, const TKV* vc, int seq,
                 int kv_head, Scratch<TKV>& sc, Partials* partial, int64_t partial_row) {
+  if (sc.transpose) return AttendRowsT(p, kc, vc, seq, kv_head, sc, partial, partial_row);
   const int d = p.head_dim;
   const int rows = static_cast<int>(sc.q.size());
   const int32_t* pages = p.page_table + static_cast<int64_t>(seq) * p.page_table_stride;
@@ -387,7 +575,6 @@ void AttendRows(const PagedAttentionParams<float>& p, const TKV* kc, const TKV* 
   sc.m.assign(rows, -std::numeric_limits<float>::infinity());
   sc.l.assign(rows, 0.0f);
   sc.s.resize(ss * rows);
-  sc.kt.resize(static_cast<size_t>(d) * kKeyTile);
   sc.k.resize(kKeyTile);
   sc.v.resize(kKeyTile);
   const int n_keys = static_cast<int>(sc.keys.size());

@@ -13,7 +13,8 @@ namespace sieve::kernels {
 
 // Causal paged attention (dense, or restricted by p.sparse) in fp32 on `num_threads` host
 // threads (0 = all). Work items are (sequence, KV head, query block); threads take them from a
-// shared counter, largest causal ranges first.
+// shared counter, largest causal ranges first (by powers of two, one KV head after another
+// within each class, so that consecutive items read the same K/V rows from L3).
 //   dense : one item holds a block of queries and all query heads of its KV head, so each K/V
 //           row it reads is loaded once for the whole group;
 //   sparse: one item is one sparse row (a query block of one query head) over its listed keys;
@@ -27,6 +28,9 @@ namespace sieve::kernels {
 // Keys are processed in tiles of up to 64 positions with a running max and sum per query row;
 // QK dot products, softmax exponentials and the PV accumulation are vectorised with Google
 // Highway, dispatched at run time to the best instruction set of the host (AVX-512, AVX2, ...).
+// Prefill and chunks (at least 8 query rows per sequence step) run with the rows transposed
+// (vectors over 16 rows on AVX-512): K and V tiles packed once per item, register-blocked score
+// and PV micro-kernels, the online softmax without horizontal sums; decode per row.
 // Allocates per-thread scratch; reads only the listed pages; thread-safe for disjoint `out`.
 void PagedAttentionCpu(const PagedAttentionParams<float>& p, int num_threads = 0);
 
