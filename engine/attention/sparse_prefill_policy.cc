@@ -80,11 +80,8 @@ absl::Status SparsePrefillPolicy::Plan(const AttentionStep& step, AttentionPlan&
     // Pairs the sparse sequences' rows read: the plan's, less the dense sequences' (all theirs).
     int64_t sparse_dense_pairs = 0, other_pairs = 0;
     for (int32_t s = 0; s < l.num_seqs(); ++s) {
-      const int64_t q_len = l.query_start[s + 1] - l.query_start[s];
-      const int64_t first = l.kv_lens[s] - q_len;
-      const int64_t pairs =
-          (q_len * (first + 1) + q_len * (q_len - 1) / 2) * step.shape.num_q_heads;
-      (SequenceIsSparse(step, s) ? sparse_dense_pairs : other_pairs) += pairs;
+      (SequenceIsSparse(step, s) ? sparse_dense_pairs : other_pairs) +=
+          SequenceDensePairs(l, s, step.shape.num_q_heads);
     }
     const int64_t read = plan.ReadPairs(l, step.shape.num_q_heads) - other_pairs;
     if (sparse_dense_pairs > 0 &&

@@ -117,15 +117,19 @@ absl::Status AttentionPlan::Validate(const BatchLayout& layout, int32_t num_q_he
   return absl::OkStatus();
 }
 
+int64_t SequenceDensePairs(const BatchLayout& layout, int32_t seq, int32_t num_q_heads) {
+  const int64_t q_len = layout.query_start[seq + 1] - layout.query_start[seq];
+  const int64_t first = layout.kv_lens[seq] - q_len;  // position of the first query
+  // Query at position p reads p + 1 keys.
+  return (q_len * (first + 1) + q_len * (q_len - 1) / 2) * num_q_heads;
+}
+
 int64_t DensePairs(const BatchLayout& layout, int32_t num_q_heads) {
   int64_t pairs = 0;
   for (int32_t s = 0; s < layout.num_seqs(); ++s) {
-    const int64_t q_len = layout.query_start[s + 1] - layout.query_start[s];
-    const int64_t first = layout.kv_lens[s] - q_len;  // position of the first query
-    // Query at position p reads p + 1 keys.
-    pairs += q_len * (first + 1) + q_len * (q_len - 1) / 2;
+    pairs += SequenceDensePairs(layout, s, num_q_heads);
   }
-  return pairs * num_q_heads;
+  return pairs;
 }
 
 int64_t AttentionPlan::ReadPairs(const BatchLayout& layout, int32_t num_q_heads) const {

@@ -61,6 +61,8 @@ struct AttentionPlan {
 
 // The causal (query, key) pairs of `layout` over `num_q_heads` heads: what dense attention reads.
 int64_t DensePairs(const BatchLayout& layout, int32_t num_q_heads);
+// The same for sequence `seq` of `layout` alone.
+int64_t SequenceDensePairs(const BatchLayout& layout, int32_t seq, int32_t num_q_heads);
 
 }  // namespace sieve::engine
 
