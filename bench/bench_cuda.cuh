@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 // Exits with the failing call and CUDA's message.
@@ -24,6 +25,17 @@
   } while (0)
 
 namespace sieve::bench {
+
+// "32768,131072" -> {32768, 131072} (a benchmark's list argument).
+inline std::vector<int> ParseInts(const std::string& list) {
+  std::vector<int> out;
+  for (size_t at = 0; at < list.size();) {
+    const size_t comma = std::min(list.find(',', at), list.size());
+    out.push_back(std::atoi(list.substr(at, comma - at).c_str()));
+    at = comma + 1;
+  }
+  return out;
+}
 
 // Fills n bf16 values with a seeded hash of their index: uniform in [-scale, scale] (the default
 // scale, sqrt(3), gives unit variance).

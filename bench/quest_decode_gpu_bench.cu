@@ -12,7 +12,7 @@
 // and the speedup dense / quest. Random keys carry no structure, so the selection is arbitrary;
 // its cost does not depend on which pages win.
 //
-//   usage: quest_decode_gpu_bench [--iters N] [--seed N]
+//   usage: quest_decode_gpu_bench [--iters N] [--seed N] [--contexts N,N] [--batches N,N]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -167,9 +167,12 @@ void RunShape(int context, int batch, int iters, uint64_t seed, int num_sms) {
 int main(int argc, char** argv) {
   int iters = 20;
   uint64_t seed = 20261205;
+  std::vector<int> contexts = {32768, 131072}, batches = {1, 8};
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!std::strcmp(argv[i], "--iters")) iters = std::atoi(argv[i + 1]);
     if (!std::strcmp(argv[i], "--seed")) seed = std::strtoull(argv[i + 1], nullptr, 10);
+    if (!std::strcmp(argv[i], "--contexts")) contexts = sieve::bench::ParseInts(argv[i + 1]);
+    if (!std::strcmp(argv[i], "--batches")) batches = sieve::bench::ParseInts(argv[i + 1]);
   }
   int dev = 0, sms = 0;
   CHECK_CUDA(cudaGetDevice(&dev));
@@ -180,8 +183,8 @@ int main(int argc, char** argv) {
               "Quest budget %d\n", prop.name, sms, kBudget);
   std::printf("%7s %5s %10s %9s %10s %10s %9s %9s %9s\n", "context", "batch", "dense_us",
               "select_us", "quest_us", "quest_kv_us", "speedup", "spd_kv", "dense_TB/s");
-  for (int context : {32768, 131072}) {
-    for (int batch : {1, 8}) RunShape(context, batch, iters, seed, sms);
+  for (int context : contexts) {
+    for (int batch : batches) RunShape(context, batch, iters, seed, sms);
   }
   return 0;
 }

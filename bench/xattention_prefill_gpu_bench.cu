@@ -284,13 +284,7 @@ int main(int argc, char** argv) {
     } else if (!std::strcmp(argv[i], "--tau") && has_value) {
       tau = std::atof(argv[++i]);
     } else if (!std::strcmp(argv[i], "--tokens") && has_value) {
-      lengths.clear();
-      std::string list = argv[++i];
-      for (size_t at = 0; at < list.size();) {
-        const size_t comma = std::min(list.find(',', at), list.size());
-        lengths.push_back(std::atoi(list.substr(at, comma - at).c_str()));
-        at = comma + 1;
-      }
+      lengths = sieve::bench::ParseInts(argv[++i]);
     } else if (!std::strcmp(argv[i], "--no-cuda-core")) {
       cuda_core = false;
     } else {
