@@ -14,6 +14,8 @@
 //                section 1.6 conversion, the plan (host clock, median of --iters)
 //   h2d          the plan's arrays to the device (host clock around a synchronous copy)
 //   sparse       PagedPrefillRun on that plan (mma.sync, 64-query-row mode; device events)
+// and, on its own line per budget, the index built on the device as the backend does by default
+// (count, fill, the plan's copy to the host), checked equal to the host plan.
 // Reported: density (query-key pairs the plan reads / causal pairs), index = estimate + d2h +
 // select_host + h2d (the engine's path today, cuda_minference.cc), end2end = dense_wgmma /
 // (index + sparse), sparse/mma = dense_mma / sparse, pair parity = dense_mma / (sparse /
@@ -92,6 +94,67 @@ bool SameUpToTies(const std::vector<int32_t>& gpu, const std::vector<int32_t>& r
     if (r.count(i) == 0 && score[i] < cut * (1 - 2 * kScoreRelTol)) return false;
   }
   return true;
+}
+
+
+// The index on the device, as the CUDA backend builds it (cuda_minference.cc, IndexOnDevice): the
+// selection and row counts (MInferenceIndexCountGpu), the two totals to the host, the rows
+// (MInferenceIndexFillGpu), then the whole plan copied to the host (the engine's policy reads
+// it); each timed, and the device plan checked equal to the host's BuildPlanFromScores plan.
+bool DeviceIndex(int tokens, int vs, int ss, const float* d_scores, size_t n,
+                 const mi::MInferencePlan& want) {
+  MInferenceIndexGpuParams ip;
+  ip.vertical = d_scores;
+  ip.slash = d_scores + n;
+  ip.num_heads = kHq;
+  ip.q_len = tokens;
+  ip.kv_len = tokens;
+  for (int h = 0; h < kHq; ++h) {
+    ip.pattern[h] = 0;
+    ip.vertical_size[h] = vs;
+    ip.slash_size[h] = ss;
+  }
+  const size_t rows = static_cast<size_t>((tokens + mi::kBlock - 1) / mi::kBlock) * kHq;
+  const size_t ws_bytes = MInferenceIndexGpuWorkspaceBytes(ip);
+  void* ws = nullptr;
+  int32_t *d_rs = nullptr, *d_cs = nullptr, *d_kb = nullptr, *d_cl = nullptr;
+  CHECK_CUDA(cudaMalloc(&ws, ws_bytes));
+  CHECK_CUDA(cudaMalloc(&d_rs, (rows + 1) * 4));
+  CHECK_CUDA(cudaMalloc(&d_cs, (rows + 1) * 4));
+  const double count = MedianMs(3, [&] {
+    CHECK_CUDA(MInferenceIndexCountGpu(ip, ws, ws_bytes, d_rs, d_cs, nullptr));
+  });
+  int32_t totals[2];
+  CHECK_CUDA(cudaMemcpy(&totals[0], d_rs + rows, 4, cudaMemcpyDeviceToHost));
+  CHECK_CUDA(cudaMemcpy(&totals[1], d_cs + rows, 4, cudaMemcpyDeviceToHost));
+  CHECK_CUDA(cudaMalloc(&d_kb, std::max<size_t>(totals[0], 1) * 4));
+  CHECK_CUDA(cudaMalloc(&d_cl, std::max<size_t>(totals[1], 1) * 4));
+  const double fill = MedianMs(3, [&] {
+    CHECK_CUDA(MInferenceIndexFillGpu(ip, ws, d_rs, d_cs, d_kb, d_cl, nullptr));
+  });
+  mi::MInferencePlan got;
+  const double to_host = MedianHostMs(1, [&] {
+    got.row_start.resize(rows + 1);
+    got.column_start.resize(rows + 1);
+    got.key_blocks.resize(totals[0]);
+    got.columns.resize(totals[1]);
+    CHECK_CUDA(cudaMemcpy(got.row_start.data(), d_rs, (rows + 1) * 4, cudaMemcpyDeviceToHost));
+    CHECK_CUDA(cudaMemcpy(got.column_start.data(), d_cs, (rows + 1) * 4, cudaMemcpyDeviceToHost));
+    CHECK_CUDA(cudaMemcpy(got.key_blocks.data(), d_kb, got.key_blocks.size() * 4,
+                          cudaMemcpyDeviceToHost));
+    CHECK_CUDA(cudaMemcpy(got.columns.data(), d_cl, got.columns.size() * 4,
+                          cudaMemcpyDeviceToHost));
+  });
+  const bool same = got.row_start == want.row_start && got.column_start == want.column_start &&
+                    got.key_blocks == want.key_blocks && got.columns == want.columns;
+  std::printf("device index %6d %5d/%-5d: count %.3f ms, fill %.3f ms, plan to host %.3f ms "
+              "(%d key blocks, %d columns); device plan == host plan: %s\n",
+              tokens, vs, ss, count, fill, to_host, totals[0], totals[1], same ? "PASS" : "FAIL");
+  for (void* ptr : {ws, static_cast<void*>(d_rs), static_cast<void*>(d_cs),
+                    static_cast<void*>(d_kb), static_cast<void*>(d_cl)}) {
+    CHECK_CUDA(cudaFree(ptr));
+  }
+  return same;
 }
 
 bool RunLength(int tokens, int iters, const std::vector<std::pair<int, int>>& budgets, int sms,
@@ -261,6 +324,7 @@ bool RunLength(int tokens, int iters, const std::vector<std::pair<int, int>>& bu
                 100 * density, dense_wg / (index + sparse), dense_mma / sparse,
                 dense_mma / (sparse / density), plan.key_blocks.size(), plan.columns.size());
     for (int32_t* ptr : {d_qbs, d_rs, d_kb, d_cs, d_cl}) CHECK_CUDA(cudaFree(ptr));
+    ok = DeviceIndex(tokens, vs, ss, d_scores, n, plan) && ok;
   }
   CHECK_CUDA(cudaFreeHost(h_scores));
   for (void* ptr : {static_cast<void*>(q), static_cast<void*>(k), static_cast<void*>(v),

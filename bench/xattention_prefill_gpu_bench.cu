@@ -12,12 +12,16 @@
 //   est_1sw      the one-sweep estimate (a workspace, 64-key-group tiles: each GEMM tile once,
 //                log-domain partial sums, then the normalising kernel); e2e_1sw is end2end with
 //                it in place of `estimate`
-//   est_wg       the one-sweep estimate on wgmma (128-key-group tiles); e2e_wg likewise
+//   est_wg       the one-sweep estimate on wgmma (128-key-group tiles); e2e_wg likewise; and
+//                with head_major block order (its own line, masses compared bit for bit)
+//   est_it       the wgmma one sweep with independent tiles (XAttentionGpuParams::
+//                independent_tiles; its own line, masses checked as est_wg's)
 //   est_cuda     the same on the CUDA-core kernel (the cross-check; not in the end-to-end sum;
 //                median of at most 3 runs, --no-cuda-core skips it; skipped above 32K tokens)
 //   select       XAttentionSelectGpu + XAttentionBuildIndexGpu (tau 0.9): the device selection
 //                and block-sparse index
-//   sparse       PagedPrefillRun on that index (mma.sync, block-sparse)
+//   sparse       PagedPrefillRun on that index (mma.sync, block-sparse); and on the wgmma kernel
+//                (sparse_wg, its own line, with its output checked against mma.sync's)
 // and on the host, as the engine does it today: the threshold selection and plan assembly
 // (select_host, timed once). Reported: density (computed causal 128x128 tiles / all causal
 // tiles), end2end = dense_wgmma / (estimate + select + sparse), dense_mma / sparse, tile parity
@@ -156,8 +160,22 @@ bool RunLength(int tokens, int iters, double tau, int sms, bool cuda_core, bool 
   xp.wgmma = true;
   CHECK_CUDA(cudaMemset(d_mass, 0xff, n_mass * 4));
   const double est_wg = MedianMs(iters, [&] { CHECK_CUDA(XAttentionBlockMassGpu(xp, d_mass, nullptr)); });
-  std::vector<float> mass_wg(n_mass);
+  std::vector<float> mass_wg(n_mass), mass_hm(n_mass);
   CHECK_CUDA(cudaMemcpy(mass_wg.data(), d_mass, n_mass * 4, cudaMemcpyDeviceToHost));
+  xp.head_major = true;  // the same kernel, one head's row tiles consecutive
+  CHECK_CUDA(cudaMemset(d_mass, 0xff, n_mass * 4));
+  const double est_hm = MedianMs(iters, [&] { CHECK_CUDA(XAttentionBlockMassGpu(xp, d_mass, nullptr)); });
+  CHECK_CUDA(cudaMemcpy(mass_hm.data(), d_mass, n_mass * 4, cudaMemcpyDeviceToHost));
+  xp.head_major = false;
+  const bool hm_same = std::memcmp(mass_hm.data(), mass_wg.data(), n_mass * 4) == 0;
+  std::printf("est_wg %6d: heads fastest %.3f ms, head-major %.3f ms (%.2fx); masses bit-identical: %s\n",
+              tokens, est_wg, est_hm, est_wg / est_hm, hm_same ? "PASS" : "FAIL");
+  xp.independent_tiles = true;  // one (row tile, key tile) per block, banded; row sums after
+  std::vector<float> mass_it(n_mass);
+  CHECK_CUDA(cudaMemset(d_mass, 0xff, n_mass * 4));
+  const double est_it = MedianMs(iters, [&] { CHECK_CUDA(XAttentionBlockMassGpu(xp, d_mass, nullptr)); });
+  CHECK_CUDA(cudaMemcpy(mass_it.data(), d_mass, n_mass * 4, cudaMemcpyDeviceToHost));
+  xp.independent_tiles = false;
   xp.wgmma = false;
   xp.workspace = nullptr;
   CHECK_CUDA(cudaFree(d_ws));
@@ -199,7 +217,7 @@ bool RunLength(int tokens, int iters, double tau, int sms, bool cuda_core, bool 
   });
   std::vector<int32_t> dev_rs(row_start.size()), dev_kb;
   CHECK_CUDA(cudaMemcpy(dev_rs.data(), d_rs, dev_rs.size() * 4, cudaMemcpyDeviceToHost));
-  bool ok = true;
+  bool ok = hm_same;
   if (dev_rs == row_start) {
     dev_kb.resize(key_blocks.size());
     CHECK_CUDA(cudaMemcpy(dev_kb.data(), d_kb, dev_kb.size() * 4, cudaMemcpyDeviceToHost));
@@ -217,7 +235,8 @@ bool RunLength(int tokens, int iters, double tau, int sms, bool cuda_core, bool 
     ok = ok && agree;
   }
   for (const auto& [name, got] : {std::pair<const char*, const std::vector<float>*>{"one sweep", &mass_1sw},
-                                   {"one sweep (wgmma)", &mass_wg}}) {
+                                   {"one sweep (wgmma)", &mass_wg},
+                                   {"independent tiles (wgmma)", &mass_it}}) {
     double worst = 0;
     bool finite = true;  // an unwritten entry stays NaN
     for (size_t i = 0; i < n_mass; ++i) {
@@ -251,6 +270,37 @@ bool RunLength(int tokens, int iters, double tau, int sms, bool cuda_core, bool 
   ps.sparse = &idx;
   const double sparse = MedianMs(iters, [&] { CHECK_CUDA(PagedPrefillRun(ps, mma, nullptr, nullptr)); });
   const double total = estimate + select_ms + sparse;
+  // The same index on the wgmma kernel (128-key tiles): timed, and its output checked against the
+  // mma.sync kernel's (both bf16 outputs of the same fp32-accumulated attention; the GPU test
+  // bounds each against the fp64 reference at relative L2 1e-2).
+  const size_t n_out = static_cast<size_t>(tokens) * kHq * kD;
+  std::vector<__nv_bfloat16> out_mma(n_out), out_wg(n_out);
+  CHECK_CUDA(cudaMemcpy(out_mma.data(), out, n_out * 2, cudaMemcpyDeviceToHost));
+  const double sparse_wg = MedianMs(iters, [&] { CHECK_CUDA(PagedPrefillRun(ps, wg, nullptr, nullptr)); });
+  CHECK_CUDA(cudaMemcpy(out_wg.data(), out, n_out * 2, cudaMemcpyDeviceToHost));
+  {
+    double e2 = 0, r2 = 0;
+    bool finite = true;
+    for (size_t i = 0; i < n_out; ++i) {
+      const double a = __bfloat162float(out_mma[i]), b = __bfloat162float(out_wg[i]);
+      finite = finite && std::isfinite(b);
+      e2 += (a - b) * (a - b);
+      r2 += a * a;
+    }
+    const double rel = std::sqrt(e2 / std::max(r2, 1e-30));
+    const bool agree = finite && rel <= 1e-2;
+    std::printf("check %6d: wgmma vs mma.sync block-sparse output, relative L2 %.3g (limit 1e-2): %s\n",
+                tokens, rel, agree ? "PASS" : "FAIL");
+    ok = ok && agree;
+  }
+  std::printf("est_it %6d: independent tiles %.3f ms vs row sweeps %.3f ms (%.2fx); end2end with "
+              "it + select + wgmma sparse: %.2fx dense wgmma (%.3f ms)\n",
+              tokens, est_it, est_wg, est_wg / est_it, dense_wg / (est_it + select_ms + sparse_wg),
+              est_it + select_ms + sparse_wg);
+  std::printf("wgmma sparse %6d: %.3f ms (mma.sync %.3f ms: %.2fx); per computed tile %.2f of dense "
+              "wgmma; end2end with est_wg + select + wgmma sparse: %.2fx dense wgmma (%.3f ms)\n",
+              tokens, sparse_wg, sparse, sparse / sparse_wg, dense_wg / (sparse_wg / density),
+              dense_wg / (est_wg + select_ms + sparse_wg), est_wg + select_ms + sparse_wg);
   // The estimator's GEMM: per head, rows a = 0 .. n-1 score a + 1 key groups (S d products each),
   // twice (two sweeps).
   const double n = tokens / kStride;

@@ -228,9 +228,10 @@ const std::vector<KeySpec>& Keys() {
                        "A layer's sparse prefill plan that reads more than this fraction of its "
                        "sequences' causal (query, key) pairs runs dense instead: past it the "
                        "block-sparse kernel costs more than the dense one. 0: the backend's "
-                       "break-even (cpu 0.9, cuda 0.4: the sparse kernel runs at 0.84 of the "
-                       "dense mma.sync kernel per tile and that one at half the dense wgmma "
-                       "kernel's rate on the H100); 1: never."),
+                       "break-even (cpu 0.9; cuda 0.8 for XAttention, whose blocks run on the "
+                       "wgmma kernel at 0.83 of dense per tile, 0.4 for MInference, whose plans "
+                       "run on the mma.sync kernel at 0.84 of dense mma.sync, half the dense "
+                       "wgmma kernel's rate on the H100); 1: never."),
       SIEVE_ENGINE_KEY(attention.prefill.xattention.stride, IntRange(4, 16),
                        "XAttention antidiagonal stride S (4, 8 or 16): queries and keys are scored in groups "
                        "of S tokens (cost 1/(2S) of dense attention)."),

@@ -58,7 +58,8 @@ struct PrefillAttentionConfig {
   // A step whose sparse sequences' plan reads more than this fraction of their causal pairs runs
   // dense instead (the estimate is spent, but the block-sparse kernel would cost more than the
   // dense one it saves). In [0, 1]; 1: never; 0: the backend's break-even
-  // (AutoPrefillMaxDensity: cpu 0.9, cuda 0.4), resolved when the engine starts.
+  // (AutoPrefillMaxDensity: cpu 0.9; cuda 0.8 for XAttention, 0.4 for MInference), resolved when
+  // the engine starts.
   double max_density = 0;
   XAttentionConfig xattention;
   MInferenceConfig minference;

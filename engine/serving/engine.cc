@@ -51,7 +51,7 @@ absl::Status Engine::Impl::Init(const EngineConfig& config, EngineObserver* obse
   SIEVE_RETURN_IF_ERROR(config.Validate());
   // 0: the backend's break-even density (shown resolved in model_info().attention_policy).
   if (config_.attention.prefill.max_density == 0) {
-    config_.attention.prefill.max_density = AutoPrefillMaxDensity(config.model.backend);
+    config_.attention.prefill.max_density = AutoPrefillMaxDensity(config.model.backend, config.attention.prefill.method);
   }
   const ServedModelConfig& model = config.model;
   SIEVE_ASSIGN_OR_RETURN(tokenizer_, Tokenizer::FromDirectory(model.tokenizer_directory.empty()

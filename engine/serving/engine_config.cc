@@ -136,9 +136,9 @@ std::string KvCacheDtype(const EngineConfig& c) {
   return std::string(BackendDtype(c.model.backend));
 }
 
-double AutoPrefillMaxDensity(std::string_view backend) {
+double AutoPrefillMaxDensity(std::string_view backend, std::string_view method) {
   if (backend == "cpu") return 0.9;
-  if (backend == "cuda") return 0.4;
+  if (backend == "cuda") return method == "xattention" ? 0.8 : 0.4;
   return 1.0;
 }
 

@@ -34,13 +34,14 @@ inline constexpr std::string_view kAttentionKernels[] = {"auto", "simple"};
 // for an unknown name.
 std::string_view BackendDtype(std::string_view backend);
 
-// attention.prefill.max_density's 0 ("the backend's") for `backend`: the plan density past which
-// dense prefill is faster than block-sparse. cpu 0.9 (the CPU block-sparse kernel runs at 0.9-1.2
-// of the dense kernel per computed tile, bench/results/2026-12-05-cpu-gates.md), cuda 0.4 (the
-// sparse mma.sync kernel at 0.84 of the dense mma.sync one per tile, which takes 2.05x the dense
-// wgmma kernel's time at 128K: 0.84 / 2.05 = 0.41, bench/results/2026-12-06-gpu-run-2-h100.md),
-// other backends 1 (never).
-double AutoPrefillMaxDensity(std::string_view backend);
+// attention.prefill.max_density's 0 ("the backend's") for `backend` and prefill `method`: the plan
+// density past which dense prefill is faster than block-sparse. cpu 0.9 (the CPU block-sparse
+// kernel runs at 0.9-1.2 of the dense kernel per computed tile, bench/results/2026-12-05-cpu-
+// gates.md); cuda: XAttention's 128 x 128 blocks run on the wgmma kernel at 0.83-0.84 of dense
+// wgmma per computed tile, so 0.8; MInference's plans on the mma.sync kernel at 0.84 of dense
+// mma.sync per tile, which takes 2.05x dense wgmma's time at 128K: 0.84 / 2.05 = 0.41, so 0.4
+// (bench/results/2026-12-06-gpu-run-2-h100.md, -gpu-run-3-h100.md); other backends 1 (never).
+double AutoPrefillMaxDensity(std::string_view backend, std::string_view method);
 
 // The served model and where it runs (`model.*`).
 struct ServedModelConfig {

@@ -96,18 +96,19 @@ cudaError_t PagedPrefillRun(const PagedAttentionParams<__nv_bfloat16>& p,
                   p.out != nullptr && p.page_table != nullptr && p.kv_lens != nullptr &&
                   p.query_start != nullptr && p.page_table_stride >= 1;
   if (!ok) return cudaErrorInvalidValue;
-  // Block-sparse: the mma.sync kernel; query blocks of its 128 rows with key blocks of whole
-  // 64-key tiles and no single columns, or (MInference plans) query and key blocks of 64 with
-  // single columns allowed.
+  // Block-sparse: query blocks of the kernels' 128 rows with key blocks of whole tiles (64 keys
+  // for mma.sync, 128 for wgmma) and no single columns, or (MInference plans, mma.sync only)
+  // query and key blocks of 64 with single columns allowed.
   const SparseAttentionIndex* sp = p.sparse;
-  const bool vs = sp != nullptr && sp->query_block == MmaCfg<128>::kBlockM / 2;
+  const bool wgmma = plan.kernel == PagedPrefillKernel::kWgmma;
+  const int key_tile = wgmma ? WgCfg<128>::kBlockN : MmaCfg<128>::kBlockN;
+  const bool vs = sp != nullptr && !wgmma && sp->query_block == MmaCfg<128>::kBlockM / 2;
   if (sp != nullptr &&
-      (plan.kernel != PagedPrefillKernel::kMmaSync || !sp->query_block_start || !sp->row_start ||
-       !sp->key_blocks ||
+      (!sp->query_block_start || !sp->row_start || !sp->key_blocks ||
        (vs ? sp->key_block != MmaCfg<128>::kBlockN ||
                  (sp->column_start != nullptr && sp->columns == nullptr)
-           : sp->query_block != MmaCfg<128>::kBlockM || sp->key_block < MmaCfg<128>::kBlockN ||
-                 sp->key_block % MmaCfg<128>::kBlockN != 0 || sp->column_start != nullptr))) {
+           : sp->query_block != MmaCfg<128>::kBlockM || sp->key_block < key_tile ||
+                 sp->key_block % key_tile != 0 || sp->column_start != nullptr))) {
     return cudaErrorInvalidValue;
   }
   if (vs) {
@@ -136,7 +137,7 @@ cudaError_t PagedPrefillRun(const PagedAttentionParams<__nv_bfloat16>& p,
   args.bsr_qblock_start = sp ? sp->query_block_start : nullptr;
   args.bsr_row_start = sp ? sp->row_start : nullptr;
   args.bsr_key_blocks = sp ? sp->key_blocks : nullptr;
-  args.bsr_tiles_per_block = sp ? sp->key_block / MmaCfg<128>::kBlockN : 0;
+  args.bsr_tiles_per_block = sp ? sp->key_block / key_tile : 0;
   args.bsr_column_start = vs ? sp->column_start : nullptr;
   args.bsr_columns = vs ? sp->columns : nullptr;
 

@@ -91,12 +91,13 @@ PagedPrefillPlan Plan(const PagedPrefillShape& shape, int num_sms,
 // kv_lens[s] >= q_len (its queries are its last positions). `workspace` is unused (the plan asks
 // for 0 bytes). Device pointers must stay valid until the work completes. Never allocates or
 // synchronizes; returns the launch error, if any.
-// Block-sparse attention (p.sparse non-null, its arrays in device memory): a kMmaSync plan and
-// either
-//   - query blocks of 128 (the kernel's query tile, counted from each sequence's first query),
-//     key blocks a multiple of 64 keys, no single columns (column_start null): each query tile
-//     sweeps only the tiles of its row's key blocks (XAttention's plans); or
-//   - query blocks of 64 and key blocks of 64, single columns allowed (MInference's plans,
+// Block-sparse attention (p.sparse non-null, its arrays in device memory): either
+//   - query blocks of 128 (the kernels' query tile, counted from each sequence's first query),
+//     key blocks a multiple of the plan's K/V tile (kMmaSync 64 keys, kWgmma 128), no single
+//     columns (column_start null): each query tile sweeps only the tiles of its row's key
+//     blocks, in list order (XAttention's plans); or
+//   - a kMmaSync plan with query blocks of 64 and key blocks of 64, single columns allowed
+//     (MInference's plans,
 //     kernels/sparse/minference.h): each 128-row query tile sweeps the merge of its two rows'
 //     key blocks (increasing lists: a block both rows list is loaded once), then each row's
 //     columns gathered 64 keys at a time, each half of the tile computing only its row's work;

@@ -32,10 +32,11 @@ struct PrefillArgs {
   int32_t group;        // num_q_heads / num_kv_heads
   int32_t page_shift;   // log2(page_size)
   float scale_log2;     // softmax scale * log2(e): scores live in the exp2 domain
-  // Block-sparse attention (kMmaSync only; all null for dense): the BSR index of
-  // kernels/attention/paged_attention.h with query blocks of the kernel's 128 rows: row
+  // Block-sparse attention (all null for dense): the BSR index of
+  // kernels/attention/paged_attention.h with query blocks of the kernels' 128 rows: row
   // (bsr_qblock_start[s] + m0 / 128) * num_q_heads + h lists the key blocks of
-  // 64 * bsr_tiles_per_block keys that query tile m0 of head h reads.
+  // bsr_tiles_per_block K/V tiles (64 keys for mma.sync, 128 for wgmma) that query tile m0 of
+  // head h reads.
   const int32_t* bsr_qblock_start;
   const int32_t* bsr_row_start;
   const int32_t* bsr_key_blocks;

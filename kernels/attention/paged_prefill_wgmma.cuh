@@ -10,6 +10,10 @@
 //     per tile: S = Q K^T (8 wgmma m64n128k16, both operands in shared memory), mask, online
 //     softmax in registers, P to bf16 in the A-register layout, O += P V (wgmma with A from
 //     registers and V read N-major through the transpose bit), then frees the stage.
+// Block-sparse (PrefillArgs' BSR index with 128-query rows, key blocks of whole 128-key tiles):
+// the same producer, consumers and schedule over the listed key blocks' tiles instead of every
+// tile up to the diagonal (WgSweep); each listed tile is computed by both consumer groups, the
+// causal mask applying to any tile that reaches past a row, so the list may be in any order.
 // Shared memory is 128-byte swizzled (16-byte unit u of row r at u ^ (r % 8)), the layout the
 // wgmma descriptors name, in atoms of 64 bf16 columns; a row of d 128 spans two atoms.
 #ifndef SIEVE_KERNELS_ATTENTION_PAGED_PREFILL_WGMMA_CUH_
@@ -66,6 +70,33 @@ __device__ __forceinline__ TileSpan SpanOf(const SeqInfo& si, int t, int block_m
   return sp;
 }
 
+// The K/V tiles one query tile sweeps: dense, tiles 0 .. span.n_tiles - 1 (key 0 through the
+// tile's last row); block-sparse, the tiles of the key blocks its BSR row lists, in list order.
+struct WgSweep {
+  const int32_t* key_blocks;  // null: dense
+  int tiles_per_block;
+  int n_tiles;
+  // First key of tile j (block_n keys a tile).
+  __device__ __forceinline__ int Start(int j, int block_n) const {
+    if (key_blocks == nullptr) return j * block_n;
+    return key_blocks[j / tiles_per_block] * (tiles_per_block * block_n) +
+           (j % tiles_per_block) * block_n;
+  }
+};
+__device__ __forceinline__ WgSweep SweepOf(const PrefillArgs& a, const SeqInfo& si,
+                                           const TileSpan& sp, int h, int block_m) {
+  WgSweep w{nullptr, 1, sp.n_tiles};
+  if (a.bsr_row_start != nullptr) {
+    const int64_t row =
+        (static_cast<int64_t>(a.bsr_qblock_start[si.seq]) + sp.m0 / block_m) * a.num_q_heads + h;
+    const int b0 = a.bsr_row_start[row];
+    w.key_blocks = a.bsr_key_blocks + b0;
+    w.tiles_per_block = a.bsr_tiles_per_block;
+    w.n_tiles = (a.bsr_row_start[row + 1] - b0) * a.bsr_tiles_per_block;
+  }
+  return w;
+}
+
 // Barriers of the K/V ring, per stage: K full and V full (count 128: one cp.async arrival per
 // producer thread) and K empty and V empty (count 256: every consumer thread). K and V are
 // released separately: K as soon as S has landed, V after P V, so the producer refills K a
@@ -94,10 +125,11 @@ __device__ __forceinline__ void WgProducer(const PrefillArgs& a, const SeqInfo& 
   const int kv_head = h / a.group;
   uint32_t it = 0;
   for (int t = blockIdx.x; t < si.m_tiles; t += gridDim.x) {
-    const TileSpan sp = SpanOf(si, t, C::kBlockM, C::kBlockN);
-    for (int j = 0; j < sp.n_tiles; ++j, ++it) {
+    const WgSweep w = SweepOf(a, si, SpanOf(si, t, C::kBlockM, C::kBlockN), h, C::kBlockM);
+    for (int j = 0; j < w.n_tiles; ++j, ++it) {
       const int st = it % C::kStages;
       const uint32_t empty_parity = ((it / C::kStages) + 1) & 1;  // the stage's previous use
+      const int n0 = w.Start(j, C::kBlockN);
 #pragma unroll 1
       for (int which = 0; which < 2; ++which) {
         if (it >= C::kStages) MbarWait(which ? bars.VEmpty(st) : bars.KEmpty(st), empty_parity);
@@ -106,7 +138,7 @@ __device__ __forceinline__ void WgProducer(const PrefillArgs& a, const SeqInfo& 
 #pragma unroll 4
         for (int i = 0; i < C::kBlockN / 16; ++i) {
           const int r = r_lo + 16 * i;
-          const int token = j * C::kBlockN + r;
+          const int token = n0 + r;
           const bool valid = token < si.kv_len;
           const bf16* src = valid ? cache + KvRowOffset<D>(a, pages, token, kv_head) + u * 8 : cache;
 #pragma unroll
@@ -294,17 +326,17 @@ __device__ __forceinline__ void WgLoadQ(const PrefillArgs& a, const SeqInfo& si,
 
 // One query tile, plain order: per K/V tile, S, softmax, then P V, each waited for at once.
 template <int D>
-__device__ __forceinline__ void WgTilePlain(const PrefillArgs& a, const WgRows& g, int n_tiles,
+__device__ __forceinline__ void WgTilePlain(const PrefillArgs& a, const WgRows& g, const WgSweep& w,
                                             uint32_t sq, uint32_t sbase, uint32_t& it,
                                             float (&o)[D / 2], float (&m)[2], float (&l)[2]) {
   using C = WgCfg<D>;
   const WgBarriers<D> bars{sbase};
   float s[64];
   uint32_t p[8][4];
-  for (int j = 0; j < n_tiles; ++j, ++it) {
+  for (int j = 0; j < w.n_tiles; ++j, ++it) {
     const int st = it % C::kStages;
     const uint32_t parity = (it / C::kStages) & 1;
-    const int n0 = j * C::kBlockN;
+    const int n0 = w.Start(j, C::kBlockN);
     const bool active = n0 <= g.max_pos;  // some row of this group sees a key of the tile
     MbarWait(bars.KFull(st), parity);
     if (active) {
@@ -349,16 +381,20 @@ __device__ __forceinline__ void PassToken(int wg) {
 // issued before P V of tile j - 1, so the softmax of tile j runs while the tensor cores do that
 // P V; O is rescaled once the P V has landed. The loop body has no branch around a wgmma (ptxas
 // would serialize them), so the group's active tiles [0, n_active) run first and the tiles past
-// its last row are only consumed. With kPingPong every group spends exactly n_tiles + 1 token
-// turns per query tile, active or not, so the two groups never wait for a turn that will not come.
+// its last row are only consumed (block-sparse: every listed tile is computed, masked where it
+// reaches past a row). With kPingPong every group spends exactly n_tiles + 1 token turns per
+// query tile, active or not, so the two groups never wait for a turn that will not come.
 template <int D, bool kPingPong>
-__device__ __forceinline__ void WgTileOverlap(const PrefillArgs& a, const WgRows& g, int n_tiles,
+__device__ __forceinline__ void WgTileOverlap(const PrefillArgs& a, const WgRows& g, const WgSweep& w,
                                               uint32_t sq, uint32_t sbase, uint32_t& it, int wg,
                                               float (&o)[D / 2], float (&m)[2], float (&l)[2]) {
   using C = WgCfg<D>;
   constexpr int S = C::kStages;
   const WgBarriers<D> bars{sbase};
-  const int n_active = g.max_pos < 0 ? 0 : min(n_tiles, g.max_pos / C::kBlockN + 1);
+  const int n_tiles = w.n_tiles;
+  const int n_active = g.max_pos < 0              ? 0
+                       : w.key_blocks != nullptr ? n_tiles
+                                                 : min(n_tiles, g.max_pos / C::kBlockN + 1);
   float s[64];
   uint32_t p[8][4];
   float alpha[2];
@@ -371,7 +407,9 @@ __device__ __forceinline__ void WgTileOverlap(const PrefillArgs& a, const WgRows
     WgmmaWait<0>();
     FenceRegs(s);
     MbarArrive(bars.KEmpty(it % S));
-    WgSoftmax(s, a.scale_log2, C::kBlockN - 1 > g.min_pos, 0, g.pos0, g.pos1, m, l, alpha);
+    const int first = w.Start(0, C::kBlockN);
+    WgSoftmax(s, a.scale_log2, first + C::kBlockN - 1 > g.min_pos, first, g.pos0, g.pos1, m, l,
+              alpha);
     WgPackP(s, p);  // o is still zero: nothing to rescale
     for (int j = 1; j < n_active; ++j) {
       const uint32_t cur = it + j, prv = cur - 1;
@@ -385,7 +423,7 @@ __device__ __forceinline__ void WgTileOverlap(const PrefillArgs& a, const WgRows
       WgmmaWait<1>();  // S of tile j has landed; P V of tile j - 1 may still run
       FenceRegs(s);
       MbarArrive(bars.KEmpty(cur % S));
-      const int n0 = j * C::kBlockN;
+      const int n0 = w.Start(j, C::kBlockN);
       WgSoftmax(s, a.scale_log2, n0 + C::kBlockN - 1 > g.min_pos, n0, g.pos0, g.pos1, m, l,
                 alpha);
       WgmmaWait<0>();  // ptxas schedules this wait early (see PREFILL_NOTES.md)
@@ -442,15 +480,16 @@ __device__ __forceinline__ void WgConsumer(const PrefillArgs& a, const SeqInfo& 
     g.max_pos = g.rows > 0 ? g.min_pos + g.rows - 1 : -1;
     g.pos0 = g.min_pos + 16 * warp + lane / 4;
     g.pos1 = g.pos0 + 8;
+    const WgSweep w = SweepOf(a, si, sp, h, C::kBlockM);
     WgLoadQ<D>(a, si, h, g, sq, wg);
     float o[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
     if constexpr (kSchedule == 0) {
-      WgTilePlain<D>(a, g, sp.n_tiles, sq, sbase, it, o, m, l);
+      WgTilePlain<D>(a, g, w, sq, sbase, it, o, m, l);
     } else {
-      WgTileOverlap<D, kSchedule == 2>(a, g, sp.n_tiles, sq, sbase, it, wg, o, m, l);
+      WgTileOverlap<D, kSchedule == 2>(a, g, w, sq, sbase, it, wg, o, m, l);
     }
     WgStoreOutput<D>(a, si, h, g.row0, g.rows, o, l, base + wg * C::kQBytes);
   }

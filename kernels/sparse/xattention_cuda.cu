@@ -57,6 +57,18 @@ struct Geo {
   float zscale;   // 1 / (sqrt(d) S)
 };
 
+__device__ __forceinline__ Geo GeoOf(const XAttentionGpuParams& p) {
+  Geo geo;
+  geo.first = p.kv_len - p.q_len;
+  geo.a_lo = geo.first / p.stride;
+  geo.a_hi = (p.kv_len - 1) / p.stride;
+  geo.m0 = geo.first / p.block_size;
+  geo.q_blocks = (p.kv_len - 1) / p.block_size - geo.m0 + 1;
+  geo.k_blocks = (p.kv_len + p.block_size - 1) / p.block_size;
+  geo.zscale = rsqrtf(static_cast<float>(p.head_dim)) / p.stride;
+  return geo;
+}
+
 // Copies slice kc (columns [64 kc, 64 kc + 64) of the S * d reshaped width) of row tile a0 and
 // key tile n0 into one pipeline stage. Reshaped column k = t d + e is, for query group a, query
 // position a S + S - 1 - t, and for key group b, key position b S + t; channel e. Positions
@@ -444,14 +456,7 @@ __global__ void __launch_bounds__(kThreads, BN == 64 ? 2 : 1)
   extern __shared__ __align__(128) char smem[];
   __shared__ float st_max[2][kBM], st_sum[2][kBM], row_max[kBM], row_inv[kBM];
   __shared__ float blk[kBM / R][BN / R];
-  Geo geo;
-  geo.first = p.kv_len - p.q_len;
-  geo.a_lo = geo.first / p.stride;
-  geo.a_hi = (p.kv_len - 1) / p.stride;
-  geo.m0 = geo.first / p.block_size;
-  geo.q_blocks = (p.kv_len - 1) / p.block_size - geo.m0 + 1;
-  geo.k_blocks = (p.kv_len + p.block_size - 1) / p.block_size;
-  geo.zscale = rsqrtf(static_cast<float>(p.head_dim)) / p.stride;
+  const Geo geo = GeoOf(p);
   const int rows = geo.q_blocks * R, tiles = (rows + kBM - 1) / kBM;
   const int h = static_cast<int>(blockIdx.x % p.num_q_heads);
   const int t = static_cast<int>(blockIdx.x / p.num_q_heads);
@@ -563,17 +568,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     MassKernelWg(const XAttentionGpuParams p, float* __restrict__ mass) {
   extern __shared__ __align__(1024) char smem_wg[];
   __shared__ float st_max[2][kBM], st_sum[2][kBM], row_max[kBM], row_inv[kBM];
-  Geo geo;
-  geo.first = p.kv_len - p.q_len;
-  geo.a_lo = geo.first / p.stride;
-  geo.a_hi = (p.kv_len - 1) / p.stride;
-  geo.m0 = geo.first / p.block_size;
-  geo.q_blocks = (p.kv_len - 1) / p.block_size - geo.m0 + 1;
-  geo.k_blocks = (p.kv_len + p.block_size - 1) / p.block_size;
-  geo.zscale = rsqrtf(static_cast<float>(p.head_dim)) / p.stride;
+  const Geo geo = GeoOf(p);
   const int rows = geo.q_blocks * R, tiles = (rows + kBM - 1) / kBM;
-  const int h = static_cast<int>(blockIdx.x % p.num_q_heads);
-  const int t = static_cast<int>(blockIdx.x / p.num_q_heads);
+  const int pairs = (tiles + 1) / 2;
+  const int h = static_cast<int>(p.head_major ? blockIdx.x / pairs : blockIdx.x % p.num_q_heads);
+  const int t = static_cast<int>(p.head_major ? blockIdx.x % pairs : blockIdx.x / p.num_q_heads);
   const int g_kv = h / (p.num_q_heads / p.num_kv_heads);
   const uint32_t base = (ptx::SmemAddr(smem_wg) + 1023u) & ~1023u;
   float* ws = p.workspace + int64_t{h} * rows * (int64_t{geo.k_blocks} + 1);
@@ -583,6 +582,123 @@ __global__ void __launch_bounds__(kThreads, 1)
                  row_max, row_inv, ws);
   }
   (void)mass;
+}
+
+// --- Independent tiles (XAttentionGpuParams::independent_tiles) -------------------------------------
+//
+// One block, one 128 x 128 tile (row tile i, key tile j) of one head: the slices of RowTileWg's
+// loop for that key tile only, then OneSweepTile's partial block sums to the workspace (its row
+// statistics are not used: RowLseKernel takes them from the partials). Grid (8 x key tiles of the
+// last row tile, bands of 8 row tiles, heads): block x is row i = 8 y + x % 8, key tile x / 8, so
+// consecutive blocks share a key tile and a band's rows share their queries; blocks past a row's
+// causal tiles exit at once.
+constexpr int kBand = 8;
+
+template <int R>
+__device__ void TileWg(const XAttentionGpuParams& p, const Geo& geo, int h, int g_kv, int a0, int j,
+                       uint32_t smem, float* __restrict__ ws) {
+#if SIEVE_XATTN_HAVE_WGMMA
+  constexpr int NT = kWgBN / 8;
+  Lane l;
+  l.lane = threadIdx.x & 31;
+  l.gq = l.lane >> 2;
+  l.cq = l.lane & 3;
+  l.wm = 0;
+  l.wn = 0;
+  l.wr = 16 * (threadIdx.x >> 5);
+  const int wg = threadIdx.x >> 7;
+  const int total = p.stride * p.head_dim / kBK;  // slices of the key tile
+  const int n0 = j * kWgBN;
+  const int64_t ws_stride = int64_t{geo.k_blocks} + 1;
+  float mx[1][2] = {{-INFINITY, -INFINITY}}, sm[1][2] = {{0.0f, 0.0f}};
+  float acc[NT * 4];
+#pragma unroll
+  for (int i = 0; i < NT * 4; ++i) acc[i] = 0.0f;
+  const auto load = [&](int s) {
+    LoadSlice<kWgBN>(p, geo, h, g_kv, a0, n0, s, smem + (s % kStages) * StageBytes<kWgBN>());
+  };
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < total) load(s);
+    ptx::CpAsyncCommit();
+  }
+  const int wr0 = a0 + 64 * wg;
+  const bool active = n0 <= wr0 + 63 && wr0 + 63 >= geo.a_lo && wr0 <= geo.a_hi;
+  for (int s = 0; s < total; ++s) {
+    ptx::CpAsyncWait<kStages - 2>();
+    ptx::FenceProxyAsync();
+    __syncthreads();
+    ptx::FenceProxyAsync();
+    if (s + kStages - 1 < total) load(s + kStages - 1);
+    ptx::CpAsyncCommit();
+    if (active) {
+      const uint32_t sa = smem + (s % kStages) * StageBytes<kWgBN>();
+      const uint32_t a_lo = ptx::Sw128DescLo(sa + wg * 64 * 128, 16);
+      const uint32_t b_lo = ptx::Sw128DescLo(sa + kATileBytes, 16);
+      ptx::FenceRegs(acc);
+      ptx::WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < kBK / 16; ++kk) {
+        ptx::WgmmaSS_N128(acc, a_lo + 2 * kk, b_lo + 2 * kk, s == 0 && kk == 0 ? 0u : 1u);
+      }
+      ptx::WgmmaCommit();
+      ptx::WgmmaWait<0>();
+      ptx::FenceRegs(acc);
+    }
+  }
+  OneSweepTile<R, 1, NT>(geo, l, a0, n0, acc, mx, sm, ws, geo.m0 * R, ws_stride);
+  ptx::CpAsyncWaitAll();
+  __syncthreads();
+#else
+  __trap();
+#endif
+}
+
+template <int R>
+__global__ void __launch_bounds__(kThreads, 1) MassTileKernelWg(const XAttentionGpuParams p) {
+  extern __shared__ __align__(1024) char smem_wg[];
+  const Geo geo = GeoOf(p);
+  const int rows = geo.q_blocks * R, tiles = (rows + kBM - 1) / kBM;
+  const int i = static_cast<int>(blockIdx.y) * kBand + static_cast<int>(blockIdx.x % kBand);
+  const int j = static_cast<int>(blockIdx.x / kBand);
+  if (i >= tiles) return;
+  const int a0 = geo.m0 * R + i * kBM;
+  if (j > min(a0 + kBM - 1, geo.a_hi) / kWgBN) return;  // above the row tile's last key group
+  const int h = static_cast<int>(blockIdx.z);
+  const int g_kv = h / (p.num_q_heads / p.num_kv_heads);
+  const uint32_t base = (ptx::SmemAddr(smem_wg) + 1023u) & ~1023u;
+  TileWg<R>(p, geo, h, g_kv, a0, j, base, p.workspace + int64_t{h} * rows * (int64_t{geo.k_blocks} + 1));
+}
+
+// Each scored row's log-sum-exp over all its causal key groups, from the block partials
+// ws[a][n] = w + log(sum of exp(z - w)) the tiles wrote (every n with n R <= a is written), to
+// ws[a][k_blocks], where the row-sweep kernels' RowStatsFinish puts it. One warp per row.
+template <int R>
+__global__ void __launch_bounds__(kThreads) RowLseKernel(const XAttentionGpuParams p) {
+  const int first = p.kv_len - p.q_len;
+  const int a_lo = first / p.stride, a_hi = (p.kv_len - 1) / p.stride;
+  const int m0 = first / p.block_size;
+  const int q_blocks = (p.kv_len - 1) / p.block_size - m0 + 1;
+  const int k_blocks = (p.kv_len + p.block_size - 1) / p.block_size;
+  const int rows = q_blocks * R;
+  const int64_t ws_stride = int64_t{k_blocks} + 1;
+  const int64_t total = int64_t{p.num_q_heads} * rows;
+  const int lane = threadIdx.x & 31;
+  for (int64_t w = (blockIdx.x * int64_t{kThreads} + threadIdx.x) / 32; w < total;
+       w += int64_t{gridDim.x} * kThreads / 32) {
+    const int r = static_cast<int>(w % rows), a = m0 * R + r;
+    if (a < a_lo || a > a_hi) continue;  // warp-uniform: the reference does not score the row
+    float* row = p.workspace + w * ws_stride;
+    float mx = -INFINITY, sum = 0.0f;
+    for (int n = lane; n * R <= a; n += 32) Merge(mx, sum, row[n], 1.0f);
+#pragma unroll
+    for (int off = 16; off >= 1; off >>= 1) {
+      const float m2 = __shfl_xor_sync(0xffffffffu, mx, off);
+      const float s2 = __shfl_xor_sync(0xffffffffu, sum, off);
+      Merge(mx, sum, m2, s2);
+    }
+    if (lane == 0) row[k_blocks] = mx + logf(sum);
+  }
 }
 
 // One sweep's second kernel: mass[h][mi][n] = sum over query block m0 + mi's rows a (those the
@@ -641,7 +757,23 @@ cudaError_t Launch(const XAttentionGpuParams& p, float* mass, cudaStream_t strea
     const int64_t blocks = (tiles + 1) / 2 * p.num_q_heads;
     if (p.workspace != nullptr) {
       cudaError_t err = cudaSuccess;
-      if (p.wgmma) {
+      if (p.wgmma && p.independent_tiles) {
+        SIEVE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+            tc::MassTileKernelWg<R>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+            tc::kWgSmemBytes));
+        const int64_t a0_last = (p.kv_len - p.q_len) / p.block_size * R + (tiles - 1) * tc::kBM;
+        const int64_t key_tiles =
+            std::min<int64_t>(a0_last + tc::kBM - 1, (p.kv_len - 1) / p.stride) / tc::kWgBN + 1;
+        const dim3 grid(static_cast<unsigned>(tc::kBand * key_tiles),
+                        static_cast<unsigned>((tiles + tc::kBand - 1) / tc::kBand),
+                        static_cast<unsigned>(p.num_q_heads));
+        tc::MassTileKernelWg<R><<<grid, tc::kThreads, tc::kWgSmemBytes, stream>>>(p);
+        SIEVE_CUDA_RETURN_IF_LAUNCH_ERROR();
+        const int64_t row_warps = p.num_q_heads * q_blocks * R;
+        tc::RowLseKernel<R><<<static_cast<unsigned>(std::min<int64_t>(
+                                  (row_warps * 32 + kThreads - 1) / kThreads, 65535)),
+                              kThreads, 0, stream>>>(p);
+      } else if (p.wgmma) {
         SIEVE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
             tc::MassKernelWg<R>, cudaFuncAttributeMaxDynamicSharedMemorySize, tc::kWgSmemBytes));
         tc::MassKernelWg<R><<<static_cast<unsigned>(blocks), tc::kThreads, tc::kWgSmemBytes,

@@ -238,12 +238,13 @@ TEST_P(XAttentionGpuTest, MassesMatchTheReference) {
   gp.block_size = c.block;
   ASSERT_TRUE(XAttentionGpuSupports(gp));
   // The tensor-core kernel (the default, 64-key-group tiles), with 128-key-group tiles, then the
-  // CUDA-core one, then the one-sweep tensor-core kernels (64- and 128-group tiles, and wgmma:
-  // on an sm_90 device; elsewhere it must be refused).
-  constexpr int kKernels = 6;
+  // CUDA-core one, then the one-sweep tensor-core kernels (64- and 128-group tiles, and wgmma,
+  // row sweeps and independent tiles: on an sm_90 device; elsewhere they must be refused).
+  constexpr int kKernels = 7;
   const char* kNames[kKernels] = {"tensor cores, 64-group tiles", "tensor cores, 128-group tiles",
                                   "CUDA cores", "one sweep, 64-group tiles",
-                                  "one sweep, 128-group tiles", "one sweep, wgmma"};
+                                  "one sweep, 128-group tiles", "one sweep, wgmma",
+                                  "one sweep, wgmma, independent tiles"};
   int dev = 0, major = 0;
   ASSERT_EQ(cudaGetDevice(&dev), cudaSuccess);
   ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), cudaSuccess);
@@ -258,7 +259,8 @@ TEST_P(XAttentionGpuTest, MassesMatchTheReference) {
     gp.tensor_cores = tensor(kernel);
     gp.tile_keys = kernel == 1 || kernel == 4 ? 128 : 64;
     gp.workspace = one_sweep(kernel) ? dws : nullptr;
-    gp.wgmma = kernel == 5;
+    gp.wgmma = kernel >= 5;
+    gp.independent_tiles = kernel == 6;
     cudaMemset(dmass, 0xff, n * 4);  // NaN: every entry must be written
     cudaMemset(dws, 0xff, ws_bytes);  // NaN: entries the kernel leaves must never be read
     if (gp.wgmma && major != 9) {

@@ -346,6 +346,9 @@ absl::StatusOr<int64_t> CudaBackend::XAttentionMassOnDevice(CudaStream& s, int32
   if (one_sweep) {
     p.workspace = reinterpret_cast<float*>(s.sparse_dev + XAttentionExtraOffset(n));
     p.wgmma = cc_major_ == 9;
+    // Independent, banded GEMM tiles (xattention_cuda.h) stay off until their GPU test and the
+    // bench beside the row sweeps have run on a device (written 2026-12-06; no machine started).
+    p.independent_tiles = false;
   }
   SIEVE_RETURN_IF_CUDA_ERROR(
       kernels::XAttentionBlockMassGpu(p, reinterpret_cast<float*>(s.sparse_dev), s.stream));
@@ -455,9 +458,10 @@ absl::Status CudaBackend::XAttentionSelect(BackendStream& stream, int32_t layer,
 namespace cuda_internal {
 namespace {
 
-// Block-sparse prefill: the plan's arrays to the device, then the mma.sync prefill kernel
-// sweeping only the listed key blocks (kernels/attention/paged_prefill.h); MInference's plans
-// (64-query blocks, 64-key blocks, single columns) through its 64-query-row mode.
+// Block-sparse prefill: the plan's arrays to the device, then a prefill kernel sweeping only the
+// listed key blocks (kernels/attention/paged_prefill.h): the wgmma kernel for key blocks of whole
+// 128-key tiles (XAttention's 128 x 128 blocks), else the mma.sync kernel; MInference's plans
+// (64-query blocks, 64-key blocks, single columns) through the latter's 64-query-row mode.
 absl::Status SparsePrefillAttention(CudaStream& s, const AttentionPlan& plan,
                                     const kernels::PagedAttentionParams<bf16>& p, int num_sms) {
   const BatchLayout& l = *s.layout;
@@ -484,7 +488,9 @@ absl::Status SparsePrefillAttention(CudaStream& s, const AttentionPlan& plan,
         absl::StrCat("cuda backend: no sparse prefill kernel for head_dim ", p.head_dim));
   }
   const kernels::PagedPrefillPlan pplan =
-      kernels::Plan(shape, num_sms, kernels::PagedPrefillKernel::kMmaSync);
+      kernels::Plan(shape, num_sms,
+                    !vs && plan.key_block % 128 == 0 ? kernels::PagedPrefillKernel::kWgmma
+                                                     : kernels::PagedPrefillKernel::kMmaSync);
   const size_t qbs = plan.query_block_start.size() * sizeof(int32_t);
   const size_t rs = plan.row_start.size() * sizeof(int32_t);
   const size_t kb = plan.key_blocks.size() * sizeof(int32_t);
