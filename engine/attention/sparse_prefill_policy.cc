@@ -83,7 +83,8 @@ absl::Status SparsePrefillPolicy::Plan(const AttentionStep& step, AttentionPlan&
       (SequenceIsSparse(step, s) ? sparse_dense_pairs : other_pairs) +=
           SequenceDensePairs(l, s, step.shape.num_q_heads);
     }
-    const int64_t read = plan.ReadPairs(l, step.shape.num_q_heads) - other_pairs;
+    plan.counted_pairs = plan.ReadPairs(l, step.shape.num_q_heads);  // O(entries): counted once
+    const int64_t read = plan.counted_pairs - other_pairs;
     if (sparse_dense_pairs > 0 &&
         static_cast<double>(read) > max_density * static_cast<double>(sparse_dense_pairs)) {
       plan.SetDense();

@@ -137,6 +137,14 @@ TEST(SparsePrefillPolicyTest, PlansDenserThanMaxDensityRunDense) {
     EXPECT_EQ(policy.dense_fallbacks(), want_dense ? 1 : 0) << max_density;
     if (!want_dense) {
       EXPECT_EQ(plan.ReadPairs(l, 4), 4 * (1568 + (40 * 41) / 2 + 100)) << max_density;
+      // The check counted the plan once and kept the count (the runner's stats reuse it); with
+      // max_density 0 or 1 nothing was counted. Either way the count is the plan's own.
+      const int64_t counted = plan.counted_pairs;
+      plan.counted_pairs = -1;
+      EXPECT_EQ(counted, max_density > 0 && max_density < 1 ? plan.ReadPairs(l, 4) : -1)
+          << max_density;
+    } else {
+      EXPECT_EQ(plan.counted_pairs, -1) << max_density;  // SetDense
     }
   }
   // Every block kept: density 1, dense below 1.

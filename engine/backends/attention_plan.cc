@@ -31,6 +31,7 @@ void AttentionPlan::SetDense() {
   dense = true;
   on_device = false;
   on_device_pairs = 0;
+  counted_pairs = -1;
   query_block = key_block = 0;
   query_block_start.clear();
   row_start.clear();
@@ -135,6 +136,7 @@ int64_t DensePairs(const BatchLayout& layout, int32_t num_q_heads) {
 int64_t AttentionPlan::ReadPairs(const BatchLayout& layout, int32_t num_q_heads) const {
   if (dense) return DensePairs(layout, num_q_heads);
   if (on_device) return on_device_pairs;
+  if (counted_pairs >= 0) return counted_pairs;
   int64_t pairs = 0;
   for (int32_t s = 0; s < layout.num_seqs(); ++s) {
     const int64_t q_len = layout.query_start[s + 1] - layout.query_start[s];

@@ -40,6 +40,10 @@ struct AttentionPlan {
   // columns are empty here); on_device_pairs is what they read over every head.
   bool on_device = false;
   int64_t on_device_pairs = 0;
+  // What ReadPairs returns for this plan as built, when whoever built it has counted it already
+  // (a policy's max_density check); -1: not counted. SetDense resets it; a caller that reuses a
+  // plan for another step sets it to -1 before the plan is rebuilt (ModelWorker does).
+  int64_t counted_pairs = -1;
 
   // Makes the plan dense (keeping the vectors' capacity).
   void SetDense();

@@ -468,6 +468,7 @@ absl::Status ModelWorker::PlanAttention(int32_t layer, const Tensor& q, const Te
   if (dense_decode_.size() == static_cast<size_t>(layout_.num_seqs())) {
     step.dense_decode = dense_decode_;
   }
+  plan_.counted_pairs = -1;  // the last step's count; a policy may count this step's plan
   // Dense and the decode methods (which keep their own DecodeAttentionStats) add no prefill
   // stats.
   const std::string_view method = policy_->method();
