@@ -19,16 +19,21 @@
 // forward pass with the logits copied to the host and not sampled.
 // --threads N sets the cpu backend's host threads (default 0 = all hardware threads);
 // --kv-dtype bfloat16 keeps the cpu backend's KV cache in bfloat16 (kv_cache.dtype).
+// --quest-bounds float32 keeps the cpu backend's Quest page bounds in fp32 on a bfloat16 cache
+// (the backend's default there is bfloat16, half the bytes; this compares the two in one binary).
 // On a CUDA build, --copy-bandwidth 1 first measures a device-to-device copy (bytes read plus
 // written per second), the bandwidth floor of a decode step.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
+#include "engine/backends/backend.h"
+#include "engine/backends/cpu_backend.h"
 #include "engine/runner/model_runner.h"
 #include "engine/serving/engine_config.h"
 #include "engine/sampling/sampling.h"
@@ -62,6 +67,9 @@ struct Args {
   int dense_layers = 2;   // attention.decode.dense_layers
   int threads = 0;        // cpu backend threads (0 = all)
   std::string kv_dtype;   // cpu backend KV cache: float32 (default) or bfloat16
+  // cpu backend Quest page bounds: empty (the backend's choice: bfloat16 on a bfloat16 cache),
+  // float32 or bfloat16.
+  std::string quest_bounds;
 };
 
 // Device-to-device copy bandwidth in bytes (read + written) per second: the median of 20 copies
@@ -200,6 +208,26 @@ int Run(const Args& a) {
   for (auto [b, c] : a.decode) max_kv = std::max(max_kv, b * (c + a.page_size + 1));
   engine::ModelRunnerOptions o = engine::RunnerOptionsFor(engine::EngineConfig());
   o.backend = a.backend;
+  if (!a.quest_bounds.empty()) {
+    if (a.backend != "cpu" || (a.quest_bounds != "float32" && a.quest_bounds != "bfloat16") ||
+        (a.quest_bounds == "bfloat16" && a.kv_dtype != "bfloat16")) {
+      std::fprintf(stderr, "--quest-bounds takes float32, or bfloat16 with --kv-dtype bfloat16, "
+                           "on the cpu backend\n");
+      return 2;
+    }
+    if (a.quest_bounds == "float32") {
+      // The cpu backend with fp32 bounds, under a name only this program registers.
+      const kernels::KvDtype kv = a.kv_dtype == "bfloat16" ? kernels::KvDtype::kBfloat16
+                                                           : kernels::KvDtype::kFloat32;
+      engine::RegisterBackend(
+          "cpu-fp32-quest-bounds",
+          [kv](int threads) -> absl::StatusOr<std::unique_ptr<engine::Backend>> {
+            return std::unique_ptr<engine::Backend>(
+                new engine::CpuBackend(threads, kv, /*bf16_page_bounds=*/false));
+          });
+      o.backend = "cpu-fp32-quest-bounds";
+    }
+  }
   o.weights = "random";
   o.random_seed = 1;
   o.num_threads = a.threads;
@@ -217,6 +245,12 @@ int Run(const Args& a) {
     return 1;
   }
   engine::ModelRunner& m = **runner;
+  if (o.quest_page_bounds) {
+    const auto* cpu = dynamic_cast<const engine::CpuBackend*>(&m.backend());
+    std::printf("Quest page bounds: %s, %ld bytes per KV page\n",
+                cpu == nullptr ? "the backend's" : cpu->page_bounds_bf16() ? "bfloat16" : "float32",
+                static_cast<long>(m.side_data_bytes_per_page()));
+  }
   std::printf("model %s on %s: loaded random weights in %.1f s; KV pages %d x %d tokens\n",
               a.model.c_str(), a.backend.c_str(), Seconds(t0, Clock::now()), o.num_pages,
               o.page_size);
@@ -316,6 +350,7 @@ int main(int argc, char** argv) {
     else if (k == "--dense-layers") (void)absl::SimpleAtoi(v, &a.dense_layers);
     else if (k == "--threads") (void)absl::SimpleAtoi(v, &a.threads);
     else if (k == "--kv-dtype") a.kv_dtype = v;
+    else if (k == "--quest-bounds") a.quest_bounds = v;
     else if (k == "--copy-bandwidth") (void)absl::SimpleAtoi(v, &a.copy_bandwidth);
     else if (k == "--prefill") {
       a.prefill.clear();

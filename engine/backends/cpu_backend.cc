@@ -42,8 +42,10 @@ absl::Status CheckShape(const Tensor& t, int64_t rows, int64_t cols, absl::strin
 
 }  // namespace
 
-CpuBackend::CpuBackend(int num_threads, kernels::KvDtype kv_dtype)
-    : num_threads_(num_threads), kv_dtype_(kv_dtype) {}
+CpuBackend::CpuBackend(int num_threads, kernels::KvDtype kv_dtype, bool bf16_page_bounds)
+    : num_threads_(num_threads),
+      kv_dtype_(kv_dtype),
+      page_bounds_bf16_(bf16_page_bounds && kv_dtype == kernels::KvDtype::kBfloat16) {}
 
 float* CpuBackend::NewBuffer(int64_t elements) {
   buffers_.push_back(std::make_unique<float[]>(static_cast<size_t>(elements)));
@@ -389,7 +391,8 @@ absl::Status CpuBackend::XAttentionBlockMass(BackendStream& stream, int32_t laye
 }
 
 int64_t CpuBackend::PageBoundsBytes(int32_t num_layers, const AttentionShape& shape) const {
-  return int64_t{2} * num_layers * shape.num_kv_heads * shape.head_dim *
+  return int64_t{num_layers} * shape.num_kv_heads *
+         kernels::QuestRegionFloats(shape.head_dim, page_bounds_bf16_) *
          static_cast<int64_t>(sizeof(float));
 }
 
@@ -399,7 +402,9 @@ absl::Status CpuBackend::AllocatePageBounds(int32_t num_layers, const AttentionS
         "cpu backend: allocate the KV cache (with the same layers) before the page bounds");
   }
   page_bounds_.assign(num_layers, std::vector<float>(static_cast<size_t>(num_pages_) *
-                                                     shape.num_kv_heads * 2 * shape.head_dim));
+                                                     shape.num_kv_heads *
+                                                     kernels::QuestRegionFloats(
+                                                         shape.head_dim, page_bounds_bf16_)));
   return absl::OkStatus();
 }
 
@@ -413,6 +418,7 @@ absl::Status CpuBackend::UpdatePageBounds(BackendStream& stream, int32_t layer,
   kernels::QuestBoundsUpdate u;
   SetKeys(layer, u);
   u.bounds = page_bounds_[layer].data();
+  u.bf16_bounds = page_bounds_bf16_;
   u.slots = layout->slots.data();
   u.num_tokens = layout->num_tokens();
   u.num_kv_heads = s.num_kv_heads;
@@ -440,6 +446,7 @@ absl::Status CpuBackend::RebuildPageBounds(absl::Span<const int32_t> pages,
     kernels::QuestBoundsUpdate u;
     SetKeys(static_cast<int32_t>(l), u);
     u.bounds = page_bounds_[l].data();
+    u.bf16_bounds = page_bounds_bf16_;
     u.slots = slots.data();
     u.num_tokens = static_cast<int32_t>(slots.size());
     u.num_kv_heads = s.num_kv_heads;
@@ -481,6 +488,7 @@ absl::Status CpuBackend::PlanQuestPages(BackendStream& stream, int32_t layer, co
     kernels::QuestSelectParams p;
     p.q = queries.data();
     p.bounds = page_bounds_[layer].data();
+    p.bf16_bounds = page_bounds_bf16_;
     p.page_table = table.data();
     p.kv_lens = kv_lens.data();
     p.page_table_stride = layout->page_table_stride;

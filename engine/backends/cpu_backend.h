@@ -49,8 +49,16 @@ class CpuBackend final : public Backend {
   // DoubleSparsity side data read them: half the KV bytes). The MInference and XAttention
   // estimators read fp32 keys only (FailedPrecondition on a bfloat16 cache; the engine config
   // refuses the combination).
-  explicit CpuBackend(int num_threads = 0, kernels::KvDtype kv_dtype = kernels::KvDtype::kFloat32);
+  // Quest page bounds (AllocatePageBounds) are bfloat16 on a bfloat16 cache (quest.h
+  // bf16_bounds: half the side pool's bytes and half of what selection reads; exact, since the
+  // keys are bfloat16 values, so the pages selected are those of fp32 bounds) and fp32 on an
+  // fp32 cache. `bf16_page_bounds` false keeps them fp32 on a bfloat16 cache too (benchmarks
+  // compare the two: bench/model_bench --quest-bounds).
+  explicit CpuBackend(int num_threads = 0, kernels::KvDtype kv_dtype = kernels::KvDtype::kFloat32,
+                      bool bf16_page_bounds = true);
   kernels::KvDtype kv_dtype() const { return kv_dtype_; }
+  // Whether the Quest page bounds are bfloat16 (quest.h bf16_bounds).
+  bool page_bounds_bf16() const { return page_bounds_bf16_; }
 
   std::string_view name() const override { return "cpu"; }
   absl::StatusOr<Tensor> UploadWeight(absl::Span<const TensorView> parts, int64_t cols) override;
@@ -124,7 +132,8 @@ class CpuBackend final : public Backend {
                       absl::Span<absl::StatusOr<SampledToken>> out) override;
 
   // For tests: layer `layer`'s K pool (fp32 caches; empty for bfloat16) and Quest page bounds
-  // (empty when not allocated).
+  // (empty when not allocated; bfloat16 pairs when page_bounds_bf16(): read a region with
+  // kernels::QuestPageBounds).
   absl::Span<const float> k_cache(int32_t layer) const {
     if (kv_dtype_ != kernels::KvDtype::kFloat32) return {};
     return {reinterpret_cast<const float*>(k_cache_.at(layer).data()),
@@ -146,8 +155,10 @@ class CpuBackend final : public Backend {
   std::vector<std::unique_ptr<float[]>> buffers_;  // every weight and activation buffer
   // KV pools per layer: [num_pages, page_size, num_kv_heads, head_dim] elements of kv_dtype_.
   std::vector<std::vector<uint8_t, LazyZeroAllocator<uint8_t>>> k_cache_, v_cache_;
-  // Quest page bounds per layer, [num_pages, num_kv_heads, 2, head_dim] (max, then min).
+  // Quest page bounds per layer, [num_pages, num_kv_heads, 2, head_dim] (max, then min) of fp32,
+  // or of bfloat16 when page_bounds_bf16_ (half the floats, kernels::QuestRegionFloats).
   std::vector<std::vector<float>> page_bounds_;
+  bool page_bounds_bf16_;
   // DoubleSparsity labels of every layer (null unless allocated).
   std::unique_ptr<DsLabelStore> ds_labels_;
   int32_t num_pages_ = 0;

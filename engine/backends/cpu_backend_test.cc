@@ -3,10 +3,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "kernels/cpu/half.h"
 #include "kernels/sparse/double_sparsity.h"
 #include "kernels/sparse/quest.h"
 
@@ -134,6 +136,157 @@ TEST(CpuBackendTest, RebuildSideDataOfWrittenPages) {
   const std::vector<int32_t> outside = {kPages};
   EXPECT_EQ(b.RebuildPageBounds(outside, shape).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(b.RebuildDsLabels(outside).code(), absl::StatusCode::kInvalidArgument);
+}
+
+// Quest decode through the backend on a bfloat16 cache: its bfloat16 page bounds (half the side
+// pool per page) equal fp32 bounds of the same keys, widened, and so select exactly the pages
+// fp32 bounds select (quest.h: bfloat16 keys round nothing, so the fp32 scores, ties included,
+// are identical), per query head and per KV head over several budgets; the attention outputs
+// are then the same bit for bit, and a budget that covers every page gives the dense output.
+// Bounds are built by UpdatePageBounds over appends of random sizes (chunks start mid-page) on
+// shuffled pages that held other keys first.
+TEST(CpuBackendTest, Bf16CacheQuestBoundsSelectAsFp32Bounds) {
+  constexpr int32_t kLayers = 2, kPages = 96, kPs = 16, kHkv = 2, kHq = 8, kD = 64;
+  const AttentionShape shape{kHq, kHkv, kD};
+  CpuBackend b16(2, kernels::KvDtype::kBfloat16);
+  CpuBackend b32(2, kernels::KvDtype::kBfloat16, /*bf16_page_bounds=*/false);
+  EXPECT_TRUE(b16.page_bounds_bf16());
+  EXPECT_FALSE(b32.page_bounds_bf16());
+  EXPECT_FALSE(CpuBackend(2).page_bounds_bf16());  // an fp32 cache keeps fp32 bounds
+  EXPECT_EQ(b16.PageBoundsBytes(kLayers, shape), int64_t{kLayers} * kHkv * 2 * kD * 2);
+  EXPECT_EQ(b32.PageBoundsBytes(kLayers, shape), 2 * b16.PageBoundsBytes(kLayers, shape));
+  std::vector<int32_t> all(kPages);
+  for (int32_t p = 0; p < kPages; ++p) all[p] = p;
+  std::mt19937 rng(23);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<std::unique_ptr<BackendStream>> streams;
+  for (CpuBackend* b : {&b16, &b32}) {
+    ASSERT_TRUE(b->AllocateKvCache(kLayers, kPages, kPs, shape).ok());
+    ASSERT_TRUE(b->AllocatePageBounds(kLayers, shape).ok());
+    auto st = b->CreateStream({});
+    ASSERT_TRUE(st.ok());
+    streams.push_back(std::move(*st));
+  }
+  EXPECT_EQ(b16.page_bounds(0).size(), size_t{kPages} * kHkv * kD);  // 2 * kD bf16 per region
+  // Random bfloat16 K and V on every page, the same in both backends; written twice so that
+  // the bounds of the first keys are stale when the second ones are appended.
+  auto write_all = [&](float offset) {
+    std::vector<uint16_t> kv(kPages * b16.KvPageBytes(kLayers, kPs, shape) / 2);
+    for (uint16_t& x : kv) x = kernels::FloatToBf16(normal(rng) + offset);
+    const absl::Span<const uint8_t> bytes(reinterpret_cast<const uint8_t*>(kv.data()),
+                                          kv.size() * 2);
+    ASSERT_TRUE(b16.WriteKvPages(all, bytes).ok());
+    ASSERT_TRUE(b32.WriteKvPages(all, bytes).ok());
+  };
+  std::shuffle(all.begin(), all.end(), rng);
+  const std::vector<int32_t> lens = {600, 333, 520};  // 38 + 21 + 33 pages of the 96
+  std::vector<std::vector<int32_t>> seq_pages;
+  for (size_t s = 0, next = 0; s < lens.size(); ++s) {
+    const int32_t n = (lens[s] + kPs - 1) / kPs;
+    seq_pages.emplace_back(all.begin() + next, all.begin() + next + n);
+    next += n;
+  }
+  // Appends of 1..40 tokens of sequence s up to `len`, each a step that updates every layer.
+  auto append = [&](size_t s, int32_t len) {
+    std::uniform_int_distribution<int32_t> chunk(1, 40);
+    for (int32_t done = 0; done < len;) {
+      const int32_t n = std::min(len - done, chunk(rng));
+      BatchLayout l;
+      for (int32_t t = done; t < done + n; ++t) {
+        l.positions.push_back(t);
+        l.slots.push_back(int64_t{seq_pages[s][t / kPs]} * kPs + t % kPs);
+      }
+      l.query_start = {0, n};
+      l.kv_lens = {done + n};
+      l.page_table = seq_pages[s];
+      l.page_table_stride = static_cast<int32_t>(seq_pages[s].size());
+      for (int i = 0; i < 2; ++i) {
+        CpuBackend& b = i == 0 ? b16 : b32;
+        ASSERT_TRUE(b.BeginStep(*streams[i], l).ok());
+        for (int32_t layer = 0; layer < kLayers; ++layer) {
+          ASSERT_TRUE(b.UpdatePageBounds(*streams[i], layer, shape).ok());
+        }
+      }
+      done += n;
+    }
+  };
+  write_all(40.0f);  // stale: keys far above the second write's
+  for (size_t s = 0; s < lens.size(); ++s) append(s, lens[s]);
+  write_all(0.0f);
+  for (size_t s = 0; s < lens.size(); ++s) append(s, lens[s]);
+  // The bounds, widened, equal the fp32 ones exactly (and the stale keys are gone).
+  std::vector<float> widened(2 * kD);
+  for (int32_t layer = 0; layer < kLayers; ++layer) {
+    for (size_t s = 0; s < lens.size(); ++s) {
+      for (const int32_t p : seq_pages[s]) {
+        for (int32_t g = 0; g < kHkv; ++g) {
+          const float* w = kernels::QuestPageBounds(b16.page_bounds(layer).data(), true, p, g,
+                                                    kHkv, kD, widened.data());
+          const float* f = b32.page_bounds(layer).data() + (int64_t{p} * kHkv + g) * 2 * kD;
+          ASSERT_TRUE(std::equal(w, w + 2 * kD, f)) << "layer " << layer << " page " << p;
+          ASSERT_LT(f[0], 20.0f);
+        }
+      }
+    }
+  }
+  // One decode step: each sequence's last token queries its whole context.
+  BatchLayout d;
+  d.query_start = {0};
+  d.page_table_stride = 38;
+  for (size_t s = 0; s < lens.size(); ++s) {
+    const int32_t t = lens[s] - 1;
+    d.positions.push_back(t);
+    d.slots.push_back(int64_t{seq_pages[s][t / kPs]} * kPs + t % kPs);
+    d.query_start.push_back(static_cast<int32_t>(s) + 1);
+    d.kv_lens.push_back(lens[s]);
+    std::vector<int32_t> row = seq_pages[s];
+    row.resize(d.page_table_stride, seq_pages[s][0]);
+    d.page_table.insert(d.page_table.end(), row.begin(), row.end());
+  }
+  std::vector<float> q(lens.size() * kHq * kD);
+  for (float& x : q) x = normal(rng);
+  Tensor qt[2], out[2];
+  for (int i = 0; i < 2; ++i) {
+    CpuBackend& b = i == 0 ? b16 : b32;
+    auto a = b.Allocate(3, kHq * kD), o = b.Allocate(3, kHq * kD);
+    ASSERT_TRUE(a.ok() && o.ok());
+    qt[i] = *a;
+    out[i] = *o;
+    std::copy(q.begin(), q.end(), static_cast<float*>(qt[i].data));
+    ASSERT_TRUE(b.BeginStep(*streams[i], d).ok());
+  }
+  const float scale = 1.0f / std::sqrt(static_cast<float>(kD));
+  auto attend = [&](int i, const AttentionPlan& plan) {
+    CpuBackend& b = i == 0 ? b16 : b32;
+    EXPECT_TRUE(b.Attention(*streams[i], 1, qt[i], shape, scale, plan, out[i]).ok());
+    const float* o = static_cast<const float*>(out[i].data);
+    return std::vector<float>(o, o + q.size());
+  };
+  AttentionPlan dense;
+  const std::vector<float> dense_out = attend(0, dense);
+  for (const bool per_kv_head : {false, true}) {
+    for (const int32_t budget : {2, 5, 12, 38}) {
+      Backend::QuestPlanOptions opt;
+      opt.page_budget = budget;
+      opt.per_kv_head = per_kv_head;
+      AttentionPlan plan[2];
+      for (int i = 0; i < 2; ++i) {
+        CpuBackend& b = i == 0 ? b16 : b32;
+        ASSERT_TRUE(b.PlanQuestPages(*streams[i], 1, qt[i], shape, opt, plan[i]).ok());
+      }
+      ASSERT_EQ(plan[0].row_start, plan[1].row_start);
+      ASSERT_EQ(plan[0].key_blocks, plan[1].key_blocks)
+          << "budget " << budget << " per_kv_head " << per_kv_head;
+      const std::vector<float> a = attend(0, plan[0]), c = attend(1, plan[1]);
+      EXPECT_EQ(a, c) << "budget " << budget;
+      if (budget >= 38) {
+        EXPECT_EQ(a, dense_out) << "a budget that covers every page is dense";
+      } else {
+        EXPECT_EQ(plan[0].key_blocks.size(), size_t{3} * kHq * budget);  // every row cut
+        EXPECT_NE(a, dense_out);
+      }
+    }
+  }
 }
 
 }  // namespace

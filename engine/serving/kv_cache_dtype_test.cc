@@ -257,7 +257,8 @@ TEST(KvCacheDtypeTest, Bf16SparseDecodeWithCoveringBudgetEqualsDense) {
 
 // With a bf16 cache the keys are stored as bfloat16 (every widened key has zero low 16 bits) and
 // Quest's page bounds, kept current on every append (prefill chunks starting mid-page, then
-// decode steps), equal the bounds recomputed from those stored keys, exactly.
+// decode steps), equal the bounds recomputed from those stored keys, exactly. The bounds are
+// bfloat16 themselves (quest.h bf16_bounds): the side data is half an fp32 cache's per page.
 TEST(KvCacheDtypeTest, Bf16QuestBoundsAreThoseOfTheStoredKeys) {
   const nlohmann::json golden = Golden();
   ASSERT_FALSE(golden.is_discarded());
@@ -285,9 +286,14 @@ TEST(KvCacheDtypeTest, Bf16QuestBoundsAreThoseOfTheStoredKeys) {
   }
   const auto& cpu = dynamic_cast<const CpuBackend&>((*r)->backend());
   ASSERT_EQ(cpu.kv_dtype(), kernels::KvDtype::kBfloat16);
+  ASSERT_TRUE(cpu.page_bounds_bf16());
   const int32_t kvh = static_cast<int32_t>((*r)->config().num_key_value_heads);
   const int32_t d = static_cast<int32_t>((*r)->config().head_dim);
-  std::vector<float> ref(2 * d);
+  const int32_t layers = static_cast<int32_t>((*r)->config().num_hidden_layers);
+  // 2 bytes per bound: max and min per channel, KV head and layer.
+  EXPECT_EQ((*r)->side_data_bytes_per_page(), int64_t{layers} * kvh * 2 * d * 2);
+  EXPECT_EQ(cpu.page_bounds(0).size(), size_t{256} * kvh * d);  // 256 pages of 2d bf16 values
+  std::vector<float> ref(2 * d), widened(2 * d);
   for (int32_t layer = 0; layer < (*r)->config().num_hidden_layers; ++layer) {
     const std::vector<float> keys = cpu.KeysAsFloat(layer);
     int nonzero = 0;
@@ -302,7 +308,9 @@ TEST(KvCacheDtypeTest, Bf16QuestBoundsAreThoseOfTheStoredKeys) {
       const int32_t valid = std::min<int32_t>(ps, n - static_cast<int32_t>(j) * ps);
       for (int32_t g = 0; g < kvh; ++g) {
         kernels::QuestBoundsRef(keys.data(), pages[j], g, valid, kvh, d, ps, ref.data());
-        const float* got = cpu.page_bounds(layer).data() + (int64_t{pages[j]} * kvh + g) * 2 * d;
+        const float* got = kernels::QuestPageBounds(cpu.page_bounds(layer).data(),
+                                                    /*bf16_bounds=*/true, pages[j], g, kvh, d,
+                                                    widened.data());
         ASSERT_TRUE(std::equal(ref.begin(), ref.end(), got))
             << "layer " << layer << " page " << j << " head " << g;
       }

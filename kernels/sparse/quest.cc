@@ -160,7 +160,7 @@ void SelectRows(const QuestSelectParams& p, QuestSelection& out, int num_threads
 
 inline const float* BoundsOf(const QuestSelectParams& p, int s, int32_t page, int g) {
   const int64_t id = p.page_table[static_cast<int64_t>(s) * p.page_table_stride + page];
-  return p.bounds + (id * p.num_kv_heads + g) * 2 * p.head_dim;
+  return p.bounds + (id * p.num_kv_heads + g) * QuestRegionFloats(p.head_dim, p.bf16_bounds);
 }
 
 }  // namespace quest
@@ -179,9 +179,8 @@ void QuestUpdateBounds(const QuestBoundsUpdate& u) {
         for (int c = 0; c < d; ++c) row[c] = Bf16ToFloat(u.k_cache_bf16[at + c]);
         k = row.data();
       }
-      float* mx = u.bounds + (page * u.num_kv_heads + g) * 2 * d;
-      float* mn = mx + d;
-      if (u.bf16_bounds) {  // Mx rounded up, Mn down, in the region's first half
+      float* mx = u.bounds + (page * u.num_kv_heads + g) * QuestRegionFloats(d, u.bf16_bounds);
+      if (u.bf16_bounds) {  // Mx rounded up, Mn down: 2 * d bfloat16 values
         quest::Bf16Bits* mx16 = reinterpret_cast<quest::Bf16Bits*>(mx);
         quest::Bf16Bits* mn16 = mx16 + d;
         for (int c = 0; c < d; ++c) {
@@ -190,6 +189,7 @@ void QuestUpdateBounds(const QuestBoundsUpdate& u) {
         }
         continue;
       }
+      float* mn = mx + d;
       if (fresh) {  // a new page: whatever it held before is gone
         std::copy(k, k + d, mx);
         std::copy(k, k + d, mn);
@@ -248,7 +248,8 @@ uint16_t Bf16RoundDown(float x) {
 
 const float* QuestPageBounds(const float* bounds, bool bf16_bounds, int64_t page, int32_t kv_head,
                              int32_t num_kv_heads, int32_t head_dim, float* out) {
-  const float* region = bounds + (page * num_kv_heads + kv_head) * 2 * head_dim;
+  const float* region = bounds + (page * num_kv_heads + kv_head) *
+                                     QuestRegionFloats(head_dim, bf16_bounds);
   if (!bf16_bounds) return region;
   const quest::Bf16Bits* b = reinterpret_cast<const quest::Bf16Bits*>(region);
   for (int c = 0; c < 2 * head_dim; ++c) out[c] = Bf16ToFloat(b[c]);

@@ -7,11 +7,13 @@
 // page, any other token widens it), so a recycled page never keeps its previous owner's bounds
 // and a prefill chunk that starts mid-page continues from the stored values.
 //
-// 16-bit bounds (bf16_bounds in both calls): each (page, KV head) region keeps its layout slot of
-// 2 * head_dim floats but holds Mx then Mn as 2 * head_dim bfloat16 values in its first half,
-// so selection reads half the bytes (a page's region, and whatever copies it, stays where it
-// was). Mx is rounded up and Mn down to bfloat16, so the bound stays a bound; keys that are
-// bfloat16 already (k_cache_bf16) round nothing and the bounds are exact.
+// 16-bit bounds (bf16_bounds in both calls): the same layout with bfloat16 elements,
+// [num_pages, num_kv_heads, 2, head_dim] bfloat16 (the GPU's, kernels/sparse/quest_cuda.h) held
+// in the float array: each (page, KV head) region is head_dim floats' worth of bytes
+// (QuestRegionFloats), so a layer's bounds take half the memory and selection reads half the
+// bytes. Mx is rounded up and Mn down to bfloat16, so the bound stays a bound; keys that are
+// bfloat16 already (k_cache_bf16) round nothing and the bounds are exact: the same values as
+// fp32 bounds of those keys, hence the same fp32 scores and the same selection.
 //
 // Selection (3.3, 3.4, 3.7): U_p(q) = sum_c max(q_c Mx_pc, q_c Mn_pc) bounds q.k for every key of
 // page p. With K = page_budget pages and n = ceil(L / page_size) pages of a sequence: n <= K
@@ -37,7 +39,7 @@ struct QuestBoundsUpdate {
   // as read: the bounds are those of the keys attention reads.
   const uint16_t* k_cache_bf16 = nullptr;
   float* bounds = nullptr;         // one layer's bounds [num_pages, num_kv_heads, 2, head_dim]
-  bool bf16_bounds = false;        // the bounds as bfloat16 (above)
+  bool bf16_bounds = false;        // the bounds as bfloat16 (above: half the array)
   const int64_t* slots = nullptr;  // [num_tokens]
   int32_t num_tokens = 0;
   int32_t num_kv_heads = 0;
@@ -88,6 +90,12 @@ double QuestUpperBound(const float* q, const float* bounds, int32_t head_dim);
 // when bf16_bounds; out must hold 2 * head_dim floats). Returns out or the region itself.
 const float* QuestPageBounds(const float* bounds, bool bf16_bounds, int64_t page, int32_t kv_head,
                              int32_t num_kv_heads, int32_t head_dim, float* out);
+
+// Floats of one (page, KV head) region: 2 * head_dim (fp32 bounds) or head_dim (bf16_bounds:
+// 2 * head_dim bfloat16 values). A layer's bounds are num_pages * num_kv_heads regions.
+inline int64_t QuestRegionFloats(int32_t head_dim, bool bf16_bounds) {
+  return bf16_bounds ? int64_t{head_dim} : int64_t{2} * head_dim;
+}
 
 // x rounded to bfloat16 toward +infinity (up) or -infinity (down), as bits.
 uint16_t Bf16RoundUp(float x);

@@ -53,12 +53,25 @@ struct Problem : test_util::PagedLayout {
 
   // Bounds from scratch (fp32 or bfloat16) by appends of random chunk sizes, over stale values
   // a previous owner left (the update must not let them leak).
+  // The array is exactly one layer's bounds in the chosen layout (16-bit: half the floats,
+  // QuestRegionFloats) plus kGuard floats that no update may touch (GuardIntact).
   void Rebuild(bool bf16_bounds, std::mt19937& rng) {
     bf16 = bf16_bounds;
-    bounds.assign(static_cast<size_t>(num_pages) * kv_heads * 2 * d, 0.0f);
-    for (size_t i = 0; i < bounds.size(); ++i) bounds[i] = (i / d) % 2 == 0 ? 50.0f : -50.0f;
+    const size_t layer = static_cast<size_t>(num_pages) * kv_heads * QuestRegionFloats(d, bf16);
+    bounds.assign(layer + kGuard, kGuardValue);
+    if (bf16) {  // stale Mx = 50 and Mn = -50 as bfloat16 values
+      uint16_t* b = reinterpret_cast<uint16_t*>(bounds.data());
+      for (size_t i = 0; i < 2 * layer; ++i) b[i] = FloatToBf16((i / d) % 2 == 0 ? 50.0f : -50.0f);
+    } else {
+      for (size_t i = 0; i < layer; ++i) bounds[i] = (i / d) % 2 == 0 ? 50.0f : -50.0f;
+    }
     for (size_t s = 0; s < kv_lens.size(); ++s) AppendAll(static_cast<int>(s), rng);
   }
+  bool GuardIntact() const {
+    return std::all_of(bounds.end() - kGuard, bounds.end(), [](float x) { return x == kGuardValue; });
+  }
+  static constexpr size_t kGuard = 256;
+  static constexpr float kGuardValue = 1234.5f;
 
   void Append(int s, int from, int to) {
     std::vector<int64_t> slots;
@@ -236,6 +249,22 @@ TEST(QuestTest, Bf16BoundsAreTheRecomputationRoundedOutward) {
                 ASSERT_EQ(b[d + c], ref[d + c]);
               }
             }
+          }
+        }
+      }
+      EXPECT_TRUE(pr.GuardIntact()) << "16-bit bounds written past half the fp32 layout";
+      if (keys_bf16) {
+        // Exact bounds give the fp32 bounds' scores bit for bit: the same pages, ties included.
+        Problem fp = pr;
+        std::mt19937 rng32(3);
+        fp.Rebuild(/*bf16_bounds=*/false, rng32);
+        for (const bool per_kv_head : {false, true}) {
+          for (const int budget : {2, 5, 30}) {
+            QuestSelection a, b;
+            QuestSelectCpu(fp.Params(budget, per_kv_head), a, 2);
+            QuestSelectCpu(pr.Params(budget, per_kv_head), b, 2);
+            ASSERT_EQ(a.row_start, b.row_start);
+            ASSERT_EQ(a.key_blocks, b.key_blocks) << "d " << d << " budget " << budget;
           }
         }
       }
