@@ -1,7 +1,8 @@
 // Tile micro-kernels of the CPU attention kernels that compute logits tile by tile: scores of
 // query rows against a transposed key tile (the MInference estimator,
 // kernels/sparse/minference_cpu.cc), and the prefill tile path of
-// kernels/attention/paged_attention_cpu.cc (rows transposed, register-blocked scores and PV). A Highway per-target header: include it after
+// kernels/attention/paged_attention_cpu_tile-inl.h (rows transposed, register-blocked scores
+// and PV). A Highway per-target header: include it after
 // "hwy/highway.h" in a file that includes itself per target (hwy/foreach_target.h); the guard
 // below toggles so that each target compiles its own copy.
 #if defined(SIEVE_KERNELS_CPU_TILE_SCORES_INL_H_) == defined(HWY_TARGET_TOGGLE)
@@ -48,7 +49,7 @@ inline void TwoRows(const float* q0, const float* q1, const float* kt, int tile,
   }
 }
 
-// ---- The prefill tile path of kernels/attention/paged_attention_cpu.cc: rows transposed ----
+// ---- The prefill tile path (kernels/attention/paged_attention_cpu_tile-inl.h): rows transposed
 // An item's query rows are transposed once (qt[c * rp + r] = q_r[c], rp rows per channel, a
 // multiple of the lane count), each tile's keys and values are packed into contiguous fp32 rows
 // (kp[j * d + c]), scores come out transposed (st[j * rp + r]) and the outputs stay transposed
