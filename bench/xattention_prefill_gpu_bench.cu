@@ -12,8 +12,7 @@
 //   est_1sw      the one-sweep estimate (a workspace, 64-key-group tiles: each GEMM tile once,
 //                log-domain partial sums, then the normalising kernel); e2e_1sw is end2end with
 //                it in place of `estimate`
-//   est_wg       the one-sweep estimate on wgmma (128-key-group tiles); e2e_wg likewise; and
-//                with head_major block order (its own line, masses compared bit for bit)
+//   est_wg       the one-sweep estimate on wgmma (128-key-group tiles); e2e_wg likewise
 //   est_it       the wgmma one sweep with independent tiles (XAttentionGpuParams::
 //                independent_tiles; its own line, masses checked as est_wg's)
 //   est_cuda     the same on the CUDA-core kernel (the cross-check; not in the end-to-end sum;
@@ -160,16 +159,8 @@ bool RunLength(int tokens, int iters, double tau, int sms, bool cuda_core, bool 
   xp.wgmma = true;
   CHECK_CUDA(cudaMemset(d_mass, 0xff, n_mass * 4));
   const double est_wg = MedianMs(iters, [&] { CHECK_CUDA(XAttentionBlockMassGpu(xp, d_mass, nullptr)); });
-  std::vector<float> mass_wg(n_mass), mass_hm(n_mass);
+  std::vector<float> mass_wg(n_mass);
   CHECK_CUDA(cudaMemcpy(mass_wg.data(), d_mass, n_mass * 4, cudaMemcpyDeviceToHost));
-  xp.head_major = true;  // the same kernel, one head's row tiles consecutive
-  CHECK_CUDA(cudaMemset(d_mass, 0xff, n_mass * 4));
-  const double est_hm = MedianMs(iters, [&] { CHECK_CUDA(XAttentionBlockMassGpu(xp, d_mass, nullptr)); });
-  CHECK_CUDA(cudaMemcpy(mass_hm.data(), d_mass, n_mass * 4, cudaMemcpyDeviceToHost));
-  xp.head_major = false;
-  const bool hm_same = std::memcmp(mass_hm.data(), mass_wg.data(), n_mass * 4) == 0;
-  std::printf("est_wg %6d: heads fastest %.3f ms, head-major %.3f ms (%.2fx); masses bit-identical: %s\n",
-              tokens, est_wg, est_hm, est_wg / est_hm, hm_same ? "PASS" : "FAIL");
   xp.independent_tiles = true;  // one (row tile, key tile) per block, banded; row sums after
   std::vector<float> mass_it(n_mass);
   CHECK_CUDA(cudaMemset(d_mass, 0xff, n_mass * 4));
@@ -217,7 +208,7 @@ bool RunLength(int tokens, int iters, double tau, int sms, bool cuda_core, bool 
   });
   std::vector<int32_t> dev_rs(row_start.size()), dev_kb;
   CHECK_CUDA(cudaMemcpy(dev_rs.data(), d_rs, dev_rs.size() * 4, cudaMemcpyDeviceToHost));
-  bool ok = hm_same;
+  bool ok = true;
   if (dev_rs == row_start) {
     dev_kb.resize(key_blocks.size());
     CHECK_CUDA(cudaMemcpy(dev_kb.data(), d_kb, dev_kb.size() * 4, cudaMemcpyDeviceToHost));

@@ -491,73 +491,99 @@ __global__ void __launch_bounds__(kThreads, BN == 64 ? 2 : 1)
 constexpr int kWgBN = 128;
 constexpr int kWgSmemBytes = SmemBytes<kWgBN>() + 1024;  // + slack to align the stages
 
-template <int R>
-__device__ void RowTileWg(const XAttentionGpuParams& p, const Geo& geo, int h, int g_kv, int a0,
-                          uint32_t smem, float (*st_max)[kBM], float (*st_sum)[kBM],
-                          float* row_max, float* row_inv, float* __restrict__ ws) {
-#if SIEVE_XATTN_HAVE_WGMMA
-  constexpr int NT = kWgBN / 8;
+// The thread's view of a warpgroup's m64 accumulator, in the m16n8 layout per 16-row warp: warp
+// w of warpgroup g holds the tile's rows 64 g + 16 w .. + 15.
+__device__ __forceinline__ Lane WgLane() {
   Lane l;
   l.lane = threadIdx.x & 31;
   l.gq = l.lane >> 2;
   l.cq = l.lane & 3;
   l.wm = 0;
   l.wn = 0;
-  l.wr = 16 * (threadIdx.x >> 5);  // warp w of warpgroup g: rows 64 g + 16 w
-  const int wg = threadIdx.x >> 7;
-  const int n_tiles = min(a0 + kBM - 1, geo.a_hi) / kWgBN + 1;
-  const int kc_per_tile = p.stride * p.head_dim / kBK;
-  const int total = n_tiles * kc_per_tile;
-  const int64_t ws_stride = int64_t{geo.k_blocks} + 1;
-  float mx[1][2] = {{-INFINITY, -INFINITY}}, sm[1][2] = {{0.0f, 0.0f}};
-  float acc[NT * 4];
-#pragma unroll
-  for (int i = 0; i < NT * 4; ++i) acc[i] = 0.0f;
-  const auto load = [&](int s) {
-    LoadSlice<kWgBN>(p, geo, h, g_kv, a0, s / kc_per_tile * kWgBN, s % kc_per_tile,
-                     smem + (s % kStages) * StageBytes<kWgBN>());
-  };
+  l.wr = 16 * (threadIdx.x >> 5);
+  return l;
+}
+
+// The slices [0, total) of a block's sweep through the kStages stages at smem, kStages - 1
+// copies ahead: load(s, stage) copies slice s (LoadSlice); mma(s, stage) runs once every
+// thread's copies of slice s have landed and slice s - 1's wgmmas are done. The copies are
+// drained at the end.
+template <typename Load, typename Mma>
+__device__ __forceinline__ void WgSlices(int total, uint32_t smem, const Load& load, const Mma& mma) {
+  const auto stage = [&](int s) { return smem + (s % kStages) * StageBytes<kWgBN>(); };
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < total) load(s);
+    if (s < total) load(s, stage(s));
     ptx::CpAsyncCommit();
   }
-  const int wr0 = a0 + 64 * wg;  // the warpgroup's first row
   for (int s = 0; s < total; ++s) {
     ptx::CpAsyncWait<kStages - 2>();
     ptx::FenceProxyAsync();  // this thread's copies of slice s, visible to the async proxy
     __syncthreads();         // slice s landed for every thread; slice s - 1's wgmmas are done
     ptx::FenceProxyAsync();  // (again on the reading side; and the wgmma reads before new copies)
-    if (s + kStages - 1 < total) load(s + kStages - 1);
+    if (s + kStages - 1 < total) load(s + kStages - 1, stage(s + kStages - 1));
     ptx::CpAsyncCommit();
-    const int j = s / kc_per_tile, kc = s % kc_per_tile, n0 = j * kWgBN;
-    // Warpgroup-uniform: rows wholly below the tile's columns or unscored compute nothing (the
-    // epilogue masks all of their entries, so stale accumulators are never read).
-    if (n0 <= wr0 + 63 && wr0 + 63 >= geo.a_lo && wr0 <= geo.a_hi) {
-      const uint32_t sa = smem + (s % kStages) * StageBytes<kWgBN>();
-      const uint32_t a_lo = ptx::Sw128DescLo(sa + wg * 64 * 128, 16);
-      const uint32_t b_lo = ptx::Sw128DescLo(sa + kATileBytes, 16);
-      ptx::FenceRegs(acc);
-      ptx::WgmmaFence();
-#pragma unroll
-      for (int kk = 0; kk < kBK / 16; ++kk) {  // 32 bytes per k16 step inside the atom
-        ptx::WgmmaSS_N128(acc, a_lo + 2 * kk, b_lo + 2 * kk, kc == 0 && kk == 0 ? 0u : 1u);
-      }
-      ptx::WgmmaCommit();
-      ptx::WgmmaWait<0>();
-      ptx::FenceRegs(acc);
-    }
-    if (kc != kc_per_tile - 1) continue;
-    OneSweepTile<R, 1, NT>(geo, l, a0, n0, acc, mx, sm, ws, geo.m0 * R, ws_stride);
-    if (j == n_tiles - 1) {
-      const int a_end = (geo.m0 + geo.q_blocks) * R;
-      RowStatsFinish<1, 1>(l, mx, sm, st_max, st_sum, row_max, row_inv,
-                           ws + (a0 - geo.m0 * R) * ws_stride + geo.k_blocks, ws_stride,
-                           min(kBM, a_end - a0));
-    }
+    mma(s, stage(s));
   }
   ptx::CpAsyncWaitAll();
   __syncthreads();
+}
+
+// acc += (first: =) the 64-column slice at stage sa: warpgroup wg's 64 query-group rows (A)
+// against the stage's 128 key groups (B), 4 m64n128k16 wgmmas (32 bytes per k16 step inside the
+// atom), waited for.
+template <int NA>
+__device__ __forceinline__ void WgSliceMma(float (&acc)[NA], uint32_t sa, int wg, bool first) {
+  const uint32_t a_lo = ptx::Sw128DescLo(sa + wg * 64 * 128, 16);
+  const uint32_t b_lo = ptx::Sw128DescLo(sa + kATileBytes, 16);
+  ptx::FenceRegs(acc);
+  ptx::WgmmaFence();
+#pragma unroll
+  for (int kk = 0; kk < kBK / 16; ++kk) {
+    ptx::WgmmaSS_N128(acc, a_lo + 2 * kk, b_lo + 2 * kk, first && kk == 0 ? 0u : 1u);
+  }
+  ptx::WgmmaCommit();
+  ptx::WgmmaWait<0>();
+  ptx::FenceRegs(acc);
+}
+
+template <int R>
+__device__ void RowTileWg(const XAttentionGpuParams& p, const Geo& geo, int h, int g_kv, int a0,
+                          uint32_t smem, float (*st_max)[kBM], float (*st_sum)[kBM],
+                          float* row_max, float* row_inv, float* __restrict__ ws) {
+#if SIEVE_XATTN_HAVE_WGMMA
+  constexpr int NT = kWgBN / 8;
+  const Lane l = WgLane();
+  const int wg = threadIdx.x >> 7;
+  const int n_tiles = min(a0 + kBM - 1, geo.a_hi) / kWgBN + 1;
+  const int kc_per_tile = p.stride * p.head_dim / kBK;
+  const int64_t ws_stride = int64_t{geo.k_blocks} + 1;
+  float mx[1][2] = {{-INFINITY, -INFINITY}}, sm[1][2] = {{0.0f, 0.0f}};
+  float acc[NT * 4];
+#pragma unroll
+  for (int i = 0; i < NT * 4; ++i) acc[i] = 0.0f;
+  const int wr0 = a0 + 64 * wg;  // the warpgroup's first row
+  WgSlices(
+      n_tiles * kc_per_tile, smem,
+      [&](int s, uint32_t stage) {
+        LoadSlice<kWgBN>(p, geo, h, g_kv, a0, s / kc_per_tile * kWgBN, s % kc_per_tile, stage);
+      },
+      [&](int s, uint32_t sa) {
+        const int j = s / kc_per_tile, kc = s % kc_per_tile, n0 = j * kWgBN;
+        // Warpgroup-uniform: rows wholly below the tile's columns or unscored compute nothing
+        // (the epilogue masks all of their entries, so stale accumulators are never read).
+        if (n0 <= wr0 + 63 && wr0 + 63 >= geo.a_lo && wr0 <= geo.a_hi) {
+          WgSliceMma(acc, sa, wg, kc == 0);
+        }
+        if (kc != kc_per_tile - 1) return;
+        OneSweepTile<R, 1, NT>(geo, l, a0, n0, acc, mx, sm, ws, geo.m0 * R, ws_stride);
+        if (j == n_tiles - 1) {
+          const int a_end = (geo.m0 + geo.q_blocks) * R;
+          RowStatsFinish<1, 1>(l, mx, sm, st_max, st_sum, row_max, row_inv,
+                               ws + (a0 - geo.m0 * R) * ws_stride + geo.k_blocks, ws_stride,
+                               min(kBM, a_end - a0));
+        }
+      });
 #else
   __trap();  // launched only on sm_90 (XAttentionBlockMassGpu checks)
 #endif
@@ -570,9 +596,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   __shared__ float st_max[2][kBM], st_sum[2][kBM], row_max[kBM], row_inv[kBM];
   const Geo geo = GeoOf(p);
   const int rows = geo.q_blocks * R, tiles = (rows + kBM - 1) / kBM;
-  const int pairs = (tiles + 1) / 2;
-  const int h = static_cast<int>(p.head_major ? blockIdx.x / pairs : blockIdx.x % p.num_q_heads);
-  const int t = static_cast<int>(p.head_major ? blockIdx.x % pairs : blockIdx.x / p.num_q_heads);
+  const int h = static_cast<int>(blockIdx.x % p.num_q_heads);
+  const int t = static_cast<int>(blockIdx.x / p.num_q_heads);
   const int g_kv = h / (p.num_q_heads / p.num_kv_heads);
   const uint32_t base = (ptx::SmemAddr(smem_wg) + 1023u) & ~1023u;
   float* ws = p.workspace + int64_t{h} * rows * (int64_t{geo.k_blocks} + 1);
@@ -599,56 +624,22 @@ __device__ void TileWg(const XAttentionGpuParams& p, const Geo& geo, int h, int 
                        uint32_t smem, float* __restrict__ ws) {
 #if SIEVE_XATTN_HAVE_WGMMA
   constexpr int NT = kWgBN / 8;
-  Lane l;
-  l.lane = threadIdx.x & 31;
-  l.gq = l.lane >> 2;
-  l.cq = l.lane & 3;
-  l.wm = 0;
-  l.wn = 0;
-  l.wr = 16 * (threadIdx.x >> 5);
   const int wg = threadIdx.x >> 7;
-  const int total = p.stride * p.head_dim / kBK;  // slices of the key tile
   const int n0 = j * kWgBN;
-  const int64_t ws_stride = int64_t{geo.k_blocks} + 1;
   float mx[1][2] = {{-INFINITY, -INFINITY}}, sm[1][2] = {{0.0f, 0.0f}};
   float acc[NT * 4];
 #pragma unroll
   for (int i = 0; i < NT * 4; ++i) acc[i] = 0.0f;
-  const auto load = [&](int s) {
-    LoadSlice<kWgBN>(p, geo, h, g_kv, a0, n0, s, smem + (s % kStages) * StageBytes<kWgBN>());
-  };
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < total) load(s);
-    ptx::CpAsyncCommit();
-  }
   const int wr0 = a0 + 64 * wg;
   const bool active = n0 <= wr0 + 63 && wr0 + 63 >= geo.a_lo && wr0 <= geo.a_hi;
-  for (int s = 0; s < total; ++s) {
-    ptx::CpAsyncWait<kStages - 2>();
-    ptx::FenceProxyAsync();
-    __syncthreads();
-    ptx::FenceProxyAsync();
-    if (s + kStages - 1 < total) load(s + kStages - 1);
-    ptx::CpAsyncCommit();
-    if (active) {
-      const uint32_t sa = smem + (s % kStages) * StageBytes<kWgBN>();
-      const uint32_t a_lo = ptx::Sw128DescLo(sa + wg * 64 * 128, 16);
-      const uint32_t b_lo = ptx::Sw128DescLo(sa + kATileBytes, 16);
-      ptx::FenceRegs(acc);
-      ptx::WgmmaFence();
-#pragma unroll
-      for (int kk = 0; kk < kBK / 16; ++kk) {
-        ptx::WgmmaSS_N128(acc, a_lo + 2 * kk, b_lo + 2 * kk, s == 0 && kk == 0 ? 0u : 1u);
-      }
-      ptx::WgmmaCommit();
-      ptx::WgmmaWait<0>();
-      ptx::FenceRegs(acc);
-    }
-  }
-  OneSweepTile<R, 1, NT>(geo, l, a0, n0, acc, mx, sm, ws, geo.m0 * R, ws_stride);
-  ptx::CpAsyncWaitAll();
-  __syncthreads();
+  WgSlices(
+      p.stride * p.head_dim / kBK, smem,  // the key tile's slices
+      [&](int s, uint32_t stage) { LoadSlice<kWgBN>(p, geo, h, g_kv, a0, n0, s, stage); },
+      [&](int s, uint32_t sa) {
+        if (active) WgSliceMma(acc, sa, wg, s == 0);
+      });
+  OneSweepTile<R, 1, NT>(geo, WgLane(), a0, n0, acc, mx, sm, ws, geo.m0 * R,
+                         int64_t{geo.k_blocks} + 1);
 #else
   __trap();
 #endif

@@ -57,11 +57,6 @@ struct XAttentionGpuParams {
   // With a workspace: the one-sweep kernel on Hopper's wgmma (sm_90 devices only, 128-key-group
   // tiles whatever tile_keys says); cudaErrorInvalidValue without a workspace or on other GPUs.
   bool wgmma = false;
-  // The wgmma one-sweep kernel's block order: false, heads vary fastest (block b: head
-  // b % num_q_heads, so every head's first row tiles run at once); true, one head's row tiles are
-  // consecutive (the blocks resident together read the same KV head's keys, which can then stay
-  // in L2). Same work per block, same masses bit for bit.
-  bool head_major = false;
   // With wgmma: each block computes one (row tile, key tile) of the GEMM instead of sweeping a
   // row tile's keys, in bands of 8 row tiles (key tiles outer, rows inner), so the blocks resident
   // together read a few row tiles' queries and key tiles' keys, which stay in L2 (a row sweep
