@@ -14,8 +14,9 @@
 //                section 1.6 conversion, the plan (host clock, median of --iters)
 //   h2d          the plan's arrays to the device (host clock around a synchronous copy)
 //   sparse       PagedPrefillRun on that plan (mma.sync, 64-query-row mode; device events)
-// and, on its own line per budget, the index built on the device as the backend does by default
-// (count, fill, the plan's copy to the host), checked equal to the host plan.
+// and, on their own lines per budget, the index built on the device as the backend does by
+// default (count, fill, the plan's copy to the host), checked equal to the host plan, and the
+// device-resident plan of a one-sequence step (count, fill, pair count; nothing copied back).
 // Reported: density (query-key pairs the plan reads / causal pairs), index = estimate + d2h +
 // select_host + h2d (the engine's path today, cuda_minference.cc), end2end = dense_wgmma /
 // (index + sparse), sparse/mma = dense_mma / sparse, pair parity = dense_mma / (sparse /
@@ -99,10 +100,14 @@ bool SameUpToTies(const std::vector<int32_t>& gpu, const std::vector<int32_t>& r
 
 // The index on the device, as the CUDA backend builds it (cuda_minference.cc, IndexOnDevice): the
 // selection and row counts (MInferenceIndexCountGpu), the two totals to the host, the rows
-// (MInferenceIndexFillGpu), then the whole plan copied to the host (the engine's policy reads
-// it); each timed, and the device plan checked equal to the host's BuildPlanFromScores plan.
+// (MInferenceIndexFillGpu), then either the whole plan copied to the host (a step of several
+// sequences) or, for a step of one sequence, only its pair count (MInferencePlanPairsGpu: the
+// plan stays on the device); each timed, the device plan checked equal to the host's
+// BuildPlanFromScores plan and its pair count to PlanPairs. The end-to-end figure of the
+// device-resident path: dense_wgmma / (estimate + count + fill + pairs + sparse).
 bool DeviceIndex(int tokens, int vs, int ss, const float* d_scores, size_t n,
-                 const mi::MInferencePlan& want) {
+                 const mi::MInferencePlan& want, int64_t want_pairs, double estimate,
+                 double sparse, double dense_wg) {
   MInferenceIndexGpuParams ip;
   ip.vertical = d_scores;
   ip.slash = d_scores + n;
@@ -150,11 +155,26 @@ bool DeviceIndex(int tokens, int vs, int ss, const float* d_scores, size_t n,
   std::printf("device index %6d %5d/%-5d: count %.3f ms, fill %.3f ms, plan to host %.3f ms "
               "(%d key blocks, %d columns); device plan == host plan: %s\n",
               tokens, vs, ss, count, fill, to_host, totals[0], totals[1], same ? "PASS" : "FAIL");
+  unsigned long long* d_pairs = nullptr;
+  CHECK_CUDA(cudaMalloc(&d_pairs, sizeof(*d_pairs)));
+  const double pairs_ms = MedianMs(3, [&] {
+    CHECK_CUDA(MInferencePlanPairsGpu(ip, d_rs, d_kb, d_cs, d_cl, d_pairs, nullptr));
+  });
+  unsigned long long pairs = 0;
+  CHECK_CUDA(cudaMemcpy(&pairs, d_pairs, sizeof(pairs), cudaMemcpyDeviceToHost));
+  const bool pairs_ok = static_cast<int64_t>(pairs) == want_pairs;
+  const double index = estimate + count + fill + pairs_ms;
+  std::printf("device-resident %6d %5d/%-5d: pairs %.3f ms (%llu; == PlanPairs: %s); index "
+              "(estimate + count + fill + pairs) %.3f ms + sparse %.3f ms: end2end %.2fx dense "
+              "wgmma\n",
+              tokens, vs, ss, pairs_ms, pairs, pairs_ok ? "PASS" : "FAIL", index, sparse,
+              dense_wg / (index + sparse));
   for (void* ptr : {ws, static_cast<void*>(d_rs), static_cast<void*>(d_cs),
-                    static_cast<void*>(d_kb), static_cast<void*>(d_cl)}) {
+                    static_cast<void*>(d_kb), static_cast<void*>(d_cl),
+                    static_cast<void*>(d_pairs)}) {
     CHECK_CUDA(cudaFree(ptr));
   }
-  return same;
+  return same && pairs_ok;
 }
 
 bool RunLength(int tokens, int iters, const std::vector<std::pair<int, int>>& budgets, int sms,
@@ -324,7 +344,9 @@ bool RunLength(int tokens, int iters, const std::vector<std::pair<int, int>>& bu
                 100 * density, dense_wg / (index + sparse), dense_mma / sparse,
                 dense_mma / (sparse / density), plan.key_blocks.size(), plan.columns.size());
     for (int32_t* ptr : {d_qbs, d_rs, d_kb, d_cs, d_cl}) CHECK_CUDA(cudaFree(ptr));
-    ok = DeviceIndex(tokens, vs, ss, d_scores, n, plan) && ok;
+    ok = DeviceIndex(tokens, vs, ss, d_scores, n, plan, mi::PlanPairs(lp, plan), estimate,
+                     sparse, dense_wg) &&
+         ok;
   }
   CHECK_CUDA(cudaFreeHost(h_scores));
   for (void* ptr : {static_cast<void*>(q), static_cast<void*>(k), static_cast<void*>(v),

@@ -20,8 +20,7 @@ MInferenceHeadPattern MInferencePolicy::Pattern(int32_t layer, int32_t head) con
   return {kernels::minference::Pattern::kVerticalSlash, m.vertical_size, m.slash_size};
 }
 
-absl::Status MInferencePolicy::PlanSequence(const AttentionStep& step, int32_t seq,
-                                            PlanRowWriter& rows) {
+MInferenceEstimate MInferencePolicy::Estimate(const AttentionStep& step, int32_t seq) {
   const int32_t heads = step.shape.num_q_heads;
   layer_.resize(heads);
   for (int32_t h = 0; h < heads; ++h) layer_[h] = Pattern(step.layer, h);
@@ -29,8 +28,30 @@ absl::Status MInferencePolicy::PlanSequence(const AttentionStep& step, int32_t s
   e.seq = seq;
   e.patterns = layer_;
   e.last_q = config().minference.last_q;
+  return e;
+}
+
+absl::StatusOr<bool> MInferencePolicy::PlanOnDevice(const AttentionStep& step,
+                                                    AttentionPlan& plan) {
+  have_host_plan_ = false;
+  MInferenceEstimate e = Estimate(step, 0);
+  e.device_plan = &plan;
+  plan.on_device = false;
   SIEVE_RETURN_IF_ERROR(
       step.backend->MInferenceIndex(*step.stream, step.layer, step.q, step.shape, e, plan_));
+  have_host_plan_ = !plan.on_device;
+  return plan.on_device;
+}
+
+absl::Status MInferencePolicy::PlanSequence(const AttentionStep& step, int32_t seq,
+                                            PlanRowWriter& rows) {
+  const int32_t heads = step.shape.num_q_heads;
+  if (!(have_host_plan_ && seq == 0)) {
+    const MInferenceEstimate e = Estimate(step, seq);
+    SIEVE_RETURN_IF_ERROR(
+        step.backend->MInferenceIndex(*step.stream, step.layer, step.q, step.shape, e, plan_));
+  }
+  have_host_plan_ = false;
   const BatchLayout& l = *step.layout;
   const int32_t q_len = l.query_start[seq + 1] - l.query_start[seq];
   const int64_t want = int64_t{(q_len + kernels::minference::kBlock - 1) / kernels::minference::kBlock} * heads;

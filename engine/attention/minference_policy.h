@@ -4,7 +4,8 @@
 // sequence's cached keys (Backend::MInferenceIndex, kernels/sparse/minference.h): vertical-slash
 // heads keep their top columns and diagonals (the first 30 columns and 100 diagonals forced) as
 // 64-key tiles plus single columns, A-shape heads their sinks and local window, block-sparse
-// heads their top key blocks. The plan's query and key blocks are 64 tokens.
+// heads their top key blocks. The plan's query and key blocks are 64 tokens. A step of one
+// sequence may keep its plan on the backend's device (PlanOnDevice: the CUDA backend's).
 //
 // Patterns per (layer, query head) come from attention.prefill.minference.pattern_file (format:
 // minference_patterns.h; `sieve calibrate --method minference` writes one), read once when the
@@ -41,12 +42,20 @@ class MInferencePolicy final : public SparsePrefillPolicy {
   int32_t query_block() const override { return kernels::minference::kBlock; }
   int32_t key_block() const override { return kernels::minference::kBlock; }
   absl::Status PlanSequence(const AttentionStep& step, int32_t seq, PlanRowWriter& rows) override;
+  // Asks the backend to keep the index on the device (MInferenceEstimate::device_plan); a
+  // backend that builds it on the host instead leaves it for PlanSequence (not estimated twice).
+  absl::StatusOr<bool> PlanOnDevice(const AttentionStep& step, AttentionPlan& plan) override;
 
  private:
+  // The estimate of sequence `seq` of `step` (its patterns in layer_).
+  MInferenceEstimate Estimate(const AttentionStep& step, int32_t seq);
+
   MInferencePatterns patterns_;
   // Scratch, reused across calls.
   std::vector<MInferenceHeadPattern> layer_;
   kernels::minference::MInferencePlan plan_;
+  // PlanOnDevice's index came back in plan_ for sequence 0 of the step being planned.
+  bool have_host_plan_ = false;
 };
 
 // Makes the policy, reading config.minference.pattern_file if set (errors name the key); the

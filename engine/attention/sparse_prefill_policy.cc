@@ -50,6 +50,22 @@ absl::Status SparsePrefillPolicy::Plan(const AttentionStep& step, AttentionPlan&
   for (int32_t s = 0; s < l.num_seqs() && !any_sparse; ++s) any_sparse = SequenceIsSparse(step, s);
   plan.SetDense();
   if (!any_sparse) return absl::OkStatus();
+  const double max_density = config_.max_density > 0 ? config_.max_density : 1.0;
+  if (l.num_seqs() == 1) {
+    SIEVE_ASSIGN_OR_RETURN(const bool on_device, PlanOnDevice(step, plan));
+    if (on_device) {
+      const int64_t dense_pairs = SequenceDensePairs(l, 0, step.shape.num_q_heads);
+      plan.counted_pairs = plan.on_device_pairs;
+      if (max_density < 1.0 && dense_pairs > 0 &&
+          static_cast<double>(plan.on_device_pairs) >
+              max_density * static_cast<double>(dense_pairs)) {
+        plan.SetDense();
+        ++dense_fallbacks_;
+      }
+      return absl::OkStatus();
+    }
+    plan.SetDense();
+  }
   plan.dense = false;
   plan.query_block = query_block();
   plan.key_block = key_block();
@@ -75,7 +91,6 @@ absl::Status SparsePrefillPolicy::Plan(const AttentionStep& step, AttentionPlan&
     }
   }
   if (plan.columns.empty()) plan.column_start.clear();
-  const double max_density = config_.max_density > 0 ? config_.max_density : 1.0;
   if (max_density < 1.0) {
     // Pairs the sparse sequences' rows read: the plan's, less the dense sequences' (all theirs).
     int64_t sparse_dense_pairs = 0, other_pairs = 0;

@@ -7,6 +7,7 @@
 //     dense attention (AttentionStep::dense_prefill); the other sequences of a step that has a
 //     sparse one get rows that list every causal key block (the same keys as dense);
 //   - with no sparse sequence the plan is dense;
+//   - a step of one sparse sequence may keep its rows on the backend's device (PlanOnDevice);
 //   - when the rows of the sparse sequences read more than `max_density` of their causal pairs,
 //     the plan is made dense (the method's estimate is spent, but a block-sparse kernel over
 //     nearly every block costs more than the dense one); dense_fallbacks() counts those.
@@ -20,6 +21,7 @@
 #include <cstdint>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "engine/attention/attention_config.h"
 #include "engine/attention/attention_policy.h"
@@ -66,6 +68,13 @@ class SparsePrefillPolicy : public AttentionPolicy {
   // blocks times step.shape.num_q_heads rows) to `rows`.
   virtual absl::Status PlanSequence(const AttentionStep& step, int32_t seq,
                                     PlanRowWriter& rows) = 0;
+
+  // A step whose only sequence runs sparse: the method may have the backend build `plan` as an
+  // on_device plan (attention_plan.h) with its pairs counted, and return true; false: the rows
+  // are built on the host (PlanSequence). The max_density check applies either way.
+  virtual absl::StatusOr<bool> PlanOnDevice(const AttentionStep& step, AttentionPlan& plan) {
+    return false;
+  }
 
  private:
   // Appends rows listing every causal key block of sequence `seq`.

@@ -161,6 +161,84 @@ TEST(SparsePrefillPolicyTest, PlansDenserThanMaxDensityRunDense) {
   EXPECT_NE(errors[0].find("attention.prefill.max_density"), std::string::npos) << errors[0];
 }
 
+// A method whose backend keeps the plan on the device (as the CUDA backend's MInference index
+// does for a step of one sequence): it reports `pairs` read.
+class OnDevicePolicy final : public SparsePrefillPolicy {
+ public:
+  OnDevicePolicy(const PrefillAttentionConfig& c, int64_t pairs)
+      : SparsePrefillPolicy(c), pairs_(pairs) {}
+  std::string_view method() const override { return "test-on-device"; }
+  int device_calls = 0, host_calls = 0;
+
+ protected:
+  int32_t query_block() const override { return 16; }
+  int32_t key_block() const override { return 16; }
+  absl::StatusOr<bool> PlanOnDevice(const AttentionStep& step, AttentionPlan& plan) override {
+    ++device_calls;
+    plan.dense = false;
+    plan.on_device = true;
+    plan.on_device_pairs = pairs_;
+    plan.query_block = plan.key_block = 16;
+    const BatchLayout& l = *step.layout;
+    plan.query_block_start = {0, (l.query_start[1] + 15) / 16};
+    return true;
+  }
+  absl::Status PlanSequence(const AttentionStep& step, int32_t seq, PlanRowWriter& rows) override {
+    ++host_calls;
+    const BatchLayout& l = *step.layout;
+    const int32_t q_len = l.query_start[seq + 1] - l.query_start[seq];
+    for (int32_t b = 0; b * 16 < q_len; ++b) {
+      for (int32_t h = 0; h < step.shape.num_q_heads; ++h) rows.AddRow(std::vector<int32_t>{0});
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  int64_t pairs_;
+};
+
+// A step of one sparse sequence asks the method for an on-device plan; max_density judges its
+// device-counted pairs (sequence 0 alone: 6,176 causal pairs per head, 24,704 over 4 heads). A
+// step of several sequences builds its rows on the host.
+TEST(SparsePrefillPolicyTest, OneSequenceStepsMayKeepThePlanOnTheDevice) {
+  BatchLayout one;
+  one.query_start = {0, 64};
+  one.kv_lens = {128};
+  for (int p = 64; p < 128; ++p) one.positions.push_back(p);
+  one.slots.assign(64, 0);
+  one.page_table_stride = 8;
+  one.page_table.assign(8, 0);
+  AttentionStep step{.layer = 1, .layout = &one, .shape = {4, 2, 8}};
+  ASSERT_EQ(SequenceDensePairs(one, 0, 4), 24704);
+  PrefillAttentionConfig c;
+  c.sparse_min_tokens = 50;
+  c.max_density = 0.5;
+  AttentionPlan plan;
+  for (const auto& [pairs, want_dense] :
+       std::vector<std::pair<int64_t, bool>>{{12352, false}, {12353, true}}) {
+    OnDevicePolicy policy(c, pairs);
+    ASSERT_TRUE(policy.Plan(step, plan).ok());
+    EXPECT_EQ(policy.device_calls, 1);
+    EXPECT_EQ(policy.host_calls, 0);
+    EXPECT_EQ(plan.dense, want_dense) << pairs;
+    EXPECT_EQ(plan.on_device, !want_dense) << pairs;
+    EXPECT_EQ(policy.dense_fallbacks(), want_dense ? 1 : 0) << pairs;
+    if (!want_dense) {
+      EXPECT_TRUE(plan.Validate(one, 4).ok()) << plan.Validate(one, 4);
+      EXPECT_EQ(plan.ReadPairs(one, 4), pairs);
+      EXPECT_EQ(plan.counted_pairs, pairs);
+    }
+  }
+  const BatchLayout three = ThreeSequences();
+  AttentionStep several{.layer = 1, .layout = &three, .shape = {4, 2, 8}};
+  OnDevicePolicy policy(c, 1);
+  ASSERT_TRUE(policy.Plan(several, plan).ok());
+  EXPECT_EQ(policy.device_calls, 0);
+  EXPECT_EQ(policy.host_calls, 1);
+  EXPECT_FALSE(plan.on_device);
+  EXPECT_FALSE(plan.dense);
+}
+
 TEST(SparsePrefillPolicyTest, WorkerCountsDensityAndKeepsDenseLogitsWhenEverythingIsKept) {
   ModelRunnerOptions o = RunnerOptionsFor(EngineConfig());
   o.num_threads = 1;

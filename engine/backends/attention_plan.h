@@ -7,9 +7,10 @@
 // and a list of single key positions; decode steps use query blocks of one token and key blocks
 // of one page, i.e. a list of pages per (sequence, head).
 //
-// A decode plan may also stay on the device (`on_device`): the backend that built it (the CUDA
-// backend's Quest selection) keeps each row's pages in its own memory for the Attention call
-// that follows on the same stream, and the host plan carries only the block sizes,
+// A plan may also stay on the device (`on_device`): the backend that built it (the CUDA
+// backend's Quest selection for decode steps, its MInference index for a prefill step of one
+// sequence) keeps the rows in its own memory for the Attention call of the same layer that
+// follows on the same stream, and the host plan carries only the block sizes,
 // query_block_start and the pairs the rows read. Only that backend can run such a plan.
 //
 // Thread safety: a plain value, owned by the worker that builds and runs it.

@@ -111,6 +111,11 @@ struct MInferenceEstimate {
   // One pattern per query head (kernels/sparse/minference.h); borrowed for the call.
   absl::Span<const kernels::minference::HeadPattern> patterns;
   int32_t last_q = kernels::minference::kDefaultLastQ;  // queries the VS estimate uses
+  // Non-null: the backend may keep the index in its device memory when seq is the step's only
+  // sequence. It then makes *device_plan an on_device plan (attention_plan.h) of the sequence's
+  // rows, with on_device_pairs counted on the device, for the Attention call of the same layer
+  // and step, and leaves `out` untouched; device_plan->on_device says whether it did.
+  AttentionPlan* device_plan = nullptr;
 };
 
 // How a graph step runs (see Backend::BeginGraphStep).
@@ -274,8 +279,9 @@ class Backend {
   // MInference's index (kernels/sparse/minference.h) of sequence estimate.seq of the step: its
   // queries q (the step's rotated queries [num_tokens, Hq * D]) scored against layer `layer`'s
   // cached keys [0, kv_len) with softmax scale 1/sqrt(D); `out` gets that sequence's rows (query
-  // blocks and key blocks of 64; out.query_block_start = {0, blocks}). Waits for the stream.
-  // Unimplemented on a backend without the estimator.
+  // blocks and key blocks of 64; out.query_block_start = {0, blocks}), or an on_device plan
+  // (estimate.device_plan). Waits for the stream. Unimplemented on a backend without the
+  // estimator.
   virtual absl::Status MInferenceIndex(BackendStream& stream, int32_t layer, const Tensor& q,
                                        const AttentionShape& shape,
                                        const MInferenceEstimate& estimate,

@@ -102,6 +102,15 @@ cudaError_t MInferenceIndexFillGpu(const MInferenceIndexGpuParams& p, const void
                                    const int32_t* row_start, const int32_t* column_start,
                                    int32_t* key_blocks, int32_t* columns, cudaStream_t stream);
 
+// Step 3 (optional; after step 2 on the same stream): the causal (query, key) pairs the plan's
+// rows read over every head, as AttentionPlan::ReadPairs counts them (a key block: its keys at
+// or before each query of the row's 64-query block; a column: the queries at or after it),
+// written to *pairs (device). For the max_density check of a plan that stays on the device.
+cudaError_t MInferencePlanPairsGpu(const MInferenceIndexGpuParams& p, const int32_t* row_start,
+                                   const int32_t* key_blocks, const int32_t* column_start,
+                                   const int32_t* columns, unsigned long long* pairs,
+                                   cudaStream_t stream);
+
 }  // namespace sieve::kernels
 
 #endif  // SIEVE_KERNELS_SPARSE_MINFERENCE_CUDA_H_

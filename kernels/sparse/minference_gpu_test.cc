@@ -561,6 +561,28 @@ TEST(MInferenceGpuIndexTest, DevicePlanEqualsTheHostPlanOnTheSameScores) {
       EXPECT_EQ(got_kb, want.key_blocks) << what;
       EXPECT_EQ(got_cl, want.columns) << what;
       EXPECT_FALSE(want.columns.empty()) << what;
+      // The pairs the plan reads, counted on the device, against a count query by query.
+      DevBuf<unsigned long long> pairs(1);
+      ASSERT_EQ(MInferencePlanPairsGpu(ip, rs.ptr, kb.ptr, cs.ptr, cl.ptr, pairs.ptr, nullptr),
+                cudaSuccess);
+      unsigned long long got_pairs = 0;
+      ASSERT_EQ(cudaMemcpy(&got_pairs, pairs.ptr, sizeof(got_pairs), cudaMemcpyDeviceToHost),
+                cudaSuccess);
+      int64_t want_pairs = 0;
+      for (size_t r = 0; r < rows; ++r) {
+        const int first = n - sh.q_len, b = static_cast<int>(r) / heads;
+        for (int qp = first + 64 * b; qp < std::min(n, first + 64 * b + 64); ++qp) {
+          for (int i = want.row_start[r]; i < want.row_start[r + 1]; ++i) {
+            const int a = 64 * want.key_blocks[i];
+            want_pairs += std::max(0, std::min(qp + 1, a + 64) - a);
+          }
+          for (int i = want.column_start[r]; i < want.column_start[r + 1]; ++i) {
+            want_pairs += want.columns[i] <= qp ? 1 : 0;
+          }
+        }
+      }
+      EXPECT_EQ(static_cast<int64_t>(got_pairs), want_pairs) << what;
+      EXPECT_GT(want_pairs, 0) << what;
       ++checked;
     }
   }

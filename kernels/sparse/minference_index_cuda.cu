@@ -218,6 +218,43 @@ __global__ void __launch_bounds__(kScanThreads)
   ScanInto(l.ncols, rows, column_start, sm);
 }
 
+// The causal (query, key) pairs of key block [a, a + 64) for the queries at positions [p0, p1]
+// (attention_plan.cc's CausalKeysInBlock).
+__device__ __forceinline__ long long BlockPairs(long long p0, long long p1, long long a) {
+  constexpr long long kb = mi::kBlock;
+  if (p1 < a) return 0;
+  long long total = 0;
+  const long long lo = max(p0, a), hi = min(p1, a + kb - 1);
+  if (lo <= hi) total += (hi - lo + 1) * (lo - a + 1 + hi - a + 1) / 2;
+  const long long past = max(p0, a + kb);
+  if (past <= p1) total += (p1 - past + 1) * kb;
+  return total;
+}
+
+// One warp per row: its key blocks' and columns' causal pairs, summed over the warp, one atomic.
+__global__ void __launch_bounds__(kRowThreads)
+    PairsKernel(const MInferenceIndexGpuParams p, const int32_t* __restrict__ row_start,
+                const int32_t* __restrict__ key_blocks, const int32_t* __restrict__ column_start,
+                const int32_t* __restrict__ columns, unsigned long long* pairs) {
+  const int row = static_cast<int>((blockIdx.x * kRowThreads + threadIdx.x) / 32);
+  const int lane = threadIdx.x & 31;
+  long long sum = 0;
+  if (row < Rows(p)) {
+    const long long first = p.kv_len - p.q_len;
+    const long long p0 = first + static_cast<long long>(row / p.num_heads) * mi::kBlock;
+    const long long p1 = min(first + p.q_len - 1, p0 + mi::kBlock - 1);
+    for (int i = row_start[row] + lane; i < row_start[row + 1]; i += 32) {
+      sum += BlockPairs(p0, p1, static_cast<long long>(key_blocks[i]) * mi::kBlock);
+    }
+    for (int i = column_start[row] + lane; i < column_start[row + 1]; i += 32) {
+      sum += max(0LL, p1 - max(static_cast<long long>(columns[i]), p0) + 1);
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_down_sync(0xffffffffu, sum, o);
+  if (lane == 0 && sum != 0) atomicAdd(pairs, static_cast<unsigned long long>(sum));
+}
+
 bool Valid(const MInferenceIndexGpuParams& p) {
   if (p.vertical == nullptr || p.slash == nullptr || p.num_heads < 1 ||
       p.num_heads > kMInferenceIndexMaxHeads || p.q_len < 1 || p.kv_len < p.q_len) {
@@ -263,6 +300,22 @@ cudaError_t MInferenceIndexFillGpu(const MInferenceIndexGpuParams& p, const void
   const Layout l = LayoutOf(const_cast<void*>(workspace), p.num_heads, p.kv_len, rows);
   RowsKernel<true><<<(rows + kRowThreads - 1) / kRowThreads, kRowThreads, 0, stream>>>(
       p, l, row_start, column_start, key_blocks, columns);
+  return cudaGetLastError();
+}
+
+cudaError_t MInferencePlanPairsGpu(const MInferenceIndexGpuParams& p, const int32_t* row_start,
+                                   const int32_t* key_blocks, const int32_t* column_start,
+                                   const int32_t* columns, unsigned long long* pairs,
+                                   cudaStream_t stream) {
+  if (!Valid(p) || row_start == nullptr || column_start == nullptr || key_blocks == nullptr ||
+      columns == nullptr || pairs == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  const int64_t threads = int64_t{Rows(p)} * 32;
+  const cudaError_t e = cudaMemsetAsync(pairs, 0, sizeof(unsigned long long), stream);
+  if (e != cudaSuccess) return e;
+  PairsKernel<<<static_cast<unsigned>((threads + kRowThreads - 1) / kRowThreads), kRowThreads, 0,
+                stream>>>(p, row_start, key_blocks, column_start, columns, pairs);
   return cudaGetLastError();
 }
 

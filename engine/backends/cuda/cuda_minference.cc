@@ -1,10 +1,12 @@
 // The CUDA backend's MInference index (see cuda_backend.h): the vertical-slash scores of one
 // sequence on the device (kernels/sparse/minference_cuda.h), then the selection, section 1.6
 // conversion and plan assembly on the device too (MInferenceIndexCountGpu / FillGpu), only the
-// plan copied back (CudaBackendOptions::minference_index_on_device); otherwise, or for more than
-// kMInferenceIndexMaxHeads heads, the scores are copied back and the host builds the plan (kernels::minference::BuildPlanFromScores, threaded over heads). The
-// plan then runs through the mma.sync prefill kernel's 64-query-row mode (cuda_sparse.cc,
-// SparsePrefillAttention).
+// plan copied back (CudaBackendOptions::minference_index_on_device), or, when the caller asks
+// for it (MInferenceEstimate::device_plan) and the sequence is the step's only one, kept on the
+// device as an on_device plan with its pair count; otherwise, or for more than
+// kMInferenceIndexMaxHeads heads, the scores are copied back and the host builds the plan
+// (kernels::minference::BuildPlanFromScores, threaded over heads). The plan then runs through
+// the mma.sync prefill kernel's 64-query-row mode (cuda_sparse.cc, SparsePrefillAttention).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -30,10 +32,13 @@ namespace mi = kernels::minference;
 namespace {
 
 // The index built on the device (minference_cuda.h, MInferenceIndexCountGpu / FillGpu): the
-// scores stay there, the selection and the section 1.6 rows are made there, and only the plan
-// comes back (its two totals first, to size the arrays).
-absl::Status IndexOnDevice(CudaStream& s, const kernels::MInferenceVsGpuParams& p,
-                           const MInferenceEstimate& e, mi::MInferencePlan& out) {
+// scores stay there, the selection and the section 1.6 rows are made there (their two totals
+// come back first, to size the arrays). Then either the plan comes back into `out`, or (`dp`
+// non-null) it stays in index_dev as an on-device plan for the next Attention of `layer`: only
+// the pairs it reads (MInferencePlanPairsGpu) come back, for the max_density check.
+absl::Status IndexOnDevice(CudaStream& s, int32_t layer, const kernels::MInferenceVsGpuParams& p,
+                           const MInferenceEstimate& e, mi::MInferencePlan& out,
+                           AttentionPlan* dp) {
   kernels::MInferenceIndexGpuParams ip;
   ip.num_heads = p.num_q_heads;
   ip.q_len = p.q_len;
@@ -47,7 +52,7 @@ absl::Status IndexOnDevice(CudaStream& s, const kernels::MInferenceVsGpuParams& 
   const int32_t qblocks = (p.q_len + mi::kBlock - 1) / mi::kBlock;
   const size_t rows = static_cast<size_t>(qblocks) * p.num_q_heads;
   // Device: vertical, slash | the estimator's workspace, then the index's | row starts | column
-  // starts. Host (pinned): the two totals.
+  // starts. Host (pinned): the two totals, the on-device plan's query_block_start, the pairs.
   const size_t scores = Align256(2 * n * sizeof(float));
   const size_t starts = Align256((rows + 1) * sizeof(int32_t));
   const size_t ws = std::max(kernels::MInferenceVsGpuWorkspaceBytes(p),
@@ -72,7 +77,15 @@ absl::Status IndexOnDevice(CudaStream& s, const kernels::MInferenceVsGpuParams& 
                                              cudaMemcpyDeviceToHost, s.stream));
   SIEVE_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(s.stream));
   const size_t nb = static_cast<size_t>(totals[0]), nc = static_cast<size_t>(totals[1]);
-  const size_t need = Align256(nb * sizeof(int32_t)) + nc * sizeof(int32_t) + 256;
+  // index_dev: [query_block_start | row starts | column starts] (an on-device plan's) | key
+  // blocks | columns | pairs.
+  CudaStream::DevicePlan& d = s.device_plan;
+  d.ready = false;
+  const size_t off_rs = Align256(2 * sizeof(int32_t));
+  const size_t off_kb = dp != nullptr ? off_rs + 2 * starts : 0;
+  const size_t off_cl = off_kb + Align256(nb * sizeof(int32_t));
+  const size_t off_pairs = off_cl + Align256(nc * sizeof(int32_t));
+  const size_t need = off_pairs + sizeof(unsigned long long);
   if (need > s.index_dev_bytes) {  // the stream is idle: the copies above waited for it
     const size_t bytes = std::max(need, 2 * s.index_dev_bytes);
     SIEVE_RETURN_IF_CUDA_ERROR(cudaFree(s.index_dev));
@@ -81,10 +94,51 @@ absl::Status IndexOnDevice(CudaStream& s, const kernels::MInferenceVsGpuParams& 
     SIEVE_RETURN_IF_CUDA_ERROR(cudaMalloc(&s.index_dev, bytes));
     s.index_dev_bytes = bytes;
   }
-  int32_t* key_blocks = reinterpret_cast<int32_t*>(s.index_dev);
-  int32_t* columns = reinterpret_cast<int32_t*>(s.index_dev + Align256(nb * sizeof(int32_t)));
+  int32_t* key_blocks = reinterpret_cast<int32_t*>(s.index_dev + off_kb);
+  int32_t* columns = reinterpret_cast<int32_t*>(s.index_dev + off_cl);
+  if (dp != nullptr) {  // the starts move beside the lists, out of the scratch others reuse
+    d.index.query_block_start = 0;
+    d.index.row_start = off_rs;
+    d.index.column_start = off_rs + starts;
+    d.index.key_blocks = off_kb;
+    d.index.columns = off_cl;
+    totals[2] = 0;
+    totals[3] = qblocks;
+    SIEVE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(s.index_dev, totals + 2, 2 * sizeof(int32_t),
+                                               cudaMemcpyHostToDevice, s.stream));
+    SIEVE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(s.index_dev + d.index.row_start, row_start,
+                                               (rows + 1) * sizeof(int32_t),
+                                               cudaMemcpyDeviceToDevice, s.stream));
+    SIEVE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(s.index_dev + d.index.column_start, column_start,
+                                               (rows + 1) * sizeof(int32_t),
+                                               cudaMemcpyDeviceToDevice, s.stream));
+    row_start = reinterpret_cast<int32_t*>(s.index_dev + d.index.row_start);
+    column_start = reinterpret_cast<int32_t*>(s.index_dev + d.index.column_start);
+  }
   SIEVE_RETURN_IF_CUDA_ERROR(kernels::MInferenceIndexFillGpu(ip, ws_dev, row_start, column_start,
                                                              key_blocks, columns, s.stream));
+  if (dp != nullptr) {
+    auto* pairs = reinterpret_cast<unsigned long long*>(s.index_dev + off_pairs);
+    SIEVE_RETURN_IF_CUDA_ERROR(kernels::MInferencePlanPairsGpu(ip, row_start, key_blocks,
+                                                               column_start, columns, pairs,
+                                                               s.stream));
+    auto* host_pairs = reinterpret_cast<unsigned long long*>(s.sparse_host + 16);
+    SIEVE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(host_pairs, pairs, sizeof(*host_pairs),
+                                               cudaMemcpyDeviceToHost, s.stream));
+    SIEVE_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(s.stream));
+    d.ready = true;
+    d.prefill = true;
+    d.layer = layer;
+    dp->SetDense();
+    dp->dense = false;
+    dp->on_device = true;
+    dp->on_device_pairs = static_cast<int64_t>(*host_pairs);
+    dp->counted_pairs = dp->on_device_pairs;
+    dp->query_block = mi::kBlock;
+    dp->key_block = mi::kBlock;
+    dp->query_block_start.assign({0, qblocks});
+    return absl::OkStatus();
+  }
   out.query_block_start = {0, qblocks};
   out.row_start.resize(rows + 1);
   out.column_start.resize(rows + 1);
@@ -167,7 +221,9 @@ absl::Status CudaBackend::MInferenceIndex(BackendStream& stream, int32_t layer, 
     }
     if (options_.minference_index_on_device &&
         a.num_q_heads <= kernels::kMInferenceIndexMaxHeads) {
-      return IndexOnDevice(s, p, e, out);
+      AttentionPlan* dp = l.num_seqs() == 1 ? e.device_plan : nullptr;
+      if (dp != nullptr) dp->on_device = false;
+      return IndexOnDevice(s, layer, p, e, out, dp);
     }
     // Device: vertical, slash, then the estimator's workspace; host: vertical, slash.
     const size_t scores = 2 * n * sizeof(float);

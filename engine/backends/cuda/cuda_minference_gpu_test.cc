@@ -185,5 +185,82 @@ TEST(CudaMInferenceTest, ChunkedPrefillPlansRunAndMatchTheReference) {
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnimplemented) << refused.status();
 }
 
+// A step of one sequence keeps its index on the device (MInferenceEstimate::device_plan): the
+// on-device plan reads the pairs the host plan reads (counted on the device), and Attention with
+// it gives the host plan's output bit for bit (the same kernel over the same index); it runs
+// once. A step of two sequences gets a host plan even when asked.
+TEST(CudaMInferenceTest, OnDevicePlanEqualsTheHostPlan) {
+  auto created = CudaBackend::Create();
+  ASSERT_TRUE(created.ok()) << created.status();
+  CudaBackend& cuda = **created;
+  const AttentionShape shape{kHq, kHkv, kD};
+  std::mt19937_64 rng(Seed() + 1);
+  auto rope = TestRope(kD);
+  ASSERT_TRUE(rope.ok());
+  ASSERT_TRUE(cuda.AllocateKvCache(1, kPages, kPage, shape).ok());
+  auto stream = cuda.CreateStream({});
+  ASSERT_TRUE(stream.ok());
+  const std::vector<std::vector<int32_t>> pages = ShuffledPages({2000, 300}, kPages, kPage, rng);
+  std::vector<mi::HeadPattern> sparse(kHq, {mi::Pattern::kVerticalSlash, 40, 120});
+  sparse[0] = {mi::Pattern::kAShape, 16, 200};
+  const float scale = 1.0f / std::sqrt(static_cast<float>(kD));
+  for (const auto& [first, count] :
+       std::vector<std::pair<int, int>>{{0, 1200}, {1200, 800}}) {
+    const std::string step = "chunk at " + std::to_string(first);
+    const BatchLayout l = StepLayout({pages[0]}, {first}, {count}, kPage);
+    ASSERT_TRUE(cuda.BeginStep(**stream, l).ok());
+    auto qkv = RandomTensor(cuda, l.num_tokens(), (kHq + 2 * kHkv) * kD, rng);
+    ASSERT_TRUE(qkv.ok());
+    auto q = cuda.Allocate(l.num_tokens(), kHq * kD);
+    ASSERT_TRUE(q.ok());
+    ASSERT_TRUE(cuda.RopeAndCacheKv(**stream, 0, *qkv, shape, *rope, *q).ok());
+    auto host = StepPlan(cuda, **stream, *q, l, shape, sparse);
+    ASSERT_TRUE(host.ok()) << host.status();
+    auto host_out = cuda.Allocate(l.num_tokens(), kHq * kD);
+    ASSERT_TRUE(host_out.ok());
+    ASSERT_TRUE(cuda.Attention(**stream, 0, *q, shape, scale, *host, *host_out).ok()) << step;
+    MInferenceEstimate e;
+    e.seq = 0;
+    e.patterns = sparse;
+    AttentionPlan dev;
+    e.device_plan = &dev;
+    mi::MInferencePlan untouched;
+    ASSERT_TRUE(cuda.MInferenceIndex(**stream, 0, *q, shape, e, untouched).ok()) << step;
+    ASSERT_TRUE(dev.on_device) << step;
+    EXPECT_TRUE(untouched.row_start.empty()) << step;
+    ASSERT_TRUE(dev.Validate(l, kHq).ok()) << dev.Validate(l, kHq);
+    EXPECT_EQ(dev.ReadPairs(l, kHq), host->ReadPairs(l, kHq)) << step;
+    EXPECT_LT(dev.ReadPairs(l, kHq), DensePairs(l, kHq)) << step;
+    auto dev_out = cuda.Allocate(l.num_tokens(), kHq * kD);
+    ASSERT_TRUE(dev_out.ok());
+    ASSERT_TRUE(cuda.Attention(**stream, 0, *q, shape, scale, dev, *dev_out).ok()) << step;
+    std::vector<float> want(l.num_tokens() * kHq * kD), got(want.size());
+    ASSERT_TRUE(cuda.CopyToHost(**stream, *host_out, absl::MakeSpan(want)).ok());
+    ASSERT_TRUE(cuda.CopyToHost(**stream, *dev_out, absl::MakeSpan(got)).ok());
+    for (size_t i = 0; i < want.size(); ++i) {
+      ASSERT_EQ(got[i], want[i]) << step << ", element " << i;
+    }
+    // Run once: a second Attention with it is refused.
+    EXPECT_EQ(cuda.Attention(**stream, 0, *q, shape, scale, dev, *dev_out).code(),
+              absl::StatusCode::kInternal);
+  }
+  const BatchLayout two = StepLayout(pages, {0, 0}, {700, 300}, kPage);
+  ASSERT_TRUE(cuda.BeginStep(**stream, two).ok());
+  auto qkv = RandomTensor(cuda, two.num_tokens(), (kHq + 2 * kHkv) * kD, rng);
+  ASSERT_TRUE(qkv.ok());
+  auto q = cuda.Allocate(two.num_tokens(), kHq * kD);
+  ASSERT_TRUE(q.ok());
+  ASSERT_TRUE(cuda.RopeAndCacheKv(**stream, 0, *qkv, shape, *rope, *q).ok());
+  MInferenceEstimate e;
+  e.seq = 1;
+  e.patterns = sparse;
+  AttentionPlan dev;
+  e.device_plan = &dev;
+  mi::MInferencePlan host;
+  ASSERT_TRUE(cuda.MInferenceIndex(**stream, 0, *q, shape, e, host).ok());
+  EXPECT_FALSE(dev.on_device);
+  EXPECT_EQ(host.row_start.size(), static_cast<size_t>((300 + 63) / 64 * kHq + 1));
+}
+
 }  // namespace
 }  // namespace sieve::engine

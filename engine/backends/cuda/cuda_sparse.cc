@@ -165,6 +165,7 @@ absl::StatusOr<bool> QuestPlanOnDevice(CudaStream& s, int32_t layer, const Atten
   const size_t rows = static_cast<size_t>(seqs) * per_seq;
   CudaStream::DevicePlan& d = s.device_plan;
   d.ready = false;
+  d.prefill = false;
   d.layer = layer;
   d.stride = k;
   d.heads_per_block = a.num_q_heads / per_seq;
@@ -459,14 +460,17 @@ absl::Status CudaBackend::XAttentionSelect(BackendStream& stream, int32_t layer,
 namespace cuda_internal {
 namespace {
 
-// Block-sparse prefill: the plan's arrays to the device, then a prefill kernel sweeping only the
-// listed key blocks (kernels/attention/paged_prefill.h): the wgmma kernel for key blocks of whole
-// 128-key tiles (XAttention's 128 x 128 blocks), else the mma.sync kernel; MInference's plans
-// (64-query blocks, 64-key blocks, single columns) through the latter's 64-query-row mode.
+// Block-sparse prefill: the plan's arrays to the device (an on-device plan's are there), then a
+// prefill kernel sweeping only the listed key blocks (kernels/attention/paged_prefill.h): the
+// wgmma kernel for key blocks of whole 128-key tiles (XAttention's 128 x 128 blocks), else the
+// mma.sync kernel; MInference's plans (64-query blocks, 64-key blocks, single columns) through
+// the latter's 64-query-row mode.
 absl::Status SparsePrefillAttention(CudaStream& s, const AttentionPlan& plan,
                                     const kernels::PagedAttentionParams<bf16>& p, int num_sms) {
   const BatchLayout& l = *s.layout;
-  const bool columns = !plan.column_start.empty() && plan.column_start.back() != 0;
+  // An on-device plan is MInference's (cuda_minference.cc), which may list single columns.
+  const bool columns = plan.on_device ||
+                       (!plan.column_start.empty() && plan.column_start.back() != 0);
   constexpr int32_t kQueryTile = 128, kKeyTile = 64;
   const bool vs = plan.query_block == kKeyTile && plan.key_block == kKeyTile;
   if ((!vs && (plan.query_block != kQueryTile || plan.key_block % kKeyTile != 0 || columns)) ||
@@ -492,6 +496,22 @@ absl::Status SparsePrefillAttention(CudaStream& s, const AttentionPlan& plan,
       kernels::Plan(shape, num_sms,
                     !vs && plan.key_block % 128 == 0 ? kernels::PagedPrefillKernel::kWgmma
                                                      : kernels::PagedPrefillKernel::kMmaSync);
+  kernels::SparseAttentionIndex idx;
+  idx.query_block = plan.query_block;
+  idx.key_block = plan.key_block;
+  kernels::PagedAttentionParams<bf16> sp = p;
+  sp.sparse = &idx;
+  if (plan.on_device) {
+    const auto& o = s.device_plan.index;
+    const auto at = [&](size_t off) { return reinterpret_cast<const int32_t*>(s.index_dev + off); };
+    idx.query_block_start = at(o.query_block_start);
+    idx.row_start = at(o.row_start);
+    idx.key_blocks = at(o.key_blocks);
+    idx.column_start = at(o.column_start);
+    idx.columns = at(o.columns);
+    SIEVE_RETURN_IF_CUDA_ERROR(kernels::PagedPrefillRun(sp, pplan, nullptr, s.stream));
+    return absl::OkStatus();
+  }
   const size_t qbs = plan.query_block_start.size() * sizeof(int32_t);
   const size_t rs = plan.row_start.size() * sizeof(int32_t);
   const size_t kb = plan.key_blocks.size() * sizeof(int32_t);
@@ -512,9 +532,6 @@ absl::Status SparsePrefillAttention(CudaStream& s, const AttentionPlan& plan,
   SIEVE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(s.sparse_dev, s.sparse_host, bytes,
                                              cudaMemcpyHostToDevice, s.stream));
   SIEVE_RETURN_IF_CUDA_ERROR(cudaEventRecord(s.sparse_copied, s.stream));
-  kernels::SparseAttentionIndex idx;
-  idx.query_block = plan.query_block;
-  idx.key_block = plan.key_block;
   idx.query_block_start = reinterpret_cast<const int32_t*>(s.sparse_dev);
   idx.row_start = reinterpret_cast<const int32_t*>(s.sparse_dev + off_rs);
   idx.key_blocks = reinterpret_cast<const int32_t*>(s.sparse_dev + off_kb);
@@ -522,8 +539,6 @@ absl::Status SparsePrefillAttention(CudaStream& s, const AttentionPlan& plan,
     idx.column_start = reinterpret_cast<const int32_t*>(s.sparse_dev + off_cs);
     idx.columns = reinterpret_cast<const int32_t*>(s.sparse_dev + off_cl);
   }
-  kernels::PagedAttentionParams<bf16> sp = p;
-  sp.sparse = &idx;
   SIEVE_RETURN_IF_CUDA_ERROR(kernels::PagedPrefillRun(sp, pplan, nullptr, s.stream));
   return absl::OkStatus();
 }
@@ -536,13 +551,15 @@ absl::Status SparseDecodeAttention(CudaStream& s, int32_t layer, const Attention
   SIEVE_RETURN_IF_ERROR(plan.Validate(l, p.num_q_heads));
   if (plan.on_device) {
     CudaStream::DevicePlan& d = s.device_plan;
-    if (!d.ready || d.layer != layer || s.max_q_len != 1) {
+    if (!d.ready || d.layer != layer || d.prefill != (s.max_q_len > 1)) {
       return absl::InternalError(absl::StrCat(
           "cuda backend: an on-device plan runs in the Attention call of the layer whose "
-          "PlanQuestPages made it, in the same step (layer ", layer, ", plan of layer ", d.layer,
-          d.ready ? "" : ", already run or none", ")"));
+          "PlanQuestPages or MInferenceIndex made it, in the same step (layer ", layer,
+          ", plan of layer ", d.layer, d.ready ? "" : ", already run or none",
+          d.prefill ? ", a prefill plan" : ", a decode plan", ")"));
     }
     d.ready = false;
+    if (d.prefill) return SparsePrefillAttention(s, plan, p, num_sms);
     const kernels::PagedDecodeShape shape =
         DevicePlanShape(s, AttentionShape{p.num_q_heads, p.num_kv_heads, p.head_dim});
     const kernels::PagedDecodePlan dplan = kernels::Plan(shape, num_sms);

@@ -164,20 +164,29 @@ struct CudaStream final : BackendStream {
   char* sparse_host = nullptr;
   size_t sparse_host_bytes = 0;
   cudaEvent_t sparse_copied = nullptr;  // recorded after the last copy out of sparse_host
-  // MInference's index built on the device (cuda_minference.cc): its key blocks and columns,
-  // grown as a step needs (after waiting for the stream), then copied into the host plan.
+  // MInference's index built on the device (cuda_minference.cc): its row starts, key blocks and
+  // columns, grown as a step needs (after waiting for the stream); copied into the host plan,
+  // or kept there as an on-device prefill plan.
   char* index_dev = nullptr;
   size_t index_dev_bytes = 0;
-  // A Quest plan kept on the device (AttentionPlan::on_device): PlanQuestPages wrote each row's
-  // page ids and token count into sparse_dev at these offsets, with room for the decode
-  // workspace after them; the next Attention of the same layer runs it and clears `ready`.
+  // A plan kept on the device (AttentionPlan::on_device); the next Attention of the same layer
+  // runs it and clears `ready`. Quest (decode): PlanQuestPages wrote each row's page ids and
+  // token count into sparse_dev at `tables` / `lens`, with room for the decode workspace after
+  // them. MInference (`prefill`): the sparse index's arrays are in index_dev at `index`'s
+  // offsets.
   struct DevicePlan {
     bool ready = false;
+    bool prefill = false;  // MInference's rows in index_dev, not Quest's tables
     int32_t layer = -1;
     size_t tables = 0, lens = 0, workspace = 0;  // byte offsets into sparse_dev
     int32_t stride = 0;           // table entries per row (the page budget)
     int32_t heads_per_block = 1;  // query heads per row (the group with per-KV-head selection)
     int32_t max_kv_len = 0;       // the most tokens a row holds (for the decode plan)
+    // Byte offsets into index_dev of the prefill plan's query_block_start, row_start,
+    // key_blocks, column_start and columns.
+    struct {
+      size_t query_block_start = 0, row_start = 0, key_blocks = 0, column_start = 0, columns = 0;
+    } index;
   } device_plan;
   // Graph steps: one slot per sequence count; `graph` is the slot of the step in progress.
   std::map<int32_t, std::unique_ptr<GraphSlot>> graph_slots;
@@ -228,8 +237,8 @@ absl::StatusOr<const int32_t*> UploadDecodeTables(CudaStream& s, size_t table_by
 // (Quest) through compacted per-row page tables and PagedDecodeSparseRun (an on_device plan:
 // the tables PlanQuestPages left in s.device_plan). Other steps: plans of 128-query
 // blocks and 64-key-tile key blocks (XAttention), or of 64-query and 64-key blocks with single
-// columns (MInference), through the block-sparse mma.sync prefill kernel. Unimplemented for
-// plans neither takes (other block sizes).
+// columns (MInference; an on_device plan: the index MInferenceIndex left in index_dev), through
+// the block-sparse prefill kernels. Unimplemented for plans neither takes (other block sizes).
 absl::Status SparseDecodeAttention(CudaStream& s, int32_t layer, const AttentionPlan& plan,
                                    const kernels::PagedAttentionParams<__nv_bfloat16>& p,
                                    int num_sms);
