@@ -9,7 +9,8 @@ are expanded to 32 heads and the row says so. FLOPs = 4 * N^2 * d * Hq / 2. Each
 median of at least 10 timed calls (5 when a call takes over 100 ms) after warm-up, each timed with
 CUDA events. Inputs are seeded random normal bf16.
 
-usage: prefill_attention_baseline.py [--json FILE] [--seed N] [--max-n N]
+usage: prefill_attention_baseline.py [--json FILE] [--seed N] [--max-n N] [--ns N,N,...]
+                                    [--backends cudnn,flash]
 """
 import argparse
 import json
@@ -79,6 +80,9 @@ def main():
     parser.add_argument("--json")
     parser.add_argument("--seed", type=int, default=20261123)
     parser.add_argument("--max-n", type=int, default=131072)
+    parser.add_argument("--ns", default="8192,32768,131072",
+                        help="comma-separated lengths (those above --max-n are skipped)")
+    parser.add_argument("--backends", default="cudnn,flash", help="comma-separated: cudnn, flash")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     print(f"torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, "
@@ -87,7 +91,8 @@ def main():
     print(f"ceilings: bf16 GEMM 8192^3 {gemm:.1f} TFLOP/s; device copy {copy:.2f} TB/s")
     rows = []
     print(f"{'N':>7} {'backend':>8} {'iters':>5} {'median_ms':>10} {'TFLOP/s':>8}  note")
-    for n in (8192, 32768, 131072):
+    wanted = set(args.backends.split(","))
+    for n in (int(x) for x in args.ns.split(",")):
         if n > args.max_n:
             continue
         q = torch.randn(1, Q_HEADS, n, DIM, device="cuda", dtype=torch.bfloat16)
@@ -96,6 +101,8 @@ def main():
         flops = 4.0 * n * n * DIM * Q_HEADS / 2
         for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION),
                               ("flash", SDPBackend.FLASH_ATTENTION)):
+            if name not in wanted:
+                continue
             try:
                 ms, iters, note = run_backend(backend, q, k, v)
                 tflops = flops / (ms * 1e-3) / 1e12

@@ -32,8 +32,11 @@
 // are timed over at most 3 runs (dense_mma takes ~0.7 s a call at 128K). Each length's wall
 // time (inputs, uploads, checks included) is printed.
 //
+// --lean times the production path alone (est_it, select, sparse on wgmma, one dense wgmma run;
+// no host selection, no checks), for lengths the full run cannot fit in a call (512K).
+//
 //   usage: xattention_prefill_gpu_bench [--iters N] [--tau T] [--tokens N[,N...]]
-//                                       [--no-cuda-core]
+//                                       [--no-cuda-core] [--lean]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -77,29 +80,39 @@ __nv_bfloat16* UploadBf16(const std::vector<float>& f) {
   return reinterpret_cast<__nv_bfloat16*>(Upload(h));
 }
 
-bool RunLength(int tokens, int iters, double tau, int sms, bool cuda_core, bool first) {
+// One layer's inputs on the device (structured, pages in order: page j holds positions
+// [16 j, 16 j + 16); the generator's [tokens, heads, d] rows are exactly the cache layout) and
+// the dense prefill parameters over them.
+struct Layer {
+  __nv_bfloat16 *q = nullptr, *k = nullptr, *v = nullptr, *out = nullptr;
+  int32_t *d_table = nullptr, *d_kv = nullptr, *d_qs = nullptr;
+  PagedAttentionParams<__nv_bfloat16> p;
+};
+
+Layer MakeLayer(int tokens, bool first) {
   sieve::bench::StructuredAttentionParams sp;
   sp.tokens = tokens;
   const sieve::bench::StructuredAttention in = sieve::bench::MakeStructuredAttention(sp);
   if (first) std::printf("inputs: %s\n", sp.Describe().c_str());
-  // Pages in order: page j holds positions [16 j, 16 j + 16); the generator's [tokens, heads, d]
-  // rows are exactly the cache layout.
   const int pages = tokens / kPage;
   std::vector<int32_t> table(pages);
   for (int i = 0; i < pages; ++i) table[i] = i;
-  __nv_bfloat16 *q = UploadBf16(in.q), *k = UploadBf16(in.k), *v = UploadBf16(in.v), *out;
-  CHECK_CUDA(cudaMalloc(&out, in.q.size() * 2));
-  int32_t* d_table = Upload(table);
-  int32_t* d_kv = Upload(std::vector<int32_t>{tokens});
-  int32_t* d_qs = Upload(std::vector<int32_t>{0, tokens});
-  PagedAttentionParams<__nv_bfloat16> p;
-  p.q = q;
-  p.k_cache = k;
-  p.v_cache = v;
-  p.out = out;
-  p.page_table = d_table;
-  p.kv_lens = d_kv;
-  p.query_start = d_qs;
+  Layer l;
+  l.q = UploadBf16(in.q);
+  l.k = UploadBf16(in.k);
+  l.v = UploadBf16(in.v);
+  CHECK_CUDA(cudaMalloc(&l.out, in.q.size() * 2));
+  l.d_table = Upload(table);
+  l.d_kv = Upload(std::vector<int32_t>{tokens});
+  l.d_qs = Upload(std::vector<int32_t>{0, tokens});
+  PagedAttentionParams<__nv_bfloat16>& p = l.p;
+  p.q = l.q;
+  p.k_cache = l.k;
+  p.v_cache = l.v;
+  p.out = l.out;
+  p.page_table = l.d_table;
+  p.kv_lens = l.d_kv;
+  p.query_start = l.d_qs;
   p.page_table_stride = pages;
   p.num_seqs = 1;
   p.num_q_heads = kHq;
@@ -107,6 +120,96 @@ bool RunLength(int tokens, int iters, double tau, int sms, bool cuda_core, bool 
   p.head_dim = kD;
   p.page_size = kPage;
   p.scale = 0.08838834764f;
+  return l;
+}
+
+void FreeLayer(Layer& l) {
+  for (void* ptr : {static_cast<void*>(l.q), static_cast<void*>(l.k), static_cast<void*>(l.v),
+                    static_cast<void*>(l.out), static_cast<void*>(l.d_table),
+                    static_cast<void*>(l.d_kv), static_cast<void*>(l.d_qs)}) {
+    CHECK_CUDA(cudaFree(ptr));
+  }
+}
+
+// --lean: the production path only (the estimate with independent tiles, the device selection,
+// the wgmma block-sparse kernel) and one dense wgmma run, no host selection and no checks: what
+// fits a long length (512K) in a device call. Density from the device index's total.
+void RunLean(int tokens, int iters, double tau, int sms, bool first) {
+  Layer l = MakeLayer(tokens, first);
+  const PagedPrefillShape shape{1, kHq, kHkv, kD, tokens};
+  const PagedPrefillPlan wg = Plan(shape, sms, PagedPrefillKernel::kWgmma);
+  const double dense_wg = MedianMs(1, [&] { CHECK_CUDA(PagedPrefillRun(l.p, wg, nullptr, nullptr)); });
+  XAttentionGpuParams xp;
+  xp.q = l.q;
+  xp.q_row_stride = kHq * kD;
+  xp.k_cache = l.k;
+  xp.page_table = l.d_table;
+  xp.page_size = kPage;
+  xp.num_q_heads = kHq;
+  xp.num_kv_heads = kHkv;
+  xp.head_dim = kD;
+  xp.q_len = tokens;
+  xp.kv_len = tokens;
+  xp.stride = kStride;
+  xp.block_size = kBlock;
+  xp.tensor_cores = true;
+  xp.wgmma = true;
+  xp.independent_tiles = true;
+  const int blocks = tokens / kBlock;
+  const size_t n_mass = static_cast<size_t>(kHq) * blocks * blocks;
+  float *d_mass = nullptr, *d_ws = nullptr;
+  CHECK_CUDA(cudaMalloc(&d_mass, n_mass * 4));
+  CHECK_CUDA(cudaMalloc(&d_ws, XAttentionGpuWorkspaceBytes(xp)));
+  xp.workspace = d_ws;
+  const double est_it = MedianMs(iters, [&] { CHECK_CUDA(XAttentionBlockMassGpu(xp, d_mass, nullptr)); });
+  CHECK_CUDA(cudaFree(d_ws));
+  XAttentionSelectGpuParams selp;
+  selp.num_q_heads = kHq;
+  selp.first_query_block = 0;
+  selp.q_blocks = blocks;
+  selp.k_blocks = blocks;
+  selp.threshold = tau;
+  int32_t *d_count, *d_sel, *d_rs, *d_kb;
+  CHECK_CUDA(cudaMalloc(&d_count, static_cast<size_t>(kHq) * blocks * 4));
+  CHECK_CUDA(cudaMalloc(&d_sel, n_mass * 4));
+  CHECK_CUDA(cudaMalloc(&d_rs, (static_cast<size_t>(kHq) * blocks + 1) * 4));
+  CHECK_CUDA(cudaMalloc(&d_kb, n_mass * 4));
+  const double select_ms = MedianMs(iters, [&] {
+    CHECK_CUDA(XAttentionSelectGpu(selp, d_mass, d_count, d_sel, nullptr));
+    CHECK_CUDA(XAttentionBuildIndexGpu(selp, d_count, d_sel, d_rs, d_kb, nullptr));
+  });
+  int32_t total_blocks = 0;
+  CHECK_CUDA(cudaMemcpy(&total_blocks, d_rs + static_cast<size_t>(kHq) * blocks, 4,
+                        cudaMemcpyDeviceToHost));
+  const double density = total_blocks / (static_cast<double>(kHq) * blocks * (blocks + 1) / 2);
+  int32_t* d_qbs = Upload(std::vector<int32_t>{0, blocks});
+  SparseAttentionIndex idx;
+  idx.query_block = kBlock;
+  idx.key_block = kBlock;
+  idx.query_block_start = d_qbs;
+  idx.row_start = d_rs;
+  idx.key_blocks = d_kb;
+  PagedAttentionParams<__nv_bfloat16> ps = l.p;
+  ps.sparse = &idx;
+  const double sparse_wg = MedianMs(iters, [&] { CHECK_CUDA(PagedPrefillRun(ps, wg, nullptr, nullptr)); });
+  const double total = est_it + select_ms + sparse_wg;
+  std::printf("lean %6d: estimate (independent tiles) %.3f ms + select %.3f ms + sparse (wgmma) "
+              "%.3f ms = %.3f ms at density %.2f%%; dense wgmma %.2f ms (1 run): %.2fx\n",
+              tokens, est_it, select_ms, sparse_wg, total, 100 * density, dense_wg,
+              dense_wg / total);
+  for (void* ptr : {static_cast<void*>(d_mass), static_cast<void*>(d_qbs), static_cast<void*>(d_rs),
+                    static_cast<void*>(d_kb), static_cast<void*>(d_count),
+                    static_cast<void*>(d_sel)}) {
+    CHECK_CUDA(cudaFree(ptr));
+  }
+  FreeLayer(l);
+}
+
+bool RunLength(int tokens, int iters, double tau, int sms, bool cuda_core, bool first) {
+  Layer layer = MakeLayer(tokens, first);
+  const PagedAttentionParams<__nv_bfloat16>& p = layer.p;
+  __nv_bfloat16 *q = layer.q, *k = layer.k, *out = layer.out;
+  int32_t* d_table = layer.d_table;
   const PagedPrefillShape shape{1, kHq, kHkv, kD, tokens};
   const PagedPrefillPlan wg = Plan(shape, sms, PagedPrefillKernel::kWgmma);
   const PagedPrefillPlan mma = Plan(shape, sms, PagedPrefillKernel::kMmaSync);
@@ -301,13 +404,12 @@ bool RunLength(int tokens, int iters, double tau, int sms, bool cuda_core, bool 
               select_host, sparse, 100 * density, dense_wg / total,
               dense_wg / (est_1sw + select_ms + sparse), dense_wg / (est_wg + select_ms + sparse),
               dense_mma / sparse, dense_mma / (sparse / density), est_tflops);
-  for (void* ptr : {static_cast<void*>(q), static_cast<void*>(k), static_cast<void*>(v),
-                    static_cast<void*>(out), static_cast<void*>(d_table), static_cast<void*>(d_kv),
-                    static_cast<void*>(d_qs), static_cast<void*>(d_mass), static_cast<void*>(d_qbs),
+  for (void* ptr : {static_cast<void*>(d_mass), static_cast<void*>(d_qbs),
                     static_cast<void*>(d_rs), static_cast<void*>(d_kb), static_cast<void*>(d_count),
                     static_cast<void*>(d_sel)}) {
     CHECK_CUDA(cudaFree(ptr));
   }
+  FreeLayer(layer);
   return ok;
 }
 
@@ -316,7 +418,7 @@ bool RunLength(int tokens, int iters, double tau, int sms, bool cuda_core, bool 
 int main(int argc, char** argv) {
   int iters = 10;
   double tau = 0.9;
-  bool cuda_core = true;
+  bool cuda_core = true, lean = false;
   std::vector<int> lengths = {16384, 32768};
   for (int i = 1; i < argc; ++i) {
     const bool has_value = i + 1 < argc;
@@ -328,8 +430,11 @@ int main(int argc, char** argv) {
       lengths = sieve::bench::ParseInts(argv[++i]);
     } else if (!std::strcmp(argv[i], "--no-cuda-core")) {
       cuda_core = false;
+    } else if (!std::strcmp(argv[i], "--lean")) {
+      lean = true;
     } else {
-      std::fprintf(stderr, "usage: %s [--iters N] [--tau T] [--tokens N[,N...]] [--no-cuda-core]\n",
+      std::fprintf(stderr,
+                   "usage: %s [--iters N] [--tau T] [--tokens N[,N...]] [--no-cuda-core] [--lean]\n",
                    argv[0]);
       return 2;
     }
@@ -349,6 +454,15 @@ int main(int argc, char** argv) {
   std::printf("device %s, %d SMs; Llama-3.1-8B layer, XAttention S=%d B=%d tau=%.2f; ms "
               "(select_host: the host selection, once; est_TF: the estimate's TFLOP/s)\n",
               prop.name, sms, kStride, kBlock, tau);
+  if (lean) {
+    for (size_t i = 0; i < lengths.size(); ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      RunLean(lengths[i], iters, tau, sms, i == 0);
+      std::printf("wall %6d: %.1f s\n", lengths[i],
+                  std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    return 0;
+  }
   std::printf("%6s %11s %9s %9s %9s %9s %9s %9s %8s %11s %8s %8s %9s %9s %9s %10s %11s %8s\n",
               "tokens", "dense_wgmma", "dense_mma", "estimate", "est_n128", "est_1sw", "est_wg",
               "est_cuda", "select", "select_host", "sparse", "density", "end2end", "e2e_1sw",

@@ -1,12 +1,14 @@
 // XAttention's block-mass estimator on the GPU (xattention_cuda.h) against the fp64 reference
 // XAttentionBlockMassRef on the same bf16 values (label `gpu`): lengths not multiples of S or B,
-// chunks aligned to B and not, GQA and MHA, d 64 and 128, strides 4, 8 and 16; then the
+// chunks aligned to B and not, GQA and MHA, d 64 and 128, strides 4, 8, 16 and 32 (key groups
+// across pages: the independent-tile kernel's page-table path); then the
 // threshold selection (XAttentionSelectBlocks, shared with the CPU path) on both; then the
 // device selection (XAttentionSelectGpu) and index (XAttentionBuildIndexGpu) against the host's
 // on the same masses, exactly: on the estimator's masses at several thresholds, and on masses
 // full of ties. The cases include the benchmark's shape (32 query heads, 8 KV heads, d 128,
 // S 16, B 128) at 4K tokens, 16K tokens with 8 heads, a 16K prompt's last 4K chunk, and row-tile
-// counts 1, 2, 3 and 8 of the tensor-core kernel (128 query groups per tile).
+// counts 1, 2, 3, 8 and 10 of the tensor-core kernel (128 query groups per tile; the
+// independent-tile kernel's bands hold 8).
 //
 // Tolerance, derived as the CPU fast path's (xattention_test.cc): fp32 accumulation of S * d
 // products errs by at most gamma_{S d} sum |q_e k_e| <= gamma_{S d} |Q_a| |K_b| (Cauchy-Schwarz
@@ -374,7 +376,9 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{4, 2, 64, 5000, 1700, 4, 128},     // d 64, chunk inside a block, R 32
                       Case{32, 8, 128, 4096, 4096, 16, 128},  // the benchmark's heads at 4K
                       Case{8, 2, 128, 16384, 16384, 16, 128}, // 16K tokens: 8 row tiles
-                      Case{8, 2, 128, 16384, 4096, 16, 128})); // a 16K prompt's last 4K chunk
+                      Case{8, 2, 128, 16384, 4096, 16, 128},  // a 16K prompt's last 4K chunk
+                      Case{4, 1, 64, 20000, 7000, 16, 128},   // 10 row tiles: 2 bands of 8
+                      Case{4, 2, 128, 3000, 1100, 32, 128})); // S 32: groups span 2 pages
 
 }  // namespace
 }  // namespace sieve::kernels

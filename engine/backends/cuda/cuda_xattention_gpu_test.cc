@@ -89,8 +89,10 @@ void ExpectDeviceSelectionEqualsHost(CudaBackend& cuda, BackendStream& stream, c
       const double eps = 1e-5 * total;
       if (tau <= 1.0) {
         EXPECT_GE(kept, tau * total - eps) << at;
-        if (lightest < 1e300) EXPECT_LT(kept - lightest, tau * total + eps) << at;
-        if (lightest < 1e300) EXPECT_LE(heaviest_out, lightest + eps) << at;
+        if (lightest < 1e300) {
+          EXPECT_LT(kept - lightest, tau * total + eps) << at;
+          EXPECT_LE(heaviest_out, lightest + eps) << at;
+        }
       } else {
         EXPECT_EQ(got, want) << at;
       }
