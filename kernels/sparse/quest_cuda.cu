@@ -84,36 +84,50 @@ __global__ void __launch_bounds__(kScoreThreads) QuestScoreKernel(const QuestSel
   const int c0 = lane * kPerLane;
   const int32_t* pages = p.page_table + static_cast<int64_t>(seq) * p.page_table_stride;
   const int rows_per_seq = p.per_kv_head ? p.num_kv_heads : p.num_q_heads;
-  for (int j = (blockIdx.x * 4 + warp); j < scored; j += gridDim.x * 4) {
-    const int64_t id = pages[j];
-    const __nv_bfloat16* mx = p.bounds + (id * p.num_kv_heads + g) * 2 * kD + c0;
-    const __nv_bfloat16* mn = mx + kD;
-    float fx[kPerLane], fn[kPerLane];
+  // kUnroll pages per warp per step, their bounds loaded before any is scored: a warp keeps
+  // kUnroll pages' reads in flight instead of one (one page at a time measured 31 us at 128K,
+  // a third of the copy rate).
+  constexpr int kUnroll = 4;
+  const int step = gridDim.x * 4;
+  for (int j0 = blockIdx.x * 4 + warp; j0 < scored; j0 += kUnroll * step) {
+    float fx[kUnroll][kPerLane], fn[kUnroll][kPerLane];
 #pragma unroll
-    for (int c = 0; c < kPerLane; c += 2) {
-      const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(mx + c));
-      const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(mn + c));
-      fx[c] = a.x;
-      fx[c + 1] = a.y;
-      fn[c] = b.x;
-      fn[c + 1] = b.y;
-    }
-    float best = -INFINITY;
-    for (int h = 0; h < group; ++h) {
-      const float* qh = sm_q + h * kD + c0;
-      float u = 0.0f;
+    for (int u = 0; u < kUnroll; ++u) {
+      const int j = j0 + u * step;
+      const int64_t id = pages[j < scored ? j : j0];
+      const __nv_bfloat16* mx = p.bounds + (id * p.num_kv_heads + g) * 2 * kD + c0;
+      const __nv_bfloat16* mn = mx + kD;
 #pragma unroll
-      for (int c = 0; c < kPerLane; ++c) u += fmaxf(qh[c] * fx[c], qh[c] * fn[c]);
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) u += __shfl_xor_sync(0xffffffffu, u, off);
-      if (p.per_kv_head) {
-        best = fmaxf(best, u);
-      } else if (lane == 0) {
-        scores[(static_cast<int64_t>(seq) * rows_per_seq + g * group + h) * stride + j] = u;
+      for (int c = 0; c < kPerLane; c += 2) {
+        const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(mx + c));
+        const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(mn + c));
+        fx[u][c] = a.x;
+        fx[u][c + 1] = a.y;
+        fn[u][c] = b.x;
+        fn[u][c + 1] = b.y;
       }
     }
-    if (p.per_kv_head && lane == 0) {
-      scores[(static_cast<int64_t>(seq) * rows_per_seq + g) * stride + j] = best;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int j = j0 + u * step;
+      if (j >= scored) break;  // warp-uniform
+      float best = -INFINITY;
+      for (int h = 0; h < group; ++h) {
+        const float* qh = sm_q + h * kD + c0;
+        float v = 0.0f;
+#pragma unroll
+        for (int c = 0; c < kPerLane; ++c) v += fmaxf(qh[c] * fx[u][c], qh[c] * fn[u][c]);
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+        if (p.per_kv_head) {
+          best = fmaxf(best, v);
+        } else if (lane == 0) {
+          scores[(static_cast<int64_t>(seq) * rows_per_seq + g * group + h) * stride + j] = v;
+        }
+      }
+      if (p.per_kv_head && lane == 0) {
+        scores[(static_cast<int64_t>(seq) * rows_per_seq + g) * stride + j] = best;
+      }
     }
   }
 }
