@@ -10,6 +10,9 @@
 //   quest_decode_bench [--threads N] [--contexts 32768,131072] [--batches 1,8] [--budget 4096]
 //                      [--reps 5] [--max_kv_gb 10] [--shape llama8b|embedded]
 //                      [--kv-dtype float32|bfloat16] [--bounds float32|bfloat16]
+//                      [--huge-pages 1|0]
+// --huge-pages 0 allocates K and V without the transparent-huge-page advice the cpu backend's
+// KV pool gets (kernels/cpu/lazy_zero_allocator.h), for the comparison.
 // --kv-dtype bfloat16 stores K and V as bfloat16 (the cpu backend's kv_cache.dtype bfloat16):
 // attention reads the 16-bit rows, the page bounds are those of the rounded keys.
 // --bounds bfloat16 keeps Quest's page bounds as bfloat16 (quest.h bf16_bounds: half the bytes).
@@ -31,6 +34,7 @@
 #include "kernels/attention/paged_attention.h"
 #include "kernels/attention/paged_attention_cpu.h"
 #include "kernels/cpu/half.h"
+#include "kernels/cpu/lazy_zero_allocator.h"
 #include "kernels/cpu/parallel_for.h"
 #include "kernels/sparse/quest.h"
 
@@ -82,14 +86,21 @@ struct Problem {
   bool aliased;
   bool bf16;  // K and V also as bfloat16 (k16, v16), which attention then reads
   bool bf16_bounds = false;
-  std::vector<float> q, k, v, out, bounds;
-  std::vector<uint16_t> k16, v16;
+  // K and V as the cpu backend's KV pool holds them (LazyZeroAllocator: huge-page advised
+  // unless --huge-pages 0).
+  std::vector<float, kernels::LazyZeroAllocator<float>> k, v;
+  std::vector<uint16_t, kernels::LazyZeroAllocator<uint16_t>> k16, v16;
+  std::vector<float> q, out, bounds;
   std::vector<int32_t> page_table, kv_lens, query_start;
 
   Problem(bench::LayerShape shape, int batch, int context, double max_kv_gb, bool kv_bf16,
-          bool bounds_bf16)
+          bool bounds_bf16, bool huge_pages)
       : seqs(batch), ctx(context), hq(shape.q_heads), hkv(shape.kv_heads), dim(shape.head_dim),
-        bf16(kv_bf16), bf16_bounds(bounds_bf16) {
+        bf16(kv_bf16), bf16_bounds(bounds_bf16),
+        k(kernels::LazyZeroAllocator<float>(huge_pages)),
+        v(kernels::LazyZeroAllocator<float>(huge_pages)),
+        k16(kernels::LazyZeroAllocator<uint16_t>(huge_pages)),
+        v16(kernels::LazyZeroAllocator<uint16_t>(huge_pages)) {
     pages_per_seq = (context + kPage - 1) / kPage;
     const double kv_gb = 2.0 * batch * pages_per_seq * kPage * hkv * dim * 4 / 1e9;
     aliased = kv_gb > max_kv_gb;
@@ -217,8 +228,8 @@ struct Times {
 // One table row: dense, then Quest per query head, per KV head attended per row and grouped,
 // interleaved in each of `reps` repetitions after a warm-up round. bw: read bandwidth, bytes/s.
 void RunRow(bench::LayerShape shape, int ctx, int batch, int budget, int reps, int threads,
-            double max_kv_gb, double bw, bool kv_bf16, bool bounds_bf16) {
-  Problem pr(shape, batch, ctx, max_kv_gb, kv_bf16, bounds_bf16);
+            double max_kv_gb, double bw, bool kv_bf16, bool bounds_bf16, bool huge_pages) {
+  Problem pr(shape, batch, ctx, max_kv_gb, kv_bf16, bounds_bf16, huge_pages);
   const double kv_bytes =
       2.0 * batch * ctx * shape.kv_heads * shape.head_dim * (kv_bf16 ? 2 : sizeof(float));
   std::vector<int32_t> qbs(batch + 1);
@@ -272,6 +283,7 @@ int Main(int argc, char** argv) {
   std::vector<int> contexts = {32768, 131072}, batches = {1, 8};
   bench::LayerShape shape = bench::kLlama31_8B;
   std::string shape_name = "llama8b", kv_dtype = "float32", bounds_dtype = "float32";
+  bool huge_pages = true;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
     if (a == "--threads") threads = std::atoi(argv[i + 1]);
@@ -283,6 +295,7 @@ int Main(int argc, char** argv) {
     else if (a == "--shape") shape_name = argv[i + 1];
     else if (a == "--kv-dtype") kv_dtype = argv[i + 1];
     else if (a == "--bounds") bounds_dtype = argv[i + 1];
+    else if (a == "--huge-pages") huge_pages = std::atoi(argv[i + 1]) != 0;
     else {
       std::fprintf(stderr, "unknown flag %s\n", a.c_str());
       return 2;
@@ -308,11 +321,19 @@ int Main(int argc, char** argv) {
     std::fprintf(stderr, "--reps must be >= 1 and --budget >= %d\n", 2 * kPage);
     return 2;
   }
+  std::string thp = "unknown";
+  if (FILE* f = std::fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r")) {
+    char line[128] = {};
+    if (std::fgets(line, sizeof(line), f) != nullptr) thp = line;
+    std::fclose(f);
+    while (!thp.empty() && thp.back() == '\n') thp.pop_back();
+  }
   std::printf("threads %d, simd %s, layer %s %dq/%dkv x %d, page %d, %s KV, %s bounds, "
-              "budget %d, median of %d after one warm-up, variants interleaved\n",
+              "budget %d, median of %d after one warm-up, variants interleaved; K/V %s "
+              "(transparent huge pages: %s)\n",
               threads, PagedAttentionCpuTarget(), shape_name.c_str(), shape.q_heads,
               shape.kv_heads, shape.head_dim, kPage, kv_dtype.c_str(), bounds_dtype.c_str(),
-              budget, reps);
+              budget, reps, huge_pages ? "huge-page advised" : "not advised", thp.c_str());
   const double bw = ReadBandwidth(threads, size_t{1} << 30, 5);
   std::printf("memory read bandwidth (1 GiB, %d threads, best of 5): %.2f GB/s\n\n", threads,
               bw / 1e9);
@@ -323,7 +344,8 @@ int Main(int argc, char** argv) {
   std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   for (int ctx : contexts) {
     for (int batch : batches) {
-      RunRow(shape, ctx, batch, budget, reps, threads, max_kv_gb, bw, kv_bf16, bounds_bf16);
+      RunRow(shape, ctx, batch, budget, reps, threads, max_kv_gb, bw, kv_bf16, bounds_bf16,
+             huge_pages);
     }
   }
   return 0;

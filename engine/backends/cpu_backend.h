@@ -14,32 +14,12 @@
 #include "engine/backends/backend.h"
 #include "engine/model/kv_budget.h"
 #include "kernels/cpu/half.h"
+#include "kernels/cpu/lazy_zero_allocator.h"
 #include "kernels/sparse/quest.h"
 
 namespace sieve::engine {
 
-// An allocator for large zero-filled buffers that stay untouched until written: calloc'd memory
-// (fresh pages from the kernel for large sizes), with default construction left as a no-op, so
-// a KV pool costs resident memory only as its pages fill.
-template <typename T>
-struct LazyZeroAllocator {
-  using value_type = T;
-  LazyZeroAllocator() = default;
-  template <typename U>
-  LazyZeroAllocator(const LazyZeroAllocator<U>&) {}
-  T* allocate(size_t n) {
-    void* p = std::calloc(n, sizeof(T));
-    if (p == nullptr) throw std::bad_alloc();
-    return static_cast<T*>(p);
-  }
-  void deallocate(T* p, size_t) { std::free(p); }
-  template <typename U, typename... Args>
-  void construct(U* p, Args&&... args) {
-    if constexpr (sizeof...(Args) > 0) ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
-  }
-  template <typename U>
-  bool operator==(const LazyZeroAllocator<U>&) const { return true; }
-};
+using kernels::LazyZeroAllocator;  // KV pools: lazily resident, huge-page advised
 
 class CpuBackend final : public Backend {
  public:
