@@ -131,14 +131,8 @@ void FreeLayer(Layer& l) {
   }
 }
 
-// --lean: the production path only (the estimate with independent tiles, the device selection,
-// the wgmma block-sparse kernel) and one dense wgmma run, no host selection and no checks: what
-// fits a long length (512K) in a device call. Density from the device index's total.
-void RunLean(int tokens, int iters, double tau, int sms, bool first) {
-  Layer l = MakeLayer(tokens, first);
-  const PagedPrefillShape shape{1, kHq, kHkv, kD, tokens};
-  const PagedPrefillPlan wg = Plan(shape, sms, PagedPrefillKernel::kWgmma);
-  const double dense_wg = MedianMs(1, [&] { CHECK_CUDA(PagedPrefillRun(l.p, wg, nullptr, nullptr)); });
+// XAttention's estimate over the layer (S 16, B 128; the kernel options left at their defaults).
+XAttentionGpuParams EstimatorParams(const Layer& l, int tokens) {
   XAttentionGpuParams xp;
   xp.q = l.q;
   xp.q_row_stride = kHq * kD;
@@ -152,6 +146,45 @@ void RunLean(int tokens, int iters, double tau, int sms, bool first) {
   xp.kv_len = tokens;
   xp.stride = kStride;
   xp.block_size = kBlock;
+  return xp;
+}
+
+// The device selection (tau) and block-sparse index of the masses d_mass, timed (median of
+// iters); the caller frees the four buffers.
+struct DeviceSelection {
+  int32_t *count = nullptr, *sel = nullptr, *rs = nullptr, *kb = nullptr;
+  double ms = 0;
+};
+
+DeviceSelection SelectOnDevice(const float* d_mass, int blocks, double tau, int iters) {
+  XAttentionSelectGpuParams selp;
+  selp.num_q_heads = kHq;
+  selp.first_query_block = 0;
+  selp.q_blocks = blocks;
+  selp.k_blocks = blocks;
+  selp.threshold = tau;
+  const size_t n_mass = static_cast<size_t>(kHq) * blocks * blocks;
+  DeviceSelection d;
+  CHECK_CUDA(cudaMalloc(&d.count, static_cast<size_t>(kHq) * blocks * 4));
+  CHECK_CUDA(cudaMalloc(&d.sel, n_mass * 4));
+  CHECK_CUDA(cudaMalloc(&d.rs, (static_cast<size_t>(kHq) * blocks + 1) * 4));
+  CHECK_CUDA(cudaMalloc(&d.kb, n_mass * 4));
+  d.ms = MedianMs(iters, [&] {
+    CHECK_CUDA(XAttentionSelectGpu(selp, d_mass, d.count, d.sel, nullptr));
+    CHECK_CUDA(XAttentionBuildIndexGpu(selp, d.count, d.sel, d.rs, d.kb, nullptr));
+  });
+  return d;
+}
+
+// --lean: the production path only (the estimate with independent tiles, the device selection,
+// the wgmma block-sparse kernel) and one dense wgmma run, no host selection and no checks: what
+// fits a long length (512K) in a device call. Density from the device index's total.
+void RunLean(int tokens, int iters, double tau, int sms, bool first) {
+  Layer l = MakeLayer(tokens, first);
+  const PagedPrefillShape shape{1, kHq, kHkv, kD, tokens};
+  const PagedPrefillPlan wg = Plan(shape, sms, PagedPrefillKernel::kWgmma);
+  const double dense_wg = MedianMs(1, [&] { CHECK_CUDA(PagedPrefillRun(l.p, wg, nullptr, nullptr)); });
+  XAttentionGpuParams xp = EstimatorParams(l, tokens);
   xp.tensor_cores = true;
   xp.wgmma = true;
   xp.independent_tiles = true;
@@ -163,21 +196,9 @@ void RunLean(int tokens, int iters, double tau, int sms, bool first) {
   xp.workspace = d_ws;
   const double est_it = MedianMs(iters, [&] { CHECK_CUDA(XAttentionBlockMassGpu(xp, d_mass, nullptr)); });
   CHECK_CUDA(cudaFree(d_ws));
-  XAttentionSelectGpuParams selp;
-  selp.num_q_heads = kHq;
-  selp.first_query_block = 0;
-  selp.q_blocks = blocks;
-  selp.k_blocks = blocks;
-  selp.threshold = tau;
-  int32_t *d_count, *d_sel, *d_rs, *d_kb;
-  CHECK_CUDA(cudaMalloc(&d_count, static_cast<size_t>(kHq) * blocks * 4));
-  CHECK_CUDA(cudaMalloc(&d_sel, n_mass * 4));
-  CHECK_CUDA(cudaMalloc(&d_rs, (static_cast<size_t>(kHq) * blocks + 1) * 4));
-  CHECK_CUDA(cudaMalloc(&d_kb, n_mass * 4));
-  const double select_ms = MedianMs(iters, [&] {
-    CHECK_CUDA(XAttentionSelectGpu(selp, d_mass, d_count, d_sel, nullptr));
-    CHECK_CUDA(XAttentionBuildIndexGpu(selp, d_count, d_sel, d_rs, d_kb, nullptr));
-  });
+  const DeviceSelection ds = SelectOnDevice(d_mass, blocks, tau, iters);
+  int32_t *d_count = ds.count, *d_sel = ds.sel, *d_rs = ds.rs, *d_kb = ds.kb;
+  const double select_ms = ds.ms;
   int32_t total_blocks = 0;
   CHECK_CUDA(cudaMemcpy(&total_blocks, d_rs + static_cast<size_t>(kHq) * blocks, 4,
                         cudaMemcpyDeviceToHost));
@@ -208,8 +229,7 @@ void RunLean(int tokens, int iters, double tau, int sms, bool first) {
 bool RunLength(int tokens, int iters, double tau, int sms, bool cuda_core, bool first) {
   Layer layer = MakeLayer(tokens, first);
   const PagedAttentionParams<__nv_bfloat16>& p = layer.p;
-  __nv_bfloat16 *q = layer.q, *k = layer.k, *out = layer.out;
-  int32_t* d_table = layer.d_table;
+  __nv_bfloat16* out = layer.out;
   const PagedPrefillShape shape{1, kHq, kHkv, kD, tokens};
   const PagedPrefillPlan wg = Plan(shape, sms, PagedPrefillKernel::kWgmma);
   const PagedPrefillPlan mma = Plan(shape, sms, PagedPrefillKernel::kMmaSync);
@@ -217,19 +237,7 @@ bool RunLength(int tokens, int iters, double tau, int sms, bool cuda_core, bool 
   const double dense_wg = MedianMs(slow_iters, [&] { CHECK_CUDA(PagedPrefillRun(p, wg, nullptr, nullptr)); });
   const double dense_mma = MedianMs(slow_iters, [&] { CHECK_CUDA(PagedPrefillRun(p, mma, nullptr, nullptr)); });
 
-  XAttentionGpuParams xp;
-  xp.q = q;
-  xp.q_row_stride = kHq * kD;
-  xp.k_cache = k;
-  xp.page_table = d_table;
-  xp.page_size = kPage;
-  xp.num_q_heads = kHq;
-  xp.num_kv_heads = kHkv;
-  xp.head_dim = kD;
-  xp.q_len = tokens;
-  xp.kv_len = tokens;
-  xp.stride = kStride;
-  xp.block_size = kBlock;
+  XAttentionGpuParams xp = EstimatorParams(layer, tokens);
   const int blocks = tokens / kBlock;
   float* d_mass;
   const size_t n_mass = static_cast<size_t>(kHq) * blocks * blocks;
@@ -294,21 +302,9 @@ bool RunLength(int tokens, int iters, double tau, int sms, bool cuda_core, bool 
   const double density = key_blocks.size() / causal_tiles;
 
   // Device selection and index.
-  XAttentionSelectGpuParams selp;
-  selp.num_q_heads = kHq;
-  selp.first_query_block = 0;
-  selp.q_blocks = blocks;
-  selp.k_blocks = blocks;
-  selp.threshold = tau;
-  int32_t *d_count, *d_sel, *d_rs, *d_kb;
-  CHECK_CUDA(cudaMalloc(&d_count, static_cast<size_t>(kHq) * blocks * 4));
-  CHECK_CUDA(cudaMalloc(&d_sel, n_mass * 4));
-  CHECK_CUDA(cudaMalloc(&d_rs, (static_cast<size_t>(kHq) * blocks + 1) * 4));
-  CHECK_CUDA(cudaMalloc(&d_kb, n_mass * 4));
-  const double select_ms = MedianMs(iters, [&] {
-    CHECK_CUDA(XAttentionSelectGpu(selp, d_mass, d_count, d_sel, nullptr));
-    CHECK_CUDA(XAttentionBuildIndexGpu(selp, d_count, d_sel, d_rs, d_kb, nullptr));
-  });
+  const DeviceSelection ds = SelectOnDevice(d_mass, blocks, tau, iters);
+  int32_t *d_count = ds.count, *d_sel = ds.sel, *d_rs = ds.rs, *d_kb = ds.kb;
+  const double select_ms = ds.ms;
   std::vector<int32_t> dev_rs(row_start.size()), dev_kb;
   CHECK_CUDA(cudaMemcpy(dev_rs.data(), d_rs, dev_rs.size() * 4, cudaMemcpyDeviceToHost));
   bool ok = true;

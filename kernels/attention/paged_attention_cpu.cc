@@ -144,7 +144,12 @@ void AttendRows(const PagedAttentionParams<float>& p, const TKV* kc, const TKV* 
   sc.v.resize(kKeyTile);
   const int n_keys = static_cast<int>(sc.keys.size());
   sc.offs.resize(n_keys);
-  KeyOffsets(p, pages, kv_head, sc.keys.data(), n_keys, sc.offs.data());
+  // kv_head < 0: every KV head (a decode item over all heads, paged_attention_cpu_items.h); the
+  // offsets are head 0's, and each head's rows are attended tile by tile in turn.
+  const int g_begin = kv_head < 0 ? 0 : kv_head;
+  const int g_end = kv_head < 0 ? p.num_kv_heads : kv_head + 1;
+  const int group = p.num_q_heads / p.num_kv_heads;
+  KeyOffsets(p, pages, g_begin, sc.keys.data(), n_keys, sc.offs.data());
   for (int t0 = 0; t0 < n_keys; t0 += kKeyTile) {
     const int n = std::min(kKeyTile, n_keys - t0);
     const int* pos = sc.keys.data() + t0;
@@ -154,8 +159,6 @@ void AttendRows(const PagedAttentionParams<float>& p, const TKV* kc, const TKV* 
       const int t = pos[j];
       tile_min = std::min(tile_min, t);
       tile_max = std::max(tile_max, t);
-      sc.k[j] = kc + offs[j];
-      sc.v[j] = vc + offs[j];
     }
     // The next tile's K and V rows, toward the caches while this tile is computed: a row of a
     // long context is in L3 or memory, and the gather of scattered pages defeats the hardware
@@ -176,32 +179,41 @@ void AttendRows(const PagedAttentionParams<float>& p, const TKV* kc, const TKV* 
         }
       }
     }
-    sc.active.clear();
-    for (int r = 0; r < rows; ++r) {
-      if (sc.last[r] >= tile_min) sc.active.push_back(r);  // else the tile is in its future
-    }
-    TileScores(p, n, sc, ss);
-    int kept = 0;
-    for (int r : sc.active) {
-      if (SoftmaxUpdate(sc.last[r], pos, n, tile_max, d, sc.m[r], sc.l[r],
-                        sc.o.data() + static_cast<size_t>(r) * d, sc.s.data() + r * ss)) {
-        sc.active[kept++] = r;
+    for (int g = g_begin; g < g_end; ++g) {
+      const int64_t head_off = int64_t{g - g_begin} * d;
+      for (int j = 0; j < n; ++j) {
+        sc.k[j] = kc + offs[j] + head_off;
+        sc.v[j] = vc + offs[j] + head_off;
       }
-    }
-    int a = 0;
-    for (; a + 8 <= kept; a += 8) AccumulateRows<8, TKV>(sc, a, ss, n, d);
-    for (; a + 4 <= kept; a += 4) AccumulateRows<4, TKV>(sc, a, ss, n, d);
-    for (; a < kept; a += 2) {
-      const int r0 = sc.active[a];
-      float* o0 = sc.o.data() + static_cast<size_t>(r0) * d;
-      if (a + 1 == kept) {
-        AccumulatePV(sc.s.data() + r0 * ss, sc.v.data(), n, d, o0);
-        break;
+      sc.active.clear();
+      for (int r = 0; r < rows; ++r) {
+        // All KV heads: this head's rows only (rows go query by query, heads in order).
+        if (kv_head < 0 && (r % p.num_q_heads) / group != g) continue;
+        if (sc.last[r] >= tile_min) sc.active.push_back(r);  // else the tile is in its future
       }
-      const int r1 = sc.active[a + 1];
-      AccumulatePV2(sc.s.data() + r0 * ss, sc.s.data() + r1 * ss, sc.v.data(), n, d, o0,
-                    sc.o.data() + static_cast<size_t>(r1) * d);
-    }
+      TileScores(p, n, sc, ss);
+      int kept = 0;
+      for (int r : sc.active) {
+        if (SoftmaxUpdate(sc.last[r], pos, n, tile_max, d, sc.m[r], sc.l[r],
+                          sc.o.data() + static_cast<size_t>(r) * d, sc.s.data() + r * ss)) {
+          sc.active[kept++] = r;
+        }
+      }
+      int a = 0;
+      for (; a + 8 <= kept; a += 8) AccumulateRows<8, TKV>(sc, a, ss, n, d);
+      for (; a + 4 <= kept; a += 4) AccumulateRows<4, TKV>(sc, a, ss, n, d);
+      for (; a < kept; a += 2) {
+        const int r0 = sc.active[a];
+        float* o0 = sc.o.data() + static_cast<size_t>(r0) * d;
+        if (a + 1 == kept) {
+          AccumulatePV(sc.s.data() + r0 * ss, sc.v.data(), n, d, o0);
+          break;
+        }
+        const int r1 = sc.active[a + 1];
+        AccumulatePV2(sc.s.data() + r0 * ss, sc.s.data() + r1 * ss, sc.v.data(), n, d, o0,
+                      sc.o.data() + static_cast<size_t>(r1) * d);
+      }
+    }  // KV heads
   }
   if (partial != nullptr) {  // a split-KV part: keep the state for MergeParts
     std::copy(sc.o.begin(), sc.o.end(), partial->o.begin() + partial_row * d);
@@ -220,8 +232,8 @@ void AttendRows(const PagedAttentionParams<float>& p, const TKV* kc, const TKV* 
 template <typename TKV>
 void ItemRows(const PagedAttentionParams<float>& p, const WorkItem& w, Scratch<TKV>& sc) {
   const int group = p.num_q_heads / p.num_kv_heads;
-  const int h_begin = w.head >= 0 ? w.head : w.kv_head * group;
-  const int h_end = w.head >= 0 ? w.head + 1 : h_begin + group;
+  const int h_begin = w.head >= 0 ? w.head : std::max(0, w.kv_head) * group;
+  const int h_end = w.head >= 0 ? w.head + 1 : w.kv_head < 0 ? p.num_q_heads : h_begin + group;
   sc.q.clear();
   sc.out.clear();
   sc.last.clear();

@@ -16,15 +16,19 @@ namespace sieve::kernels {
 // shared counter, largest causal ranges first (by powers of two, one KV head after another
 // within each class, so that consecutive items read the same K/V rows from L3).
 //   dense : one item holds a block of queries and all query heads of its KV head, so each K/V
-//           row it reads is loaded once for the whole group;
+//           row it reads is loaded once for the whole group; a sequence's decode step (one
+//           query, fewer than 8 heads per KV head) is one item over every KV head, taking the
+//           heads in turn per tile, so a key's rows of all heads (adjacent in the pool) are read
+//           together;
 //   sparse: one item is one sparse row (a query block of one query head) over its listed keys;
 //           when every query head of a KV head lists the same keys in a query block (a
 //           selection shared per KV head), one item holds them all, like a dense item.
 // Split-KV: an item of at most 16 queries over more than 512 keys (decode, short chunks) is cut
 // along its key list into parts of 512 keys that any thread may take, each leaving a partial
 // (unnormalised output, max, sum) that a log-sum-exp merge combines, so one long sequence uses
-// every core. The cut depends only on the item (not on threads or batch): results are bitwise
-// reproducible and a sequence gets the same output alone or in a batch.
+// every core; the parts run by key range first, KV head second. The cut depends only on the
+// item (not on threads or batch): results are bitwise reproducible and a sequence gets the same
+// output alone or in a batch.
 // Keys are processed in tiles of up to 64 positions with a running max and sum per query row;
 // QK dot products, softmax exponentials and the PV accumulation are vectorised with Google
 // Highway, dispatched at run time to the best instruction set of the host (AVX-512, AVX2, ...).

@@ -49,6 +49,15 @@ std::vector<WorkItem> BuildWorkItems(const PagedAttentionParams<float>& p, bool 
     const int q_len = QueryLen(p, s);
     if (q_len <= 0) continue;
     if (p.sparse == nullptr) {
+      if (q_len == 1 && group < kTransposeRows) {
+        // Decode: one item over every KV head (kv_head -1), so that each key's K and V rows of
+        // all heads, adjacent in the pool, are read together (AttendRows takes the heads in
+        // turn per tile). Longer than 512 keys it splits into parts that every thread takes;
+        // short chunks of a few queries keep one item per KV head (threads share them).
+        const int64_t keys = std::max(0, LastPos(p, s, q_len - 1) + 1);
+        items.push_back({s, -1, -1, 0, q_len, -1, int64_t{q_len} * p.num_q_heads * keys});
+        continue;
+      }
       const int block = std::max(1, kRowsPerItem / group);
       for (int b = 0; b < q_len; b += block) {
         const int e = std::min(q_len, b + block);
@@ -86,9 +95,11 @@ std::vector<WorkItem> BuildWorkItems(const PagedAttentionParams<float>& p, bool 
   for (size_t i = 0; i < unsplit; ++i) {
     WorkItem& w = items[i];
     const int queries = w.q_end - w.q_begin;
-    const int heads = w.head >= 0 ? 1 : group;
+    const int heads = w.head >= 0 ? 1 : w.kv_head < 0 ? p.num_q_heads : group;
     const int64_t keys = w.cost / (int64_t{queries} * heads);
-    if (queries * heads > kSplitMaxRows || keys <= kSplitKeys) continue;
+    // All-KV-head decode items split as their per-head share would.
+    const int head_rows = queries * (w.head >= 0 ? 1 : group);
+    if (head_rows > kSplitMaxRows || keys <= kSplitKeys) continue;
     SplitGroup g;
     g.item = w;
     g.parts = static_cast<int32_t>((keys + kSplitKeys - 1) / kSplitKeys);
@@ -114,13 +125,13 @@ std::vector<WorkItem> BuildWorkItems(const PagedAttentionParams<float>& p, bool 
   // to the next, instead of cycling through every KV head's rows (all of a 16K-token layer's K and
   // V, 64 MB on the 8B shape, do not fit in L3). Sparse items, which read few keys each, keep
   // the build order among equal costs (the KV heads of one query block together: the same pages
-  // and query rows). Split-KV parts (decode), though, go by key range first and KV head second:
-  // a token's K (and V) rows of all KV heads share its 4 KiB (fp32, 8 x 128) of the pool, and
-  // the hardware prefetchers fetch lines of the other heads' rows along with a head's own, so
-  // the KV heads of one key range run back to back while those lines are still in L2/L3 (head
-  // by head, each head's sweep refetched the whole KV from memory: dense decode at 128K on the
-  // 8B shape read 7 GB/s of 27). The order only decides which thread runs what, never a
-  // result.
+  // and query rows). Split-KV parts, though, go by key range first and KV head second: a
+  // token's K (and V) rows of all KV heads share its 4 KiB (fp32, 8 x 128) of the pool, and the
+  // hardware prefetchers fetch lines of the other heads' rows along with a head's own, so the
+  // KV heads of one key range run back to back while those lines are still in L2/L3 (1.28x on
+  // dense decode at 128K before dense decode items took every KV head at once, which goes
+  // further: bench/results/2026-12-06-cpu-decode-order.md). The order only decides which
+  // thread runs what, never a result.
   auto size_class = [](int64_t c) { return c <= 0 ? 0 : 64 - __builtin_clzll(static_cast<uint64_t>(c)); };
   std::stable_sort(items.begin(), items.end(), [&](const WorkItem& a, const WorkItem& b) {
     if (a.sparse_row >= 0 || b.sparse_row >= 0) return a.cost > b.cost;

@@ -43,7 +43,12 @@ static_assert(kSplitKeys % kKeyTile == 0, "parts are whole tiles");
 
 // One unit of work: the queries [q_begin, q_end) of sequence `seq` (indices within the
 // sequence) with all heads of KV head `kv_head` (dense, or sparse over the row `sparse_row` that
-// all of them share), or with query head `head` over sparse row `sparse_row`.
+// all of them share), or with query head `head` over sparse row `sparse_row`, or (kv_head -1,
+// dense decode: one query, fewer than kTransposeRows heads per KV head) with every head: a
+// key's K and V rows of all KV heads lie side by side in the pool (4 KiB at fp32, 8 heads x
+// 128), and taking the heads in turn per tile reads them together (head by head, each
+// 512-byte row sat on its own 4 KiB page and every head's sweep refetched the layer from
+// memory).
 struct WorkItem {
   int32_t seq = 0;
   int32_t kv_head = 0;

@@ -33,6 +33,7 @@
 namespace sieve::engine {
 namespace {
 
+using cuda_test::BeginStepWithRandomQkv;
 using cuda_test::RandomTensor;
 using cuda_test::Seed;
 using cuda_test::ShuffledPages;
@@ -156,12 +157,8 @@ TEST(CudaMInferenceTest, ChunkedPrefillPlansRunAndMatchTheReference) {
            {{0, 0, 0}, {640, 500, 200}}, {{640, 500, 200}, {640, 400, 133}}}) {
     const std::string step = "chunk at " + std::to_string(first[0]);
     const BatchLayout l = StepLayout(pages, first, count, kPage);
-    ASSERT_TRUE(cuda.BeginStep(**stream, l).ok());
-    auto qkv = RandomTensor(cuda, l.num_tokens(), (kHq + 2 * kHkv) * kD, rng);
-    ASSERT_TRUE(qkv.ok());
-    auto q = cuda.Allocate(l.num_tokens(), kHq * kD);
-    ASSERT_TRUE(q.ok());
-    ASSERT_TRUE(cuda.RopeAndCacheKv(**stream, 0, *qkv, shape, *rope, *q).ok());
+    auto q = BeginStepWithRandomQkv(cuda, **stream, l, shape, *rope, rng);
+    ASSERT_TRUE(q.ok()) << q.status();
     auto plan = StepPlan(cuda, **stream, *q, l, shape, sparse);
     ASSERT_TRUE(plan.ok()) << plan.status();
     ASSERT_TRUE(plan->Validate(l, kHq).ok()) << plan->Validate(l, kHq);
@@ -208,12 +205,8 @@ TEST(CudaMInferenceTest, OnDevicePlanEqualsTheHostPlan) {
        std::vector<std::pair<int, int>>{{0, 1200}, {1200, 800}}) {
     const std::string step = "chunk at " + std::to_string(first);
     const BatchLayout l = StepLayout({pages[0]}, {first}, {count}, kPage);
-    ASSERT_TRUE(cuda.BeginStep(**stream, l).ok());
-    auto qkv = RandomTensor(cuda, l.num_tokens(), (kHq + 2 * kHkv) * kD, rng);
-    ASSERT_TRUE(qkv.ok());
-    auto q = cuda.Allocate(l.num_tokens(), kHq * kD);
-    ASSERT_TRUE(q.ok());
-    ASSERT_TRUE(cuda.RopeAndCacheKv(**stream, 0, *qkv, shape, *rope, *q).ok());
+    auto q = BeginStepWithRandomQkv(cuda, **stream, l, shape, *rope, rng);
+    ASSERT_TRUE(q.ok()) << q.status();
     auto host = StepPlan(cuda, **stream, *q, l, shape, sparse);
     ASSERT_TRUE(host.ok()) << host.status();
     auto host_out = cuda.Allocate(l.num_tokens(), kHq * kD);
@@ -245,12 +238,8 @@ TEST(CudaMInferenceTest, OnDevicePlanEqualsTheHostPlan) {
               absl::StatusCode::kInternal);
   }
   const BatchLayout two = StepLayout(pages, {0, 0}, {700, 300}, kPage);
-  ASSERT_TRUE(cuda.BeginStep(**stream, two).ok());
-  auto qkv = RandomTensor(cuda, two.num_tokens(), (kHq + 2 * kHkv) * kD, rng);
-  ASSERT_TRUE(qkv.ok());
-  auto q = cuda.Allocate(two.num_tokens(), kHq * kD);
-  ASSERT_TRUE(q.ok());
-  ASSERT_TRUE(cuda.RopeAndCacheKv(**stream, 0, *qkv, shape, *rope, *q).ok());
+  auto q = BeginStepWithRandomQkv(cuda, **stream, two, shape, *rope, rng);
+  ASSERT_TRUE(q.ok()) << q.status();
   MInferenceEstimate e;
   e.seq = 1;
   e.patterns = sparse;

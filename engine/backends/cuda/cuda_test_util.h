@@ -91,6 +91,26 @@ inline std::vector<std::vector<int32_t>> ShuffledPages(const std::vector<int>& f
   return pages;
 }
 
+// Begins step `l` on `stream` and caches layer 0's keys and values of random q/k/v rows (RoPE
+// applied), returning the step's rotated queries [tokens, Hq * D].
+inline absl::StatusOr<Tensor> BeginStepWithRandomQkv(Backend& b, BackendStream& stream,
+                                                     const BatchLayout& l,
+                                                     const AttentionShape& shape,
+                                                     const RopeTables& rope,
+                                                     std::mt19937_64& rng) {
+  absl::Status st = b.BeginStep(stream, l);
+  if (!st.ok()) return st;
+  const int64_t d = shape.head_dim;
+  auto qkv = RandomTensor(b, l.num_tokens(), (shape.num_q_heads + 2 * shape.num_kv_heads) * d,
+                          rng);
+  if (!qkv.ok()) return qkv.status();
+  auto q = b.Allocate(l.num_tokens(), shape.num_q_heads * d);
+  if (!q.ok()) return q.status();
+  st = b.RopeAndCacheKv(stream, 0, *qkv, shape, rope, *q);
+  if (!st.ok()) return st;
+  return q;
+}
+
 }  // namespace sieve::engine::cuda_test
 
 #endif  // SIEVE_ENGINE_BACKENDS_CUDA_CUDA_TEST_UTIL_H_

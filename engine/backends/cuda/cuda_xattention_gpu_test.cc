@@ -29,6 +29,7 @@
 namespace sieve::engine {
 namespace {
 
+using cuda_test::BeginStepWithRandomQkv;
 using cuda_test::RandomTensor;
 using cuda_test::Seed;
 using cuda_test::ShuffledPages;
@@ -127,12 +128,8 @@ TEST(CudaXAttentionTest, DeviceSelectionEqualsTheHostSelection) {
            {{0, 0, 0}, {1536, 1000, 300}}, {{1536, 1000, 300}, {1464, 1100, 400}}}) {
     const std::string step = "chunk at " + std::to_string(first[0]);
     const BatchLayout l = StepLayout(pages, first, count, kPage);
-    ASSERT_TRUE(cuda.BeginStep(**stream, l).ok());
-    auto qkv = RandomTensor(cuda, l.num_tokens(), (kHq + 2 * kHkv) * kD, rng);
-    ASSERT_TRUE(qkv.ok());
-    auto q = cuda.Allocate(l.num_tokens(), kHq * kD);
-    ASSERT_TRUE(q.ok());
-    ASSERT_TRUE(cuda.RopeAndCacheKv(**stream, 0, *qkv, shape, *rope, *q).ok());
+    auto q = BeginStepWithRandomQkv(cuda, **stream, l, shape, *rope, rng);
+    ASSERT_TRUE(q.ok()) << q.status();
     for (int s = 0; s < 3; ++s) {
       const std::string what = step + ", sequence " + std::to_string(s);
       ExpectDeviceSelectionEqualsHost(cuda, **stream, *q, l, shape, s, {0.9}, what + ", tau 0.9");
