@@ -150,10 +150,23 @@ XAttentionGpuParams EstimatorParams(const Layer& l, int tokens) {
 }
 
 // The device selection (tau) and block-sparse index of the masses d_mass, timed (median of
-// iters); the caller frees the four buffers.
+// iters): Index() is the sparse kernels' view of it; Free() releases its buffers.
 struct DeviceSelection {
-  int32_t *count = nullptr, *sel = nullptr, *rs = nullptr, *kb = nullptr;
+  int32_t *count = nullptr, *sel = nullptr, *rs = nullptr, *kb = nullptr, *qbs = nullptr;
   double ms = 0;
+
+  SparseAttentionIndex Index() const {
+    SparseAttentionIndex idx;
+    idx.query_block = kBlock;
+    idx.key_block = kBlock;
+    idx.query_block_start = qbs;
+    idx.row_start = rs;
+    idx.key_blocks = kb;
+    return idx;
+  }
+  void Free() const {
+    for (int32_t* ptr : {count, sel, rs, kb, qbs}) CHECK_CUDA(cudaFree(ptr));
+  }
 };
 
 DeviceSelection SelectOnDevice(const float* d_mass, int blocks, double tau, int iters) {
@@ -173,6 +186,7 @@ DeviceSelection SelectOnDevice(const float* d_mass, int blocks, double tau, int 
     CHECK_CUDA(XAttentionSelectGpu(selp, d_mass, d.count, d.sel, nullptr));
     CHECK_CUDA(XAttentionBuildIndexGpu(selp, d.count, d.sel, d.rs, d.kb, nullptr));
   });
+  d.qbs = Upload(std::vector<int32_t>{0, blocks});
   return d;
 }
 
@@ -197,19 +211,12 @@ void RunLean(int tokens, int iters, double tau, int sms, bool first) {
   const double est_it = MedianMs(iters, [&] { CHECK_CUDA(XAttentionBlockMassGpu(xp, d_mass, nullptr)); });
   CHECK_CUDA(cudaFree(d_ws));
   const DeviceSelection ds = SelectOnDevice(d_mass, blocks, tau, iters);
-  int32_t *d_count = ds.count, *d_sel = ds.sel, *d_rs = ds.rs, *d_kb = ds.kb;
   const double select_ms = ds.ms;
   int32_t total_blocks = 0;
-  CHECK_CUDA(cudaMemcpy(&total_blocks, d_rs + static_cast<size_t>(kHq) * blocks, 4,
+  CHECK_CUDA(cudaMemcpy(&total_blocks, ds.rs + static_cast<size_t>(kHq) * blocks, 4,
                         cudaMemcpyDeviceToHost));
   const double density = total_blocks / (static_cast<double>(kHq) * blocks * (blocks + 1) / 2);
-  int32_t* d_qbs = Upload(std::vector<int32_t>{0, blocks});
-  SparseAttentionIndex idx;
-  idx.query_block = kBlock;
-  idx.key_block = kBlock;
-  idx.query_block_start = d_qbs;
-  idx.row_start = d_rs;
-  idx.key_blocks = d_kb;
+  const SparseAttentionIndex idx = ds.Index();
   PagedAttentionParams<__nv_bfloat16> ps = l.p;
   ps.sparse = &idx;
   const double sparse_wg = MedianMs(iters, [&] { CHECK_CUDA(PagedPrefillRun(ps, wg, nullptr, nullptr)); });
@@ -218,11 +225,8 @@ void RunLean(int tokens, int iters, double tau, int sms, bool first) {
               "%.3f ms = %.3f ms at density %.2f%%; dense wgmma %.2f ms (1 run): %.2fx\n",
               tokens, est_it, select_ms, sparse_wg, total, 100 * density, dense_wg,
               dense_wg / total);
-  for (void* ptr : {static_cast<void*>(d_mass), static_cast<void*>(d_qbs), static_cast<void*>(d_rs),
-                    static_cast<void*>(d_kb), static_cast<void*>(d_count),
-                    static_cast<void*>(d_sel)}) {
-    CHECK_CUDA(cudaFree(ptr));
-  }
+  CHECK_CUDA(cudaFree(d_mass));
+  ds.Free();
   FreeLayer(l);
 }
 
@@ -285,7 +289,7 @@ bool RunLength(int tokens, int iters, double tau, int sms, bool cuda_core, bool 
 
   // Host selection and plan assembly (as XAttentionPolicy does), timed on the host.
   const auto t0 = std::chrono::steady_clock::now();
-  std::vector<int32_t> qbs = {0, blocks}, row_start = {0}, key_blocks, sel, order;
+  std::vector<int32_t> row_start = {0}, key_blocks, sel, order;
   std::vector<double> row;
   for (int m = 0; m < blocks; ++m) {
     for (int h = 0; h < kHq; ++h) {
@@ -303,14 +307,13 @@ bool RunLength(int tokens, int iters, double tau, int sms, bool cuda_core, bool 
 
   // Device selection and index.
   const DeviceSelection ds = SelectOnDevice(d_mass, blocks, tau, iters);
-  int32_t *d_count = ds.count, *d_sel = ds.sel, *d_rs = ds.rs, *d_kb = ds.kb;
   const double select_ms = ds.ms;
   std::vector<int32_t> dev_rs(row_start.size()), dev_kb;
-  CHECK_CUDA(cudaMemcpy(dev_rs.data(), d_rs, dev_rs.size() * 4, cudaMemcpyDeviceToHost));
+  CHECK_CUDA(cudaMemcpy(dev_rs.data(), ds.rs, dev_rs.size() * 4, cudaMemcpyDeviceToHost));
   bool ok = true;
   if (dev_rs == row_start) {
     dev_kb.resize(key_blocks.size());
-    CHECK_CUDA(cudaMemcpy(dev_kb.data(), d_kb, dev_kb.size() * 4, cudaMemcpyDeviceToHost));
+    CHECK_CUDA(cudaMemcpy(dev_kb.data(), ds.kb, dev_kb.size() * 4, cudaMemcpyDeviceToHost));
   }
   const bool select_ok = dev_rs == row_start && dev_kb == key_blocks;
   std::printf("check %6d: device selection == host selection (%zu rows, %zu blocks): %s\n",
@@ -349,13 +352,7 @@ bool RunLength(int tokens, int iters, double tau, int sms, bool cuda_core, bool 
     ok = ok && agree;
   }
 
-  int32_t* d_qbs = Upload(qbs);
-  SparseAttentionIndex idx;
-  idx.query_block = kBlock;
-  idx.key_block = kBlock;
-  idx.query_block_start = d_qbs;
-  idx.row_start = d_rs;
-  idx.key_blocks = d_kb;
+  const SparseAttentionIndex idx = ds.Index();
   PagedAttentionParams<__nv_bfloat16> ps = p;
   ps.sparse = &idx;
   const double sparse = MedianMs(iters, [&] { CHECK_CUDA(PagedPrefillRun(ps, mma, nullptr, nullptr)); });
@@ -400,11 +397,8 @@ bool RunLength(int tokens, int iters, double tau, int sms, bool cuda_core, bool 
               select_host, sparse, 100 * density, dense_wg / total,
               dense_wg / (est_1sw + select_ms + sparse), dense_wg / (est_wg + select_ms + sparse),
               dense_mma / sparse, dense_mma / (sparse / density), est_tflops);
-  for (void* ptr : {static_cast<void*>(d_mass), static_cast<void*>(d_qbs),
-                    static_cast<void*>(d_rs), static_cast<void*>(d_kb), static_cast<void*>(d_count),
-                    static_cast<void*>(d_sel)}) {
-    CHECK_CUDA(cudaFree(ptr));
-  }
+  CHECK_CUDA(cudaFree(d_mass));
+  ds.Free();
   FreeLayer(layer);
   return ok;
 }

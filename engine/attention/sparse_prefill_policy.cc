@@ -38,34 +38,9 @@ void SparsePrefillPolicy::PlanDenseSequence(const AttentionStep& step, int32_t s
   }
 }
 
-absl::Status SparsePrefillPolicy::Plan(const AttentionStep& step, AttentionPlan& plan) {
+absl::Status SparsePrefillPolicy::PlanRows(const AttentionStep& step, AttentionPlan& plan) {
   const BatchLayout& l = *step.layout;
-  if (!step.dense_prefill.empty() &&
-      static_cast<int32_t>(step.dense_prefill.size()) != l.num_seqs()) {
-    return absl::InternalError(absl::StrCat("attention step has ", step.dense_prefill.size(),
-                                            " dense_prefill flags for ", l.num_seqs(),
-                                            " sequences"));
-  }
-  bool any_sparse = false;
-  for (int32_t s = 0; s < l.num_seqs() && !any_sparse; ++s) any_sparse = SequenceIsSparse(step, s);
   plan.SetDense();
-  if (!any_sparse) return absl::OkStatus();
-  const double max_density = config_.max_density > 0 ? config_.max_density : 1.0;
-  if (l.num_seqs() == 1) {
-    SIEVE_ASSIGN_OR_RETURN(const bool on_device, PlanOnDevice(step, plan));
-    if (on_device) {
-      const int64_t dense_pairs = SequenceDensePairs(l, 0, step.shape.num_q_heads);
-      plan.counted_pairs = plan.on_device_pairs;
-      if (max_density < 1.0 && dense_pairs > 0 &&
-          static_cast<double>(plan.on_device_pairs) >
-              max_density * static_cast<double>(dense_pairs)) {
-        plan.SetDense();
-        ++dense_fallbacks_;
-      }
-      return absl::OkStatus();
-    }
-    plan.SetDense();
-  }
   plan.dense = false;
   plan.query_block = query_block();
   plan.key_block = key_block();
@@ -91,8 +66,30 @@ absl::Status SparsePrefillPolicy::Plan(const AttentionStep& step, AttentionPlan&
     }
   }
   if (plan.columns.empty()) plan.column_start.clear();
+  return absl::OkStatus();
+}
+
+absl::Status SparsePrefillPolicy::Plan(const AttentionStep& step, AttentionPlan& plan) {
+  const BatchLayout& l = *step.layout;
+  if (!step.dense_prefill.empty() &&
+      static_cast<int32_t>(step.dense_prefill.size()) != l.num_seqs()) {
+    return absl::InternalError(absl::StrCat("attention step has ", step.dense_prefill.size(),
+                                            " dense_prefill flags for ", l.num_seqs(),
+                                            " sequences"));
+  }
+  bool any_sparse = false;
+  for (int32_t s = 0; s < l.num_seqs() && !any_sparse; ++s) any_sparse = SequenceIsSparse(step, s);
+  plan.SetDense();
+  if (!any_sparse) return absl::OkStatus();
+  bool on_device = false;
+  if (l.num_seqs() == 1) {
+    SIEVE_ASSIGN_OR_RETURN(on_device, PlanOnDevice(step, plan));
+  }
+  if (!on_device) SIEVE_RETURN_IF_ERROR(PlanRows(step, plan));
+  const double max_density = config_.max_density > 0 ? config_.max_density : 1.0;
   if (max_density < 1.0) {
-    // Pairs the sparse sequences' rows read: the plan's, less the dense sequences' (all theirs).
+    // Pairs the sparse sequences' rows read: the plan's (an on-device plan's as counted where it
+    // was built), less the dense sequences' (all theirs).
     int64_t sparse_dense_pairs = 0, other_pairs = 0;
     for (int32_t s = 0; s < l.num_seqs(); ++s) {
       (SequenceIsSparse(step, s) ? sparse_dense_pairs : other_pairs) +=

@@ -77,6 +77,9 @@ class SparsePrefillPolicy : public AttentionPolicy {
   }
 
  private:
+  // Builds `plan`'s rows on the host: PlanSequence for the sparse sequences, PlanDenseSequence
+  // for the others.
+  absl::Status PlanRows(const AttentionStep& step, AttentionPlan& plan);
   // Appends rows listing every causal key block of sequence `seq`.
   void PlanDenseSequence(const AttentionStep& step, int32_t seq, PlanRowWriter& rows);
 

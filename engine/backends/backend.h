@@ -114,7 +114,8 @@ struct MInferenceEstimate {
   // Non-null: the backend may keep the index in its device memory when seq is the step's only
   // sequence. It then makes *device_plan an on_device plan (attention_plan.h) of the sequence's
   // rows, with on_device_pairs counted on the device, for the Attention call of the same layer
-  // and step, and leaves `out` untouched; device_plan->on_device says whether it did.
+  // and step, and leaves `out` untouched; device_plan->on_device (which the caller clears)
+  // says whether it did.
   AttentionPlan* device_plan = nullptr;
 };
 

@@ -29,19 +29,9 @@ namespace cpu_attention {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 using DF = hn::ScalableTag<float>;
-using kv_rows::HWY_NAMESPACE::LoadKv;
-using kv_rows::HWY_NAMESPACE::ToFloat;
+using kv_rows::HWY_NAMESPACE::WidenRowTo;
 using tile_scores::HWY_NAMESPACE::kMaxRowVectors;
 
-// K or V row k [d] as fp32 into dst (16-bit caches widened).
-template <typename TKV>
-HWY_INLINE void PackRow(const TKV* k, int d, float* dst) {
-  const DF df;
-  const int L = static_cast<int>(hn::Lanes(df));
-  int i = 0;
-  for (; i + L <= d; i += L) hn::StoreU(LoadKv(df, k + i), df, dst + i);
-  for (; i < d; ++i) dst[i] = ToFloat(k[i]);
-}
 
 // The online-softmax update of the row vector at row r0 for keys j < jn of a tile whose scores
 // are st[j * rp + r] (transposed): keys past a row's last position masked (only keys past `lo`,
@@ -159,8 +149,8 @@ void AttendRowsT(const PagedAttentionParams<float>& p, const TKV* kc, const TKV*
     for (int j = 0; j < n; ++j) {
       if (j > 0 && pos[j] <= pos[j - 1]) ascending = false;
       tile_min = std::min(tile_min, pos[j]);
-      PackRow(kc + offs[j], d, sc.kp.data() + static_cast<size_t>(j) * d);
-      PackRow(vc + offs[j], d, sc.vp.data() + static_cast<size_t>(j) * d);
+      WidenRowTo(kc + offs[j], d, sc.kp.data() + static_cast<size_t>(j) * d);
+      WidenRowTo(vc + offs[j], d, sc.vp.data() + static_cast<size_t>(j) * d);
     }
     for (int v = 0; v < nv; ++v) {
       sc.jv[v] = ascending ? static_cast<int>(std::upper_bound(pos, pos + n, sc.vhi[v]) - pos)

@@ -40,16 +40,22 @@ HWY_INLINE hn::Vec<DF> LoadKv(DF df, const TKV* p) {
   }
 }
 
+// Row k [d] as fp32 into dst (16-bit rows widened, fp32 rows copied).
+template <typename TKV>
+HWY_INLINE void WidenRowTo(const TKV* k, int d, float* dst) {
+  const DF df;
+  const int L = static_cast<int>(hn::Lanes(df));
+  int i = 0;
+  for (; i + L <= d; i += L) hn::StoreU(LoadKv(df, k + i), df, dst + i);
+  for (; i < d; ++i) dst[i] = ToFloat(k[i]);
+}
+
 // Row k [d] as fp32: k itself for fp32, else widened into buf (resized to d).
 inline const float* WidenRow(const float* k, int, std::vector<float>&) { return k; }
 template <typename TKV>
 const float* WidenRow(const TKV* k, int d, std::vector<float>& buf) {
-  const DF df;
-  const int L = static_cast<int>(hn::Lanes(df));
   buf.resize(d);
-  int i = 0;
-  for (; i + L <= d; i += L) hn::StoreU(LoadKv(df, k + i), df, buf.data() + i);
-  for (; i < d; ++i) buf[i] = ToFloat(k[i]);
+  WidenRowTo(k, d, buf.data());
   return buf.data();
 }
 

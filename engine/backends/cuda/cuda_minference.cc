@@ -133,7 +133,6 @@ absl::Status IndexOnDevice(CudaStream& s, int32_t layer, const kernels::MInferen
     dp->dense = false;
     dp->on_device = true;
     dp->on_device_pairs = static_cast<int64_t>(*host_pairs);
-    dp->counted_pairs = dp->on_device_pairs;
     dp->query_block = mi::kBlock;
     dp->key_block = mi::kBlock;
     dp->query_block_start.assign({0, qblocks});
@@ -221,9 +220,7 @@ absl::Status CudaBackend::MInferenceIndex(BackendStream& stream, int32_t layer, 
     }
     if (options_.minference_index_on_device &&
         a.num_q_heads <= kernels::kMInferenceIndexMaxHeads) {
-      AttentionPlan* dp = l.num_seqs() == 1 ? e.device_plan : nullptr;
-      if (dp != nullptr) dp->on_device = false;
-      return IndexOnDevice(s, layer, p, e, out, dp);
+      return IndexOnDevice(s, layer, p, e, out, l.num_seqs() == 1 ? e.device_plan : nullptr);
     }
     // Device: vertical, slash, then the estimator's workspace; host: vertical, slash.
     const size_t scores = 2 * n * sizeof(float);
