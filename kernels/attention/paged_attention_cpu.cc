@@ -43,16 +43,37 @@ using kv_rows::HWY_NAMESPACE::AccumulatePVR;
 using kv_rows::HWY_NAMESPACE::Scores;
 using kv_rows::HWY_NAMESPACE::ScoresR;
 
-// AccumulatePVR over the scratch's active rows a .. a + R - 1 (probabilities in sc.s).
+// AccumulatePVR over the scratch's active rows a .. a + R - 1 for keys [j0, j0 + n) of the tile
+// (probabilities in sc.s, V rows v[0, n)).
 template <int R, typename TKV>
-void AccumulateRows(Scratch<TKV>& sc, int a, size_t ss, int n, int d) {
+void AccumulateRows(Scratch<TKV>& sc, int a, size_t ss, int j0, int n, int d,
+                    const TKV* const* v) {
   const float* pr[R];
   float* orow[R];
   for (int i = 0; i < R; ++i) {
-    pr[i] = sc.s.data() + sc.active[a + i] * ss;
+    pr[i] = sc.s.data() + sc.active[a + i] * ss + j0;
     orow[i] = sc.o.data() + static_cast<size_t>(sc.active[a + i]) * d;
   }
-  AccumulatePVR<R, TKV>(pr, sc.v.data(), n, d, orow);
+  AccumulatePVR<R, TKV>(pr, v, n, d, orow);
+}
+
+// The PV update of active rows [a, e) for keys [j0, j0 + n) over V rows v[0, n).
+template <typename TKV>
+void AccumulateActive(Scratch<TKV>& sc, int a, int e, size_t ss, int j0, int n, int d,
+                      const TKV* const* v) {
+  for (; a + 8 <= e; a += 8) AccumulateRows<8, TKV>(sc, a, ss, j0, n, d, v);
+  for (; a + 4 <= e; a += 4) AccumulateRows<4, TKV>(sc, a, ss, j0, n, d, v);
+  for (; a < e; a += 2) {
+    const int r0 = sc.active[a];
+    float* o0 = sc.o.data() + static_cast<size_t>(r0) * d;
+    if (a + 1 == e) {
+      AccumulatePV(sc.s.data() + r0 * ss + j0, v, n, d, o0);
+      break;
+    }
+    const int r1 = sc.active[a + 1];
+    AccumulatePV2(sc.s.data() + r0 * ss + j0, sc.s.data() + r1 * ss + j0, v, n, d, o0,
+                  sc.o.data() + static_cast<size_t>(r1) * d);
+  }
 }
 
 // The online-softmax update of one row for one tile whose scores are in s[0, n): causal mask,
@@ -92,35 +113,35 @@ bool SoftmaxUpdate(int last, const int* pos, int n, int tile_max, int d, float& 
   return true;
 }
 
-// The tile's scores for the rows in sc.active, into sc.s (row stride `ss`): few rows (decode).
+// The scores of active rows [a, e) for keys [j0, j0 + n) of the tile over K rows k[0, n), into
+// sc.s (row stride `ss`): few rows (decode).
 template <typename TKV>
-void TileScores(const PagedAttentionParams<float>& p, int n, Scratch<TKV>& sc, size_t ss) {
+void TileScores(const PagedAttentionParams<float>& p, Scratch<TKV>& sc, int a, int e, size_t ss,
+                int j0, int n, const TKV* const* k) {
   const DF df;
   const int L = static_cast<int>(hn::Lanes(df));
   const int d = p.head_dim;
-  const int rows = static_cast<int>(sc.active.size());
-  int a = 0;
   const float* q[4];
   float* s[4];
   auto take = [&](int count) {
     for (int i = 0; i < count; ++i) {
       q[i] = sc.q[sc.active[a + i]];
-      s[i] = sc.s.data() + sc.active[a + i] * ss;
+      s[i] = sc.s.data() + sc.active[a + i] * ss + j0;
     }
   };
   if (d % L == 0) {
-    for (; a + 4 <= rows; a += 4) {
+    for (; a + 4 <= e; a += 4) {
       take(4);
-      ScoresR<4, TKV>(q, sc.k.data(), n, d, p.scale, s);
+      ScoresR<4, TKV>(q, k, n, d, p.scale, s);
     }
-    for (; a + 2 <= rows; a += 2) {
+    for (; a + 2 <= e; a += 2) {
       take(2);
-      ScoresR<2, TKV>(q, sc.k.data(), n, d, p.scale, s);
+      ScoresR<2, TKV>(q, k, n, d, p.scale, s);
     }
   }
-  for (; a < rows; ++a) {
+  for (; a < e; ++a) {
     const int r = sc.active[a];
-    Scores(sc.q[r], sc.k.data(), n, d, p.scale, sc.s.data() + r * ss);
+    Scores(sc.q[r], k, n, d, p.scale, sc.s.data() + r * ss + j0);
   }
 }
 
@@ -179,41 +200,59 @@ void AttendRows(const PagedAttentionParams<float>& p, const TKV* kc, const TKV* 
         }
       }
     }
+    // Rows by KV head: sc.active[head_start[g - g_begin], head_start[g - g_begin + 1]) are
+    // head g's rows that read the tile (the others have it in their future).
+    const int heads = g_end - g_begin;
+    sc.k.resize(static_cast<size_t>(heads) * kKeyTile);
+    sc.v.resize(static_cast<size_t>(heads) * kKeyTile);
+    sc.head_start.assign(heads + 1, 0);
+    sc.head_kept.resize(heads);
+    sc.active.clear();
     for (int g = g_begin; g < g_end; ++g) {
       const int64_t head_off = int64_t{g - g_begin} * d;
+      const TKV** kg = sc.k.data() + (g - g_begin) * kKeyTile;
+      const TKV** vg = sc.v.data() + (g - g_begin) * kKeyTile;
       for (int j = 0; j < n; ++j) {
-        sc.k[j] = kc + offs[j] + head_off;
-        sc.v[j] = vc + offs[j] + head_off;
+        kg[j] = kc + offs[j] + head_off;
+        vg[j] = vc + offs[j] + head_off;
       }
-      sc.active.clear();
       for (int r = 0; r < rows; ++r) {
         // All KV heads: this head's rows only (rows go query by query, heads in order).
         if (kv_head < 0 && (r % p.num_q_heads) / group != g) continue;
-        if (sc.last[r] >= tile_min) sc.active.push_back(r);  // else the tile is in its future
+        if (sc.last[r] >= tile_min) sc.active.push_back(r);
       }
-      TileScores(p, n, sc, ss);
-      int kept = 0;
-      for (int r : sc.active) {
+      sc.head_start[g - g_begin + 1] = static_cast<int>(sc.active.size());
+    }
+    // Scores, then softmax, then PV, over blocks of keys with the KV heads inside: with every
+    // KV head, a block's K (then V) rows of all heads are consecutive in memory (a token's 8
+    // heads are one 4 KiB row), so the tile is read block by block nearly in address order
+    // instead of head by head (each head's row 4 KiB from the next token's).
+    const int block = kv_head < 0 ? kDecodeKeyBlock : n;
+    for (int j0 = 0; j0 < n; j0 += block) {
+      const int nb = std::min(block, n - j0);
+      for (int h = 0; h < heads; ++h) {
+        TileScores(p, sc, sc.head_start[h], sc.head_start[h + 1], ss, j0, nb,
+                   sc.k.data() + h * kKeyTile + j0);
+      }
+    }
+    for (int h = 0; h < heads; ++h) {
+      int kept = sc.head_start[h];
+      for (int a = sc.head_start[h]; a < sc.head_start[h + 1]; ++a) {
+        const int r = sc.active[a];
         if (SoftmaxUpdate(sc.last[r], pos, n, tile_max, d, sc.m[r], sc.l[r],
                           sc.o.data() + static_cast<size_t>(r) * d, sc.s.data() + r * ss)) {
           sc.active[kept++] = r;
         }
       }
-      int a = 0;
-      for (; a + 8 <= kept; a += 8) AccumulateRows<8, TKV>(sc, a, ss, n, d);
-      for (; a + 4 <= kept; a += 4) AccumulateRows<4, TKV>(sc, a, ss, n, d);
-      for (; a < kept; a += 2) {
-        const int r0 = sc.active[a];
-        float* o0 = sc.o.data() + static_cast<size_t>(r0) * d;
-        if (a + 1 == kept) {
-          AccumulatePV(sc.s.data() + r0 * ss, sc.v.data(), n, d, o0);
-          break;
-        }
-        const int r1 = sc.active[a + 1];
-        AccumulatePV2(sc.s.data() + r0 * ss, sc.s.data() + r1 * ss, sc.v.data(), n, d, o0,
-                      sc.o.data() + static_cast<size_t>(r1) * d);
+      sc.head_kept[h] = kept;
+    }
+    for (int j0 = 0; j0 < n; j0 += block) {
+      const int nb = std::min(block, n - j0);
+      for (int h = 0; h < heads; ++h) {
+        AccumulateActive(sc, sc.head_start[h], sc.head_kept[h], ss, j0, nb, d,
+                         sc.v.data() + h * kKeyTile + j0);
       }
-    }  // KV heads
+    }
   }
   if (partial != nullptr) {  // a split-KV part: keep the state for MergeParts
     std::copy(sc.o.begin(), sc.o.end(), partial->o.begin() + partial_row * d);

@@ -17,6 +17,10 @@ namespace cpu_attention {
 // Key positions per tile: a tile's K and V rows (64 x head_dim fp32 each) stay in L1/L2 while
 // every query row of the work item reads them.
 constexpr int kKeyTile = 64;
+// Keys per block of a decode item over every KV head (AttendRows): each block's rows are read for
+// all heads before the next block's. 4, 8 and 16 measured alike (58-61 ms for the 8B layer at
+// 128K on the 2-core VM, 2026-12-06), 64 (head by head over the tile) 88-105 ms.
+constexpr int kDecodeKeyBlock = 4;
 // Query rows (query x head) per dense work item: rows share every K/V tile they load.
 // 128: each K/V tile (gathered, transposed, prefetched once per item) serves twice the rows of
 // 64, 1.06-1.25x on the prefill shapes of bench/cpu_attention_bench (2026-12-05).
@@ -96,9 +100,11 @@ struct Scratch {
   std::vector<float> o;          // [rows, head_dim] unnormalised outputs
   std::vector<float> m, l;       // [rows] running max score and sum of exponentials
   std::vector<float> s;          // [rows, kKeyTile + lanes] scores, then probabilities
-  std::vector<int> active;       // rows that read at least one key of the tile
+  std::vector<int> active;       // rows that read at least one key of the tile, by KV head
+  std::vector<int> head_start;   // [heads + 1] each KV head's first entry of active
+  std::vector<int> head_kept;    // [heads] the end of each head's rows kept by the softmax
   std::vector<int> keys;         // the item's key positions
-  std::vector<const TKV*> k, v;  // [kKeyTile] the tile's K and V rows
+  std::vector<const TKV*> k, v;  // [heads, kKeyTile] the tile's K and V rows per KV head
   std::vector<int64_t> offs;     // the item's keys' row offsets into the K and V caches
   bool transpose = false;        // the item's step takes the prefill tile path (AttendRowsT)
   bool prefetch = false;         // prefetch each next tile's K/V rows (see AttendRows)
