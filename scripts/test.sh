@@ -11,6 +11,9 @@ cd "$(dirname "$0")/.."
 jobs=$(nproc)
 
 bash scripts/install-deps.sh
+# ccache (CMakeLists.txt: SIEVE_CCACHE) keys objects by paths relative to the checkout, so a
+# second checkout of the same sources (CI's clean clone) reuses the first one's objects.
+export CCACHE_BASEDIR="${CCACHE_BASEDIR:-$PWD}" CCACHE_NOHASHDIR="${CCACHE_NOHASHDIR:-1}"
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release
 cmake --build build -j "$jobs"
 
