@@ -107,21 +107,17 @@ void TopPagesByThreshold(const T* scores, int32_t n, int32_t keep, int32_t last,
 
 // Fills every row of `p` into `out` (row_start already set): for each (sequence, KV head) item,
 // score(s, kv_head, n_scored, scores) writes the G query heads' scores of pages [0, n_scored)
-// to scores[h * n_scored + page] (T: double or float). by_threshold: TopPagesByThreshold
-// (the fast path) instead of TopPages (the reference); both select the same pages.
-template <typename T, bool by_threshold = false, typename ScoreFn>
+// to scores[h * n_scored + page] (T: double), top pages by TopPages: the reference
+// (QuestSelectRef). The fast path is SelectFast.
+template <typename T, typename ScoreFn>
 void SelectRows(const QuestSelectParams& p, QuestSelection& out, int num_threads, ScoreFn score) {
   const int group = p.num_q_heads / p.num_kv_heads;
   const int64_t items = int64_t{p.num_seqs} * p.num_kv_heads;
   ParallelFor(items, num_threads, 1, [&](int64_t b, int64_t e) {
-    std::vector<T> scores, agg, vals;
-    std::vector<int32_t> idx, cand;
+    std::vector<T> scores, agg;
+    std::vector<int32_t> idx;
     const auto top = [&](const T* sc, int32_t n_scored, int32_t keep, int32_t last, int32_t* o) {
-      if constexpr (by_threshold) {
-        TopPagesByThreshold(sc, n_scored, keep, last, vals, cand, o);
-      } else {
-        TopPages(sc, n_scored, keep, last, idx, o);
-      }
+      TopPages(sc, n_scored, keep, last, idx, o);
     };
     for (int64_t it = b; it < e; ++it) {
       const int s = static_cast<int>(it / p.num_kv_heads);
@@ -289,21 +285,11 @@ namespace quest {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
-// Pages whose bounds are prefetched ahead of the one being scored. The bounds of a sequence's
-// pages are 2 * head_dim floats per KV head scattered over the side pool (the pages' order in
-// the pool is the allocator's), so the hardware prefetchers see no stream; without this the
-// scoring waited on memory for two thirds of its time (perf, 64K context, 2026-12-06). 16
-// pages: ~8 KB in flight per thread, about a memory latency of scoring at ~20 cycles a page.
+// Pages whose bounds (every KV head's) are prefetched ahead of the one being scored. A
+// sequence's pages are scattered over the side pool (their order is the allocator's), so the
+// hardware prefetchers see no stream across pages; without this the scoring waited on memory
+// for two thirds of its time (perf, 64K context, 2026-12-06).
 constexpr int kPrefetchPages = 16;
-
-// Every cache line of one (page, KV head)'s bounds [2, d] of T (it may start mid-line).
-template <typename T>
-HWY_INLINE void PrefetchBounds(const float* b, int d) {
-  const char* c = reinterpret_cast<const char*>(b);
-  const int bytes = 2 * d * static_cast<int>(sizeof(T));
-  for (int i = 0; i < bytes; i += 64) __builtin_prefetch(c + i);
-  __builtin_prefetch(c + bytes - 1);
-}
 
 #if HWY_TARGET != HWY_SCALAR
 // v reduced to one 128-bit block by adding its halves (each lane keeps its position mod 4).
@@ -335,8 +321,8 @@ HWY_INLINE hn::Vec<hn::FixedTag<float, 4>> Sum4(D d, hn::Vec<D> a0, hn::Vec<D> a
 #endif
 
 // scores[h * n + j] = U_j(q_h) for the `group` query heads of KV head g of sequence s, pages
-// [0, n): each page's bounds are loaded once for the whole group, prefetched kPrefetchPages
-// ahead. The bound in sign-split form: max(q_c Mx_c, q_c Mn_c) is q_c Mx_c for q_c >= 0 and
+// [j0, j1) of its n scored pages: each page's bounds are loaded once for the whole group. qs: the
+// group's queries split by sign, [group, 2, d] (SplitQueries). The bound in sign-split form: max(q_c Mx_c, q_c Mn_c) is q_c Mx_c for q_c >= 0 and
 // q_c Mn_c otherwise (rounding is monotonic, so the fp32 products compare as the exact ones
 // do), so U = sum_c q+_c Mx_c + q-_c Mn_c with q+ = max(q, 0), q- = min(q, 0): two FMAs per
 // channel and no max (the zero term of each pair adds exactly nothing). Four pages share one
@@ -344,7 +330,8 @@ HWY_INLINE hn::Vec<hn::FixedTag<float, 4>> Sum4(D d, hn::Vec<D> a0, hn::Vec<D> a
 // by the accumulation error that quest_test's tolerance derives. T: the bounds' element type,
 // float or (bf16_bounds) hwy::bfloat16_t, widened to fp32 as loaded.
 template <typename T>
-void ScoreGroup(const QuestSelectParams& p, int s, int g, int32_t n, float* scores) {
+void ScorePages(const QuestSelectParams& p, int s, int g, const float* qs, int32_t j0, int32_t j1,
+                int32_t n, float* scores) {
   const hn::ScalableTag<float> df;
   const auto load = [&](const float* region, int c) {  // bounds element c of a region
     if constexpr (std::is_same_v<T, float>) {
@@ -364,18 +351,7 @@ void ScoreGroup(const QuestSelectParams& p, int s, int g, int32_t n, float* scor
   const int L = static_cast<int>(hn::Lanes(df));
   const int d = p.head_dim, dv = d - d % L;
   const int group = p.num_q_heads / p.num_kv_heads;
-  const float* q0 = p.q + (static_cast<int64_t>(s) * p.num_q_heads + g * group) * d;
-  // q+ then q- of each head: [group, 2, d].
-  thread_local std::vector<float> qs;
-  qs.resize(static_cast<size_t>(group) * 2 * d);
-  for (int h = 0; h < group; ++h) {
-    for (int c = 0; c < d; ++c) {
-      const float x = q0[static_cast<int64_t>(h) * d + c];
-      qs[(h * 2) * d + c] = x >= 0.0f ? x : 0.0f;
-      qs[(h * 2 + 1) * d + c] = x >= 0.0f ? 0.0f : x;
-    }
-  }
-  const float* qp0 = qs.data();
+  const float* qp0 = qs;
   // Scalar channels past the last whole vector.
   const auto tail = [&](const float* b, int h) {
     const float* qp = qp0 + h * 2 * d;
@@ -383,14 +359,10 @@ void ScoreGroup(const QuestSelectParams& p, int s, int g, int32_t n, float* scor
     for (int c = dv; c < d; ++c) u += qp[c] * at(b, c) + qp[d + c] * at(b, d + c);
     return u;
   };
-  for (int32_t j = 0; j < n && j < kPrefetchPages; ++j) PrefetchBounds<T>(BoundsOf(p, s, j, g), d);
-  int32_t j = 0;
+  int32_t j = j0;
 #if HWY_TARGET != HWY_SCALAR
   const hn::FixedTag<float, 4> d4;
-  for (; j + 4 <= n; j += 4) {
-    for (int32_t k = j + kPrefetchPages; k < j + 4 + kPrefetchPages && k < n; ++k) {
-      PrefetchBounds<T>(BoundsOf(p, s, k, g), d);
-    }
+  for (; j + 4 <= j1; j += 4) {
     const float* b[4];
     for (int k = 0; k < 4; ++k) b[k] = BoundsOf(p, s, j + k, g);
     for (int h = 0; h < group; ++h) {
@@ -418,7 +390,7 @@ void ScoreGroup(const QuestSelectParams& p, int s, int g, int32_t n, float* scor
     }
   }
 #endif
-  for (; j < n; ++j) {  // the last n % 4 pages (or every page on a scalar target)
+  for (; j < j1; ++j) {  // the last pages short of 4 (or every page on a scalar target)
     const float* b = BoundsOf(p, s, j, g);
     for (int h = 0; h < group; ++h) {
       const float* qp = qp0 + h * 2 * d;
@@ -433,15 +405,119 @@ void ScoreGroup(const QuestSelectParams& p, int s, int g, int32_t n, float* scor
   }
 }
 
-void QuestSelectCpuImpl(const QuestSelectParams& p, QuestSelection& out, int num_threads) {
-  RowStarts(p, out);
-  SelectRows<float, true>(p, out, num_threads, [&](int s, int g, int32_t n, float* scores) {
-    if (p.bf16_bounds) {
-      ScoreGroup<hwy::bfloat16_t>(p, s, g, n, scores);
-    } else {
-      ScoreGroup<float>(p, s, g, n, scores);
+// q+ = max(q, 0) then q- = min(q, 0) of each query head of sequence s: qs [num_q_heads, 2, d].
+void SplitQueries(const QuestSelectParams& p, int s, float* qs) {
+  const int d = p.head_dim;
+  const float* q0 = p.q + static_cast<int64_t>(s) * p.num_q_heads * d;
+  for (int h = 0; h < p.num_q_heads; ++h) {
+    for (int c = 0; c < d; ++c) {
+      const float x = q0[static_cast<int64_t>(h) * d + c];
+      qs[(h * 2) * d + c] = x >= 0.0f ? x : 0.0f;
+      qs[(h * 2 + 1) * d + c] = x >= 0.0f ? 0.0f : x;
+    }
+  }
+}
+
+// Two phases. (1) Scores: items of kScoreChunk pages of one sequence, every KV head of a page in
+// turn, so that a page's bounds of all heads (num_kv_heads * 2 * d values, one run of memory) are
+// read at once; per KV head items read 1 of every 8 KiB and waited on memory (the prefetch before
+// each page took a quarter of the time, perf at 128K, 2026-12-06). (2) Selection: per (sequence,
+// KV head) item, the top pages of each row from the scores (TopPagesByThreshold).
+constexpr int32_t kScoreChunk = 256;
+
+template <typename T>
+void SelectFast(const QuestSelectParams& p, QuestSelection& out, int num_threads) {
+  const int d = p.head_dim, group = p.num_q_heads / p.num_kv_heads;
+  const int32_t keep = p.page_budget - 1;
+  // Scores of sequence s at offset off[s]: [num_kv_heads, group, scored] (none when n <= K).
+  std::vector<int64_t> off(p.num_seqs + 1, 0);
+  std::vector<std::pair<int, int32_t>> items;  // (sequence, first page of the chunk)
+  for (int s = 0; s < p.num_seqs; ++s) {
+    const int32_t n = PagesOf(p, s);
+    const int32_t scored = n > p.page_budget ? n - 1 : 0;
+    off[s + 1] = off[s] + int64_t{p.num_q_heads} * scored;
+    for (int32_t j0 = 0; j0 < scored; j0 += kScoreChunk) items.emplace_back(s, j0);
+  }
+  // The calling thread's scratch (the lambdas below run on pool threads: they use the pointers,
+  // never the thread_local names).
+  thread_local std::vector<float> scores, qs;
+  scores.resize(static_cast<size_t>(off[p.num_seqs]));
+  qs.resize(static_cast<size_t>(p.num_seqs) * p.num_q_heads * 2 * d);
+  float* const sc = scores.data();
+  float* const qsp = qs.data();
+  ParallelFor(p.num_seqs, num_threads, 1, [&](int64_t b, int64_t e) {
+    for (int64_t s = b; s < e; ++s) {
+      if (off[s + 1] > off[s]) SplitQueries(p, static_cast<int>(s), qsp + s * p.num_q_heads * 2 * d);
     }
   });
+  const int64_t page_bytes = int64_t{p.num_kv_heads} *
+                             QuestRegionFloats(d, p.bf16_bounds) * static_cast<int64_t>(sizeof(float));
+  ParallelFor(static_cast<int64_t>(items.size()), num_threads, 1, [&](int64_t b, int64_t e) {
+    for (int64_t it = b; it < e; ++it) {
+      const int s = items[it].first;
+      const int32_t scored = PagesOf(p, s) - 1;
+      const int32_t j0 = items[it].second, j1 = std::min(scored, j0 + kScoreChunk);
+      const float* qs_s = qsp + static_cast<int64_t>(s) * p.num_q_heads * 2 * d;
+      for (int32_t j = j0; j < j1; j += 4) {
+        const int32_t je = std::min(j1, j + 4);
+        // The pages kPrefetchPages ahead, every head's bounds: the hardware prefetchers see
+        // no stream across pages (their order in the pool is the allocator's).
+        for (int32_t k = j + kPrefetchPages; k < je + kPrefetchPages && k < scored; ++k) {
+          const char* c = reinterpret_cast<const char*>(BoundsOf(p, s, k, 0));
+          for (int64_t i = 0; i < page_bytes; i += 64) __builtin_prefetch(c + i);
+        }
+        for (int g = 0; g < p.num_kv_heads; ++g) {
+          ScorePages<T>(p, s, g, qs_s + static_cast<int64_t>(g) * group * 2 * d, j, je, scored,
+                        sc + off[s] + static_cast<int64_t>(g) * group * scored);
+        }
+      }
+    }
+  });
+  const int64_t rows = int64_t{p.num_seqs} * p.num_kv_heads;
+  ParallelFor(rows, num_threads, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> agg, vals;
+    std::vector<int32_t> cand;
+    for (int64_t it = b; it < e; ++it) {
+      const int s = static_cast<int>(it / p.num_kv_heads);
+      const int g = static_cast<int>(it % p.num_kv_heads);
+      const int32_t n = PagesOf(p, s);
+      const size_t row0 = static_cast<size_t>(s) * p.num_q_heads + static_cast<size_t>(g) * group;
+      if (n <= p.page_budget) {  // every page: exactly dense
+        for (int h = 0; h < group; ++h) {
+          int32_t* o = out.key_blocks.data() + out.row_start[row0 + h];
+          for (int32_t j = 0; j < n; ++j) o[j] = j;
+        }
+        continue;
+      }
+      const int32_t scored = n - 1;
+      const float* gs = sc + off[s] + static_cast<int64_t>(g) * group * scored;
+      if (p.per_kv_head) {
+        agg.assign(gs, gs + scored);
+        for (int h = 1; h < group; ++h) {
+          for (int32_t j = 0; j < scored; ++j) agg[j] = std::max(agg[j], gs[h * scored + j]);
+        }
+        int32_t* first = out.key_blocks.data() + out.row_start[row0];
+        TopPagesByThreshold(agg.data(), scored, keep, n - 1, vals, cand, first);
+        for (int h = 1; h < group; ++h) {
+          std::copy(first, first + keep + 1, out.key_blocks.data() + out.row_start[row0 + h]);
+        }
+        continue;
+      }
+      for (int h = 0; h < group; ++h) {
+        TopPagesByThreshold(gs + static_cast<size_t>(h) * scored, scored, keep, n - 1, vals, cand,
+                            out.key_blocks.data() + out.row_start[row0 + h]);
+      }
+    }
+  });
+}
+
+void QuestSelectCpuImpl(const QuestSelectParams& p, QuestSelection& out, int num_threads) {
+  RowStarts(p, out);
+  if (p.bf16_bounds) {
+    SelectFast<hwy::bfloat16_t>(p, out, num_threads);
+  } else {
+    SelectFast<float>(p, out, num_threads);
+  }
 }
 
 }  // namespace HWY_NAMESPACE

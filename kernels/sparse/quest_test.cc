@@ -457,6 +457,29 @@ TEST(QuestTest, FastSelectionEqualsReferenceWhenTheTopKSampleMisleads) {
   }
 }
 
+// Many sequences on several threads: the scoring and selection items of every sequence run on
+// pool threads too (a range per thread), each writing its own sequences' rows. Integer inputs
+// as above: fast == reference exactly, per query head and per KV head.
+TEST(QuestTest, FastSelectionOverManySequencesOnThreadsEqualsReference) {
+  std::vector<int32_t> lens;
+  for (int s = 0; s < 24; ++s) lens.push_back(40 + 97 * s);
+  Problem pr(lens, 8, 2, 64, 321);
+  for (float& x : pr.k) x = std::round(x * 30.0f);
+  for (float& x : pr.q) x = std::round(x * 5.0f);
+  std::mt19937 rng(8);
+  for (size_t s = 0; s < lens.size(); ++s) pr.AppendAll(static_cast<int>(s), rng);
+  for (const bool per_kv_head : {false, true}) {
+    for (const int threads : {2, 4}) {
+      QuestSelection ref, fast;
+      QuestSelectRef(pr.Params(9, per_kv_head), ref);
+      QuestSelectCpu(pr.Params(9, per_kv_head), fast, threads);
+      ASSERT_EQ(ref.row_start, fast.row_start);
+      ASSERT_EQ(ref.key_blocks, fast.key_blocks) << "threads " << threads << " per KV head "
+                                                 << per_kv_head;
+    }
+  }
+}
+
 // 6.4.5: keys uniform in [-0.1, 0.1], key t* = 10 q / |q|: its page is selected for any budget
 // K >= 2, and the output is close to v_t*.
 TEST(QuestTest, PlantedNeedleIsSelected) {
