@@ -8,22 +8,17 @@
 #include <string>
 
 #include "kernels/cuda_check.h"
+#include "kernels/sparse/cluster_topk_cuda.cuh"
 #include "kernels/sparse/select_cuda.cuh"
 
 namespace sieve::kernels {
 namespace {
 
-using sparse_select::CompactSelected;
 using sparse_select::Key;
 
 constexpr int kWriteThreads = 256;   // 8 warps, one (token, label head) at a time each
 constexpr int kScoreThreads = 256;   // one token per thread per pass
 constexpr int kScorePasses = 4;      // tokens per thread per block (sets the grid)
-constexpr int kSelectThreads = 1024;
-constexpr int kSelectWarps = kSelectThreads / 32;
-constexpr int kTopBits = 11;                 // the scoring kernel's histogram: top bits of a key
-constexpr int kTopBins = 1 << kTopBits;
-constexpr int kCandidates = 8192;            // keys of the cut's bin gathered in shared memory
 constexpr int kMaxGroup = 32;
 constexpr int kMaxHeadDim = 256;
 
@@ -139,13 +134,11 @@ __device__ __forceinline__ int TermsOf(const DoubleSparsityShape& s, const Geome
 }
 
 // grid = (token chunks, selection heads, num_seqs); dynamic shared memory: terms * channels
-// floats. scores[row * stride + t] for t < L, and top_hist[row * kTopBins + b] += the number of
-// the row's scores whose key (Key) has top bits b.
+// floats. scores[row * stride + t] for t < L.
 __global__ void __launch_bounds__(kScoreThreads)
     DsScoreKernel(const DsSelectGpuParams p, const Geometry geo, float* __restrict__ scores,
-                  int* __restrict__ top_hist, int64_t stride) {
+                  int64_t stride) {
   extern __shared__ float sm_q[];  // [terms][channels]
-  __shared__ int sm_hist[kTopBins];
   const DoubleSparsityShape& s = p.shape;
   const int sh = blockIdx.y, seq = blockIdx.z;
   const int len = p.kv_lens[seq];
@@ -176,7 +169,6 @@ __global__ void __launch_bounds__(kScoreThreads)
       sm_q[i] = sum;
     }
   }
-  for (int i = threadIdx.x; i < kTopBins; i += kScoreThreads) sm_hist[i] = 0;
   __syncthreads();
   const int32_t* pages = p.page_table + static_cast<int64_t>(seq) * p.page_table_stride;
   float* out = scores + (static_cast<int64_t>(seq) * rows_per_seq + sh) * stride;
@@ -198,159 +190,55 @@ __global__ void __launch_bounds__(kScoreThreads)
       score += dot;
     }
     out[t] = score;
-    atomicAdd(&sm_hist[Key(score) >> (32 - kTopBits)], 1);
-  }
-  __syncthreads();
-  int* hist = top_hist + (static_cast<int64_t>(seq) * rows_per_seq + sh) * kTopBins;
-  for (int i = threadIdx.x; i < kTopBins; i += kScoreThreads) {
-    if (sm_hist[i] != 0) atomicAdd(&hist[i], sm_hist[i]);
   }
 }
 
 // --- Selection -----------------------------------------------------------------------------------
 
-// Warp 0 only: over `nbins` bins of `hist` (counts of keys matching `prefix` in the bits below,
-// bin = the next bits at `shift`), from the highest bin down, finds the bin holding the
-// remaining-th largest key; writes the extended prefix, what remains inside that bin, and the
-// bin's count.
-__device__ __forceinline__ void FindBin(const int* hist, int nbins, int remaining, uint32_t prefix,
-                                        int shift, uint32_t* s_prefix, int* s_remaining,
-                                        int* s_bin_count) {
-  const int lane = threadIdx.x & 31;
-  const int per_lane = nbins / 32;
-  const int top = nbins - 1 - lane * per_lane;  // this lane's bins, top .. top - per_lane + 1
-  int local = 0;
-  for (int b = 0; b < per_lane; ++b) local += hist[top - b];
-  int incl = local;
-#pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const int x = __shfl_up_sync(0xffffffffu, incl, off);
-    if (lane >= off) incl += x;
+// The row policy of sparse_select::ClusterTopKKernel: row r keeps the k best of its sequence's
+// L tokens (every token when L <= k), writing positions and their KV slots.
+struct DsTopTokens {
+  DsSelectGpuParams p;
+  DsSelectGpuOutput out;
+  const float* scores;
+  int64_t stride;
+  int rows_per_seq;
+
+  __device__ int Seq(int row) const { return row / rows_per_seq; }
+  __device__ int32_t Slot(int row, int t) const {
+    const int ps = p.shape.page_size;
+    const int32_t* table = p.page_table + static_cast<int64_t>(Seq(row)) * p.page_table_stride;
+    return table[t / ps] * ps + t % ps;
   }
-  const int excl = incl - local;
-  if (excl < remaining && remaining <= incl) {
-    int cum = excl;
-    for (int b = 0; b < per_lane; ++b) {
-      const int c = hist[top - b];
-      if (cum + c >= remaining) {
-        *s_prefix = prefix | (static_cast<uint32_t>(top - b) << shift);
-        *s_remaining = remaining - cum;
-        *s_bin_count = c;
-        break;
-      }
-      cum += c;
+  __device__ bool Prepare(int row, int& n, int& keep) const {
+    const int len = p.kv_lens[Seq(row)];
+    n = len < 0 ? 0 : len;
+    keep = p.token_budget;
+    return n > keep;
+  }
+  __device__ void EmitAll(int row, int begin, int end, bool first) const {
+    const int64_t base = static_cast<int64_t>(row) * p.token_budget;
+    for (int t = begin + static_cast<int>(threadIdx.x); t < end; t += blockDim.x) {
+      out.positions[base + t] = t;
+      if (out.slots) out.slots[base + t] = Slot(row, t);
+    }
+    if (first && threadIdx.x == 0 && out.counts) {
+      const int len = p.kv_lens[Seq(row)];
+      out.counts[row] = len < 0 ? 0 : len;
     }
   }
-}
-
-// Shared state of the selection kernel's radix passes.
-struct SelectShared {
-  int hist[256];
-  int scan[kSelectWarps];
-  uint32_t prefix;
-  int remaining;
-  int bin_count;
-  int count;
+  __device__ uint32_t KeyAt(int row, int t) const { return Key(scores[row * stride + t]); }
+  __device__ void Emit(int row, int at, int t) const {
+    const int64_t i = static_cast<int64_t>(row) * p.token_budget + at;
+    out.positions[i] = t;
+    if (out.slots) out.slots[i] = Slot(row, t);
+  }
+  __device__ void Finish(int row) const {
+    if (out.counts) out.counts[row] = p.token_budget;
+  }
 };
 
-// One radix pass over n keys (key_at(i)) restricted to `prefix` under `mask`: the next `width`
-// bits at `shift` (width <= 8). All threads call; updates prefix, mask and remaining.
-template <typename KeyAt>
-__device__ __forceinline__ void RadixPass(KeyAt key_at, int n, int shift, int width,
-                                          uint32_t& prefix, uint32_t& mask, int& remaining,
-                                          SelectShared& sm) {
-  const uint32_t digit = (1u << width) - 1u;
-  for (int i = threadIdx.x; i < 256; i += kSelectThreads) sm.hist[i] = 0;
-  __syncthreads();
-  for (int j = threadIdx.x; j < n; j += kSelectThreads) {
-    const uint32_t u = key_at(j);
-    if ((u & mask) == prefix) atomicAdd(&sm.hist[(u >> shift) & digit], 1);
-  }
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    FindBin(sm.hist, 256, remaining, prefix, shift, &sm.prefix, &sm.remaining, &sm.bin_count);
-  }
-  __syncthreads();
-  prefix = sm.prefix;
-  remaining = sm.remaining;
-  mask |= digit << shift;
-  __syncthreads();  // hist and the outputs are rewritten by the next pass
-}
-
-// One block per row: the row's top min(k, L) positions, increasing, with their slots.
-//   1. The scoring kernel's histogram of the keys' top kTopBits bits gives the bin of the k-th
-//      largest key and what remains of k inside it.
-//   2. When that bin holds at most kCandidates keys, one pass over the scores gathers them into
-//      shared memory and the radix passes for the low bits run there; otherwise they run over
-//      the scores in memory (8 bits a pass).
-//   3. One ordered pass keeps every key above the k-th and the lowest positions equal to it.
-__global__ void __launch_bounds__(kSelectThreads) DsTopTokensKernel(
-    const DsSelectGpuParams p, const DsSelectGpuOutput out, const float* __restrict__ scores,
-    const int* __restrict__ top_hist, int64_t stride, int rows_per_seq) {
-  __shared__ SelectShared sm;
-  __shared__ uint32_t cand[kCandidates];
-  const int row = blockIdx.x;
-  const int seq = row / rows_per_seq;
-  const int len = p.kv_lens[seq];
-  const int k = p.token_budget;
-  const int ps = p.shape.page_size;
-  const int32_t* table = p.page_table + static_cast<int64_t>(seq) * p.page_table_stride;
-  int32_t* pos_out = out.positions + static_cast<int64_t>(row) * k;
-  int32_t* slot_out = out.slots ? out.slots + static_cast<int64_t>(row) * k : nullptr;
-  if (len <= k) {  // every token
-    for (int t = threadIdx.x; t < len; t += kSelectThreads) {
-      pos_out[t] = t;
-      if (slot_out) slot_out[t] = table[t / ps] * ps + t % ps;
-    }
-    if (threadIdx.x == 0 && out.counts) out.counts[row] = len < 0 ? 0 : len;
-    return;
-  }
-  const float* sc = scores + static_cast<int64_t>(row) * stride;
-  // 1. The bin of the top bits.
-  constexpr int kLowBits = 32 - kTopBits;
-  if (threadIdx.x < 32) {
-    FindBin(top_hist + static_cast<int64_t>(row) * kTopBins, kTopBins, k, 0u, kLowBits, &sm.prefix,
-            &sm.remaining, &sm.bin_count);
-  }
-  if (threadIdx.x == 0) sm.count = 0;
-  __syncthreads();
-  uint32_t prefix = sm.prefix, mask = ~((1u << kLowBits) - 1u);
-  int remaining = sm.remaining;
-  const int bin_count = sm.bin_count;
-  __syncthreads();
-  // 2. The low bits.
-  auto global_key = [sc](int j) { return Key(sc[j]); };
-  if (bin_count <= kCandidates) {
-    for (int t = threadIdx.x; t < len; t += kSelectThreads) {
-      const uint32_t u = Key(sc[t]);
-      if ((u & mask) == prefix) cand[atomicAdd(&sm.count, 1)] = u;
-    }
-    __syncthreads();
-    const uint32_t* cp = cand;
-    auto shared_key = [cp](int j) { return cp[j]; };
-    for (int shift = kLowBits - 8; shift > -8; shift -= 8) {
-      const int lo = shift < 0 ? 0 : shift;
-      RadixPass(shared_key, bin_count, lo, shift + 8 - lo, prefix, mask, remaining, sm);
-    }
-  } else {
-    for (int shift = kLowBits - 8; shift > -8; shift -= 8) {
-      const int lo = shift < 0 ? 0 : shift;
-      RadixPass(global_key, len, lo, shift + 8 - lo, prefix, mask, remaining, sm);
-    }
-  }
-  // 3. Keep keys above the threshold and the first `remaining` equal to it, in position order.
-  CompactSelected<kSelectWarps>(
-      len, prefix, remaining, global_key,
-      [&](int at, int t) {
-        pos_out[at] = t;
-        if (slot_out) slot_out[at] = table[t / ps] * ps + t % ps;
-      },
-      sm.scan);
-  if (threadIdx.x == 0 && out.counts) out.counts[row] = k;
-}
-
-// Workspace layout: fp32 scores [rows, stride] then the top-bit histograms [rows, kTopBins],
-// each part 256-byte aligned.
+// Workspace layout: fp32 scores [rows, stride], 256-byte aligned.
 size_t ScoreBytes(const DsSelectGpuParams& p) {
   const size_t rows = static_cast<size_t>(p.num_seqs) * DsSelectRowsPerSeq(p);
   const size_t stride = static_cast<size_t>(p.page_table_stride) * p.shape.page_size;
@@ -381,10 +269,7 @@ int32_t DsSelectRowsPerSeq(const DsSelectGpuParams& p) {
   return p.shape.shared_selection ? p.shape.num_kv_heads : p.shape.num_q_heads;
 }
 
-size_t DsSelectWorkspaceBytes(const DsSelectGpuParams& p) {
-  const size_t rows = static_cast<size_t>(p.num_seqs) * DsSelectRowsPerSeq(p);
-  return ScoreBytes(p) + (rows * kTopBins * sizeof(int) + 255) / 256 * 256;
-}
+size_t DsSelectWorkspaceBytes(const DsSelectGpuParams& p) { return ScoreBytes(p); }
 
 cudaError_t DsSelectGpu(const DsSelectGpuParams& p, const DsSelectGpuOutput& out, void* workspace,
                         size_t workspace_bytes, cudaStream_t stream) {
@@ -398,10 +283,6 @@ cudaError_t DsSelectGpu(const DsSelectGpuParams& p, const DsSelectGpuOutput& out
   }
   const Geometry geo = GeometryOf(p.shape);
   float* scores = static_cast<float*>(workspace);
-  const size_t rows = static_cast<size_t>(p.num_seqs) * DsSelectRowsPerSeq(p);
-  int* top_hist = reinterpret_cast<int*>(static_cast<char*>(workspace) + ScoreBytes(p));
-  SIEVE_CUDA_RETURN_IF_ERROR(
-      cudaMemsetAsync(top_hist, 0, rows * kTopBins * sizeof(int), stream));
   const int64_t stride = static_cast<int64_t>(p.page_table_stride) * p.shape.page_size;
   const int64_t chunk = static_cast<int64_t>(kScoreThreads) * kScorePasses;
   const int64_t chunks = (stride + chunk - 1) / chunk;
@@ -412,12 +293,11 @@ cudaError_t DsSelectGpu(const DsSelectGpuParams& p, const DsSelectGpuOutput& out
                         : 1;
   const size_t smem = static_cast<size_t>(terms) * p.shape.channels * sizeof(float);
   const dim3 grid(static_cast<unsigned>(chunks), rows_per_seq, p.num_seqs);
-  DsScoreKernel<<<grid, kScoreThreads, smem, stream>>>(p, geo, scores, top_hist, stride);
+  DsScoreKernel<<<grid, kScoreThreads, smem, stream>>>(p, geo, scores, stride);
   SIEVE_CUDA_RETURN_IF_LAUNCH_ERROR();
-  DsTopTokensKernel<<<p.num_seqs * rows_per_seq, kSelectThreads, 0, stream>>>(
-      p, out, scores, top_hist, stride, rows_per_seq);
-  SIEVE_CUDA_RETURN_IF_LAUNCH_ERROR();
-  return cudaSuccess;
+  const DsTopTokens pol{p, out, scores, stride, rows_per_seq};
+  return sparse_select::LaunchClusterTopK(pol, static_cast<int64_t>(p.num_seqs) * rows_per_seq,
+                                          stride, p.select_blocks_per_row, stream);
 }
 
 }  // namespace sieve::kernels

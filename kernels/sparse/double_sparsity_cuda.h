@@ -19,16 +19,15 @@
 //     CPU reads the same (bf16-valued) keys.
 //   DsSelectGpu: (1) a scoring kernel, one thread per token (channel-major labels make a warp's
 //     loads of one channel contiguous), per (token chunk, selection head, sequence) block, the
-//     selection head's query channels in shared memory; fp32 scores to a workspace, and a
-//     histogram per row of the scores' top 11 bits (as ordered unsigned keys). With
+//     selection head's query channels in shared memory; fp32 scores to a workspace. With
 //     shared_selection a KV head's score is the sum of its query heads' (the CPU's definition).
-//     (2) a selection kernel, one block per row: the histogram names the bin of the k-th best
-//     score; one pass gathers that bin's keys into shared memory (when at most 8192; else the
-//     passes below read the scores in memory) and radix passes over the remaining 21 bits find
-//     the k-th best key exactly; one ordered pass with block-wide scans keeps every token above
-//     it and the lowest positions equal to it (the CPU's tie rule), writing positions in
-//     increasing order with their KV slots and the row's count. Two passes over a row's
-//     scores in the common case. L <= k lists every position 0 .. L - 1 (dense, exactly).
+//     (2) a selection kernel, a cluster of 1 to 8 blocks per row (sparse_select::
+//     ClusterTopKKernel, cluster_topk_cuda.cuh), each holding a slice of the row's scores in
+//     shared memory: four 8-bit radix passes, their histograms summed over the cluster, find the
+//     k-th best key exactly; one ordered pass keeps every token above it and the lowest
+//     positions equal to it (the CPU's tie rule), writing positions in increasing order with
+//     their KV slots and the row's count. One read of a row's scores from memory (while a slice
+//     fits 16,384 keys). L <= k lists every position 0 .. L - 1 (dense, exactly).
 // Never allocates, never synchronizes: graph-capturable.
 #ifndef SIEVE_KERNELS_SPARSE_DOUBLE_SPARSITY_CUDA_H_
 #define SIEVE_KERNELS_SPARSE_DOUBLE_SPARSITY_CUDA_H_
@@ -71,6 +70,7 @@ struct DsSelectGpuParams {
   int32_t page_table_stride = 0;          // >= the most pages of any sequence
   int32_t num_seqs = 0;
   int32_t token_budget = 1;               // k >= 1
+  int32_t select_blocks_per_row = 0;      // 0: chosen per launch; 1, 2, 4 or 8 forces it (tests)
 };
 
 // Rows per sequence of a selection: num_q_heads, or num_kv_heads with shape.shared_selection.
@@ -90,8 +90,7 @@ struct DsSelectGpuOutput {
   int32_t* counts = nullptr;     // [num_seqs * rows_per_seq] or null
 };
 
-// Workspace bytes DsSelectGpu needs for `p` (fp32 scores of every row's tokens and a histogram
-// of 2048 ints per row). After a call the workspace starts with the scores: row r's score of
+// Workspace bytes DsSelectGpu needs for `p` (fp32 scores of every row's tokens). After a call the workspace starts with the scores: row r's score of
 // position t at float index r * page_table_stride * page_size + t, for rows with L > k (tests
 // compare them with DsReferenceScores).
 size_t DsSelectWorkspaceBytes(const DsSelectGpuParams& p);

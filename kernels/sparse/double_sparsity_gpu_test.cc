@@ -262,8 +262,9 @@ struct GpuRun {
   std::vector<uint16_t> out;  // sparse decode output, bf16 bits
 };
 
-// Writes every token's labels, selects and runs the token-list decode on the GPU.
-void RunGpu(const Batch& b, int budget, int forced_kv_len, GpuRun& r) {
+// Writes every token's labels, selects and runs the token-list decode on the GPU. blocks_per_row
+// forces the selection's cluster size (0: the launcher's choice).
+void RunGpu(const Batch& b, int budget, int forced_kv_len, GpuRun& r, int blocks_per_row = 0) {
   const DoubleSparsityShape& s = b.shape;
   Dev<__nv_bfloat16> q(b.q.size()), k(b.k.size()), v(b.v.size()), out(b.q.size());
   q.Put(b.q);
@@ -291,6 +292,7 @@ void RunGpu(const Batch& b, int budget, int forced_kv_len, GpuRun& r) {
   p.page_table_stride = b.stride;
   p.num_seqs = static_cast<int32_t>(b.kv_lens.size());
   p.token_budget = budget;
+  p.select_blocks_per_row = blocks_per_row;
   const size_t rows = static_cast<size_t>(p.num_seqs) * DsSelectRowsPerSeq(p);
   Dev<int32_t> positions(rows * budget), sel_slots(rows * budget), counts(rows);
   cudaMemset(positions.ptr, 0xff, positions.n * sizeof(int32_t));
@@ -596,28 +598,81 @@ TEST(DsGpuTest, BudgetCoveringContextEqualsDense) {
 }
 
 // Ties: with every key zero, every score is 0 and the top k are the lowest k positions (the
-// CPU's rule). The long row has more tied scores than the selection kernel's shared-memory
-// candidate buffer holds, so it also takes the kernel's path without one.
+// CPU's rule), for every cluster size of the selection: the tied keys span the cluster's blocks,
+// so the lower-ranked blocks' ties must be taken first.
 TEST(DsGpuTest, TiedScoresKeepTheLowestPositions) {
   for (DsLabelFormat f : {DsLabelFormat::kF16, DsLabelFormat::kInt4}) {
-    SCOPED_TRACE(FormatName(f));
     const DoubleSparsityShape shape = Shape(8, 2, 128, 16, f, false, false);
     Batch b = MakeBatch(shape, {3000, 40000}, BaseSeed() + 77);
     std::fill(b.k.begin(), b.k.end(), uint16_t{0});
-    const int budget = 300;
+    for (int blocks : {1, 2, 8}) {
+      SCOPED_TRACE(std::string(FormatName(f)) + ", blocks per row " + std::to_string(blocks));
+      const int budget = 300;
+      GpuRun r;
+      RunGpu(b, budget, 0, r, blocks);
+      if (HasFatalFailure()) return;
+      for (size_t row = 0; row < 2 * 8; ++row) {
+        ASSERT_EQ(r.counts[row], budget);
+        for (int i = 0; i < budget; ++i) {
+          ASSERT_EQ(r.positions[row * budget + i], i) << "row " << row;
+        }
+      }
+      std::vector<std::vector<int32_t>> rows(2 * 8);
+      for (auto& x : rows) {
+        x.resize(budget);
+        std::iota(x.begin(), x.end(), 0);
+      }
+      ExpectClose(r.out, RestrictedRef(b, &rows));
+    }
+  }
+}
+
+// Every cluster size of the selection (1, 2, 4, 8 blocks per row) keeps exactly the k best of the
+// GPU's own fp32 scores, ties to the lowest positions, in increasing order. Every token's keys
+// copy one of 48 tokens' (slot * 7919 mod 48), so scores come in large groups of exact ties and
+// the cut falls inside one, spread over the blocks' slices.
+TEST(DsGpuTest, EveryClusterSizeKeepsTheTopKOfItsScores) {
+  const DoubleSparsityShape shape = Shape(8, 2, 128, 16, DsLabelFormat::kF16, false, true);
+  Batch b = MakeBatch(shape, {777, 9001, 70000}, BaseSeed() + 91);
+  const size_t token = static_cast<size_t>(shape.num_kv_heads) * shape.head_dim;
+  const std::vector<uint16_t> protos(b.k.begin(), b.k.begin() + 48 * token);
+  for (size_t t = 0; t < b.k.size() / token; ++t) {
+    std::copy_n(protos.begin() + (t * 7919) % 48 * token, token, b.k.begin() + t * token);
+  }
+  const int budget = 512;
+  std::vector<int32_t> first;
+  for (int blocks : {1, 2, 4, 8}) {
+    SCOPED_TRACE("blocks per row " + std::to_string(blocks));
     GpuRun r;
-    RunGpu(b, budget, 0, r);
+    RunGpu(b, budget, 0, r, blocks);
     if (HasFatalFailure()) return;
-    for (size_t row = 0; row < 2 * 8; ++row) {
-      ASSERT_EQ(r.counts[row], budget);
-      for (int i = 0; i < budget; ++i) ASSERT_EQ(r.positions[row * budget + i], i) << "row " << row;
+    const int rows_per_seq = shape.num_kv_heads;  // shared selection
+    const size_t stride = static_cast<size_t>(b.stride) * shape.page_size;
+    for (size_t seq = 0; seq < b.kv_lens.size(); ++seq) {
+      const int len = b.kv_lens[seq];
+      for (int h = 0; h < rows_per_seq; ++h) {
+        const size_t row = seq * rows_per_seq + h;
+        const int count = std::min(len, budget);
+        ASSERT_EQ(r.counts[row], count);
+        std::vector<int32_t> want(len);
+        std::iota(want.begin(), want.end(), 0);
+        if (len > budget) {
+          const float* sc = r.scores.data() + row * stride;
+          std::stable_sort(want.begin(), want.end(),
+                           [sc](int32_t x, int32_t y) { return sc[x] > sc[y]; });
+          want.resize(budget);
+          std::sort(want.begin(), want.end());
+        }
+        const std::vector<int32_t> got(r.positions.begin() + row * budget,
+                                       r.positions.begin() + row * budget + count);
+        ASSERT_EQ(got, want) << "sequence " << seq << " row " << h;
+      }
     }
-    std::vector<std::vector<int32_t>> rows(2 * 8);
-    for (auto& x : rows) {
-      x.resize(budget);
-      std::iota(x.begin(), x.end(), 0);
+    if (first.empty()) {
+      first = r.positions;
+    } else {
+      EXPECT_EQ(r.positions, first);
     }
-    ExpectClose(r.out, RestrictedRef(b, &rows));
   }
 }
 

@@ -15,11 +15,12 @@
 //     blocks exit. Pages of one step are disjoint, so no two blocks write one page.
 //   QuestSelectGpu: (1) a scoring kernel, one warp per (page, KV head) at a time reading the
 //     page's bounds once for all query heads of the group (lanes split the channels, a shuffle
-//     sum per head), fp32 U_p(q) to a workspace; (2) a selection kernel, one block per row: an
-//     8-bit radix select (four histogram passes) finds the score of the (K-1)-th best page, then
-//     one ordered pass with block-wide scans keeps every page above it and the lowest-index
-//     pages equal to it (the CPU's tie rule), writing the pages in increasing order, the last
-//     page after them, and the row's compacted page ids and token count.
+//     sum per head), fp32 U_p(q) to a workspace; (2) a selection kernel, a cluster of 1 to 8 blocks
+//     per row (sparse_select::ClusterTopKKernel, cluster_topk_cuda.cuh): an 8-bit radix select
+//     (four histogram passes, summed over the cluster) finds the score of the (K-1)-th best
+//     page, then one ordered pass keeps every page above it and the lowest-index pages equal to
+//     it (the CPU's tie rule), writing the pages in increasing order, the last page after them,
+//     and the row's compacted page ids and token count.
 // Never allocates, never synchronizes: graph-capturable.
 #ifndef SIEVE_KERNELS_SPARSE_QUEST_CUDA_H_
 #define SIEVE_KERNELS_SPARSE_QUEST_CUDA_H_
@@ -61,6 +62,7 @@ struct QuestSelectGpuParams {
   int32_t page_size = 0;
   int32_t page_budget = 2;                // K, pages per row including the last (>= 2)
   bool per_kv_head = false;               // one row per KV head (max of the group's bounds)
+  int32_t select_blocks_per_row = 0;      // 0: chosen per launch; 1, 2, 4 or 8 forces it (tests)
 };
 
 // Rows per sequence of a selection: num_q_heads, or num_kv_heads with per_kv_head.
@@ -80,7 +82,9 @@ struct QuestSelectGpuOutput {
   int32_t* lens = nullptr;      // [num_seqs * rows_per_seq] or null
 };
 
-// Workspace bytes QuestSelectGpu needs for `p` (fp32 scores of every row's pages).
+// Workspace bytes QuestSelectGpu needs for `p` (fp32 scores of every row's pages). After a call
+// the workspace starts with them: row r's score of page j at float index r * page_table_stride
+// + j, for j < n - 1 of rows with n > page_budget (tests rank them).
 size_t QuestSelectWorkspaceBytes(const QuestSelectGpuParams& p);
 
 // Scores and selects on `stream`. cudaErrorInvalidValue (nothing launched) for unsupported

@@ -505,5 +505,109 @@ TEST(QuestGpuTest, PlantedNeedleIsSelected) {
   }
 }
 
+// Every cluster size of the selection (1, 2, 4, 8 blocks per row) keeps exactly the K - 1 best of
+// the GPU's own fp32 page scores (the workspace's, quest_cuda.h), ties to the lowest pages, in
+// increasing order, then the last page. Every page's bounds copy one of 40 pages' (page id * 7919
+// mod 40), so the scores come in large groups of exact ties, the cut inside one, across the
+// blocks' slices. Selection only (no keys): sequences up to 131,072 tokens.
+TEST(QuestGpuTest, EveryClusterSizeKeepsTheTopPagesOfItsScores) {
+  const int d = 128, hkv = 2, group = 4, hq = hkv * group, P = 16, K = 256;
+  const std::vector<int> lens = {1000, 4097, 40000, 131072};
+  std::mt19937_64 rng(BaseSeed() + 123);
+  int stride = 0, num_pages = 0;
+  for (int len : lens) {
+    stride = std::max(stride, (len + P - 1) / P);
+    num_pages += (len + P - 1) / P;
+  }
+  std::vector<int32_t> ids(num_pages), table(lens.size() * stride, 0);
+  std::iota(ids.begin(), ids.end(), 0);
+  std::shuffle(ids.begin(), ids.end(), rng);
+  for (size_t s = 0, next = 0; s < lens.size(); ++s) {
+    for (int j = 0; j < (lens[s] + P - 1) / P; ++j) table[s * stride + j] = ids[next++];
+  }
+  std::uniform_real_distribution<float> u(-1.7f, 1.7f);
+  const size_t per_page = static_cast<size_t>(hkv) * 2 * d;
+  std::vector<uint16_t> protos(40 * per_page), bounds(num_pages * per_page), q(lens.size() * hq * d);
+  for (size_t i = 0; i < protos.size(); i += 2 * d) {
+    for (int c = 0; c < d; ++c) {
+      const float a = u(rng), b = u(rng);
+      protos[i + c] = FloatToBf16(std::max(a, b));
+      protos[i + d + c] = FloatToBf16(std::min(a, b));
+    }
+  }
+  for (int page = 0; page < num_pages; ++page) {
+    std::copy_n(protos.begin() + (static_cast<size_t>(page) * 7919 % 40) * per_page, per_page,
+                bounds.begin() + page * per_page);
+  }
+  for (auto& x : q) x = FloatToBf16(u(rng));
+  Dev<__nv_bfloat16> dq(q.size()), dbounds(bounds.size());
+  dq.Put(q);
+  dbounds.Put(bounds);
+  Dev<int32_t> dtable(table.size()), dlens(lens.size());
+  dtable.Put(table);
+  dlens.Put(lens);
+  for (bool per_kv_head : {false, true}) {
+    std::vector<int32_t> first;
+    for (int blocks : {1, 2, 4, 8}) {
+      SCOPED_TRACE(std::string(per_kv_head ? "per KV head" : "per query head") +
+                   ", blocks per row " + std::to_string(blocks));
+      QuestSelectGpuParams p;
+      p.q = dq.ptr;
+      p.bounds = dbounds.ptr;
+      p.page_table = dtable.ptr;
+      p.kv_lens = dlens.ptr;
+      p.page_table_stride = stride;
+      p.num_seqs = static_cast<int32_t>(lens.size());
+      p.num_q_heads = hq;
+      p.num_kv_heads = hkv;
+      p.head_dim = d;
+      p.page_size = P;
+      p.page_budget = K;
+      p.per_kv_head = per_kv_head;
+      p.select_blocks_per_row = blocks;
+      const int rows_per_seq = QuestSelectRowsPerSeq(p);
+      const size_t rows = lens.size() * rows_per_seq;
+      Dev<int32_t> selected(rows * K), counts(rows), tables(rows * K), sel_lens(rows);
+      const size_t ws_bytes = QuestSelectWorkspaceBytes(p);
+      Dev<char> ws(ws_bytes);
+      ASSERT_CUDA(QuestSelectGpu(p, QuestSelectGpuOutput{selected.ptr, counts.ptr, tables.ptr,
+                                                         sel_lens.ptr},
+                                 ws.ptr, ws_bytes, nullptr));
+      ASSERT_CUDA(cudaDeviceSynchronize());
+      const std::vector<int32_t> sel = selected.Get<int32_t>(), cnt = counts.Get<int32_t>(),
+                                 tab = tables.Get<int32_t>(), sl = sel_lens.Get<int32_t>();
+      std::vector<float> scores(rows * stride);
+      cudaMemcpy(scores.data(), ws.ptr, scores.size() * sizeof(float), cudaMemcpyDeviceToHost);
+      for (size_t s = 0; s < lens.size(); ++s) {
+        const int n = (lens[s] + P - 1) / P;
+        for (int h = 0; h < rows_per_seq; ++h) {
+          const size_t row = s * rows_per_seq + h;
+          const int count = std::min(n, K);
+          ASSERT_EQ(cnt[row], count);
+          std::vector<int32_t> want(n - (n > K ? 1 : 0));
+          std::iota(want.begin(), want.end(), 0);
+          if (n > K) {
+            const float* sc = scores.data() + row * stride;
+            std::stable_sort(want.begin(), want.end(),
+                             [sc](int32_t x, int32_t y) { return sc[x] > sc[y]; });
+            want.resize(K - 1);
+            std::sort(want.begin(), want.end());
+            want.push_back(n - 1);
+          }
+          const std::vector<int32_t> got(sel.begin() + row * K, sel.begin() + row * K + count);
+          ASSERT_EQ(got, want) << "sequence " << s << " row " << h;
+          for (int i = 0; i < count; ++i) ASSERT_EQ(tab[row * K + i], table[s * stride + got[i]]);
+          ASSERT_EQ(sl[row], (count - 1) * P + (lens[s] - (n - 1) * P));
+        }
+      }
+      if (first.empty()) {
+        first = sel;
+      } else {
+        EXPECT_EQ(sel, first);
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace sieve::kernels
