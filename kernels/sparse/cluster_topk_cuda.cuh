@@ -79,15 +79,16 @@ __global__ void __launch_bounds__(kTopKThreads) ClusterTopKKernel(const P pol, i
   extern __shared__ uint32_t sm_keys[];
   __shared__ int sm_hist[2][256];
   __shared__ int sm_sum[256];
-  __shared__ int sm_scan[kWarps];
+  __shared__ int sm_wgt[kWarps], sm_weq[kWarps];    // per warp: keys above, equal to the cut
+  __shared__ int sm_wbase[kWarps], sm_wrem[kWarps];  // per warp: first output, equal keys taken
   __shared__ int sm_tot[2];  // this block's keys above and equal to the threshold
   __shared__ uint32_t s_prefix;
-  __shared__ int s_remaining, s_bin_count, s_base, s_rem;
+  __shared__ int s_remaining, s_bin_count;
   cg::cluster_group cluster = cg::this_cluster();
   const int csize = static_cast<int>(cluster.num_blocks());
   const int rank = static_cast<int>(cluster.block_rank());
   const int row = blockIdx.x / csize;
-  const int tid = threadIdx.x;
+  const int tid = threadIdx.x, lane = tid & 31;
   int n = 0, keep = 0;
   const bool select = pol.Prepare(row, n, keep);  // the same in every block of the cluster
   const int per = (n + csize - 1) / csize;
@@ -129,23 +130,38 @@ __global__ void __launch_bounds__(kTopKThreads) ClusterTopKKernel(const P pol, i
     remaining = s_remaining;
     mask |= 255u << shift;
   }
-  // Ordered compaction: each thread a contiguous run of the block's slice; the block's picks go
-  // after the lower-ranked blocks' picks, and the first `remaining` keys equal to the threshold
-  // (in position order over the whole row) are taken.
-  const int tper = (len + kTopKThreads - 1) / kTopKThreads;
-  const int tb = min(len, tid * tper), te = min(len, tb + tper);
+  // Ordered compaction: each warp a contiguous segment of the block's slice, read 32 keys at a
+  // time (lane i the i-th: no bank conflicts; a contiguous run per thread made every lane of a
+  // warp hit one bank); ballots rank a warp's picks. The block's picks go after the lower-ranked
+  // blocks' picks, and the first `remaining` keys equal to the threshold (in position order over
+  // the whole row) are taken.
+  const int warp = tid >> 5;
+  const int seg = ((len + kWarps - 1) / kWarps + 31) & ~31;  // keys per warp, whole rounds
+  const int wb = min(len, warp * seg), we = min(len, wb + seg);
   int gt = 0, eq = 0;
-  for (int i = tb; i < te; ++i) {
+  for (int i = wb + lane; i < we; i += 32) {
     const uint32_t u = key(i);
     gt += u > prefix ? 1 : 0;
     eq += u == prefix ? 1 : 0;
   }
-  int eq_total = 0, gt_total = 0;
-  const int eq_before = BlockExclusiveScan<kWarps>(eq, eq_total, sm_scan);
-  BlockExclusiveScan<kWarps>(gt, gt_total, sm_scan);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    gt += __shfl_xor_sync(0xffffffffu, gt, off);
+    eq += __shfl_xor_sync(0xffffffffu, eq, off);
+  }
+  if (lane == 0) {
+    sm_wgt[warp] = gt;
+    sm_weq[warp] = eq;
+  }
+  __syncthreads();
   if (tid == 0) {
-    sm_tot[0] = gt_total;
-    sm_tot[1] = eq_total;
+    int g = 0, e = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      g += sm_wgt[w];
+      e += sm_weq[w];
+    }
+    sm_tot[0] = g;
+    sm_tot[1] = e;
   }
   cluster.sync();  // every block's totals are written
   if (tid == 0) {
@@ -156,19 +172,29 @@ __global__ void __launch_bounds__(kTopKThreads) ClusterTopKKernel(const P pol, i
       base += t[0] + max(0, min(e, remaining - eq_seen));
       eq_seen += e;
     }
-    s_base = base;
-    s_rem = max(0, min(eq_total, remaining - eq_seen));
+    // Each warp's first output and its share of the keys equal to the threshold.
+    for (int w = 0; w < kWarps; ++w) {
+      const int take = max(0, min(sm_weq[w], remaining - eq_seen));
+      sm_wbase[w] = base;
+      sm_wrem[w] = take;
+      base += sm_wgt[w] + take;
+      eq_seen += sm_weq[w];
+    }
   }
   __syncthreads();
-  const int eq_take = max(0, min(eq, s_rem - eq_before));
-  int total = 0;
-  int at = s_base + BlockExclusiveScan<kWarps>(gt + eq_take, total, sm_scan);
-  int eq_seen = 0;
-  for (int i = tb; i < te; ++i) {
-    const uint32_t u = key(i);
-    bool take = u > prefix;
-    if (u == prefix) take = eq_seen++ < eq_take;
-    if (take) pol.Emit(row, at++, begin + i);
+  int at = sm_wbase[warp];
+  const int quota = sm_wrem[warp];
+  const unsigned below = (1u << lane) - 1u;
+  for (int i0 = wb, eq_seen = 0; i0 < we; i0 += 32) {
+    const int i = i0 + lane;
+    const uint32_t u = i < we ? key(i) : 0u;
+    const bool g = i < we && u > prefix, e = i < we && u == prefix;
+    const unsigned em = __ballot_sync(0xffffffffu, e);
+    const bool take = g || (e && eq_seen + __popc(em & below) < quota);
+    const unsigned tm = __ballot_sync(0xffffffffu, take);
+    if (take) pol.Emit(row, at + __popc(tm & below), begin + i);
+    at += __popc(tm);
+    eq_seen += __popc(em);
   }
   cluster.sync();  // no block leaves while another may still read its shared memory
   if (rank == 0 && tid == 0) pol.Finish(row);
