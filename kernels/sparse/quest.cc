@@ -105,6 +105,42 @@ void TopPagesByThreshold(const T* scores, int32_t n, int32_t keep, int32_t last,
   out[keep] = last;
 }
 
+// The rows of (sequence s, KV head g) (row_start already set): every page when the sequence's n
+// pages fit the budget (gs unused), else from the group's scores gs[h * (n - 1) + j] of pages
+// j < n - 1, top(scores, n - 1, keep, last, row) per query head or, with per_kv_head, once over
+// the group's maximum (agg: scratch) and copied to every head of the group.
+template <typename T, typename TopFn>
+void FillGroupRows(const QuestSelectParams& p, QuestSelection& out, int s, int g, const T* gs,
+                   std::vector<T>& agg, const TopFn& top) {
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const int32_t n = PagesOf(p, s);
+  const size_t row0 = static_cast<size_t>(s) * p.num_q_heads + static_cast<size_t>(g) * group;
+  if (n <= p.page_budget) {  // every page: exactly dense
+    for (int h = 0; h < group; ++h) {
+      int32_t* o = out.key_blocks.data() + out.row_start[row0 + h];
+      for (int32_t j = 0; j < n; ++j) o[j] = j;
+    }
+    return;
+  }
+  const int32_t scored = n - 1, keep = p.page_budget - 1;
+  if (p.per_kv_head) {
+    agg.assign(gs, gs + scored);
+    for (int h = 1; h < group; ++h) {
+      for (int32_t j = 0; j < scored; ++j) agg[j] = std::max(agg[j], gs[h * scored + j]);
+    }
+    int32_t* first = out.key_blocks.data() + out.row_start[row0];
+    top(agg.data(), scored, keep, n - 1, first);
+    for (int h = 1; h < group; ++h) {
+      std::copy(first, first + keep + 1, out.key_blocks.data() + out.row_start[row0 + h]);
+    }
+    return;
+  }
+  for (int h = 0; h < group; ++h) {
+    top(gs + static_cast<size_t>(h) * scored, scored, keep, n - 1,
+        out.key_blocks.data() + out.row_start[row0 + h]);
+  }
+}
+
 // Fills every row of `p` into `out` (row_start already set): for each (sequence, KV head) item,
 // score(s, kv_head, n_scored, scores) writes the G query heads' scores of pages [0, n_scored)
 // to scores[h * n_scored + page] (T: double), top pages by TopPages: the reference
@@ -123,33 +159,11 @@ void SelectRows(const QuestSelectParams& p, QuestSelection& out, int num_threads
       const int s = static_cast<int>(it / p.num_kv_heads);
       const int g = static_cast<int>(it % p.num_kv_heads);
       const int32_t n = PagesOf(p, s);
-      const size_t row0 = static_cast<size_t>(s) * p.num_q_heads + static_cast<size_t>(g) * group;
-      if (n <= p.page_budget) {  // every page: exactly dense
-        for (int h = 0; h < group; ++h) {
-          int32_t* o = out.key_blocks.data() + out.row_start[row0 + h];
-          for (int32_t j = 0; j < n; ++j) o[j] = j;
-        }
-        continue;
+      if (n > p.page_budget) {
+        scores.resize(static_cast<size_t>(group) * (n - 1));
+        score(s, g, n - 1, scores.data());
       }
-      const int32_t scored = n - 1, keep = p.page_budget - 1;
-      scores.resize(static_cast<size_t>(group) * scored);
-      score(s, g, scored, scores.data());
-      if (p.per_kv_head) {
-        agg.assign(scores.begin(), scores.begin() + scored);
-        for (int h = 1; h < group; ++h) {
-          for (int32_t j = 0; j < scored; ++j) agg[j] = std::max(agg[j], scores[h * scored + j]);
-        }
-        int32_t* first = out.key_blocks.data() + out.row_start[row0];
-        top(agg.data(), scored, keep, n - 1, first);
-        for (int h = 1; h < group; ++h) {
-          std::copy(first, first + keep + 1, out.key_blocks.data() + out.row_start[row0 + h]);
-        }
-        continue;
-      }
-      for (int h = 0; h < group; ++h) {
-        top(scores.data() + static_cast<size_t>(h) * scored, scored, keep, n - 1,
-            out.key_blocks.data() + out.row_start[row0 + h]);
-      }
+      FillGroupRows(p, out, s, g, scores.data(), agg, top);
     }
   });
 }
@@ -428,7 +442,6 @@ constexpr int32_t kScoreChunk = 256;
 template <typename T>
 void SelectFast(const QuestSelectParams& p, QuestSelection& out, int num_threads) {
   const int d = p.head_dim, group = p.num_q_heads / p.num_kv_heads;
-  const int32_t keep = p.page_budget - 1;
   // Scores of sequence s at offset off[s]: [num_kv_heads, group, scored] (none when n <= K).
   std::vector<int64_t> off(p.num_seqs + 1, 0);
   std::vector<std::pair<int, int32_t>> items;  // (sequence, first page of the chunk)
@@ -477,36 +490,14 @@ void SelectFast(const QuestSelectParams& p, QuestSelection& out, int num_threads
   ParallelFor(rows, num_threads, 1, [&](int64_t b, int64_t e) {
     std::vector<float> agg, vals;
     std::vector<int32_t> cand;
+    const auto top = [&](const float* x, int32_t n_scored, int32_t keep, int32_t last,
+                         int32_t* o) { TopPagesByThreshold(x, n_scored, keep, last, vals, cand, o); };
     for (int64_t it = b; it < e; ++it) {
       const int s = static_cast<int>(it / p.num_kv_heads);
       const int g = static_cast<int>(it % p.num_kv_heads);
-      const int32_t n = PagesOf(p, s);
-      const size_t row0 = static_cast<size_t>(s) * p.num_q_heads + static_cast<size_t>(g) * group;
-      if (n <= p.page_budget) {  // every page: exactly dense
-        for (int h = 0; h < group; ++h) {
-          int32_t* o = out.key_blocks.data() + out.row_start[row0 + h];
-          for (int32_t j = 0; j < n; ++j) o[j] = j;
-        }
-        continue;
-      }
-      const int32_t scored = n - 1;
-      const float* gs = sc + off[s] + static_cast<int64_t>(g) * group * scored;
-      if (p.per_kv_head) {
-        agg.assign(gs, gs + scored);
-        for (int h = 1; h < group; ++h) {
-          for (int32_t j = 0; j < scored; ++j) agg[j] = std::max(agg[j], gs[h * scored + j]);
-        }
-        int32_t* first = out.key_blocks.data() + out.row_start[row0];
-        TopPagesByThreshold(agg.data(), scored, keep, n - 1, vals, cand, first);
-        for (int h = 1; h < group; ++h) {
-          std::copy(first, first + keep + 1, out.key_blocks.data() + out.row_start[row0 + h]);
-        }
-        continue;
-      }
-      for (int h = 0; h < group; ++h) {
-        TopPagesByThreshold(gs + static_cast<size_t>(h) * scored, scored, keep, n - 1, vals, cand,
-                            out.key_blocks.data() + out.row_start[row0 + h]);
-      }
+      const int32_t scored = std::max(0, PagesOf(p, s) - 1);
+      FillGroupRows(p, out, s, g, sc + off[s] + static_cast<int64_t>(g) * group * scored, agg,
+                    top);
     }
   });
 }
