@@ -26,16 +26,6 @@ namespace {
 
 using ::testing::HasSubstr;
 
-// A prompt of `n` token ids drawn from the embedded model's vocabulary (4096 ids; 0 and 1 are
-// BOS and EOS), reproducible from `seed`.
-std::vector<int32_t> RandomPrompt(size_t n, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_int_distribution<int32_t> id(2, 4095);
-  std::vector<int32_t> ids(n);
-  for (int32_t& t : ids) t = id(rng);
-  return ids;
-}
-
 std::vector<int32_t> Concat(std::vector<int32_t> a, const std::vector<int32_t>& b) {
   a.insert(a.end(), b.begin(), b.end());
   return a;

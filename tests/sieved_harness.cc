@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <random>
 
 #include <google/protobuf/io/coded_stream.h>
 #include <google/protobuf/wire_format_lite.h>
@@ -173,6 +174,14 @@ v1::GenerateRequest Greedy(const std::vector<int32_t>& ids, int max_tokens) {
   request.mutable_stop()->set_max_tokens(max_tokens);
   request.mutable_stop()->set_ignore_eos(true);
   return request;
+}
+
+std::vector<int32_t> RandomPrompt(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int32_t> id(2, 4095);
+  std::vector<int32_t> ids(n);
+  for (int32_t& t : ids) t = id(rng);
+  return ids;
 }
 
 v1::GenerateRequest GreedyText(const std::string& text, int max_tokens) {

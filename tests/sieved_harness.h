@@ -137,6 +137,9 @@ StreamResult Generate(v1::Sieve::Stub& stub, const v1::GenerateRequest& request,
 
 // A greedy request for `ids` that generates exactly `max_tokens` tokens.
 v1::GenerateRequest Greedy(const std::vector<int32_t>& ids, int max_tokens);
+// A prompt of `n` token ids drawn from the embedded model's vocabulary (4096 ids; 0 and 1 are
+// BOS and EOS), reproducible from `seed`.
+std::vector<int32_t> RandomPrompt(size_t n, uint32_t seed);
 
 // The same with a text prompt.
 v1::GenerateRequest GreedyText(const std::string& text, int max_tokens);
