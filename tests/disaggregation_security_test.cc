@@ -8,7 +8,6 @@
 #include <unistd.h>
 
 #include <fstream>
-#include <random>
 #include <string>
 #include <vector>
 
@@ -22,15 +21,6 @@ namespace {
 
 using ::testing::HasSubstr;
 using ::testing::Not;
-
-
-std::vector<int32_t> RandomPrompt(size_t n, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_int_distribution<int32_t> id(2, 4095);
-  std::vector<int32_t> ids(n);
-  for (int32_t& t : ids) t = id(rng);
-  return ids;
-}
 
 void WriteFile(const std::string& path, const std::string& text) {
   std::ofstream out(path);

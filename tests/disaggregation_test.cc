@@ -10,7 +10,6 @@
 #include <signal.h>
 
 #include <atomic>
-#include <random>
 #include <string>
 #include <thread>
 #include <utility>

@@ -161,8 +161,6 @@ void AttendRows(const PagedAttentionParams<float>& p, const TKV* kc, const TKV* 
   sc.m.assign(rows, -std::numeric_limits<float>::infinity());
   sc.l.assign(rows, 0.0f);
   sc.s.resize(ss * rows);
-  sc.k.resize(kKeyTile);
-  sc.v.resize(kKeyTile);
   const int n_keys = static_cast<int>(sc.keys.size());
   sc.offs.resize(n_keys);
   // kv_head < 0: every KV head (a decode item over all heads, paged_attention_cpu_items.h); the
@@ -170,6 +168,11 @@ void AttendRows(const PagedAttentionParams<float>& p, const TKV* kc, const TKV* 
   const int g_begin = kv_head < 0 ? 0 : kv_head;
   const int g_end = kv_head < 0 ? p.num_kv_heads : kv_head + 1;
   const int group = p.num_q_heads / p.num_kv_heads;
+  const int heads = g_end - g_begin;
+  sc.k.resize(static_cast<size_t>(heads) * kKeyTile);
+  sc.v.resize(static_cast<size_t>(heads) * kKeyTile);
+  sc.head_start.assign(heads + 1, 0);
+  sc.head_kept.resize(heads);
   KeyOffsets(p, pages, g_begin, sc.keys.data(), n_keys, sc.offs.data());
   for (int t0 = 0; t0 < n_keys; t0 += kKeyTile) {
     const int n = std::min(kKeyTile, n_keys - t0);
@@ -202,11 +205,6 @@ void AttendRows(const PagedAttentionParams<float>& p, const TKV* kc, const TKV* 
     }
     // Rows by KV head: sc.active[head_start[g - g_begin], head_start[g - g_begin + 1]) are
     // head g's rows that read the tile (the others have it in their future).
-    const int heads = g_end - g_begin;
-    sc.k.resize(static_cast<size_t>(heads) * kKeyTile);
-    sc.v.resize(static_cast<size_t>(heads) * kKeyTile);
-    sc.head_start.assign(heads + 1, 0);
-    sc.head_kept.resize(heads);
     sc.active.clear();
     for (int g = g_begin; g < g_end; ++g) {
       const int64_t head_off = int64_t{g - g_begin} * d;

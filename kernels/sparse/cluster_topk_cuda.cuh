@@ -28,8 +28,6 @@
 #include <atomic>
 #include <cstdint>
 
-#include "kernels/sparse/select_cuda.cuh"
-
 namespace sieve::kernels::sparse_select {
 
 constexpr int kTopKThreads = 512;

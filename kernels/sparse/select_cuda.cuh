@@ -1,6 +1,7 @@
-// Device helpers the top-k selection kernels share (Quest's pages, quest_cuda.cu; DoubleSparsity's
-// tokens, double_sparsity_cuda.cu): an order-preserving unsigned key of a float for radix
-// selection, a block-wide exclusive prefix sum, and the ordered compaction of the selected keys.
+// Device helpers of the selection kernels: an order-preserving unsigned key of a float for radix
+// selection (Quest's and DoubleSparsity's row policies of cluster_topk_cuda.cuh), a block-wide
+// exclusive prefix sum and the ordered compaction of the selected keys (MInference's index,
+// minference_index_cuda.cu).
 #ifndef SIEVE_KERNELS_SPARSE_SELECT_CUDA_CUH_
 #define SIEVE_KERNELS_SPARSE_SELECT_CUDA_CUH_
 
