@@ -16,6 +16,7 @@ copied from models/embedded, train_log.jsonl, eval.json, golden.json. The best m
 usable checkpoint.
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -104,6 +105,13 @@ def parse_args():
     ap.add_argument("--init", default=None,
                     help="start from this saved checkpoint (a --out of an earlier run) instead "
                          "of random weights; its shape overrides the size flags")
+    ap.add_argument("--grow-layers", type=int, default=None,
+                    help="with --init: grow the checkpoint to this many layers; the new layers "
+                         "start as identities (o_proj and down_proj zero), so the grown model "
+                         "computes what the checkpoint did")
+    ap.add_argument("--grow-after", type=int, default=None,
+                    help="with --grow-layers: insert the new layers after this many of the "
+                         "checkpoint's layers (default: after all of them)")
     ap.add_argument("--log-every", type=int, default=25)
     args = ap.parse_args()
     ints = lambda s: [int(x) for x in s.split(",")]
@@ -182,6 +190,35 @@ def probe_score(model, task, args):
     return sum(r["accuracy"] for r in res.values()) / len(res), res
 
 
+
+def grow_model(init_model, layers, after, checkpoint_layers):
+    """A copy of init_model with layers - L new decoder layers inserted after `after` of its L
+    layers (default: at the end). Each new layer's residual outputs (o_proj, down_proj) are zero,
+    so the grown model's logits equal the checkpoint's; training then uses the new capacity."""
+    old = init_model.shape
+    if layers <= old.num_hidden_layers:
+        sys.exit(f"--grow-layers {layers}: the checkpoint already has {old.num_hidden_layers}")
+    after = old.num_hidden_layers if after is None else after
+    if not 0 <= after <= old.num_hidden_layers:
+        sys.exit(f"--grow-after {after}: must be in [0, {old.num_hidden_layers}]")
+    shape = copy.deepcopy(old)
+    shape.num_hidden_layers = layers
+    model = LlamaForCausalLM(shape, checkpoint_layers=checkpoint_layers)
+    src = init_model.state_dict()
+    state = model.state_dict()
+    added = layers - old.num_hidden_layers
+    for name, t in src.items():
+        if name.startswith("model.layers."):
+            i = int(name.split(".")[2])
+            j = i if i < after else i + added
+            name = name.replace(f"model.layers.{i}.", f"model.layers.{j}.", 1)
+        state[name] = t.clone()
+    for j in range(after, after + added):
+        state[f"model.layers.{j}.self_attn.o_proj.weight"].zero_()
+        state[f"model.layers.{j}.mlp.down_proj.weight"].zero_()
+    model.load_state_dict(state)
+    return model
+
 def main():
     args = parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -220,10 +257,16 @@ def main():
     if args.init:
         init_model, _ = hf_io.load_checkpoint(args.init)
         shape = init_model.shape
-        model = LlamaForCausalLM(shape, checkpoint_layers=args.grad_checkpoint)
-        model.load_state_dict(init_model.state_dict())
+        if args.grow_layers:
+            model = grow_model(init_model, args.grow_layers, args.grow_after,
+                               args.grad_checkpoint)
+            shape = model.shape
+        else:
+            model = LlamaForCausalLM(shape, checkpoint_layers=args.grad_checkpoint)
+            model.load_state_dict(init_model.state_dict())
         model = model.to(device)
-        log(event="init", directory=args.init)
+        log(event="init", directory=args.init, layers=shape.num_hidden_layers,
+            grown_from=init_model.shape.num_hidden_layers)
     else:
         model = LlamaForCausalLM(shape, checkpoint_layers=args.grad_checkpoint).to(device)
     opt = make_optimizer(model, args)
