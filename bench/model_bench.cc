@@ -11,7 +11,8 @@
 // the median step time of --steps steps, with CUDA graphs off and on (--graphs both|on|off, or a
 // list such as off,on,off,on). --decode-method dense,quest times each decode attention method
 // with its own worker (--budget tokens, --dense-layers; sparse from any context length) and
-// reports the fraction of the KV each step read.
+// reports the fraction of the KV each step read; "quest/kv" and "double_sparsity/kv" select one
+// set per KV head (attention.decode.<method>.per_kv_head) instead of one per query head.
 // --sample none|host|device|both (or a list) adds sampling to each timed decode step, with
 // temperature 0.8, top-p 0.95 and the chosen token's logprob: "host" copies the fp32 logits to the
 // host and runs SampleToken per row (the engine's path before device sampling), "device" runs
@@ -30,6 +31,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "engine/backends/backend.h"
@@ -237,7 +239,9 @@ int Run(const Args& a) {
   o.max_step_tokens = static_cast<int32_t>(a.chunk);
   o.max_step_logits = 64;
   std::vector<std::string> methods = absl::StrSplit(a.decode_method, ',');
-  for (const std::string& method : methods) o.quest_page_bounds |= method == "quest";
+  for (const std::string& method : methods) {
+    o.quest_page_bounds |= method == "quest" || method == "quest/kv";
+  }
   const auto t0 = Clock::now();
   auto runner = engine::ModelRunner::Load(a.model, o);
   if (!runner.ok()) {
@@ -292,7 +296,11 @@ int Run(const Args& a) {
   const engine::AttentionModelShape shape{.page_size = a.page_size};
   std::vector<std::unique_ptr<engine::ModelWorker>> workers;
   for (const std::string& method : methods) {
-    attention.decode.method = method;
+    // "quest/kv", "double_sparsity/kv": one selection per KV head (per_kv_head).
+    const bool per_kv_head = absl::EndsWith(method, "/kv");
+    attention.decode.method = per_kv_head ? method.substr(0, method.size() - 3) : method;
+    attention.decode.quest.per_kv_head = per_kv_head;
+    attention.decode.double_sparsity.per_kv_head = per_kv_head;
     auto policy = engine::MakeAttentionPolicy(attention, engine::AttentionPhase::kDecode, shape);
     if (!policy.ok()) {
       std::fprintf(stderr, "%s\n", policy.status().ToString().c_str());

@@ -10,7 +10,9 @@
 //   quest_decode_bench [--threads N] [--contexts 32768,131072] [--batches 1,8] [--budget 4096]
 //                      [--reps 5] [--max_kv_gb 10] [--shape llama8b|embedded]
 //                      [--kv-dtype float32|bfloat16] [--bounds float32|bfloat16]
-//                      [--huge-pages 1|0]
+//                      [--huge-pages 1|0] [--kv-layout head|token]
+// --kv-layout token lays each KV page out token-major ([page_size, kv_heads, head_dim], the CUDA
+// kernels' layout) instead of head-major (the cpu backend's, paged_attention.h), for the comparison.
 // --huge-pages 0 allocates K and V without the transparent-huge-page advice the cpu backend's
 // KV pool gets (kernels/cpu/lazy_zero_allocator.h), for the comparison.
 // --kv-dtype bfloat16 stores K and V as bfloat16 (the cpu backend's kv_cache.dtype bfloat16):
@@ -86,6 +88,7 @@ struct Problem {
   bool aliased;
   bool bf16;  // K and V also as bfloat16 (k16, v16), which attention then reads
   bool bf16_bounds = false;
+  KvLayout layout = KvLayout::kHeadMajor;
   // K and V as the cpu backend's KV pool holds them (LazyZeroAllocator: huge-page advised
   // unless --huge-pages 0).
   std::vector<float, kernels::LazyZeroAllocator<float>> k, v;
@@ -94,9 +97,9 @@ struct Problem {
   std::vector<int32_t> page_table, kv_lens, query_start;
 
   Problem(bench::LayerShape shape, int batch, int context, double max_kv_gb, bool kv_bf16,
-          bool bounds_bf16, bool huge_pages)
+          bool bounds_bf16, bool huge_pages, KvLayout kv_layout)
       : seqs(batch), ctx(context), hq(shape.q_heads), hkv(shape.kv_heads), dim(shape.head_dim),
-        bf16(kv_bf16), bf16_bounds(bounds_bf16),
+        bf16(kv_bf16), bf16_bounds(bounds_bf16), layout(kv_layout),
         k(kernels::LazyZeroAllocator<float>(huge_pages)),
         v(kernels::LazyZeroAllocator<float>(huge_pages)),
         k16(kernels::LazyZeroAllocator<uint16_t>(huge_pages)),
@@ -162,6 +165,7 @@ struct Problem {
       up.num_kv_heads = hkv;
       up.head_dim = dim;
       up.page_size = kPage;
+      up.kv_layout = layout;
       QuestUpdateBounds(up);
     }
   }
@@ -183,6 +187,7 @@ struct Problem {
     p.page_size = kPage;
     p.scale = 1.0f / std::sqrt(static_cast<float>(dim));
     p.sparse = x;
+    p.kv_layout = layout;
     return p;
   }
 
@@ -228,8 +233,9 @@ struct Times {
 // One table row: dense, then Quest per query head, per KV head attended per row and grouped,
 // interleaved in each of `reps` repetitions after a warm-up round. bw: read bandwidth, bytes/s.
 void RunRow(bench::LayerShape shape, int ctx, int batch, int budget, int reps, int threads,
-            double max_kv_gb, double bw, bool kv_bf16, bool bounds_bf16, bool huge_pages) {
-  Problem pr(shape, batch, ctx, max_kv_gb, kv_bf16, bounds_bf16, huge_pages);
+            double max_kv_gb, double bw, bool kv_bf16, bool bounds_bf16, bool huge_pages,
+            KvLayout layout) {
+  Problem pr(shape, batch, ctx, max_kv_gb, kv_bf16, bounds_bf16, huge_pages, layout);
   const double kv_bytes =
       2.0 * batch * ctx * shape.kv_heads * shape.head_dim * (kv_bf16 ? 2 : sizeof(float));
   std::vector<int32_t> qbs(batch + 1);
@@ -284,6 +290,7 @@ int Main(int argc, char** argv) {
   bench::LayerShape shape = bench::kLlama31_8B;
   std::string shape_name = "llama8b", kv_dtype = "float32", bounds_dtype = "float32";
   bool huge_pages = true;
+  std::string layout_name = "head";
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
     if (a == "--threads") threads = std::atoi(argv[i + 1]);
@@ -296,6 +303,7 @@ int Main(int argc, char** argv) {
     else if (a == "--kv-dtype") kv_dtype = argv[i + 1];
     else if (a == "--bounds") bounds_dtype = argv[i + 1];
     else if (a == "--huge-pages") huge_pages = std::atoi(argv[i + 1]) != 0;
+    else if (a == "--kv-layout") layout_name = argv[i + 1];
     else {
       std::fprintf(stderr, "unknown flag %s\n", a.c_str());
       return 2;
@@ -317,6 +325,11 @@ int Main(int argc, char** argv) {
     return 2;
   }
   const bool bounds_bf16 = bounds_dtype == "bfloat16";
+  if (layout_name != "head" && layout_name != "token") {
+    std::fprintf(stderr, "--kv-layout must be head or token, got '%s'\n", layout_name.c_str());
+    return 2;
+  }
+  const KvLayout layout = layout_name == "head" ? KvLayout::kHeadMajor : KvLayout::kTokenMajor;
   if (reps < 1 || budget < 2 * kPage) {
     std::fprintf(stderr, "--reps must be >= 1 and --budget >= %d\n", 2 * kPage);
     return 2;
@@ -328,11 +341,12 @@ int Main(int argc, char** argv) {
     std::fclose(f);
     while (!thp.empty() && thp.back() == '\n') thp.pop_back();
   }
-  std::printf("threads %d, simd %s, layer %s %dq/%dkv x %d, page %d, %s KV, %s bounds, "
+  std::printf("threads %d, simd %s, layer %s %dq/%dkv x %d, page %d, %s-major %s KV, %s bounds, "
               "budget %d, median of %d after one warm-up, variants interleaved; K/V %s "
               "(transparent huge pages: %s)\n",
               threads, PagedAttentionCpuTarget(), shape_name.c_str(), shape.q_heads,
-              shape.kv_heads, shape.head_dim, kPage, kv_dtype.c_str(), bounds_dtype.c_str(),
+              shape.kv_heads, shape.head_dim, kPage, layout_name.c_str(), kv_dtype.c_str(),
+              bounds_dtype.c_str(),
               budget, reps, huge_pages ? "huge-page advised" : "not advised", thp.c_str());
   const double bw = ReadBandwidth(threads, size_t{1} << 30, 5);
   std::printf("memory read bandwidth (1 GiB, %d threads, best of 5): %.2f GB/s\n\n", threads,
@@ -345,7 +359,7 @@ int Main(int argc, char** argv) {
   for (int ctx : contexts) {
     for (int batch : batches) {
       RunRow(shape, ctx, batch, budget, reps, threads, max_kv_gb, bw, kv_bf16, bounds_bf16,
-             huge_pages);
+             huge_pages, layout);
     }
   }
   return 0;

@@ -112,6 +112,8 @@ absl::Status CpuBackend::AllocateKvCache(int32_t num_layers, int32_t num_pages, 
   num_pages_ = num_pages;
   page_size_ = page_size;
   kv_page_layer_elems_ = int64_t{page_size} * shape.num_kv_heads * shape.head_dim;
+  kv_heads_ = shape.num_kv_heads;
+  kv_head_dim_ = shape.head_dim;
   return absl::OkStatus();
 }
 
@@ -159,14 +161,29 @@ absl::Status CpuBackend::CheckKvTransfer(absl::Span<const int32_t> pages, size_t
   return absl::OkStatus();
 }
 
+void CpuBackend::TransposeKvBlock(uint8_t* pool, uint8_t* wire, bool to_wire) const {
+  const size_t row = static_cast<size_t>(kv_head_dim_) * kernels::KvDtypeBytes(kv_dtype_);
+  for (int32_t h = 0; h < kv_heads_; ++h) {
+    for (int32_t slot = 0; slot < page_size_; ++slot) {
+      uint8_t* a = pool + (static_cast<size_t>(h) * page_size_ + slot) * row;
+      uint8_t* b = wire + (static_cast<size_t>(slot) * kv_heads_ + h) * row;
+      if (to_wire) {
+        std::memcpy(b, a, row);
+      } else {
+        std::memcpy(a, b, row);
+      }
+    }
+  }
+}
+
 absl::Status CpuBackend::ReadKvPages(absl::Span<const int32_t> pages, absl::Span<uint8_t> out) {
   if (absl::Status st = CheckKvTransfer(pages, out.size()); !st.ok()) return st;
   const size_t block = KvBlockBytes();
   uint8_t* dst = out.data();
   for (const int32_t p : pages) {
     for (size_t l = 0; l < k_cache_.size(); ++l) {
-      std::memcpy(dst, k_cache_[l].data() + p * block, block);
-      std::memcpy(dst + block, v_cache_[l].data() + p * block, block);
+      TransposeKvBlock(k_cache_[l].data() + p * block, dst, /*to_wire=*/true);
+      TransposeKvBlock(v_cache_[l].data() + p * block, dst + block, /*to_wire=*/true);
       dst += 2 * block;
     }
   }
@@ -180,8 +197,8 @@ absl::Status CpuBackend::WriteKvPages(absl::Span<const int32_t> pages,
   const uint8_t* src = data.data();
   for (const int32_t p : pages) {
     for (size_t l = 0; l < k_cache_.size(); ++l) {
-      std::memcpy(k_cache_[l].data() + p * block, src, block);
-      std::memcpy(v_cache_[l].data() + p * block, src + block, block);
+      TransposeKvBlock(k_cache_[l].data() + p * block, const_cast<uint8_t*>(src), false);
+      TransposeKvBlock(v_cache_[l].data() + p * block, const_cast<uint8_t*>(src + block), false);
       src += 2 * block;
     }
   }
@@ -270,19 +287,24 @@ absl::Status CpuBackend::RopeAndCacheKv(BackendStream& stream, int32_t layer, co
     const int64_t slot = layout->slots[t];
     const float* kt = k.data() + t * kv_cols;
     const float* vt = F(qkv) + t * qkv.cols + q_cols + kv_cols;
-    if (kv_dtype_ == kernels::KvDtype::kBfloat16) {  // rounded to nearest even
-      uint16_t* kc = reinterpret_cast<uint16_t*>(k_cache_[layer].data()) + slot * kv_cols;
-      uint16_t* vc = reinterpret_cast<uint16_t*>(v_cache_[layer].data()) + slot * kv_cols;
-      for (int64_t i = 0; i < kv_cols; ++i) {
-        kc[i] = kernels::FloatToBf16(kt[i]);
-        vc[i] = kernels::FloatToBf16(vt[i]);
+    for (int32_t h = 0; h < s.num_kv_heads; ++h) {
+      const int64_t at = kernels::KvRowOffset(kKvLayout, slot / page_size_,
+                                              static_cast<int32_t>(slot % page_size_), h,
+                                              page_size_, s.num_kv_heads, static_cast<int32_t>(d));
+      const float* kh = kt + h * d;
+      const float* vh = vt + h * d;
+      if (kv_dtype_ == kernels::KvDtype::kBfloat16) {  // rounded to nearest even
+        uint16_t* kc = reinterpret_cast<uint16_t*>(k_cache_[layer].data()) + at;
+        uint16_t* vc = reinterpret_cast<uint16_t*>(v_cache_[layer].data()) + at;
+        for (int64_t i = 0; i < d; ++i) {
+          kc[i] = kernels::FloatToBf16(kh[i]);
+          vc[i] = kernels::FloatToBf16(vh[i]);
+        }
+        continue;
       }
-      continue;
+      std::memcpy(reinterpret_cast<float*>(k_cache_[layer].data()) + at, kh, sizeof(float) * d);
+      std::memcpy(reinterpret_cast<float*>(v_cache_[layer].data()) + at, vh, sizeof(float) * d);
     }
-    float* kc = reinterpret_cast<float*>(k_cache_[layer].data()) + slot * kv_cols;
-    float* vc = reinterpret_cast<float*>(v_cache_[layer].data()) + slot * kv_cols;
-    std::memcpy(kc, kt, sizeof(float) * kv_cols);
-    std::memcpy(vc, vt, sizeof(float) * kv_cols);
   }
   return absl::OkStatus();
 }
@@ -295,6 +317,7 @@ absl::Status CpuBackend::Attention(BackendStream& stream, int32_t layer, const T
   const kernels::SparseAttentionIndex index = plan.View();
   SIEVE_RETURN_IF_ERROR(CheckShape(out, layout->num_tokens(), q.cols, "attention output"));
   kernels::PagedAttentionParams<float> p;
+  p.kv_layout = kKvLayout;
   p.q = F(q);
   p.out = F(out);
   p.page_table = layout->page_table.data();
@@ -335,6 +358,7 @@ absl::Status CpuBackend::MInferenceIndex(BackendStream& stream, int32_t layer, c
   SIEVE_RETURN_IF_ERROR(NeedFp32Keys("MInference"));
   const int32_t query_start[2] = {0, q_len};
   kernels::PagedAttentionParams<float> p;
+  p.kv_layout = kKvLayout;
   p.q = F(q) + int64_t{layout->query_start[e.seq]} * q.cols;
   p.k_cache = reinterpret_cast<const float*>(k_cache_[layer].data());
   p.page_table = layout->page_table.data() + int64_t{e.seq} * layout->page_table_stride;
@@ -369,6 +393,7 @@ absl::Status CpuBackend::XAttentionBlockMass(BackendStream& stream, int32_t laye
       CheckShape(q, layout->num_tokens(), int64_t{s.num_q_heads} * s.head_dim, "queries"));
   SIEVE_RETURN_IF_ERROR(NeedFp32Keys("XAttention"));
   kernels::XAttentionParams p;
+  p.kv_layout = kKvLayout;
   p.q = F(q) + int64_t{layout->query_start[e.seq]} * q.cols;
   p.q_row_stride = q.cols;
   p.k_cache = reinterpret_cast<const float*>(k_cache_[layer].data());
@@ -416,6 +441,7 @@ absl::Status CpuBackend::UpdatePageBounds(BackendStream& stream, int32_t layer,
         absl::StrCat("cpu backend: no page bounds for layer ", layer));
   }
   kernels::QuestBoundsUpdate u;
+  u.kv_layout = kKvLayout;
   SetKeys(layer, u);
   u.bounds = page_bounds_[layer].data();
   u.bf16_bounds = page_bounds_bf16_;
@@ -444,6 +470,7 @@ absl::Status CpuBackend::RebuildPageBounds(absl::Span<const int32_t> pages,
   }
   for (size_t l = 0; l < page_bounds_.size(); ++l) {
     kernels::QuestBoundsUpdate u;
+    u.kv_layout = kKvLayout;
     SetKeys(static_cast<int32_t>(l), u);
     u.bounds = page_bounds_[l].data();
     u.bf16_bounds = page_bounds_bf16_;
@@ -639,7 +666,7 @@ absl::Status CpuBackend::UpdateDsLabels(BackendStream& stream, int32_t layer) {
     return absl::FailedPreconditionError(
         absl::StrCat("cpu backend: no DoubleSparsity labels for layer ", layer));
   }
-  if (ds_labels_->ready()) ds_labels_->Append(layer, *layout, k_cache_[layer].data(), kv_dtype_, 1);
+  if (ds_labels_->ready()) ds_labels_->Append(layer, *layout, k_cache_[layer].data(), kv_dtype_, 1, kKvLayout);
   return absl::OkStatus();
 }
 
@@ -653,7 +680,7 @@ absl::Status CpuBackend::RebuildDsLabels(absl::Span<const int32_t> pages) {
   if (!ds_labels_->ready()) return absl::OkStatus();
   for (size_t l = 0; l < k_cache_.size(); ++l) {
     ds_labels_->AppendPages(static_cast<int32_t>(l), pages, k_cache_[l].data(), kv_dtype_,
-                            num_threads_);
+                            num_threads_, kKvLayout);
   }
   return absl::OkStatus();
 }

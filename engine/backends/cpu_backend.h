@@ -111,7 +111,7 @@ class CpuBackend final : public Backend {
                       absl::Span<const SampleRow> rows,
                       absl::Span<absl::StatusOr<SampledToken>> out) override;
 
-  // For tests: layer `layer`'s K pool (fp32 caches; empty for bfloat16) and Quest page bounds
+  // For tests: layer `layer`'s K (V) pool (fp32 caches; empty for bfloat16) and Quest page bounds
   // (empty when not allocated; bfloat16 pairs when page_bounds_bf16(): read a region with
   // kernels::QuestPageBounds).
   absl::Span<const float> k_cache(int32_t layer) const {
@@ -119,9 +119,16 @@ class CpuBackend final : public Backend {
     return {reinterpret_cast<const float*>(k_cache_.at(layer).data()),
             k_cache_.at(layer).size() / sizeof(float)};
   }
+  absl::Span<const float> v_cache(int32_t layer) const {
+    if (kv_dtype_ != kernels::KvDtype::kFloat32) return {};
+    return {reinterpret_cast<const float*>(v_cache_.at(layer).data()),
+            v_cache_.at(layer).size() / sizeof(float)};
+  }
   // For tests: layer `layer`'s K pool widened to fp32, whatever the cache's dtype.
   std::vector<float> KeysAsFloat(int32_t layer) const;
   const DsLabelStore* ds_labels() const { return ds_labels_.get(); }
+  // How the KV pools order a page's rows (KeysAsFloat returns them so).
+  static constexpr kernels::KvLayout kv_layout() { return kKvLayout; }
   absl::Span<const float> page_bounds(int32_t layer) const {
     return layer < static_cast<int32_t>(page_bounds_.size()) ? absl::Span<const float>(page_bounds_[layer])
                                                              : absl::Span<const float>();
@@ -133,7 +140,11 @@ class CpuBackend final : public Backend {
   int num_threads_;
   kernels::KvDtype kv_dtype_;
   std::vector<std::unique_ptr<float[]>> buffers_;  // every weight and activation buffer
-  // KV pools per layer: [num_pages, page_size, num_kv_heads, head_dim] elements of kv_dtype_.
+  // KV pools per layer: [num_pages, num_kv_heads, page_size, head_dim] elements of kv_dtype_
+  // (kKvLayout, head-major: a KV head's rows of a page are one run, which sparse decode reads;
+  // scattered 512-byte rows of the token-major layout ran at a third of the read bandwidth).
+  // Transfers (ReadKvPages / WriteKvPages) use the token-major wire layout of backend.h.
+  static constexpr kernels::KvLayout kKvLayout = kernels::KvLayout::kHeadMajor;
   std::vector<std::vector<uint8_t, LazyZeroAllocator<uint8_t>>> k_cache_, v_cache_;
   // Quest page bounds per layer, [num_pages, num_kv_heads, 2, head_dim] (max, then min) of fp32,
   // or of bfloat16 when page_bounds_bf16_ (half the floats, kernels::QuestRegionFloats).
@@ -144,6 +155,10 @@ class CpuBackend final : public Backend {
   int32_t num_pages_ = 0;
   int32_t page_size_ = 0;
   int64_t kv_page_layer_elems_ = 0;  // page_size * num_kv_heads * head_dim
+  int32_t kv_heads_ = 0, kv_head_dim_ = 0;
+  // Copies one page's K or V rows of one layer between the pool's layout (`pool`) and the
+  // token-major transfer layout (`wire`), in the direction `to_wire` says.
+  void TransposeKvBlock(uint8_t* pool, uint8_t* wire, bool to_wire) const;
   // OK on an fp32 KV cache; else FailedPrecondition naming `what` (an fp32-only key reader).
   absl::Status NeedFp32Keys(std::string_view what) const;
   // Points u at layer `layer`'s keys (k_cache or k_cache_bf16 by the cache's dtype).

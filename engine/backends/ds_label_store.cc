@@ -10,7 +10,9 @@ namespace sieve::engine {
 namespace {
 
 // Points p at a KV cache's keys by their element type (fp32 or bfloat16).
-void SetKeys(const void* k_cache, kernels::KvDtype dtype, kernels::DsAppendParams& p) {
+void SetKeys(const void* k_cache, kernels::KvDtype dtype, kernels::KvLayout kv_layout,
+             kernels::DsAppendParams& p) {
+  p.kv_layout = kv_layout;
   if (dtype == kernels::KvDtype::kBfloat16) {
     p.k_cache_bf16 = static_cast<const uint16_t*>(k_cache);
   } else {
@@ -70,9 +72,10 @@ bool DsLabelStore::ready() const {
 }
 
 void DsLabelStore::Append(int32_t layer, const BatchLayout& layout, const void* k_cache,
-                          kernels::KvDtype dtype, int num_threads) {
+                          kernels::KvDtype dtype, int num_threads,
+                          kernels::KvLayout kv_layout) {
   kernels::DsAppendParams p;
-  SetKeys(k_cache, dtype, p);
+  SetKeys(k_cache, dtype, kv_layout, p);
   p.page_table = layout.page_table.data();
   p.page_table_stride = layout.page_table_stride;
   p.kv_lens = layout.kv_lens.data();
@@ -85,14 +88,14 @@ void DsLabelStore::Append(int32_t layer, const BatchLayout& layout, const void* 
 
 void DsLabelStore::AppendPages(int32_t layer, absl::Span<const int32_t> pages,
                                const void* k_cache, kernels::KvDtype dtype,
-                               int num_threads) {
+                               int num_threads, kernels::KvLayout kv_layout) {
   if (pages.empty()) return;
   // Each page as a sequence of one full page whose tokens are all new.
   const int32_t n = static_cast<int32_t>(pages.size()), ps = shape_.page_size;
   std::vector<int32_t> kv_lens(n, ps), query_start(n + 1);
   for (int32_t i = 0; i <= n; ++i) query_start[i] = i * ps;
   kernels::DsAppendParams p;
-  SetKeys(k_cache, dtype, p);
+  SetKeys(k_cache, dtype, kv_layout, p);
   p.page_table = pages.data();
   p.page_table_stride = 1;
   p.kv_lens = kv_lens.data();

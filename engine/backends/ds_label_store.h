@@ -58,15 +58,17 @@ class DsLabelStore {
   bool ready() const;
 
   // Writes the labels of the step's new tokens of `layer` from their keys in `k_cache`
-  // ([num_pages, page_size, num_kv_heads, head_dim] elements of `dtype`, fp32 or bfloat16,
-  // already written this step).
+  // (pages of `kv_layout`, kernels/attention/paged_attention.h, elements of `dtype`, fp32 or
+  // bfloat16, already written this step).
   void Append(int32_t layer, const BatchLayout& layout, const void* k_cache,
-              kernels::KvDtype dtype, int num_threads);
+              kernels::KvDtype dtype, int num_threads,
+              kernels::KvLayout kv_layout = kernels::KvLayout::kTokenMajor);
 
   // Writes the labels of every token of whole pages `pages` of `layer` from their keys in
   // `k_cache` (pages an import filled: no step wrote their keys).
   void AppendPages(int32_t layer, absl::Span<const int32_t> pages, const void* k_cache,
-                   kernels::KvDtype dtype, int num_threads);
+                   kernels::KvDtype dtype, int num_threads,
+                   kernels::KvLayout kv_layout = kernels::KvLayout::kTokenMajor);
 
   // Builds `layer`'s decode plan (query blocks of one token, key blocks of one page): each
   // sequence not in options.dense_sequences gets per query head its top-k tokens by approximate

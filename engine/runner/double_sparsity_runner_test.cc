@@ -81,7 +81,8 @@ void ExpectLabelsExact(const ModelRunner& r, const std::vector<int32_t>& pages, 
     for (int t = 0; t < len; ++t) {
       const int64_t page = pages[t / kPage];
       for (int lh = 0; lh < kernels::DsLabelHeads(sh); ++lh) {
-        const float* key = k + ((page * kPage + t % kPage) * sh.num_kv_heads + lh / group) * sh.head_dim;
+        const float* key = k + kernels::KvRowOffset(cpu.kv_layout(), page, t % kPage, lh / group,
+                                                    kPage, sh.num_kv_heads, sh.head_dim);
         for (int c = 0; c < kChannels; ++c) {
           const float want = kernels::F16ToFloat(
               kernels::ds_internal::FloatToF16(key[store.channels(layer)[lh * kChannels + c]]));

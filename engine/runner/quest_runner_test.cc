@@ -53,7 +53,8 @@ void ExpectBoundsExact(const ModelRunner& r, const std::vector<int32_t>& pages, 
     for (int j = 0; j * kPage < len; ++j) {
       for (int32_t g = 0; g < kvh; ++g) {
         kernels::QuestBoundsRef(cpu.k_cache(layer).data(), pages[j], g,
-                                std::min(kPage, len - j * kPage), kvh, d, kPage, ref.data());
+                                std::min(kPage, len - j * kPage), kvh, d, kPage, ref.data(),
+                                cpu.kv_layout());
         const float* got = cpu.page_bounds(layer).data() + (int64_t{pages[j]} * kvh + g) * 2 * d;
         ASSERT_TRUE(std::equal(ref.begin(), ref.end(), got))
             << what << ": layer " << layer << " page " << j << " head " << g;

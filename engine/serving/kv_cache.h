@@ -1,7 +1,8 @@
 // Host-side bookkeeping of the paged KV cache: which page each token of each sequence lives in.
 //
-// The device memory is owned by a Backend: per layer, a K pool and a V pool shaped
-// [num_pages, page_size, num_kv_heads, head_dim]. Token t of a sequence lives in page
+// The device memory is owned by a Backend: per layer, a K pool and a V pool of num_pages pages,
+// each page_size * num_kv_heads * head_dim elements (rows ordered token-major on CUDA, head-major
+// on the cpu backend: kernels/attention/paged_attention.h KvLayout). Token t of a sequence lives in page
 // pages()[t / page_size] at offset t % page_size, i.e. at the flat slot index
 // page * page_size + t % page_size (the layout of kernels/attention/paged_attention.h).
 // This file only decides page ids; it never touches device memory.

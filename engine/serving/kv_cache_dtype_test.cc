@@ -307,7 +307,8 @@ TEST(KvCacheDtypeTest, Bf16QuestBoundsAreThoseOfTheStoredKeys) {
     for (size_t j = 0; j < pages.size(); ++j) {
       const int32_t valid = std::min<int32_t>(ps, n - static_cast<int32_t>(j) * ps);
       for (int32_t g = 0; g < kvh; ++g) {
-        kernels::QuestBoundsRef(keys.data(), pages[j], g, valid, kvh, d, ps, ref.data());
+        kernels::QuestBoundsRef(keys.data(), pages[j], g, valid, kvh, d, ps, ref.data(),
+                                cpu.kv_layout());
         const float* got = kernels::QuestPageBounds(cpu.page_bounds(layer).data(),
                                                     /*bf16_bounds=*/true, pages[j], g, kvh, d,
                                                     widened.data());

@@ -3,9 +3,12 @@
 // Layout (shared by every backend and every attention kernel, dense or sparse):
 //   q, out   : [num_tokens, num_q_heads, head_dim], the queries of all sequences packed
 //              back to back; sequence s owns rows [query_start[s], query_start[s + 1]).
-//   k_cache, : [num_pages, page_size, num_kv_heads, head_dim], one layer's keys / values.
-//   v_cache    Token t of sequence s lives in page page_table[s * page_table_stride + t / page_size]
-//              at offset t % page_size.
+//   k_cache, : one layer's keys / values, num_pages pages of page_size * num_kv_heads * head_dim
+//   v_cache    elements. Token t of sequence s lives in page
+//              page_table[s * page_table_stride + t / page_size] at slot t % page_size. Within a
+//              page the rows are [page_size, num_kv_heads, head_dim] (KvLayout::kTokenMajor, every
+//              CUDA kernel) or [num_kv_heads, page_size, head_dim] (kHeadMajor, the cpu backend:
+//              a KV head's rows of one page are one run of memory, which sparse decode reads).
 //   kv_lens  : [num_seqs], KV tokens of sequence s, including the ones written this step.
 // The queries of sequence s are its last q_len = query_start[s+1] - query_start[s] positions:
 // query j sits at position kv_lens[s] - q_len + j and attends causally to keys [0, position].
@@ -46,6 +49,32 @@ struct SparseAttentionIndex {
   const int32_t* columns = nullptr;        // [column_start[num_rows]]
 };
 
+// How a page of a KV pool orders its rows (see the file comment).
+enum class KvLayout : int8_t {
+  kTokenMajor = 0,  // [page_size, num_kv_heads, head_dim]
+  kHeadMajor = 1,   // [num_kv_heads, page_size, head_dim]
+};
+
+// Element strides of a page's rows: between consecutive slots of one KV head, and between KV heads
+// at one slot.
+struct KvRowStrides {
+  int64_t slot = 0;
+  int64_t head = 0;
+};
+
+inline KvRowStrides KvStrides(KvLayout layout, int32_t page_size, int32_t num_kv_heads,
+                              int32_t head_dim) {
+  if (layout == KvLayout::kHeadMajor) return {head_dim, int64_t{page_size} * head_dim};
+  return {int64_t{num_kv_heads} * head_dim, head_dim};
+}
+
+// Element offset of the row (page, slot, kv_head) in a pool of that layout.
+inline int64_t KvRowOffset(KvLayout layout, int64_t page, int32_t slot, int32_t kv_head,
+                           int32_t page_size, int32_t num_kv_heads, int32_t head_dim) {
+  const KvRowStrides st = KvStrides(layout, page_size, num_kv_heads, head_dim);
+  return page * page_size * num_kv_heads * head_dim + slot * st.slot + kv_head * st.head;
+}
+
 // Parameters of one paged attention call. Element type T is float for the CPU reference;
 // device kernels use the same struct with their own element type.
 template <typename T>
@@ -65,6 +94,7 @@ struct PagedAttentionParams {
   int32_t page_size = 0;           // tokens per page
   float scale = 0.0f;              // softmax scale, usually 1/sqrt(head_dim)
   const SparseAttentionIndex* sparse = nullptr;  // null: dense (every causal key)
+  KvLayout kv_layout = KvLayout::kTokenMajor;    // the CPU kernels take both; CUDA token-major
 };
 
 // Exact causal paged attention (dense, or restricted by p.sparse) in fp32 with a max-subtracted

@@ -108,6 +108,7 @@ struct Scratch {
   std::vector<int64_t> offs;     // the item's keys' row offsets into the K and V caches
   bool transpose = false;        // the item's step takes the prefill tile path (AttendRowsT)
   bool prefetch = false;         // prefetch each next tile's K/V rows (see AttendRows)
+  bool rowwise_pv = false;       // PV key by key (head-major pages, see AttendRows)
   // The prefill tile path, rows padded to rp (a multiple of the lane count):
   std::vector<float> qt, ot;     // [head_dim, rp] the queries and unnormalised outputs, transposed
   std::vector<float> st;         // [kKeyTile, rp] a tile's scores, then probabilities, transposed
@@ -123,8 +124,10 @@ struct Scratch {
 inline void KeyOffsets(const PagedAttentionParams<float>& p, const int32_t* pages, int kv_head,
                        const int* pos, int n, int64_t* offs) {
   const int ps = p.page_size;
-  const int64_t row = int64_t{p.num_kv_heads} * p.head_dim;
-  const int64_t head = int64_t{kv_head} * p.head_dim;
+  const KvRowStrides st = KvStrides(p.kv_layout, ps, p.num_kv_heads, p.head_dim);
+  const int64_t row = st.slot;
+  const int64_t page_elems = int64_t{ps} * p.num_kv_heads * p.head_dim;
+  const int64_t head = int64_t{kv_head} * st.head;
   int prev = -2, in_page = 0;
   int64_t off = 0;
   for (int j = 0; j < n; ++j) {
@@ -134,7 +137,7 @@ inline void KeyOffsets(const PagedAttentionParams<float>& p, const int32_t* page
       off += row;
     } else {
       in_page = t % ps;
-      off = (int64_t{pages[t / ps]} * ps + in_page) * row + head;
+      off = int64_t{pages[t / ps]} * page_elems + in_page * row + head;
     }
     offs[j] = off;
     prev = t;

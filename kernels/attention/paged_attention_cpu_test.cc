@@ -38,18 +38,22 @@ using Seq = test_util::SeqLens;
 
 struct Shape {
   int page_size, head_dim, group;
+  KvLayout layout = KvLayout::kTokenMajor;
 };
 
 std::string Name(const ::testing::TestParamInfo<Shape>& i) {
   return "page" + std::to_string(i.param.page_size) + "_d" + std::to_string(i.param.head_dim) +
-         "_group" + std::to_string(i.param.group);
+         "_group" + std::to_string(i.param.group) +
+         (i.param.layout == KvLayout::kHeadMajor ? "_headmajor" : "");
 }
 
 // A batch of sequences in a shuffled paged cache with random q, K and V in [-1, 1], kKvHeads
 // KV heads of sh.group query heads each.
 struct Batch : test_util::PagedBatch {
   Batch(const std::vector<Seq>& seqs, const Shape& sh, uint32_t seed)
-      : PagedBatch(seqs, sh.page_size, sh.head_dim, kKvHeads * sh.group, kKvHeads, seed) {}
+      : PagedBatch(seqs, sh.page_size, sh.head_dim, kKvHeads * sh.group, kKvHeads, seed) {
+    layout = sh.layout;
+  }
 };
 
 // Per-row relative L2 error within kRelTol; rows the reference zeroes must be exactly zero.
@@ -334,6 +338,14 @@ std::vector<Shape> Shapes() {
   for (int page_size : {1, 4, 16, 64}) {
     for (int head_dim : {64, 128}) {
       for (int group : {1, 2, 4, 8}) shapes.push_back({page_size, head_dim, group});
+    }
+  }
+  // The cpu backend's head-major pages (paged_attention.h): every test again on a subset.
+  for (int page_size : {4, 16}) {
+    for (int head_dim : {64, 128}) {
+      for (int group : {1, 4}) {
+        shapes.push_back({page_size, head_dim, group, KvLayout::kHeadMajor});
+      }
     }
   }
   return shapes;

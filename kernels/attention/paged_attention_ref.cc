@@ -32,7 +32,8 @@ void AttendOne(const PagedAttentionParams<float>& p, int s, const float* q, int 
   const int32_t* pages = p.page_table + static_cast<int64_t>(s) * p.page_table_stride;
   auto row = [&](const float* cache, int t) {
     int64_t page = pages[t / p.page_size];
-    return cache + ((page * p.page_size + t % p.page_size) * p.num_kv_heads + kv_head) * d;
+    return cache + KvRowOffset(p.kv_layout, page, t % p.page_size, kv_head, p.page_size,
+                               p.num_kv_heads, d);
   };
   if (keys.empty()) {
     std::fill(out, out + d, 0.0f);

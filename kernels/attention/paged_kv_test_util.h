@@ -80,6 +80,7 @@ struct PagedLayout {
 // A paged batch with q, K and V uniform in [-1, 1] (one spare page).
 struct PagedBatch : PagedLayout {
   int head_dim = 64, q_heads = 4, kv_heads = 2;
+  KvLayout layout = KvLayout::kTokenMajor;  // of k and v; Params() passes it on
   std::vector<float> q, k, v;
 
   PagedBatch(const std::vector<SeqLens>& seqs, int page, int dim, int qh, int kvh, uint32_t seed)
@@ -96,7 +97,9 @@ struct PagedBatch : PagedLayout {
   }
 
   float* Key(int seq, int kv_head, int pos) {
-    return k.data() + (Slot(seq, pos) * kv_heads + kv_head) * head_dim;
+    const int64_t slot = Slot(seq, pos);
+    return k.data() + KvRowOffset(layout, slot / page_size, static_cast<int32_t>(slot % page_size),
+                                  kv_head, page_size, kv_heads, head_dim);
   }
   float* Value(int seq, int kv_head, int pos) {
     return v.data() + (Key(seq, kv_head, pos) - k.data());
@@ -112,9 +115,12 @@ struct PagedBatch : PagedLayout {
   PagedAttentionParams<float> Params(std::vector<float>* out = nullptr,
                                      const SparseAttentionIndex* sparse = nullptr) const {
     if (out != nullptr) out->assign(q.size(), -7.0f);
-    return AttentionParams(q.data(), k.data(), out != nullptr ? v.data() : nullptr,
-                           out != nullptr ? out->data() : nullptr, q_heads, kv_heads, head_dim,
-                           sparse);
+    PagedAttentionParams<float> p =
+        AttentionParams(q.data(), k.data(), out != nullptr ? v.data() : nullptr,
+                        out != nullptr ? out->data() : nullptr, q_heads, kv_heads, head_dim,
+                        sparse);
+    p.kv_layout = layout;
+    return p;
   }
   PagedAttentionParams<float> Params(std::vector<float>& out,
                                      const SparseAttentionIndex* sparse = nullptr) const {

@@ -203,6 +203,29 @@ void AccumulatePV2(const float* p0, const float* p1, const TKV* const* v, int n,
   }
 }
 
+// AccumulatePVR reading each V row in address order: key by key, the R outputs updated in memory
+// (L1) one vector at a time. For V rows that the hardware prefetchers bring in only when read
+// front to back (a head-major page's rows of one head: AccumulatePVR's column passes over them
+// stall on every line).
+template <int R, typename TKV>
+void AccumulatePVRowwise(const float* const* p, const TKV* const* v, int n, int d,
+                         float* const* o) {
+  const DF df;
+  using V = hn::Vec<DF>;
+  const int L = static_cast<int>(hn::Lanes(df));
+  for (int j = 0; j < n; ++j) {
+    V x[R];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) x[r] = hn::Set(df, p[r][j]);
+    const TKV* vj = v[j];
+    for (int i = 0; i < d; i += L) {
+      const V vv = LoadKv(df, vj + i);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) hn::StoreU(hn::MulAdd(x[r], vv, hn::LoadU(df, o[r] + i)), df, o[r] + i);
+    }
+  }
+}
+
 // R rows' o[r] += sum_j p[r][j] * v[j] (AccumulatePV for R rows): 2R accumulators (R rows x 2
 // vectors) per step, each V vector loaded once for R rows. R even.
 template <int R, typename TKV>

@@ -131,12 +131,23 @@ void DsWriteLabels(const DoubleSparsityShape& s, const DsAppendParams& p, int nu
         const int64_t page = pages[pos / s.page_size];
         const int slot = pos % s.page_size;
         const int64_t row_elems = int64_t{s.num_kv_heads} * s.head_dim;
-        const int64_t at = (page * s.page_size + slot) * row_elems;
+        const int64_t at =
+            KvRowOffset(p.kv_layout, page, slot, 0, s.page_size, s.num_kv_heads, s.head_dim);
         const float* keys =  // [num_kv_heads, head_dim] of this token
             p.k != nullptr ? p.k + (p.query_start[seq] + j) * row_elems : p.k_cache + at;
-        if (p.k == nullptr && p.k_cache == nullptr) {
+        if (p.k == nullptr && (p.k_cache == nullptr || p.kv_layout != KvLayout::kTokenMajor)) {
+          // Gathered: a bfloat16 cache widened, or a head-major page's rows of this slot.
+          const int64_t head_stride =
+              KvStrides(p.kv_layout, s.page_size, s.num_kv_heads, s.head_dim).head;
           row.resize(row_elems);
-          for (int64_t i = 0; i < row_elems; ++i) row[i] = Bf16ToFloat(p.k_cache_bf16[at + i]);
+          for (int h = 0; h < s.num_kv_heads; ++h) {
+            const int64_t src = at + h * head_stride;
+            float* dst = row.data() + int64_t{h} * s.head_dim;
+            for (int i = 0; i < s.head_dim; ++i) {
+              dst[i] = p.k_cache != nullptr ? p.k_cache[src + i]
+                                            : Bf16ToFloat(p.k_cache_bf16[src + i]);
+            }
+          }
           keys = row.data();
         }
         for (int lh = 0; lh < label_heads; ++lh) {

@@ -78,7 +78,8 @@ std::string DsValidateChannels(const DoubleSparsityShape& shape, const int32_t* 
 // query_start[s + 1] - query_start[s] positions of kv_lens[s].
 struct DsAppendParams {
   // The new tokens' keys [num_tokens, num_kv_heads, head_dim], packed like queries; or null to
-  // read them from k_cache [num_pages, page_size, num_kv_heads, head_dim] at their positions.
+  // read them from k_cache (pages laid out as kv_layout says, paged_attention.h) at their
+  // positions.
   const float* k = nullptr;
   const float* k_cache = nullptr;
   // Or (k and k_cache null) the cache's keys stored as bfloat16 (a 16-bit KV cache), widened.
@@ -90,6 +91,7 @@ struct DsAppendParams {
   int32_t num_seqs = 0;
   const int32_t* channels = nullptr;    // [DsLabelHeads, channels]
   uint8_t* labels = nullptr;            // [num_pages, DsLabelPageBytes] one layer's labels
+  KvLayout kv_layout = KvLayout::kTokenMajor;  // of k_cache / k_cache_bf16
 };
 
 // Writes the label rows of the new tokens (every label head), on `num_threads` host threads

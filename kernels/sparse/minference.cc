@@ -20,8 +20,8 @@ inline int32_t QueryLen(const PagedAttentionParams<float>& p, int s) {
 
 inline const float* KeyRow(const PagedAttentionParams<float>& p, int seq, int kv_head, int pos) {
   const int64_t page = p.page_table[int64_t{seq} * p.page_table_stride + pos / p.page_size];
-  return p.k_cache + ((page * p.page_size + pos % p.page_size) * p.num_kv_heads + kv_head) *
-                         int64_t{p.head_dim};
+  return p.k_cache + KvRowOffset(p.kv_layout, page, pos % p.page_size, kv_head, p.page_size,
+                                 p.num_kv_heads, p.head_dim);
 }
 
 inline const float* QueryRow(const PagedAttentionParams<float>& p, int seq, int head, int j) {

@@ -78,8 +78,8 @@ void VsScoresImpl(const PagedAttentionParams<float>& p, int seq, int head, int l
     for (int j = 0; j < nk; ++j) {
       const int t = t0 + j;
       const int64_t page = pages[t / p.page_size];
-      const float* k = p.k_cache +
-                       ((page * p.page_size + t % p.page_size) * p.num_kv_heads + kv_head) * int64_t{d};
+      const float* k = p.k_cache + KvRowOffset(p.kv_layout, page, t % p.page_size, kv_head,
+                                               p.page_size, p.num_kv_heads, d);
       for (int i = 0; i < d; ++i) sc.kt[static_cast<size_t>(i) * kBlock + j] = k[i];
     }
     for (int i = 0; i < d; ++i) {

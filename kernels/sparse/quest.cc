@@ -183,7 +183,8 @@ void QuestUpdateBounds(const QuestBoundsUpdate& u) {
     const int64_t page = slot / u.page_size;
     const bool fresh = slot % u.page_size == 0;
     for (int g = 0; g < u.num_kv_heads; ++g) {
-      const int64_t at = (slot * u.num_kv_heads + g) * d;
+      const int64_t at = KvRowOffset(u.kv_layout, page, static_cast<int32_t>(slot % u.page_size),
+                                     g, u.page_size, u.num_kv_heads, d);
       const float* k = u.k_cache + at;
       if (u.k_cache == nullptr) {
         for (int c = 0; c < d; ++c) row[c] = Bf16ToFloat(u.k_cache_bf16[at + c]);
@@ -214,14 +215,15 @@ void QuestUpdateBounds(const QuestBoundsUpdate& u) {
 }
 
 void QuestBoundsRef(const float* k_cache, int32_t page, int32_t kv_head, int32_t valid,
-                    int32_t num_kv_heads, int32_t head_dim, int32_t page_size, float* out) {
+                    int32_t num_kv_heads, int32_t head_dim, int32_t page_size, float* out,
+                    KvLayout layout) {
   for (int c = 0; c < head_dim; ++c) {
     out[c] = -std::numeric_limits<float>::infinity();
     out[head_dim + c] = std::numeric_limits<float>::infinity();
   }
   for (int32_t e = 0; e < valid; ++e) {
     const float* k =
-        k_cache + ((int64_t{page} * page_size + e) * num_kv_heads + kv_head) * head_dim;
+        k_cache + KvRowOffset(layout, page, e, kv_head, page_size, num_kv_heads, head_dim);
     for (int c = 0; c < head_dim; ++c) {
       out[c] = std::max(out[c], k[c]);
       out[head_dim + c] = std::min(out[head_dim + c], k[c]);

@@ -27,11 +27,13 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels/attention/paged_attention.h"
+
 namespace sieve::kernels {
 
 // Appends the keys of `num_tokens` tokens to the bounds of one layer: token i was written at KV
-// slot slots[i] (page * page_size + offset), its keys at k_cache row slots[i]
-// ([num_pages * page_size, num_kv_heads, head_dim]). Tokens of one page must come in position
+// slot slots[i] (page * page_size + offset), its keys at that slot's rows of k_cache (pages laid out
+// as kv_layout says, paged_attention.h). Tokens of one page must come in position
 // order (a step's tokens do). Serial; O(num_tokens * num_kv_heads * head_dim).
 struct QuestBoundsUpdate {
   const float* k_cache = nullptr;  // one layer's keys
@@ -45,13 +47,15 @@ struct QuestBoundsUpdate {
   int32_t num_kv_heads = 0;
   int32_t head_dim = 0;
   int32_t page_size = 0;
+  KvLayout kv_layout = KvLayout::kTokenMajor;
 };
 void QuestUpdateBounds(const QuestBoundsUpdate& u);
 
 // The bounds of one (page, KV head) recomputed from its first `valid` keys (the reference for
 // the incremental update): out [2, head_dim], Mx then Mn, in fp32.
 void QuestBoundsRef(const float* k_cache, int32_t page, int32_t kv_head, int32_t valid,
-                    int32_t num_kv_heads, int32_t head_dim, int32_t page_size, float* out);
+                    int32_t num_kv_heads, int32_t head_dim, int32_t page_size, float* out,
+                    KvLayout layout = KvLayout::kTokenMajor);
 
 // One decode step's selection: one query per sequence.
 struct QuestSelectParams {

@@ -30,15 +30,18 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels/attention/paged_attention.h"
+
 namespace sieve::kernels {
 
 struct XAttentionParams {
   // Query i (at position kv_len - q_len + i) of head h: q + i * q_row_stride + h * head_dim.
   const float* q = nullptr;
   int64_t q_row_stride = 0;            // floats between consecutive queries
-  const float* k_cache = nullptr;      // [num_pages, page_size, num_kv_heads, head_dim]
+  const float* k_cache = nullptr;      // pages as PagedAttentionParams' k_cache (kv_layout)
   const int32_t* page_table = nullptr; // this sequence's page ids (position p: page p/page_size)
   int32_t page_size = 0;
+  KvLayout kv_layout = KvLayout::kTokenMajor;
   int32_t num_q_heads = 0;
   int32_t num_kv_heads = 0;            // query head h reads KV head h / (num_q_heads / num_kv_heads)
   int32_t head_dim = 0;

@@ -66,9 +66,10 @@ void PackKeys(const XAttentionParams& p, int32_t g, int64_t groups, float* packe
             for (int32_t e = 0; e < d; ++e) dst[int64_t{e} * W] = 0.0f;
             continue;
           }
-          const int64_t slot =
-              int64_t{p.page_table[pos / p.page_size]} * p.page_size + pos % p.page_size;
-          const float* src = p.k_cache + (slot * p.num_kv_heads + g) * d;
+          const float* src =
+              p.k_cache + KvRowOffset(p.kv_layout, p.page_table[pos / p.page_size],
+                                      static_cast<int32_t>(pos % p.page_size), g, p.page_size,
+                                      p.num_kv_heads, d);
           for (int32_t e = 0; e < d; ++e) dst[int64_t{e} * W] = src[e];
         }
       }

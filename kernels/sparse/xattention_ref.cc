@@ -12,8 +12,9 @@ namespace {
 // Key position `pos` of KV head g, or null past the keys.
 const float* KeyAt(const XAttentionParams& p, int32_t g, int64_t pos) {
   if (pos >= p.kv_len) return nullptr;
-  const int64_t slot = int64_t{p.page_table[pos / p.page_size]} * p.page_size + pos % p.page_size;
-  return p.k_cache + (slot * p.num_kv_heads + g) * p.head_dim;
+  return p.k_cache + KvRowOffset(p.kv_layout, p.page_table[pos / p.page_size],
+                                 static_cast<int32_t>(pos % p.page_size), g, p.page_size,
+                                 p.num_kv_heads, p.head_dim);
 }
 
 // Query at position `pos` of head h, or null outside the sequence's queries.
