@@ -20,6 +20,8 @@
 // forward pass with the logits copied to the host and not sampled.
 // --threads N sets the cpu backend's host threads (default 0 = all hardware threads);
 // --kv-dtype bfloat16 keeps the cpu backend's KV cache in bfloat16 (kv_cache.dtype).
+// --kv-layout auto|token|head orders the cpu backend's KV page rows (paged_attention.h KvLayout);
+// auto, the default, is what the engine picks: head-major when a sparse method is timed.
 // --quest-bounds float32 keeps the cpu backend's Quest page bounds in fp32 on a bfloat16 cache
 // (the backend's default there is bfloat16, half the bytes; this compares the two in one binary).
 // On a CUDA build, --copy-bandwidth 1 first measures a device-to-device copy (bytes read plus
@@ -72,6 +74,7 @@ struct Args {
   // cpu backend Quest page bounds: empty (the backend's choice: bfloat16 on a bfloat16 cache),
   // float32 or bfloat16.
   std::string quest_bounds;
+  std::string kv_layout = "auto";  // cpu KV page rows: auto (head with a sparse method), token, head
 };
 
 // Device-to-device copy bandwidth in bytes (read + written) per second: the median of 20 copies
@@ -221,11 +224,14 @@ int Run(const Args& a) {
       // The cpu backend with fp32 bounds, under a name only this program registers.
       const kernels::KvDtype kv = a.kv_dtype == "bfloat16" ? kernels::KvDtype::kBfloat16
                                                            : kernels::KvDtype::kFloat32;
+      // Quest runs here: head-major pages unless --kv-layout token.
+      const kernels::KvLayout layout =
+          a.kv_layout == "token" ? kernels::KvLayout::kTokenMajor : kernels::KvLayout::kHeadMajor;
       engine::RegisterBackend(
           "cpu-fp32-quest-bounds",
-          [kv](int threads) -> absl::StatusOr<std::unique_ptr<engine::Backend>> {
+          [kv, layout](int threads) -> absl::StatusOr<std::unique_ptr<engine::Backend>> {
             return std::unique_ptr<engine::Backend>(
-                new engine::CpuBackend(threads, kv, /*bf16_page_bounds=*/false));
+                new engine::CpuBackend(threads, kv, /*bf16_page_bounds=*/false, layout));
           });
       o.backend = "cpu-fp32-quest-bounds";
     }
@@ -239,8 +245,17 @@ int Run(const Args& a) {
   o.max_step_tokens = static_cast<int32_t>(a.chunk);
   o.max_step_logits = 64;
   std::vector<std::string> methods = absl::StrSplit(a.decode_method, ',');
+  bool sparse = false;
   for (const std::string& method : methods) {
     o.quest_page_bounds |= method == "quest" || method == "quest/kv";
+    sparse |= method != "dense";
+  }
+  // As the engine picks it (RunnerOptionsFor): head-major pages with a sparse decode method.
+  if (a.kv_layout == "head" || (a.kv_layout == "auto" && sparse)) {
+    o.kv_layout = kernels::KvLayout::kHeadMajor;
+  } else if (a.kv_layout != "auto" && a.kv_layout != "token") {
+    std::fprintf(stderr, "--kv-layout takes auto, token or head\n");
+    return 2;
   }
   const auto t0 = Clock::now();
   auto runner = engine::ModelRunner::Load(a.model, o);
@@ -359,6 +374,7 @@ int main(int argc, char** argv) {
     else if (k == "--threads") (void)absl::SimpleAtoi(v, &a.threads);
     else if (k == "--kv-dtype") a.kv_dtype = v;
     else if (k == "--quest-bounds") a.quest_bounds = v;
+    else if (k == "--kv-layout") a.kv_layout = v;
     else if (k == "--copy-bandwidth") (void)absl::SimpleAtoi(v, &a.copy_bandwidth);
     else if (k == "--prefill") {
       a.prefill.clear();

@@ -42,9 +42,11 @@ absl::Status CheckShape(const Tensor& t, int64_t rows, int64_t cols, absl::strin
 
 }  // namespace
 
-CpuBackend::CpuBackend(int num_threads, kernels::KvDtype kv_dtype, bool bf16_page_bounds)
+CpuBackend::CpuBackend(int num_threads, kernels::KvDtype kv_dtype, bool bf16_page_bounds,
+                       kernels::KvLayout kv_layout)
     : num_threads_(num_threads),
       kv_dtype_(kv_dtype),
+      kv_layout_(kv_layout),
       page_bounds_bf16_(bf16_page_bounds && kv_dtype == kernels::KvDtype::kBfloat16) {}
 
 float* CpuBackend::NewBuffer(int64_t elements) {
@@ -162,6 +164,15 @@ absl::Status CpuBackend::CheckKvTransfer(absl::Span<const int32_t> pages, size_t
 }
 
 void CpuBackend::TransposeKvBlock(uint8_t* pool, uint8_t* wire, bool to_wire) const {
+  if (kv_layout_ == kernels::KvLayout::kTokenMajor) {
+    const size_t block = KvBlockBytes();
+    if (to_wire) {
+      std::memcpy(wire, pool, block);
+    } else {
+      std::memcpy(pool, wire, block);
+    }
+    return;
+  }
   const size_t row = static_cast<size_t>(kv_head_dim_) * kernels::KvDtypeBytes(kv_dtype_);
   for (int32_t h = 0; h < kv_heads_; ++h) {
     for (int32_t slot = 0; slot < page_size_; ++slot) {
@@ -288,7 +299,7 @@ absl::Status CpuBackend::RopeAndCacheKv(BackendStream& stream, int32_t layer, co
     const float* kt = k.data() + t * kv_cols;
     const float* vt = F(qkv) + t * qkv.cols + q_cols + kv_cols;
     for (int32_t h = 0; h < s.num_kv_heads; ++h) {
-      const int64_t at = kernels::KvRowOffset(kKvLayout, slot / page_size_,
+      const int64_t at = kernels::KvRowOffset(kv_layout_, slot / page_size_,
                                               static_cast<int32_t>(slot % page_size_), h,
                                               page_size_, s.num_kv_heads, static_cast<int32_t>(d));
       const float* kh = kt + h * d;
@@ -317,7 +328,7 @@ absl::Status CpuBackend::Attention(BackendStream& stream, int32_t layer, const T
   const kernels::SparseAttentionIndex index = plan.View();
   SIEVE_RETURN_IF_ERROR(CheckShape(out, layout->num_tokens(), q.cols, "attention output"));
   kernels::PagedAttentionParams<float> p;
-  p.kv_layout = kKvLayout;
+  p.kv_layout = kv_layout_;
   p.q = F(q);
   p.out = F(out);
   p.page_table = layout->page_table.data();
@@ -358,7 +369,7 @@ absl::Status CpuBackend::MInferenceIndex(BackendStream& stream, int32_t layer, c
   SIEVE_RETURN_IF_ERROR(NeedFp32Keys("MInference"));
   const int32_t query_start[2] = {0, q_len};
   kernels::PagedAttentionParams<float> p;
-  p.kv_layout = kKvLayout;
+  p.kv_layout = kv_layout_;
   p.q = F(q) + int64_t{layout->query_start[e.seq]} * q.cols;
   p.k_cache = reinterpret_cast<const float*>(k_cache_[layer].data());
   p.page_table = layout->page_table.data() + int64_t{e.seq} * layout->page_table_stride;
@@ -393,7 +404,7 @@ absl::Status CpuBackend::XAttentionBlockMass(BackendStream& stream, int32_t laye
       CheckShape(q, layout->num_tokens(), int64_t{s.num_q_heads} * s.head_dim, "queries"));
   SIEVE_RETURN_IF_ERROR(NeedFp32Keys("XAttention"));
   kernels::XAttentionParams p;
-  p.kv_layout = kKvLayout;
+  p.kv_layout = kv_layout_;
   p.q = F(q) + int64_t{layout->query_start[e.seq]} * q.cols;
   p.q_row_stride = q.cols;
   p.k_cache = reinterpret_cast<const float*>(k_cache_[layer].data());
@@ -441,7 +452,7 @@ absl::Status CpuBackend::UpdatePageBounds(BackendStream& stream, int32_t layer,
         absl::StrCat("cpu backend: no page bounds for layer ", layer));
   }
   kernels::QuestBoundsUpdate u;
-  u.kv_layout = kKvLayout;
+  u.kv_layout = kv_layout_;
   SetKeys(layer, u);
   u.bounds = page_bounds_[layer].data();
   u.bf16_bounds = page_bounds_bf16_;
@@ -470,7 +481,7 @@ absl::Status CpuBackend::RebuildPageBounds(absl::Span<const int32_t> pages,
   }
   for (size_t l = 0; l < page_bounds_.size(); ++l) {
     kernels::QuestBoundsUpdate u;
-    u.kv_layout = kKvLayout;
+    u.kv_layout = kv_layout_;
     SetKeys(static_cast<int32_t>(l), u);
     u.bounds = page_bounds_[l].data();
     u.bf16_bounds = page_bounds_bf16_;
@@ -666,7 +677,7 @@ absl::Status CpuBackend::UpdateDsLabels(BackendStream& stream, int32_t layer) {
     return absl::FailedPreconditionError(
         absl::StrCat("cpu backend: no DoubleSparsity labels for layer ", layer));
   }
-  if (ds_labels_->ready()) ds_labels_->Append(layer, *layout, k_cache_[layer].data(), kv_dtype_, 1, kKvLayout);
+  if (ds_labels_->ready()) ds_labels_->Append(layer, *layout, k_cache_[layer].data(), kv_dtype_, 1, kv_layout_);
   return absl::OkStatus();
 }
 
@@ -680,7 +691,7 @@ absl::Status CpuBackend::RebuildDsLabels(absl::Span<const int32_t> pages) {
   if (!ds_labels_->ready()) return absl::OkStatus();
   for (size_t l = 0; l < k_cache_.size(); ++l) {
     ds_labels_->AppendPages(static_cast<int32_t>(l), pages, k_cache_[l].data(), kv_dtype_,
-                            num_threads_, kKvLayout);
+                            num_threads_, kv_layout_);
   }
   return absl::OkStatus();
 }

@@ -34,8 +34,14 @@ class CpuBackend final : public Backend {
   // keys are bfloat16 values, so the pages selected are those of fp32 bounds) and fp32 on an
   // fp32 cache. `bf16_page_bounds` false keeps them fp32 on a bfloat16 cache too (benchmarks
   // compare the two: bench/model_bench --quest-bounds).
+  // `kv_layout` orders the rows of each KV page (kernels/attention/paged_attention.h): token-major
+  // (dense decode reads a token's heads together; the fastest dense decode on the 8B shape) or
+  // head-major (a KV head's rows of a page in one run: sparse decode, which reads a few pages per
+  // KV head, reads runs instead of scattered rows; model_runner picks it with a sparse decode
+  // method). Transfers use the token-major wire layout either way.
   explicit CpuBackend(int num_threads = 0, kernels::KvDtype kv_dtype = kernels::KvDtype::kFloat32,
-                      bool bf16_page_bounds = true);
+                      bool bf16_page_bounds = true,
+                      kernels::KvLayout kv_layout = kernels::KvLayout::kTokenMajor);
   kernels::KvDtype kv_dtype() const { return kv_dtype_; }
   // Whether the Quest page bounds are bfloat16 (quest.h bf16_bounds).
   bool page_bounds_bf16() const { return page_bounds_bf16_; }
@@ -128,7 +134,7 @@ class CpuBackend final : public Backend {
   std::vector<float> KeysAsFloat(int32_t layer) const;
   const DsLabelStore* ds_labels() const { return ds_labels_.get(); }
   // How the KV pools order a page's rows (KeysAsFloat returns them so).
-  static constexpr kernels::KvLayout kv_layout() { return kKvLayout; }
+  kernels::KvLayout kv_layout() const { return kv_layout_; }
   absl::Span<const float> page_bounds(int32_t layer) const {
     return layer < static_cast<int32_t>(page_bounds_.size()) ? absl::Span<const float>(page_bounds_[layer])
                                                              : absl::Span<const float>();
@@ -140,11 +146,10 @@ class CpuBackend final : public Backend {
   int num_threads_;
   kernels::KvDtype kv_dtype_;
   std::vector<std::unique_ptr<float[]>> buffers_;  // every weight and activation buffer
-  // KV pools per layer: [num_pages, num_kv_heads, page_size, head_dim] elements of kv_dtype_
-  // (kKvLayout, head-major: a KV head's rows of a page are one run, which sparse decode reads;
-  // scattered 512-byte rows of the token-major layout ran at a third of the read bandwidth).
-  // Transfers (ReadKvPages / WriteKvPages) use the token-major wire layout of backend.h.
-  static constexpr kernels::KvLayout kKvLayout = kernels::KvLayout::kHeadMajor;
+  // KV pools per layer: num_pages pages of page_size * num_kv_heads * head_dim elements of
+  // kv_dtype_, rows ordered as kv_layout_ says (see the constructor). Transfers (ReadKvPages /
+  // WriteKvPages) use the token-major wire layout of backend.h.
+  const kernels::KvLayout kv_layout_;
   std::vector<std::vector<uint8_t, LazyZeroAllocator<uint8_t>>> k_cache_, v_cache_;
   // Quest page bounds per layer, [num_pages, num_kv_heads, 2, head_dim] (max, then min) of fp32,
   // or of bfloat16 when page_bounds_bf16_ (half the floats, kernels::QuestRegionFloats).

@@ -66,7 +66,8 @@ TEST(CpuBackendTest, LogitsEqualLinearThenCopy) {
 TEST(CpuBackendTest, RebuildSideDataOfWrittenPages) {
   constexpr int32_t kLayers = 2, kPages = 6, kPs = 16, kHkv = 2, kHq = 4, kD = 64, kR = 8;
   const AttentionShape shape{kHq, kHkv, kD};
-  CpuBackend b(2);
+  // Head-major, as the engine runs a sparse decode method.
+  CpuBackend b(2, kernels::KvDtype::kFloat32, true, kernels::KvLayout::kHeadMajor);
   ASSERT_TRUE(b.AllocateKvCache(kLayers, kPages, kPs, shape).ok());
   // Nothing allocated yet: a clear refusal.
   const std::vector<int32_t> pages = {3, 1};
@@ -112,7 +113,7 @@ TEST(CpuBackendTest, RebuildSideDataOfWrittenPages) {
       for (int32_t g = 0; g < kHkv; ++g) {
         std::vector<float> want(2 * kD);
         kernels::QuestBoundsRef(k.data(), p, g, kPs, kHkv, kD, kPs, want.data(),
-                                CpuBackend::kv_layout());
+                                b.kv_layout());
         const float* got = bounds.data() + (int64_t{p} * kHkv + g) * 2 * kD;
         EXPECT_EQ(std::vector<float>(got, got + 2 * kD), want) << "layer " << l << " page " << p;
         EXPECT_LT(want[0], 20.0f);  // the stale write's keys (~50) are gone
@@ -122,7 +123,7 @@ TEST(CpuBackendTest, RebuildSideDataOfWrittenPages) {
       for (int32_t h = 0; h < kHq; ++h) {
         for (int32_t i = 0; i < kR; ++i) {
           for (int32_t t = 0; t < kPs; ++t) {
-            const float key = k[kernels::KvRowOffset(CpuBackend::kv_layout(), p, t,
+            const float key = k[kernels::KvRowOffset(b.kv_layout(), p, t,
                                                      h / (kHq / kHkv), kPs, kHkv, kD) +
                                 ch[h * kR + i]];
             // fp16 rounding: relative error at most 2^-11 (11 significand bits), absolute 2^-25
@@ -147,45 +148,46 @@ TEST(CpuBackendTest, RebuildSideDataOfWrittenPages) {
 // are then the same bit for bit, and a budget that covers every page gives the dense output.
 // Bounds are built by UpdatePageBounds over appends of random sizes (chunks start mid-page) on
 // shuffled pages that held other keys first.
-// The pools are head-major (a KV head's rows of a page in one run); transfers keep the token-major
-// layout of backend.h, so a page read from one backend is what any backend's import expects:
-// WriteKvPages puts wire row (slot, head) at the pool's (head, slot), and ReadKvPages returns the
-// same bytes.
+// Transfers keep the token-major layout of backend.h whatever the pools' layout, so a page read
+// from one backend is what any backend's import expects: WriteKvPages puts wire row (slot, head)
+// at the pool's row (slot, head) of its layout, and ReadKvPages returns the same bytes.
 TEST(CpuBackendTest, TransfersUseTheTokenMajorWireLayout) {
   constexpr int32_t kLayers = 2, kPages = 5, kPs = 16, kHkv = 4, kHq = 8, kD = 32;
   const AttentionShape shape{kHq, kHkv, kD};
-  ASSERT_EQ(CpuBackend::kv_layout(), kernels::KvLayout::kHeadMajor);
-  CpuBackend b(2);
-  ASSERT_TRUE(b.AllocateKvCache(kLayers, kPages, kPs, shape).ok());
-  const std::vector<int32_t> pages = {4, 0, 2};
-  const int64_t page_bytes = b.KvPageBytes(kLayers, kPs, shape);
-  std::vector<float> wire(pages.size() * page_bytes / sizeof(float));
-  std::mt19937 rng(5);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  for (float& x : wire) x = normal(rng);
-  std::vector<uint8_t> bytes(wire.size() * sizeof(float));
-  std::memcpy(bytes.data(), wire.data(), bytes.size());
-  ASSERT_TRUE(b.WriteKvPages(pages, bytes).ok());
-  const int64_t block = int64_t{kPs} * kHkv * kD;  // one layer's K (or V) of one page
-  for (size_t i = 0; i < pages.size(); ++i) {
-    for (int32_t l = 0; l < kLayers; ++l) {
-      const float* k_wire = wire.data() + (static_cast<int64_t>(i) * kLayers + l) * 2 * block;
-      for (int32_t t = 0; t < kPs; ++t) {
-        for (int32_t g = 0; g < kHkv; ++g) {
-          const int64_t at = kernels::KvRowOffset(kernels::KvLayout::kHeadMajor, pages[i], t, g,
-                                                  kPs, kHkv, kD);
-          const float* want = k_wire + (int64_t{t} * kHkv + g) * kD;
-          ASSERT_TRUE(std::equal(want, want + kD, b.k_cache(l).data() + at))
-              << "page " << pages[i] << " layer " << l << " slot " << t << " head " << g;
-          ASSERT_TRUE(std::equal(want + block, want + block + kD, b.v_cache(l).data() + at))
-              << "V: page " << pages[i] << " layer " << l << " slot " << t << " head " << g;
+  for (const kernels::KvLayout layout :
+       {kernels::KvLayout::kHeadMajor, kernels::KvLayout::kTokenMajor}) {
+    CpuBackend b(2, kernels::KvDtype::kFloat32, true, layout);
+    ASSERT_EQ(b.kv_layout(), layout);
+    ASSERT_TRUE(b.AllocateKvCache(kLayers, kPages, kPs, shape).ok());
+    const std::vector<int32_t> pages = {4, 0, 2};
+    const int64_t page_bytes = b.KvPageBytes(kLayers, kPs, shape);
+    std::vector<float> wire(pages.size() * page_bytes / sizeof(float));
+    std::mt19937 rng(5);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    for (float& x : wire) x = normal(rng);
+    std::vector<uint8_t> bytes(wire.size() * sizeof(float));
+    std::memcpy(bytes.data(), wire.data(), bytes.size());
+    ASSERT_TRUE(b.WriteKvPages(pages, bytes).ok());
+    const int64_t block = int64_t{kPs} * kHkv * kD;  // one layer's K (or V) of one page
+    for (size_t i = 0; i < pages.size(); ++i) {
+      for (int32_t l = 0; l < kLayers; ++l) {
+        const float* k_wire = wire.data() + (static_cast<int64_t>(i) * kLayers + l) * 2 * block;
+        for (int32_t t = 0; t < kPs; ++t) {
+          for (int32_t g = 0; g < kHkv; ++g) {
+            const int64_t at = kernels::KvRowOffset(layout, pages[i], t, g, kPs, kHkv, kD);
+            const float* want = k_wire + (int64_t{t} * kHkv + g) * kD;
+            ASSERT_TRUE(std::equal(want, want + kD, b.k_cache(l).data() + at))
+                << "page " << pages[i] << " layer " << l << " slot " << t << " head " << g;
+            ASSERT_TRUE(std::equal(want + block, want + block + kD, b.v_cache(l).data() + at))
+                << "V: page " << pages[i] << " layer " << l << " slot " << t << " head " << g;
+          }
         }
       }
     }
+    std::vector<uint8_t> back(bytes.size());
+    ASSERT_TRUE(b.ReadKvPages(pages, absl::MakeSpan(back)).ok());
+    EXPECT_EQ(back, bytes);
   }
-  std::vector<uint8_t> back(bytes.size());
-  ASSERT_TRUE(b.ReadKvPages(pages, absl::MakeSpan(back)).ok());
-  EXPECT_EQ(back, bytes);
 }
 
 TEST(CpuBackendTest, Bf16CacheQuestBoundsSelectAsFp32Bounds) {

@@ -25,7 +25,8 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const ModelRunnerOptions& o
   if (options.backend == "cpu") {
     const kernels::KvDtype kv = options.kv_dtype == "bfloat16" ? kernels::KvDtype::kBfloat16
                                                                : kernels::KvDtype::kFloat32;
-    return std::unique_ptr<Backend>(new CpuBackend(options.num_threads, kv));
+    return std::unique_ptr<Backend>(
+        new CpuBackend(options.num_threads, kv, /*bf16_page_bounds=*/true, options.kv_layout));
   }
   if (options.backend != "cuda") {
     if (BackendFactory factory = FindRegisteredBackend(options.backend)) {

@@ -24,6 +24,7 @@
 #include "engine/model/model_config.h"
 #include "engine/model/rope.h"
 #include "engine/sampling/sampling.h"
+#include "kernels/attention/paged_attention.h"
 
 namespace sieve::engine {
 
@@ -59,6 +60,10 @@ struct ModelRunnerOptions {
   // The KV cache's element type on the CPU backend: "float32" or "bfloat16" (EngineConfig
   // kv_cache.dtype resolved; empty: the backend's compute dtype). Other backends ignore it.
   std::string kv_dtype;
+  // The order of a KV page's rows on the CPU backend (kernels/attention/paged_attention.h):
+  // RunnerOptionsFor picks head-major with a sparse decode method (its selected pages per KV
+  // head are runs to read), token-major otherwise. Other backends ignore it.
+  kernels::KvLayout kv_layout = kernels::KvLayout::kTokenMajor;
   // "checkpoint": load *.safetensors from the model directory; "random": seeded random weights
   // with the shapes config.json implies (for benchmarking real shapes without a checkpoint).
   std::string weights;
