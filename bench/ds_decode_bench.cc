@@ -13,6 +13,9 @@
 // Median of --reps runs per variant, variants interleaved. Random data (speed only).
 //   ds_decode_bench [--contexts 32768,131072] [--batches 1,8] [--channels 16] [--fraction 16]
 //                   [--reps 5] [--threads N] [--share-kv-above-gib G] [--shape llama8b|embedded]
+//                   [--kv-layout head|token]
+// --kv-layout orders each KV page's rows (paged_attention.h KvLayout): head-major (default, the
+// cpu backend's with a sparse decode method) or token-major (its layout with dense decode).
 // With --share-kv-above-gib G, a batch whose KV would exceed G GiB gives all its sequences the
 // same pages (same bytes moved per step, less memory; each sequence keeps its own queries).
 #include <algorithm>
@@ -45,6 +48,7 @@ struct Flags {
   int channels = 16, fraction = 16, reps = 5, threads = 0;
   double share_kv_above_gib = 1e9;
   bench::LayerShape shape = bench::kLlama31_8B;
+  KvLayout layout = KvLayout::kHeadMajor;  // the cpu backend's with a sparse decode method
 };
 
 using bench::CpuNow;
@@ -103,9 +107,11 @@ struct Layer {
   std::vector<float> k, v, q, out;
   std::vector<int32_t> page_table, kv_lens, query_start;
   bool shared_kv;
+  KvLayout layout;
 
-  Layer(bench::LayerShape sh_, int batch_, int len_, bool share, int threads)
-      : sh(sh_), batch(batch_), len(len_), stride((len_ + kPage - 1) / kPage), shared_kv(share) {
+  Layer(bench::LayerShape sh_, int batch_, int len_, bool share, int threads, KvLayout layout_)
+      : sh(sh_), batch(batch_), len(len_), stride((len_ + kPage - 1) / kPage), shared_kv(share),
+        layout(layout_) {
     const int distinct = share ? 1 : batch;
     const int64_t pages = int64_t{stride} * distinct;
     k.resize(pages * kPage * sh.kv_heads * sh.head_dim);
@@ -143,6 +149,7 @@ struct Layer {
     p.page_size = kPage;
     p.scale = 1.0f / std::sqrt(static_cast<float>(sh.head_dim));
     p.sparse = sparse;
+    p.kv_layout = layout;
     return p;
   }
 };
@@ -173,6 +180,7 @@ struct DsVariant {
     for (int s = 0; s <= distinct; ++s) qs[s] = s * layer.len;
     DsAppendParams a;
     a.k_cache = layer.k.data();
+    a.kv_layout = layer.layout;
     a.page_table = layer.page_table.data();
     a.page_table_stride = layer.stride;
     a.kv_lens = layer.kv_lens.data();
@@ -201,7 +209,7 @@ void Run(const Flags& f, int len, int batch) {
   const bench::LayerShape& sh = f.shape;
   const double kv_gib = 2.0 * batch * len * sh.kv_heads * sh.head_dim * 4 / (1 << 30);
   const bool share = kv_gib > f.share_kv_above_gib;
-  Layer layer(sh, batch, len, share, f.threads);
+  Layer layer(sh, batch, len, share, f.threads, f.layout);
   DsVariant perhead("ds_perhead", layer, f.channels, false, f.threads);
   DsVariant shared("ds_shared", layer, f.channels, true, f.threads);
   const int budget = len / f.fraction;
@@ -285,6 +293,8 @@ int main(int argc, char** argv) {
     else if (a == "--reps") f.reps = std::atoi(argv[i + 1]);
     else if (a == "--threads") f.threads = std::atoi(argv[i + 1]);
     else if (a == "--share-kv-above-gib") f.share_kv_above_gib = std::atof(argv[i + 1]);
+    else if (a == "--kv-layout" && std::string(argv[i + 1]) == "head") f.layout = sieve::kernels::KvLayout::kHeadMajor;
+    else if (a == "--kv-layout" && std::string(argv[i + 1]) == "token") f.layout = sieve::kernels::KvLayout::kTokenMajor;
     else if (a == "--shape" && std::string(argv[i + 1]) == "llama8b") f.shape = sieve::bench::kLlama31_8B;
     else if (a == "--shape" && std::string(argv[i + 1]) == "embedded") f.shape = sieve::bench::kEmbedded;
     else if (a == "--shape") {
@@ -296,10 +306,11 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  std::printf("ds_decode_bench: %d q heads, %d KV heads, d %d, page %d, fp32 KV, %d of %d channels "
+  std::printf("ds_decode_bench: %d q heads, %d KV heads, d %d, page %d, fp32 %s-major KV, %d of %d channels "
               "(fp16 labels), budget L/%d, %d threads, target %s, median of %d\n\n",
               f.shape.q_heads, f.shape.kv_heads, f.shape.head_dim,
-              sieve::kernels::kPage, f.channels, f.shape.head_dim, f.fraction,
+              sieve::kernels::kPage,
+              f.layout == sieve::kernels::KvLayout::kHeadMajor ? "head" : "token", f.channels, f.shape.head_dim, f.fraction,
               f.threads > 0 ? f.threads : sieve::kernels::DefaultCpuThreads(),
               sieve::kernels::PagedAttentionCpuTarget(), f.reps);
   std::printf("| context | batch | KV pages | variant | step ms (wall) | select ms | attend ms | "
