@@ -21,7 +21,8 @@
 // --threads N sets the cpu backend's host threads (default 0 = all hardware threads);
 // --kv-dtype bfloat16 keeps the cpu backend's KV cache in bfloat16 (kv_cache.dtype).
 // --kv-layout auto|token|head orders the cpu backend's KV page rows (paged_attention.h KvLayout);
-// auto, the default, is what the engine picks: head-major when a sparse method is timed.
+// auto, the default, is what the engine picks: head-major when a sparse method is timed, else by
+// the model's shape (ModelRunnerOptions::kv_layout).
 // --quest-bounds float32 keeps the cpu backend's Quest page bounds in fp32 on a bfloat16 cache
 // (the backend's default there is bfloat16, half the bytes; this compares the two in one binary).
 // On a CUDA build, --copy-bandwidth 1 first measures a device-to-device copy (bytes read plus
@@ -250,10 +251,13 @@ int Run(const Args& a) {
     o.quest_page_bounds |= method == "quest" || method == "quest/kv";
     sparse |= method != "dense";
   }
-  // As the engine picks it (RunnerOptionsFor): head-major pages with a sparse decode method.
+  // As the engine picks it (RunnerOptionsFor): head-major pages with a sparse decode method, else
+  // the runner's choice by the model's shape.
   if (a.kv_layout == "head" || (a.kv_layout == "auto" && sparse)) {
     o.kv_layout = kernels::KvLayout::kHeadMajor;
-  } else if (a.kv_layout != "auto" && a.kv_layout != "token") {
+  } else if (a.kv_layout == "token") {
+    o.kv_layout = kernels::KvLayout::kTokenMajor;
+  } else if (a.kv_layout != "auto") {
     std::fprintf(stderr, "--kv-layout takes auto, token or head\n");
     return 2;
   }

@@ -21,12 +21,17 @@
 namespace sieve::engine {
 namespace {
 
-absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const ModelRunnerOptions& options) {
+absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const ModelRunnerOptions& options,
+                                                     const ModelConfig& config) {
   if (options.backend == "cpu") {
     const kernels::KvDtype kv = options.kv_dtype == "bfloat16" ? kernels::KvDtype::kBfloat16
                                                                : kernels::KvDtype::kFloat32;
+    const int64_t row_bytes = config.num_key_value_heads * config.head_dim *
+                              static_cast<int64_t>(kernels::KvDtypeBytes(kv));
+    const kernels::KvLayout layout = options.kv_layout.value_or(
+        row_bytes >= 4096 ? kernels::KvLayout::kTokenMajor : kernels::KvLayout::kHeadMajor);
     return std::unique_ptr<Backend>(
-        new CpuBackend(options.num_threads, kv, /*bf16_page_bounds=*/true, options.kv_layout));
+        new CpuBackend(options.num_threads, kv, /*bf16_page_bounds=*/true, layout));
   }
   if (options.backend != "cuda") {
     if (BackendFactory factory = FindRegisteredBackend(options.backend)) {
@@ -95,7 +100,7 @@ absl::StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string
         "model runner: page_size, max_step_tokens and max_step_logits must be > 0, num_pages >= 0");
   }
   SIEVE_ASSIGN_OR_RETURN(ModelConfig config, ModelConfig::FromFile(model_dir + "/config.json"));
-  SIEVE_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, MakeBackend(options));
+  SIEVE_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, MakeBackend(options, config));
   std::unique_ptr<ModelRunner> runner(
       new ModelRunner(std::move(config), options, std::move(backend)));
   SIEVE_ASSIGN_OR_RETURN(runner->rope_, ComputeRopeTables(RopeParamsFromConfig(runner->config_)));

@@ -12,6 +12,7 @@
 #include <map>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -60,10 +61,13 @@ struct ModelRunnerOptions {
   // The KV cache's element type on the CPU backend: "float32" or "bfloat16" (EngineConfig
   // kv_cache.dtype resolved; empty: the backend's compute dtype). Other backends ignore it.
   std::string kv_dtype;
-  // The order of a KV page's rows on the CPU backend (kernels/attention/paged_attention.h):
-  // RunnerOptionsFor picks head-major with a sparse decode method (its selected pages per KV
-  // head are runs to read), token-major otherwise. Other backends ignore it.
-  kernels::KvLayout kv_layout = kernels::KvLayout::kTokenMajor;
+  // The order of a KV page's rows on the CPU backend (kernels/attention/paged_attention.h);
+  // other backends ignore it. RunnerOptionsFor sets head-major with a sparse decode method (its
+  // selected pages per KV head are runs to read). Unset: chosen for dense decode by the size of
+  // a token's row of all KV heads, token-major from 4 KiB (the 8B shape in fp32: its dense decode
+  // 49-52 ms token-major against 59-60 ms head-major at 128K), head-major below (the embedded
+  // shape, 512 bytes: 9.0-9.2 against 11.1-12.1 ms); bench/results/2026-12-06-cpu-kv-layout.md.
+  std::optional<kernels::KvLayout> kv_layout;
   // "checkpoint": load *.safetensors from the model directory; "random": seeded random weights
   // with the shapes config.json implies (for benchmarking real shapes without a checkpoint).
   std::string weights;

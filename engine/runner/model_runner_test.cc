@@ -1,4 +1,5 @@
 #include "engine/runner/model_runner.h"
+#include "engine/backends/cpu_backend.h"
 #include "engine/serving/engine_config.h"
 
 #include <cmath>
@@ -60,6 +61,40 @@ TEST(ModelRunnerTest, LoadsTheEmbeddedModel) {
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ((*r)->config().num_hidden_layers, 4);
   EXPECT_EQ((*r)->backend_name(), "cpu");
+}
+
+// The cpu backend's KV page layout: head-major with a sparse decode method; with dense decode,
+// token-major when a token's row of all KV heads is 4 KiB or more (the 8B shape's 8 x 128 fp32),
+// head-major below it (the embedded model's 2 x 64 fp32 rows, or 8 x 128 in bfloat16).
+TEST(ModelRunnerTest, KvLayoutFollowsTheDecodeMethodAndTheRowSize) {
+  auto layout_of = [](const std::string& dir, const ModelRunnerOptions& o) {
+    auto r = ModelRunner::Load(dir, o);
+    EXPECT_TRUE(r.ok()) << r.status();
+    if (!r.ok()) return kernels::KvLayout::kTokenMajor;
+    return dynamic_cast<const CpuBackend&>((*r)->backend()).kv_layout();
+  };
+  EXPECT_EQ(layout_of(EmbeddedDir(), SmallOptions()), kernels::KvLayout::kHeadMajor);
+  EngineConfig quest;
+  quest.attention.decode.method = "quest";
+  ASSERT_EQ(RunnerOptionsFor(quest).kv_layout, kernels::KvLayout::kHeadMajor);
+  EXPECT_EQ(RunnerOptionsFor(EngineConfig()).kv_layout, std::nullopt);
+  // One layer of 8 KV heads of 128 (random weights from config.json alone).
+  const fs::path dir = CopyOfEmbedded("wide_rows");
+  nlohmann::json cfg = nlohmann::json::parse(ReadFile(dir / "config.json"));
+  cfg["num_hidden_layers"] = 1;
+  cfg["hidden_size"] = 1024;
+  cfg["num_attention_heads"] = 8;
+  cfg["num_key_value_heads"] = 8;
+  cfg["head_dim"] = 128;
+  WriteFile(dir / "config.json", cfg.dump());
+  ModelRunnerOptions o = SmallOptions();
+  o.weights = "random";
+  EXPECT_EQ(layout_of(dir.string(), o), kernels::KvLayout::kTokenMajor);
+  o.kv_dtype = "bfloat16";  // 2 KiB rows
+  EXPECT_EQ(layout_of(dir.string(), o), kernels::KvLayout::kHeadMajor);
+  o.kv_dtype = "float32";
+  o.kv_layout = kernels::KvLayout::kHeadMajor;  // a sparse method's choice stands
+  EXPECT_EQ(layout_of(dir.string(), o), kernels::KvLayout::kHeadMajor);
 }
 
 TEST(ModelRunnerTest, MissingTensorIsNamed) {

@@ -204,10 +204,9 @@ ModelRunnerOptions RunnerOptionsFor(const EngineConfig& c) {
   o.cuda_graphs = c.model.cuda_graphs;
   o.quest_page_bounds = c.attention.decode.method == "quest";
   // Sparse decode reads a few pages per KV head: head-major pages make each a run (quest
-  // grouped attention at 128K on the 8B shape 1.25x faster); dense decode on the 8B shape reads
-  // token-major pages faster (bench/results/2026-12-06-cpu-kv-layout.md).
-  o.kv_layout = c.attention.decode.method == "dense" ? kernels::KvLayout::kTokenMajor
-                                                     : kernels::KvLayout::kHeadMajor;
+  // grouped attention at 128K on the 8B shape 1.25x faster). Dense decode: the runner chooses
+  // by the model's shape (ModelRunnerOptions::kv_layout).
+  if (c.attention.decode.method != "dense") o.kv_layout = kernels::KvLayout::kHeadMajor;
   if (c.attention.decode.method == "double_sparsity") {
     const DoubleSparsityDecodeConfig& ds = c.attention.decode.double_sparsity;
     o.ds_label_channels = ds.channels;
