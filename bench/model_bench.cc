@@ -214,6 +214,22 @@ int Run(const Args& a) {
   for (auto [b, c] : a.decode) max_kv = std::max(max_kv, b * (c + a.page_size + 1));
   engine::ModelRunnerOptions o = engine::RunnerOptionsFor(engine::EngineConfig());
   o.backend = a.backend;
+  std::vector<std::string> methods = absl::StrSplit(a.decode_method, ',');
+  bool sparse = false;
+  for (const std::string& method : methods) {
+    o.quest_page_bounds |= method == "quest" || method == "quest/kv";
+    sparse |= method != "dense";
+  }
+  // As the engine picks it (RunnerOptionsFor): head-major pages with a sparse decode method, else
+  // the runner's choice by the model's shape.
+  if (a.kv_layout == "head" || (a.kv_layout == "auto" && sparse)) {
+    o.kv_layout = kernels::KvLayout::kHeadMajor;
+  } else if (a.kv_layout == "token") {
+    o.kv_layout = kernels::KvLayout::kTokenMajor;
+  } else if (a.kv_layout != "auto") {
+    std::fprintf(stderr, "--kv-layout takes auto, token or head\n");
+    return 2;
+  }
   if (!a.quest_bounds.empty()) {
     if (a.backend != "cpu" || (a.quest_bounds != "float32" && a.quest_bounds != "bfloat16") ||
         (a.quest_bounds == "bfloat16" && a.kv_dtype != "bfloat16")) {
@@ -225,9 +241,8 @@ int Run(const Args& a) {
       // The cpu backend with fp32 bounds, under a name only this program registers.
       const kernels::KvDtype kv = a.kv_dtype == "bfloat16" ? kernels::KvDtype::kBfloat16
                                                            : kernels::KvDtype::kFloat32;
-      // Quest runs here: head-major pages unless --kv-layout token.
-      const kernels::KvLayout layout =
-          a.kv_layout == "token" ? kernels::KvLayout::kTokenMajor : kernels::KvLayout::kHeadMajor;
+      // This factory sees no model: the layout chosen above, else head-major (Quest's).
+      const kernels::KvLayout layout = o.kv_layout.value_or(kernels::KvLayout::kHeadMajor);
       engine::RegisterBackend(
           "cpu-fp32-quest-bounds",
           [kv, layout](int threads) -> absl::StatusOr<std::unique_ptr<engine::Backend>> {
@@ -245,22 +260,6 @@ int Run(const Args& a) {
   o.num_pages = static_cast<int32_t>(max_kv / a.page_size + 64);
   o.max_step_tokens = static_cast<int32_t>(a.chunk);
   o.max_step_logits = 64;
-  std::vector<std::string> methods = absl::StrSplit(a.decode_method, ',');
-  bool sparse = false;
-  for (const std::string& method : methods) {
-    o.quest_page_bounds |= method == "quest" || method == "quest/kv";
-    sparse |= method != "dense";
-  }
-  // As the engine picks it (RunnerOptionsFor): head-major pages with a sparse decode method, else
-  // the runner's choice by the model's shape.
-  if (a.kv_layout == "head" || (a.kv_layout == "auto" && sparse)) {
-    o.kv_layout = kernels::KvLayout::kHeadMajor;
-  } else if (a.kv_layout == "token") {
-    o.kv_layout = kernels::KvLayout::kTokenMajor;
-  } else if (a.kv_layout != "auto") {
-    std::fprintf(stderr, "--kv-layout takes auto, token or head\n");
-    return 2;
-  }
   const auto t0 = Clock::now();
   auto runner = engine::ModelRunner::Load(a.model, o);
   if (!runner.ok()) {

@@ -163,26 +163,21 @@ absl::Status CpuBackend::CheckKvTransfer(absl::Span<const int32_t> pages, size_t
   return absl::OkStatus();
 }
 
-void CpuBackend::TransposeKvBlock(uint8_t* pool, uint8_t* wire, bool to_wire) const {
-  if (kv_layout_ == kernels::KvLayout::kTokenMajor) {
-    const size_t block = KvBlockBytes();
-    if (to_wire) {
-      std::memcpy(wire, pool, block);
-    } else {
-      std::memcpy(pool, wire, block);
-    }
+void CpuBackend::CopyKvBlock(const uint8_t* src, kernels::KvLayout src_layout, uint8_t* dst,
+                             kernels::KvLayout dst_layout) const {
+  if (src_layout == dst_layout) {
+    std::memcpy(dst, src, KvBlockBytes());
     return;
   }
-  const size_t row = static_cast<size_t>(kv_head_dim_) * kernels::KvDtypeBytes(kv_dtype_);
+  const size_t elem = kernels::KvDtypeBytes(kv_dtype_);
   for (int32_t h = 0; h < kv_heads_; ++h) {
     for (int32_t slot = 0; slot < page_size_; ++slot) {
-      uint8_t* a = pool + (static_cast<size_t>(h) * page_size_ + slot) * row;
-      uint8_t* b = wire + (static_cast<size_t>(slot) * kv_heads_ + h) * row;
-      if (to_wire) {
-        std::memcpy(b, a, row);
-      } else {
-        std::memcpy(a, b, row);
-      }
+      auto at = [&](kernels::KvLayout l) {
+        return static_cast<size_t>(
+                   kernels::KvRowOffset(l, 0, slot, h, page_size_, kv_heads_, kv_head_dim_)) *
+               elem;
+      };
+      std::memcpy(dst + at(dst_layout), src + at(src_layout), kv_head_dim_ * elem);
     }
   }
 }
@@ -193,8 +188,8 @@ absl::Status CpuBackend::ReadKvPages(absl::Span<const int32_t> pages, absl::Span
   uint8_t* dst = out.data();
   for (const int32_t p : pages) {
     for (size_t l = 0; l < k_cache_.size(); ++l) {
-      TransposeKvBlock(k_cache_[l].data() + p * block, dst, /*to_wire=*/true);
-      TransposeKvBlock(v_cache_[l].data() + p * block, dst + block, /*to_wire=*/true);
+      CopyKvBlock(k_cache_[l].data() + p * block, kv_layout_, dst, kWireLayout);
+      CopyKvBlock(v_cache_[l].data() + p * block, kv_layout_, dst + block, kWireLayout);
       dst += 2 * block;
     }
   }
@@ -208,8 +203,8 @@ absl::Status CpuBackend::WriteKvPages(absl::Span<const int32_t> pages,
   const uint8_t* src = data.data();
   for (const int32_t p : pages) {
     for (size_t l = 0; l < k_cache_.size(); ++l) {
-      TransposeKvBlock(k_cache_[l].data() + p * block, const_cast<uint8_t*>(src), false);
-      TransposeKvBlock(v_cache_[l].data() + p * block, const_cast<uint8_t*>(src + block), false);
+      CopyKvBlock(src, kWireLayout, k_cache_[l].data() + p * block, kv_layout_);
+      CopyKvBlock(src + block, kWireLayout, v_cache_[l].data() + p * block, kv_layout_);
       src += 2 * block;
     }
   }

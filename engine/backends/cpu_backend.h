@@ -161,9 +161,12 @@ class CpuBackend final : public Backend {
   int32_t page_size_ = 0;
   int64_t kv_page_layer_elems_ = 0;  // page_size * num_kv_heads * head_dim
   int32_t kv_heads_ = 0, kv_head_dim_ = 0;
-  // Copies one page's K or V rows of one layer between the pool's layout (`pool`) and the
-  // token-major transfer layout (`wire`), in the direction `to_wire` says.
-  void TransposeKvBlock(uint8_t* pool, uint8_t* wire, bool to_wire) const;
+  // The layout of ReadKvPages / WriteKvPages data (backend.h), whatever the pools' layout.
+  static constexpr kernels::KvLayout kWireLayout = kernels::KvLayout::kTokenMajor;
+  // Copies one page's K or V rows of one layer (KvBlockBytes) from `src` laid out as src_layout
+  // to `dst` laid out as dst_layout.
+  void CopyKvBlock(const uint8_t* src, kernels::KvLayout src_layout, uint8_t* dst,
+                   kernels::KvLayout dst_layout) const;
   // OK on an fp32 KV cache; else FailedPrecondition naming `what` (an fp32-only key reader).
   absl::Status NeedFp32Keys(std::string_view what) const;
   // Points u at layer `layer`'s keys (k_cache or k_cache_bf16 by the cache's dtype).

@@ -180,6 +180,7 @@ void AttendRows(const PagedAttentionParams<float>& p, const TKV* kc, const TKV* 
   const int g_end = kv_head < 0 ? p.num_kv_heads : kv_head + 1;
   const int group = p.num_q_heads / p.num_kv_heads;
   const int heads = g_end - g_begin;
+  const int64_t head_stride = KvStrides(p.kv_layout, p.page_size, p.num_kv_heads, d).head;
   sc.k.resize(static_cast<size_t>(heads) * kKeyTile);
   sc.v.resize(static_cast<size_t>(heads) * kKeyTile);
   sc.head_start.assign(heads + 1, 0);
@@ -218,8 +219,7 @@ void AttendRows(const PagedAttentionParams<float>& p, const TKV* kc, const TKV* 
     // head g's rows that read the tile (the others have it in their future).
     sc.active.clear();
     for (int g = g_begin; g < g_end; ++g) {
-      const int64_t head_off =
-          int64_t{g - g_begin} * KvStrides(p.kv_layout, p.page_size, p.num_kv_heads, d).head;
+      const int64_t head_off = int64_t{g - g_begin} * head_stride;
       const TKV** kg = sc.k.data() + (g - g_begin) * kKeyTile;
       const TKV** vg = sc.v.data() + (g - g_begin) * kKeyTile;
       for (int j = 0; j < n; ++j) {

@@ -124,10 +124,7 @@ struct Scratch {
 inline void KeyOffsets(const PagedAttentionParams<float>& p, const int32_t* pages, int kv_head,
                        const int* pos, int n, int64_t* offs) {
   const int ps = p.page_size;
-  const KvRowStrides st = KvStrides(p.kv_layout, ps, p.num_kv_heads, p.head_dim);
-  const int64_t row = st.slot;
-  const int64_t page_elems = int64_t{ps} * p.num_kv_heads * p.head_dim;
-  const int64_t head = int64_t{kv_head} * st.head;
+  const int64_t row = KvStrides(p.kv_layout, ps, p.num_kv_heads, p.head_dim).slot;
   int prev = -2, in_page = 0;
   int64_t off = 0;
   for (int j = 0; j < n; ++j) {
@@ -137,7 +134,8 @@ inline void KeyOffsets(const PagedAttentionParams<float>& p, const int32_t* page
       off += row;
     } else {
       in_page = t % ps;
-      off = int64_t{pages[t / ps]} * page_elems + in_page * row + head;
+      off = KvRowOffset(p.kv_layout, pages[t / ps], in_page, kv_head, ps, p.num_kv_heads,
+                        p.head_dim);
     }
     offs[j] = off;
     prev = t;

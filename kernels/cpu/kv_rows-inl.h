@@ -221,7 +221,9 @@ void AccumulatePVRowwise(const float* const* p, const TKV* const* v, int n, int 
     for (int i = 0; i < d; i += L) {
       const V vv = LoadKv(df, vj + i);
 #pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) hn::StoreU(hn::MulAdd(x[r], vv, hn::LoadU(df, o[r] + i)), df, o[r] + i);
+      for (int r = 0; r < R; ++r) {
+        hn::StoreU(hn::MulAdd(x[r], vv, hn::LoadU(df, o[r] + i)), df, o[r] + i);
+      }
     }
   }
 }
