@@ -19,9 +19,13 @@ namespace {
 // Columns per thread block: a multiple of the widest register tile of oneDNN's AVX-512 sgemm
 // kernels (48 columns) and of a cache line of output (16 floats).
 constexpr int64_t kColumnBlock = 48;
-// Below this many multiply-adds per thread a helper costs more to wake (a pool thread: several
-// microseconds) than it saves: a 256 x 1536 decode GEMV is 0.4 M.
-constexpr int64_t kMinMacsPerThread = int64_t{1} << 20;
+// Below this many multiply-adds per thread a helper costs more than it saves. Pool threads spin
+// between the calls of a step (parallel_for.cc), so handing one a range costs about a
+// microsecond; a decode GEMV is memory-bound, and two threads read its weights nearly twice as
+// fast: the embedded model's decode GEMVs (256 x 512 ... 256 x 4096, 0.13-1 M) all split now
+// (2^20 before: every one ran on one thread while the other spun; model_bench decode step at
+// 32K, 2026-12-06: Quest 3.8-4.3 -> 2.5 ms, dense 8.2-9.1 -> 7.3-7.5 ms).
+constexpr int64_t kMinMacsPerThread = int64_t{1} << 16;
 
 // One thread's block: c[:, j0:j1] = a * b[j0:j1, :]^T on the calling thread.
 void SgemmBlock(int64_t m, int64_t j0, int64_t j1, int64_t k, const float* a, int64_t lda,

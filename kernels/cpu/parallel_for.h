@@ -22,6 +22,9 @@ namespace parallel_for_internal {
 // caller takes ranges too, so a call always completes, also from inside a pool thread (nested
 // calls), from many threads at once, and in a forked child whose pool threads did not survive.
 void RunRanges(int ranges, const std::function<void(int)>& fn);
+// How long idle pool threads and waiting callers spin before sleeping (microseconds; 0: never
+// spin). The default is 100, or SIEVE_CPU_SPIN_US. For tests of both paths.
+void SetSpinMicrosForTesting(int64_t us);
 }  // namespace parallel_for_internal
 
 // Calls fn(begin, end) on disjoint contiguous ranges covering [0, n), on up to `threads` threads
