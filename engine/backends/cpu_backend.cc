@@ -47,7 +47,7 @@ CpuBackend::CpuBackend(int num_threads, kernels::KvDtype kv_dtype, bool bf16_pag
     : num_threads_(num_threads),
       kv_dtype_(kv_dtype),
       kv_layout_(kv_layout),
-      page_bounds_bf16_(bf16_page_bounds && kv_dtype == kernels::KvDtype::kBfloat16) {}
+      page_bounds_bf16_(bf16_page_bounds) {}
 
 float* CpuBackend::NewBuffer(int64_t elements) {
   buffers_.push_back(std::make_unique<float[]>(static_cast<size_t>(elements)));

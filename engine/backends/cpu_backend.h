@@ -29,11 +29,13 @@ class CpuBackend final : public Backend {
   // DoubleSparsity side data read them: half the KV bytes). The MInference and XAttention
   // estimators read fp32 keys only (FailedPrecondition on a bfloat16 cache; the engine config
   // refuses the combination).
-  // Quest page bounds (AllocatePageBounds) are bfloat16 on a bfloat16 cache (quest.h
-  // bf16_bounds: half the side pool's bytes and half of what selection reads; exact, since the
-  // keys are bfloat16 values, so the pages selected are those of fp32 bounds) and fp32 on an
-  // fp32 cache. `bf16_page_bounds` false keeps them fp32 on a bfloat16 cache too (benchmarks
-  // compare the two: bench/model_bench --quest-bounds).
+  // Quest page bounds (AllocatePageBounds) are bfloat16 by default (quest.h bf16_bounds, the
+  // GPU's too: half the side pool's bytes and half of what selection reads). On a bfloat16 cache
+  // they are exact (the keys are bfloat16 values, so the pages selected are those of fp32
+  // bounds); on an fp32 cache the max is rounded up and the min down, so each bound stays a
+  // bound, at most 2^-8 of each channel's magnitude looser (SPARSE_ATTENTION.md 3: the reference
+  // keeps 16-bit metadata too). `bf16_page_bounds` false keeps them fp32 (benchmarks compare the
+  // two: bench/model_bench --quest-bounds; tests of the exact fp32 recomputation).
   // `kv_layout` orders the rows of each KV page (kernels/attention/paged_attention.h): token-major
   // (dense decode reads a token's heads together; the fastest dense decode on the 8B shape) or
   // head-major (a KV head's rows of a page in one run: sparse decode, which reads a few pages per

@@ -63,11 +63,14 @@ TEST(CpuBackendTest, LogitsEqualLinearThenCopy) {
 // Pages written by WriteKvPages (an import) get their side data rebuilt from the written keys:
 // Quest bounds equal the reference recomputation over the page's 16 keys, with nothing left of
 // what the page held before; DoubleSparsity labels hold each token's outlier channels (fp16).
-TEST(CpuBackendTest, RebuildSideDataOfWrittenPages) {
+// With bfloat16 bounds (the default) the stored bounds are the reference's rounded outward: the max
+// up and the min down to bfloat16.
+void RebuildSideDataOfWrittenPages(bool bf16_bounds) {
   constexpr int32_t kLayers = 2, kPages = 6, kPs = 16, kHkv = 2, kHq = 4, kD = 64, kR = 8;
   const AttentionShape shape{kHq, kHkv, kD};
   // Head-major, as the engine runs a sparse decode method.
-  CpuBackend b(2, kernels::KvDtype::kFloat32, true, kernels::KvLayout::kHeadMajor);
+  CpuBackend b(2, kernels::KvDtype::kFloat32, bf16_bounds, kernels::KvLayout::kHeadMajor);
+  ASSERT_EQ(b.page_bounds_bf16(), bf16_bounds);
   ASSERT_TRUE(b.AllocateKvCache(kLayers, kPages, kPs, shape).ok());
   // Nothing allocated yet: a clear refusal.
   const std::vector<int32_t> pages = {3, 1};
@@ -114,9 +117,17 @@ TEST(CpuBackendTest, RebuildSideDataOfWrittenPages) {
         std::vector<float> want(2 * kD);
         kernels::QuestBoundsRef(k.data(), p, g, kPs, kHkv, kD, kPs, want.data(),
                                 b.kv_layout());
-        const float* got = bounds.data() + (int64_t{p} * kHkv + g) * 2 * kD;
-        EXPECT_EQ(std::vector<float>(got, got + 2 * kD), want) << "layer " << l << " page " << p;
         EXPECT_LT(want[0], 20.0f);  // the stale write's keys (~50) are gone
+        if (bf16_bounds) {  // Mx (first) rounded up, Mn down
+          for (int32_t c = 0; c < kD; ++c) {
+            want[c] = kernels::Bf16ToFloat(kernels::Bf16RoundUp(want[c]));
+            want[kD + c] = kernels::Bf16ToFloat(kernels::Bf16RoundDown(want[kD + c]));
+          }
+        }
+        std::vector<float> widened(2 * kD);
+        const float* got = kernels::QuestPageBounds(bounds.data(), bf16_bounds, p, g, kHkv, kD,
+                                                    widened.data());
+        EXPECT_EQ(std::vector<float>(got, got + 2 * kD), want) << "layer " << l << " page " << p;
       }
       const uint8_t* labels = b.ds_labels()->labels(l) + p * kernels::DsLabelPageBytes(s);
       const std::vector<int32_t>& ch = b.ds_labels()->channels(l);
@@ -141,6 +152,9 @@ TEST(CpuBackendTest, RebuildSideDataOfWrittenPages) {
   EXPECT_EQ(b.RebuildDsLabels(outside).code(), absl::StatusCode::kInvalidArgument);
 }
 
+TEST(CpuBackendTest, RebuildSideDataOfWrittenPagesFp32Bounds) { RebuildSideDataOfWrittenPages(false); }
+TEST(CpuBackendTest, RebuildSideDataOfWrittenPagesBf16Bounds) { RebuildSideDataOfWrittenPages(true); }
+
 // Quest decode through the backend on a bfloat16 cache: its bfloat16 page bounds (half the side
 // pool per page) equal fp32 bounds of the same keys, widened, and so select exactly the pages
 // fp32 bounds select (quest.h: bfloat16 keys round nothing, so the fp32 scores, ties included,
@@ -156,7 +170,7 @@ TEST(CpuBackendTest, TransfersUseTheTokenMajorWireLayout) {
   const AttentionShape shape{kHq, kHkv, kD};
   for (const kernels::KvLayout layout :
        {kernels::KvLayout::kHeadMajor, kernels::KvLayout::kTokenMajor}) {
-    CpuBackend b(2, kernels::KvDtype::kFloat32, true, layout);
+    CpuBackend b(2, kernels::KvDtype::kFloat32, /*bf16_page_bounds=*/false, layout);
     ASSERT_EQ(b.kv_layout(), layout);
     ASSERT_TRUE(b.AllocateKvCache(kLayers, kPages, kPs, shape).ok());
     const std::vector<int32_t> pages = {4, 0, 2};
@@ -197,7 +211,7 @@ TEST(CpuBackendTest, Bf16CacheQuestBoundsSelectAsFp32Bounds) {
   CpuBackend b32(2, kernels::KvDtype::kBfloat16, /*bf16_page_bounds=*/false);
   EXPECT_TRUE(b16.page_bounds_bf16());
   EXPECT_FALSE(b32.page_bounds_bf16());
-  EXPECT_FALSE(CpuBackend(2).page_bounds_bf16());  // an fp32 cache keeps fp32 bounds
+  EXPECT_TRUE(CpuBackend(2).page_bounds_bf16());  // an fp32 cache too (rounded outward)
   EXPECT_EQ(b16.PageBoundsBytes(kLayers, shape), int64_t{kLayers} * kHkv * 2 * kD * 2);
   EXPECT_EQ(b32.PageBoundsBytes(kLayers, shape), 2 * b16.PageBoundsBytes(kLayers, shape));
   std::vector<int32_t> all(kPages);

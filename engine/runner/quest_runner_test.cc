@@ -17,6 +17,7 @@
 #include "engine/runner/model_runner.h"
 #include "engine/serving/engine_config.h"
 #include "engine/testing/sparse_decode_setup.h"
+#include "kernels/cpu/half.h"
 #include "kernels/sparse/quest.h"
 
 namespace sieve::engine {
@@ -48,14 +49,22 @@ void ExpectBoundsExact(const ModelRunner& r, const std::vector<int32_t>& pages, 
   const auto& cpu = dynamic_cast<const CpuBackend&>(r.backend());
   const int32_t kvh = static_cast<int32_t>(r.config().num_key_value_heads);
   const int32_t d = static_cast<int32_t>(r.config().head_dim);
-  std::vector<float> ref(2 * d);
+  std::vector<float> ref(2 * d), widened(2 * d);
   for (int32_t layer = 0; layer < r.config().num_hidden_layers; ++layer) {
     for (int j = 0; j * kPage < len; ++j) {
       for (int32_t g = 0; g < kvh; ++g) {
         kernels::QuestBoundsRef(cpu.k_cache(layer).data(), pages[j], g,
                                 std::min(kPage, len - j * kPage), kvh, d, kPage, ref.data(),
                                 cpu.kv_layout());
-        const float* got = cpu.page_bounds(layer).data() + (int64_t{pages[j]} * kvh + g) * 2 * d;
+        if (cpu.page_bounds_bf16()) {  // the engine's default: Mx rounded up, Mn down
+          for (int32_t c = 0; c < d; ++c) {
+            ref[c] = kernels::Bf16ToFloat(kernels::Bf16RoundUp(ref[c]));
+            ref[d + c] = kernels::Bf16ToFloat(kernels::Bf16RoundDown(ref[d + c]));
+          }
+        }
+        const float* got = kernels::QuestPageBounds(cpu.page_bounds(layer).data(),
+                                                    cpu.page_bounds_bf16(), pages[j], g, kvh, d,
+                                                    widened.data());
         ASSERT_TRUE(std::equal(ref.begin(), ref.end(), got))
             << what << ": layer " << layer << " page " << j << " head " << g;
       }
@@ -66,6 +75,8 @@ void ExpectBoundsExact(const ModelRunner& r, const std::vector<int32_t>& pages, 
 TEST(QuestRunnerTest, PageBoundsFollowEveryAppend) {
   std::unique_ptr<ModelRunner> r = QuestRunner();
   ASSERT_NE(r, nullptr);
+  // The engine keeps bfloat16 bounds on its fp32 cache (half the side pool; cpu_backend.h).
+  EXPECT_TRUE(dynamic_cast<const CpuBackend&>(r->backend()).page_bounds_bf16());
   ModelWorker& w = r->default_worker();
   const int vocab = static_cast<int>(r->config().vocab_size);
   // Junk on pages 10..14 and 30..34 first: their bounds are stale when A gets them.
@@ -101,7 +112,9 @@ TEST(QuestRunnerTest, PageBoundsFollowEveryAppend) {
   Step(w, b, 86, 94, pages_b);
   ExpectBoundsExact(*r, pages_b, 94, "B after the shared prefix");
   ExpectBoundsExact(*r, pages_a2, 64, "A's shared pages");
-  const int64_t per_page = 2 * r->config().num_key_value_heads * r->config().head_dim;
+  const int64_t per_page = kernels::QuestRegionFloats(
+      static_cast<int32_t>(r->config().head_dim), cpu.page_bounds_bf16()) *
+      r->config().num_key_value_heads;
   for (int32_t page : {30, 31, 32, 33}) {
     EXPECT_TRUE(std::equal(shared_before.begin() + page * per_page,
                            shared_before.begin() + (page + 1) * per_page,
