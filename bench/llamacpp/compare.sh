@@ -17,6 +17,9 @@
 # 0,4096,16384), DECODE_METHODS (Sieve's decode attention, default dense; e.g. dense,quest: each
 # over the same KV) and DENSE_LAYERS (attention.decode.dense_layers of the sparse methods,
 # default 2), KV_DTYPE (Sieve's kv_cache.dtype, float32 or bfloat16; llama.cpp's cache is F16).
+# FA: llama-bench's flash-attention settings (default 1; FA=0,1 runs both: on an AVX2-only host
+# llama.cpp decodes long contexts about 2x faster without flash attention, so its best is the
+# baseline there).
 # The issues' targets: PREFILL=16384,32768 DEPTHS=16384,65536 DECODE_METHODS=dense,quest.
 set -euo pipefail
 
@@ -32,6 +35,7 @@ depths=${DEPTHS:-0,4096,16384}
 methods=${DECODE_METHODS:-dense}
 dense_layers=${DENSE_LAYERS:-2}
 kv_dtype=${KV_DTYPE:-float32}
+fa=${FA:-1}
 sieve_decode=$(echo "$depths" | sed -E 's/([0-9]+)/1:\1/g')
 llama_bench=$scratch/llama.cpp/build/bin/llama-bench
 gguf=$scratch/embedded-f32.gguf
@@ -40,11 +44,12 @@ for f in "$llama_bench" "$gguf" "$build/bench/model_bench"; do
 done
 
 echo "date $(date -u '+%F %T') UTC; host $(hostname); nproc $(nproc); $(uptime)"
+echo "cpu: $(lscpu | sed -n 's/^Model name: *//p'); simd: $(grep -o -w 'avx512f\|avx2' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 echo "sieve commit $(git -C "$repo" rev-parse --short HEAD); llama.cpp $(git -C "$scratch/llama.cpp" rev-parse --short HEAD)"
 for ((r = 1; r <= rounds; ++r)); do
   echo "== round $r: llama.cpp $(date -u +%T), $(uptime | sed 's/.*load/load/')"
-  "$llama_bench" -m "$gguf" -t "$threads" -fa 1 -r "$reps" -p "$prefill" -n 0
-  "$llama_bench" -m "$gguf" -t "$threads" -fa 1 -r "$reps" -p 0 -n 32 -d "$depths"
+  "$llama_bench" -m "$gguf" -t "$threads" -fa "$fa" -r "$reps" -p "$prefill" -n 0
+  "$llama_bench" -m "$gguf" -t "$threads" -fa "$fa" -r "$reps" -p 0 -n 32 -d "$depths"
   echo "== round $r: sieve $(date -u +%T), $(uptime | sed 's/.*load/load/')"
   "$build/bench/model_bench" --model "$repo/models/embedded" --backend cpu --threads "$threads" \
     --prefill "$prefill" --chunk 512 --page-size 16 --decode "$sieve_decode" --steps "$steps" --graphs off \
