@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 build=${1:-build}
 threads=${THREADS:-2}
 tmp=$(mktemp -d)
-trap 'kill $pid 2>/dev/null || true; rm -rf "$tmp"' EXIT
+trap 'if [[ -n ${pid:-} ]]; then kill "$pid" 2>/dev/null || true; fi; rm -rf "$tmp"' EXIT
 lengths=16384,32768
 [[ ${QUICK:-0} == 1 ]] && lengths=16384
 echo "# run_cpu_gates: $(date -u '+%F %T') UTC, commit $(git rev-parse --short HEAD), nproc $(nproc), threads $threads"
