@@ -17,7 +17,8 @@
 // KV pool gets (kernels/cpu/lazy_zero_allocator.h), for the comparison.
 // --kv-dtype bfloat16 stores K and V as bfloat16 (the cpu backend's kv_cache.dtype bfloat16):
 // attention reads the 16-bit rows, the page bounds are those of the rounded keys.
-// --bounds bfloat16 keeps Quest's page bounds as bfloat16 (quest.h bf16_bounds: half the bytes).
+// --bounds: Quest's page bounds as bfloat16 (the default, as the engine keeps them: quest.h
+// bf16_bounds, half the bytes, rounded outward on an fp32 cache) or float32.
 // A configuration whose KV would exceed --max_kv_gb lets its sequences share one sequence's
 // pages (page tables alias; the shared KV still far exceeds the last-level cache) and says so.
 // Random data: timings only (Quest's accuracy is tested in kernels/sparse/quest_test.cc).
@@ -288,7 +289,7 @@ int Main(int argc, char** argv) {
   double max_kv_gb = 10;
   std::vector<int> contexts = {32768, 131072}, batches = {1, 8};
   bench::LayerShape shape = bench::kLlama31_8B;
-  std::string shape_name = "llama8b", kv_dtype = "float32", bounds_dtype = "float32";
+  std::string shape_name = "llama8b", kv_dtype = "float32", bounds_dtype = "bfloat16";
   bool huge_pages = true;
   std::string layout_name = "head";
   for (int i = 1; i + 1 < argc; i += 2) {
