@@ -11,7 +11,7 @@
 #   3. the embedded model end to end through the engine (retrieval_fidelity on real text, see
 #      bench/make_text_prompts.py): TTFT at 16K and 32K with dense, XAttention and MInference
 #      prefill; inter-token latency at 32K with dense and Quest decode (dense_layers 2, the
-#      default, and 0).
+#      default, and 0; per query head, the default, and per KV head).
 # llama.cpp on the same machine: bench/llamacpp/compare.sh (run it right after this).
 #
 #   bench/run_cpu_gates.sh [BUILD_DIR] > log      (THREADS, default 2; QUICK=1: 16K only;
@@ -59,7 +59,8 @@ for n in ${lengths//,/ }; do
     --policy dense --policy 'xattention:attention.prefill.method=xattention' \
     --policy 'minference:attention.prefill.method=minference' \
     --policy 'quest:attention.decode.method=quest' \
-    --policy 'quest-dl0:attention.decode.method=quest;attention.decode.dense_layers=0'
+    --policy 'quest-dl0:attention.decode.method=quest;attention.decode.dense_layers=0' \
+    --policy 'quest-kv-dl0:attention.decode.method=quest;attention.decode.dense_layers=0;attention.decode.quest.per_kv_head=true'
 done
 fi
 echo "# end $(date -u '+%T'); $(uptime)"
