@@ -84,7 +84,8 @@ TEST(DsLabelStoreTest, AppendsAndPlans) {
 
   // A decode step for all three; sequence 2 asks for dense.
   const BatchLayout decode = Layout({43, 62, 15}, {1, 1, 1}, pages);
-  std::vector<float> q(3 * kHq * kDim);
+  // Query rows for the larger of the two layouts below (decode: 3 tokens; step: 19).
+  std::vector<float> q(19 * kHq * kDim);
   for (float& x : q) x = u(rng);
   const std::vector<uint8_t> dense = {0, 0, 1};
   DsPlanOptions o;

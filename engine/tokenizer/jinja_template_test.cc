@@ -4,6 +4,8 @@
 // promises: errors that name the line, limits against hostile templates, parse-time refusals.
 #include "engine/tokenizer/jinja_template.h"
 
+#include <pthread.h>
+
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
@@ -152,7 +154,38 @@ TEST(JinjaTemplateTest, HostileTemplatesHitTheirLimits) {
   r = Render("{% macro f(n) %}{% if true %}{{ f(n + 1) }}{% endif %}{% endmacro %}{{ f(0) }}", {},
              deep_macros);
   ASSERT_FALSE(r.ok());
-  EXPECT_THAT(std::string(r.status().message()), HasSubstr("deeper than 1024 levels"));
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("deeper than 256 levels"));
+  // And so on a thread with a small stack (1 MB; 8 MB in sanitizer builds, whose frames are about
+  // 10x larger): the limit's error, not a stack overflow.
+  {
+    size_t stack = size_t{1} << 20;
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+    stack = size_t{8} << 20;
+#endif
+    struct Arg {
+      const RenderLimits* limits;
+      absl::Status status;
+    } arg{&deep_macros, absl::OkStatus()};
+    pthread_attr_t attr;
+    ASSERT_EQ(pthread_attr_init(&attr), 0);
+    ASSERT_EQ(pthread_attr_setstacksize(&attr, stack), 0);
+    pthread_t thread;
+    ASSERT_EQ(pthread_create(
+                  &thread, &attr,
+                  [](void* p) -> void* {
+                    auto* a = static_cast<Arg*>(p);
+                    a->status = Render("{% macro f(n) %}{% if true %}{{ f(n + 1) }}{% endif %}"
+                                       "{% endmacro %}{{ f(0) }}",
+                                       {}, *a->limits)
+                                    .status();
+                    return nullptr;
+                  },
+                  &arg),
+              0);
+    ASSERT_EQ(pthread_join(thread, nullptr), 0);
+    pthread_attr_destroy(&attr);
+    EXPECT_THAT(std::string(arg.status.message()), HasSubstr("deeper than 256 levels"));
+  }
   // range() is capped as in Jinja's sandbox.
   r = Render("{{ range(1000000) | length }}");
   ASSERT_FALSE(r.ok());
