@@ -73,7 +73,7 @@ struct Args {
   int dense_layers = 2;   // attention.decode.dense_layers
   int threads = 0;        // cpu backend threads (0 = all)
   std::string kv_dtype;   // cpu backend KV cache: float32 (default) or bfloat16
-  // cpu backend Quest page bounds: empty (the backend's choice: bfloat16 on a bfloat16 cache),
+  // cpu backend Quest page bounds: empty (the backend's choice: bfloat16, on either cache),
   // float32 or bfloat16.
   std::string quest_bounds;
   std::string kv_layout = "auto";  // cpu KV page rows: auto (head with a sparse method), token, head

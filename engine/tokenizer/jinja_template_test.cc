@@ -151,8 +151,9 @@ TEST(JinjaTemplateTest, HostileTemplatesHitTheirLimits) {
   // Whatever the macro limit, the render's own nesting stays bounded.
   RenderLimits deep_macros;
   deep_macros.max_depth = 100000;
-  r = Render("{% macro f(n) %}{% if true %}{{ f(n + 1) }}{% endif %}{% endmacro %}{{ f(0) }}", {},
-             deep_macros);
+  const std::string recursion =
+      "{% macro f(n) %}{% if true %}{{ f(n + 1) }}{% endif %}{% endmacro %}{{ f(0) }}";
+  r = Render(recursion, {}, deep_macros);
   ASSERT_FALSE(r.ok());
   EXPECT_THAT(std::string(r.status().message()), HasSubstr("deeper than 256 levels"));
   // And so on a thread with a small stack (1 MB; 8 MB in sanitizer builds, whose frames are about
@@ -163,9 +164,10 @@ TEST(JinjaTemplateTest, HostileTemplatesHitTheirLimits) {
     stack = size_t{8} << 20;
 #endif
     struct Arg {
+      const std::string* source;
       const RenderLimits* limits;
       absl::Status status;
-    } arg{&deep_macros, absl::OkStatus()};
+    } arg{&recursion, &deep_macros, absl::OkStatus()};
     pthread_attr_t attr;
     ASSERT_EQ(pthread_attr_init(&attr), 0);
     ASSERT_EQ(pthread_attr_setstacksize(&attr, stack), 0);
@@ -174,10 +176,7 @@ TEST(JinjaTemplateTest, HostileTemplatesHitTheirLimits) {
                   &thread, &attr,
                   [](void* p) -> void* {
                     auto* a = static_cast<Arg*>(p);
-                    a->status = Render("{% macro f(n) %}{% if true %}{{ f(n + 1) }}{% endif %}"
-                                       "{% endmacro %}{{ f(0) }}",
-                                       {}, *a->limits)
-                                    .status();
+                    a->status = Render(*a->source, {}, *a->limits).status();
                     return nullptr;
                   },
                   &arg),
