@@ -13,9 +13,11 @@
 // Median of --reps runs per variant, variants interleaved. Random data (speed only).
 //   ds_decode_bench [--contexts 32768,131072] [--batches 1,8] [--channels 16] [--fraction 16]
 //                   [--reps 5] [--threads N] [--share-kv-above-gib G] [--shape llama8b|embedded]
-//                   [--kv-layout head|token]
+//                   [--kv-layout head|token] [--huge-pages 1|0]
 // --kv-layout orders each KV page's rows (paged_attention.h KvLayout): head-major (default, the
 // cpu backend's with a sparse decode method) or token-major (its layout with dense decode).
+// K, V and the label cache are held as the cpu backend holds its pools (LazyZeroAllocator:
+// huge-page advised); --huge-pages 0 leaves out the advice (4 KiB pages: a TLB miss per row).
 // With --share-kv-above-gib G, a batch whose KV would exceed G GiB gives all its sequences the
 // same pages (same bytes moved per step, less memory; each sequence keeps its own queries).
 #include <algorithm>
@@ -35,6 +37,7 @@
 #include "bench/bench_util.h"
 #include "kernels/attention/paged_attention.h"
 #include "kernels/attention/paged_attention_cpu.h"
+#include "kernels/cpu/lazy_zero_allocator.h"
 #include "kernels/cpu/parallel_for.h"
 #include "kernels/sparse/double_sparsity.h"
 
@@ -49,14 +52,20 @@ struct Flags {
   double share_kv_above_gib = 1e9;
   bench::LayerShape shape = bench::kLlama31_8B;
   KvLayout layout = KvLayout::kHeadMajor;  // the cpu backend's with a sparse decode method
+  bool huge_pages = true;                  // the cpu backend's pools are huge-page advised
 };
+
+// A pool buffer as the cpu backend allocates one.
+template <typename T>
+using PoolVector = std::vector<T, LazyZeroAllocator<T>>;
 
 using bench::CpuNow;
 using bench::Median;
 using bench::Now;
 
 // Fills x with uniform values in [-1, 1) from a per-thread xorshift (fast for GiB buffers).
-void Fill(std::vector<float>& x, uint64_t seed, int threads) {
+template <typename Vec>
+void Fill(Vec& x, uint64_t seed, int threads) {
   ParallelFor(static_cast<int64_t>(x.size()), threads, 1 << 20, [&](int64_t b, int64_t e) {
     uint64_t s = seed ^ (0x9e3779b97f4a7c15ull * (b + 1));
     for (int64_t i = b; i < e; ++i) {
@@ -69,7 +78,7 @@ void Fill(std::vector<float>& x, uint64_t seed, int threads) {
 }
 
 // Reads every byte of the buffers once (XOR of 64-bit words on `threads` threads): GB/s.
-double ReadBandwidth(const std::vector<const std::vector<float>*>& bufs, int threads, int reps) {
+double ReadBandwidth(const std::vector<const PoolVector<float>*>& bufs, int threads, int reps) {
   std::vector<double> t;
   uint64_t sink = 0;
   double bytes = 0;
@@ -104,13 +113,16 @@ double ReadBandwidth(const std::vector<const std::vector<float>*>& bufs, int thr
 struct Layer {
   bench::LayerShape sh;
   int batch, len, stride;
-  std::vector<float> k, v, q, out;
+  PoolVector<float> k, v;
+  std::vector<float> q, out;
   std::vector<int32_t> page_table, kv_lens, query_start;
   bool shared_kv;
   KvLayout layout;
 
-  Layer(bench::LayerShape sh_, int batch_, int len_, bool share, int threads, KvLayout layout_)
-      : sh(sh_), batch(batch_), len(len_), stride((len_ + kPage - 1) / kPage), shared_kv(share),
+  Layer(bench::LayerShape sh_, int batch_, int len_, bool share, int threads, KvLayout layout_,
+        bool huge)
+      : sh(sh_), batch(batch_), len(len_), stride((len_ + kPage - 1) / kPage),
+        k(LazyZeroAllocator<float>(huge)), v(LazyZeroAllocator<float>(huge)), shared_kv(share),
         layout(layout_) {
     const int distinct = share ? 1 : batch;
     const int64_t pages = int64_t{stride} * distinct;
@@ -159,10 +171,11 @@ struct DsVariant {
   const char* name;
   DoubleSparsityShape shape;
   std::vector<int32_t> channels;
-  std::vector<uint8_t> labels;
+  PoolVector<uint8_t> labels;
   DsSelection sel;
 
-  DsVariant(const char* name_, Layer& layer, int r, bool per_kv, int threads) : name(name_) {
+  DsVariant(const char* name_, Layer& layer, int r, bool per_kv, int threads, bool huge)
+      : name(name_), labels(LazyZeroAllocator<uint8_t>(huge)) {
     const bench::LayerShape& sh = layer.sh;
     shape = {sh.q_heads, sh.kv_heads, sh.head_dim, kPage, r, DsLabelFormat::kF16, per_kv, per_kv};
     std::mt19937 rng(11);
@@ -209,9 +222,9 @@ void Run(const Flags& f, int len, int batch) {
   const bench::LayerShape& sh = f.shape;
   const double kv_gib = 2.0 * batch * len * sh.kv_heads * sh.head_dim * 4 / (1 << 30);
   const bool share = kv_gib > f.share_kv_above_gib;
-  Layer layer(sh, batch, len, share, f.threads, f.layout);
-  DsVariant perhead("ds_perhead", layer, f.channels, false, f.threads);
-  DsVariant shared("ds_shared", layer, f.channels, true, f.threads);
+  Layer layer(sh, batch, len, share, f.threads, f.layout, f.huge_pages);
+  DsVariant perhead("ds_perhead", layer, f.channels, false, f.threads, f.huge_pages);
+  DsVariant shared("ds_shared", layer, f.channels, true, f.threads, f.huge_pages);
   const int budget = len / f.fraction;
   const double bw = ReadBandwidth({&layer.k, &layer.v}, f.threads, 3);
   std::vector<double> dense_t, dense_c, row_att_t, row_att_c, grp_att_c;
@@ -293,6 +306,7 @@ int main(int argc, char** argv) {
     else if (a == "--reps") f.reps = std::atoi(argv[i + 1]);
     else if (a == "--threads") f.threads = std::atoi(argv[i + 1]);
     else if (a == "--share-kv-above-gib") f.share_kv_above_gib = std::atof(argv[i + 1]);
+    else if (a == "--huge-pages") f.huge_pages = std::atoi(argv[i + 1]) != 0;
     else if (a == "--kv-layout" && std::string(argv[i + 1]) == "head") f.layout = sieve::kernels::KvLayout::kHeadMajor;
     else if (a == "--kv-layout" && std::string(argv[i + 1]) == "token") f.layout = sieve::kernels::KvLayout::kTokenMajor;
     else if (a == "--shape" && std::string(argv[i + 1]) == "llama8b") f.shape = sieve::bench::kLlama31_8B;
@@ -307,12 +321,13 @@ int main(int argc, char** argv) {
     }
   }
   std::printf("ds_decode_bench: %d q heads, %d KV heads, d %d, page %d, fp32 %s-major KV, %d of %d channels "
-              "(fp16 labels), budget L/%d, %d threads, target %s, median of %d\n\n",
+              "(fp16 labels), budget L/%d, %d threads, target %s, median of %d, pools %s\n\n",
               f.shape.q_heads, f.shape.kv_heads, f.shape.head_dim,
               sieve::kernels::kPage,
               f.layout == sieve::kernels::KvLayout::kHeadMajor ? "head" : "token", f.channels, f.shape.head_dim, f.fraction,
               f.threads > 0 ? f.threads : sieve::kernels::DefaultCpuThreads(),
-              sieve::kernels::PagedAttentionCpuTarget(), f.reps);
+              sieve::kernels::PagedAttentionCpuTarget(), f.reps,
+              f.huge_pages ? "huge-page advised" : "not huge-page advised");
   std::printf("| context | batch | KV pages | variant | step ms (wall) | select ms | attend ms | "
               "step CPU ms (all threads) | note | speed-up (wall) | speed-up (CPU) |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|---|---|\n");

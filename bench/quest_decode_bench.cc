@@ -13,8 +13,8 @@
 //                      [--huge-pages 1|0] [--kv-layout head|token]
 // --kv-layout token lays each KV page out token-major ([page_size, kv_heads, head_dim], the CUDA
 // kernels' layout) instead of head-major (the cpu backend's, paged_attention.h), for the comparison.
-// --huge-pages 0 allocates K and V without the transparent-huge-page advice the cpu backend's
-// KV pool gets (kernels/cpu/lazy_zero_allocator.h), for the comparison.
+// --huge-pages 0 allocates K, V and the page bounds without the transparent-huge-page advice
+// the cpu backend's pools get (kernels/cpu/lazy_zero_allocator.h), for the comparison.
 // --kv-dtype bfloat16 stores K and V as bfloat16 (the cpu backend's kv_cache.dtype bfloat16):
 // attention reads the 16-bit rows, the page bounds are those of the rounded keys.
 // --bounds: Quest's page bounds as bfloat16 (the default, as the engine keeps them: quest.h
@@ -94,7 +94,9 @@ struct Problem {
   // unless --huge-pages 0).
   std::vector<float, kernels::LazyZeroAllocator<float>> k, v;
   std::vector<uint16_t, kernels::LazyZeroAllocator<uint16_t>> k16, v16;
-  std::vector<float> q, out, bounds;
+  std::vector<float> q, out;
+  // Quest's page bounds, held like the cpu backend's side pool (huge-page advised too).
+  std::vector<float, kernels::LazyZeroAllocator<float>> bounds;
   std::vector<int32_t> page_table, kv_lens, query_start;
 
   Problem(bench::LayerShape shape, int batch, int context, double max_kv_gb, bool kv_bf16,
@@ -104,7 +106,8 @@ struct Problem {
         k(kernels::LazyZeroAllocator<float>(huge_pages)),
         v(kernels::LazyZeroAllocator<float>(huge_pages)),
         k16(kernels::LazyZeroAllocator<uint16_t>(huge_pages)),
-        v16(kernels::LazyZeroAllocator<uint16_t>(huge_pages)) {
+        v16(kernels::LazyZeroAllocator<uint16_t>(huge_pages)),
+        bounds(kernels::LazyZeroAllocator<float>(huge_pages)) {
     pages_per_seq = (context + kPage - 1) / kPage;
     const double kv_gb = 2.0 * batch * pages_per_seq * kPage * hkv * dim * 4 / 1e9;
     aliased = kv_gb > max_kv_gb;

@@ -432,10 +432,13 @@ absl::Status CpuBackend::AllocatePageBounds(int32_t num_layers, const AttentionS
     return absl::FailedPreconditionError(
         "cpu backend: allocate the KV cache (with the same layers) before the page bounds");
   }
-  page_bounds_.assign(num_layers, std::vector<float>(static_cast<size_t>(num_pages_) *
-                                                     shape.num_kv_heads *
-                                                     kernels::QuestRegionFloats(
-                                                         shape.head_dim, page_bounds_bf16_)));
+  // One buffer per layer, each resized in place: lazily resident (a copy of a zeroed vector
+  // would write every page).
+  const size_t floats = static_cast<size_t>(num_pages_) * shape.num_kv_heads *
+                        kernels::QuestRegionFloats(shape.head_dim, page_bounds_bf16_);
+  page_bounds_.clear();
+  page_bounds_.resize(num_layers);
+  for (auto& layer_bounds : page_bounds_) layer_bounds.resize(floats);
   return absl::OkStatus();
 }
 

@@ -155,7 +155,9 @@ class CpuBackend final : public Backend {
   std::vector<std::vector<uint8_t, LazyZeroAllocator<uint8_t>>> k_cache_, v_cache_;
   // Quest page bounds per layer, [num_pages, num_kv_heads, 2, head_dim] (max, then min) of fp32,
   // or of bfloat16 when page_bounds_bf16_ (half the floats, kernels::QuestRegionFloats).
-  std::vector<std::vector<float>> page_bounds_;
+  // Lazily resident and huge-page advised like the KV pools: selection reads a page's bounds
+  // wherever the page sits in the pool (a TLB miss per page with 4 KiB pages).
+  std::vector<std::vector<float, LazyZeroAllocator<float>>> page_bounds_;
   bool page_bounds_bf16_;
   // DoubleSparsity labels of every layer (null unless allocated).
   std::unique_ptr<DsLabelStore> ds_labels_;

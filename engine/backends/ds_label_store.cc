@@ -42,9 +42,14 @@ DsLabelStore::DsLabelStore(const kernels::DoubleSparsityShape& shape, int32_t nu
                            int32_t num_pages)
     : shape_(shape),
       page_bytes_(kernels::DsLabelPageBytes(shape)),
-      labels_(num_layers, std::vector<uint8_t>(static_cast<size_t>(num_pages) * page_bytes_)),
+      labels_(num_layers),
       channels_(num_layers),
-      mu_(std::make_unique<std::mutex>()) {}
+      mu_(std::make_unique<std::mutex>()) {
+  // Each layer's buffer resized in place: lazily resident (kernels/cpu/lazy_zero_allocator.h).
+  for (auto& layer_labels : labels_) {
+    layer_labels.resize(static_cast<size_t>(num_pages) * page_bytes_);
+  }
+}
 
 absl::Status DsLabelStore::SetChannels(int32_t layer, absl::Span<const int32_t> channels) {
   if (layer < 0 || layer >= static_cast<int32_t>(channels_.size())) {

@@ -21,6 +21,7 @@
 #include "absl/types/span.h"
 #include "engine/backends/attention_plan.h"
 #include "kernels/cpu/half.h"
+#include "kernels/cpu/lazy_zero_allocator.h"
 #include "kernels/sparse/double_sparsity.h"
 
 namespace sieve::engine {
@@ -82,7 +83,9 @@ class DsLabelStore {
 
   kernels::DoubleSparsityShape shape_;
   int64_t page_bytes_;                          // one page, one layer
-  std::vector<std::vector<uint8_t>> labels_;    // [layer][num_pages * page_bytes_]
+  // [layer][num_pages * page_bytes_]: lazily resident and huge-page advised like the KV pools
+  // (selection reads a page's labels wherever the page sits in the pool).
+  std::vector<std::vector<uint8_t, kernels::LazyZeroAllocator<uint8_t>>> labels_;
   std::vector<std::vector<int32_t>> channels_;  // [layer][label_heads * channels]
   // Plan scratch (per store: Plan of one layer at a time per worker; see thread safety).
   struct Scratch {
