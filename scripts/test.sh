@@ -4,8 +4,8 @@
 # where `nvidia-smi -L` finds a GPU (elsewhere: scripts/gpu-tests.sh).
 #
 #   scripts/test.sh                        # what CI runs
-#   SIEVE_FUZZ_SECONDS=0 scripts/test.sh   # skip the fuzz runs (and the sanitizer subset)
-#   SIEVE_SANITIZE=0 scripts/test.sh       # skip the sanitizer subset
+#   SIEVE_FUZZ_SECONDS=0 scripts/test.sh   # skip the fuzz runs (and the sanitizer subsets)
+#   SIEVE_SANITIZE=0 scripts/test.sh       # skip the sanitizer subsets (ASan+UBSan, TSan)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=$(nproc)
@@ -32,6 +32,12 @@ if [[ ${SIEVE_FUZZ_SECONDS:-20} != 0 ]] && command -v clang++ >/dev/null; then
   if [[ ${SIEVE_SANITIZE:-1} != 0 ]]; then
     SIEVE_SAN_BUILD_DIR=build-fuzz bash scripts/sanitize.sh ci
   fi
+fi
+
+# ThreadSanitizer on the thread pools, the scheduler and the asynchronous engine (g++, its own
+# tree build-tsan/; scripts/sanitize.sh tsan-ci).
+if [[ ${SIEVE_FUZZ_SECONDS:-20} != 0 && ${SIEVE_SANITIZE:-1} != 0 ]]; then
+  bash scripts/sanitize.sh tsan-ci
 fi
 
 exclude=()
