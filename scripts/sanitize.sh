@@ -13,13 +13,15 @@
 #                              # passes SIEVE_SAN_BUILD_DIR=build-fuzz, the clang fuzz tree)
 #   scripts/sanitize.sh tsan-ci  # what CI runs under ThreadSanitizer (scripts/test.sh): the
 #                              # binaries in tsan_ci_targets below (the CPU kernels' thread pool,
-#                              # the engine's worker pool, scheduler and asynchronous engine),
-#                              # built in build-tsan/ and run directly
+#                              # the engine's worker pool, scheduler, asynchronous engine, output
+#                              # threads, watchdog, injected faults, 1,000 streams, churn), built
+#                              # in build-tsan/ and run directly
 #   scripts/sanitize.sh all    # asan, then tsan (the default)
 #
 # Environment: SIEVE_SAN_CXX / SIEVE_SAN_CC pick the compiler (default g++ / gcc; clang++ /
 # clang work too), SIEVE_SAN_JOBS the build and test parallelism (default nproc), SIEVE_SAN_TESTS
-# a ctest -R regex (test names) that narrows asan and tsan, SIEVE_SAN_CI_TARGETS the binaries of
+# a ctest -R regex (test names) that narrows asan and tsan, SIEVE_SAN_TSAN_CI_TARGETS the
+# binaries of the tsan-ci mode (space-separated), SIEVE_SAN_CI_TARGETS the binaries of
 # the ci mode (space-separated), SIEVE_SAN_TARGETS the ninja targets asan and tsan build
 # (default: all; a test whose binary was not built fails as NOT_BUILT, so narrow both),
 # SIEVE_SAN_ASAN_LABELS a ctest -L regex (labels) that narrows asan, e.g. to run it a label at a
@@ -160,7 +162,8 @@ run_binaries() {  # run_binaries DIR WHAT TARGET...: each test binary directly, 
     local bin
     bin=$(find "$dir" -name "$t" -type f -perm -u+x | head -1)
     local t0=$SECONDS
-    if SIEVE_SOURCE_DIR=$PWD "${runner[@]}" "$bin" --gtest_brief=1 >"$dir/$t.log" 2>&1; then
+    # A hung binary fails after 30 minutes instead of stalling CI.
+    if SIEVE_SOURCE_DIR=$PWD timeout 1800 "${runner[@]}" "$bin" --gtest_brief=1 >"$dir/$t.log" 2>&1; then
       echo "sanitize: $t passed ($((SECONDS - t0)) s)"
     else
       echo "sanitize: $t FAILED ($((SECONDS - t0)) s):"; tail -60 "$dir/$t.log"; failed+=("$t")

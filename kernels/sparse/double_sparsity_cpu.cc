@@ -7,7 +7,7 @@
 //      widened labels (fp16 / bf16 / 4-bit codes), with no horizontal sums;
 //   2. threshold: the top of a strided sample of ~2048 scores (a few standard deviations above
 //      the budget's expected share) gives a threshold that about 1.3 k scores pass;
-//   3. candidates: one vectorised compress pass keeps the positions (increasing) and scores at
+//   3. candidates: one vectorised compare pass (passing lanes from the mask's bits) keeps the positions (increasing) and scores at
 //      or above it; if fewer than k pass, a lower sample rank is tried, then every position;
 //   4. the k-th largest candidate score T (nth_element over the candidates only); a last pass
 //      over the candidates emits those above T, then ties at T by lowest position, so the

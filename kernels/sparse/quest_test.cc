@@ -354,18 +354,19 @@ TEST(QuestTest, SelectionShapeOrderNestingAndReference) {
 }
 
 // With small-integer queries and keys every product and partial sum of a bound is an integer
-// far below 2^24, so the fast path's fp32 scores (FMA, sign-split form, four pages per
-// reduction, any order) equal the fp64 reference's exactly, and its selection must be the
+// far below 2^24, so the fast path's fp32 scores (FMA, sign-split form, two pages of up to four
+// heads per pass, any order) equal the fp64 reference's exactly, and its selection must be the
 // reference's page for page, ties included (larger first, ties to the lower page): keys in
-// [-2, 2] make most pages' bounds identical, keys in [-30, 30] few. d 72 runs the scalar tail
-// channels past the last whole vector; page counts not a multiple of 4 the single-page tail;
-// the 1,100-page sequence the top-k's sampled candidate filter (used from 1,024 pages on).
+// [-2, 2] make most pages' bounds identical, keys in [-30, 30] few. d 70 (and 72 with 16 lanes)
+// runs the scalar tail channels past the last whole vector; odd page counts the single-page
+// tail; groups 1, 2, 3 and 4 the passes of 1, 2, 2 + 1 and 4 heads; the 1,100-page sequence the
+// top-k's sampled candidate filter (used from 1,024 pages on).
 TEST(QuestTest, FastSelectionEqualsReferenceOnExactScoresWithTies) {
   int boundary_ties = 0;
   uint32_t seed = 90;
   for (const int key_range : {2, 30}) {
-    for (const int d : {64, 72, 128}) {
-      for (const int group : {1, 2, 4}) {  // the fast scoring's passes of 1, 2 and 4 heads
+    for (const int d : {64, 70, 72, 128}) {
+      for (const int group : {1, 2, 3, 4}) {
         // (Two problems, so the long sequence does not stretch every sequence's page table.)
         for (const std::vector<int32_t>& lens :
              {std::vector<int32_t>{500, 4099, 16 * 37 + 3}, std::vector<int32_t>{16 * 1100}}) {
