@@ -343,7 +343,7 @@ HWY_INLINE hn::Vec<hn::FixedTag<float, 4>> Sum4(D d, hn::Vec<D> a0, hn::Vec<D> a
 // otherwise (rounding is monotonic, so the fp32 products compare as the exact ones do), so
 // U = sum_c q+_c Mx_c + q-_c Mn_c with q+ = max(q, 0), q- = min(q, 0): two FMAs per channel and
 // no max (the zero term of each pair adds exactly nothing). Two pages of two heads share one
-// horizontal reduction (Sum4). fp32 with FMA: the rounding differs from the reference's fp64
+// horizontal reduction (Sum4); without GQA (group 1), four pages of the one head. fp32 with FMA: the rounding differs from the reference's fp64
 // by the accumulation error that quest_test's tolerance derives. T: the bounds' element type,
 // float or (bf16_bounds) hwy::bfloat16_t, widened to fp32 as loaded.
 template <typename T>
@@ -421,6 +421,28 @@ void ScorePages(const QuestSelectParams& p, int s, int g, const float* qs, int32
       }
     }
   };
+  if (group == 1) {  // one head (no GQA): four pages per reduction, nothing to share
+    const float* qp = qp0;
+    for (; j + 4 <= j1; j += 4) {
+      const float* b[4];
+      for (int k = 0; k < 4; ++k) b[k] = BoundsOf(p, s, j + k, g);
+      V x[4];
+      for (int k = 0; k < 4; ++k) x[k] = hn::Zero(df);
+      for (int c = 0; c < dv; c += L) {
+        const V vp = hn::LoadU(df, qp + c), vn = hn::LoadU(df, qp + d + c);
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; ++k) {
+          x[k] = hn::MulAdd(vp, load(b[k], c), x[k]);
+          x[k] = hn::MulAdd(vn, load(b[k], d + c), x[k]);
+        }
+      }
+      float* out = scores + j;
+      hn::StoreU(Sum4(df, x[0], x[1], x[2], x[3]), d4, out);
+      if (dv < d) {
+        for (int k = 0; k < 4; ++k) out[k] += tail(b[k], 0);
+      }
+    }
+  }
   for (; j + 2 <= j1; j += 2) {
     const float* b0 = BoundsOf(p, s, j, g);
     const float* b1 = BoundsOf(p, s, j + 1, g);
