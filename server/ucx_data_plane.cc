@@ -61,18 +61,54 @@ uint64_t Tag(uint64_t transfer, int32_t first_page) {
 // shared-memory transports keep their segment descriptors, from uct_mm_seg_new, in the shared
 // memory). Both live as long as the process's data plane (SharedUcxDataPlane) or until the
 // endpoint is closed, so the allocations made inside ucp_worker_create and ucp_ep_create are
-// ignored by LeakSanitizer, and nothing else (scripts/sanitize/lsan.supp says why no
-// suppression line is used). A no-op outside ASan builds.
+// ignored by LeakSanitizer, and so are UCX's own inside ucp_worker_progress, where the worker
+// creates the endpoints of peers that connect to it (wireup: a decode daemon draining while a
+// prefill daemon's KV was on its way exited with that endpoint open, 2026-12-06); our callbacks,
+// which UCX runs inside ucp_worker_progress, are watched again (LsanSee). Nothing else is
+// ignored (scripts/sanitize/lsan.supp says why no suppression line is used). No-ops outside
+// ASan builds.
+#ifdef SIEVE_UCX_LSAN
+thread_local int lsan_blind_depth = 0;  // LsanBlind scopes open on this thread
+#endif
+
 class LsanBlind {
  public:
 #ifdef SIEVE_UCX_LSAN
-  LsanBlind() { __lsan_disable(); }
-  ~LsanBlind() { __lsan_enable(); }
+  LsanBlind() {
+    __lsan_disable();
+    ++lsan_blind_depth;
+  }
+  ~LsanBlind() {
+    --lsan_blind_depth;
+    __lsan_enable();
+  }
 #else
   LsanBlind() {}  // user-provided: no unused-variable warning where it does nothing
 #endif
   LsanBlind(const LsanBlind&) = delete;
   LsanBlind& operator=(const LsanBlind&) = delete;
+};
+
+// Inside an LsanBlind scope (a callback UCX runs from ucp_worker_progress): LeakSanitizer
+// watches this thread's allocations again until the end of the scope.
+class LsanSee {
+ public:
+#ifdef SIEVE_UCX_LSAN
+  LsanSee() : active_(lsan_blind_depth > 0) {
+    if (active_) __lsan_enable();
+  }
+  ~LsanSee() {
+    if (active_) __lsan_disable();
+  }
+
+ private:
+  bool active_;
+#else
+  LsanSee() {}
+#endif
+ public:
+  LsanSee(const LsanSee&) = delete;
+  LsanSee& operator=(const LsanSee&) = delete;
 };
 
 absl::Status UcsError(absl::string_view what, ucs_status_t status) {
@@ -188,7 +224,10 @@ class UcxDataPlane final : public KvDataPlane {
       }
       for (auto& t : tasks) t();
       if (stop_) break;
-      while (ucp_worker_progress(worker_) != 0) {
+      {
+        LsanBlind blind;  // UCX's own allocations (peers' endpoints); callbacks see again
+        while (ucp_worker_progress(worker_) != 0) {
+        }
       }
       DropFailedTransfers();
       {
@@ -207,6 +246,7 @@ class UcxDataPlane final : public KvDataPlane {
     for (void* request : pending) ucp_request_cancel(worker_, request);
     const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(1);
     while ((!recvs_.empty() || closing_ > 0) && std::chrono::steady_clock::now() < until) {
+      LsanBlind blind;
       ucp_worker_progress(worker_);
     }
   }
@@ -233,6 +273,7 @@ class UcxDataPlane final : public KvDataPlane {
   }
 
   static void SendCallback(void* request, ucs_status_t status, void* user_data) {
+    LsanSee see;
     Op* op = static_cast<Op*>(user_data);
     ucp_request_free(request);
     if (op->done) op->done(status, 0);
@@ -241,6 +282,7 @@ class UcxDataPlane final : public KvDataPlane {
 
   static void RecvCallback(void* request, ucs_status_t status, const ucp_tag_recv_info_t* info,
                            void* user_data) {
+    LsanSee see;
     Op* op = static_cast<Op*>(user_data);
     if (op->id != 0) op->plane->recvs_.erase(op->id);
     ucp_request_free(request);
@@ -249,11 +291,13 @@ class UcxDataPlane final : public KvDataPlane {
   }
 
   static void CloseCallback(void* request, ucs_status_t status, void* user_data) {
+    LsanSee see;
     ucp_request_free(request);
     --static_cast<UcxDataPlane*>(user_data)->closing_;
   }
 
   static void EpError(void* arg, ucp_ep_h ep, ucs_status_t status) {
+    LsanSee see;
     static_cast<Endpoint*>(arg)->error = status;
   }
 
