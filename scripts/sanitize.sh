@@ -84,8 +84,7 @@ jobs=${SIEVE_SAN_JOBS:-$(nproc)}
 cxx=${SIEVE_SAN_CXX:-g++}
 cc=${SIEVE_SAN_CC:-gcc}
 launcher=()
-runner=()     # what run_binaries runs each test binary under (tsan-ci: setarch -R)
-norandom=()
+norandom=()   # setarch -R where TSan needs it (setup_tsan); run_binaries runs each binary under it
 if command -v ccache >/dev/null; then launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache); fi
 
 # The CI subset (test binaries, run directly): the server's request conversion, log escaping and
@@ -163,7 +162,8 @@ run_binaries() {  # run_binaries DIR WHAT TARGET...: each test binary directly, 
     bin=$(find "$dir" -name "$t" -type f -perm -u+x | head -1)
     local t0=$SECONDS
     # A hung binary fails after 30 minutes instead of stalling CI.
-    if SIEVE_SOURCE_DIR=$PWD timeout 1800 "${runner[@]}" "$bin" --gtest_brief=1 >"$dir/$t.log" 2>&1; then
+    if SIEVE_SOURCE_DIR=$PWD timeout 1800 "${norandom[@]}" "$bin" --gtest_brief=1 \
+      >"$dir/$t.log" 2>&1; then
       echo "sanitize: $t passed ($((SECONDS - t0)) s)"
     else
       echo "sanitize: $t FAILED ($((SECONDS - t0)) s):"; tail -60 "$dir/$t.log"; failed+=("$t")
@@ -186,7 +186,8 @@ setup_tsan() {  # configures build-tsan/ and sets norandom and the TSan environm
   fi
   export UCX_MEM_MMAP_HOOK_MODE=none
   export SIEVE_TEST_TIME_SCALE=${SIEVE_TEST_TIME_SCALE:-8}
-  export TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1:suppressions=$PWD/scripts/sanitize/tsan.supp
+  export TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1
+  TSAN_OPTIONS+=:suppressions=$PWD/scripts/sanitize/tsan.supp
 }
 
 run_tsan_ci() {
@@ -194,7 +195,6 @@ run_tsan_ci() {
   local dir=build-tsan start=$SECONDS
   "${norandom[@]}" ninja -C "$dir" -j "$jobs" "${tsan_ci_targets[@]}"
   echo "sanitize: tsan ci subset build took $((SECONDS - start)) s"
-  runner=("${norandom[@]}")
   run_binaries "$dir" "tsan ci subset" "${tsan_ci_targets[@]}"
 }
 

@@ -7,8 +7,9 @@
 //      widened labels (fp16 / bf16 / 4-bit codes), with no horizontal sums;
 //   2. threshold: the top of a strided sample of ~2048 scores (a few standard deviations above
 //      the budget's expected share) gives a threshold that about 1.3 k scores pass;
-//   3. candidates: one vectorised compare pass (passing lanes from the mask's bits) keeps the positions (increasing) and scores at
-//      or above it; if fewer than k pass, a lower sample rank is tried, then every position;
+//   3. candidates: one vectorised compare pass (passing lanes from the mask's bits) keeps the
+//      positions (increasing) and scores at or above it; if fewer than k pass, a lower sample
+//      rank is tried, then every position;
 //   4. the k-th largest candidate score T (nth_element over the candidates only); a last pass
 //      over the candidates emits those above T, then ties at T by lowest position, so the
 //      output is already increasing.
@@ -236,8 +237,8 @@ int Compress(const float* s, int n, float t, Scratch& sc) {
   const DF df;
   const int L = static_cast<int>(hn::Lanes(df));
   static_assert(HWY_MAX_BYTES / sizeof(float) <= 64, "mask bits fit 64 bits");
-  sc.cand.resize(static_cast<size_t>(n) + 2 * L);
-  sc.cand_val.resize(sc.cand.size());
+  sc.cand.resize(n);  // at most n pass
+  sc.cand_val.resize(n);
   int32_t* cand = sc.cand.data();
   float* cand_val = sc.cand_val.data();
   const auto vt = hn::Set(df, t);

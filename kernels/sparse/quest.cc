@@ -343,9 +343,10 @@ HWY_INLINE hn::Vec<hn::FixedTag<float, 4>> Sum4(D d, hn::Vec<D> a0, hn::Vec<D> a
 // otherwise (rounding is monotonic, so the fp32 products compare as the exact ones do), so
 // U = sum_c q+_c Mx_c + q-_c Mn_c with q+ = max(q, 0), q- = min(q, 0): two FMAs per channel and
 // no max (the zero term of each pair adds exactly nothing). Two pages of two heads share one
-// horizontal reduction (Sum4); without GQA (group 1), four pages of the one head. fp32 with FMA: the rounding differs from the reference's fp64
-// by the accumulation error that quest_test's tolerance derives. T: the bounds' element type,
-// float or (bf16_bounds) hwy::bfloat16_t, widened to fp32 as loaded.
+// horizontal reduction (Sum4); without GQA (group 1), four pages of the one head. fp32 with
+// FMA: the rounding differs from the reference's fp64 by the accumulation error that
+// quest_test's tolerance derives. T: the bounds' element type, float or (bf16_bounds)
+// hwy::bfloat16_t, widened to fp32 as loaded.
 template <typename T>
 void ScorePages(const QuestSelectParams& p, int s, int g, const float* qs, int32_t j0, int32_t j1,
                 int32_t n, float* scores) {
