@@ -167,10 +167,9 @@ const std::vector<KeySpec>& Keys() {
                        "Element type of the stored keys and values: auto (the backend's compute "
                        "dtype: float32 on cpu, bfloat16 on cuda), float32, or bfloat16. On cpu, "
                        "bfloat16 halves the KV memory and the bytes decode attention reads (keys "
-                       "and values rounded when written, computed in fp32); it is refused with "
-                       "attention.prefill.method minference or xattention. cuda takes auto or "
-                       "bfloat16 only. Daemons that exchange KV pages (disaggregation) need the "
-                       "same setting."),
+                       "and values rounded when written, computed in fp32), with every prefill "
+                       "and decode method. cuda takes auto or bfloat16 only. Daemons that "
+                       "exchange KV pages (disaggregation) need the same setting."),
 
       SIEVE_ENGINE_KEY(scheduler.max_batch_tokens, IntRange(1, 1 << 20),
                        "Token budget of one scheduler step: one token per decoding request plus "

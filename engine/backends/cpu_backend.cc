@@ -131,13 +131,6 @@ std::vector<float> CpuBackend::KeysAsFloat(int32_t layer) const {
   return out;
 }
 
-absl::Status CpuBackend::NeedFp32Keys(std::string_view what) const {
-  if (kv_dtype_ == kernels::KvDtype::kFloat32) return absl::OkStatus();
-  return absl::FailedPreconditionError(
-      absl::StrCat("cpu backend: the ", std::string(what), " estimator reads float32 keys; this "
-                   "KV cache is ", kernels::KvDtypeName(kv_dtype_), " (kv_cache.dtype)"));
-}
-
 void CpuBackend::SetKeys(int32_t layer, kernels::QuestBoundsUpdate& u) const {
   if (kv_dtype_ == kernels::KvDtype::kBfloat16) {
     u.k_cache_bf16 = reinterpret_cast<const uint16_t*>(k_cache_[layer].data());
@@ -361,12 +354,11 @@ absl::Status CpuBackend::MInferenceIndex(BackendStream& stream, int32_t layer, c
   if (q_len < 1 || kv_len < q_len) {
     return absl::InternalError("cpu backend: MInference needs 1 <= q_len <= kv_len");
   }
-  SIEVE_RETURN_IF_ERROR(NeedFp32Keys("MInference"));
   const int32_t query_start[2] = {0, q_len};
   kernels::PagedAttentionParams<float> p;
   p.kv_layout = kv_layout_;
   p.q = F(q) + int64_t{layout->query_start[e.seq]} * q.cols;
-  p.k_cache = reinterpret_cast<const float*>(k_cache_[layer].data());
+  p.k_cache = reinterpret_cast<const float*>(k_cache_[layer].data());  // of o.k_dtype
   p.page_table = layout->page_table.data() + int64_t{e.seq} * layout->page_table_stride;
   p.page_table_stride = layout->page_table_stride;
   p.kv_lens = &kv_len;
@@ -380,6 +372,7 @@ absl::Status CpuBackend::MInferenceIndex(BackendStream& stream, int32_t layer, c
   kernels::minference::Options o;
   o.last_q = e.last_q;
   o.num_threads = num_threads_;
+  o.k_dtype = kv_dtype_;
   kernels::minference::BuildPlan(p, e.patterns.data(), o, &out);
   return absl::OkStatus();
 }
@@ -397,12 +390,12 @@ absl::Status CpuBackend::XAttentionBlockMass(BackendStream& stream, int32_t laye
   }
   SIEVE_RETURN_IF_ERROR(
       CheckShape(q, layout->num_tokens(), int64_t{s.num_q_heads} * s.head_dim, "queries"));
-  SIEVE_RETURN_IF_ERROR(NeedFp32Keys("XAttention"));
   kernels::XAttentionParams p;
   p.kv_layout = kv_layout_;
   p.q = F(q) + int64_t{layout->query_start[e.seq]} * q.cols;
   p.q_row_stride = q.cols;
-  p.k_cache = reinterpret_cast<const float*>(k_cache_[layer].data());
+  p.k_cache = k_cache_[layer].data();
+  p.k_dtype = kv_dtype_;
   p.page_table = layout->page_table.data() + int64_t{e.seq} * layout->page_table_stride;
   p.page_size = page_size_;
   p.num_q_heads = s.num_q_heads;

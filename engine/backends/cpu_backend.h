@@ -26,9 +26,9 @@ class CpuBackend final : public Backend {
   // `num_threads` host threads for the heavy operators (0 = all hardware threads). `kv_dtype`:
   // the KV cache's element type (EngineConfig kv_cache.dtype): fp32, or bfloat16 (keys and
   // values rounded as they are written, widened to fp32 as attention and the Quest and
-  // DoubleSparsity side data read them: half the KV bytes). The MInference and XAttention
-  // estimators read fp32 keys only (FailedPrecondition on a bfloat16 cache; the engine config
-  // refuses the combination).
+  // DoubleSparsity side data and the MInference and XAttention estimators read them: half the
+  // KV bytes; widening is exact, so every estimate equals that of an fp32 cache holding the
+  // rounded keys).
   // Quest page bounds (AllocatePageBounds) are bfloat16 by default (quest.h bf16_bounds, the
   // GPU's too: half the side pool's bytes and half of what selection reads). On a bfloat16 cache
   // they are exact (the keys are bfloat16 values, so the pages selected are those of fp32
@@ -171,8 +171,6 @@ class CpuBackend final : public Backend {
   // to `dst` laid out as dst_layout.
   void CopyKvBlock(const uint8_t* src, kernels::KvLayout src_layout, uint8_t* dst,
                    kernels::KvLayout dst_layout) const;
-  // OK on an fp32 KV cache; else FailedPrecondition naming `what` (an fp32-only key reader).
-  absl::Status NeedFp32Keys(std::string_view what) const;
   // Points u at layer `layer`'s keys (k_cache or k_cache_bf16 by the cache's dtype).
   void SetKeys(int32_t layer, kernels::QuestBoundsUpdate& u) const;
   // Bytes of one layer's K (or V) rows of one page.

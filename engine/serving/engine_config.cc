@@ -80,16 +80,6 @@ void CheckKvAndScheduler(const EngineConfig& c, std::vector<std::string>& errors
                                     ", got ", kv.dtype));
     }
   }
-  if (backend == "cpu" && kv.dtype == "bfloat16") {
-    // The CPU estimators of the sparse prefill methods read fp32 keys.
-    const std::string& method = c.attention.prefill.method;
-    if (method == "minference" || method == "xattention") {
-      errors.push_back(absl::StrCat("kv_cache.dtype bfloat16 is not available with "
-                                    "attention.prefill.method ", method, " on the cpu backend "
-                                    "(its estimator reads float32 keys); use kv_cache.dtype "
-                                    "float32 (or auto), or another prefill method"));
-    }
-  }
   if (!(kv.memory_fraction > 0 && kv.memory_fraction <= 1)) {
     errors.push_back(absl::StrCat("kv_cache.memory_fraction must be in (0, 1], got ",
                                   kv.memory_fraction));

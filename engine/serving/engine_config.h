@@ -96,8 +96,8 @@ struct KvCacheConfig {
   // Element type of the stored keys and values, one of kDtypeNames: "auto" is the backend's
   // compute dtype (BackendDtype: float32 on cpu, bfloat16 on cuda). The cpu backend also takes
   // "bfloat16": keys and values rounded as written and widened as read (half the KV bytes and
-  // memory; decode attention reads half as much), computing in fp32. With it, the MInference and
-  // XAttention prefill estimators (fp32 keys only) are refused. cuda keeps bfloat16 only.
+  // memory; decode attention reads half as much), computing in fp32, with every prefill and
+  // decode method. cuda keeps bfloat16 only.
   std::string dtype = "auto";
 
   bool operator==(const KvCacheConfig&) const = default;

@@ -1,8 +1,9 @@
 // The Engine serving with attention.prefill.method xattention on the embedded model: a long
 // prompt prefilled in chunks runs sparse (the observer sees a density below 1 and index time),
 // its greedy continuation is well formed, a threshold above 1 gives the dense engine's tokens, a
-// request asking for dense prefill is dense, and the cuda backend refuses the method naming the
-// key.
+// request asking for dense prefill is dense, both methods serve on a bfloat16 KV cache, and the
+// cuda backend refuses the method naming the key.
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <fstream>
@@ -144,6 +145,40 @@ TEST(SparsePrefillEngineTest, CudaTakesXAttentionWithBlocksOf128Only) {
                                    "cuda backend"));
   c.attention.prefill.method = "minference";
   EXPECT_TRUE(c.Validate().ok()) << c.Validate();
+}
+
+// kv_cache.dtype bfloat16: both estimators read the stored bfloat16 keys (widened exactly).
+// Each method runs sparse (a density below 1, estimated, no failed request) and, with settings
+// that cover every key, gives the tokens of dense prefill on the same bfloat16 cache.
+TEST(SparsePrefillEngineTest, BothMethodsServeOnABfloat16KvCache) {
+  const std::vector<int32_t> prompt = LongPrompt();
+  auto config = [](const std::string& method, double tau) {
+    EngineConfig c = Config(method, tau);
+    c.kv_cache.dtype = "bfloat16";
+    return c;
+  };
+  const std::vector<int32_t> dense = Generate(config("dense", 0.9), prompt, nullptr);
+  ASSERT_EQ(dense.size(), 16u);
+  for (const std::string method : {"xattention", "minference"}) {
+    SCOPED_TRACE(method);
+    EngineConfig sparse = config(method, 0.9);
+    sparse.attention.prefill.minference.vertical_size = 30;
+    sparse.attention.prefill.minference.slash_size = 60;
+    DensityObserver obs;
+    EXPECT_EQ(Generate(sparse, prompt, &obs).size(), 16u);
+    const std::vector<double> d = obs.Densities();
+    ASSERT_FALSE(d.empty());
+    EXPECT_LT(*std::min_element(d.begin(), d.end()), 1.0);
+    EXPECT_GT(obs.estimated, 0);
+    EXPECT_EQ(obs.bad, 0);
+
+    EngineConfig cover = config(method, 1.01);
+    cover.attention.prefill.minference.vertical_size = 4096;
+    cover.attention.prefill.minference.slash_size = 4096;
+    DensityObserver cover_obs;
+    EXPECT_EQ(Generate(cover, prompt, &cover_obs), dense);
+    EXPECT_GT(cover_obs.estimated, 0);
+  }
 }
 
 }  // namespace

@@ -92,6 +92,19 @@ inline float F16ToFloat(uint16_t h) {
   return f;
 }
 
+// `d` elements of a host cache of element type t, starting at element `offset`, as fp32: the
+// elements themselves for float32, else widened (exactly) into buf[0, d) and buf returned.
+inline const float* RowAsFloat(const void* cache, KvDtype t, int64_t offset, int d, float* buf) {
+  if (t == KvDtype::kFloat32) return static_cast<const float*>(cache) + offset;
+  const uint16_t* bits = static_cast<const uint16_t*>(cache) + offset;
+  if (t == KvDtype::kBfloat16) {
+    for (int i = 0; i < d; ++i) buf[i] = Bf16ToFloat(bits[i]);
+  } else {
+    for (int i = 0; i < d; ++i) buf[i] = F16ToFloat(bits[i]);
+  }
+  return buf;
+}
+
 }  // namespace sieve::kernels
 
 #endif  // SIEVE_KERNELS_CPU_HALF_H_

@@ -18,10 +18,14 @@ inline int32_t QueryLen(const PagedAttentionParams<float>& p, int s) {
   return p.query_start[s + 1] - p.query_start[s];
 }
 
-inline const float* KeyRow(const PagedAttentionParams<float>& p, int seq, int kv_head, int pos) {
+// Key `pos` of (seq, kv_head) as fp32: the row itself, or (16-bit caches) widened into buf.
+inline const float* KeyRow(const PagedAttentionParams<float>& p, KvDtype k_dtype, int seq,
+                           int kv_head, int pos, float* buf) {
   const int64_t page = p.page_table[int64_t{seq} * p.page_table_stride + pos / p.page_size];
-  return p.k_cache + KvRowOffset(p.kv_layout, page, pos % p.page_size, kv_head, p.page_size,
-                                 p.num_kv_heads, p.head_dim);
+  return RowAsFloat(p.k_cache, k_dtype,
+                    KvRowOffset(p.kv_layout, page, pos % p.page_size, kv_head, p.page_size,
+                                p.num_kv_heads, p.head_dim),
+                    p.head_dim, buf);
 }
 
 inline const float* QueryRow(const PagedAttentionParams<float>& p, int seq, int head, int j) {
@@ -104,8 +108,8 @@ void BlockKeysToBsr(const BlockKeys& k, int32_t last, std::vector<int32_t>* bloc
 }
 
 template <typename T>
-void BlockSparseImpl(const PagedAttentionParams<float>& p, int seq, int head, int32_t top_k,
-                     std::vector<int32_t>* offsets, std::vector<int32_t>* out) {
+void BlockSparseImpl(const PagedAttentionParams<float>& p, KvDtype k_dtype, int seq, int head,
+                     int32_t top_k, std::vector<int32_t>* offsets, std::vector<int32_t>* out) {
   const int32_t q_len = QueryLen(p, seq), kv_len = p.kv_lens[seq], d = p.head_dim;
   const int32_t first = kv_len - q_len;
   const int32_t qblocks = (q_len + kBlock - 1) / kBlock, kblocks = (kv_len + kBlock - 1) / kBlock;
@@ -117,8 +121,9 @@ void BlockSparseImpl(const PagedAttentionParams<float>& p, int seq, int head, in
     T* m = qm.data() + static_cast<size_t>(j / kBlock) * d;
     for (int i = 0; i < d; ++i) m[i] += q[i];
   }
+  std::vector<float> kbuf(d);
   for (int32_t t = 0; t < kv_len; ++t) {
-    const float* k = KeyRow(p, seq, kv_head, t);
+    const float* k = KeyRow(p, k_dtype, seq, kv_head, t, kbuf.data());
     T* m = km.data() + static_cast<size_t>(t / kBlock) * d;
     for (int i = 0; i < d; ++i) m[i] += k[i];
   }
@@ -169,9 +174,11 @@ void HeadPlan(const PagedAttentionParams<float>& p, int seq, int head, const Hea
   rows->columns.clear();
   if (pat.pattern == Pattern::kBlockSparse) {
     if (ref) {
-      BlockSparseRef(p, seq, head, pat.vertical_size, &rows->block_off, &rows->blocks);
+      BlockSparseRef(p, seq, head, pat.vertical_size, &rows->block_off, &rows->blocks,
+                     o.k_dtype);
     } else {
-      BlockSparseCpu(p, seq, head, pat.vertical_size, &rows->block_off, &rows->blocks);
+      BlockSparseCpu(p, seq, head, pat.vertical_size, &rows->block_off, &rows->blocks,
+                     o.k_dtype);
     }
     rows->column_off.assign(qblocks + 1, 0);
     return;
@@ -184,11 +191,11 @@ void HeadPlan(const PagedAttentionParams<float>& p, int seq, int head, const Hea
                    pat.slash_size);
     } else if (ref) {
       VsScores s;
-      VsScoresRef(p, seq, head, o.last_q, &s);
+      VsScoresRef(p, seq, head, o.last_q, &s, o.k_dtype);
       x = SelectVs(s.vertical.data(), s.slash.data(), kv_len, pat.vertical_size, pat.slash_size);
     } else {
       std::vector<float> v(kv_len), sl(kv_len);
-      VsScoresCpu(p, seq, head, o.last_q, v.data(), sl.data());
+      VsScoresCpu(p, seq, head, o.last_q, v.data(), sl.data(), o.k_dtype);
       x = SelectVs(v.data(), sl.data(), kv_len, pat.vertical_size, pat.slash_size);
     }
   }
@@ -290,19 +297,20 @@ SparseAttentionIndex MInferencePlan::View() const {
 }
 
 void VsScoresRef(const PagedAttentionParams<float>& p, int seq, int head, int last_q,
-                 VsScores* out) {
+                 VsScores* out, KvDtype k_dtype) {
   const int32_t q_len = QueryLen(p, seq), n = p.kv_lens[seq], d = p.head_dim;
   const int32_t lq = std::min(std::max(last_q, 1), q_len);
   const int kv_head = head / (p.num_q_heads / p.num_kv_heads);
   out->vertical.assign(n, 0.0);
   out->slash.assign(n, 0.0);
   std::vector<double> logit(n);
+  std::vector<float> kbuf(d);
   for (int32_t r = 0; r < lq; ++r) {
     const int32_t j = q_len - lq + r, pos = n - q_len + j;
     const float* q = QueryRow(p, seq, head, j);
     double mx = -std::numeric_limits<double>::infinity();
     for (int32_t t = 0; t <= pos; ++t) {
-      const float* k = KeyRow(p, seq, kv_head, t);
+      const float* k = KeyRow(p, k_dtype, seq, kv_head, t, kbuf.data());
       double s = 0;
       for (int i = 0; i < d; ++i) s += double{q[i]} * double{k[i]};
       logit[t] = s * double{p.scale};
@@ -359,13 +367,15 @@ void ConvertVs(const VsIndex& x, int32_t start, BlockKeys* out) {
 }
 
 void BlockSparseRef(const PagedAttentionParams<float>& p, int seq, int head, int32_t top_k,
-                    std::vector<int32_t>* offsets, std::vector<int32_t>* blocks) {
-  BlockSparseImpl<double>(p, seq, head, top_k, offsets, blocks);
+                    std::vector<int32_t>* offsets, std::vector<int32_t>* blocks,
+                    KvDtype k_dtype) {
+  BlockSparseImpl<double>(p, k_dtype, seq, head, top_k, offsets, blocks);
 }
 
 void BlockSparseCpu(const PagedAttentionParams<float>& p, int seq, int head, int32_t top_k,
-                    std::vector<int32_t>* offsets, std::vector<int32_t>* blocks) {
-  BlockSparseImpl<float>(p, seq, head, top_k, offsets, blocks);
+                    std::vector<int32_t>* offsets, std::vector<int32_t>* blocks,
+                    KvDtype k_dtype) {
+  BlockSparseImpl<float>(p, k_dtype, seq, head, top_k, offsets, blocks);
 }
 
 void BuildPlan(const PagedAttentionParams<float>& p, const HeadPattern* patterns,

@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "kernels/attention/paged_attention.h"
+#include "kernels/cpu/half.h"
 
 namespace sieve::kernels::minference {
 
@@ -83,15 +84,19 @@ struct MInferencePlan {
 struct Options {
   int32_t last_q = kDefaultLastQ;  // queries of each sequence's chunk the VS estimate uses
   int num_threads = 0;             // 0: all host threads (fast path only)
+  // Element type of p.k_cache: with a 16-bit type p.k_cache points at uint16_t bit patterns (cast
+  // to const float*), widened exactly as read; the estimates then equal those of an fp32 cache
+  // holding the widened keys. The same holds for k_dtype of the functions below.
+  KvDtype k_dtype = KvDtype::kFloat32;
 };
 
 // ---- section 1.4: VS estimation ------------------------------------------------------------
 // Scores of (sequence `seq`, query head `head`) of p (q, k_cache, page table; v unused), fp64.
 void VsScoresRef(const PagedAttentionParams<float>& p, int seq, int head, int last_q,
-                 VsScores* out);
+                 VsScores* out, KvDtype k_dtype = KvDtype::kFloat32);
 // The same in fp32 (Highway), into vertical[kv_len] and slash[kv_len].
 void VsScoresCpu(const PagedAttentionParams<float>& p, int seq, int head, int last_q,
-                 float* vertical, float* slash);
+                 float* vertical, float* slash, KvDtype k_dtype = KvDtype::kFloat32);
 // Forcing and top-k (section 1.4 steps 1, 3-5) over scores of n keys; ties: smaller index.
 VsIndex SelectVs(const double* vertical, const double* slash, int32_t n, int32_t vertical_size,
                  int32_t slash_size);
@@ -108,9 +113,11 @@ void ConvertVs(const VsIndex& x, int32_t start, BlockKeys* out);
 // there are at most top_k, else the top_k by mean-pooled score (zero padding to 64: means divide
 // by 64). Blocks are appended per query block to `blocks` with offsets in `offsets` [blocks+1].
 void BlockSparseRef(const PagedAttentionParams<float>& p, int seq, int head, int32_t top_k,
-                    std::vector<int32_t>* offsets, std::vector<int32_t>* blocks);
+                    std::vector<int32_t>* offsets, std::vector<int32_t>* blocks,
+                    KvDtype k_dtype = KvDtype::kFloat32);
 void BlockSparseCpu(const PagedAttentionParams<float>& p, int seq, int head, int32_t top_k,
-                    std::vector<int32_t>* offsets, std::vector<int32_t>* blocks);
+                    std::vector<int32_t>* offsets, std::vector<int32_t>* blocks,
+                    KvDtype k_dtype = KvDtype::kFloat32);
 
 // ---- the whole step ------------------------------------------------------------------------
 // The plan of every sequence of p (each a prefill chunk: q_len >= 1) and every query head, head

@@ -21,6 +21,7 @@ namespace cpu {
 struct Scratch {
   std::vector<float> logit;  // [rows, stride] the rows' logits, then probabilities
   std::vector<float> kt;     // [head_dim, kBlock] one key tile transposed
+  std::vector<float> row;    // [head_dim] a 16-bit key widened
 };
 
 inline Scratch& ThreadScratch() {
@@ -54,7 +55,7 @@ inline void ScoresT(const float* q0, const float* q1, const float* kt, int n_pad
 }
 
 void VsScoresImpl(const PagedAttentionParams<float>& p, int seq, int head, int last_q,
-                  float* vertical, float* slash) {
+                  float* vertical, float* slash, KvDtype k_dtype) {
   const DF df;
   const int L = static_cast<int>(hn::Lanes(df));
   const int32_t q_len = p.query_start[seq + 1] - p.query_start[seq];
@@ -66,6 +67,7 @@ void VsScoresImpl(const PagedAttentionParams<float>& p, int seq, int head, int l
   const size_t stride = static_cast<size_t>((n + kBlock - 1) / kBlock * kBlock + 2 * L);
   sc.logit.resize(stride * lq);
   sc.kt.resize(static_cast<size_t>(d) * kBlock);
+  sc.row.resize(d);
   std::vector<const float*> q(lq);
   for (int32_t r = 0; r < lq; ++r) {
     q[r] = p.q + ((int64_t{p.query_start[seq]} + q_len - lq + r) * p.num_q_heads + head) *
@@ -78,8 +80,10 @@ void VsScoresImpl(const PagedAttentionParams<float>& p, int seq, int head, int l
     for (int j = 0; j < nk; ++j) {
       const int t = t0 + j;
       const int64_t page = pages[t / p.page_size];
-      const float* k = p.k_cache + KvRowOffset(p.kv_layout, page, t % p.page_size, kv_head,
-                                               p.page_size, p.num_kv_heads, d);
+      const float* k = RowAsFloat(p.k_cache, k_dtype,
+                                  KvRowOffset(p.kv_layout, page, t % p.page_size, kv_head,
+                                              p.page_size, p.num_kv_heads, d),
+                                  d, sc.row.data());
       for (int i = 0; i < d; ++i) sc.kt[static_cast<size_t>(i) * kBlock + j] = k[i];
     }
     for (int i = 0; i < d; ++i) {
@@ -138,8 +142,8 @@ HWY_EXPORT(VsScoresImpl);
 }  // namespace cpu
 
 void VsScoresCpu(const PagedAttentionParams<float>& p, int seq, int head, int last_q,
-                 float* vertical, float* slash) {
-  HWY_DYNAMIC_DISPATCH(cpu::VsScoresImpl)(p, seq, head, last_q, vertical, slash);
+                 float* vertical, float* slash, KvDtype k_dtype) {
+  HWY_DYNAMIC_DISPATCH(cpu::VsScoresImpl)(p, seq, head, last_q, vertical, slash, k_dtype);
 }
 
 }  // namespace sieve::kernels::minference

@@ -1,6 +1,7 @@
 // MInference plans (minference.h BuildPlan / BuildPlanRef) on fresh random and planted inputs,
 // executed by the CPU attention kernel (PagedAttentionCpu) and the reference
-// (PagedAttentionRef): SPARSE_ATTENTION.md 6.1.1-6.1.5 and 6.2.3-6.2.7, and chunked prefill.
+// (PagedAttentionRef): SPARSE_ATTENTION.md 6.1.1-6.1.5 and 6.2.3-6.2.7, chunked prefill, and
+// 16-bit K caches.
 //
 // Output tolerance, per row relative L2 error <= 2e-5: the kernel's bound against the fp64
 // reference, derived in kernels/attention/paged_attention_cpu_test.cc (at most ~3000 keys here).
@@ -416,6 +417,54 @@ TEST(MInferencePlanTest, LastChunkSelectsWhatTheWholePromptSelects) {
   VsScores t;
   VsScoresRef(tiny.Params(), 0, 0, kDefaultLastQ, &t);
   EXPECT_NEAR(std::accumulate(t.vertical.begin(), t.vertical.end(), 0.0), 10.0, 1e-9);
+}
+
+bool SamePlan(const MInferencePlan& a, const MInferencePlan& b) {
+  return a.query_block_start == b.query_block_start && a.row_start == b.row_start &&
+         a.key_blocks == b.key_blocks && a.column_start == b.column_start &&
+         a.columns == b.columns;
+}
+
+// A 16-bit K cache (kv_cache.dtype bfloat16, and float16) is widened exactly as keys are read,
+// so every estimator (VS scores, block-sparse pooling, both precisions) and so the plan must be
+// exactly what an fp32 cache holding the widened keys gives; the tests above then cover 16-bit
+// caches too.
+TEST(MInferencePlanTest, SixteenBitKeysPlanAsTheirWidenedValues) {
+  const std::vector<HeadPattern> pats = MixedPatterns();
+  for (const KvDtype t : {KvDtype::kBfloat16, KvDtype::kFloat16}) {
+    SCOPED_TRACE(KvDtypeName(t));
+    Batch b(kMixed, 16, 64, 8, 2, 31);
+    std::vector<uint16_t> bits(b.k.size());
+    for (size_t i = 0; i < bits.size(); ++i) {
+      bits[i] = t == KvDtype::kBfloat16 ? FloatToBf16(b.k[i]) : FloatToF16(b.k[i]);
+      b.k[i] = t == KvDtype::kBfloat16 ? Bf16ToFloat(bits[i]) : F16ToFloat(bits[i]);
+    }
+    const auto wide = b.Params();
+    auto narrow = wide;
+    narrow.k_cache = reinterpret_cast<const float*>(bits.data());
+    Options o;
+    o.k_dtype = t;
+    MInferencePlan pw, pn, rw, rn;
+    BuildPlan(wide, pats.data(), Options{}, &pw);
+    BuildPlan(narrow, pats.data(), o, &pn);
+    BuildPlanRef(wide, pats.data(), Options{}, &rw);
+    BuildPlanRef(narrow, pats.data(), o, &rn);
+    EXPECT_TRUE(SamePlan(pn, pw));
+    EXPECT_TRUE(SamePlan(rn, rw));
+    for (int h : {0, 4}) {  // VS heads: the scores themselves
+      const int n = b.kv_lens[1];
+      std::vector<float> vw(n), sw(n), vn(n), sn(n);
+      VsScoresCpu(wide, 1, h, kDefaultLastQ, vw.data(), sw.data());
+      VsScoresCpu(narrow, 1, h, kDefaultLastQ, vn.data(), sn.data(), t);
+      EXPECT_EQ(vn, vw);
+      EXPECT_EQ(sn, sw);
+      VsScores a, c;
+      VsScoresRef(wide, 1, h, kDefaultLastQ, &a);
+      VsScoresRef(narrow, 1, h, kDefaultLastQ, &c, t);
+      EXPECT_EQ(c.vertical, a.vertical);
+      EXPECT_EQ(c.slash, a.slash);
+    }
+  }
 }
 
 }  // namespace

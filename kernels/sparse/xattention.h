@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "kernels/attention/paged_attention.h"
+#include "kernels/cpu/half.h"
 
 namespace sieve::kernels {
 
@@ -38,7 +39,8 @@ struct XAttentionParams {
   // Query i (at position kv_len - q_len + i) of head h: q + i * q_row_stride + h * head_dim.
   const float* q = nullptr;
   int64_t q_row_stride = 0;            // floats between consecutive queries
-  const float* k_cache = nullptr;      // pages as PagedAttentionParams' k_cache (kv_layout)
+  const void* k_cache = nullptr;       // pages as PagedAttentionParams' k_cache (kv_layout), of
+  KvDtype k_dtype = KvDtype::kFloat32; // elements of this type (16-bit ones are widened exactly)
   const int32_t* page_table = nullptr; // this sequence's page ids (position p: page p/page_size)
   int32_t page_size = 0;
   KvLayout kv_layout = KvLayout::kTokenMajor;

@@ -55,6 +55,7 @@ void PackKeys(const XAttentionParams& p, int32_t g, int64_t groups, float* packe
   const int64_t panels = (groups + W - 1) / W;
   const int64_t panel_floats = int64_t{S} * d * W;
   ParallelFor(panels, num_threads, 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> widened(p.k_dtype == KvDtype::kFloat32 ? 0 : d);  // 16-bit keys
     for (int64_t j = begin; j < end; ++j) {
       float* out = packed + j * panel_floats;
       for (int c = 0; c < W; ++c) {
@@ -66,10 +67,10 @@ void PackKeys(const XAttentionParams& p, int32_t g, int64_t groups, float* packe
             for (int32_t e = 0; e < d; ++e) dst[int64_t{e} * W] = 0.0f;
             continue;
           }
-          const float* src =
-              p.k_cache + KvRowOffset(p.kv_layout, p.page_table[pos / p.page_size],
-                                      static_cast<int32_t>(pos % p.page_size), g, p.page_size,
-                                      p.num_kv_heads, d);
+          const int64_t row = KvRowOffset(p.kv_layout, p.page_table[pos / p.page_size],
+                                          static_cast<int32_t>(pos % p.page_size), g,
+                                          p.page_size, p.num_kv_heads, d);
+          const float* src = RowAsFloat(p.k_cache, p.k_dtype, row, d, widened.data());
           for (int32_t e = 0; e < d; ++e) dst[int64_t{e} * W] = src[e];
         }
       }

@@ -9,12 +9,14 @@
 namespace sieve::kernels {
 namespace {
 
-// Key position `pos` of KV head g, or null past the keys.
-const float* KeyAt(const XAttentionParams& p, int32_t g, int64_t pos) {
+// Key position `pos` of KV head g as fp32 (16-bit keys widened into buf), or null past the keys.
+const float* KeyAt(const XAttentionParams& p, int32_t g, int64_t pos, float* buf) {
   if (pos >= p.kv_len) return nullptr;
-  return p.k_cache + KvRowOffset(p.kv_layout, p.page_table[pos / p.page_size],
-                                 static_cast<int32_t>(pos % p.page_size), g, p.page_size,
-                                 p.num_kv_heads, p.head_dim);
+  return RowAsFloat(p.k_cache, p.k_dtype,
+                    KvRowOffset(p.kv_layout, p.page_table[pos / p.page_size],
+                                static_cast<int32_t>(pos % p.page_size), g, p.page_size,
+                                p.num_kv_heads, p.head_dim),
+                    p.head_dim, buf);
 }
 
 // Query at position `pos` of head h, or null outside the sequence's queries.
@@ -35,6 +37,7 @@ void XAttentionBlockMassRef(const XAttentionParams& p, double* mass) {
   const double zscale = 1.0 / (std::sqrt(static_cast<double>(d)) * S);
   std::fill(mass, mass + int64_t{p.num_q_heads} * qb * kb, 0.0);
   std::vector<double> z;
+  std::vector<float> kbuf(d);
   for (int32_t h = 0; h < p.num_q_heads; ++h) {
     const int32_t g = h / group;
     for (int64_t a = first / S; a <= (p.kv_len - 1) / S; ++a) {
@@ -43,7 +46,7 @@ void XAttentionBlockMassRef(const XAttentionParams& p, double* mass) {
         double x = 0;
         for (int32_t t = 0; t < S; ++t) {
           const float* qv = QueryAt(p, h, a * S + S - 1 - t);
-          const float* kv = KeyAt(p, g, b * S + t);
+          const float* kv = KeyAt(p, g, b * S + t, kbuf.data());
           if (qv == nullptr || kv == nullptr) continue;
           for (int32_t e = 0; e < d; ++e) x += static_cast<double>(qv[e]) * kv[e];
         }

@@ -2,7 +2,7 @@
 // 6.1 and 6.3: the fast fp32 GEMM path against the fp64 direct definition (lengths that are not
 // multiples of S or B, GQA and MHA, d 64 and 128, chunks aligned and not), row normalisation,
 // forced blocks and shape, threshold coverage / minimality / monotonicity, limits, a planted
-// needle block, and chunked == unchunked for chunks aligned to B.
+// needle block, chunked == unchunked for chunks aligned to B, and 16-bit K caches.
 #include "kernels/sparse/xattention.h"
 
 #include <algorithm>
@@ -304,6 +304,27 @@ TEST(XAttentionTest, ResultsDoNotDependOnThreads) {
   Problem pr(4, 2, 64, 900, 600, 16, 128, 9);
   const XAttentionParams p = pr.Params();
   EXPECT_EQ(CpuMass(p, 1), CpuMass(p, 3));
+}
+
+// A 16-bit K cache (kv_cache.dtype bfloat16, and float16) is widened exactly as the keys are
+// read, so both estimators must give exactly what they give on an fp32 cache holding the
+// widened values: same panels, same sums (the fp32 test above then covers the 16-bit caches).
+TEST(XAttentionTest, SixteenBitKeysScoreAsTheirWidenedValues) {
+  for (const KvDtype t : {KvDtype::kBfloat16, KvDtype::kFloat16}) {
+    Problem pr(4, 2, 64, 700, 450, 8, 64, 21);
+    std::vector<uint16_t> bits(pr.k.size());
+    for (size_t i = 0; i < bits.size(); ++i) {
+      bits[i] = t == KvDtype::kBfloat16 ? FloatToBf16(pr.k[i]) : FloatToF16(pr.k[i]);
+      pr.k[i] = t == KvDtype::kBfloat16 ? Bf16ToFloat(bits[i]) : F16ToFloat(bits[i]);
+    }
+    const XAttentionParams wide = pr.Params();
+    XAttentionParams narrow = wide;
+    narrow.k_cache = bits.data();
+    narrow.k_dtype = t;
+    SCOPED_TRACE(KvDtypeName(t));
+    EXPECT_EQ(CpuMass(narrow), CpuMass(wide));
+    EXPECT_EQ(RefMass(narrow), RefMass(wide));
+  }
 }
 
 }  // namespace
