@@ -1,6 +1,7 @@
 // DoubleSparsity decode attention against the dense decode kernel, one Llama-3.1-8B-shaped layer
 // (32 query heads, 8 KV heads, head_dim 128; --shape embedded: the embedded model's 4 query
-// heads, 2 KV heads, head_dim 64; fp32 KV, page size 16), in one run:
+// heads, 2 KV heads, head_dim 64; fp32 KV or, --kv bf16, bfloat16 KV; page size 16), in one
+// run:
 //   dense      : PagedAttentionCpu over every key;
 //   ds_perhead : labels and selection per query head (the reference semantics), DsSelectCpu +
 //                PagedAttentionCpu over the selected columns;
@@ -13,13 +14,15 @@
 // Median of --reps runs per variant, variants interleaved. Random data (speed only).
 //   ds_decode_bench [--contexts 32768,131072] [--batches 1,8] [--channels 16] [--fraction 16]
 //                   [--reps 5] [--threads N] [--share-kv-above-gib G] [--shape llama8b|embedded]
-//                   [--kv-layout head|token] [--huge-pages 1|0]
+//                   [--kv-layout head|token] [--huge-pages 1|0] [--kv f32|bf16]
 // --kv-layout orders each KV page's rows (paged_attention.h KvLayout): head-major (default, the
 // cpu backend's with a sparse decode method) or token-major (its layout with dense decode).
 // K, V and the label cache are held as the cpu backend holds its pools (LazyZeroAllocator:
 // huge-page advised); --huge-pages 0 leaves out the advice (4 KiB pages: a TLB miss per row).
 // With --share-kv-above-gib G, a batch whose KV would exceed G GiB gives all its sequences the
 // same pages (same bytes moved per step, less memory; each sequence keeps its own queries).
+// --kv bf16 holds K and V as bfloat16 (kv_cache.dtype bfloat16: half the bytes; every variant,
+// dense included, reads them, and the labels are written from them, as the cpu backend does).
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -32,6 +35,7 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "bench/bench_util.h"
@@ -53,6 +57,7 @@ struct Flags {
   bench::LayerShape shape = bench::kLlama31_8B;
   KvLayout layout = KvLayout::kHeadMajor;  // the cpu backend's with a sparse decode method
   bool huge_pages = true;                  // the cpu backend's pools are huge-page advised
+  bool bf16 = false;                       // K and V as bfloat16
 };
 
 // A pool buffer as the cpu backend allocates one.
@@ -78,16 +83,18 @@ void Fill(Vec& x, uint64_t seed, int threads) {
 }
 
 // Reads every byte of the buffers once (XOR of 64-bit words on `threads` threads): GB/s.
-double ReadBandwidth(const std::vector<const PoolVector<float>*>& bufs, int threads, int reps) {
+// Buffers as (start, bytes).
+double ReadBandwidth(const std::vector<std::pair<const void*, size_t>>& bufs, int threads,
+                     int reps) {
   std::vector<double> t;
   uint64_t sink = 0;
   double bytes = 0;
-  for (auto* b : bufs) bytes += b->size() * sizeof(float);
+  for (const auto& b : bufs) bytes += b.second;
   for (int r = 0; r < reps; ++r) {
     const double t0 = Now();
-    for (auto* b : bufs) {
-      const uint64_t* w = reinterpret_cast<const uint64_t*>(b->data());
-      const int64_t n = static_cast<int64_t>(b->size() / 2);
+    for (const auto& b : bufs) {
+      const uint64_t* w = static_cast<const uint64_t*>(b.first);
+      const int64_t n = static_cast<int64_t>(b.second / 8);
       std::vector<uint64_t> part(std::max(1, threads <= 0 ? DefaultCpuThreads() : threads) * 8, 0);
       std::atomic<int> slot{0};
       ParallelFor(n, threads, 1 << 16, [&](int64_t lo, int64_t hi) {
@@ -113,17 +120,20 @@ double ReadBandwidth(const std::vector<const PoolVector<float>*>& bufs, int thre
 struct Layer {
   bench::LayerShape sh;
   int batch, len, stride;
-  PoolVector<float> k, v;
+  PoolVector<float> k, v;          // fp32 K and V (freed with bf16, once k16 / v16 hold them)
+  PoolVector<uint16_t> k16, v16;   // bfloat16 K and V (bf16 only)
+  bool bf16;
   std::vector<float> q, out;
   std::vector<int32_t> page_table, kv_lens, query_start;
   bool shared_kv;
   KvLayout layout;
 
   Layer(bench::LayerShape sh_, int batch_, int len_, bool share, int threads, KvLayout layout_,
-        bool huge)
+        bool huge, bool bf16_)
       : sh(sh_), batch(batch_), len(len_), stride((len_ + kPage - 1) / kPage),
-        k(LazyZeroAllocator<float>(huge)), v(LazyZeroAllocator<float>(huge)), shared_kv(share),
-        layout(layout_) {
+        k(LazyZeroAllocator<float>(huge)), v(LazyZeroAllocator<float>(huge)),
+        k16(LazyZeroAllocator<uint16_t>(huge)), v16(LazyZeroAllocator<uint16_t>(huge)),
+        bf16(bf16_), shared_kv(share), layout(layout_) {
     const int distinct = share ? 1 : batch;
     const int64_t pages = int64_t{stride} * distinct;
     k.resize(pages * kPage * sh.kv_heads * sh.head_dim);
@@ -133,6 +143,18 @@ struct Layer {
     Fill(k, 1, threads);
     Fill(v, 2, threads);
     Fill(q, 3, threads);
+    if (bf16) {
+      k16.resize(k.size());
+      v16.resize(v.size());
+      ParallelFor(static_cast<int64_t>(k.size()), threads, 1 << 16, [&](int64_t lo, int64_t hi) {
+        for (int64_t i = lo; i < hi; ++i) {
+          k16[i] = FloatToBf16(k[i]);
+          v16[i] = FloatToBf16(v[i]);
+        }
+      });
+      k = PoolVector<float>(LazyZeroAllocator<float>(huge));
+      v = PoolVector<float>(LazyZeroAllocator<float>(huge));
+    }
     std::vector<int32_t> ids(pages);
     std::iota(ids.begin(), ids.end(), 0);
     std::shuffle(ids.begin(), ids.end(), std::mt19937(7));
@@ -164,6 +186,12 @@ struct Layer {
     p.kv_layout = layout;
     return p;
   }
+
+  PagedKvCache Kv() const {
+    if (bf16) return {k16.data(), v16.data(), KvDtype::kBfloat16};
+    return {k.data(), v.data(), KvDtype::kFloat32};
+  }
+  int64_t KvElements() const { return static_cast<int64_t>(bf16 ? k16.size() : k.size()); }
 };
 
 // One DoubleSparsity variant's label cache and selection over a Layer.
@@ -185,14 +213,15 @@ struct DsVariant {
       std::shuffle(perm.begin(), perm.end(), rng);
       channels.insert(channels.end(), perm.begin(), perm.begin() + r);
     }
-    const int64_t pages = static_cast<int64_t>(layer.k.size()) / (kPage * sh.kv_heads * sh.head_dim);
+    const int64_t pages = layer.KvElements() / (kPage * sh.kv_heads * sh.head_dim);
     labels.resize(pages * DsLabelPageBytes(shape));
     // Every cached token's labels, read from the cache (as a prefill's appends would write them).
     const int distinct = layer.shared_kv ? 1 : layer.batch;
     std::vector<int32_t> qs(distinct + 1);
     for (int s = 0; s <= distinct; ++s) qs[s] = s * layer.len;
     DsAppendParams a;
-    a.k_cache = layer.k.data();
+    a.k_cache = layer.bf16 ? nullptr : layer.k.data();
+    a.k_cache_bf16 = layer.bf16 ? layer.k16.data() : nullptr;
     a.kv_layout = layer.layout;
     a.page_table = layer.page_table.data();
     a.page_table_stride = layer.stride;
@@ -220,19 +249,24 @@ struct DsVariant {
 
 void Run(const Flags& f, int len, int batch) {
   const bench::LayerShape& sh = f.shape;
-  const double kv_gib = 2.0 * batch * len * sh.kv_heads * sh.head_dim * 4 / (1 << 30);
+  const int elem = f.bf16 ? 2 : 4;
+  const double kv_gib = 2.0 * batch * len * sh.kv_heads * sh.head_dim * elem / (1 << 30);
   const bool share = kv_gib > f.share_kv_above_gib;
-  Layer layer(sh, batch, len, share, f.threads, f.layout, f.huge_pages);
+  Layer layer(sh, batch, len, share, f.threads, f.layout, f.huge_pages, f.bf16);
   DsVariant perhead("ds_perhead", layer, f.channels, false, f.threads, f.huge_pages);
   DsVariant shared("ds_shared", layer, f.channels, true, f.threads, f.huge_pages);
   const int budget = len / f.fraction;
-  const double bw = ReadBandwidth({&layer.k, &layer.v}, f.threads, 3);
+  const size_t kv_half_bytes = layer.KvElements() * elem;  // K (or V) bytes
+  const double bw = layer.bf16 ? ReadBandwidth({{layer.k16.data(), kv_half_bytes},
+                                                {layer.v16.data(), kv_half_bytes}}, f.threads, 3)
+                               : ReadBandwidth({{layer.k.data(), kv_half_bytes},
+                                                {layer.v.data(), kv_half_bytes}}, f.threads, 3);
   std::vector<double> dense_t, dense_c, row_att_t, row_att_c, grp_att_c;
   std::vector<std::vector<double>> sel_t(2), att_t(2), tot_c(2);
   DsVariant* vars[2] = {&perhead, &shared};
   for (int r = 0; r < f.reps + 1; ++r) {  // the first round warms up
     double t0 = Now(), c0 = CpuNow();
-    PagedAttentionCpu(layer.Params(nullptr), f.threads);
+    PagedAttentionCpu(layer.Params(nullptr), layer.Kv(), f.threads);
     if (r > 0) {
       dense_t.push_back(Now() - t0);
       dense_c.push_back(CpuNow() - c0);
@@ -244,7 +278,7 @@ void Run(const Flags& f, int len, int batch) {
       const double t1 = Now();
       const double c1 = CpuNow();
       const SparseAttentionIndex index = vars[i]->sel.Index(kPage);
-      PagedAttentionCpu(layer.Params(&index), f.threads);
+      PagedAttentionCpu(layer.Params(&index), layer.Kv(), f.threads);
       const double t2 = Now(), c2 = CpuNow();
       if (r > 0) {
         sel_t[i].push_back(t1 - t0);
@@ -254,7 +288,8 @@ void Run(const Flags& f, int len, int batch) {
       }
       if (i == 1) {  // the shared selection again, one work item per query head
         const double t3 = Now(), c3 = CpuNow();
-        PagedAttentionCpu(layer.Params(&index), f.threads, {.group_shared_rows = false});
+        PagedAttentionCpu(layer.Params(&index), layer.Kv(), f.threads,
+                          {.group_shared_rows = false});
         if (r > 0) {
           row_att_t.push_back(Now() - t3);
           row_att_c.push_back(CpuNow() - c3);
@@ -263,7 +298,7 @@ void Run(const Flags& f, int len, int batch) {
     }
   }
   const double dense_ms = Median(dense_t) * 1e3, dense_cpu = Median(dense_c) * 1e3;
-  const double kv_bytes = 2.0 * batch * len * sh.kv_heads * sh.head_dim * 4;
+  const double kv_bytes = 2.0 * batch * len * sh.kv_heads * sh.head_dim * elem;
   std::printf("| %dK | %d | %s | dense | %.2f | - | - | %.1f | %.1f GB/s (%.0f%% of read) | 1.00x | 1.00x |\n",
               len / 1024, batch, share ? "shared" : "own", dense_ms, dense_cpu,
               kv_bytes / (dense_ms * 1e-3) / 1e9, 100.0 * kv_bytes / (dense_ms * 1e-3) / 1e9 / bw);
@@ -307,6 +342,8 @@ int main(int argc, char** argv) {
     else if (a == "--threads") f.threads = std::atoi(argv[i + 1]);
     else if (a == "--share-kv-above-gib") f.share_kv_above_gib = std::atof(argv[i + 1]);
     else if (a == "--huge-pages") f.huge_pages = std::atoi(argv[i + 1]) != 0;
+    else if (a == "--kv" && std::string(argv[i + 1]) == "f32") f.bf16 = false;
+    else if (a == "--kv" && std::string(argv[i + 1]) == "bf16") f.bf16 = true;
     else if (a == "--kv-layout" && std::string(argv[i + 1]) == "head") f.layout = sieve::kernels::KvLayout::kHeadMajor;
     else if (a == "--kv-layout" && std::string(argv[i + 1]) == "token") f.layout = sieve::kernels::KvLayout::kTokenMajor;
     else if (a == "--shape" && std::string(argv[i + 1]) == "llama8b") f.shape = sieve::bench::kLlama31_8B;
@@ -320,10 +357,10 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  std::printf("ds_decode_bench: %d q heads, %d KV heads, d %d, page %d, fp32 %s-major KV, %d of %d channels "
+  std::printf("ds_decode_bench: %d q heads, %d KV heads, d %d, page %d, %s %s-major KV, %d of %d channels "
               "(fp16 labels), budget L/%d, %d threads, target %s, median of %d, pools %s\n\n",
               f.shape.q_heads, f.shape.kv_heads, f.shape.head_dim,
-              sieve::kernels::kPage,
+              sieve::kernels::kPage, f.bf16 ? "bfloat16" : "fp32",
               f.layout == sieve::kernels::KvLayout::kHeadMajor ? "head" : "token", f.channels, f.shape.head_dim, f.fraction,
               f.threads > 0 ? f.threads : sieve::kernels::DefaultCpuThreads(),
               sieve::kernels::PagedAttentionCpuTarget(), f.reps,
