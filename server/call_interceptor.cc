@@ -42,7 +42,8 @@ absl::string_view ShortMethod(absl::string_view method) {
 class CallInterceptor final : public grpc::experimental::Interceptor {
  public:
   CallInterceptor(ServerRpcInfo* info, const CallInterceptorOptions& options)
-      : info_(info), options_(options), method_(info->method() ? info->method() : ""),
+      : info_(info), options_(options), access_log_(options.access_log),
+        method_(info->method() ? info->method() : ""),
         start_(absl::Now()),
         call_(info->server_context() != nullptr ? info->server_context()->c_call() : nullptr) {
     TsanHandOff(this);  // server/tsan_handoff.h: gRPC runs the hooks on its other threads
@@ -50,7 +51,7 @@ class CallInterceptor final : public grpc::experimental::Interceptor {
 
   ~CallInterceptor() override {
     TsanTakeOver(this, call_);
-    if (options_.access_log) WriteAccessLog();
+    if (access_log_) WriteAccessLog();
   }
 
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
@@ -168,7 +169,12 @@ class CallInterceptor final : public grpc::experimental::Interceptor {
   }
 
   ServerRpcInfo* const info_;
-  const CallInterceptorOptions& options_;
+  const CallInterceptorOptions& options_;  // the factory's: read only while the call runs
+  // The destructor reads the call's own members only: gRPC destroys a call's interceptors with
+  // its context on its own thread as the call is released, which can be while ~Server is
+  // destroying the factory (ordered by gRPC's uninstrumented internals; TSan reported the read
+  // of options_.access_log against the factory's deletion in the daemon's shutdown).
+  const bool access_log_;
   const std::string method_;
   const absl::Time start_;
   grpc_call* const call_;  // for the TSan hand-off only (server/tsan_handoff.h)

@@ -38,6 +38,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "server/metrics.h"
+#include "server/tsan_handoff.h"
 #include "tests/sieved_harness.h"
 
 namespace sieve::test {
@@ -299,7 +300,12 @@ class Tracker {
 };
 
 // One Generate stream driven by gRPC's callback API (a thread per stream would not fit 1,000 on
-// two cores).
+// two cores). Under ThreadSanitizer it declares gRPC's hand-off of the reactor as the server's
+// reactors do (server/tsan_handoff.h: gRPC orders the callbacks after the operations that start
+// them, through its uninstrumented core): a release before each StartCall / StartRead and an
+// acquire, of the reactor and of the call, first thing in each callback. Using TsanTakeOver with
+// the call links tsan_handoff.o, whose wrappers of grpc_call_start_batch and
+// grpc_completion_queue_next order gRPC's deserializing into response_ after our StartRead.
 class LoadCall : public grpc::ClientReadReactor<v1::GenerateResponse> {
  public:
   LoadCall(Kind kind, v1::GenerateRequest request, absl::Duration timeout, int cancel_after,
@@ -311,6 +317,8 @@ class LoadCall : public grpc::ClientReadReactor<v1::GenerateResponse> {
 
   void Start(v1::Sieve::Stub& stub) {
     stub.async()->Generate(&context_, &request_, this);
+    call_ = context_.c_call();
+    server::TsanHandOff(this);
     StartRead(&response_);
     StartCall();
   }
@@ -318,15 +326,18 @@ class LoadCall : public grpc::ClientReadReactor<v1::GenerateResponse> {
   void Cancel() { context_.TryCancel(); }
 
   void OnReadDone(bool ok) override {
+    server::TsanTakeOver(this, call_);
     if (!ok) return;  // OnDone follows
     if (++messages_ == 1) tracker_->FirstMessage(kind_);
     tokens_ += response_.token_ids_size();
     if (response_.has_complete()) completed_ = true;
     if (cancel_after_ > 0 && messages_ == cancel_after_) context_.TryCancel();
+    server::TsanHandOff(this);
     StartRead(&response_);
   }
 
   void OnDone(const grpc::Status& status) override {
+    server::TsanTakeOver(this, call_);
     status_ = status;
     tracker_->Done();
   }
@@ -342,6 +353,7 @@ class LoadCall : public grpc::ClientReadReactor<v1::GenerateResponse> {
  private:
   const Kind kind_;
   grpc::ClientContext context_;
+  grpc_call* call_ = nullptr;  // context_'s, once the call exists (TsanTakeOver)
   v1::GenerateRequest request_;
   v1::GenerateResponse response_;
   const int cancel_after_;
