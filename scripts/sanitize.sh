@@ -186,7 +186,9 @@ setup_tsan() {  # configures build-tsan/ and sets norandom and the TSan environm
   fi
   export UCX_MEM_MMAP_HOOK_MODE=none
   export SIEVE_TEST_TIME_SCALE=${SIEVE_TEST_TIME_SCALE:-8}
-  export TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1
+  # history_size=7 (the largest): stacks of earlier accesses restored in long runs (with the
+  # default, a report in the server label came with "failed to restore the stack").
+  export TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1:history_size=7
   TSAN_OPTIONS+=:suppressions=$PWD/scripts/sanitize/tsan.supp
 }
 
