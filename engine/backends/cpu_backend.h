@@ -79,11 +79,12 @@ class CpuBackend final : public Backend {
   absl::Status Attention(BackendStream& stream, int32_t layer, const Tensor& q,
                          const AttentionShape& shape, float scale, const AttentionPlan& plan,
                          Tensor out) override;
-  // kernels::minference::BuildPlan over the layer's paged keys (fp32, threaded).
+  // kernels::minference::BuildPlan over the layer's paged keys (fp32 or 16-bit, widened; threaded).
   absl::Status MInferenceIndex(BackendStream& stream, int32_t layer, const Tensor& q,
                                const AttentionShape& shape, const MInferenceEstimate& estimate,
                                kernels::minference::MInferencePlan& out) override;
-  // kernels::XAttentionBlockMassCpu over the layer's paged keys (fp32, threaded).
+  // kernels::XAttentionBlockMassCpu over the layer's paged keys (fp32 or 16-bit, widened;
+  // threaded).
   absl::Status XAttentionBlockMass(BackendStream& stream, int32_t layer, const Tensor& q,
                                    const AttentionShape& shape, const XAttentionEstimate& estimate,
                                    std::vector<float>& mass) override;

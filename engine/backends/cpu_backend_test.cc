@@ -10,7 +10,9 @@
 #include "gtest/gtest.h"
 #include "kernels/cpu/half.h"
 #include "kernels/sparse/double_sparsity.h"
+#include "kernels/sparse/minference.h"
 #include "kernels/sparse/quest.h"
+#include "kernels/sparse/xattention.h"
 
 namespace sieve::engine {
 namespace {
@@ -345,6 +347,115 @@ TEST(CpuBackendTest, Bf16CacheQuestBoundsSelectAsFp32Bounds) {
         EXPECT_NE(a, dense_out);
       }
     }
+  }
+}
+
+// kv_cache.dtype bfloat16: the backend passes the cache's element type to both prefill
+// estimators, so XAttention's block masses and MInference's plan equal, bit for bit, what the
+// kernels give on the stored keys widened to fp32 (KeysAsFloat); read as fp32, the bfloat16 pool
+// would give other numbers (and past the first half of the pool, garbage). Both row layouts.
+TEST(CpuBackendTest, PrefillEstimatorsReadABfloat16Cache) {
+  constexpr int32_t kPages = 40, kPs = 16, kHkv = 2, kHq = 4, kD = 64, kN = 600;
+  const AttentionShape shape{kHq, kHkv, kD};
+  for (const kernels::KvLayout layout : {kernels::KvLayout::kTokenMajor,
+                                         kernels::KvLayout::kHeadMajor}) {
+    SCOPED_TRACE(layout == kernels::KvLayout::kTokenMajor ? "token-major" : "head-major");
+    CpuBackend b(2, kernels::KvDtype::kBfloat16, true, layout);
+    ASSERT_TRUE(b.AllocateKvCache(1, kPages, kPs, shape).ok());
+    std::mt19937 rng(23);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::vector<int32_t> pages(kPages);
+    for (int32_t i = 0; i < kPages; ++i) pages[i] = i;
+    std::shuffle(pages.begin(), pages.end(), rng);
+    // Every page's K and V (wire layout, bfloat16 bit patterns), keys of a random scale per page.
+    const int64_t page_elems = b.KvPageBytes(1, kPs, shape) / 2;
+    std::vector<uint16_t> kv(kPages * page_elems);
+    for (int32_t i = 0; i < kPages; ++i) {
+      const float scale = 0.5f + static_cast<float>(i % 5);
+      for (int64_t e = 0; e < page_elems; ++e) {
+        kv[i * page_elems + e] = kernels::FloatToBf16(scale * normal(rng));
+      }
+    }
+    ASSERT_TRUE(b.WriteKvPages(pages, absl::MakeConstSpan(
+                                          reinterpret_cast<const uint8_t*>(kv.data()),
+                                          kv.size() * sizeof(uint16_t)))
+                    .ok());
+    // One sequence: the last 200 of its 600 tokens are this step's queries (a chunk).
+    constexpr int32_t kQ = 200;
+    BatchLayout l;
+    for (int32_t t = kN - kQ; t < kN; ++t) {
+      l.positions.push_back(t);
+      l.slots.push_back(int64_t{pages[t / kPs]} * kPs + t % kPs);
+    }
+    l.query_start = {0, kQ};
+    l.kv_lens = {kN};
+    l.page_table.assign(pages.begin(), pages.begin() + (kN + kPs - 1) / kPs);
+    l.page_table_stride = static_cast<int32_t>(l.page_table.size());
+    auto stream = b.CreateStream({});
+    ASSERT_TRUE(stream.ok());
+    ASSERT_TRUE(b.BeginStep(**stream, l).ok());
+    auto q = b.Allocate(kQ, kHq * kD);
+    ASSERT_TRUE(q.ok());
+    float* qf = static_cast<float*>(q->data);
+    for (int64_t i = 0; i < int64_t{kQ} * kHq * kD; ++i) qf[i] = normal(rng);
+    const std::vector<float> keys = b.KeysAsFloat(0);
+
+    XAttentionEstimate xe;
+    xe.stride = 8;
+    xe.block_size = 64;
+    std::vector<float> mass;
+    ASSERT_TRUE(b.XAttentionBlockMass(**stream, 0, *q, shape, xe, mass).ok());
+    kernels::XAttentionParams xp;
+    xp.kv_layout = layout;
+    xp.q = qf;
+    xp.q_row_stride = kHq * kD;
+    xp.k_cache = keys.data();
+    xp.page_table = l.page_table.data();
+    xp.page_size = kPs;
+    xp.num_q_heads = kHq;
+    xp.num_kv_heads = kHkv;
+    xp.head_dim = kD;
+    xp.q_len = kQ;
+    xp.kv_len = kN;
+    xp.stride = xe.stride;
+    xp.block_size = xe.block_size;
+    std::vector<float> want(mass.size(), -1.0f);
+    kernels::XAttentionBlockMassCpu(xp, want.data(), 2);
+    EXPECT_EQ(mass, want);
+
+    const std::vector<kernels::minference::HeadPattern> patterns = {
+        {kernels::minference::Pattern::kVerticalSlash, 40, 90},
+        {kernels::minference::Pattern::kBlockSparse, 3, 0},
+        {kernels::minference::Pattern::kVerticalSlash, 100, 30},
+        {kernels::minference::Pattern::kAShape, 64, 128}};
+    MInferenceEstimate me;
+    me.patterns = patterns;
+    kernels::minference::MInferencePlan plan, want_plan;
+    ASSERT_TRUE(b.MInferenceIndex(**stream, 0, *q, shape, me, plan).ok());
+    const int32_t query_start[2] = {0, kQ};
+    const int32_t kv_len = kN;
+    kernels::PagedAttentionParams<float> mp;
+    mp.kv_layout = layout;
+    mp.q = qf;
+    mp.k_cache = keys.data();
+    mp.page_table = l.page_table.data();
+    mp.page_table_stride = l.page_table_stride;
+    mp.kv_lens = &kv_len;
+    mp.query_start = query_start;
+    mp.num_seqs = 1;
+    mp.num_q_heads = kHq;
+    mp.num_kv_heads = kHkv;
+    mp.head_dim = kD;
+    mp.page_size = kPs;
+    mp.scale = 1.0f / std::sqrt(static_cast<float>(kD));
+    kernels::minference::Options mo;
+    mo.num_threads = 2;
+    kernels::minference::BuildPlan(mp, patterns.data(), mo, &want_plan);
+    EXPECT_EQ(plan.query_block_start, want_plan.query_block_start);
+    EXPECT_EQ(plan.row_start, want_plan.row_start);
+    EXPECT_EQ(plan.key_blocks, want_plan.key_blocks);
+    EXPECT_EQ(plan.column_start, want_plan.column_start);
+    EXPECT_EQ(plan.columns, want_plan.columns);
   }
 }
 

@@ -35,7 +35,8 @@ int32_t BestCandidate(const std::vector<int64_t>& errors);
 
 // One result per query head of p (q, k_cache, v_cache, page table of the layer; p.out and
 // p.sparse are ignored), with `candidates` applied to every head at once. Allocates two output
-// buffers the size of q.
+// buffers the size of q. fp32 caches only: options.k_dtype must be kFloat32 (the attention it
+// runs reads p.k_cache and p.v_cache as fp32; `sieve calibrate` goes through the backend).
 std::vector<HeadSearchResult> SearchPatterns(const PagedAttentionParams<float>& p,
                                              const std::vector<HeadPattern>& candidates,
                                              float threshold, const Options& options);
