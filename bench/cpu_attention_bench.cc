@@ -114,14 +114,7 @@ int RunKvCompare(KvDtype t, int threads, int reps, const std::vector<int>& conte
               "fp32 cpu", "16b cpu", "fp32 GB/s", "16b GB/s", "ratio", "cpu ratio");
   for (const int ctx : contexts) {
     Problem prob({"kv", 1, 1, ctx, ls.q_heads, ls.kv_heads, ls.head_dim});
-    std::vector<uint16_t> k16(prob.k.size()), v16(prob.v.size());
-    for (auto [src, dst] : {std::pair{&prob.k, &k16}, std::pair{&prob.v, &v16}}) {
-      for (size_t i = 0; i < src->size(); ++i) {
-        const float x = (*src)[i];
-        (*dst)[i] = t == KvDtype::kBfloat16 ? FloatToBf16(x) : FloatToF16(x);
-        (*src)[i] = t == KvDtype::kBfloat16 ? Bf16ToFloat((*dst)[i]) : F16ToFloat((*dst)[i]);
-      }
-    }
+    const std::vector<uint16_t> k16 = RoundToKv16(prob.k, t), v16 = RoundToKv16(prob.v, t);
     const PagedKvCache c32{prob.k.data(), prob.v.data(), KvDtype::kFloat32};
     const PagedKvCache c16{k16.data(), v16.data(), t};
     std::vector<double> w32, w16, u32, u16;

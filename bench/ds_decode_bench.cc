@@ -257,10 +257,8 @@ void Run(const Flags& f, int len, int batch) {
   DsVariant shared("ds_shared", layer, f.channels, true, f.threads, f.huge_pages);
   const int budget = len / f.fraction;
   const size_t kv_half_bytes = layer.KvElements() * elem;  // K (or V) bytes
-  const double bw = layer.bf16 ? ReadBandwidth({{layer.k16.data(), kv_half_bytes},
-                                                {layer.v16.data(), kv_half_bytes}}, f.threads, 3)
-                               : ReadBandwidth({{layer.k.data(), kv_half_bytes},
-                                                {layer.v.data(), kv_half_bytes}}, f.threads, 3);
+  const PagedKvCache kv = layer.Kv();
+  const double bw = ReadBandwidth({{kv.k, kv_half_bytes}, {kv.v, kv_half_bytes}}, f.threads, 3);
   std::vector<double> dense_t, dense_c, row_att_t, row_att_c, grp_att_c;
   std::vector<std::vector<double>> sel_t(2), att_t(2), tot_c(2);
   DsVariant* vars[2] = {&perhead, &shared};

@@ -259,16 +259,7 @@ TEST_P(PagedAttentionCpuTest, GroupSharedRowsMatchReference) {
 struct Kv16 {
   std::vector<uint16_t> k, v;
   KvDtype dtype;
-  Kv16(Batch& b, KvDtype t) : dtype(t) {
-    for (auto [src, dst] : {std::pair{&b.k, &k}, std::pair{&b.v, &v}}) {
-      dst->resize(src->size());
-      for (size_t i = 0; i < src->size(); ++i) {
-        const float x = (*src)[i];
-        (*dst)[i] = t == KvDtype::kBfloat16 ? FloatToBf16(x) : FloatToF16(x);
-        (*src)[i] = t == KvDtype::kBfloat16 ? Bf16ToFloat((*dst)[i]) : F16ToFloat((*dst)[i]);
-      }
-    }
-  }
+  Kv16(Batch& b, KvDtype t) : k(RoundToKv16(b.k, t)), v(RoundToKv16(b.v, t)), dtype(t) {}
   PagedKvCache Cache() const { return {k.data(), v.data(), dtype}; }
 };
 

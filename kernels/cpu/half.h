@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace sieve::kernels {
 
@@ -103,6 +104,20 @@ inline const float* RowAsFloat(const void* cache, KvDtype t, int64_t offset, int
     for (int i = 0; i < d; ++i) buf[i] = F16ToFloat(bits[i]);
   }
   return buf;
+}
+
+// Rounds x's elements to t (bfloat16 or float16, to nearest even): returns their bit patterns
+// and replaces x by their exact widening, so that an fp32 cache of x and a 16-bit cache of the
+// result hold the same values (what tests and benchmarks of 16-bit caches compare). Vec: a
+// contiguous container of float (std::vector with any allocator).
+template <typename Vec>
+std::vector<uint16_t> RoundToKv16(Vec& x, KvDtype t) {
+  std::vector<uint16_t> bits(x.size());
+  for (size_t i = 0; i < bits.size(); ++i) {
+    bits[i] = t == KvDtype::kBfloat16 ? FloatToBf16(x[i]) : FloatToF16(x[i]);
+    x[i] = t == KvDtype::kBfloat16 ? Bf16ToFloat(bits[i]) : F16ToFloat(bits[i]);
+  }
+  return bits;
 }
 
 }  // namespace sieve::kernels

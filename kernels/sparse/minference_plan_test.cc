@@ -434,11 +434,7 @@ TEST(MInferencePlanTest, SixteenBitKeysPlanAsTheirWidenedValues) {
   for (const KvDtype t : {KvDtype::kBfloat16, KvDtype::kFloat16}) {
     SCOPED_TRACE(KvDtypeName(t));
     Batch b(kMixed, 16, 64, 8, 2, 31);
-    std::vector<uint16_t> bits(b.k.size());
-    for (size_t i = 0; i < bits.size(); ++i) {
-      bits[i] = t == KvDtype::kBfloat16 ? FloatToBf16(b.k[i]) : FloatToF16(b.k[i]);
-      b.k[i] = t == KvDtype::kBfloat16 ? Bf16ToFloat(bits[i]) : F16ToFloat(bits[i]);
-    }
+    const std::vector<uint16_t> bits = RoundToKv16(b.k, t);
     const auto wide = b.Params();
     auto narrow = wide;
     narrow.k_cache = reinterpret_cast<const float*>(bits.data());

@@ -312,11 +312,7 @@ TEST(XAttentionTest, ResultsDoNotDependOnThreads) {
 TEST(XAttentionTest, SixteenBitKeysScoreAsTheirWidenedValues) {
   for (const KvDtype t : {KvDtype::kBfloat16, KvDtype::kFloat16}) {
     Problem pr(4, 2, 64, 700, 450, 8, 64, 21);
-    std::vector<uint16_t> bits(pr.k.size());
-    for (size_t i = 0; i < bits.size(); ++i) {
-      bits[i] = t == KvDtype::kBfloat16 ? FloatToBf16(pr.k[i]) : FloatToF16(pr.k[i]);
-      pr.k[i] = t == KvDtype::kBfloat16 ? Bf16ToFloat(bits[i]) : F16ToFloat(bits[i]);
-    }
+    const std::vector<uint16_t> bits = RoundToKv16(pr.k, t);
     const XAttentionParams wide = pr.Params();
     XAttentionParams narrow = wide;
     narrow.k_cache = bits.data();
