@@ -15,6 +15,9 @@
 // cores). Usage:
 //   sparse_prefill_bench [--tokens 8192,16384,32768] [--threads N] [--reps R]
 //                        [--fixed_tokens 16384] [--no_fixed] [--heads 32] [--sgemm]
+//                        [--huge_pages 1] [--no_methods] [--densities 1,5,10,25]
+//                        [--fixed_reps R]
+// --no_methods: dense and the fixed densities only; --densities: percents of causal tiles.
 // --sgemm: after each dense row, the machine's sgemm GFLOP/s (LinearCpu, oneDNN) measured right
 // then, and the dense kernel's rate as a share of it (issue 9's CPU target: at least 50%).
 #include <algorithm>
@@ -34,6 +37,7 @@
 #include "kernels/attention/paged_attention.h"
 #include "kernels/attention/paged_attention_cpu.h"
 #include "kernels/cpu/gemm_cpu.h"
+#include "kernels/cpu/lazy_zero_allocator.h"
 #include "kernels/sparse/minference.h"
 #include "kernels/sparse/xattention.h"
 
@@ -47,6 +51,10 @@ constexpr int kD = 128, kPage = 16, kBlock = 128;
 // Query and KV heads (--heads: a quarter layer, 8 / 2, keeps every per-head cost and so every
 // ratio of a full layer, in a quarter of the time).
 int kHq = 32, kHkv = 8;
+// --huge_pages 0: Q, K, V and the output on 4 KiB pages (the default advises them for huge pages,
+// as the cpu backend's KV pool and activations are).
+bool kHugePages = true;
+using Buffer = std::vector<float, kernels::LazyZeroAllocator<float>>;
 
 using bench::CpuNow;
 using bench::Median;
@@ -88,17 +96,19 @@ struct Index {
 
 struct Layer {
   int n;
-  std::vector<float> q, k, v, out;
+  Buffer q, k, v, out;
   std::vector<int32_t> pages, kv_lens, query_start;
   PagedAttentionParams<float> p;
 
-  Layer(int tokens, const bench::StructuredAttentionParams& gp) : n(tokens) {
+  Layer(int tokens, const bench::StructuredAttentionParams& gp)
+      : n(tokens), q(Buffer::allocator_type(kHugePages)), k(q.get_allocator()),
+        v(q.get_allocator()), out(q.get_allocator()) {
     bench::StructuredAttentionParams g = gp;
     g.tokens = n;
     g.num_q_heads = kHq;
     g.num_kv_heads = kHkv;
     bench::StructuredAttention s = bench::MakeStructuredAttention(g);
-    q = std::move(s.q);
+    q.assign(s.q.begin(), s.q.end());
     const int num_pages = (n + kPage - 1) / kPage;
     pages.resize(num_pages);
     std::iota(pages.begin(), pages.end(), 0);
@@ -199,7 +209,7 @@ Index FixedDensityIndex(int n, double fraction, unsigned seed) {
 }
 
 // RMS of (got - want) over RMS of want.
-double RelError(const std::vector<float>& got, const std::vector<float>& want) {
+double RelError(const Buffer& got, const Buffer& want) {
   double diff = 0, scale = 0;
   for (size_t i = 0; i < want.size(); ++i) {
     diff += double(got[i] - want[i]) * (got[i] - want[i]);
@@ -233,7 +243,9 @@ int main(int argc, char** argv) {
   using namespace sieve;
   std::vector<int> tokens = {8192, 16384, 32768};
   int threads = 0, reps = 1, fixed_tokens = 16384;
-  bool fixed = true, sgemm = false;
+  bool fixed = true, sgemm = false, methods = true;
+  int fixed_reps = 0;  // 0: --reps
+  std::vector<int> densities = {1, 5, 10, 25};
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&] { return i + 1 < argc ? argv[++i] : ""; };
@@ -243,6 +255,10 @@ int main(int argc, char** argv) {
     else if (a == "--fixed_tokens") fixed_tokens = std::atoi(next());
     else if (a == "--no_fixed") fixed = false;
     else if (a == "--sgemm") sgemm = true;
+    else if (a == "--huge_pages") kHugePages = std::atoi(next()) != 0;
+    else if (a == "--no_methods") methods = false;
+    else if (a == "--densities") densities = bench::ParseIntList(next());
+    else if (a == "--fixed_reps") fixed_reps = std::max(1, std::atoi(next()));
     else if (a == "--heads") {
       kHq = std::atoi(next());
       kHkv = std::max(1, kHq / 4);
@@ -254,8 +270,9 @@ int main(int argc, char** argv) {
   }
   const bench::StructuredAttentionParams gen;
   std::printf("# sparse_prefill_bench: %d q heads, %d KV heads, d %d, page %d, block %d, "
-              "threads %d (0 = all), reps %d, kernel target %s\n",
-              kHq, kHkv, kD, kPage, kBlock, threads, reps, kernels::PagedAttentionCpuTarget());
+              "threads %d (0 = all), reps %d, kernel target %s, huge pages %s\n",
+              kHq, kHkv, kD, kPage, kBlock, threads, reps, kernels::PagedAttentionCpuTarget(),
+              kHugePages ? "advised" : "off");
   std::printf("# generator: %s\n", gen.Describe().c_str());
   std::printf("| tokens | method | wall (s) | CPU (s) | speed-up (wall) | speed-up (CPU) | "
               "density | index wall (s) | rms err / rms dense |\n"
@@ -271,7 +288,7 @@ int main(int argc, char** argv) {
       tc.push_back(CpuNow() - c0);
     }
     const double dense_s = Median(t), dense_cpu = Median(tc);
-    const std::vector<float> dense_out = l.out;
+    const Buffer dense_out = l.out;
     std::printf("| %d | dense | %.3f | %.3f | 1.00 | 1.00 | 1.000 | - | 0 |\n", n, dense_s,
                 dense_cpu);
     if (sgemm) {
@@ -282,6 +299,7 @@ int main(int argc, char** argv) {
     }
     std::fflush(stdout);
     for (int stride : {16, 8}) {
+      if (!methods) break;
       std::vector<float> mass;
       Index x;
       std::vector<double> total, index_t, cpu;
@@ -305,7 +323,8 @@ int main(int argc, char** argv) {
                   Median(index_t), RelError(l.out, dense_out));
       std::fflush(stdout);
     }
-    for (const auto [vs, ss] : {std::pair{1000, 6096}, std::pair{100, 800}}) {
+    for (const auto& [vs, ss] : {std::pair{1000, 6096}, std::pair{100, 800}}) {
+      if (!methods) break;
       const std::vector<kernels::minference::HeadPattern> pats(
           kHq, kernels::minference::HeadPattern{kernels::minference::Pattern::kVerticalSlash, vs, ss});
       kernels::minference::Options o;
@@ -339,13 +358,14 @@ int main(int argc, char** argv) {
     std::printf("\n| tokens | tiles | wall (s) | GFLOP/s (wall) | dense GFLOP/s (wall) | ratio (wall) "
                 "| GFLOP per CPU s | dense GFLOP per CPU s | ratio (CPU) |\n"
                 "|---|---|---|---|---|---|---|---|---|\n");
-    for (double f : {0.01, 0.05, 0.10, 0.25}) {
+    for (const int percent : densities) {
+      const double f = percent / 100.0;
       const Index x = FixedDensityIndex(n, f, 17);
       const SparseAttentionIndex view = x.View();
       PagedAttentionParams<float> p = l.p;
       p.sparse = &view;
       std::vector<double> ts, tcs;
-      for (int r = 0; r < reps; ++r) {
+      for (int r = 0; r < (fixed_reps > 0 ? fixed_reps : reps); ++r) {
         const double t0 = Now(), c0 = CpuNow();
         kernels::PagedAttentionCpu(p, threads);
         ts.push_back(Now() - t0);

@@ -77,10 +77,15 @@ std::vector<WorkItem> BuildWorkItems(const PagedAttentionParams<float>& p, bool 
         const int64_t row = (int64_t{x.query_block_start[s]} + b) * p.num_q_heads + h;
         const int64_t keys = SparseKeyCount(x, row, LastPos(p, s, qe - 1));
         if (group_shared_rows && group > 1 && h % group == 0 && GroupSharesKeys(x, row, group)) {
-          // One item for the whole group (head -1), as dense items: each K/V row it reads is
-          // loaded once for all of the group's query heads.
-          items.push_back({s, h / group, -1, qb, qe, row,
-                           int64_t{qe - qb} * group * std::max<int64_t>(1, keys)});
+          // Items for the whole group (head -1), as dense items: each K/V row it reads is
+          // loaded once for all of the group's query heads; at most kRowsPerItem rows each.
+          const int sub = std::max(1, kRowsPerItem / group);
+          for (int b0 = qb; b0 < qe; b0 += sub) {
+            const int b1 = std::min(qe, b0 + sub);
+            const int64_t sub_keys = SparseKeyCount(x, row, LastPos(p, s, b1 - 1));
+            items.push_back({s, h / group, -1, b0, b1, row,
+                             int64_t{b1 - b0} * group * std::max<int64_t>(1, sub_keys)});
+          }
           h += group - 1;
           continue;
         }

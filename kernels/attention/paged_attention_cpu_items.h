@@ -85,8 +85,9 @@ inline int LastPos(const PagedAttentionParams<float>& p, int s, int j) {
 }
 
 // Every work item of the call, largest first, with long short-query items cut into split-KV
-// parts (described in `groups`; partial rows counted in *partial_rows). group_shared_rows: one
-// item for the query heads of a KV head whose sparse rows list the same keys.
+// parts (described in `groups`; partial rows counted in *partial_rows). group_shared_rows:
+// items over all query heads of a KV head whose sparse rows list the same keys, cut into
+// dense items' 128 / group queries.
 // (paged_attention_cpu_items.cc)
 std::vector<WorkItem> BuildWorkItems(const PagedAttentionParams<float>& p, bool group_shared_rows,
                                      std::vector<SplitGroup>& groups, int64_t* partial_rows);

@@ -182,6 +182,19 @@ TEST_P(PagedAttentionCpuTest, EveryBlockListedEqualsDense) {
   ExpectClose(all, dense, sh.head_dim, "every block listed vs dense kernel");
 }
 
+// A group-shared plan listing every block in query blocks of 128 (each cut into sub-items of a
+// dense item's 128 / group queries, the cut dense items make) equals the dense kernel bit for
+// bit: the same rows meet the same keys in the same order.
+TEST_P(PagedAttentionCpuTest, GroupSharedBlocksListingEverythingEqualDenseBitwise) {
+  const Shape sh = GetParam();
+  const Batch b({{300, 300}, {517, 131}, {2999, 1}}, sh, 57 + sh.page_size + sh.head_dim + sh.group);
+  std::vector<float> dense, all;
+  PagedAttentionCpu(b.Params(dense), 2);
+  const RandomIndex x(b, 128, sh.page_size, 1.0, 0.0, 11, sh.group);
+  PagedAttentionCpu(b.Params(all, &x.index), 2);
+  EXPECT_EQ(all, dense);
+}
+
 TEST_P(PagedAttentionCpuTest, BatchedEqualsSingle) {
   const Shape sh = GetParam();
   const std::vector<Seq> seqs = {{5 * sh.page_size + 1, 3}, {200, 200}, {517, 131}};
@@ -223,15 +236,19 @@ TEST_P(PagedAttentionCpuTest, SplitKvLongDecodeMatchesReference) {
   ExpectClose(out, ref, sh.head_dim, "split-KV sparse");
 }
 
-// Rows of a KV head's query heads that list the same keys run as one item over the group (each
-// K/V row read once); groups that do not share, and shares over split-KV parts, stay exact. With
-// group_shared_rows off (one item per row, the A/B baseline of the benchmarks) the same holds.
+// Rows of a KV head's query heads that list the same keys run as items over the group (each
+// K/V row read once; query blocks longer than a dense item's 128 / group queries cut into
+// sub-items of that many, qb 64 and 128 below); groups that do not share, and shares over
+// split-KV parts, stay exact. With group_shared_rows off (one item per row, the A/B baseline
+// of the benchmarks) the same holds.
 TEST_P(PagedAttentionCpuTest, GroupSharedRowsMatchReference) {
   const Shape sh = GetParam();
-  const std::vector<Seq> seqs = {{9000, 1}, {700, 1}, {5 * sh.page_size + 1, 3}, {517, 131}};
+  const std::vector<Seq> seqs = {{9000, 1}, {700, 1}, {5 * sh.page_size + 1, 3}, {517, 131},
+                                 {300, 300}};
   const Batch b(seqs, sh, 41 + sh.page_size * 3 + sh.head_dim + sh.group * 5);
   for (const auto& [qb, pb, pc] : {std::tuple{1, 0.0, 0.1}, std::tuple{1, 0.3, 0.02},
-                                   std::tuple{16, 0.3, 0.02}}) {
+                                   std::tuple{16, 0.3, 0.02}, std::tuple{64, 0.3, 0.02},
+                                   std::tuple{128, 0.2, 0.01}}) {
     const RandomIndex x(b, qb, sh.page_size, pb, pc, 29 + qb, sh.group);
     std::vector<float> out, out1, ref;
     PagedAttentionRef(b.Params(ref, &x.index), 0);
@@ -297,7 +314,9 @@ TEST_P(PagedAttentionCpuTest, Kv16MatchesReferenceOnRoundedKv) {
       PagedAttentionCpu(b.Params(out32, &x.index), 2);
       ExpectClose(out, ref, sh.head_dim, what);
       EXPECT_EQ(out, out32) << what << ": differs from the fp32 kernel on the widened cache";
-      if (c.pb == 1.0) EXPECT_EQ(out, dense) << what << ": every block listed != dense";
+      if (c.pb == 1.0) {
+        EXPECT_EQ(out, dense) << what << ": every block listed != dense";
+      }
     }
   }
 }
