@@ -16,8 +16,9 @@
 //   sparse_prefill_bench [--tokens 8192,16384,32768] [--threads N] [--reps R]
 //                        [--fixed_tokens 16384] [--no_fixed] [--heads 32] [--sgemm]
 //                        [--huge_pages 1] [--no_methods] [--densities 1,5,10,25]
-//                        [--fixed_reps R]
-// --no_methods: dense and the fixed densities only; --densities: percents of causal tiles.
+//                        [--fixed_reps R] [--no_dense]
+// --no_methods: dense and the fixed densities only; --densities: percents of causal tiles;
+// --no_dense: the fixed densities only (their GFLOP/s, no ratios: for A/B runs of the kernel).
 // --sgemm: after each dense row, the machine's sgemm GFLOP/s (LinearCpu, oneDNN) measured right
 // then, and the dense kernel's rate as a share of it (issue 9's CPU target: at least 50%).
 #include <algorithm>
@@ -243,7 +244,7 @@ int main(int argc, char** argv) {
   using namespace sieve;
   std::vector<int> tokens = {8192, 16384, 32768};
   int threads = 0, reps = 1, fixed_tokens = 16384;
-  bool fixed = true, sgemm = false, methods = true;
+  bool fixed = true, sgemm = false, methods = true, no_dense = false;
   int fixed_reps = 0;  // 0: --reps
   std::vector<int> densities = {1, 5, 10, 25};
   for (int i = 1; i < argc; ++i) {
@@ -257,6 +258,7 @@ int main(int argc, char** argv) {
     else if (a == "--sgemm") sgemm = true;
     else if (a == "--huge_pages") kHugePages = std::atoi(next()) != 0;
     else if (a == "--no_methods") methods = false;
+    else if (a == "--no_dense") no_dense = true;
     else if (a == "--densities") densities = bench::ParseIntList(next());
     else if (a == "--fixed_reps") fixed_reps = std::max(1, std::atoi(next()));
     else if (a == "--heads") {
@@ -281,11 +283,15 @@ int main(int argc, char** argv) {
   for (int n : tokens) {
     Layer l(n, gen);
     std::vector<double> t, tc;
-    for (int r = 0; r < reps; ++r) {
+    for (int r = 0; r < (no_dense ? 0 : reps); ++r) {
       const double t0 = Now(), c0 = CpuNow();
       kernels::PagedAttentionCpu(l.p, threads);
       t.push_back(Now() - t0);
       tc.push_back(CpuNow() - c0);
+    }
+    if (no_dense) {  // an A/B of the fixed densities alone: no ratio to dense
+      t = tc = {std::nan("")};
+      methods = false;
     }
     const double dense_s = Median(t), dense_cpu = Median(tc);
     const Buffer dense_out = l.out;

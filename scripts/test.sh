@@ -35,8 +35,8 @@ if [[ ${SIEVE_FUZZ_SECONDS:-20} != 0 ]] && command -v clang++ >/dev/null; then
 fi
 
 # ThreadSanitizer on the thread pools, the scheduler, the asynchronous engine, output threads,
-# watchdog, injected faults, 1,000 streams and churn (g++, its own tree build-tsan/;
-# scripts/sanitize.sh tsan-ci).
+# watchdog, injected faults, 1,000 streams and churn, and the server's tests (g++, its own tree
+# build-tsan/; scripts/sanitize.sh tsan-ci).
 if [[ ${SIEVE_FUZZ_SECONDS:-20} != 0 && ${SIEVE_SANITIZE:-1} != 0 ]]; then
   bash scripts/sanitize.sh tsan-ci
 fi
