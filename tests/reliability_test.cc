@@ -611,5 +611,39 @@ TEST_F(SecurityTest, MutualTlsRequiresAClientCertificateOfTheClientCa) {
   EXPECT_EQ(code_no_cert, 1) << out_no_cert;
 }
 
+// True once process `pid` has ended: no /proc entry, or a zombie nobody reaped yet.
+bool ProcessEnded(pid_t pid) {
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (!std::getline(stat, line)) return true;
+  const size_t paren = line.rfind(')');  // "pid (comm) state ..."; comm may hold spaces
+  return paren != std::string::npos && paren + 2 < line.size() && line[paren + 2] == 'Z';
+}
+
+// A test process that dies without running ~Sieved (a CTest timeout, a crash, an abort) takes
+// its daemon with it: the harness launches sieved with PR_SET_PDEATHSIG = SIGKILL, so no daemon
+// is left running on, holding its port and two cores, after the test that owned it. The death
+// test's child spawns a daemon, waits until it listens, writes its pid and exits without
+// destructors; the daemon must be gone soon after.
+TEST(HarnessTest, ADaemonEndsWithTheProcessThatSpawnedIt) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  const std::string pid_file = ::testing::TempDir() + "sieve_harness_orphan_test.pid";
+  EXPECT_EXIT(
+      {
+        std::unique_ptr<Sieved> d = Sieved::Spawn({});
+        if (!d->WaitListening()) std::_Exit(2);
+        std::ofstream(pid_file) << d->pid() << "\n";
+        std::_Exit(0);  // no ~Sieved, which would SIGKILL the daemon itself
+      },
+      ::testing::ExitedWithCode(0), "");
+  pid_t pid = 0;
+  std::ifstream(pid_file) >> pid;
+  std::remove(pid_file.c_str());
+  ASSERT_GT(pid, 0) << "the child wrote no daemon pid";
+  const bool ended = PollUntil([&] { return ProcessEnded(pid); }, absl::Seconds(10));
+  EXPECT_TRUE(ended) << "sieved " << pid << " outlived the process that spawned it";
+  if (!ended) kill(pid, SIGKILL);
+}
+
 }  // namespace
 }  // namespace sieve::test

@@ -63,7 +63,8 @@ void MakeTestLeaf(const std::string& dir, const std::string& name, const std::st
 class Sieved {
  public:
   // Spawns sieved with `args` (after `--config BaseConfigPath()` unless `with_config` is
-  // false). Does not wait for anything.
+  // false). Does not wait for anything. The daemon is killed (SIGKILL) when the calling thread
+  // ends, so spawn from a thread that outlives it (the test's own).
   static std::unique_ptr<Sieved> Spawn(std::vector<std::string> args, bool with_config = true);
 
   // Spawns and waits (as test expectations) until it listens and health is SERVING.
