@@ -79,9 +79,16 @@ std::vector<WorkItem> BuildWorkItems(const PagedAttentionParams<float>& p, bool 
         if (group_shared_rows && group > 1 && h % group == 0 && GroupSharesKeys(x, row, group)) {
           // Items for the whole group (head -1), as dense items: each K/V row it reads is
           // loaded once for all of the group's query heads; at most kRowsPerItem rows each.
+          // Where the block is a multiple of a dense item's queries (power-of-two groups), at
+          // dense items' boundaries (so a plan listing every block splits as dense does and
+          // equals it bit for bit); otherwise in equal pieces, so that no block leaves a sliver
+          // of a few rows that split-KV would cut into parts (group 7: 18 + ... + 2 queries).
           const int sub = std::max(1, kRowsPerItem / group);
-          for (int b0 = qb; b0 < qe; b0 += sub) {
-            const int b1 = std::min(qe, b0 + sub);
+          const int pieces = (qe - qb + sub - 1) / sub;
+          const bool aligned = x.query_block % sub == 0;
+          for (int i = 0; i < pieces; ++i) {
+            const int b0 = aligned ? qb + i * sub : qb + (qe - qb) * i / pieces;
+            const int b1 = aligned ? std::min(qe, b0 + sub) : qb + (qe - qb) * (i + 1) / pieces;
             const int64_t sub_keys = SparseKeyCount(x, row, LastPos(p, s, b1 - 1));
             items.push_back({s, h / group, -1, b0, b1, row,
                              int64_t{b1 - b0} * group * std::max<int64_t>(1, sub_keys)});
