@@ -627,8 +627,18 @@ bool ProcessEnded(pid_t pid) {
 // destructors; the daemon must be gone soon after.
 TEST(HarnessTest, ADaemonEndsWithTheProcessThatSpawnedIt) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
-  const std::string pid_file = ::testing::TempDir() + "sieve_harness_orphan_test.pid";
-  EXPECT_EXIT(
+  // The threadsafe death test's child runs this body again from the start: it takes the file
+  // name its parent chose (one per test process, removed first) from the environment.
+  const char* inherited = std::getenv("SIEVE_HARNESS_ORPHAN_PID_FILE");
+  const std::string pid_file =
+      inherited != nullptr ? std::string(inherited)
+                           : ::testing::TempDir() + "sieve_harness_orphan_" +
+                                 std::to_string(getpid()) + ".pid";
+  if (inherited == nullptr) {
+    std::remove(pid_file.c_str());
+    setenv("SIEVE_HARNESS_ORPHAN_PID_FILE", pid_file.c_str(), 1);
+  }
+  ASSERT_EXIT(
       {
         std::unique_ptr<Sieved> d = Sieved::Spawn({});
         if (!d->WaitListening()) std::_Exit(2);
@@ -636,13 +646,18 @@ TEST(HarnessTest, ADaemonEndsWithTheProcessThatSpawnedIt) {
         std::_Exit(0);  // no ~Sieved, which would SIGKILL the daemon itself
       },
       ::testing::ExitedWithCode(0), "");
+  unsetenv("SIEVE_HARNESS_ORPHAN_PID_FILE");
   pid_t pid = 0;
   std::ifstream(pid_file) >> pid;
   std::remove(pid_file.c_str());
   ASSERT_GT(pid, 0) << "the child wrote no daemon pid";
   const bool ended = PollUntil([&] { return ProcessEnded(pid); }, absl::Seconds(10));
   EXPECT_TRUE(ended) << "sieved " << pid << " outlived the process that spawned it";
-  if (!ended) kill(pid, SIGKILL);
+  if (!ended) {
+    std::string comm;
+    std::ifstream("/proc/" + std::to_string(pid) + "/comm") >> comm;
+    if (comm == "sieved") kill(pid, SIGKILL);  // the orphan, not a process that reused its pid
+  }
 }
 
 }  // namespace

@@ -284,7 +284,10 @@ std::unique_ptr<Sieved> Sieved::Spawn(std::vector<std::string> args, bool with_c
 
 std::unique_ptr<Sieved> Sieved::StartServing(std::vector<std::string> args) {
   std::unique_ptr<Sieved> d = Spawn(std::move(args));
-  EXPECT_TRUE(d->WaitListening()) << d->logs();
+  if (!d->WaitListening()) {
+    ADD_FAILURE() << "sieved did not start listening:\n" << d->logs();
+    return d;
+  }
   EXPECT_TRUE(PollUntil([&] { return d->HealthStatus("") == HealthCheckResponse::SERVING; }))
       << d->logs();
   return d;
@@ -300,9 +303,15 @@ Sieved::~Sieved() {
 }
 
 bool Sieved::WaitListening(absl::Duration timeout) {
-  if (!PollUntil([&] { return absl::StrContains(logs(), "metrics on port"); }, timeout)) {
-    return false;
-  }
+  // A daemon that never started or has exited ends the wait at once.
+  auto listening = [&] { return absl::StrContains(logs(), "metrics on port"); };
+  bool exited = false;
+  PollUntil([&] {
+    exited = !listening() && (pid_ <= 0 || WaitExit(absl::ZeroDuration()).has_value());
+    return exited || listening();
+  }, timeout);
+  if (exited && reader_.joinable()) reader_.join();  // the log to its end
+  if (!listening()) return false;
   const std::string text = logs();
   const size_t at = text.find("gRPC listening on ") + strlen("gRPC listening on ");
   target_ = text.substr(at, text.find(',', at) - at);
@@ -369,23 +378,49 @@ void Sieved::Launch(const std::vector<std::string>& args) {
   // fork + exec instead of posix_spawn, for PR_SET_PDEATHSIG: the daemon gets SIGKILL when the
   // thread that launched it ends, so a test process that dies without running ~Sieved (a CTest
   // timeout, a crash, an abort) leaves no daemon behind holding a port and two cores. Between
-  // fork and exec the child makes only async-signal-safe calls.
+  // fork and exec the child makes only async-signal-safe calls; what fails there comes back as
+  // an errno on `err` (close-on-exec: a successful exec closes it and the read sees EOF).
+  int err[2];
+  if (pipe2(err, O_CLOEXEC) != 0) {
+    close(fds[0]);
+    close(fds[1]);
+    FAIL() << "cannot start " << SIEVED_PATH << ": pipe2 failed";
+  }
   const pid_t parent = getpid();
   pid_ = fork();
+  const int fork_errno = errno;
   if (pid_ == 0) {
-    if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != parent) _exit(127);
-    if (dup2(fds[1], STDOUT_FILENO) < 0 || dup2(fds[1], STDERR_FILENO) < 0) _exit(127);
+    auto fail = [&](int e) {
+      (void)!write(err[1], &e, sizeof(e));
+      _exit(127);
+    };
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) fail(errno);
+    if (getppid() != parent) _exit(127);  // the test process is already gone
+    if (dup2(fds[1], STDOUT_FILENO) < 0 || dup2(fds[1], STDERR_FILENO) < 0) fail(errno);
     // Nothing else of the test process's reaches the daemon (gRPC sockets, a death test's
     // status pipe, which its parent reads to the end): best effort, kernels before 5.11 refuse.
     (void)close_range(3, ~0U, CLOSE_RANGE_CLOEXEC);
     execve(SIEVED_PATH, argv.data(), environ);
-    _exit(127);  // exec failed: the harness sees exit code 127 and no log
+    fail(errno);
   }
   close(fds[1]);
+  close(err[1]);
   if (pid_ < 0) {
     close(fds[0]);
+    close(err[0]);
     pid_ = -1;
-    FAIL() << "cannot start " << SIEVED_PATH << ": fork failed: " << std::strerror(errno);
+    FAIL() << "cannot start " << SIEVED_PATH << ": fork failed: " << std::strerror(fork_errno);
+  }
+  int child_errno = 0;
+  ssize_t got;
+  while ((got = read(err[0], &child_errno, sizeof(child_errno))) < 0 && errno == EINTR) {
+  }
+  close(err[0]);
+  if (got == static_cast<ssize_t>(sizeof(child_errno))) {
+    close(fds[0]);
+    waitpid(pid_, nullptr, 0);
+    pid_ = -1;
+    FAIL() << "cannot start " << SIEVED_PATH << ": " << std::strerror(child_errno);
   }
   reader_ = std::thread([this, fd = fds[0]] {
     char buffer[4096];
