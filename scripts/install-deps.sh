@@ -15,6 +15,7 @@ packages=(
   libdnnl-dev                # sgemm of the CPU backend's linear layers (oneDNN, on libgomp)
   clang libclang-rt-14-dev   # libFuzzer for the fuzz targets
   curl                       # the metrics checks in the integration tests
+  openssl                    # test certificates for the TLS and mutual-TLS tests (tests/sieved_harness.cc)
   prometheus python3-yaml    # deployment checks (tests/deploy): promtool, a real Prometheus, PyYAML
   yq jq iproute2 util-linux  # deployment checks: YAML/JSON rewriting, a private loopback (unshare)
   libcpp-httplib-dev         # the OpenAI-compatible HTTP API (cpp-httplib)
