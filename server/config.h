@@ -44,6 +44,9 @@ struct AuthConfig {
   bool exempt_health = true;
   // grpc.reflection.* answers without a token.
   bool exempt_reflection = false;
+  // GET /metrics answers without a token (Prometheus scrapes it). False: the metrics endpoint
+  // asks for HTTP Basic authentication whose password is an accepted token (any user name).
+  bool exempt_metrics = true;
   // How often tokens_file is re-read, so that added and removed tokens take effect without a
   // restart, in seconds; 0 reads it only at start. A file that cannot be used keeps the last
   // good tokens (server/auth.h).

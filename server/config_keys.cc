@@ -93,6 +93,11 @@ const std::vector<KeySpec>& Keys() {
                        "token (for load-balancer and kubelet probes)."),
       SIEVE_SERVER_KEY(server.auth.exempt_reflection, Any(),
                        "With server.auth.tokens_file: server reflection answers without a token."),
+      SIEVE_SERVER_KEY(server.auth.exempt_metrics, Any(),
+                       "With server.auth.tokens_file: GET /metrics answers without a token (for "
+                       "Prometheus). false: the metrics endpoint requires HTTP Basic "
+                       "authentication whose password is an accepted token, any user name "
+                       "(Prometheus: basic_auth with password_file); others get 401."),
       SIEVE_SERVER_KEY(server.auth.reload_interval_s, IntRange(0, 86400),
                        "Seconds between re-reads of server.auth.tokens_file: tokens added or "
                        "removed take effect without a restart; a file that cannot be read (or "

@@ -100,9 +100,17 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const ServerConfig& config
     }
   }
   if (config.metrics.enabled) {
-    SIEVE_ASSIGN_OR_RETURN(daemon->metrics_, Metrics::Create(config.metrics.listen_address,
-                                                             config.engine.model.name,
-                                                             config.server.role));
+    std::function<bool(std::string_view)> accept_password;
+    if (Authenticator* a = daemon->authenticator_.get(); a && !config.server.auth.exempt_metrics) {
+      // The metrics listener stops (metrics_ is destroyed) before the authenticator does.
+      accept_password = [a](std::string_view password) {
+        return a->CheckAuthorization(std::string("Bearer ").append(password)).ok();
+      };
+    }
+    SIEVE_ASSIGN_OR_RETURN(daemon->metrics_,
+                           Metrics::Create(config.metrics.listen_address,
+                                           config.engine.model.name, config.server.role,
+                                           std::move(accept_password)));
   }
   SIEVE_RETURN_IF_ERROR(daemon->StartGrpc());
   SIEVE_RETURN_IF_ERROR(daemon->StartHttp());
@@ -250,6 +258,8 @@ absl::Status Daemon::StartGrpc() {
                                                      ? "; health open" : "",
                                                  config_.server.auth.exempt_reflection
                                                      ? "; reflection open" : "",
+                                                 metrics_ && !config_.server.auth.exempt_metrics
+                                                     ? "; metrics need a token" : "",
                                                  config_.server.auth.reload_interval_s > 0
                                                      ? absl::StrCat("; tokens re-read every ",
                                                                     config_.server.auth

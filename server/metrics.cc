@@ -394,9 +394,9 @@ Metrics::~Metrics() {
   poke.join();
 }
 
-absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& listen_address,
-                                                         const std::string& model,
-                                                         const std::string& role) {
+absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(
+    const std::string& listen_address, const std::string& model, const std::string& role,
+    std::function<bool(std::string_view password)> accept_password) {
   absl::StatusOr<std::string> civet_address = CivetListenAddress(listen_address);
   if (!civet_address.ok()) return civet_address.status();
   std::unique_ptr<Metrics> metrics(new Metrics(model, role));
@@ -414,6 +414,13 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& list
   metrics->port_ = ports.front();
   metrics->poke_ip_ = civet_address->substr(0, civet_address->rfind(':'));
   if (metrics->poke_ip_ == "0.0.0.0") metrics->poke_ip_ = "127.0.0.1";
+  if (accept_password) {
+    metrics->exposer_->RegisterAuth(
+        [accept = std::move(accept_password)](const std::string&, const std::string& password) {
+          return accept(password);
+        },
+        "sieve metrics");
+  }
   metrics->exposer_->RegisterCollectable(metrics->registry_);
   return metrics;
 }

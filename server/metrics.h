@@ -63,6 +63,7 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -105,10 +106,14 @@ class Metrics : public engine::EngineObserver {
   // (e.g. "0.0.0.0", "127.0.0.1") or "localhost"; port 0 picks a free port (see port()).
   // `model` is the value of the constant `model` label. Returns InvalidArgument for a
   // malformed address and Unavailable when the port cannot be bound.
-  // `role` is the value of the constant `role` label (server.role).
-  static absl::StatusOr<std::unique_ptr<Metrics>> Create(const std::string& listen_address,
-                                                         const std::string& model,
-                                                         const std::string& role = "both");
+  // `role` is the value of the constant `role` label (server.role). With `accept_password`,
+  // GET /metrics asks for HTTP Basic authentication and serves only a request whose password it
+  // accepts (the user name is ignored; server.auth.exempt_metrics false), from the start: the
+  // check is in place before the registry is.
+  static absl::StatusOr<std::unique_ptr<Metrics>> Create(
+      const std::string& listen_address, const std::string& model,
+      const std::string& role = "both",
+      std::function<bool(std::string_view password)> accept_password = nullptr);
 
   ~Metrics() override;
   Metrics(const Metrics&) = delete;

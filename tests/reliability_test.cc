@@ -469,6 +469,44 @@ TEST_F(SecurityTest, HealthNeedsATokenWhenNotExempt) {
   EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAUTHENTICATED);
 }
 
+// server.auth.exempt_metrics false: GET /metrics wants HTTP Basic authentication whose password
+// is an accepted token (Prometheus: basic_auth with password_file); without it, or with a wrong
+// one, 401 and no metric. The default (exempt) serves Prometheus without a token.
+TEST_F(SecurityTest, MetricsNeedATokenWhenNotExempt) {
+  WriteFile(Path("tokens"), "metrics-token\n");
+  daemon_ = Sieved::Spawn({"--set", "server.auth.tokens_file=" + Path("tokens"), "--set",
+                           "server.auth.exempt_metrics=false"});
+  ASSERT_TRUE(daemon_->WaitListening());
+  const std::string url = "http://127.0.0.1:" + std::to_string(daemon_->metrics_port()) + "/metrics";
+  // Body, then the status code on a line of its own.
+  auto get = [&](const std::vector<std::string>& auth) {
+    std::vector<std::string> args = {"-s", "-m", "10", "-w", "\n%{http_code}"};
+    args.insert(args.end(), auth.begin(), auth.end());
+    args.push_back(url);
+    return RunTool("/usr/bin/curl", args).second;
+  };
+  auto code = [](const std::string& out) { return out.substr(out.rfind('\n') + 1); };
+  const std::string open = get({}), wrong = get({"-u", "prometheus:not-the-token"});
+  const std::string right = get({"-u", "prometheus:metrics-token"});
+  EXPECT_EQ(code(open), "401") << open;
+  EXPECT_EQ(code(wrong), "401") << wrong;
+  EXPECT_THAT(open, Not(HasSubstr("sieve_")));
+  EXPECT_EQ(code(right), "200") << right;
+  EXPECT_THAT(right, HasSubstr("sieve_requests_total"));
+  EXPECT_THAT(daemon_->logs(), HasSubstr("metrics need a token"));
+  EXPECT_THAT(daemon_->logs(), Not(HasSubstr("metrics-token")));
+
+  // Exempt (the default): no token needed.
+  daemon_.reset();
+  daemon_ = Sieved::Spawn({"--set", "server.auth.tokens_file=" + Path("tokens")});
+  ASSERT_TRUE(daemon_->WaitListening());
+  const std::string open_url =
+      "http://127.0.0.1:" + std::to_string(daemon_->metrics_port()) + "/metrics";
+  const std::string exempt = RunTool("/usr/bin/curl", {"-s", "-m", "10", "-w", "\n%{http_code}",
+                                                       open_url}).second;
+  EXPECT_EQ(code(exempt), "200") << exempt;
+}
+
 TEST_F(SecurityTest, TokensFileProblemsNameTheKey) {
   WriteFile(Path("empty"), "# nothing\n\n");
   auto [code, out] = RunTool(SIEVED_PATH, {"--config", BaseConfigPath(), "--set",
