@@ -219,7 +219,59 @@ void ParseInto(absl::string_view yaml, absl::string_view source, ServerConfig& c
 // --- Cross-field checks ------------------------------------------------------------------------
 
 // The server's own cross-field checks (the engine's are engine::EngineConfig::Validate()).
+// server.allowed_directories: every configured model path inside one of the directories, both
+// resolved as the daemon resolves them (working directory, symbolic links of what exists).
+void CheckAllowedDirectories(const ServerConfig& c, std::vector<std::string>& errors) {
+  if (c.server.allowed_directories.empty()) return;
+  namespace fs = std::filesystem;
+  auto resolve = [](const std::string& path) {
+    std::error_code ec;
+    fs::path p = fs::weakly_canonical(fs::absolute(fs::path(path), ec), ec);
+    return ec ? fs::path() : p.lexically_normal();
+  };
+  std::vector<fs::path> allowed;
+  for (absl::string_view dir :
+       absl::StrSplit(c.server.allowed_directories, ',', absl::SkipWhitespace())) {
+    const fs::path d = resolve(std::string(absl::StripAsciiWhitespace(dir)));
+    if (d.empty()) {
+      errors.push_back(absl::StrCat("server.allowed_directories: cannot resolve '", dir, "'"));
+      return;
+    }
+    allowed.push_back(d);
+  }
+  auto inside = [&](const fs::path& p) {
+    for (const fs::path& d : allowed) {
+      auto [di, pi] = std::mismatch(d.begin(), d.end(), p.begin(), p.end());
+      (void)pi;
+      // d a prefix of p, component by component ("/models" does not contain "/models2");
+      // a trailing separator of d leaves one empty component.
+      if (di == d.end() || (std::next(di) == d.end() && di->empty())) return true;
+    }
+    return false;
+  };
+  const auto& e = c.engine;
+  const std::pair<const char*, const std::string*> paths[] = {
+      {"model.directory", &e.model.directory},
+      {"model.tokenizer_directory", &e.model.tokenizer_directory},
+      {"model.chat_template_file", &e.model.chat_template_file},
+      {"attention.prefill.xattention.threshold_file", &e.attention.prefill.xattention.threshold_file},
+      {"attention.prefill.minference.pattern_file", &e.attention.prefill.minference.pattern_file},
+      {"attention.decode.double_sparsity.calibration_file",
+       &e.attention.decode.double_sparsity.calibration_file},
+  };
+  for (const auto& [key, value] : paths) {
+    if (value->empty()) continue;
+    const fs::path p = resolve(*value);
+    if (p.empty() || !inside(p)) {
+      errors.push_back(absl::StrCat(key, " '", *value, "' (", p.string(),
+                                    ") is outside server.allowed_directories (",
+                                    c.server.allowed_directories, ")"));
+    }
+  }
+}
+
 void CheckCrossField(const ServerConfig& c, std::vector<std::string>& errors) {
+  CheckAllowedDirectories(c, errors);
   if (c.server.role == "decode" && c.disaggregation.prefill_target.empty()) {
     errors.push_back("disaggregation.prefill_target must name the prefill daemons when "
                      "server.role is decode");

@@ -89,6 +89,12 @@ struct GrpcServerConfig {
   // (the front door: prompts of disaggregation.local_prefill_below_tokens tokens or more are
   // prefilled on disaggregation.prefill_target).
   std::string role = "both";
+  // Directories the model and its side files must lie in, comma-separated; empty: anywhere.
+  // model.directory, model.tokenizer_directory, model.chat_template_file and the sparse
+  // attention's pattern, threshold and calibration files, resolved as the daemon opens them
+  // (against the working directory, through symbolic links), must be inside one of them, or
+  // the configuration is refused naming the key.
+  std::string allowed_directories;
   // Bearer-token authentication (server/auth.h).
   AuthConfig auth;
   // TLS and mutual TLS.

@@ -83,6 +83,13 @@ const std::vector<KeySpec>& Keys() {
                        "decode here), prefill (runs prompts for decode daemons and streams their "
                        "KV back over sieve.kv.v1.KvTransfer) or decode (the front door: long "
                        "prompts are prefilled on disaggregation.prefill_target)."),
+      SIEVE_SERVER_KEY(server.allowed_directories, Any(),
+                       "Directories the model and its side files must lie in, comma-separated; "
+                       "empty: anywhere. model.directory, model.tokenizer_directory, "
+                       "model.chat_template_file and the prefill pattern/threshold and decode "
+                       "calibration files, resolved as the daemon opens them (against the "
+                       "working directory, through symbolic links), must be inside one, or the "
+                       "daemon refuses to start, naming the key."),
       SIEVE_SERVER_KEY(server.auth.tokens_file, Any(),
                        "File of accepted bearer tokens, one per line (lines starting with # are "
                        "comments). Empty: no authentication. Set: every gRPC call must carry "

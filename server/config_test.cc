@@ -1,6 +1,7 @@
 #include "server/config.h"
 
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -40,6 +41,7 @@ const std::vector<std::string> kExpectedKeys = {
     "server.listen_address",          "server.max_message_bytes",
     "server.keepalive_time_s",        "server.keepalive_timeout_s",
     "server.drain_grace_period_s",    "server.role",
+    "server.allowed_directories",
     "server.auth.tokens_file",        "server.auth.exempt_health",
     "server.auth.exempt_reflection",  "server.auth.exempt_metrics",
     "server.auth.reload_interval_s",
@@ -624,6 +626,66 @@ TEST(ConfigTest, StrayCommaAfterAFlowCollectionIsAnErrorNotAHang) {
   config = LoadConfigString("a: &x [{}, [], {b: *x}, ~, null, '', -1]\nb: [[[[[[]]]]]]\n", "x.yaml");
   ASSERT_FALSE(config.ok());
   EXPECT_THAT(config.status().message(), testing::Not(HasSubstr("syntax error")));
+}
+
+// server.allowed_directories confines the model and its side files: paths outside, escapes by
+// "..", by a symbolic link and by a sibling sharing the prefix ("allowed2") are refused naming
+// the key; paths inside (relative ones against the working directory) pass; empty: anywhere.
+TEST(ConfigTest, AllowedDirectoriesConfineModelAndSideFiles) {
+  namespace fs = std::filesystem;
+  const fs::path root = fs::path(::testing::TempDir()) /
+                        ("allowed_dirs_" + std::to_string(::getpid()));
+  fs::remove_all(root);
+  fs::create_directories(root / "allowed" / "model");
+  fs::create_directories(root / "allowed2");
+  fs::create_directories(root / "outside");
+  fs::create_symlink(root / "outside", root / "allowed" / "link");
+  ServerConfig c;
+  c.server.allowed_directories = (root / "other").string() + ", " + (root / "allowed").string();
+  c.engine.model.directory = (root / "allowed" / "model").string();
+  EXPECT_TRUE(c.Validate().ok()) << c.Validate();
+  const struct {
+    std::string path;
+    bool ok;
+  } cases[] = {{(root / "allowed" / "model" / "calibration.json").string(), true},
+               {(root / "allowed" / "not_yet_made" / "x.json").string(), true},
+               {(root / "outside" / "calibration.json").string(), false},
+               {(root / "allowed" / ".." / "outside" / "c.json").string(), false},
+               {(root / "allowed" / "link" / "c.json").string(), false},
+               {(root / "allowed2" / "c.json").string(), false},
+               {"/etc/passwd", false}};
+  for (const auto& k : cases) {
+    ServerConfig d = c;
+    d.engine.attention.decode.double_sparsity.calibration_file = k.path;
+    const absl::Status st = d.Validate();
+    EXPECT_EQ(st.ok(), k.ok) << k.path << ": " << st;
+    if (!k.ok) {
+      EXPECT_THAT(st.message(), ::testing::HasSubstr(
+                                    "attention.decode.double_sparsity.calibration_file"));
+      EXPECT_THAT(st.message(), ::testing::HasSubstr("server.allowed_directories"));
+    }
+  }
+  ServerConfig outside_model = c;
+  outside_model.engine.model.directory = (root / "outside").string();
+  EXPECT_THAT(outside_model.Validate().message(), ::testing::HasSubstr("model.directory"));
+  ServerConfig template_outside = c;
+  template_outside.engine.model.chat_template_file = (root / "outside" / "t.jinja").string();
+  EXPECT_THAT(template_outside.Validate().message(),
+              ::testing::HasSubstr("model.chat_template_file"));
+  // Relative paths resolve against the working directory.
+  const fs::path cwd = fs::current_path();
+  fs::current_path(root);
+  ServerConfig relative = c;
+  relative.engine.model.directory = "allowed/model";
+  EXPECT_TRUE(relative.Validate().ok()) << relative.Validate();
+  relative.engine.model.directory = "outside";
+  EXPECT_FALSE(relative.Validate().ok());
+  fs::current_path(cwd);
+  // Empty: no confinement.
+  ServerConfig open = outside_model;
+  open.server.allowed_directories.clear();
+  EXPECT_TRUE(open.Validate().ok()) << open.Validate();
+  fs::remove_all(root);
 }
 
 }  // namespace
