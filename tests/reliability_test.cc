@@ -143,6 +143,16 @@ TEST_F(ReliabilityTest, UnparseableRequestsGetInvalidArgumentAndAreCounted) {
 
   EXPECT_TRUE(PollUntil([&] { return InvalidRejections(*daemon_) >= before + 4; }))
       << InvalidRejections(*daemon_) - before;
+  // And in the per-call counter, under the method and the status code sent.
+  EXPECT_TRUE(PollUntil([&] {
+    const test_support::ParsedMetrics m = daemon_->Metrics();
+    return m.Sum("sieve_grpc_requests_total",
+                 {{"method", "Generate"}, {"code", "INVALID_ARGUMENT"}}) >= 2 &&
+           m.Sum("sieve_grpc_requests_total",
+                 {{"method", "Tokenize"}, {"code", "INVALID_ARGUMENT"}}) >= 1 &&
+           m.Sum("sieve_grpc_requests_total",
+                 {{"method", "GetModelInfo"}, {"code", "INVALID_ARGUMENT"}}) >= 1;
+  }));
   const std::string logs = daemon_->logs();
   EXPECT_THAT(logs, HasSubstr(" W sieved: /sieve.v1.Sieve/Tokenize rejected: the request "
                               "message of Tokenize could not be parsed"));
@@ -176,7 +186,11 @@ TEST_F(ReliabilityTest, ServerLayerRejectionsAreCountedAsInvalid) {
   v1::TokenizeResponse tokens;
   EXPECT_EQ(stub->Tokenize(&context, tokenize, &tokens).error_code(),
             grpc::StatusCode::NOT_FOUND);
-  EXPECT_TRUE(PollUntil([&] { return InvalidRejections(*daemon_) == before + 3; }))
+  v1::GenerateRequest empty = GreedyText("", 4);  // converted and refused by the server layer
+  const StreamResult e = Generate(*stub, empty);
+  EXPECT_EQ(e.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(e.status.error_message(), HasSubstr("prompt"));
+  EXPECT_TRUE(PollUntil([&] { return InvalidRejections(*daemon_) == before + 4; }))
       << InvalidRejections(*daemon_) - before;
 }
 
