@@ -663,6 +663,30 @@ TEST_F(SecurityTest, MutualTlsRequiresAClientCertificateOfTheClientCa) {
   EXPECT_EQ(code_no_cert, 1) << out_no_cert;
 }
 
+// The client CA of mutual TLS is re-read like the certificates: rotating it (the file replaced
+// atomically) admits the new CA's clients and turns the old one's away, without a restart.
+TEST_F(SecurityTest, MutualTlsClientCaReloadsWithoutRestart) {
+  MakeCa("ca");
+  MakeLeaf("server", "ca");
+  MakeCa("clients");
+  MakeLeaf("alice", "clients");
+  MakeCa("other");
+  MakeLeaf("bob", "other");
+  WriteFile(Path("client_ca.pem"), ReadFile(Path("clients.pem")));
+  daemon_ = Sieved::Spawn({"--set", "server.tls.cert_file=" + Path("server.pem"), "--set",
+                           "server.tls.key_file=" + Path("server.key"), "--set",
+                           "server.tls.client_ca_file=" + Path("client_ca.pem"), "--set",
+                           "server.tls.reload_interval_s=1"});
+  ASSERT_TRUE(daemon_->WaitListening());
+  ASSERT_TRUE(WaitServing(*TlsChannel("ca", "alice"))) << daemon_->logs();
+  EXPECT_FALSE(Tokenize(*TlsChannel("ca", "bob")).ok());
+  rename(Path("other.pem").c_str(), Path("client_ca.pem").c_str());
+  EXPECT_TRUE(PollUntil([&] { return Tokenize(*TlsChannel("ca", "bob")).ok(); },
+                        absl::Seconds(15)))
+      << daemon_->logs();
+  EXPECT_FALSE(Tokenize(*TlsChannel("ca", "alice")).ok());
+}
+
 // True once process `pid` has ended: no /proc entry, or a zombie nobody reaped yet.
 bool ProcessEnded(pid_t pid) {
   std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
