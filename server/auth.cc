@@ -159,14 +159,19 @@ absl::Status Authenticator::CheckAuthorization(std::string_view header) const {
     return absl::UnauthenticatedError(
         "missing or malformed credentials: send the metadata 'authorization: Bearer <token>'");
   }
-  const std::string_view presented = header.substr(kScheme.size());
+  if (!Accepts(header.substr(kScheme.size()))) {
+    return absl::UnauthenticatedError("the bearer token is not accepted");
+  }
+  return absl::OkStatus();
+}
+
+bool Authenticator::Accepts(std::string_view presented) const {
   const std::shared_ptr<const std::vector<std::string>> accepted = tokens();
   bool match = false;
   for (const std::string& token : *accepted) {
     match = ConstantTimeEquals(presented, token) | match;  // no short-circuit
   }
-  if (!match) return absl::UnauthenticatedError("the bearer token is not accepted");
-  return absl::OkStatus();
+  return match;
 }
 
 absl::Status Authenticator::CheckCall(const grpc::ServerContextBase& context) const {

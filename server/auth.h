@@ -56,6 +56,10 @@ class Authenticator {
   // token; else UNAUTHENTICATED with a message that never repeats the value.
   absl::Status CheckAuthorization(std::string_view header) const;
 
+  // Whether `token` (a bare token, no scheme) is an accepted one, compared in constant time
+  // with every accepted token (the metrics endpoint's Basic password).
+  bool Accepts(std::string_view token) const;
+
   // CheckAuthorization() on the call's `authorization` metadata (UNAUTHENTICATED when absent).
   absl::Status CheckCall(const grpc::ServerContextBase& context) const;
 

@@ -218,7 +218,6 @@ void ParseInto(absl::string_view yaml, absl::string_view source, ServerConfig& c
 
 // --- Cross-field checks ------------------------------------------------------------------------
 
-// The server's own cross-field checks (the engine's are engine::EngineConfig::Validate()).
 // server.allowed_directories: every configured model path inside one of the directories, both
 // resolved as the daemon resolves them (working directory, symbolic links of what exists).
 void CheckAllowedDirectories(const ServerConfig& c, std::vector<std::string>& errors) {
@@ -241,8 +240,7 @@ void CheckAllowedDirectories(const ServerConfig& c, std::vector<std::string>& er
   }
   auto inside = [&](const fs::path& p) {
     for (const fs::path& d : allowed) {
-      auto [di, pi] = std::mismatch(d.begin(), d.end(), p.begin(), p.end());
-      (void)pi;
+      const auto di = std::mismatch(d.begin(), d.end(), p.begin(), p.end()).first;
       // d a prefix of p, component by component ("/models" does not contain "/models2");
       // a trailing separator of d leaves one empty component.
       if (di == d.end() || (std::next(di) == d.end() && di->empty())) return true;
@@ -270,6 +268,7 @@ void CheckAllowedDirectories(const ServerConfig& c, std::vector<std::string>& er
   }
 }
 
+// The server's own cross-field checks (the engine's are engine::EngineConfig::Validate()).
 void CheckCrossField(const ServerConfig& c, std::vector<std::string>& errors) {
   CheckAllowedDirectories(c, errors);
   if (c.server.role == "decode" && c.disaggregation.prefill_target.empty()) {

@@ -103,9 +103,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const ServerConfig& config
     std::function<bool(std::string_view)> accept_password;
     if (Authenticator* a = daemon->authenticator_.get(); a && !config.server.auth.exempt_metrics) {
       // The metrics listener stops (metrics_ is destroyed) before the authenticator does.
-      accept_password = [a](std::string_view password) {
-        return a->CheckAuthorization(std::string("Bearer ").append(password)).ok();
-      };
+      accept_password = [a](std::string_view password) { return a->Accepts(password); };
     }
     SIEVE_ASSIGN_OR_RETURN(daemon->metrics_,
                            Metrics::Create(config.metrics.listen_address,

@@ -4,10 +4,11 @@
 # to both: the CPU copies got the gpu label, and CI (ctest -LE gpu) silently skipped them.
 # Usage: check_unique_test_names.sh BUILD_DIR
 set -euo pipefail
-dups=$(ctest --test-dir "$1" -N | sed -n 's/^ *Test *#[0-9]*: //p' | sed 's/ *#.*$//' | sort | uniq -d)
+names=$(ctest --test-dir "$1" -N | sed -n 's/^ *Test *#[0-9]*: //p' | sed 's/ *#.*$//')
+dups=$(sort <<<"$names" | uniq -d)
 if [[ -n $dups ]]; then
   echo "CTest names registered more than once (give one binary a TEST_PREFIX in sieve_test):"
   echo "$dups"
   exit 1
 fi
-echo "unique test names: ok ($(ctest --test-dir "$1" -N | grep -c 'Test *#') tests)"
+echo "unique test names: ok ($(wc -l <<<"$names") tests)"

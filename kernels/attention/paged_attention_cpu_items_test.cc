@@ -88,7 +88,7 @@ TEST(WorkItemsTest, GroupSharedItemsCoverEveryRowOnceInDenseSizedPieces) {
         }
         const int block_begin = w.q_begin / query_block * query_block;
         const int block_len = std::min(query_block, b.q_lens[w.seq] - block_begin);
-        EXPECT_EQ(w.q_end <= block_begin + block_len, true) << what << ": an item crosses a block";
+        EXPECT_LE(w.q_end, block_begin + block_len) << what << ": an item crosses a block";
         if (query_block % sub == 0) {
           EXPECT_TRUE(dense_ranges.count({w.seq, w.q_begin, w.q_end}))
               << what << ": item [" << w.q_begin << ", " << w.q_end << ") of sequence " << w.seq
